@@ -1,0 +1,47 @@
+// Elementwise kernels over flat f32 arrays. Grids may be 2-D (more than 65535 workgroups):
+// the linear index is (wid.x + wid.y * nwg.x) * 256 + lid.
+
+struct Params {
+    n: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// relu_forward
+@group(0) @binding(1) var<storage, read> fwd_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> fwd_y: array<f32>;
+// relu_backward
+@group(0) @binding(3) var<storage, read> bwd_y: array<f32>;
+@group(0) @binding(4) var<storage, read> bwd_dy: array<f32>;
+@group(0) @binding(5) var<storage, read_write> bwd_dx: array<f32>;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * 256u + lid;
+}
+
+// y = max(x, 0). NaN stays NaN so that numerical faults are not hidden.
+@compute @workgroup_size(256)
+fn relu_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let v = fwd_x[i];
+    fwd_y[i] = select(v, 0.0, v <= 0.0);
+}
+
+// dx = dy where the forward output y > 0, else 0 (PyTorch's rule for ReLU).
+@compute @workgroup_size(256)
+fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    bwd_dx[i] = select(0.0, bwd_dy[i], bwd_y[i] > 0.0);
+}

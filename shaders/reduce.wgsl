@@ -1,0 +1,45 @@
+// Per-channel sums of an (N, C, S) array: out[c] = sum over n, s of x[n, c, s]. One workgroup per
+// channel; each thread sums a fixed strided subset, then a tree in workgroup memory. The order of
+// additions depends only on the shape, so results are the same run to run (no atomics).
+
+struct Params {
+    n: u32,        // N
+    c: u32,        // C
+    s: u32,        // S (spatial size)
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+var<workgroup> partial: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn channel_sum(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x + wid.y * nwg.x;
+    // Uniform per workgroup: every thread of a workgroup returns or none does.
+    if (c >= p.c) {
+        return;
+    }
+    let total = p.n * p.s;
+    var acc = 0.0;
+    for (var j = lid; j < total; j += 256u) {
+        let n = j / p.s;
+        let s = j - n * p.s;
+        acc += x[(n * p.c + c) * p.s + s];
+    }
+    partial[lid] = acc;
+    workgroupBarrier();
+    for (var stride = 128u; stride > 0u; stride >>= 1u) {
+        if (lid < stride) {
+            partial[lid] += partial[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        out[c] = partial[0];
+    }
+}

@@ -1,0 +1,269 @@
+//! The GPU context: adapter choice, device with the adapter's own limits and optional features,
+//! buffers, the pipeline cache, step recording and readback.
+
+mod adapter;
+mod kernel;
+mod pool;
+mod readback;
+mod recorder;
+mod tensor;
+
+pub use adapter::{AdapterSummary, GpuOptions, list_adapters, parse_backends};
+pub use kernel::{Bind, Kernel, KernelCache, KernelSpec, Shader};
+pub use pool::{BufferPool, PoolStats};
+pub use recorder::{Launch, Op, Recorder, Timing, submit_count};
+pub use tensor::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use std::sync::{Arc, Mutex};
+
+/// Optional features wgqat uses where the adapter has them; each has a portable fallback.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Caps {
+    /// Per-pass GPU timestamps (kernel timings); else wall clock.
+    pub timestamp_query: bool,
+    /// Timestamps between dispatches inside one compute pass.
+    pub timestamp_query_inside_passes: bool,
+    /// Subgroup operations in shaders.
+    pub subgroup: bool,
+    /// `f16` in shaders.
+    pub shader_f16: bool,
+}
+
+impl Caps {
+    fn features(self) -> wgpu::Features {
+        let mut f = wgpu::Features::empty();
+        if self.timestamp_query {
+            f |= wgpu::Features::TIMESTAMP_QUERY;
+        }
+        if self.timestamp_query_inside_passes {
+            f |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        }
+        if self.subgroup {
+            f |= wgpu::Features::SUBGROUP;
+        }
+        if self.shader_f16 {
+            f |= wgpu::Features::SHADER_F16;
+        }
+        f
+    }
+
+    fn from_adapter(features: wgpu::Features) -> Self {
+        let ts = features.contains(wgpu::Features::TIMESTAMP_QUERY);
+        Caps {
+            timestamp_query: ts,
+            timestamp_query_inside_passes: ts
+                && features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+            subgroup: features.contains(wgpu::Features::SUBGROUP),
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+        }
+    }
+
+    /// Names of the features that are on, for `wgqat info`.
+    pub fn names(self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.timestamp_query {
+            v.push("TIMESTAMP_QUERY");
+        }
+        if self.timestamp_query_inside_passes {
+            v.push("TIMESTAMP_QUERY_INSIDE_PASSES");
+        }
+        if self.subgroup {
+            v.push("SUBGROUP");
+        }
+        if self.shader_f16 {
+            v.push("SHADER_F16");
+        }
+        v
+    }
+}
+
+/// Errors the device reported outside any error scope, and device loss. wgpu's default handler
+/// panics; wgqat records them and turns them into [`Error`]s at the next check.
+#[derive(Default)]
+struct Faults {
+    uncaptured: Mutex<Vec<String>>,
+    lost: Mutex<Option<String>>,
+}
+
+/// An open GPU device with everything needed to run kernels on it.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub caps: Caps,
+    kernels: KernelCache,
+    pool: BufferPool,
+    faults: Arc<Faults>,
+}
+
+impl Gpu {
+    /// Opens the adapter chosen by `opts` (backend, name), else the highest-performance one.
+    pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        Self::probe(opts).1
+    }
+
+    /// Every adapter found, and the device opened on the chosen one (or why none could be).
+    pub fn probe(opts: &GpuOptions) -> (Vec<AdapterSummary>, Result<Gpu>) {
+        match adapter::select(opts) {
+            Ok((adapter, all)) => (all, Self::from_adapter(adapter)),
+            Err(e) => {
+                let all = list_adapters(opts)
+                    .map(|v| {
+                        v.iter()
+                            .map(|a| AdapterSummary::of(&a.get_info()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (all, Err(e))
+            }
+        }
+    }
+
+    /// Opens a device on `adapter` with the adapter's own limits and the optional features it has.
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+        let info = adapter.get_info();
+        let caps = Caps::from_adapter(adapter.features());
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgqat"),
+            required_features: caps.features(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice {
+            adapter: info.name.clone(),
+            message: e.to_string(),
+        })?;
+        let faults = Arc::new(Faults::default());
+        {
+            let f = faults.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let msg = one_line(&e.to_string());
+                log::error!("uncaptured GPU error: {msg}");
+                if let Ok(mut v) = f.uncaptured.lock() {
+                    v.push(msg);
+                }
+            }));
+            let f = faults.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                if let Ok(mut l) = f.lost.lock() {
+                    *l = Some(format!("{reason:?}: {}", one_line(&msg)));
+                }
+            });
+        }
+        let pool = BufferPool::new(device.clone(), limits.clone());
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            caps,
+            kernels: KernelCache::default(),
+            pool,
+            faults,
+        })
+    }
+
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+
+    pub fn kernels(&self) -> &KernelCache {
+        &self.kernels
+    }
+
+    /// A short description of the device, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?})",
+            self.info.name, self.info.backend, self.info.device_type
+        )
+    }
+
+    /// Turns faults recorded since the last check (device loss, errors outside any scope) into an
+    /// error that names `context`.
+    pub fn check_faults(&self, context: &str) -> Result<()> {
+        if let Some(lost) = self.faults.lost.lock().ok().and_then(|l| l.clone()) {
+            return Err(Error::DeviceLost(format!("{lost}, during {context}")));
+        }
+        let first = self
+            .faults
+            .uncaptured
+            .lock()
+            .ok()
+            .and_then(|mut v| (!v.is_empty()).then(|| v.drain(..).next().unwrap_or_default()));
+        match first {
+            Some(message) => Err(Error::Validation {
+                context: context.to_string(),
+                message,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes and turns what they catch into an
+    /// [`Error`] that names `context`. wgpu-core reports these when the call is made, so popping
+    /// the scopes does not wait for the GPU.
+    pub fn scoped<T>(&self, context: impl FnOnce() -> String, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let val_err = pollster::block_on(val.pop());
+        let oom_err = pollster::block_on(oom.pop());
+        if let Some(e) = oom_err {
+            let _ = e;
+            return Err(Error::OutOfMemory { context: context() });
+        }
+        if let Some(e) = val_err {
+            return Err(Error::Validation {
+                context: context(),
+                message: one_line(&e.to_string()),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// wgpu's messages span several lines (cause chains); wgqat's errors are one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// Splits `workgroups` over x and y so that neither exceeds the per-dimension limit. Kernels
+/// recover the linear workgroup index as `wid.x + wid.y * nwg.x` and skip indices past the end.
+pub fn grid_1d(workgroups: u32, max_per_dim: u32) -> [u32; 3] {
+    let workgroups = workgroups.max(1);
+    if workgroups <= max_per_dim {
+        [workgroups, 1, 1]
+    } else {
+        let y = workgroups.div_ceil(max_per_dim);
+        [workgroups.div_ceil(y), y, 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_covers_every_workgroup_within_limits() {
+        for n in [1u32, 7, 65535, 65536, 200_000, 5_000_000] {
+            let [x, y, z] = grid_1d(n, 65535);
+            assert!(x <= 65535 && y <= 65535 && z == 1);
+            assert!(x as u64 * y as u64 >= n as u64, "{n}: {x}x{y}");
+        }
+    }
+
+    #[test]
+    fn one_line_joins_cause_chains() {
+        assert_eq!(one_line("a\n  caused by\n\n b "), "a | caused by | b");
+    }
+}

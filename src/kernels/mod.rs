@@ -1,0 +1,65 @@
+//! Typed launch functions, one module per shader file. Each checks shapes and element types
+//! before anything reaches the GPU, then returns a [`Launch`](crate::gpu::Launch) to record.
+
+pub mod elementwise;
+pub mod reduce;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Shader, Tensor, grid_1d};
+
+macro_rules! shader {
+    ($file:literal) => {
+        Shader {
+            name: $file,
+            source: include_str!(concat!("../../shaders/", $file)),
+        }
+    };
+}
+
+pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl");
+pub static REDUCE: Shader = shader!("reduce.wgsl");
+
+/// Every shader file, embedded in the binary (the portability test translates each one).
+pub static SHADERS: &[&Shader] = &[&ELEMENTWISE, &REDUCE];
+
+/// Fails unless `t` has element type `dtype`.
+pub(crate) fn expect_dtype(kernel: &str, name: &str, t: &Tensor, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::shape(
+            kernel,
+            format!("{name} must be {dtype:?}, got {:?}", t.dtype()),
+        ));
+    }
+    Ok(())
+}
+
+/// Fails unless `t` has exactly `shape`.
+pub(crate) fn expect_shape(kernel: &str, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.shape() != shape {
+        return Err(Error::shape(
+            kernel,
+            format!("{name} must have shape {shape:?}, got {:?}", t.shape()),
+        ));
+    }
+    Ok(())
+}
+
+/// An element count as the `u32` shaders index with.
+pub(crate) fn count_u32(kernel: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| {
+        Error::shape(
+            kernel,
+            format!(
+                "{n} elements is more than a shader can index (2^32 - 1): use a smaller batch size"
+            ),
+        )
+    })
+}
+
+/// The grid for one thread per element with 256-thread workgroups.
+pub(crate) fn elementwise_grid(gpu: &Gpu, n: u32) -> [u32; 3] {
+    grid_1d(
+        n.div_ceil(256),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    )
+}

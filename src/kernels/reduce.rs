@@ -1,0 +1,37 @@
+//! `shaders/reduce.wgsl`: deterministic per-channel sums (bias gradients, BN statistics).
+
+use super::{REDUCE, count_u32, expect_dtype, expect_shape};
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Gpu, KernelSpec, Launch, Tensor, grid_1d};
+
+/// `out[c] = Σ_{n,s} x[n, c, s]` for `x` of shape `(N, C, ...)` (everything after C is S).
+pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<Launch> {
+    const K: &str = "channel_sum";
+    expect_dtype(K, "x", x, DType::F32)?;
+    expect_dtype(K, "out", out, DType::F32)?;
+    let shape = x.shape();
+    if shape.len() < 2 {
+        return Err(Error::shape(
+            K,
+            format!("x must be (N, C, ...), got {shape:?}"),
+        ));
+    }
+    let (n, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
+    expect_shape(K, "out", out, &[c])?;
+    count_u32(K, x.numel())?;
+    let kernel = gpu.kernel(&KernelSpec {
+        shader: &REDUCE,
+        entry: K,
+        constants: &[],
+        bindings: &[Bind::Uniform, Bind::Read, Bind::ReadWrite],
+    })?;
+    let params = [n as u32, c as u32, s as u32, 0];
+    gpu.launch(
+        &kernel,
+        format!("{K} {shape:?}"),
+        Some(bytemuck::bytes_of(&params)),
+        &[x, out],
+        grid_1d(c as u32, gpu.limits.max_compute_workgroups_per_dimension),
+    )
+}

@@ -1,0 +1,14 @@
+//! wgqat: quantization-aware training of neural networks on any GPU through wgpu.
+//!
+//! Layout: [`gpu`] owns the device, buffers, pipelines and step recording; [`kernels`] launches
+//! the WGSL shaders in `shaders/`; [`reference`] holds the CPU oracle of every kernel.
+
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod reference;
+pub mod rng;
+pub mod selftest;
+
+pub use error::{Error, Result};
+pub use gpu::{DType, Gpu, GpuOptions, Tensor};

@@ -1,0 +1,16 @@
+//! Reference of `shaders/elementwise.wgsl`.
+
+/// `y = max(x, 0)`, NaN kept.
+pub fn relu_forward(x: &[f32]) -> Vec<f64> {
+    x.iter()
+        .map(|&v| if v <= 0.0 { 0.0 } else { v as f64 })
+        .collect()
+}
+
+/// `dx = dy · 1[y > 0]`.
+pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f64> {
+    y.iter()
+        .zip(dy)
+        .map(|(&y, &g)| if y > 0.0 { g as f64 } else { 0.0 })
+        .collect()
+}

@@ -1,0 +1,8 @@
+//! Plain-Rust CPU references of every kernel, accumulating in f64: the oracle for tests and for
+//! `wgqat selftest`. They favour obviousness over speed.
+
+pub mod compare;
+pub mod elementwise;
+pub mod reduce;
+
+pub use compare::{Report, Tolerance, compare};
