@@ -28,6 +28,12 @@ pub struct Launch {
     _keep: Vec<Arc<PooledBuffer>>,
 }
 
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Launch({} {:?})", self.label, self.workgroups)
+    }
+}
+
 impl Launch {
     pub fn kernel_name(&self) -> &str {
         &self.kernel.name

@@ -1,0 +1,129 @@
+//! The GPU layer: buffer reuse, limit errors, shape checks, error scopes, one submit per recording.
+mod common;
+
+use wgqat::gpu::{Recorder, submit_count};
+use wgqat::kernels::elementwise::{relu_backward, relu_forward};
+use wgqat::{DType, Error};
+
+#[test]
+fn pool_reuses_buffers_so_steady_state_allocates_nothing() {
+    let gpu = common::gpu();
+    // Warm-up: the sizes a "step" needs.
+    let step = || {
+        let a = gpu.empty("a", &[1000, 3], DType::F32).unwrap();
+        let b = gpu.empty("b", &[77], DType::U32).unwrap();
+        drop((a, b));
+    };
+    step();
+    let before = gpu.pool().stats();
+    for _ in 0..10 {
+        step();
+    }
+    let after = gpu.pool().stats();
+    assert_eq!(
+        after.allocations, before.allocations,
+        "{before:?} -> {after:?}"
+    );
+    assert!(after.reuses >= before.reuses + 20);
+}
+
+#[test]
+fn buffers_beyond_the_device_limits_are_errors_that_name_the_limit() {
+    let gpu = common::gpu();
+    let too_big_binding = gpu.limits.max_storage_buffer_binding_size as usize / 4 + 64;
+    let e = gpu
+        .empty("activations of layer 3", &[too_big_binding], DType::F32)
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::TooLarge { .. }), "{msg}");
+    assert!(
+        msg.contains("activations of layer 3") && msg.contains("smaller batch"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("max_storage_buffer_binding_size") || msg.contains("max_buffer_size"),
+        "{msg}"
+    );
+    let e = gpu
+        .pool()
+        .check_size("x", gpu.limits.max_buffer_size + 1, false)
+        .unwrap_err();
+    assert!(e.to_string().contains("max_buffer_size"), "{e}");
+}
+
+#[test]
+fn launches_check_shapes_before_the_gpu_sees_them() {
+    let gpu = common::gpu();
+    let x = gpu.zeros("x", &[4, 5], DType::F32).unwrap();
+    let y = gpu.zeros("y", &[4, 6], DType::F32).unwrap();
+    let e = relu_forward(gpu, &x, &y).unwrap_err().to_string();
+    assert!(
+        e.contains("relu_forward") && e.contains("[4, 5]") && e.contains("[4, 6]"),
+        "{e}"
+    );
+    let u = gpu.zeros("u", &[4, 5], DType::U32).unwrap();
+    let e = relu_forward(gpu, &u, &x).unwrap_err().to_string();
+    assert!(e.contains("F32") && e.contains("U32"), "{e}");
+}
+
+#[test]
+fn validation_errors_are_caught_and_name_the_context() {
+    let gpu = common::gpu();
+    let x = gpu.zeros("x", &[64], DType::F32).unwrap();
+    // The same buffer bound read-only and read-write in one dispatch is invalid.
+    let launch = relu_forward(gpu, &x, &x).unwrap();
+    let mut rec = Recorder::new();
+    rec.push(launch);
+    let e = rec.submit(gpu, "aliasing test").unwrap_err();
+    assert!(matches!(e, Error::Validation { .. }), "{e}");
+    assert!(e.to_string().contains("aliasing test"), "{e}");
+    // The device is still usable afterwards.
+    let y = gpu.zeros("y", &[64], DType::F32).unwrap();
+    let mut rec = Recorder::new();
+    rec.push(relu_forward(gpu, &x, &y).unwrap());
+    rec.submit(gpu, "after error").unwrap();
+    gpu.wait().unwrap();
+}
+
+#[test]
+fn a_recording_of_many_dispatches_is_one_submit() {
+    let gpu = common::gpu();
+    let x = gpu.upload_f32("x", &[300], &vec![-1.0; 300]).unwrap();
+    let y = gpu.zeros("y", &[300], DType::F32).unwrap();
+    let dx = gpu.zeros("dx", &[300], DType::F32).unwrap();
+    let mut rec = Recorder::new();
+    for _ in 0..5 {
+        rec.push(relu_forward(gpu, &x, &y).unwrap());
+        rec.push(relu_backward(gpu, &y, &x, &dx).unwrap());
+    }
+    // Other tests of this binary submit concurrently: take the smallest difference seen.
+    let mut best = u64::MAX;
+    for _ in 0..3 {
+        let before = submit_count();
+        rec.submit(gpu, "ten dispatches").unwrap();
+        best = best.min(submit_count() - before);
+    }
+    assert_eq!(best, 1);
+    assert_eq!(gpu.read_f32(&y).unwrap(), vec![0.0; 300]);
+}
+
+#[test]
+fn tensor_views_and_reshapes_are_checked() {
+    let gpu = common::gpu();
+    let arena = gpu
+        .upload_f32(
+            "arena",
+            &[256],
+            &(0..256).map(|i| i as f32).collect::<Vec<_>>(),
+        )
+        .unwrap();
+    let v = arena.view(64, &[2, 32]).unwrap();
+    assert_eq!(gpu.read_f32(&v).unwrap()[0], 64.0);
+    assert!(arena.view(3, &[4]).is_err(), "unaligned view must fail");
+    assert!(
+        arena.view(192, &[128]).is_err(),
+        "view past the end must fail"
+    );
+    assert!(arena.reshape(&[16, 16]).is_ok());
+    assert!(arena.reshape(&[16, 15]).is_err());
+}
