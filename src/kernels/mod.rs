@@ -2,6 +2,7 @@
 //! before anything reaches the GPU, then returns a [`Launch`](crate::gpu::Launch) to record.
 
 pub mod elementwise;
+pub mod quant;
 pub mod reduce;
 
 use crate::error::{Error, Result};
@@ -18,9 +19,10 @@ macro_rules! shader {
 
 pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl");
 pub static REDUCE: Shader = shader!("reduce.wgsl");
+pub static QUANT: Shader = shader!("quant.wgsl");
 
 /// Every shader file, embedded in the binary (the portability test translates each one).
-pub static SHADERS: &[&Shader] = &[&ELEMENTWISE, &REDUCE];
+pub static SHADERS: &[&Shader] = &[&ELEMENTWISE, &REDUCE, &QUANT];
 
 /// Fails unless `t` has element type `dtype`.
 pub(crate) fn expect_dtype(kernel: &str, name: &str, t: &Tensor, dtype: DType) -> Result<()> {

@@ -3,6 +3,7 @@
 
 pub mod compare;
 pub mod elementwise;
+pub mod quant;
 pub mod reduce;
 
 pub use compare::{Report, Tolerance, compare};

@@ -1,0 +1,490 @@
+// DoReFa quantizers with micronet's semantics (spec §1-§2), forward and backward, and real
+// quantize/dequantize to integer codes.
+//
+// Exactness. Levels must match the spec's GPU-faithful formulas bit for bit:
+//   activations  k = floor(fl32(c * n) + 0.5),          y = k * fl32(1/n)
+//   weights      u = fl32(fl32(t/2) / m) + 0.5,  k = floor(fl32(u * n) + 0.5),  w = 2 * (k * fl32(1/n)) - 1
+// Two things could break that on a GPU. (1) A compiler may fuse `c * n + 0.5` into one FMA; for
+// 0 <= c*n < 2^23 that cannot change floor(...) (the +0.5 of a float below 2^23 never rounds across
+// an integer, and the fused and unfused sums round on the same grid with the same ties), so
+// nothing is needed. (2) Vulkan allows f32 division to be off by 2.5 ulp; `div_rn` corrects the
+// hardware quotient to the correctly rounded one with exact integer arithmetic.
+// tanh is the one inexact step (see tanh_safe: about 1 ulp; PyTorch's CPU and CUDA differ by as
+// much), so the weight kernels store t = tanh(W) and the levels are exact given t.
+
+struct Params {
+    n: u32,            // elements
+    levels: u32,       // n_q = 2^bits - 1 (bits 2..=16; 32-bit identity never reaches a shader)
+    partials: u32,     // number of partial results of a reduction
+    _pad0: u32,
+    levels_f: f32,     // f32(n_q)
+    inv_levels: f32,   // fl32(1 / n_q), rounded from the exact double on the CPU
+    _pad1: f32,
+    _pad2: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// act_forward, act_codes
+@group(0) @binding(1) var<storage, read> act_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> act_y: array<f32>;
+// act_backward
+@group(0) @binding(3) var<storage, read> act_x_saved: array<f32>;
+@group(0) @binding(4) var<storage, read> act_dy: array<f32>;
+@group(0) @binding(5) var<storage, read_write> act_dx: array<f32>;
+// weight quantizer: W -> t = tanh(W) and per-workgroup max |t|
+@group(0) @binding(6) var<storage, read> wq_w: array<f32>;
+@group(0) @binding(7) var<storage, read_write> wq_t: array<f32>;
+@group(0) @binding(8) var<storage, read_write> wq_partials: array<f32>;
+// stats = [m, S, c, 0]: max |t|, sum of du*v (backward), number of elements with |t| = m
+@group(0) @binding(9) var<storage, read> wq_partials_in: array<f32>;
+@group(0) @binding(10) var<storage, read_write> wq_stats: array<f32>;
+@group(0) @binding(11) var<storage, read> wq_t_in: array<f32>;
+@group(0) @binding(12) var<storage, read> wq_stats_in: array<f32>;
+@group(0) @binding(13) var<storage, read_write> wq_w_hat: array<f32>;
+// weight backward: upstream gradient G = dL/dW_hat, and dL/dW
+@group(0) @binding(14) var<storage, read> wq_g: array<f32>;
+@group(0) @binding(15) var<storage, read_write> wq_dw: array<f32>;
+// integer codes: one per u32, or four 8-bit codes per u32 when PACKED
+@group(0) @binding(16) var<storage, read_write> codes_out: array<u32>;
+@group(0) @binding(17) var<storage, read> codes_in: array<u32>;
+// exact-division check
+@group(0) @binding(18) var<storage, read> div_a: array<f32>;
+@group(0) @binding(19) var<storage, read> div_b: array<f32>;
+@group(0) @binding(20) var<storage, read> div_nudge: array<i32>;
+@group(0) @binding(21) var<storage, read_write> div_q: array<f32>;
+
+// Codes of at most 8 bits are packed four per word, element i in byte i % 4.
+override PACKED: bool = true;
+
+const WG: u32 = 256u;
+// Elements each workgroup of a reduction pass covers.
+const CHUNK: u32 = 4096u;
+
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> red_b: array<f32, 256>;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+fn is_nan(x: f32) -> bool {
+    return x != x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantizer: y = Round(clamp(0.1 x, 0, 1) * n) / n, in [0, 1], not rescaled by 10.
+
+fn act_code(x: f32) -> f32 {
+    let c = clamp(x * 0.1, 0.0, 1.0);
+    return floor(c * p.levels_f + 0.5);
+}
+
+fn act_value(x: f32) -> f32 {
+    // NaN is kept (clamp would hide it) so that numerical faults surface.
+    return select(act_code(x) * p.inv_levels, x, is_nan(x));
+}
+
+@compute @workgroup_size(256)
+fn act_forward(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    act_y[i] = act_value(act_x[i]);
+}
+
+// Straight-through: dx = 0.1 * dy where 0 <= fl32(0.1 x) <= 1 (inclusive), else 0. PyTorch's
+// chain forms ((dy * s) * n) * 0.1, which is dy * 0.1 to within an ulp; drivers may reassociate
+// that chain anyway (SPIR-V float ops are not marked exact), so one multiply it is.
+@compute @workgroup_size(256)
+fn act_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let g = act_dy[i];
+    let c = act_x_saved[i] * 0.1;
+    let inside = c >= 0.0 && c <= 1.0;
+    act_dx[i] = select(0.0, 0.1 * g, inside);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exactly rounded division.
+
+// (hi, lo) of x * y for x < 2^25, y < 2^24, from 16-bit limbs.
+fn mul_wide(x: u32, y: u32) -> vec2<u32> {
+    let x0 = x & 0xffffu;
+    let x1 = x >> 16u;
+    let y0 = y & 0xffffu;
+    let y1 = y >> 16u;
+    let p00 = x0 * y0;
+    let mid = x0 * y1 + x1 * y0;
+    let mid_lo = (mid & 0xffffu) << 16u;
+    let lo = p00 + mid_lo;
+    let carry = select(0u, 1u, lo < p00);
+    return vec2<u32>(x1 * y1 + (mid >> 16u) + carry, lo);
+}
+
+// Sign of a - mid * b, where mid is the midpoint between the positive normal floats with bits lo
+// and lo + 1, and a, b are positive normal floats. mid = (2M + 1) * 2^(E - 1) with M, E the
+// mantissa and exponent of lo (also when lo + 1 starts the next binade).
+fn cmp_mid(a: f32, b: f32, lo: u32) -> i32 {
+    let ab = bitcast<u32>(a);
+    let bb = bitcast<u32>(b);
+    let ma = (ab & 0x7fffffu) | 0x800000u;
+    let mb = (bb & 0x7fffffu) | 0x800000u;
+    let mq = (lo & 0x7fffffu) | 0x800000u;
+    let ea = i32(ab >> 23u);
+    let eb = i32(bb >> 23u);
+    let eq = i32(lo >> 23u);
+    // a = ma * 2^(ea-150); mid * b = (2 mq + 1) * mb * 2^(eq-151 + eb-150).
+    let sh = (ea - 150) - (eq - 151 + eb - 150);
+    // (2 mq + 1) * mb lies in [2^47, 2^49); ma * 2^sh in [2^(23+sh), 2^(24+sh)).
+    if (sh >= 26) {
+        return 1;
+    }
+    if (sh <= 22) {
+        return -1;
+    }
+    let s = u32(sh);
+    let lhs = vec2<u32>(ma >> (32u - s), ma << s);
+    let rhs = mul_wide(2u * mq + 1u, mb);
+    if (lhs.x != rhs.x) {
+        return select(-1, 1, lhs.x > rhs.x);
+    }
+    if (lhs.y != rhs.y) {
+        return select(-1, 1, lhs.y > rhs.y);
+    }
+    return 0;
+}
+
+// a / b rounded to nearest (ties to even), given an estimate q0 within a few ulp, for b > 0.
+// Zero, subnormal or non-finite operands and subnormal quotients keep q0: only normal ranges
+// matter for quantization (a quotient below 2^-27 vanishes in the following + 0.5).
+fn div_rn_from(a: f32, b: f32, q0: f32) -> f32 {
+    let aa = abs(a);
+    let qa = abs(q0);
+    let normal_min = 1.17549435e-38;
+    let finite_max = 3.40282347e38;
+    if (!(aa >= normal_min && aa <= finite_max && b >= normal_min && b <= finite_max
+          && qa >= normal_min && qa <= finite_max)) {
+        return q0;
+    }
+    var qb = bitcast<u32>(qa);
+    for (var i = 0u; i < 4u; i++) {
+        let up = cmp_mid(aa, b, qb);
+        if (up > 0 || (up == 0 && (qb & 1u) == 1u)) {
+            qb += 1u;
+            continue;
+        }
+        let down = cmp_mid(aa, b, qb - 1u);
+        if (down < 0 || (down == 0 && (qb & 1u) == 1u)) {
+            qb -= 1u;
+            continue;
+        }
+        break;
+    }
+    let q = bitcast<f32>(qb);
+    return select(q, -q, a < 0.0);
+}
+
+fn div_rn(a: f32, b: f32) -> f32 {
+    return div_rn_from(a, b, a / b);
+}
+
+// Checks div_rn on the adapter: q = div_rn_from(a, b, hardware a/b moved by nudge ulp).
+@compute @workgroup_size(256)
+fn div_check(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let a = div_a[i];
+    let b = div_b[i];
+    let q = a / b;
+    let moved = bitcast<f32>(u32(i32(bitcast<u32>(q)) + div_nudge[i]));
+    div_q[i] = div_rn_from(a, b, moved);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight quantizer, per tensor: t = tanh(W), m = max |t|, u = (t/2)/m + 0.5, levels as above.
+
+// tanh to within about 1 ulp (3 where exp is as loose as Vulkan allows), the same on every driver:
+// built-in tanh may be hundreds of ulp off near 0 (Mesa's is), which would move levels. Below
+// |x| = 0.625 an odd polynomial (0.77 ulp in f32, coefficients fitted for relative error), above
+// it 1 - 2/(e^2|x| + 1), exactly +-1 from |x| = 10 on. NaN is kept.
+fn tanh_safe(x: f32) -> f32 {
+    if (is_nan(x)) {
+        return x;
+    }
+    let a = abs(x);
+    var y: f32;
+    if (a < 0.625) {
+        let s = a * a;
+        let poly = (((-0.0057049864 * s + 0.020639086) * s - 0.053739715) * s + 0.13331442) * s
+            - 0.33333281;
+        y = a + (a * s) * poly;
+    } else {
+        y = 1.0 - div_rn(2.0, exp(2.0 * min(a, 10.0)) + 1.0);
+    }
+    return select(y, -y, x < 0.0);
+}
+
+// The code k in 0..=n of t. With m = 0 (an all-zero tensor) DoReFa divides 0 by 0; wgqat defines
+// u = 0.5 there, the level a zero weight gets in any other tensor (+1/n).
+fn weight_code(t: f32, m: f32) -> f32 {
+    var u = 0.5;
+    if (m > 0.0) {
+        u = div_rn(t * 0.5, m) + 0.5;
+    }
+    return floor(u * p.levels_f + 0.5);
+}
+
+fn weight_value_of_code(k: f32) -> f32 {
+    return 2.0 * (k * p.inv_levels) - 1.0;
+}
+
+// Pass 1: t = tanh(W), and the max |t| of each CHUNK-element block.
+@compute @workgroup_size(256)
+fn wq_absmax_partial(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let block = wid.x + wid.y * nwg.x;
+    let start = block * CHUNK;
+    var best = 0.0;
+    for (var j = lid; j < CHUNK; j += WG) {
+        let i = start + j;
+        if (i < p.n) {
+            let t = tanh_safe(wq_w[i]);
+            wq_t[i] = t;
+            best = max(best, abs(t));
+        }
+    }
+    red_a[lid] = best;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red_a[lid] = max(red_a[lid], red_a[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u && block < p.partials) {
+        wq_partials[block] = red_a[0];
+    }
+}
+
+// Pass 2 (one workgroup): m = max of the partial maxima -> stats[0].
+@compute @workgroup_size(256)
+fn wq_absmax_final(@builtin(local_invocation_index) lid: u32) {
+    var best = 0.0;
+    for (var j = lid; j < p.partials; j += WG) {
+        best = max(best, wq_partials_in[j]);
+    }
+    red_a[lid] = best;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red_a[lid] = max(red_a[lid], red_a[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        wq_stats[0] = red_a[0];
+    }
+}
+
+// Pass 3: W_hat from t and m.
+@compute @workgroup_size(256)
+fn wq_forward(@builtin(workgroup_id) wid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let t = wq_t_in[i];
+    wq_w_hat[i] = select(weight_value_of_code(weight_code(t, wq_stats_in[0])), t, is_nan(t));
+}
+
+// Backward, following autograd's chain (spec §2.3):
+//   du_i = ((2 G_i) * s) * n          (W_hat = 2q - 1, then Round's straight-through)
+//   S    = sum_j du_j * (t_j / 2)      c = #{ j : |t_j| = m }
+//   dt_i = (du_i / m) / 2 - sign(t_i) * 1[|t_i| = m] * (S / (m*m)) / c
+//   dW_i = dt_i * (1 - t_i^2)
+fn weight_du(g: f32) -> f32 {
+    return ((2.0 * g) * p.inv_levels) * p.levels_f;
+}
+
+// Pass 1: per-block partial sums of du * t/2 and of the tie count.
+@compute @workgroup_size(256)
+fn wq_backward_partial(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let block = wid.x + wid.y * nwg.x;
+    let start = block * CHUNK;
+    let m = wq_stats_in[0];
+    var s = 0.0;
+    var ties = 0.0;
+    for (var j = lid; j < CHUNK; j += WG) {
+        let i = start + j;
+        if (i < p.n) {
+            let t = wq_t_in[i];
+            s += weight_du(wq_g[i]) * (t * 0.5);
+            ties += select(0.0, 1.0, abs(t) == m);
+        }
+    }
+    red_a[lid] = s;
+    red_b[lid] = ties;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st >>= 1u) {
+        if (lid < st) {
+            red_a[lid] += red_a[lid + st];
+            red_b[lid] += red_b[lid + st];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u && block < p.partials) {
+        wq_partials[2u * block] = red_a[0];
+        wq_partials[2u * block + 1u] = red_b[0];
+    }
+}
+
+// Pass 2 (one workgroup): stats[1] = S, stats[2] = c; stats[0] (m) is kept.
+@compute @workgroup_size(256)
+fn wq_backward_final(@builtin(local_invocation_index) lid: u32) {
+    var s = 0.0;
+    var ties = 0.0;
+    for (var j = lid; j < p.partials; j += WG) {
+        s += wq_partials_in[2u * j];
+        ties += wq_partials_in[2u * j + 1u];
+    }
+    red_a[lid] = s;
+    red_b[lid] = ties;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st >>= 1u) {
+        if (lid < st) {
+            red_a[lid] += red_a[lid + st];
+            red_b[lid] += red_b[lid + st];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        wq_stats[1] = red_a[0];
+        wq_stats[2] = red_b[0];
+    }
+}
+
+// Pass 3: dW. With m = 0 there is no finite gradient; wgqat defines it as 0.
+@compute @workgroup_size(256)
+fn wq_backward(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let g = wq_g[i];
+    let m = wq_stats_in[0];
+    if (!(m > 0.0)) {
+        wq_dw[i] = select(0.0, m, is_nan(m));
+        return;
+    }
+    let t = wq_t_in[i];
+    var dt = (weight_du(g) / m) / 2.0;
+    if (abs(t) == m) {
+        let dm = -wq_stats_in[1] / (m * m);
+        dt += sign(t) * (dm / wq_stats_in[2]);
+    }
+    wq_dw[i] = dt * (1.0 - t * t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real quantization to integer codes, and back. dequantize(quantize(x)) is bit for bit the
+// fake-quantized value: both use the same code and the same k * fl32(1/n).
+
+// Codes of elements [4w, 4w + 4) packed into word w (PACKED), or of element w.
+fn pack_word(word: u32, codes: vec4<f32>) {
+    if (PACKED) {
+        codes_out[word] = pack4xU8(vec4<u32>(codes));
+    } else {
+        codes_out[word] = u32(codes.x);
+    }
+}
+
+fn elements_per_word() -> u32 {
+    return select(1u, 4u, PACKED);
+}
+
+fn code_at(i: u32) -> f32 {
+    if (PACKED) {
+        return f32(unpack4xU8(codes_in[i / 4u])[i % 4u]);
+    }
+    return f32(codes_in[i]);
+}
+
+// Activation codes k in 0..=n (one thread per output word).
+@compute @workgroup_size(256)
+fn act_codes(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let word = flat_index(wid, nwg, lid);
+    let first = word * elements_per_word();
+    if (first >= p.n) {
+        return;
+    }
+    var k = vec4<f32>(0.0);
+    for (var j = 0u; j < elements_per_word(); j++) {
+        if (first + j < p.n) {
+            k[j] = act_code(act_x[first + j]);
+        }
+    }
+    pack_word(word, k);
+}
+
+// Weight codes k in 0..=n (level 2k - n), from t and stats of the absmax passes.
+@compute @workgroup_size(256)
+fn weight_codes(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let word = flat_index(wid, nwg, lid);
+    let first = word * elements_per_word();
+    if (first >= p.n) {
+        return;
+    }
+    let m = wq_stats_in[0];
+    var k = vec4<f32>(0.0);
+    for (var j = 0u; j < elements_per_word(); j++) {
+        if (first + j < p.n) {
+            k[j] = weight_code(wq_t_in[first + j], m);
+        }
+    }
+    pack_word(word, k);
+}
+
+@compute @workgroup_size(256)
+fn act_dequant(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    act_y[i] = code_at(i) * p.inv_levels;
+}
+
+@compute @workgroup_size(256)
+fn weight_dequant(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    wq_w_hat[i] = weight_value_of_code(code_at(i));
+}

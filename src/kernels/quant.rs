@@ -1,0 +1,535 @@
+//! `shaders/quant.wgsl`: the DoReFa activation and weight quantizers (forward and backward) and
+//! real quantization to integer codes. 32 bits is the identity: a copy, no shader.
+
+use super::{QUANT, count_u32, elementwise_grid, expect_dtype, expect_shape};
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor, grid_1d};
+
+/// A validated bit width: 2..=16, or 32 for float (no quantization).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct Bits(u32);
+
+impl Bits {
+    pub const FLOAT: Bits = Bits(32);
+
+    pub fn new(bits: u32) -> Result<Bits> {
+        match bits {
+            2..=16 | 32 => Ok(Bits(bits)),
+            1 => Err(Error::Invalid(
+                "1-bit quantization is not supported: DoReFa has no binary mode; use 2 to 16 bits, or 32 for float"
+                    .into(),
+            )),
+            _ => Err(Error::Invalid(format!(
+                "{bits} bits is not supported: use 2 to 16 bits, or 32 for float"
+            ))),
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    pub fn is_float(self) -> bool {
+        self.0 == 32
+    }
+
+    /// `n = 2^bits - 1`, the largest code.
+    pub fn levels(self) -> u32 {
+        (1u32 << self.0.min(31)) - 1
+    }
+
+    /// `fl32(1/n)`: the double `1/n` rounded once to f32, as PyTorch multiplies by it.
+    pub fn inv_levels(self) -> f32 {
+        (1.0f64 / self.levels() as f64) as f32
+    }
+
+    /// The element type of integer codes: four 8-bit codes per word up to 8 bits, else a word each.
+    pub fn code_dtype(self) -> DType {
+        if self.0 <= 8 { DType::U8x4 } else { DType::U32 }
+    }
+}
+
+impl TryFrom<u32> for Bits {
+    type Error = Error;
+    fn try_from(v: u32) -> Result<Bits> {
+        Bits::new(v)
+    }
+}
+
+impl From<Bits> for u32 {
+    fn from(b: Bits) -> u32 {
+        b.0
+    }
+}
+
+impl std::fmt::Display for Bits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Elements each workgroup of a weight reduction covers (`CHUNK` in the shader).
+const CHUNK: usize = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    levels: u32,
+    partials: u32,
+    _pad0: u32,
+    levels_f: f32,
+    inv_levels: f32,
+    _pad1: [f32; 2],
+}
+
+fn params(n: u32, bits: Bits, partials: u32) -> Params {
+    Params {
+        n,
+        levels: bits.levels(),
+        partials,
+        _pad0: 0,
+        levels_f: bits.levels() as f32,
+        inv_levels: bits.inv_levels(),
+        _pad1: [0.0; 2],
+    }
+}
+
+/// An entry point of `quant.wgsl` and the binding numbers it uses (besides the uniform at 0), in
+/// the order its tensors are passed.
+struct Entry {
+    name: &'static str,
+    used: &'static [(usize, Bind)],
+}
+
+use Bind::{Read as R, ReadWrite as W};
+
+const ACT_FORWARD: Entry = Entry {
+    name: "act_forward",
+    used: &[(1, R), (2, W)],
+};
+const ACT_BACKWARD: Entry = Entry {
+    name: "act_backward",
+    used: &[(3, R), (4, R), (5, W)],
+};
+const ACT_CODES: Entry = Entry {
+    name: "act_codes",
+    used: &[(1, R), (16, W)],
+};
+const ACT_DEQUANT: Entry = Entry {
+    name: "act_dequant",
+    used: &[(2, W), (17, R)],
+};
+const WEIGHT_DEQUANT: Entry = Entry {
+    name: "weight_dequant",
+    used: &[(13, W), (17, R)],
+};
+const WQ_ABSMAX_PARTIAL: Entry = Entry {
+    name: "wq_absmax_partial",
+    used: &[(6, R), (7, W), (8, W)],
+};
+const WQ_ABSMAX_FINAL: Entry = Entry {
+    name: "wq_absmax_final",
+    used: &[(9, R), (10, W)],
+};
+const WQ_FORWARD: Entry = Entry {
+    name: "wq_forward",
+    used: &[(11, R), (12, R), (13, W)],
+};
+const WQ_BACKWARD_PARTIAL: Entry = Entry {
+    name: "wq_backward_partial",
+    used: &[(8, W), (11, R), (12, R), (14, R)],
+};
+const WQ_BACKWARD_FINAL: Entry = Entry {
+    name: "wq_backward_final",
+    used: &[(9, R), (10, W)],
+};
+const WQ_BACKWARD: Entry = Entry {
+    name: "wq_backward",
+    used: &[(11, R), (12, R), (14, R), (15, W)],
+};
+const WEIGHT_CODES: Entry = Entry {
+    name: "weight_codes",
+    used: &[(11, R), (12, R), (16, W)],
+};
+const DIV_CHECK: Entry = Entry {
+    name: "div_check",
+    used: &[(18, R), (19, R), (20, R), (21, W)],
+};
+
+impl Entry {
+    /// Binding layout: the uniform, then the used binding numbers.
+    fn layout(&self) -> Vec<Bind> {
+        let len = self.used.iter().map(|(i, _)| i + 1).max().unwrap_or(1);
+        let mut v = vec![Bind::None; len];
+        v[0] = Bind::Uniform;
+        for &(i, b) in self.used {
+            v[i] = b;
+        }
+        v
+    }
+}
+
+fn launch_op(
+    gpu: &Gpu,
+    (entry, constants): (&Entry, &[(&str, f64)]),
+    label: String,
+    p: &Params,
+    tensors: &[&Tensor],
+    workgroups: [u32; 3],
+) -> Result<Op> {
+    let kernel = gpu.kernel(&KernelSpec {
+        shader: &QUANT,
+        entry: entry.name,
+        constants,
+        bindings: &entry.layout(),
+    })?;
+    Ok(Op::Dispatch(gpu.launch(
+        &kernel,
+        label,
+        Some(bytemuck::bytes_of(p)),
+        tensors,
+        workgroups,
+    )?))
+}
+
+fn same_f32(kernel: &str, named: &[(&str, &Tensor)]) -> Result<()> {
+    let shape = named[0].1.shape();
+    for (name, t) in named {
+        expect_dtype(kernel, name, t, DType::F32)?;
+        expect_shape(kernel, name, t, shape)?;
+    }
+    Ok(())
+}
+
+fn copy(src: &Tensor, dst: &Tensor) -> Op {
+    Op::Copy {
+        src: src.clone(),
+        dst: dst.clone(),
+    }
+}
+
+/// Activation quantizer forward: `y = Round(clamp(0.1 x, 0, 1) n) / n` (32 bits: `y = x`).
+pub fn act_forward(gpu: &Gpu, bits: Bits, x: &Tensor, y: &Tensor) -> Result<Op> {
+    const K: &str = "act_forward";
+    same_f32(K, &[("x", x), ("y", y)])?;
+    if bits.is_float() {
+        return Ok(copy(x, y));
+    }
+    let n = count_u32(K, x.numel())?;
+    launch_op(
+        gpu,
+        (&ACT_FORWARD, &[]),
+        format!("{K} w{bits} {:?}", x.shape()),
+        &params(n, bits, 0),
+        &[x, y],
+        elementwise_grid(gpu, n),
+    )
+}
+
+/// Activation quantizer backward (straight-through): `dx = 0.1 dy` where
+/// `0 <= fl32(0.1 x) <= 1`, else 0 (32 bits: `dx = dy`).
+pub fn act_backward(gpu: &Gpu, bits: Bits, x: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<Op> {
+    const K: &str = "act_backward";
+    same_f32(K, &[("x", x), ("dy", dy), ("dx", dx)])?;
+    if bits.is_float() {
+        return Ok(copy(dy, dx));
+    }
+    let n = count_u32(K, x.numel())?;
+    launch_op(
+        gpu,
+        (&ACT_BACKWARD, &[]),
+        format!("{K} a{bits} {:?}", x.shape()),
+        &params(n, bits, 0),
+        &[x, dy, dx],
+        elementwise_grid(gpu, n),
+    )
+}
+
+/// Activation codes `k` in `0..=n` (`Bits::code_dtype` words), the integer form of
+/// [`act_forward`]'s output.
+pub fn act_codes(gpu: &Gpu, bits: Bits, x: &Tensor, codes: &Tensor) -> Result<Op> {
+    const K: &str = "act_codes";
+    expect_dtype(K, "x", x, DType::F32)?;
+    codes_check(K, bits, x.shape(), codes)?;
+    let n = count_u32(K, x.numel())?;
+    let words = count_u32(K, codes_words(bits, x.numel()))?;
+    launch_op(
+        gpu,
+        (&ACT_CODES, &[("PACKED", packed(bits))]),
+        format!("{K} a{bits} {:?}", x.shape()),
+        &params(n, bits, 0),
+        &[x, codes],
+        elementwise_grid(gpu, words),
+    )
+}
+
+/// Activation values `k · fl32(1/n)` from codes: bit for bit [`act_forward`]'s output.
+pub fn act_dequant(gpu: &Gpu, bits: Bits, codes: &Tensor, y: &Tensor) -> Result<Op> {
+    const K: &str = "act_dequant";
+    expect_dtype(K, "y", y, DType::F32)?;
+    codes_check(K, bits, y.shape(), codes)?;
+    let n = count_u32(K, y.numel())?;
+    launch_op(
+        gpu,
+        (&ACT_DEQUANT, &[("PACKED", packed(bits))]),
+        format!("{K} a{bits} {:?}", y.shape()),
+        &params(n, bits, 0),
+        &[y, codes],
+        elementwise_grid(gpu, n),
+    )
+}
+
+/// Weight values `2 · (k · fl32(1/n)) − 1` from codes: bit for bit the quantizer's output.
+pub fn weight_dequant(gpu: &Gpu, bits: Bits, codes: &Tensor, w_hat: &Tensor) -> Result<Op> {
+    const K: &str = "weight_dequant";
+    expect_dtype(K, "w_hat", w_hat, DType::F32)?;
+    codes_check(K, bits, w_hat.shape(), codes)?;
+    let n = count_u32(K, w_hat.numel())?;
+    launch_op(
+        gpu,
+        (&WEIGHT_DEQUANT, &[("PACKED", packed(bits))]),
+        format!("{K} w{bits} {:?}", w_hat.shape()),
+        &params(n, bits, 0),
+        &[w_hat, codes],
+        elementwise_grid(gpu, n),
+    )
+}
+
+fn packed(bits: Bits) -> f64 {
+    f64::from(u8::from(bits.code_dtype() == DType::U8x4))
+}
+
+fn codes_words(bits: Bits, n: usize) -> usize {
+    if bits.code_dtype() == DType::U8x4 {
+        n.div_ceil(4)
+    } else {
+        n
+    }
+}
+
+fn codes_check(kernel: &str, bits: Bits, shape: &[usize], codes: &Tensor) -> Result<()> {
+    if bits.is_float() {
+        return Err(Error::shape(kernel, "32-bit values have no integer codes"));
+    }
+    expect_dtype(kernel, "codes", codes, bits.code_dtype())?;
+    expect_shape(kernel, "codes", codes, shape)
+}
+
+/// The weight quantizer of one weight tensor: its buffers (t = tanh(W), partial reductions and
+/// the statistics `[m, S, c, 0]`) are made once, and its forward and backward are a few launches
+/// to record into a step.
+pub struct WeightQuantizer {
+    bits: Bits,
+    shape: Vec<usize>,
+    partials: Option<Tensor>,
+    stats: Option<Tensor>,
+    t: Option<Tensor>,
+}
+
+impl WeightQuantizer {
+    pub fn new(gpu: &Gpu, bits: Bits, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        let (partials, stats, t) = if bits.is_float() {
+            (None, None, None)
+        } else {
+            (
+                Some(gpu.zeros(
+                    "weight quantizer partials",
+                    &[2 * n.div_ceil(CHUNK)],
+                    DType::F32,
+                )?),
+                Some(gpu.zeros("weight quantizer stats", &[4], DType::F32)?),
+                Some(gpu.zeros("tanh(W)", shape, DType::F32)?),
+            )
+        };
+        Ok(WeightQuantizer {
+            bits,
+            shape: shape.to_vec(),
+            partials,
+            stats,
+            t,
+        })
+    }
+
+    pub fn bits(&self) -> Bits {
+        self.bits
+    }
+
+    /// `tanh(W)` of the last forward (None for 32 bits).
+    pub fn t(&self) -> Option<&Tensor> {
+        self.t.as_ref()
+    }
+
+    /// `[m, S, c, 0]`: max |t| (forward), and Σ du·t/2 and the tie count (backward).
+    pub fn stats(&self) -> Option<&Tensor> {
+        self.stats.as_ref()
+    }
+
+    fn blocks(&self) -> usize {
+        self.shape.iter().product::<usize>().div_ceil(CHUNK).max(1)
+    }
+
+    fn check(&self, kernel: &str, named: &[(&str, &Tensor)]) -> Result<u32> {
+        for (name, t) in named {
+            expect_dtype(kernel, name, t, DType::F32)?;
+            expect_shape(kernel, name, t, &self.shape)?;
+        }
+        count_u32(kernel, self.shape.iter().product())
+    }
+
+    fn parts(&self) -> (&Tensor, &Tensor, &Tensor) {
+        match (&self.partials, &self.stats, &self.t) {
+            (Some(p), Some(s), Some(t)) => (p, s, t),
+            _ => unreachable!("quantizer buffers exist unless bits = 32"),
+        }
+    }
+
+    /// `t = tanh(W)`, `m = max|t|` (two launches); what forward and `codes` start with.
+    fn absmax(&self, gpu: &Gpu, w: &Tensor, n: u32) -> Result<Vec<Op>> {
+        let (partials, stats, t) = self.parts();
+        let blocks = self.blocks() as u32;
+        let p = params(n, self.bits, blocks);
+        let shape = format!("w{} {:?}", self.bits, self.shape);
+        Ok(vec![
+            launch_op(
+                gpu,
+                (&WQ_ABSMAX_PARTIAL, &[]),
+                format!("wq_absmax_partial {shape}"),
+                &p,
+                &[w, t, partials],
+                grid_1d(blocks, gpu.limits.max_compute_workgroups_per_dimension),
+            )?,
+            launch_op(
+                gpu,
+                (&WQ_ABSMAX_FINAL, &[]),
+                format!("wq_absmax_final {shape}"),
+                &p,
+                &[partials, stats],
+                [1, 1, 1],
+            )?,
+        ])
+    }
+
+    /// `Ŵ` from `W` (32 bits: a copy).
+    pub fn forward(&self, gpu: &Gpu, w: &Tensor, w_hat: &Tensor) -> Result<Vec<Op>> {
+        const K: &str = "weight_quant_forward";
+        let n = self.check(K, &[("w", w), ("w_hat", w_hat)])?;
+        if self.bits.is_float() {
+            return Ok(vec![copy(w, w_hat)]);
+        }
+        let (_, stats, t) = self.parts();
+        let mut ops = self.absmax(gpu, w, n)?;
+        ops.push(launch_op(
+            gpu,
+            (&WQ_FORWARD, &[]),
+            format!("wq_forward w{} {:?}", self.bits, self.shape),
+            &params(n, self.bits, 0),
+            &[t, stats, w_hat],
+            elementwise_grid(gpu, n),
+        )?);
+        Ok(ops)
+    }
+
+    /// `dL/dW` from `G = dL/dŴ`, using `t` and `m` of the last forward (32 bits: a copy).
+    pub fn backward(&self, gpu: &Gpu, g: &Tensor, dw: &Tensor) -> Result<Vec<Op>> {
+        const K: &str = "weight_quant_backward";
+        let n = self.check(K, &[("g", g), ("dw", dw)])?;
+        if self.bits.is_float() {
+            return Ok(vec![copy(g, dw)]);
+        }
+        let (partials, stats, t) = self.parts();
+        let blocks = self.blocks() as u32;
+        let p = params(n, self.bits, blocks);
+        let shape = format!("w{} {:?}", self.bits, self.shape);
+        Ok(vec![
+            launch_op(
+                gpu,
+                (&WQ_BACKWARD_PARTIAL, &[]),
+                format!("wq_backward_partial {shape}"),
+                &p,
+                &[partials, t, stats, g],
+                grid_1d(blocks, gpu.limits.max_compute_workgroups_per_dimension),
+            )?,
+            launch_op(
+                gpu,
+                (&WQ_BACKWARD_FINAL, &[]),
+                format!("wq_backward_final {shape}"),
+                &p,
+                &[partials, stats],
+                [1, 1, 1],
+            )?,
+            launch_op(
+                gpu,
+                (&WQ_BACKWARD, &[]),
+                format!("wq_backward {shape}"),
+                &p,
+                &[t, stats, g, dw],
+                elementwise_grid(gpu, n),
+            )?,
+        ])
+    }
+
+    /// Integer codes `k` of `W` (level `2k − n`); recomputes `t` and `m` first.
+    pub fn codes(&self, gpu: &Gpu, w: &Tensor, codes: &Tensor) -> Result<Vec<Op>> {
+        const K: &str = "weight_codes";
+        let n = self.check(K, &[("w", w)])?;
+        codes_check(K, self.bits, &self.shape, codes)?;
+        let (_, stats, t) = self.parts();
+        let words = count_u32(K, codes_words(self.bits, n as usize))?;
+        let mut ops = self.absmax(gpu, w, n)?;
+        ops.push(launch_op(
+            gpu,
+            (&WEIGHT_CODES, &[("PACKED", packed(self.bits))]),
+            format!("{K} w{} {:?}", self.bits, self.shape),
+            &params(n, self.bits, 0),
+            &[t, stats, codes],
+            elementwise_grid(gpu, words),
+        )?);
+        Ok(ops)
+    }
+}
+
+/// The exact-division check of the adapter: `q = a / b` correctly rounded, starting from the
+/// hardware quotient moved by `nudge` ulp (0 tests the hardware as it is).
+pub fn div_check(gpu: &Gpu, a: &Tensor, b: &Tensor, nudge: &Tensor, q: &Tensor) -> Result<Op> {
+    const K: &str = "div_check";
+    same_f32(K, &[("a", a), ("b", b), ("q", q)])?;
+    expect_dtype(K, "nudge", nudge, DType::I32)?;
+    expect_shape(K, "nudge", nudge, a.shape())?;
+    let n = count_u32(K, a.numel())?;
+    launch_op(
+        gpu,
+        (&DIV_CHECK, &[]),
+        format!("{K} {:?}", a.shape()),
+        &params(n, Bits(8), 0),
+        &[a, b, nudge, q],
+        elementwise_grid(gpu, n),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_accept_2_to_16_and_32_only() {
+        for b in (2..=16).chain([32]) {
+            assert!(Bits::new(b).is_ok());
+        }
+        let e = Bits::new(1).unwrap_err().to_string();
+        assert!(e.contains("binary") && e.contains("2 to 16"), "{e}");
+        for b in [0, 17, 31, 33, 64] {
+            assert!(
+                Bits::new(b)
+                    .unwrap_err()
+                    .to_string()
+                    .contains(&format!("{b} bits"))
+            );
+        }
+        assert_eq!(Bits::new(8).unwrap().levels(), 255);
+        assert_eq!(Bits::new(8).unwrap().inv_levels(), (1.0f64 / 255.0) as f32);
+        assert_eq!(Bits::new(16).unwrap().code_dtype(), DType::U32);
+    }
+}
