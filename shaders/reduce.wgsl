@@ -1,20 +1,25 @@
-// Per-channel sums of an (N, C, S) array: out[c] = sum over n, s of x[n, c, s]. One workgroup per
-// channel; each thread sums a fixed strided subset, then a tree in workgroup memory. The order of
-// additions depends only on the shape, so results are the same run to run (no atomics).
+// Deterministic sums: the order of additions depends only on the shape, so the same inputs give
+// the same bits run to run (no atomics).
 
 struct Params {
-    n: u32,        // N
-    c: u32,        // C
-    s: u32,        // S (spatial size)
+    n: u32,        // channel_sum: N; slice_sum: slice length
+    c: u32,        // channel_sum: C; slice_sum: number of slices
+    s: u32,        // channel_sum: S (spatial size)
     _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+// channel_sum
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
+// slice_sum
+@group(0) @binding(3) var<storage, read> slices: array<f32>;
+@group(0) @binding(4) var<storage, read_write> slice_out: array<f32>;
 
 var<workgroup> partial: array<f32, 256>;
 
+// out[c] = sum over n, s of x[n, c, s] for x of shape (N, C, S). One workgroup per channel; each
+// thread sums a fixed strided subset, then a tree in workgroup memory.
 @compute @workgroup_size(256)
 fn channel_sum(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>,
@@ -42,4 +47,20 @@ fn channel_sum(@builtin(workgroup_id) wid: vec3<u32>,
     if (lid == 0u) {
         out[c] = partial[0];
     }
+}
+
+// slice_out[i] = sum over j < c of slices[j * n + i], in order of j (split-K partial results).
+@compute @workgroup_size(256)
+fn slice_sum(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (i >= p.n) {
+        return;
+    }
+    var acc = 0.0;
+    for (var j = 0u; j < p.c; j++) {
+        acc += slices[j * p.n + i];
+    }
+    slice_out[i] = acc;
 }

@@ -112,6 +112,7 @@ pub fn cases() -> Vec<Case> {
     elementwise_cases(&mut v);
     reduce_cases(&mut v);
     quant_cases(&mut v);
+    gemm_family_cases(&mut v);
     v
 }
 
@@ -465,4 +466,465 @@ fn unpack_codes(words: &[u32], b: Bits, n: usize) -> Vec<f32> {
             _ => words[i] as f32,
         })
         .collect()
+}
+
+/// The three GEMM-family ops (conv2d, conv_transpose2d, matmul): tensor shapes, GPU launches and
+/// references per direction, so one driver makes their cases.
+trait GemmOp: Copy + std::fmt::Debug + Send + Sync + 'static {
+    const NAME: &'static str;
+    fn x_shape(&self) -> Vec<usize>;
+    fn w_shape(&self) -> Vec<usize>;
+    fn y_shape(&self) -> Vec<usize>;
+    fn describe(&self) -> String;
+    /// Longest sum of products per output element in each direction (sets the tolerance).
+    fn reduction(&self) -> [usize; 3];
+    fn gpu_forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+    ) -> Result<Vec<Op>>;
+    fn gpu_grad_input(&self, gpu: &Gpu, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<Vec<Op>>;
+    fn gpu_grad_weight(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        dy: &Tensor,
+        dw: &Tensor,
+        splits: Option<usize>,
+    ) -> Result<Vec<Op>>;
+    fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>>;
+    fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64>;
+    fn ref_grad_input(&self, dy: &[f64], w: &[f64]) -> Vec<f64>;
+    fn ref_grad_weight(&self, x: &[f64], dy: &[f64]) -> Vec<f64>;
+    fn ref_grad_bias(&self, dy: &[f64]) -> Vec<f64>;
+}
+
+impl GemmOp for kernels::conv2d::Conv2dGeom {
+    const NAME: &'static str = "conv2d";
+    fn x_shape(&self) -> Vec<usize> {
+        self.input_shape().to_vec()
+    }
+    fn w_shape(&self) -> Vec<usize> {
+        self.weight_shape().to_vec()
+    }
+    fn y_shape(&self) -> Vec<usize> {
+        self.output_shape().to_vec()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "x{:?} w{:?} s{:?} p{:?} d{:?} g{}",
+            self.input_shape(),
+            self.weight_shape(),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups
+        )
+    }
+    fn reduction(&self) -> [usize; 3] {
+        let (oh, ow) = self.out_hw();
+        let khw = self.kernel.0 * self.kernel.1;
+        [
+            self.cin / self.groups * khw,
+            self.cout / self.groups * khw,
+            self.batch * oh * ow,
+        ]
+    }
+    fn gpu_forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+    ) -> Result<Vec<Op>> {
+        Ok(vec![kernels::conv2d::forward(gpu, self, x, w, Some(b), y)?])
+    }
+    fn gpu_grad_input(&self, gpu: &Gpu, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<Vec<Op>> {
+        Ok(vec![kernels::conv2d::grad_input(gpu, self, dy, w, dx)?])
+    }
+    fn gpu_grad_weight(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        dy: &Tensor,
+        dw: &Tensor,
+        splits: Option<usize>,
+    ) -> Result<Vec<Op>> {
+        match splits {
+            Some(s) => kernels::conv2d::grad_weight_split(gpu, self, x, dy, dw, s),
+            None => kernels::conv2d::grad_weight(gpu, self, x, dy, dw),
+        }
+    }
+    fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
+        Ok(vec![kernels::conv2d::grad_bias(gpu, self, dy, db)?])
+    }
+    fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64> {
+        reference::conv2d::forward(self, x, w, Some(b))
+    }
+    fn ref_grad_input(&self, dy: &[f64], w: &[f64]) -> Vec<f64> {
+        reference::conv2d::grad_input(self, dy, w)
+    }
+    fn ref_grad_weight(&self, x: &[f64], dy: &[f64]) -> Vec<f64> {
+        reference::conv2d::grad_weight(self, x, dy)
+    }
+    fn ref_grad_bias(&self, dy: &[f64]) -> Vec<f64> {
+        reference::conv2d::grad_bias(self, dy)
+    }
+}
+
+impl GemmOp for kernels::conv_transpose2d::ConvTranspose2dGeom {
+    const NAME: &'static str = "conv_transpose2d";
+    fn x_shape(&self) -> Vec<usize> {
+        self.input_shape().to_vec()
+    }
+    fn w_shape(&self) -> Vec<usize> {
+        self.weight_shape().to_vec()
+    }
+    fn y_shape(&self) -> Vec<usize> {
+        self.output_shape().to_vec()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "x{:?} w{:?} s{:?} p{:?} op{:?} d{:?} g{}",
+            self.input_shape(),
+            self.weight_shape(),
+            self.stride,
+            self.padding,
+            self.output_padding,
+            self.dilation,
+            self.groups
+        )
+    }
+    fn reduction(&self) -> [usize; 3] {
+        let khw = self.kernel.0 * self.kernel.1;
+        [
+            self.cin / self.groups * khw,
+            self.cout / self.groups * khw,
+            self.batch * self.h * self.w,
+        ]
+    }
+    fn gpu_forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+    ) -> Result<Vec<Op>> {
+        Ok(vec![kernels::conv_transpose2d::forward(
+            gpu,
+            self,
+            x,
+            w,
+            Some(b),
+            y,
+        )?])
+    }
+    fn gpu_grad_input(&self, gpu: &Gpu, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<Vec<Op>> {
+        Ok(vec![kernels::conv_transpose2d::grad_input(
+            gpu, self, dy, w, dx,
+        )?])
+    }
+    fn gpu_grad_weight(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        dy: &Tensor,
+        dw: &Tensor,
+        splits: Option<usize>,
+    ) -> Result<Vec<Op>> {
+        match splits {
+            Some(s) => kernels::conv_transpose2d::grad_weight_split(gpu, self, x, dy, dw, s),
+            None => kernels::conv_transpose2d::grad_weight(gpu, self, x, dy, dw),
+        }
+    }
+    fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
+        Ok(vec![kernels::conv_transpose2d::grad_bias(
+            gpu, self, dy, db,
+        )?])
+    }
+    fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64> {
+        reference::conv_transpose2d::forward(self, x, w, Some(b))
+    }
+    fn ref_grad_input(&self, dy: &[f64], w: &[f64]) -> Vec<f64> {
+        reference::conv_transpose2d::grad_input(self, dy, w)
+    }
+    fn ref_grad_weight(&self, x: &[f64], dy: &[f64]) -> Vec<f64> {
+        reference::conv_transpose2d::grad_weight(self, x, dy)
+    }
+    fn ref_grad_bias(&self, dy: &[f64]) -> Vec<f64> {
+        reference::conv_transpose2d::grad_bias(self, dy)
+    }
+}
+
+impl GemmOp for kernels::matmul::LinearGeom {
+    const NAME: &'static str = "matmul";
+    fn x_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.in_features]
+    }
+    fn w_shape(&self) -> Vec<usize> {
+        vec![self.out_features, self.in_features]
+    }
+    fn y_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.out_features]
+    }
+    fn describe(&self) -> String {
+        format!(
+            "[{}x{}]·[{}x{}]ᵀ",
+            self.batch, self.in_features, self.out_features, self.in_features
+        )
+    }
+    fn reduction(&self) -> [usize; 3] {
+        [self.in_features, self.out_features, self.batch]
+    }
+    fn gpu_forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+    ) -> Result<Vec<Op>> {
+        Ok(vec![kernels::matmul::forward(gpu, self, x, w, Some(b), y)?])
+    }
+    fn gpu_grad_input(&self, gpu: &Gpu, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<Vec<Op>> {
+        Ok(vec![kernels::matmul::grad_input(gpu, self, dy, w, dx)?])
+    }
+    fn gpu_grad_weight(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        dy: &Tensor,
+        dw: &Tensor,
+        _splits: Option<usize>,
+    ) -> Result<Vec<Op>> {
+        kernels::matmul::grad_weight(gpu, self, x, dy, dw)
+    }
+    fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
+        Ok(vec![kernels::matmul::grad_bias(gpu, self, dy, db)?])
+    }
+    fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64> {
+        reference::matmul::forward(self, x, w, Some(b))
+    }
+    fn ref_grad_input(&self, dy: &[f64], w: &[f64]) -> Vec<f64> {
+        reference::matmul::grad_input(self, dy, w)
+    }
+    fn ref_grad_weight(&self, x: &[f64], dy: &[f64]) -> Vec<f64> {
+        reference::matmul::grad_weight(self, x, dy)
+    }
+    fn ref_grad_bias(&self, dy: &[f64]) -> Vec<f64> {
+        reference::matmul::grad_bias(self, dy)
+    }
+}
+
+/// f32 sums of `k` products of values in [-1, 1]: the error grows about like sqrt(k) ulps of
+/// the result; allow a margin of ~10 over what lavapipe shows.
+fn gemm_tolerance(k: usize) -> Tolerance {
+    Tolerance::new(2e-6 * (k as f64).sqrt(), 1e-5)
+}
+
+fn random(rng: &mut Rng, shape: &[usize]) -> Vec<f32> {
+    rng.vec_uniform(shape.iter().product(), -1.0, 1.0)
+}
+
+fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
+    let shape = geom.describe();
+    let [k_fwd, k_dx, k_dw] = geom.reduction();
+    v.push(Case::new(
+        G::NAME,
+        "forward",
+        shape.clone(),
+        move |gpu, rng| {
+            let (x, w) = (random(rng, &geom.x_shape()), random(rng, &geom.w_shape()));
+            let b = random(rng, &[geom.y_shape()[1]]);
+            let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+            let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+            let bt = gpu.upload_f32("b", &[b.len()], &b)?;
+            let yt = gpu.empty("y", &geom.y_shape(), DType::F32)?;
+            let got: Vec<Vec<f32>> = gpu.run_and_read(
+                "selftest",
+                &geom.gpu_forward(gpu, &xt, &wt, &bt, &yt)?,
+                &[&yt],
+            )?;
+            let want = geom.ref_forward(&f64s(&x), &f64s(&w), &f64s(&b));
+            Ok(vec![(
+                "y".into(),
+                reference::compare(&got[0], &want, gemm_tolerance(k_fwd)),
+            )])
+        },
+    ));
+    v.push(Case::new(
+        G::NAME,
+        "grad_input",
+        shape.clone(),
+        move |gpu, rng| {
+            let (dy, w) = (random(rng, &geom.y_shape()), random(rng, &geom.w_shape()));
+            let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+            let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+            let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
+            let got: Vec<Vec<f32>> = gpu.run_and_read(
+                "selftest",
+                &geom.gpu_grad_input(gpu, &dyt, &wt, &dxt)?,
+                &[&dxt],
+            )?;
+            let want = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
+            Ok(vec![(
+                "dx".into(),
+                reference::compare(&got[0], &want, gemm_tolerance(k_dx)),
+            )])
+        },
+    ));
+    for splits in [None, Some(3)] {
+        let direction = if splits.is_some() {
+            "grad_weight split-K 3"
+        } else {
+            "grad_weight"
+        };
+        if splits.is_some() && G::NAME == "matmul" {
+            continue;
+        }
+        v.push(Case::new(
+            G::NAME,
+            direction,
+            shape.clone(),
+            move |gpu, rng| {
+                let (x, dy) = (random(rng, &geom.x_shape()), random(rng, &geom.y_shape()));
+                let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+                let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+                let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
+                let ops = geom.gpu_grad_weight(gpu, &xt, &dyt, &dwt, splits)?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt])?;
+                let want = geom.ref_grad_weight(&f64s(&x), &f64s(&dy));
+                Ok(vec![(
+                    "dw".into(),
+                    reference::compare(&got[0], &want, gemm_tolerance(k_dw)),
+                )])
+            },
+        ));
+    }
+    v.push(Case::new(G::NAME, "grad_bias", shape, move |gpu, rng| {
+        let dy = random(rng, &geom.y_shape());
+        let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+        let c = geom.y_shape()[1];
+        let dbt = gpu.empty("db", &[c], DType::F32)?;
+        let got: Vec<Vec<f32>> =
+            gpu.run_and_read("selftest", &geom.gpu_grad_bias(gpu, &dyt, &dbt)?, &[&dbt])?;
+        let want = geom.ref_grad_bias(&f64s(&dy));
+        let k = dy.len() / c;
+        Ok(vec![(
+            "db".into(),
+            reference::compare(&got[0], &want, gemm_tolerance(k)),
+        )])
+    }));
+}
+
+/// Shapes covering stride 2, padding, dilation 2, groups (depthwise too), 1x1 and 5x5 kernels,
+/// asymmetric settings, odd sizes, batch 1, and more rows/columns than one 64x64 tile.
+pub fn conv2d_shapes() -> Vec<kernels::conv2d::Conv2dGeom> {
+    use kernels::conv2d::Conv2dGeom as G;
+    vec![
+        G::square(2, 3, 8, 4, 3).padding(1),
+        G::square(1, 5, 9, 6, 5).stride(2).padding(2),
+        G {
+            batch: 2,
+            cin: 4,
+            h: 7,
+            w: 9,
+            cout: 6,
+            kernel: (3, 3),
+            stride: (1, 1),
+            padding: (1, 2),
+            dilation: (2, 2),
+            groups: 2,
+        },
+        G::square(2, 8, 6, 8, 3).padding(1).groups(8),
+        G::square(3, 16, 5, 70, 1),
+        G {
+            batch: 2,
+            cin: 6,
+            h: 11,
+            w: 10,
+            cout: 4,
+            kernel: (3, 1),
+            stride: (1, 2),
+            padding: (1, 0),
+            dilation: (2, 1),
+            groups: 2,
+        },
+        G::square(1, 3, 32, 8, 5).padding(2),
+        G::square(4, 16, 16, 32, 3).padding(1).groups(4),
+    ]
+}
+
+pub fn conv_transpose2d_shapes() -> Vec<kernels::conv_transpose2d::ConvTranspose2dGeom> {
+    use kernels::conv_transpose2d::ConvTranspose2dGeom as G;
+    let sq = |batch, cin, hw, cout, k, s, p, op, d, groups| G {
+        batch,
+        cin,
+        h: hw,
+        w: hw,
+        cout,
+        kernel: (k, k),
+        stride: (s, s),
+        padding: (p, p),
+        output_padding: (op, op),
+        dilation: (d, d),
+        groups,
+    };
+    vec![
+        sq(2, 4, 5, 3, 3, 2, 1, 1, 1, 1),
+        sq(1, 6, 4, 4, 3, 1, 0, 0, 2, 2),
+        sq(2, 4, 3, 6, 2, 2, 0, 0, 1, 1),
+        sq(1, 3, 5, 2, 5, 3, 2, 2, 1, 1),
+        sq(2, 4, 6, 4, 3, 1, 1, 1, 2, 1),
+        G {
+            batch: 1,
+            cin: 8,
+            h: 3,
+            w: 5,
+            cout: 8,
+            kernel: (1, 3),
+            stride: (2, 1),
+            padding: (0, 1),
+            output_padding: (1, 0),
+            dilation: (1, 1),
+            groups: 8,
+        },
+        sq(2, 70, 4, 66, 1, 1, 0, 0, 1, 1),
+    ]
+}
+
+pub fn matmul_shapes() -> Vec<kernels::matmul::LinearGeom> {
+    use kernels::matmul::LinearGeom as G;
+    [
+        (1, 1, 1),
+        (5, 7, 3),
+        (50, 192, 10),
+        (3, 130, 70),
+        (64, 64, 64),
+        (200, 33, 17),
+    ]
+    .into_iter()
+    .map(|(batch, in_features, out_features)| G {
+        batch,
+        in_features,
+        out_features,
+    })
+    .collect()
+}
+
+fn gemm_family_cases(v: &mut Vec<Case>) {
+    for g in conv2d_shapes() {
+        gemm_cases(v, g);
+    }
+    for g in conv_transpose2d_shapes() {
+        gemm_cases(v, g);
+    }
+    for g in matmul_shapes() {
+        gemm_cases(v, g);
+    }
 }

@@ -1,7 +1,10 @@
 //! Typed launch functions, one module per shader file. Each checks shapes and element types
 //! before anything reaches the GPU, then returns a [`Launch`](crate::gpu::Launch) to record.
 
+pub mod conv2d;
+pub mod conv_transpose2d;
 pub mod elementwise;
+pub mod matmul;
 pub mod quant;
 pub mod reduce;
 
@@ -20,9 +23,10 @@ macro_rules! shader {
 pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl");
 pub static REDUCE: Shader = shader!("reduce.wgsl");
 pub static QUANT: Shader = shader!("quant.wgsl");
+pub static CONV2D: Shader = shader!("conv2d.wgsl");
 
 /// Every shader file, embedded in the binary (the portability test translates each one).
-pub static SHADERS: &[&Shader] = &[&ELEMENTWISE, &REDUCE, &QUANT];
+pub static SHADERS: &[&Shader] = &[&ELEMENTWISE, &REDUCE, &QUANT, &CONV2D];
 
 /// Fails unless `t` has element type `dtype`.
 pub(crate) fn expect_dtype(kernel: &str, name: &str, t: &Tensor, dtype: DType) -> Result<()> {

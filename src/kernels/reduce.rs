@@ -1,6 +1,6 @@
 //! `shaders/reduce.wgsl`: deterministic per-channel sums (bias gradients, BN statistics).
 
-use super::{REDUCE, count_u32, expect_dtype, expect_shape};
+use super::{REDUCE, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Launch, Tensor, grid_1d};
 
@@ -33,5 +33,44 @@ pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<Launch> {
         Some(bytemuck::bytes_of(&params)),
         &[x, out],
         grid_1d(c as u32, gpu.limits.max_compute_workgroups_per_dimension),
+    )
+}
+
+/// `out[i] = Σ_j slices[j, i]` for `slices` of shape `(S, out.len)`, summed in order of `j`.
+pub fn slice_sum(gpu: &Gpu, slices: &Tensor, out: &Tensor) -> Result<Launch> {
+    const K: &str = "slice_sum";
+    expect_dtype(K, "slices", slices, DType::F32)?;
+    expect_dtype(K, "out", out, DType::F32)?;
+    let len = out.numel();
+    if len == 0 || !slices.numel().is_multiple_of(len) {
+        return Err(Error::shape(
+            K,
+            format!(
+                "slices {:?} are not whole copies of out {:?}",
+                slices.shape(),
+                out.shape()
+            ),
+        ));
+    }
+    let n = count_u32(K, slices.numel())?;
+    let kernel = gpu.kernel(&KernelSpec {
+        shader: &REDUCE,
+        entry: K,
+        constants: &[],
+        bindings: &[
+            Bind::Uniform,
+            Bind::None,
+            Bind::None,
+            Bind::Read,
+            Bind::ReadWrite,
+        ],
+    })?;
+    let params = [len as u32, n / len as u32, 0, 0];
+    gpu.launch(
+        &kernel,
+        format!("{K} {:?}", slices.shape()),
+        Some(bytemuck::bytes_of(&params)),
+        &[slices, out],
+        elementwise_grid(gpu, len as u32),
     )
 }

@@ -2,7 +2,10 @@
 //! `wgqat selftest`. They favour obviousness over speed.
 
 pub mod compare;
+pub mod conv2d;
+pub mod conv_transpose2d;
 pub mod elementwise;
+pub mod matmul;
 pub mod quant;
 pub mod reduce;
 

@@ -23,7 +23,7 @@ pub fn run_kernel_cases(kernel: &str) {
     let mut failures = Vec::new();
     for case in &cases {
         let out = case.run(gpu);
-        println!("{}", out.describe());
+        println!("{} ({:.2}s)", out.describe(), out.seconds);
         if !out.passed() {
             failures.push(out.describe());
         }

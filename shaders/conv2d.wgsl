@@ -1,0 +1,239 @@
+// Convolution as implicit GEMM: forward, grad-input and grad-weight of conv2d (NCHW input, OIHW
+// weight, stride / padding / dilation per axis, groups). conv_transpose2d and matmul (Linear) are
+// the same three GEMMs in other geometries (see src/kernels/conv_transpose2d.rs and matmul.rs).
+//
+// Per group g the GEMM is C[M][N] = sum_k A[M][K] * B[K][N], with im2col addresses computed on the
+// fly (nothing is materialised):
+//   MODE 0 forward      M = Cout/g (co)  N = batch*OH*OW (pixel)  K = Cin/g*KH*KW   A = weight  B = x
+//   MODE 1 grad-input   M = Cin/g (ci)   N = batch*H*W (pixel)    K = Cout/g*KH*KW  A = weight  B = dy
+//   MODE 2 grad-weight  M = Cout/g (co)  N = Cin/g*KH*KW          K = batch*OH*OW   A = dy      B = x
+// Grad-weight splits K into `splits` chunks (grid z = groups * splits) writing partial results that
+// a fixed-order sum reduces: deterministic, no atomics.
+//
+// Tiling: a 256-thread workgroup computes a 64x64 tile of C, each thread 4x4 outputs; K advances
+// 16 at a time through workgroup memory (8 KiB). Loads check bounds (padding, tile edges); the
+// multiply-add loop does not branch.
+
+override MODE: u32 = 0u;
+override KH: u32 = 1u;
+override KW: u32 = 1u;
+override HAS_BIAS: bool = false;
+
+struct Params {
+    batch: u32, cin: u32, h: u32, w: u32,        // input (N, Cin, H, W)
+    cout: u32, oh: u32, ow: u32, groups: u32,    // output (N, Cout, OH, OW)
+    sh: u32, sw: u32, ph: u32, pw: u32,          // stride, padding
+    dh: u32, dw: u32, k_chunk: u32, splits: u32, // dilation; split-K (MODE 2)
+    gm: u32, gn: u32, gk: u32, _pad: u32,        // GEMM sizes per group
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a_src: array<f32>;
+@group(0) @binding(2) var<storage, read> b_src: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+const BM: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 16u;
+override KHW: u32 = KH * KW;
+
+// A tile as [BK][BM/4] and B tile as [BK][BN/4] vec4s: thread (tx, ty) reads rows ty*4.. of A and
+// columns tx*4.. of B with one vec4 load each per k.
+var<workgroup> a_tile: array<vec4<f32>, 256>;
+var<workgroup> b_tile: array<vec4<f32>, 256>;
+
+// A[m][k] of group g (caller checks m < gm, k < gk). In MODE 2, (kb, kpix) = k split into
+// batch index and output pixel.
+fn load_a(g: u32, m: u32, k: u32, kb: u32, kpix: u32) -> f32 {
+    let cig = p.cin / p.groups;
+    let cog = p.cout / p.groups;
+    if (MODE == 0u) {
+        return a_src[(g * cog + m) * p.gk + k];
+    } else if (MODE == 1u) {
+        let co = k / KHW;
+        let r = k - co * KHW;
+        return a_src[((g * cog + co) * cig + m) * KHW + r];
+    }
+    return a_src[(kb * p.cout + g * cog + m) * (p.oh * p.ow) + kpix];
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let n0 = wid.x * BN;
+    let m0 = wid.y * BM;
+    let cig = p.cin / p.groups;
+    let cog = p.cout / p.groups;
+    let ohw = p.oh * p.ow;
+    let hw = p.h * p.w;
+
+    var g = wid.z;
+    var split = 0u;
+    if (MODE == 2u) {
+        g = wid.z / p.splits;
+        split = wid.z % p.splits;
+    }
+    let k_begin = split * p.k_chunk;
+    let k_end = min(p.gk, k_begin + p.k_chunk);
+
+    // Loader roles. A: thread loads k = a_kl of rows a_ml + 16r. B (MODE 0/1): one column
+    // b_nl, rows b_kl + 4r; B (MODE 2): row a_kl, columns a_ml + 16r.
+    let a_kl = lid % 16u;
+    let a_ml = lid / 16u;
+    let b_nl = lid % 64u;
+    let b_kl = lid / 64u;
+
+    // MODE 0/1: this thread's B column is fixed; decompose it once.
+    let bn = n0 + b_nl;
+    var col_ok = bn < p.gn;
+    var col_base = 0u;   // offset of (batch, group channel 0) in b_src
+    var col_y = 0i;      // MODE 0: top-left input row/col of the window; MODE 1: input pixel
+    var col_x = 0i;
+    if (MODE == 0u) {
+        let b = bn / ohw;
+        let pix = bn - b * ohw;
+        let oy = pix / p.ow;
+        let ox = pix - oy * p.ow;
+        col_base = (b * p.cin + g * cig) * hw;
+        col_y = i32(oy * p.sh) - i32(p.ph);
+        col_x = i32(ox * p.sw) - i32(p.pw);
+    } else if (MODE == 1u) {
+        let b = bn / hw;
+        let pix = bn - b * hw;
+        let iy = pix / p.w;
+        col_base = (b * p.cout + g * cog) * ohw;
+        col_y = i32(iy) + i32(p.ph);
+        col_x = i32(pix - iy * p.w) + i32(p.pw);
+    }
+    // MODE 2: this thread's four B columns (ci, kh, kw) are fixed.
+    var wcol_ci: array<u32, 4>;
+    var wcol_dy: array<i32, 4>;
+    var wcol_dx: array<i32, 4>;
+    var wcol_ok: array<bool, 4>;
+    if (MODE == 2u) {
+        for (var r = 0u; r < 4u; r++) {
+            let n = n0 + a_ml + 16u * r;
+            let ci = n / KHW;
+            let rem = n - ci * KHW;
+            let kh = rem / KW;
+            wcol_ci[r] = ci;
+            wcol_dy[r] = i32(kh * p.dh) - i32(p.ph);
+            wcol_dx[r] = i32((rem - kh * KW) * p.dw) - i32(p.pw);
+            wcol_ok[r] = n < p.gn;
+        }
+    }
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+
+    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
+        // k of this thread's A row (and MODE 2 B row), and its (batch, pixel) in MODE 2.
+        let ka = k0 + a_kl;
+        let ka_ok = ka < k_end;
+        var kb = 0u;
+        var kpix = 0u;
+        if (MODE == 2u) {
+            kb = ka / ohw;
+            kpix = ka - kb * ohw;
+        }
+        for (var r = 0u; r < 4u; r++) {
+            let ml = a_ml + 16u * r;
+            let m = m0 + ml;
+            var v = 0.0;
+            if (ka_ok && m < p.gm) {
+                v = load_a(g, m, ka, kb, kpix);
+            }
+            a_tile[a_kl * 16u + ml / 4u][ml % 4u] = v;
+        }
+        if (MODE == 2u) {
+            let oy = kpix / p.ow;
+            let ox = kpix - oy * p.ow;
+            let base = (kb * p.cin + g * cig) * hw;
+            for (var r = 0u; r < 4u; r++) {
+                let nl = a_ml + 16u * r;
+                let iy = i32(oy * p.sh) + wcol_dy[r];
+                let ix = i32(ox * p.sw) + wcol_dx[r];
+                var v = 0.0;
+                if (ka_ok && wcol_ok[r] && iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
+                    v = b_src[base + wcol_ci[r] * hw + u32(iy) * p.w + u32(ix)];
+                }
+                b_tile[a_kl * 16u + nl / 4u][nl % 4u] = v;
+            }
+        } else {
+            for (var r = 0u; r < 4u; r++) {
+                let kl = b_kl + 4u * r;
+                let k = k0 + kl;
+                let c = k / KHW;
+                let rem = k - c * KHW;
+                let kh = rem / KW;
+                let kw = rem - kh * KW;
+                var v = 0.0;
+                if (col_ok && k < k_end) {
+                    if (MODE == 0u) {
+                        let iy = col_y + i32(kh * p.dh);
+                        let ix = col_x + i32(kw * p.dw);
+                        if (iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
+                            v = b_src[col_base + c * hw + u32(iy) * p.w + u32(ix)];
+                        }
+                    } else {
+                        // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw) when
+                        // oy * sh = iy + ph - kh * dh.
+                        let ty_ = col_y - i32(kh * p.dh);
+                        let tx_ = col_x - i32(kw * p.dw);
+                        if (ty_ >= 0 && tx_ >= 0) {
+                            let oy = u32(ty_) / p.sh;
+                            let ox = u32(tx_) / p.sw;
+                            if (oy * p.sh == u32(ty_) && ox * p.sw == u32(tx_) && oy < p.oh && ox < p.ow) {
+                                v = b_src[col_base + c * ohw + oy * p.ow + ox];
+                            }
+                        }
+                    }
+                }
+                b_tile[kl * 16u + b_nl / 4u][b_nl % 4u] = v;
+            }
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            let a = a_tile[kk * 16u + ty];
+            let b = b_tile[kk * 16u + tx];
+            acc0 += a.x * b;
+            acc1 += a.y * b;
+            acc2 += a.z * b;
+            acc3 += a.w * b;
+        }
+        workgroupBarrier();
+    }
+
+    var acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + ty * 4u + i;
+        if (m >= p.gm) {
+            continue;
+        }
+        var add = 0.0;
+        if (HAS_BIAS) {
+            add = bias[g * p.gm + m];
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let n = n0 + tx * 4u + j;
+            if (n >= p.gn) {
+                continue;
+            }
+            let v = acc[i][j] + add;
+            if (MODE == 0u) {
+                let b = n / ohw;
+                out[(b * p.cout + g * cog + m) * ohw + (n - b * ohw)] = v;
+            } else if (MODE == 1u) {
+                let b = n / hw;
+                out[(b * p.cin + g * cig + m) * hw + (n - b * hw)] = v;
+            } else {
+                out[((split * p.groups + g) * p.gm + m) * p.gn + n] = v;
+            }
+        }
+    }
+}
