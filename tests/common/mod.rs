@@ -36,3 +36,51 @@ pub fn run_kernel_cases(kernel: &str) {
         failures.join("\n")
     );
 }
+
+/// A fixture written by `tools/make_fixtures.py`: tensors by name and per-case JSON arguments.
+pub struct Fixture {
+    pub tensors: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub meta: std::collections::HashMap<String, String>,
+}
+
+impl Fixture {
+    pub fn load(name: &str) -> Fixture {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.safetensors"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| {
+                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
+                (k, (v.shape().to_vec(), bytemuck::pod_collect_to_vec(v.data())))
+            })
+            .collect();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        Fixture { tensors, meta: meta.metadata().clone().unwrap_or_default() }
+    }
+
+    /// Case ids, in order.
+    pub fn cases(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.meta.keys().filter(|k| k.parse::<usize>().is_ok()).cloned().collect();
+        ids.sort_by_key(|k| k.parse::<usize>().unwrap());
+        ids
+    }
+
+    pub fn args(&self, case: &str) -> serde_json::Value {
+        serde_json::from_str(&self.meta[case]).unwrap()
+    }
+
+    pub fn get(&self, case: &str, name: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.tensors.get(&format!("{case}/{name}")).unwrap_or_else(|| panic!("fixture has no {case}/{name}"))
+    }
+
+    pub fn f64s(&self, case: &str, name: &str) -> Vec<f64> {
+        self.get(case, name).1.iter().map(|&v| v as f64).collect()
+    }
+
+    pub fn upload(&self, gpu: &Gpu, case: &str, name: &str) -> wgqat::Tensor {
+        let (shape, data) = self.get(case, name);
+        gpu.upload_f32(name, shape, data).unwrap()
+    }
+}
