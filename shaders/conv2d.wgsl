@@ -79,50 +79,51 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let k_begin = split * p.k_chunk;
     let k_end = min(p.gk, k_begin + p.k_chunk);
 
-    // Loader roles. A: thread loads k = a_kl of rows a_ml + 16r. B (MODE 0/1): one column
-    // b_nl, rows b_kl + 4r; B (MODE 2): row a_kl, columns a_ml + 16r.
-    let a_kl = lid % 16u;
-    let a_ml = lid / 16u;
-    let b_nl = lid % 64u;
-    let b_kl = lid / 64u;
+    // Loader roles: every thread stores one vec4 into each tile per K step.
+    // A: row k = lk (lid % 16), four consecutive m from q4 = 4 * (lid / 16); MODE 2's B likewise
+    // (four consecutive n). MODE 0/1's B: row k = lid / 16, four consecutive n from n4.
+    let lk = lid % 16u;
+    let q4 = (lid / 16u) * 4u;
+    let b_k = lid / 16u;
+    let n4 = (lid % 16u) * 4u;
 
-    // MODE 0/1: this thread's B column is fixed; decompose it once.
-    let bn = n0 + b_nl;
-    var col_ok = bn < p.gn;
-    var col_base = 0u;   // offset of (batch, group channel 0) in b_src
-    var col_y = 0i;      // MODE 0: top-left input row/col of the window; MODE 1: input pixel
-    var col_x = 0i;
-    if (MODE == 0u) {
-        let b = bn / ohw;
-        let pix = bn - b * ohw;
-        let oy = pix / p.ow;
-        let ox = pix - oy * p.ow;
-        col_base = (b * p.cin + g * cig) * hw;
-        col_y = i32(oy * p.sh) - i32(p.ph);
-        col_x = i32(ox * p.sw) - i32(p.pw);
-    } else if (MODE == 1u) {
-        let b = bn / hw;
-        let pix = bn - b * hw;
-        let iy = pix / p.w;
-        col_base = (b * p.cout + g * cog) * ohw;
-        col_y = i32(iy) + i32(p.ph);
-        col_x = i32(pix - iy * p.w) + i32(p.pw);
-    }
+    // MODE 0/1: this thread's four B columns are fixed; decompose them once.
+    var col_ok: array<bool, 4>;
+    var col_base: array<u32, 4>; // offset of (batch, group's channel 0) in b_src
+    var col_y: array<i32, 4>;    // MODE 0: window's top row; MODE 1: input row + padding
+    var col_x: array<i32, 4>;
     // MODE 2: this thread's four B columns (ci, kh, kw) are fixed.
-    var wcol_ci: array<u32, 4>;
+    var wcol_off: array<u32, 4>; // ci * H * W
     var wcol_dy: array<i32, 4>;
     var wcol_dx: array<i32, 4>;
-    var wcol_ok: array<bool, 4>;
-    if (MODE == 2u) {
-        for (var r = 0u; r < 4u; r++) {
-            let n = n0 + a_ml + 16u * r;
+    for (var j = 0u; j < 4u; j++) {
+        if (MODE == 2u) {
+            let n = n0 + q4 + j;
             let ci = n / KHW;
             let rem = n - ci * KHW;
             let kh = rem / KW;
-            wcol_ci[r] = ci;
-            wcol_dy[r] = i32(kh * p.dh) - i32(p.ph);
-            wcol_dx[r] = i32((rem - kh * KW) * p.dw) - i32(p.pw);
-            wcol_ok[r] = n < p.gn;
+            wcol_off[j] = ci * hw;
+            wcol_dy[j] = i32(kh * p.dh) - i32(p.ph);
+            wcol_dx[j] = i32((rem - kh * KW) * p.dw) - i32(p.pw);
+            col_ok[j] = n < p.gn;
+        } else {
+            let n = n0 + n4 + j;
+            col_ok[j] = n < p.gn;
+            if (MODE == 0u) {
+                let b = n / ohw;
+                let pix = n - b * ohw;
+                let oy = pix / p.ow;
+                col_base[j] = (b * p.cin + g * cig) * hw;
+                col_y[j] = i32(oy * p.sh) - i32(p.ph);
+                col_x[j] = i32((pix - oy * p.ow) * p.sw) - i32(p.pw);
+            } else {
+                let b = n / hw;
+                let pix = n - b * hw;
+                let iy = pix / p.w;
+                col_base[j] = (b * p.cout + g * cog) * ohw;
+                col_y[j] = i32(iy) + i32(p.ph);
+                col_x[j] = i32(pix - iy * p.w) + i32(p.pw);
+            }
         }
     }
 
@@ -132,8 +133,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var acc3 = vec4<f32>(0.0);
 
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        // k of this thread's A row (and MODE 2 B row), and its (batch, pixel) in MODE 2.
-        let ka = k0 + a_kl;
+        // A (and MODE 2's B): row ka = k0 + lk; in MODE 2 split into batch and output pixel.
+        let ka = k0 + lk;
         let ka_ok = ka < k_end;
         var kb = 0u;
         var kpix = 0u;
@@ -141,61 +142,59 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             kb = ka / ohw;
             kpix = ka - kb * ohw;
         }
+        var av = vec4<f32>(0.0);
         for (var r = 0u; r < 4u; r++) {
-            let ml = a_ml + 16u * r;
-            let m = m0 + ml;
-            var v = 0.0;
+            let m = m0 + q4 + r;
             if (ka_ok && m < p.gm) {
-                v = load_a(g, m, ka, kb, kpix);
+                av[r] = load_a(g, m, ka, kb, kpix);
             }
-            a_tile[a_kl * 16u + ml / 4u][ml % 4u] = v;
         }
+        a_tile[lk * 16u + q4 / 4u] = av;
+
+        var bv = vec4<f32>(0.0);
         if (MODE == 2u) {
             let oy = kpix / p.ow;
             let ox = kpix - oy * p.ow;
             let base = (kb * p.cin + g * cig) * hw;
-            for (var r = 0u; r < 4u; r++) {
-                let nl = a_ml + 16u * r;
-                let iy = i32(oy * p.sh) + wcol_dy[r];
-                let ix = i32(ox * p.sw) + wcol_dx[r];
-                var v = 0.0;
-                if (ka_ok && wcol_ok[r] && iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
-                    v = b_src[base + wcol_ci[r] * hw + u32(iy) * p.w + u32(ix)];
+            for (var j = 0u; j < 4u; j++) {
+                let iy = i32(oy * p.sh) + wcol_dy[j];
+                let ix = i32(ox * p.sw) + wcol_dx[j];
+                if (ka_ok && col_ok[j] && iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
+                    bv[j] = b_src[base + wcol_off[j] + u32(iy) * p.w + u32(ix)];
                 }
-                b_tile[a_kl * 16u + nl / 4u][nl % 4u] = v;
             }
+            b_tile[lk * 16u + q4 / 4u] = bv;
         } else {
-            for (var r = 0u; r < 4u; r++) {
-                let kl = b_kl + 4u * r;
-                let k = k0 + kl;
-                let c = k / KHW;
-                let rem = k - c * KHW;
-                let kh = rem / KW;
-                let kw = rem - kh * KW;
-                var v = 0.0;
-                if (col_ok && k < k_end) {
+            let k = k0 + b_k;
+            let c = k / KHW;
+            let rem = k - c * KHW;
+            let kh = rem / KW;
+            let kw = rem - kh * KW;
+            let k_ok = k < k_end;
+            for (var j = 0u; j < 4u; j++) {
+                if (k_ok && col_ok[j]) {
                     if (MODE == 0u) {
-                        let iy = col_y + i32(kh * p.dh);
-                        let ix = col_x + i32(kw * p.dw);
+                        let iy = col_y[j] + i32(kh * p.dh);
+                        let ix = col_x[j] + i32(kw * p.dw);
                         if (iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
-                            v = b_src[col_base + c * hw + u32(iy) * p.w + u32(ix)];
+                            bv[j] = b_src[col_base[j] + c * hw + u32(iy) * p.w + u32(ix)];
                         }
                     } else {
-                        // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw) when
-                        // oy * sh = iy + ph - kh * dh.
-                        let ty_ = col_y - i32(kh * p.dh);
-                        let tx_ = col_x - i32(kw * p.dw);
+                        // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw)
+                        // when oy * sh = iy + ph - kh * dh (and likewise for x).
+                        let ty_ = col_y[j] - i32(kh * p.dh);
+                        let tx_ = col_x[j] - i32(kw * p.dw);
                         if (ty_ >= 0 && tx_ >= 0) {
                             let oy = u32(ty_) / p.sh;
                             let ox = u32(tx_) / p.sw;
                             if (oy * p.sh == u32(ty_) && ox * p.sw == u32(tx_) && oy < p.oh && ox < p.ow) {
-                                v = b_src[col_base + c * ohw + oy * p.ow + ox];
+                                bv[j] = b_src[col_base[j] + c * ohw + oy * p.ow + ox];
                             }
                         }
                     }
                 }
-                b_tile[kl * 16u + b_nl / 4u][b_nl % 4u] = v;
             }
+            b_tile[b_k * 16u + n4 / 4u] = bv;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {

@@ -3,9 +3,11 @@
 //! Layout: [`gpu`] owns the device, buffers, pipelines and step recording; [`kernels`] launches
 //! the WGSL shaders in `shaders/`; [`reference`] holds the CPU oracle of every kernel.
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod models;
 pub mod reference;
 pub mod rng;
 pub mod selftest;

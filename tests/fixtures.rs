@@ -4,16 +4,19 @@
 mod common;
 
 use common::Fixture;
+use wgqat::DType;
 use wgqat::gpu::{Gpu, Op, Tensor};
 use wgqat::kernels::conv_transpose2d::ConvTranspose2dGeom;
 use wgqat::kernels::matmul::LinearGeom;
 use wgqat::kernels::quant::{Bits, WeightQuantizer, act_backward, act_forward};
-use wgqat::kernels::{conv2d, conv_transpose2d, conv2d::Conv2dGeom, matmul};
+use wgqat::kernels::{conv_transpose2d, conv2d, conv2d::Conv2dGeom, matmul};
 use wgqat::reference::{Tolerance, compare};
-use wgqat::DType;
 
 fn pair(v: &serde_json::Value) -> (usize, usize) {
-    (v[0].as_u64().unwrap() as usize, v[1].as_u64().unwrap() as usize)
+    (
+        v[0].as_u64().unwrap() as usize,
+        v[1].as_u64().unwrap() as usize,
+    )
 }
 
 fn run(gpu: &Gpu, ops: Vec<Op>, out: &Tensor) -> Vec<f32> {
@@ -57,7 +60,10 @@ fn gemm_case(
         ("grad_bias", vec![&dy, &db], &db, "db", k[2]),
     ] {
         let got = run(gpu, launch(dir, &ins), o);
-        out.push((format!("{label} case {case} {dir}"), compare(&got, &f.f64s(case, want), tol(kk))));
+        out.push((
+            format!("{label} case {case} {dir}"),
+            compare(&got, &f.f64s(case, want), tol(kk)),
+        ));
     }
     out
 }
@@ -71,19 +77,37 @@ fn conv2d_matches_pytorch() {
         let a = f.args(&case);
         let u = |k: &str| a[k].as_u64().unwrap() as usize;
         let g = Conv2dGeom {
-            batch: u("batch"), cin: u("cin"), h: u("h"), w: u("w"), cout: u("cout"),
-            kernel: pair(&a["kernel"]), stride: pair(&a["stride"]), padding: pair(&a["padding"]),
-            dilation: pair(&a["dilation"]), groups: u("groups"),
+            batch: u("batch"),
+            cin: u("cin"),
+            h: u("h"),
+            w: u("w"),
+            cout: u("cout"),
+            kernel: pair(&a["kernel"]),
+            stride: pair(&a["stride"]),
+            padding: pair(&a["padding"]),
+            dilation: pair(&a["dilation"]),
+            groups: u("groups"),
         };
         let (oh, ow) = g.out_hw();
         let khw = g.kernel.0 * g.kernel.1;
-        let k = [g.cin / g.groups * khw, g.cout / g.groups * khw, g.batch * oh * ow];
-        results.extend(gemm_case(gpu, &f, &case, "conv2d", k, &|dir, t| match dir {
-            "forward" => vec![conv2d::forward(gpu, &g, t[0], t[1], Some(t[2]), t[3]).unwrap()],
-            "grad_input" => vec![conv2d::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()],
-            "grad_weight" => conv2d::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
-            _ => vec![conv2d::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
-        }));
+        let k = [
+            g.cin / g.groups * khw,
+            g.cout / g.groups * khw,
+            g.batch * oh * ow,
+        ];
+        results.extend(gemm_case(
+            gpu,
+            &f,
+            &case,
+            "conv2d",
+            k,
+            &|dir, t| match dir {
+                "forward" => vec![conv2d::forward(gpu, &g, t[0], t[1], Some(t[2]), t[3]).unwrap()],
+                "grad_input" => vec![conv2d::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()],
+                "grad_weight" => conv2d::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
+                _ => vec![conv2d::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
+            },
+        ));
     }
     assert_all(results);
 }
@@ -97,18 +121,41 @@ fn conv_transpose2d_matches_pytorch() {
         let a = f.args(&case);
         let u = |k: &str| a[k].as_u64().unwrap() as usize;
         let g = ConvTranspose2dGeom {
-            batch: u("batch"), cin: u("cin"), h: u("h"), w: u("w"), cout: u("cout"),
-            kernel: pair(&a["kernel"]), stride: pair(&a["stride"]), padding: pair(&a["padding"]),
-            output_padding: pair(&a["output_padding"]), dilation: pair(&a["dilation"]), groups: u("groups"),
+            batch: u("batch"),
+            cin: u("cin"),
+            h: u("h"),
+            w: u("w"),
+            cout: u("cout"),
+            kernel: pair(&a["kernel"]),
+            stride: pair(&a["stride"]),
+            padding: pair(&a["padding"]),
+            output_padding: pair(&a["output_padding"]),
+            dilation: pair(&a["dilation"]),
+            groups: u("groups"),
         };
         let khw = g.kernel.0 * g.kernel.1;
-        let k = [g.cin / g.groups * khw, g.cout / g.groups * khw, g.batch * g.h * g.w];
-        results.extend(gemm_case(gpu, &f, &case, "conv_transpose2d", k, &|dir, t| match dir {
-            "forward" => vec![conv_transpose2d::forward(gpu, &g, t[0], t[1], Some(t[2]), t[3]).unwrap()],
-            "grad_input" => vec![conv_transpose2d::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()],
-            "grad_weight" => conv_transpose2d::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
-            _ => vec![conv_transpose2d::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
-        }));
+        let k = [
+            g.cin / g.groups * khw,
+            g.cout / g.groups * khw,
+            g.batch * g.h * g.w,
+        ];
+        results.extend(gemm_case(
+            gpu,
+            &f,
+            &case,
+            "conv_transpose2d",
+            k,
+            &|dir, t| match dir {
+                "forward" => {
+                    vec![conv_transpose2d::forward(gpu, &g, t[0], t[1], Some(t[2]), t[3]).unwrap()]
+                }
+                "grad_input" => {
+                    vec![conv_transpose2d::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()]
+                }
+                "grad_weight" => conv_transpose2d::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
+                _ => vec![conv_transpose2d::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
+            },
+        ));
     }
     assert_all(results);
 }
@@ -121,14 +168,25 @@ fn linear_matches_pytorch() {
     for case in f.cases() {
         let a = f.args(&case);
         let u = |k: &str| a[k].as_u64().unwrap() as usize;
-        let g = LinearGeom { batch: u("batch"), in_features: u("in_features"), out_features: u("out_features") };
+        let g = LinearGeom {
+            batch: u("batch"),
+            in_features: u("in_features"),
+            out_features: u("out_features"),
+        };
         let k = [g.in_features, g.out_features, g.batch];
-        results.extend(gemm_case(gpu, &f, &case, "linear", k, &|dir, t| match dir {
-            "forward" => vec![matmul::forward(gpu, &g, t[0], t[1], Some(t[2]), t[3]).unwrap()],
-            "grad_input" => vec![matmul::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()],
-            "grad_weight" => matmul::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
-            _ => vec![matmul::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
-        }));
+        results.extend(gemm_case(
+            gpu,
+            &f,
+            &case,
+            "linear",
+            k,
+            &|dir, t| match dir {
+                "forward" => vec![matmul::forward(gpu, &g, t[0], t[1], Some(t[2]), t[3]).unwrap()],
+                "grad_input" => vec![matmul::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()],
+                "grad_weight" => matmul::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
+                _ => vec![matmul::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
+            },
+        ));
     }
     assert_all(results);
 }
@@ -149,10 +207,20 @@ fn quantizers_match_pytorch_autograd() {
         if a["kind"] == "act" {
             let x = f.upload(gpu, &case, "x");
             let got_y = run(gpu, vec![act_forward(gpu, bits, &x, &y).unwrap()], &y);
-            results.push((format!("act a{bits} y"), compare(&got_y, &f.f64s(&case, "y"), Tolerance::EXACT)));
+            results.push((
+                format!("act a{bits} y"),
+                compare(&got_y, &f.f64s(&case, "y"), Tolerance::EXACT),
+            ));
             // PyTorch forms ((dy·s)·n)·0.1, within an ulp of 0.1·dy.
-            let got_dx = run(gpu, vec![act_backward(gpu, bits, &x, &dy, &dx).unwrap()], &dx);
-            results.push((format!("act a{bits} dx"), compare(&got_dx, &f.f64s(&case, "dx"), Tolerance::new(0.0, 2.4e-7))));
+            let got_dx = run(
+                gpu,
+                vec![act_backward(gpu, bits, &x, &dy, &dx).unwrap()],
+                &dx,
+            );
+            results.push((
+                format!("act a{bits} dx"),
+                compare(&got_dx, &f.f64s(&case, "dx"), Tolerance::new(0.0, 2.4e-7)),
+            ));
         } else {
             let w = f.upload(gpu, &case, "w");
             let q = WeightQuantizer::new(gpu, bits, shape).unwrap();
@@ -174,10 +242,16 @@ fn quantizers_match_pytorch_autograd() {
                     }
                 }
             }
-            assert_eq!(off_tie_mismatches, 0, "weight w{bits} case {case}: levels differ away from rounding steps");
+            assert_eq!(
+                off_tie_mismatches, 0,
+                "weight w{bits} case {case}: levels differ away from rounding steps"
+            );
             let exact = got[0].iter().zip(want).filter(|(a, b)| a == b).count();
             println!("weight w{bits} case {case}: {exact}/{n} levels bit-identical to PyTorch");
-            results.push((format!("weight w{bits} ties={} dW", a["ties"]), compare(&got[1], &f.f64s(&case, "dw"), Tolerance::new(2e-6, 2e-5))));
+            results.push((
+                format!("weight w{bits} ties={} dW", a["ties"]),
+                compare(&got[1], &f.f64s(&case, "dw"), Tolerance::new(2e-6, 2e-5)),
+            ));
         }
     }
     assert_all(results);

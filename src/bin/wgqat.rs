@@ -30,6 +30,47 @@ enum Command {
         #[command(flatten)]
         gpu: GpuArgs,
     },
+    /// Run every kernel and direction against the CPU reference on this adapter; exit non-zero
+    /// on any failure. Check a new GPU or driver with it before training or embedding.
+    Selftest {
+        #[command(flatten)]
+        gpu: GpuArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only kernels whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Time every kernel and direction of a training step at the models' real layer shapes.
+    Kernels {
+        #[command(flatten)]
+        gpu: GpuArgs,
+        /// Models (comma list of nin_gc, nin or JSON files).
+        #[arg(long, default_value = "nin_gc,nin", value_delimiter = ',')]
+        model: Vec<String>,
+        /// Batch sizes (comma list).
+        #[arg(long, default_value = "50,256", value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// Bits of the quantizer kernels (2..=16; 32 leaves them out).
+        #[arg(long, default_value_t = 8)]
+        bits: u32,
+        /// Timed runs per kernel (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Adapter choice, shared by every command that uses the GPU.
@@ -77,7 +118,143 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("training is not available yet: this build has the GPU foundation only");
             Ok(ExitCode::FAILURE)
         }
+        Command::Selftest { gpu, json, filter } => {
+            selftest(&gpu.options(), json, filter.as_deref())
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Kernels {
+                    gpu,
+                    model,
+                    batch,
+                    bits,
+                    repeat,
+                    json,
+                },
+        } => bench_kernels(&gpu.options(), &model, &batch, bits, repeat, json),
     }
+}
+
+fn selftest(opts: &GpuOptions, json: bool, filter: Option<&str>) -> anyhow::Result<ExitCode> {
+    let gpu = Gpu::new(opts)?;
+    let cases: Vec<_> = wgqat::selftest::cases()
+        .into_iter()
+        .filter(|c| filter.is_none_or(|f| c.kernel.contains(f)))
+        .collect();
+    if !json {
+        println!("selftest on {} ({} cases)", gpu.describe(), cases.len());
+        println!(
+            "{:<17} {:<22} {:<48} {:>11} {:>11} {:>8}  result",
+            "kernel", "direction", "shape", "max abs", "max rel", "ms"
+        );
+    }
+    let mut outcomes = Vec::new();
+    for case in &cases {
+        let o = case.run(&gpu);
+        if !json {
+            let worst = o
+                .outputs
+                .iter()
+                .max_by(|a, b| a.1.max_abs.total_cmp(&b.1.max_abs))
+                .map(|(_, r)| r);
+            let result = match (&o.error, o.passed()) {
+                (Some(e), _) => format!("ERROR {e}"),
+                (None, true) => "ok".to_string(),
+                (None, false) => {
+                    let bad: Vec<String> = o
+                        .outputs
+                        .iter()
+                        .filter(|(_, r)| !r.passed())
+                        .map(|(n, r)| format!("{n}: {}", r.summary()))
+                        .collect();
+                    format!("FAIL {}", bad.join("; "))
+                }
+            };
+            println!(
+                "{:<17} {:<22} {:<48} {:>11.3e} {:>11.3e} {:>8.1}  {}",
+                o.kernel,
+                o.direction,
+                o.shape,
+                worst.map_or(0.0, |r| r.max_abs),
+                worst.map_or(0.0, |r| r.max_rel),
+                o.seconds * 1e3,
+                result
+            );
+        }
+        outcomes.push(o);
+    }
+    let failed = outcomes.iter().filter(|o| !o.passed()).count();
+    if json {
+        let out = serde_json::json!({
+            "adapter": AdapterSummary::of(&gpu.info),
+            "passed": outcomes.len() - failed,
+            "failed": failed,
+            "cases": outcomes,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{} passed, {} failed", outcomes.len() - failed, failed);
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn bench_kernels(
+    opts: &GpuOptions,
+    models: &[String],
+    batches: &[usize],
+    bits: u32,
+    repeat: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let bits = wgqat::kernels::quant::Bits::new(bits)?;
+    if batches.contains(&0) {
+        anyhow::bail!("batch size 0: use a batch size of at least 1");
+    }
+    let specs = models
+        .iter()
+        .map(|m| wgqat::models::load(m))
+        .collect::<wgqat::Result<Vec<_>>>()?;
+    let gpu = Gpu::new(opts)?;
+    let rows = wgqat::bench::kernels(&gpu, &specs, batches, bits, repeat)?;
+    if json {
+        let out = serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "kernels": rows });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "kernel benchmark on {} ({})",
+        gpu.describe(),
+        rows.first().map_or("", |r| r.timer)
+    );
+    println!(
+        "{:<7} {:>5} {:<13} {:<13} {:<12} {:<44} {:>10} {:>9}",
+        "model", "batch", "layer", "kernel", "direction", "shape", "ms", "GFLOP/s"
+    );
+    for r in &rows {
+        let time = r
+            .seconds
+            .map_or("-".to_string(), |s| format!("{:.3}", s * 1e3));
+        let rate = r.gflops.map_or("-".to_string(), |g| format!("{g:.1}"));
+        println!(
+            "{:<7} {:>5} {:<13} {:<13} {:<12} {:<44} {:>10} {:>9}{}",
+            r.model,
+            r.batch,
+            r.layer,
+            r.kernel,
+            r.direction,
+            r.shape,
+            time,
+            rate,
+            r.error
+                .as_ref()
+                .map_or(String::new(), |e| format!("  skipped: {e}"))
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {

@@ -45,7 +45,9 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn load(name: &str) -> Fixture {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.safetensors"));
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(format!("{name}.safetensors"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let tensors = st
@@ -53,16 +55,27 @@ impl Fixture {
             .into_iter()
             .map(|(k, v)| {
                 assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
-                (k, (v.shape().to_vec(), bytemuck::pod_collect_to_vec(v.data())))
+                (
+                    k,
+                    (v.shape().to_vec(), bytemuck::pod_collect_to_vec(v.data())),
+                )
             })
             .collect();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        Fixture { tensors, meta: meta.metadata().clone().unwrap_or_default() }
+        Fixture {
+            tensors,
+            meta: meta.metadata().clone().unwrap_or_default(),
+        }
     }
 
     /// Case ids, in order.
     pub fn cases(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.meta.keys().filter(|k| k.parse::<usize>().is_ok()).cloned().collect();
+        let mut ids: Vec<String> = self
+            .meta
+            .keys()
+            .filter(|k| k.parse::<usize>().is_ok())
+            .cloned()
+            .collect();
         ids.sort_by_key(|k| k.parse::<usize>().unwrap());
         ids
     }
@@ -72,7 +85,9 @@ impl Fixture {
     }
 
     pub fn get(&self, case: &str, name: &str) -> &(Vec<usize>, Vec<f32>) {
-        self.tensors.get(&format!("{case}/{name}")).unwrap_or_else(|| panic!("fixture has no {case}/{name}"))
+        self.tensors
+            .get(&format!("{case}/{name}"))
+            .unwrap_or_else(|| panic!("fixture has no {case}/{name}"))
     }
 
     pub fn f64s(&self, case: &str, name: &str) -> Vec<f64> {

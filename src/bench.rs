@@ -1,0 +1,256 @@
+//! Benchmarks. `kernels`: every kernel and direction a training step of a model runs, at the
+//! model's real layer shapes, timed with GPU timestamps where the adapter has them.
+
+use crate::error::Result;
+use crate::gpu::{DType, Gpu, Op, Tensor};
+use crate::kernels::conv2d::{self, Conv2dGeom};
+use crate::kernels::quant::{Bits, WeightQuantizer, act_backward, act_forward};
+use crate::models::{LayerSpec, ModelSpec};
+use crate::rng::Rng;
+
+/// One timed kernel (or group of launches, e.g. split-K plus its reduction).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelTiming {
+    pub model: String,
+    pub batch: usize,
+    pub layer: String,
+    pub kernel: String,
+    pub direction: String,
+    pub shape: String,
+    /// Median over repeats; `None` when the case could not run (`error` says why).
+    pub seconds: Option<f64>,
+    pub gflops: Option<f64>,
+    /// "gpu timestamps" or "wall clock".
+    pub timer: &'static str,
+    pub error: Option<String>,
+}
+
+/// Makes the launches of one bench item (allocating and filling its tensors).
+type Build = Box<dyn Fn(&Gpu) -> Result<Vec<Op>>>;
+
+struct Item {
+    layer: String,
+    kernel: &'static str,
+    direction: &'static str,
+    shape: String,
+    flops: f64,
+    build: Build,
+}
+
+fn random_tensor(
+    gpu: &Gpu,
+    what: &str,
+    shape: &[usize],
+    rng: &mut Rng,
+    lo: f32,
+    hi: f32,
+) -> Result<Tensor> {
+    let n = shape.iter().product();
+    gpu.upload_f32(what, shape, &rng.vec_uniform(n, lo, hi))
+}
+
+/// The kernels one training step of `model` at `batch` runs: for each conv, forward, grad-input
+/// (not for the first layer, whose input needs no gradient) and grad-weight; for each quantized
+/// conv, the activation and weight quantizers both ways.
+fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
+    let shapes = model.shapes()?;
+    let mut out = Vec::new();
+    let mut first = true;
+    for (i, layer) in model.layers.iter().enumerate() {
+        let LayerSpec::Conv {
+            out: cout,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            ..
+        } = layer
+        else {
+            continue;
+        };
+        let [c, h, w] = shapes[i][..] else { continue };
+        let g = Conv2dGeom {
+            batch,
+            cin: c,
+            h,
+            w,
+            cout: *cout,
+            kernel: kernel.t(),
+            stride: stride.t(),
+            padding: padding.t(),
+            dilation: dilation.t(),
+            groups: *groups,
+        };
+        let name = model.layer_name(i);
+        let flops = 2.0 * g.macs() as f64;
+        let shape = format!(
+            "x{:?} w{:?} g{}",
+            g.input_shape(),
+            g.weight_shape(),
+            g.groups
+        );
+        let mk = |direction: &'static str, f: Build| Item {
+            layer: name.clone(),
+            kernel: "conv2d",
+            direction,
+            shape: shape.clone(),
+            flops,
+            build: f,
+        };
+        out.push(mk(
+            "forward",
+            Box::new(move |gpu| {
+                let mut rng = Rng::new(1);
+                let x = random_tensor(gpu, "x", &g.input_shape(), &mut rng, 0.0, 1.0)?;
+                let wt = random_tensor(gpu, "w", &g.weight_shape(), &mut rng, -1.0, 1.0)?;
+                let b = gpu.zeros("b", &[g.cout], DType::F32)?;
+                let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
+                Ok(vec![conv2d::forward(gpu, &g, &x, &wt, Some(&b), &y)?])
+            }),
+        ));
+        if !first {
+            out.push(mk(
+                "grad_input",
+                Box::new(move |gpu| {
+                    let mut rng = Rng::new(2);
+                    let dy = random_tensor(gpu, "dy", &g.output_shape(), &mut rng, -1.0, 1.0)?;
+                    let wt = random_tensor(gpu, "w", &g.weight_shape(), &mut rng, -1.0, 1.0)?;
+                    let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
+                    Ok(vec![conv2d::grad_input(gpu, &g, &dy, &wt, &dx)?])
+                }),
+            ));
+        }
+        out.push(mk(
+            "grad_weight",
+            Box::new(move |gpu| {
+                let mut rng = Rng::new(3);
+                let x = random_tensor(gpu, "x", &g.input_shape(), &mut rng, 0.0, 1.0)?;
+                let dy = random_tensor(gpu, "dy", &g.output_shape(), &mut rng, -1.0, 1.0)?;
+                let dw = gpu.empty("dw", &g.weight_shape(), DType::F32)?;
+                conv2d::grad_weight(gpu, &g, &x, &dy, &dw)
+            }),
+        ));
+        if !first && !bits.is_float() {
+            let xs = g.input_shape();
+            let ws = g.weight_shape();
+            let qshape = format!("a{:?} w{:?}", xs, ws);
+            let q = |direction: &'static str, kernel: &'static str, f: Build| Item {
+                layer: name.clone(),
+                kernel,
+                direction,
+                shape: qshape.clone(),
+                flops: 0.0,
+                build: f,
+            };
+            out.push(q(
+                "forward",
+                "act_quant",
+                Box::new(move |gpu| {
+                    let x = random_tensor(gpu, "x", &xs, &mut Rng::new(4), 0.0, 12.0)?;
+                    let y = gpu.empty("y", &xs, DType::F32)?;
+                    Ok(vec![act_forward(gpu, bits, &x, &y)?])
+                }),
+            ));
+            out.push(q(
+                "backward",
+                "act_quant",
+                Box::new(move |gpu| {
+                    let mut rng = Rng::new(5);
+                    let x = random_tensor(gpu, "x", &xs, &mut rng, 0.0, 12.0)?;
+                    let dy = random_tensor(gpu, "dy", &xs, &mut rng, -1.0, 1.0)?;
+                    let dx = gpu.empty("dx", &xs, DType::F32)?;
+                    Ok(vec![act_backward(gpu, bits, &x, &dy, &dx)?])
+                }),
+            ));
+            out.push(q(
+                "forward",
+                "weight_quant",
+                Box::new(move |gpu| {
+                    let wt = random_tensor(gpu, "w", &ws, &mut Rng::new(6), -0.3, 0.3)?;
+                    let w_hat = gpu.empty("w_hat", &ws, DType::F32)?;
+                    WeightQuantizer::new(gpu, bits, &ws)?.forward(gpu, &wt, &w_hat)
+                }),
+            ));
+            out.push(q(
+                "backward",
+                "weight_quant",
+                Box::new(move |gpu| {
+                    let mut rng = Rng::new(7);
+                    let wt = random_tensor(gpu, "w", &ws, &mut rng, -0.3, 0.3)?;
+                    let g = random_tensor(gpu, "g", &ws, &mut rng, -1.0, 1.0)?;
+                    let w_hat = gpu.empty("w_hat", &ws, DType::F32)?;
+                    let dw = gpu.empty("dw", &ws, DType::F32)?;
+                    let quant = WeightQuantizer::new(gpu, bits, &ws)?;
+                    // The forward computes t and m, which the backward reads.
+                    let mut ops = quant.forward(gpu, &wt, &w_hat)?;
+                    gpu.submit("weight quantizer forward", &ops)?;
+                    ops = quant.backward(gpu, &g, &dw)?;
+                    Ok(ops)
+                }),
+            ));
+        }
+        first = false;
+    }
+    Ok(out)
+}
+
+/// Times every kernel of a training step of each model at each batch size. Failures (e.g. a
+/// tensor over the device's binding limit) are reported per row, not fatal.
+pub fn kernels(
+    gpu: &Gpu,
+    models: &[ModelSpec],
+    batches: &[usize],
+    bits: Bits,
+    repeat: usize,
+) -> Result<Vec<KernelTiming>> {
+    let timer = if gpu.caps.timestamp_query {
+        "gpu timestamps"
+    } else {
+        "wall clock"
+    };
+    let mut rows = Vec::new();
+    for model in models {
+        for &batch in batches {
+            for item in items(model, batch, bits)? {
+                let mut row = KernelTiming {
+                    model: model.name.clone(),
+                    batch,
+                    layer: item.layer.clone(),
+                    kernel: item.kernel.to_string(),
+                    direction: item.direction.to_string(),
+                    shape: item.shape.clone(),
+                    seconds: None,
+                    gflops: None,
+                    timer,
+                    error: None,
+                };
+                let run = || -> Result<f64> {
+                    let ops = (item.build)(gpu)?;
+                    gpu.submit_timed("bench warm-up", &ops)?;
+                    let mut times: Vec<f64> = (0..repeat.max(1))
+                        .map(|_| {
+                            Ok(gpu
+                                .submit_timed("bench", &ops)?
+                                .iter()
+                                .map(|t| t.seconds)
+                                .sum())
+                        })
+                        .collect::<Result<_>>()?;
+                    times.sort_by(f64::total_cmp);
+                    Ok(times[times.len() / 2])
+                };
+                match run() {
+                    Ok(s) => {
+                        row.seconds = Some(s);
+                        row.gflops = (item.flops > 0.0 && s > 0.0).then(|| item.flops / s * 1e-9);
+                    }
+                    Err(e) => row.error = Some(e.to_string()),
+                }
+                gpu.pool().trim();
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,402 @@
+//! The model description: a list of layers in a small JSON vocabulary, with shape inference and
+//! parameter counts. The built-in `nin` and `nin_gc` are written in the same vocabulary.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// A size per axis (height, width); JSON accepts `3` or `[3, 1]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PairRepr", into = "PairRepr")]
+pub struct Pair(pub usize, pub usize);
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(untagged)]
+enum PairRepr {
+    One(usize),
+    Two([usize; 2]),
+}
+
+impl From<PairRepr> for Pair {
+    fn from(r: PairRepr) -> Pair {
+        match r {
+            PairRepr::One(v) => Pair(v, v),
+            PairRepr::Two([a, b]) => Pair(a, b),
+        }
+    }
+}
+
+impl From<Pair> for PairRepr {
+    fn from(p: Pair) -> PairRepr {
+        if p.0 == p.1 {
+            PairRepr::One(p.0)
+        } else {
+            PairRepr::Two([p.0, p.1])
+        }
+    }
+}
+
+impl Pair {
+    pub fn t(self) -> (usize, usize) {
+        (self.0, self.1)
+    }
+}
+
+fn one() -> Pair {
+    Pair(1, 1)
+}
+fn zero() -> Pair {
+    Pair(0, 0)
+}
+fn one_usize() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn bn_eps() -> f32 {
+    1e-5
+}
+fn bn_momentum() -> f32 {
+    0.1
+}
+
+/// One layer. `name` is the prefix of its parameters in checkpoints (e.g. `model.4.conv` gives
+/// `model.4.conv.weight`); layers without one are named `layers.{index}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    Conv {
+        out: usize,
+        kernel: Pair,
+        #[serde(default = "one")]
+        stride: Pair,
+        #[serde(default = "zero")]
+        padding: Pair,
+        #[serde(default = "one")]
+        dilation: Pair,
+        #[serde(default = "one_usize")]
+        groups: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    ConvTranspose {
+        out: usize,
+        kernel: Pair,
+        #[serde(default = "one")]
+        stride: Pair,
+        #[serde(default = "zero")]
+        padding: Pair,
+        #[serde(default = "zero")]
+        output_padding: Pair,
+        #[serde(default = "one")]
+        dilation: Pair,
+        #[serde(default = "one_usize")]
+        groups: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    Linear {
+        out: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    #[serde(rename = "batchnorm")]
+    BatchNorm {
+        #[serde(default = "bn_eps")]
+        eps: f32,
+        #[serde(default = "bn_momentum")]
+        momentum: f32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    Relu,
+    #[serde(rename = "maxpool")]
+    MaxPool {
+        kernel: Pair,
+        #[serde(default)]
+        stride: Option<Pair>,
+        #[serde(default = "zero")]
+        padding: Pair,
+    },
+    #[serde(rename = "avgpool")]
+    AvgPool {
+        kernel: Pair,
+        #[serde(default)]
+        stride: Option<Pair>,
+        #[serde(default = "zero")]
+        padding: Pair,
+    },
+    /// micronet's channel shuffle: view (N, g, C/g, H, W), swap dims 1 and 2.
+    Shuffle {
+        groups: usize,
+    },
+    Flatten,
+}
+
+/// The loss a model trains with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Softmax cross-entropy against class labels (classification).
+    #[default]
+    CrossEntropy,
+    /// Mean squared error against the input image (reconstruction).
+    Mse,
+}
+
+/// A whole model: input shape `(C, H, W)`, layers, loss.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub name: String,
+    pub input: [usize; 3],
+    pub layers: Vec<LayerSpec>,
+    #[serde(default)]
+    pub loss: LossKind,
+}
+
+/// Shape of an activation without the batch dimension: `[C, H, W]` or `[F]` after flatten.
+pub type Shape = Vec<usize>;
+
+impl LayerSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LayerSpec::Conv { .. } => "conv",
+            LayerSpec::ConvTranspose { .. } => "conv_transpose",
+            LayerSpec::Linear { .. } => "linear",
+            LayerSpec::BatchNorm { .. } => "batchnorm",
+            LayerSpec::Relu => "relu",
+            LayerSpec::MaxPool { .. } => "maxpool",
+            LayerSpec::AvgPool { .. } => "avgpool",
+            LayerSpec::Shuffle { .. } => "shuffle",
+            LayerSpec::Flatten => "flatten",
+        }
+    }
+
+    /// Conv, ConvTranspose and Linear: the layers DoReFa quantizes.
+    pub fn is_weighted(&self) -> bool {
+        matches!(
+            self,
+            LayerSpec::Conv { .. } | LayerSpec::ConvTranspose { .. } | LayerSpec::Linear { .. }
+        )
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            LayerSpec::Conv { name, .. }
+            | LayerSpec::ConvTranspose { name, .. }
+            | LayerSpec::Linear { name, .. }
+            | LayerSpec::BatchNorm { name, .. } => name.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+fn pool_out(n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
+    (n + 2 * p >= k).then(|| (n + 2 * p - k) / s + 1)
+}
+
+impl ModelSpec {
+    /// Reads a model from JSON; errors name the layer and the problem.
+    pub fn from_json(text: &str, origin: &str) -> Result<ModelSpec> {
+        let spec: ModelSpec = serde_json::from_str(text).map_err(|e| {
+            Error::Invalid(format!(
+                "{origin}: not a valid model: {e} (see the README's \"Models from JSON\" section)"
+            ))
+        })?;
+        spec.shapes()
+            .map_err(|e| Error::Invalid(format!("{origin}: {e}")))?;
+        Ok(spec)
+    }
+
+    /// The parameter-name prefix of layer `i`.
+    pub fn layer_name(&self, i: usize) -> String {
+        self.layers[i]
+            .name()
+            .map_or_else(|| format!("layers.{i}"), str::to_string)
+    }
+
+    /// Output shape of every layer (index 0 is the input), checking that each layer fits.
+    pub fn shapes(&self) -> Result<Vec<Shape>> {
+        let mut shapes = vec![self.input.to_vec()];
+        if self.input.contains(&0) {
+            return Err(Error::Invalid(format!(
+                "input shape {:?} has a zero size",
+                self.input
+            )));
+        }
+        if self.layers.is_empty() {
+            return Err(Error::Invalid("the model has no layers".into()));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cur = shapes.last().cloned().unwrap_or_default();
+            let bad = |msg: String| Error::Invalid(format!("layer {i} ({}): {msg}", layer.kind()));
+            let chw = |what: &str| -> Result<(usize, usize, usize)> {
+                match cur.as_slice() {
+                    &[c, h, w] => Ok((c, h, w)),
+                    _ => Err(bad(format!("{what} needs a (C, H, W) input, got {cur:?}"))),
+                }
+            };
+            let next = match layer {
+                LayerSpec::Conv {
+                    out,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    ..
+                } => {
+                    let (c, h, w) = chw("conv")?;
+                    let g = crate::kernels::conv2d::Conv2dGeom {
+                        batch: 1,
+                        cin: c,
+                        h,
+                        w,
+                        cout: *out,
+                        kernel: kernel.t(),
+                        stride: stride.t(),
+                        padding: padding.t(),
+                        dilation: dilation.t(),
+                        groups: *groups,
+                    };
+                    g.validate().map_err(|e| bad(e.to_string()))?;
+                    let (oh, ow) = g.out_hw();
+                    vec![*out, oh, ow]
+                }
+                LayerSpec::ConvTranspose {
+                    out,
+                    kernel,
+                    stride,
+                    padding,
+                    output_padding,
+                    dilation,
+                    groups,
+                    ..
+                } => {
+                    let (c, h, w) = chw("conv_transpose")?;
+                    let g = crate::kernels::conv_transpose2d::ConvTranspose2dGeom {
+                        batch: 1,
+                        cin: c,
+                        h,
+                        w,
+                        cout: *out,
+                        kernel: kernel.t(),
+                        stride: stride.t(),
+                        padding: padding.t(),
+                        output_padding: output_padding.t(),
+                        dilation: dilation.t(),
+                        groups: *groups,
+                    };
+                    g.validate().map_err(|e| bad(e.to_string()))?;
+                    let (oh, ow) = g.out_hw();
+                    vec![*out, oh, ow]
+                }
+                LayerSpec::Linear { out, .. } => {
+                    if cur.len() != 1 {
+                        return Err(bad(format!(
+                            "linear needs a flat input (add a flatten layer), got {cur:?}"
+                        )));
+                    }
+                    if *out == 0 {
+                        return Err(bad("out must be at least 1".into()));
+                    }
+                    vec![*out]
+                }
+                LayerSpec::BatchNorm { eps, momentum, .. } => {
+                    chw("batchnorm")?;
+                    if eps.is_nan() || *eps <= 0.0 || !(0.0..=1.0).contains(momentum) {
+                        return Err(bad("eps must be > 0 and momentum in [0, 1]".into()));
+                    }
+                    cur.clone()
+                }
+                LayerSpec::Relu => cur.clone(),
+                LayerSpec::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                }
+                | LayerSpec::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
+                    let (c, h, w) = chw(layer.kind())?;
+                    let s = stride.unwrap_or(*kernel);
+                    if kernel.0 == 0 || kernel.1 == 0 || s.0 == 0 || s.1 == 0 {
+                        return Err(bad("kernel and stride must be at least 1".into()));
+                    }
+                    if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
+                        return Err(bad("padding must be at most half the kernel".into()));
+                    }
+                    match (
+                        pool_out(h, kernel.0, s.0, padding.0),
+                        pool_out(w, kernel.1, s.1, padding.1),
+                    ) {
+                        (Some(oh), Some(ow)) => vec![c, oh, ow],
+                        _ => {
+                            return Err(bad(format!(
+                                "a {kernel:?} window does not fit a {h}x{w} input"
+                            )));
+                        }
+                    }
+                }
+                LayerSpec::Shuffle { groups } => {
+                    let (c, _, _) = chw("shuffle")?;
+                    if *groups == 0 || c % groups != 0 {
+                        return Err(bad(format!(
+                            "{c} channels cannot be shuffled in {groups} groups"
+                        )));
+                    }
+                    cur.clone()
+                }
+                LayerSpec::Flatten => vec![cur.iter().product()],
+            };
+            shapes.push(next);
+        }
+        Ok(shapes)
+    }
+
+    /// Parameters per layer (weights, biases, BN γ and β), in layer order.
+    pub fn param_counts(&self) -> Result<Vec<usize>> {
+        let shapes = self.shapes()?;
+        Ok(self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let cin = shapes[i][0];
+                match l {
+                    LayerSpec::Conv {
+                        out,
+                        kernel,
+                        groups,
+                        bias,
+                        ..
+                    } => out * (cin / groups) * kernel.0 * kernel.1 + if *bias { *out } else { 0 },
+                    LayerSpec::ConvTranspose {
+                        out,
+                        kernel,
+                        groups,
+                        bias,
+                        ..
+                    } => cin * (out / groups) * kernel.0 * kernel.1 + if *bias { *out } else { 0 },
+                    LayerSpec::Linear { out, bias, .. } => out * cin + if *bias { *out } else { 0 },
+                    LayerSpec::BatchNorm { .. } => 2 * cin,
+                    _ => 0,
+                }
+            })
+            .collect())
+    }
+
+    pub fn param_count(&self) -> Result<usize> {
+        Ok(self.param_counts()?.iter().sum())
+    }
+}
