@@ -113,6 +113,7 @@ pub fn cases() -> Vec<Case> {
     reduce_cases(&mut v);
     quant_cases(&mut v);
     gemm_family_cases(&mut v);
+    layer_cases(&mut v);
     v
 }
 
@@ -926,5 +927,535 @@ fn gemm_family_cases(v: &mut Vec<Case>) {
     }
     for g in matmul_shapes() {
         gemm_cases(v, g);
+    }
+}
+
+fn layer_cases(v: &mut Vec<Case>) {
+    // BatchNorm: train forward (with running stats), eval forward, backward; with and without
+    // the fused ReLU; a single-element channel batch too.
+    for (n, c, s, relu) in [
+        (4usize, 3usize, 25usize, true),
+        (2, 70, 64, false),
+        (50, 4, 1, true),
+        (3, 5, 300, true),
+    ] {
+        let shape = format!("[{n},{c},{s}]{}", if relu { " +relu" } else { "" });
+        v.push(Case::new(
+            "batchnorm",
+            "forward train",
+            shape.clone(),
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
+                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+                let (rm0, rv0) = (rng.vec_uniform(c, -0.1, 0.1), rng.vec_uniform(c, 0.5, 1.5));
+                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
+                let (gt, bt) = (
+                    gpu.upload_f32("gamma", &[c], &gamma)?,
+                    gpu.upload_f32("beta", &[c], &beta)?,
+                );
+                let (rm, rv) = (
+                    gpu.upload_f32("rm", &[c], &rm0)?,
+                    gpu.upload_f32("rv", &[c], &rv0)?,
+                );
+                let stats = gpu.empty("stats", &[2 * c], DType::F32)?;
+                let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let ops = vec![
+                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, &stats, &rm, &rv)?,
+                    kernels::norm::apply(gpu, relu, &xt, &stats, &gt, &bt, &y)?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &rm, &rv])?;
+                let (want, mean, var) = reference::norm::forward_train(
+                    &f64s(&x),
+                    (n, c, s),
+                    &f64s(&gamma),
+                    &f64s(&beta),
+                    1e-5,
+                    relu,
+                );
+                let (wrm, wrv) = reference::norm::running_update(
+                    &f64s(&rm0),
+                    &f64s(&rv0),
+                    &mean,
+                    &var,
+                    n * s,
+                    0.1,
+                );
+                let tol = Tolerance::new(2e-5, 1e-4);
+                Ok(vec![
+                    ("y".into(), reference::compare(&got[0], &want, tol)),
+                    (
+                        "running_mean".into(),
+                        reference::compare(&got[1], &wrm, tol),
+                    ),
+                    ("running_var".into(), reference::compare(&got[2], &wrv, tol)),
+                ])
+            },
+        ));
+        v.push(Case::new(
+            "batchnorm",
+            "forward eval",
+            shape.clone(),
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
+                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+                let (rm0, rv0) = (rng.vec_uniform(c, -0.5, 0.5), rng.vec_uniform(c, 0.5, 1.5));
+                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
+                let (gt, bt) = (
+                    gpu.upload_f32("gamma", &[c], &gamma)?,
+                    gpu.upload_f32("beta", &[c], &beta)?,
+                );
+                let (rm, rv) = (
+                    gpu.upload_f32("rm", &[c], &rm0)?,
+                    gpu.upload_f32("rv", &[c], &rv0)?,
+                );
+                let stats = gpu.empty("stats", &[2 * c], DType::F32)?;
+                let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let ops = vec![
+                    kernels::norm::stats_eval(gpu, c, 1e-5, &rm, &rv, &stats)?,
+                    kernels::norm::apply(gpu, relu, &xt, &stats, &gt, &bt, &y)?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y])?;
+                let want = reference::norm::apply(
+                    &f64s(&x),
+                    (n, c, s),
+                    &f64s(&rm0),
+                    &f64s(&rv0),
+                    &f64s(&gamma),
+                    &f64s(&beta),
+                    1e-5,
+                    relu,
+                );
+                Ok(vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, Tolerance::new(1e-5, 1e-5)),
+                )])
+            },
+        ));
+        v.push(Case::new(
+            "batchnorm",
+            "backward",
+            shape,
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
+                let dy = rng.vec_uniform(n * c * s, -1.0, 1.0);
+                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
+                let dyt = gpu.upload_f32("dy", &[n, c, s], &dy)?;
+                let (gt, bt) = (
+                    gpu.upload_f32("gamma", &[c], &gamma)?,
+                    gpu.upload_f32("beta", &[c], &beta)?,
+                );
+                let (rm, rv) = (
+                    gpu.zeros("rm", &[c], DType::F32)?,
+                    gpu.zeros("rv", &[c], DType::F32)?,
+                );
+                let stats = gpu.empty("stats", &[2 * c], DType::F32)?;
+                let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let (dg, db) = (
+                    gpu.empty("dgamma", &[c], DType::F32)?,
+                    gpu.empty("dbeta", &[c], DType::F32)?,
+                );
+                let dx = gpu.empty("dx", &[n, c, s], DType::F32)?;
+                let mut ops = vec![
+                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, &stats, &rm, &rv)?,
+                    kernels::norm::apply(gpu, relu, &xt, &stats, &gt, &bt, &y)?,
+                ];
+                ops.extend(kernels::norm::backward(
+                    gpu,
+                    relu,
+                    &xt,
+                    &y,
+                    &dyt,
+                    &stats,
+                    &gt,
+                    &dg,
+                    &db,
+                    Some(&dx),
+                )?);
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dx, &dg, &db])?;
+                let (yr, mean, var) = reference::norm::forward_train(
+                    &f64s(&x),
+                    (n, c, s),
+                    &f64s(&gamma),
+                    &f64s(&beta),
+                    1e-5,
+                    relu,
+                );
+                // The ReLU mask comes from the GPU's own y (a value at exactly 0 may round either way).
+                let y_gpu: Vec<f64> = if relu { f64s(&gpu.read_f32(&y)?) } else { yr };
+                let (wdx, wdg, wdb) = reference::norm::backward(
+                    &f64s(&x),
+                    &y_gpu,
+                    &f64s(&dy),
+                    (n, c, s),
+                    &mean,
+                    &var,
+                    &f64s(&gamma),
+                    1e-5,
+                    relu,
+                );
+                let k = ((n * s) as f64).sqrt();
+                Ok(vec![
+                    (
+                        "dx".into(),
+                        reference::compare(&got[0], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
+                    ),
+                    (
+                        "dgamma".into(),
+                        reference::compare(&got[1], &wdg, Tolerance::new(2e-6 * k, 1e-5)),
+                    ),
+                    (
+                        "dbeta".into(),
+                        reference::compare(&got[2], &wdb, Tolerance::new(2e-6 * k, 1e-5)),
+                    ),
+                ])
+            },
+        ));
+    }
+    // Pools: NIN's k3 s2 p1 (overlapping, -inf padding) and k2 s2, avg 8, odd sizes, asymmetric.
+    use kernels::pool::PoolGeom;
+    let pools = [
+        PoolGeom {
+            n: 2,
+            c: 3,
+            h: 8,
+            w: 8,
+            kernel: (3, 3),
+            stride: (2, 2),
+            padding: (1, 1),
+        },
+        PoolGeom {
+            n: 2,
+            c: 4,
+            h: 8,
+            w: 6,
+            kernel: (2, 2),
+            stride: (2, 2),
+            padding: (0, 0),
+        },
+        PoolGeom {
+            n: 3,
+            c: 10,
+            h: 8,
+            w: 8,
+            kernel: (8, 8),
+            stride: (1, 1),
+            padding: (0, 0),
+        },
+        PoolGeom {
+            n: 1,
+            c: 2,
+            h: 7,
+            w: 9,
+            kernel: (3, 2),
+            stride: (1, 2),
+            padding: (1, 1),
+        },
+    ];
+    for g in pools {
+        let shape = format!(
+            "{:?} k{:?} s{:?} p{:?}",
+            g.input_shape(),
+            g.kernel,
+            g.stride,
+            g.padding
+        );
+        v.push(Case::new(
+            "maxpool",
+            "forward+backward",
+            shape.clone(),
+            move |gpu, rng| {
+                // Coarse values so that ties (first maximum wins) occur.
+                let x: Vec<f32> = (0..g.input_shape().iter().product())
+                    .map(|_| (rng.below(5) as f32) - 2.0)
+                    .collect();
+                let dy = random(rng, &g.output_shape());
+                let xt = gpu.upload_f32("x", &g.input_shape(), &x)?;
+                let dyt = gpu.upload_f32("dy", &g.output_shape(), &dy)?;
+                let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
+                let arg = gpu.empty("argmax", &g.output_shape(), DType::U32)?;
+                let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
+                let ops = vec![
+                    kernels::pool::maxpool_forward(gpu, &g, &xt, &y, &arg)?,
+                    kernels::pool::maxpool_backward(gpu, &g, &dyt, &arg, &dx)?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &dx])?;
+                let (wy, warg) = reference::pool::maxpool_forward(&g, &f64s(&x));
+                let wdx = reference::pool::maxpool_backward(&g, &f64s(&dy), &warg);
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[0], &wy, Tolerance::EXACT),
+                    ),
+                    (
+                        "dx".into(),
+                        reference::compare(&got[1], &wdx, Tolerance::new(1e-6, 1e-6)),
+                    ),
+                ])
+            },
+        ));
+        v.push(Case::new(
+            "avgpool",
+            "forward+backward",
+            shape,
+            move |gpu, rng| {
+                let x = random(rng, &g.input_shape());
+                let dy = random(rng, &g.output_shape());
+                let xt = gpu.upload_f32("x", &g.input_shape(), &x)?;
+                let dyt = gpu.upload_f32("dy", &g.output_shape(), &dy)?;
+                let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
+                let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
+                let ops = vec![
+                    kernels::pool::avgpool_forward(gpu, &g, &xt, &y)?,
+                    kernels::pool::avgpool_backward(gpu, &g, &dyt, &dx)?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &dx])?;
+                let tol = Tolerance::new(1e-6, 1e-5);
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(
+                            &got[0],
+                            &reference::pool::avgpool_forward(&g, &f64s(&x)),
+                            tol,
+                        ),
+                    ),
+                    (
+                        "dx".into(),
+                        reference::compare(
+                            &got[1],
+                            &reference::pool::avgpool_backward(&g, &f64s(&dy)),
+                            tol,
+                        ),
+                    ),
+                ])
+            },
+        ));
+    }
+    for (n, c, hw, groups) in [
+        (2usize, 8usize, 3usize, 2usize),
+        (1, 512, 4, 16),
+        (2, 12, 5, 4),
+    ] {
+        v.push(Case::new(
+            "channel_shuffle",
+            "forward+backward",
+            format!("[{n},{c},{hw}] g{groups}"),
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n * c * hw, -1.0, 1.0);
+                let xt = gpu.upload_f32("x", &[n, c, hw, 1], &x)?;
+                let y = gpu.empty("y", &[n, c, hw, 1], DType::F32)?;
+                let back = gpu.empty("back", &[n, c, hw, 1], DType::F32)?;
+                let ops = vec![
+                    kernels::pool::channel_shuffle(gpu, groups, false, &xt, &y)?,
+                    kernels::pool::channel_shuffle(gpu, groups, true, &y, &back)?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &back])?;
+                let want = reference::pool::channel_shuffle(&f64s(&x), (n, c, hw), groups, false);
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[0], &want, Tolerance::EXACT),
+                    ),
+                    (
+                        "inverse(y) = x".into(),
+                        reference::compare(&got[1], &f64s(&x), Tolerance::EXACT),
+                    ),
+                ])
+            },
+        ));
+    }
+    // Losses with their metrics slot.
+    for (n, classes) in [(1usize, 10usize), (50, 10), (300, 7)] {
+        v.push(Case::new(
+            "cross_entropy",
+            "forward+backward",
+            format!("[{n},{classes}]"),
+            move |gpu, rng| {
+                let z: Vec<f32> = rng.vec_uniform(n * classes, 0.0, 6.0);
+                let labels: Vec<u32> = (0..n).map(|_| rng.below(classes as u64) as u32).collect();
+                let zt = gpu.upload_f32("logits", &[n, classes], &z)?;
+                let lt = gpu.upload_u32("labels", &[n], &labels)?;
+                let dz = gpu.empty("dlogits", &[n, classes], DType::F32)?;
+                let rows = gpu.empty("per_row", &[2 * n], DType::F32)?;
+                let metrics = gpu.zeros("metrics", &[8], DType::F32)?;
+                let step = gpu.upload(
+                    "step",
+                    &[kernels::loss::STEP_WORDS],
+                    DType::U32,
+                    &[2u32, 0, 0, 0, 0, 0, 0, 0],
+                )?;
+                let ops = vec![
+                    kernels::loss::cross_entropy(gpu, &zt, &lt, &dz, &rows)?,
+                    kernels::loss::batch_metrics(gpu, n, &rows, &metrics, &step)?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dz, &metrics])?;
+                let (loss, grad, correct) =
+                    reference::loss::cross_entropy(&f64s(&z), &labels, classes);
+                Ok(vec![
+                    (
+                        "dlogits".into(),
+                        reference::compare(&got[0], &grad, Tolerance::new(1e-7, 1e-5)),
+                    ),
+                    (
+                        "loss (slot 2)".into(),
+                        reference::compare(&got[1][4..5], &[loss], Tolerance::new(1e-6, 1e-5)),
+                    ),
+                    (
+                        "correct (slot 2)".into(),
+                        reference::compare(&got[1][5..6], &[correct as f64], Tolerance::EXACT),
+                    ),
+                ])
+            },
+        ));
+    }
+    v.push(Case::new(
+        "mse",
+        "forward+backward",
+        "[4,3,5,5]".into(),
+        move |gpu, rng| {
+            let shape = [4usize, 3, 5, 5];
+            let (y, t) = (random(rng, &shape), random(rng, &shape));
+            let yt = gpu.upload_f32("y", &shape, &y)?;
+            let tt = gpu.upload_f32("target", &shape, &t)?;
+            let dy = gpu.empty("dy", &shape, DType::F32)?;
+            let rows = gpu.empty("per_row", &[8], DType::F32)?;
+            let metrics = gpu.zeros("metrics", &[2], DType::F32)?;
+            let step = gpu.zeros("step", &[kernels::loss::STEP_WORDS], DType::U32)?;
+            let ops = vec![
+                kernels::loss::mse(gpu, &yt, &tt, &dy, &rows)?,
+                kernels::loss::batch_metrics(gpu, 4, &rows, &metrics, &step)?,
+            ];
+            let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dy, &metrics])?;
+            let (loss, grad) = reference::loss::mse(&f64s(&y), &f64s(&t));
+            Ok(vec![
+                (
+                    "dy".into(),
+                    reference::compare(&got[0], &grad, Tolerance::new(1e-8, 1e-5)),
+                ),
+                (
+                    "loss".into(),
+                    reference::compare(&got[1][..1], &[loss], Tolerance::new(1e-6, 1e-5)),
+                ),
+            ])
+        },
+    ));
+    // Optimizers: three steps each, so state and bias corrections matter.
+    for (name, kind) in [
+        (
+            "adam",
+            kernels::optim::OptimizerKind::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 1e-2,
+            },
+        ),
+        (
+            "sgd",
+            kernels::optim::OptimizerKind::Sgd {
+                momentum: 0.9,
+                dampening: 0.1,
+                nesterov: false,
+                weight_decay: 1e-2,
+            },
+        ),
+        (
+            "sgd",
+            kernels::optim::OptimizerKind::Sgd {
+                momentum: 0.9,
+                dampening: 0.0,
+                nesterov: true,
+                weight_decay: 0.0,
+            },
+        ),
+    ] {
+        v.push(Case::new(
+            "optimizer",
+            name,
+            format!("3 steps [1000] {kind:?}"),
+            move |gpu, rng| {
+                let n = 1000;
+                let p0 = rng.vec_uniform(n, -1.0, 1.0);
+                let pt = gpu.upload_f32("param", &[n], &p0)?;
+                let (m, vv) = (
+                    gpu.zeros("m", &[n], DType::F32)?,
+                    gpu.zeros("v", &[n], DType::F32)?,
+                );
+                let step = gpu.zeros("step", &[kernels::loss::STEP_WORDS], DType::U32)?;
+                let (mut p, mut mr, mut vr) = (f64s(&p0), vec![0.0; n], vec![0.0; n]);
+                let lr = 0.01;
+                for t in 1..=3u32 {
+                    let g = rng.vec_uniform(n, -1.0, 1.0);
+                    let gt = gpu.upload_f32("grad", &[n], &g)?;
+                    let values = step_values(t, lr, &kind);
+                    gpu.write(&step, &[values])?;
+                    let op = kernels::optim::update(gpu, &kind, &step, &pt, &gt, &m, &vv)?;
+                    gpu.submit("selftest", &[op])?;
+                    match kind {
+                        kernels::optim::OptimizerKind::Adam {
+                            beta1,
+                            beta2,
+                            eps,
+                            weight_decay,
+                        } => reference::optim::adam(
+                            &mut p,
+                            &f64s(&g),
+                            &mut mr,
+                            &mut vr,
+                            t,
+                            lr,
+                            (beta1 as f64, beta2 as f64, eps as f64, weight_decay as f64),
+                        ),
+                        kernels::optim::OptimizerKind::Sgd {
+                            momentum,
+                            dampening,
+                            nesterov,
+                            weight_decay,
+                        } => reference::optim::sgd(
+                            &mut p,
+                            &f64s(&g),
+                            &mut mr,
+                            t,
+                            lr,
+                            (
+                                momentum as f64,
+                                dampening as f64,
+                                nesterov,
+                                weight_decay as f64,
+                            ),
+                        ),
+                    }
+                }
+                let got = gpu.read_f32(&pt)?;
+                Ok(vec![(
+                    "param after 3 steps".into(),
+                    reference::compare(&got, &p, Tolerance::new(1e-6, 1e-5)),
+                )])
+            },
+        ));
+    }
+}
+
+/// The step buffer's values for optimizer step `t` (bias corrections in f64, as PyTorch).
+pub fn step_values(
+    t: u32,
+    lr: f64,
+    kind: &kernels::optim::OptimizerKind,
+) -> kernels::loss::StepValues {
+    let (adam_step, bias2_sqrt) = match *kind {
+        kernels::optim::OptimizerKind::Adam { beta1, beta2, .. } => (
+            lr / (1.0 - (beta1 as f64).powi(t as i32)),
+            (1.0 - (beta2 as f64).powi(t as i32)).sqrt(),
+        ),
+        _ => (0.0, 1.0),
+    };
+    kernels::loss::StepValues {
+        slot: 0,
+        t,
+        lr: lr as f32,
+        adam_step: adam_step as f32,
+        bias2_sqrt: bias2_sqrt as f32,
+        _pad: [0; 3],
     }
 }

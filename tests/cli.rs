@@ -53,7 +53,11 @@ fn unknown_adapter_and_backend_are_one_line_errors() {
 #[test]
 fn selftest_runs_the_cases_and_reports_json() {
     let out = wgqat(&["selftest", "--filter", "relu", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["failed"], 0);
     assert!(v["passed"].as_u64().unwrap() >= 5);
@@ -62,12 +66,24 @@ fn selftest_runs_the_cases_and_reports_json() {
 
 #[test]
 fn bench_kernels_prints_rows_with_times() {
-    let out = wgqat(&["bench", "kernels", "--model", "nin_gc", "--batch", "1", "--repeat", "1", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = wgqat(&[
+        "bench", "kernels", "--model", "nin_gc", "--batch", "1", "--repeat", "1", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["kernels"].as_array().unwrap();
     // 9 convs: forward and grad-weight each, grad-input for 8; 4 quantizer rows for 8 of them.
     assert_eq!(rows.len(), 9 * 2 + 8 + 8 * 4);
-    assert!(rows.iter().all(|r| r["seconds"].as_f64().unwrap() > 0.0), "{rows:?}");
-    assert!(rows.iter().any(|r| r["gflops"].as_f64().unwrap_or(0.0) > 0.0));
+    assert!(
+        rows.iter().all(|r| r["seconds"].as_f64().unwrap() > 0.0),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r["gflops"].as_f64().unwrap_or(0.0) > 0.0)
+    );
 }

@@ -4,12 +4,16 @@
 pub mod conv2d;
 pub mod conv_transpose2d;
 pub mod elementwise;
+pub mod loss;
 pub mod matmul;
+pub mod norm;
+pub mod optim;
+pub mod pool;
 pub mod quant;
 pub mod reduce;
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Shader, Tensor, grid_1d};
+use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Shader, Tensor, grid_1d};
 
 macro_rules! shader {
     ($file:literal) => {
@@ -24,9 +28,22 @@ pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl");
 pub static REDUCE: Shader = shader!("reduce.wgsl");
 pub static QUANT: Shader = shader!("quant.wgsl");
 pub static CONV2D: Shader = shader!("conv2d.wgsl");
+pub static NORM: Shader = shader!("norm.wgsl");
+pub static POOL: Shader = shader!("pool.wgsl");
+pub static LOSS: Shader = shader!("loss.wgsl");
+pub static OPTIM: Shader = shader!("optim.wgsl");
 
 /// Every shader file, embedded in the binary (the portability test translates each one).
-pub static SHADERS: &[&Shader] = &[&ELEMENTWISE, &REDUCE, &QUANT, &CONV2D];
+pub static SHADERS: &[&Shader] = &[
+    &ELEMENTWISE,
+    &REDUCE,
+    &QUANT,
+    &CONV2D,
+    &NORM,
+    &POOL,
+    &LOSS,
+    &OPTIM,
+];
 
 /// Fails unless `t` has element type `dtype`.
 pub(crate) fn expect_dtype(kernel: &str, name: &str, t: &Tensor, dtype: DType) -> Result<()> {
@@ -68,4 +85,50 @@ pub(crate) fn elementwise_grid(gpu: &Gpu, n: u32) -> [u32; 3] {
         n.div_ceil(256),
         gpu.limits.max_compute_workgroups_per_dimension,
     )
+}
+
+/// An entry point of a shader and the binding numbers it uses besides the parameter uniform at 0,
+/// in the order its tensors are passed.
+pub(crate) struct Entry {
+    pub shader: &'static Shader,
+    pub name: &'static str,
+    pub used: &'static [(usize, Bind)],
+}
+
+impl Entry {
+    /// Binding layout: the uniform at 0, then the used binding numbers.
+    fn layout(&self) -> Vec<Bind> {
+        let len = self.used.iter().map(|(i, _)| i + 1).max().unwrap_or(1);
+        let mut v = vec![Bind::None; len];
+        v[0] = Bind::Uniform;
+        for &(i, b) in self.used {
+            v[i] = b;
+        }
+        v
+    }
+
+    /// Compiles (once) and binds this entry point with `params` and `tensors`.
+    pub fn launch<P: bytemuck::Pod>(
+        &self,
+        gpu: &Gpu,
+        constants: &[(&str, f64)],
+        label: String,
+        params: &P,
+        tensors: &[&Tensor],
+        workgroups: [u32; 3],
+    ) -> Result<Op> {
+        let kernel = gpu.kernel(&KernelSpec {
+            shader: self.shader,
+            entry: self.name,
+            constants,
+            bindings: &self.layout(),
+        })?;
+        Ok(Op::Dispatch(gpu.launch(
+            &kernel,
+            label,
+            Some(bytemuck::bytes_of(params)),
+            tensors,
+            workgroups,
+        )?))
+    }
 }

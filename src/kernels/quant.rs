@@ -1,9 +1,9 @@
 //! `shaders/quant.wgsl`: the DoReFa activation and weight quantizers (forward and backward) and
 //! real quantization to integer codes. 32 bits is the identity: a copy, no shader.
 
-use super::{QUANT, count_u32, elementwise_grid, expect_dtype, expect_shape};
+use super::{Entry, QUANT, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor, grid_1d};
+use crate::gpu::{Bind, DType, Gpu, Op, Tensor, grid_1d};
 
 /// A validated bit width: 2..=16, or 32 for float (no quantization).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,80 +96,30 @@ fn params(n: u32, bits: Bits, partials: u32) -> Params {
     }
 }
 
-/// An entry point of `quant.wgsl` and the binding numbers it uses (besides the uniform at 0), in
-/// the order its tensors are passed.
-struct Entry {
-    name: &'static str,
-    used: &'static [(usize, Bind)],
-}
-
 use Bind::{Read as R, ReadWrite as W};
 
-const ACT_FORWARD: Entry = Entry {
-    name: "act_forward",
-    used: &[(1, R), (2, W)],
-};
-const ACT_BACKWARD: Entry = Entry {
-    name: "act_backward",
-    used: &[(3, R), (4, R), (5, W)],
-};
-const ACT_CODES: Entry = Entry {
-    name: "act_codes",
-    used: &[(1, R), (16, W)],
-};
-const ACT_DEQUANT: Entry = Entry {
-    name: "act_dequant",
-    used: &[(2, W), (17, R)],
-};
-const WEIGHT_DEQUANT: Entry = Entry {
-    name: "weight_dequant",
-    used: &[(13, W), (17, R)],
-};
-const WQ_ABSMAX_PARTIAL: Entry = Entry {
-    name: "wq_absmax_partial",
-    used: &[(6, R), (7, W), (8, W)],
-};
-const WQ_ABSMAX_FINAL: Entry = Entry {
-    name: "wq_absmax_final",
-    used: &[(9, R), (10, W)],
-};
-const WQ_FORWARD: Entry = Entry {
-    name: "wq_forward",
-    used: &[(11, R), (12, R), (13, W)],
-};
-const WQ_BACKWARD_PARTIAL: Entry = Entry {
-    name: "wq_backward_partial",
-    used: &[(8, W), (11, R), (12, R), (14, R)],
-};
-const WQ_BACKWARD_FINAL: Entry = Entry {
-    name: "wq_backward_final",
-    used: &[(9, R), (10, W)],
-};
-const WQ_BACKWARD: Entry = Entry {
-    name: "wq_backward",
-    used: &[(11, R), (12, R), (14, R), (15, W)],
-};
-const WEIGHT_CODES: Entry = Entry {
-    name: "weight_codes",
-    used: &[(11, R), (12, R), (16, W)],
-};
-const DIV_CHECK: Entry = Entry {
-    name: "div_check",
-    used: &[(18, R), (19, R), (20, R), (21, W)],
-};
-
-impl Entry {
-    /// Binding layout: the uniform, then the used binding numbers.
-    fn layout(&self) -> Vec<Bind> {
-        let len = self.used.iter().map(|(i, _)| i + 1).max().unwrap_or(1);
-        let mut v = vec![Bind::None; len];
-        v[0] = Bind::Uniform;
-        for &(i, b) in self.used {
-            v[i] = b;
-        }
-        v
+const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
+    Entry {
+        shader: &QUANT,
+        name,
+        used,
     }
 }
+
+const ACT_FORWARD: Entry = entry("act_forward", &[(1, R), (2, W)]);
+const ACT_BACKWARD: Entry = entry("act_backward", &[(3, R), (4, R), (5, W)]);
+const ACT_CODES: Entry = entry("act_codes", &[(1, R), (16, W)]);
+const ACT_DEQUANT: Entry = entry("act_dequant", &[(2, W), (17, R)]);
+const WEIGHT_DEQUANT: Entry = entry("weight_dequant", &[(13, W), (17, R)]);
+const WQ_ABSMAX_PARTIAL: Entry = entry("wq_absmax_partial", &[(6, R), (7, W), (8, W)]);
+const WQ_ABSMAX_FINAL: Entry = entry("wq_absmax_final", &[(9, R), (10, W)]);
+const WQ_FORWARD: Entry = entry("wq_forward", &[(11, R), (12, R), (13, W)]);
+const WQ_BACKWARD_PARTIAL: Entry =
+    entry("wq_backward_partial", &[(8, W), (11, R), (12, R), (14, R)]);
+const WQ_BACKWARD_FINAL: Entry = entry("wq_backward_final", &[(9, R), (10, W)]);
+const WQ_BACKWARD: Entry = entry("wq_backward", &[(11, R), (12, R), (14, R), (15, W)]);
+const WEIGHT_CODES: Entry = entry("weight_codes", &[(11, R), (12, R), (16, W)]);
+const DIV_CHECK: Entry = entry("div_check", &[(18, R), (19, R), (20, R), (21, W)]);
 
 fn launch_op(
     gpu: &Gpu,
@@ -179,19 +129,7 @@ fn launch_op(
     tensors: &[&Tensor],
     workgroups: [u32; 3],
 ) -> Result<Op> {
-    let kernel = gpu.kernel(&KernelSpec {
-        shader: &QUANT,
-        entry: entry.name,
-        constants,
-        bindings: &entry.layout(),
-    })?;
-    Ok(Op::Dispatch(gpu.launch(
-        &kernel,
-        label,
-        Some(bytemuck::bytes_of(p)),
-        tensors,
-        workgroups,
-    )?))
+    entry.launch(gpu, constants, label, p, tensors, workgroups)
 }
 
 fn same_f32(kernel: &str, named: &[(&str, &Tensor)]) -> Result<()> {

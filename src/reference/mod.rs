@@ -5,7 +5,11 @@ pub mod compare;
 pub mod conv2d;
 pub mod conv_transpose2d;
 pub mod elementwise;
+pub mod loss;
 pub mod matmul;
+pub mod norm;
+pub mod optim;
+pub mod pool;
 pub mod quant;
 pub mod reduce;
 

@@ -1,0 +1,191 @@
+// BatchNorm2d over (N, C, S) activations (S = H*W), PyTorch semantics, with an optional fused ReLU
+// (NIN always follows BN with ReLU; fusing saves two passes each way).
+//   train: normalise with the batch mean and biased variance; running stats move by momentum
+//          with the unbiased variance (n / (n - 1));
+//   eval:  normalise with the running stats.
+// stats = [mean (C), invstd (C)] per step. Per-channel reductions are one workgroup per channel,
+// two passes (mean, then squared deviations) over the same data, tree-reduced: deterministic.
+
+struct Params {
+    n: u32,          // N
+    c: u32,          // C
+    s: u32,          // S
+    relu: u32,       // 1: y = max(bn(x), 0), and backward masks by y > 0
+    eps: f32,
+    momentum: f32,
+    _pad0: f32,
+    _pad1: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// bn_stats (train): x -> stats, running stats updated in place
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> stats: array<f32>;
+@group(0) @binding(3) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(4) var<storage, read_write> running_var: array<f32>;
+// bn_eval_stats: running stats -> stats (reads 3, 4 as above, writes 2)
+// bn_apply: x, stats, gamma, beta -> y
+@group(0) @binding(5) var<storage, read> stats_in: array<f32>;
+@group(0) @binding(6) var<storage, read> gamma: array<f32>;
+@group(0) @binding(7) var<storage, read> beta: array<f32>;
+@group(0) @binding(8) var<storage, read_write> y: array<f32>;
+// backward: y (for the ReLU mask), dy -> dgamma, dbeta (reduce), then dx (apply)
+@group(0) @binding(9) var<storage, read> y_in: array<f32>;
+@group(0) @binding(10) var<storage, read> dy: array<f32>;
+@group(0) @binding(11) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(12) var<storage, read_write> dbeta: array<f32>;
+@group(0) @binding(13) var<storage, read> dgamma_in: array<f32>;
+@group(0) @binding(14) var<storage, read> dbeta_in: array<f32>;
+@group(0) @binding(15) var<storage, read_write> dx: array<f32>;
+
+const WG: u32 = 256u;
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> red_b: array<f32, 256>;
+
+fn channel_of(i: u32) -> u32 {
+    return (i / p.s) % p.c;
+}
+
+fn elem(c: u32, j: u32) -> u32 {
+    let b = j / p.s;
+    return (b * p.c + c) * p.s + (j - b * p.s);
+}
+
+fn tree_sum_a(lid: u32) -> f32 {
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st >>= 1u) {
+        if (lid < st) {
+            red_a[lid] += red_a[lid + st];
+        }
+        workgroupBarrier();
+    }
+    let v = red_a[0];
+    workgroupBarrier();
+    return v;
+}
+
+fn tree_sum_ab(lid: u32) -> vec2<f32> {
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st >>= 1u) {
+        if (lid < st) {
+            red_a[lid] += red_a[lid + st];
+            red_b[lid] += red_b[lid + st];
+        }
+        workgroupBarrier();
+    }
+    let v = vec2<f32>(red_a[0], red_b[0]);
+    workgroupBarrier();
+    return v;
+}
+
+// One workgroup per channel: mean, biased variance -> stats; running stats updated.
+@compute @workgroup_size(256)
+fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x + wid.y * nwg.x;
+    if (c >= p.c) {
+        return;
+    }
+    let count = p.n * p.s;
+    var acc = 0.0;
+    for (var j = lid; j < count; j += WG) {
+        acc += x[elem(c, j)];
+    }
+    red_a[lid] = acc;
+    let mean = tree_sum_a(lid) / f32(count);
+    acc = 0.0;
+    for (var j = lid; j < count; j += WG) {
+        let d = x[elem(c, j)] - mean;
+        acc += d * d;
+    }
+    red_a[lid] = acc;
+    let var_b = tree_sum_a(lid) / f32(count);
+    if (lid == 0u) {
+        stats[c] = mean;
+        stats[p.c + c] = 1.0 / sqrt(var_b + p.eps);
+        let unbiased = var_b * f32(count) / f32(max(count, 2u) - 1u);
+        running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * mean;
+        running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * unbiased;
+    }
+}
+
+// Eval: stats from the running statistics.
+@compute @workgroup_size(256)
+fn bn_eval_stats(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let c = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (c >= p.c) {
+        return;
+    }
+    stats[c] = running_mean[c];
+    stats[p.c + c] = 1.0 / sqrt(running_var[c] + p.eps);
+}
+
+// y = gamma * (x - mean) * invstd + beta, then ReLU if fused.
+@compute @workgroup_size(256)
+fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= p.n * p.c * p.s) {
+        return;
+    }
+    let c = channel_of(i);
+    let v = gamma[c] * ((x[i] - stats_in[c]) * stats_in[p.c + c]) + beta[c];
+    y[i] = select(v, select(v, 0.0, v <= 0.0), p.relu == 1u);
+}
+
+fn masked_dy(i: u32) -> f32 {
+    let g = dy[i];
+    if (p.relu == 1u) {
+        return select(0.0, g, y_in[i] > 0.0);
+    }
+    return g;
+}
+
+// One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU).
+@compute @workgroup_size(256)
+fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x + wid.y * nwg.x;
+    if (c >= p.c) {
+        return;
+    }
+    let count = p.n * p.s;
+    let mean = stats_in[c];
+    let invstd = stats_in[p.c + c];
+    var sdy = 0.0;
+    var sdyx = 0.0;
+    for (var j = lid; j < count; j += WG) {
+        let i = elem(c, j);
+        let g = masked_dy(i);
+        sdy += g;
+        sdyx += g * ((x[i] - mean) * invstd);
+    }
+    red_a[lid] = sdy;
+    red_b[lid] = sdyx;
+    let sums = tree_sum_ab(lid);
+    if (lid == 0u) {
+        dbeta[c] = sums.x;
+        dgamma[c] = sums.y;
+    }
+}
+
+// dx = gamma * invstd / n * (n dy' - dbeta - xhat * dgamma).
+@compute @workgroup_size(256)
+fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= p.n * p.c * p.s) {
+        return;
+    }
+    let c = channel_of(i);
+    let count = f32(p.n * p.s);
+    let invstd = stats_in[p.c + c];
+    let xhat = (x[i] - stats_in[c]) * invstd;
+    dx[i] = gamma[c] * invstd / count * (count * masked_dy(i) - dbeta_in[c] - xhat * dgamma_in[c]);
+}
