@@ -248,7 +248,7 @@ pub fn channel_shuffle(
 ) -> Result<Op> {
     const K: &str = "channel_shuffle";
     let s = x.shape();
-    if s.len() != 4 || groups == 0 || s[1] % groups != 0 {
+    if s.len() != 4 || groups == 0 || !s[1].is_multiple_of(groups) {
         return Err(Error::shape(
             K,
             format!("cannot shuffle {s:?} in {groups} groups"),

@@ -89,10 +89,10 @@ pub fn backward(
     let xhat = |i: usize| (x[i] - mean[(i / s) % c]) / (var[(i / s) % c] + eps).sqrt();
     let mut dgamma = vec![0.0; c];
     let mut dbeta = vec![0.0; c];
-    for i in 0..x.len() {
+    for (i, gi) in g.iter().enumerate() {
         let ch = (i / s) % c;
-        dbeta[ch] += g[i];
-        dgamma[ch] += g[i] * xhat(i);
+        dbeta[ch] += gi;
+        dgamma[ch] += gi * xhat(i);
     }
     let dx = (0..x.len())
         .map(|i| {
