@@ -8,9 +8,12 @@ pub mod error;
 pub mod gpu;
 pub mod kernels;
 pub mod models;
+pub mod nn;
 pub mod reference;
 pub mod rng;
 pub mod selftest;
+pub mod train;
+pub mod util;
 
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Tensor};

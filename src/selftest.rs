@@ -1388,7 +1388,7 @@ fn layer_cases(v: &mut Vec<Case>) {
                 for t in 1..=3u32 {
                     let g = rng.vec_uniform(n, -1.0, 1.0);
                     let gt = gpu.upload_f32("grad", &[n], &g)?;
-                    let values = step_values(t, lr, &kind);
+                    let values = crate::train::optimizer::step_values(&kind, t, lr, 0);
                     gpu.write(&step, &[values])?;
                     let op = kernels::optim::update(gpu, &kind, &step, &pt, &gt, &m, &vv)?;
                     gpu.submit("selftest", &[op])?;
@@ -1434,28 +1434,5 @@ fn layer_cases(v: &mut Vec<Case>) {
                 )])
             },
         ));
-    }
-}
-
-/// The step buffer's values for optimizer step `t` (bias corrections in f64, as PyTorch).
-pub fn step_values(
-    t: u32,
-    lr: f64,
-    kind: &kernels::optim::OptimizerKind,
-) -> kernels::loss::StepValues {
-    let (adam_step, bias2_sqrt) = match *kind {
-        kernels::optim::OptimizerKind::Adam { beta1, beta2, .. } => (
-            lr / (1.0 - (beta1 as f64).powi(t as i32)),
-            (1.0 - (beta2 as f64).powi(t as i32)).sqrt(),
-        ),
-        _ => (0.0, 1.0),
-    };
-    kernels::loss::StepValues {
-        slot: 0,
-        t,
-        lr: lr as f32,
-        adam_step: adam_step as f32,
-        bias2_sqrt: bias2_sqrt as f32,
-        _pad: [0; 3],
     }
 }

@@ -363,6 +363,11 @@ impl Recorder {
         self.ops.push(Op::Dispatch(launch));
     }
 
+    /// Appends an op (a dispatch or a copy).
+    pub fn push_op(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
     pub fn copy(&mut self, src: &Tensor, dst: &Tensor) {
         self.ops.push(Op::Copy {
             src: src.clone(),

@@ -1,0 +1,9 @@
+//! Models on the GPU: parameter arenas, the network with its per-batch-size plans, and
+//! checkpoints with micronet's state-dict names.
+
+pub mod checkpoint;
+pub mod init;
+pub mod network;
+pub mod params;
+
+pub use network::{Mode, Network, Plan, QuantConfig};

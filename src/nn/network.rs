@@ -1,0 +1,978 @@
+//! A model built on the GPU: parameters in arenas, per-layer buffers sized for the largest batch,
+//! and plans (forward, loss, backward) recorded once per batch size and replayed every step.
+//!
+//! Layers follow micronet's quantized modules (spec §3): a quantized Conv2d / ConvTranspose2d /
+//! Linear fake-quantizes its input activation and its weight, keeps its bias float, and (by
+//! `prepare()`'s rule) the first such layer stays float unless `quantize_first_layer`.
+
+use super::params::Layout;
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Op, Recorder, Tensor};
+use crate::kernels::conv_transpose2d::ConvTranspose2dGeom;
+use crate::kernels::conv2d::Conv2dGeom;
+use crate::kernels::loss::{STEP_WORDS, StepValues};
+use crate::kernels::matmul::LinearGeom;
+use crate::kernels::pool::PoolGeom;
+use crate::kernels::quant::{Bits, WeightQuantizer};
+use crate::kernels::{conv_transpose2d, conv2d, elementwise, loss, matmul, norm, pool, quant};
+use crate::models::{LayerSpec, LossKind, ModelSpec};
+
+/// Which layers are quantized, and to how many bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuantConfig {
+    pub w_bits: Bits,
+    pub a_bits: Bits,
+    /// Quantize the first Conv/ConvTranspose/Linear too (micronet's `prepare()` leaves it float).
+    pub quantize_first_layer: bool,
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        QuantConfig {
+            w_bits: Bits::new(8).expect("8 bits"),
+            a_bits: Bits::new(8).expect("8 bits"),
+            quantize_first_layer: false,
+        }
+    }
+}
+
+/// Training (batch statistics, gradients) or evaluation (running statistics, forward only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum WeightedOp {
+    Conv {
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+        groups: usize,
+    },
+    ConvT {
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        output_padding: (usize, usize),
+        dilation: (usize, usize),
+        groups: usize,
+    },
+    Linear,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Weighted {
+        op: WeightedOp,
+        w_bits: Bits,
+        a_bits: Bits,
+    },
+    BatchNorm {
+        eps: f32,
+        momentum: f32,
+        relu: bool,
+    },
+    Relu,
+    /// A ReLU folded into the BatchNorm before it: its output is the BN's.
+    FusedRelu,
+    MaxPool(PoolWindow),
+    AvgPool(PoolWindow),
+    Shuffle(usize),
+    Flatten,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PoolWindow {
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+}
+
+/// A layer with its parameters' places in the arenas and its batch-independent buffers.
+struct Layer {
+    name: String,
+    kind: Kind,
+    in_shape: Vec<usize>,
+    out_shape: Vec<usize>,
+    /// Weight / gamma and bias / beta in the parameter arena.
+    weight: Option<usize>,
+    bias: Option<usize>,
+    /// running_mean, running_var in the running arena.
+    running: Option<(usize, usize)>,
+    quantizer: Option<WeightQuantizer>,
+    /// The quantized weight Ŵ and (training) dL/dŴ.
+    w_hat: Option<Tensor>,
+    dw_hat: Option<Tensor>,
+    bn_stats: Option<Tensor>,
+}
+
+/// Buffers of one layer at the capacity batch; plans take views of their first rows.
+struct LayerBuffers {
+    out: Tensor,
+    dout: Option<Tensor>,
+    /// Quantized input activation, and its gradient.
+    xq: Option<Tensor>,
+    dxq: Option<Tensor>,
+    argmax: Option<Tensor>,
+}
+
+/// The built model.
+pub struct Network {
+    pub spec: ModelSpec,
+    pub quant: QuantConfig,
+    layers: Vec<Layer>,
+    pub params: Layout,
+    pub running: Layout,
+    pub param_arena: Tensor,
+    pub grad_arena: Tensor,
+    pub running_arena: Tensor,
+    /// `num_batches_tracked` of each BatchNorm (running arena order / 2).
+    pub batches_tracked: Vec<i64>,
+    capacity: usize,
+    trainable: bool,
+    buffers: Vec<LayerBuffers>,
+    input: Tensor,
+    labels: Tensor,
+    per_row: Tensor,
+    pub step: Tensor,
+    pub metrics: Tensor,
+    metric_slots: usize,
+}
+
+/// A recorded step for one batch size and mode: forward, loss (and metrics) and, in training,
+/// backward. The trainer appends the optimizer update.
+pub struct Plan {
+    pub batch: usize,
+    pub mode: Mode,
+    pub ops: Recorder,
+    /// The batch's input images `(b, C, H, W)` and labels `(b)`: write them before submitting.
+    pub input: Tensor,
+    pub labels: Tensor,
+}
+
+fn at_batch(t: &Tensor, b: usize) -> Result<Tensor> {
+    let mut shape = t.shape().to_vec();
+    shape[0] = b;
+    t.view(0, &shape)
+}
+
+fn with_batch(b: usize, per_sample: &[usize]) -> Vec<usize> {
+    std::iter::once(b)
+        .chain(per_sample.iter().copied())
+        .collect()
+}
+
+impl Network {
+    /// Builds `spec` for batches of up to `capacity` rows. `trainable` allocates gradients;
+    /// `metric_slots` is how many per-step metrics can be held before they are read back.
+    pub fn new(
+        gpu: &Gpu,
+        spec: &ModelSpec,
+        quant: QuantConfig,
+        capacity: usize,
+        trainable: bool,
+        metric_slots: usize,
+    ) -> Result<Network> {
+        if capacity == 0 {
+            return Err(Error::Invalid(
+                "batch size 0: use a batch size of at least 1".into(),
+            ));
+        }
+        let shapes = spec.shapes()?;
+        check_capacity(gpu, spec, &shapes, capacity)?;
+        let mut params = Layout::default();
+        let mut running = Layout::default();
+        let mut layers = Vec::new();
+        let first_weighted = spec.layers.iter().position(LayerSpec::is_weighted);
+        for (i, ls) in spec.layers.iter().enumerate() {
+            let name = spec.layer_name(i);
+            let (in_shape, out_shape) = (shapes[i].clone(), shapes[i + 1].clone());
+            let quantized = quant.quantize_first_layer || Some(i) != first_weighted;
+            let (wb, ab) = if quantized {
+                (quant.w_bits, quant.a_bits)
+            } else {
+                (Bits::FLOAT, Bits::FLOAT)
+            };
+            let mut layer = Layer {
+                name: name.clone(),
+                kind: Kind::Flatten,
+                in_shape: in_shape.clone(),
+                out_shape,
+                weight: None,
+                bias: None,
+                running: None,
+                quantizer: None,
+                w_hat: None,
+                dw_hat: None,
+                bn_stats: None,
+            };
+            let weighted = |op: WeightedOp,
+                            w_shape: Vec<usize>,
+                            bias: bool,
+                            out: usize,
+                            layer: &mut Layer,
+                            params: &mut Layout|
+             -> Result<()> {
+                layer.kind = Kind::Weighted {
+                    op,
+                    w_bits: wb,
+                    a_bits: ab,
+                };
+                layer.weight = Some(params.add(format!("{name}.weight"), &w_shape));
+                layer.bias = bias.then(|| params.add(format!("{name}.bias"), &[out]));
+                if !wb.is_float() {
+                    layer.quantizer = Some(WeightQuantizer::new(gpu, wb, &w_shape)?);
+                    layer.w_hat = Some(gpu.zeros(
+                        &format!("{name} quantized weight"),
+                        &w_shape,
+                        DType::F32,
+                    )?);
+                    if trainable {
+                        layer.dw_hat = Some(gpu.zeros(
+                            &format!("{name} quantized weight gradient"),
+                            &w_shape,
+                            DType::F32,
+                        )?);
+                    }
+                }
+                Ok(())
+            };
+            match ls {
+                LayerSpec::Conv {
+                    out,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    bias,
+                    ..
+                } => {
+                    let op = WeightedOp::Conv {
+                        kernel: kernel.t(),
+                        stride: stride.t(),
+                        padding: padding.t(),
+                        dilation: dilation.t(),
+                        groups: *groups,
+                    };
+                    weighted(
+                        op,
+                        vec![*out, in_shape[0] / groups, kernel.0, kernel.1],
+                        *bias,
+                        *out,
+                        &mut layer,
+                        &mut params,
+                    )?;
+                }
+                LayerSpec::ConvTranspose {
+                    out,
+                    kernel,
+                    stride,
+                    padding,
+                    output_padding,
+                    dilation,
+                    groups,
+                    bias,
+                    ..
+                } => {
+                    let op = WeightedOp::ConvT {
+                        kernel: kernel.t(),
+                        stride: stride.t(),
+                        padding: padding.t(),
+                        output_padding: output_padding.t(),
+                        dilation: dilation.t(),
+                        groups: *groups,
+                    };
+                    weighted(
+                        op,
+                        vec![in_shape[0], out / groups, kernel.0, kernel.1],
+                        *bias,
+                        *out,
+                        &mut layer,
+                        &mut params,
+                    )?;
+                }
+                LayerSpec::Linear { out, bias, .. } => {
+                    weighted(
+                        WeightedOp::Linear,
+                        vec![*out, in_shape[0]],
+                        *bias,
+                        *out,
+                        &mut layer,
+                        &mut params,
+                    )?;
+                }
+                LayerSpec::BatchNorm { eps, momentum, .. } => {
+                    let c = in_shape[0];
+                    let relu = matches!(spec.layers.get(i + 1), Some(LayerSpec::Relu));
+                    layer.kind = Kind::BatchNorm {
+                        eps: *eps,
+                        momentum: *momentum,
+                        relu,
+                    };
+                    layer.weight = Some(params.add(format!("{name}.weight"), &[c]));
+                    layer.bias = Some(params.add(format!("{name}.bias"), &[c]));
+                    layer.running = Some((
+                        running.add(format!("{name}.running_mean"), &[c]),
+                        running.add(format!("{name}.running_var"), &[c]),
+                    ));
+                    layer.bn_stats = Some(gpu.zeros(
+                        &format!("{name} batch statistics"),
+                        &[2 * c],
+                        DType::F32,
+                    )?);
+                }
+                LayerSpec::Relu => {
+                    let fused = i > 0 && matches!(spec.layers[i - 1], LayerSpec::BatchNorm { .. });
+                    layer.kind = if fused { Kind::FusedRelu } else { Kind::Relu };
+                }
+                LayerSpec::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
+                    layer.kind = Kind::MaxPool(PoolWindow {
+                        kernel: kernel.t(),
+                        stride: stride.unwrap_or(*kernel).t(),
+                        padding: padding.t(),
+                    });
+                }
+                LayerSpec::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
+                    layer.kind = Kind::AvgPool(PoolWindow {
+                        kernel: kernel.t(),
+                        stride: stride.unwrap_or(*kernel).t(),
+                        padding: padding.t(),
+                    });
+                }
+                LayerSpec::Shuffle { groups } => layer.kind = Kind::Shuffle(*groups),
+                LayerSpec::Flatten => layer.kind = Kind::Flatten,
+            }
+            layers.push(layer);
+        }
+        let batches_tracked = vec![0; running.entries().len() / 2];
+        let param_arena = params.alloc(gpu, "parameters")?;
+        let grad_arena = if trainable {
+            params.alloc(gpu, "gradients")?
+        } else {
+            gpu.zeros("gradients", &[64], DType::F32)?
+        };
+        let running_arena = running.alloc(gpu, "running statistics")?;
+        let input = gpu.zeros(
+            "input batch",
+            &with_batch(capacity, &spec.input),
+            DType::F32,
+        )?;
+        let labels = gpu.zeros("labels", &[capacity], DType::U32)?;
+        let per_row = gpu.zeros("per-row loss", &[2 * capacity], DType::F32)?;
+        let step = gpu.zeros("step values", &[STEP_WORDS], DType::U32)?;
+        let metric_slots = metric_slots.max(1);
+        let metrics = gpu.zeros("metrics", &[2 * metric_slots], DType::F32)?;
+        let mut net = Network {
+            spec: spec.clone(),
+            quant,
+            layers,
+            params,
+            running,
+            param_arena,
+            grad_arena,
+            running_arena,
+            batches_tracked,
+            capacity,
+            trainable,
+            buffers: Vec::new(),
+            input,
+            labels,
+            per_row,
+            step,
+            metrics,
+            metric_slots,
+        };
+        net.buffers = net.alloc_buffers(gpu)?;
+        net.init_running(gpu)?;
+        Ok(net)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn metric_slots(&self) -> usize {
+        self.metric_slots
+    }
+
+    /// Names of the layers whose weights are quantized.
+    pub fn quantized_layers(&self) -> Vec<&str> {
+        self.layers
+            .iter()
+            .filter(|l| matches!(l.kind, Kind::Weighted { w_bits, .. } if !w_bits.is_float()))
+            .map(|l| l.name.as_str())
+            .collect()
+    }
+
+    /// Whether layer `i` has an earlier layer with parameters (so its input needs a gradient).
+    fn needs_input_grad(&self, i: usize) -> bool {
+        self.trainable && self.layers[..i].iter().any(|l| l.weight.is_some())
+    }
+
+    fn alloc_buffers(&self, gpu: &Gpu) -> Result<Vec<LayerBuffers>> {
+        let cap = self.capacity;
+        let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let shape = with_batch(cap, &l.out_shape);
+            let prev = out.last();
+            let alias = |t: &Tensor| t.reshape(&shape);
+            let (o, d) = match l.kind {
+                Kind::FusedRelu | Kind::Flatten if prev.is_some() => {
+                    let p = prev.expect("checked");
+                    (alias(&p.out)?, p.dout.as_ref().map(alias).transpose()?)
+                }
+                Kind::Flatten => (alias(&self.input)?, None),
+                _ => {
+                    let o = gpu.zeros(&format!("{} output", l.name), &shape, DType::F32)?;
+                    let d = self
+                        .trainable
+                        .then(|| {
+                            gpu.zeros(&format!("{} output gradient", l.name), &shape, DType::F32)
+                        })
+                        .transpose()?;
+                    (o, d)
+                }
+            };
+            let in_shape = with_batch(cap, &l.in_shape);
+            let (mut xq, mut dxq, mut argmax) = (None, None, None);
+            if let Kind::Weighted { a_bits, .. } = l.kind
+                && !a_bits.is_float()
+            {
+                xq = Some(gpu.zeros(
+                    &format!("{} quantized input", l.name),
+                    &in_shape,
+                    DType::F32,
+                )?);
+                if self.needs_input_grad(i) {
+                    dxq = Some(gpu.zeros(
+                        &format!("{} quantized input gradient", l.name),
+                        &in_shape,
+                        DType::F32,
+                    )?);
+                }
+            }
+            if let Kind::MaxPool(_) = l.kind {
+                argmax = Some(gpu.zeros(&format!("{} argmax", l.name), &shape, DType::U32)?);
+            }
+            out.push(LayerBuffers {
+                out: o,
+                dout: d,
+                xq,
+                dxq,
+                argmax,
+            });
+        }
+        Ok(out)
+    }
+
+    /// BatchNorm running statistics start at mean 0, variance 1 (PyTorch's init).
+    fn init_running(&self, gpu: &Gpu) -> Result<()> {
+        let values: Vec<Vec<f32>> = self
+            .running
+            .entries()
+            .iter()
+            .map(|e| {
+                vec![
+                    if e.name.ends_with("running_var") {
+                        1.0
+                    } else {
+                        0.0
+                    };
+                    e.numel()
+                ]
+            })
+            .collect();
+        gpu.write(&self.running_arena, &self.running.pack(&values))
+    }
+
+    /// Records the plan of one batch of `batch` rows (at most the capacity).
+    pub fn plan(&self, gpu: &Gpu, batch: usize, mode: Mode) -> Result<Plan> {
+        if batch == 0 || batch > self.capacity {
+            return Err(Error::Invalid(format!(
+                "batch of {batch} rows for a network built for at most {}",
+                self.capacity
+            )));
+        }
+        if mode == Mode::Train && !self.trainable {
+            return Err(Error::Invalid(
+                "this network was built for evaluation only".into(),
+            ));
+        }
+        let input = at_batch(&self.input, batch)?;
+        let labels = at_batch(&self.labels, batch)?;
+        let mut fwd = Vec::new();
+        let mut bwd: Vec<Vec<Op>> = Vec::new();
+        let mut x = input.clone();
+        let mut dx: Option<Tensor> = None;
+        for i in 0..self.layers.len() {
+            let buf = &self.buffers[i];
+            let y = at_batch(&buf.out, batch)?;
+            let dy = buf.dout.as_ref().map(|d| at_batch(d, batch)).transpose()?;
+            let want_dx = mode == Mode::Train && self.needs_input_grad(i);
+            let (f, b) = self.layer_ops(
+                gpu,
+                i,
+                mode,
+                &x,
+                want_dx.then_some(()).and(dx.as_ref()),
+                &y,
+                dy.as_ref(),
+                batch,
+            )?;
+            fwd.extend(f);
+            bwd.push(b);
+            x = y;
+            dx = dy;
+        }
+        // Loss and metrics: the output's gradient comes from the loss in training.
+        let rows =
+            at_batch(&self.per_row.reshape(&[self.capacity, 2])?, batch)?.reshape(&[2 * batch])?;
+        let last = self.buffers.last().expect("model has layers");
+        let out = at_batch(&last.out, batch)?;
+        let scratch;
+        let dout = match (mode, &last.dout) {
+            (Mode::Train, Some(d)) => at_batch(d, batch)?,
+            _ => {
+                // Eval still forms the loss; its gradient goes to a scratch buffer.
+                scratch = gpu.empty("eval loss gradient", out.shape(), DType::F32)?;
+                scratch.clone()
+            }
+        };
+        match self.spec.loss {
+            LossKind::CrossEntropy => {
+                let logits = out.reshape(&[batch, out.numel() / batch])?;
+                fwd.push(loss::cross_entropy(
+                    gpu,
+                    &logits,
+                    &labels,
+                    &dout.reshape(logits.shape())?,
+                    &rows,
+                )?);
+            }
+            LossKind::Mse => {
+                if out.shape() != input.shape() {
+                    return Err(Error::Invalid(format!(
+                        "mse loss compares the output with the input image, but the output is {:?} and the input {:?}",
+                        &out.shape()[1..],
+                        &input.shape()[1..]
+                    )));
+                }
+                fwd.push(loss::mse(gpu, &out, &input, &dout, &rows)?);
+            }
+        }
+        fwd.push(loss::batch_metrics(
+            gpu,
+            batch,
+            &rows,
+            &self.metrics,
+            &self.step,
+        )?);
+        let mut ops = Recorder::new();
+        for op in fwd {
+            ops.push_op(op);
+        }
+        if mode == Mode::Train {
+            for b in bwd.into_iter().rev() {
+                for op in b {
+                    ops.push_op(op);
+                }
+            }
+        }
+        Ok(Plan {
+            batch,
+            mode,
+            ops,
+            input,
+            labels,
+        })
+    }
+
+    /// Forward and backward ops of layer `i`: input `x` (and its gradient `dx` when wanted),
+    /// output `y` (and `dy`).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_ops(
+        &self,
+        gpu: &Gpu,
+        i: usize,
+        mode: Mode,
+        x: &Tensor,
+        dx: Option<&Tensor>,
+        y: &Tensor,
+        dy: Option<&Tensor>,
+        batch: usize,
+    ) -> Result<(Vec<Op>, Vec<Op>)> {
+        let l = &self.layers[i];
+        let buf = &self.buffers[i];
+        let train = mode == Mode::Train;
+        let p = |idx: Option<usize>| {
+            idx.map(|k| self.params.view(&self.param_arena, k))
+                .transpose()
+        };
+        let g = |idx: Option<usize>| {
+            idx.map(|k| self.params.view(&self.grad_arena, k))
+                .transpose()
+        };
+        let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+        let dy_or =
+            || dy.ok_or_else(|| Error::Invalid(format!("layer {} has no output gradient", l.name)));
+        match l.kind {
+            Kind::Weighted {
+                op,
+                w_bits: _,
+                a_bits,
+            } => {
+                let (w, b) = (
+                    p(l.weight)?.expect("weighted layers have weights"),
+                    p(l.bias)?,
+                );
+                // Quantized input and weight (float: the tensors themselves).
+                let xq = match &buf.xq {
+                    Some(t) => {
+                        let t = at_batch(t, batch)?;
+                        fwd.push(quant::act_forward(gpu, a_bits, x, &t)?);
+                        t
+                    }
+                    None => x.clone(),
+                };
+                let w_hat = match (&l.quantizer, &l.w_hat) {
+                    (Some(q), Some(wh)) => {
+                        fwd.extend(q.forward(gpu, &w, wh)?);
+                        wh.clone()
+                    }
+                    _ => w.clone(),
+                };
+                let gemm = Gemm::new(op, batch, &l.in_shape, &l.out_shape);
+                fwd.push(gemm.forward(gpu, &xq, &w_hat, b.as_ref(), y)?);
+                if train {
+                    let dy = dy_or()?;
+                    if let Some(dx) = dx {
+                        match &buf.dxq {
+                            Some(dxq) => {
+                                let dxq = at_batch(dxq, batch)?;
+                                bwd.push(gemm.grad_input(gpu, dy, &w_hat, &dxq)?);
+                                bwd.push(quant::act_backward(gpu, a_bits, x, &dxq, dx)?);
+                            }
+                            None => bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?),
+                        }
+                    }
+                    let dw = g(l.weight)?.expect("weighted layers have weights");
+                    match (&l.quantizer, &l.dw_hat) {
+                        (Some(q), Some(dw_hat)) => {
+                            // dL/dŴ goes through the weight quantizer's backward into dL/dW.
+                            bwd.extend(gemm.grad_weight(gpu, &xq, dy, dw_hat)?);
+                            bwd.extend(q.backward(gpu, dw_hat, &dw)?);
+                        }
+                        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, &dw)?),
+                    }
+                    if let Some(db) = g(l.bias)? {
+                        bwd.push(gemm.grad_bias(gpu, dy, &db)?);
+                    }
+                }
+            }
+            Kind::BatchNorm {
+                eps,
+                momentum,
+                relu,
+            } => {
+                let (gamma, beta) = (p(l.weight)?.expect("gamma"), p(l.bias)?.expect("beta"));
+                let (rm, rv) = l.running.expect("running stats");
+                let (rm, rv) = (
+                    self.running.view(&self.running_arena, rm)?,
+                    self.running.view(&self.running_arena, rv)?,
+                );
+                let stats = l.bn_stats.as_ref().expect("bn stats");
+                let x4 = x.reshape(&with_batch(batch, &l.in_shape))?;
+                if train {
+                    if batch * l.in_shape[1..].iter().product::<usize>() < 2 {
+                        return Err(Error::Invalid(format!(
+                            "layer {}: BatchNorm needs more than one value per channel to train: use a batch size of at least 2",
+                            l.name
+                        )));
+                    }
+                    fwd.push(norm::stats_train(gpu, &x4, eps, momentum, stats, &rm, &rv)?);
+                } else {
+                    fwd.push(norm::stats_eval(gpu, l.in_shape[0], eps, &rm, &rv, stats)?);
+                }
+                fwd.push(norm::apply(gpu, relu, &x4, stats, &gamma, &beta, y)?);
+                if train {
+                    let (dg, db) = (g(l.weight)?.expect("gamma"), g(l.bias)?.expect("beta"));
+                    bwd.extend(norm::backward(
+                        gpu,
+                        relu,
+                        &x4,
+                        y,
+                        dy_or()?,
+                        stats,
+                        &gamma,
+                        &dg,
+                        &db,
+                        dx,
+                    )?);
+                }
+            }
+            Kind::Relu => {
+                fwd.push(Op::Dispatch(elementwise::relu_forward(gpu, x, y)?));
+                if let (true, Some(dx)) = (train, dx) {
+                    bwd.push(Op::Dispatch(elementwise::relu_backward(
+                        gpu,
+                        y,
+                        dy_or()?,
+                        dx,
+                    )?));
+                }
+            }
+            Kind::FusedRelu | Kind::Flatten => {}
+            Kind::MaxPool(win) | Kind::AvgPool(win) => {
+                let [c, h, w] = l.in_shape[..] else {
+                    return Err(Error::Invalid(format!(
+                        "layer {}: pooling needs (C, H, W)",
+                        l.name
+                    )));
+                };
+                let geom = PoolGeom {
+                    n: batch,
+                    c,
+                    h,
+                    w,
+                    kernel: win.kernel,
+                    stride: win.stride,
+                    padding: win.padding,
+                };
+                if let Kind::MaxPool(_) = l.kind {
+                    let arg = at_batch(buf.argmax.as_ref().expect("argmax"), batch)?;
+                    fwd.push(pool::maxpool_forward(gpu, &geom, x, y, &arg)?);
+                    if let (true, Some(dx)) = (train, dx) {
+                        bwd.push(pool::maxpool_backward(gpu, &geom, dy_or()?, &arg, dx)?);
+                    }
+                } else {
+                    fwd.push(pool::avgpool_forward(gpu, &geom, x, y)?);
+                    if let (true, Some(dx)) = (train, dx) {
+                        bwd.push(pool::avgpool_backward(gpu, &geom, dy_or()?, dx)?);
+                    }
+                }
+            }
+            Kind::Shuffle(groups) => {
+                fwd.push(pool::channel_shuffle(gpu, groups, false, x, y)?);
+                if let (true, Some(dx)) = (train, dx) {
+                    bwd.push(pool::channel_shuffle(gpu, groups, true, dy_or()?, dx)?);
+                }
+            }
+        }
+        Ok((fwd, bwd))
+    }
+
+    /// Writes a batch: images `(b, C, H, W)` normalised, and labels.
+    pub fn write_batch(
+        &self,
+        gpu: &Gpu,
+        plan: &Plan,
+        images: &[f32],
+        labels: &[u32],
+    ) -> Result<()> {
+        gpu.write(&plan.input, images)?;
+        gpu.write(&plan.labels, labels)
+    }
+
+    /// Writes the values the next submit's kernels read (metrics slot, optimizer step, lr).
+    pub fn write_step(&self, gpu: &Gpu, values: &StepValues) -> Result<()> {
+        if values.slot as usize >= self.metric_slots {
+            return Err(Error::Invalid(format!(
+                "metrics slot {} of {}",
+                values.slot, self.metric_slots
+            )));
+        }
+        gpu.write(&self.step, std::slice::from_ref(values))
+    }
+
+    /// `(loss, correct)` of slots `0..n` (one GPU round trip).
+    pub fn read_metrics(&self, gpu: &Gpu, n: usize) -> Result<Vec<(f32, f32)>> {
+        let all = gpu.read_f32(&self.metrics)?;
+        Ok(all.chunks(2).take(n).map(|c| (c[0], c[1])).collect())
+    }
+
+    /// The network's output buffer `(capacity, ...)` (logits of the last forward, in its first rows).
+    pub fn output(&self) -> &Tensor {
+        &self.buffers.last().expect("model has layers").out
+    }
+
+    /// The gradient arena (for tests; zero padding).
+    pub fn gradient(&self, name: &str) -> Result<Tensor> {
+        let i = self
+            .params
+            .index_of(name)
+            .ok_or_else(|| Error::Invalid(format!("no parameter {name}")))?;
+        self.params.view(&self.grad_arena, i)
+    }
+
+    /// Per-BatchNorm indices into `batches_tracked`, in layer order.
+    pub fn batchnorm_names(&self) -> Vec<String> {
+        self.layers
+            .iter()
+            .filter(|l| l.running.is_some())
+            .map(|l| l.name.clone())
+            .collect()
+    }
+}
+
+/// The batch-size-specific geometry of a weighted layer.
+enum Gemm {
+    Conv(Conv2dGeom),
+    ConvT(ConvTranspose2dGeom),
+    Linear(LinearGeom),
+}
+
+impl Gemm {
+    fn new(op: WeightedOp, batch: usize, in_shape: &[usize], out_shape: &[usize]) -> Gemm {
+        match op {
+            WeightedOp::Conv {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => Gemm::Conv(Conv2dGeom {
+                batch,
+                cin: in_shape[0],
+                h: in_shape[1],
+                w: in_shape[2],
+                cout: out_shape[0],
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+            }),
+            WeightedOp::ConvT {
+                kernel,
+                stride,
+                padding,
+                output_padding,
+                dilation,
+                groups,
+            } => Gemm::ConvT(ConvTranspose2dGeom {
+                batch,
+                cin: in_shape[0],
+                h: in_shape[1],
+                w: in_shape[2],
+                cout: out_shape[0],
+                kernel,
+                stride,
+                padding,
+                output_padding,
+                dilation,
+                groups,
+            }),
+            WeightedOp::Linear => Gemm::Linear(LinearGeom {
+                batch,
+                in_features: in_shape[0],
+                out_features: out_shape[0],
+            }),
+        }
+    }
+
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Op> {
+        match self {
+            Gemm::Conv(g) => conv2d::forward(gpu, g, x, w, b, y),
+            Gemm::ConvT(g) => conv_transpose2d::forward(gpu, g, x, w, b, y),
+            Gemm::Linear(g) => matmul::forward(gpu, g, x, w, b, y),
+        }
+    }
+
+    fn grad_input(&self, gpu: &Gpu, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<Op> {
+        match self {
+            Gemm::Conv(g) => conv2d::grad_input(gpu, g, dy, w, dx),
+            Gemm::ConvT(g) => conv_transpose2d::grad_input(gpu, g, dy, w, dx),
+            Gemm::Linear(g) => matmul::grad_input(gpu, g, dy, w, dx),
+        }
+    }
+
+    fn grad_weight(&self, gpu: &Gpu, x: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<Vec<Op>> {
+        match self {
+            Gemm::Conv(g) => conv2d::grad_weight(gpu, g, x, dy, dw),
+            Gemm::ConvT(g) => conv_transpose2d::grad_weight(gpu, g, x, dy, dw),
+            Gemm::Linear(g) => matmul::grad_weight(gpu, g, x, dy, dw),
+        }
+    }
+
+    fn grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Op> {
+        match self {
+            Gemm::Conv(g) => conv2d::grad_bias(gpu, g, dy, db),
+            Gemm::ConvT(g) => conv_transpose2d::grad_bias(gpu, g, dy, db),
+            Gemm::Linear(g) => matmul::grad_bias(gpu, g, dy, db),
+        }
+    }
+}
+
+/// The largest batch whose activation buffers fit the device's per-binding and per-buffer
+/// limits, so that a too-large batch is an error that says what fits.
+pub fn max_batch(gpu: &Gpu, spec: &ModelSpec) -> Result<usize> {
+    let shapes = spec.shapes()?;
+    let per_sample = shapes
+        .iter()
+        .map(|s| 4 * s.iter().product::<usize>() as u64)
+        .max()
+        .unwrap_or(4);
+    let limit = gpu
+        .limits
+        .max_storage_buffer_binding_size
+        .min(gpu.limits.max_buffer_size);
+    Ok((limit / per_sample) as usize)
+}
+
+fn check_capacity(
+    gpu: &Gpu,
+    spec: &ModelSpec,
+    shapes: &[Vec<usize>],
+    capacity: usize,
+) -> Result<()> {
+    let fits = max_batch(gpu, spec)?;
+    if capacity <= fits {
+        return Ok(());
+    }
+    let (i, s) = shapes
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| s.iter().product::<usize>())
+        .expect("shapes");
+    let bytes = 4 * (capacity * s.iter().product::<usize>()) as u64;
+    let (limit_name, limit) =
+        if gpu.limits.max_storage_buffer_binding_size <= gpu.limits.max_buffer_size {
+            (
+                "max_storage_buffer_binding_size",
+                gpu.limits.max_storage_buffer_binding_size,
+            )
+        } else {
+            ("max_buffer_size", gpu.limits.max_buffer_size)
+        };
+    let at = if i == 0 {
+        "the input".to_string()
+    } else {
+        format!("the output of layer {} ({})", i - 1, spec.layer_name(i - 1))
+    };
+    Err(Error::TooLarge {
+        what: format!("batch size {capacity}: {at}"),
+        size: bytes,
+        limit_name,
+        limit,
+        hint: format!("use a batch size of at most {fits}"),
+    })
+}

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""PyTorch reference of wgqat's training step, written from the spec (shared/spec/micronet-dorefa.md).
+
+Builds a model from wgqat's JSON layer vocabulary in PyTorch (modules registered under the layers'
+names, so state-dict keys are the same), applies micronet's prepare() rule (every Conv2d /
+ConvTranspose2d / Linear quantized except the first, unless --quantize-first-layer), and from
+one initialisation on one batch records:
+  init.<key>   the state dict before training (float latent weights, BN buffers)
+  input, labels, loss
+  grad.<param> the gradient of every parameter
+  sgd.<key>    the state after one torch.optim.SGD step
+  adam.<key>   the state after one torch.optim.Adam step (coupled L2, micronet's optimizer)
+into a safetensors file the Rust parity test compares with.
+
+Usage:
+  python3 tools/torch_reference.py --model tests/fixtures/tiny_nin_gc.json --bits 8 \
+      --out tests/fixtures/parity_w8a8.safetensors
+  python3 tools/torch_reference.py --model nin_gc.json --init-only --out init.safetensors
+"""
+import argparse
+import json
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+
+class Round(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class ClampInclusive(torch.autograd.Function):
+    """clamp with PyTorch 2.11's gradient mask (bounds included); see make_fixtures.py."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ((x >= ctx.lo) & (x <= ctx.hi)).to(g.dtype), None, None
+
+
+def act_quant(x, bits):
+    if bits == 32:
+        return x
+    n = float(2**bits - 1)
+    return Round.apply(ClampInclusive.apply(x * 0.1, 0.0, 1.0) * n) * (1.0 / n)
+
+
+def weight_quant(w, bits):
+    if bits == 32:
+        return w
+    n = float(2**bits - 1)
+    t = torch.tanh(w)
+    m = torch.max(torch.abs(t))
+    q = Round.apply((t / 2 / m + 0.5) * n) * (1.0 / n)
+    return 2 * q - 1
+
+
+def pair(v):
+    return tuple(v) if isinstance(v, list) else (v, v)
+
+
+class Holder(nn.Module):
+    """A container so that modules can live under dotted names like model.4.conv."""
+
+
+class Net(nn.Module):
+    def __init__(self, spec, w_bits, a_bits, quantize_first):
+        super().__init__()
+        self.steps = []
+        c = spec["input"][0]
+        first = True
+        for i, layer in enumerate(spec["layers"]):
+            kind = layer["type"]
+            name = layer.get("name", f"layers.{i}")
+            mod = None
+            if kind == "conv":
+                g = layer.get("groups", 1)
+                mod = nn.Conv2d(c, layer["out"], pair(layer["kernel"]), pair(layer.get("stride", 1)),
+                                pair(layer.get("padding", 0)), pair(layer.get("dilation", 1)), g,
+                                bias=layer.get("bias", True))
+                c = layer["out"]
+            elif kind == "conv_transpose":
+                g = layer.get("groups", 1)
+                mod = nn.ConvTranspose2d(c, layer["out"], pair(layer["kernel"]), pair(layer.get("stride", 1)),
+                                         pair(layer.get("padding", 0)), pair(layer.get("output_padding", 0)), g,
+                                         bias=layer.get("bias", True), dilation=pair(layer.get("dilation", 1)))
+                c = layer["out"]
+            elif kind == "linear":
+                mod = nn.Linear(c, layer["out"], bias=layer.get("bias", True))
+                c = layer["out"]
+            elif kind == "batchnorm":
+                mod = nn.BatchNorm2d(c, eps=layer.get("eps", 1e-5), momentum=layer.get("momentum", 0.1))
+            elif kind == "flatten":
+                c = None  # set by the shapes; only Linear after it needs it
+            bits = None
+            if kind in ("conv", "conv_transpose", "linear"):
+                quantized = quantize_first or not first
+                bits = (w_bits, a_bits) if quantized else (32, 32)
+                first = False
+            if mod is not None:
+                self._register(name, mod)
+            self.steps.append((kind, layer, mod, bits))
+        self.spec = spec
+
+    def _register(self, dotted, mod):
+        parent = self
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            if not hasattr(parent, p):
+                parent.add_module(p, Holder())
+            parent = getattr(parent, p)
+        parent.add_module(parts[-1], mod)
+
+    def forward(self, x):
+        for kind, layer, mod, bits in self.steps:
+            if kind == "conv":
+                x = F.conv2d(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias, mod.stride,
+                             mod.padding, mod.dilation, mod.groups)
+            elif kind == "conv_transpose":
+                x = F.conv_transpose2d(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias,
+                                       mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
+            elif kind == "linear":
+                x = F.linear(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias)
+            elif kind == "batchnorm":
+                x = mod(x)
+            elif kind == "relu":
+                x = F.relu(x)
+            elif kind == "maxpool":
+                x = F.max_pool2d(x, pair(layer["kernel"]), pair(layer.get("stride", layer["kernel"])),
+                                 pair(layer.get("padding", 0)))
+            elif kind == "avgpool":
+                x = F.avg_pool2d(x, pair(layer["kernel"]), pair(layer.get("stride", layer["kernel"])),
+                                 pair(layer.get("padding", 0)))
+            elif kind == "shuffle":
+                n, c, h, w = x.shape
+                g = layer["groups"]
+                x = x.view(n, g, c // g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+            elif kind == "flatten":
+                x = x.reshape(x.shape[0], -1)
+        return x
+
+
+def micronet_init(net):
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def state(net, prefix):
+    return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="model JSON (wgqat's layer vocabulary)")
+    ap.add_argument("--bits", type=int, default=8, help="w and a bits (32 = float)")
+    ap.add_argument("--quantize-first-layer", action="store_true")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--wd", type=float, default=1e-5)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--init-only", action="store_true", help="write just the initial state dict")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    spec = json.load(open(args.model))
+    torch.manual_seed(args.seed)
+    net = Net(spec, args.bits, args.bits, args.quantize_first_layer)
+    micronet_init(net)
+    if args.init_only:
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, args.out)
+        print(f"{args.out}: initial state of {len(net.state_dict())} tensors")
+        return
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    c, h, w = spec["input"]
+    x = torch.randn(args.batch, c, h, w)
+    labels = torch.randint(0, 10, (args.batch,))
+    out = {"input": x, "labels": labels.to(torch.int64)}
+    out.update(state(net, "init"))
+
+    results = {}
+    for name, make in [
+        ("sgd", lambda p: torch.optim.SGD(p, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)),
+        ("adam", lambda p: torch.optim.Adam(p, lr=args.lr, weight_decay=args.wd)),
+    ]:
+        net.load_state_dict(init)
+        net.train()
+        opt = make(net.parameters())
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), labels)
+        loss.backward()
+        if name == "sgd":
+            out["loss"] = loss.detach().reshape(1)
+            for k, p in net.named_parameters():
+                out[f"grad.{k}"] = p.grad.detach().clone()
+        opt.step()
+        out.update(state(net, name))
+        results[name] = loss.item()
+    meta = {"config": json.dumps(dict(bits=args.bits, quantize_first_layer=args.quantize_first_layer,
+                                      lr=args.lr, momentum=args.momentum, wd=args.wd, batch=args.batch)),
+            "model": json.dumps(spec), "torch": torch.__version__}
+    save_file(out, args.out, metadata=meta)
+    print(f"{args.out}: loss {results}")
+
+
+if __name__ == "__main__":
+    main()
