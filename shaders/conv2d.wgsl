@@ -10,14 +10,18 @@
 // Grad-weight splits K into `splits` chunks (grid z = groups * splits) writing partial results that
 // a fixed-order sum reduces: deterministic, no atomics.
 //
-// Tiling: a 256-thread workgroup computes a 64x64 tile of C, each thread 4x4 outputs; K advances
-// 16 at a time through workgroup memory (8 KiB). Loads check bounds (padding, tile edges); the
-// multiply-add loop does not branch.
+// Tiling: a workgroup computes a BM x 64 tile of C, each thread 4x4 outputs, so it has 4 * BM
+// threads; K advances 16 at a time through workgroup memory. BM (64, 32 or 16) is chosen per layer
+// from M so that thin layers (few output channels per group) do not compute padding. Loads check
+// bounds (padding, tile edges); the multiply-add loop does not branch.
 
 override MODE: u32 = 0u;
 override KH: u32 = 1u;
 override KW: u32 = 1u;
 override HAS_BIAS: bool = false;
+// Rows of the output tile (64, 32 or 16); the workgroup has 4 * BM threads.
+override BM: u32 = 64u;
+override THREADS: u32 = 4u * BM;
 
 struct Params {
     batch: u32, cin: u32, h: u32, w: u32,        // input (N, Cin, H, W)
@@ -33,13 +37,12 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-const BM: u32 = 64u;
 const BN: u32 = 64u;
 const BK: u32 = 16u;
 override KHW: u32 = KH * KW;
 
 // A tile as [BK][BM/4] and B tile as [BK][BN/4] vec4s: thread (tx, ty) reads rows ty*4.. of A and
-// columns tx*4.. of B with one vec4 load each per k.
+// columns tx*4.. of B with one vec4 load each per k. Sized for BM = 64.
 var<workgroup> a_tile: array<vec4<f32>, 256>;
 var<workgroup> b_tile: array<vec4<f32>, 256>;
 
@@ -58,7 +61,7 @@ fn load_a(g: u32, m: u32, k: u32, kb: u32, kpix: u32) -> f32 {
     return a_src[(kb * p.cout + g * cog + m) * (p.oh * p.ow) + kpix];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let tx = lid % 16u;
@@ -79,34 +82,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let k_begin = split * p.k_chunk;
     let k_end = min(p.gk, k_begin + p.k_chunk);
 
-    // Loader roles: every thread stores one vec4 into each tile per K step.
-    // A: row k = lk (lid % 16), four consecutive m from q4 = 4 * (lid / 16); MODE 2's B likewise
-    // (four consecutive n). MODE 0/1's B: row k = lid / 16, four consecutive n from n4.
+    // Loader roles: each thread stores one vec4 of the A tile and 64 / BM vec4s of the B tile per
+    // K step. A: row k = lk (lid % 16), four consecutive m from q4 = 4 * (lid / 16). B in MODE 0/1:
+    // rows b_k + r * BM / 4, four consecutive n from n4. B in MODE 2: row lk, columns q4 + r * BM.
     let lk = lid % 16u;
     let q4 = (lid / 16u) * 4u;
     let b_k = lid / 16u;
     let n4 = (lid % 16u) * 4u;
+    let b_slots = 64u / BM;
 
     // MODE 0/1: this thread's four B columns are fixed; decompose them once.
     var col_ok: array<bool, 4>;
     var col_base: array<u32, 4>; // offset of (batch, group's channel 0) in b_src
     var col_y: array<i32, 4>;    // MODE 0: window's top row; MODE 1: input row + padding
     var col_x: array<i32, 4>;
-    // MODE 2: this thread's four B columns (ci, kh, kw) are fixed.
-    var wcol_off: array<u32, 4>; // ci * H * W
-    var wcol_dy: array<i32, 4>;
-    var wcol_dx: array<i32, 4>;
-    for (var j = 0u; j < 4u; j++) {
-        if (MODE == 2u) {
-            let n = n0 + q4 + j;
+    // MODE 2: this thread's B columns (ci, kh, kw), 4 per slot, are fixed.
+    var wcol_ok: array<bool, 16>;
+    var wcol_off: array<u32, 16>; // ci * H * W
+    var wcol_dy: array<i32, 16>;
+    var wcol_dx: array<i32, 16>;
+    if (MODE == 2u) {
+        for (var j = 0u; j < 4u * b_slots; j++) {
+            let n = n0 + q4 + (j / 4u) * BM + j % 4u;
             let ci = n / KHW;
             let rem = n - ci * KHW;
             let kh = rem / KW;
             wcol_off[j] = ci * hw;
             wcol_dy[j] = i32(kh * p.dh) - i32(p.ph);
             wcol_dx[j] = i32((rem - kh * KW) * p.dw) - i32(p.pw);
-            col_ok[j] = n < p.gn;
-        } else {
+            wcol_ok[j] = n < p.gn;
+        }
+    } else {
+        for (var j = 0u; j < 4u; j++) {
             let n = n0 + n4 + j;
             col_ok[j] = n < p.gn;
             if (MODE == 0u) {
@@ -149,56 +156,63 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 av[r] = load_a(g, m, ka, kb, kpix);
             }
         }
-        a_tile[lk * 16u + q4 / 4u] = av;
+        a_tile[lk * (BM / 4u) + q4 / 4u] = av;
 
-        var bv = vec4<f32>(0.0);
         if (MODE == 2u) {
             let oy = kpix / p.ow;
             let ox = kpix - oy * p.ow;
             let base = (kb * p.cin + g * cig) * hw;
-            for (var j = 0u; j < 4u; j++) {
-                let iy = i32(oy * p.sh) + wcol_dy[j];
-                let ix = i32(ox * p.sw) + wcol_dx[j];
-                if (ka_ok && col_ok[j] && iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
-                    bv[j] = b_src[base + wcol_off[j] + u32(iy) * p.w + u32(ix)];
+            for (var slot = 0u; slot < b_slots; slot++) {
+                var bv = vec4<f32>(0.0);
+                for (var j = 0u; j < 4u; j++) {
+                    let c = slot * 4u + j;
+                    let iy = i32(oy * p.sh) + wcol_dy[c];
+                    let ix = i32(ox * p.sw) + wcol_dx[c];
+                    if (ka_ok && wcol_ok[c] && iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
+                        bv[j] = b_src[base + wcol_off[c] + u32(iy) * p.w + u32(ix)];
+                    }
                 }
+                b_tile[lk * 16u + (q4 + slot * BM) / 4u] = bv;
             }
-            b_tile[lk * 16u + q4 / 4u] = bv;
         } else {
-            let k = k0 + b_k;
-            let c = k / KHW;
-            let rem = k - c * KHW;
-            let kh = rem / KW;
-            let kw = rem - kh * KW;
-            let k_ok = k < k_end;
-            for (var j = 0u; j < 4u; j++) {
-                if (k_ok && col_ok[j]) {
-                    if (MODE == 0u) {
-                        let iy = col_y[j] + i32(kh * p.dh);
-                        let ix = col_x[j] + i32(kw * p.dw);
-                        if (iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
-                            bv[j] = b_src[col_base[j] + c * hw + u32(iy) * p.w + u32(ix)];
-                        }
-                    } else {
-                        // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw)
-                        // when oy * sh = iy + ph - kh * dh (and likewise for x).
-                        let ty_ = col_y[j] - i32(kh * p.dh);
-                        let tx_ = col_x[j] - i32(kw * p.dw);
-                        if (ty_ >= 0 && tx_ >= 0) {
-                            let oy = u32(ty_) / p.sh;
-                            let ox = u32(tx_) / p.sw;
-                            if (oy * p.sh == u32(ty_) && ox * p.sw == u32(tx_) && oy < p.oh && ox < p.ow) {
-                                bv[j] = b_src[col_base[j] + c * ohw + oy * p.ow + ox];
+            for (var slot = 0u; slot < b_slots; slot++) {
+                let kl = b_k + slot * (BM / 4u);
+                let k = k0 + kl;
+                let c = k / KHW;
+                let rem = k - c * KHW;
+                let kh = rem / KW;
+                let kw = rem - kh * KW;
+                let k_ok = k < k_end;
+                var bv = vec4<f32>(0.0);
+                for (var j = 0u; j < 4u; j++) {
+                    if (k_ok && col_ok[j]) {
+                        if (MODE == 0u) {
+                            let iy = col_y[j] + i32(kh * p.dh);
+                            let ix = col_x[j] + i32(kw * p.dw);
+                            if (iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
+                                bv[j] = b_src[col_base[j] + c * hw + u32(iy) * p.w + u32(ix)];
+                            }
+                        } else {
+                            // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw)
+                            // when oy * sh = iy + ph - kh * dh (and likewise for x).
+                            let ty_ = col_y[j] - i32(kh * p.dh);
+                            let tx_ = col_x[j] - i32(kw * p.dw);
+                            if (ty_ >= 0 && tx_ >= 0) {
+                                let oy = u32(ty_) / p.sh;
+                                let ox = u32(tx_) / p.sw;
+                                if (oy * p.sh == u32(ty_) && ox * p.sw == u32(tx_) && oy < p.oh && ox < p.ow) {
+                                    bv[j] = b_src[col_base[j] + c * ohw + oy * p.ow + ox];
+                                }
                             }
                         }
                     }
                 }
+                b_tile[kl * 16u + n4 / 4u] = bv;
             }
-            b_tile[b_k * 16u + n4 / 4u] = bv;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
-            let a = a_tile[kk * 16u + ty];
+            let a = a_tile[kk * (BM / 4u) + ty];
             let b = b_tile[kk * 16u + tx];
             acc0 += a.x * b;
             acc1 += a.y * b;

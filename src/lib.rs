@@ -4,6 +4,7 @@
 //! the WGSL shaders in `shaders/`; [`reference`] holds the CPU oracle of every kernel.
 
 pub mod bench;
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod kernels;

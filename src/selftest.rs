@@ -858,6 +858,8 @@ pub fn conv2d_shapes() -> Vec<kernels::conv2d::Conv2dGeom> {
         },
         G::square(1, 3, 32, 8, 5).padding(2),
         G::square(4, 16, 16, 32, 3).padding(1).groups(4),
+        // 17..=32 rows in every direction: the 32-row tile.
+        G::square(2, 24, 6, 20, 3).padding(1),
     ]
 }
 

@@ -1,8 +1,14 @@
 //! The `wgqat` command line.
 
 use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use wgqat::gpu::{AdapterSummary, Gpu, GpuOptions};
+use wgqat::kernels::quant::Bits;
+use wgqat::train::progress::Display;
+use wgqat::train::{Stopped, TrainConfig, TrainOptions};
 
 #[derive(Parser)]
 #[command(
@@ -25,11 +31,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Quantization-aware training (micronet DoReFa recipe).
-    Train {
-        #[command(flatten)]
-        gpu: GpuArgs,
-    },
+    /// Quantization-aware training with micronet's DoReFa recipe (synthetic data unless --data).
+    Train(Box<TrainArgs>),
+    /// Test loss and accuracy of a checkpoint.
+    Eval(EvalArgs),
     /// Run every kernel and direction against the CPU reference on this adapter; exit non-zero
     /// on any failure. Check a new GPU or driver with it before training or embedding.
     Selftest {
@@ -73,6 +78,126 @@ enum BenchWhat {
     },
 }
 
+/// `wgqat train`. Options left out take micronet's defaults, or on --resume the run's own.
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    gpu: GpuArgs,
+    /// nin_gc, nin, or a model JSON file [default: nin_gc].
+    #[arg(long)]
+    model: Option<String>,
+    /// CIFAR-10 binary folder (or its parent); without it, the built-in synthetic dataset.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Weight bits: 2..=16, or 32 for float [default: 8].
+    #[arg(long)]
+    w_bits: Option<u32>,
+    /// Activation bits: 2..=16, or 32 for float [default: 8].
+    #[arg(long)]
+    a_bits: Option<u32>,
+    /// Quantize the first conv too (micronet leaves it float).
+    #[arg(long)]
+    quantize_first_layer: bool,
+    /// [default: 50]
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// [default: 256]
+    #[arg(long)]
+    eval_batch_size: Option<usize>,
+    /// [default: 299]
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Stop after N optimizer steps in all (saving last.safetensors).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// adam or sgd [default: adam].
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// [default: 0.01]
+    #[arg(long)]
+    lr: Option<f64>,
+    /// SGD momentum [default: 0.9].
+    #[arg(long)]
+    momentum: Option<f32>,
+    /// Nesterov momentum (SGD).
+    #[arg(long)]
+    nesterov: bool,
+    /// Weight decay, coupled L2 on all parameters [default: 1e-5].
+    #[arg(long)]
+    wd: Option<f32>,
+    /// Epochs at which lr is multiplied by gamma [default: 80,130,180,230,280].
+    #[arg(long, value_delimiter = ',')]
+    milestones: Option<Vec<u32>>,
+    /// [default: 0.1]
+    #[arg(long)]
+    gamma: Option<f64>,
+    /// [default: 1]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Initial weights: a state dict in safetensors (micronet names).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Continue the run in this folder.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Run folder [default: runs/<timestamp>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    no_augment: bool,
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Use only the first N training images.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Use only the first N test images.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Read metrics back and log every N steps [default: 100].
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// Plain log lines instead of a progress bar.
+    #[arg(long)]
+    plain: bool,
+    /// Print only errors and the final summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `wgqat eval`. Model and bits default to what the checkpoint records, else nin_gc W8A8.
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    gpu: GpuArgs,
+    /// A checkpoint (safetensors state dict, micronet names).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    w_bits: Option<u32>,
+    #[arg(long)]
+    a_bits: Option<u32>,
+    #[arg(long)]
+    quantize_first_layer: bool,
+    #[arg(long, default_value_t = 256)]
+    eval_batch_size: usize,
+    /// Use only the first N test images.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// The synthetic dataset's seed (when no --data).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write one predicted label per line here.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Adapter choice, shared by every command that uses the GPU.
 #[derive(Args, Clone, Default)]
 struct GpuArgs {
@@ -114,10 +239,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Info { gpu, json } => info(&gpu.options(), json),
-        Command::Train { gpu: _ } => {
-            eprintln!("training is not available yet: this build has the GPU foundation only");
-            Ok(ExitCode::FAILURE)
-        }
+        Command::Train(args) => train(*args),
+        Command::Eval(args) => eval(args),
         Command::Selftest { gpu, json, filter } => {
             selftest(&gpu.options(), json, filter.as_deref())
         }
@@ -330,4 +453,189 @@ fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
         }
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+fn bits(v: Option<u32>, base: Bits) -> anyhow::Result<Bits> {
+    Ok(match v {
+        Some(b) => Bits::new(b)?,
+        None => base,
+    })
+}
+
+/// The run's config: the defaults (or, resuming, the run's saved config) with the given flags on
+/// top. A resumed run may only change its length; anything else is refused by the trainer.
+fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let mut c = match &a.resume {
+        Some(dir) => {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {e} (--resume takes a wgqat run folder)",
+                    path.display()
+                )
+            })?;
+            serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not a wgqat config ({e})", path.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    if let Some(v) = &a.model {
+        c.model = v.clone();
+    }
+    if a.data.is_some() {
+        c.data = a.data.clone();
+    }
+    c.w_bits = bits(a.w_bits, c.w_bits)?;
+    c.a_bits = bits(a.a_bits, c.a_bits)?;
+    c.quantize_first_layer |= a.quantize_first_layer;
+    c.batch_size = a.batch_size.unwrap_or(c.batch_size);
+    c.eval_batch_size = a.eval_batch_size.unwrap_or(c.eval_batch_size);
+    c.epochs = a.epochs.unwrap_or(c.epochs);
+    if a.steps.is_some() {
+        c.steps = a.steps;
+    }
+    if let Some(o) = &a.optimizer {
+        c.optimizer = o.parse()?;
+    }
+    c.lr = a.lr.unwrap_or(c.lr);
+    c.momentum = a.momentum.unwrap_or(c.momentum);
+    c.nesterov |= a.nesterov;
+    c.wd = a.wd.unwrap_or(c.wd);
+    if let Some(m) = &a.milestones {
+        c.milestones = m.clone();
+    }
+    c.gamma = a.gamma.unwrap_or(c.gamma);
+    c.seed = a.seed.unwrap_or(c.seed);
+    if a.init.is_some() {
+        c.init = a.init.clone();
+    }
+    c.augment &= !a.no_augment;
+    c.shuffle &= !a.no_shuffle;
+    if a.train_limit.is_some() {
+        c.train_limit = a.train_limit;
+    }
+    if a.test_limit.is_some() {
+        c.test_limit = a.test_limit;
+    }
+    c.log_every = a.log_every.unwrap_or(c.log_every);
+    Ok(c)
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    let config = train_config(&a)?;
+    let out = match (&a.resume, &a.out) {
+        (Some(r), Some(o)) if r != o => {
+            anyhow::bail!("--resume continues the run in its own folder: leave out --out")
+        }
+        (Some(r), _) => r.clone(),
+        (None, Some(o)) => o.clone(),
+        (None, None) => PathBuf::from("runs").join(wgqat::util::timestamp()),
+    };
+    let gpu = Gpu::new(&a.gpu.options())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping after this step and saving (Ctrl-C again quits at once)");
+        });
+    }
+    let display = if a.quiet {
+        Display::Quiet
+    } else if a.plain {
+        Display::Plain
+    } else {
+        Display::Auto
+    };
+    let summary = wgqat::train::train(
+        &gpu,
+        TrainOptions {
+            config,
+            out,
+            resume: a.resume.is_some(),
+            display,
+            stop: Some(stop),
+        },
+    )?;
+    let eval = summary.last_eval.map_or(String::new(), |(l, acc)| {
+        format!(", last test loss {l:.4} accuracy {acc:.2}%")
+    });
+    eprintln!(
+        "{}: {} steps, {} epochs done{eval}, best test accuracy {:.2}%; run folder {}",
+        match summary.stopped {
+            Stopped::Finished => "finished",
+            Stopped::StepLimit => "stopped at --steps",
+            Stopped::Interrupted => "interrupted",
+        },
+        summary.global_step,
+        summary.epochs_done,
+        summary.best_acc,
+        summary.run_dir.display()
+    );
+    Ok(if summary.stopped == Stopped::Interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    // Defaults from what a wgqat checkpoint records about itself.
+    let meta = safetensors_meta(&a.checkpoint);
+    let recorded_bits = |k: &str| meta.get(k).and_then(|v| v.parse::<u32>().ok());
+    let model = a.model.clone().or_else(|| {
+        meta.get("model")
+            .filter(|m| wgqat::models::BUILTIN.contains(&m.as_str()))
+            .cloned()
+    });
+    let config = TrainConfig {
+        model: model.unwrap_or_else(|| "nin_gc".into()),
+        data: a.data.clone(),
+        w_bits: bits(a.w_bits.or(recorded_bits("w_bits")), Bits::new(8)?)?,
+        a_bits: bits(a.a_bits.or(recorded_bits("a_bits")), Bits::new(8)?)?,
+        quantize_first_layer: a.quantize_first_layer
+            || meta
+                .get("quantize_first_layer")
+                .is_some_and(|v| v == "true"),
+        eval_batch_size: a.eval_batch_size,
+        test_limit: a.test_limit,
+        seed: a.seed,
+        ..TrainConfig::default()
+    };
+    if a.eval_batch_size == 0 {
+        anyhow::bail!("batch size 0: use a batch size of at least 1");
+    }
+    let gpu = Gpu::new(&a.gpu.options())?;
+    let r = wgqat::train::eval::evaluate(&gpu, &config, &a.checkpoint, &|s| eprintln!("{s}"))?;
+    if let Some(p) = &a.predictions {
+        let text: String = r.predictions.iter().map(|l| format!("{l}\n")).collect();
+        wgqat::util::atomic_write(p, text.as_bytes())?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "images": r.images, "loss": r.loss, "acc": r.acc, "model": config.model, "w_bits": config.w_bits, "a_bits": config.a_bits })
+        );
+    } else {
+        println!(
+            "{}: {} test images, loss {:.4}, accuracy {:.2}% ({} W{}A{})",
+            a.checkpoint.display(),
+            r.images,
+            r.loss,
+            r.acc,
+            config.model,
+            config.w_bits,
+            config.a_bits
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The string metadata of a safetensors file (empty when unreadable; loading reports errors).
+fn safetensors_meta(path: &std::path::Path) -> std::collections::HashMap<String, String> {
+    wgqat::nn::checkpoint::read(path)
+        .map(|(_, m)| m)
+        .unwrap_or_default()
 }

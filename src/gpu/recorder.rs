@@ -209,6 +209,17 @@ impl Gpu {
         Ok(index)
     }
 
+    /// Waits until submission `index` has finished (bounds how far the CPU runs ahead).
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        self.check_faults("waiting for the GPU")
+    }
+
     /// Waits until everything submitted so far has finished.
     pub fn wait(&self) -> Result<()> {
         self.device

@@ -242,9 +242,18 @@ struct Params {
     _pad: u32,
 }
 
-/// Tile sizes of the shader.
+/// Tile sizes of the shader: 64 columns, BM rows (see [`tile_rows`]), K steps of 16.
 const TILE: usize = 64;
 const BK: usize = 16;
+
+/// The tile height for `m` rows: the smallest of 16, 32, 64 that covers them (64 beyond).
+fn tile_rows(m: usize) -> usize {
+    match m {
+        0..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    }
+}
 
 /// Grad-weight aims for at least this many workgroups (the GPU's cores busy), splitting K into
 /// chunks of at least `MIN_CHUNK`.
@@ -266,7 +275,7 @@ impl GemmConv {
     /// The split-K count grad-weight uses by default.
     pub fn default_splits(&self) -> usize {
         let (m, n, k) = self.dims(Mode::GradWeight);
-        let tiles = m.div_ceil(TILE) * n.div_ceil(TILE) * self.groups;
+        let tiles = m.div_ceil(tile_rows(m)) * n.div_ceil(TILE) * self.groups;
         TARGET_WORKGROUPS
             .div_ceil(tiles)
             .clamp(1, k.div_ceil(MIN_CHUNK).max(1))
@@ -344,6 +353,7 @@ impl GemmConv {
                 ("KH", self.kernel.0 as f64),
                 ("KW", self.kernel.1 as f64),
                 ("HAS_BIAS", f64::from(u8::from(bias.is_some()))),
+                ("BM", tile_rows(gm) as f64),
             ],
             bindings: &[
                 Bind::Uniform,
@@ -364,7 +374,7 @@ impl GemmConv {
         };
         let grid = [
             gn.div_ceil(TILE) as u32,
-            gm.div_ceil(TILE) as u32,
+            gm.div_ceil(tile_rows(gm)) as u32,
             (self.groups * splits) as u32,
         ];
         gpu.launch(

@@ -1,0 +1,225 @@
+//! Training configuration, with micronet's DoReFa `main.py` defaults; saved as `config.json` in
+//! the run folder and compared on resume.
+
+use crate::error::{Error, Result};
+use crate::kernels::optim::OptimizerKind;
+use crate::kernels::quant::Bits;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    #[default]
+    Adam,
+    Sgd,
+}
+
+impl std::str::FromStr for OptimizerName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "adam" => Ok(OptimizerName::Adam),
+            "sgd" => Ok(OptimizerName::Sgd),
+            _ => Err(Error::Invalid(format!(
+                "unknown optimizer {s:?}: use adam or sgd"
+            ))),
+        }
+    }
+}
+
+/// Everything that defines a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `nin_gc`, `nin`, or a model JSON file.
+    pub model: String,
+    /// CIFAR-10 binary folder; `None` uses the built-in synthetic dataset.
+    pub data: Option<PathBuf>,
+    /// Sizes of the synthetic training and test sets.
+    pub synthetic_train: usize,
+    pub synthetic_test: usize,
+    /// Use only the first N training / test images.
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    pub w_bits: Bits,
+    pub a_bits: Bits,
+    pub quantize_first_layer: bool,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    /// Epochs 1..=epochs (micronet's `range(1, 300)` is 299).
+    pub epochs: u32,
+    /// Stop after this many optimizer steps in all.
+    pub steps: Option<u64>,
+    pub optimizer: OptimizerName,
+    pub lr: f64,
+    /// SGD only.
+    pub momentum: f32,
+    pub nesterov: bool,
+    pub wd: f32,
+    /// Epochs at whose start the learning rate is multiplied by `gamma`.
+    pub milestones: Vec<u32>,
+    pub gamma: f64,
+    pub seed: u64,
+    /// Initial weights (a state dict in safetensors).
+    pub init: Option<PathBuf>,
+    pub augment: bool,
+    pub shuffle: bool,
+    /// Read metrics back, log and check for NaN every this many steps.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "nin_gc".into(),
+            data: None,
+            synthetic_train: crate::data::synthetic::TRAIN,
+            synthetic_test: crate::data::synthetic::TEST,
+            train_limit: None,
+            test_limit: None,
+            w_bits: Bits::new(8).expect("8"),
+            a_bits: Bits::new(8).expect("8"),
+            quantize_first_layer: false,
+            batch_size: 50,
+            eval_batch_size: 256,
+            epochs: 299,
+            steps: None,
+            optimizer: OptimizerName::Adam,
+            lr: 0.01,
+            momentum: 0.9,
+            nesterov: false,
+            wd: 1e-5,
+            milestones: vec![80, 130, 180, 230, 280],
+            gamma: 0.1,
+            seed: 1,
+            init: None,
+            augment: true,
+            shuffle: true,
+            log_every: 100,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.eval_batch_size == 0 {
+            return Err(Error::Invalid(
+                "batch size 0: use a batch size of at least 1".into(),
+            ));
+        }
+        if self.epochs == 0 {
+            return Err(Error::Invalid(
+                "--epochs 0: train for at least 1 epoch".into(),
+            ));
+        }
+        if self.steps == Some(0) {
+            return Err(Error::Invalid("--steps 0: take at least 1 step".into()));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::Invalid(format!(
+                "--lr {}: use a positive learning rate",
+                self.lr
+            )));
+        }
+        if !(self.wd.is_finite() && self.wd >= 0.0)
+            || !(self.momentum.is_finite() && self.momentum >= 0.0)
+        {
+            return Err(Error::Invalid(
+                "--wd and --momentum must be finite and non-negative".into(),
+            ));
+        }
+        if !(self.gamma.is_finite() && self.gamma > 0.0) {
+            return Err(Error::Invalid("--gamma must be positive".into()));
+        }
+        if self.nesterov && (self.optimizer != OptimizerName::Sgd || self.momentum == 0.0) {
+            return Err(Error::Invalid(
+                "--nesterov needs --optimizer sgd and a momentum above 0".into(),
+            ));
+        }
+        if self.log_every == 0 {
+            return Err(Error::Invalid(
+                "--log-every 0: log at least every step".into(),
+            ));
+        }
+        if self.data.is_none() && (self.synthetic_train == 0 || self.synthetic_test == 0) {
+            return Err(Error::Invalid(
+                "the synthetic dataset needs at least one training and one test image".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Learning rate during `epoch` (from 1): `lr · gamma^(milestones ≤ epoch)`, micronet's
+    /// schedule as a function of the epoch so that resuming replays it.
+    pub fn lr_at(&self, epoch: u32) -> f64 {
+        let passed = self.milestones.iter().filter(|&&m| m <= epoch).count();
+        self.lr * self.gamma.powi(passed as i32)
+    }
+
+    pub fn optimizer_kind(&self) -> OptimizerKind {
+        match self.optimizer {
+            OptimizerName::Adam => OptimizerKind::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: self.wd,
+            },
+            OptimizerName::Sgd => OptimizerKind::Sgd {
+                momentum: self.momentum,
+                dampening: 0.0,
+                nesterov: self.nesterov,
+                weight_decay: self.wd,
+            },
+        }
+    }
+
+    /// The settings a resumed run must share with the original (all but the length of training).
+    pub fn differences_from(&self, saved: &TrainConfig) -> Vec<String> {
+        let mine = serde_json::to_value(self).unwrap_or_default();
+        let theirs = serde_json::to_value(saved).unwrap_or_default();
+        let (Some(a), Some(b)) = (mine.as_object(), theirs.as_object()) else {
+            return vec![];
+        };
+        a.iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "epochs" | "steps" | "log_every"))
+            .filter(|(k, v)| b.get(*k) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "{k} is {v} here but {} in the run",
+                    b.get(k).cloned().unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_follows_micronet() {
+        let c = TrainConfig::default();
+        assert_eq!(c.lr_at(1), 0.01);
+        assert_eq!(c.lr_at(79), 0.01);
+        assert!((c.lr_at(80) - 1e-3).abs() < 1e-15);
+        assert!((c.lr_at(299) - 1e-7).abs() < 1e-18);
+    }
+
+    #[test]
+    fn resume_differences_ignore_length_only() {
+        let a = TrainConfig::default();
+        let b = TrainConfig {
+            epochs: 5,
+            steps: Some(3),
+            ..a.clone()
+        };
+        assert!(a.differences_from(&b).is_empty());
+        let c = TrainConfig {
+            lr: 0.1,
+            ..a.clone()
+        };
+        assert_eq!(a.differences_from(&c).len(), 1);
+    }
+}

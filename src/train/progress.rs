@@ -1,0 +1,87 @@
+//! What training shows: a progress bar with step, loss, img/s and ETA on a terminal, plain log
+//! lines otherwise, or nothing.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Display {
+    /// A bar when stderr is a terminal, else plain lines.
+    Auto,
+    Plain,
+    Quiet,
+}
+
+pub struct Reporter {
+    mode: Display,
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter {
+    pub fn new(display: Display) -> Reporter {
+        let mode = match display {
+            Display::Auto if !std::io::stderr().is_terminal() => Display::Plain,
+            d => d,
+        };
+        Reporter { mode, bar: None }
+    }
+
+    /// Starts the bar of an epoch (on a terminal).
+    pub fn start_epoch(&mut self, epoch: u32, epochs: u32, steps: u64, done: u64) {
+        self.finish();
+        if self.mode == Display::Auto {
+            let bar = ProgressBar::new(steps);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("{epoch}/{epochs}"));
+            bar.set_position(done);
+            self.bar = Some(bar);
+        }
+    }
+
+    pub fn step(&self, pos: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+        }
+    }
+
+    /// Training metrics of the last interval.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train(
+        &self,
+        epoch: u32,
+        step: u64,
+        steps: u64,
+        loss: f64,
+        acc: f64,
+        lr: f64,
+        img_s: f64,
+    ) {
+        let msg = format!("loss {loss:.4} acc {acc:.2}% lr {lr:.2e} {img_s:.0} img/s");
+        match (&self.bar, self.mode) {
+            (Some(b), _) => b.set_message(msg),
+            (None, Display::Plain) => eprintln!("epoch {epoch} step {step}/{steps} {msg}"),
+            _ => {}
+        }
+    }
+
+    /// A line that stays visible (evaluation, notices).
+    pub fn line(&self, text: &str) {
+        match (&self.bar, self.mode) {
+            (Some(b), _) => b.println(text),
+            (None, Display::Quiet) => {}
+            (None, _) => eprintln!("{text}"),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,757 @@
+//! The training loop: micronet's DoReFa recipe on the GPU. Each step is one submit (data write,
+//! forward, loss, backward, optimizer); metrics stay on the GPU and are read back every
+//! `log_every` steps; the CPU prepares the next batch while the GPU runs the last one, at most
+//! two steps ahead.
+//!
+//! The run folder holds `config.json`, `metrics.jsonl`, `last.safetensors` (every epoch end and
+//! whenever training stops), `best.safetensors` (best test accuracy), `resume.safetensors` (model,
+//! optimizer and progress in one file, written atomically) and `curves.png`.
+
+use super::config::TrainConfig;
+use super::curves::{self, EpochPoint};
+use super::optimizer::Optimizer;
+use super::progress::{Display, Reporter};
+use crate::data::{self, Augment, Dataset};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::models::{self, ModelSpec};
+use crate::nn::checkpoint::{self, Data, Named};
+use crate::nn::network::max_batch;
+use crate::nn::{Mode, Network, Plan, QuantConfig, init};
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// How a run is started.
+pub struct TrainOptions {
+    pub config: TrainConfig,
+    /// The run folder (created if needed).
+    pub out: PathBuf,
+    /// Continue the run in `out` from its `resume.safetensors`.
+    pub resume: bool,
+    pub display: Display,
+    /// Set (e.g. by Ctrl-C) to stop after the current step, saving first.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// Why training ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stopped {
+    Finished,
+    StepLimit,
+    Interrupted,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub stopped: Stopped,
+    pub epochs_done: u32,
+    pub global_step: u64,
+    pub best_acc: f64,
+    /// Test loss and accuracy (%) of the last evaluation.
+    pub last_eval: Option<(f64, f64)>,
+}
+
+/// Where training stands; saved in `resume.safetensors`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    /// The epoch in progress or next to run (from 1).
+    epoch: u32,
+    /// Steps of `epoch` already taken.
+    step_in_epoch: u64,
+    global_step: u64,
+    best_acc: f64,
+    optimizer_t: u32,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MetricsLine {
+    /// "train" (an interval of steps) or "eval" (the test set after an epoch).
+    pub kind: String,
+    pub epoch: u32,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    pub loss: f64,
+    /// Accuracy in percent.
+    pub acc: f64,
+    pub lr: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub img_per_s: Option<f64>,
+    /// Images the line covers.
+    pub images: u64,
+}
+
+/// Loads the training and test sets the config names (synthetic when it names none).
+pub fn load_data(cfg: &TrainConfig, say: &dyn Fn(&str)) -> Result<(Dataset, Dataset)> {
+    let (mut train, mut test) = match &cfg.data {
+        Some(dir) => data::cifar::load(dir)?,
+        None => {
+            say(&format!(
+                "no --data given: using the built-in synthetic dataset ({} training / {} test images, 10 classes, seed {})",
+                cfg.train_limit
+                    .unwrap_or(cfg.synthetic_train)
+                    .min(cfg.synthetic_train),
+                cfg.test_limit
+                    .unwrap_or(cfg.synthetic_test)
+                    .min(cfg.synthetic_test),
+                cfg.seed
+            ));
+            let n_train = cfg
+                .train_limit
+                .unwrap_or(cfg.synthetic_train)
+                .min(cfg.synthetic_train);
+            let n_test = cfg
+                .test_limit
+                .unwrap_or(cfg.synthetic_test)
+                .min(cfg.synthetic_test);
+            data::synthetic::train_test(cfg.seed, n_train, n_test)
+        }
+    };
+    if let Some(n) = cfg.train_limit {
+        train.truncate(n);
+    }
+    if let Some(n) = cfg.test_limit {
+        test.truncate(n);
+    }
+    if train.is_empty() || test.is_empty() {
+        return Err(Error::Invalid(
+            "the training or test set is empty: raise --train-limit / --test-limit".into(),
+        ));
+    }
+    Ok((train, test))
+}
+
+/// The eval batch size that fits the device (evaluation results do not depend on it).
+pub fn fitting_eval_batch(
+    gpu: &Gpu,
+    spec: &ModelSpec,
+    wanted: usize,
+    say: &dyn Fn(&str),
+) -> Result<usize> {
+    let fits = max_batch(gpu, spec)?;
+    if fits == 0 {
+        return Err(Error::Invalid(format!(
+            "one image of model {} does not fit this device's buffer limits",
+            spec.name
+        )));
+    }
+    if wanted > fits {
+        say(&format!(
+            "eval batch {wanted} does not fit this device's buffer limits: evaluating in batches of {fits} (results are the same)"
+        ));
+        return Ok(fits);
+    }
+    Ok(wanted)
+}
+
+struct Trainer<'g> {
+    gpu: &'g Gpu,
+    cfg: TrainConfig,
+    dir: PathBuf,
+    net: Network,
+    opt: Optimizer,
+    train: Dataset,
+    test: Dataset,
+    train_plans: (Plan, Option<Plan>),
+    eval_plans: (Plan, Option<Plan>),
+    progress: Progress,
+    history: Vec<EpochPoint>,
+    metrics_file: std::fs::File,
+    reporter: Reporter,
+    stop: Option<Arc<AtomicBool>>,
+    last_eval: Option<(f64, f64)>,
+}
+
+pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
+    let TrainOptions {
+        config: cfg,
+        out: dir,
+        resume,
+        display,
+        stop,
+    } = opts;
+    cfg.validate()?;
+    let reporter = Reporter::new(display);
+    let say = |s: &str| reporter.line(s);
+    let spec = models::load(&cfg.model)?;
+    prepare_dir(&dir, resume)?;
+    let saved = if resume {
+        Some(read_resume(&dir, &cfg)?)
+    } else {
+        None
+    };
+    check_input(&spec)?;
+    let (train, test) = load_data(&cfg, &say)?;
+    let fits = max_batch(gpu, &spec)?;
+    if cfg.batch_size > fits {
+        return Err(Error::Invalid(format!(
+            "batch size {} does not fit this device's buffer limits (max_storage_buffer_binding_size {} bytes): use --batch-size {} or less",
+            cfg.batch_size, gpu.limits.max_storage_buffer_binding_size, fits
+        )));
+    }
+    let eval_batch = fitting_eval_batch(gpu, &spec, cfg.eval_batch_size, &say)?;
+    let steps_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
+    let log_every = cfg.log_every.min(steps_per_epoch);
+    let slots = (log_every as usize).max(test.len().div_ceil(eval_batch));
+    let quant = QuantConfig {
+        w_bits: cfg.w_bits,
+        a_bits: cfg.a_bits,
+        quantize_first_layer: cfg.quantize_first_layer,
+    };
+    let mut net = Network::new(
+        gpu,
+        &spec,
+        quant,
+        cfg.batch_size.max(eval_batch),
+        true,
+        slots,
+    )?;
+    let mut opt = Optimizer::new(gpu, &net, cfg.optimizer_kind())?;
+    let progress = match saved {
+        Some((tensors, progress)) => {
+            restore(gpu, &mut net, &mut opt, &dir, tensors)?;
+            opt.t = progress.optimizer_t;
+            progress
+        }
+        None => {
+            match &cfg.init {
+                Some(p) => net.load(gpu, p)?,
+                None => init::initialise(gpu, &net, cfg.seed)?,
+            }
+            Progress {
+                epoch: 1,
+                ..Progress::default()
+            }
+        }
+    };
+    let history = repair_metrics(&dir, progress.global_step)?;
+    let metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("metrics.jsonl"))
+        .map_err(|e| Error::io(dir.join("metrics.jsonl"), e))?;
+    let plans = |batch: usize,
+                 n: usize,
+                 mode: Mode,
+                 opt: Option<&Optimizer>|
+     -> Result<(Plan, Option<Plan>)> {
+        let with_opt = |mut p: Plan| -> Result<Plan> {
+            if let Some(o) = opt {
+                p.ops.push_op(o.op(gpu, &net)?);
+            }
+            Ok(p)
+        };
+        let full = with_opt(net.plan(gpu, batch.min(n), mode)?)?;
+        let rest = n % batch;
+        let part = if rest != 0 && n > batch {
+            Some(with_opt(net.plan(gpu, rest, mode)?)?)
+        } else {
+            None
+        };
+        Ok((full, part))
+    };
+    let train_plans = plans(cfg.batch_size, train.len(), Mode::Train, Some(&opt))?;
+    let eval_plans = plans(eval_batch, test.len(), Mode::Eval, None)?;
+    let params = spec.param_count()?;
+    say(&format!(
+        "training {} ({params} parameters, W{}A{}{}) on {}: {} images, batch {}, {} steps per epoch, {} epochs; run folder {}",
+        spec.name,
+        cfg.w_bits,
+        cfg.a_bits,
+        if cfg.quantize_first_layer {
+            ", first layer quantized"
+        } else {
+            ""
+        },
+        gpu.describe(),
+        train.len(),
+        cfg.batch_size,
+        steps_per_epoch,
+        cfg.epochs,
+        dir.display()
+    ));
+    let mut t = Trainer {
+        gpu,
+        cfg,
+        dir,
+        net,
+        opt,
+        train,
+        test,
+        train_plans,
+        eval_plans,
+        progress,
+        history,
+        metrics_file,
+        reporter,
+        stop,
+        last_eval: None,
+    };
+    t.write_config()?;
+    let stopped = t.run(steps_per_epoch, log_every)?;
+    t.reporter.finish();
+    Ok(Summary {
+        run_dir: t.dir.clone(),
+        stopped,
+        epochs_done: t.progress.epoch.saturating_sub(1),
+        global_step: t.progress.global_step,
+        best_acc: t.progress.best_acc,
+        last_eval: t.last_eval,
+    })
+}
+
+/// The data are CIFAR-10-shaped images: the model must take them.
+pub fn check_input(spec: &ModelSpec) -> Result<()> {
+    let want = [data::CHANNELS, data::SIDE, data::SIDE];
+    if spec.input != want {
+        return Err(Error::Invalid(format!(
+            "model {} takes {:?} inputs, but the data are {want:?} images: set \"input\": {want:?}",
+            spec.name, spec.input
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the run folder and proves it is writable before any work is done.
+fn prepare_dir(dir: &Path, resume: bool) -> Result<()> {
+    if resume {
+        if !dir.join("resume.safetensors").is_file() {
+            return Err(Error::file(
+                dir,
+                "has no resume.safetensors: is it a wgqat run folder? (--resume takes the run's --out folder)",
+            ));
+        }
+        return Ok(());
+    }
+    if dir.join("resume.safetensors").exists() {
+        return Err(Error::file(
+            dir,
+            "already holds a run: pass --resume to continue it, or choose another --out",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::file(
+            dir,
+            format!("cannot create the run folder ({e}): choose another --out"),
+        )
+    })?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        Error::file(
+            dir,
+            format!("cannot write in the run folder ({e}): choose another --out"),
+        )
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+fn read_resume(dir: &Path, cfg: &TrainConfig) -> Result<(Vec<Named>, Progress)> {
+    let path = dir.join("resume.safetensors");
+    let (tensors, meta) = checkpoint::read(&path)?;
+    let bad = |what: &str| {
+        Error::file(
+            &path,
+            format!("{what}: the file is damaged or not written by wgqat"),
+        )
+    };
+    let saved: TrainConfig =
+        serde_json::from_str(meta.get("config").ok_or_else(|| bad("no config"))?)
+            .map_err(|_| bad("unreadable config"))?;
+    let diffs = cfg.differences_from(&saved);
+    if !diffs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "cannot resume {}: it was trained with other settings ({}); resume with the run's own settings (only --epochs and --steps may change)",
+            dir.display(),
+            diffs.join("; ")
+        )));
+    }
+    let progress: Progress =
+        serde_json::from_str(meta.get("progress").ok_or_else(|| bad("no progress"))?)
+            .map_err(|_| bad("unreadable progress"))?;
+    Ok((tensors, progress))
+}
+
+fn restore(
+    gpu: &Gpu,
+    net: &mut Network,
+    opt: &mut Optimizer,
+    dir: &Path,
+    tensors: Vec<Named>,
+) -> Result<()> {
+    let path = dir.join("resume.safetensors");
+    let (mut m, mut v) = (HashMap::new(), HashMap::new());
+    let mut model = Vec::new();
+    for t in tensors {
+        if let Some(n) = t.name.strip_prefix("optimizer.m.") {
+            m.insert(n.to_string(), t);
+        } else if let Some(n) = t.name.strip_prefix("optimizer.v.") {
+            v.insert(n.to_string(), t);
+        } else {
+            model.push(t);
+        }
+    }
+    net.load_named(gpu, &path, model)?;
+    let take = |map: &mut HashMap<String, Named>| -> Result<Vec<Vec<f32>>> {
+        net.params
+            .entries()
+            .iter()
+            .map(|e| match map.remove(&e.name) {
+                Some(Named {
+                    data: Data::F32(d),
+                    shape,
+                    ..
+                }) if shape == e.shape => Ok(d),
+                _ => Err(Error::file(
+                    &path,
+                    format!("optimizer state for {} is missing or misshapen", e.name),
+                )),
+            })
+            .collect()
+    };
+    let (mv, vv) = (take(&mut m)?, take(&mut v)?);
+    gpu.write(&opt.m, &net.params.pack(&mv))?;
+    gpu.write(&opt.v, &net.params.pack(&vv))
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `global_step` (a torn last line, or lines written
+/// after the state being resumed, are dropped) and returns the per-epoch history they hold.
+fn repair_metrics(dir: &Path, global_step: u64) -> Result<Vec<EpochPoint>> {
+    let path = dir.join("metrics.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let lines: Vec<(String, MetricsLine)> = text
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<MetricsLine>(l)
+                .ok()
+                .map(|m| (l.to_string(), m))
+        })
+        .filter(|(_, m)| m.step <= global_step)
+        .collect();
+    let mut kept = String::new();
+    for (l, _) in &lines {
+        kept.push_str(l);
+        kept.push('\n');
+    }
+    if kept != text {
+        crate::util::atomic_write(&path, kept.as_bytes())?;
+    }
+    Ok(history(
+        &lines.into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
+    ))
+}
+
+/// Per-epoch points from metrics lines: train loss/acc weighted by images, test from eval lines.
+pub fn history(lines: &[MetricsLine]) -> Vec<EpochPoint> {
+    let mut out: Vec<EpochPoint> = Vec::new();
+    let mut acc: HashMap<u32, (f64, f64, f64)> = HashMap::new();
+    for m in lines {
+        match m.kind.as_str() {
+            "train" => {
+                let e = acc.entry(m.epoch).or_default();
+                e.0 += m.loss * m.images as f64;
+                e.1 += m.acc * m.images as f64;
+                e.2 += m.images as f64;
+            }
+            "eval" => {
+                let (l, a, n) = acc.get(&m.epoch).copied().unwrap_or_default();
+                out.push(EpochPoint {
+                    epoch: m.epoch,
+                    train_loss: if n > 0.0 { l / n } else { f64::NAN },
+                    train_acc: if n > 0.0 { a / n } else { f64::NAN },
+                    test_loss: m.loss,
+                    test_acc: m.acc,
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+impl Trainer<'_> {
+    fn write_config(&self) -> Result<()> {
+        let json =
+            serde_json::to_string_pretty(&self.cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::util::atomic_write(&self.dir.join("config.json"), json.as_bytes())
+    }
+
+    fn log(&mut self, line: &MetricsLine) -> Result<()> {
+        let path = self.dir.join("metrics.jsonl");
+        let mut s = serde_json::to_string(line).map_err(|e| Error::Invalid(e.to_string()))?;
+        s.push('\n');
+        self.metrics_file
+            .write_all(s.as_bytes())
+            .and_then(|_| self.metrics_file.flush())
+            .map_err(|e| Error::io(path, e))
+    }
+
+    fn should_stop(&self) -> Option<super::trainer::Stopped> {
+        if self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            return Some(Stopped::Interrupted);
+        }
+        if self
+            .cfg
+            .steps
+            .is_some_and(|n| self.progress.global_step >= n)
+        {
+            return Some(Stopped::StepLimit);
+        }
+        None
+    }
+
+    fn run(&mut self, steps_per_epoch: u64, log_every: u64) -> Result<Stopped> {
+        let n = self.train.len();
+        let b = self.cfg.batch_size;
+        let augment = if self.cfg.augment {
+            Augment::MICRONET
+        } else {
+            Augment::NONE
+        };
+        while self.progress.epoch <= self.cfg.epochs {
+            let epoch = self.progress.epoch;
+            let lr = self.cfg.lr_at(epoch);
+            let order = data::epoch_order(n, self.cfg.seed, epoch, self.cfg.shuffle);
+            self.reporter.start_epoch(
+                epoch,
+                self.cfg.epochs,
+                steps_per_epoch,
+                self.progress.step_in_epoch,
+            );
+            let mut in_flight = VecDeque::new();
+            let (mut since, mut t0) = (0u64, Instant::now());
+            let mut images_since = 0u64;
+            while self.progress.step_in_epoch < steps_per_epoch {
+                if let Some(why) = self.should_stop() {
+                    self.flush_train(epoch, lr, since, images_since, t0)?;
+                    self.save(false)?;
+                    return Ok(why);
+                }
+                let s = self.progress.step_in_epoch;
+                let idx = &order[s as usize * b..((s as usize + 1) * b).min(n)];
+                let plan = if idx.len() == self.train_plans.0.batch {
+                    &self.train_plans.0
+                } else {
+                    self.train_plans.1.as_ref().expect("partial plan")
+                };
+                let (images, labels) = data::batch(
+                    &self.train,
+                    idx,
+                    augment,
+                    &mut data::step_rng(self.cfg.seed, epoch, s),
+                );
+                self.net.write_batch(self.gpu, plan, &images, &labels)?;
+                self.net
+                    .write_step(self.gpu, &self.opt.next_values(lr, since as u32))?;
+                in_flight.push_back(plan.ops.submit(self.gpu, "training step")?);
+                if in_flight.len() > 2 {
+                    self.gpu.wait_for(in_flight.pop_front().expect("queued"))?;
+                }
+                self.opt.t += 1;
+                self.progress.global_step += 1;
+                self.progress.step_in_epoch += 1;
+                self.net.batches_tracked.iter_mut().for_each(|c| *c += 1);
+                since += 1;
+                images_since += idx.len() as u64;
+                self.reporter.step(self.progress.step_in_epoch);
+                if since == log_every || self.progress.step_in_epoch == steps_per_epoch {
+                    self.flush_train(epoch, lr, since, images_since, t0)?;
+                    (since, images_since, t0) = (0, 0, Instant::now());
+                }
+            }
+            let (loss, acc) = self.evaluate()?;
+            self.last_eval = Some((loss, acc));
+            self.log(&MetricsLine {
+                kind: "eval".into(),
+                epoch,
+                step: self.progress.global_step,
+                loss,
+                acc,
+                lr,
+                img_per_s: None,
+                images: self.test.len() as u64,
+            })?;
+            self.reporter.line(&format!(
+                "epoch {epoch}: test loss {loss:.4}, accuracy {acc:.2}%"
+            ));
+            let best = acc > self.progress.best_acc;
+            if best {
+                self.progress.best_acc = acc;
+            }
+            self.progress.epoch += 1;
+            self.progress.step_in_epoch = 0;
+            self.save(best)?;
+            let lines = read_lines(&self.dir.join("metrics.jsonl"));
+            self.history = history(&lines);
+            curves::draw(
+                &self.dir.join("curves.png"),
+                &self.history,
+                &self.net.spec.name,
+            )?;
+        }
+        Ok(Stopped::Finished)
+    }
+
+    /// Reads the metrics of the last `since` steps, logs them and checks them for NaN.
+    fn flush_train(
+        &mut self,
+        epoch: u32,
+        lr: f64,
+        since: u64,
+        images: u64,
+        t0: Instant,
+    ) -> Result<()> {
+        if since == 0 {
+            return Ok(());
+        }
+        let m = self.net.read_metrics(self.gpu, since as usize)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let loss = m.iter().map(|x| x.0 as f64).sum::<f64>() / since as f64;
+        let correct: f64 = m.iter().map(|x| x.1 as f64).sum();
+        if let Some((k, _)) = m.iter().enumerate().find(|(_, x)| !x.0.is_finite()) {
+            let step = self.progress.global_step - since + k as u64 + 1;
+            return Err(Error::Invalid(format!(
+                "the loss became {} at step {step} (epoch {epoch}): training stopped; the checkpoints already in {} are intact (lower --lr, or check the data)",
+                m[k].0,
+                self.dir.display()
+            )));
+        }
+        let acc = 100.0 * correct / images as f64;
+        let img_s = images as f64 / secs.max(1e-9);
+        let line = MetricsLine {
+            kind: "train".into(),
+            epoch,
+            step: self.progress.global_step,
+            loss,
+            acc,
+            lr,
+            img_per_s: Some(img_s),
+            images,
+        };
+        self.log(&line)?;
+        self.reporter.train(
+            epoch,
+            self.progress.step_in_epoch,
+            self.train.len().div_ceil(self.cfg.batch_size) as u64,
+            loss,
+            acc,
+            lr,
+            img_s,
+        );
+        Ok(())
+    }
+
+    /// Test loss and accuracy (%), with running BN statistics.
+    fn evaluate(&mut self) -> Result<(f64, f64)> {
+        let n = self.test.len();
+        let b = self.eval_plans.0.batch;
+        let order: Vec<usize> = (0..n).collect();
+        let batches = n.div_ceil(b);
+        for k in 0..batches {
+            let idx = &order[k * b..((k + 1) * b).min(n)];
+            let plan = if idx.len() == b {
+                &self.eval_plans.0
+            } else {
+                self.eval_plans.1.as_ref().expect("partial eval plan")
+            };
+            let (images, labels) =
+                data::batch(&self.test, idx, Augment::NONE, &mut crate::rng::Rng::new(0));
+            self.net.write_batch(self.gpu, plan, &images, &labels)?;
+            self.net.write_step(
+                self.gpu,
+                &crate::kernels::loss::StepValues {
+                    slot: k as u32,
+                    ..Default::default()
+                },
+            )?;
+            plan.ops.submit(self.gpu, "evaluation")?;
+        }
+        let m = self.net.read_metrics(self.gpu, batches)?;
+        let mut loss = 0.0;
+        let mut correct = 0.0;
+        for (k, (l, c)) in m.iter().enumerate() {
+            let rows = b.min(n - k * b);
+            loss += *l as f64 * rows as f64;
+            correct += *c as f64;
+        }
+        Ok((loss / n as f64, 100.0 * correct / n as f64))
+    }
+
+    /// Writes `last.safetensors`, `resume.safetensors` and, when `best`, `best.safetensors`.
+    fn save(&mut self, best: bool) -> Result<()> {
+        let state = self.net.state_dict(self.gpu)?;
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        meta.insert("model".to_string(), self.net.spec.name.clone());
+        meta.insert("w_bits".to_string(), self.cfg.w_bits.to_string());
+        meta.insert("a_bits".to_string(), self.cfg.a_bits.to_string());
+        meta.insert(
+            "quantize_first_layer".to_string(),
+            self.cfg.quantize_first_layer.to_string(),
+        );
+        meta.insert(
+            "global_step".to_string(),
+            self.progress.global_step.to_string(),
+        );
+        meta.insert(
+            "epochs_done".to_string(),
+            (self.progress.epoch - 1).to_string(),
+        );
+        checkpoint::write(&self.dir.join("last.safetensors"), &state, meta.clone())?;
+        if best {
+            meta.insert(
+                "test_acc".to_string(),
+                format!("{}", self.progress.best_acc),
+            );
+            checkpoint::write(&self.dir.join("best.safetensors"), &state, meta.clone())?;
+        }
+        let mut all = state;
+        let (m, v) = (
+            self.gpu.read_f32(&self.opt.m)?,
+            self.gpu.read_f32(&self.opt.v)?,
+        );
+        for (e, (mv, vv)) in self.net.params.entries().iter().zip(
+            self.net
+                .params
+                .unpack(&m)
+                .into_iter()
+                .zip(self.net.params.unpack(&v)),
+        ) {
+            all.push(Named::f32(format!("optimizer.m.{}", e.name), &e.shape, mv));
+            all.push(Named::f32(format!("optimizer.v.{}", e.name), &e.shape, vv));
+        }
+        self.progress.optimizer_t = self.opt.t;
+        meta.insert(
+            "config".to_string(),
+            serde_json::to_string(&self.cfg).map_err(|e| Error::Invalid(e.to_string()))?,
+        );
+        meta.insert(
+            "progress".to_string(),
+            serde_json::to_string(&self.progress).map_err(|e| Error::Invalid(e.to_string()))?,
+        );
+        checkpoint::write(&self.dir.join("resume.safetensors"), &all, meta)
+    }
+}
+
+/// Parsed lines of a metrics file (unreadable lines skipped).
+pub fn read_lines(path: &Path) -> Vec<MetricsLine> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
