@@ -13,7 +13,7 @@ pub fn parse(bytes: &[u8], origin: &Path) -> Result<Dataset> {
             "is empty: a CIFAR-10 batch file holds 3073-byte records",
         ));
     }
-    if bytes.len() % RECORD_BYTES != 0 {
+    if !bytes.len().is_multiple_of(RECORD_BYTES) {
         return Err(Error::file(
             origin,
             format!(

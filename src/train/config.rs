@@ -101,6 +101,10 @@ impl Default for TrainConfig {
     }
 }
 
+fn non_negative(v: f32) -> bool {
+    v.is_finite() && v >= 0.0
+}
+
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 || self.eval_batch_size == 0 {
@@ -122,8 +126,7 @@ impl TrainConfig {
                 self.lr
             )));
         }
-        if !(self.wd.is_finite() && self.wd >= 0.0)
-            || !(self.momentum.is_finite() && self.momentum >= 0.0)
+        if !non_negative(self.wd) || !non_negative(self.momentum)
         {
             return Err(Error::Invalid(
                 "--wd and --momentum must be finite and non-negative".into(),

@@ -28,13 +28,16 @@ fn register_font() {
     });
 }
 
+/// A named, coloured line of (epoch, value) points.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 type Panel<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 fn panel(
     area: &Panel,
     title: &str,
     y_label: &str,
-    series: &[(&str, RGBColor, Vec<(f64, f64)>)],
+    series: &[Series],
     x_max: f64,
 ) -> std::result::Result<(), String> {
     let ys = series
