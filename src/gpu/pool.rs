@@ -37,6 +37,8 @@ pub struct PooledBuffer {
     buffer: Option<wgpu::Buffer>,
     key: Key,
     pool: Weak<Mutex<Inner>>,
+    /// Newly created (so zero-filled by wgpu), not reused.
+    fresh: bool,
 }
 
 impl PooledBuffer {
@@ -47,6 +49,11 @@ impl PooledBuffer {
     /// The buffer's size in bytes (a multiple of 256).
     pub fn size(&self) -> u64 {
         self.key.0
+    }
+
+    /// Whether the buffer was just created: wgpu zero-fills new buffers, reused ones keep data.
+    pub fn fresh(&self) -> bool {
+        self.fresh
     }
 }
 
@@ -133,6 +140,7 @@ impl BufferPool {
                 buffer: Some(buf),
                 key,
                 pool: Arc::downgrade(&self.inner),
+                fresh: false,
             });
         }
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -154,6 +162,7 @@ impl BufferPool {
             buffer: Some(buffer),
             key,
             pool: Arc::downgrade(&self.inner),
+            fresh: true,
         })
     }
 }

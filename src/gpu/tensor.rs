@@ -148,11 +148,13 @@ impl Gpu {
         })
     }
 
-    /// A zero-filled tensor.
+    /// A zero-filled tensor (new buffers are zero already; a reused one is cleared).
     pub fn zeros(&self, what: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let t = self.empty(what, shape, dtype)?;
-        let zeros = vec![0u8; t.buf.size() as usize];
-        self.queue.write_buffer(t.buffer(), 0, &zeros);
+        if !t.buf.fresh() {
+            let zeros = vec![0u8; t.buf.size() as usize];
+            self.queue.write_buffer(t.buffer(), 0, &zeros);
+        }
         Ok(t)
     }
 

@@ -133,7 +133,8 @@ pub struct Network {
     pub batches_tracked: Vec<i64>,
     capacity: usize,
     trainable: bool,
-    buffers: Vec<LayerBuffers>,
+    /// Allocated by the first plan, so that weights can be loaded and checked without them.
+    buffers: std::sync::OnceLock<Vec<LayerBuffers>>,
     input: Tensor,
     labels: Tensor,
     per_row: Tensor,
@@ -374,7 +375,7 @@ impl Network {
         let step = gpu.zeros("step values", &[STEP_WORDS], DType::U32)?;
         let metric_slots = metric_slots.max(1);
         let metrics = gpu.zeros("metrics", &[2 * metric_slots], DType::F32)?;
-        let mut net = Network {
+        let net = Network {
             spec: spec.clone(),
             quant,
             layers,
@@ -386,7 +387,7 @@ impl Network {
             batches_tracked,
             capacity,
             trainable,
-            buffers: Vec::new(),
+            buffers: std::sync::OnceLock::new(),
             input,
             labels,
             per_row,
@@ -394,7 +395,6 @@ impl Network {
             metrics,
             metric_slots,
         };
-        net.buffers = net.alloc_buffers(gpu)?;
         net.init_running(gpu)?;
         Ok(net)
     }
@@ -405,6 +405,15 @@ impl Network {
 
     pub fn metric_slots(&self) -> usize {
         self.metric_slots
+    }
+
+    /// Grows the metrics buffer to at least `slots` (plans must be recorded after this).
+    pub fn ensure_metric_slots(&mut self, gpu: &Gpu, slots: usize) -> Result<()> {
+        if slots > self.metric_slots {
+            self.metrics = gpu.zeros("metrics", &[2 * slots], DType::F32)?;
+            self.metric_slots = slots;
+        }
+        Ok(())
     }
 
     /// Names of the layers whose weights are quantized.
@@ -497,8 +506,16 @@ impl Network {
         gpu.write(&self.running_arena, &self.running.pack(&values))
     }
 
+    fn buffers(&self, gpu: &Gpu) -> Result<&[LayerBuffers]> {
+        if self.buffers.get().is_none() {
+            let _ = self.buffers.set(self.alloc_buffers(gpu)?);
+        }
+        Ok(self.buffers.get().expect("just set"))
+    }
+
     /// Records the plan of one batch of `batch` rows (at most the capacity).
     pub fn plan(&self, gpu: &Gpu, batch: usize, mode: Mode) -> Result<Plan> {
+        let buffers = self.buffers(gpu)?;
         if batch == 0 || batch > self.capacity {
             return Err(Error::Invalid(format!(
                 "batch of {batch} rows for a network built for at most {}",
@@ -516,14 +533,14 @@ impl Network {
         let mut bwd: Vec<Vec<Op>> = Vec::new();
         let mut x = input.clone();
         let mut dx: Option<Tensor> = None;
-        for i in 0..self.layers.len() {
-            let buf = &self.buffers[i];
+        for (i, buf) in buffers.iter().enumerate() {
             let y = at_batch(&buf.out, batch)?;
             let dy = buf.dout.as_ref().map(|d| at_batch(d, batch)).transpose()?;
             let want_dx = mode == Mode::Train && self.needs_input_grad(i);
             let (f, b) = self.layer_ops(
                 gpu,
                 i,
+                buf,
                 mode,
                 &x,
                 want_dx.then_some(()).and(dx.as_ref()),
@@ -539,7 +556,7 @@ impl Network {
         // Loss and metrics: the output's gradient comes from the loss in training.
         let rows =
             at_batch(&self.per_row.reshape(&[self.capacity, 2])?, batch)?.reshape(&[2 * batch])?;
-        let last = self.buffers.last().expect("model has layers");
+        let last = buffers.last().expect("model has layers");
         let out = at_batch(&last.out, batch)?;
         let scratch;
         let dout = match (mode, &last.dout) {
@@ -606,6 +623,7 @@ impl Network {
         &self,
         gpu: &Gpu,
         i: usize,
+        buf: &LayerBuffers,
         mode: Mode,
         x: &Tensor,
         dx: Option<&Tensor>,
@@ -614,7 +632,6 @@ impl Network {
         batch: usize,
     ) -> Result<(Vec<Op>, Vec<Op>)> {
         let l = &self.layers[i];
-        let buf = &self.buffers[i];
         let train = mode == Mode::Train;
         let p = |idx: Option<usize>| {
             idx.map(|k| self.params.view(&self.param_arena, k))
@@ -802,9 +819,10 @@ impl Network {
         Ok(all.chunks(2).take(n).map(|c| (c[0], c[1])).collect())
     }
 
-    /// The network's output buffer `(capacity, ...)` (logits of the last forward, in its first rows).
-    pub fn output(&self) -> &Tensor {
-        &self.buffers.last().expect("model has layers").out
+    /// The network's output buffer `(capacity, ...)` (logits of the last forward, in its first
+    /// rows); allocated with the first plan.
+    pub fn output(&self) -> Option<&Tensor> {
+        self.buffers.get().and_then(|b| b.last()).map(|l| &l.out)
     }
 
     /// The gradient arena (for tests; zero padding).

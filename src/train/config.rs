@@ -126,8 +126,7 @@ impl TrainConfig {
                 self.lr
             )));
         }
-        if !non_negative(self.wd) || !non_negative(self.momentum)
-        {
+        if !non_negative(self.wd) || !non_negative(self.momentum) {
             return Err(Error::Invalid(
                 "--wd and --momentum must be finite and non-negative".into(),
             ));

@@ -65,7 +65,10 @@ pub fn evaluate(
             data::batch(&test, &idx, Augment::NONE, &mut crate::rng::Rng::new(0));
         net.write_batch(gpu, plan, &images, &labels)?;
         net.write_step(gpu, &StepValues::default())?;
-        let out = net.output().view(0, &[idx.len() * classes])?;
+        let out = net
+            .output()
+            .expect("planned")
+            .view(0, &[idx.len() * classes])?;
         let read: Vec<Vec<f32>> =
             gpu.run_and_read("evaluation", plan.ops.ops(), &[&out, &net.metrics])?;
         for row in read[0].chunks(classes) {

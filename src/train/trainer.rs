@@ -177,17 +177,52 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
         stop,
     } = opts;
     cfg.validate()?;
-    let reporter = Reporter::new(display);
-    let say = |s: &str| reporter.line(s);
     let spec = models::load(&cfg.model)?;
-    prepare_dir(&dir, resume)?;
+    check_input(&spec)?;
+    let created = prepare_dir(&dir, resume)?;
+    let reporter = Reporter::new(display);
+    let result = setup(gpu, cfg, spec, dir.clone(), resume, reporter, stop);
+    let mut t = match result {
+        Ok(t) => t,
+        Err(e) => {
+            // Nothing was written yet: leave no empty run folder behind.
+            if created {
+                let _ = std::fs::remove_dir(&dir);
+            }
+            return Err(e);
+        }
+    };
+    t.write_config()?;
+    let steps_per_epoch = t.train.len().div_ceil(t.cfg.batch_size) as u64;
+    let stopped = t.run(steps_per_epoch, t.cfg.log_every.min(steps_per_epoch))?;
+    t.reporter.finish();
+    Ok(Summary {
+        run_dir: t.dir.clone(),
+        stopped,
+        epochs_done: t.progress.epoch.saturating_sub(1),
+        global_step: t.progress.global_step,
+        best_acc: t.progress.best_acc,
+        last_eval: t.last_eval,
+    })
+}
+
+/// Everything before the first step: network, weights (init, checkpoint or resumed state), data
+/// and plans. The model and weights are checked before the data are read, so bad input fails fast.
+fn setup<'g>(
+    gpu: &'g Gpu,
+    cfg: TrainConfig,
+    spec: ModelSpec,
+    dir: PathBuf,
+    resume: bool,
+    reporter: Reporter,
+    stop: Option<Arc<AtomicBool>>,
+) -> Result<Trainer<'g>> {
+    let say = |s: &str| reporter.line(s);
     let saved = if resume {
         Some(read_resume(&dir, &cfg)?)
     } else {
         None
     };
-    check_input(&spec)?;
-    let (train, test) = load_data(&cfg, &say)?;
     let fits = max_batch(gpu, &spec)?;
     if cfg.batch_size > fits {
         return Err(Error::Invalid(format!(
@@ -196,22 +231,12 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
         )));
     }
     let eval_batch = fitting_eval_batch(gpu, &spec, cfg.eval_batch_size, &say)?;
-    let steps_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
-    let log_every = cfg.log_every.min(steps_per_epoch);
-    let slots = (log_every as usize).max(test.len().div_ceil(eval_batch));
     let quant = QuantConfig {
         w_bits: cfg.w_bits,
         a_bits: cfg.a_bits,
         quantize_first_layer: cfg.quantize_first_layer,
     };
-    let mut net = Network::new(
-        gpu,
-        &spec,
-        quant,
-        cfg.batch_size.max(eval_batch),
-        true,
-        slots,
-    )?;
+    let mut net = Network::new(gpu, &spec, quant, cfg.batch_size.max(eval_batch), true, 1)?;
     let mut opt = Optimizer::new(gpu, &net, cfg.optimizer_kind())?;
     let progress = match saved {
         Some((tensors, progress)) => {
@@ -230,6 +255,13 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
             }
         }
     };
+    let (train, test) = load_data(&cfg, &say)?;
+    let steps_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
+    let log_every = cfg.log_every.min(steps_per_epoch);
+    net.ensure_metric_slots(
+        gpu,
+        (log_every as usize).max(test.len().div_ceil(eval_batch)),
+    )?;
     let history = repair_metrics(&dir, progress.global_step)?;
     let metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -258,10 +290,10 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
     };
     let train_plans = plans(cfg.batch_size, train.len(), Mode::Train, Some(&opt))?;
     let eval_plans = plans(eval_batch, test.len(), Mode::Eval, None)?;
-    let params = spec.param_count()?;
     say(&format!(
-        "training {} ({params} parameters, W{}A{}{}) on {}: {} images, batch {}, {} steps per epoch, {} epochs; run folder {}",
+        "training {} ({} parameters, W{}A{}{}) on {}: {} images, batch {}, {} steps per epoch, {} epochs; run folder {}",
         spec.name,
+        spec.param_count()?,
         cfg.w_bits,
         cfg.a_bits,
         if cfg.quantize_first_layer {
@@ -276,7 +308,7 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
         cfg.epochs,
         dir.display()
     ));
-    let mut t = Trainer {
+    Ok(Trainer {
         gpu,
         cfg,
         dir,
@@ -292,17 +324,6 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
         reporter,
         stop,
         last_eval: None,
-    };
-    t.write_config()?;
-    let stopped = t.run(steps_per_epoch, log_every)?;
-    t.reporter.finish();
-    Ok(Summary {
-        run_dir: t.dir.clone(),
-        stopped,
-        epochs_done: t.progress.epoch.saturating_sub(1),
-        global_step: t.progress.global_step,
-        best_acc: t.progress.best_acc,
-        last_eval: t.last_eval,
     })
 }
 
@@ -318,8 +339,9 @@ pub fn check_input(spec: &ModelSpec) -> Result<()> {
     Ok(())
 }
 
-/// Creates the run folder and proves it is writable before any work is done.
-fn prepare_dir(dir: &Path, resume: bool) -> Result<()> {
+/// Creates the run folder and proves it is writable before any work is done; returns whether
+/// it was created here.
+fn prepare_dir(dir: &Path, resume: bool) -> Result<bool> {
     if resume {
         if !dir.join("resume.safetensors").is_file() {
             return Err(Error::file(
@@ -327,8 +349,9 @@ fn prepare_dir(dir: &Path, resume: bool) -> Result<()> {
                 "has no resume.safetensors: is it a wgqat run folder? (--resume takes the run's --out folder)",
             ));
         }
-        return Ok(());
+        return Ok(false);
     }
+    let existed = dir.exists();
     if dir.join("resume.safetensors").exists() {
         return Err(Error::file(
             dir,
@@ -349,7 +372,7 @@ fn prepare_dir(dir: &Path, resume: bool) -> Result<()> {
         )
     })?;
     let _ = std::fs::remove_file(probe);
-    Ok(())
+    Ok(!existed)
 }
 
 fn read_resume(dir: &Path, cfg: &TrainConfig) -> Result<(Vec<Named>, Progress)> {

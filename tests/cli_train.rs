@@ -1,0 +1,286 @@
+//! `wgqat train` and `wgqat eval` as a user runs them: a CIFAR-10-format folder end to end, and
+//! bad input, each a one-line error naming the problem, a non-zero exit and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn wgqat(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_wgqat"))
+        .args(args)
+        .output()
+        .expect("run wgqat")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wgqat-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ci_model() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ci_nin.json")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A CIFAR-10 binary folder with small synthetic sets.
+fn cifar_dir(name: &str) -> PathBuf {
+    let d = tmp(name);
+    let (train, test) = wgqat::data::synthetic::train_test(3, 64, 40);
+    std::fs::write(d.join("data_batch_1.bin"), train.to_records()).unwrap();
+    std::fs::write(d.join("test_batch.bin"), test.to_records()).unwrap();
+    d
+}
+
+/// Asserts failure with wgqat's one-line error containing every `needle`.
+fn fails_with(out: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in {err}"));
+    for n in needles {
+        assert!(line.contains(n), "{n:?} not in {line:?}");
+    }
+}
+
+#[test]
+fn trains_and_evaluates_a_cifar_folder_and_writes_predictions() {
+    let data = cifar_dir("ok");
+    let out = data.join("run");
+    let o = wgqat(&[
+        "train",
+        "--model",
+        &ci_model(),
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--eval-batch-size",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+        "--plain",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("epoch 1: test loss"), "{err}");
+    let preds = data.join("preds.txt");
+    let o = wgqat(&[
+        "eval",
+        "--checkpoint",
+        out.join("last.safetensors").to_str().unwrap(),
+        "--model",
+        &ci_model(),
+        "--data",
+        data.to_str().unwrap(),
+        "--predictions",
+        preds.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["images"], 40);
+    // eval agrees with the trainer's own evaluation after the epoch.
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|m: &serde_json::Value| m["kind"] == "eval")
+        .collect();
+    assert!((v["acc"].as_f64().unwrap() - evals[0]["acc"].as_f64().unwrap()).abs() < 1e-9);
+    let lines: Vec<u32> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(lines.len(), 40);
+    assert!(lines.iter().all(|&l| l < 10));
+    std::fs::remove_dir_all(&data).unwrap();
+}
+
+#[test]
+fn missing_or_empty_data_folders_are_errors() {
+    fails_with(
+        &wgqat(&["train", "--data", "/no/such/folder", "--steps", "1"]),
+        &["/no/such/folder", "not a folder"],
+    );
+    let empty = tmp("empty");
+    fails_with(
+        &wgqat(&["train", "--data", empty.to_str().unwrap(), "--steps", "1"]),
+        &["no CIFAR-10 binary files"],
+    );
+    std::fs::remove_dir_all(&empty).unwrap();
+}
+
+#[test]
+fn truncated_files_and_bad_labels_are_errors_naming_the_file() {
+    let data = cifar_dir("bad");
+    let f = data.join("data_batch_1.bin");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    fails_with(
+        &wgqat(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            &ci_model(),
+            "--steps",
+            "1",
+        ]),
+        &["data_batch_1.bin", "3073"],
+    );
+    let mut bad = bytes.clone();
+    bad[3073] = 12;
+    std::fs::write(&f, &bad).unwrap();
+    fails_with(
+        &wgqat(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            &ci_model(),
+            "--steps",
+            "1",
+        ]),
+        &["record 1", "label 12"],
+    );
+    std::fs::remove_dir_all(&data).unwrap();
+}
+
+#[test]
+fn bad_models_bits_and_batch_sizes_are_errors() {
+    fails_with(
+        &wgqat(&["train", "--model", "resnet50", "--steps", "1"]),
+        &["unknown model", "resnet50"],
+    );
+    for b in ["1", "0", "33"] {
+        fails_with(
+            &wgqat(&["train", "--w-bits", b, "--steps", "1"]),
+            &[b, "bits"],
+        );
+        fails_with(&wgqat(&["train", "--a-bits", b, "--steps", "1"]), &["bits"]);
+    }
+    fails_with(
+        &wgqat(&["train", "--batch-size", "0", "--steps", "1"]),
+        &["batch size 0"],
+    );
+    let dir = tmp("json");
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, r#"{"input": [3, 32, 32], "layers": [{"type": "conv", "out": 8, "kernel": 3, "groups": 5}]}"#).unwrap();
+    fails_with(
+        &wgqat(&["train", "--model", bad.to_str().unwrap(), "--steps", "1"]),
+        &["layer 0", "conv", "divisible by groups"],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn checkpoints_with_wrong_shapes_or_garbage_are_errors_naming_the_key() {
+    let dir = tmp("ckpt");
+    // A checkpoint of ci_nin offered to nin_gc: the first conv has the wrong shape.
+    let out = dir.join("run");
+    let o = wgqat(&[
+        "train",
+        "--model",
+        &ci_model(),
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--train-limit",
+        "8",
+        "--test-limit",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = out.join("last.safetensors");
+    fails_with(
+        &wgqat(&[
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--model",
+            "nin_gc",
+            "--test-limit",
+            "4",
+        ]),
+        &["model.0.conv.weight", "[8, 3, 3, 3]", "[256, 3, 5, 5]"],
+    );
+    fails_with(
+        &wgqat(&["train", "--init", ckpt.to_str().unwrap(), "--steps", "1"]),
+        &["model.0.conv.weight", "shape"],
+    );
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"this is not a checkpoint").unwrap();
+    fails_with(
+        &wgqat(&[
+            "eval",
+            "--checkpoint",
+            junk.to_str().unwrap(),
+            "--model",
+            &ci_model(),
+        ]),
+        &["junk.safetensors", "safetensors"],
+    );
+    let cut = dir.join("cut.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        &wgqat(&[
+            "eval",
+            "--checkpoint",
+            cut.to_str().unwrap(),
+            "--model",
+            &ci_model(),
+        ]),
+        &["cut.safetensors"],
+    );
+    fails_with(
+        &wgqat(&[
+            "eval",
+            "--checkpoint",
+            dir.join("none.safetensors").to_str().unwrap(),
+        ]),
+        &["none.safetensors"],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_output_folder_that_cannot_be_written_is_an_error() {
+    let dir = tmp("ro");
+    let blocker = dir.join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    // A run folder below a regular file cannot be created.
+    fails_with(
+        &wgqat(&[
+            "train",
+            "--model",
+            &ci_model(),
+            "--steps",
+            "1",
+            "--out",
+            blocker.join("run").to_str().unwrap(),
+        ]),
+        &["--out"],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
