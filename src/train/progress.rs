@@ -44,6 +44,15 @@ impl Reporter {
         }
     }
 
+    /// Seconds between interim updates on slow devices: a bar refreshes often, log lines rarely.
+    pub fn refresh_seconds(&self) -> f64 {
+        match self.mode {
+            Display::Auto => 5.0,
+            Display::Plain => 30.0,
+            Display::Quiet => f64::INFINITY,
+        }
+    }
+
     pub fn step(&self, pos: u64) {
         if let Some(b) = &self.bar {
             b.set_position(pos);

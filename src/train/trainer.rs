@@ -558,6 +558,7 @@ impl Trainer<'_> {
             let mut in_flight = VecDeque::new();
             let (mut since, mut t0) = (0u64, Instant::now());
             let mut images_since = 0u64;
+            let mut shown = Instant::now();
             while self.progress.step_in_epoch < steps_per_epoch {
                 if let Some(why) = self.should_stop() {
                     self.flush_train(epoch, lr, since, images_since, t0)?;
@@ -594,6 +595,12 @@ impl Trainer<'_> {
                 if since == log_every || self.progress.step_in_epoch == steps_per_epoch {
                     self.flush_train(epoch, lr, since, images_since, t0)?;
                     (since, images_since, t0) = (0, 0, Instant::now());
+                    shown = Instant::now();
+                } else if shown.elapsed().as_secs_f64() > self.reporter.refresh_seconds() {
+                    // Slow devices: show the running interval now and then (not logged, so the
+                    // metrics file does not depend on timing).
+                    self.show_interim(epoch, lr, since, images_since, t0)?;
+                    shown = Instant::now();
                 }
             }
             let (loss, acc) = self.evaluate()?;
@@ -675,6 +682,17 @@ impl Trainer<'_> {
             lr,
             img_s,
         );
+        Ok(())
+    }
+
+    /// Shows the metrics of the running interval without logging them.
+    fn show_interim(&mut self, epoch: u32, lr: f64, since: u64, images: u64, t0: Instant) -> Result<()> {
+        let m = self.net.read_metrics(self.gpu, since as usize)?;
+        let loss = m.iter().map(|x| x.0 as f64).sum::<f64>() / since as f64;
+        let acc = 100.0 * m.iter().map(|x| x.1 as f64).sum::<f64>() / images as f64;
+        let img_s = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let steps = self.train.len().div_ceil(self.cfg.batch_size) as u64;
+        self.reporter.train(epoch, self.progress.step_in_epoch, steps, loss, acc, lr, img_s);
         Ok(())
     }
 
