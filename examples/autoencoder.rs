@@ -39,7 +39,11 @@ fn up(out: usize, name: &str) -> LayerSpec {
 }
 
 fn bn(name: &str) -> LayerSpec {
-    LayerSpec::BatchNorm { eps: 1e-5, momentum: 0.1, name: Some(name.into()) }
+    LayerSpec::BatchNorm {
+        eps: 1e-5,
+        momentum: 0.1,
+        name: Some(name.into()),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,10 +52,16 @@ fn main() -> anyhow::Result<()> {
         name: "autoencoder".into(),
         input: [3, 32, 32],
         layers: vec![
-            conv(16, 2, "enc.0"), bn("enc.0.bn"), LayerSpec::Relu, // 16 x 16 x 16
-            conv(32, 2, "enc.1"), bn("enc.1.bn"), LayerSpec::Relu, // 32 x 8 x 8
-            up(16, "dec.0"), bn("dec.0.bn"), LayerSpec::Relu,      // 16 x 16 x 16
-            up(3, "dec.1"),                                         // 3 x 32 x 32
+            conv(16, 2, "enc.0"),
+            bn("enc.0.bn"),
+            LayerSpec::Relu, // 16 x 16 x 16
+            conv(32, 2, "enc.1"),
+            bn("enc.1.bn"),
+            LayerSpec::Relu, // 32 x 8 x 8
+            up(16, "dec.0"),
+            bn("dec.0.bn"),
+            LayerSpec::Relu, // 16 x 16 x 16
+            up(3, "dec.1"),  // 3 x 32 x 32
         ],
         loss: LossKind::Mse,
     };
@@ -59,17 +69,32 @@ fn main() -> anyhow::Result<()> {
     let batch = 32;
     let net = Network::new(&gpu, &spec, QuantConfig::default(), batch, true, 1)?;
     init::initialise(&gpu, &net, 1)?;
-    println!("{} parameters, quantized layers: {:?}", spec.param_count()?, net.quantized_layers());
+    println!(
+        "{} parameters, quantized layers: {:?}",
+        spec.param_count()?,
+        net.quantized_layers()
+    );
 
     // One recorded step: forward, MSE against the input, backward, Adam.
-    let mut opt = Optimizer::new(&gpu, &net, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
+    let mut opt = Optimizer::new(
+        &gpu,
+        &net,
+        OptimizerKind::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
     let mut plan = net.plan(&gpu, batch, Mode::Train)?;
     plan.ops.push_op(opt.op(&gpu, &net)?);
 
     let images = data::synthetic::generate(7, 1, 2_048);
     let mut rng = wgqat::rng::Rng::new(1);
     for step in 0..steps {
-        let idx: Vec<usize> = (0..batch).map(|_| rng.below(images.len() as u64) as usize).collect();
+        let idx: Vec<usize> = (0..batch)
+            .map(|_| rng.below(images.len() as u64) as usize)
+            .collect();
         let (x, labels) = data::batch(&images, &idx, Augment::NONE, &mut rng);
         net.write_batch(&gpu, &plan, &x, &labels)?;
         net.write_step(&gpu, &opt.next_values(3e-3, 0))?;

@@ -11,7 +11,9 @@ use wgqat::train::{TrainConfig, TrainOptions, train};
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let steps: u64 = args.next().map_or(Ok(200), |s| s.parse())?;
-    let out = args.next().unwrap_or_else(|| format!("runs/example-{}", wgqat::util::timestamp()));
+    let out = args
+        .next()
+        .unwrap_or_else(|| format!("runs/example-{}", wgqat::util::timestamp()));
 
     // The first adapter wgpu ranks highest (WGPU_BACKEND / WGPU_ADAPTER_NAME choose another).
     let gpu = Gpu::new(&GpuOptions::default())?;
@@ -29,10 +31,23 @@ fn main() -> anyhow::Result<()> {
         log_every: 20,
         ..TrainConfig::default()
     };
-    let summary = train(&gpu, TrainOptions { config, out: out.into(), resume: false, display: Display::Auto, stop: None })?;
+    let summary = train(
+        &gpu,
+        TrainOptions {
+            config,
+            out: out.into(),
+            resume: false,
+            display: Display::Auto,
+            stop: None,
+        },
+    )?;
 
     // The run folder holds last.safetensors (micronet's state-dict names), metrics.jsonl,
     // curves.png and resume.safetensors (`wgqat train --resume <folder>` continues it).
-    println!("{} steps; run folder {}", summary.global_step, summary.run_dir.display());
+    println!(
+        "{} steps; run folder {}",
+        summary.global_step,
+        summary.run_dir.display()
+    );
     Ok(())
 }

@@ -16,6 +16,14 @@ Usage:
   python3 tools/torch_reference.py --model tests/fixtures/tiny_nin_gc.json --bits 8 \
       --out tests/fixtures/parity_w8a8.safetensors
   python3 tools/torch_reference.py --model nin_gc.json --init-only --out init.safetensors
+
+One step of micronet's nin_gc against wgqat on the first batch of a CIFAR-10 binary folder:
+  wgqat model nin_gc > nin_gc.json
+  python3 tools/torch_reference.py --model nin_gc.json --data DIR --batch 50 --lr 0.01 \
+      --init-out init.safetensors --out ref.safetensors
+  wgqat train --init init.safetensors --data DIR --optimizer sgd --no-augment --no-shuffle \
+      --steps 1 --batch-size 50 --out run
+  python3 tools/compare_step.py ref.safetensors run
 """
 import argparse
 import json
@@ -153,6 +161,21 @@ class Net(nn.Module):
         return x
 
 
+def first_batch(folder, n):
+    """The first n records of data_batch_1.bin, normalised as micronet's test transform."""
+    import os
+    import numpy as np
+    path = os.path.join(folder, "data_batch_1.bin")
+    if not os.path.exists(path):
+        path = os.path.join(folder, "cifar-10-batches-bin", "data_batch_1.bin")
+    rec = np.fromfile(path, dtype=np.uint8)[: n * 3073].reshape(n, 3073)
+    labels = torch.from_numpy(rec[:, 0].astype(np.int64))
+    x = torch.from_numpy(rec[:, 1:].astype(np.float32).reshape(n, 3, 32, 32)) / 255.0
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+    return (x - mean) / std, labels
+
+
 def micronet_init(net):
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
@@ -180,6 +203,8 @@ def main():
     ap.add_argument("--wd", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--init-only", action="store_true", help="write just the initial state dict")
+    ap.add_argument("--data", help="CIFAR-10 binary folder: use its first batch (no shuffle, no augmentation)")
+    ap.add_argument("--init-out", help="also write the initial state dict here (for wgqat train --init)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -192,9 +217,14 @@ def main():
         print(f"{args.out}: initial state of {len(net.state_dict())} tensors")
         return
     init = {k: v.clone() for k, v in net.state_dict().items()}
+    if args.init_out:
+        save_file({k: v.detach().contiguous() for k, v in init.items()}, args.init_out)
     c, h, w = spec["input"]
-    x = torch.randn(args.batch, c, h, w)
-    labels = torch.randint(0, 10, (args.batch,))
+    if args.data:
+        x, labels = first_batch(args.data, args.batch)
+    else:
+        x = torch.randn(args.batch, c, h, w)
+        labels = torch.randint(0, 10, (args.batch,))
     out = {"input": x, "labels": labels.to(torch.int64)}
     out.update(state(net, "init"))
 

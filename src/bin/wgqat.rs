@@ -35,6 +35,14 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Test loss and accuracy of a checkpoint.
     Eval(EvalArgs),
+    /// Print a model as JSON (the vocabulary of --model FILE.json), or its layers and shapes.
+    Model {
+        /// nin_gc, nin, or a model JSON file.
+        name: String,
+        /// A table of layers, output shapes and parameters instead of JSON.
+        #[arg(long)]
+        summary: bool,
+    },
     /// Run every kernel and direction against the CPU reference on this adapter; exit non-zero
     /// on any failure. Check a new GPU or driver with it before training or embedding.
     Selftest {
@@ -241,6 +249,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info { gpu, json } => info(&gpu.options(), json),
         Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
+        Command::Model { name, summary } => model(&name, summary),
         Command::Selftest { gpu, json, filter } => {
             selftest(&gpu.options(), json, filter.as_deref())
         }
@@ -638,4 +647,27 @@ fn safetensors_meta(path: &std::path::Path) -> std::collections::HashMap<String,
     wgqat::nn::checkpoint::read(path)
         .map(|(_, m)| m)
         .unwrap_or_default()
+}
+
+fn model(name: &str, summary: bool) -> anyhow::Result<ExitCode> {
+    let spec = wgqat::models::load(name)?;
+    if !summary {
+        println!("{}", serde_json::to_string_pretty(&spec)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let shapes = spec.shapes()?;
+    let params = spec.param_counts()?;
+    println!("{}: input {:?}", spec.name, spec.input);
+    for (i, l) in spec.layers.iter().enumerate() {
+        println!(
+            "{:>3} {:<15} {:<16} {:>14}  {:>9}",
+            i,
+            l.kind(),
+            l.name().unwrap_or(""),
+            format!("{:?}", shapes[i + 1]),
+            params[i]
+        );
+    }
+    println!("{} parameters", params.iter().sum::<usize>());
+    Ok(ExitCode::SUCCESS)
 }

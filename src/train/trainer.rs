@@ -686,13 +686,28 @@ impl Trainer<'_> {
     }
 
     /// Shows the metrics of the running interval without logging them.
-    fn show_interim(&mut self, epoch: u32, lr: f64, since: u64, images: u64, t0: Instant) -> Result<()> {
+    fn show_interim(
+        &mut self,
+        epoch: u32,
+        lr: f64,
+        since: u64,
+        images: u64,
+        t0: Instant,
+    ) -> Result<()> {
         let m = self.net.read_metrics(self.gpu, since as usize)?;
         let loss = m.iter().map(|x| x.0 as f64).sum::<f64>() / since as f64;
         let acc = 100.0 * m.iter().map(|x| x.1 as f64).sum::<f64>() / images as f64;
         let img_s = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let steps = self.train.len().div_ceil(self.cfg.batch_size) as u64;
-        self.reporter.train(epoch, self.progress.step_in_epoch, steps, loss, acc, lr, img_s);
+        self.reporter.train(
+            epoch,
+            self.progress.step_in_epoch,
+            steps,
+            loss,
+            acc,
+            lr,
+            img_s,
+        );
         Ok(())
     }
 
