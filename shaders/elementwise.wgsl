@@ -31,7 +31,10 @@ fn relu_forward(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let v = fwd_x[i];
-    fwd_y[i] = select(v, 0.0, v <= 0.0);
+    // Zero for v <= 0 by sign and magnitude bits, so NaN is kept even where compilers assume
+    // floats are never NaN.
+    let b = bitcast<u32>(v);
+    fwd_y[i] = select(v, 0.0, (b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u || b == 0u);
 }
 
 // dx = dy where the forward output y > 0, else 0 (PyTorch's rule for ReLU).

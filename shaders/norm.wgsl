@@ -134,7 +134,10 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let c = channel_of(i);
     let v = gamma[c] * ((x[i] - stats_in[c]) * stats_in[p.c + c]) + beta[c];
-    y[i] = select(v, select(v, 0.0, v <= 0.0), p.relu == 1u);
+    // ReLU by bits (negative or zero, not NaN), so NaN is kept where compilers assume no NaN.
+    let b = bitcast<u32>(v);
+    let nonpositive = ((b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u) || b == 0u;
+    y[i] = select(v, 0.0, p.relu == 1u && nonpositive);
 }
 
 fn masked_dy(i: u32) -> f32 {

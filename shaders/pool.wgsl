@@ -34,6 +34,11 @@ struct Params {
 
 const WG: u32 = 256u;
 
+// NaN by bit pattern (float tests like `v != v` may be folded away by Vulkan compilers).
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
@@ -68,7 +73,7 @@ fn maxpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
             let at = u32(iy) * p.w + u32(ix);
             let v = x[base + at];
             // First element, a strictly larger one, or a NaN (which then sticks) wins.
-            if (!seen || (v > best && best == best) || (v != v && best == best)) {
+            if (!seen || (!is_nan(best) && (v > best || is_nan(v)))) {
                 best = v;
                 best_at = at;
                 seen = true;

@@ -67,8 +67,10 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
+// By bit pattern: Vulkan lets compilers assume floats are never NaN, and `x != x` was seen
+// folded to false (on lavapipe); integer tests cannot be.
 fn is_nan(x: f32) -> bool {
-    return x != x;
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
 // ---------------------------------------------------------------------------------------------

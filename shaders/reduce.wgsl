@@ -15,6 +15,9 @@ struct Params {
 // slice_sum
 @group(0) @binding(3) var<storage, read> slices: array<f32>;
 @group(0) @binding(4) var<storage, read_write> slice_out: array<f32>;
+// nonfinite_check
+@group(0) @binding(5) var<storage, read> checked: array<f32>;
+@group(0) @binding(6) var<storage, read_write> flags: array<atomic<u32>>;
 
 var<workgroup> partial: array<f32, 256>;
 
@@ -63,4 +66,25 @@ fn slice_sum(@builtin(workgroup_id) wid: vec3<u32>,
         acc += slices[j * p.n + i];
     }
     slice_out[i] = acc;
+}
+
+// flags[s] |= 1 when any of the n = p.n elements of `checked` is NaN or infinite (s = p.c). An
+// integer OR: the result does not depend on the order threads arrive in.
+@compute @workgroup_size(256)
+fn nonfinite_check(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let start = ((wid.x + wid.y * nwg.x) * 256u + lid) * 16u;
+    var bad = false;
+    for (var j = 0u; j < 16u; j++) {
+        let i = start + j;
+        if (i < p.n) {
+            // By bit pattern: all exponent bits set is NaN or infinity. (Float tests such as
+            // `v != v` may be folded away: Vulkan lets compilers assume no NaN.)
+            bad = bad || (bitcast<u32>(checked[i]) & 0x7f800000u) == 0x7f800000u;
+        }
+    }
+    if (bad) {
+        atomicOr(&flags[p.c], 1u);
+    }
 }

@@ -52,6 +52,10 @@ pub enum Error {
     #[error("{kernel}: {message}")]
     Shape { kernel: String, message: String },
 
+    /// A non-finite loss or gradient in training.
+    #[error("{0}")]
+    Numerical(String),
+
     /// A user-supplied value is out of range (bits, batch size, ...).
     #[error("{0}")]
     Invalid(String),

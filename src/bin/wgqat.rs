@@ -164,6 +164,12 @@ struct TrainArgs {
     /// Read metrics back and log every N steps [default: 100].
     #[arg(long)]
     log_every: Option<u64>,
+    /// On a non-finite loss: stop (naming the step and layer) or skip-step [default: stop].
+    #[arg(long)]
+    nan_policy: Option<String>,
+    /// Save resume state at least this often, in minutes [default: 10].
+    #[arg(long)]
+    save_minutes: Option<f64>,
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     plain: bool,
@@ -527,6 +533,10 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         c.test_limit = a.test_limit;
     }
     c.log_every = a.log_every.unwrap_or(c.log_every);
+    if let Some(p) = &a.nan_policy {
+        c.nan_policy = p.parse()?;
+    }
+    c.save_minutes = a.save_minutes.unwrap_or(c.save_minutes);
     Ok(c)
 }
 

@@ -181,6 +181,57 @@ impl Gpu {
         self.submit_with(context, ops, &[])
     }
 
+    /// Records several lists of ops, in order, into one command encoder and submits once.
+    pub fn submit_parts(&self, context: &str, parts: &[&[Op]]) -> Result<wgpu::SubmissionIndex> {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        let result = self.scoped(
+            || format!("{context} ({n} operations)"),
+            || {
+                let mut enc = self
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some(context),
+                    });
+                for ops in parts {
+                    record(&mut enc, ops, None);
+                }
+                self.queue.submit([enc.finish()])
+            },
+        );
+        let index = match result {
+            Ok(i) => i,
+            Err(e) => return Err(self.name_failing_op(e, context, parts)),
+        };
+        SUBMITS.fetch_add(1, Ordering::Relaxed);
+        self.check_faults(context)?;
+        Ok(index)
+    }
+
+    /// A validation error of a whole submission names no kernel: submit the ops one by one (the
+    /// failed submission ran nothing) until one fails, and name it.
+    fn name_failing_op(&self, err: Error, context: &str, parts: &[&[Op]]) -> Error {
+        if !matches!(err, Error::Validation { .. }) {
+            return err;
+        }
+        for op in parts.iter().flat_map(|p| p.iter()) {
+            let single = self.scoped(
+                || op.label().to_string(),
+                || {
+                    let mut enc = self.device.create_command_encoder(&Default::default());
+                    record(&mut enc, std::slice::from_ref(op), None);
+                    self.queue.submit([enc.finish()]);
+                },
+            );
+            if let Err(Error::Validation { message, .. }) = single {
+                return Error::Validation {
+                    context: format!("{context}, kernel {}", op.label()),
+                    message,
+                };
+            }
+        }
+        err
+    }
+
     /// As [`Gpu::submit`], then copies each `(src, staging)` pair after the ops, in the same
     /// command buffer (used to read results back without a second submit).
     pub(crate) fn submit_with(
@@ -189,7 +240,7 @@ impl Gpu {
         ops: &[Op],
         copies: &[(&Tensor, &wgpu::Buffer)],
     ) -> Result<wgpu::SubmissionIndex> {
-        let index = self.scoped(
+        let result = self.scoped(
             || format!("{context} ({} operations)", ops.len()),
             || {
                 let mut enc = self
@@ -203,7 +254,11 @@ impl Gpu {
                 }
                 self.queue.submit([enc.finish()])
             },
-        )?;
+        );
+        let index = match result {
+            Ok(i) => i,
+            Err(e) => return Err(self.name_failing_op(e, context, &[ops])),
+        };
         SUBMITS.fetch_add(1, Ordering::Relaxed);
         self.check_faults(context)?;
         Ok(index)

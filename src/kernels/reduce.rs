@@ -74,3 +74,39 @@ pub fn slice_sum(gpu: &Gpu, slices: &Tensor, out: &Tensor) -> Result<Launch> {
         elementwise_grid(gpu, len as u32),
     )
 }
+
+/// Sets `flags[slot]` to 1 when any element of `x` is NaN or infinite (leaves it otherwise).
+pub fn nonfinite_check(gpu: &Gpu, x: &Tensor, flags: &Tensor, slot: usize) -> Result<Launch> {
+    const K: &str = "nonfinite_check";
+    expect_dtype(K, "x", x, DType::F32)?;
+    expect_dtype(K, "flags", flags, DType::U32)?;
+    if slot >= flags.numel() {
+        return Err(Error::shape(
+            K,
+            format!("slot {slot} of {} flags", flags.numel()),
+        ));
+    }
+    let n = count_u32(K, x.numel())?;
+    let kernel = gpu.kernel(&KernelSpec {
+        shader: &REDUCE,
+        entry: K,
+        constants: &[],
+        bindings: &[
+            Bind::Uniform,
+            Bind::None,
+            Bind::None,
+            Bind::None,
+            Bind::None,
+            Bind::Read,
+            Bind::ReadWrite,
+        ],
+    })?;
+    let params = [n, slot as u32, 0, 0];
+    gpu.launch(
+        &kernel,
+        format!("{K} {:?}", x.shape()),
+        Some(bytemuck::bytes_of(&params)),
+        &[x, flags],
+        super::elementwise_grid(gpu, n.div_ceil(16)),
+    )
+}

@@ -188,6 +188,73 @@ impl LayerSpec {
         )
     }
 
+    /// The largest integer field (name, value), for bounds checks before any arithmetic.
+    fn largest_field(&self) -> Option<(&'static str, usize)> {
+        let pairs = |f: &[(&'static str, Pair)]| {
+            f.iter()
+                .flat_map(|(n, p)| [(*n, p.0), (*n, p.1)])
+                .collect::<Vec<_>>()
+        };
+        let fields: Vec<(&'static str, usize)> = match self {
+            LayerSpec::Conv {
+                out,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+                ..
+            } => {
+                let mut v = pairs(&[
+                    ("kernel", *kernel),
+                    ("stride", *stride),
+                    ("padding", *padding),
+                    ("dilation", *dilation),
+                ]);
+                v.extend([("out", *out), ("groups", *groups)]);
+                v
+            }
+            LayerSpec::ConvTranspose {
+                out,
+                kernel,
+                stride,
+                padding,
+                output_padding,
+                dilation,
+                groups,
+                ..
+            } => {
+                let mut v = pairs(&[
+                    ("kernel", *kernel),
+                    ("stride", *stride),
+                    ("padding", *padding),
+                    ("output_padding", *output_padding),
+                    ("dilation", *dilation),
+                ]);
+                v.extend([("out", *out), ("groups", *groups)]);
+                v
+            }
+            LayerSpec::Linear { out, .. } => vec![("out", *out)],
+            LayerSpec::MaxPool {
+                kernel,
+                stride,
+                padding,
+            }
+            | LayerSpec::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => pairs(&[
+                ("kernel", *kernel),
+                ("stride", stride.unwrap_or(*kernel)),
+                ("padding", *padding),
+            ]),
+            LayerSpec::Shuffle { groups } => vec![("groups", *groups)],
+            _ => vec![],
+        };
+        fields.into_iter().max_by_key(|f| f.1)
+    }
+
     pub fn name(&self) -> Option<&str> {
         match self {
             LayerSpec::Conv { name, .. }
@@ -199,6 +266,40 @@ impl LayerSpec {
     }
 }
 
+/// The largest size any layer field may take, and the most values one image's activation (or one
+/// layer's weight) may have: shaders index with 32 bits.
+const MAX_DIM: usize = 1 << 24;
+const MAX_ELEMENTS: usize = u32::MAX as usize;
+
+/// Values in a shape, if at most [`MAX_ELEMENTS`].
+fn elements(shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS)
+}
+
+/// Weights of a layer with `cin` input channels, if at most [`MAX_ELEMENTS`].
+fn weight_count(layer: &LayerSpec, cin: usize) -> Option<usize> {
+    let per = |a: usize, b: usize, k: &Pair| elements(&[a, b, k.0, k.1]);
+    match layer {
+        LayerSpec::Conv {
+            out,
+            kernel,
+            groups,
+            ..
+        } => per(*out, cin / groups.max(&1), kernel),
+        LayerSpec::ConvTranspose {
+            out,
+            kernel,
+            groups,
+            ..
+        } => per(cin, out / groups.max(&1), kernel),
+        LayerSpec::Linear { out, .. } => elements(&[*out, cin]),
+        _ => Some(0),
+    }
+}
+
 fn pool_out(n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
     (n + 2 * p >= k).then(|| (n + 2 * p - k) / s + 1)
 }
@@ -206,11 +307,24 @@ fn pool_out(n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
 impl ModelSpec {
     /// Reads a model from JSON; errors name the layer and the problem.
     pub fn from_json(text: &str, origin: &str) -> Result<ModelSpec> {
-        let spec: ModelSpec = serde_json::from_str(text).map_err(|e| {
+        let bad = |msg: String| {
             Error::Invalid(format!(
-                "{origin}: not a valid model: {e} (see the README's \"Models from JSON\" section)"
+                "{origin}: {msg} (see the README's \"Models from JSON\")"
             ))
-        })?;
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        // Layers one by one, so that an error names the layer.
+        if let Some(layers) = value.get("layers").and_then(|l| l.as_array()) {
+            for (i, l) in layers.iter().enumerate() {
+                if let Err(e) = serde_json::from_value::<LayerSpec>(l.clone()) {
+                    let kind = l.get("type").and_then(|t| t.as_str()).unwrap_or("?");
+                    return Err(bad(format!("layer {i} ({kind}): {e}")));
+                }
+            }
+        }
+        let spec: ModelSpec =
+            serde_json::from_value(value).map_err(|e| bad(format!("not a model: {e}")))?;
         spec.shapes()
             .map_err(|e| Error::Invalid(format!("{origin}: {e}")))?;
         Ok(spec)
@@ -235,8 +349,22 @@ impl ModelSpec {
         if self.layers.is_empty() {
             return Err(Error::Invalid("the model has no layers".into()));
         }
+        if self.input.iter().any(|&d| d > MAX_DIM) || elements(&self.input).is_none() {
+            return Err(Error::Invalid(format!(
+                "input shape {:?} is too large (at most {MAX_ELEMENTS} values per image)",
+                self.input
+            )));
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let cur = shapes.last().cloned().unwrap_or_default();
+            if let Some(field) = layer.largest_field().filter(|&(_, v)| v > MAX_DIM) {
+                return Err(Error::Invalid(format!(
+                    "layer {i} ({}): {} = {} is too large (at most {MAX_DIM})",
+                    layer.kind(),
+                    field.0,
+                    field.1
+                )));
+            }
             let bad = |msg: String| Error::Invalid(format!("layer {i} ({}): {msg}", layer.kind()));
             let chw = |what: &str| -> Result<(usize, usize, usize)> {
                 match cur.as_slice() {
@@ -359,6 +487,18 @@ impl ModelSpec {
                 }
                 LayerSpec::Flatten => vec![cur.iter().product()],
             };
+            if elements(&next).is_none() {
+                return Err(Error::Invalid(format!(
+                    "layer {i} ({}): its output {next:?} has more than {MAX_ELEMENTS} values per image",
+                    layer.kind()
+                )));
+            }
+            if weight_count(layer, cur[0]).is_none() {
+                return Err(Error::Invalid(format!(
+                    "layer {i} ({}): more than {MAX_ELEMENTS} parameters",
+                    layer.kind()
+                )));
+            }
             shapes.push(next);
         }
         Ok(shapes)
@@ -398,5 +538,44 @@ impl ModelSpec {
 
     pub fn param_count(&self) -> Result<usize> {
         Ok(self.param_counts()?.iter().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        ModelSpec::from_json(json, "m.json")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_layer_and_the_problem() {
+        let e = err(
+            r#"{"input": [3, 32, 32], "layers": [{"type": "relu"}, {"type": "conv", "kernel": 3}]}"#,
+        );
+        assert!(e.contains("layer 1 (conv)") && e.contains("out"), "{e}");
+        let e = err(r#"{"input": [3, 32, 32], "layers": [{"type": "dropout"}]}"#);
+        assert!(
+            e.contains("layer 0 (dropout)") && e.contains("unknown variant"),
+            "{e}"
+        );
+        let e = err(
+            r#"{"input": [3, 32, 32], "layers": [{"type": "flatten"}, {"type": "conv", "out": 4, "kernel": 3}]}"#,
+        );
+        assert!(
+            e.contains("layer 1 (conv)") && e.contains("(C, H, W)"),
+            "{e}"
+        );
+        let e = err(r#"{"input": [3, 8, 8], "layers": [{"type": "maxpool", "kernel": 9}]}"#);
+        assert!(
+            e.contains("layer 0 (maxpool)") && e.contains("does not fit"),
+            "{e}"
+        );
+        assert!(err("{").contains("not valid JSON"));
+        assert!(err(r#"{"layers": []}"#).contains("input"));
+        assert!(err(r#"{"input": [3, 32, 32], "layers": []}"#).contains("no layers"));
     }
 }

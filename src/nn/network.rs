@@ -14,7 +14,9 @@ use crate::kernels::loss::{STEP_WORDS, StepValues};
 use crate::kernels::matmul::LinearGeom;
 use crate::kernels::pool::PoolGeom;
 use crate::kernels::quant::{Bits, WeightQuantizer};
-use crate::kernels::{conv_transpose2d, conv2d, elementwise, loss, matmul, norm, pool, quant};
+use crate::kernels::{
+    conv_transpose2d, conv2d, elementwise, loss, matmul, norm, pool, quant, reduce,
+};
 use crate::models::{LayerSpec, LossKind, ModelSpec};
 
 /// Which layers are quantized, and to how many bits.
@@ -152,6 +154,46 @@ pub struct Plan {
     /// The batch's input images `(b, C, H, W)` and labels `(b)`: write them before submitting.
     pub input: Tensor,
     pub labels: Tensor,
+}
+
+/// A step that checks what it writes for NaN and infinity (see [`Network::diagnostic_plan`]).
+pub struct Diagnosis {
+    pub plan: Plan,
+    /// What each flag slot checks, in the order the step writes them.
+    pub names: Vec<String>,
+    /// One `u32` per name: 1 when a non-finite value was seen.
+    pub flags: Tensor,
+}
+
+impl Diagnosis {
+    /// The first place (in the step's order) that held a non-finite value, after the plan ran.
+    pub fn first_nonfinite(&self, gpu: &Gpu) -> Result<Option<String>> {
+        let flags = gpu.read_u32(&self.flags)?;
+        Ok(self
+            .names
+            .iter()
+            .zip(flags)
+            .find(|(_, f)| *f != 0)
+            .map(|(n, _)| n.clone()))
+    }
+}
+
+struct Checker {
+    flags: Tensor,
+    names: Vec<String>,
+}
+
+impl Checker {
+    fn check(&mut self, gpu: &Gpu, name: String, t: &Tensor) -> Result<Op> {
+        let slot = self.names.len();
+        self.names.push(name);
+        Ok(Op::Dispatch(reduce::nonfinite_check(
+            gpu,
+            t,
+            &self.flags,
+            slot,
+        )?))
+    }
 }
 
 fn at_batch(t: &Tensor, b: usize) -> Result<Tensor> {
@@ -515,6 +557,34 @@ impl Network {
 
     /// Records the plan of one batch of `batch` rows (at most the capacity).
     pub fn plan(&self, gpu: &Gpu, batch: usize, mode: Mode) -> Result<Plan> {
+        self.record(gpu, batch, mode, None)
+    }
+
+    /// A training step of `batch` rows (without the optimizer) that checks every value it writes,
+    /// in the order it writes them, for NaN and infinity: parameters before the step, the input,
+    /// each layer's output, the loss gradient, each gradient of the backward pass. The first check
+    /// that fires in `names` order is where a non-finite value first appeared.
+    pub fn diagnostic_plan(&self, gpu: &Gpu, batch: usize) -> Result<Diagnosis> {
+        let slots = 2 + self.params.entries().len() * 2 + self.layers.len() * 2;
+        let mut checker = Checker {
+            flags: gpu.zeros("non-finite flags", &[slots], DType::U32)?,
+            names: Vec::new(),
+        };
+        let plan = self.record(gpu, batch, Mode::Train, Some(&mut checker))?;
+        Ok(Diagnosis {
+            plan,
+            names: checker.names,
+            flags: checker.flags,
+        })
+    }
+
+    fn record(
+        &self,
+        gpu: &Gpu,
+        batch: usize,
+        mode: Mode,
+        mut checker: Option<&mut Checker>,
+    ) -> Result<Plan> {
         let buffers = self.buffers(gpu)?;
         if batch == 0 || batch > self.capacity {
             return Err(Error::Invalid(format!(
@@ -531,23 +601,41 @@ impl Network {
         let labels = at_batch(&self.labels, batch)?;
         let mut fwd = Vec::new();
         let mut bwd: Vec<Vec<Op>> = Vec::new();
+        if let Some(c) = checker.as_deref_mut() {
+            for (k, e) in self.params.entries().iter().enumerate() {
+                fwd.push(c.check(
+                    gpu,
+                    format!("parameter {} before the step", e.name),
+                    &self.params.view(&self.param_arena, k)?,
+                )?);
+            }
+            fwd.push(c.check(gpu, "input batch".into(), &input)?);
+        }
         let mut x = input.clone();
         let mut dx: Option<Tensor> = None;
         for (i, buf) in buffers.iter().enumerate() {
             let y = at_batch(&buf.out, batch)?;
             let dy = buf.dout.as_ref().map(|d| at_batch(d, batch)).transpose()?;
             let want_dx = mode == Mode::Train && self.needs_input_grad(i);
-            let (f, b) = self.layer_ops(
-                gpu,
-                i,
-                buf,
-                mode,
-                &x,
-                want_dx.then_some(()).and(dx.as_ref()),
-                &y,
-                dy.as_ref(),
-                batch,
-            )?;
+            let dx_used = want_dx.then_some(()).and(dx.as_ref());
+            let (mut f, mut b) =
+                self.layer_ops(gpu, i, buf, mode, &x, dx_used, &y, dy.as_ref(), batch)?;
+            if let Some(c) = checker.as_deref_mut() {
+                let l = &self.layers[i];
+                let what = format!("layer {i} ({} {})", self.spec.layers[i].kind(), l.name);
+                f.push(c.check(gpu, format!("output of {what}"), &y)?);
+                for idx in [l.weight, l.bias].into_iter().flatten() {
+                    let e = &self.params.entries()[idx];
+                    b.push(c.check(
+                        gpu,
+                        format!("gradient of {}", e.name),
+                        &self.params.view(&self.grad_arena, idx)?,
+                    )?);
+                }
+                if let Some(d) = dx_used {
+                    b.push(c.check(gpu, format!("gradient into the input of {what}"), d)?);
+                }
+            }
             fwd.extend(f);
             bwd.push(b);
             x = y;
@@ -588,6 +676,9 @@ impl Network {
                 }
                 fwd.push(loss::mse(gpu, &out, &input, &dout, &rows)?);
             }
+        }
+        if let Some(c) = checker {
+            fwd.push(c.check(gpu, "gradient of the loss".into(), &dout)?);
         }
         fwd.push(loss::batch_metrics(
             gpu,

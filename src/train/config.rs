@@ -7,6 +7,30 @@ use crate::kernels::quant::Bits;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// What to do when a step's loss or gradients are not finite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NanPolicy {
+    /// Stop with an error naming the step and the layer where the value first appeared.
+    #[default]
+    Stop,
+    /// Undo the step (replaying the interval without it) and go on.
+    SkipStep,
+}
+
+impl std::str::FromStr for NanPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "stop" => Ok(NanPolicy::Stop),
+            "skip-step" => Ok(NanPolicy::SkipStep),
+            _ => Err(Error::Invalid(format!(
+                "unknown --nan-policy {s:?}: use stop or skip-step"
+            ))),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerName {
@@ -67,6 +91,9 @@ pub struct TrainConfig {
     pub shuffle: bool,
     /// Read metrics back, log and check for NaN every this many steps.
     pub log_every: u64,
+    pub nan_policy: NanPolicy,
+    /// Also save resume state at a log boundary when this many minutes passed since the last save.
+    pub save_minutes: f64,
 }
 
 impl Default for TrainConfig {
@@ -97,6 +124,8 @@ impl Default for TrainConfig {
             augment: true,
             shuffle: true,
             log_every: 100,
+            nan_policy: NanPolicy::Stop,
+            save_minutes: 10.0,
         }
     }
 }
@@ -138,6 +167,9 @@ impl TrainConfig {
             return Err(Error::Invalid(
                 "--nesterov needs --optimizer sgd and a momentum above 0".into(),
             ));
+        }
+        if !(self.save_minutes.is_finite() && self.save_minutes > 0.0) {
+            return Err(Error::Invalid("--save-minutes must be positive".into()));
         }
         if self.log_every == 0 {
             return Err(Error::Invalid(
@@ -184,7 +216,12 @@ impl TrainConfig {
             return vec![];
         };
         a.iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "epochs" | "steps" | "log_every"))
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "epochs" | "steps" | "log_every" | "nan_policy" | "save_minutes"
+                )
+            })
             .filter(|(k, v)| b.get(*k) != Some(v))
             .map(|(k, v)| {
                 format!(

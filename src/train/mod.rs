@@ -8,6 +8,6 @@ pub mod optimizer;
 pub mod progress;
 pub mod trainer;
 
-pub use config::{OptimizerName, TrainConfig};
+pub use config::{NanPolicy, OptimizerName, TrainConfig};
 pub use optimizer::Optimizer;
 pub use trainer::{Stopped, Summary, TrainOptions, train};

@@ -7,13 +7,13 @@
 //! whenever training stops), `best.safetensors` (best test accuracy), `resume.safetensors` (model,
 //! optimizer and progress in one file, written atomically) and `curves.png`.
 
-use super::config::TrainConfig;
+use super::config::{NanPolicy, TrainConfig};
 use super::curves::{self, EpochPoint};
 use super::optimizer::Optimizer;
 use super::progress::{Display, Reporter};
 use crate::data::{self, Augment, Dataset};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Op, Tensor};
 use crate::models::{self, ModelSpec};
 use crate::nn::checkpoint::{self, Data, Named};
 use crate::nn::network::max_batch;
@@ -166,6 +166,7 @@ struct Trainer<'g> {
     reporter: Reporter,
     stop: Option<Arc<AtomicBool>>,
     last_eval: Option<(f64, f64)>,
+    backup: Backup,
 }
 
 pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
@@ -180,6 +181,7 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
     let spec = models::load(&cfg.model)?;
     check_input(&spec)?;
     let created = prepare_dir(&dir, resume)?;
+    remove_stale_temporaries(&dir);
     let reporter = Reporter::new(display);
     let result = setup(gpu, cfg, spec, dir.clone(), resume, reporter, stop);
     let mut t = match result {
@@ -289,6 +291,18 @@ fn setup<'g>(
         Ok((full, part))
     };
     let train_plans = plans(cfg.batch_size, train.len(), Mode::Train, Some(&opt))?;
+    let net_backup_params = net
+        .params
+        .alloc(gpu, "parameters at the interval's start")?;
+    let net_backup_m = net
+        .params
+        .alloc(gpu, "optimizer m at the interval's start")?;
+    let net_backup_v = net
+        .params
+        .alloc(gpu, "optimizer v at the interval's start")?;
+    let net_backup_running = net
+        .running
+        .alloc(gpu, "running statistics at the interval's start")?;
     let eval_plans = plans(eval_batch, test.len(), Mode::Eval, None)?;
     say(&format!(
         "training {} ({} parameters, W{}A{}{}) on {}: {} images, batch {}, {} steps per epoch, {} epochs; run folder {}",
@@ -324,6 +338,12 @@ fn setup<'g>(
         reporter,
         stop,
         last_eval: None,
+        backup: Backup {
+            params: net_backup_params,
+            m: net_backup_m,
+            v: net_backup_v,
+            running: net_backup_running,
+        },
     })
 }
 
@@ -346,7 +366,7 @@ fn prepare_dir(dir: &Path, resume: bool) -> Result<bool> {
         if !dir.join("resume.safetensors").is_file() {
             return Err(Error::file(
                 dir,
-                "has no resume.safetensors: is it a wgqat run folder? (--resume takes the run's --out folder)",
+                "has no resume.safetensors: nothing was saved there yet (start the run again without --resume), or it is not a wgqat run folder",
             ));
         }
         return Ok(false);
@@ -443,6 +463,20 @@ fn restore(
     gpu.write(&opt.v, &net.params.pack(&vv))
 }
 
+/// Temporary files of writes a killed process never finished (`.NAME.tmp-PID`): the real files
+/// are intact (writes are renamed into place), so these are only litter.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Keeps the lines of `metrics.jsonl` up to `global_step` (a torn last line, or lines written
 /// after the state being resumed, are dropped) and returns the per-epoch history they hold.
 fn repair_metrics(dir: &Path, global_step: u64) -> Result<Vec<EpochPoint>> {
@@ -502,6 +536,39 @@ pub fn history(lines: &[MetricsLine]) -> Vec<EpochPoint> {
     out
 }
 
+/// Where an interval of steps (between two metrics reads) started: what a non-finite step is
+/// undone to. The GPU half (parameters, optimizer state, running statistics) is copied into
+/// `Backup` by the interval's first submit.
+struct Interval {
+    step_in_epoch: u64,
+    global_step: u64,
+    optimizer_t: u32,
+    tracked: Vec<i64>,
+    /// Steps submitted in the interval (their metrics slots are 0..since) and their images.
+    since: u64,
+    images: u64,
+    t0: Instant,
+    /// Steps of the interval skipped for non-finite values (by index from the interval start).
+    skipped: Vec<u64>,
+}
+
+/// GPU copies of everything a step changes.
+struct Backup {
+    params: Tensor,
+    m: Tensor,
+    v: Tensor,
+    running: Tensor,
+}
+
+/// Test hook: `WGQAT_INJECT_FAULT=KIND@STEP` makes global step STEP (from 1) fail: `nan-input`
+/// (a NaN pixel in its batch), `nan-weight` (a NaN in the first weight), `validation` (an invalid
+/// dispatch in its submit) or `lost` (the device destroyed before it).
+fn injected_fault() -> Option<(String, u64)> {
+    let v = std::env::var("WGQAT_INJECT_FAULT").ok()?;
+    let (kind, step) = v.split_once('@')?;
+    Some((kind.to_string(), step.parse().ok()?))
+}
+
 impl Trainer<'_> {
     fn write_config(&self) -> Result<()> {
         let json =
@@ -519,7 +586,7 @@ impl Trainer<'_> {
             .map_err(|e| Error::io(path, e))
     }
 
-    fn should_stop(&self) -> Option<super::trainer::Stopped> {
+    fn should_stop(&self) -> Option<Stopped> {
         if self
             .stop
             .as_ref()
@@ -537,18 +604,153 @@ impl Trainer<'_> {
         None
     }
 
-    fn run(&mut self, steps_per_epoch: u64, log_every: u64) -> Result<Stopped> {
-        let n = self.train.len();
+    fn interval(&self) -> Interval {
+        Interval {
+            step_in_epoch: self.progress.step_in_epoch,
+            global_step: self.progress.global_step,
+            optimizer_t: self.opt.t,
+            tracked: self.net.batches_tracked.clone(),
+            since: 0,
+            images: 0,
+            t0: Instant::now(),
+            skipped: Vec::new(),
+        }
+    }
+
+    fn backup_ops(&self) -> Vec<Op> {
+        let b = &self.backup;
+        [
+            (&self.net.param_arena, &b.params),
+            (&self.opt.m, &b.m),
+            (&self.opt.v, &b.v),
+            (&self.net.running_arena, &b.running),
+        ]
+        .into_iter()
+        .map(|(src, dst)| Op::Copy {
+            src: src.clone(),
+            dst: dst.clone(),
+        })
+        .collect()
+    }
+
+    /// Puts the GPU and CPU state back to the start of `iv`.
+    fn restore(&mut self, iv: &Interval) -> Result<()> {
+        let b = &self.backup;
+        let ops: Vec<Op> = [
+            (&b.params, &self.net.param_arena),
+            (&b.m, &self.opt.m),
+            (&b.v, &self.opt.v),
+            (&b.running, &self.net.running_arena),
+        ]
+        .into_iter()
+        .map(|(src, dst)| Op::Copy {
+            src: src.clone(),
+            dst: dst.clone(),
+        })
+        .collect();
+        self.gpu.submit("restoring the interval's start", &ops)?;
+        self.progress.step_in_epoch = iv.step_in_epoch;
+        self.progress.global_step = iv.global_step;
+        self.opt.t = iv.optimizer_t;
+        self.net.batches_tracked = iv.tracked.clone();
+        Ok(())
+    }
+
+    /// The batch of step `s` of the epoch: its rows of `order`, augmented from the step's own stream.
+    fn batch_of(&self, epoch: u32, s: u64, order: &[usize]) -> (Vec<usize>, Vec<f32>, Vec<u32>) {
         let b = self.cfg.batch_size;
+        let idx = order[s as usize * b..((s as usize + 1) * b).min(order.len())].to_vec();
         let augment = if self.cfg.augment {
             Augment::MICRONET
         } else {
             Augment::NONE
         };
+        let (images, labels) = data::batch(
+            &self.train,
+            &idx,
+            augment,
+            &mut data::step_rng(self.cfg.seed, epoch, s),
+        );
+        (idx, images, labels)
+    }
+
+    fn plan_for(&self, rows: usize) -> &Plan {
+        if rows == self.train_plans.0.batch {
+            &self.train_plans.0
+        } else {
+            self.train_plans.1.as_ref().expect("partial plan")
+        }
+    }
+
+    /// Writes and submits the next step (with the interval's backup copies when `backup`).
+    fn step(
+        &mut self,
+        epoch: u32,
+        lr: f64,
+        order: &[usize],
+        slot: u64,
+        backup: bool,
+    ) -> Result<(usize, wgpu::SubmissionIndex)> {
+        let s = self.progress.step_in_epoch;
+        let (idx, mut images, labels) = self.batch_of(epoch, s, order);
+        let fault = self.inject(&mut images)?;
+        let plan = self.plan_for(idx.len());
+        self.net.write_batch(self.gpu, plan, &images, &labels)?;
+        self.net
+            .write_step(self.gpu, &self.opt.next_values(lr, slot as u32))?;
+        let backup_ops = if backup {
+            self.backup_ops()
+        } else {
+            Vec::new()
+        };
+        let bad = match &fault {
+            Some((k, _)) if k == "validation" => {
+                // The same buffer bound read-only and read-write: invalid by WebGPU's rules.
+                let x = &self.net.param_arena;
+                vec![Op::Dispatch(crate::kernels::elementwise::relu_forward(
+                    self.gpu, x, x,
+                )?)]
+            }
+            _ => Vec::new(),
+        };
+        let index = self
+            .gpu
+            .submit_parts("training step", &[&backup_ops, plan.ops.ops(), &bad])?;
+        self.opt.t += 1;
+        self.progress.global_step += 1;
+        self.progress.step_in_epoch += 1;
+        self.net.batches_tracked.iter_mut().for_each(|c| *c += 1);
+        Ok((idx.len(), index))
+    }
+
+    /// Applies the test hook's fault (see [`injected_fault`]) to the next step, if it is that step.
+    fn inject(&self, images: &mut [f32]) -> Result<Option<(String, u64)>> {
+        let fault = injected_fault().filter(|(_, at)| *at == self.progress.global_step + 1);
+        if let Some((kind, _)) = &fault {
+            match kind.as_str() {
+                "nan-input" => images[0] = f32::NAN,
+                "nan-weight" => self
+                    .gpu
+                    .write(&self.net.param_arena.view(0, &[1])?, &[f32::NAN])?,
+                "lost" => self.gpu.device.destroy(),
+                _ => {}
+            }
+        }
+        Ok(fault)
+    }
+
+    /// Counts a step as taken without running it (a skipped non-finite step).
+    fn skip(&mut self) {
+        self.progress.global_step += 1;
+        self.progress.step_in_epoch += 1;
+    }
+
+    fn run(&mut self, steps_per_epoch: u64, log_every: u64) -> Result<Stopped> {
+        let mut last_save = Instant::now();
         while self.progress.epoch <= self.cfg.epochs {
             let epoch = self.progress.epoch;
             let lr = self.cfg.lr_at(epoch);
-            let order = data::epoch_order(n, self.cfg.seed, epoch, self.cfg.shuffle);
+            let order = data::epoch_order(self.train.len(), self.cfg.seed, epoch, self.cfg.shuffle);
             self.reporter.start_epoch(
                 epoch,
                 self.cfg.epochs,
@@ -556,54 +758,56 @@ impl Trainer<'_> {
                 self.progress.step_in_epoch,
             );
             let mut in_flight = VecDeque::new();
-            let (mut since, mut t0) = (0u64, Instant::now());
-            let mut images_since = 0u64;
+            let mut iv = self.interval();
             let mut shown = Instant::now();
             while self.progress.step_in_epoch < steps_per_epoch {
                 if let Some(why) = self.should_stop() {
-                    self.flush_train(epoch, lr, since, images_since, t0)?;
+                    self.close_interval(epoch, lr, &order, &mut iv)?;
                     self.save(false)?;
                     return Ok(why);
                 }
-                let s = self.progress.step_in_epoch;
-                let idx = &order[s as usize * b..((s as usize + 1) * b).min(n)];
-                let plan = if idx.len() == self.train_plans.0.batch {
-                    &self.train_plans.0
-                } else {
-                    self.train_plans.1.as_ref().expect("partial plan")
-                };
-                let (images, labels) = data::batch(
-                    &self.train,
-                    idx,
-                    augment,
-                    &mut data::step_rng(self.cfg.seed, epoch, s),
-                );
-                self.net.write_batch(self.gpu, plan, &images, &labels)?;
-                self.net
-                    .write_step(self.gpu, &self.opt.next_values(lr, since as u32))?;
-                in_flight.push_back(plan.ops.submit(self.gpu, "training step")?);
+                let (rows, index) = self.step(
+                    epoch,
+                    lr,
+                    &order,
+                    iv.since,
+                    iv.since == 0 && iv.skipped.is_empty(),
+                )?;
+                in_flight.push_back(index);
                 if in_flight.len() > 2 {
                     self.gpu.wait_for(in_flight.pop_front().expect("queued"))?;
                 }
-                self.opt.t += 1;
-                self.progress.global_step += 1;
-                self.progress.step_in_epoch += 1;
-                self.net.batches_tracked.iter_mut().for_each(|c| *c += 1);
-                since += 1;
-                images_since += idx.len() as u64;
+                iv.since += 1;
+                iv.images += rows as u64;
                 self.reporter.step(self.progress.step_in_epoch);
-                if since == log_every || self.progress.step_in_epoch == steps_per_epoch {
-                    self.flush_train(epoch, lr, since, images_since, t0)?;
-                    (since, images_since, t0) = (0, 0, Instant::now());
+                let s = self.progress.step_in_epoch;
+                if s.is_multiple_of(log_every) || s == steps_per_epoch {
+                    self.close_interval(epoch, lr, &order, &mut iv)?;
+                    if last_save.elapsed().as_secs_f64() >= 60.0 * self.cfg.save_minutes
+                        && s < steps_per_epoch
+                    {
+                        self.save(false)?;
+                        last_save = Instant::now();
+                    }
+                    iv = self.interval();
                     shown = Instant::now();
                 } else if shown.elapsed().as_secs_f64() > self.reporter.refresh_seconds() {
                     // Slow devices: show the running interval now and then (not logged, so the
                     // metrics file does not depend on timing).
-                    self.show_interim(epoch, lr, since, images_since, t0)?;
+                    self.show_interim(epoch, lr, &iv)?;
                     shown = Instant::now();
                 }
             }
             let (loss, acc) = self.evaluate()?;
+            if !loss.is_finite() {
+                let place = self
+                    .first_nonfinite_state()?
+                    .unwrap_or_else(|| "no saved tensor (the test data?)".into());
+                return Err(Error::Numerical(format!(
+                    "the test loss became {loss} after epoch {epoch}; first non-finite tensor: {place}. Training stopped; the checkpoints in {} are from before it (lower --lr)",
+                    self.dir.display()
+                )));
+            }
             self.last_eval = Some((loss, acc));
             self.log(&MetricsLine {
                 kind: "eval".into(),
@@ -625,6 +829,7 @@ impl Trainer<'_> {
             self.progress.epoch += 1;
             self.progress.step_in_epoch = 0;
             self.save(best)?;
+            last_save = Instant::now();
             let lines = read_lines(&self.dir.join("metrics.jsonl"));
             self.history = history(&lines);
             curves::draw(
@@ -636,68 +841,177 @@ impl Trainer<'_> {
         Ok(Stopped::Finished)
     }
 
-    /// Reads the metrics of the last `since` steps, logs them and checks them for NaN.
-    fn flush_train(
+    /// Reads the interval's metrics; if a step was not finite, handles it by the NaN policy
+    /// (which may replay part of the interval); then logs the interval.
+    fn close_interval(
         &mut self,
         epoch: u32,
         lr: f64,
-        since: u64,
-        images: u64,
-        t0: Instant,
+        order: &[usize],
+        iv: &mut Interval,
     ) -> Result<()> {
-        if since == 0 {
-            return Ok(());
+        loop {
+            if iv.since == 0 {
+                return Ok(());
+            }
+            let m = self.net.read_metrics(self.gpu, iv.since as usize)?;
+            let Some(bad) = m.iter().position(|x| !x.0.is_finite()) else {
+                let loss = m.iter().map(|x| x.0 as f64).sum::<f64>() / iv.since as f64;
+                let correct: f64 = m.iter().map(|x| x.1 as f64).sum();
+                let acc = 100.0 * correct / iv.images.max(1) as f64;
+                let img_s = iv.images as f64 / iv.t0.elapsed().as_secs_f64().max(1e-9);
+                let line = MetricsLine {
+                    kind: "train".into(),
+                    epoch,
+                    step: self.progress.global_step,
+                    loss,
+                    acc,
+                    lr,
+                    img_per_s: Some(img_s),
+                    images: iv.images,
+                };
+                self.log(&line)?;
+                let steps = self.train.len().div_ceil(self.cfg.batch_size) as u64;
+                self.reporter.train(
+                    epoch,
+                    self.progress.step_in_epoch,
+                    steps,
+                    loss,
+                    acc,
+                    lr,
+                    img_s,
+                );
+                return Ok(());
+            };
+            // Slot `bad` is the bad-th submitted step of the interval; skipped ones took none.
+            let offset = self.submitted_offset(iv, bad as u64);
+            let step = iv.global_step + offset + 1;
+            match self.cfg.nan_policy {
+                NanPolicy::Stop => {
+                    let place = self.diagnose(epoch, lr, order, iv, offset)?;
+                    return Err(Error::Numerical(format!(
+                        "the loss became {} at step {step} (epoch {epoch}); first non-finite value: {place}. Training stopped; the checkpoints in {} are from before it (lower --lr, or --nan-policy skip-step)",
+                        m[bad].0,
+                        self.dir.display()
+                    )));
+                }
+                NanPolicy::SkipStep => {
+                    self.reporter.line(&format!(
+                        "step {step} (epoch {epoch}): loss {} is not finite; skipping the step",
+                        m[bad].0
+                    ));
+                    let end = self.progress.step_in_epoch;
+                    self.restore(iv)?;
+                    iv.skipped.push(offset);
+                    (iv.since, iv.images) = (0, 0);
+                    // Replay the interval without its skipped steps, up to where it had got to.
+                    while self.progress.step_in_epoch < end {
+                        let k = self.progress.step_in_epoch - iv.step_in_epoch;
+                        if iv.skipped.contains(&k) {
+                            self.skip();
+                            continue;
+                        }
+                        let (rows, _) = self.step(epoch, lr, order, iv.since, false)?;
+                        iv.since += 1;
+                        iv.images += rows as u64;
+                    }
+                }
+            }
         }
-        let m = self.net.read_metrics(self.gpu, since as usize)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let loss = m.iter().map(|x| x.0 as f64).sum::<f64>() / since as f64;
-        let correct: f64 = m.iter().map(|x| x.1 as f64).sum();
-        if let Some((k, _)) = m.iter().enumerate().find(|(_, x)| !x.0.is_finite()) {
-            let step = self.progress.global_step - since + k as u64 + 1;
-            return Err(Error::Invalid(format!(
-                "the loss became {} at step {step} (epoch {epoch}): training stopped; the checkpoints already in {} are intact (lower --lr, or check the data)",
-                m[k].0,
-                self.dir.display()
-            )));
+    }
+
+    /// The offset from the interval's start of its `n`-th submitted step (skipped steps count in
+    /// offsets but were not submitted).
+    fn submitted_offset(&self, iv: &Interval, n: u64) -> u64 {
+        let mut seen = 0;
+        let mut offset = 0;
+        loop {
+            if !iv.skipped.contains(&offset) {
+                if seen == n {
+                    return offset;
+                }
+                seen += 1;
+            }
+            offset += 1;
         }
-        let acc = 100.0 * correct / images as f64;
-        let img_s = images as f64 / secs.max(1e-9);
-        let line = MetricsLine {
-            kind: "train".into(),
-            epoch,
-            step: self.progress.global_step,
-            loss,
-            acc,
-            lr,
-            img_per_s: Some(img_s),
-            images,
-        };
-        self.log(&line)?;
-        self.reporter.train(
-            epoch,
-            self.progress.step_in_epoch,
-            self.train.len().div_ceil(self.cfg.batch_size) as u64,
-            loss,
-            acc,
-            lr,
-            img_s,
-        );
-        Ok(())
+    }
+
+    /// Where the first non-finite value of the interval's step `offset` appeared: the interval is
+    /// replayed to just before it (deterministically, so the same values recur), then the step runs
+    /// with a check after everything it writes. A parameter that was already bad sends the search
+    /// one step back, to the update that made it so.
+    fn diagnose(
+        &mut self,
+        epoch: u32,
+        lr: f64,
+        order: &[usize],
+        iv: &Interval,
+        mut offset: u64,
+    ) -> Result<String> {
+        let mut moved_back = false;
+        loop {
+            self.restore(iv)?;
+            while self.progress.step_in_epoch < iv.step_in_epoch + offset {
+                let k = self.progress.step_in_epoch - iv.step_in_epoch;
+                if iv.skipped.contains(&k) {
+                    self.skip();
+                } else {
+                    self.step(epoch, lr, order, 0, false)?;
+                }
+            }
+            let s = self.progress.step_in_epoch;
+            let (idx, mut images, labels) = self.batch_of(epoch, s, order);
+            self.inject(&mut images)?;
+            let diag = self.net.diagnostic_plan(self.gpu, idx.len())?;
+            self.net
+                .write_batch(self.gpu, &diag.plan, &images, &labels)?;
+            self.net
+                .write_step(self.gpu, &self.opt.next_values(lr, 0))?;
+            diag.plan
+                .ops
+                .submit(self.gpu, "diagnosing a non-finite step")?;
+            let step = self.progress.global_step + 1;
+            match diag.first_nonfinite(self.gpu)? {
+                Some(p) if p.starts_with("parameter") && offset > 0 => {
+                    offset -= 1;
+                    moved_back = true;
+                }
+                Some(p) if p.starts_with("parameter") => {
+                    return Ok(format!("{p} of step {step} (it was saved or set that way)"));
+                }
+                Some(p) => return Ok(format!("{p}, in step {step}")),
+                None if moved_back => {
+                    return Ok(format!(
+                        "the optimizer update of step {step} (its gradients were finite: the learning rate is too high)"
+                    ));
+                }
+                None => return Ok("not reproduced when the step was replayed".into()),
+            }
+        }
+    }
+
+    /// The first tensor of the model's state (parameters, then running statistics) holding NaN or
+    /// infinity.
+    fn first_nonfinite_state(&self) -> Result<Option<String>> {
+        Ok(self
+            .net
+            .state_dict(self.gpu)?
+            .into_iter()
+            .find_map(|t| match t.data {
+                Data::F32(v) if v.iter().any(|x| !x.is_finite()) => Some(t.name),
+                _ => None,
+            }))
     }
 
     /// Shows the metrics of the running interval without logging them.
-    fn show_interim(
-        &mut self,
-        epoch: u32,
-        lr: f64,
-        since: u64,
-        images: u64,
-        t0: Instant,
-    ) -> Result<()> {
-        let m = self.net.read_metrics(self.gpu, since as usize)?;
-        let loss = m.iter().map(|x| x.0 as f64).sum::<f64>() / since as f64;
-        let acc = 100.0 * m.iter().map(|x| x.1 as f64).sum::<f64>() / images as f64;
-        let img_s = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    fn show_interim(&mut self, epoch: u32, lr: f64, iv: &Interval) -> Result<()> {
+        if iv.since == 0 {
+            return Ok(());
+        }
+        let m = self.net.read_metrics(self.gpu, iv.since as usize)?;
+        let loss = m.iter().map(|x| x.0 as f64).sum::<f64>() / iv.since as f64;
+        let acc = 100.0 * m.iter().map(|x| x.1 as f64).sum::<f64>() / iv.images.max(1) as f64;
+        let img_s = iv.images as f64 / iv.t0.elapsed().as_secs_f64().max(1e-9);
         let steps = self.train.len().div_ceil(self.cfg.batch_size) as u64;
         self.reporter.train(
             epoch,
