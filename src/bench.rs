@@ -254,3 +254,127 @@ pub fn kernels(
     }
     Ok(rows)
 }
+
+/// One configuration of the training benchmark.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainingBench {
+    pub model: String,
+    pub w_bits: u32,
+    pub a_bits: u32,
+    pub batch: usize,
+    /// Images per second over the timed steps (wall clock, after warm-up).
+    pub img_per_s: Option<f64>,
+    pub step_ms: Option<f64>,
+    pub timed_steps: usize,
+    /// Queue submissions per training step in the timed loop.
+    pub submits_per_step: Option<f64>,
+    /// GPU buffers created per step in the timed loop (0 once warm).
+    pub allocations_per_step: Option<f64>,
+    /// Most bytes of GPU buffers wgqat held at once.
+    pub peak_memory_bytes: Option<u64>,
+    /// Per-kernel GPU time of one step (timestamps where the adapter has them), largest first.
+    pub kernels: Vec<KernelShare>,
+    pub timer: &'static str,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelShare {
+    pub kernel: String,
+    pub launches: usize,
+    pub ms: f64,
+    pub percent: f64,
+}
+
+/// Options of [`training`].
+#[derive(Clone, Debug)]
+pub struct TrainingOptions {
+    pub warmup: usize,
+    pub steps: usize,
+    /// Also time each kernel of one step.
+    pub breakdown: bool,
+}
+
+/// QAT training throughput of `model` at `bits` and `batch`: synthetic data already on the GPU,
+/// the real training step (forward, loss, backward, Adam) replayed after `warmup` steps.
+pub fn training(gpu: &Gpu, model: &ModelSpec, bits: Bits, batch: usize, opts: &TrainingOptions) -> TrainingBench {
+    let timer = if gpu.caps.timestamp_query { "gpu timestamps" } else { "wall clock" };
+    let mut row = TrainingBench {
+        model: model.name.clone(),
+        w_bits: bits.get(),
+        a_bits: bits.get(),
+        batch,
+        img_per_s: None,
+        step_ms: None,
+        timed_steps: opts.steps,
+        submits_per_step: None,
+        allocations_per_step: None,
+        peak_memory_bytes: None,
+        kernels: Vec::new(),
+        timer,
+        error: None,
+    };
+    let run = |row: &mut TrainingBench| -> Result<()> {
+        use crate::nn::{Mode, Network, QuantConfig, init};
+        gpu.pool().trim();
+        gpu.pool().reset_peak();
+        let pool_before = gpu.pool().stats();
+        let quant = QuantConfig { w_bits: bits, a_bits: bits, quantize_first_layer: false };
+        let net = Network::new(gpu, model, quant, batch, true, 1)?;
+        init::initialise(gpu, &net, 1)?;
+        let kind = crate::train::TrainConfig::default().optimizer_kind();
+        let mut opt = crate::train::Optimizer::new(gpu, &net, kind)?;
+        let mut plan = net.plan(gpu, batch, Mode::Train)?;
+        plan.ops.push_op(opt.op(gpu, &net)?);
+        let mut rng = Rng::new(5);
+        let n = batch * model.input.iter().product::<usize>();
+        let labels: Vec<u32> = (0..batch).map(|_| rng.below(10) as u32).collect();
+        net.write_batch(gpu, &plan, &rng.vec_uniform(n, -2.0, 2.0), &labels)?;
+        let step = |opt: &mut crate::train::Optimizer| -> Result<()> {
+            net.write_step(gpu, &opt.next_values(1e-3, 0))?;
+            plan.ops.submit(gpu, "bench step")?;
+            opt.t += 1;
+            Ok(())
+        };
+        for _ in 0..opts.warmup {
+            step(&mut opt)?;
+        }
+        gpu.wait()?;
+        let (submits, pool) = (crate::gpu::submit_count(), gpu.pool().stats());
+        let t0 = std::time::Instant::now();
+        for _ in 0..opts.steps {
+            step(&mut opt)?;
+        }
+        gpu.wait()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let steps = opts.steps.max(1) as f64;
+        row.img_per_s = Some((opts.steps * batch) as f64 / secs);
+        row.step_ms = Some(secs / steps * 1e3);
+        row.submits_per_step = Some((crate::gpu::submit_count() - submits) as f64 / steps);
+        row.allocations_per_step = Some((gpu.pool().stats().allocations - pool.allocations) as f64 / steps);
+        row.peak_memory_bytes = Some(gpu.pool().stats().peak_bytes.saturating_sub(pool_before.allocated_bytes));
+        if opts.breakdown {
+            net.write_step(gpu, &opt.next_values(1e-3, 0))?;
+            let times = gpu.submit_timed("bench breakdown", plan.ops.ops())?;
+            let total: f64 = times.iter().map(|t| t.seconds).sum();
+            let mut by: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+            for t in &times {
+                let k = t.label.split_whitespace().next().unwrap_or("?").to_string();
+                let e = by.entry(k).or_default();
+                e.0 += 1;
+                e.1 += t.seconds;
+            }
+            row.kernels = by
+                .into_iter()
+                .map(|(kernel, (launches, s))| KernelShare { kernel, launches, ms: s * 1e3, percent: 100.0 * s / total.max(1e-12) })
+                .collect();
+            row.kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        }
+        Ok(())
+    };
+    if let Err(e) = run(&mut row) {
+        row.error = Some(e.to_string());
+    }
+    gpu.pool().trim();
+    row
+}

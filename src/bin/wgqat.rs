@@ -55,11 +55,38 @@ enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        what: BenchWhat,
-    },
+    /// QAT training throughput (img/s), per-kernel time, submits and allocations per step, peak
+    /// memory; `bench kernels` times single kernels.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
+    #[command(flatten)]
+    gpu: GpuArgs,
+    /// Models (comma list of nin_gc, nin or JSON files).
+    #[arg(long, default_value = "nin_gc,nin", value_delimiter = ',')]
+    model: Vec<String>,
+    /// Bits, weights and activations alike (comma list; 32 = float).
+    #[arg(long, default_value = "8,32", value_delimiter = ',')]
+    bits: Vec<u32>,
+    /// Batch sizes (comma list).
+    #[arg(long, default_value = "50,128,256", value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Untimed steps first (pipelines compiled, buffers allocated).
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Skip the per-kernel breakdown.
+    #[arg(long)]
+    no_breakdown: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -259,17 +286,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Selftest { gpu, json, filter } => {
             selftest(&gpu.options(), json, filter.as_deref())
         }
-        Command::Bench {
-            what:
-                BenchWhat::Kernels {
-                    gpu,
-                    model,
-                    batch,
-                    bits,
-                    repeat,
-                    json,
-                },
-        } => bench_kernels(&gpu.options(), &model, &batch, bits, repeat, json),
+        Command::Bench(b) => match &b.what {
+            Some(BenchWhat::Kernels { gpu, model, batch, bits, repeat, json }) => {
+                bench_kernels(&gpu.options(), model, batch, *bits, *repeat, *json)
+            }
+            None => bench_training(&b),
+        },
     }
 }
 
@@ -679,5 +701,50 @@ fn model(name: &str, summary: bool) -> anyhow::Result<ExitCode> {
         );
     }
     println!("{} parameters", params.iter().sum::<usize>());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let bits = a.bits.iter().map(|&b| Bits::new(b)).collect::<wgqat::Result<Vec<_>>>()?;
+    if a.batch.contains(&0) {
+        anyhow::bail!("batch size 0: use a batch size of at least 1");
+    }
+    let specs = a.model.iter().map(|m| wgqat::models::load(m)).collect::<wgqat::Result<Vec<_>>>()?;
+    let gpu = Gpu::new(&a.gpu.options())?;
+    let opts = wgqat::bench::TrainingOptions { warmup: a.warmup, steps: a.steps, breakdown: !a.no_breakdown };
+    let mut rows = Vec::new();
+    if !a.json {
+        println!("training benchmark on {} (wall clock over {} steps after {} warm-up steps)", gpu.describe(), a.steps, a.warmup);
+        println!("{:<8} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}", "model", "bits", "batch", "img/s", "ms/step", "submits/step", "allocs/step", "peak MiB");
+    }
+    for spec in &specs {
+        for &b in &bits {
+            for &batch in &a.batch {
+                let r = wgqat::bench::training(&gpu, spec, b, batch, &opts);
+                if !a.json {
+                    let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+                    println!(
+                        "{:<8} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}{}",
+                        r.model,
+                        if b.is_float() { "fp32".to_string() } else { format!("W{b}A{b}") },
+                        batch,
+                        f(r.img_per_s, 1),
+                        f(r.step_ms, 1),
+                        f(r.submits_per_step, 2),
+                        f(r.allocations_per_step, 2),
+                        f(r.peak_memory_bytes.map(|m| m as f64 / 1048576.0), 1),
+                        r.error.as_ref().map_or(String::new(), |e| format!("  skipped: {e}"))
+                    );
+                    for k in r.kernels.iter().take(6) {
+                        println!("{:>30} {:>4} launches {:>9.3} ms {:>5.1}%", k.kernel, k.launches, k.ms, k.percent);
+                    }
+                }
+                rows.push(r);
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "training": rows }))?);
+    }
     Ok(ExitCode::SUCCESS)
 }

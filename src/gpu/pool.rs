@@ -87,6 +87,13 @@ impl BufferPool {
         self.inner.lock().map(|i| i.stats).unwrap_or_default()
     }
 
+    /// Starts peak tracking afresh from what is held now.
+    pub fn reset_peak(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.stats.peak_bytes = inner.stats.allocated_bytes;
+        }
+    }
+
     /// Drops every free buffer (their memory goes back to the driver).
     pub fn trim(&self) {
         if let Ok(mut inner) = self.inner.lock() {

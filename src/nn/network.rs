@@ -472,9 +472,25 @@ impl Network {
         self.trainable && self.layers[..i].iter().any(|l| l.weight.is_some())
     }
 
+    /// Per-layer buffers. Forward outputs are kept for the backward pass; gradients are not: a
+    /// layer's output gradient is dead once its backward ran, so they take turns in two shared
+    /// buffers (a layer and the one it feeds never share one; aliases follow their source), and
+    /// a quantized layer's input and input gradient live in two shared temporaries.
     fn alloc_buffers(&self, gpu: &Gpu) -> Result<Vec<LayerBuffers>> {
         let cap = self.capacity;
+        let elems = |s: &[usize]| s.iter().product::<usize>();
+        let max_out = self.layers.iter().map(|l| elems(&l.out_shape)).max().unwrap_or(1);
+        let quantized_in = |l: &Layer| matches!(l.kind, Kind::Weighted { a_bits, .. } if !a_bits.is_float());
+        let max_qin = self.layers.iter().filter(|l| quantized_in(l)).map(|l| elems(&l.in_shape)).max();
+        let grads = if self.trainable {
+            Some([gpu.zeros("output gradients A", &[cap * max_out], DType::F32)?, gpu.zeros("output gradients B", &[cap * max_out], DType::F32)?])
+        } else {
+            None
+        };
+        let qtemp = max_qin.map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32)).transpose()?;
+        let dqtemp = max_qin.filter(|_| self.trainable).map(|n| gpu.zeros("quantized input gradient", &[cap * n], DType::F32)).transpose()?;
         let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
+        let mut slot = 0usize;
         for (i, l) in self.layers.iter().enumerate() {
             let shape = with_batch(cap, &l.out_shape);
             let prev = out.last();
@@ -487,31 +503,17 @@ impl Network {
                 Kind::Flatten => (alias(&self.input)?, None),
                 _ => {
                     let o = gpu.zeros(&format!("{} output", l.name), &shape, DType::F32)?;
-                    let d = self
-                        .trainable
-                        .then(|| {
-                            gpu.zeros(&format!("{} output gradient", l.name), &shape, DType::F32)
-                        })
-                        .transpose()?;
+                    slot = 1 - slot;
+                    let d = grads.as_ref().map(|g| g[slot].view(0, &shape)).transpose()?;
                     (o, d)
                 }
             };
             let in_shape = with_batch(cap, &l.in_shape);
             let (mut xq, mut dxq, mut argmax) = (None, None, None);
-            if let Kind::Weighted { a_bits, .. } = l.kind
-                && !a_bits.is_float()
-            {
-                xq = Some(gpu.zeros(
-                    &format!("{} quantized input", l.name),
-                    &in_shape,
-                    DType::F32,
-                )?);
+            if quantized_in(l) {
+                xq = qtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
                 if self.needs_input_grad(i) {
-                    dxq = Some(gpu.zeros(
-                        &format!("{} quantized input gradient", l.name),
-                        &in_shape,
-                        DType::F32,
-                    )?);
+                    dxq = dqtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
                 }
             }
             if let Kind::MaxPool(_) = l.kind {
@@ -776,6 +778,10 @@ impl Network {
                         }
                     }
                     let dw = g(l.weight)?.expect("weighted layers have weights");
+                    if buf.xq.is_some() {
+                        // The quantized input lives in a shared temporary: form it again.
+                        bwd.push(quant::act_forward(gpu, a_bits, x, &xq)?);
+                    }
                     match (&l.quantizer, &l.dw_hat) {
                         (Some(q), Some(dw_hat)) => {
                             // dL/dŴ goes through the weight quantizer's backward into dL/dW.

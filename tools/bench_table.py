@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Merges `wgqat bench --json` with tools/torch_bench.py JSON files (eager and/or --compile) into
+the Markdown table of BENCHMARKS.md: model, bits, batch, img/s each, ratios, peak memory.
+
+Usage: python3 tools/bench_table.py wgqat.json torch_eager.json [torch_compile.json]
+"""
+import json
+import sys
+
+
+def key(r):
+    return (r["model"], r["w_bits"], r["batch"])
+
+
+def main():
+    ours = {key(r): r for r in json.load(open(sys.argv[1]))["training"]}
+    theirs = {}
+    for path in sys.argv[2:]:
+        for r in json.load(open(path))["training"]:
+            theirs.setdefault(key(r), {})[r["mode"]] = r
+    gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
+    print("| model | bits | batch | wgqat img/s | eager img/s | compile img/s | vs eager | vs compile | wgqat memory | eager memory | compile memory |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k, r in sorted(ours.items()):
+        t = theirs.get(k, {})
+        e, c = t.get("eager"), t.get("compile")
+        ips = r.get("img_per_s")
+        fmt = lambda v: "-" if v is None else f"{v:,.0f}"
+        ratio = lambda o: "-" if not (ips and o) else f"{ips / o['img_per_s']:.2f}x"
+        bits = "fp32" if r["w_bits"] == 32 else f"W{r['w_bits']}A{r['a_bits']}"
+        print(f"| {r['model']} | {bits} | {r['batch']} | {fmt(ips)} | {fmt(e and e['img_per_s'])} | {fmt(c and c['img_per_s'])} | "
+              f"{ratio(e)} | {ratio(c)} | {gib(r.get('peak_memory_bytes'))} | {gib(e and e['peak_memory_bytes'])} | {gib(c and c['peak_memory_bytes'])} |")
+
+
+if __name__ == "__main__":
+    main()
