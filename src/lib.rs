@@ -7,6 +7,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod gpu;
+pub mod infer;
 pub mod kernels;
 pub mod models;
 pub mod nn;

@@ -114,6 +114,7 @@ pub fn cases() -> Vec<Case> {
     quant_cases(&mut v);
     gemm_family_cases(&mut v);
     layer_cases(&mut v);
+    int_cases(&mut v);
     v
 }
 
@@ -1436,5 +1437,66 @@ fn layer_cases(v: &mut Vec<Case>) {
                 )])
             },
         ));
+    }
+}
+
+/// A random model in inference form that takes every path of the integer engine: a float first
+/// conv requantized to codes, max-pool and shuffle of codes, grouped 8-bit and 4-bit quantized
+/// convs, a float output through max-pool and avg-pool, flatten and a float Linear.
+pub fn random_int_model(rng: &mut Rng) -> crate::infer::IntModel {
+    use crate::infer::fold::{Folded, FoldedConv, FoldedOp, Weights};
+    let conv = |rng: &mut Rng, name: &str, cin: usize, cout: usize, k: usize, pad: usize, groups: usize, bits: Option<u32>, input_bits: Option<u32>| {
+        let n = cout * cin / groups * k * k;
+        let weights = match bits {
+            Some(b) => Weights::Codes { bits: Bits::new(b).expect("bits"), codes: (0..n).map(|_| rng.below((1 << b) as u64) as u8).collect() },
+            None => Weights::Float(rng.vec_uniform(n, -0.5, 0.5)),
+        };
+        FoldedOp::Conv(FoldedConv {
+            name: name.into(),
+            cin,
+            cout,
+            kernel: (k, k),
+            stride: (1, 1),
+            padding: (pad, pad),
+            dilation: (1, 1),
+            groups,
+            linear: false,
+            weights,
+            input_bits: input_bits.map(|b| Bits::new(b).expect("bits")),
+            a: rng.vec_uniform(cout, 0.5, 3.0),
+            b: rng.vec_uniform(cout, -0.5, 1.5),
+            relu: true,
+        })
+    };
+    let mut ops = vec![
+        conv(rng, "c0", 3, 8, 3, 1, 1, None, None),
+        FoldedOp::MaxPool { kernel: (2, 2), stride: (2, 2), padding: (0, 0) },
+        FoldedOp::Shuffle { groups: 2 },
+        conv(rng, "c1", 8, 12, 3, 1, 2, Some(8), Some(8)),
+        conv(rng, "c2", 12, 8, 1, 0, 1, Some(4), Some(4)),
+        FoldedOp::MaxPool { kernel: (3, 3), stride: (1, 1), padding: (1, 1) },
+        FoldedOp::AvgPool { kernel: (2, 2), stride: (2, 2), padding: (0, 0) },
+        FoldedOp::Flatten,
+    ];
+    if let FoldedOp::Conv(mut fc) = conv(rng, "fc", 32, 10, 1, 0, 1, None, None) {
+        fc.linear = true;
+        fc.relu = false;
+        ops.push(FoldedOp::Conv(fc));
+    }
+    crate::infer::IntModel::from_folded(&Folded { model: "random".into(), input: [3, 9, 9], ops }).expect("a valid model")
+}
+
+fn int_cases(v: &mut Vec<Case>) {
+    for batch in [1usize, 5] {
+        v.push(Case::new("int_engine", "forward", format!("random model, batch {batch}"), move |gpu, rng| {
+            let model = random_int_model(rng);
+            let x = rng.vec_uniform(batch * 3 * 9 * 9, -2.0, 2.0);
+            let engine = crate::infer::IntEngine::new(gpu, model.clone(), batch)?;
+            let got = engine.run(gpu, &x)?;
+            let want = f64s(&reference::intinfer::run(&model, &x)?);
+            // Integer sums are exact; the epilogue is one multiply-add per value, which a GPU
+            // may fuse: codes then agree except at exact rounding ties.
+            Ok(vec![("logits".into(), reference::compare(&got, &want, Tolerance::new(1e-5, 1e-5)))])
+        }));
     }
 }

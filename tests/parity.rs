@@ -48,7 +48,7 @@ impl Reference {
     fn f32(&self, key: &str) -> &[f32] {
         match &self.tensors[key].data {
             Data::F32(v) => v,
-            Data::I64(_) => panic!("{key} is not f32"),
+            _ => panic!("{key} is not f32"),
         }
     }
 
@@ -89,7 +89,7 @@ fn step(r: &Reference, kind: OptimizerKind) -> Step {
     plan.ops.push_op(opt.op(gpu, &net).unwrap());
     let labels: Vec<u32> = match &r.tensors["labels"].data {
         Data::I64(v) => v.iter().map(|&l| l as u32).collect(),
-        Data::F32(_) => panic!("labels"),
+        _ => panic!("labels"),
     };
     net.write_batch(gpu, &plan, r.f32("input"), &labels)
         .unwrap();
@@ -113,7 +113,7 @@ fn step(r: &Reference, kind: OptimizerKind) -> Step {
         .into_iter()
         .filter_map(|t| match t.data {
             Data::F32(v) => Some((t.name, v)),
-            Data::I64(_) => None,
+            _ => None,
         })
         .collect();
     Step { loss, grads, after }

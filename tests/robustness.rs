@@ -77,6 +77,7 @@ fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
             let b = match n.data {
                 wgqat::nn::checkpoint::Data::F32(v) => bytemuck::cast_slice(&v).to_vec(),
                 wgqat::nn::checkpoint::Data::I64(v) => bytemuck::cast_slice(&v).to_vec(),
+                wgqat::nn::checkpoint::Data::U8(v) => v,
             };
             (n.name, b)
         })

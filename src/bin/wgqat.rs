@@ -35,6 +35,15 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Test loss and accuracy of a checkpoint.
     Eval(EvalArgs),
+    /// Export a checkpoint for deployment: the integer model (default) or ONNX.
+    Export(ExportArgs),
+    /// Run an exported integer model on the GPU: test accuracy of a dataset, or top-k of images.
+    Infer(InferArgs),
+    /// Datasets: `data synthetic --out DIR` writes the built-in synthetic set as CIFAR-10 files.
+    Data {
+        #[command(subcommand)]
+        what: DataWhat,
+    },
     /// Print a model as JSON (the vocabulary of --model FILE.json), or its layers and shapes.
     Model {
         /// nin_gc, nin, or a model JSON file.
@@ -239,6 +248,82 @@ struct EvalArgs {
     json: bool,
 }
 
+/// Which model, bits and data a checkpoint goes with: flags, else what the checkpoint records.
+#[derive(Args)]
+struct CheckpointArgs {
+    /// A checkpoint (safetensors state dict, micronet names).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// nin_gc, nin or a model JSON [default: recorded in the checkpoint, else nin_gc].
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    w_bits: Option<u32>,
+    #[arg(long)]
+    a_bits: Option<u32>,
+    #[arg(long)]
+    quantize_first_layer: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    gpu: GpuArgs,
+    #[command(flatten)]
+    ckpt: CheckpointArgs,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    /// int (the integer model for `wgqat infer`) or onnx.
+    #[arg(long, default_value = "int")]
+    format: String,
+}
+
+#[derive(Args)]
+struct InferArgs {
+    #[command(flatten)]
+    gpu: GpuArgs,
+    /// An integer model written by `wgqat export`.
+    #[arg(long)]
+    model: PathBuf,
+    /// CIFAR-10 binary folder: its test set (without it and without images: the synthetic set).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Images (PNG or JPEG) to classify.
+    images: Vec<PathBuf>,
+    /// Write one predicted label per line here.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// Classes to show per image.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Use only the first N test images.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// The synthetic dataset's seed (when no --data).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DataWhat {
+    /// Write the built-in synthetic dataset as CIFAR-10 binary files (data_batch_1.bin, test_batch.bin).
+    Synthetic {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 50_000)]
+        train: usize,
+        #[arg(long, default_value_t = 10_000)]
+        test: usize,
+    },
+}
+
 /// Adapter choice, shared by every command that uses the GPU.
 #[derive(Args, Clone, Default)]
 struct GpuArgs {
@@ -271,7 +356,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // wgqat's errors are one line that already names their cause.
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -283,6 +369,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
         Command::Model { name, summary } => model(&name, summary),
+        Command::Export(a) => export(a),
+        Command::Infer(a) => infer(a),
+        Command::Data { what: DataWhat::Synthetic { out, seed, train, test } } => {
+            std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            let (tr, te) = wgqat::data::synthetic::train_test(seed, train, test);
+            wgqat::util::atomic_write(&out.join("data_batch_1.bin"), &tr.to_records())?;
+            wgqat::util::atomic_write(&out.join("test_batch.bin"), &te.to_records())?;
+            eprintln!("wrote {} training and {} test images (seed {seed}) to {}", train, test, out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Selftest { gpu, json, filter } => {
             selftest(&gpu.options(), json, filter.as_deref())
         }
@@ -622,28 +718,35 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    // Defaults from what a wgqat checkpoint records about itself.
-    let meta = safetensors_meta(&a.checkpoint);
+/// Model and bits for a checkpoint: the flags, else what a wgqat checkpoint records about itself.
+fn checkpoint_config(
+    path: &std::path::Path,
+    model: &Option<String>,
+    w: Option<u32>,
+    a: Option<u32>,
+    first: bool,
+) -> anyhow::Result<TrainConfig> {
+    let meta = safetensors_meta(path);
     let recorded_bits = |k: &str| meta.get(k).and_then(|v| v.parse::<u32>().ok());
-    let model = a.model.clone().or_else(|| {
-        meta.get("model")
-            .filter(|m| wgqat::models::BUILTIN.contains(&m.as_str()))
-            .cloned()
-    });
-    let config = TrainConfig {
+    let model = model
+        .clone()
+        .or_else(|| meta.get("model").filter(|m| wgqat::models::BUILTIN.contains(&m.as_str())).cloned());
+    Ok(TrainConfig {
         model: model.unwrap_or_else(|| "nin_gc".into()),
+        w_bits: bits(w.or(recorded_bits("w_bits")), Bits::new(8)?)?,
+        a_bits: bits(a.or(recorded_bits("a_bits")), Bits::new(8)?)?,
+        quantize_first_layer: first || meta.get("quantize_first_layer").is_some_and(|v| v == "true"),
+        ..TrainConfig::default()
+    })
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    let config = TrainConfig {
         data: a.data.clone(),
-        w_bits: bits(a.w_bits.or(recorded_bits("w_bits")), Bits::new(8)?)?,
-        a_bits: bits(a.a_bits.or(recorded_bits("a_bits")), Bits::new(8)?)?,
-        quantize_first_layer: a.quantize_first_layer
-            || meta
-                .get("quantize_first_layer")
-                .is_some_and(|v| v == "true"),
         eval_batch_size: a.eval_batch_size,
         test_limit: a.test_limit,
         seed: a.seed,
-        ..TrainConfig::default()
+        ..checkpoint_config(&a.checkpoint, &a.model, a.w_bits, a.a_bits, a.quantize_first_layer)?
     };
     if a.eval_batch_size == 0 {
         anyhow::bail!("batch size 0: use a batch size of at least 1");
@@ -745,6 +848,110 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "training": rows }))?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let c = &a.ckpt;
+    let config = checkpoint_config(&c.checkpoint, &c.model, c.w_bits, c.a_bits, c.quantize_first_layer)?;
+    let spec = wgqat::models::load(&config.model)?;
+    let gpu = Gpu::new(&a.gpu.options())?;
+    let quant = wgqat::nn::QuantConfig { w_bits: config.w_bits, a_bits: config.a_bits, quantize_first_layer: config.quantize_first_layer };
+    let mut net = wgqat::nn::Network::new(&gpu, &spec, quant, 1, false, 1)?;
+    net.load(&gpu, &c.checkpoint)?;
+    let folded = wgqat::infer::fold::fold(&gpu, &net)?;
+    match a.format.as_str() {
+        "int" => wgqat::infer::IntModel::from_folded(&folded)?.write(&a.out)?,
+        "onnx" => wgqat::util::atomic_write(&a.out, &wgqat::infer::onnx::export(&folded)?)?,
+        f => anyhow::bail!("unknown --format {f:?}: use int or onnx"),
+    }
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({} format, {} W{}A{}): {} bytes, {:.0}% of the float checkpoint's {} bytes",
+        a.out.display(),
+        a.format,
+        spec.name,
+        config.w_bits,
+        config.a_bits,
+        size(&a.out),
+        100.0 * size(&a.out) as f64 / size(&c.checkpoint).max(1) as f64,
+        size(&c.checkpoint)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
+    if a.batch_size == 0 {
+        anyhow::bail!("batch size 0: use a batch size of at least 1");
+    }
+    let model = wgqat::infer::IntModel::read(&a.model)?;
+    let m = model.manifest.clone();
+    let gpu = Gpu::new(&a.gpu.options())?;
+    let per = m.input.iter().product::<usize>();
+    // Inputs: the images given, else a dataset's test set.
+    let (inputs, labels, names): (Vec<f32>, Option<Vec<u32>>, Vec<String>) = if !a.images.is_empty() {
+        let mut x = Vec::new();
+        for p in &a.images {
+            x.extend(wgqat::infer::load_image(p, m.input, m.mean, m.std)?);
+        }
+        (x, None, a.images.iter().map(|p| p.display().to_string()).collect())
+    } else {
+        let cfg = TrainConfig { data: a.data.clone(), test_limit: a.test_limit, seed: a.seed, ..TrainConfig::default() };
+        let (_, test) = wgqat::train::trainer::load_data(&TrainConfig { train_limit: Some(1), synthetic_train: 1, ..cfg }, &|s| eprintln!("{s}"))?;
+        let idx: Vec<usize> = (0..test.len()).collect();
+        let (x, l) = wgqat::data::batch(&test, &idx, wgqat::data::Augment::NONE, &mut wgqat::rng::Rng::new(0));
+        (x, Some(l), Vec::new())
+    };
+    let n = inputs.len() / per;
+    let engine = wgqat::infer::IntEngine::new(&gpu, model, a.batch_size.min(n))?;
+    let classes = engine.classes();
+    let mut logits = Vec::with_capacity(n * classes);
+    for chunk in inputs.chunks(engine.capacity() * per) {
+        logits.extend(engine.run(&gpu, chunk)?);
+    }
+    let preds: Vec<usize> = logits.chunks(classes).map(wgqat::infer::argmax).collect();
+    if let Some(p) = &a.predictions {
+        let text: String = preds.iter().map(|l| format!("{l}\n")).collect();
+        wgqat::util::atomic_write(p, text.as_bytes())?;
+    }
+    match labels {
+        Some(l) => {
+            let correct = preds.iter().zip(&l).filter(|(p, l)| **p == **l as usize).count();
+            let loss: f64 = logits
+                .chunks(classes)
+                .zip(&l)
+                .map(|(z, &y)| -(wgqat::infer::softmax(z)[y as usize].max(1e-30) as f64).ln())
+                .sum::<f64>()
+                / n as f64;
+            let acc = 100.0 * correct as f64 / n as f64;
+            if a.json {
+                println!("{}", serde_json::json!({ "images": n, "loss": loss, "acc": acc }));
+            } else {
+                println!("{}: {n} test images, loss {loss:.4}, accuracy {acc:.2}% (integer inference)", a.model.display());
+            }
+        }
+        None => {
+            let rows: Vec<serde_json::Value> = logits
+                .chunks(classes)
+                .zip(&names)
+                .map(|(z, name)| {
+                    let p = wgqat::infer::softmax(z);
+                    let mut order: Vec<usize> = (0..classes).collect();
+                    order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
+                    let top: Vec<serde_json::Value> = order.iter().take(a.top_k.max(1)).map(|&i| serde_json::json!({ "class": i, "p": p[i] })).collect();
+                    serde_json::json!({ "image": name, "top": top })
+                })
+                .collect();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for r in &rows {
+                    let top: Vec<String> = r["top"].as_array().into_iter().flatten().map(|t| format!("class {} ({:.3})", t["class"], t["p"].as_f64().unwrap_or(0.0))).collect();
+                    println!("{}: {}", r["image"].as_str().unwrap_or(""), top.join(", "));
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

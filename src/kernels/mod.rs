@@ -32,6 +32,7 @@ pub static NORM: Shader = shader!("norm.wgsl");
 pub static POOL: Shader = shader!("pool.wgsl");
 pub static LOSS: Shader = shader!("loss.wgsl");
 pub static OPTIM: Shader = shader!("optim.wgsl");
+pub static INTINFER: Shader = shader!("intinfer.wgsl");
 
 /// Every shader file, embedded in the binary (the portability test translates each one).
 pub static SHADERS: &[&Shader] = &[
@@ -43,6 +44,7 @@ pub static SHADERS: &[&Shader] = &[
     &POOL,
     &LOSS,
     &OPTIM,
+    &INTINFER,
 ];
 
 /// Fails unless `t` has element type `dtype`.

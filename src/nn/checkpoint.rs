@@ -17,6 +17,8 @@ use std::path::Path;
 pub enum Data {
     F32(Vec<f32>),
     I64(Vec<i64>),
+    /// Bytes (integer model codes).
+    U8(Vec<u8>),
 }
 
 /// A named tensor of a checkpoint.
@@ -28,6 +30,13 @@ pub struct Named {
 }
 
 impl Named {
+    pub fn f32s(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
     pub fn f32(name: impl Into<String>, shape: &[usize], v: Vec<f32>) -> Named {
         Named {
             name: name.into(),
@@ -40,6 +49,7 @@ impl Named {
         match self.data {
             Data::F32(_) => "F32",
             Data::I64(_) => "I64",
+            Data::U8(_) => "U8",
         }
     }
 }
@@ -52,6 +62,7 @@ pub fn write(path: &Path, tensors: &[Named], meta: HashMap<String, String>) -> R
             let (b, d) = match &t.data {
                 Data::F32(v) => (bytemuck::cast_slice::<f32, u8>(v).to_vec(), Dtype::F32),
                 Data::I64(v) => (bytemuck::cast_slice::<i64, u8>(v).to_vec(), Dtype::I64),
+                Data::U8(v) => (v.clone(), Dtype::U8),
             };
             (t.name.clone(), b, d, t.shape.clone())
         })
@@ -70,7 +81,7 @@ pub fn write(path: &Path, tensors: &[Named], meta: HashMap<String, String>) -> R
     atomic_write(path, &out)
 }
 
-/// Reads every tensor (F32 or I64) and the metadata of a safetensors file.
+/// Reads every tensor (F32, I64 or U8) and the metadata of a safetensors file.
 pub fn read(path: &Path) -> Result<(Vec<Named>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let not_st = |e: safetensors::SafeTensorError| {
@@ -88,6 +99,7 @@ pub fn read(path: &Path) -> Result<(Vec<Named>, HashMap<String, String>)> {
         let data = match view.dtype() {
             Dtype::F32 => Data::F32(bytemuck::pod_collect_to_vec(view.data())),
             Dtype::I64 => Data::I64(bytemuck::pod_collect_to_vec(view.data())),
+            Dtype::U8 => Data::U8(view.data().to_vec()),
             other => {
                 return Err(Error::file(
                     path,

@@ -1,0 +1,308 @@
+// Integer inference of an exported model. Tensors are channels-last (N, H, W, C): float
+// activations one f32 per value, quantized activations as 8-bit codes k in 0..=n packed four
+// channels per u32 (a pixel holds ceil(C/4) words; unused lanes are 0).
+//
+// A quantized conv multiplies codes exactly: with activation codes a and weight codes k (weight
+// level 2k - n_w),
+//     acc = sum a * (2k - n_w) = 2 * sum a*k - n_w * sum a
+// where both sums are dot4U8Packed of packed words (exact in u32; the exporter checks that acc
+// fits in i32). One float epilogue per output channel then gives z = acc * scale + bias (the
+// levels' scales 1/(n_a n_w), the conv bias and BatchNorm folded together), ReLU, and either z or
+// z requantized to the next layer's codes floor(clamp(0.1 z, 0, 1) * n + 0.5).
+
+struct Params {
+    batch: u32, h: u32, w: u32, cin: u32,         // input (N, H, W, Cin)
+    oh: u32, ow: u32, cout: u32, groups: u32,     // output (N, OH, OW, Cout)
+    kh: u32, kw: u32, sh: u32, sw: u32,
+    ph: u32, pw: u32, dh: u32, dw: u32,
+    w_levels: u32,      // n_w of weight codes
+    out_levels: u32,    // n of output codes (codes output)
+    relu: u32,
+    shuffle_groups: u32,
+    out_levels_f: f32,
+    out_inv_levels: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> in_codes: array<u32>;
+@group(0) @binding(2) var<storage, read> in_float: array<f32>;
+@group(0) @binding(3) var<storage, read> w_codes: array<u32>;
+@group(0) @binding(4) var<storage, read> w_float: array<f32>;
+@group(0) @binding(5) var<storage, read> scale: array<f32>;
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out_codes: array<u32>;
+@group(0) @binding(8) var<storage, read_write> out_float: array<f32>;
+
+// Output codes (true) or floats.
+override OUT_CODES: bool = true;
+
+fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * 256u + lid;
+}
+
+fn words(c: u32) -> u32 {
+    return (c + 3u) / 4u;
+}
+
+fn code_of(z: f32) -> u32 {
+    return u32(floor(clamp(z * 0.1, 0.0, 1.0) * p.out_levels_f + 0.5));
+}
+
+// Writes four output channels co0..co0+3 of pixel `pix` (z for channels >= cout is ignored).
+fn store(pix: u32, co0: u32, z: vec4<f32>) {
+    var v = z;
+    if (p.relu == 1u) {
+        v = max(v, vec4<f32>(0.0));
+    }
+    if (OUT_CODES) {
+        var word = 0u;
+        for (var j = 0u; j < 4u; j++) {
+            if (co0 + j < p.cout) {
+                word |= code_of(v[j]) << (8u * j);
+            }
+        }
+        out_codes[pix * words(p.cout) + co0 / 4u] = word;
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (co0 + j < p.cout) {
+                out_float[pix * p.cout + co0 + j] = v[j];
+            }
+        }
+    }
+}
+
+// Thread: output pixel (n, oy, ox) and channels 4q..4q+3. Returns (pixel index, q) or none.
+fn output_slot(i: u32) -> vec2<u32> {
+    let q_per_pixel = words(p.cout);
+    return vec2<u32>(i / q_per_pixel, i % q_per_pixel);
+}
+
+// A quantized conv: codes in, codes weights (each group's channels a multiple of 4).
+@compute @workgroup_size(256)
+fn conv_int(@builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let slot = output_slot(i);
+    let pix = slot.x;
+    if (pix >= p.batch * p.oh * p.ow) {
+        return;
+    }
+    let n = pix / (p.oh * p.ow);
+    let r = pix % (p.oh * p.ow);
+    let oy = r / p.ow;
+    let ox = r % p.ow;
+    let cig4 = p.cin / p.groups / 4u;
+    let cog = p.cout / p.groups;
+    let in_words = words(p.cin);
+    var z = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let co = slot.y * 4u + j;
+        if (co >= p.cout) {
+            break;
+        }
+        let g = co / cog;
+        var s_ak = 0u;
+        var s_a = 0u;
+        for (var ky = 0u; ky < p.kh; ky++) {
+            let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
+            if (iy < 0 || u32(iy) >= p.h) {
+                continue;
+            }
+            for (var kx = 0u; kx < p.kw; kx++) {
+                let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
+                if (ix < 0 || u32(ix) >= p.w) {
+                    continue;
+                }
+                let a_base = ((n * p.h + u32(iy)) * p.w + u32(ix)) * in_words + g * cig4;
+                let w_base = ((co * p.kh + ky) * p.kw + kx) * cig4;
+                for (var c = 0u; c < cig4; c++) {
+                    let a = in_codes[a_base + c];
+                    s_ak += dot4U8Packed(a, w_codes[w_base + c]);
+                    s_a += dot4U8Packed(a, 0x01010101u);
+                }
+            }
+        }
+        let acc = 2 * i32(s_ak) - i32(p.w_levels * s_a);
+        z[j] = f32(acc) * scale[co] + bias[co];
+    }
+    store(pix, slot.y * 4u, z);
+}
+
+// A float conv (the first layer, which DoReFa leaves float): float in, float weights.
+@compute @workgroup_size(256)
+fn conv_float(@builtin(workgroup_id) wid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let slot = output_slot(i);
+    let pix = slot.x;
+    if (pix >= p.batch * p.oh * p.ow) {
+        return;
+    }
+    let n = pix / (p.oh * p.ow);
+    let r = pix % (p.oh * p.ow);
+    let oy = r / p.ow;
+    let ox = r % p.ow;
+    let cig = p.cin / p.groups;
+    let cog = p.cout / p.groups;
+    var z = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let co = slot.y * 4u + j;
+        if (co >= p.cout) {
+            break;
+        }
+        let g = co / cog;
+        var acc = 0.0;
+        for (var ky = 0u; ky < p.kh; ky++) {
+            let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
+            if (iy < 0 || u32(iy) >= p.h) {
+                continue;
+            }
+            for (var kx = 0u; kx < p.kw; kx++) {
+                let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
+                if (ix < 0 || u32(ix) >= p.w) {
+                    continue;
+                }
+                let a_base = ((n * p.h + u32(iy)) * p.w + u32(ix)) * p.cin + g * cig;
+                let w_base = ((co * p.kh + ky) * p.kw + kx) * cig;
+                for (var c = 0u; c < cig; c++) {
+                    acc += in_float[a_base + c] * w_float[w_base + c];
+                }
+            }
+        }
+        z[j] = acc * scale[co] + bias[co];
+    }
+    store(pix, slot.y * 4u, z);
+}
+
+// Pooling window of output (oy, ox) along one axis: input index for tap k, or -1 (padding).
+fn tap(o: u32, k: u32, s: u32, pad: u32, n: u32) -> i32 {
+    let i = i32(o * s + k) - i32(pad);
+    return select(-1, i, i >= 0 && u32(i) < n);
+}
+
+// Max-pool of codes: exact, since quantization is monotonic (q(max) = max(q)).
+@compute @workgroup_size(256)
+fn maxpool_codes(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let cw = words(p.cin);
+    if (i >= p.batch * p.oh * p.ow * cw) {
+        return;
+    }
+    let c4 = i % cw;
+    let pix = i / cw;
+    let n = pix / (p.oh * p.ow);
+    let oy = (pix % (p.oh * p.ow)) / p.ow;
+    let ox = pix % p.ow;
+    var best = vec4<u32>(0u);
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let iy = tap(oy, ky, p.sh, p.ph, p.h);
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let ix = tap(ox, kx, p.sw, p.pw, p.w);
+            if (iy >= 0 && ix >= 0) {
+                best = max(best, unpack4xU8(in_codes[((n * p.h + u32(iy)) * p.w + u32(ix)) * cw + c4]));
+            }
+        }
+    }
+    out_codes[i] = pack4xU8(best);
+}
+
+// Max-pool of floats (channels-last), NaN-free inputs.
+@compute @workgroup_size(256)
+fn maxpool_float(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= p.batch * p.oh * p.ow * p.cin) {
+        return;
+    }
+    let c = i % p.cin;
+    let pix = i / p.cin;
+    let n = pix / (p.oh * p.ow);
+    let oy = (pix % (p.oh * p.ow)) / p.ow;
+    let ox = pix % p.ow;
+    var best = -3.40282347e38;
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let iy = tap(oy, ky, p.sh, p.ph, p.h);
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let ix = tap(ox, kx, p.sw, p.pw, p.w);
+            if (iy >= 0 && ix >= 0) {
+                best = max(best, in_float[((n * p.h + u32(iy)) * p.w + u32(ix)) * p.cin + c]);
+            }
+        }
+    }
+    out_float[i] = best;
+}
+
+// Average pool of floats, padding counted (divisor kh * kw).
+@compute @workgroup_size(256)
+fn avgpool_float(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= p.batch * p.oh * p.ow * p.cin) {
+        return;
+    }
+    let c = i % p.cin;
+    let pix = i / p.cin;
+    let n = pix / (p.oh * p.ow);
+    let oy = (pix % (p.oh * p.ow)) / p.ow;
+    let ox = pix % p.ow;
+    var acc = 0.0;
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let iy = tap(oy, ky, p.sh, p.ph, p.h);
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let ix = tap(ox, kx, p.sw, p.pw, p.w);
+            if (iy >= 0 && ix >= 0) {
+                acc += in_float[((n * p.h + u32(iy)) * p.w + u32(ix)) * p.cin + c];
+            }
+        }
+    }
+    out_float[i] = acc / f32(p.kh * p.kw);
+}
+
+// Channel shuffle (micronet's) of codes: output channel b*g + a takes input channel a*(C/g) + b.
+@compute @workgroup_size(256)
+fn shuffle_codes(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let cw = words(p.cin);
+    if (i >= p.batch * p.h * p.w * cw) {
+        return;
+    }
+    let pix = i / cw;
+    let c4 = i % cw;
+    let g = p.shuffle_groups;
+    let per = p.cin / g;
+    var word = 0u;
+    for (var j = 0u; j < 4u; j++) {
+        let co = c4 * 4u + j;
+        if (co < p.cin) {
+            let ci = (co % g) * per + co / g;
+            let code = (in_codes[pix * cw + ci / 4u] >> (8u * (ci % 4u))) & 0xffu;
+            word |= code << (8u * j);
+        }
+    }
+    out_codes[i] = word;
+}
+
+@compute @workgroup_size(256)
+fn shuffle_float(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= p.batch * p.h * p.w * p.cin) {
+        return;
+    }
+    let co = i % p.cin;
+    let pix = i / p.cin;
+    let g = p.shuffle_groups;
+    let per = p.cin / g;
+    out_float[i] = in_float[pix * p.cin + (co % g) * per + co / g];
+}

@@ -1,0 +1,150 @@
+//! Reference of the integer engine (`shaders/intinfer.wgsl`): the manifest's ops on the CPU,
+//! channels-last, with integer accumulation in i64 and the same f32 epilogue.
+
+use crate::error::{Error, Result};
+use crate::infer::model::{IntModel, IntOp};
+
+/// A channels-last activation: codes (as values 0..=n) or floats.
+#[derive(Clone)]
+enum Act {
+    Codes(Vec<u32>),
+    Float(Vec<f32>),
+}
+
+fn code_of(z: f32, levels: u32) -> u32 {
+    ((z * 0.1f32).clamp(0.0, 1.0) * levels as f32 + 0.5).floor() as u32
+}
+
+/// Logits `(batch, classes)` of NCHW normalised images.
+pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
+    let [c0, h0, w0] = model.manifest.input;
+    let batch = images_nchw.len() / (c0 * h0 * w0);
+    let mut x = vec![0.0f32; images_nchw.len()];
+    for n in 0..batch {
+        for c in 0..c0 {
+            for p in 0..h0 * w0 {
+                x[(n * h0 * w0 + p) * c0 + c] = images_nchw[(n * c0 + c) * h0 * w0 + p];
+            }
+        }
+    }
+    let (mut act, mut c, mut h, mut w) = (Act::Float(x), c0, h0, w0);
+    for op in &model.manifest.ops {
+        match op {
+            IntOp::Conv { name, cin, cout, kernel, stride, padding, dilation, groups, weight_bits, relu, output_bits, .. } => {
+                let (cig, cog) = (cin / groups, cout / groups);
+                let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| (n + 2 * p - d * (k - 1) - 1) / s + 1;
+                let (oh, ow) = (axis(h, kernel[0], stride[0], padding[0], dilation[0]), axis(w, kernel[1], stride[1], padding[1], dilation[1]));
+                let nw = cout * kernel[0] * kernel[1] * cig;
+                let scale = model.floats(&format!("{name}.scale"), *cout)?;
+                let bias = model.floats(&format!("{name}.bias"), *cout)?;
+                let codes = weight_bits.map(|b| model.weight_codes(name, nw, b)).transpose()?;
+                let floats = if weight_bits.is_none() { Some(model.floats(&format!("{name}.weight"), nw)?) } else { None };
+                let mut zs = vec![0.0f32; batch * oh * ow * cout];
+                for n in 0..batch {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            for co in 0..*cout {
+                                let g = co / cog;
+                                let (mut acc_i, mut acc_f) = (0i64, 0.0f32);
+                                for ky in 0..kernel[0] {
+                                    let iy = (oy * stride[0] + ky * dilation[0]) as isize - padding[0] as isize;
+                                    for kx in 0..kernel[1] {
+                                        let ix = (ox * stride[1] + kx * dilation[1]) as isize - padding[1] as isize;
+                                        if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                                            continue;
+                                        }
+                                        for ci in 0..cig {
+                                            let a = ((n * h + iy as usize) * w + ix as usize) * c + g * cig + ci;
+                                            let k = ((co * kernel[0] + ky) * kernel[1] + kx) * cig + ci;
+                                            match (&act, &codes, floats) {
+                                                (Act::Codes(v), Some(wc), _) => {
+                                                    let n_w = (1i64 << weight_bits.unwrap_or(8)) - 1;
+                                                    acc_i += v[a] as i64 * (2 * wc[k] as i64 - n_w);
+                                                }
+                                                (Act::Float(v), None, Some(wf)) => acc_f += v[a] * wf[k],
+                                                _ => return Err(Error::Invalid(format!("layer {name}: input and weights do not match"))),
+                                            }
+                                        }
+                                    }
+                                }
+                                let acc = if codes.is_some() { acc_i as f32 } else { acc_f };
+                                let mut z = acc * scale[co] + bias[co];
+                                if *relu {
+                                    z = z.max(0.0);
+                                }
+                                zs[((n * oh + oy) * ow + ox) * cout + co] = z;
+                            }
+                        }
+                    }
+                }
+                act = match output_bits {
+                    Some(b) => Act::Codes(zs.iter().map(|&z| code_of(z, (1 << b) - 1)).collect()),
+                    None => Act::Float(zs),
+                };
+                (c, h, w) = (*cout, oh, ow);
+            }
+            IntOp::Quantize { .. } => return Err(Error::Invalid("quantize ops are not supported".into())),
+            IntOp::MaxPool { kernel, stride, padding } | IntOp::AvgPool { kernel, stride, padding } => {
+                let axis = |n: usize, k: usize, s: usize, p: usize| (n + 2 * p - k) / s + 1;
+                let (oh, ow) = (axis(h, kernel[0], stride[0], padding[0]), axis(w, kernel[1], stride[1], padding[1]));
+                let avg = matches!(op, IntOp::AvgPool { .. });
+                let window = |n: usize, oy: usize, ox: usize, ch: usize, f: &mut dyn FnMut(usize)| {
+                    for ky in 0..kernel[0] {
+                        let iy = (oy * stride[0] + ky) as isize - padding[0] as isize;
+                        for kx in 0..kernel[1] {
+                            let ix = (ox * stride[1] + kx) as isize - padding[1] as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                f(((n * h + iy as usize) * w + ix as usize) * c + ch);
+                            }
+                        }
+                    }
+                };
+                let len = batch * oh * ow * c;
+                let index = |i: usize| (i / c / (oh * ow), (i / c % (oh * ow)) / ow, i / c % ow, i % c);
+                act = match &act {
+                    Act::Codes(v) if !avg => Act::Codes(
+                        (0..len)
+                            .map(|i| {
+                                let (n, oy, ox, ch) = index(i);
+                                let mut m = 0;
+                                window(n, oy, ox, ch, &mut |j| m = m.max(v[j]));
+                                m
+                            })
+                            .collect(),
+                    ),
+                    Act::Float(v) => Act::Float(
+                        (0..len)
+                            .map(|i| {
+                                let (n, oy, ox, ch) = index(i);
+                                let (mut m, mut s) = (f32::MIN, 0.0f32);
+                                window(n, oy, ox, ch, &mut |j| {
+                                    m = m.max(v[j]);
+                                    s += v[j];
+                                });
+                                if avg { s / (kernel[0] * kernel[1]) as f32 } else { m }
+                            })
+                            .collect(),
+                    ),
+                    Act::Codes(_) => return Err(Error::Invalid("average pooling of codes".into())),
+                };
+                (h, w) = (oh, ow);
+            }
+            IntOp::Shuffle { groups } => {
+                let per = c / groups;
+                let src = |i: usize| {
+                    let co = i % c;
+                    i - co + (co % groups) * per + co / groups
+                };
+                act = match &act {
+                    Act::Codes(v) => Act::Codes((0..v.len()).map(|i| v[src(i)]).collect()),
+                    Act::Float(v) => Act::Float((0..v.len()).map(|i| v[src(i)]).collect()),
+                };
+            }
+            IntOp::Flatten => (c, h, w) = (c * h * w, 1, 1),
+        }
+    }
+    match act {
+        Act::Float(v) => Ok(v),
+        Act::Codes(_) => Err(Error::Invalid("the model's output is codes".into())),
+    }
+}
