@@ -79,7 +79,9 @@ fn output_slot(i: u32) -> vec2<u32> {
     return vec2<u32>(i / q_per_pixel, i % q_per_pixel);
 }
 
-// A quantized conv: codes in, codes weights (each group's channels a multiple of 4).
+// A quantized conv: codes in, codes weights. A group's channels fill whole words: either a
+// multiple of 4 per group, or one group whose last word is padded (activation lanes 0, so the
+// padded weight codes add nothing to either sum).
 @compute @workgroup_size(256)
 fn conv_int(@builtin(workgroup_id) wid: vec3<u32>,
             @builtin(num_workgroups) nwg: vec3<u32>,
@@ -94,7 +96,7 @@ fn conv_int(@builtin(workgroup_id) wid: vec3<u32>,
     let r = pix % (p.oh * p.ow);
     let oy = r / p.ow;
     let ox = r % p.ow;
-    let cig4 = p.cin / p.groups / 4u;
+    let cig4 = words(p.cin / p.groups);
     let cog = p.cout / p.groups;
     let in_words = words(p.cin);
     var z = vec4<f32>(0.0);
@@ -305,4 +307,27 @@ fn shuffle_float(@builtin(workgroup_id) wid: vec3<u32>,
     let g = p.shuffle_groups;
     let per = p.cin / g;
     out_float[i] = in_float[pix * p.cin + (co % g) * per + co / g];
+}
+
+// Float activations (channels-last) to packed codes floor(clamp(0.1 x, 0, 1) * n + 0.5): the
+// input of a quantized first layer.
+@compute @workgroup_size(256)
+fn quantize_codes(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let cw = words(p.cin);
+    if (i >= p.batch * p.h * p.w * cw) {
+        return;
+    }
+    let pix = i / cw;
+    let c4 = i % cw;
+    var word = 0u;
+    for (var j = 0u; j < 4u; j++) {
+        let c = c4 * 4u + j;
+        if (c < p.cin) {
+            word |= code_of(in_float[pix * p.cin + c]) << (8u * j);
+        }
+    }
+    out_codes[i] = word;
 }

@@ -297,8 +297,18 @@ pub struct TrainingOptions {
 
 /// QAT training throughput of `model` at `bits` and `batch`: synthetic data already on the GPU,
 /// the real training step (forward, loss, backward, Adam) replayed after `warmup` steps.
-pub fn training(gpu: &Gpu, model: &ModelSpec, bits: Bits, batch: usize, opts: &TrainingOptions) -> TrainingBench {
-    let timer = if gpu.caps.timestamp_query { "gpu timestamps" } else { "wall clock" };
+pub fn training(
+    gpu: &Gpu,
+    model: &ModelSpec,
+    bits: Bits,
+    batch: usize,
+    opts: &TrainingOptions,
+) -> TrainingBench {
+    let timer = if gpu.caps.timestamp_query {
+        "gpu timestamps"
+    } else {
+        "wall clock"
+    };
     let mut row = TrainingBench {
         model: model.name.clone(),
         w_bits: bits.get(),
@@ -319,7 +329,11 @@ pub fn training(gpu: &Gpu, model: &ModelSpec, bits: Bits, batch: usize, opts: &T
         gpu.pool().trim();
         gpu.pool().reset_peak();
         let pool_before = gpu.pool().stats();
-        let quant = QuantConfig { w_bits: bits, a_bits: bits, quantize_first_layer: false };
+        let quant = QuantConfig {
+            w_bits: bits,
+            a_bits: bits,
+            quantize_first_layer: false,
+        };
         let net = Network::new(gpu, model, quant, batch, true, 1)?;
         init::initialise(gpu, &net, 1)?;
         let kind = crate::train::TrainConfig::default().optimizer_kind();
@@ -351,8 +365,14 @@ pub fn training(gpu: &Gpu, model: &ModelSpec, bits: Bits, batch: usize, opts: &T
         row.img_per_s = Some((opts.steps * batch) as f64 / secs);
         row.step_ms = Some(secs / steps * 1e3);
         row.submits_per_step = Some((crate::gpu::submit_count() - submits) as f64 / steps);
-        row.allocations_per_step = Some((gpu.pool().stats().allocations - pool.allocations) as f64 / steps);
-        row.peak_memory_bytes = Some(gpu.pool().stats().peak_bytes.saturating_sub(pool_before.allocated_bytes));
+        row.allocations_per_step =
+            Some((gpu.pool().stats().allocations - pool.allocations) as f64 / steps);
+        row.peak_memory_bytes = Some(
+            gpu.pool()
+                .stats()
+                .peak_bytes
+                .saturating_sub(pool_before.allocated_bytes),
+        );
         if opts.breakdown {
             net.write_step(gpu, &opt.next_values(1e-3, 0))?;
             let times = gpu.submit_timed("bench breakdown", plan.ops.ops())?;
@@ -366,13 +386,108 @@ pub fn training(gpu: &Gpu, model: &ModelSpec, bits: Bits, batch: usize, opts: &T
             }
             row.kernels = by
                 .into_iter()
-                .map(|(kernel, (launches, s))| KernelShare { kernel, launches, ms: s * 1e3, percent: 100.0 * s / total.max(1e-12) })
+                .map(|(kernel, (launches, s))| KernelShare {
+                    kernel,
+                    launches,
+                    ms: s * 1e3,
+                    percent: 100.0 * s / total.max(1e-12),
+                })
                 .collect();
             row.kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
         }
         Ok(())
     };
     if let Err(e) = run(&mut row) {
+        row.error = Some(e.to_string());
+    }
+    gpu.pool().trim();
+    row
+}
+
+/// One configuration of the inference benchmark: the exported integer model against the
+/// fake-quant float network it came from, same weights, same batch, inputs already on the GPU.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InferenceBench {
+    pub model: String,
+    pub w_bits: u32,
+    pub a_bits: u32,
+    pub batch: usize,
+    pub int_img_per_s: Option<f64>,
+    pub int_batch_ms: Option<f64>,
+    pub fake_quant_img_per_s: Option<f64>,
+    pub fake_quant_batch_ms: Option<f64>,
+    pub timed_batches: usize,
+    pub error: Option<String>,
+}
+
+/// Integer vs fake-quant inference throughput of `model` (random weights: speed does not depend
+/// on them) at `bits` and `batch`, each timed over `opts.steps` submits after `opts.warmup`.
+pub fn inference(
+    gpu: &Gpu,
+    model: &ModelSpec,
+    bits: Bits,
+    batch: usize,
+    opts: &TrainingOptions,
+) -> InferenceBench {
+    let mut row = InferenceBench {
+        model: model.name.clone(),
+        w_bits: bits.get(),
+        a_bits: bits.get(),
+        batch,
+        int_img_per_s: None,
+        int_batch_ms: None,
+        fake_quant_img_per_s: None,
+        fake_quant_batch_ms: None,
+        timed_batches: opts.steps,
+        error: None,
+    };
+    // Wall time of `steps` submits of `submit` after `warmup` of them.
+    let time = |submit: &dyn Fn() -> Result<()>| -> Result<f64> {
+        for _ in 0..opts.warmup {
+            submit()?;
+        }
+        gpu.wait()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..opts.steps {
+            submit()?;
+        }
+        gpu.wait()?;
+        Ok(t0.elapsed().as_secs_f64() / opts.steps.max(1) as f64)
+    };
+    let run = |row: &mut InferenceBench| -> Result<()> {
+        use crate::nn::{Mode, Network, QuantConfig, init};
+        gpu.pool().trim();
+        let quant = QuantConfig {
+            w_bits: bits,
+            a_bits: bits,
+            quantize_first_layer: false,
+        };
+        let net = Network::new(gpu, model, quant, batch, false, 1)?;
+        init::initialise(gpu, &net, 1)?;
+        let mut rng = Rng::new(5);
+        let x = rng.vec_uniform(batch * model.input.iter().product::<usize>(), -2.0, 2.0);
+        // The integer model first, so that a model it cannot take leaves the float row empty too.
+        let int_model = crate::infer::IntModel::from_folded(&crate::infer::fold::fold(gpu, &net)?)?;
+        let engine = crate::infer::IntEngine::new(gpu, int_model, batch)?;
+        engine.run(gpu, &x)?;
+        let s = time(&|| engine.submit(gpu, batch))?;
+        (row.int_img_per_s, row.int_batch_ms) = (Some(batch as f64 / s), Some(s * 1e3));
+        drop(engine);
+        let plan = net.plan(gpu, batch, Mode::Eval)?;
+        net.write_batch(gpu, &plan, &x, &vec![0; batch])?;
+        net.write_step(gpu, &Default::default())?;
+        let s = time(&|| {
+            plan.ops
+                .submit(gpu, "bench fake-quant inference")
+                .map(|_| ())
+        })?;
+        (row.fake_quant_img_per_s, row.fake_quant_batch_ms) =
+            (Some(batch as f64 / s), Some(s * 1e3));
+        Ok(())
+    };
+    if bits.is_float() {
+        row.error = Some("a float model has no integer form: use bits 2..=8".into());
+    } else if let Err(e) = run(&mut row) {
         row.error = Some(e.to_string());
     }
     gpu.pool().trim();

@@ -1442,13 +1442,26 @@ fn layer_cases(v: &mut Vec<Case>) {
 
 /// A random model in inference form that takes every path of the integer engine: a float first
 /// conv requantized to codes, max-pool and shuffle of codes, grouped 8-bit and 4-bit quantized
-/// convs, a float output through max-pool and avg-pool, flatten and a float Linear.
-pub fn random_int_model(rng: &mut Rng) -> crate::infer::IntModel {
+/// convs, a float output through max-pool and avg-pool, flatten and a float Linear. With
+/// `quantized_first`, the first conv takes 6-bit codes of the image (a quantize op, weight rows
+/// padded from 3 channels to 4) with 5-bit weights.
+pub fn random_int_model(rng: &mut Rng, quantized_first: bool) -> crate::infer::IntModel {
     use crate::infer::fold::{Folded, FoldedConv, FoldedOp, Weights};
-    let conv = |rng: &mut Rng, name: &str, cin: usize, cout: usize, k: usize, pad: usize, groups: usize, bits: Option<u32>, input_bits: Option<u32>| {
+    let conv = |rng: &mut Rng,
+                name: &str,
+                cin: usize,
+                cout: usize,
+                k: usize,
+                pad: usize,
+                groups: usize,
+                bits: Option<u32>,
+                input_bits: Option<u32>| {
         let n = cout * cin / groups * k * k;
         let weights = match bits {
-            Some(b) => Weights::Codes { bits: Bits::new(b).expect("bits"), codes: (0..n).map(|_| rng.below((1 << b) as u64) as u8).collect() },
+            Some(b) => Weights::Codes {
+                bits: Bits::new(b).expect("bits"),
+                codes: (0..n).map(|_| rng.below((1 << b) as u64) as u8).collect(),
+            },
             None => Weights::Float(rng.vec_uniform(n, -0.5, 0.5)),
         };
         FoldedOp::Conv(FoldedConv {
@@ -1469,13 +1482,29 @@ pub fn random_int_model(rng: &mut Rng) -> crate::infer::IntModel {
         })
     };
     let mut ops = vec![
-        conv(rng, "c0", 3, 8, 3, 1, 1, None, None),
-        FoldedOp::MaxPool { kernel: (2, 2), stride: (2, 2), padding: (0, 0) },
+        if quantized_first {
+            conv(rng, "c0", 3, 8, 3, 1, 1, Some(5), Some(6))
+        } else {
+            conv(rng, "c0", 3, 8, 3, 1, 1, None, None)
+        },
+        FoldedOp::MaxPool {
+            kernel: (2, 2),
+            stride: (2, 2),
+            padding: (0, 0),
+        },
         FoldedOp::Shuffle { groups: 2 },
         conv(rng, "c1", 8, 12, 3, 1, 2, Some(8), Some(8)),
         conv(rng, "c2", 12, 8, 1, 0, 1, Some(4), Some(4)),
-        FoldedOp::MaxPool { kernel: (3, 3), stride: (1, 1), padding: (1, 1) },
-        FoldedOp::AvgPool { kernel: (2, 2), stride: (2, 2), padding: (0, 0) },
+        FoldedOp::MaxPool {
+            kernel: (3, 3),
+            stride: (1, 1),
+            padding: (1, 1),
+        },
+        FoldedOp::AvgPool {
+            kernel: (2, 2),
+            stride: (2, 2),
+            padding: (0, 0),
+        },
         FoldedOp::Flatten,
     ];
     if let FoldedOp::Conv(mut fc) = conv(rng, "fc", 32, 10, 1, 0, 1, None, None) {
@@ -1483,20 +1512,38 @@ pub fn random_int_model(rng: &mut Rng) -> crate::infer::IntModel {
         fc.relu = false;
         ops.push(FoldedOp::Conv(fc));
     }
-    crate::infer::IntModel::from_folded(&Folded { model: "random".into(), input: [3, 9, 9], ops }).expect("a valid model")
+    crate::infer::IntModel::from_folded(&Folded {
+        model: "random".into(),
+        input: [3, 9, 9],
+        ops,
+    })
+    .expect("a valid model")
 }
 
 fn int_cases(v: &mut Vec<Case>) {
-    for batch in [1usize, 5] {
-        v.push(Case::new("int_engine", "forward", format!("random model, batch {batch}"), move |gpu, rng| {
-            let model = random_int_model(rng);
-            let x = rng.vec_uniform(batch * 3 * 9 * 9, -2.0, 2.0);
-            let engine = crate::infer::IntEngine::new(gpu, model.clone(), batch)?;
-            let got = engine.run(gpu, &x)?;
-            let want = f64s(&reference::intinfer::run(&model, &x)?);
-            // Integer sums are exact; the epilogue is one multiply-add per value, which a GPU
-            // may fuse: codes then agree except at exact rounding ties.
-            Ok(vec![("logits".into(), reference::compare(&got, &want, Tolerance::new(1e-5, 1e-5)))])
-        }));
+    for (batch, qfirst) in [(1usize, false), (5, false), (3, true)] {
+        let what = if qfirst {
+            "quantized first layer"
+        } else {
+            "float first layer"
+        };
+        v.push(Case::new(
+            "int_engine",
+            "forward",
+            format!("random model, {what}, batch {batch}"),
+            move |gpu, rng| {
+                let model = random_int_model(rng, qfirst);
+                let x = rng.vec_uniform(batch * 3 * 9 * 9, -2.0, 2.0);
+                let engine = crate::infer::IntEngine::new(gpu, model.clone(), batch)?;
+                let got = engine.run(gpu, &x)?;
+                let want = f64s(&reference::intinfer::run(&model, &x)?);
+                // Integer sums are exact; the epilogue is one multiply-add per value, which a GPU
+                // may fuse: codes then agree except at exact rounding ties.
+                Ok(vec![(
+                    "logits".into(),
+                    reference::compare(&got, &want, Tolerance::new(1e-5, 1e-5)),
+                )])
+            },
+        ));
     }
 }

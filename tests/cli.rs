@@ -91,8 +91,25 @@ fn bench_kernels_prints_rows_with_times() {
 #[test]
 fn training_bench_shows_one_submit_and_no_allocations_per_step() {
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ci_nin.json");
-    let out = wgqat(&["bench", "--model", model.to_str().unwrap(), "--bits", "8,32", "--batch", "8", "--warmup", "2", "--steps", "3", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = wgqat(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--bits",
+        "8,32",
+        "--batch",
+        "8",
+        "--warmup",
+        "2",
+        "--steps",
+        "3",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["training"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -101,7 +118,13 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
         assert_eq!(r["allocations_per_step"], 0.0, "{r}");
         assert!(r["img_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["peak_memory_bytes"].as_u64().unwrap() > 0);
-        assert!(r["kernels"].as_array().unwrap().iter().any(|k| k["kernel"] == "conv2d.forward"));
+        assert!(
+            r["kernels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["kernel"] == "conv2d.forward")
+        );
     }
 }
 
@@ -110,9 +133,14 @@ fn the_model_files_for_the_pytorch_tools_match_the_built_in_models() {
     for name in ["nin_gc", "nin"] {
         let out = wgqat(&["model", name]);
         assert!(out.status.success());
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tools/models/{name}.json"));
-        let committed: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tools/models/{name}.json"));
+        let committed: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
         let built: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(committed, built, "tools/models/{name}.json is stale: regenerate it with `wgqat model {name}`");
+        assert_eq!(
+            committed, built,
+            "tools/models/{name}.json is stale: regenerate it with `wgqat model {name}`"
+        );
     }
 }

@@ -81,9 +81,12 @@ struct BenchArgs {
     /// Bits, weights and activations alike (comma list; 32 = float).
     #[arg(long, default_value = "8,32", value_delimiter = ',')]
     bits: Vec<u32>,
-    /// Batch sizes (comma list).
-    #[arg(long, default_value = "50,128,256", value_delimiter = ',')]
-    batch: Vec<usize>,
+    /// Batch sizes (comma list) [default: 50,128,256; with --infer 1,256].
+    #[arg(long, value_delimiter = ',')]
+    batch: Option<Vec<usize>>,
+    /// Benchmark inference instead: the exported integer model vs fake-quant float inference.
+    #[arg(long)]
+    infer: bool,
     /// Untimed steps first (pipelines compiled, buffers allocated).
     #[arg(long, default_value_t = 5)]
     warmup: usize,
@@ -222,16 +225,22 @@ struct EvalArgs {
     /// A checkpoint (safetensors state dict, micronet names).
     #[arg(long)]
     checkpoint: PathBuf,
+    /// nin_gc, nin or a model JSON [default: recorded in the checkpoint, else nin_gc].
     #[arg(long)]
     model: Option<String>,
+    /// CIFAR-10 binary folder (without it: the synthetic test set).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Weight bits [default: recorded in the checkpoint, else 8].
     #[arg(long)]
     w_bits: Option<u32>,
+    /// Activation bits [default: recorded in the checkpoint, else 8].
     #[arg(long)]
     a_bits: Option<u32>,
+    /// The checkpoint was trained with a quantized first layer [default: as it records].
     #[arg(long)]
     quantize_first_layer: bool,
+    /// Images per batch.
     #[arg(long, default_value_t = 256)]
     eval_batch_size: usize,
     /// Use only the first N test images.
@@ -243,6 +252,9 @@ struct EvalArgs {
     /// Write one predicted label per line here.
     #[arg(long)]
     predictions: Option<PathBuf>,
+    /// Write the logits here: one line per image, space-separated.
+    #[arg(long)]
+    logits: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -257,10 +269,13 @@ struct CheckpointArgs {
     /// nin_gc, nin or a model JSON [default: recorded in the checkpoint, else nin_gc].
     #[arg(long)]
     model: Option<String>,
+    /// Weight bits [default: recorded in the checkpoint, else 8].
     #[arg(long)]
     w_bits: Option<u32>,
+    /// Activation bits [default: recorded in the checkpoint, else 8].
     #[arg(long)]
     a_bits: Option<u32>,
+    /// The checkpoint was trained with a quantized first layer [default: as it records].
     #[arg(long)]
     quantize_first_layer: bool,
 }
@@ -294,9 +309,13 @@ struct InferArgs {
     /// Write one predicted label per line here.
     #[arg(long)]
     predictions: Option<PathBuf>,
+    /// Write the logits here: one line per image, space-separated.
+    #[arg(long)]
+    logits: Option<PathBuf>,
     /// Classes to show per image.
     #[arg(long, default_value_t = 3)]
     top_k: usize,
+    /// Images per batch (one submit each).
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     /// Use only the first N test images.
@@ -305,6 +324,7 @@ struct InferArgs {
     /// The synthetic dataset's seed (when no --data).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Print JSON.
     #[arg(long)]
     json: bool,
 }
@@ -313,12 +333,16 @@ struct InferArgs {
 enum DataWhat {
     /// Write the built-in synthetic dataset as CIFAR-10 binary files (data_batch_1.bin, test_batch.bin).
     Synthetic {
+        /// Folder to write (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// Seed (the same seed gives the same images as `train`/`eval` without --data).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Training images.
         #[arg(long, default_value_t = 50_000)]
         train: usize,
+        /// Test images.
         #[arg(long, default_value_t = 10_000)]
         test: usize,
     },
@@ -371,21 +395,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Model { name, summary } => model(&name, summary),
         Command::Export(a) => export(a),
         Command::Infer(a) => infer(a),
-        Command::Data { what: DataWhat::Synthetic { out, seed, train, test } } => {
+        Command::Data {
+            what:
+                DataWhat::Synthetic {
+                    out,
+                    seed,
+                    train,
+                    test,
+                },
+        } => {
             std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
             let (tr, te) = wgqat::data::synthetic::train_test(seed, train, test);
             wgqat::util::atomic_write(&out.join("data_batch_1.bin"), &tr.to_records())?;
             wgqat::util::atomic_write(&out.join("test_batch.bin"), &te.to_records())?;
-            eprintln!("wrote {} training and {} test images (seed {seed}) to {}", train, test, out.display());
+            eprintln!(
+                "wrote {} training and {} test images (seed {seed}) to {}",
+                train,
+                test,
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest { gpu, json, filter } => {
             selftest(&gpu.options(), json, filter.as_deref())
         }
         Command::Bench(b) => match &b.what {
-            Some(BenchWhat::Kernels { gpu, model, batch, bits, repeat, json }) => {
-                bench_kernels(&gpu.options(), model, batch, *bits, *repeat, *json)
-            }
+            Some(BenchWhat::Kernels {
+                gpu,
+                model,
+                batch,
+                bits,
+                repeat,
+                json,
+            }) => bench_kernels(&gpu.options(), model, batch, *bits, *repeat, *json),
             None => bench_training(&b),
         },
     }
@@ -728,14 +770,19 @@ fn checkpoint_config(
 ) -> anyhow::Result<TrainConfig> {
     let meta = safetensors_meta(path);
     let recorded_bits = |k: &str| meta.get(k).and_then(|v| v.parse::<u32>().ok());
-    let model = model
-        .clone()
-        .or_else(|| meta.get("model").filter(|m| wgqat::models::BUILTIN.contains(&m.as_str())).cloned());
+    let model = model.clone().or_else(|| {
+        meta.get("model")
+            .filter(|m| wgqat::models::BUILTIN.contains(&m.as_str()))
+            .cloned()
+    });
     Ok(TrainConfig {
         model: model.unwrap_or_else(|| "nin_gc".into()),
         w_bits: bits(w.or(recorded_bits("w_bits")), Bits::new(8)?)?,
         a_bits: bits(a.or(recorded_bits("a_bits")), Bits::new(8)?)?,
-        quantize_first_layer: first || meta.get("quantize_first_layer").is_some_and(|v| v == "true"),
+        quantize_first_layer: first
+            || meta
+                .get("quantize_first_layer")
+                .is_some_and(|v| v == "true"),
         ..TrainConfig::default()
     })
 }
@@ -746,7 +793,13 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         eval_batch_size: a.eval_batch_size,
         test_limit: a.test_limit,
         seed: a.seed,
-        ..checkpoint_config(&a.checkpoint, &a.model, a.w_bits, a.a_bits, a.quantize_first_layer)?
+        ..checkpoint_config(
+            &a.checkpoint,
+            &a.model,
+            a.w_bits,
+            a.a_bits,
+            a.quantize_first_layer,
+        )?
     };
     if a.eval_batch_size == 0 {
         anyhow::bail!("batch size 0: use a batch size of at least 1");
@@ -756,6 +809,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &a.predictions {
         let text: String = r.predictions.iter().map(|l| format!("{l}\n")).collect();
         wgqat::util::atomic_write(p, text.as_bytes())?;
+    }
+    if let Some(p) = &a.logits {
+        write_logits(p, &r.logits, r.logits.len() / r.images.max(1))?;
     }
     if a.json {
         println!(
@@ -808,38 +864,73 @@ fn model(name: &str, summary: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let bits = a.bits.iter().map(|&b| Bits::new(b)).collect::<wgqat::Result<Vec<_>>>()?;
-    if a.batch.contains(&0) {
+    if a.infer {
+        return bench_inference(a);
+    }
+    let batches = a.batch.clone().unwrap_or_else(|| vec![50, 128, 256]);
+    let bits = a
+        .bits
+        .iter()
+        .map(|&b| Bits::new(b))
+        .collect::<wgqat::Result<Vec<_>>>()?;
+    if batches.contains(&0) {
         anyhow::bail!("batch size 0: use a batch size of at least 1");
     }
-    let specs = a.model.iter().map(|m| wgqat::models::load(m)).collect::<wgqat::Result<Vec<_>>>()?;
+    let specs = a
+        .model
+        .iter()
+        .map(|m| wgqat::models::load(m))
+        .collect::<wgqat::Result<Vec<_>>>()?;
     let gpu = Gpu::new(&a.gpu.options())?;
-    let opts = wgqat::bench::TrainingOptions { warmup: a.warmup, steps: a.steps, breakdown: !a.no_breakdown };
+    let opts = wgqat::bench::TrainingOptions {
+        warmup: a.warmup,
+        steps: a.steps,
+        breakdown: !a.no_breakdown,
+    };
     let mut rows = Vec::new();
     if !a.json {
-        println!("training benchmark on {} (wall clock over {} steps after {} warm-up steps)", gpu.describe(), a.steps, a.warmup);
-        println!("{:<8} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}", "model", "bits", "batch", "img/s", "ms/step", "submits/step", "allocs/step", "peak MiB");
+        println!(
+            "training benchmark on {} (wall clock over {} steps after {} warm-up steps)",
+            gpu.describe(),
+            a.steps,
+            a.warmup
+        );
+        println!(
+            "{:<8} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}",
+            "model", "bits", "batch", "img/s", "ms/step", "submits/step", "allocs/step", "peak MiB"
+        );
     }
     for spec in &specs {
         for &b in &bits {
-            for &batch in &a.batch {
+            for &batch in &batches {
                 let r = wgqat::bench::training(&gpu, spec, b, batch, &opts);
                 if !a.json {
-                    let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+                    let f = |v: Option<f64>, p: usize| {
+                        v.map_or("-".to_string(), |x| format!("{x:.p$}"))
+                    };
                     println!(
                         "{:<8} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}{}",
                         r.model,
-                        if b.is_float() { "fp32".to_string() } else { format!("W{b}A{b}") },
+                        if b.is_float() {
+                            "fp32".to_string()
+                        } else {
+                            format!("W{b}A{b}")
+                        },
                         batch,
                         f(r.img_per_s, 1),
                         f(r.step_ms, 1),
                         f(r.submits_per_step, 2),
                         f(r.allocations_per_step, 2),
                         f(r.peak_memory_bytes.map(|m| m as f64 / 1048576.0), 1),
-                        r.error.as_ref().map_or(String::new(), |e| format!("  skipped: {e}"))
+                        r.error
+                            .as_ref()
+                            .map_or(String::new(), |e| format!("  skipped: {e}"))
                     );
                     for k in r.kernels.iter().take(6) {
-                        println!("{:>30} {:>4} launches {:>9.3} ms {:>5.1}%", k.kernel, k.launches, k.ms, k.percent);
+                        println!(
+                            "{:>30} {:>4} launches {:>9.3} ms {:>5.1}%",
+                            k.kernel, k.launches, k.ms, k.percent
+                        );
                     }
                 }
                 rows.push(r);
@@ -847,17 +938,129 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "training": rows }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "training": rows })
+            )?
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
+fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let batches = a.batch.clone().unwrap_or_else(|| vec![1, 256]);
+    // Float has no integer form: the default bits list's 32 is dropped.
+    let bits = a
+        .bits
+        .iter()
+        .filter(|&&b| b != 32)
+        .map(|&b| Bits::new(b))
+        .collect::<wgqat::Result<Vec<_>>>()?;
+    if batches.contains(&0) {
+        anyhow::bail!("batch size 0: use a batch size of at least 1");
+    }
+    if bits.is_empty() {
+        anyhow::bail!("no quantized bits to benchmark: give --bits 2..=8");
+    }
+    let specs = a
+        .model
+        .iter()
+        .map(|m| wgqat::models::load(m))
+        .collect::<wgqat::Result<Vec<_>>>()?;
+    let gpu = Gpu::new(&a.gpu.options())?;
+    let opts = wgqat::bench::TrainingOptions {
+        warmup: a.warmup,
+        steps: a.steps,
+        breakdown: false,
+    };
+    if !a.json {
+        println!(
+            "inference benchmark on {} (wall clock over {} batches after {} warm-up batches, inputs on the GPU)",
+            gpu.describe(),
+            a.steps,
+            a.warmup
+        );
+        println!(
+            "{:<8} {:>5} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}",
+            "model", "bits", "batch", "int img/s", "int ms", "fake-q img/s", "fake-q ms", "speedup"
+        );
+    }
+    let mut rows = Vec::new();
+    for spec in &specs {
+        for &b in &bits {
+            for &batch in &batches {
+                let r = wgqat::bench::inference(&gpu, spec, b, batch, &opts);
+                if !a.json {
+                    let f = |v: Option<f64>, p: usize| {
+                        v.map_or("-".to_string(), |x| format!("{x:.p$}"))
+                    };
+                    let speedup = r
+                        .int_img_per_s
+                        .zip(r.fake_quant_img_per_s)
+                        .map(|(i, q)| i / q);
+                    println!(
+                        "{:<8} {:>5} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}{}",
+                        r.model,
+                        format!("W{b}A{b}"),
+                        batch,
+                        f(r.int_img_per_s, 1),
+                        f(r.int_batch_ms, 2),
+                        f(r.fake_quant_img_per_s, 1),
+                        f(r.fake_quant_batch_ms, 2),
+                        speedup.map_or("-".to_string(), |s| format!("{s:.2}x")),
+                        r.error
+                            .as_ref()
+                            .map_or(String::new(), |e| format!("  skipped: {e}"))
+                    );
+                }
+                rows.push(r);
+            }
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "inference": rows })
+            )?
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logits as text, one image per line (shortest decimal that reads back as the same f32).
+fn write_logits(path: &std::path::Path, logits: &[f32], classes: usize) -> anyhow::Result<()> {
+    let text: String = logits
+        .chunks(classes.max(1))
+        .map(|row| {
+            row.iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+                + "\n"
+        })
+        .collect();
+    wgqat::util::atomic_write(path, text.as_bytes())?;
+    Ok(())
+}
+
 fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let c = &a.ckpt;
-    let config = checkpoint_config(&c.checkpoint, &c.model, c.w_bits, c.a_bits, c.quantize_first_layer)?;
+    let config = checkpoint_config(
+        &c.checkpoint,
+        &c.model,
+        c.w_bits,
+        c.a_bits,
+        c.quantize_first_layer,
+    )?;
     let spec = wgqat::models::load(&config.model)?;
     let gpu = Gpu::new(&a.gpu.options())?;
-    let quant = wgqat::nn::QuantConfig { w_bits: config.w_bits, a_bits: config.a_bits, quantize_first_layer: config.quantize_first_layer };
+    let quant = wgqat::nn::QuantConfig {
+        w_bits: config.w_bits,
+        a_bits: config.a_bits,
+        quantize_first_layer: config.quantize_first_layer,
+    };
     let mut net = wgqat::nn::Network::new(&gpu, &spec, quant, 1, false, 1)?;
     net.load(&gpu, &c.checkpoint)?;
     let folded = wgqat::infer::fold::fold(&gpu, &net)?;
@@ -890,17 +1093,32 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
     let gpu = Gpu::new(&a.gpu.options())?;
     let per = m.input.iter().product::<usize>();
     // Inputs: the images given, else a dataset's test set.
-    let (inputs, labels, names): (Vec<f32>, Option<Vec<u32>>, Vec<String>) = if !a.images.is_empty() {
+    let (inputs, labels, names): (Vec<f32>, Option<Vec<u32>>, Vec<String>) = if !a.images.is_empty()
+    {
         let mut x = Vec::new();
         for p in &a.images {
             x.extend(wgqat::infer::load_image(p, m.input, m.mean, m.std)?);
         }
-        (x, None, a.images.iter().map(|p| p.display().to_string()).collect())
+        (
+            x,
+            None,
+            a.images.iter().map(|p| p.display().to_string()).collect(),
+        )
     } else {
-        let cfg = TrainConfig { data: a.data.clone(), test_limit: a.test_limit, seed: a.seed, ..TrainConfig::default() };
-        let (_, test) = wgqat::train::trainer::load_data(&TrainConfig { train_limit: Some(1), synthetic_train: 1, ..cfg }, &|s| eprintln!("{s}"))?;
+        let cfg = TrainConfig {
+            data: a.data.clone(),
+            test_limit: a.test_limit,
+            seed: a.seed,
+            ..TrainConfig::default()
+        };
+        let test = wgqat::train::trainer::load_test(&cfg, &|s| eprintln!("{s}"))?;
         let idx: Vec<usize> = (0..test.len()).collect();
-        let (x, l) = wgqat::data::batch(&test, &idx, wgqat::data::Augment::NONE, &mut wgqat::rng::Rng::new(0));
+        let (x, l) = wgqat::data::batch(
+            &test,
+            &idx,
+            wgqat::data::Augment::NONE,
+            &mut wgqat::rng::Rng::new(0),
+        );
         (x, Some(l), Vec::new())
     };
     let n = inputs.len() / per;
@@ -915,9 +1133,16 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
         let text: String = preds.iter().map(|l| format!("{l}\n")).collect();
         wgqat::util::atomic_write(p, text.as_bytes())?;
     }
+    if let Some(p) = &a.logits {
+        write_logits(p, &logits, classes)?;
+    }
     match labels {
         Some(l) => {
-            let correct = preds.iter().zip(&l).filter(|(p, l)| **p == **l as usize).count();
+            let correct = preds
+                .iter()
+                .zip(&l)
+                .filter(|(p, l)| **p == **l as usize)
+                .count();
             let loss: f64 = logits
                 .chunks(classes)
                 .zip(&l)
@@ -926,9 +1151,15 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
                 / n as f64;
             let acc = 100.0 * correct as f64 / n as f64;
             if a.json {
-                println!("{}", serde_json::json!({ "images": n, "loss": loss, "acc": acc }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "images": n, "loss": loss, "acc": acc })
+                );
             } else {
-                println!("{}: {n} test images, loss {loss:.4}, accuracy {acc:.2}% (integer inference)", a.model.display());
+                println!(
+                    "{}: {n} test images, loss {loss:.4}, accuracy {acc:.2}% (integer inference)",
+                    a.model.display()
+                );
             }
         }
         None => {
@@ -939,7 +1170,11 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
                     let p = wgqat::infer::softmax(z);
                     let mut order: Vec<usize> = (0..classes).collect();
                     order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
-                    let top: Vec<serde_json::Value> = order.iter().take(a.top_k.max(1)).map(|&i| serde_json::json!({ "class": i, "p": p[i] })).collect();
+                    let top: Vec<serde_json::Value> = order
+                        .iter()
+                        .take(a.top_k.max(1))
+                        .map(|&i| serde_json::json!({ "class": i, "name": m.class_names.get(i).cloned().unwrap_or_default(), "p": p[i] }))
+                        .collect();
                     serde_json::json!({ "image": name, "top": top })
                 })
                 .collect();
@@ -947,7 +1182,23 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 for r in &rows {
-                    let top: Vec<String> = r["top"].as_array().into_iter().flatten().map(|t| format!("class {} ({:.3})", t["class"], t["p"].as_f64().unwrap_or(0.0))).collect();
+                    let top: Vec<String> = r["top"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|t| match t["name"].as_str() {
+                            Some(name) if !name.is_empty() => format!(
+                                "{} {name} ({:.3})",
+                                t["class"],
+                                t["p"].as_f64().unwrap_or(0.0)
+                            ),
+                            _ => format!(
+                                "class {} ({:.3})",
+                                t["class"],
+                                t["p"].as_f64().unwrap_or(0.0)
+                            ),
+                        })
+                        .collect();
                     println!("{}: {}", r["image"].as_str().unwrap_or(""), top.join(", "));
                 }
             }

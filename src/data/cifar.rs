@@ -90,11 +90,17 @@ pub fn load(dir: &Path) -> Result<(Dataset, Dataset)> {
             "has no training files data_batch_1.bin ... data_batch_5.bin",
         ));
     }
+    Ok((train, load_test(&dir)?))
+}
+
+/// Loads only the test set from `dir` (see [`resolve`]): evaluation needs no training files.
+pub fn load_test(dir: &Path) -> Result<Dataset> {
+    let dir = resolve(dir)?;
     let test_path = dir.join("test_batch.bin");
     if !test_path.is_file() {
         return Err(Error::file(&dir, "has no test_batch.bin (the test set)"));
     }
-    Ok((train, read(&test_path)?))
+    read(&test_path)
 }
 
 #[cfg(test)]

@@ -13,6 +13,19 @@ pub const CHANNELS: usize = 3;
 pub const IMAGE_BYTES: usize = CHANNELS * SIDE * SIDE;
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 pub const CLASSES: usize = 10;
+/// CIFAR-10's class names, in label order (`batches.meta.txt`).
+pub const CLASS_NAMES: [&str; CLASSES] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
 
 /// micronet's normalisation (torchvision Normalize).
 pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];

@@ -5,21 +5,32 @@ use super::model::{IntModel, IntOp};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor};
 use crate::kernels::{Entry, INTINFER, elementwise_grid};
+use Bind::{Read as R, ReadWrite as W};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use Bind::{Read as R, ReadWrite as W};
 
 const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
-    Entry { shader: &INTINFER, name, used }
+    Entry {
+        shader: &INTINFER,
+        name,
+        used,
+    }
 }
 
-const CONV_INT: Entry = entry("conv_int", &[(1, R), (3, R), (5, R), (6, R), (7, W), (8, W)]);
-const CONV_FLOAT: Entry = entry("conv_float", &[(2, R), (4, R), (5, R), (6, R), (7, W), (8, W)]);
+const CONV_INT: Entry = entry(
+    "conv_int",
+    &[(1, R), (3, R), (5, R), (6, R), (7, W), (8, W)],
+);
+const CONV_FLOAT: Entry = entry(
+    "conv_float",
+    &[(2, R), (4, R), (5, R), (6, R), (7, W), (8, W)],
+);
 const MAXPOOL_CODES: Entry = entry("maxpool_codes", &[(1, R), (7, W)]);
 const MAXPOOL_FLOAT: Entry = entry("maxpool_float", &[(2, R), (8, W)]);
 const AVGPOOL_FLOAT: Entry = entry("avgpool_float", &[(2, R), (8, W)]);
 const SHUFFLE_CODES: Entry = entry("shuffle_codes", &[(1, R), (7, W)]);
 const SHUFFLE_FLOAT: Entry = entry("shuffle_float", &[(2, R), (8, W)]);
+const QUANTIZE_CODES: Entry = entry("quantize_codes", &[(2, R), (7, W)]);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -93,7 +104,15 @@ pub struct IntEngine {
     plans: Mutex<HashMap<usize, std::sync::Arc<Planned>>>,
 }
 
-fn edge_tensor(gpu: &Gpu, what: &str, cap: usize, c: usize, h: usize, w: usize, bits: Option<u32>) -> Result<Tensor> {
+fn edge_tensor(
+    gpu: &Gpu,
+    what: &str,
+    cap: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    bits: Option<u32>,
+) -> Result<Tensor> {
     match bits {
         Some(_) => gpu.zeros(what, &[cap * h * w * c.div_ceil(4)], DType::U32),
         None => gpu.zeros(what, &[cap * h * w * c], DType::F32),
@@ -104,42 +123,118 @@ impl IntEngine {
     /// Uploads `model` and allocates buffers for batches of up to `capacity` images.
     pub fn new(gpu: &Gpu, model: IntModel, capacity: usize) -> Result<IntEngine> {
         if capacity == 0 {
-            return Err(Error::Invalid("batch size 0: use a batch size of at least 1".into()));
+            return Err(Error::Invalid(
+                "batch size 0: use a batch size of at least 1".into(),
+            ));
         }
         let [c0, h0, w0] = model.manifest.input;
-        let input = gpu.zeros("input images (channels-last)", &[capacity * h0 * w0 * c0], DType::F32)?;
+        let input = gpu.zeros(
+            "input images (channels-last)",
+            &[capacity * h0 * w0 * c0],
+            DType::F32,
+        )?;
         let mut layers = HashMap::new();
         let mut edges = Vec::new();
         let (mut c, mut h, mut w, mut bits) = (c0, h0, w0, None::<u32>);
         for (k, op) in model.manifest.ops.iter().enumerate() {
             let what = format!("op {k} output");
             match op {
-                IntOp::Conv { name, cin, cout, kernel, stride, padding, dilation, groups, weight_bits, output_bits, .. } => {
+                IntOp::Conv {
+                    name,
+                    cin,
+                    cout,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    weight_bits,
+                    output_bits,
+                    ..
+                } => {
                     if *cin != c {
-                        return Err(Error::Invalid(format!("layer {name} takes {cin} channels but gets {c}")));
+                        return Err(Error::Invalid(format!(
+                            "layer {name} takes {cin} channels but gets {c}"
+                        )));
                     }
-                    let cig = cin / groups;
-                    let n = cout * kernel[0] * kernel[1] * cig;
+                    let n = cout
+                        * kernel[0]
+                        * kernel[1]
+                        * super::model::weight_row(*cin, *groups, weight_bits.is_some());
                     let (w_codes, w_float) = match weight_bits {
                         Some(b) => {
                             let codes = model.weight_codes(name, n, *b)?;
-                            let words: Vec<u32> = codes.chunks(4).map(|q| q.iter().enumerate().fold(0u32, |a, (j, &v)| a | ((v as u32) << (8 * j)))).collect();
-                            (Some(gpu.upload_u32(&format!("{name} weight codes"), &[words.len()], &words)?), None)
+                            let words: Vec<u32> = codes
+                                .chunks(4)
+                                .map(|q| {
+                                    q.iter()
+                                        .enumerate()
+                                        .fold(0u32, |a, (j, &v)| a | ((v as u32) << (8 * j)))
+                                })
+                                .collect();
+                            (
+                                Some(gpu.upload_u32(
+                                    &format!("{name} weight codes"),
+                                    &[words.len()],
+                                    &words,
+                                )?),
+                                None,
+                            )
                         }
-                        None => (None, Some(gpu.upload_f32(&format!("{name} weights"), &[n], model.floats(&format!("{name}.weight"), n)?)?)),
+                        None => (
+                            None,
+                            Some(gpu.upload_f32(
+                                &format!("{name} weights"),
+                                &[n],
+                                model.floats(&format!("{name}.weight"), n)?,
+                            )?),
+                        ),
                     };
-                    let scale = gpu.upload_f32(&format!("{name} scale"), &[*cout], model.floats(&format!("{name}.scale"), *cout)?)?;
-                    let bias = gpu.upload_f32(&format!("{name} bias"), &[*cout], model.floats(&format!("{name}.bias"), *cout)?)?;
-                    layers.insert(name.clone(), Layer { w_codes, w_float, scale, bias });
-                    let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| (n + 2 * p - d * (k - 1) - 1) / s + 1;
-                    (h, w) = (axis(h, kernel[0], stride[0], padding[0], dilation[0]), axis(w, kernel[1], stride[1], padding[1], dilation[1]));
+                    let scale = gpu.upload_f32(
+                        &format!("{name} scale"),
+                        &[*cout],
+                        model.floats(&format!("{name}.scale"), *cout)?,
+                    )?;
+                    let bias = gpu.upload_f32(
+                        &format!("{name} bias"),
+                        &[*cout],
+                        model.floats(&format!("{name}.bias"), *cout)?,
+                    )?;
+                    layers.insert(
+                        name.clone(),
+                        Layer {
+                            w_codes,
+                            w_float,
+                            scale,
+                            bias,
+                        },
+                    );
+                    let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| {
+                        (n + 2 * p - d * (k - 1) - 1) / s + 1
+                    };
+                    (h, w) = (
+                        axis(h, kernel[0], stride[0], padding[0], dilation[0]),
+                        axis(w, kernel[1], stride[1], padding[1], dilation[1]),
+                    );
                     c = *cout;
                     bits = *output_bits;
                 }
                 IntOp::Quantize { bits: b } => bits = Some(*b),
-                IntOp::MaxPool { kernel, stride, padding } | IntOp::AvgPool { kernel, stride, padding } => {
+                IntOp::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                }
+                | IntOp::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
                     let axis = |n: usize, k: usize, s: usize, p: usize| (n + 2 * p - k) / s + 1;
-                    (h, w) = (axis(h, kernel[0], stride[0], padding[0]), axis(w, kernel[1], stride[1], padding[1]));
+                    (h, w) = (
+                        axis(h, kernel[0], stride[0], padding[0]),
+                        axis(w, kernel[1], stride[1], padding[1]),
+                    );
                 }
                 IntOp::Shuffle { .. } => {}
                 IntOp::Flatten => (c, h, w) = (c * h * w, 1, 1),
@@ -148,7 +243,15 @@ impl IntEngine {
             edges.push(Edge { c, h, w, bits, t });
         }
         let dummy = gpu.zeros("unused output", &[1], DType::F32)?;
-        Ok(IntEngine { model, capacity, input, layers, edges, dummy, plans: Mutex::new(HashMap::new()) })
+        Ok(IntEngine {
+            model,
+            capacity,
+            input,
+            layers,
+            edges,
+            dummy,
+            plans: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn capacity(&self) -> usize {
@@ -164,20 +267,56 @@ impl IntEngine {
             return Ok(p);
         }
         let [c0, h0, w0] = self.model.manifest.input;
-        let mut cur = Edge { c: c0, h: h0, w: w0, bits: None, t: self.input.clone() };
+        let mut cur = Edge {
+            c: c0,
+            h: h0,
+            w: w0,
+            bits: None,
+            t: self.input.clone(),
+        };
         let mut ops = Vec::new();
         let dummy_u = gpu.zeros("unused codes", &[1], DType::U32)?;
         for (k, op) in self.model.manifest.ops.iter().enumerate() {
             let out = &self.edges[k];
             let (x, y) = (cur.at(batch)?, out.at(batch)?);
-            let mut p = Params { batch: batch as u32, h: cur.h as u32, w: cur.w as u32, cin: cur.c as u32, oh: out.h as u32, ow: out.w as u32, cout: out.c as u32, ..Params::default() };
+            let mut p = Params {
+                batch: batch as u32,
+                h: cur.h as u32,
+                w: cur.w as u32,
+                cin: cur.c as u32,
+                oh: out.h as u32,
+                ow: out.w as u32,
+                cout: out.c as u32,
+                ..Params::default()
+            };
             let label = |s: &str| format!("{s} [{batch}, {}, {}, {}]", cur.h, cur.w, cur.c);
             match op {
-                IntOp::Conv { name, kernel, stride, padding, dilation, groups, weight_bits, relu, output_bits, .. } => {
+                IntOp::Conv {
+                    name,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    weight_bits,
+                    relu,
+                    output_bits,
+                    ..
+                } => {
                     let l = &self.layers[name];
                     p.groups = *groups as u32;
-                    (p.kh, p.kw, p.sh, p.sw) = (kernel[0] as u32, kernel[1] as u32, stride[0] as u32, stride[1] as u32);
-                    (p.ph, p.pw, p.dh, p.dw) = (padding[0] as u32, padding[1] as u32, dilation[0] as u32, dilation[1] as u32);
+                    (p.kh, p.kw, p.sh, p.sw) = (
+                        kernel[0] as u32,
+                        kernel[1] as u32,
+                        stride[0] as u32,
+                        stride[1] as u32,
+                    );
+                    (p.ph, p.pw, p.dh, p.dw) = (
+                        padding[0] as u32,
+                        padding[1] as u32,
+                        dilation[0] as u32,
+                        dilation[1] as u32,
+                    );
                     p.w_levels = weight_bits.map_or(0, |b| (1u32 << b) - 1);
                     p.relu = *relu as u32;
                     if let Some(b) = output_bits {
@@ -190,26 +329,78 @@ impl IntEngine {
                         None => (&dummy_u, &y),
                     };
                     let consts = [("OUT_CODES", f64::from(u8::from(output_bits.is_some())))];
-                    let grid = elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(4)) as u32);
+                    let grid =
+                        elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(4)) as u32);
                     ops.push(match (weight_bits, &l.w_codes, &l.w_float) {
-                        (Some(_), Some(wc), _) => CONV_INT.launch(gpu, &consts, label(&format!("conv_int {name}")), &p, &[&x, wc, &l.scale, &l.bias, codes_out, float_out], grid)?,
-                        (None, _, Some(wf)) => CONV_FLOAT.launch(gpu, &consts, label(&format!("conv_float {name}")), &p, &[&x, wf, &l.scale, &l.bias, codes_out, float_out], grid)?,
+                        (Some(_), Some(wc), _) => CONV_INT.launch(
+                            gpu,
+                            &consts,
+                            label(&format!("conv_int {name}")),
+                            &p,
+                            &[&x, wc, &l.scale, &l.bias, codes_out, float_out],
+                            grid,
+                        )?,
+                        (None, _, Some(wf)) => CONV_FLOAT.launch(
+                            gpu,
+                            &consts,
+                            label(&format!("conv_float {name}")),
+                            &p,
+                            &[&x, wf, &l.scale, &l.bias, codes_out, float_out],
+                            grid,
+                        )?,
                         _ => return Err(Error::Invalid(format!("layer {name}: weights missing"))),
                     });
                 }
-                IntOp::Quantize { .. } => {
-                    return Err(Error::Invalid("quantizing float activations between layers is not supported by this engine yet".into()));
+                IntOp::Quantize { bits } => {
+                    p.out_levels = (1u32 << bits) - 1;
+                    p.out_levels_f = p.out_levels as f32;
+                    let n = batch * out.h * out.w * out.c.div_ceil(4);
+                    ops.push(QUANTIZE_CODES.launch(
+                        gpu,
+                        &[],
+                        label("quantize_codes"),
+                        &p,
+                        &[&x, &y],
+                        elementwise_grid(gpu, n as u32),
+                    )?);
                 }
-                IntOp::MaxPool { kernel, stride, padding } | IntOp::AvgPool { kernel, stride, padding } => {
-                    (p.kh, p.kw, p.sh, p.sw, p.ph, p.pw) = (kernel[0] as u32, kernel[1] as u32, stride[0] as u32, stride[1] as u32, padding[0] as u32, padding[1] as u32);
+                IntOp::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                }
+                | IntOp::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
+                    (p.kh, p.kw, p.sh, p.sw, p.ph, p.pw) = (
+                        kernel[0] as u32,
+                        kernel[1] as u32,
+                        stride[0] as u32,
+                        stride[1] as u32,
+                        padding[0] as u32,
+                        padding[1] as u32,
+                    );
                     let avg = matches!(op, IntOp::AvgPool { .. });
                     let (e, n) = match (avg, cur.bits) {
-                        (false, Some(_)) => (&MAXPOOL_CODES, batch * out.h * out.w * out.c.div_ceil(4)),
+                        (false, Some(_)) => {
+                            (&MAXPOOL_CODES, batch * out.h * out.w * out.c.div_ceil(4))
+                        }
                         (false, None) => (&MAXPOOL_FLOAT, batch * out.h * out.w * out.c),
                         (true, None) => (&AVGPOOL_FLOAT, batch * out.h * out.w * out.c),
-                        (true, Some(_)) => return Err(Error::Invalid("average pooling of codes".into())),
+                        (true, Some(_)) => {
+                            return Err(Error::Invalid("average pooling of codes".into()));
+                        }
                     };
-                    ops.push(e.launch(gpu, &[], label(e.name), &p, &[&x, &y], elementwise_grid(gpu, n as u32))?);
+                    ops.push(e.launch(
+                        gpu,
+                        &[],
+                        label(e.name),
+                        &p,
+                        &[&x, &y],
+                        elementwise_grid(gpu, n as u32),
+                    )?);
                 }
                 IntOp::Shuffle { groups } => {
                     p.shuffle_groups = *groups as u32;
@@ -217,16 +408,31 @@ impl IntEngine {
                         Some(_) => (&SHUFFLE_CODES, batch * out.h * out.w * out.c.div_ceil(4)),
                         None => (&SHUFFLE_FLOAT, batch * out.h * out.w * out.c),
                     };
-                    ops.push(e.launch(gpu, &[], label(e.name), &p, &[&x, &y], elementwise_grid(gpu, n as u32))?);
+                    ops.push(e.launch(
+                        gpu,
+                        &[],
+                        label(e.name),
+                        &p,
+                        &[&x, &y],
+                        elementwise_grid(gpu, n as u32),
+                    )?);
                 }
-                IntOp::Flatten => ops.push(Op::Copy { src: x.clone(), dst: y.clone() }),
+                IntOp::Flatten => ops.push(Op::Copy {
+                    src: x.clone(),
+                    dst: y.clone(),
+                }),
             }
             cur = out.clone();
         }
         if cur.bits.is_some() {
-            return Err(Error::Invalid("the model's output is codes, not logits".into()));
+            return Err(Error::Invalid(
+                "the model's output is codes, not logits".into(),
+            ));
         }
-        let planned = std::sync::Arc::new(Planned { ops, logits: cur.at(batch)? });
+        let planned = std::sync::Arc::new(Planned {
+            ops,
+            logits: cur.at(batch)?,
+        });
         if let Ok(mut m) = self.plans.lock() {
             m.insert(batch, planned.clone());
         }
@@ -239,11 +445,17 @@ impl IntEngine {
         let [c, h, w] = self.model.manifest.input;
         let per = c * h * w;
         if images_nchw.is_empty() || !images_nchw.len().is_multiple_of(per) {
-            return Err(Error::Invalid(format!("{} values is not a whole number of {c}x{h}x{w} images", images_nchw.len())));
+            return Err(Error::Invalid(format!(
+                "{} values is not a whole number of {c}x{h}x{w} images",
+                images_nchw.len()
+            )));
         }
         let batch = images_nchw.len() / per;
         if batch > self.capacity {
-            return Err(Error::Invalid(format!("batch of {batch} images for an engine built for {}", self.capacity)));
+            return Err(Error::Invalid(format!(
+                "batch of {batch} images for an engine built for {}",
+                self.capacity
+            )));
         }
         let mut nhwc = vec![0.0f32; images_nchw.len()];
         for n in 0..batch {
@@ -255,7 +467,8 @@ impl IntEngine {
         }
         gpu.write(&self.input.view(0, &[batch * per])?, &nhwc)?;
         let plan = self.plan(gpu, batch)?;
-        let mut out: Vec<Vec<f32>> = gpu.run_and_read("integer inference", &plan.ops, &[&plan.logits])?;
+        let mut out: Vec<Vec<f32>> =
+            gpu.run_and_read("integer inference", &plan.ops, &[&plan.logits])?;
         Ok(out.remove(0))
     }
 

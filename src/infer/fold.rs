@@ -18,7 +18,10 @@ use std::collections::HashMap;
 pub enum Weights {
     Float(Vec<f32>),
     /// Codes k in 0..=n (level 2k/n − 1) of `bits`-bit weights.
-    Codes { bits: Bits, codes: Vec<u8> },
+    Codes {
+        bits: Bits,
+        codes: Vec<u8>,
+    },
 }
 
 /// A weighted layer folded with its BatchNorm and ReLU.
@@ -46,9 +49,19 @@ pub struct FoldedConv {
 #[derive(Clone, Debug, PartialEq)]
 pub enum FoldedOp {
     Conv(FoldedConv),
-    MaxPool { kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize) },
-    AvgPool { kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize) },
-    Shuffle { groups: usize },
+    MaxPool {
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    },
+    AvgPool {
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    },
+    Shuffle {
+        groups: usize,
+    },
     Flatten,
 }
 
@@ -76,8 +89,17 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
             _ => None,
         })
         .collect();
-    let get = |k: String| state.get(&k).cloned().ok_or_else(|| Error::Invalid(format!("the model has no tensor {k}")));
-    let quantized: Vec<String> = net.quantized_layers().iter().map(|s| s.to_string()).collect();
+    let get = |k: String| {
+        state
+            .get(&k)
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("the model has no tensor {k}")))
+    };
+    let quantized: Vec<String> = net
+        .quantized_layers()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let mut ops = Vec::new();
     let mut i = 0;
     while i < spec.layers.len() {
@@ -86,27 +108,43 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
             LayerSpec::Conv { out, bias, .. } | LayerSpec::Linear { out, bias, .. } => {
                 let linear = matches!(layer, LayerSpec::Linear { .. });
                 let (kernel, stride, padding, dilation, groups) = match layer {
-                    LayerSpec::Conv { kernel, stride, padding, dilation, groups, .. } => {
-                        (kernel.t(), stride.t(), padding.t(), dilation.t(), *groups)
-                    }
+                    LayerSpec::Conv {
+                        kernel,
+                        stride,
+                        padding,
+                        dilation,
+                        groups,
+                        ..
+                    } => (kernel.t(), stride.t(), padding.t(), dilation.t(), *groups),
                     _ => ((1, 1), (1, 1), (0, 0), (1, 1), 1),
                 };
                 let name = spec.layer_name(i);
                 let cin = shapes[i][0];
                 let w = get(format!("{name}.weight"))?;
-                let conv_bias = if *bias { get(format!("{name}.bias"))? } else { vec![0.0; *out] };
+                let conv_bias = if *bias {
+                    get(format!("{name}.bias"))?
+                } else {
+                    vec![0.0; *out]
+                };
                 let is_q = quantized.contains(&name);
                 let weights = if is_q {
                     let bits = net.quant.w_bits;
                     if bits.get() > 8 {
-                        return Err(unsupported(i, layer, "integer export supports weights of up to 8 bits"));
+                        return Err(unsupported(
+                            i,
+                            layer,
+                            "integer export supports weights of up to 8 bits",
+                        ));
                     }
                     let shape = vec![w.len()];
                     let wq = WeightQuantizer::new(gpu, bits, &shape)?;
                     let wt = gpu.upload_f32("weights to export", &shape, &w)?;
                     let codes = gpu.empty("weight codes", &shape, bits.code_dtype())?;
-                    let words: Vec<Vec<u32>> = gpu.run_and_read("weight codes", &wq.codes(gpu, &wt, &codes)?, &[&codes])?;
-                    let codes: Vec<u8> = (0..w.len()).map(|j| ((words[0][j / 4] >> (8 * (j % 4))) & 0xff) as u8).collect();
+                    let words: Vec<Vec<u32>> =
+                        gpu.run_and_read("weight codes", &wq.codes(gpu, &wt, &codes)?, &[&codes])?;
+                    let codes: Vec<u8> = (0..w.len())
+                        .map(|j| ((words[0][j / 4] >> (8 * (j % 4))) & 0xff) as u8)
+                        .collect();
                     Weights::Codes { bits, codes }
                 } else {
                     Weights::Float(w)
@@ -114,18 +152,30 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                 let input_bits = if is_q {
                     let a = net.quant.a_bits;
                     if a.get() > 8 {
-                        return Err(unsupported(i, layer, "integer export supports activations of up to 8 bits"));
+                        return Err(unsupported(
+                            i,
+                            layer,
+                            "integer export supports activations of up to 8 bits",
+                        ));
                     }
                     Some(a)
                 } else {
                     None
                 };
                 // BatchNorm (eval: running statistics) and ReLU after it fold into A and B.
-                let (mut a, mut b) = (vec![1.0f64; *out], conv_bias.iter().map(|&v| v as f64).collect::<Vec<_>>());
+                let (mut a, mut b) = (
+                    vec![1.0f64; *out],
+                    conv_bias.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                );
                 let mut next = i + 1;
                 if let Some(LayerSpec::BatchNorm { eps, .. }) = spec.layers.get(next) {
                     let bn = spec.layer_name(next);
-                    let (g, be, rm, rv) = (get(format!("{bn}.weight"))?, get(format!("{bn}.bias"))?, get(format!("{bn}.running_mean"))?, get(format!("{bn}.running_var"))?);
+                    let (g, be, rm, rv) = (
+                        get(format!("{bn}.weight"))?,
+                        get(format!("{bn}.bias"))?,
+                        get(format!("{bn}.running_mean"))?,
+                        get(format!("{bn}.running_var"))?,
+                    );
                     for c in 0..*out {
                         let ac = g[c] as f64 / (rv[c] as f64 + *eps as f64).sqrt();
                         b[c] = ac * b[c] + be[c] as f64 - ac * rm[c] as f64;
@@ -156,24 +206,46 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                 i = next;
                 continue;
             }
-            LayerSpec::MaxPool { kernel, stride, padding } => ops.push(FoldedOp::MaxPool {
+            LayerSpec::MaxPool {
+                kernel,
+                stride,
+                padding,
+            } => ops.push(FoldedOp::MaxPool {
                 kernel: kernel.t(),
                 stride: stride.unwrap_or(*kernel).t(),
                 padding: padding.t(),
             }),
-            LayerSpec::AvgPool { kernel, stride, padding } => ops.push(FoldedOp::AvgPool {
+            LayerSpec::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => ops.push(FoldedOp::AvgPool {
                 kernel: kernel.t(),
                 stride: stride.unwrap_or(*kernel).t(),
                 padding: padding.t(),
             }),
             LayerSpec::Shuffle { groups } => ops.push(FoldedOp::Shuffle { groups: *groups }),
             LayerSpec::Flatten => ops.push(FoldedOp::Flatten),
-            LayerSpec::ConvTranspose { .. } => return Err(unsupported(i, layer, "inference export supports conv and linear layers")),
+            LayerSpec::ConvTranspose { .. } => {
+                return Err(unsupported(
+                    i,
+                    layer,
+                    "inference export supports conv and linear layers",
+                ));
+            }
             LayerSpec::BatchNorm { .. } | LayerSpec::Relu => {
-                return Err(unsupported(i, layer, "a BatchNorm or ReLU must follow a conv or linear layer to be folded"));
+                return Err(unsupported(
+                    i,
+                    layer,
+                    "a BatchNorm or ReLU must follow a conv or linear layer to be folded",
+                ));
             }
         }
         i += 1;
     }
-    Ok(Folded { model: spec.name.clone(), input: spec.input, ops })
+    Ok(Folded {
+        model: spec.name.clone(),
+        input: spec.input,
+        ops,
+    })
 }

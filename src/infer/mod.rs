@@ -15,20 +15,34 @@ use std::path::Path;
 /// An image file as a normalised NCHW image of `input` = (C, H, W): decoded (PNG, JPEG), made RGB,
 /// resized to H×W (bilinear) when its size differs, then normalised with `mean` and `std` as in
 /// training.
-pub fn load_image(path: &Path, input: [usize; 3], mean: [f32; 3], std: [f32; 3]) -> Result<Vec<f32>> {
-    let img = image::open(path).map_err(|e| Error::file(path, format!("cannot read the image: {e}")))?;
+pub fn load_image(
+    path: &Path,
+    input: [usize; 3],
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<Vec<f32>> {
+    let img =
+        image::open(path).map_err(|e| Error::file(path, format!("cannot read the image: {e}")))?;
     let [c, h, w] = input;
     if c != 3 {
-        return Err(Error::Invalid(format!("the model takes {c}-channel input; images are RGB")));
+        return Err(Error::Invalid(format!(
+            "the model takes {c}-channel input; images are RGB"
+        )));
     }
     let mut rgb = img.to_rgb8();
     if rgb.dimensions() != (w as u32, h as u32) {
-        rgb = image::imageops::resize(&rgb, w as u32, h as u32, image::imageops::FilterType::Triangle);
+        rgb = image::imageops::resize(
+            &rgb,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Triangle,
+        );
     }
     let mut out = vec![0.0f32; c * h * w];
     for (x, y, px) in rgb.enumerate_pixels() {
         for ch in 0..3 {
-            out[(ch * h + y as usize) * w + x as usize] = (px[ch] as f32 / 255.0 - mean[ch]) / std[ch];
+            out[(ch * h + y as usize) * w + x as usize] =
+                (px[ch] as f32 / 255.0 - mean[ch]) / std[ch];
         }
     }
     Ok(out)
@@ -44,5 +58,7 @@ pub fn softmax(z: &[f32]) -> Vec<f32> {
 
 /// Index of the first maximum (as torch.argmax).
 pub fn argmax(z: &[f32]) -> usize {
-    z.iter().enumerate().fold(0, |b, (i, &v)| if v > z[b] { i } else { b })
+    z.iter()
+        .enumerate()
+        .fold(0, |b, (i, &v)| if v > z[b] { i } else { b })
 }

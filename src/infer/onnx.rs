@@ -95,7 +95,12 @@ impl Graph {
     }
 
     fn int64s(&mut self, base: &str, v: &[i64]) -> String {
-        self.tensor(base, &[v.len() as i64], INT64, bytemuck::cast_slice(v).to_vec())
+        self.tensor(
+            base,
+            &[v.len() as i64],
+            INT64,
+            bytemuck::cast_slice(v).to_vec(),
+        )
     }
 
     fn node(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)]) -> String {
@@ -165,7 +170,14 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
                 let mut x = cur.clone();
                 if let Some(bits) = fc.input_bits {
                     let n = bits.levels() as f32;
-                    let (tenth, zero, one, nn, half, inv) = (g.scalar(0.1), g.scalar(0.0), g.scalar(1.0), g.scalar(n), g.scalar(0.5), g.scalar(bits.inv_levels()));
+                    let (tenth, zero, one, nn, half, inv) = (
+                        g.scalar(0.1),
+                        g.scalar(0.0),
+                        g.scalar(1.0),
+                        g.scalar(n),
+                        g.scalar(0.5),
+                        g.scalar(bits.inv_levels()),
+                    );
                     let t = g.node("Mul", &[&x, &tenth], &[]);
                     let t = g.node("Clip", &[&t, &zero, &one], &[]);
                     let t = g.node("Mul", &[&t, &nn], &[]);
@@ -175,24 +187,60 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
                 }
                 let levels: Vec<f32> = match &fc.weights {
                     Weights::Float(v) => v.clone(),
-                    Weights::Codes { bits, codes } => codes.iter().map(|&k| 2.0 * (k as f32 * bits.inv_levels()) - 1.0).collect(),
+                    Weights::Codes { bits, codes } => codes
+                        .iter()
+                        .map(|&k| 2.0 * (k as f32 * bits.inv_levels()) - 1.0)
+                        .collect(),
                 };
                 let cig = fc.cin / fc.groups;
                 let (y, channel_dims) = if fc.linear {
-                    let wt = g.floats(&format!("{}.weight", fc.name), &[fc.cout as i64, fc.cin as i64], &levels);
-                    (g.node("Gemm", &[&x, &wt], &[("transB", Attr::Int(1))]), vec![1, fc.cout as i64])
+                    let wt = g.floats(
+                        &format!("{}.weight", fc.name),
+                        &[fc.cout as i64, fc.cin as i64],
+                        &levels,
+                    );
+                    (
+                        g.node("Gemm", &[&x, &wt], &[("transB", Attr::Int(1))]),
+                        vec![1, fc.cout as i64],
+                    )
                 } else {
-                    let wt = g.floats(&format!("{}.weight", fc.name), &ints(&[fc.cout, cig, fc.kernel.0, fc.kernel.1]), &levels);
+                    let wt = g.floats(
+                        &format!("{}.weight", fc.name),
+                        &ints(&[fc.cout, cig, fc.kernel.0, fc.kernel.1]),
+                        &levels,
+                    );
                     let attrs = [
-                        ("kernel_shape", Attr::Ints(ints(&[fc.kernel.0, fc.kernel.1]))),
+                        (
+                            "kernel_shape",
+                            Attr::Ints(ints(&[fc.kernel.0, fc.kernel.1])),
+                        ),
                         ("strides", Attr::Ints(ints(&[fc.stride.0, fc.stride.1]))),
-                        ("pads", Attr::Ints(ints(&[fc.padding.0, fc.padding.1, fc.padding.0, fc.padding.1]))),
-                        ("dilations", Attr::Ints(ints(&[fc.dilation.0, fc.dilation.1]))),
+                        (
+                            "pads",
+                            Attr::Ints(ints(&[
+                                fc.padding.0,
+                                fc.padding.1,
+                                fc.padding.0,
+                                fc.padding.1,
+                            ])),
+                        ),
+                        (
+                            "dilations",
+                            Attr::Ints(ints(&[fc.dilation.0, fc.dilation.1])),
+                        ),
                         ("group", Attr::Int(fc.groups as i64)),
                     ];
-                    let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| (n + 2 * p - d * (k - 1) - 1) / s + 1;
-                    (h, w) = (axis(h, fc.kernel.0, fc.stride.0, fc.padding.0, fc.dilation.0), axis(w, fc.kernel.1, fc.stride.1, fc.padding.1, fc.dilation.1));
-                    (g.node("Conv", &[&x, &wt], &attrs), vec![1, fc.cout as i64, 1, 1])
+                    let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| {
+                        (n + 2 * p - d * (k - 1) - 1) / s + 1
+                    };
+                    (h, w) = (
+                        axis(h, fc.kernel.0, fc.stride.0, fc.padding.0, fc.dilation.0),
+                        axis(w, fc.kernel.1, fc.stride.1, fc.padding.1, fc.dilation.1),
+                    );
+                    (
+                        g.node("Conv", &[&x, &wt], &attrs),
+                        vec![1, fc.cout as i64, 1, 1],
+                    )
                 };
                 let a = g.floats(&format!("{}.scale", fc.name), &channel_dims, &fc.a);
                 let b = g.floats(&format!("{}.bias", fc.name), &channel_dims, &fc.b);
@@ -203,11 +251,23 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
                 }
                 c = fc.cout;
             }
-            FoldedOp::MaxPool { kernel, stride, padding } | FoldedOp::AvgPool { kernel, stride, padding } => {
+            FoldedOp::MaxPool {
+                kernel,
+                stride,
+                padding,
+            }
+            | FoldedOp::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => {
                 let mut attrs = vec![
                     ("kernel_shape", Attr::Ints(ints(&[kernel.0, kernel.1]))),
                     ("strides", Attr::Ints(ints(&[stride.0, stride.1]))),
-                    ("pads", Attr::Ints(ints(&[padding.0, padding.1, padding.0, padding.1]))),
+                    (
+                        "pads",
+                        Attr::Ints(ints(&[padding.0, padding.1, padding.0, padding.1])),
+                    ),
                 ];
                 let max = matches!(op, FoldedOp::MaxPool { .. });
                 if !max {
@@ -215,12 +275,22 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
                 }
                 cur = g.node(if max { "MaxPool" } else { "AveragePool" }, &[&cur], &attrs);
                 let axis = |n: usize, k: usize, s: usize, p: usize| (n + 2 * p - k) / s + 1;
-                (h, w) = (axis(h, kernel.0, stride.0, padding.0), axis(w, kernel.1, stride.1, padding.1));
+                (h, w) = (
+                    axis(h, kernel.0, stride.0, padding.0),
+                    axis(w, kernel.1, stride.1, padding.1),
+                );
             }
             FoldedOp::Shuffle { groups } => {
-                let (a, b) = (g.int64s("shape", &ints(&[0, *groups, c / groups, h, w])), g.int64s("shape", &ints(&[0, c, h, w])));
+                let (a, b) = (
+                    g.int64s("shape", &ints(&[0, *groups, c / groups, h, w])),
+                    g.int64s("shape", &ints(&[0, c, h, w])),
+                );
                 let t = g.node("Reshape", &[&cur, &a], &[]);
-                let t = g.node("Transpose", &[&t], &[("perm", Attr::Ints(vec![0, 2, 1, 3, 4]))]);
+                let t = g.node(
+                    "Transpose",
+                    &[&t],
+                    &[("perm", Attr::Ints(vec![0, 2, 1, 3, 4]))],
+                );
                 cur = g.node("Reshape", &[&t, &b], &[]);
             }
             FoldedOp::Flatten => {
@@ -247,8 +317,22 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
     for t in g.inits {
         graph.msg(5, t);
     }
-    graph.msg(11, value_info("input", &[Err("batch"), Ok(f.input[0] as i64), Ok(f.input[1] as i64), Ok(f.input[2] as i64)]));
-    graph.msg(12, value_info("logits", &[Err("batch"), Ok((c * h * w) as i64)]));
+    graph.msg(
+        11,
+        value_info(
+            "input",
+            &[
+                Err("batch"),
+                Ok(f.input[0] as i64),
+                Ok(f.input[1] as i64),
+                Ok(f.input[2] as i64),
+            ],
+        ),
+    );
+    graph.msg(
+        12,
+        value_info("logits", &[Err("batch"), Ok((c * h * w) as i64)]),
+    );
     let mut opset = Pb::default();
     opset.string(1, "");
     opset.int(2, 17);

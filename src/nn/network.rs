@@ -479,16 +479,35 @@ impl Network {
     fn alloc_buffers(&self, gpu: &Gpu) -> Result<Vec<LayerBuffers>> {
         let cap = self.capacity;
         let elems = |s: &[usize]| s.iter().product::<usize>();
-        let max_out = self.layers.iter().map(|l| elems(&l.out_shape)).max().unwrap_or(1);
-        let quantized_in = |l: &Layer| matches!(l.kind, Kind::Weighted { a_bits, .. } if !a_bits.is_float());
-        let max_qin = self.layers.iter().filter(|l| quantized_in(l)).map(|l| elems(&l.in_shape)).max();
+        let max_out = self
+            .layers
+            .iter()
+            .map(|l| elems(&l.out_shape))
+            .max()
+            .unwrap_or(1);
+        let quantized_in =
+            |l: &Layer| matches!(l.kind, Kind::Weighted { a_bits, .. } if !a_bits.is_float());
+        let max_qin = self
+            .layers
+            .iter()
+            .filter(|l| quantized_in(l))
+            .map(|l| elems(&l.in_shape))
+            .max();
         let grads = if self.trainable {
-            Some([gpu.zeros("output gradients A", &[cap * max_out], DType::F32)?, gpu.zeros("output gradients B", &[cap * max_out], DType::F32)?])
+            Some([
+                gpu.zeros("output gradients A", &[cap * max_out], DType::F32)?,
+                gpu.zeros("output gradients B", &[cap * max_out], DType::F32)?,
+            ])
         } else {
             None
         };
-        let qtemp = max_qin.map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32)).transpose()?;
-        let dqtemp = max_qin.filter(|_| self.trainable).map(|n| gpu.zeros("quantized input gradient", &[cap * n], DType::F32)).transpose()?;
+        let qtemp = max_qin
+            .map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32))
+            .transpose()?;
+        let dqtemp = max_qin
+            .filter(|_| self.trainable)
+            .map(|n| gpu.zeros("quantized input gradient", &[cap * n], DType::F32))
+            .transpose()?;
         let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
         let mut slot = 0usize;
         for (i, l) in self.layers.iter().enumerate() {
@@ -504,7 +523,10 @@ impl Network {
                 _ => {
                     let o = gpu.zeros(&format!("{} output", l.name), &shape, DType::F32)?;
                     slot = 1 - slot;
-                    let d = grads.as_ref().map(|g| g[slot].view(0, &shape)).transpose()?;
+                    let d = grads
+                        .as_ref()
+                        .map(|g| g[slot].view(0, &shape))
+                        .transpose()?;
                     (o, d)
                 }
             };

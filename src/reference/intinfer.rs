@@ -30,15 +30,40 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
     let (mut act, mut c, mut h, mut w) = (Act::Float(x), c0, h0, w0);
     for op in &model.manifest.ops {
         match op {
-            IntOp::Conv { name, cin, cout, kernel, stride, padding, dilation, groups, weight_bits, relu, output_bits, .. } => {
+            IntOp::Conv {
+                name,
+                cin,
+                cout,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+                weight_bits,
+                relu,
+                output_bits,
+                ..
+            } => {
                 let (cig, cog) = (cin / groups, cout / groups);
-                let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| (n + 2 * p - d * (k - 1) - 1) / s + 1;
-                let (oh, ow) = (axis(h, kernel[0], stride[0], padding[0], dilation[0]), axis(w, kernel[1], stride[1], padding[1], dilation[1]));
-                let nw = cout * kernel[0] * kernel[1] * cig;
+                let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| {
+                    (n + 2 * p - d * (k - 1) - 1) / s + 1
+                };
+                let (oh, ow) = (
+                    axis(h, kernel[0], stride[0], padding[0], dilation[0]),
+                    axis(w, kernel[1], stride[1], padding[1], dilation[1]),
+                );
+                let row = crate::infer::model::weight_row(*cin, *groups, weight_bits.is_some());
+                let nw = cout * kernel[0] * kernel[1] * row;
                 let scale = model.floats(&format!("{name}.scale"), *cout)?;
                 let bias = model.floats(&format!("{name}.bias"), *cout)?;
-                let codes = weight_bits.map(|b| model.weight_codes(name, nw, b)).transpose()?;
-                let floats = if weight_bits.is_none() { Some(model.floats(&format!("{name}.weight"), nw)?) } else { None };
+                let codes = weight_bits
+                    .map(|b| model.weight_codes(name, nw, b))
+                    .transpose()?;
+                let floats = if weight_bits.is_none() {
+                    Some(model.floats(&format!("{name}.weight"), nw)?)
+                } else {
+                    None
+                };
                 let mut zs = vec![0.0f32; batch * oh * ow * cout];
                 for n in 0..batch {
                     for oy in 0..oh {
@@ -47,22 +72,35 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                                 let g = co / cog;
                                 let (mut acc_i, mut acc_f) = (0i64, 0.0f32);
                                 for ky in 0..kernel[0] {
-                                    let iy = (oy * stride[0] + ky * dilation[0]) as isize - padding[0] as isize;
+                                    let iy = (oy * stride[0] + ky * dilation[0]) as isize
+                                        - padding[0] as isize;
                                     for kx in 0..kernel[1] {
-                                        let ix = (ox * stride[1] + kx * dilation[1]) as isize - padding[1] as isize;
-                                        if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                                        let ix = (ox * stride[1] + kx * dilation[1]) as isize
+                                            - padding[1] as isize;
+                                        if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w
+                                        {
                                             continue;
                                         }
                                         for ci in 0..cig {
-                                            let a = ((n * h + iy as usize) * w + ix as usize) * c + g * cig + ci;
-                                            let k = ((co * kernel[0] + ky) * kernel[1] + kx) * cig + ci;
+                                            let a = ((n * h + iy as usize) * w + ix as usize) * c
+                                                + g * cig
+                                                + ci;
+                                            let k =
+                                                ((co * kernel[0] + ky) * kernel[1] + kx) * row + ci;
                                             match (&act, &codes, floats) {
                                                 (Act::Codes(v), Some(wc), _) => {
-                                                    let n_w = (1i64 << weight_bits.unwrap_or(8)) - 1;
+                                                    let n_w =
+                                                        (1i64 << weight_bits.unwrap_or(8)) - 1;
                                                     acc_i += v[a] as i64 * (2 * wc[k] as i64 - n_w);
                                                 }
-                                                (Act::Float(v), None, Some(wf)) => acc_f += v[a] * wf[k],
-                                                _ => return Err(Error::Invalid(format!("layer {name}: input and weights do not match"))),
+                                                (Act::Float(v), None, Some(wf)) => {
+                                                    acc_f += v[a] * wf[k]
+                                                }
+                                                _ => {
+                                                    return Err(Error::Invalid(format!(
+                                                        "layer {name}: input and weights do not match"
+                                                    )));
+                                                }
                                             }
                                         }
                                     }
@@ -83,24 +121,51 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                 };
                 (c, h, w) = (*cout, oh, ow);
             }
-            IntOp::Quantize { .. } => return Err(Error::Invalid("quantize ops are not supported".into())),
-            IntOp::MaxPool { kernel, stride, padding } | IntOp::AvgPool { kernel, stride, padding } => {
+            IntOp::Quantize { bits } => {
+                act = match &act {
+                    Act::Float(v) => {
+                        Act::Codes(v.iter().map(|&z| code_of(z, (1 << bits) - 1)).collect())
+                    }
+                    Act::Codes(_) => return Err(Error::Invalid("quantize of codes".into())),
+                };
+            }
+            IntOp::MaxPool {
+                kernel,
+                stride,
+                padding,
+            }
+            | IntOp::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => {
                 let axis = |n: usize, k: usize, s: usize, p: usize| (n + 2 * p - k) / s + 1;
-                let (oh, ow) = (axis(h, kernel[0], stride[0], padding[0]), axis(w, kernel[1], stride[1], padding[1]));
+                let (oh, ow) = (
+                    axis(h, kernel[0], stride[0], padding[0]),
+                    axis(w, kernel[1], stride[1], padding[1]),
+                );
                 let avg = matches!(op, IntOp::AvgPool { .. });
-                let window = |n: usize, oy: usize, ox: usize, ch: usize, f: &mut dyn FnMut(usize)| {
-                    for ky in 0..kernel[0] {
-                        let iy = (oy * stride[0] + ky) as isize - padding[0] as isize;
-                        for kx in 0..kernel[1] {
-                            let ix = (ox * stride[1] + kx) as isize - padding[1] as isize;
-                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                f(((n * h + iy as usize) * w + ix as usize) * c + ch);
+                let window =
+                    |n: usize, oy: usize, ox: usize, ch: usize, f: &mut dyn FnMut(usize)| {
+                        for ky in 0..kernel[0] {
+                            let iy = (oy * stride[0] + ky) as isize - padding[0] as isize;
+                            for kx in 0..kernel[1] {
+                                let ix = (ox * stride[1] + kx) as isize - padding[1] as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    f(((n * h + iy as usize) * w + ix as usize) * c + ch);
+                                }
                             }
                         }
-                    }
-                };
+                    };
                 let len = batch * oh * ow * c;
-                let index = |i: usize| (i / c / (oh * ow), (i / c % (oh * ow)) / ow, i / c % ow, i % c);
+                let index = |i: usize| {
+                    (
+                        i / c / (oh * ow),
+                        (i / c % (oh * ow)) / ow,
+                        i / c % ow,
+                        i % c,
+                    )
+                };
                 act = match &act {
                     Act::Codes(v) if !avg => Act::Codes(
                         (0..len)
@@ -121,7 +186,11 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                                     m = m.max(v[j]);
                                     s += v[j];
                                 });
-                                if avg { s / (kernel[0] * kernel[1]) as f32 } else { m }
+                                if avg {
+                                    s / (kernel[0] * kernel[1]) as f32
+                                } else {
+                                    m
+                                }
                             })
                             .collect(),
                     ),

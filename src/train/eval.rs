@@ -1,7 +1,7 @@
 //! Evaluating a checkpoint on a test set: loss, accuracy and per-image predictions.
 
 use super::config::TrainConfig;
-use super::trainer::{fitting_eval_batch, load_data};
+use super::trainer::{fitting_eval_batch, load_test};
 use crate::data::{self, Augment};
 use crate::error::Result;
 use crate::gpu::Gpu;
@@ -18,6 +18,8 @@ pub struct EvalResult {
     pub acc: f64,
     /// Predicted class of every test image (first maximum of the logits).
     pub predictions: Vec<u32>,
+    /// Logits, `classes` per image.
+    pub logits: Vec<f32>,
 }
 
 /// Evaluates `checkpoint` with the model, bits and data of `cfg` (its training fields unused).
@@ -29,14 +31,7 @@ pub fn evaluate(
 ) -> Result<EvalResult> {
     let spec = models::load(&cfg.model)?;
     super::trainer::check_input(&spec)?;
-    let (_, test) = load_data(
-        &TrainConfig {
-            train_limit: Some(1),
-            synthetic_train: 1,
-            ..cfg.clone()
-        },
-        say,
-    )?;
+    let test = load_test(cfg, say)?;
     let b = fitting_eval_batch(gpu, &spec, cfg.eval_batch_size, say)?;
     let quant = QuantConfig {
         w_bits: cfg.w_bits,
@@ -54,6 +49,7 @@ pub fn evaluate(
     };
     let classes = spec.shapes()?.last().map_or(1, |s| s.iter().product());
     let (mut loss, mut correct, mut predictions) = (0.0, 0.0, Vec::with_capacity(n));
+    let mut logits = Vec::with_capacity(n * classes);
     for k in 0..n.div_ceil(b) {
         let idx: Vec<usize> = (k * b..((k + 1) * b).min(n)).collect();
         let plan = if idx.len() == full.batch {
@@ -75,6 +71,7 @@ pub fn evaluate(
             let best = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             predictions.push(row.iter().position(|&v| v == best).unwrap_or(0) as u32);
         }
+        logits.extend_from_slice(&read[0]);
         loss += read[1][0] as f64 * idx.len() as f64;
         correct += read[1][1] as f64;
     }
@@ -83,5 +80,6 @@ pub fn evaluate(
         loss: loss / n as f64,
         acc: 100.0 * correct / n as f64,
         predictions,
+        logits,
     })
 }

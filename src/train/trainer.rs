@@ -127,6 +127,33 @@ pub fn load_data(cfg: &TrainConfig, say: &dyn Fn(&str)) -> Result<(Dataset, Data
     Ok((train, test))
 }
 
+/// Loads only the test set the config names (synthetic when it names none), for evaluation.
+pub fn load_test(cfg: &TrainConfig, say: &dyn Fn(&str)) -> Result<Dataset> {
+    let mut test = match &cfg.data {
+        Some(dir) => data::cifar::load_test(dir)?,
+        None => {
+            let n = cfg
+                .test_limit
+                .unwrap_or(cfg.synthetic_test)
+                .min(cfg.synthetic_test);
+            say(&format!(
+                "no --data given: using the built-in synthetic test set ({n} images, 10 classes, seed {})",
+                cfg.seed
+            ));
+            data::synthetic::generate(cfg.seed, 2, n)
+        }
+    };
+    if let Some(n) = cfg.test_limit {
+        test.truncate(n);
+    }
+    if test.is_empty() {
+        return Err(Error::Invalid(
+            "the test set is empty: raise --test-limit".into(),
+        ));
+    }
+    Ok(test)
+}
+
 /// The eval batch size that fits the device (evaluation results do not depend on it).
 pub fn fitting_eval_batch(
     gpu: &Gpu,

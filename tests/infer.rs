@@ -1,0 +1,668 @@
+//! Integer inference and export: the exported integer model predicts exactly as the fake-quant
+//! float network (`wgqat eval`), the file sizes, the ONNX structure, `wgqat infer` on images, and
+//! bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use wgqat::gpu::Gpu;
+use wgqat::infer::{IntEngine, IntModel, argmax};
+use wgqat::kernels::quant::Bits;
+use wgqat::nn::checkpoint::Named;
+use wgqat::nn::{Mode, Network, QuantConfig, init};
+use wgqat::rng::Rng;
+
+fn wgqat(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_wgqat"))
+        .args(args)
+        .output()
+        .expect("run wgqat")
+}
+
+fn ok(o: &std::process::Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wgqat-infer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn repo(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(p)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Asserts failure with wgqat's one-line error containing every `needle`, and no panic.
+fn fails_with(out: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in {err}"));
+    for n in needles {
+        assert!(line.contains(n), "{n:?} not in {line:?}");
+    }
+}
+
+/// A network of `model` with random weights and random BatchNorm statistics and affine
+/// parameters (so that folding BN is exercised, not the identity of a fresh init).
+fn random_network(
+    gpu: &Gpu,
+    model: &str,
+    quant: QuantConfig,
+    capacity: usize,
+    seed: u64,
+) -> Network {
+    let spec = wgqat::models::load(model).unwrap();
+    let mut net = Network::new(gpu, &spec, quant, capacity, false, 1).unwrap();
+    init::initialise(gpu, &net, seed).unwrap();
+    let mut rng = Rng::new(seed);
+    let state: Vec<Named> = net
+        .state_dict(gpu)
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            let n = t.shape.iter().product::<usize>().max(1);
+            let (lo, hi) = match t.name.rsplit('.').next().unwrap() {
+                "running_mean" => (-0.5, 0.5),
+                "running_var" => (0.3, 2.0),
+                _ if t.name.contains("bn") && t.name.ends_with("weight") => (0.5, 1.5),
+                _ if t.name.contains("bn") && t.name.ends_with("bias") => (-0.3, 0.6),
+                _ => return t,
+            };
+            Named::f32(t.name.clone(), &t.shape, rng.vec_uniform(n, lo, hi))
+        })
+        .collect();
+    net.load_named(gpu, Path::new("random state"), state)
+        .unwrap();
+    net
+}
+
+/// Logits of the fake-quant float network in eval mode (what `wgqat eval` computes).
+fn fake_quant_logits(gpu: &Gpu, net: &Network, x: &[f32], batch: usize) -> Vec<f32> {
+    let plan = net.plan(gpu, batch, Mode::Eval).unwrap();
+    net.write_batch(gpu, &plan, x, &vec![0; batch]).unwrap();
+    net.write_step(gpu, &Default::default()).unwrap();
+    let out = net.output().unwrap().view(0, &[batch * 10]).unwrap();
+    gpu.run_and_read::<f32>("fake-quant eval", plan.ops.ops(), &[&out])
+        .unwrap()
+        .remove(0)
+}
+
+/// Integer predictions equal the fake-quant network's for every image, for synthetic test images
+/// and random inputs, at several bit widths, with a float and a quantized first layer. Logits
+/// agree closely: integer accumulation is exact; the float side sums levels in f32 and applies
+/// BatchNorm unfolded, so its rounding differs by a few ulp, and where a value lands within
+/// that of a code boundary the next layer's code differs by one. In tiny_nin that moves a few
+/// logits by up to ~2e-4 (median ~3e-8); in nin_gc, nine quantized layers up to 1024 channels
+/// wide, such flips happen in every image and logits move by ~1e-4 (median), ~1e-3 (max).
+#[test]
+fn integer_predictions_equal_fake_quant_predictions() {
+    let gpu = common::gpu();
+    let tiny = repo("examples/models/tiny_nin.json");
+    // (model, batch, weight bits, activation bits, quantized first layer)
+    let configs = [
+        (tiny.as_str(), 64, 8, 8, false),
+        (tiny.as_str(), 64, 4, 4, false),
+        (tiny.as_str(), 64, 2, 3, false),
+        (tiny.as_str(), 64, 8, 8, true),
+        (tiny.as_str(), 64, 5, 6, true),
+        ("nin_gc", 3, 8, 8, false),
+    ];
+    for (model, batch, w, a, first) in configs {
+        let test = wgqat::data::synthetic::generate(1, 2, batch);
+        let idx: Vec<usize> = (0..batch).collect();
+        let (synthetic, _) =
+            wgqat::data::batch(&test, &idx, wgqat::data::Augment::NONE, &mut Rng::new(0));
+        let random = Rng::new(9).vec_uniform(batch * 3 * 32 * 32, -2.5, 2.5);
+        let quant = QuantConfig {
+            w_bits: Bits::new(w).unwrap(),
+            a_bits: Bits::new(a).unwrap(),
+            quantize_first_layer: first,
+        };
+        let net = random_network(gpu, model, quant, batch, 3 + w as u64);
+        let name = &net.spec.name;
+        let int_model =
+            IntModel::from_folded(&wgqat::infer::fold::fold(gpu, &net).unwrap()).unwrap();
+        let engine = IntEngine::new(gpu, int_model, batch).unwrap();
+        for (what, x) in [("synthetic", &synthetic), ("random", &random)] {
+            let got = engine.run(gpu, x).unwrap();
+            let want = fake_quant_logits(gpu, &net, x, batch);
+            let (mut same, mut max_abs, mut max_rel, mut diffs) = (0, 0f32, 0f32, Vec::new());
+            for (g, f) in got.chunks(10).zip(want.chunks(10)) {
+                same += usize::from(argmax(g) == argmax(f));
+                for (p, q) in g.iter().zip(f) {
+                    max_abs = max_abs.max((p - q).abs());
+                    max_rel = max_rel.max((p - q).abs() / q.abs().max(1e-3));
+                    diffs.push((p - q).abs());
+                }
+            }
+            diffs.sort_by(f32::total_cmp);
+            let median = diffs[diffs.len() / 2];
+            let first = if first { "quantized" } else { "float" };
+            println!(
+                "{name} W{w}A{a}, first layer {first}, {what} inputs: {same}/{batch} predictions equal; logits max abs diff {max_abs:.3e}, max rel {max_rel:.3e}, median abs {median:.3e}"
+            );
+            assert_eq!(
+                same, batch,
+                "{name} W{w}A{a} {what}: integer and fake-quant predictions differ"
+            );
+            let median_bound = if name == "nin_gc" { 1e-3 } else { 1e-5 };
+            assert!(
+                max_abs <= 1e-2 && median <= median_bound,
+                "{name} W{w}A{a} {what}: logits differ by {max_abs} (median {median})"
+            );
+        }
+    }
+}
+
+/// Train a few epochs, export, then `wgqat infer --predictions` and `wgqat eval --predictions`
+/// write identical files (a CIFAR-format folder written by `wgqat data synthetic`).
+#[test]
+fn infer_and_eval_write_identical_predictions_after_training() {
+    let d = tmp("e2e");
+    let model = repo("examples/models/tiny_nin.json");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let data = d.join("data");
+    ok(&wgqat(&[
+        "data",
+        "synthetic",
+        "--out",
+        &s(&data),
+        "--train",
+        "256",
+        "--test",
+        "200",
+        "--seed",
+        "4",
+    ]));
+    let run = d.join("run");
+    ok(&wgqat(&[
+        "train",
+        "--model",
+        &model,
+        "--data",
+        &s(&data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--out",
+        &s(&run),
+        "--plain",
+    ]));
+    let ckpt = run.join("last.safetensors");
+    let int = d.join("model.int.safetensors");
+    let o = wgqat(&[
+        "export",
+        "--checkpoint",
+        &s(&ckpt),
+        "--model",
+        &model,
+        "--out",
+        &s(&int),
+    ]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("of the float checkpoint"));
+    let (pe, pi) = (d.join("eval.txt"), d.join("infer.txt"));
+    let eval = ok(&wgqat(&[
+        "eval",
+        "--checkpoint",
+        &s(&ckpt),
+        "--model",
+        &model,
+        "--data",
+        &s(&data),
+        "--predictions",
+        &s(&pe),
+    ]));
+    let infer = ok(&wgqat(&[
+        "infer",
+        "--model",
+        &s(&int),
+        "--data",
+        &s(&data),
+        "--predictions",
+        &s(&pi),
+        "--batch-size",
+        "48",
+    ]));
+    let (a, b) = (
+        std::fs::read_to_string(&pe).unwrap(),
+        std::fs::read_to_string(&pi).unwrap(),
+    );
+    assert_eq!(a.lines().count(), 200);
+    assert_eq!(a, b, "predictions differ");
+    // The same accuracy printed by both.
+    let acc = |t: &str| {
+        t.split("accuracy ")
+            .nth(1)
+            .map(|r| r.split('%').next().unwrap().to_string())
+    };
+    println!("{eval}{infer}");
+    assert_eq!(acc(&eval), acc(&infer));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Export sizes for the real nin_gc: 8-bit weights take about a quarter of the float checkpoint,
+/// fewer bits less. Above the quarter: the float first layer (14,592 f32, ~2.5% of the
+/// checkpoint) and a scale and bias per channel (~1.5%) stay f32.
+#[test]
+fn exported_nin_gc_is_about_a_quarter_of_the_float_checkpoint() {
+    let gpu = common::gpu();
+    let d = tmp("size");
+    let mut sizes = Vec::new();
+    for bits in [8u32, 4, 2] {
+        let quant = QuantConfig {
+            w_bits: Bits::new(bits).unwrap(),
+            a_bits: Bits::new(8).unwrap(),
+            quantize_first_layer: false,
+        };
+        let spec = wgqat::models::load("nin_gc").unwrap();
+        let net = Network::new(gpu, &spec, quant, 1, false, 1).unwrap();
+        init::initialise(gpu, &net, 1).unwrap();
+        let ckpt = d.join("float.safetensors");
+        net.save(gpu, &ckpt, Default::default()).unwrap();
+        let out = d.join(format!("w{bits}.safetensors"));
+        IntModel::from_folded(&wgqat::infer::fold::fold(gpu, &net).unwrap())
+            .unwrap()
+            .write(&out)
+            .unwrap();
+        let ratio = std::fs::metadata(&out).unwrap().len() as f64
+            / std::fs::metadata(&ckpt).unwrap().len() as f64;
+        println!(
+            "nin_gc W{bits}A8: integer model {:.1}% of the float checkpoint",
+            100.0 * ratio
+        );
+        sizes.push(ratio);
+    }
+    assert!(sizes[0] > 0.25 && sizes[0] < 0.30, "8-bit: {}", sizes[0]);
+    assert!(sizes[1] < 0.18, "4-bit: {}", sizes[1]);
+    assert!(
+        sizes[2] < sizes[1] && sizes[2] < 0.12,
+        "2-bit: {}",
+        sizes[2]
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A minimal protobuf reader: the fields of one message as (field number, value).
+#[derive(Debug, Clone)]
+enum Field {
+    Int(u64),
+    Bytes(Vec<u8>),
+}
+
+fn fields(mut b: &[u8]) -> Vec<(u32, Field)> {
+    fn varint(b: &mut &[u8]) -> u64 {
+        let mut v = 0u64;
+        for shift in (0..).step_by(7) {
+            let byte = b[0];
+            *b = &b[1..];
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        v
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b);
+        match key & 7 {
+            0 => out.push(((key >> 3) as u32, Field::Int(varint(&mut b)))),
+            2 => {
+                let n = varint(&mut b) as usize;
+                out.push(((key >> 3) as u32, Field::Bytes(b[..n].to_vec())));
+                b = &b[n..];
+            }
+            w => panic!("unexpected wire type {w}"),
+        }
+    }
+    out
+}
+
+fn get(f: &[(u32, Field)], n: u32) -> Vec<&Field> {
+    f.iter().filter(|(k, _)| *k == n).map(|(_, v)| v).collect()
+}
+
+fn text(f: &Field) -> String {
+    match f {
+        Field::Bytes(b) => String::from_utf8(b.clone()).unwrap(),
+        Field::Int(_) => panic!("not a string"),
+    }
+}
+
+fn sub(f: &Field) -> Vec<(u32, Field)> {
+    match f {
+        Field::Bytes(b) => fields(b),
+        Field::Int(_) => panic!("not a message"),
+    }
+}
+
+fn int(f: &Field) -> i64 {
+    match f {
+        Field::Int(v) => *v as i64,
+        Field::Bytes(_) => panic!("not an int"),
+    }
+}
+
+/// The ONNX file's structure: IR and opset versions, the input and output, one Conv per conv
+/// layer and a Gemm per Linear, an activation quantizer (Floor) per quantized layer, BN folded
+/// (no BatchNormalization), and quantized weights that are exactly the DoReFa levels of the
+/// integer model's codes. (onnxruntime itself runs it in `tools/check_onnx.py`.)
+#[test]
+fn onnx_export_has_the_expected_graph_and_exact_levels() {
+    let gpu = common::gpu();
+    let model = repo("examples/models/tiny_nin.json");
+    let quant = QuantConfig {
+        w_bits: Bits::new(4).unwrap(),
+        a_bits: Bits::new(8).unwrap(),
+        quantize_first_layer: false,
+    };
+    let net = random_network(gpu, &model, quant, 1, 11);
+    let folded = wgqat::infer::fold::fold(gpu, &net).unwrap();
+    let bytes = wgqat::infer::onnx::export(&folded).unwrap();
+    let m = fields(&bytes);
+    assert_eq!(int(get(&m, 1)[0]), 8, "ir_version");
+    let opset = sub(get(&m, 8)[0]);
+    assert_eq!(int(get(&opset, 2)[0]), 17);
+    let graph = sub(get(&m, 7)[0]);
+    let nodes: Vec<_> = get(&graph, 1).into_iter().map(sub).collect();
+    let ops: Vec<String> = nodes.iter().map(|n| text(get(n, 4)[0])).collect();
+    let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+    // tiny_nin: 4 convs (the first float) and one shuffle (Reshape, Transpose, Reshape).
+    assert_eq!(count("Conv"), 4, "{ops:?}");
+    assert_eq!(
+        count("Floor"),
+        3,
+        "one activation quantizer per quantized conv: {ops:?}"
+    );
+    assert_eq!(count("Transpose"), 1);
+    assert_eq!(count("BatchNormalization"), 0);
+    assert_eq!(
+        (count("MaxPool"), count("AveragePool"), count("Flatten")),
+        (1, 1, 1)
+    );
+    // Every node input is the graph input, an initializer or an earlier node's output.
+    let inits: Vec<_> = get(&graph, 5).into_iter().map(sub).collect();
+    let mut known: Vec<String> = inits.iter().map(|t| text(get(t, 8)[0])).collect();
+    known.push("input".into());
+    for n in &nodes {
+        for i in get(n, 1) {
+            assert!(
+                known.contains(&text(i)),
+                "{} reads undefined {}",
+                text(get(n, 4)[0]),
+                text(i)
+            );
+        }
+        known.push(text(get(n, 2)[0]));
+    }
+    assert!(known.contains(&"logits".to_string()));
+    let io = |field: u32| -> (String, Vec<String>) {
+        let v = sub(get(&graph, field)[0]);
+        let ty = sub(get(&sub(get(&v, 2)[0]), 1)[0]);
+        let dims = get(&sub(get(&ty, 2)[0]), 1)
+            .into_iter()
+            .map(|d| {
+                let d = sub(d);
+                match get(&d, 1).first() {
+                    Some(v) => int(v).to_string(),
+                    None => text(get(&d, 2)[0]),
+                }
+            })
+            .collect();
+        (text(get(&v, 1)[0]), dims)
+    };
+    assert_eq!(
+        io(11),
+        (
+            "input".to_string(),
+            vec!["batch".into(), "3".into(), "32".into(), "32".into()]
+        )
+    );
+    assert_eq!(
+        io(12),
+        ("logits".to_string(), vec!["batch".into(), "10".into()])
+    );
+    // Quantized weights: exactly 2 fl32(k fl32(1/15)) - 1 of the integer model's codes.
+    let int_model = IntModel::from_folded(&folded).unwrap();
+    let inv = Bits::new(4).unwrap().inv_levels();
+    let mut checked = 0;
+    for t in &inits {
+        let name = text(get(t, 8)[0]);
+        let layer = name.rsplit_once(".weight_").map(|(l, _)| l.to_string());
+        let Some(layer) = layer else { continue };
+        let dims: Vec<usize> = get(t, 1).into_iter().map(|d| int(d) as usize).collect();
+        let raw = match get(t, 9)[0] {
+            Field::Bytes(b) => b.clone(),
+            _ => unreachable!(),
+        };
+        let levels: Vec<f32> = raw
+            .chunks(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(levels.len(), dims.iter().product::<usize>());
+        if layer == "model.0.conv" {
+            continue; // the float first layer
+        }
+        // The integer model stores codes channels-last: compare as sorted multisets per layer.
+        let codes = int_model.weight_codes(&layer, levels.len(), 4).unwrap();
+        let mut from_codes: Vec<u32> = codes
+            .iter()
+            .map(|&k| (2.0 * (k as f32 * inv) - 1.0).to_bits())
+            .collect();
+        let mut from_onnx: Vec<u32> = levels.iter().map(|v| v.to_bits()).collect();
+        from_codes.sort_unstable();
+        from_onnx.sort_unstable();
+        assert_eq!(
+            from_codes, from_onnx,
+            "{layer}: ONNX weights are not the integer model's levels"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}
+
+/// `wgqat infer IMAGE...`: a lossless PNG of a test image gives the engine's own logits for it
+/// (so its top class), a larger JPEG is resized, and `--top-k` and `--json` shape the output.
+#[test]
+fn infer_classifies_png_and_jpeg_images() {
+    let gpu = common::gpu();
+    let d = tmp("images");
+    let model = repo("examples/models/tiny_nin.json");
+    let quant = QuantConfig::default();
+    let net = random_network(gpu, &model, quant, 4, 21);
+    let int_model = IntModel::from_folded(&wgqat::infer::fold::fold(gpu, &net).unwrap()).unwrap();
+    let path = d.join("m.int.safetensors");
+    int_model.write(&path).unwrap();
+    let test = wgqat::data::synthetic::generate(1, 2, 3);
+    let mut pngs = Vec::new();
+    for i in 0..3 {
+        let px = &test.images[i * 3072..(i + 1) * 3072];
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([0, 1, 2].map(|c| px[c * 1024 + (y * 32 + x) as usize]))
+        });
+        let p = d.join(format!("img{i}.png"));
+        img.save(&p).unwrap();
+        pngs.push(p);
+    }
+    let big = image::RgbImage::from_fn(96, 64, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, 128])
+    });
+    let jpeg = d.join("big.jpg");
+    big.save(&jpeg).unwrap();
+    let engine = IntEngine::new(gpu, int_model, 3).unwrap();
+    let (x, _) = wgqat::data::batch(
+        &test,
+        &[0, 1, 2],
+        wgqat::data::Augment::NONE,
+        &mut Rng::new(0),
+    );
+    let want: Vec<usize> = engine
+        .run(gpu, &x)
+        .unwrap()
+        .chunks(10)
+        .map(argmax)
+        .collect();
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let out = ok(&wgqat(&[
+        "infer",
+        "--model",
+        &s(&path),
+        "--top-k",
+        "2",
+        "--json",
+        &s(&pngs[0]),
+        &s(&pngs[1]),
+        &s(&pngs[2]),
+        &s(&jpeg),
+    ]));
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for (i, r) in rows.iter().take(3).enumerate() {
+        let top = r["top"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(top[0]["class"].as_u64().unwrap() as usize, want[i], "{r}");
+        assert_eq!(
+            top[0]["name"].as_str().unwrap(),
+            wgqat::data::CLASS_NAMES[want[i]]
+        );
+        assert!(top[0]["p"].as_f64().unwrap() >= top[1]["p"].as_f64().unwrap());
+    }
+    assert_eq!(rows[3]["image"].as_str().unwrap(), s(&jpeg));
+    let text = ok(&wgqat(&["infer", "--model", &s(&path), &s(&pngs[0])]));
+    assert!(text.contains(wgqat::data::CLASS_NAMES[want[0]]), "{text}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn bad_models_and_images_are_one_line_errors() {
+    let gpu = common::gpu();
+    let d = tmp("bad");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let model = repo("examples/models/tiny_nin.json");
+    let net = random_network(gpu, &model, QuantConfig::default(), 1, 5);
+    let ckpt = d.join("float.safetensors");
+    net.save(gpu, &ckpt, Default::default()).unwrap();
+    let int = d.join("m.int.safetensors");
+    ok(&wgqat(&[
+        "export",
+        "--checkpoint",
+        &s(&ckpt),
+        "--model",
+        &model,
+        "--out",
+        &s(&int),
+    ]));
+    // A training checkpoint is not an integer model.
+    fails_with(
+        &wgqat(&["infer", "--model", &s(&ckpt)]),
+        &["not an integer model", "wgqat export"],
+    );
+    // A truncated model file.
+    let bytes = std::fs::read(&int).unwrap();
+    let cut = d.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    fails_with(
+        &wgqat(&["infer", "--model", &s(&cut)]),
+        &["cut.safetensors"],
+    );
+    // A missing model, a missing image, a file that is not an image.
+    fails_with(
+        &wgqat(&["infer", "--model", &s(&d.join("none.safetensors"))]),
+        &["none.safetensors"],
+    );
+    fails_with(
+        &wgqat(&["infer", "--model", &s(&int), &s(&d.join("none.png"))]),
+        &["none.png"],
+    );
+    fails_with(
+        &wgqat(&["infer", "--model", &s(&int), &s(&ckpt)]),
+        &["float.safetensors", "cannot read the image"],
+    );
+    // A misshapen tensor in an integer model.
+    let mut m = IntModel::read(&int).unwrap();
+    let t = m.tensors.get_mut("model.4.conv.scale").unwrap();
+    *t = Named::f32(t.name.clone(), &[3], vec![1.0; 3]);
+    let bad = d.join("bad.safetensors");
+    m.write(&bad).unwrap();
+    fails_with(
+        &wgqat(&["infer", "--model", &s(&bad)]),
+        &["model.4.conv.scale"],
+    );
+    // Export: an unknown format and a checkpoint of another model; nothing written.
+    let out = d.join("out.onnx");
+    fails_with(
+        &wgqat(&[
+            "export",
+            "--checkpoint",
+            &s(&ckpt),
+            "--model",
+            &model,
+            "--format",
+            "tflite",
+            "--out",
+            &s(&out),
+        ]),
+        &["tflite", "int or onnx"],
+    );
+    fails_with(
+        &wgqat(&[
+            "export",
+            "--checkpoint",
+            &s(&ckpt),
+            "--model",
+            "nin",
+            "--out",
+            &s(&out),
+        ]),
+        &["float.safetensors"],
+    );
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `wgqat bench --infer` reports integer and fake-quant throughput for each batch size.
+#[test]
+fn bench_infer_reports_both_paths() {
+    let out = ok(&wgqat(&[
+        "bench",
+        "--infer",
+        "--model",
+        &repo("tests/fixtures/ci_nin.json"),
+        "--batch",
+        "1,3",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v["inference"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        2,
+        "the default bits 8,32 give one quantized row per batch"
+    );
+    for r in rows {
+        assert!(r["error"].is_null(), "{r}");
+        assert!(
+            r["int_img_per_s"].as_f64().unwrap() > 0.0
+                && r["fake_quant_img_per_s"].as_f64().unwrap() > 0.0
+        );
+    }
+}
