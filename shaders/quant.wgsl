@@ -114,6 +114,21 @@ fn act_backward(@builtin(workgroup_id) wid: vec3<u32>,
     act_dx[i] = select(0.0, 0.1 * g, inside);
 }
 
+// act_backward with dy already in act_dx (overwritten with dx): saves the network a buffer.
+@compute @workgroup_size(256)
+fn act_backward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let g = act_dx[i];
+    let c = act_x_saved[i] * 0.1;
+    let inside = c >= 0.0 && c <= 1.0;
+    act_dx[i] = select(0.0, 0.1 * g, inside);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Exactly rounded division.
 

@@ -261,12 +261,24 @@ fn quant_cases(v: &mut Vec<Case>) {
                 let dyt = gpu.upload_f32("dy", &[x.len()], &dy)?;
                 let dxt = gpu.empty("dx", &[x.len()], DType::F32)?;
                 let op = kernels::quant::act_backward(gpu, b, &xt, &dyt, &dxt)?;
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&dxt])?;
+                // In place: dy first copied into the buffer that becomes dx.
+                let inplace = gpu.upload_f32("dy, then dx", &[x.len()], &dy)?;
+                let mut ops = vec![op];
+                ops.extend(kernels::quant::act_backward_in_place(
+                    gpu, b, &xt, &inplace,
+                )?);
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &inplace])?;
                 let want = f64s(&reference::quant::act_backward(&x, &dy, b));
-                Ok(vec![(
-                    "dx".into(),
-                    reference::compare(&got[0], &want, Tolerance::EXACT),
-                )])
+                Ok(vec![
+                    (
+                        "dx".into(),
+                        reference::compare(&got[0], &want, Tolerance::EXACT),
+                    ),
+                    (
+                        "dx in place".into(),
+                        reference::compare(&got[1], &want, Tolerance::EXACT),
+                    ),
+                ])
             },
         ));
         v.push(Case::new(

@@ -74,6 +74,11 @@ struct Step {
 }
 
 fn step(r: &Reference, kind: OptimizerKind) -> Step {
+    step_with(r, kind, false)
+}
+
+/// One step; `keep_all` keeps every output instead of recomputing BN and shuffle outputs.
+fn step_with(r: &Reference, kind: OptimizerKind, keep_all: bool) -> Step {
     let gpu = common::gpu();
     let bits = Bits::new(r.bits).unwrap();
     let quant = QuantConfig {
@@ -82,6 +87,9 @@ fn step(r: &Reference, kind: OptimizerKind) -> Step {
         quantize_first_layer: false,
     };
     let mut net = Network::new(gpu, &r.spec, quant, r.batch, true, 1).unwrap();
+    if keep_all {
+        net.keep_all_outputs().unwrap();
+    }
     net.load_named(gpu, Path::new("fixture init"), r.state("init"))
         .unwrap();
     let opt = Optimizer::new(gpu, &net, kind).unwrap();
@@ -244,5 +252,34 @@ fn w8a8_step_matches_pytorch_in_loss_and_gradient_direction() {
         let (rel, _) = agreement(v, r.f32(&format!("sgd.{name}")));
         println!("sgd.{name}: rel err {rel:.2e}");
         assert!(rel < 1e-3, "sgd.{name}: relative error {rel:e}");
+    }
+}
+
+/// Recomputing BatchNorm and shuffle outputs in the backward pass (to save memory) gives the
+/// same bits as keeping them: loss, every gradient and every updated weight.
+#[test]
+fn recomputed_outputs_change_no_bit() {
+    for fixture in ["parity_float.safetensors", "parity_w8a8.safetensors"] {
+        let r = load(fixture);
+        let (a, b) = (
+            step_with(&r, adam(&r), false),
+            step_with(&r, adam(&r), true),
+        );
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{fixture}: loss");
+        for (name, x, y) in a
+            .grads
+            .iter()
+            .map(|(n, v)| (n, v, &b.grads[n]))
+            .chain(a.after.iter().map(|(n, v)| (n, v, &b.after[n])))
+        {
+            let same =
+                x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{fixture}: {name} differs");
+        }
+        println!(
+            "{fixture}: loss, {} gradients and {} tensors after the step identical",
+            a.grads.len(),
+            a.after.len()
+        );
     }
 }

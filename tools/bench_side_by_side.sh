@@ -10,3 +10,6 @@ mkdir -p "$out"
 python3 tools/torch_bench.py --json > "$out/torch_eager.json"
 python3 tools/torch_bench.py --compile --json > "$out/torch_compile.json"
 python3 tools/bench_table.py "$out/wgqat.json" "$out/torch_eager.json" "$out/torch_compile.json" | tee "$out/table.md"
+# Integer vs fake-quant inference (batches 1 and 256), and the per-kernel table.
+./target/release/wgqat bench --infer | tee "$out/wgqat_infer.txt"
+./target/release/wgqat bench kernels --batch 256 | tee "$out/wgqat_kernels.txt"

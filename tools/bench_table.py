@@ -4,6 +4,7 @@ the Markdown table of BENCHMARKS.md: model, bits, batch, img/s each, ratios, pea
 
 Usage: python3 tools/bench_table.py wgqat.json torch_eager.json [torch_compile.json]
 """
+import datetime
 import json
 import sys
 
@@ -18,6 +19,11 @@ def main():
     for path in sys.argv[2:]:
         for r in json.load(open(path))["training"]:
             theirs.setdefault(key(r), {})[r["mode"]] = r
+    wg = json.load(open(sys.argv[1])).get("adapter", {})
+    devices = sorted({r.get("device", "?") for t in theirs.values() for r in t.values()})
+    torch_versions = sorted({r.get("torch", "?") for t in theirs.values() for r in t.values()})
+    print(f"GPU: wgqat on {wg.get('name', '?')} ({wg.get('backend', '?')}, driver {wg.get('driver', '?')} {wg.get('driver_info', '')}); "
+          f"PyTorch {', '.join(torch_versions)} on {', '.join(devices)}; measured {datetime.date.today().isoformat()}\n")
     gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
     print("| model | bits | batch | wgqat img/s | eager img/s | compile img/s | vs eager | vs compile | wgqat memory | eager memory | compile memory |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

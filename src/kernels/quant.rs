@@ -108,6 +108,7 @@ const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
 
 const ACT_FORWARD: Entry = entry("act_forward", &[(1, R), (2, W)]);
 const ACT_BACKWARD: Entry = entry("act_backward", &[(3, R), (4, R), (5, W)]);
+const ACT_BACKWARD_IN_PLACE: Entry = entry("act_backward_in_place", &[(3, R), (5, W)]);
 const ACT_CODES: Entry = entry("act_codes", &[(1, R), (16, W)]);
 const ACT_DEQUANT: Entry = entry("act_dequant", &[(2, W), (17, R)]);
 const WEIGHT_DEQUANT: Entry = entry("weight_dequant", &[(13, W), (17, R)]);
@@ -183,6 +184,25 @@ pub fn act_backward(gpu: &Gpu, bits: Bits, x: &Tensor, dy: &Tensor, dx: &Tensor)
         &[x, dy, dx],
         elementwise_grid(gpu, n),
     )
+}
+
+/// [`act_backward`] in place: `d` holds dL/dy and is overwritten with dL/dx (the same bits).
+/// Float bits pass the gradient through: no op.
+pub fn act_backward_in_place(gpu: &Gpu, bits: Bits, x: &Tensor, d: &Tensor) -> Result<Vec<Op>> {
+    const K: &str = "act_backward_in_place";
+    same_f32(K, &[("x", x), ("d", d)])?;
+    if bits.is_float() {
+        return Ok(Vec::new());
+    }
+    let n = count_u32(K, x.numel())?;
+    Ok(vec![launch_op(
+        gpu,
+        (&ACT_BACKWARD_IN_PLACE, &[]),
+        format!("{K} a{bits} {:?}", x.shape()),
+        &params(n, bits, 0),
+        &[x, d],
+        elementwise_grid(gpu, n),
+    )?])
 }
 
 /// Activation codes `k` in `0..=n` (`Bits::code_dtype` words), the integer form of

@@ -115,10 +115,11 @@ struct Layer {
 struct LayerBuffers {
     out: Tensor,
     dout: Option<Tensor>,
-    /// Quantized input activation, and its gradient.
+    /// Quantized input activation (its gradient is formed in place in the input gradient).
     xq: Option<Tensor>,
-    dxq: Option<Tensor>,
     argmax: Option<Tensor>,
+    /// The output lives in a shared temporary and is recomputed for the backward pass.
+    transient: bool,
 }
 
 /// The built model.
@@ -137,6 +138,8 @@ pub struct Network {
     trainable: bool,
     /// Allocated by the first plan, so that weights can be loaded and checked without them.
     buffers: std::sync::OnceLock<Vec<LayerBuffers>>,
+    /// Recompute BatchNorm and shuffle outputs in backward instead of keeping them.
+    recompute: bool,
     input: Tensor,
     labels: Tensor,
     per_row: Tensor,
@@ -430,6 +433,7 @@ impl Network {
             capacity,
             trainable,
             buffers: std::sync::OnceLock::new(),
+            recompute: true,
             input,
             labels,
             per_row,
@@ -439,6 +443,18 @@ impl Network {
         };
         net.init_running(gpu)?;
         Ok(net)
+    }
+
+    /// Keeps every layer's output for the backward pass instead of recomputing BatchNorm and
+    /// shuffle outputs (more memory, the same results); only before the first plan.
+    pub fn keep_all_outputs(&mut self) -> Result<()> {
+        if self.buffers.get().is_some() {
+            return Err(Error::Invalid(
+                "keep_all_outputs must come before the first plan".into(),
+            ));
+        }
+        self.recompute = false;
+        Ok(())
     }
 
     pub fn capacity(&self) -> usize {
@@ -472,10 +488,47 @@ impl Network {
         self.trainable && self.layers[..i].iter().any(|l| l.weight.is_some())
     }
 
-    /// Per-layer buffers. Forward outputs are kept for the backward pass; gradients are not: a
-    /// layer's output gradient is dead once its backward ran, so they take turns in two shared
-    /// buffers (a layer and the one it feeds never share one; aliases follow their source), and
-    /// a quantized layer's input and input gradient live in two shared temporaries.
+    /// Which layers' outputs are transient: cheap to recompute exactly from what is kept
+    /// (BatchNorm from its input and batch statistics, a channel shuffle from its input), so they
+    /// live in one of two shared temporaries and are formed again at the start of their
+    /// consumer's backward. A transient output needs a consumer (not the network's output), and
+    /// chains stop at two so that a chain's outputs sit in different temporaries.
+    /// Returns per layer 0 (kept, or an alias), or the temporary (1 or 2) its output lives in.
+    fn transient_layers(&self) -> Vec<usize> {
+        let n = self.layers.len();
+        let mut transient = vec![0usize; n];
+        if !self.recompute {
+            return transient;
+        }
+        // Chain length of each layer's output: 0 stored, 1 or 2 transient (aliases follow).
+        let mut depth = vec![0usize; n];
+        for i in 0..n {
+            let alias = matches!(self.layers[i].kind, Kind::FusedRelu | Kind::Flatten);
+            let input_depth = if i == 0 { 0 } else { depth[i - 1] };
+            if alias {
+                depth[i] = input_depth;
+                continue;
+            }
+            let recomputable = matches!(
+                self.layers[i].kind,
+                Kind::BatchNorm { .. } | Kind::Shuffle(_)
+            );
+            let consumed = self.layers[i + 1..]
+                .iter()
+                .any(|l| !matches!(l.kind, Kind::FusedRelu | Kind::Flatten));
+            if recomputable && consumed && input_depth < 2 {
+                depth[i] = input_depth + 1;
+                transient[i] = depth[i];
+            }
+        }
+        transient
+    }
+
+    /// Per-layer buffers. Forward outputs are kept for the backward pass unless transient (see
+    /// [`Network::transient_layers`]); gradients are not: a layer's output gradient is dead once
+    /// its backward ran, so they take turns in two shared buffers (a layer and the one it feeds
+    /// never share one; aliases follow their source), and a quantized layer's quantized input
+    /// lives in a shared temporary.
     fn alloc_buffers(&self, gpu: &Gpu) -> Result<Vec<LayerBuffers>> {
         let cap = self.capacity;
         let elems = |s: &[usize]| s.iter().product::<usize>();
@@ -504,10 +557,29 @@ impl Network {
         let qtemp = max_qin
             .map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32))
             .transpose()?;
-        let dqtemp = max_qin
-            .filter(|_| self.trainable)
-            .map(|n| gpu.zeros("quantized input gradient", &[cap * n], DType::F32))
-            .transpose()?;
+        let transient = self.transient_layers();
+        // Two temporaries for transient outputs: a chain's first output in one, its second in
+        // the other.
+        let max_transient = |temp: usize| {
+            (0..self.layers.len())
+                .filter(|&i| transient[i] == temp)
+                .map(|i| elems(&self.layers[i].out_shape))
+                .max()
+        };
+        let temps = [max_transient(1), max_transient(2)]
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                n.map(|n| {
+                    gpu.zeros(
+                        &format!("recomputed outputs {}", "AB".as_bytes()[k] as char),
+                        &[cap * n],
+                        DType::F32,
+                    )
+                })
+                .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
         let mut slot = 0usize;
         for (i, l) in self.layers.iter().enumerate() {
@@ -521,7 +593,14 @@ impl Network {
                 }
                 Kind::Flatten => (alias(&self.input)?, None),
                 _ => {
-                    let o = gpu.zeros(&format!("{} output", l.name), &shape, DType::F32)?;
+                    let o = if transient[i] > 0 {
+                        temps[transient[i] - 1]
+                            .as_ref()
+                            .expect("sized above")
+                            .view(0, &shape)?
+                    } else {
+                        gpu.zeros(&format!("{} output", l.name), &shape, DType::F32)?
+                    };
                     slot = 1 - slot;
                     let d = grads
                         .as_ref()
@@ -531,22 +610,20 @@ impl Network {
                 }
             };
             let in_shape = with_batch(cap, &l.in_shape);
-            let (mut xq, mut dxq, mut argmax) = (None, None, None);
+            let (mut xq, mut argmax) = (None, None);
             if quantized_in(l) {
                 xq = qtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
-                if self.needs_input_grad(i) {
-                    dxq = dqtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
-                }
             }
             if let Kind::MaxPool(_) = l.kind {
                 argmax = Some(gpu.zeros(&format!("{} argmax", l.name), &shape, DType::U32)?);
             }
+            let is_alias = matches!(l.kind, Kind::FusedRelu | Kind::Flatten);
             out.push(LayerBuffers {
                 out: o,
                 dout: d,
                 xq,
-                dxq,
                 argmax,
+                transient: transient[i] > 0 || (is_alias && prev.is_some_and(|p| p.transient)),
             });
         }
         Ok(out)
@@ -637,6 +714,9 @@ impl Network {
         }
         let mut x = input.clone();
         let mut dx: Option<Tensor> = None;
+        // Ops that form `x` again when it is transient (the chain of recomputable layers that
+        // made it from kept tensors).
+        let mut x_again: Vec<Op> = Vec::new();
         for (i, buf) in buffers.iter().enumerate() {
             let y = at_batch(&buf.out, batch)?;
             let dy = buf.dout.as_ref().map(|d| at_batch(d, batch)).transpose()?;
@@ -644,6 +724,17 @@ impl Network {
             let dx_used = want_dx.then_some(()).and(dx.as_ref());
             let (mut f, mut b) =
                 self.layer_ops(gpu, i, buf, mode, &x, dx_used, &y, dy.as_ref(), batch)?;
+            let alias = matches!(self.layers[i].kind, Kind::FusedRelu | Kind::Flatten);
+            if !alias {
+                if buf.transient {
+                    // Its consumer's backward forms the whole chain again.
+                    x_again.extend(self.recompute_ops(gpu, i, &x, &y, batch)?);
+                } else {
+                    // The backward of this layer, and of the chain that fed it, runs next:
+                    // form the chain's outputs first.
+                    b.splice(0..0, std::mem::take(&mut x_again));
+                }
+            }
             if let Some(c) = checker.as_deref_mut() {
                 let l = &self.layers[i];
                 let what = format!("layer {i} ({} {})", self.spec.layers[i].kind(), l.name);
@@ -731,6 +822,43 @@ impl Network {
         })
     }
 
+    /// The forward op of transient layer `i` again, into the same temporary: the same kernel on
+    /// the same inputs (BatchNorm with this step's batch statistics), so the same bits.
+    fn recompute_ops(
+        &self,
+        gpu: &Gpu,
+        i: usize,
+        x: &Tensor,
+        y: &Tensor,
+        batch: usize,
+    ) -> Result<Vec<Op>> {
+        let l = &self.layers[i];
+        match l.kind {
+            Kind::BatchNorm { relu, .. } => {
+                let p = |k: Option<usize>| {
+                    self.params
+                        .view(&self.param_arena, k.expect("BatchNorm has gamma and beta"))
+                };
+                let x4 = x.reshape(&with_batch(batch, &l.in_shape))?;
+                let stats = l.bn_stats.as_ref().expect("bn stats");
+                Ok(vec![norm::apply(
+                    gpu,
+                    relu,
+                    &x4,
+                    stats,
+                    &p(l.weight)?,
+                    &p(l.bias)?,
+                    y,
+                )?])
+            }
+            Kind::Shuffle(groups) => Ok(vec![pool::channel_shuffle(gpu, groups, false, x, y)?]),
+            _ => Err(Error::Invalid(format!(
+                "layer {} cannot be recomputed",
+                l.name
+            ))),
+        }
+    }
+
     /// Forward and backward ops of layer `i`: input `x` (and its gradient `dx` when wanted),
     /// output `y` (and `dy`).
     #[allow(clippy::too_many_arguments)]
@@ -790,13 +918,10 @@ impl Network {
                 if train {
                     let dy = dy_or()?;
                     if let Some(dx) = dx {
-                        match &buf.dxq {
-                            Some(dxq) => {
-                                let dxq = at_batch(dxq, batch)?;
-                                bwd.push(gemm.grad_input(gpu, dy, &w_hat, &dxq)?);
-                                bwd.push(quant::act_backward(gpu, a_bits, x, &dxq, dx)?);
-                            }
-                            None => bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?),
+                        bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
+                        if buf.xq.is_some() {
+                            // dL/dx̂ becomes dL/dx in place (the STE's mask).
+                            bwd.extend(quant::act_backward_in_place(gpu, a_bits, x, dx)?);
                         }
                     }
                     let dw = g(l.weight)?.expect("weighted layers have weights");
