@@ -1,5 +1,7 @@
 // BatchNorm2d over (N, C, S) activations (S = H*W), PyTorch semantics, with an optional fused ReLU
-// (NIN always follows BN with ReLU; fusing saves two passes each way).
+// (NIN always follows BN with ReLU; fusing saves two passes each way) and an optional fused channel
+// shuffle after it (NIN-GC's; the output is written permuted and the gradient read permuted, so
+// the unshuffled output never exists).
 //   train: normalise with the batch mean and biased variance; running stats move by momentum
 //          with the unbiased variance (n / (n - 1));
 //   eval:  normalise with the running stats.
@@ -13,7 +15,7 @@ struct Params {
     relu: u32,       // 1: y = max(bn(x), 0), and backward masks by y > 0
     eps: f32,
     momentum: f32,
-    _pad0: f32,
+    shuffle: u32,    // channel shuffle groups after BN (and ReLU); 1: none
     _pad1: f32,
 }
 
@@ -29,8 +31,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read> gamma: array<f32>;
 @group(0) @binding(7) var<storage, read> beta: array<f32>;
 @group(0) @binding(8) var<storage, read_write> y: array<f32>;
-// backward: y (for the ReLU mask), dy -> dgamma, dbeta (reduce), then dx (apply)
-@group(0) @binding(9) var<storage, read> y_in: array<f32>;
+// backward: x, gamma, beta (for the ReLU mask), dy -> dgamma, dbeta (reduce), then dx (apply)
 @group(0) @binding(10) var<storage, read> dy: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(12) var<storage, read_write> dbeta: array<f32>;
@@ -44,6 +45,20 @@ var<workgroup> red_b: array<f32, 256>;
 
 fn channel_of(i: u32) -> u32 {
     return (i / p.s) % p.c;
+}
+
+// Where element i of the normalised tensor lands in y (and its gradient is in dy): with a fused
+// shuffle, channel c goes to (c % per) * g + c / per, micronet's channel_shuffle.
+fn out_index(i: u32) -> u32 {
+    if (p.shuffle <= 1u) {
+        return i;
+    }
+    let plane = i / p.s;
+    let n = plane / p.c;
+    let c = plane - n * p.c;
+    let per = p.c / p.shuffle;
+    let co = (c % per) * p.shuffle + c / per;
+    return (n * p.c + co) * p.s + (i - plane * p.s);
 }
 
 fn elem(c: u32, j: u32) -> u32 {
@@ -123,6 +138,14 @@ fn bn_eval_stats(@builtin(workgroup_id) wid: vec3<u32>,
     stats[p.c + c] = 1.0 / sqrt(running_var[c] + p.eps);
 }
 
+// gamma * (x - mean) * invstd + beta, before any fused ReLU. The backward forms it again for
+// the ReLU's mask (v > 0 exactly where y > 0), so it never reads y, which a network may have
+// overwritten by then.
+fn bn_value(i: u32) -> f32 {
+    let c = channel_of(i);
+    return gamma[c] * ((x[i] - stats_in[c]) * stats_in[p.c + c]) + beta[c];
+}
+
 // y = gamma * (x - mean) * invstd + beta, then ReLU if fused.
 @compute @workgroup_size(256)
 fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
@@ -132,18 +155,17 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n * p.c * p.s) {
         return;
     }
-    let c = channel_of(i);
-    let v = gamma[c] * ((x[i] - stats_in[c]) * stats_in[p.c + c]) + beta[c];
+    let v = bn_value(i);
     // ReLU by bits (negative or zero, not NaN), so NaN is kept where compilers assume no NaN.
     let b = bitcast<u32>(v);
     let nonpositive = ((b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u) || b == 0u;
-    y[i] = select(v, 0.0, p.relu == 1u && nonpositive);
+    y[out_index(i)] = select(v, 0.0, p.relu == 1u && nonpositive);
 }
 
 fn masked_dy(i: u32) -> f32 {
-    let g = dy[i];
+    let g = dy[out_index(i)];
     if (p.relu == 1u) {
-        return select(0.0, g, y_in[i] > 0.0);
+        return select(0.0, g, bn_value(i) > 0.0);
     }
     return g;
 }

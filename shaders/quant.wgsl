@@ -97,6 +97,18 @@ fn act_forward(@builtin(workgroup_id) wid: vec3<u32>,
     act_y[i] = act_value(act_x[i]);
 }
 
+// act_forward over act_y itself: a network quantizes a recomputable input where it lies.
+@compute @workgroup_size(256)
+fn act_forward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    act_y[i] = act_value(act_y[i]);
+}
+
 // Straight-through: dx = 0.1 * dy where 0 <= fl32(0.1 x) <= 1 (inclusive), else 0. PyTorch's
 // chain forms ((dy * s) * n) * 0.1, which is dy * 0.1 to within an ulp; drivers may reassociate
 // that chain anyway (SPIR-V float ops are not marked exact), so one multiply it is.

@@ -128,7 +128,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                 let x = random_tensor(gpu, "x", &g.input_shape(), &mut rng, 0.0, 1.0)?;
                 let dy = random_tensor(gpu, "dy", &g.output_shape(), &mut rng, -1.0, 1.0)?;
                 let dw = gpu.empty("dw", &g.weight_shape(), DType::F32)?;
-                conv2d::grad_weight(gpu, &g, &x, &dy, &dw)
+                conv2d::grad_weight(gpu, &g, &x, &dy, &dw, None)
             }),
         ));
         if !first && !bits.is_float() {
@@ -361,12 +361,15 @@ pub fn training(
         }
         gpu.wait()?;
         let secs = t0.elapsed().as_secs_f64();
-        let steps = opts.steps.max(1) as f64;
-        row.img_per_s = Some((opts.steps * batch) as f64 / secs);
-        row.step_ms = Some(secs / steps * 1e3);
-        row.submits_per_step = Some((crate::gpu::submit_count() - submits) as f64 / steps);
-        row.allocations_per_step =
-            Some((gpu.pool().stats().allocations - pool.allocations) as f64 / steps);
+        // With no timed steps only the memory is measured (every buffer exists once planned).
+        if opts.steps > 0 {
+            let steps = opts.steps as f64;
+            row.img_per_s = Some((opts.steps * batch) as f64 / secs);
+            row.step_ms = Some(secs / steps * 1e3);
+            row.submits_per_step = Some((crate::gpu::submit_count() - submits) as f64 / steps);
+            row.allocations_per_step =
+                Some((gpu.pool().stats().allocations - pool.allocations) as f64 / steps);
+        }
         row.peak_memory_bytes = Some(
             gpu.pool()
                 .stats()

@@ -6,6 +6,7 @@ use crate::DType;
 use crate::error::Result;
 use crate::gpu::{Gpu, Launch, Op, Tensor};
 use crate::kernels;
+use crate::kernels::norm::Epilogue;
 use crate::kernels::quant::Bits;
 use crate::reference::{self, Report, Tolerance};
 use crate::rng::Rng;
@@ -240,13 +241,21 @@ fn quant_cases(v: &mut Vec<Case>) {
                 let x = act_inputs(rng, n, b);
                 let xt = gpu.upload_f32("x", &[x.len()], &x)?;
                 let yt = gpu.empty("y", &[x.len()], DType::F32)?;
-                let op = kernels::quant::act_forward(gpu, b, &xt, &yt)?;
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&yt])?;
+                let mut ops = vec![kernels::quant::act_forward(gpu, b, &xt, &yt)?];
+                let inplace = gpu.upload_f32("x, then y", &[x.len()], &x)?;
+                ops.extend(kernels::quant::act_forward_in_place(gpu, b, &inplace)?);
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&yt, &inplace])?;
                 let want = f64s(&reference::quant::act_forward(&x, b));
-                Ok(vec![(
-                    "y".into(),
-                    reference::compare(&got[0], &want, Tolerance::EXACT),
-                )])
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[0], &want, Tolerance::EXACT),
+                    ),
+                    (
+                        "y in place".into(),
+                        reference::compare(&got[1], &want, Tolerance::EXACT),
+                    ),
+                ])
             },
         ));
         v.push(Case::new(
@@ -508,6 +517,7 @@ trait GemmOp: Copy + std::fmt::Debug + Send + Sync + 'static {
         dy: &Tensor,
         dw: &Tensor,
         splits: Option<usize>,
+        scratch: Option<&Tensor>,
     ) -> Result<Vec<Op>>;
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>>;
     fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64>;
@@ -567,10 +577,11 @@ impl GemmOp for kernels::conv2d::Conv2dGeom {
         dy: &Tensor,
         dw: &Tensor,
         splits: Option<usize>,
+        scratch: Option<&Tensor>,
     ) -> Result<Vec<Op>> {
         match splits {
-            Some(s) => kernels::conv2d::grad_weight_split(gpu, self, x, dy, dw, s),
-            None => kernels::conv2d::grad_weight(gpu, self, x, dy, dw),
+            Some(s) => kernels::conv2d::grad_weight_split(gpu, self, x, dy, dw, s, scratch),
+            None => kernels::conv2d::grad_weight(gpu, self, x, dy, dw, scratch),
         }
     }
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
@@ -650,10 +661,13 @@ impl GemmOp for kernels::conv_transpose2d::ConvTranspose2dGeom {
         dy: &Tensor,
         dw: &Tensor,
         splits: Option<usize>,
+        scratch: Option<&Tensor>,
     ) -> Result<Vec<Op>> {
         match splits {
-            Some(s) => kernels::conv_transpose2d::grad_weight_split(gpu, self, x, dy, dw, s),
-            None => kernels::conv_transpose2d::grad_weight(gpu, self, x, dy, dw),
+            Some(s) => {
+                kernels::conv_transpose2d::grad_weight_split(gpu, self, x, dy, dw, s, scratch)
+            }
+            None => kernels::conv_transpose2d::grad_weight(gpu, self, x, dy, dw, scratch),
         }
     }
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
@@ -715,8 +729,9 @@ impl GemmOp for kernels::matmul::LinearGeom {
         dy: &Tensor,
         dw: &Tensor,
         _splits: Option<usize>,
+        scratch: Option<&Tensor>,
     ) -> Result<Vec<Op>> {
-        kernels::matmul::grad_weight(gpu, self, x, dy, dw)
+        kernels::matmul::grad_weight(gpu, self, x, dy, dw, scratch)
     }
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
         Ok(vec![kernels::matmul::grad_bias(gpu, self, dy, db)?])
@@ -810,7 +825,14 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
                 let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
                 let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
                 let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
-                let ops = geom.gpu_grad_weight(gpu, &xt, &dyt, &dwt, splits)?;
+                // The split case writes its partial sums into a larger shared scratch that
+                // holds stale NaNs, as a network's does: they must all be overwritten.
+                let n = 4 * geom.w_shape().iter().product::<usize>();
+                let scratch = match splits {
+                    Some(_) => Some(gpu.upload_f32("scratch", &[n], &vec![f32::NAN; n])?),
+                    None => None,
+                };
+                let ops = geom.gpu_grad_weight(gpu, &xt, &dyt, &dwt, splits, scratch.as_ref())?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt])?;
                 let want = geom.ref_grad_weight(&f64s(&x), &f64s(&dy));
                 Ok(vec![(
@@ -947,14 +969,33 @@ fn gemm_family_cases(v: &mut Vec<Case>) {
 
 fn layer_cases(v: &mut Vec<Case>) {
     // BatchNorm: train forward (with running stats), eval forward, backward; with and without
-    // the fused ReLU; a single-element channel batch too.
-    for (n, c, s, relu) in [
-        (4usize, 3usize, 25usize, true),
-        (2, 70, 64, false),
-        (50, 4, 1, true),
-        (3, 5, 300, true),
+    // the fused ReLU and channel shuffle; a single-element channel batch too. The reference
+    // shuffles its output (and unshuffles the output gradient) separately.
+    for (n, c, s, relu, shuffle) in [
+        (4usize, 3usize, 25usize, true, 1usize),
+        (2, 70, 64, false, 1),
+        (50, 4, 1, true, 1),
+        (3, 5, 300, true, 1),
+        (4, 6, 25, true, 2),
+        (2, 12, 9, false, 3),
     ] {
-        let shape = format!("[{n},{c},{s}]{}", if relu { " +relu" } else { "" });
+        let ep = Epilogue { relu, shuffle };
+        let shape = format!(
+            "[{n},{c},{s}]{}{}",
+            if relu { " +relu" } else { "" },
+            if shuffle > 1 {
+                format!(" +shuffle {shuffle}")
+            } else {
+                String::new()
+            }
+        );
+        let shuffled = move |v: Vec<f64>, inverse: bool| {
+            if shuffle > 1 {
+                reference::pool::channel_shuffle(&v, (n, c, s), shuffle, inverse)
+            } else {
+                v
+            }
+        };
         v.push(Case::new(
             "batchnorm",
             "forward train",
@@ -976,7 +1017,7 @@ fn layer_cases(v: &mut Vec<Case>) {
                 let y = gpu.empty("y", &[n, c, s], DType::F32)?;
                 let ops = vec![
                     kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, &stats, &rm, &rv)?,
-                    kernels::norm::apply(gpu, relu, &xt, &stats, &gt, &bt, &y)?,
+                    kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
                 ];
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &rm, &rv])?;
                 let (want, mean, var) = reference::norm::forward_train(
@@ -987,6 +1028,7 @@ fn layer_cases(v: &mut Vec<Case>) {
                     1e-5,
                     relu,
                 );
+                let want = shuffled(want, false);
                 let (wrm, wrv) = reference::norm::running_update(
                     &f64s(&rm0),
                     &f64s(&rv0),
@@ -1027,18 +1069,21 @@ fn layer_cases(v: &mut Vec<Case>) {
                 let y = gpu.empty("y", &[n, c, s], DType::F32)?;
                 let ops = vec![
                     kernels::norm::stats_eval(gpu, c, 1e-5, &rm, &rv, &stats)?,
-                    kernels::norm::apply(gpu, relu, &xt, &stats, &gt, &bt, &y)?,
+                    kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
                 ];
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y])?;
-                let want = reference::norm::apply(
-                    &f64s(&x),
-                    (n, c, s),
-                    &f64s(&rm0),
-                    &f64s(&rv0),
-                    &f64s(&gamma),
-                    &f64s(&beta),
-                    1e-5,
-                    relu,
+                let want = shuffled(
+                    reference::norm::apply(
+                        &f64s(&x),
+                        (n, c, s),
+                        &f64s(&rm0),
+                        &f64s(&rv0),
+                        &f64s(&gamma),
+                        &f64s(&beta),
+                        1e-5,
+                        relu,
+                    ),
+                    false,
                 );
                 Ok(vec![(
                     "y".into(),
@@ -1073,16 +1118,16 @@ fn layer_cases(v: &mut Vec<Case>) {
                 let dx = gpu.empty("dx", &[n, c, s], DType::F32)?;
                 let mut ops = vec![
                     kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, &stats, &rm, &rv)?,
-                    kernels::norm::apply(gpu, relu, &xt, &stats, &gt, &bt, &y)?,
+                    kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
                 ];
                 ops.extend(kernels::norm::backward(
                     gpu,
-                    relu,
+                    ep,
                     &xt,
-                    &y,
                     &dyt,
                     &stats,
                     &gt,
+                    &bt,
                     &dg,
                     &db,
                     Some(&dx),
@@ -1096,12 +1141,17 @@ fn layer_cases(v: &mut Vec<Case>) {
                     1e-5,
                     relu,
                 );
-                // The ReLU mask comes from the GPU's own y (a value at exactly 0 may round either way).
-                let y_gpu: Vec<f64> = if relu { f64s(&gpu.read_f32(&y)?) } else { yr };
+                // The ReLU mask comes from the GPU's own y (a value at exactly 0 may round either
+                // way); the backward forms the same pre-activation again, so their signs agree.
+                let y_gpu: Vec<f64> = if relu {
+                    shuffled(f64s(&gpu.read_f32(&y)?), true)
+                } else {
+                    yr
+                };
                 let (wdx, wdg, wdb) = reference::norm::backward(
                     &f64s(&x),
                     &y_gpu,
-                    &f64s(&dy),
+                    &shuffled(f64s(&dy), true),
                     (n, c, s),
                     &mean,
                     &var,

@@ -104,7 +104,7 @@ fn conv2d_matches_pytorch() {
             &|dir, t| match dir {
                 "forward" => vec![conv2d::forward(gpu, &g, t[0], t[1], Some(t[2]), t[3]).unwrap()],
                 "grad_input" => vec![conv2d::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()],
-                "grad_weight" => conv2d::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
+                "grad_weight" => conv2d::grad_weight(gpu, &g, t[0], t[1], t[2], None).unwrap(),
                 _ => vec![conv2d::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
             },
         ));
@@ -152,7 +152,9 @@ fn conv_transpose2d_matches_pytorch() {
                 "grad_input" => {
                     vec![conv_transpose2d::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()]
                 }
-                "grad_weight" => conv_transpose2d::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
+                "grad_weight" => {
+                    conv_transpose2d::grad_weight(gpu, &g, t[0], t[1], t[2], None).unwrap()
+                }
                 _ => vec![conv_transpose2d::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
             },
         ));
@@ -183,7 +185,7 @@ fn linear_matches_pytorch() {
             &|dir, t| match dir {
                 "forward" => vec![matmul::forward(gpu, &g, t[0], t[1], Some(t[2]), t[3]).unwrap()],
                 "grad_input" => vec![matmul::grad_input(gpu, &g, t[0], t[1], t[2]).unwrap()],
-                "grad_weight" => matmul::grad_weight(gpu, &g, t[0], t[1], t[2]).unwrap(),
+                "grad_weight" => matmul::grad_weight(gpu, &g, t[0], t[1], t[2], None).unwrap(),
                 _ => vec![matmul::grad_bias(gpu, &g, t[0], t[1]).unwrap()],
             },
         ));

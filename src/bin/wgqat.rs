@@ -90,7 +90,7 @@ struct BenchArgs {
     /// Untimed steps first (pipelines compiled, buffers allocated).
     #[arg(long, default_value_t = 5)]
     warmup: usize,
-    /// Timed steps.
+    /// Timed steps (0 with --warmup 0: peak memory only, nothing runs).
     #[arg(long, default_value_t = 30)]
     steps: usize,
     /// Skip the per-kernel breakdown.

@@ -162,6 +162,7 @@ impl BufferPool {
                 context: format!("allocating {what} ({size} bytes)"),
             });
         }
+        log::trace!("new buffer {what}: {size} bytes");
         inner.stats.allocations += 1;
         inner.stats.allocated_bytes += size;
         inner.stats.peak_bytes = inner.stats.peak_bytes.max(inner.stats.allocated_bytes);

@@ -386,7 +386,29 @@ impl GemmConv {
         )
     }
 
-    /// Grad-weight into `dw`: one GEMM, or split-K partial GEMMs and their ordered sum.
+    /// The split count grad-weight really uses when asked for `splits` (chunks are whole tiles).
+    fn effective_splits(&self, splits: usize) -> usize {
+        let (_, _, gk) = self.dims(Mode::GradWeight);
+        let chunk = gk.div_ceil(splits.max(1)).next_multiple_of(BK);
+        gk.div_ceil(chunk)
+    }
+
+    /// Elements of partial-sum scratch grad-weight needs with the default split-K (0: none).
+    pub fn grad_weight_scratch_len(&self) -> usize {
+        let splits = self.effective_splits(self.default_splits());
+        let (m, n, _) = self.dims(Mode::GradWeight);
+        if splits <= 1 {
+            0
+        } else {
+            splits * m * n * self.groups
+        }
+    }
+
+    /// Grad-weight into `dw`: one GEMM, or split-K partial GEMMs and their ordered sum. The
+    /// partial sums go into `scratch` when it is given and large enough (a network shares one
+    /// across its layers, since their backward passes run one after another), else into a
+    /// buffer of their own.
+    #[allow(clippy::too_many_arguments)]
     pub fn grad_weight_ops(
         &self,
         gpu: &Gpu,
@@ -394,11 +416,10 @@ impl GemmConv {
         b_src: &Tensor,
         dw: &Tensor,
         splits: usize,
+        scratch: Option<&Tensor>,
         label: String,
     ) -> Result<Vec<Op>> {
-        let (_, _, gk) = self.dims(Mode::GradWeight);
-        let chunk = gk.div_ceil(splits.max(1)).next_multiple_of(BK);
-        let splits = gk.div_ceil(chunk);
+        let splits = self.effective_splits(splits);
         if splits <= 1 {
             return Ok(vec![Op::Dispatch(self.launch(
                 gpu,
@@ -411,11 +432,11 @@ impl GemmConv {
                 label,
             )?)]);
         }
-        let partial = gpu.empty(
-            "grad-weight partial sums",
-            &[splits, dw.numel()],
-            DType::F32,
-        )?;
+        let shape = [splits, dw.numel()];
+        let partial = match scratch {
+            Some(s) if s.numel() >= splits * dw.numel() => s.view(0, &shape)?,
+            _ => gpu.empty("grad-weight partial sums", &shape, DType::F32)?,
+        };
         let gemm = self.launch(
             gpu,
             Mode::GradWeight,
@@ -506,18 +527,21 @@ pub fn grad_input(
     )?))
 }
 
-/// `dw = dL/dw` (correlation of `x` with `dy`), with the default split-K.
+/// `dw = dL/dw` (correlation of `x` with `dy`), with the default split-K; its partial sums go
+/// into `scratch` when given (see [`GemmConv::grad_weight_scratch_len`]).
 pub fn grad_weight(
     gpu: &Gpu,
     geom: &Conv2dGeom,
     x: &Tensor,
     dy: &Tensor,
     dw: &Tensor,
+    scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
-    grad_weight_split(gpu, geom, x, dy, dw, geom.gemm().default_splits())
+    grad_weight_with(gpu, geom, x, dy, dw, None, scratch)
 }
 
 /// [`grad_weight`] with an explicit split-K count.
+#[allow(clippy::too_many_arguments)]
 pub fn grad_weight_split(
     gpu: &Gpu,
     geom: &Conv2dGeom,
@@ -525,6 +549,19 @@ pub fn grad_weight_split(
     dy: &Tensor,
     dw: &Tensor,
     splits: usize,
+    scratch: Option<&Tensor>,
+) -> Result<Vec<Op>> {
+    grad_weight_with(gpu, geom, x, dy, dw, Some(splits), scratch)
+}
+
+fn grad_weight_with(
+    gpu: &Gpu,
+    geom: &Conv2dGeom,
+    x: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    splits: Option<usize>,
+    scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
     let label = check(
         geom,
@@ -535,7 +572,9 @@ pub fn grad_weight_split(
             ("dw", dw, &geom.weight_shape()),
         ],
     )?;
-    geom.gemm().grad_weight_ops(gpu, dy, x, dw, splits, label)
+    let g = geom.gemm();
+    let splits = splits.unwrap_or_else(|| g.default_splits());
+    g.grad_weight_ops(gpu, dy, x, dw, splits, scratch, label)
 }
 
 /// `db[c] = Σ_{n,y,x} dy[n, c, y, x]`.

@@ -243,18 +243,20 @@ pub fn grad_input(
     )?))
 }
 
-/// `dw = dL/dw`, with the default split-K.
+/// `dw = dL/dw`, with the default split-K; its partial sums go into `scratch` when given.
 pub fn grad_weight(
     gpu: &Gpu,
     geom: &ConvTranspose2dGeom,
     x: &Tensor,
     dy: &Tensor,
     dw: &Tensor,
+    scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
-    grad_weight_split(gpu, geom, x, dy, dw, geom.gemm().default_splits())
+    grad_weight_with(gpu, geom, x, dy, dw, None, scratch)
 }
 
 /// [`grad_weight`] with an explicit split-K count.
+#[allow(clippy::too_many_arguments)]
 pub fn grad_weight_split(
     gpu: &Gpu,
     geom: &ConvTranspose2dGeom,
@@ -262,6 +264,19 @@ pub fn grad_weight_split(
     dy: &Tensor,
     dw: &Tensor,
     splits: usize,
+    scratch: Option<&Tensor>,
+) -> Result<Vec<Op>> {
+    grad_weight_with(gpu, geom, x, dy, dw, Some(splits), scratch)
+}
+
+fn grad_weight_with(
+    gpu: &Gpu,
+    geom: &ConvTranspose2dGeom,
+    x: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    splits: Option<usize>,
+    scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
     let label = check(
         geom,
@@ -272,7 +287,9 @@ pub fn grad_weight_split(
             ("dw", dw, &geom.weight_shape()),
         ],
     )?;
-    geom.gemm().grad_weight_ops(gpu, x, dy, dw, splits, label)
+    let g = geom.gemm();
+    let splits = splits.unwrap_or_else(|| g.default_splits());
+    g.grad_weight_ops(gpu, x, dy, dw, splits, scratch, label)
 }
 
 /// `db[c] = Σ_{n,y,x} dy[n, c, y, x]`.

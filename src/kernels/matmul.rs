@@ -31,7 +31,7 @@ impl LinearGeom {
         Ok(())
     }
 
-    fn gemm(&self) -> GemmConv {
+    pub(crate) fn gemm(&self) -> GemmConv {
         GemmConv {
             batch: self.batch,
             cin: self.in_features,
@@ -116,13 +116,14 @@ pub fn grad_input(
     )?))
 }
 
-/// `dw = dyᵀ·x`, split over the batch when it is long.
+/// `dw = dyᵀ·x`, split over the batch when it is long (partial sums in `scratch` when given).
 pub fn grad_weight(
     gpu: &Gpu,
     geom: &LinearGeom,
     x: &Tensor,
     dy: &Tensor,
     dw: &Tensor,
+    scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
     let (b, i, o) = (geom.batch, geom.in_features, geom.out_features);
     let label = geom.check(
@@ -130,7 +131,7 @@ pub fn grad_weight(
         &[("x", x, &[b, i]), ("dy", dy, &[b, o]), ("dw", dw, &[o, i])],
     )?;
     let g = geom.gemm();
-    g.grad_weight_ops(gpu, dy, x, dw, g.default_splits(), label)
+    g.grad_weight_ops(gpu, dy, x, dw, g.default_splits(), scratch, label)
 }
 
 /// `db = Σ_rows dy`.

@@ -1,5 +1,5 @@
 //! `shaders/norm.wgsl`: BatchNorm2d forward (train: batch statistics, running stats updated; eval:
-//! running stats) and backward, with an optional fused ReLU.
+//! running stats) and backward, with an optional fused ReLU and channel shuffle after it.
 
 use super::{Entry, NORM, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
@@ -19,7 +19,7 @@ const EVAL_STATS: Entry = entry("bn_eval_stats", &[(2, W), (3, W), (4, W)]);
 const APPLY: Entry = entry("bn_apply", &[(1, R), (5, R), (6, R), (7, R), (8, W)]);
 const BACKWARD_REDUCE: Entry = entry(
     "bn_backward_reduce",
-    &[(1, R), (5, R), (9, R), (10, R), (11, W), (12, W)],
+    &[(1, R), (5, R), (6, R), (7, R), (10, R), (11, W), (12, W)],
 );
 const BACKWARD_APPLY: Entry = entry(
     "bn_backward_apply",
@@ -27,7 +27,7 @@ const BACKWARD_APPLY: Entry = entry(
         (1, R),
         (5, R),
         (6, R),
-        (9, R),
+        (7, R),
         (10, R),
         (13, R),
         (14, R),
@@ -72,19 +72,58 @@ struct Params {
     relu: u32,
     eps: f32,
     momentum: f32,
-    _pad: [f32; 2],
+    shuffle: u32,
+    _pad: f32,
 }
 
-fn params(sh: BnShape, relu: bool, eps: f32, momentum: f32) -> Result<Params> {
+/// What [`apply`] does after normalising, in the same pass (and [`backward`] undoes): a ReLU,
+/// then micronet's channel shuffle in `shuffle` groups (1: none). Fusing the shuffle means the
+/// unshuffled tensor is never stored, in either direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Epilogue {
+    pub relu: bool,
+    pub shuffle: usize,
+}
+
+impl Epilogue {
+    pub const NONE: Epilogue = Epilogue {
+        relu: false,
+        shuffle: 1,
+    };
+
+    pub fn relu(relu: bool) -> Epilogue {
+        Epilogue { relu, shuffle: 1 }
+    }
+
+    fn label(self) -> String {
+        let mut s = String::new();
+        if self.relu {
+            s.push_str("+relu");
+        }
+        if self.shuffle > 1 {
+            s.push_str(&format!("+shuffle{}", self.shuffle));
+        }
+        s
+    }
+}
+
+fn params(sh: BnShape, ep: Epilogue, eps: f32, momentum: f32) -> Result<Params> {
     count_u32("batchnorm", sh.numel())?;
+    if ep.shuffle == 0 || !sh.c.is_multiple_of(ep.shuffle) {
+        return Err(Error::shape(
+            "batchnorm",
+            format!("cannot shuffle {} channels in {} groups", sh.c, ep.shuffle),
+        ));
+    }
     Ok(Params {
         n: sh.n as u32,
         c: sh.c as u32,
         s: sh.s as u32,
-        relu: relu as u32,
+        relu: ep.relu as u32,
         eps,
         momentum,
-        _pad: [0.0; 2],
+        shuffle: ep.shuffle as u32,
+        _pad: 0.0,
     })
 }
 
@@ -126,7 +165,7 @@ pub fn stats_train(
         gpu,
         &[],
         format!("bn_stats {:?}", x.shape()),
-        &params(sh, false, eps, momentum)?,
+        &params(sh, Epilogue::NONE, eps, momentum)?,
         &[x, stats, running_mean, running_var],
         per_channel(gpu, sh.c),
     )
@@ -154,17 +193,17 @@ pub fn stats_eval(
         gpu,
         &[],
         format!("bn_eval_stats [{c}]"),
-        &params(sh, false, eps, 0.0)?,
+        &params(sh, Epilogue::NONE, eps, 0.0)?,
         &[stats, running_mean, running_var],
         elementwise_grid(gpu, c as u32),
     )
 }
 
-/// `y = γ (x − mean) invstd + β`, then ReLU when `relu`.
+/// `y = γ (x − mean) invstd + β`, then the epilogue (ReLU, shuffle).
 #[allow(clippy::too_many_arguments)]
 pub fn apply(
     gpu: &Gpu,
-    relu: bool,
+    ep: Epilogue,
     x: &Tensor,
     stats: &Tensor,
     gamma: &Tensor,
@@ -186,28 +225,26 @@ pub fn apply(
     APPLY.launch(
         gpu,
         &[],
-        format!(
-            "bn_apply{} {:?}",
-            if relu { "+relu" } else { "" },
-            x.shape()
-        ),
-        &params(sh, relu, 0.0, 0.0)?,
+        format!("bn_apply{} {:?}", ep.label(), x.shape()),
+        &params(sh, ep, 0.0, 0.0)?,
         &[x, stats, gamma, beta, y],
         elementwise_grid(gpu, n),
     )
 }
 
 /// Backward of [`apply`] in train mode: `dgamma`, `dbeta` (written whole) and, when wanted, `dx`.
-/// `y` is the forward output (its sign masks `dy` when the ReLU is fused).
+/// `dy` is the gradient of the epilogue's output (read permuted back when shuffled). With the
+/// ReLU fused, it is masked where the output is positive, formed again from `x`,
+/// `gamma` and `beta` (the output itself is not read: a network may reuse its memory).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
-    relu: bool,
+    ep: Epilogue,
     x: &Tensor,
-    y: &Tensor,
     dy: &Tensor,
     stats: &Tensor,
     gamma: &Tensor,
+    beta: &Tensor,
     dgamma: &Tensor,
     dbeta: &Tensor,
     dx: Option<&Tensor>,
@@ -218,21 +255,21 @@ pub fn backward(
         "bn_backward",
         &[
             ("x", x, x.shape()),
-            ("y", y, x.shape()),
             ("dy", dy, x.shape()),
             ("stats", stats, &[2 * sh.c]),
             ("gamma", gamma, &c),
+            ("beta", beta, &c),
             ("dgamma", dgamma, &c),
             ("dbeta", dbeta, &c),
         ],
     )?;
-    let p = params(sh, relu, 0.0, 0.0)?;
+    let p = params(sh, ep, 0.0, 0.0)?;
     let mut ops = vec![BACKWARD_REDUCE.launch(
         gpu,
         &[],
         format!("bn_backward_reduce {:?}", x.shape()),
         &p,
-        &[x, stats, y, dy, dgamma, dbeta],
+        &[x, stats, gamma, beta, dy, dgamma, dbeta],
         per_channel(gpu, sh.c),
     )?];
     if let Some(dx) = dx {
@@ -243,7 +280,7 @@ pub fn backward(
             &[],
             format!("bn_backward_apply {:?}", x.shape()),
             &p,
-            &[x, stats, gamma, y, dy, dgamma, dbeta, dx],
+            &[x, stats, gamma, beta, dy, dgamma, dbeta, dx],
             elementwise_grid(gpu, n),
         )?);
     }

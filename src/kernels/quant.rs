@@ -107,6 +107,7 @@ const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
 }
 
 const ACT_FORWARD: Entry = entry("act_forward", &[(1, R), (2, W)]);
+const ACT_FORWARD_IN_PLACE: Entry = entry("act_forward_in_place", &[(2, W)]);
 const ACT_BACKWARD: Entry = entry("act_backward", &[(3, R), (4, R), (5, W)]);
 const ACT_BACKWARD_IN_PLACE: Entry = entry("act_backward_in_place", &[(3, R), (5, W)]);
 const ACT_CODES: Entry = entry("act_codes", &[(1, R), (16, W)]);
@@ -165,6 +166,25 @@ pub fn act_forward(gpu: &Gpu, bits: Bits, x: &Tensor, y: &Tensor) -> Result<Op> 
         &[x, y],
         elementwise_grid(gpu, n),
     )
+}
+
+/// [`act_forward`] in place: `x` is overwritten with its quantized values (the same bits).
+/// Float bits: no op.
+pub fn act_forward_in_place(gpu: &Gpu, bits: Bits, x: &Tensor) -> Result<Vec<Op>> {
+    const K: &str = "act_forward_in_place";
+    same_f32(K, &[("x", x)])?;
+    if bits.is_float() {
+        return Ok(Vec::new());
+    }
+    let n = count_u32(K, x.numel())?;
+    Ok(vec![launch_op(
+        gpu,
+        (&ACT_FORWARD_IN_PLACE, &[]),
+        format!("{K} a{bits} {:?}", x.shape()),
+        &params(n, bits, 0),
+        &[x],
+        elementwise_grid(gpu, n),
+    )?])
 }
 
 /// Activation quantizer backward (straight-through): `dx = 0.1 dy` where

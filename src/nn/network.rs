@@ -12,6 +12,7 @@ use crate::kernels::conv_transpose2d::ConvTranspose2dGeom;
 use crate::kernels::conv2d::Conv2dGeom;
 use crate::kernels::loss::{STEP_WORDS, StepValues};
 use crate::kernels::matmul::LinearGeom;
+use crate::kernels::norm::Epilogue;
 use crate::kernels::pool::PoolGeom;
 use crate::kernels::quant::{Bits, WeightQuantizer};
 use crate::kernels::{
@@ -75,7 +76,8 @@ enum Kind {
     BatchNorm {
         eps: f32,
         momentum: f32,
-        relu: bool,
+        /// The ReLU and channel shuffle that follow it, done in its kernels.
+        ep: Epilogue,
     },
     Relu,
     /// A ReLU folded into the BatchNorm before it: its output is the BN's.
@@ -83,7 +85,16 @@ enum Kind {
     MaxPool(PoolWindow),
     AvgPool(PoolWindow),
     Shuffle(usize),
+    /// A channel shuffle folded into the BatchNorm (and ReLU) before it: its output is the BN's.
+    FusedShuffle,
     Flatten,
+}
+
+impl Kind {
+    /// The layer's output is its input's buffer (the work, if any, is done by the layer before).
+    fn is_alias(&self) -> bool {
+        matches!(self, Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -117,9 +128,14 @@ struct LayerBuffers {
     dout: Option<Tensor>,
     /// Quantized input activation (its gradient is formed in place in the input gradient).
     xq: Option<Tensor>,
+    /// The input is recomputed for the backward pass anyway, so it is quantized where it lies
+    /// (in the forward pass, and again in the backward pass once its mask is taken).
+    xq_in_place: bool,
     argmax: Option<Tensor>,
     /// The output lives in a shared temporary and is recomputed for the backward pass.
     transient: bool,
+    /// Grad-weight's split-K partial sums: one scratch shared by all layers.
+    split_k: Option<Tensor>,
 }
 
 /// The built model.
@@ -357,7 +373,7 @@ impl Network {
                     layer.kind = Kind::BatchNorm {
                         eps: *eps,
                         momentum: *momentum,
-                        relu,
+                        ep: Epilogue::relu(relu),
                     };
                     layer.weight = Some(params.add(format!("{name}.weight"), &[c]));
                     layer.bias = Some(params.add(format!("{name}.bias"), &[c]));
@@ -397,7 +413,21 @@ impl Network {
                         padding: padding.t(),
                     });
                 }
-                LayerSpec::Shuffle { groups } => layer.kind = Kind::Shuffle(*groups),
+                LayerSpec::Shuffle { groups } => {
+                    // Right after a BatchNorm (and its fused ReLU): folded into the BN's kernels.
+                    let relu = matches!(
+                        layers.last().map(|l: &Layer| &l.kind),
+                        Some(Kind::FusedRelu)
+                    );
+                    let bn = layers.len().checked_sub(1 + usize::from(relu));
+                    layer.kind = match bn.map(|k| &mut layers[k].kind) {
+                        Some(Kind::BatchNorm { ep, .. }) if ep.shuffle == 1 => {
+                            ep.shuffle = *groups;
+                            Kind::FusedShuffle
+                        }
+                        _ => Kind::Shuffle(*groups),
+                    };
+                }
                 LayerSpec::Flatten => layer.kind = Kind::Flatten,
             }
             layers.push(layer);
@@ -503,7 +533,7 @@ impl Network {
         // Chain length of each layer's output: 0 stored, 1 or 2 transient (aliases follow).
         let mut depth = vec![0usize; n];
         for i in 0..n {
-            let alias = matches!(self.layers[i].kind, Kind::FusedRelu | Kind::Flatten);
+            let alias = self.layers[i].kind.is_alias();
             let input_depth = if i == 0 { 0 } else { depth[i - 1] };
             if alias {
                 depth[i] = input_depth;
@@ -513,9 +543,7 @@ impl Network {
                 self.layers[i].kind,
                 Kind::BatchNorm { .. } | Kind::Shuffle(_)
             );
-            let consumed = self.layers[i + 1..]
-                .iter()
-                .any(|l| !matches!(l.kind, Kind::FusedRelu | Kind::Flatten));
+            let consumed = self.layers[i + 1..].iter().any(|l| !l.kind.is_alias());
             if recomputable && consumed && input_depth < 2 {
                 depth[i] = input_depth + 1;
                 transient[i] = depth[i];
@@ -540,11 +568,21 @@ impl Network {
             .unwrap_or(1);
         let quantized_in =
             |l: &Layer| matches!(l.kind, Kind::Weighted { a_bits, .. } if !a_bits.is_float());
+        let transient = self.transient_layers();
+        // Whether each layer's output is recomputed in backward (aliases follow their source).
+        let mut recomputed = vec![false; self.layers.len()];
+        for (i, l) in self.layers.iter().enumerate() {
+            let is_alias = l.kind.is_alias();
+            recomputed[i] = transient[i] > 0 || (is_alias && i > 0 && recomputed[i - 1]);
+        }
+        let input_recomputed = |i: usize| i > 0 && recomputed[i - 1];
+        // A recomputed input is quantized where it lies; others go to a shared temporary.
         let max_qin = self
             .layers
             .iter()
-            .filter(|l| quantized_in(l))
-            .map(|l| elems(&l.in_shape))
+            .enumerate()
+            .filter(|&(i, l)| quantized_in(l) && !input_recomputed(i))
+            .map(|(_, l)| elems(&l.in_shape))
             .max();
         let grads = if self.trainable {
             Some([
@@ -557,7 +595,22 @@ impl Network {
         let qtemp = max_qin
             .map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32))
             .transpose()?;
-        let transient = self.transient_layers();
+        // Layers run their backward passes one after another, so one split-K scratch sized for
+        // the largest serves them all (smaller batches split no more than the capacity does).
+        let max_split_k = self
+            .layers
+            .iter()
+            .filter_map(|l| match l.kind {
+                Kind::Weighted { op, .. } if self.trainable => {
+                    Some(Gemm::new(op, cap, &l.in_shape, &l.out_shape).grad_weight_scratch_len())
+                }
+                _ => None,
+            })
+            .max()
+            .filter(|&n| n > 0);
+        let split_k = max_split_k
+            .map(|n| gpu.empty("grad-weight partial sums", &[n], DType::F32))
+            .transpose()?;
         // Two temporaries for transient outputs: a chain's first output in one, its second in
         // the other.
         let max_transient = |temp: usize| {
@@ -587,7 +640,7 @@ impl Network {
             let prev = out.last();
             let alias = |t: &Tensor| t.reshape(&shape);
             let (o, d) = match l.kind {
-                Kind::FusedRelu | Kind::Flatten if prev.is_some() => {
+                Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten if prev.is_some() => {
                     let p = prev.expect("checked");
                     (alias(&p.out)?, p.dout.as_ref().map(alias).transpose()?)
                 }
@@ -611,19 +664,21 @@ impl Network {
             };
             let in_shape = with_batch(cap, &l.in_shape);
             let (mut xq, mut argmax) = (None, None);
-            if quantized_in(l) {
+            let xq_in_place = quantized_in(l) && input_recomputed(i);
+            if quantized_in(l) && !xq_in_place {
                 xq = qtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
             }
             if let Kind::MaxPool(_) = l.kind {
                 argmax = Some(gpu.zeros(&format!("{} argmax", l.name), &shape, DType::U32)?);
             }
-            let is_alias = matches!(l.kind, Kind::FusedRelu | Kind::Flatten);
             out.push(LayerBuffers {
                 out: o,
                 dout: d,
                 xq,
+                xq_in_place,
                 argmax,
-                transient: transient[i] > 0 || (is_alias && prev.is_some_and(|p| p.transient)),
+                transient: recomputed[i],
+                split_k: split_k.clone(),
             });
         }
         Ok(out)
@@ -724,7 +779,7 @@ impl Network {
             let dx_used = want_dx.then_some(()).and(dx.as_ref());
             let (mut f, mut b) =
                 self.layer_ops(gpu, i, buf, mode, &x, dx_used, &y, dy.as_ref(), batch)?;
-            let alias = matches!(self.layers[i].kind, Kind::FusedRelu | Kind::Flatten);
+            let alias = self.layers[i].kind.is_alias();
             if !alias {
                 if buf.transient {
                     // Its consumer's backward forms the whole chain again.
@@ -834,7 +889,7 @@ impl Network {
     ) -> Result<Vec<Op>> {
         let l = &self.layers[i];
         match l.kind {
-            Kind::BatchNorm { relu, .. } => {
+            Kind::BatchNorm { ep, .. } => {
                 let p = |k: Option<usize>| {
                     self.params
                         .view(&self.param_arena, k.expect("BatchNorm has gamma and beta"))
@@ -843,7 +898,7 @@ impl Network {
                 let stats = l.bn_stats.as_ref().expect("bn stats");
                 Ok(vec![norm::apply(
                     gpu,
-                    relu,
+                    ep,
                     &x4,
                     stats,
                     &p(l.weight)?,
@@ -904,7 +959,12 @@ impl Network {
                         fwd.push(quant::act_forward(gpu, a_bits, x, &t)?);
                         t
                     }
-                    None => x.clone(),
+                    None => {
+                        if buf.xq_in_place {
+                            fwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?);
+                        }
+                        x.clone()
+                    }
                 };
                 let w_hat = match (&l.quantizer, &l.w_hat) {
                     (Some(q), Some(wh)) => {
@@ -919,8 +979,8 @@ impl Network {
                     let dy = dy_or()?;
                     if let Some(dx) = dx {
                         bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
-                        if buf.xq.is_some() {
-                            // dL/dx̂ becomes dL/dx in place (the STE's mask).
+                        if buf.xq.is_some() || buf.xq_in_place {
+                            // dL/dx̂ becomes dL/dx in place (the STE's mask, from the float x).
                             bwd.extend(quant::act_backward_in_place(gpu, a_bits, x, dx)?);
                         }
                     }
@@ -928,25 +988,32 @@ impl Network {
                     if buf.xq.is_some() {
                         // The quantized input lives in a shared temporary: form it again.
                         bwd.push(quant::act_forward(gpu, a_bits, x, &xq)?);
+                    } else if buf.xq_in_place {
+                        // x was formed again (float) for this backward: quantize it again.
+                        bwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?);
                     }
                     match (&l.quantizer, &l.dw_hat) {
                         (Some(q), Some(dw_hat)) => {
                             // dL/dŴ goes through the weight quantizer's backward into dL/dW.
-                            bwd.extend(gemm.grad_weight(gpu, &xq, dy, dw_hat)?);
+                            bwd.extend(gemm.grad_weight(
+                                gpu,
+                                &xq,
+                                dy,
+                                dw_hat,
+                                buf.split_k.as_ref(),
+                            )?);
                             bwd.extend(q.backward(gpu, dw_hat, &dw)?);
                         }
-                        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, &dw)?),
+                        _ => {
+                            bwd.extend(gemm.grad_weight(gpu, &xq, dy, &dw, buf.split_k.as_ref())?)
+                        }
                     }
                     if let Some(db) = g(l.bias)? {
                         bwd.push(gemm.grad_bias(gpu, dy, &db)?);
                     }
                 }
             }
-            Kind::BatchNorm {
-                eps,
-                momentum,
-                relu,
-            } => {
+            Kind::BatchNorm { eps, momentum, ep } => {
                 let (gamma, beta) = (p(l.weight)?.expect("gamma"), p(l.bias)?.expect("beta"));
                 let (rm, rv) = l.running.expect("running stats");
                 let (rm, rv) = (
@@ -966,17 +1033,17 @@ impl Network {
                 } else {
                     fwd.push(norm::stats_eval(gpu, l.in_shape[0], eps, &rm, &rv, stats)?);
                 }
-                fwd.push(norm::apply(gpu, relu, &x4, stats, &gamma, &beta, y)?);
+                fwd.push(norm::apply(gpu, ep, &x4, stats, &gamma, &beta, y)?);
                 if train {
                     let (dg, db) = (g(l.weight)?.expect("gamma"), g(l.bias)?.expect("beta"));
                     bwd.extend(norm::backward(
                         gpu,
-                        relu,
+                        ep,
                         &x4,
-                        y,
                         dy_or()?,
                         stats,
                         &gamma,
+                        &beta,
                         &dg,
                         &db,
                         dx,
@@ -994,7 +1061,7 @@ impl Network {
                     )?));
                 }
             }
-            Kind::FusedRelu | Kind::Flatten => {}
+            Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten => {}
             Kind::MaxPool(win) | Kind::AvgPool(win) => {
                 let [c, h, w] = l.in_shape[..] else {
                     return Err(Error::Invalid(format!(
@@ -1167,11 +1234,27 @@ impl Gemm {
         }
     }
 
-    fn grad_weight(&self, gpu: &Gpu, x: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<Vec<Op>> {
+    fn grad_weight(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        dy: &Tensor,
+        dw: &Tensor,
+        scratch: Option<&Tensor>,
+    ) -> Result<Vec<Op>> {
         match self {
-            Gemm::Conv(g) => conv2d::grad_weight(gpu, g, x, dy, dw),
-            Gemm::ConvT(g) => conv_transpose2d::grad_weight(gpu, g, x, dy, dw),
-            Gemm::Linear(g) => matmul::grad_weight(gpu, g, x, dy, dw),
+            Gemm::Conv(g) => conv2d::grad_weight(gpu, g, x, dy, dw, scratch),
+            Gemm::ConvT(g) => conv_transpose2d::grad_weight(gpu, g, x, dy, dw, scratch),
+            Gemm::Linear(g) => matmul::grad_weight(gpu, g, x, dy, dw, scratch),
+        }
+    }
+
+    /// Elements of split-K partial sums [`Gemm::grad_weight`] needs.
+    fn grad_weight_scratch_len(&self) -> usize {
+        match self {
+            Gemm::Conv(g) => g.gemm().grad_weight_scratch_len(),
+            Gemm::ConvT(g) => g.gemm().grad_weight_scratch_len(),
+            Gemm::Linear(g) => g.gemm().grad_weight_scratch_len(),
         }
     }
 
