@@ -32,10 +32,16 @@ def main():
             print(f"{k:35s} {'equal' if same else f'{int(v)} vs {int(r)}'}")
             continue
         d = (v.double() - r.double()).abs().max().item()
-        rel = d / max(r.double().abs().max().item(), 1e-30)
-        worst = max(worst, rel)
-        print(f"{k:35s} max |difference| {d:.2e} (relative to the tensor's max {rel:.2e})")
-    print(f"largest relative difference: {worst:.2e}")
+        top = r.double().abs().max().item()
+        rel = d / max(top, 1e-30)
+        # A conv bias right before a BatchNorm gets no gradient in exact arithmetic; after one step
+        # both sides hold rounding noise (~1e-8), where a relative difference means nothing.
+        noise = top < 1e-6
+        if not noise:
+            worst = max(worst, rel)
+        print(f"{k:35s} max |difference| {d:.2e} (relative to the tensor's max {rel:.2e})"
+              + ("  [tensor is rounding noise, max below 1e-6]" if noise else ""))
+    print(f"largest relative difference (tensors above 1e-6): {worst:.2e}")
 
 
 if __name__ == "__main__":
