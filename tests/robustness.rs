@@ -166,7 +166,8 @@ fn sigkill_at_many_moments_then_resume_gives_the_uninterrupted_weights() {
     };
     let mut kills = 0;
     for i in 0..10u64 {
-        let resume = b.join("resume.safetensors").is_file();
+        // As a user would: --resume once the run folder exists, saved state or not.
+        let resume = b.join("config.json").is_file();
         let mut child = Command::new(env!("CARGO_BIN_EXE_wgqat"))
             .args(run(resume))
             .stderr(std::process::Stdio::null())
@@ -180,7 +181,7 @@ fn sigkill_at_many_moments_then_resume_gives_the_uninterrupted_weights() {
         }
         child.wait().unwrap();
     }
-    let resume = b.join("resume.safetensors").is_file();
+    let resume = b.join("config.json").is_file();
     let out = wgqat(&run(resume), None);
     assert!(
         out.status.success(),

@@ -207,9 +207,20 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
     cfg.validate()?;
     let spec = models::load(&cfg.model)?;
     check_input(&spec)?;
+    let reporter = Reporter::new(display);
+    // A run stopped before its first save holds only its config: resuming it is starting it
+    // again in the same folder (same seed, same data order: the same run).
+    let nothing_saved =
+        resume && !dir.join("resume.safetensors").is_file() && dir.join("config.json").is_file();
+    if nothing_saved {
+        reporter.line(&format!(
+            "{}: nothing was saved before the run stopped: starting it from the beginning",
+            dir.display()
+        ));
+    }
+    let resume = resume && !nothing_saved;
     let created = prepare_dir(&dir, resume)?;
     remove_stale_temporaries(&dir);
-    let reporter = Reporter::new(display);
     let result = setup(gpu, cfg, spec, dir.clone(), resume, reporter, stop);
     let mut t = match result {
         Ok(t) => t,
@@ -393,7 +404,7 @@ fn prepare_dir(dir: &Path, resume: bool) -> Result<bool> {
         if !dir.join("resume.safetensors").is_file() {
             return Err(Error::file(
                 dir,
-                "has no resume.safetensors: nothing was saved there yet (start the run again without --resume), or it is not a wgqat run folder",
+                "has no resume.safetensors or config.json: it is not a wgqat run folder (pass the folder a run was started in)",
             ));
         }
         return Ok(false);
