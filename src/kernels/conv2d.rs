@@ -122,7 +122,18 @@ impl Conv2dGeom {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let what = format!("conv2d {self:?}");
+        let what = format!(
+            "conv2d of a {}x{}x{} input to {} channels (kernel {:?}, stride {:?}, padding {:?}, dilation {:?}, groups {})",
+            self.cin,
+            self.h,
+            self.w,
+            self.cout,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups
+        );
         let positive = [
             self.batch,
             self.cin,
@@ -153,7 +164,7 @@ impl Conv2dGeom {
         if oh == 0 || ow == 0 {
             return Err(Error::shape(
                 &what,
-                "the kernel does not fit in the padded input",
+                "the kernel does not fit in the padded input: use a smaller kernel, more padding or less dilation",
             ));
         }
         Ok(())

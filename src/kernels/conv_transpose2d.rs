@@ -90,7 +90,19 @@ impl ConvTranspose2dGeom {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let what = format!("conv_transpose2d {self:?}");
+        let what = format!(
+            "conv_transpose2d of a {}x{}x{} input to {} channels (kernel {:?}, stride {:?}, padding {:?}, output padding {:?}, dilation {:?}, groups {})",
+            self.cin,
+            self.h,
+            self.w,
+            self.cout,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            self.dilation,
+            self.groups
+        );
         let positive = [
             self.batch,
             self.cin,
