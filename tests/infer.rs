@@ -93,7 +93,8 @@ fn fake_quant_logits(gpu: &Gpu, net: &Network, x: &[f32], batch: usize) -> Vec<f
     let plan = net.plan(gpu, batch, Mode::Eval).unwrap();
     net.write_batch(gpu, &plan, x, &vec![0; batch]).unwrap();
     net.write_step(gpu, &Default::default()).unwrap();
-    let out = net.output().unwrap().view(0, &[batch * 10]).unwrap();
+    let per = net.output().unwrap().numel() / net.capacity();
+    let out = net.output().unwrap().view(0, &[batch * per]).unwrap();
     gpu.run_and_read::<f32>("fake-quant eval", plan.ops.ops(), &[&out])
         .unwrap()
         .remove(0)
@@ -106,10 +107,15 @@ fn fake_quant_logits(gpu: &Gpu, net: &Network, x: &[f32], batch: usize) -> Vec<f
 /// that of a code boundary the next layer's code differs by one. In tiny_nin that moves a few
 /// logits by up to ~2e-4 (median ~3e-8); in nin_gc, nine quantized layers up to 1024 channels
 /// wide, such flips happen in every image and logits move by ~1e-4 (median), ~1e-3 (max).
+/// Two small heads check the output order where the integer engine's channels-last layout
+/// meets PyTorch's (C, H, W) flatten: an output that keeps a spatial extent (24 = 6x2x2
+/// values), and a Linear fed by a flattened 12x4x4 map.
 #[test]
 fn integer_predictions_equal_fake_quant_predictions() {
     let gpu = common::gpu();
     let tiny = repo("examples/models/tiny_nin.json");
+    let spatial = repo("tests/fixtures/spatial_heads.json");
+    let linear = repo("tests/fixtures/flatten_linear.json");
     // (model, batch, weight bits, activation bits, quantized first layer)
     let configs = [
         (tiny.as_str(), 64, 8, 8, false),
@@ -117,6 +123,8 @@ fn integer_predictions_equal_fake_quant_predictions() {
         (tiny.as_str(), 64, 2, 3, false),
         (tiny.as_str(), 64, 8, 8, true),
         (tiny.as_str(), 64, 5, 6, true),
+        (spatial.as_str(), 16, 8, 8, false),
+        (linear.as_str(), 16, 4, 4, false),
         ("nin_gc", 3, 8, 8, false),
     ];
     for (model, batch, w, a, first) in configs {
@@ -139,7 +147,9 @@ fn integer_predictions_equal_fake_quant_predictions() {
             let got = engine.run(gpu, x).unwrap();
             let want = fake_quant_logits(gpu, &net, x, batch);
             let (mut same, mut max_abs, mut max_rel, mut diffs) = (0, 0f32, 0f32, Vec::new());
-            for (g, f) in got.chunks(10).zip(want.chunks(10)) {
+            let classes = want.len() / batch;
+            assert_eq!(got.len(), want.len(), "{name}: output sizes differ");
+            for (g, f) in got.chunks(classes).zip(want.chunks(classes)) {
                 same += usize::from(argmax(g) == argmax(f));
                 for (p, q) in g.iter().zip(f) {
                     max_abs = max_abs.max((p - q).abs());

@@ -102,6 +102,10 @@ pub struct IntEngine {
     edges: Vec<Edge>,
     dummy: Tensor,
     plans: Mutex<HashMap<usize, std::sync::Arc<Planned>>>,
+    /// Activations are channels-last; when the output has a spatial extent (flattened or not),
+    /// this (C, H, W) is the shape whose channels-last order it is in, to be put back in
+    /// PyTorch's (C, H, W) order.
+    out_order: Option<(usize, usize, usize)>,
 }
 
 fn edge_tensor(
@@ -136,6 +140,8 @@ impl IntEngine {
         let mut layers = HashMap::new();
         let mut edges = Vec::new();
         let (mut c, mut h, mut w, mut bits) = (c0, h0, w0, None::<u32>);
+        // The (C, H, W) whose channels-last order the current values are in.
+        let mut order = (c0, h0, w0);
         for (k, op) in model.manifest.ops.iter().enumerate() {
             let what = format!("op {k} output");
             match op {
@@ -239,6 +245,9 @@ impl IntEngine {
                 IntOp::Shuffle { .. } => {}
                 IntOp::Flatten => (c, h, w) = (c * h * w, 1, 1),
             }
+            if !matches!(op, IntOp::Flatten) {
+                order = (c, h, w);
+            }
             let t = edge_tensor(gpu, &what, capacity, c, h, w, bits)?;
             edges.push(Edge { c, h, w, bits, t });
         }
@@ -251,6 +260,7 @@ impl IntEngine {
             edges,
             dummy,
             plans: Mutex::new(HashMap::new()),
+            out_order: (order.1 * order.2 > 1).then_some(order),
         })
     }
 
@@ -469,7 +479,22 @@ impl IntEngine {
         let plan = self.plan(gpu, batch)?;
         let mut out: Vec<Vec<f32>> =
             gpu.run_and_read("integer inference", &plan.ops, &[&plan.logits])?;
-        Ok(out.remove(0))
+        let out = out.remove(0);
+        Ok(match self.out_order {
+            None => out,
+            Some((c, h, w)) => {
+                let hw = h * w;
+                let mut chw = vec![0.0f32; out.len()];
+                for (img, src) in chw.chunks_mut(c * hw).zip(out.chunks(c * hw)) {
+                    for p in 0..hw {
+                        for ch in 0..c {
+                            img[ch * hw + p] = src[p * c + ch];
+                        }
+                    }
+                }
+                chw
+            }
+        })
     }
 
     /// Submits the batch's plan without reading back (for benchmarks).
