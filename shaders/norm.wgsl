@@ -141,9 +141,12 @@ fn bn_eval_stats(@builtin(workgroup_id) wid: vec3<u32>,
 // gamma * (x - mean) * invstd + beta, before any fused ReLU. The backward forms it again for
 // the ReLU's mask (v > 0 exactly where y > 0), so it never reads y, which a network may have
 // overwritten by then.
+fn bn_value_of(v: f32, c: u32) -> f32 {
+    return gamma[c] * ((v - stats_in[c]) * stats_in[p.c + c]) + beta[c];
+}
+
 fn bn_value(i: u32) -> f32 {
-    let c = channel_of(i);
-    return gamma[c] * ((x[i] - stats_in[c]) * stats_in[p.c + c]) + beta[c];
+    return bn_value_of(x[i], channel_of(i));
 }
 
 // y = gamma * (x - mean) * invstd + beta, then ReLU if fused.
@@ -162,12 +165,17 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
     y[out_index(i)] = select(v, 0.0, p.relu == 1u && nonpositive);
 }
 
-fn masked_dy(i: u32) -> f32 {
+// dy of element i (whose input value is xv) after the fused ReLU's mask.
+fn masked_dy_of(i: u32, xv: f32) -> f32 {
     let g = dy[out_index(i)];
     if (p.relu == 1u) {
-        return select(0.0, g, bn_value(i) > 0.0);
+        return select(0.0, g, bn_value_of(xv, channel_of(i)) > 0.0);
     }
     return g;
+}
+
+fn masked_dy(i: u32) -> f32 {
+    return masked_dy_of(i, x[i]);
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU).
@@ -199,7 +207,15 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// dx = gamma * invstd / n * (n dy' - dbeta - xhat * dgamma).
+// dx = gamma * invstd / n * (n dy' - dbeta - xhat * dgamma), for element i with input xv.
+fn bn_dx(i: u32, xv: f32) -> f32 {
+    let c = channel_of(i);
+    let count = f32(p.n * p.s);
+    let invstd = stats_in[p.c + c];
+    let xhat = (xv - stats_in[c]) * invstd;
+    return gamma[c] * invstd / count * (count * masked_dy_of(i, xv) - dbeta_in[c] - xhat * dgamma_in[c]);
+}
+
 @compute @workgroup_size(256)
 fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
@@ -208,9 +224,19 @@ fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n * p.c * p.s) {
         return;
     }
-    let c = channel_of(i);
-    let count = f32(p.n * p.s);
-    let invstd = stats_in[p.c + c];
-    let xhat = (x[i] - stats_in[c]) * invstd;
-    dx[i] = gamma[c] * invstd / count * (count * masked_dy(i) - dbeta_in[c] - xhat * dgamma_in[c]);
+    dx[i] = bn_dx(i, x[i]);
+}
+
+// bn_backward_apply with dx over x (each element reads its own input, then overwrites it): a
+// network writes a BatchNorm's input gradient where the conv output it normalised was, which
+// nothing reads again.
+@compute @workgroup_size(256)
+fn bn_backward_apply_in_place(@builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= p.n * p.c * p.s) {
+        return;
+    }
+    dx[i] = bn_dx(i, dx[i]);
 }

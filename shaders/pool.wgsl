@@ -1,6 +1,8 @@
 // Pooling (PyTorch semantics, floor mode) and channel shuffle, over NCHW planes.
 //   max-pool: implicit -inf padding; each window's gradient goes to its first maximum in row-major
-//     order (strict >), NaN propagates; overlapping windows add up.
+//     order (strict >), NaN propagates; overlapping windows add up. The backward finds each
+//     window's maximum again from the input (the same function on the same values, so the same
+//     element): no index map is stored between the passes.
 //   avg-pool: count_include_pad: the divisor is always kh * kw.
 // Backward passes are gathers over the windows that contain each input pixel: no atomics,
 // deterministic.
@@ -27,9 +29,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
 @group(0) @binding(4) var<storage, read> dy: array<f32>;
-@group(0) @binding(5) var<storage, read> argmax_in: array<u32>;
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
 
 const WG: u32 = 256u;
@@ -41,6 +41,38 @@ fn is_nan(x: f32) -> bool {
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+struct WindowMax {
+    value: f32,
+    at: u32,   // index within the H*W plane
+}
+
+// The maximum of window (oy, ox) of `plane` and where it is: the first element, a strictly larger
+// one, or a NaN (which then sticks) wins.
+fn window_max(plane: u32, oy: u32, ox: u32) -> WindowMax {
+    let base = plane * p.h * p.w;
+    var best = WindowMax(-3.40282347e38, 0xffffffffu);
+    var seen = false;
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let iy = i32(oy * p.sh + ky) - i32(p.ph);
+        if (iy < 0 || u32(iy) >= p.h) {
+            continue;
+        }
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let ix = i32(ox * p.sw + kx) - i32(p.pw);
+            if (ix < 0 || u32(ix) >= p.w) {
+                continue;
+            }
+            let at = u32(iy) * p.w + u32(ix);
+            let v = x[base + at];
+            if (!seen || (!is_nan(best.value) && (v > best.value || is_nan(v)))) {
+                best = WindowMax(v, at);
+                seen = true;
+            }
+        }
+    }
+    return best;
 }
 
 @compute @workgroup_size(256)
@@ -55,33 +87,7 @@ fn maxpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let plane = i / ohw;
     let r = i - plane * ohw;
     let oy = r / p.ow;
-    let ox = r - oy * p.ow;
-    let base = plane * p.h * p.w;
-    var best = -3.40282347e38;
-    var best_at = 0xffffffffu;
-    var seen = false;
-    for (var ky = 0u; ky < p.kh; ky++) {
-        let iy = i32(oy * p.sh + ky) - i32(p.ph);
-        if (iy < 0 || u32(iy) >= p.h) {
-            continue;
-        }
-        for (var kx = 0u; kx < p.kw; kx++) {
-            let ix = i32(ox * p.sw + kx) - i32(p.pw);
-            if (ix < 0 || u32(ix) >= p.w) {
-                continue;
-            }
-            let at = u32(iy) * p.w + u32(ix);
-            let v = x[base + at];
-            // First element, a strictly larger one, or a NaN (which then sticks) wins.
-            if (!seen || (!is_nan(best) && (v > best || is_nan(v)))) {
-                best = v;
-                best_at = at;
-                seen = true;
-            }
-        }
-    }
-    y[i] = best;
-    argmax[i] = best_at;
+    y[i] = window_max(plane, oy, r - oy * p.ow).value;
 }
 
 // Output windows (along one axis) that contain input index i: o with o*s - p <= i < o*s - p + k.
@@ -113,9 +119,8 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     var acc = 0.0;
     for (var oy = ry.x; oy < ry.y; oy++) {
         for (var ox = rx.x; ox < rx.y; ox++) {
-            let o = (plane * p.oh + oy) * p.ow + ox;
-            if (argmax_in[o] == at) {
-                acc += dy[o];
+            if (window_max(plane, oy, ox).at == at) {
+                acc += dy[(plane * p.oh + oy) * p.ow + ox];
             }
         }
     }

@@ -1132,7 +1132,26 @@ fn layer_cases(v: &mut Vec<Case>) {
                     &db,
                     Some(&dx),
                 )?);
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dx, &dg, &db])?;
+                // In place: dx over a copy of x, as a network writes it over the conv output.
+                let x_then_dx = gpu.upload_f32("x, then dx", &[n, c, s], &x)?;
+                let (dg2, db2) = (
+                    gpu.empty("dgamma 2", &[c], DType::F32)?,
+                    gpu.empty("dbeta 2", &[c], DType::F32)?,
+                );
+                ops.extend(kernels::norm::backward(
+                    gpu,
+                    ep,
+                    &x_then_dx,
+                    &dyt,
+                    &stats,
+                    &gt,
+                    &bt,
+                    &dg2,
+                    &db2,
+                    Some(&x_then_dx),
+                )?);
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &ops, &[&dx, &dg, &db, &x_then_dx])?;
                 let (yr, mean, var) = reference::norm::forward_train(
                     &f64s(&x),
                     (n, c, s),
@@ -1172,6 +1191,10 @@ fn layer_cases(v: &mut Vec<Case>) {
                     (
                         "dbeta".into(),
                         reference::compare(&got[2], &wdb, Tolerance::new(2e-6 * k, 1e-5)),
+                    ),
+                    (
+                        "dx in place".into(),
+                        reference::compare(&got[3], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
                     ),
                 ])
             },
@@ -1238,11 +1261,10 @@ fn layer_cases(v: &mut Vec<Case>) {
                 let xt = gpu.upload_f32("x", &g.input_shape(), &x)?;
                 let dyt = gpu.upload_f32("dy", &g.output_shape(), &dy)?;
                 let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
-                let arg = gpu.empty("argmax", &g.output_shape(), DType::U32)?;
                 let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
                 let ops = vec![
-                    kernels::pool::maxpool_forward(gpu, &g, &xt, &y, &arg)?,
-                    kernels::pool::maxpool_backward(gpu, &g, &dyt, &arg, &dx)?,
+                    kernels::pool::maxpool_forward(gpu, &g, &xt, &y)?,
+                    kernels::pool::maxpool_backward(gpu, &g, &xt, &dyt, &dx)?,
                 ];
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &dx])?;
                 let (wy, warg) = reference::pool::maxpool_forward(&g, &f64s(&x));

@@ -21,6 +21,10 @@ const BACKWARD_REDUCE: Entry = entry(
     "bn_backward_reduce",
     &[(1, R), (5, R), (6, R), (7, R), (10, R), (11, W), (12, W)],
 );
+const BACKWARD_APPLY_IN_PLACE: Entry = entry(
+    "bn_backward_apply_in_place",
+    &[(5, R), (6, R), (7, R), (10, R), (13, R), (14, R), (15, W)],
+);
 const BACKWARD_APPLY: Entry = entry(
     "bn_backward_apply",
     &[
@@ -232,7 +236,8 @@ pub fn apply(
     )
 }
 
-/// Backward of [`apply`] in train mode: `dgamma`, `dbeta` (written whole) and, when wanted, `dx`.
+/// Backward of [`apply`] in train mode: `dgamma`, `dbeta` (written whole) and, when wanted, `dx`
+/// (which may be `x` itself: then it is overwritten in place).
 /// `dy` is the gradient of the epilogue's output (read permuted back when shuffled). With the
 /// ReLU fused, it is masked where the output is positive, formed again from `x`,
 /// `gamma` and `beta` (the output itself is not read: a network may reuse its memory).
@@ -275,14 +280,32 @@ pub fn backward(
     if let Some(dx) = dx {
         check("bn_backward", &[("dx", dx, x.shape())])?;
         let n = count_u32("bn_backward", sh.numel())?;
-        ops.push(BACKWARD_APPLY.launch(
-            gpu,
-            &[],
-            format!("bn_backward_apply {:?}", x.shape()),
-            &p,
-            &[x, stats, gamma, beta, dy, dgamma, dbeta, dx],
-            elementwise_grid(gpu, n),
-        )?);
+        let in_place = dx.same_buffer(x);
+        if in_place && dx.offset() != x.offset() {
+            return Err(Error::shape(
+                "bn_backward",
+                "dx overlaps x without being x: pass x itself (in place) or a separate buffer",
+            ));
+        }
+        ops.push(if in_place {
+            BACKWARD_APPLY_IN_PLACE.launch(
+                gpu,
+                &[],
+                format!("bn_backward_apply in place {:?}", x.shape()),
+                &p,
+                &[stats, gamma, beta, dy, dgamma, dbeta, dx],
+                elementwise_grid(gpu, n),
+            )?
+        } else {
+            BACKWARD_APPLY.launch(
+                gpu,
+                &[],
+                format!("bn_backward_apply {:?}", x.shape()),
+                &p,
+                &[x, stats, gamma, beta, dy, dgamma, dbeta, dx],
+                elementwise_grid(gpu, n),
+            )?
+        });
     }
     Ok(ops)
 }

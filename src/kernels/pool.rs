@@ -13,8 +13,8 @@ const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
     }
 }
 
-const MAX_FORWARD: Entry = entry("maxpool_forward", &[(1, R), (2, W), (3, W)]);
-const MAX_BACKWARD: Entry = entry("maxpool_backward", &[(4, R), (5, R), (6, W)]);
+const MAX_FORWARD: Entry = entry("maxpool_forward", &[(1, R), (2, W)]);
+const MAX_BACKWARD: Entry = entry("maxpool_backward", &[(1, R), (4, R), (6, W)]);
 const AVG_FORWARD: Entry = entry("avgpool_forward", &[(1, R), (2, W)]);
 const AVG_BACKWARD: Entry = entry("avgpool_backward", &[(4, R), (6, W)]);
 const SHUFFLE: Entry = entry("channel_shuffle", &[(1, R), (2, W)]);
@@ -139,41 +139,29 @@ fn label(kernel: &str, g: &PoolGeom) -> String {
     )
 }
 
-/// `y` = window maxima; `argmax` = index within the `H·W` plane of each window's first maximum.
-pub fn maxpool_forward(
-    gpu: &Gpu,
-    g: &PoolGeom,
-    x: &Tensor,
-    y: &Tensor,
-    argmax: &Tensor,
-) -> Result<Op> {
+/// `y` = window maxima.
+pub fn maxpool_forward(gpu: &Gpu, g: &PoolGeom, x: &Tensor, y: &Tensor) -> Result<Op> {
     const K: &str = "maxpool_forward";
     g.validate(K)?;
     let (i, o) = (g.input_shape(), g.output_shape());
-    check(
-        K,
-        &[
-            ("x", x, &i, DType::F32),
-            ("y", y, &o, DType::F32),
-            ("argmax", argmax, &o, DType::U32),
-        ],
-    )?;
+    check(K, &[("x", x, &i, DType::F32), ("y", y, &o, DType::F32)])?;
     MAX_FORWARD.launch(
         gpu,
         &[],
         label(K, g),
         &params(g),
-        &[x, y, argmax],
+        &[x, y],
         elementwise_grid(gpu, y.numel() as u32),
     )
 }
 
-/// `dx` = sum over windows of `dy` routed to each window's recorded maximum.
+/// `dx` = sum over windows of `dy` routed to each window's first maximum, found again in `x`
+/// (the forward's input, unchanged): no index map is kept between the passes.
 pub fn maxpool_backward(
     gpu: &Gpu,
     g: &PoolGeom,
+    x: &Tensor,
     dy: &Tensor,
-    argmax: &Tensor,
     dx: &Tensor,
 ) -> Result<Op> {
     const K: &str = "maxpool_backward";
@@ -182,8 +170,8 @@ pub fn maxpool_backward(
     check(
         K,
         &[
+            ("x", x, &i, DType::F32),
             ("dy", dy, &o, DType::F32),
-            ("argmax", argmax, &o, DType::U32),
             ("dx", dx, &i, DType::F32),
         ],
     )?;
@@ -192,7 +180,7 @@ pub fn maxpool_backward(
         &[],
         label(K, g),
         &params(g),
-        &[dy, argmax, dx],
+        &[x, dy, dx],
         elementwise_grid(gpu, dx.numel() as u32),
     )
 }

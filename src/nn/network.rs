@@ -97,6 +97,17 @@ impl Kind {
     }
 }
 
+/// Where a layer's output gradient lives (see [`Network::alloc_buffers`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GradPlace {
+    /// The layer's source's (aliases).
+    Alias,
+    /// Its own output buffer: the BatchNorm after it writes the gradient there in place.
+    Own,
+    /// One of the two shared gradient buffers.
+    Slot(usize),
+}
+
 #[derive(Clone, Copy, Debug)]
 struct PoolWindow {
     kernel: (usize, usize),
@@ -131,7 +142,6 @@ struct LayerBuffers {
     /// The input is recomputed for the backward pass anyway, so it is quantized where it lies
     /// (in the forward pass, and again in the backward pass once its mask is taken).
     xq_in_place: bool,
-    argmax: Option<Tensor>,
     /// The output lives in a shared temporary and is recomputed for the backward pass.
     transient: bool,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
@@ -554,18 +564,12 @@ impl Network {
 
     /// Per-layer buffers. Forward outputs are kept for the backward pass unless transient (see
     /// [`Network::transient_layers`]); gradients are not: a layer's output gradient is dead once
-    /// its backward ran, so they take turns in two shared buffers (a layer and the one it feeds
-    /// never share one; aliases follow their source), and a quantized layer's quantized input
-    /// lives in a shared temporary.
+    /// its backward ran, so a conv output normalised by a BatchNorm takes its gradient in place
+    /// and the others take turns in two shared buffers; a quantized layer's quantized input is
+    /// formed where a recomputed input lies, or in a shared temporary.
     fn alloc_buffers(&self, gpu: &Gpu) -> Result<Vec<LayerBuffers>> {
         let cap = self.capacity;
         let elems = |s: &[usize]| s.iter().product::<usize>();
-        let max_out = self
-            .layers
-            .iter()
-            .map(|l| elems(&l.out_shape))
-            .max()
-            .unwrap_or(1);
         let quantized_in =
             |l: &Layer| matches!(l.kind, Kind::Weighted { a_bits, .. } if !a_bits.is_float());
         let transient = self.transient_layers();
@@ -584,13 +588,54 @@ impl Network {
             .filter(|&(i, l)| quantized_in(l) && !input_recomputed(i))
             .map(|(_, l)| elems(&l.in_shape))
             .max();
+        // Where each layer's output gradient lives. A conv/linear output that a BatchNorm
+        // normalises takes its own gradient in place (the BN's backward overwrites it: nothing
+        // reads that output again), so its layer needs no shared buffer; the others take turns
+        // in two shared buffers, each sized for the largest gradient it holds (a layer and the
+        // one it feeds never share one; aliases follow their source).
+        let n = self.layers.len();
+        let mut place = vec![GradPlace::Alias; n];
+        let mut last_slot: Option<usize> = None;
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.kind.is_alias() {
+                continue;
+            }
+            let normalised_next = matches!(
+                self.layers.get(i + 1).map(|l| &l.kind),
+                Some(Kind::BatchNorm { .. })
+            );
+            place[i] = if matches!(l.kind, Kind::Weighted { .. }) && normalised_next {
+                last_slot = None;
+                GradPlace::Own
+            } else {
+                let s = last_slot.map_or(0, |s| 1 - s);
+                last_slot = Some(s);
+                GradPlace::Slot(s)
+            };
+        }
+        let slot_len = |s: usize| {
+            (0..n)
+                .filter(|&i| place[i] == GradPlace::Slot(s))
+                .map(|i| elems(&self.layers[i].out_shape))
+                .max()
+        };
         let grads = if self.trainable {
-            Some([
-                gpu.zeros("output gradients A", &[cap * max_out], DType::F32)?,
-                gpu.zeros("output gradients B", &[cap * max_out], DType::F32)?,
-            ])
+            [0, 1]
+                .iter()
+                .map(|&s| {
+                    slot_len(s)
+                        .map(|len| {
+                            gpu.zeros(
+                                &format!("output gradients {}", "AB".as_bytes()[s] as char),
+                                &[cap * len],
+                                DType::F32,
+                            )
+                        })
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?
         } else {
-            None
+            Vec::new()
         };
         let qtemp = max_qin
             .map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32))
@@ -634,7 +679,6 @@ impl Network {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
-        let mut slot = 0usize;
         for (i, l) in self.layers.iter().enumerate() {
             let shape = with_batch(cap, &l.out_shape);
             let prev = out.last();
@@ -654,29 +698,28 @@ impl Network {
                     } else {
                         gpu.zeros(&format!("{} output", l.name), &shape, DType::F32)?
                     };
-                    slot = 1 - slot;
-                    let d = grads
-                        .as_ref()
-                        .map(|g| g[slot].view(0, &shape))
-                        .transpose()?;
+                    let d = match (self.trainable, place[i]) {
+                        (false, _) => None,
+                        (true, GradPlace::Own) => Some(o.clone()),
+                        (true, GradPlace::Slot(s)) => {
+                            Some(grads[s].as_ref().expect("sized above").view(0, &shape)?)
+                        }
+                        (true, GradPlace::Alias) => unreachable!("aliases are matched above"),
+                    };
                     (o, d)
                 }
             };
             let in_shape = with_batch(cap, &l.in_shape);
-            let (mut xq, mut argmax) = (None, None);
+            let mut xq = None;
             let xq_in_place = quantized_in(l) && input_recomputed(i);
             if quantized_in(l) && !xq_in_place {
                 xq = qtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
-            }
-            if let Kind::MaxPool(_) = l.kind {
-                argmax = Some(gpu.zeros(&format!("{} argmax", l.name), &shape, DType::U32)?);
             }
             out.push(LayerBuffers {
                 out: o,
                 dout: d,
                 xq,
                 xq_in_place,
-                argmax,
                 transient: recomputed[i],
                 split_k: split_k.clone(),
             });
@@ -1079,10 +1122,10 @@ impl Network {
                     padding: win.padding,
                 };
                 if let Kind::MaxPool(_) = l.kind {
-                    let arg = at_batch(buf.argmax.as_ref().expect("argmax"), batch)?;
-                    fwd.push(pool::maxpool_forward(gpu, &geom, x, y, &arg)?);
+                    fwd.push(pool::maxpool_forward(gpu, &geom, x, y)?);
                     if let (true, Some(dx)) = (train, dx) {
-                        bwd.push(pool::maxpool_backward(gpu, &geom, dy_or()?, &arg, dx)?);
+                        // x is this layer's input as the forward saw it (kept, or formed again).
+                        bwd.push(pool::maxpool_backward(gpu, &geom, x, dy_or()?, dx)?);
                     }
                 } else {
                     fwd.push(pool::avgpool_forward(gpu, &geom, x, y)?);
