@@ -15,6 +15,8 @@ pub enum Display {
 pub struct Reporter {
     mode: Display,
     bar: Option<ProgressBar>,
+    /// The (epoch, step) of the last plain training line, so a position is printed once.
+    last_plain: std::cell::Cell<Option<(u32, u64)>>,
 }
 
 impl Reporter {
@@ -23,7 +25,11 @@ impl Reporter {
             Display::Auto if !std::io::stderr().is_terminal() => Display::Plain,
             d => d,
         };
-        Reporter { mode, bar: None }
+        Reporter {
+            mode,
+            bar: None,
+            last_plain: std::cell::Cell::new(None),
+        }
     }
 
     /// Starts the bar of an epoch (on a terminal).
@@ -74,7 +80,11 @@ impl Reporter {
         let msg = format!("loss {loss:.4} acc {acc:.2}% lr {lr:.2e} {img_s:.0} img/s");
         match (&self.bar, self.mode) {
             (Some(b), _) => b.set_message(msg),
-            (None, Display::Plain) => eprintln!("epoch {epoch} step {step}/{steps} {msg}"),
+            (None, Display::Plain) => {
+                if self.last_plain.replace(Some((epoch, step))) != Some((epoch, step)) {
+                    eprintln!("epoch {epoch} step {step}/{steps} {msg}");
+                }
+            }
             _ => {}
         }
     }
