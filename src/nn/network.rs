@@ -5,20 +5,20 @@
 //! Linear fake-quantizes its input activation and its weight, keeps its bias float, and (by
 //! `prepare()`'s rule) the first such layer stays float unless `quantize_first_layer`.
 
+mod gemm;
+mod memory;
+
 use super::params::Layout;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Op, Recorder, Tensor};
-use crate::kernels::conv_transpose2d::ConvTranspose2dGeom;
-use crate::kernels::conv2d::Conv2dGeom;
 use crate::kernels::loss::{STEP_WORDS, StepValues};
-use crate::kernels::matmul::LinearGeom;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::pool::PoolGeom;
 use crate::kernels::quant::{Bits, WeightQuantizer};
-use crate::kernels::{
-    conv_transpose2d, conv2d, elementwise, loss, matmul, norm, pool, quant, reduce,
-};
+use crate::kernels::{elementwise, loss, norm, pool, quant, reduce};
 use crate::models::{LayerSpec, LossKind, ModelSpec};
+use gemm::Gemm;
+use memory::LayerBuffers;
 
 /// Which layers are quantized, and to how many bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,17 +97,6 @@ impl Kind {
     }
 }
 
-/// Where a layer's output gradient lives (see [`Network::alloc_buffers`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum GradPlace {
-    /// The layer's source's (aliases).
-    Alias,
-    /// Its own output buffer: the BatchNorm after it writes the gradient there in place.
-    Own,
-    /// One of the two shared gradient buffers.
-    Slot(usize),
-}
-
 #[derive(Clone, Copy, Debug)]
 struct PoolWindow {
     kernel: (usize, usize),
@@ -131,21 +120,6 @@ struct Layer {
     w_hat: Option<Tensor>,
     dw_hat: Option<Tensor>,
     bn_stats: Option<Tensor>,
-}
-
-/// Buffers of one layer at the capacity batch; plans take views of their first rows.
-struct LayerBuffers {
-    out: Tensor,
-    dout: Option<Tensor>,
-    /// Quantized input activation (its gradient is formed in place in the input gradient).
-    xq: Option<Tensor>,
-    /// The input is recomputed for the backward pass anyway, so it is quantized where it lies
-    /// (in the forward pass, and again in the backward pass once its mask is taken).
-    xq_in_place: bool,
-    /// The output lives in a shared temporary and is recomputed for the backward pass.
-    transient: bool,
-    /// Grad-weight's split-K partial sums: one scratch shared by all layers.
-    split_k: Option<Tensor>,
 }
 
 /// The built model.
@@ -528,205 +502,6 @@ impl Network {
         self.trainable && self.layers[..i].iter().any(|l| l.weight.is_some())
     }
 
-    /// Which layers' outputs are transient: cheap to recompute exactly from what is kept
-    /// (BatchNorm from its input and batch statistics, a channel shuffle from its input), so they
-    /// live in one of two shared temporaries and are formed again at the start of their
-    /// consumer's backward. A transient output needs a consumer (not the network's output), and
-    /// chains stop at two so that a chain's outputs sit in different temporaries.
-    /// Returns per layer 0 (kept, or an alias), or the temporary (1 or 2) its output lives in.
-    fn transient_layers(&self) -> Vec<usize> {
-        let n = self.layers.len();
-        let mut transient = vec![0usize; n];
-        if !self.recompute {
-            return transient;
-        }
-        // Chain length of each layer's output: 0 stored, 1 or 2 transient (aliases follow).
-        let mut depth = vec![0usize; n];
-        for i in 0..n {
-            let alias = self.layers[i].kind.is_alias();
-            let input_depth = if i == 0 { 0 } else { depth[i - 1] };
-            if alias {
-                depth[i] = input_depth;
-                continue;
-            }
-            let recomputable = matches!(
-                self.layers[i].kind,
-                Kind::BatchNorm { .. } | Kind::Shuffle(_)
-            );
-            let consumed = self.layers[i + 1..].iter().any(|l| !l.kind.is_alias());
-            if recomputable && consumed && input_depth < 2 {
-                depth[i] = input_depth + 1;
-                transient[i] = depth[i];
-            }
-        }
-        transient
-    }
-
-    /// Per-layer buffers. Forward outputs are kept for the backward pass unless transient (see
-    /// [`Network::transient_layers`]); gradients are not: a layer's output gradient is dead once
-    /// its backward ran, so a conv output normalised by a BatchNorm takes its gradient in place
-    /// and the others take turns in two shared buffers; a quantized layer's quantized input is
-    /// formed where a recomputed input lies, or in a shared temporary.
-    fn alloc_buffers(&self, gpu: &Gpu) -> Result<Vec<LayerBuffers>> {
-        let cap = self.capacity;
-        let elems = |s: &[usize]| s.iter().product::<usize>();
-        let quantized_in =
-            |l: &Layer| matches!(l.kind, Kind::Weighted { a_bits, .. } if !a_bits.is_float());
-        let transient = self.transient_layers();
-        // Whether each layer's output is recomputed in backward (aliases follow their source).
-        let mut recomputed = vec![false; self.layers.len()];
-        for (i, l) in self.layers.iter().enumerate() {
-            let is_alias = l.kind.is_alias();
-            recomputed[i] = transient[i] > 0 || (is_alias && i > 0 && recomputed[i - 1]);
-        }
-        let input_recomputed = |i: usize| i > 0 && recomputed[i - 1];
-        // A recomputed input is quantized where it lies; others go to a shared temporary.
-        let max_qin = self
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|&(i, l)| quantized_in(l) && !input_recomputed(i))
-            .map(|(_, l)| elems(&l.in_shape))
-            .max();
-        // Where each layer's output gradient lives. A conv/linear output that a BatchNorm
-        // normalises takes its own gradient in place (the BN's backward overwrites it: nothing
-        // reads that output again), so its layer needs no shared buffer; the others take turns
-        // in two shared buffers, each sized for the largest gradient it holds (a layer and the
-        // one it feeds never share one; aliases follow their source).
-        let n = self.layers.len();
-        let mut place = vec![GradPlace::Alias; n];
-        let mut last_slot: Option<usize> = None;
-        for (i, l) in self.layers.iter().enumerate() {
-            if l.kind.is_alias() {
-                continue;
-            }
-            let normalised_next = matches!(
-                self.layers.get(i + 1).map(|l| &l.kind),
-                Some(Kind::BatchNorm { .. })
-            );
-            place[i] = if matches!(l.kind, Kind::Weighted { .. }) && normalised_next {
-                last_slot = None;
-                GradPlace::Own
-            } else {
-                let s = last_slot.map_or(0, |s| 1 - s);
-                last_slot = Some(s);
-                GradPlace::Slot(s)
-            };
-        }
-        let slot_len = |s: usize| {
-            (0..n)
-                .filter(|&i| place[i] == GradPlace::Slot(s))
-                .map(|i| elems(&self.layers[i].out_shape))
-                .max()
-        };
-        let grads = if self.trainable {
-            [0, 1]
-                .iter()
-                .map(|&s| {
-                    slot_len(s)
-                        .map(|len| {
-                            gpu.zeros(
-                                &format!("output gradients {}", "AB".as_bytes()[s] as char),
-                                &[cap * len],
-                                DType::F32,
-                            )
-                        })
-                        .transpose()
-                })
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
-        let qtemp = max_qin
-            .map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32))
-            .transpose()?;
-        // Layers run their backward passes one after another, so one split-K scratch sized for
-        // the largest serves them all (smaller batches split no more than the capacity does).
-        let max_split_k = self
-            .layers
-            .iter()
-            .filter_map(|l| match l.kind {
-                Kind::Weighted { op, .. } if self.trainable => {
-                    Some(Gemm::new(op, cap, &l.in_shape, &l.out_shape).grad_weight_scratch_len())
-                }
-                _ => None,
-            })
-            .max()
-            .filter(|&n| n > 0);
-        let split_k = max_split_k
-            .map(|n| gpu.empty("grad-weight partial sums", &[n], DType::F32))
-            .transpose()?;
-        // Two temporaries for transient outputs: a chain's first output in one, its second in
-        // the other.
-        let max_transient = |temp: usize| {
-            (0..self.layers.len())
-                .filter(|&i| transient[i] == temp)
-                .map(|i| elems(&self.layers[i].out_shape))
-                .max()
-        };
-        let temps = [max_transient(1), max_transient(2)]
-            .iter()
-            .enumerate()
-            .map(|(k, n)| {
-                n.map(|n| {
-                    gpu.zeros(
-                        &format!("recomputed outputs {}", "AB".as_bytes()[k] as char),
-                        &[cap * n],
-                        DType::F32,
-                    )
-                })
-                .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
-        for (i, l) in self.layers.iter().enumerate() {
-            let shape = with_batch(cap, &l.out_shape);
-            let prev = out.last();
-            let alias = |t: &Tensor| t.reshape(&shape);
-            let (o, d) = match l.kind {
-                Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten if prev.is_some() => {
-                    let p = prev.expect("checked");
-                    (alias(&p.out)?, p.dout.as_ref().map(alias).transpose()?)
-                }
-                Kind::Flatten => (alias(&self.input)?, None),
-                _ => {
-                    let o = if transient[i] > 0 {
-                        temps[transient[i] - 1]
-                            .as_ref()
-                            .expect("sized above")
-                            .view(0, &shape)?
-                    } else {
-                        gpu.zeros(&format!("{} output", l.name), &shape, DType::F32)?
-                    };
-                    let d = match (self.trainable, place[i]) {
-                        (false, _) => None,
-                        (true, GradPlace::Own) => Some(o.clone()),
-                        (true, GradPlace::Slot(s)) => {
-                            Some(grads[s].as_ref().expect("sized above").view(0, &shape)?)
-                        }
-                        (true, GradPlace::Alias) => unreachable!("aliases are matched above"),
-                    };
-                    (o, d)
-                }
-            };
-            let in_shape = with_batch(cap, &l.in_shape);
-            let mut xq = None;
-            let xq_in_place = quantized_in(l) && input_recomputed(i);
-            if quantized_in(l) && !xq_in_place {
-                xq = qtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
-            }
-            out.push(LayerBuffers {
-                out: o,
-                dout: d,
-                xq,
-                xq_in_place,
-                transient: recomputed[i],
-                split_k: split_k.clone(),
-            });
-        }
-        Ok(out)
-    }
-
     /// BatchNorm running statistics start at mean 0, variance 1 (PyTorch's init).
     fn init_running(&self, gpu: &Gpu) -> Result<()> {
         let values: Vec<Vec<f32>> = self
@@ -745,13 +520,6 @@ impl Network {
             })
             .collect();
         gpu.write(&self.running_arena, &self.running.pack(&values))
-    }
-
-    fn buffers(&self, gpu: &Gpu) -> Result<&[LayerBuffers]> {
-        if self.buffers.get().is_none() {
-            let _ = self.buffers.set(self.alloc_buffers(gpu)?);
-        }
-        Ok(self.buffers.get().expect("just set"))
     }
 
     /// Records the plan of one batch of `batch` rows (at most the capacity).
@@ -1195,118 +963,6 @@ impl Network {
             .filter(|l| l.running.is_some())
             .map(|l| l.name.clone())
             .collect()
-    }
-}
-
-/// The batch-size-specific geometry of a weighted layer.
-enum Gemm {
-    Conv(Conv2dGeom),
-    ConvT(ConvTranspose2dGeom),
-    Linear(LinearGeom),
-}
-
-impl Gemm {
-    fn new(op: WeightedOp, batch: usize, in_shape: &[usize], out_shape: &[usize]) -> Gemm {
-        match op {
-            WeightedOp::Conv {
-                kernel,
-                stride,
-                padding,
-                dilation,
-                groups,
-            } => Gemm::Conv(Conv2dGeom {
-                batch,
-                cin: in_shape[0],
-                h: in_shape[1],
-                w: in_shape[2],
-                cout: out_shape[0],
-                kernel,
-                stride,
-                padding,
-                dilation,
-                groups,
-            }),
-            WeightedOp::ConvT {
-                kernel,
-                stride,
-                padding,
-                output_padding,
-                dilation,
-                groups,
-            } => Gemm::ConvT(ConvTranspose2dGeom {
-                batch,
-                cin: in_shape[0],
-                h: in_shape[1],
-                w: in_shape[2],
-                cout: out_shape[0],
-                kernel,
-                stride,
-                padding,
-                output_padding,
-                dilation,
-                groups,
-            }),
-            WeightedOp::Linear => Gemm::Linear(LinearGeom {
-                batch,
-                in_features: in_shape[0],
-                out_features: out_shape[0],
-            }),
-        }
-    }
-
-    fn forward(
-        &self,
-        gpu: &Gpu,
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        y: &Tensor,
-    ) -> Result<Op> {
-        match self {
-            Gemm::Conv(g) => conv2d::forward(gpu, g, x, w, b, y),
-            Gemm::ConvT(g) => conv_transpose2d::forward(gpu, g, x, w, b, y),
-            Gemm::Linear(g) => matmul::forward(gpu, g, x, w, b, y),
-        }
-    }
-
-    fn grad_input(&self, gpu: &Gpu, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<Op> {
-        match self {
-            Gemm::Conv(g) => conv2d::grad_input(gpu, g, dy, w, dx),
-            Gemm::ConvT(g) => conv_transpose2d::grad_input(gpu, g, dy, w, dx),
-            Gemm::Linear(g) => matmul::grad_input(gpu, g, dy, w, dx),
-        }
-    }
-
-    fn grad_weight(
-        &self,
-        gpu: &Gpu,
-        x: &Tensor,
-        dy: &Tensor,
-        dw: &Tensor,
-        scratch: Option<&Tensor>,
-    ) -> Result<Vec<Op>> {
-        match self {
-            Gemm::Conv(g) => conv2d::grad_weight(gpu, g, x, dy, dw, scratch),
-            Gemm::ConvT(g) => conv_transpose2d::grad_weight(gpu, g, x, dy, dw, scratch),
-            Gemm::Linear(g) => matmul::grad_weight(gpu, g, x, dy, dw, scratch),
-        }
-    }
-
-    /// Elements of split-K partial sums [`Gemm::grad_weight`] needs.
-    fn grad_weight_scratch_len(&self) -> usize {
-        match self {
-            Gemm::Conv(g) => g.gemm().grad_weight_scratch_len(),
-            Gemm::ConvT(g) => g.gemm().grad_weight_scratch_len(),
-            Gemm::Linear(g) => g.gemm().grad_weight_scratch_len(),
-        }
-    }
-
-    fn grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Op> {
-        match self {
-            Gemm::Conv(g) => conv2d::grad_bias(gpu, g, dy, db),
-            Gemm::ConvT(g) => conv_transpose2d::grad_bias(gpu, g, dy, db),
-            Gemm::Linear(g) => matmul::grad_bias(gpu, g, dy, db),
-        }
     }
 }
 

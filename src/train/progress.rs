@@ -80,10 +80,10 @@ impl Reporter {
         let msg = format!("loss {loss:.4} acc {acc:.2}% lr {lr:.2e} {img_s:.0} img/s");
         match (&self.bar, self.mode) {
             (Some(b), _) => b.set_message(msg),
-            (None, Display::Plain) => {
-                if self.last_plain.replace(Some((epoch, step))) != Some((epoch, step)) {
-                    eprintln!("epoch {epoch} step {step}/{steps} {msg}");
-                }
+            (None, Display::Plain)
+                if self.last_plain.replace(Some((epoch, step))) != Some((epoch, step)) =>
+            {
+                eprintln!("epoch {epoch} step {step}/{steps} {msg}")
             }
             _ => {}
         }

@@ -1,0 +1,240 @@
+//! Where a network's activations and gradients live: which outputs are kept for the backward
+//! pass and which are recomputed, the shared temporaries, and the gradient buffers.
+
+use super::{Gemm, Kind, Layer, Network, with_batch};
+use crate::error::Result;
+use crate::gpu::{DType, Gpu, Tensor};
+
+/// Where a layer's output gradient lives (see [`Network::alloc_buffers`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GradPlace {
+    /// The layer's source's (aliases).
+    Alias,
+    /// Its own output buffer: the BatchNorm after it writes the gradient there in place.
+    Own,
+    /// One of the two shared gradient buffers.
+    Slot(usize),
+}
+
+/// Buffers of one layer at the capacity batch; plans take views of their first rows.
+pub(super) struct LayerBuffers {
+    pub(super) out: Tensor,
+    pub(super) dout: Option<Tensor>,
+    /// Quantized input activation (its gradient is formed in place in the input gradient).
+    pub(super) xq: Option<Tensor>,
+    /// The input is recomputed for the backward pass anyway, so it is quantized where it lies
+    /// (in the forward pass, and again in the backward pass once its mask is taken).
+    pub(super) xq_in_place: bool,
+    /// The output lives in a shared temporary and is recomputed for the backward pass.
+    pub(super) transient: bool,
+    /// Grad-weight's split-K partial sums: one scratch shared by all layers.
+    pub(super) split_k: Option<Tensor>,
+}
+
+impl Network {
+    /// Which layers' outputs are transient: cheap to recompute exactly from what is kept
+    /// (BatchNorm from its input and batch statistics, a channel shuffle from its input), so they
+    /// live in one of two shared temporaries and are formed again at the start of their
+    /// consumer's backward. A transient output needs a consumer (not the network's output), and
+    /// chains stop at two so that a chain's outputs sit in different temporaries.
+    /// Returns per layer 0 (kept, or an alias), or the temporary (1 or 2) its output lives in.
+    pub(super) fn transient_layers(&self) -> Vec<usize> {
+        let n = self.layers.len();
+        let mut transient = vec![0usize; n];
+        if !self.recompute {
+            return transient;
+        }
+        // Chain length of each layer's output: 0 stored, 1 or 2 transient (aliases follow).
+        let mut depth = vec![0usize; n];
+        for i in 0..n {
+            let alias = self.layers[i].kind.is_alias();
+            let input_depth = if i == 0 { 0 } else { depth[i - 1] };
+            if alias {
+                depth[i] = input_depth;
+                continue;
+            }
+            let recomputable = matches!(
+                self.layers[i].kind,
+                Kind::BatchNorm { .. } | Kind::Shuffle(_)
+            );
+            let consumed = self.layers[i + 1..].iter().any(|l| !l.kind.is_alias());
+            if recomputable && consumed && input_depth < 2 {
+                depth[i] = input_depth + 1;
+                transient[i] = depth[i];
+            }
+        }
+        transient
+    }
+
+    /// Per-layer buffers. Forward outputs are kept for the backward pass unless transient (see
+    /// [`Network::transient_layers`]); gradients are not: a layer's output gradient is dead once
+    /// its backward ran, so a conv output normalised by a BatchNorm takes its gradient in place
+    /// and the others take turns in two shared buffers; a quantized layer's quantized input is
+    /// formed where a recomputed input lies, or in a shared temporary.
+    fn alloc_buffers(&self, gpu: &Gpu) -> Result<Vec<LayerBuffers>> {
+        let cap = self.capacity;
+        let elems = |s: &[usize]| s.iter().product::<usize>();
+        let quantized_in =
+            |l: &Layer| matches!(l.kind, Kind::Weighted { a_bits, .. } if !a_bits.is_float());
+        let transient = self.transient_layers();
+        // Whether each layer's output is recomputed in backward (aliases follow their source).
+        let mut recomputed = vec![false; self.layers.len()];
+        for (i, l) in self.layers.iter().enumerate() {
+            let is_alias = l.kind.is_alias();
+            recomputed[i] = transient[i] > 0 || (is_alias && i > 0 && recomputed[i - 1]);
+        }
+        let input_recomputed = |i: usize| i > 0 && recomputed[i - 1];
+        // A recomputed input is quantized where it lies; others go to a shared temporary.
+        let max_qin = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|&(i, l)| quantized_in(l) && !input_recomputed(i))
+            .map(|(_, l)| elems(&l.in_shape))
+            .max();
+        // Where each layer's output gradient lives. A conv/linear output that a BatchNorm
+        // normalises takes its own gradient in place (the BN's backward overwrites it: nothing
+        // reads that output again), so its layer needs no shared buffer; the others take turns
+        // in two shared buffers, each sized for the largest gradient it holds (a layer and the
+        // one it feeds never share one; aliases follow their source).
+        let n = self.layers.len();
+        let mut place = vec![GradPlace::Alias; n];
+        let mut last_slot: Option<usize> = None;
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.kind.is_alias() {
+                continue;
+            }
+            let normalised_next = matches!(
+                self.layers.get(i + 1).map(|l| &l.kind),
+                Some(Kind::BatchNorm { .. })
+            );
+            place[i] = if matches!(l.kind, Kind::Weighted { .. }) && normalised_next {
+                last_slot = None;
+                GradPlace::Own
+            } else {
+                let s = last_slot.map_or(0, |s| 1 - s);
+                last_slot = Some(s);
+                GradPlace::Slot(s)
+            };
+        }
+        let slot_len = |s: usize| {
+            (0..n)
+                .filter(|&i| place[i] == GradPlace::Slot(s))
+                .map(|i| elems(&self.layers[i].out_shape))
+                .max()
+        };
+        let grads = if self.trainable {
+            [0, 1]
+                .iter()
+                .map(|&s| {
+                    slot_len(s)
+                        .map(|len| {
+                            gpu.zeros(
+                                &format!("output gradients {}", "AB".as_bytes()[s] as char),
+                                &[cap * len],
+                                DType::F32,
+                            )
+                        })
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let qtemp = max_qin
+            .map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32))
+            .transpose()?;
+        // Layers run their backward passes one after another, so one split-K scratch sized for
+        // the largest serves them all (smaller batches split no more than the capacity does).
+        let max_split_k = self
+            .layers
+            .iter()
+            .filter_map(|l| match l.kind {
+                Kind::Weighted { op, .. } if self.trainable => {
+                    Some(Gemm::new(op, cap, &l.in_shape, &l.out_shape).grad_weight_scratch_len())
+                }
+                _ => None,
+            })
+            .max()
+            .filter(|&n| n > 0);
+        let split_k = max_split_k
+            .map(|n| gpu.empty("grad-weight partial sums", &[n], DType::F32))
+            .transpose()?;
+        // Two temporaries for transient outputs: a chain's first output in one, its second in
+        // the other.
+        let max_transient = |temp: usize| {
+            (0..self.layers.len())
+                .filter(|&i| transient[i] == temp)
+                .map(|i| elems(&self.layers[i].out_shape))
+                .max()
+        };
+        let temps = [max_transient(1), max_transient(2)]
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                n.map(|n| {
+                    gpu.zeros(
+                        &format!("recomputed outputs {}", "AB".as_bytes()[k] as char),
+                        &[cap * n],
+                        DType::F32,
+                    )
+                })
+                .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let shape = with_batch(cap, &l.out_shape);
+            let prev = out.last();
+            let alias = |t: &Tensor| t.reshape(&shape);
+            let (o, d) = match l.kind {
+                Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten if prev.is_some() => {
+                    let p = prev.expect("checked");
+                    (alias(&p.out)?, p.dout.as_ref().map(alias).transpose()?)
+                }
+                Kind::Flatten => (alias(&self.input)?, None),
+                _ => {
+                    let o = if transient[i] > 0 {
+                        temps[transient[i] - 1]
+                            .as_ref()
+                            .expect("sized above")
+                            .view(0, &shape)?
+                    } else {
+                        gpu.zeros(&format!("{} output", l.name), &shape, DType::F32)?
+                    };
+                    let d = match (self.trainable, place[i]) {
+                        (false, _) => None,
+                        (true, GradPlace::Own) => Some(o.clone()),
+                        (true, GradPlace::Slot(s)) => {
+                            Some(grads[s].as_ref().expect("sized above").view(0, &shape)?)
+                        }
+                        (true, GradPlace::Alias) => unreachable!("aliases are matched above"),
+                    };
+                    (o, d)
+                }
+            };
+            let in_shape = with_batch(cap, &l.in_shape);
+            let mut xq = None;
+            let xq_in_place = quantized_in(l) && input_recomputed(i);
+            if quantized_in(l) && !xq_in_place {
+                xq = qtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
+            }
+            out.push(LayerBuffers {
+                out: o,
+                dout: d,
+                xq,
+                xq_in_place,
+                transient: recomputed[i],
+                split_k: split_k.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) fn buffers(&self, gpu: &Gpu) -> Result<&[LayerBuffers]> {
+        if self.buffers.get().is_none() {
+            let _ = self.buffers.set(self.alloc_buffers(gpu)?);
+        }
+        Ok(self.buffers.get().expect("just set"))
+    }
+}
