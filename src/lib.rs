@@ -1,7 +1,7 @@
 //! wgqat: quantization-aware training of neural networks on any GPU through wgpu.
 //!
 //! Layout: [`gpu`] owns the device, buffers, pipelines and step recording; [`kernels`] launches
-//! the WGSL shaders in `shaders/`; [`reference`] holds the CPU oracle of every kernel.
+//! the WGSL shaders in `shaders/`; [`reference`](mod@reference) holds the CPU oracle of every kernel.
 
 pub mod bench;
 pub mod data;

@@ -25,7 +25,7 @@ struct Inner {
     stats: PoolStats,
 }
 
-/// Buffers come back to the pool when dropped; see [`PooledBuffer`].
+/// Buffers come back to the pool when dropped; see `PooledBuffer`.
 pub struct BufferPool {
     device: wgpu::Device,
     limits: wgpu::Limits,

@@ -1,5 +1,5 @@
 //! `shaders/conv2d.wgsl`: conv2d forward, grad-input, grad-weight (split-K) and grad-bias as
-//! implicit GEMMs. [`GemmConv`] is the fully specified problem the shader solves;
+//! implicit GEMMs. `GemmConv` is the fully specified problem the shader solves;
 //! conv_transpose2d and matmul map onto it too.
 
 use super::{CONV2D, expect_dtype, expect_shape, reduce};
@@ -539,7 +539,7 @@ pub fn grad_input(
 }
 
 /// `dw = dL/dw` (correlation of `x` with `dy`), with the default split-K; its partial sums go
-/// into `scratch` when given (see [`GemmConv::grad_weight_scratch_len`]).
+/// into `scratch` when given (sized by `GemmConv::grad_weight_scratch_len`).
 pub fn grad_weight(
     gpu: &Gpu,
     geom: &Conv2dGeom,

@@ -84,7 +84,7 @@ fn conv(out: usize, k: usize, pad: usize, groups: usize, shuffle: Option<usize>)
     }
 }
 
-/// `nin.Net` with cfg [192,160,96,192,192,192,192,192]: 969,822 parameters.
+/// `nin.Net` with cfg `[192,160,96,192,192,192,192,192]`: 969,822 parameters.
 pub fn nin() -> ModelSpec {
     build(
         "nin",
@@ -113,7 +113,7 @@ pub fn nin() -> ModelSpec {
     )
 }
 
-/// `nin_gc.Net` with cfg [256,256,256,512,512,512,1024,1024] (grouped convs, channel shuffle):
+/// `nin_gc.Net` with cfg `[256,256,256,512,512,512,1024,1024]` (grouped convs, channel shuffle):
 /// 591,390 parameters.
 pub fn nin_gc() -> ModelSpec {
     build(
