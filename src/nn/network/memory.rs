@@ -124,22 +124,9 @@ impl Network {
                 .max()
         };
         let grads = if self.trainable {
-            [0, 1]
-                .iter()
-                .map(|&s| {
-                    slot_len(s)
-                        .map(|len| {
-                            gpu.zeros(
-                                &format!("output gradients {}", "AB".as_bytes()[s] as char),
-                                &[cap * len],
-                                DType::F32,
-                            )
-                        })
-                        .transpose()
-                })
-                .collect::<Result<Vec<_>>>()?
+            shared_pair(gpu, "output gradients", cap, [slot_len(0), slot_len(1)])?
         } else {
-            Vec::new()
+            [None, None]
         };
         let qtemp = max_qin
             .map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32))
@@ -168,20 +155,12 @@ impl Network {
                 .map(|i| elems(&self.layers[i].out_shape))
                 .max()
         };
-        let temps = [max_transient(1), max_transient(2)]
-            .iter()
-            .enumerate()
-            .map(|(k, n)| {
-                n.map(|n| {
-                    gpu.zeros(
-                        &format!("recomputed outputs {}", "AB".as_bytes()[k] as char),
-                        &[cap * n],
-                        DType::F32,
-                    )
-                })
-                .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let temps = shared_pair(
+            gpu,
+            "recomputed outputs",
+            cap,
+            [max_transient(1), max_transient(2)],
+        )?;
         let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
             let shape = with_batch(cap, &l.out_shape);
@@ -237,4 +216,26 @@ impl Network {
         }
         Ok(self.buffers.get().expect("just set"))
     }
+}
+
+/// Two shared buffers, "`what` A" and "`what` B", of `cap` rows of `len` floats each (none where
+/// no layer uses one).
+fn shared_pair(
+    gpu: &Gpu,
+    what: &str,
+    cap: usize,
+    lens: [Option<usize>; 2],
+) -> Result<[Option<Tensor>; 2]> {
+    let make = |k: usize| {
+        lens[k]
+            .map(|len| {
+                gpu.zeros(
+                    &format!("{what} {}", ["A", "B"][k]),
+                    &[cap * len],
+                    DType::F32,
+                )
+            })
+            .transpose()
+    };
+    Ok([make(0)?, make(1)?])
 }
