@@ -6,6 +6,7 @@ pub mod curves;
 pub mod eval;
 pub mod optimizer;
 pub mod progress;
+pub mod run_dir;
 pub mod trainer;
 
 pub use config::{NanPolicy, OptimizerName, TrainConfig};
