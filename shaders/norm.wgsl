@@ -1,7 +1,7 @@
 // BatchNorm2d over (N, C, S) activations (S = H*W), PyTorch semantics, with an optional fused ReLU
-// (NIN always follows BN with ReLU; fusing saves two passes each way) and an optional fused channel
+// (NIN always follows BN with ReLU; fusing saves two passes each way), an optional fused channel
 // shuffle after it (NIN-GC's; the output is written permuted and the gradient read permuted, so
-// the unshuffled output never exists).
+// the unshuffled output never exists) and, forward only, the next layer's activation quantizer.
 //   train: normalise with the batch mean and biased variance; running stats move by momentum
 //          with the unbiased variance (n / (n - 1));
 //   eval:  normalise with the running stats.
@@ -16,7 +16,11 @@ struct Params {
     eps: f32,
     momentum: f32,
     shuffle: u32,    // channel shuffle groups after BN (and ReLU); 1: none
-    _pad1: f32,
+    quantize: u32,   // 1: apply writes the activation quantizer's output (the next layer's input)
+    levels_f: f32,   // the quantizer's f32(n) and fl32(1 / n), as in quant.wgsl
+    inv_levels: f32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -149,7 +153,15 @@ fn bn_value(i: u32) -> f32 {
     return bn_value_of(x[i], channel_of(i));
 }
 
-// y = gamma * (x - mean) * invstd + beta, then ReLU if fused.
+// DoReFa's activation quantizer, the same expressions as act_value in quant.wgsl (so the same
+// bits): a BatchNorm whose output only feeds a quantized layer writes that layer's input at once.
+fn act_value(x: f32) -> f32 {
+    let c = clamp(x * 0.1, 0.0, 1.0);
+    let q = floor(c * p.levels_f + 0.5) * p.inv_levels;
+    return select(q, x, (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u);
+}
+
+// y = gamma * (x - mean) * invstd + beta, then ReLU if fused, then the quantizer if fused.
 @compute @workgroup_size(256)
 fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
             @builtin(num_workgroups) nwg: vec3<u32>,
@@ -162,7 +174,8 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
     // ReLU by bits (negative or zero, not NaN), so NaN is kept where compilers assume no NaN.
     let b = bitcast<u32>(v);
     let nonpositive = ((b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u) || b == 0u;
-    y[out_index(i)] = select(v, 0.0, p.relu == 1u && nonpositive);
+    let r = select(v, 0.0, p.relu == 1u && nonpositive);
+    y[out_index(i)] = select(r, act_value(r), p.quantize == 1u);
 }
 
 // dy of element i (whose input value is xv) after the fused ReLU's mask.

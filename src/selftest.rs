@@ -971,20 +971,31 @@ fn layer_cases(v: &mut Vec<Case>) {
     // BatchNorm: train forward (with running stats), eval forward, backward; with and without
     // the fused ReLU and channel shuffle; a single-element channel batch too. The reference
     // shuffles its output (and unshuffles the output gradient) separately.
-    for (n, c, s, relu, shuffle) in [
-        (4usize, 3usize, 25usize, true, 1usize),
-        (2, 70, 64, false, 1),
-        (50, 4, 1, true, 1),
-        (3, 5, 300, true, 1),
-        (4, 6, 25, true, 2),
-        (2, 12, 9, false, 3),
+    // With `quantize` bits (0: none), forward eval also checks the fused activation quantizer
+    // bit for bit against act_forward of the unquantized output.
+    for (n, c, s, relu, shuffle, quantize) in [
+        (4usize, 3usize, 25usize, true, 1usize, 0u32),
+        (2, 70, 64, false, 1, 0),
+        (50, 4, 1, true, 1, 0),
+        (3, 5, 300, true, 1, 4),
+        (4, 6, 25, true, 2, 8),
+        (2, 12, 9, false, 3, 2),
     ] {
-        let ep = Epilogue { relu, shuffle };
+        let ep = Epilogue {
+            relu,
+            shuffle,
+            quantize: None,
+        };
         let shape = format!(
-            "[{n},{c},{s}]{}{}",
+            "[{n},{c},{s}]{}{}{}",
             if relu { " +relu" } else { "" },
             if shuffle > 1 {
                 format!(" +shuffle {shuffle}")
+            } else {
+                String::new()
+            },
+            if quantize > 0 {
+                format!(" +a{quantize}")
             } else {
                 String::new()
             }
@@ -1071,7 +1082,16 @@ fn layer_cases(v: &mut Vec<Case>) {
                     kernels::norm::stats_eval(gpu, c, 1e-5, &rm, &rv, &stats)?,
                     kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
                 ];
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y])?;
+                let yq = gpu.empty("y quantized", &[n, c, s], DType::F32)?;
+                let mut ops = ops;
+                if quantize > 0 {
+                    let q = Epilogue {
+                        quantize: Some(bits(quantize)),
+                        ..ep
+                    };
+                    ops.push(kernels::norm::apply(gpu, q, &xt, &stats, &gt, &bt, &yq)?);
+                }
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &yq])?;
                 let want = shuffled(
                     reference::norm::apply(
                         &f64s(&x),
@@ -1085,10 +1105,18 @@ fn layer_cases(v: &mut Vec<Case>) {
                     ),
                     false,
                 );
-                Ok(vec![(
+                let mut checks = vec![(
                     "y".into(),
                     reference::compare(&got[0], &want, Tolerance::new(1e-5, 1e-5)),
-                )])
+                )];
+                if quantize > 0 {
+                    let want_q = reference::quant::act_forward(&got[0], bits(quantize));
+                    checks.push((
+                        format!("y quantized a{quantize}"),
+                        reference::compare(&got[1], &f64s(&want_q), Tolerance::EXACT),
+                    ));
+                }
+                Ok(checks)
             },
         ));
         v.push(Case::new(

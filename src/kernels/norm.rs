@@ -1,6 +1,7 @@
 //! `shaders/norm.wgsl`: BatchNorm2d forward (train: batch statistics, running stats updated; eval:
 //! running stats) and backward, with an optional fused ReLU and channel shuffle after it.
 
+use super::quant::Bits;
 use super::{Entry, NORM, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor, grid_1d};
@@ -77,26 +78,37 @@ struct Params {
     eps: f32,
     momentum: f32,
     shuffle: u32,
-    _pad: f32,
+    quantize: u32,
+    levels_f: f32,
+    inv_levels: f32,
+    _pad: [u32; 2],
 }
 
 /// What [`apply`] does after normalising, in the same pass (and [`backward`] undoes): a ReLU,
 /// then micronet's channel shuffle in `shuffle` groups (1: none). Fusing the shuffle means the
-/// unshuffled tensor is never stored, in either direction.
+/// unshuffled tensor is never stored, in either direction. `quantize` (forward only) also
+/// applies the next layer's activation quantizer, bit for bit [`quant::act_forward`]'s.
+///
+/// [`quant::act_forward`]: super::quant::act_forward
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Epilogue {
     pub relu: bool,
     pub shuffle: usize,
+    pub quantize: Option<Bits>,
 }
 
 impl Epilogue {
     pub const NONE: Epilogue = Epilogue {
         relu: false,
         shuffle: 1,
+        quantize: None,
     };
 
     pub fn relu(relu: bool) -> Epilogue {
-        Epilogue { relu, shuffle: 1 }
+        Epilogue {
+            relu,
+            ..Epilogue::NONE
+        }
     }
 
     fn label(self) -> String {
@@ -106,6 +118,9 @@ impl Epilogue {
         }
         if self.shuffle > 1 {
             s.push_str(&format!("+shuffle{}", self.shuffle));
+        }
+        if let Some(b) = self.quantize {
+            s.push_str(&format!("+a{b}"));
         }
         s
     }
@@ -127,7 +142,11 @@ fn params(sh: BnShape, ep: Epilogue, eps: f32, momentum: f32) -> Result<Params> 
         eps,
         momentum,
         shuffle: ep.shuffle as u32,
-        _pad: 0.0,
+        // Float "quantizers" are the identity: nothing to apply.
+        quantize: u32::from(ep.quantize.is_some_and(|b| !b.is_float())),
+        levels_f: ep.quantize.map_or(0.0, |b| b.levels() as f32),
+        inv_levels: ep.quantize.map_or(0.0, |b| b.inv_levels()),
+        _pad: [0; 2],
     })
 }
 

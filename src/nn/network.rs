@@ -771,7 +771,7 @@ impl Network {
                         t
                     }
                     None => {
-                        if buf.xq_in_place {
+                        if buf.xq_in_place && !buf.input_quantized {
                             fwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?);
                         }
                         x.clone()
@@ -844,7 +844,11 @@ impl Network {
                 } else {
                     fwd.push(norm::stats_eval(gpu, l.in_shape[0], eps, &rm, &rv, stats)?);
                 }
-                fwd.push(norm::apply(gpu, ep, &x4, stats, &gamma, &beta, y)?);
+                let fwd_ep = Epilogue {
+                    quantize: buf.quantize_output,
+                    ..ep
+                };
+                fwd.push(norm::apply(gpu, fwd_ep, &x4, stats, &gamma, &beta, y)?);
                 if train {
                     let (dg, db) = (g(l.weight)?.expect("gamma"), g(l.bias)?.expect("beta"));
                     bwd.extend(norm::backward(

@@ -4,6 +4,7 @@
 use super::{Gemm, Kind, Layer, Network, with_batch};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::kernels::quant::Bits;
 
 /// Where a layer's output gradient lives (see [`Network::alloc_buffers`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +30,12 @@ pub(super) struct LayerBuffers {
     pub(super) transient: bool,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
     pub(super) split_k: Option<Tensor>,
+    /// A BatchNorm whose output only feeds a layer that quantizes it in place: its forward
+    /// applies that layer's activation quantizer at once (the backward forms the float output
+    /// again, as before).
+    pub(super) quantize_output: Option<Bits>,
+    /// The input arrives quantized by the BatchNorm before (see `quantize_output`).
+    pub(super) input_quantized: bool,
 }
 
 impl Network {
@@ -205,7 +212,26 @@ impl Network {
                 xq_in_place,
                 transient: recomputed[i],
                 split_k: split_k.clone(),
+                quantize_output: None,
+                input_quantized: false,
             });
+        }
+        // A recomputed input quantized in place may come straight from a BatchNorm (through
+        // its fused ReLU and shuffle): then the BatchNorm's forward writes it quantized.
+        for (i, l) in self.layers.iter().enumerate() {
+            let Kind::Weighted { a_bits, .. } = l.kind else {
+                continue;
+            };
+            if !out[i].xq_in_place {
+                continue;
+            }
+            let source = (0..i).rev().find(|&k| !self.layers[k].kind.is_alias());
+            if let Some(k) = source
+                && matches!(self.layers[k].kind, Kind::BatchNorm { .. })
+            {
+                out[k].quantize_output = Some(a_bits);
+                out[i].input_quantized = true;
+            }
         }
         Ok(out)
     }
