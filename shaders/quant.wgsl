@@ -141,6 +141,24 @@ fn act_backward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
     act_dx[i] = select(0.0, 0.1 * g, inside);
 }
 
+// act_backward_in_place, then act_forward_in_place, in one pass over a recomputed float input
+// x (in act_y): the gradient in act_dx is masked by x, then x becomes its quantized value (what
+// the layer's grad-weight reads next). The same expressions, so the same bits, as the two.
+@compute @workgroup_size(256)
+fn act_backward_requantize(@builtin(workgroup_id) wid: vec3<u32>,
+                           @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let x = act_y[i];
+    let c = x * 0.1;
+    let inside = c >= 0.0 && c <= 1.0;
+    act_dx[i] = select(0.0, 0.1 * act_dx[i], inside);
+    act_y[i] = act_value(x);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Exactly rounded division.
 

@@ -276,8 +276,16 @@ fn quant_cases(v: &mut Vec<Case>) {
                 ops.extend(kernels::quant::act_backward_in_place(
                     gpu, b, &xt, &inplace,
                 )?);
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &inplace])?;
+                // Mask and requantize in one pass: dy into dx, and x into its quantized value.
+                let (xr, dr) = (
+                    gpu.upload_f32("x, then quantized", &[x.len()], &x)?,
+                    gpu.upload_f32("dy, then dx (requantize)", &[x.len()], &dy)?,
+                );
+                ops.extend(kernels::quant::act_backward_requantize(gpu, b, &xr, &dr)?);
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &ops, &[&dxt, &inplace, &dr, &xr])?;
                 let want = f64s(&reference::quant::act_backward(&x, &dy, b));
+                let want_q = f64s(&reference::quant::act_forward(&x, b));
                 Ok(vec![
                     (
                         "dx".into(),
@@ -286,6 +294,14 @@ fn quant_cases(v: &mut Vec<Case>) {
                     (
                         "dx in place".into(),
                         reference::compare(&got[1], &want, Tolerance::EXACT),
+                    ),
+                    (
+                        "dx requantize".into(),
+                        reference::compare(&got[2], &want, Tolerance::EXACT),
+                    ),
+                    (
+                        "x requantized".into(),
+                        reference::compare(&got[3], &want_q, Tolerance::EXACT),
                     ),
                 ])
             },

@@ -108,6 +108,7 @@ const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
 
 const ACT_FORWARD: Entry = entry("act_forward", &[(1, R), (2, W)]);
 const ACT_FORWARD_IN_PLACE: Entry = entry("act_forward_in_place", &[(2, W)]);
+const ACT_BACKWARD_REQUANTIZE: Entry = entry("act_backward_requantize", &[(2, W), (5, W)]);
 const ACT_BACKWARD: Entry = entry("act_backward", &[(3, R), (4, R), (5, W)]);
 const ACT_BACKWARD_IN_PLACE: Entry = entry("act_backward_in_place", &[(3, R), (5, W)]);
 const ACT_CODES: Entry = entry("act_codes", &[(1, R), (16, W)]);
@@ -218,6 +219,25 @@ pub fn act_backward_in_place(gpu: &Gpu, bits: Bits, x: &Tensor, d: &Tensor) -> R
     Ok(vec![launch_op(
         gpu,
         (&ACT_BACKWARD_IN_PLACE, &[]),
+        format!("{K} a{bits} {:?}", x.shape()),
+        &params(n, bits, 0),
+        &[x, d],
+        elementwise_grid(gpu, n),
+    )?])
+}
+
+/// [`act_backward_in_place`] then [`act_forward_in_place`] in one pass: `d` (dL/dy) becomes
+/// dL/dx, masked by the float `x`, and `x` becomes its quantized value; the same bits as the two.
+pub fn act_backward_requantize(gpu: &Gpu, bits: Bits, x: &Tensor, d: &Tensor) -> Result<Vec<Op>> {
+    const K: &str = "act_backward_requantize";
+    same_f32(K, &[("x", x), ("d", d)])?;
+    if bits.is_float() {
+        return Ok(Vec::new());
+    }
+    let n = count_u32(K, x.numel())?;
+    Ok(vec![launch_op(
+        gpu,
+        (&ACT_BACKWARD_REQUANTIZE, &[]),
         format!("{K} a{bits} {:?}", x.shape()),
         &params(n, bits, 0),
         &[x, d],

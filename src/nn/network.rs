@@ -788,21 +788,27 @@ impl Network {
                 fwd.push(gemm.forward(gpu, &xq, &w_hat, b.as_ref(), y)?);
                 if train {
                     let dy = dy_or()?;
-                    if let Some(dx) = dx {
-                        bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
-                        if buf.xq.is_some() || buf.xq_in_place {
-                            // dL/dx̂ becomes dL/dx in place (the STE's mask, from the float x).
-                            bwd.extend(quant::act_backward_in_place(gpu, a_bits, x, dx)?);
+                    // dL/dx̂ becomes dL/dx in place (the STE's mask, from the float x); the
+                    // quantized input is formed again for grad-weight: in its shared temporary,
+                    // or where x lies (x was formed again, float, for this backward).
+                    match dx {
+                        Some(dx) => {
+                            bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
+                            if buf.xq_in_place {
+                                bwd.extend(quant::act_backward_requantize(gpu, a_bits, x, dx)?);
+                            } else if buf.xq.is_some() {
+                                bwd.extend(quant::act_backward_in_place(gpu, a_bits, x, dx)?);
+                            }
                         }
+                        None if buf.xq_in_place => {
+                            bwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?)
+                        }
+                        None => {}
+                    }
+                    if buf.xq.is_some() {
+                        bwd.push(quant::act_forward(gpu, a_bits, x, &xq)?);
                     }
                     let dw = g(l.weight)?.expect("weighted layers have weights");
-                    if buf.xq.is_some() {
-                        // The quantized input lives in a shared temporary: form it again.
-                        bwd.push(quant::act_forward(gpu, a_bits, x, &xq)?);
-                    } else if buf.xq_in_place {
-                        // x was formed again (float) for this backward: quantize it again.
-                        bwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?);
-                    }
                     match (&l.quantizer, &l.dw_hat) {
                         (Some(q), Some(dw_hat)) => {
                             // dL/dŴ goes through the weight quantizer's backward into dL/dW.
