@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Everything a session on the GPU machine should measure, in one command that fits one device
-# call (about 9 minutes at most): the kernels checked on the real GPU, then wgqat against PyTorch
-# (eager and torch.compile) on the same GPU, most important numbers first. Each part has its own
-# time limit and writes its output to OUT_DIR, so a part that fails or runs long costs only itself.
+# Everything to check and measure on a GPU machine, in one command of about 9 minutes at most:
+# the kernels checked on the real GPU (`wgqat selftest`), then wgqat against PyTorch (eager and
+# torch.compile) on the same GPU, most important numbers first. Each part has its own time limit
+# and writes its output to OUT_DIR, so a part that fails or runs long costs only itself.
 #
-#   bash tools/gpu_session.sh [OUT_DIR]       (default: $OUT, else gpu-results)
+#   bash tools/gpu_check.sh [OUT_DIR]       (default: $OUT, else gpu-results)
 #
-# Expects target/release/wgqat built on the development machine and, on an NVIDIA machine without
-# a Vulkan loader, the loader's .deb files in .gl/ (see the GPU notes for both).
+# Expects target/release/wgqat (built anywhere with glibc no newer than the GPU machine's) and,
+# where the NVIDIA driver comes without the Vulkan loader, the .deb files of libvulkan1 (and its
+# GL/EGL companions) in .gl/: they are unpacked into / and VK_DRIVER_FILES points at the driver.
 set -uo pipefail
 out=${1:-${OUT:-gpu-results}}
 mkdir -p "$out"
