@@ -3,7 +3,7 @@
 //! initialisation on one batch, one step of torch.optim.SGD and one of torch.optim.Adam. Here the
 //! same init, batch and step run on the GPU and are compared.
 //!
-//! Float (bits 32) must match tightly. A quantized net is chaotic by nature (DESIGN.md: one code
+//! Float (bits 32) must match tightly. A quantized net is chaotic by nature (one code
 //! that rounds the other way moves a whole BN channel), so W8A8 is held to the loss and to the
 //! direction (cosine) of every gradient, as micronet's float32-vs-float64 runs are.
 mod common;
