@@ -172,20 +172,7 @@ pub fn act_forward(gpu: &Gpu, bits: Bits, x: &Tensor, y: &Tensor) -> Result<Op> 
 /// [`act_forward`] in place: `x` is overwritten with its quantized values (the same bits).
 /// Float bits: no op.
 pub fn act_forward_in_place(gpu: &Gpu, bits: Bits, x: &Tensor) -> Result<Vec<Op>> {
-    const K: &str = "act_forward_in_place";
-    same_f32(K, &[("x", x)])?;
-    if bits.is_float() {
-        return Ok(Vec::new());
-    }
-    let n = count_u32(K, x.numel())?;
-    Ok(vec![launch_op(
-        gpu,
-        (&ACT_FORWARD_IN_PLACE, &[]),
-        format!("{K} a{bits} {:?}", x.shape()),
-        &params(n, bits, 0),
-        &[x],
-        elementwise_grid(gpu, n),
-    )?])
+    in_place(gpu, bits, &ACT_FORWARD_IN_PLACE, &[("x", x)])
 }
 
 /// Activation quantizer backward (straight-through): `dx = 0.1 dy` where
@@ -210,37 +197,37 @@ pub fn act_backward(gpu: &Gpu, bits: Bits, x: &Tensor, dy: &Tensor, dx: &Tensor)
 /// [`act_backward`] in place: `d` holds dL/dy and is overwritten with dL/dx (the same bits).
 /// Float bits pass the gradient through: no op.
 pub fn act_backward_in_place(gpu: &Gpu, bits: Bits, x: &Tensor, d: &Tensor) -> Result<Vec<Op>> {
-    const K: &str = "act_backward_in_place";
-    same_f32(K, &[("x", x), ("d", d)])?;
-    if bits.is_float() {
-        return Ok(Vec::new());
-    }
-    let n = count_u32(K, x.numel())?;
-    Ok(vec![launch_op(
-        gpu,
-        (&ACT_BACKWARD_IN_PLACE, &[]),
-        format!("{K} a{bits} {:?}", x.shape()),
-        &params(n, bits, 0),
-        &[x, d],
-        elementwise_grid(gpu, n),
-    )?])
+    in_place(gpu, bits, &ACT_BACKWARD_IN_PLACE, &[("x", x), ("d", d)])
 }
 
 /// [`act_backward_in_place`] then [`act_forward_in_place`] in one pass: `d` (dL/dy) becomes
 /// dL/dx, masked by the float `x`, and `x` becomes its quantized value; the same bits as the two.
 pub fn act_backward_requantize(gpu: &Gpu, bits: Bits, x: &Tensor, d: &Tensor) -> Result<Vec<Op>> {
-    const K: &str = "act_backward_requantize";
-    same_f32(K, &[("x", x), ("d", d)])?;
+    in_place(gpu, bits, &ACT_BACKWARD_REQUANTIZE, &[("x", x), ("d", d)])
+}
+
+/// An activation-quantizer entry that rewrites its tensors in place, elementwise over the first
+/// one (float bits: the identity both ways, so no op).
+fn in_place(
+    gpu: &Gpu,
+    bits: Bits,
+    entry: &'static Entry,
+    named: &[(&str, &Tensor)],
+) -> Result<Vec<Op>> {
+    let k = entry.name;
+    same_f32(k, named)?;
     if bits.is_float() {
         return Ok(Vec::new());
     }
-    let n = count_u32(K, x.numel())?;
+    let x = named[0].1;
+    let n = count_u32(k, x.numel())?;
+    let tensors: Vec<&Tensor> = named.iter().map(|(_, t)| *t).collect();
     Ok(vec![launch_op(
         gpu,
-        (&ACT_BACKWARD_REQUANTIZE, &[]),
-        format!("{K} a{bits} {:?}", x.shape()),
+        (entry, &[]),
+        format!("{k} a{bits} {:?}", x.shape()),
         &params(n, bits, 0),
-        &[x, d],
+        &tensors,
         elementwise_grid(gpu, n),
     )?])
 }
