@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything to check and measure on a GPU machine, in one command of about 19 minutes at most
-# (the batch-256 targets within the first 10): the kernels checked on the real GPU (`wgqat selftest`), then wgqat against PyTorch (eager and
-# torch.compile) on the same GPU, most important numbers first. Each part has its own time limit
-# and writes its output to OUT_DIR, so a part that fails or runs long costs only itself.
+# (the batch-256 targets within the first 10): the kernels checked on the real GPU (`wgqat
+# selftest`), then wgqat against PyTorch (eager and torch.compile) on the same GPU, most important
+# numbers first. Each part has its own time limit and writes its output to OUT_DIR, so a part that
+# fails or runs long costs only itself.
 #
 #   bash tools/gpu_check.sh [OUT_DIR]       (default: $OUT, else gpu-results)
 #
