@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod data;
 pub mod error;
+pub mod fault;
 pub mod gpu;
 pub mod infer;
 pub mod kernels;

@@ -1,6 +1,7 @@
 //! Small helpers shared by the trainer and the command line.
 
 use crate::error::{Error, Result};
+use crate::fault::{self, Point};
 use std::io::Write;
 use std::path::Path;
 
@@ -18,8 +19,15 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
+        if fault::due(Point::Tmp, Some(&name)) {
+            f.write_all(&bytes[..bytes.len() / 2])?;
+            fault::die();
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
+        if fault::due(Point::Rename, Some(&name)) {
+            fault::die();
+        }
         std::fs::rename(&tmp, path)?;
         // Persist the rename itself.
         if let Ok(d) = std::fs::File::open(dir) {

@@ -206,7 +206,7 @@ struct TrainArgs {
     /// On a non-finite loss: stop (naming the step and layer) or skip-step [default: stop].
     #[arg(long)]
     nan_policy: Option<String>,
-    /// Save resume state at least this often, in minutes [default: 10].
+    /// Save resume state at least this often, in minutes; 0: at every metrics line [default: 10].
     #[arg(long)]
     save_minutes: Option<f64>,
     /// Plain log lines instead of a progress bar.

@@ -92,7 +92,8 @@ pub struct TrainConfig {
     /// Read metrics back, log and check for NaN every this many steps.
     pub log_every: u64,
     pub nan_policy: NanPolicy,
-    /// Also save resume state at a log boundary when this many minutes passed since the last save.
+    /// Also save resume state at a log boundary when this many minutes passed since the last save
+    /// (0: at every log boundary).
     pub save_minutes: f64,
 }
 
@@ -168,8 +169,10 @@ impl TrainConfig {
                 "--nesterov needs --optimizer sgd and a momentum above 0".into(),
             ));
         }
-        if !(self.save_minutes.is_finite() && self.save_minutes > 0.0) {
-            return Err(Error::Invalid("--save-minutes must be positive".into()));
+        if !(self.save_minutes.is_finite() && self.save_minutes >= 0.0) {
+            return Err(Error::Invalid(
+                "--save-minutes must be 0 (save at every metrics line) or more".into(),
+            ));
         }
         if self.log_every == 0 {
             return Err(Error::Invalid(

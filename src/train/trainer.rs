@@ -17,6 +17,7 @@ use super::run_dir::{
 };
 use crate::data::{self, Augment, Dataset};
 use crate::error::{Error, Result};
+use crate::fault::{self, Point};
 use crate::gpu::{Gpu, Op, Tensor};
 use crate::models::{self, ModelSpec};
 use crate::nn::checkpoint::{self, Data, Named};
@@ -395,15 +396,6 @@ struct Backup {
     running: Tensor,
 }
 
-/// Test hook: `WGQAT_INJECT_FAULT=KIND@STEP` makes global step STEP (from 1) fail: `nan-input`
-/// (a NaN pixel in its batch), `nan-weight` (a NaN in the first weight), `validation` (an invalid
-/// dispatch in its submit) or `lost` (the device destroyed before it).
-fn injected_fault() -> Option<(String, u64)> {
-    let v = std::env::var("WGQAT_INJECT_FAULT").ok()?;
-    let (kind, step) = v.split_once('@')?;
-    Some((kind.to_string(), step.parse().ok()?))
-}
-
 impl Trainer<'_> {
     fn write_config(&self) -> Result<()> {
         let json =
@@ -415,6 +407,10 @@ impl Trainer<'_> {
         let path = self.dir.join("metrics.jsonl");
         let mut s = serde_json::to_string(line).map_err(|e| Error::Invalid(e.to_string()))?;
         s.push('\n');
+        if fault::due(Point::Log, None) {
+            let _ = self.metrics_file.write_all(&s.as_bytes()[..s.len() / 2]);
+            fault::die();
+        }
         self.metrics_file
             .write_all(s.as_bytes())
             .and_then(|_| self.metrics_file.flush())
@@ -528,7 +524,7 @@ impl Trainer<'_> {
     ) -> Result<(usize, wgpu::SubmissionIndex)> {
         let s = self.progress.step_in_epoch;
         let (idx, mut images, labels) = self.batch_of(epoch, s, order);
-        let fault = self.inject(&mut images)?;
+        let injected = self.inject(&mut images)?;
         let plan = self.plan_for(idx.len());
         self.net.write_batch(self.gpu, plan, &images, &labels)?;
         self.net
@@ -538,7 +534,7 @@ impl Trainer<'_> {
         } else {
             Vec::new()
         };
-        let bad = match &fault {
+        let bad = match &injected {
             Some((k, _)) if k == "validation" => {
                 // The same buffer bound read-only and read-write: invalid by WebGPU's rules.
                 let x = &self.net.param_arena;
@@ -555,13 +551,14 @@ impl Trainer<'_> {
         self.progress.global_step += 1;
         self.progress.step_in_epoch += 1;
         self.net.batches_tracked.iter_mut().for_each(|c| *c += 1);
+        fault::kill_point(Point::Step);
         Ok((idx.len(), index))
     }
 
-    /// Applies the test hook's fault (see [`injected_fault`]) to the next step, if it is that step.
+    /// Applies the test hook's step fault (see [`fault`]) to the next step, if it is that step.
     fn inject(&self, images: &mut [f32]) -> Result<Option<(String, u64)>> {
-        let fault = injected_fault().filter(|(_, at)| *at == self.progress.global_step + 1);
-        if let Some((kind, _)) = &fault {
+        let injected = fault::step_fault().filter(|(_, at)| *at == self.progress.global_step + 1);
+        if let Some((kind, _)) = &injected {
             match kind.as_str() {
                 "nan-input" => images[0] = f32::NAN,
                 "nan-weight" => self
@@ -571,7 +568,7 @@ impl Trainer<'_> {
                 _ => {}
             }
         }
-        Ok(fault)
+        Ok(injected)
     }
 
     /// Counts a step as taken without running it (a skipped non-finite step).
@@ -884,6 +881,9 @@ impl Trainer<'_> {
                 },
             )?;
             plan.ops.submit(self.gpu, "evaluation")?;
+            if k == 0 {
+                fault::kill_point(Point::Eval);
+            }
         }
         let m = self.net.read_metrics(self.gpu, batches)?;
         let mut loss = 0.0;
@@ -924,6 +924,7 @@ impl Trainer<'_> {
             );
             checkpoint::write(&self.dir.join("best.safetensors"), &state, meta.clone())?;
         }
+        fault::kill_point(Point::Save);
         let mut all = state;
         let (m, v) = (
             self.gpu.read_f32(&self.opt.m)?,
