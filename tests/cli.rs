@@ -28,6 +28,62 @@ fn info_lists_the_chosen_adapter_as_json() {
     );
 }
 
+/// On a headless machine without XDG_RUNTIME_DIR, Mesa's Wayland probe printed two "error:"
+/// lines at every start: stderr now holds only wgqat's own lines.
+#[test]
+fn a_headless_start_prints_nothing_but_wgqats_own_lines() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wgqat"))
+        .args(["info"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "wgqat info wrote to stderr"
+    );
+    let dir = std::env::temp_dir().join(format!("wgqat-cli-quiet-{}", std::process::id()));
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ci_nin.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_wgqat"))
+        .args([
+            "train",
+            "--model",
+            model,
+            "--steps",
+            "1",
+            "--train-limit",
+            "32",
+        ])
+        .args([
+            "--test-limit",
+            "16",
+            "--batch-size",
+            "16",
+            "--plain",
+            "--out",
+        ])
+        .arg(&dir)
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let own = [
+        "no --data given",
+        "training ",
+        "epoch ",
+        "stopped at --steps",
+    ];
+    for line in err.lines() {
+        assert!(
+            own.iter().any(|p| line.starts_with(p)),
+            "a line that is not wgqat's: {line:?}"
+        );
+    }
+}
+
 #[test]
 fn unknown_adapter_and_backend_are_one_line_errors() {
     for args in [

@@ -370,6 +370,8 @@ impl GpuArgs {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { wgqat::gpu::ensure_runtime_dir() };
     env_logger::Builder::from_env(
         env_logger::Env::default()
             .default_filter_or("warn,wgpu_hal=error,wgpu_core=error,naga=error"),

@@ -73,6 +73,40 @@ impl AdapterSummary {
     }
 }
 
+/// Gives the process a private runtime directory when `XDG_RUNTIME_DIR` is unset or not a
+/// directory. On a headless Linux machine Mesa's Vulkan driver probes for a Wayland display while
+/// the instance is made, and libwayland then prints `error: XDG_RUNTIME_DIR is invalid or not
+/// set in the environment.` (twice), which reads as a failure though nothing failed. With a
+/// usable directory (empty: there is no display in it) the probe fails quietly. Elsewhere, or
+/// with the variable already usable, this does nothing.
+///
+/// # Safety
+/// It sets an environment variable: call it before the process starts other threads (first
+/// thing in `main`), as [`std::env::set_var`] requires.
+pub unsafe fn ensure_runtime_dir() {
+    #[cfg(all(unix, not(target_os = "macos")))]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let usable = std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|d| !d.is_empty())
+            .is_some_and(|d| std::path::Path::new(&d).is_dir());
+        if usable {
+            return;
+        }
+        // SAFETY: getuid(2) has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let dir = std::env::temp_dir().join(format!("wgqat-runtime-{uid}"));
+        let _ = std::fs::create_dir(&dir);
+        // Only a directory of our own, closed to others, as the XDG spec asks of it.
+        let ours = std::fs::metadata(&dir).is_ok_and(|m| m.is_dir() && m.uid() == uid)
+            && std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).is_ok();
+        if ours {
+            // SAFETY: the caller promises no other thread is running.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+        }
+    }
+}
+
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = backends;

@@ -8,7 +8,7 @@ mod readback;
 mod recorder;
 mod tensor;
 
-pub use adapter::{AdapterSummary, GpuOptions, list_adapters, parse_backends};
+pub use adapter::{AdapterSummary, GpuOptions, ensure_runtime_dir, list_adapters, parse_backends};
 pub use kernel::{Bind, Kernel, KernelCache, KernelSpec, Shader};
 pub use pool::{BufferPool, PoolStats};
 pub use recorder::{Launch, Op, Recorder, Timing, submit_count};

@@ -59,10 +59,10 @@ impl PooledBuffer {
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        if let (Some(buf), Some(pool)) = (self.buffer.take(), self.pool.upgrade())
-            && let Ok(mut inner) = pool.lock()
-        {
-            inner.free.entry(self.key).or_default().push(buf);
+        if let (Some(buf), Some(pool)) = (self.buffer.take(), self.pool.upgrade()) {
+            if let Ok(mut inner) = pool.lock() {
+                inner.free.entry(self.key).or_default().push(buf);
+            }
         }
     }
 }
