@@ -4,6 +4,7 @@
 //! the WGSL shaders in `shaders/`; [`reference`](mod@reference) holds the CPU oracle of every kernel.
 
 pub mod bench;
+pub mod capi;
 pub mod data;
 pub mod error;
 pub mod fault;

@@ -54,40 +54,6 @@ fn fails_with(out: &std::process::Output, needles: &[&str]) {
     }
 }
 
-/// A network of `model` with random weights and random BatchNorm statistics and affine
-/// parameters (so that folding BN is exercised, not the identity of a fresh init).
-fn random_network(
-    gpu: &Gpu,
-    model: &str,
-    quant: QuantConfig,
-    capacity: usize,
-    seed: u64,
-) -> Network {
-    let spec = wgqat::models::load(model).unwrap();
-    let mut net = Network::new(gpu, &spec, quant, capacity, false, 1).unwrap();
-    init::initialise(gpu, &net, seed).unwrap();
-    let mut rng = Rng::new(seed);
-    let state: Vec<Named> = net
-        .state_dict(gpu)
-        .unwrap()
-        .into_iter()
-        .map(|t| {
-            let n = t.shape.iter().product::<usize>().max(1);
-            let (lo, hi) = match t.name.rsplit('.').next().unwrap() {
-                "running_mean" => (-0.5, 0.5),
-                "running_var" => (0.3, 2.0),
-                _ if t.name.contains("bn") && t.name.ends_with("weight") => (0.5, 1.5),
-                _ if t.name.contains("bn") && t.name.ends_with("bias") => (-0.3, 0.6),
-                _ => return t,
-            };
-            Named::f32(t.name.clone(), &t.shape, rng.vec_uniform(n, lo, hi))
-        })
-        .collect();
-    net.load_named(gpu, Path::new("random state"), state)
-        .unwrap();
-    net
-}
-
 /// Logits of the fake-quant float network in eval mode (what `wgqat eval` computes).
 fn fake_quant_logits(gpu: &Gpu, net: &Network, x: &[f32], batch: usize) -> Vec<f32> {
     let plan = net.plan(gpu, batch, Mode::Eval).unwrap();
@@ -138,7 +104,7 @@ fn integer_predictions_equal_fake_quant_predictions() {
             a_bits: Bits::new(a).unwrap(),
             quantize_first_layer: first,
         };
-        let net = random_network(gpu, model, quant, batch, 3 + w as u64);
+        let net = common::random_network(gpu, model, quant, batch, 3 + w as u64);
         let name = &net.spec.name;
         let int_model =
             IntModel::from_folded(&wgqat::infer::fold::fold(gpu, &net).unwrap()).unwrap();
@@ -380,7 +346,7 @@ fn onnx_export_has_the_expected_graph_and_exact_levels() {
         a_bits: Bits::new(8).unwrap(),
         quantize_first_layer: false,
     };
-    let net = random_network(gpu, &model, quant, 1, 11);
+    let net = common::random_network(gpu, &model, quant, 1, 11);
     let folded = wgqat::infer::fold::fold(gpu, &net).unwrap();
     let bytes = wgqat::infer::onnx::export(&folded).unwrap();
     let m = fields(&bytes);
@@ -493,7 +459,7 @@ fn infer_classifies_png_and_jpeg_images() {
     let d = tmp("images");
     let model = repo("examples/models/tiny_nin.json");
     let quant = QuantConfig::default();
-    let net = random_network(gpu, &model, quant, 4, 21);
+    let net = common::random_network(gpu, &model, quant, 4, 21);
     let int_model = IntModel::from_folded(&wgqat::infer::fold::fold(gpu, &net).unwrap()).unwrap();
     let path = d.join("m.int.safetensors");
     int_model.write(&path).unwrap();
@@ -564,7 +530,7 @@ fn bad_models_and_images_are_one_line_errors() {
     let d = tmp("bad");
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let model = repo("examples/models/tiny_nin.json");
-    let net = random_network(gpu, &model, QuantConfig::default(), 1, 5);
+    let net = common::random_network(gpu, &model, QuantConfig::default(), 1, 5);
     let ckpt = d.join("float.safetensors");
     net.save(gpu, &ckpt, Default::default()).unwrap();
     let int = d.join("m.int.safetensors");

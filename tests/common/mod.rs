@@ -2,8 +2,12 @@
 //! cases of a kernel.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::sync::OnceLock;
 use wgqat::gpu::{Gpu, GpuOptions};
+use wgqat::nn::checkpoint::Named;
+use wgqat::nn::{Network, QuantConfig, init};
+use wgqat::rng::Rng;
 use wgqat::selftest;
 
 /// The device all tests of a binary share (tests run on threads; wgpu devices are thread-safe).
@@ -98,4 +102,38 @@ impl Fixture {
         let (shape, data) = self.get(case, name);
         gpu.upload_f32(name, shape, data).unwrap()
     }
+}
+
+/// A network of `model` with random weights and random BatchNorm statistics and affine
+/// parameters (so that folding BN is exercised, not the identity of a fresh init).
+pub fn random_network(
+    gpu: &Gpu,
+    model: &str,
+    quant: QuantConfig,
+    capacity: usize,
+    seed: u64,
+) -> Network {
+    let spec = wgqat::models::load(model).unwrap();
+    let mut net = Network::new(gpu, &spec, quant, capacity, false, 1).unwrap();
+    init::initialise(gpu, &net, seed).unwrap();
+    let mut rng = Rng::new(seed);
+    let state: Vec<Named> = net
+        .state_dict(gpu)
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            let n = t.shape.iter().product::<usize>().max(1);
+            let (lo, hi) = match t.name.rsplit('.').next().unwrap() {
+                "running_mean" => (-0.5, 0.5),
+                "running_var" => (0.3, 2.0),
+                _ if t.name.contains("bn") && t.name.ends_with("weight") => (0.5, 1.5),
+                _ if t.name.contains("bn") && t.name.ends_with("bias") => (-0.3, 0.6),
+                _ => return t,
+            };
+            Named::f32(t.name.clone(), &t.shape, rng.vec_uniform(n, lo, hi))
+        })
+        .collect();
+    net.load_named(gpu, Path::new("random state"), state)
+        .unwrap();
+    net
 }
