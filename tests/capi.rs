@@ -119,16 +119,7 @@ fn case(d: &Path) -> Case {
     let int_model = IntModel::from_folded(&wgqat::infer::fold::fold(gpu, &net).unwrap()).unwrap();
     let model_path = d.join("m.int.safetensors");
     int_model.write(&model_path).unwrap();
-    let test = wgqat::data::synthetic::generate(1, 2, 3);
-    let mut images = Vec::new();
-    for i in 0..3 {
-        let px = &test.images[i * 3072..(i + 1) * 3072];
-        let img = image::RgbImage::from_fn(32, 32, |x, y| {
-            image::Rgb([0, 1, 2].map(|c| px[c * 1024 + (y * 32 + x) as usize]))
-        });
-        images.push(d.join(format!("img{i}.png")));
-        img.save(images.last().unwrap()).unwrap();
-    }
+    let mut images = common::synthetic_pngs(d, 3);
     images.push(d.join("big.jpg"));
     image::RgbImage::from_fn(96, 64, |x, y| {
         image::Rgb([(x * 2) as u8, (y * 3) as u8, 128])

@@ -464,16 +464,7 @@ fn infer_classifies_png_and_jpeg_images() {
     let path = d.join("m.int.safetensors");
     int_model.write(&path).unwrap();
     let test = wgqat::data::synthetic::generate(1, 2, 3);
-    let mut pngs = Vec::new();
-    for i in 0..3 {
-        let px = &test.images[i * 3072..(i + 1) * 3072];
-        let img = image::RgbImage::from_fn(32, 32, |x, y| {
-            image::Rgb([0, 1, 2].map(|c| px[c * 1024 + (y * 32 + x) as usize]))
-        });
-        let p = d.join(format!("img{i}.png"));
-        img.save(&p).unwrap();
-        pngs.push(p);
-    }
+    let pngs = common::synthetic_pngs(&d, 3);
     let big = image::RgbImage::from_fn(96, 64, |x, y| {
         image::Rgb([(x * 2) as u8, (y * 3) as u8, 128])
     });

@@ -137,3 +137,19 @@ pub fn random_network(
         .unwrap();
     net
 }
+
+/// Images 0..n of the synthetic test set (seed 1) as lossless 32x32 PNGs `img{i}.png` in `dir`.
+pub fn synthetic_pngs(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
+    let test = wgqat::data::synthetic::generate(1, 2, n);
+    (0..n)
+        .map(|i| {
+            let px = &test.images[i * 3072..(i + 1) * 3072];
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                image::Rgb([0, 1, 2].map(|c| px[c * 1024 + (y * 32 + x) as usize]))
+            });
+            let p = dir.join(format!("img{i}.png"));
+            img.save(&p).unwrap();
+            p
+        })
+        .collect()
+}
