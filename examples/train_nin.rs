@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
             out: out.into(),
             resume: false,
             display: Display::Auto,
+            wording: str::to_owned,
             stop: None,
         },
     )?;

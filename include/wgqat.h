@@ -101,7 +101,7 @@ enum WgqatStatus wgqat_engine_create(const struct WgqatModel *model,
 // `engine` is NULL or a handle from [`wgqat_engine_create`], not used after this.
 void wgqat_engine_free(struct WgqatEngine *engine);
 
-// The adapter the engine runs on, e.g. "llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)";
+// The adapter the engine runs on, e.g. "llvmpipe (LLVM 15.0.6, 256 bits) (vulkan, Cpu)";
 // owned by the engine, "" when `engine` is NULL.
 //
 // # Safety

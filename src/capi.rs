@@ -304,7 +304,7 @@ pub unsafe extern "C" fn wgqat_engine_free(engine: *mut WgqatEngine) {
     }
 }
 
-/// The adapter the engine runs on, e.g. "llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)";
+/// The adapter the engine runs on, e.g. "llvmpipe (LLVM 15.0.6, 256 bits) (vulkan, Cpu)";
 /// owned by the engine, "" when `engine` is NULL.
 ///
 /// # Safety

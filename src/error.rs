@@ -10,7 +10,7 @@ pub enum Error {
     NoAdapter { detail: String, fix: String },
 
     #[error(
-        "no GPU adapter matches {wanted:?}; adapters found: {available} (use --adapter with part of one of these names)"
+        "no GPU adapter matches {wanted:?}; adapters found: {available} (choose the `adapter` by part of one of these names)"
     )]
     AdapterNotFound { wanted: String, available: String },
 

@@ -43,6 +43,7 @@ fn run(cfg: TrainConfig, out: &Path, resume: bool) -> wgqat::train::Summary {
             out: out.to_path_buf(),
             resume,
             display: Display::Quiet,
+            wording: str::to_owned,
             stop: None,
         },
     )
@@ -224,6 +225,7 @@ fn resume_refuses_other_settings_and_missing_state() {
             out: dir.clone(),
             resume: true,
             display: Display::Quiet,
+            wording: str::to_owned,
             stop: None,
         },
     )
@@ -238,6 +240,7 @@ fn resume_refuses_other_settings_and_missing_state() {
             out: dir.clone(),
             resume: false,
             display: Display::Quiet,
+            wording: str::to_owned,
             stop: None,
         },
     )
@@ -254,6 +257,7 @@ fn resume_refuses_other_settings_and_missing_state() {
             out: empty.clone(),
             resume: true,
             display: Display::Quiet,
+            wording: str::to_owned,
             stop: None,
         },
     )

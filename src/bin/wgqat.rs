@@ -1,6 +1,7 @@
 //! The `wgqat` command line.
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use wgqat::gpu::{AdapterSummary, Gpu, GpuOptions};
 use wgqat::kernels::quant::Bits;
 use wgqat::train::progress::Display;
-use wgqat::train::{Stopped, TrainConfig, TrainOptions};
+use wgqat::train::{NanPolicy, OptimizerName, Stopped, TrainConfig, TrainOptions};
 
 #[derive(Parser)]
 #[command(
@@ -125,62 +126,56 @@ enum BenchWhat {
     },
 }
 
-/// `wgqat train`. Options left out take micronet's defaults, or on --resume the run's own.
+/// `wgqat train`. Options left out take micronet's defaults (`TrainConfig::default`, which the
+/// help shows), or on --resume the run's own.
 #[derive(Args)]
 struct TrainArgs {
     #[command(flatten)]
     gpu: GpuArgs,
-    /// nin_gc, nin, or a model JSON file [default: nin_gc].
-    #[arg(long)]
-    model: Option<String>,
+    /// nin_gc, nin, or a model JSON file.
+    #[arg(long, default_value_t = TrainConfig::default().model)]
+    model: String,
     /// CIFAR-10 binary folder (or its parent); without it, the built-in synthetic dataset.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Weight bits: 2..=16, or 32 for float [default: 8].
-    #[arg(long)]
-    w_bits: Option<u32>,
-    /// Activation bits: 2..=16, or 32 for float [default: 8].
-    #[arg(long)]
-    a_bits: Option<u32>,
+    /// Weight bits: 2..=16, or 32 for float.
+    #[arg(long, default_value_t = TrainConfig::default().w_bits.get())]
+    w_bits: u32,
+    /// Activation bits: 2..=16, or 32 for float.
+    #[arg(long, default_value_t = TrainConfig::default().a_bits.get())]
+    a_bits: u32,
     /// Quantize the first conv too (micronet leaves it float).
     #[arg(long)]
     quantize_first_layer: bool,
-    /// [default: 50]
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// [default: 256]
-    #[arg(long)]
-    eval_batch_size: Option<usize>,
-    /// [default: 299]
-    #[arg(long)]
-    epochs: Option<u32>,
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    batch_size: usize,
+    #[arg(long, default_value_t = TrainConfig::default().eval_batch_size)]
+    eval_batch_size: usize,
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    epochs: u32,
     /// Stop after N optimizer steps in all (saving last.safetensors).
     #[arg(long)]
     steps: Option<u64>,
-    /// adam or sgd [default: adam].
-    #[arg(long)]
-    optimizer: Option<String>,
-    /// [default: 0.01]
-    #[arg(long)]
-    lr: Option<f64>,
-    /// SGD momentum [default: 0.9].
-    #[arg(long)]
-    momentum: Option<f32>,
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().optimizer)]
+    optimizer: OptimizerName,
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = TrainConfig::default().momentum)]
+    momentum: f32,
     /// Nesterov momentum (SGD).
     #[arg(long)]
     nesterov: bool,
-    /// Weight decay, coupled L2 on all parameters [default: 1e-5].
-    #[arg(long)]
-    wd: Option<f32>,
-    /// Epochs at which lr is multiplied by gamma [default: 80,130,180,230,280].
-    #[arg(long, value_delimiter = ',')]
-    milestones: Option<Vec<u32>>,
-    /// [default: 0.1]
-    #[arg(long)]
-    gamma: Option<f64>,
-    /// [default: 1]
-    #[arg(long)]
-    seed: Option<u64>,
+    /// Weight decay, coupled L2 on all parameters.
+    #[arg(long, default_value_t = TrainConfig::default().wd)]
+    wd: f32,
+    /// Epochs at whose start lr is multiplied by gamma.
+    #[arg(long, value_delimiter = ',', default_values_t = TrainConfig::default().milestones)]
+    milestones: Vec<u32>,
+    #[arg(long, default_value_t = TrainConfig::default().gamma)]
+    gamma: f64,
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    seed: u64,
     /// Initial weights: a state dict in safetensors (micronet names).
     #[arg(long)]
     init: Option<PathBuf>,
@@ -200,15 +195,15 @@ struct TrainArgs {
     /// Use only the first N test images.
     #[arg(long)]
     test_limit: Option<usize>,
-    /// Read metrics back and log every N steps [default: 100].
-    #[arg(long)]
-    log_every: Option<u64>,
-    /// On a non-finite loss: stop (naming the step and layer) or skip-step [default: stop].
-    #[arg(long)]
-    nan_policy: Option<String>,
-    /// Save resume state at least this often, in minutes; 0: at every metrics line [default: 10].
-    #[arg(long)]
-    save_minutes: Option<f64>,
+    /// Read metrics back and log every N steps.
+    #[arg(long, default_value_t = TrainConfig::default().log_every)]
+    log_every: u64,
+    /// On a non-finite loss.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().nan_policy)]
+    nan_policy: NanPolicy,
+    /// Save resume state at least this often, in minutes; 0: at every metrics line.
+    #[arg(long, default_value_t = TrainConfig::default().save_minutes)]
+    save_minutes: f64,
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     plain: bool,
@@ -289,9 +284,8 @@ struct ExportArgs {
     /// Output file.
     #[arg(long)]
     out: PathBuf,
-    /// int (the integer model for `wgqat infer`) or onnx.
-    #[arg(long, default_value = "int")]
-    format: String,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Int)]
+    format: ExportFormat,
 }
 
 #[derive(Args)]
@@ -348,12 +342,30 @@ enum DataWhat {
     },
 }
 
+/// The graphics APIs, spelled as WGPU_BACKEND spells them.
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+/// What `wgqat export` writes.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ExportFormat {
+    /// The integer model for `wgqat infer` and the C API.
+    Int,
+    /// ONNX (opset 17).
+    Onnx,
+}
+
 /// Adapter choice, shared by every command that uses the GPU.
 #[derive(Args, Clone, Default)]
 struct GpuArgs {
-    /// Graphics API: vulkan, metal, dx12 or gl (default: env WGPU_BACKEND, else all).
-    #[arg(long)]
-    backend: Option<String>,
+    /// Graphics API (default: env WGPU_BACKEND, else the native ones, GL only without them).
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
     /// Use the adapter whose name contains this (default: env WGPU_ADAPTER_NAME, else the
     /// highest-performance one).
     #[arg(long)]
@@ -363,7 +375,10 @@ struct GpuArgs {
 impl GpuArgs {
     fn options(&self) -> GpuOptions {
         GpuOptions {
-            backend: self.backend.clone(),
+            backend: self
+                .backend
+                .and_then(|b| b.to_possible_value())
+                .map(|v| v.get_name().to_string()),
             adapter: self.adapter.clone(),
         }
     }
@@ -378,21 +393,50 @@ fn main() -> ExitCode {
     )
     .format_timestamp(None)
     .init();
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(cli, &matches) {
         Ok(code) => code,
         Err(e) => {
             // wgqat's errors are one line that already names their cause.
-            eprintln!("error: {e}");
+            eprintln!("error: {}", as_flags(&e.to_string()));
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// The library names settings in backticks (`` `batch_size` ``); on the command line they are
+/// flags (`--batch-size`). Other backticked words are left as they are.
+fn as_flags(message: &str) -> String {
+    let settings = serde_json::to_value(TrainConfig::default()).unwrap_or_default();
+    let is_flag = |w: &str| {
+        settings.get(w).is_some() || matches!(w, "out" | "resume" | "backend" | "adapter")
+    };
+    let parts: Vec<&str> = message.split('`').collect();
+    let mut out = String::with_capacity(message.len());
+    for (i, part) in parts.iter().enumerate() {
+        let quoted = i % 2 == 1 && i + 1 < parts.len();
+        match (quoted, i % 2 == 1) {
+            (true, _) if is_flag(part) => {
+                out.push_str("--");
+                out.push_str(&part.replace('_', "-"));
+            }
+            (true, _) => out.push_str(&format!("`{part}`")),
+            // A backtick that is never closed.
+            (false, true) => out.push_str(&format!("`{part}")),
+            (false, false) => out.push_str(part),
+        }
+    }
+    out
+}
+
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Info { gpu, json } => info(&gpu.options(), json),
-        Command::Train(args) => train(*args),
+        Command::Train(args) => train(
+            *args,
+            matches.subcommand_matches("train").expect("train matches"),
+        ),
         Command::Eval(args) => eval(args),
         Command::Model { name, summary } => model(&name, summary),
         Command::Export(a) => export(a),
@@ -641,7 +685,7 @@ fn bits(v: Option<u32>, base: Bits) -> anyhow::Result<Bits> {
 
 /// The run's config: the defaults (or, resuming, the run's saved config) with the given flags on
 /// top. A resumed run may only change its length; anything else is refused by the trainer.
-fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
+fn train_config(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<TrainConfig> {
     let mut c = match &a.resume {
         Some(dir) => {
             let path = dir.join("config.json");
@@ -656,54 +700,62 @@ fn train_config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         }
         None => TrainConfig::default(),
     };
-    if let Some(v) = &a.model {
-        c.model = v.clone();
+    // A new run takes every value (a flag left out holds TrainConfig's default); a resumed run
+    // only the flags given.
+    let take = |id: &str| a.resume.is_none() || given(id);
+    macro_rules! take {
+        ($($field:ident),*) => {
+            $(if take(stringify!($field)) {
+                c.$field = a.$field.clone();
+            })*
+        };
     }
-    if a.data.is_some() {
-        c.data = a.data.clone();
+    take!(
+        model,
+        batch_size,
+        eval_batch_size,
+        epochs,
+        optimizer,
+        lr,
+        momentum,
+        wd,
+        milestones,
+        gamma,
+        seed,
+        log_every,
+        nan_policy,
+        save_minutes
+    );
+    if take("w_bits") {
+        c.w_bits = Bits::new(a.w_bits)?;
     }
-    c.w_bits = bits(a.w_bits, c.w_bits)?;
-    c.a_bits = bits(a.a_bits, c.a_bits)?;
+    if take("a_bits") {
+        c.a_bits = Bits::new(a.a_bits)?;
+    }
     c.quantize_first_layer |= a.quantize_first_layer;
-    c.batch_size = a.batch_size.unwrap_or(c.batch_size);
-    c.eval_batch_size = a.eval_batch_size.unwrap_or(c.eval_batch_size);
-    c.epochs = a.epochs.unwrap_or(c.epochs);
+    c.nesterov |= a.nesterov;
+    c.augment &= !a.no_augment;
+    c.shuffle &= !a.no_shuffle;
+    for (field, v) in [(&mut c.data, &a.data), (&mut c.init, &a.init)] {
+        if v.is_some() {
+            *field = v.clone();
+        }
+    }
     if a.steps.is_some() {
         c.steps = a.steps;
     }
-    if let Some(o) = &a.optimizer {
-        c.optimizer = o.parse()?;
-    }
-    c.lr = a.lr.unwrap_or(c.lr);
-    c.momentum = a.momentum.unwrap_or(c.momentum);
-    c.nesterov |= a.nesterov;
-    c.wd = a.wd.unwrap_or(c.wd);
-    if let Some(m) = &a.milestones {
-        c.milestones = m.clone();
-    }
-    c.gamma = a.gamma.unwrap_or(c.gamma);
-    c.seed = a.seed.unwrap_or(c.seed);
-    if a.init.is_some() {
-        c.init = a.init.clone();
-    }
-    c.augment &= !a.no_augment;
-    c.shuffle &= !a.no_shuffle;
     if a.train_limit.is_some() {
         c.train_limit = a.train_limit;
     }
     if a.test_limit.is_some() {
         c.test_limit = a.test_limit;
     }
-    c.log_every = a.log_every.unwrap_or(c.log_every);
-    if let Some(p) = &a.nan_policy {
-        c.nan_policy = p.parse()?;
-    }
-    c.save_minutes = a.save_minutes.unwrap_or(c.save_minutes);
     Ok(c)
 }
 
-fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    let config = train_config(&a)?;
+fn train(a: TrainArgs, m: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
+    let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    let config = train_config(&a, &given)?;
     let out = match (&a.resume, &a.out) {
         (Some(r), Some(o)) if r != o => {
             anyhow::bail!("--resume continues the run in its own folder: leave out --out")
@@ -737,6 +789,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             out,
             resume: a.resume.is_some(),
             display,
+            wording: as_flags,
             stop: Some(stop),
         },
     )?;
@@ -807,7 +860,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("batch size 0: use a batch size of at least 1");
     }
     let gpu = Gpu::new(&a.gpu.options())?;
-    let r = wgqat::train::eval::evaluate(&gpu, &config, &a.checkpoint, &|s| eprintln!("{s}"))?;
+    let r = wgqat::train::eval::evaluate(&gpu, &config, &a.checkpoint, &|s| {
+        eprintln!("{}", as_flags(s))
+    })?;
     if let Some(p) = &a.predictions {
         let text: String = r.predictions.iter().map(|l| format!("{l}\n")).collect();
         wgqat::util::atomic_write(p, text.as_bytes())?;
@@ -1066,16 +1121,19 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let mut net = wgqat::nn::Network::new(&gpu, &spec, quant, 1, false, 1)?;
     net.load(&gpu, &c.checkpoint)?;
     let folded = wgqat::infer::fold::fold(&gpu, &net)?;
-    match a.format.as_str() {
-        "int" => wgqat::infer::IntModel::from_folded(&folded)?.write(&a.out)?,
-        "onnx" => wgqat::util::atomic_write(&a.out, &wgqat::infer::onnx::export(&folded)?)?,
-        f => anyhow::bail!("unknown --format {f:?}: use int or onnx"),
+    match a.format {
+        ExportFormat::Int => wgqat::infer::IntModel::from_folded(&folded)?.write(&a.out)?,
+        ExportFormat::Onnx => {
+            wgqat::util::atomic_write(&a.out, &wgqat::infer::onnx::export(&folded)?)?
+        }
     }
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "wrote {} ({} format, {} W{}A{}): {} bytes, {:.0}% of the float checkpoint's {} bytes",
         a.out.display(),
-        a.format,
+        a.format
+            .to_possible_value()
+            .map_or(String::new(), |v| v.get_name().to_string()),
         spec.name,
         config.w_bits,
         config.a_bits,
@@ -1113,7 +1171,7 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
             seed: a.seed,
             ..TrainConfig::default()
         };
-        let test = wgqat::train::trainer::load_test(&cfg, &|s| eprintln!("{s}"))?;
+        let test = wgqat::train::trainer::load_test(&cfg, &|s| eprintln!("{}", as_flags(s)))?;
         let idx: Vec<usize> = (0..test.len()).collect();
         let (x, l) = wgqat::data::batch(
             &test,
@@ -1207,4 +1265,23 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::as_flags;
+
+    #[test]
+    fn settings_in_backticks_become_flags() {
+        assert_eq!(
+            as_flags("`nesterov` needs `optimizer` sgd and a `momentum` above 0"),
+            "--nesterov needs --optimizer sgd and a --momentum above 0"
+        );
+        assert_eq!(as_flags("raise `train_limit`"), "raise --train-limit");
+        assert_eq!(
+            as_flags("`out` folder; `model.0.conv` stays"),
+            "--out folder; `model.0.conv` stays"
+        );
+        assert_eq!(as_flags("an odd ` backtick"), "an odd ` backtick");
+    }
 }

@@ -53,7 +53,7 @@ pub fn resolve(dir: &Path) -> Result<PathBuf> {
     if !dir.is_dir() {
         return Err(Error::file(
             dir,
-            "is not a folder: give --data the folder holding data_batch_*.bin and test_batch.bin (or its parent)",
+            "is not a folder: give as `data` the folder holding data_batch_*.bin and test_batch.bin (or its parent)",
         ));
     }
     let nested = dir.join("cifar-10-batches-bin");

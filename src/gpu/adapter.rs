@@ -63,7 +63,8 @@ impl AdapterSummary {
     pub fn of(info: &wgpu::AdapterInfo) -> Self {
         AdapterSummary {
             name: info.name.clone(),
-            backend: format!("{:?}", info.backend),
+            // As WGPU_BACKEND and --backend spell it: vulkan, metal, dx12, gl.
+            backend: info.backend.to_str().to_string(),
             device_type: format!("{:?}", info.device_type),
             driver: info.driver.clone(),
             driver_info: info.driver_info.clone(),
@@ -187,7 +188,7 @@ fn no_adapter(opts: &GpuOptions) -> Error {
     match &opts.backend {
         Some(b) => Error::NoAdapter {
             detail: format!(" for backend {b:?}"),
-            fix: "choose another --backend, or none to try them all".into(),
+            fix: "choose another `backend`, or none to try them all".into(),
         },
         None => Error::NoAdapter {
             detail: String::new(),

@@ -176,11 +176,14 @@ impl Gpu {
         &self.kernels
     }
 
-    /// A short description of the device, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
+    /// A short description of the device, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (vulkan, Cpu)`;
+    /// the backend as WGPU_BACKEND spells it.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?})",
-            self.info.name, self.info.backend, self.info.device_type
+            "{} ({}, {:?})",
+            self.info.name,
+            self.info.backend.to_str(),
+            self.info.device_type
         )
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// What to do when a step's loss or gradients are not finite.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum NanPolicy {
     /// Stop with an error naming the step and the layer where the value first appeared.
@@ -18,38 +18,14 @@ pub enum NanPolicy {
     SkipStep,
 }
 
-impl std::str::FromStr for NanPolicy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "stop" => Ok(NanPolicy::Stop),
-            "skip-step" => Ok(NanPolicy::SkipStep),
-            _ => Err(Error::Invalid(format!(
-                "unknown --nan-policy {s:?}: use stop or skip-step"
-            ))),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerName {
+    /// Adam with coupled L2 weight decay (torch.optim.Adam).
     #[default]
     Adam,
+    /// SGD with momentum, optionally Nesterov.
     Sgd,
-}
-
-impl std::str::FromStr for OptimizerName {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "adam" => Ok(OptimizerName::Adam),
-            "sgd" => Ok(OptimizerName::Sgd),
-            _ => Err(Error::Invalid(format!(
-                "unknown optimizer {s:?}: use adam or sgd"
-            ))),
-        }
-    }
 }
 
 /// Everything that defines a training run.
@@ -144,39 +120,39 @@ impl TrainConfig {
         }
         if self.epochs == 0 {
             return Err(Error::Invalid(
-                "--epochs 0: train for at least 1 epoch".into(),
+                "`epochs` 0: train for at least 1 epoch".into(),
             ));
         }
         if self.steps == Some(0) {
-            return Err(Error::Invalid("--steps 0: take at least 1 step".into()));
+            return Err(Error::Invalid("`steps` 0: take at least 1 step".into()));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::Invalid(format!(
-                "--lr {}: use a positive learning rate",
+                "`lr` {}: use a positive learning rate",
                 self.lr
             )));
         }
         if !non_negative(self.wd) || !non_negative(self.momentum) {
             return Err(Error::Invalid(
-                "--wd and --momentum must be finite and non-negative".into(),
+                "`wd` and `momentum` must be finite and non-negative".into(),
             ));
         }
         if !(self.gamma.is_finite() && self.gamma > 0.0) {
-            return Err(Error::Invalid("--gamma must be positive".into()));
+            return Err(Error::Invalid("`gamma` must be positive".into()));
         }
         if self.nesterov && (self.optimizer != OptimizerName::Sgd || self.momentum == 0.0) {
             return Err(Error::Invalid(
-                "--nesterov needs --optimizer sgd and a momentum above 0".into(),
+                "`nesterov` needs `optimizer` sgd and a `momentum` above 0".into(),
             ));
         }
         if !(self.save_minutes.is_finite() && self.save_minutes >= 0.0) {
             return Err(Error::Invalid(
-                "--save-minutes must be 0 (save at every metrics line) or more".into(),
+                "`save_minutes` must be 0 (save at every metrics line) or more".into(),
             ));
         }
         if self.log_every == 0 {
             return Err(Error::Invalid(
-                "--log-every 0: log at least every step".into(),
+                "`log_every` 0: log at least every step".into(),
             ));
         }
         if self.data.is_none() && (self.synthetic_train == 0 || self.synthetic_test == 0) {

@@ -14,19 +14,22 @@ pub enum Display {
 
 pub struct Reporter {
     mode: Display,
+    /// How the settings that notices name (`` `lr` ``) are worded (the binary: as flags).
+    wording: fn(&str) -> String,
     bar: Option<ProgressBar>,
     /// The (epoch, step) of the last plain training line, so a position is printed once.
     last_plain: std::cell::Cell<Option<(u32, u64)>>,
 }
 
 impl Reporter {
-    pub fn new(display: Display) -> Reporter {
+    pub fn new(display: Display, wording: fn(&str) -> String) -> Reporter {
         let mode = match display {
             Display::Auto if !std::io::stderr().is_terminal() => Display::Plain,
             d => d,
         };
         Reporter {
             mode,
+            wording,
             bar: None,
             last_plain: std::cell::Cell::new(None),
         }
@@ -91,6 +94,7 @@ impl Reporter {
 
     /// A line that stays visible (evaluation, notices).
     pub fn line(&self, text: &str) {
+        let text = &(self.wording)(text);
         match (&self.bar, self.mode) {
             (Some(b), _) => b.println(text),
             (None, Display::Quiet) => {}

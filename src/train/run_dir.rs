@@ -57,20 +57,20 @@ pub(super) fn prepare_dir(dir: &Path, resume: bool) -> Result<bool> {
     if dir.join("resume.safetensors").exists() {
         return Err(Error::file(
             dir,
-            "already holds a run: pass --resume to continue it, or choose another --out",
+            "already holds a run: `resume` it, or choose another `out` folder",
         ));
     }
     std::fs::create_dir_all(dir).map_err(|e| {
         Error::file(
             dir,
-            format!("cannot create the run folder ({e}): choose another --out"),
+            format!("cannot create the run folder ({e}): choose another `out` folder"),
         )
     })?;
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok").map_err(|e| {
         Error::file(
             dir,
-            format!("cannot write in the run folder ({e}): choose another --out"),
+            format!("cannot write in the run folder ({e}): choose another `out` folder"),
         )
     })?;
     let _ = std::fs::remove_file(probe);
@@ -92,7 +92,7 @@ pub(super) fn read_resume(dir: &Path, cfg: &TrainConfig) -> Result<(Vec<Named>, 
     let diffs = cfg.differences_from(&saved);
     if !diffs.is_empty() {
         return Err(Error::Invalid(format!(
-            "cannot resume {}: it was trained with other settings ({}); resume with the run's own settings (only --epochs and --steps may change)",
+            "cannot resume {}: it was trained with other settings ({}); resume with the run's own settings (only `epochs` and `steps` may change)",
             dir.display(),
             diffs.join("; ")
         )));

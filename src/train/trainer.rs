@@ -38,6 +38,9 @@ pub struct TrainOptions {
     /// Continue the run in `out` from its `resume.safetensors`.
     pub resume: bool,
     pub display: Display,
+    /// How settings named in notices (`` `lr` ``, as errors name them too) are worded: the binary
+    /// turns them into its flags (`--lr`); `str::to_owned` leaves them as they are.
+    pub wording: fn(&str) -> String,
     /// Set (e.g. by Ctrl-C) to stop after the current step, saving first.
     pub stop: Option<Arc<AtomicBool>>,
 }
@@ -68,7 +71,7 @@ pub fn load_data(cfg: &TrainConfig, say: &dyn Fn(&str)) -> Result<(Dataset, Data
         Some(dir) => data::cifar::load(dir)?,
         None => {
             say(&format!(
-                "no --data given: using the built-in synthetic dataset ({} training / {} test images, 10 classes, seed {})",
+                "no `data` given: using the built-in synthetic dataset ({} training / {} test images, 10 classes, seed {})",
                 cfg.train_limit
                     .unwrap_or(cfg.synthetic_train)
                     .min(cfg.synthetic_train),
@@ -96,7 +99,7 @@ pub fn load_data(cfg: &TrainConfig, say: &dyn Fn(&str)) -> Result<(Dataset, Data
     }
     if train.is_empty() || test.is_empty() {
         return Err(Error::Invalid(
-            "the training or test set is empty: raise --train-limit / --test-limit".into(),
+            "the training or test set is empty: raise `train_limit` / `test_limit`".into(),
         ));
     }
     Ok((train, test))
@@ -112,7 +115,7 @@ pub fn load_test(cfg: &TrainConfig, say: &dyn Fn(&str)) -> Result<Dataset> {
                 .unwrap_or(cfg.synthetic_test)
                 .min(cfg.synthetic_test);
             say(&format!(
-                "no --data given: using the built-in synthetic test set ({n} images, 10 classes, seed {})",
+                "no `data` given: using the built-in synthetic test set ({n} images, 10 classes, seed {})",
                 cfg.seed
             ));
             data::synthetic::generate(cfg.seed, 2, n)
@@ -123,7 +126,7 @@ pub fn load_test(cfg: &TrainConfig, say: &dyn Fn(&str)) -> Result<Dataset> {
     }
     if test.is_empty() {
         return Err(Error::Invalid(
-            "the test set is empty: raise --test-limit".into(),
+            "the test set is empty: raise `test_limit`".into(),
         ));
     }
     Ok(test)
@@ -177,12 +180,13 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
         out: dir,
         resume,
         display,
+        wording,
         stop,
     } = opts;
     cfg.validate()?;
     let spec = models::load(&cfg.model)?;
     check_input(&spec)?;
-    let reporter = Reporter::new(display);
+    let reporter = Reporter::new(display, wording);
     // A run stopped before its first save holds only its config: resuming it is starting it
     // again in the same folder (same seed, same data order: the same run).
     let nothing_saved =
@@ -241,7 +245,7 @@ fn setup<'g>(
     let fits = max_batch(gpu, &spec)?;
     if cfg.batch_size > fits {
         return Err(Error::Invalid(format!(
-            "batch size {} does not fit this device's buffer limits (max_storage_buffer_binding_size {} bytes): use --batch-size {} or less",
+            "batch size {} does not fit this device's buffer limits (max_storage_buffer_binding_size {} bytes): use a `batch_size` of {} or less",
             cfg.batch_size, gpu.limits.max_storage_buffer_binding_size, fits
         )));
     }
@@ -636,7 +640,7 @@ impl Trainer<'_> {
                     .first_nonfinite_state()?
                     .unwrap_or_else(|| "no saved tensor (the test data?)".into());
                 return Err(Error::Numerical(format!(
-                    "the test loss became {loss} after epoch {epoch}; first non-finite tensor: {place}. Training stopped; the checkpoints in {} are from before it (lower --lr)",
+                    "the test loss became {loss} after epoch {epoch}; first non-finite tensor: {place}. Training stopped; the checkpoints in {} are from before it (lower `lr`)",
                     self.dir.display()
                 )));
             }
@@ -722,7 +726,7 @@ impl Trainer<'_> {
                 NanPolicy::Stop => {
                     let place = self.diagnose(epoch, lr, order, iv, offset)?;
                     return Err(Error::Numerical(format!(
-                        "the loss became {} at step {step} (epoch {epoch}); first non-finite value: {place}. Training stopped; the checkpoints in {} are from before it (lower --lr, or --nan-policy skip-step)",
+                        "the loss became {} at step {step} (epoch {epoch}); first non-finite value: {place}. Training stopped; the checkpoints in {} are from before it (lower `lr`, or set `nan_policy` to skip-step)",
                         m[bad].0,
                         self.dir.display()
                     )));
