@@ -16,6 +16,13 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bwd_y: array<f32>;
 @group(0) @binding(4) var<storage, read> bwd_dy: array<f32>;
 @group(0) @binding(5) var<storage, read_write> bwd_dx: array<f32>;
+// add_forward
+@group(0) @binding(6) var<storage, read> add_a: array<f32>;
+@group(0) @binding(7) var<storage, read> add_b: array<f32>;
+@group(0) @binding(8) var<storage, read_write> add_y: array<f32>;
+// accumulate
+@group(0) @binding(9) var<storage, read> acc_x: array<f32>;
+@group(0) @binding(10) var<storage, read_write> acc_sum: array<f32>;
 
 fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
@@ -47,4 +54,29 @@ fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     bwd_dx[i] = select(0.0, bwd_dy[i], bwd_y[i] > 0.0);
+}
+
+// y = a + b: a residual sum (one f32 add, so exactly PyTorch's).
+@compute @workgroup_size(256)
+fn add_forward(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    add_y[i] = add_a[i] + add_b[i];
+}
+
+// sum += x: gradients of a tensor read by several layers, summed one consumer at a time in a
+// fixed order (deterministic, no atomics).
+@compute @workgroup_size(256)
+fn accumulate(@builtin(workgroup_id) wid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    acc_sum[i] = acc_sum[i] + acc_x[i];
 }

@@ -53,10 +53,11 @@ fn random_tensor(
 /// (not for the first layer, whose input needs no gradient) and grad-weight; for each quantized
 /// conv, the activation and weight quantizers both ways.
 fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
-    let shapes = model.shapes()?;
+    let graph = model.graph()?;
     let mut out = Vec::new();
     let mut first = true;
-    for (i, layer) in model.layers.iter().enumerate() {
+    for node in &graph.nodes {
+        let layer = &node.layer;
         let LayerSpec::Conv {
             out: cout,
             kernel,
@@ -69,7 +70,9 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
         else {
             continue;
         };
-        let [c, h, w] = shapes[i][..] else { continue };
+        let [c, h, w] = node.in_shape[..] else {
+            continue;
+        };
         let g = Conv2dGeom {
             batch,
             cin: c,
@@ -82,7 +85,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
             dilation: dilation.t(),
             groups: *groups,
         };
-        let name = model.layer_name(i);
+        let name = node.name.clone();
         let flops = 2.0 * g.macs() as f64;
         let shape = format!(
             "x{:?} w{:?} g{}",

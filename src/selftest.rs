@@ -111,6 +111,7 @@ pub fn run_read(gpu: &Gpu, launches: Vec<Launch>, outputs: &[&Tensor]) -> Result
 pub fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     elementwise_cases(&mut v);
+    add_cases(&mut v);
     reduce_cases(&mut v);
     quant_cases(&mut v);
     gemm_family_cases(&mut v);
@@ -168,6 +169,57 @@ fn elementwise_cases(v: &mut Vec<Case>) {
                 let want = reference::elementwise::relu_backward(&y, &dy);
                 Ok(vec![(
                     "dx".into(),
+                    reference::compare(&got[0], &want, Tolerance::EXACT),
+                )])
+            },
+        ));
+    }
+}
+
+/// The residual sum and gradient accumulation: one f32 add per element, exact.
+fn add_cases(v: &mut Vec<Case>) {
+    for n in [1usize, 257, 65535 * 256 + 300] {
+        v.push(Case::new(
+            "add",
+            "forward",
+            format!("[{n}]"),
+            move |gpu, rng| {
+                let (a, b) = (rng.vec_uniform(n, -1.0, 1.0), rng.vec_uniform(n, -1.0, 1.0));
+                let at = gpu.upload_f32("a", &[n], &a)?;
+                let bt = gpu.upload_f32("b", &[n], &b)?;
+                let yt = gpu.empty("y", &[n], DType::F32)?;
+                let l = kernels::elementwise::add_forward(gpu, &at, &bt, &yt)?;
+                let got = run_read(gpu, vec![l], &[&yt])?;
+                let want = reference::elementwise::add(&a, &b);
+                Ok(vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, Tolerance::EXACT),
+                )])
+            },
+        ));
+    }
+    for n in [1usize, 4099] {
+        v.push(Case::new(
+            "add",
+            "accumulate",
+            format!("[{n}]"),
+            move |gpu, rng| {
+                let (x, s) = (rng.vec_uniform(n, -1.0, 1.0), rng.vec_uniform(n, -1.0, 1.0));
+                let xt = gpu.upload_f32("x", &[n], &x)?;
+                let st = gpu.upload_f32("sum", &[n], &s)?;
+                // Twice: the second adds x to what the first left.
+                let ls = vec![
+                    kernels::elementwise::accumulate(gpu, &xt, &st)?,
+                    kernels::elementwise::accumulate(gpu, &xt, &st)?,
+                ];
+                let got = run_read(gpu, ls, &[&st])?;
+                let once: Vec<f32> = reference::elementwise::add(&s, &x)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                let want = reference::elementwise::add(&once, &x);
+                Ok(vec![(
+                    "sum".into(),
                     reference::compare(&got[0], &want, Tolerance::EXACT),
                 )])
             },

@@ -186,7 +186,7 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
 
 #[test]
 fn the_model_files_for_the_pytorch_tools_match_the_built_in_models() {
-    for name in ["nin_gc", "nin"] {
+    for name in ["nin_gc", "nin", "resnet18"] {
         let out = wgqat(&["model", name]);
         assert!(out.status.success());
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -165,8 +165,8 @@ fn truncated_files_and_bad_labels_are_errors_naming_the_file() {
 #[test]
 fn bad_models_bits_and_batch_sizes_are_errors() {
     fails_with(
-        &wgqat(&["train", "--model", "resnet50", "--steps", "1"]),
-        &["unknown model", "resnet50"],
+        &wgqat(&["train", "--model", "vgg16", "--steps", "1"]),
+        &["unknown model", "vgg16", "resnet18"],
     );
     for b in ["1", "0", "33"] {
         fails_with(

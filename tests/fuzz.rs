@@ -62,6 +62,8 @@ fn model_json_parser_never_panics() {
     let seeds = [
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/tiny_nin.json")).unwrap(),
         serde_json::to_string(&wgqat::models::nin::nin_gc()).unwrap(),
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/tiny_resnet.json")).unwrap(),
+        r#"{"input": [3, 8, 8], "layers": [{"type": "conv", "out": 3, "kernel": 1, "name": "a"}, {"type": "add", "inputs": ["input", "a", "a"]}, {"type": "adaptive_avgpool", "output": 2}]}"#.to_string(),
         r#"{"input": [3, 4000000000, 4000000000], "layers": [{"type": "conv", "out": 4000000000, "kernel": 3}, {"type": "flatten"}, {"type": "linear", "out": 9999999999}]}"#.to_string(),
         r#"{"input": [1, 1, 1], "layers": [{"type": "conv_transpose", "out": 2, "kernel": 99999, "stride": 99999, "output_padding": 5}]}"#.to_string(),
     ];

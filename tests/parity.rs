@@ -1,7 +1,8 @@
 //! Parity with PyTorch for a whole training step: `tools/torch_reference.py` ran a tiny
-//! nin_gc-shaped model (grouped convs, channel shuffle, both pools, BN, quantized last conv) from one
-//! initialisation on one batch, one step of torch.optim.SGD and one of torch.optim.Adam. Here the
-//! same init, batch and step run on the GPU and are compared.
+//! nin_gc-shaped model (grouped convs, channel shuffle, both pools, BN, quantized last conv) and a
+//! small ResNet (residual adds, an identity and a strided 1x1 shortcut, adaptive pooling, a
+//! Linear head) from one initialisation on one batch, one step of torch.optim.SGD and one of
+//! torch.optim.Adam. Here the same init, batch and step run on the GPU and are compared.
 //!
 //! Float (bits 32) must match tightly. A quantized net is chaotic by nature (one code
 //! that rounds the other way moves a whole BN channel), so W8A8 is held to the loss and to the
@@ -174,7 +175,18 @@ fn adam(r: &Reference) -> OptimizerKind {
 
 #[test]
 fn float_step_matches_pytorch() {
-    let r = load("parity_float.safetensors");
+    float_step("parity_float.safetensors");
+}
+
+/// A small ResNet (tools/torch_reference.py on examples/models/tiny_resnet.json): an identity and
+/// a strided 1x1-conv shortcut, so the gradient of a block's input is the sum of two paths.
+#[test]
+fn float_resnet_step_matches_pytorch() {
+    float_step("parity_resnet_float.safetensors");
+}
+
+fn float_step(fixture: &str) {
+    let r = load(fixture);
     let s = step(&r, sgd(&r));
     let want_loss = r.f32("loss")[0];
     println!("loss: wgqat {} pytorch {}", s.loss, want_loss);
@@ -230,7 +242,16 @@ fn float_step_matches_pytorch() {
 
 #[test]
 fn w8a8_step_matches_pytorch_in_loss_and_gradient_direction() {
-    let r = load("parity_w8a8.safetensors");
+    w8a8_step("parity_w8a8.safetensors");
+}
+
+#[test]
+fn w8a8_resnet_step_matches_pytorch_in_loss_and_gradient_direction() {
+    w8a8_step("parity_resnet_w8a8.safetensors");
+}
+
+fn w8a8_step(fixture: &str) {
+    let r = load(fixture);
     let s = step(&r, sgd(&r));
     let want_loss = r.f32("loss")[0];
     println!("loss: wgqat {} pytorch {}", s.loss, want_loss);

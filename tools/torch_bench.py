@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """PyTorch's QAT training throughput for the same models and measurement as `wgqat bench`:
-nin_gc and nin (tools/models/*.json, written by `wgqat model`) with the spec's DoReFa quantizers
+nin_gc, nin and resnet18 (tools/models/*.json, written by `wgqat model`; resnet18 is micronet's
+models/resnet.py under DoReFa's prepare(): every conv but the first, and fc, quantized; adds float) with the spec's DoReFa quantizers
 (tools/torch_reference.py), Adam (lr 0.01, coupled L2 1e-5), cross-entropy, random data already on
 the device, images per second over the timed steps after warm-up, and peak memory.
 
 Usage:
-  python3 tools/torch_bench.py [--compile] [--model nin_gc,nin] [--bits 8,32] [--batch 50,128,256]
+  python3 tools/torch_bench.py [--compile] [--model nin_gc,nin,resnet18] [--bits 8,32] [--batch 50,128,256]
                                [--warmup 5] [--steps 30] [--json]
 CUDA is used when present (cuDNN's defaults, TF32 allowed as PyTorch allows it by default);
 --strict-fp32 turns TF32 off.

@@ -84,35 +84,72 @@ class Holder(nn.Module):
     """A container so that modules can live under dotted names like model.4.conv."""
 
 
+def lower(spec):
+    """The layer vocabulary as steps (name, layer, input names), in registration order, as the
+    README's "Models from JSON" describes it: a layer without a name is `layers.{i}` at the top
+    level and `{container}.{i}` inside a sequential; a residual block's body is
+    `{block}.residual_function.{i}`, its shortcut `{block}.shortcut.{i}` (empty: identity), then
+    `{block}.add` of the two and `{block}.relu`; an add sums tensors named by layer (or "input")."""
+    steps = []
+    names = {"input": "input"}
+
+    def seq(layers, prefix, x):
+        for i, layer in enumerate(layers):
+            path = layer.get("name") or (f"layers.{i}" if prefix is None else f"{prefix}.{i}")
+            x = one(layer, path, x)
+        return x
+
+    def one(layer, path, x):
+        kind = layer["type"]
+        if kind == "sequential":
+            out = seq(layer["layers"], path, x)
+        elif kind == "residual":
+            b = seq(layer["body"], f"{path}.residual_function", x)
+            s = seq(layer["shortcut"], f"{path}.shortcut", x) if layer.get("shortcut") else x
+            steps.append((f"{path}.add", {"type": "add"}, [b, s]))
+            out = f"{path}.add"
+            if layer.get("relu", True):
+                steps.append((f"{path}.relu", {"type": "relu"}, [out]))
+                out = f"{path}.relu"
+        elif kind == "add":
+            steps.append((path, layer, [names[n] for n in layer["inputs"]]))
+            out = path
+        else:
+            steps.append((path, layer, [x]))
+            out = path
+        names[path] = out
+        return out
+
+    seq(spec["layers"], None, "input")
+    return steps
+
+
 class Net(nn.Module):
     def __init__(self, spec, w_bits, a_bits, quantize_first):
         super().__init__()
         self.steps = []
-        c = spec["input"][0]
+        # One zero image through the layers as they are built gives every input's shape.
+        probe = {"input": torch.zeros([1] + spec["input"])}
         first = True
-        for i, layer in enumerate(spec["layers"]):
+        for name, layer, inputs in lower(spec):
             kind = layer["type"]
-            name = layer.get("name", f"layers.{i}")
+            x = probe[inputs[0]]
+            c = x.shape[1]
             mod = None
             if kind == "conv":
                 g = layer.get("groups", 1)
                 mod = nn.Conv2d(c, layer["out"], pair(layer["kernel"]), pair(layer.get("stride", 1)),
                                 pair(layer.get("padding", 0)), pair(layer.get("dilation", 1)), g,
                                 bias=layer.get("bias", True))
-                c = layer["out"]
             elif kind == "conv_transpose":
                 g = layer.get("groups", 1)
                 mod = nn.ConvTranspose2d(c, layer["out"], pair(layer["kernel"]), pair(layer.get("stride", 1)),
                                          pair(layer.get("padding", 0)), pair(layer.get("output_padding", 0)), g,
                                          bias=layer.get("bias", True), dilation=pair(layer.get("dilation", 1)))
-                c = layer["out"]
             elif kind == "linear":
                 mod = nn.Linear(c, layer["out"], bias=layer.get("bias", True))
-                c = layer["out"]
             elif kind == "batchnorm":
                 mod = nn.BatchNorm2d(c, eps=layer.get("eps", 1e-5), momentum=layer.get("momentum", 0.1))
-            elif kind == "flatten":
-                c = None  # set by the shapes; only Linear after it needs it
             bits = None
             if kind in ("conv", "conv_transpose", "linear"):
                 quantized = quantize_first or not first
@@ -120,7 +157,10 @@ class Net(nn.Module):
                 first = False
             if mod is not None:
                 self._register(name, mod)
-            self.steps.append((kind, layer, mod, bits))
+            step = (kind, layer, mod, bits, inputs, name)
+            with torch.no_grad():
+                probe[name] = x if kind in ("batchnorm", "relu", "add", "shuffle") else self._run(step, probe, 32)
+            self.steps.append(step)
         self.spec = spec
 
     def _register(self, dotted, mod):
@@ -132,33 +172,51 @@ class Net(nn.Module):
             parent = getattr(parent, p)
         parent.add_module(parts[-1], mod)
 
+    @staticmethod
+    def _run(step, t, float_bits=None):
+        kind, layer, mod, bits, inputs, _ = step
+        x = t[inputs[0]]
+        if bits is not None and float_bits is not None:
+            bits = (float_bits, float_bits)
+        if kind == "conv":
+            return F.conv2d(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias, mod.stride,
+                            mod.padding, mod.dilation, mod.groups)
+        if kind == "conv_transpose":
+            return F.conv_transpose2d(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias,
+                                      mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
+        if kind == "linear":
+            return F.linear(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias)
+        if kind == "batchnorm":
+            return mod(x)
+        if kind == "relu":
+            return F.relu(x)
+        if kind == "add":
+            # Float, as micronet's DoReFa leaves Add; summed left to right.
+            out = x
+            for name in inputs[1:]:
+                out = out + t[name]
+            return out
+        if kind == "maxpool":
+            return F.max_pool2d(x, pair(layer["kernel"]), pair(layer.get("stride", layer["kernel"])),
+                                pair(layer.get("padding", 0)))
+        if kind == "avgpool":
+            return F.avg_pool2d(x, pair(layer["kernel"]), pair(layer.get("stride", layer["kernel"])),
+                                pair(layer.get("padding", 0)))
+        if kind == "adaptive_avgpool":
+            return F.adaptive_avg_pool2d(x, pair(layer.get("output", 1)))
+        if kind == "shuffle":
+            n, c, h, w = x.shape
+            g = layer["groups"]
+            return x.view(n, g, c // g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        if kind == "flatten":
+            return x.reshape(x.shape[0], -1)
+        raise ValueError(f"unknown layer type {kind}")
+
     def forward(self, x):
-        for kind, layer, mod, bits in self.steps:
-            if kind == "conv":
-                x = F.conv2d(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias, mod.stride,
-                             mod.padding, mod.dilation, mod.groups)
-            elif kind == "conv_transpose":
-                x = F.conv_transpose2d(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias,
-                                       mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
-            elif kind == "linear":
-                x = F.linear(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias)
-            elif kind == "batchnorm":
-                x = mod(x)
-            elif kind == "relu":
-                x = F.relu(x)
-            elif kind == "maxpool":
-                x = F.max_pool2d(x, pair(layer["kernel"]), pair(layer.get("stride", layer["kernel"])),
-                                 pair(layer.get("padding", 0)))
-            elif kind == "avgpool":
-                x = F.avg_pool2d(x, pair(layer["kernel"]), pair(layer.get("stride", layer["kernel"])),
-                                 pair(layer.get("padding", 0)))
-            elif kind == "shuffle":
-                n, c, h, w = x.shape
-                g = layer["groups"]
-                x = x.view(n, g, c // g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
-            elif kind == "flatten":
-                x = x.reshape(x.shape[0], -1)
-        return x
+        t = {"input": x}
+        for step in self.steps:
+            t[step[5]] = self._run(step, t)
+        return t[self.steps[-1][5]]
 
 
 def first_batch(folder, n):

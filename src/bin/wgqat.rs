@@ -47,7 +47,7 @@ enum Command {
     },
     /// Print a model as JSON (the vocabulary of --model FILE.json), or its layers and shapes.
     Model {
-        /// nin_gc, nin, or a model JSON file.
+        /// A built-in model (nin_gc, nin, resnet18, resnet34, resnet50) or a model JSON file.
         name: String,
         /// A table of layers, output shapes and parameters instead of JSON.
         #[arg(long)]
@@ -76,7 +76,7 @@ struct BenchArgs {
     what: Option<BenchWhat>,
     #[command(flatten)]
     gpu: GpuArgs,
-    /// Models (comma list of nin_gc, nin or JSON files).
+    /// Models (comma list of built-in names, e.g. nin_gc, nin, resnet18, or JSON files).
     #[arg(long, default_value = "nin_gc,nin", value_delimiter = ',')]
     model: Vec<String>,
     /// Bits, weights and activations alike (comma list; 32 = float).
@@ -108,7 +108,7 @@ enum BenchWhat {
     Kernels {
         #[command(flatten)]
         gpu: GpuArgs,
-        /// Models (comma list of nin_gc, nin or JSON files).
+        /// Models (comma list of built-in names, e.g. nin_gc, nin, resnet18, or JSON files).
         #[arg(long, default_value = "nin_gc,nin", value_delimiter = ',')]
         model: Vec<String>,
         /// Batch sizes (comma list).
@@ -132,7 +132,7 @@ enum BenchWhat {
 struct TrainArgs {
     #[command(flatten)]
     gpu: GpuArgs,
-    /// nin_gc, nin, or a model JSON file.
+    /// A built-in model (nin_gc, nin, resnet18, resnet34, resnet50) or a model JSON file.
     #[arg(long, default_value_t = TrainConfig::default().model)]
     model: String,
     /// CIFAR-10 binary folder (or its parent); without it, the built-in synthetic dataset.
@@ -220,7 +220,7 @@ struct EvalArgs {
     /// A checkpoint (safetensors state dict, micronet names).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// nin_gc, nin or a model JSON [default: recorded in the checkpoint, else nin_gc].
+    /// A built-in model or a model JSON [default: recorded in the checkpoint, else nin_gc].
     #[arg(long)]
     model: Option<String>,
     /// CIFAR-10 binary folder (without it: the synthetic test set).
@@ -261,7 +261,7 @@ struct CheckpointArgs {
     /// A checkpoint (safetensors state dict, micronet names).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// nin_gc, nin or a model JSON [default: recorded in the checkpoint, else nin_gc].
+    /// A built-in model or a model JSON [default: recorded in the checkpoint, else nin_gc].
     #[arg(long)]
     model: Option<String>,
     /// Weight bits [default: recorded in the checkpoint, else 8].
@@ -903,17 +903,33 @@ fn model(name: &str, summary: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&spec)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let shapes = spec.shapes()?;
-    let params = spec.param_counts()?;
+    let graph = spec.graph()?;
+    let params = graph.param_counts();
+    let width = graph.nodes.iter().map(|n| n.name.len()).max().unwrap_or(0);
     println!("{}: input {:?}", spec.name, spec.input);
-    for (i, l) in spec.layers.iter().enumerate() {
+    for (i, (n, p)) in graph.nodes.iter().zip(&params).enumerate() {
+        // Where the layer reads from, when not the layer just before it.
+        let from: Vec<String> = n
+            .inputs
+            .iter()
+            .map(|s| match s {
+                wgqat::models::Source::Input => "input".to_string(),
+                wgqat::models::Source::Node(k) => graph.nodes[*k].name.clone(),
+            })
+            .collect();
+        let chain = i > 0 && n.inputs == [wgqat::models::Source::Node(i - 1)];
         println!(
-            "{:>3} {:<15} {:<16} {:>14}  {:>9}",
+            "{:>3} {:<11} {:<width$} {:>14} {:>10}{}",
             i,
-            l.kind(),
-            l.name().unwrap_or(""),
-            format!("{:?}", shapes[i + 1]),
-            params[i]
+            n.layer.kind(),
+            n.name,
+            format!("{:?}", n.out_shape),
+            p,
+            if chain || i == 0 {
+                String::new()
+            } else {
+                format!("  <- {}", from.join(" + "))
+            }
         );
     }
     println!("{} parameters", params.iter().sum::<usize>());

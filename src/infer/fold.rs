@@ -80,7 +80,16 @@ fn unsupported(i: usize, l: &LayerSpec, why: &str) -> Error {
 /// Folds `net` (with its trained weights on the GPU).
 pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
     let spec: &ModelSpec = &net.spec;
+    let graph = &net.graph;
+    if !graph.is_chain() {
+        return Err(Error::Invalid(format!(
+            "cannot export {}: integer export takes a sequence of layers, and this model branches (a residual add); train and evaluate it with fake quantization",
+            spec.name
+        )));
+    }
     let shapes = spec.shapes()?;
+    let layers: Vec<&LayerSpec> = graph.nodes.iter().map(|n| &n.layer).collect();
+    let layer_name = |i: usize| graph.nodes[i].name.clone();
     let state: HashMap<String, Vec<f32>> = net
         .state_dict(gpu)?
         .into_iter()
@@ -102,8 +111,8 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
         .collect();
     let mut ops = Vec::new();
     let mut i = 0;
-    while i < spec.layers.len() {
-        let layer = &spec.layers[i];
+    while i < layers.len() {
+        let layer = layers[i];
         match layer {
             LayerSpec::Conv { out, bias, .. } | LayerSpec::Linear { out, bias, .. } => {
                 let linear = matches!(layer, LayerSpec::Linear { .. });
@@ -118,7 +127,7 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                     } => (kernel.t(), stride.t(), padding.t(), dilation.t(), *groups),
                     _ => ((1, 1), (1, 1), (0, 0), (1, 1), 1),
                 };
-                let name = spec.layer_name(i);
+                let name = layer_name(i);
                 let cin = shapes[i][0];
                 let w = get(format!("{name}.weight"))?;
                 let conv_bias = if *bias {
@@ -168,8 +177,8 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                     conv_bias.iter().map(|&v| v as f64).collect::<Vec<_>>(),
                 );
                 let mut next = i + 1;
-                if let Some(LayerSpec::BatchNorm { eps, .. }) = spec.layers.get(next) {
-                    let bn = spec.layer_name(next);
+                if let Some(LayerSpec::BatchNorm { eps, .. }) = layers.get(next) {
+                    let bn = layer_name(next);
                     let (g, be, rm, rv) = (
                         get(format!("{bn}.weight"))?,
                         get(format!("{bn}.bias"))?,
@@ -183,7 +192,7 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                     }
                     next += 1;
                 }
-                let relu = matches!(spec.layers.get(next), Some(LayerSpec::Relu));
+                let relu = matches!(layers.get(next), Some(LayerSpec::Relu));
                 if relu {
                     next += 1;
                 }
@@ -239,6 +248,12 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                     layer,
                     "a BatchNorm or ReLU must follow a conv or linear layer to be folded",
                 ));
+            }
+            LayerSpec::Add { .. }
+            | LayerSpec::AdaptiveAvgPool { .. }
+            | LayerSpec::Sequential { .. }
+            | LayerSpec::Residual { .. } => {
+                return Err(unsupported(i, layer, "not a layer of a chain"));
             }
         }
         i += 1;

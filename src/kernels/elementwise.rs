@@ -1,4 +1,5 @@
-//! `shaders/elementwise.wgsl`: ReLU forward and backward.
+//! `shaders/elementwise.wgsl`: ReLU forward and backward, the residual sum and gradient
+//! accumulation.
 
 use super::{ELEMENTWISE, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::Result;
@@ -56,6 +57,61 @@ pub fn relu_backward(gpu: &Gpu, y: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<
         format!("{K} {:?}", y.shape()),
         Some(bytemuck::bytes_of(&params(n))),
         &[y, dy, dx],
+        elementwise_grid(gpu, n),
+    )
+}
+
+/// `y = a + b` (a residual block's sum).
+pub fn add_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Launch> {
+    const K: &str = "add_forward";
+    for (name, t) in [("a", a), ("b", b), ("y", y)] {
+        expect_dtype(K, name, t, DType::F32)?;
+        expect_shape(K, name, t, a.shape())?;
+    }
+    let n = count_u32(K, a.numel())?;
+    let mut bindings = vec![Bind::None; 9];
+    bindings[0] = Bind::Uniform;
+    bindings[6] = Bind::Read;
+    bindings[7] = Bind::Read;
+    bindings[8] = Bind::ReadWrite;
+    let kernel = gpu.kernel(&KernelSpec {
+        shader: &ELEMENTWISE,
+        entry: K,
+        constants: &[],
+        bindings: &bindings,
+    })?;
+    gpu.launch(
+        &kernel,
+        format!("{K} {:?}", a.shape()),
+        Some(bytemuck::bytes_of(&params(n))),
+        &[a, b, y],
+        elementwise_grid(gpu, n),
+    )
+}
+
+/// `sum += x` (one more consumer's gradient of a tensor read by several layers).
+pub fn accumulate(gpu: &Gpu, x: &Tensor, sum: &Tensor) -> Result<Launch> {
+    const K: &str = "accumulate";
+    for (name, t) in [("x", x), ("sum", sum)] {
+        expect_dtype(K, name, t, DType::F32)?;
+        expect_shape(K, name, t, x.shape())?;
+    }
+    let n = count_u32(K, x.numel())?;
+    let mut bindings = vec![Bind::None; 11];
+    bindings[0] = Bind::Uniform;
+    bindings[9] = Bind::Read;
+    bindings[10] = Bind::ReadWrite;
+    let kernel = gpu.kernel(&KernelSpec {
+        shader: &ELEMENTWISE,
+        entry: K,
+        constants: &[],
+        bindings: &bindings,
+    })?;
+    gpu.launch(
+        &kernel,
+        format!("{K} {:?}", x.shape()),
+        Some(bytemuck::bytes_of(&params(n))),
+        &[x, sum],
         elementwise_grid(gpu, n),
     )
 }

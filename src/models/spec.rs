@@ -132,11 +132,43 @@ pub enum LayerSpec {
         #[serde(default = "zero")]
         padding: Pair,
     },
+    /// Adaptive average pooling to `output` (micronet's ResNets pool to 1×1): an average pool
+    /// whose window tiles the input exactly.
+    #[serde(rename = "adaptive_avgpool")]
+    AdaptiveAvgPool {
+        #[serde(default = "one")]
+        output: Pair,
+    },
     /// micronet's channel shuffle: view (N, g, C/g, H, W), swap dims 1 and 2.
     Shuffle {
         groups: usize,
     },
     Flatten,
+    /// A named sequence (PyTorch's `nn.Sequential`): its layers are named `{name}.{i}`.
+    Sequential {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        layers: Vec<LayerSpec>,
+    },
+    /// micronet's residual block, `relu(body(x) + shortcut(x))`: the body's layers are named
+    /// `{name}.residual_function.{i}`, the shortcut's `{name}.shortcut.{i}` (empty: the identity),
+    /// the sum `{name}.add`.
+    Residual {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        body: Vec<LayerSpec>,
+        #[serde(default)]
+        shortcut: Vec<LayerSpec>,
+        /// The ReLU after the sum.
+        #[serde(default = "yes")]
+        relu: bool,
+    },
+    /// The sum of named tensors: layer outputs by name (`conv1.2`, `layers.3`), or `input`.
+    Add {
+        inputs: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
 }
 
 /// The loss a model trains with.
@@ -175,8 +207,12 @@ impl LayerSpec {
             LayerSpec::Relu => "relu",
             LayerSpec::MaxPool { .. } => "maxpool",
             LayerSpec::AvgPool { .. } => "avgpool",
+            LayerSpec::AdaptiveAvgPool { .. } => "adaptive_avgpool",
             LayerSpec::Shuffle { .. } => "shuffle",
             LayerSpec::Flatten => "flatten",
+            LayerSpec::Sequential { .. } => "sequential",
+            LayerSpec::Residual { .. } => "residual",
+            LayerSpec::Add { .. } => "add",
         }
     }
 
@@ -260,7 +296,10 @@ impl LayerSpec {
             LayerSpec::Conv { name, .. }
             | LayerSpec::ConvTranspose { name, .. }
             | LayerSpec::Linear { name, .. }
-            | LayerSpec::BatchNorm { name, .. } => name.as_deref(),
+            | LayerSpec::BatchNorm { name, .. }
+            | LayerSpec::Sequential { name, .. }
+            | LayerSpec::Residual { name, .. }
+            | LayerSpec::Add { name, .. } => name.as_deref(),
             _ => None,
         }
     }
@@ -330,215 +369,221 @@ impl ModelSpec {
         Ok(spec)
     }
 
-    /// The parameter-name prefix of layer `i`.
-    pub fn layer_name(&self, i: usize) -> String {
-        self.layers[i]
-            .name()
-            .map_or_else(|| format!("layers.{i}"), str::to_string)
+    /// The model lowered to a graph of leaf layers in registration order, each with its module
+    /// path, inputs and shapes (see [`Graph`](super::graph::Graph)); checks every layer.
+    pub fn graph(&self) -> Result<super::graph::Graph> {
+        super::graph::lower(self)
     }
 
-    /// Output shape of every layer (index 0 is the input), checking that each layer fits.
+    /// The input shape, then the output shape of every node of the graph, in order.
     pub fn shapes(&self) -> Result<Vec<Shape>> {
-        let mut shapes = vec![self.input.to_vec()];
-        if self.input.contains(&0) {
-            return Err(Error::Invalid(format!(
-                "input shape {:?} has a zero size",
-                self.input
-            )));
-        }
-        if self.layers.is_empty() {
-            return Err(Error::Invalid("the model has no layers".into()));
-        }
-        if self.input.iter().any(|&d| d > MAX_DIM) || elements(&self.input).is_none() {
-            return Err(Error::Invalid(format!(
-                "input shape {:?} is too large (at most {MAX_ELEMENTS} values per image)",
-                self.input
-            )));
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cur = shapes.last().cloned().unwrap_or_default();
-            if let Some(field) = layer.largest_field().filter(|&(_, v)| v > MAX_DIM) {
-                return Err(Error::Invalid(format!(
-                    "layer {i} ({}): {} = {} is too large (at most {MAX_DIM})",
-                    layer.kind(),
-                    field.0,
-                    field.1
-                )));
-            }
-            let bad = |msg: String| Error::Invalid(format!("layer {i} ({}): {msg}", layer.kind()));
-            let chw = |what: &str| -> Result<(usize, usize, usize)> {
-                match cur.as_slice() {
-                    &[c, h, w] => Ok((c, h, w)),
-                    _ => Err(bad(format!("{what} needs a (C, H, W) input, got {cur:?}"))),
-                }
-            };
-            let next = match layer {
-                LayerSpec::Conv {
-                    out,
-                    kernel,
-                    stride,
-                    padding,
-                    dilation,
-                    groups,
-                    ..
-                } => {
-                    let (c, h, w) = chw("conv")?;
-                    let g = crate::kernels::conv2d::Conv2dGeom {
-                        batch: 1,
-                        cin: c,
-                        h,
-                        w,
-                        cout: *out,
-                        kernel: kernel.t(),
-                        stride: stride.t(),
-                        padding: padding.t(),
-                        dilation: dilation.t(),
-                        groups: *groups,
-                    };
-                    g.validate().map_err(|e| bad(e.to_string()))?;
-                    let (oh, ow) = g.out_hw();
-                    vec![*out, oh, ow]
-                }
-                LayerSpec::ConvTranspose {
-                    out,
-                    kernel,
-                    stride,
-                    padding,
-                    output_padding,
-                    dilation,
-                    groups,
-                    ..
-                } => {
-                    let (c, h, w) = chw("conv_transpose")?;
-                    let g = crate::kernels::conv_transpose2d::ConvTranspose2dGeom {
-                        batch: 1,
-                        cin: c,
-                        h,
-                        w,
-                        cout: *out,
-                        kernel: kernel.t(),
-                        stride: stride.t(),
-                        padding: padding.t(),
-                        output_padding: output_padding.t(),
-                        dilation: dilation.t(),
-                        groups: *groups,
-                    };
-                    g.validate().map_err(|e| bad(e.to_string()))?;
-                    let (oh, ow) = g.out_hw();
-                    vec![*out, oh, ow]
-                }
-                LayerSpec::Linear { out, .. } => {
-                    if cur.len() != 1 {
-                        return Err(bad(format!(
-                            "linear needs a flat input (add a flatten layer), got {cur:?}"
-                        )));
-                    }
-                    if *out == 0 {
-                        return Err(bad("out must be at least 1".into()));
-                    }
-                    vec![*out]
-                }
-                LayerSpec::BatchNorm { eps, momentum, .. } => {
-                    chw("batchnorm")?;
-                    if eps.is_nan() || *eps <= 0.0 || !(0.0..=1.0).contains(momentum) {
-                        return Err(bad("eps must be > 0 and momentum in [0, 1]".into()));
-                    }
-                    cur.clone()
-                }
-                LayerSpec::Relu => cur.clone(),
-                LayerSpec::MaxPool {
-                    kernel,
-                    stride,
-                    padding,
-                }
-                | LayerSpec::AvgPool {
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    let (c, h, w) = chw(layer.kind())?;
-                    let s = stride.unwrap_or(*kernel);
-                    if kernel.0 == 0 || kernel.1 == 0 || s.0 == 0 || s.1 == 0 {
-                        return Err(bad("kernel and stride must be at least 1".into()));
-                    }
-                    if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
-                        return Err(bad("padding must be at most half the kernel".into()));
-                    }
-                    match (
-                        pool_out(h, kernel.0, s.0, padding.0),
-                        pool_out(w, kernel.1, s.1, padding.1),
-                    ) {
-                        (Some(oh), Some(ow)) => vec![c, oh, ow],
-                        _ => {
-                            return Err(bad(format!(
-                                "a {kernel:?} window does not fit a {h}x{w} input"
-                            )));
-                        }
-                    }
-                }
-                LayerSpec::Shuffle { groups } => {
-                    let (c, _, _) = chw("shuffle")?;
-                    if *groups == 0 || c % groups != 0 {
-                        return Err(bad(format!(
-                            "{c} channels cannot be shuffled in {groups} groups"
-                        )));
-                    }
-                    cur.clone()
-                }
-                LayerSpec::Flatten => vec![cur.iter().product()],
-            };
-            if elements(&next).is_none() {
-                return Err(Error::Invalid(format!(
-                    "layer {i} ({}): its output {next:?} has more than {MAX_ELEMENTS} values per image",
-                    layer.kind()
-                )));
-            }
-            if weight_count(layer, cur[0]).is_none() {
-                return Err(Error::Invalid(format!(
-                    "layer {i} ({}): more than {MAX_ELEMENTS} parameters",
-                    layer.kind()
-                )));
-            }
-            shapes.push(next);
-        }
-        Ok(shapes)
+        let g = self.graph()?;
+        Ok(std::iter::once(g.input.clone())
+            .chain(g.nodes.into_iter().map(|n| n.out_shape))
+            .collect())
     }
 
-    /// Parameters per layer (weights, biases, BN γ and β), in layer order.
+    /// Parameters per graph node (weights, biases, BN γ and β), in order.
     pub fn param_counts(&self) -> Result<Vec<usize>> {
-        let shapes = self.shapes()?;
-        Ok(self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let cin = shapes[i][0];
-                match l {
-                    LayerSpec::Conv {
-                        out,
-                        kernel,
-                        groups,
-                        bias,
-                        ..
-                    } => out * (cin / groups) * kernel.0 * kernel.1 + if *bias { *out } else { 0 },
-                    LayerSpec::ConvTranspose {
-                        out,
-                        kernel,
-                        groups,
-                        bias,
-                        ..
-                    } => cin * (out / groups) * kernel.0 * kernel.1 + if *bias { *out } else { 0 },
-                    LayerSpec::Linear { out, bias, .. } => out * cin + if *bias { *out } else { 0 },
-                    LayerSpec::BatchNorm { .. } => 2 * cin,
-                    _ => 0,
-                }
-            })
-            .collect())
+        Ok(self.graph()?.param_counts())
     }
 
     pub fn param_count(&self) -> Result<usize> {
         Ok(self.param_counts()?.iter().sum())
     }
+}
+
+/// The output shape of leaf layer `layer` on input `cur`, checking that it fits; `at` names the
+/// layer in errors ("layer 3 (conv)").
+pub(super) fn leaf_shape(layer: &LayerSpec, cur: &Shape, at: &str) -> Result<Shape> {
+    if let Some(field) = layer.largest_field().filter(|&(_, v)| v > MAX_DIM) {
+        return Err(Error::Invalid(format!(
+            "{at}: {} = {} is too large (at most {MAX_DIM})",
+            field.0, field.1
+        )));
+    }
+    let bad = |msg: String| Error::Invalid(format!("{at}: {msg}"));
+    let chw = |what: &str| -> Result<(usize, usize, usize)> {
+        match cur.as_slice() {
+            &[c, h, w] => Ok((c, h, w)),
+            _ => Err(bad(format!("{what} needs a (C, H, W) input, got {cur:?}"))),
+        }
+    };
+    let next = match layer {
+        LayerSpec::Conv {
+            out,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            ..
+        } => {
+            let (c, h, w) = chw("conv")?;
+            let g = crate::kernels::conv2d::Conv2dGeom {
+                batch: 1,
+                cin: c,
+                h,
+                w,
+                cout: *out,
+                kernel: kernel.t(),
+                stride: stride.t(),
+                padding: padding.t(),
+                dilation: dilation.t(),
+                groups: *groups,
+            };
+            g.validate().map_err(|e| bad(e.to_string()))?;
+            let (oh, ow) = g.out_hw();
+            vec![*out, oh, ow]
+        }
+        LayerSpec::ConvTranspose {
+            out,
+            kernel,
+            stride,
+            padding,
+            output_padding,
+            dilation,
+            groups,
+            ..
+        } => {
+            let (c, h, w) = chw("conv_transpose")?;
+            let g = crate::kernels::conv_transpose2d::ConvTranspose2dGeom {
+                batch: 1,
+                cin: c,
+                h,
+                w,
+                cout: *out,
+                kernel: kernel.t(),
+                stride: stride.t(),
+                padding: padding.t(),
+                output_padding: output_padding.t(),
+                dilation: dilation.t(),
+                groups: *groups,
+            };
+            g.validate().map_err(|e| bad(e.to_string()))?;
+            let (oh, ow) = g.out_hw();
+            vec![*out, oh, ow]
+        }
+        LayerSpec::Linear { out, .. } => {
+            if cur.len() != 1 {
+                return Err(bad(format!(
+                    "linear needs a flat input (add a flatten layer), got {cur:?}"
+                )));
+            }
+            if *out == 0 {
+                return Err(bad("out must be at least 1".into()));
+            }
+            vec![*out]
+        }
+        LayerSpec::BatchNorm { eps, momentum, .. } => {
+            chw("batchnorm")?;
+            if eps.is_nan() || *eps <= 0.0 || !(0.0..=1.0).contains(momentum) {
+                return Err(bad("eps must be > 0 and momentum in [0, 1]".into()));
+            }
+            cur.clone()
+        }
+        LayerSpec::Relu | LayerSpec::Add { .. } => cur.clone(),
+        LayerSpec::MaxPool {
+            kernel,
+            stride,
+            padding,
+        }
+        | LayerSpec::AvgPool {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let (c, h, w) = chw(layer.kind())?;
+            let s = stride.unwrap_or(*kernel);
+            if kernel.0 == 0 || kernel.1 == 0 || s.0 == 0 || s.1 == 0 {
+                return Err(bad("kernel and stride must be at least 1".into()));
+            }
+            if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
+                return Err(bad("padding must be at most half the kernel".into()));
+            }
+            match (
+                pool_out(h, kernel.0, s.0, padding.0),
+                pool_out(w, kernel.1, s.1, padding.1),
+            ) {
+                (Some(oh), Some(ow)) => vec![c, oh, ow],
+                _ => {
+                    return Err(bad(format!(
+                        "a {kernel:?} window does not fit a {h}x{w} input"
+                    )));
+                }
+            }
+        }
+        LayerSpec::AdaptiveAvgPool { output } => {
+            let (c, h, w) = chw("adaptive_avgpool")?;
+            if output.0 == 0 || output.1 == 0 || h % output.0 != 0 || w % output.1 != 0 {
+                return Err(bad(format!(
+                    "an output of {:?} does not tile a {h}x{w} input evenly (use an output that divides it, e.g. 1)",
+                    output.t()
+                )));
+            }
+            vec![c, output.0, output.1]
+        }
+        LayerSpec::Shuffle { groups } => {
+            let (c, _, _) = chw("shuffle")?;
+            if *groups == 0 || c % groups != 0 {
+                return Err(bad(format!(
+                    "{c} channels cannot be shuffled in {groups} groups"
+                )));
+            }
+            cur.clone()
+        }
+        LayerSpec::Flatten => vec![cur.iter().product()],
+        LayerSpec::Sequential { .. } | LayerSpec::Residual { .. } => {
+            return Err(bad("a container is not a leaf layer".into()));
+        }
+    };
+    if elements(&next).is_none() {
+        return Err(bad(format!(
+            "its output {next:?} has more than {MAX_ELEMENTS} values per image"
+        )));
+    }
+    if weight_count(layer, cur[0]).is_none() {
+        return Err(bad(format!("more than {MAX_ELEMENTS} parameters")));
+    }
+    Ok(next)
+}
+
+/// Parameters of leaf layer `layer` with `cin` input channels (weights, biases, BN γ and β).
+pub(super) fn leaf_params(layer: &LayerSpec, cin: usize) -> usize {
+    match layer {
+        LayerSpec::Conv {
+            out,
+            kernel,
+            groups,
+            bias,
+            ..
+        } => out * (cin / groups) * kernel.0 * kernel.1 + if *bias { *out } else { 0 },
+        LayerSpec::ConvTranspose {
+            out,
+            kernel,
+            groups,
+            bias,
+            ..
+        } => cin * (out / groups) * kernel.0 * kernel.1 + if *bias { *out } else { 0 },
+        LayerSpec::Linear { out, bias, .. } => out * cin + if *bias { *out } else { 0 },
+        LayerSpec::BatchNorm { .. } => 2 * cin,
+        _ => 0,
+    }
+}
+
+/// Checks the input shape before any layer sees it.
+pub(super) fn check_input(input: &[usize; 3]) -> Result<()> {
+    if input.contains(&0) {
+        return Err(Error::Invalid(format!(
+            "input shape {input:?} has a zero size"
+        )));
+    }
+    if input.iter().any(|&d| d > MAX_DIM) || elements(input).is_none() {
+        return Err(Error::Invalid(format!(
+            "input shape {input:?} is too large (at most {MAX_ELEMENTS} values per image)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -575,6 +620,44 @@ mod tests {
             "{e}"
         );
         assert!(err("{").contains("not valid JSON"));
+        // Graphs: a name used before it exists, a cycle, mismatched shapes, a dead end.
+        let e = err(
+            r#"{"input": [3, 8, 8], "layers": [{"type": "conv", "out": 4, "kernel": 1, "name": "a"},
+                {"type": "add", "inputs": ["a", "b"]}, {"type": "conv", "out": 4, "kernel": 1, "name": "b"}]}"#,
+        );
+        assert!(
+            e.contains("layer 1 (add)") && e.contains("no tensor named \"b\" before it"),
+            "{e}"
+        );
+        let e = err(
+            r#"{"input": [3, 8, 8], "layers": [{"type": "sequential", "name": "s", "layers": [
+                {"type": "conv", "out": 3, "kernel": 1}, {"type": "add", "inputs": ["input", "s"]}]}]}"#,
+        );
+        assert!(e.contains("layer s.1 (add)") && e.contains("cycle"), "{e}");
+        let e = err(
+            r#"{"input": [3, 8, 8], "layers": [{"type": "residual", "name": "blk", "body": [
+                {"type": "conv", "out": 4, "kernel": 3, "padding": 1}]}]}"#,
+        );
+        assert!(
+            e.contains("layer blk (residual)")
+                && e.contains("[4, 8, 8]")
+                && e.contains("[3, 8, 8]"),
+            "{e}"
+        );
+        let e = err(
+            r#"{"input": [3, 8, 8], "layers": [{"type": "conv", "out": 3, "kernel": 1, "name": "a"},
+                {"type": "conv", "out": 3, "kernel": 1, "name": "b"}, {"type": "add", "inputs": ["input", "a"]}]}"#,
+        );
+        assert!(
+            e.contains("layer b (conv)") && e.contains("never used"),
+            "{e}"
+        );
+        let e =
+            err(r#"{"input": [3, 6, 6], "layers": [{"type": "adaptive_avgpool", "output": 4}]}"#);
+        assert!(
+            e.contains("layer 0 (adaptive_avgpool)") && e.contains("does not tile"),
+            "{e}"
+        );
         assert!(err(r#"{"layers": []}"#).contains("input"));
         assert!(err(r#"{"input": [3, 32, 32], "layers": []}"#).contains("no layers"));
     }

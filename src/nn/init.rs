@@ -18,12 +18,11 @@ fn fans(shape: &[usize]) -> (usize, usize) {
 pub fn initial_values(net: &Network, seed: u64) -> Vec<Vec<f32>> {
     let mut rng = Rng::derive(seed, 0x1417);
     let linear: Vec<String> = net
-        .spec
-        .layers
+        .graph
+        .nodes
         .iter()
-        .enumerate()
-        .filter(|(_, l)| matches!(l, LayerSpec::Linear { .. }))
-        .map(|(i, _)| format!("{}.weight", net.spec.layer_name(i)))
+        .filter(|n| matches!(n.layer, LayerSpec::Linear { .. }))
+        .map(|n| format!("{}.weight", n.name))
         .collect();
     let bn_gamma: Vec<String> = net
         .batchnorm_names()

@@ -16,7 +16,7 @@ use crate::kernels::norm::Epilogue;
 use crate::kernels::pool::PoolGeom;
 use crate::kernels::quant::{Bits, WeightQuantizer};
 use crate::kernels::{elementwise, loss, norm, pool, quant, reduce};
-use crate::models::{LayerSpec, LossKind, ModelSpec};
+use crate::models::{Graph, LayerSpec, LossKind, ModelSpec, Source};
 use gemm::Gemm;
 use memory::LayerBuffers;
 
@@ -88,6 +88,8 @@ enum Kind {
     /// A channel shuffle folded into the BatchNorm (and ReLU) before it: its output is the BN's.
     FusedShuffle,
     Flatten,
+    /// The sum of its inputs (a residual block's); float, as micronet's DoReFa leaves `Add`.
+    Add,
 }
 
 impl Kind {
@@ -108,6 +110,8 @@ struct PoolWindow {
 struct Layer {
     name: String,
     kind: Kind,
+    /// The tensors it reads (one, or several for an add).
+    inputs: Vec<Source>,
     in_shape: Vec<usize>,
     out_shape: Vec<usize>,
     /// Weight / gamma and bias / beta in the parameter arena.
@@ -125,6 +129,8 @@ struct Layer {
 /// The built model.
 pub struct Network {
     pub spec: ModelSpec,
+    /// The spec lowered to leaf layers in registration order; `layers` follows it one to one.
+    pub graph: Graph,
     pub quant: QuantConfig,
     layers: Vec<Layer>,
     pub params: Layout,
@@ -199,6 +205,49 @@ impl Checker {
     }
 }
 
+/// The fusions of the lowered graph, all in one place. Each folds a layer into the BatchNorm
+/// whose output it reads, and applies only where nothing else reads that output (so no reader
+/// sees the fused result in place of the tensor it asked for):
+///
+/// 1. BatchNorm → ReLU: the ReLU reads only the BatchNorm's output, which nothing else reads.
+///    The BatchNorm applies the ReLU (`Epilogue::relu`); the ReLU is an alias of its output.
+/// 2. BatchNorm [→ fused ReLU] → channel shuffle: likewise for the shuffle (and the fused ReLU's
+///    output); the BatchNorm writes its output shuffled (`Epilogue::shuffle`), so the
+///    unshuffled tensor never exists.
+///
+/// The memory planner (`memory.rs`) adds the last one: a BatchNorm whose output only a
+/// quantized layer reads, and which is formed again for the backward pass anyway, writes it
+/// quantized (`Epilogue::quantize`).
+fn fuse(layers: &mut [Layer], consumers: &[Vec<usize>]) {
+    let only_reader = |k: usize, i: usize| consumers[k] == [i];
+    for i in 0..layers.len() {
+        let [Source::Node(k)] = layers[i].inputs[..] else {
+            continue;
+        };
+        match layers[i].kind {
+            Kind::Relu if only_reader(k, i) => {
+                if let Kind::BatchNorm { ep, .. } = &mut layers[k].kind {
+                    ep.relu = true;
+                    layers[i].kind = Kind::FusedRelu;
+                }
+            }
+            Kind::Shuffle(groups) if only_reader(k, i) => {
+                let bn = match (layers[k].kind, &layers[k].inputs[..]) {
+                    (Kind::FusedRelu, &[Source::Node(b)]) => b,
+                    _ => k,
+                };
+                if let Kind::BatchNorm { ep, .. } = &mut layers[bn].kind {
+                    if ep.shuffle == 1 {
+                        ep.shuffle = groups;
+                        layers[i].kind = Kind::FusedShuffle;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 fn at_batch(t: &Tensor, b: usize) -> Result<Tensor> {
     let mut shape = t.shape().to_vec();
     shape[0] = b;
@@ -227,15 +276,17 @@ impl Network {
                 "batch size 0: use a batch size of at least 1".into(),
             ));
         }
-        let shapes = spec.shapes()?;
-        check_capacity(gpu, spec, &shapes, capacity)?;
+        let graph = spec.graph()?;
+        check_capacity(gpu, &graph, capacity)?;
         let mut params = Layout::default();
         let mut running = Layout::default();
         let mut layers = Vec::new();
-        let first_weighted = spec.layers.iter().position(LayerSpec::is_weighted);
-        for (i, ls) in spec.layers.iter().enumerate() {
-            let name = spec.layer_name(i);
-            let (in_shape, out_shape) = (shapes[i].clone(), shapes[i + 1].clone());
+        // micronet's prepare(): every weighted layer but the first registered is quantized.
+        let first_weighted = graph.nodes.iter().position(|n| n.layer.is_weighted());
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let ls = &node.layer;
+            let name = node.name.clone();
+            let (in_shape, out_shape) = (node.in_shape.clone(), node.out_shape.clone());
             let quantized = quant.quantize_first_layer || Some(i) != first_weighted;
             let (wb, ab) = if quantized {
                 (quant.w_bits, quant.a_bits)
@@ -245,6 +296,7 @@ impl Network {
             let mut layer = Layer {
                 name: name.clone(),
                 kind: Kind::Flatten,
+                inputs: node.inputs.clone(),
                 in_shape: in_shape.clone(),
                 out_shape,
                 weight: None,
@@ -353,11 +405,10 @@ impl Network {
                 }
                 LayerSpec::BatchNorm { eps, momentum, .. } => {
                     let c = in_shape[0];
-                    let relu = matches!(spec.layers.get(i + 1), Some(LayerSpec::Relu));
                     layer.kind = Kind::BatchNorm {
                         eps: *eps,
                         momentum: *momentum,
-                        ep: Epilogue::relu(relu),
+                        ep: Epilogue::relu(false),
                     };
                     layer.weight = Some(params.add(format!("{name}.weight"), &[c]));
                     layer.bias = Some(params.add(format!("{name}.bias"), &[c]));
@@ -371,10 +422,7 @@ impl Network {
                         DType::F32,
                     )?);
                 }
-                LayerSpec::Relu => {
-                    let fused = i > 0 && matches!(spec.layers[i - 1], LayerSpec::BatchNorm { .. });
-                    layer.kind = if fused { Kind::FusedRelu } else { Kind::Relu };
-                }
+                LayerSpec::Relu => layer.kind = Kind::Relu,
                 LayerSpec::MaxPool {
                     kernel,
                     stride,
@@ -397,25 +445,21 @@ impl Network {
                         padding: padding.t(),
                     });
                 }
-                LayerSpec::Shuffle { groups } => {
-                    // Right after a BatchNorm (and its fused ReLU): folded into the BN's kernels.
-                    let relu = matches!(
-                        layers.last().map(|l: &Layer| &l.kind),
-                        Some(Kind::FusedRelu)
-                    );
-                    let bn = layers.len().checked_sub(1 + usize::from(relu));
-                    layer.kind = match bn.map(|k| &mut layers[k].kind) {
-                        Some(Kind::BatchNorm { ep, .. }) if ep.shuffle == 1 => {
-                            ep.shuffle = *groups;
-                            Kind::FusedShuffle
-                        }
-                        _ => Kind::Shuffle(*groups),
-                    };
-                }
+                LayerSpec::Shuffle { groups } => layer.kind = Kind::Shuffle(*groups),
                 LayerSpec::Flatten => layer.kind = Kind::Flatten,
+                LayerSpec::Add { .. } => layer.kind = Kind::Add,
+                LayerSpec::AdaptiveAvgPool { .. }
+                | LayerSpec::Sequential { .. }
+                | LayerSpec::Residual { .. } => {
+                    return Err(Error::Invalid(format!(
+                        "layer {name}: {} is not a leaf of the lowered graph",
+                        ls.kind()
+                    )));
+                }
             }
             layers.push(layer);
         }
+        fuse(&mut layers, &graph.consumers());
         let batches_tracked = vec![0; running.entries().len() / 2];
         let param_arena = params.alloc(gpu, "parameters")?;
         let grad_arena = if trainable {
@@ -436,6 +480,7 @@ impl Network {
         let metrics = gpu.zeros("metrics", &[2 * metric_slots], DType::F32)?;
         let net = Network {
             spec: spec.clone(),
+            graph,
             quant,
             layers,
             params,
@@ -497,9 +542,19 @@ impl Network {
             .collect()
     }
 
-    /// Whether layer `i` has an earlier layer with parameters (so its input needs a gradient).
-    fn needs_input_grad(&self, i: usize) -> bool {
-        self.trainable && self.layers[..i].iter().any(|l| l.weight.is_some())
+    /// Per layer: whether its output depends on parameters, so that a gradient must flow back
+    /// into it (never, in a network built for evaluation only).
+    fn grad_needed(&self) -> Vec<bool> {
+        let mut upstream = vec![false; self.layers.len()];
+        // Layers only read earlier layers, so one pass in order settles them all.
+        for (i, l) in self.layers.iter().enumerate() {
+            upstream[i] = self.trainable
+                && (l.weight.is_some()
+                    || l.inputs
+                        .iter()
+                        .any(|s| matches!(s, Source::Node(k) if upstream[*k])));
+        }
+        upstream
     }
 
     /// BatchNorm running statistics start at mean 0, variance 1 (PyTorch's init).
@@ -578,23 +633,46 @@ impl Network {
             }
             fwd.push(c.check(gpu, "input batch".into(), &input)?);
         }
-        let mut x = input.clone();
-        let mut dx: Option<Tensor> = None;
-        // Ops that form `x` again when it is transient (the chain of recomputable layers that
-        // made it from kept tensors).
+        let tensor = |s: Source| match s {
+            Source::Input => Ok(input.clone()),
+            Source::Node(k) => at_batch(&buffers[k].out, batch),
+        };
+        // Ops that form a transient input again (the chain of recomputable layers that made it
+        // from kept tensors).
         let mut x_again: Vec<Op> = Vec::new();
         for (i, buf) in buffers.iter().enumerate() {
+            let l = &self.layers[i];
             let y = at_batch(&buf.out, batch)?;
             let dy = buf.dout.as_ref().map(|d| at_batch(d, batch)).transpose()?;
-            let want_dx = mode == Mode::Train && self.needs_input_grad(i);
-            let dx_used = want_dx.then_some(()).and(dx.as_ref());
-            let (mut f, mut b) =
-                self.layer_ops(gpu, i, buf, mode, &x, dx_used, &y, dy.as_ref(), batch)?;
-            let alias = self.layers[i].kind.is_alias();
+            let xs = l
+                .inputs
+                .iter()
+                .map(|&s| tensor(s))
+                .collect::<Result<Vec<_>>>()?;
+            let dxs = buf
+                .din
+                .iter()
+                .map(|d| match (mode, d) {
+                    (Mode::Train, Some(d)) => at_batch(d, batch).map(Some),
+                    _ => Ok(None),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (x, dx_used) = (&xs[0], dxs[0].as_ref());
+            let (mut f, mut b) = match l.kind {
+                Kind::Add => add_ops(gpu, &xs, &dxs, &y, dy.as_ref())?,
+                _ => self.layer_ops(gpu, i, buf, mode, x, dx_used, &y, dy.as_ref(), batch)?,
+            };
+            if mode == Mode::Train {
+                for (part, sum) in &buf.accumulate {
+                    let (part, sum) = (at_batch(part, batch)?, at_batch(sum, batch)?);
+                    b.push(Op::Dispatch(elementwise::accumulate(gpu, &part, &sum)?));
+                }
+            }
+            let alias = l.kind.is_alias();
             if !alias {
                 if buf.transient {
                     // Its consumer's backward forms the whole chain again.
-                    x_again.extend(self.recompute_ops(gpu, i, &x, &y, batch)?);
+                    x_again.extend(self.recompute_ops(gpu, i, x, &y, batch)?);
                 } else {
                     // The backward of this layer, and of the chain that fed it, runs next:
                     // form the chain's outputs first.
@@ -602,8 +680,11 @@ impl Network {
                 }
             }
             if let Some(c) = checker.as_deref_mut() {
-                let l = &self.layers[i];
-                let what = format!("layer {i} ({} {})", self.spec.layers[i].kind(), l.name);
+                let what = format!(
+                    "layer {i} ({} {})",
+                    self.graph.nodes[i].layer.kind(),
+                    l.name
+                );
                 f.push(c.check(gpu, format!("output of {what}"), &y)?);
                 for idx in [l.weight, l.bias].into_iter().flatten() {
                     let e = &self.params.entries()[idx];
@@ -613,14 +694,12 @@ impl Network {
                         &self.params.view(&self.grad_arena, idx)?,
                     )?);
                 }
-                if let Some(d) = dx_used {
+                for d in dxs.iter().flatten() {
                     b.push(c.check(gpu, format!("gradient into the input of {what}"), d)?);
                 }
             }
             fwd.extend(f);
             bwd.push(b);
-            x = y;
-            dx = dy;
         }
         // Loss and metrics: the output's gradient comes from the loss in training.
         let rows =
@@ -883,6 +962,7 @@ impl Network {
                 }
             }
             Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten => {}
+            Kind::Add => unreachable!("adds are recorded by add_ops"),
             Kind::MaxPool(win) | Kind::AvgPool(win) => {
                 let [c, h, w] = l.in_shape[..] else {
                     return Err(Error::Invalid(format!(
@@ -976,12 +1056,40 @@ impl Network {
     }
 }
 
+/// Forward and backward of a sum: `y = x0 + x1 (+ x2 ...)`, each input's gradient `dy`.
+fn add_ops(
+    gpu: &Gpu,
+    xs: &[Tensor],
+    dxs: &[Option<Tensor>],
+    y: &Tensor,
+    dy: Option<&Tensor>,
+) -> Result<(Vec<Op>, Vec<Op>)> {
+    let mut fwd = vec![Op::Dispatch(elementwise::add_forward(
+        gpu, &xs[0], &xs[1], y,
+    )?)];
+    for x in &xs[2..] {
+        fwd.push(Op::Dispatch(elementwise::accumulate(gpu, x, y)?));
+    }
+    let mut bwd = Vec::new();
+    for dx in dxs.iter().flatten() {
+        let dy = dy.ok_or_else(|| Error::Invalid("an add has no output gradient".into()))?;
+        bwd.push(Op::Copy {
+            src: dy.clone(),
+            dst: dx.clone(),
+        });
+    }
+    Ok((fwd, bwd))
+}
+
 /// The largest batch whose activation buffers fit the device's per-binding and per-buffer
 /// limits, so that a too-large batch is an error that says what fits.
 pub fn max_batch(gpu: &Gpu, spec: &ModelSpec) -> Result<usize> {
-    let shapes = spec.shapes()?;
-    let per_sample = shapes
-        .iter()
+    max_batch_of(gpu, &spec.graph()?)
+}
+
+fn max_batch_of(gpu: &Gpu, graph: &Graph) -> Result<usize> {
+    let per_sample = std::iter::once(&graph.input)
+        .chain(graph.nodes.iter().map(|n| &n.out_shape))
         .map(|s| 4 * s.iter().product::<usize>() as u64)
         .max()
         .unwrap_or(4);
@@ -992,13 +1100,11 @@ pub fn max_batch(gpu: &Gpu, spec: &ModelSpec) -> Result<usize> {
     Ok((limit / per_sample) as usize)
 }
 
-fn check_capacity(
-    gpu: &Gpu,
-    spec: &ModelSpec,
-    shapes: &[Vec<usize>],
-    capacity: usize,
-) -> Result<()> {
-    let fits = max_batch(gpu, spec)?;
+fn check_capacity(gpu: &Gpu, graph: &Graph, capacity: usize) -> Result<()> {
+    let fits = max_batch_of(gpu, graph)?;
+    let shapes: Vec<&Vec<usize>> = std::iter::once(&graph.input)
+        .chain(graph.nodes.iter().map(|n| &n.out_shape))
+        .collect();
     if capacity <= fits {
         return Ok(());
     }
@@ -1020,7 +1126,11 @@ fn check_capacity(
     let at = if i == 0 {
         "the input".to_string()
     } else {
-        format!("the output of layer {} ({})", i - 1, spec.layer_name(i - 1))
+        format!(
+            "the output of layer {} ({})",
+            i - 1,
+            graph.nodes[i - 1].name
+        )
     };
     Err(Error::TooLarge {
         what: format!("batch size {capacity}: {at}"),

@@ -30,9 +30,8 @@ pub fn maxpool_forward(g: &PoolGeom, x: &[f64]) -> (Vec<f64>, Vec<usize>) {
     let mut y = vec![f64::NEG_INFINITY; n_out];
     let mut arg = vec![usize::MAX; n_out];
     for_each_window(g, |o, i| {
-        if let Some(i) = i
-            && (arg[o] == usize::MAX || x[i] > y[o])
-        {
+        let Some(i) = i else { return };
+        if arg[o] == usize::MAX || x[i] > y[o] {
             y[o] = x[i];
             arg[o] = i;
         }

@@ -5,6 +5,7 @@ use super::{Gemm, Kind, Layer, Network, with_batch};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::kernels::quant::Bits;
+use crate::models::Source;
 
 /// Where a layer's output gradient lives (see [`Network::alloc_buffers`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +16,9 @@ enum GradPlace {
     Own,
     /// One of the two shared gradient buffers.
     Slot(usize),
+    /// A buffer of its own (graphs that branch: the gradient of a block's input must outlive
+    /// the block's backward pass, so gradients do not take turns there).
+    Separate,
 }
 
 /// Buffers of one layer at the capacity batch; plans take views of their first rows.
@@ -36,6 +40,12 @@ pub(super) struct LayerBuffers {
     pub(super) quantize_output: Option<Bits>,
     /// The input arrives quantized by the BatchNorm before (see `quantize_output`).
     pub(super) input_quantized: bool,
+    /// Where the backward pass writes the gradient of each input (`None`: not needed). The first
+    /// reader of a tensor writes its gradient buffer; later readers write their own.
+    pub(super) din: Vec<Option<Tensor>>,
+    /// `(part, sum)`: after this layer's backward pass (the last of its input's readers to run
+    /// backward), `sum += part` for each later reader's part, in reader order.
+    pub(super) accumulate: Vec<(Tensor, Tensor)>,
 }
 
 impl Network {
@@ -48,7 +58,8 @@ impl Network {
     pub(super) fn transient_layers(&self) -> Vec<usize> {
         let n = self.layers.len();
         let mut transient = vec![0usize; n];
-        if !self.recompute {
+        // Recomputation follows a chain; in a branching graph every output is kept.
+        if !self.recompute || !self.graph.is_chain() {
             return transient;
         }
         // Chain length of each layer's output: 0 stored, 1 or 2 transient (aliases follow).
@@ -105,10 +116,15 @@ impl Network {
         // in two shared buffers, each sized for the largest gradient it holds (a layer and the
         // one it feeds never share one; aliases follow their source).
         let n = self.layers.len();
+        let chain = self.graph.is_chain();
         let mut place = vec![GradPlace::Alias; n];
         let mut last_slot: Option<usize> = None;
         for (i, l) in self.layers.iter().enumerate() {
             if l.kind.is_alias() {
+                continue;
+            }
+            if !chain {
+                place[i] = GradPlace::Separate;
                 continue;
             }
             let normalised_next = matches!(
@@ -171,14 +187,13 @@ impl Network {
         let mut out: Vec<LayerBuffers> = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
             let shape = with_batch(cap, &l.out_shape);
-            let prev = out.last();
             let alias = |t: &Tensor| t.reshape(&shape);
-            let (o, d) = match l.kind {
-                Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten if prev.is_some() => {
-                    let p = prev.expect("checked");
+            let (o, d) = match (l.kind.is_alias(), l.inputs[0]) {
+                (true, Source::Node(k)) => {
+                    let p: &LayerBuffers = &out[k];
                     (alias(&p.out)?, p.dout.as_ref().map(alias).transpose()?)
                 }
-                Kind::Flatten => (alias(&self.input)?, None),
+                (true, Source::Input) => (alias(&self.input)?, None),
                 _ => {
                     let o = if transient[i] > 0 {
                         temps[transient[i] - 1]
@@ -194,6 +209,11 @@ impl Network {
                         (true, GradPlace::Slot(s)) => {
                             Some(grads[s].as_ref().expect("sized above").view(0, &shape)?)
                         }
+                        (true, GradPlace::Separate) => Some(gpu.zeros(
+                            &format!("{} output gradient", l.name),
+                            &shape,
+                            DType::F32,
+                        )?),
                         (true, GradPlace::Alias) => unreachable!("aliases are matched above"),
                     };
                     (o, d)
@@ -214,8 +234,11 @@ impl Network {
                 split_k: split_k.clone(),
                 quantize_output: None,
                 input_quantized: false,
+                din: vec![None; l.inputs.len()],
+                accumulate: Vec::new(),
             });
         }
+        self.gradient_targets(gpu, &mut out)?;
         // A recomputed input quantized in place may come straight from a BatchNorm (through
         // its fused ReLU and shuffle): then the BatchNorm's forward writes it quantized.
         for (i, l) in self.layers.iter().enumerate() {
@@ -226,14 +249,69 @@ impl Network {
                 continue;
             }
             let source = (0..i).rev().find(|&k| !self.layers[k].kind.is_alias());
-            if let Some(k) = source
-                && matches!(self.layers[k].kind, Kind::BatchNorm { .. })
-            {
+            if source.is_some_and(|k| matches!(self.layers[k].kind, Kind::BatchNorm { .. })) {
+                let k = source.expect("checked");
                 out[k].quantize_output = Some(a_bits);
                 out[i].input_quantized = true;
             }
         }
         Ok(out)
+    }
+
+    /// Where each layer writes its inputs' gradients. The readers of a tensor (an alias's
+    /// readers are its source's) run their backward passes in reverse order, so the first
+    /// reader's is the last: it writes the tensor's gradient buffer, every later reader writes a
+    /// part of its own, and the parts are added after the first reader's backward, in reader
+    /// order (the same sums every run). In a chain each tensor has one reader, which writes the
+    /// buffer directly, as before.
+    fn gradient_targets(&self, gpu: &Gpu, out: &mut [LayerBuffers]) -> Result<()> {
+        let root = |mut s: Source| {
+            while let Source::Node(k) = s {
+                if !self.layers[k].kind.is_alias() {
+                    break;
+                }
+                s = self.layers[k].inputs[0];
+            }
+            s
+        };
+        let needed = self.grad_needed();
+        // Readers of each tensor (by its root), in order: (layer, input slot).
+        let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.layers.len()];
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.kind.is_alias() {
+                continue;
+            }
+            for (j, &s) in l.inputs.iter().enumerate() {
+                if let Source::Node(r) = root(s) {
+                    if needed[r] {
+                        readers[r].push((i, j));
+                    }
+                }
+            }
+        }
+        for (r, list) in readers.iter().enumerate() {
+            let Some(sum) = out[r].dout.clone() else {
+                continue;
+            };
+            let Some(&(first, first_slot)) = list.first() else {
+                continue;
+            };
+            let shape = |i: usize, j: usize| -> Result<Tensor> {
+                let s = self.graph.shape(self.layers[i].inputs[j]);
+                sum.reshape(&with_batch(self.capacity, s))
+            };
+            out[first].din[first_slot] = Some(shape(first, first_slot)?);
+            for &(i, j) in &list[1..] {
+                let part = gpu.zeros(
+                    &format!("{} input gradient {j}", self.layers[i].name),
+                    sum.shape(),
+                    DType::F32,
+                )?;
+                out[i].din[j] = Some(part.reshape(shape(i, j)?.shape())?);
+                out[first].accumulate.push((part, sum.clone()));
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn buffers(&self, gpu: &Gpu) -> Result<&[LayerBuffers]> {
