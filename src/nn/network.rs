@@ -5,19 +5,24 @@
 //! Linear fake-quantizes its input activation and its weight, keeps its bias float, and (by
 //! `prepare()`'s rule) the first such layer stays float unless `quantize_first_layer`.
 
+mod batchnorm;
+mod elementwise;
 mod gemm;
+mod lower;
 mod memory;
+mod pool;
+mod shuffle;
+mod weighted;
 
 use super::params::Layout;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Op, Recorder, Tensor};
 use crate::kernels::loss::{STEP_WORDS, StepValues};
-use crate::kernels::norm::Epilogue;
-use crate::kernels::pool::PoolGeom;
-use crate::kernels::quant::{Bits, WeightQuantizer};
-use crate::kernels::{elementwise, loss, norm, pool, quant, reduce};
-use crate::models::{Graph, LayerSpec, LossKind, ModelSpec, Source};
+use crate::kernels::quant::Bits;
+use crate::kernels::{loss, reduce};
+use crate::models::{Graph, LossKind, ModelSpec, Source};
 use gemm::Gemm;
+use lower::{Kind, Layer, WeightedOp};
 use memory::LayerBuffers;
 
 /// Which layers are quantized, and to how many bits.
@@ -44,86 +49,6 @@ impl Default for QuantConfig {
 pub enum Mode {
     Train,
     Eval,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum WeightedOp {
-    Conv {
-        kernel: (usize, usize),
-        stride: (usize, usize),
-        padding: (usize, usize),
-        dilation: (usize, usize),
-        groups: usize,
-    },
-    ConvT {
-        kernel: (usize, usize),
-        stride: (usize, usize),
-        padding: (usize, usize),
-        output_padding: (usize, usize),
-        dilation: (usize, usize),
-        groups: usize,
-    },
-    Linear,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Weighted {
-        op: WeightedOp,
-        w_bits: Bits,
-        a_bits: Bits,
-    },
-    BatchNorm {
-        eps: f32,
-        momentum: f32,
-        /// The ReLU and channel shuffle that follow it, done in its kernels.
-        ep: Epilogue,
-    },
-    Relu,
-    /// A ReLU folded into the BatchNorm before it: its output is the BN's.
-    FusedRelu,
-    MaxPool(PoolWindow),
-    AvgPool(PoolWindow),
-    Shuffle(usize),
-    /// A channel shuffle folded into the BatchNorm (and ReLU) before it: its output is the BN's.
-    FusedShuffle,
-    Flatten,
-    /// The sum of its inputs (a residual block's); float, as micronet's DoReFa leaves `Add`.
-    Add,
-}
-
-impl Kind {
-    /// The layer's output is its input's buffer (the work, if any, is done by the layer before).
-    fn is_alias(&self) -> bool {
-        matches!(self, Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten)
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct PoolWindow {
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    padding: (usize, usize),
-}
-
-/// A layer with its parameters' places in the arenas and its batch-independent buffers.
-struct Layer {
-    name: String,
-    kind: Kind,
-    /// The tensors it reads (one, or several for an add).
-    inputs: Vec<Source>,
-    in_shape: Vec<usize>,
-    out_shape: Vec<usize>,
-    /// Weight / gamma and bias / beta in the parameter arena.
-    weight: Option<usize>,
-    bias: Option<usize>,
-    /// running_mean, running_var in the running arena.
-    running: Option<(usize, usize)>,
-    quantizer: Option<WeightQuantizer>,
-    /// The quantized weight Ŵ and (training) dL/dŴ.
-    w_hat: Option<Tensor>,
-    dw_hat: Option<Tensor>,
-    bn_stats: Option<Tensor>,
 }
 
 /// The built model.
@@ -205,46 +130,34 @@ impl Checker {
     }
 }
 
-/// The fusions of the lowered graph, all in one place. Each folds a layer into the BatchNorm
-/// whose output it reads, and applies only where nothing else reads that output (so no reader
-/// sees the fused result in place of the tensor it asked for):
-///
-/// 1. BatchNorm → ReLU: the ReLU reads only the BatchNorm's output, which nothing else reads.
-///    The BatchNorm applies the ReLU (`Epilogue::relu`); the ReLU is an alias of its output.
-/// 2. BatchNorm [→ fused ReLU] → channel shuffle: likewise for the shuffle (and the fused ReLU's
-///    output); the BatchNorm writes its output shuffled (`Epilogue::shuffle`), so the
-///    unshuffled tensor never exists.
-///
-/// The memory planner (`memory.rs`) adds the last one: a BatchNorm whose output only a
-/// quantized layer reads, and which is formed again for the backward pass anyway, writes it
-/// quantized (`Epilogue::quantize`).
-fn fuse(layers: &mut [Layer], consumers: &[Vec<usize>]) {
-    let only_reader = |k: usize, i: usize| consumers[k] == [i];
-    for i in 0..layers.len() {
-        let [Source::Node(k)] = layers[i].inputs[..] else {
-            continue;
-        };
-        match layers[i].kind {
-            Kind::Relu if only_reader(k, i) => {
-                if let Kind::BatchNorm { ep, .. } = &mut layers[k].kind {
-                    ep.relu = true;
-                    layers[i].kind = Kind::FusedRelu;
-                }
-            }
-            Kind::Shuffle(groups) if only_reader(k, i) => {
-                let bn = match (layers[k].kind, &layers[k].inputs[..]) {
-                    (Kind::FusedRelu, &[Source::Node(b)]) => b,
-                    _ => k,
-                };
-                if let Kind::BatchNorm { ep, .. } = &mut layers[bn].kind {
-                    if ep.shuffle == 1 {
-                        ep.shuffle = groups;
-                        layers[i].kind = Kind::FusedShuffle;
-                    }
-                }
-            }
-            _ => {}
-        }
+/// A node's forward and backward ops.
+type Ops = (Vec<Op>, Vec<Op>);
+
+/// What a node reads and writes in one plan: its inputs and output at the plan's batch, and in
+/// training the gradients (an input's is `None` where no gradient is needed).
+struct Io<'a> {
+    gpu: &'a Gpu,
+    batch: usize,
+    train: bool,
+    xs: &'a [Tensor],
+    dxs: &'a [Option<Tensor>],
+    y: &'a Tensor,
+    dy: Option<&'a Tensor>,
+    buf: &'a LayerBuffers,
+}
+
+impl Io<'_> {
+    fn x(&self) -> &Tensor {
+        &self.xs[0]
+    }
+
+    fn dx(&self) -> Option<&Tensor> {
+        self.dxs[0].as_ref()
+    }
+
+    fn dy(&self, l: &Layer) -> Result<&Tensor> {
+        self.dy
+            .ok_or_else(|| Error::Invalid(format!("layer {} has no output gradient", l.name)))
     }
 }
 
@@ -280,186 +193,7 @@ impl Network {
         check_capacity(gpu, &graph, capacity)?;
         let mut params = Layout::default();
         let mut running = Layout::default();
-        let mut layers = Vec::new();
-        // micronet's prepare(): every weighted layer but the first registered is quantized.
-        let first_weighted = graph.nodes.iter().position(|n| n.layer.is_weighted());
-        for (i, node) in graph.nodes.iter().enumerate() {
-            let ls = &node.layer;
-            let name = node.name.clone();
-            let (in_shape, out_shape) = (node.in_shape.clone(), node.out_shape.clone());
-            let quantized = quant.quantize_first_layer || Some(i) != first_weighted;
-            let (wb, ab) = if quantized {
-                (quant.w_bits, quant.a_bits)
-            } else {
-                (Bits::FLOAT, Bits::FLOAT)
-            };
-            let mut layer = Layer {
-                name: name.clone(),
-                kind: Kind::Flatten,
-                inputs: node.inputs.clone(),
-                in_shape: in_shape.clone(),
-                out_shape,
-                weight: None,
-                bias: None,
-                running: None,
-                quantizer: None,
-                w_hat: None,
-                dw_hat: None,
-                bn_stats: None,
-            };
-            let weighted = |op: WeightedOp,
-                            w_shape: Vec<usize>,
-                            bias: bool,
-                            out: usize,
-                            layer: &mut Layer,
-                            params: &mut Layout|
-             -> Result<()> {
-                layer.kind = Kind::Weighted {
-                    op,
-                    w_bits: wb,
-                    a_bits: ab,
-                };
-                layer.weight = Some(params.add(format!("{name}.weight"), &w_shape));
-                layer.bias = bias.then(|| params.add(format!("{name}.bias"), &[out]));
-                if !wb.is_float() {
-                    layer.quantizer = Some(WeightQuantizer::new(gpu, wb, &w_shape)?);
-                    layer.w_hat = Some(gpu.zeros(
-                        &format!("{name} quantized weight"),
-                        &w_shape,
-                        DType::F32,
-                    )?);
-                    if trainable {
-                        layer.dw_hat = Some(gpu.zeros(
-                            &format!("{name} quantized weight gradient"),
-                            &w_shape,
-                            DType::F32,
-                        )?);
-                    }
-                }
-                Ok(())
-            };
-            match ls {
-                LayerSpec::Conv {
-                    out,
-                    kernel,
-                    stride,
-                    padding,
-                    dilation,
-                    groups,
-                    bias,
-                    ..
-                } => {
-                    let op = WeightedOp::Conv {
-                        kernel: kernel.t(),
-                        stride: stride.t(),
-                        padding: padding.t(),
-                        dilation: dilation.t(),
-                        groups: *groups,
-                    };
-                    weighted(
-                        op,
-                        vec![*out, in_shape[0] / groups, kernel.0, kernel.1],
-                        *bias,
-                        *out,
-                        &mut layer,
-                        &mut params,
-                    )?;
-                }
-                LayerSpec::ConvTranspose {
-                    out,
-                    kernel,
-                    stride,
-                    padding,
-                    output_padding,
-                    dilation,
-                    groups,
-                    bias,
-                    ..
-                } => {
-                    let op = WeightedOp::ConvT {
-                        kernel: kernel.t(),
-                        stride: stride.t(),
-                        padding: padding.t(),
-                        output_padding: output_padding.t(),
-                        dilation: dilation.t(),
-                        groups: *groups,
-                    };
-                    weighted(
-                        op,
-                        vec![in_shape[0], out / groups, kernel.0, kernel.1],
-                        *bias,
-                        *out,
-                        &mut layer,
-                        &mut params,
-                    )?;
-                }
-                LayerSpec::Linear { out, bias, .. } => {
-                    weighted(
-                        WeightedOp::Linear,
-                        vec![*out, in_shape[0]],
-                        *bias,
-                        *out,
-                        &mut layer,
-                        &mut params,
-                    )?;
-                }
-                LayerSpec::BatchNorm { eps, momentum, .. } => {
-                    let c = in_shape[0];
-                    layer.kind = Kind::BatchNorm {
-                        eps: *eps,
-                        momentum: *momentum,
-                        ep: Epilogue::relu(false),
-                    };
-                    layer.weight = Some(params.add(format!("{name}.weight"), &[c]));
-                    layer.bias = Some(params.add(format!("{name}.bias"), &[c]));
-                    layer.running = Some((
-                        running.add(format!("{name}.running_mean"), &[c]),
-                        running.add(format!("{name}.running_var"), &[c]),
-                    ));
-                    layer.bn_stats = Some(gpu.zeros(
-                        &format!("{name} batch statistics"),
-                        &[2 * c],
-                        DType::F32,
-                    )?);
-                }
-                LayerSpec::Relu => layer.kind = Kind::Relu,
-                LayerSpec::MaxPool {
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    layer.kind = Kind::MaxPool(PoolWindow {
-                        kernel: kernel.t(),
-                        stride: stride.unwrap_or(*kernel).t(),
-                        padding: padding.t(),
-                    });
-                }
-                LayerSpec::AvgPool {
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    layer.kind = Kind::AvgPool(PoolWindow {
-                        kernel: kernel.t(),
-                        stride: stride.unwrap_or(*kernel).t(),
-                        padding: padding.t(),
-                    });
-                }
-                LayerSpec::Shuffle { groups } => layer.kind = Kind::Shuffle(*groups),
-                LayerSpec::Flatten => layer.kind = Kind::Flatten,
-                LayerSpec::Add { .. } => layer.kind = Kind::Add,
-                LayerSpec::AdaptiveAvgPool { .. }
-                | LayerSpec::Sequential { .. }
-                | LayerSpec::Residual { .. } => {
-                    return Err(Error::Invalid(format!(
-                        "layer {name}: {} is not a leaf of the lowered graph",
-                        ls.kind()
-                    )));
-                }
-            }
-            layers.push(layer);
-        }
-        fuse(&mut layers, &graph.consumers());
+        let layers = lower::lower(gpu, &graph, quant, trainable, &mut params, &mut running)?;
         let batches_tracked = vec![0; running.entries().len() / 2];
         let param_arena = params.alloc(gpu, "parameters")?;
         let grad_arena = if trainable {
@@ -657,15 +391,24 @@ impl Network {
                     _ => Ok(None),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let (x, dx_used) = (&xs[0], dxs[0].as_ref());
-            let (mut f, mut b) = match l.kind {
-                Kind::Add => add_ops(gpu, &xs, &dxs, &y, dy.as_ref())?,
-                _ => self.layer_ops(gpu, i, buf, mode, x, dx_used, &y, dy.as_ref(), batch)?,
+            let x = &xs[0];
+            let io = Io {
+                gpu,
+                batch,
+                train: mode == Mode::Train,
+                xs: &xs,
+                dxs: &dxs,
+                y: &y,
+                dy: dy.as_ref(),
+                buf,
             };
+            let (mut f, mut b) = self.layer_ops(i, &io)?;
             if mode == Mode::Train {
                 for (part, sum) in &buf.accumulate {
                     let (part, sum) = (at_batch(part, batch)?, at_batch(sum, batch)?);
-                    b.push(Op::Dispatch(elementwise::accumulate(gpu, &part, &sum)?));
+                    b.push(Op::Dispatch(crate::kernels::elementwise::accumulate(
+                        gpu, &part, &sum,
+                    )?));
                 }
             }
             let alias = l.kind.is_alias();
@@ -768,7 +511,7 @@ impl Network {
     }
 
     /// The forward op of transient layer `i` again, into the same temporary: the same kernel on
-    /// the same inputs (BatchNorm with this step's batch statistics), so the same bits.
+    /// the same inputs, so the same bits.
     fn recompute_ops(
         &self,
         gpu: &Gpu,
@@ -779,24 +522,8 @@ impl Network {
     ) -> Result<Vec<Op>> {
         let l = &self.layers[i];
         match l.kind {
-            Kind::BatchNorm { ep, .. } => {
-                let p = |k: Option<usize>| {
-                    self.params
-                        .view(&self.param_arena, k.expect("BatchNorm has gamma and beta"))
-                };
-                let x4 = x.reshape(&with_batch(batch, &l.in_shape))?;
-                let stats = l.bn_stats.as_ref().expect("bn stats");
-                Ok(vec![norm::apply(
-                    gpu,
-                    ep,
-                    &x4,
-                    stats,
-                    &p(l.weight)?,
-                    &p(l.bias)?,
-                    y,
-                )?])
-            }
-            Kind::Shuffle(groups) => Ok(vec![pool::channel_shuffle(gpu, groups, false, x, y)?]),
+            Kind::BatchNorm { .. } => Ok(vec![batchnorm::recompute(gpu, self, l, x, y, batch)?]),
+            Kind::Shuffle(_) => Ok(vec![shuffle::recompute(gpu, l, x, y)?]),
             _ => Err(Error::Invalid(format!(
                 "layer {} cannot be recomputed",
                 l.name
@@ -804,202 +531,31 @@ impl Network {
         }
     }
 
-    /// Forward and backward ops of layer `i`: input `x` (and its gradient `dx` when wanted),
-    /// output `y` (and `dy`).
-    #[allow(clippy::too_many_arguments)]
-    fn layer_ops(
-        &self,
-        gpu: &Gpu,
-        i: usize,
-        buf: &LayerBuffers,
-        mode: Mode,
-        x: &Tensor,
-        dx: Option<&Tensor>,
-        y: &Tensor,
-        dy: Option<&Tensor>,
-        batch: usize,
-    ) -> Result<(Vec<Op>, Vec<Op>)> {
+    /// Forward and backward ops of layer `i`, each node kind in its own module.
+    fn layer_ops(&self, i: usize, io: &Io) -> Result<Ops> {
         let l = &self.layers[i];
-        let train = mode == Mode::Train;
-        let p = |idx: Option<usize>| {
-            idx.map(|k| self.params.view(&self.param_arena, k))
-                .transpose()
-        };
-        let g = |idx: Option<usize>| {
-            idx.map(|k| self.params.view(&self.grad_arena, k))
-                .transpose()
-        };
-        let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-        let dy_or =
-            || dy.ok_or_else(|| Error::Invalid(format!("layer {} has no output gradient", l.name)));
         match l.kind {
-            Kind::Weighted {
-                op,
-                w_bits: _,
-                a_bits,
-            } => {
-                let (w, b) = (
-                    p(l.weight)?.expect("weighted layers have weights"),
-                    p(l.bias)?,
-                );
-                // Quantized input and weight (float: the tensors themselves).
-                let xq = match &buf.xq {
-                    Some(t) => {
-                        let t = at_batch(t, batch)?;
-                        fwd.push(quant::act_forward(gpu, a_bits, x, &t)?);
-                        t
-                    }
-                    None => {
-                        if buf.xq_in_place && !buf.input_quantized {
-                            fwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?);
-                        }
-                        x.clone()
-                    }
-                };
-                let w_hat = match (&l.quantizer, &l.w_hat) {
-                    (Some(q), Some(wh)) => {
-                        fwd.extend(q.forward(gpu, &w, wh)?);
-                        wh.clone()
-                    }
-                    _ => w.clone(),
-                };
-                let gemm = Gemm::new(op, batch, &l.in_shape, &l.out_shape);
-                fwd.push(gemm.forward(gpu, &xq, &w_hat, b.as_ref(), y)?);
-                if train {
-                    let dy = dy_or()?;
-                    // dL/dx̂ becomes dL/dx in place (the STE's mask, from the float x); the
-                    // quantized input is formed again for grad-weight: in its shared temporary,
-                    // or where x lies (x was formed again, float, for this backward).
-                    match dx {
-                        Some(dx) => {
-                            bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
-                            if buf.xq_in_place {
-                                bwd.extend(quant::act_backward_requantize(gpu, a_bits, x, dx)?);
-                            } else if buf.xq.is_some() {
-                                bwd.extend(quant::act_backward_in_place(gpu, a_bits, x, dx)?);
-                            }
-                        }
-                        None if buf.xq_in_place => {
-                            bwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?)
-                        }
-                        None => {}
-                    }
-                    if buf.xq.is_some() {
-                        bwd.push(quant::act_forward(gpu, a_bits, x, &xq)?);
-                    }
-                    let dw = g(l.weight)?.expect("weighted layers have weights");
-                    match (&l.quantizer, &l.dw_hat) {
-                        (Some(q), Some(dw_hat)) => {
-                            // dL/dŴ goes through the weight quantizer's backward into dL/dW.
-                            bwd.extend(gemm.grad_weight(
-                                gpu,
-                                &xq,
-                                dy,
-                                dw_hat,
-                                buf.split_k.as_ref(),
-                            )?);
-                            bwd.extend(q.backward(gpu, dw_hat, &dw)?);
-                        }
-                        _ => {
-                            bwd.extend(gemm.grad_weight(gpu, &xq, dy, &dw, buf.split_k.as_ref())?)
-                        }
-                    }
-                    if let Some(db) = g(l.bias)? {
-                        bwd.push(gemm.grad_bias(gpu, dy, &db)?);
-                    }
-                }
-            }
-            Kind::BatchNorm { eps, momentum, ep } => {
-                let (gamma, beta) = (p(l.weight)?.expect("gamma"), p(l.bias)?.expect("beta"));
-                let (rm, rv) = l.running.expect("running stats");
-                let (rm, rv) = (
-                    self.running.view(&self.running_arena, rm)?,
-                    self.running.view(&self.running_arena, rv)?,
-                );
-                let stats = l.bn_stats.as_ref().expect("bn stats");
-                let x4 = x.reshape(&with_batch(batch, &l.in_shape))?;
-                if train {
-                    if batch * l.in_shape[1..].iter().product::<usize>() < 2 {
-                        return Err(Error::Invalid(format!(
-                            "layer {}: BatchNorm needs more than one value per channel to train: use a batch size of at least 2",
-                            l.name
-                        )));
-                    }
-                    fwd.push(norm::stats_train(gpu, &x4, eps, momentum, stats, &rm, &rv)?);
-                } else {
-                    fwd.push(norm::stats_eval(gpu, l.in_shape[0], eps, &rm, &rv, stats)?);
-                }
-                let fwd_ep = Epilogue {
-                    quantize: buf.quantize_output,
-                    ..ep
-                };
-                fwd.push(norm::apply(gpu, fwd_ep, &x4, stats, &gamma, &beta, y)?);
-                if train {
-                    let (dg, db) = (g(l.weight)?.expect("gamma"), g(l.bias)?.expect("beta"));
-                    bwd.extend(norm::backward(
-                        gpu,
-                        ep,
-                        &x4,
-                        dy_or()?,
-                        stats,
-                        &gamma,
-                        &beta,
-                        &dg,
-                        &db,
-                        dx,
-                    )?);
-                }
-            }
-            Kind::Relu => {
-                fwd.push(Op::Dispatch(elementwise::relu_forward(gpu, x, y)?));
-                if let (true, Some(dx)) = (train, dx) {
-                    bwd.push(Op::Dispatch(elementwise::relu_backward(
-                        gpu,
-                        y,
-                        dy_or()?,
-                        dx,
-                    )?));
-                }
-            }
-            Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten => {}
-            Kind::Add => unreachable!("adds are recorded by add_ops"),
-            Kind::MaxPool(win) | Kind::AvgPool(win) => {
-                let [c, h, w] = l.in_shape[..] else {
-                    return Err(Error::Invalid(format!(
-                        "layer {}: pooling needs (C, H, W)",
-                        l.name
-                    )));
-                };
-                let geom = PoolGeom {
-                    n: batch,
-                    c,
-                    h,
-                    w,
-                    kernel: win.kernel,
-                    stride: win.stride,
-                    padding: win.padding,
-                };
-                if let Kind::MaxPool(_) = l.kind {
-                    fwd.push(pool::maxpool_forward(gpu, &geom, x, y)?);
-                    if let (true, Some(dx)) = (train, dx) {
-                        // x is this layer's input as the forward saw it (kept, or formed again).
-                        bwd.push(pool::maxpool_backward(gpu, &geom, x, dy_or()?, dx)?);
-                    }
-                } else {
-                    fwd.push(pool::avgpool_forward(gpu, &geom, x, y)?);
-                    if let (true, Some(dx)) = (train, dx) {
-                        bwd.push(pool::avgpool_backward(gpu, &geom, dy_or()?, dx)?);
-                    }
-                }
-            }
-            Kind::Shuffle(groups) => {
-                fwd.push(pool::channel_shuffle(gpu, groups, false, x, y)?);
-                if let (true, Some(dx)) = (train, dx) {
-                    bwd.push(pool::channel_shuffle(gpu, groups, true, dy_or()?, dx)?);
-                }
-            }
+            Kind::Weighted { .. } => weighted::ops(self, l, io),
+            Kind::BatchNorm { .. } => batchnorm::ops(self, l, io),
+            Kind::MaxPool(_) | Kind::AvgPool(_) => pool::ops(l, io),
+            Kind::Shuffle(_) => shuffle::ops(l, io),
+            Kind::Relu => elementwise::relu(l, io),
+            Kind::Add => elementwise::add(l, io),
+            // Aliases: the layer before did the work.
+            Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten => Ok((Vec::new(), Vec::new())),
         }
-        Ok((fwd, bwd))
+    }
+
+    /// A parameter's view in the parameter arena.
+    fn param(&self, idx: Option<usize>) -> Result<Option<Tensor>> {
+        idx.map(|k| self.params.view(&self.param_arena, k))
+            .transpose()
+    }
+
+    /// A parameter's gradient's view in the gradient arena.
+    fn grad(&self, idx: Option<usize>) -> Result<Option<Tensor>> {
+        idx.map(|k| self.params.view(&self.grad_arena, k))
+            .transpose()
     }
 
     /// Writes a batch: images `(b, C, H, W)` normalised, and labels.
@@ -1054,31 +610,6 @@ impl Network {
             .map(|l| l.name.clone())
             .collect()
     }
-}
-
-/// Forward and backward of a sum: `y = x0 + x1 (+ x2 ...)`, each input's gradient `dy`.
-fn add_ops(
-    gpu: &Gpu,
-    xs: &[Tensor],
-    dxs: &[Option<Tensor>],
-    y: &Tensor,
-    dy: Option<&Tensor>,
-) -> Result<(Vec<Op>, Vec<Op>)> {
-    let mut fwd = vec![Op::Dispatch(elementwise::add_forward(
-        gpu, &xs[0], &xs[1], y,
-    )?)];
-    for x in &xs[2..] {
-        fwd.push(Op::Dispatch(elementwise::accumulate(gpu, x, y)?));
-    }
-    let mut bwd = Vec::new();
-    for dx in dxs.iter().flatten() {
-        let dy = dy.ok_or_else(|| Error::Invalid("an add has no output gradient".into()))?;
-        bwd.push(Op::Copy {
-            src: dy.clone(),
-            dst: dx.clone(),
-        });
-    }
-    Ok((fwd, bwd))
 }
 
 /// The largest batch whose activation buffers fit the device's per-binding and per-buffer

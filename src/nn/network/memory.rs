@@ -21,15 +21,28 @@ enum GradPlace {
     Separate,
 }
 
+/// Where a weighted layer's quantized input activation x̂ lives.
+#[derive(Clone, Debug)]
+pub(super) enum QuantInput {
+    /// The layer takes its input as it is (a float layer).
+    Float,
+    /// In a shared temporary: quantized there in the forward pass, and again for grad-weight
+    /// after the input gradient took the quantizer's mask from the float input.
+    Temporary(Tensor),
+    /// Where the input lies: the input is formed again for the backward pass anyway (a
+    /// recomputed BatchNorm or shuffle output), so quantizing it over itself loses nothing.
+    InPlace,
+    /// As `InPlace`, but the input arrives quantized: the BatchNorm that makes it applies this
+    /// layer's quantizer in its own kernel (`LayerBuffers::quantize_output`).
+    ByProducer,
+}
+
 /// Buffers of one layer at the capacity batch; plans take views of their first rows.
 pub(super) struct LayerBuffers {
     pub(super) out: Tensor,
     pub(super) dout: Option<Tensor>,
-    /// Quantized input activation (its gradient is formed in place in the input gradient).
-    pub(super) xq: Option<Tensor>,
-    /// The input is recomputed for the backward pass anyway, so it is quantized where it lies
-    /// (in the forward pass, and again in the backward pass once its mask is taken).
-    pub(super) xq_in_place: bool,
+    /// A weighted layer's quantized input (`Float` for every other layer).
+    pub(super) xq: QuantInput,
     /// The output lives in a shared temporary and is recomputed for the backward pass.
     pub(super) transient: bool,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
@@ -38,8 +51,6 @@ pub(super) struct LayerBuffers {
     /// applies that layer's activation quantizer at once (the backward forms the float output
     /// again, as before).
     pub(super) quantize_output: Option<Bits>,
-    /// The input arrives quantized by the BatchNorm before (see `quantize_output`).
-    pub(super) input_quantized: bool,
     /// Where the backward pass writes the gradient of each input (`None`: not needed). The first
     /// reader of a tensor writes its gradient buffer; later readers write their own.
     pub(super) din: Vec<Option<Tensor>>,
@@ -220,20 +231,20 @@ impl Network {
                 }
             };
             let in_shape = with_batch(cap, &l.in_shape);
-            let mut xq = None;
-            let xq_in_place = quantized_in(l) && input_recomputed(i);
-            if quantized_in(l) && !xq_in_place {
-                xq = qtemp.as_ref().map(|t| t.view(0, &in_shape)).transpose()?;
-            }
+            let xq = match (quantized_in(l), input_recomputed(i)) {
+                (false, _) => QuantInput::Float,
+                (true, true) => QuantInput::InPlace,
+                (true, false) => {
+                    QuantInput::Temporary(qtemp.as_ref().expect("sized above").view(0, &in_shape)?)
+                }
+            };
             out.push(LayerBuffers {
                 out: o,
                 dout: d,
                 xq,
-                xq_in_place,
                 transient: recomputed[i],
                 split_k: split_k.clone(),
                 quantize_output: None,
-                input_quantized: false,
                 din: vec![None; l.inputs.len()],
                 accumulate: Vec::new(),
             });
@@ -245,14 +256,14 @@ impl Network {
             let Kind::Weighted { a_bits, .. } = l.kind else {
                 continue;
             };
-            if !out[i].xq_in_place {
+            if !matches!(out[i].xq, QuantInput::InPlace) {
                 continue;
             }
             let source = (0..i).rev().find(|&k| !self.layers[k].kind.is_alias());
             if source.is_some_and(|k| matches!(self.layers[k].kind, Kind::BatchNorm { .. })) {
                 let k = source.expect("checked");
                 out[k].quantize_output = Some(a_bits);
-                out[i].input_quantized = true;
+                out[i].xq = QuantInput::ByProducer;
             }
         }
         Ok(out)

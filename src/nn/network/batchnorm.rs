@@ -1,0 +1,85 @@
+//! BatchNorm (with the ReLU and channel shuffle fused into it, and the next layer's activation
+//! quantizer where the memory planner asks): batch statistics and running-statistics update in
+//! training, running statistics in evaluation; the backward pass; and the recompute of its
+//! output for a consumer's backward.
+
+use super::{Io, Kind, Layer, Network, Ops, with_batch};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Op, Tensor};
+use crate::kernels::norm::{self, Epilogue};
+
+pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
+    let Kind::BatchNorm { eps, momentum, ep } = l.kind else {
+        unreachable!("batchnorm::ops is for BatchNorm layers")
+    };
+    let (gpu, batch) = (io.gpu, io.batch);
+    let (gamma, beta) = (
+        net.param(l.weight)?.expect("gamma"),
+        net.param(l.bias)?.expect("beta"),
+    );
+    let (rm, rv) = l.running.expect("running stats");
+    let (rm, rv) = (
+        net.running.view(&net.running_arena, rm)?,
+        net.running.view(&net.running_arena, rv)?,
+    );
+    let stats = l.bn_stats.as_ref().expect("bn stats");
+    let x4 = io.x().reshape(&with_batch(batch, &l.in_shape))?;
+    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    if io.train {
+        if batch * l.in_shape[1..].iter().product::<usize>() < 2 {
+            return Err(Error::Invalid(format!(
+                "layer {}: BatchNorm needs more than one value per channel to train: use a batch size of at least 2",
+                l.name
+            )));
+        }
+        fwd.push(norm::stats_train(gpu, &x4, eps, momentum, stats, &rm, &rv)?);
+    } else {
+        fwd.push(norm::stats_eval(gpu, l.in_shape[0], eps, &rm, &rv, stats)?);
+    }
+    let fwd_ep = Epilogue {
+        quantize: io.buf.quantize_output,
+        ..ep
+    };
+    fwd.push(norm::apply(gpu, fwd_ep, &x4, stats, &gamma, &beta, io.y)?);
+    if io.train {
+        let (dg, db) = (
+            net.grad(l.weight)?.expect("gamma"),
+            net.grad(l.bias)?.expect("beta"),
+        );
+        bwd.extend(norm::backward(
+            gpu,
+            ep,
+            &x4,
+            io.dy(l)?,
+            stats,
+            &gamma,
+            &beta,
+            &dg,
+            &db,
+            io.dx(),
+        )?);
+    }
+    Ok((fwd, bwd))
+}
+
+/// The forward op again, into the same temporary: the same kernel on the same input with this
+/// step's batch statistics, so the same bits (float: a fused quantizer is not applied again).
+pub(super) fn recompute(
+    gpu: &Gpu,
+    net: &Network,
+    l: &Layer,
+    x: &Tensor,
+    y: &Tensor,
+    batch: usize,
+) -> Result<Op> {
+    let Kind::BatchNorm { ep, .. } = l.kind else {
+        unreachable!("batchnorm::recompute is for BatchNorm layers")
+    };
+    let p = |k: Option<usize>| {
+        net.param(k)
+            .map(|t| t.expect("BatchNorm has gamma and beta"))
+    };
+    let x4 = x.reshape(&with_batch(batch, &l.in_shape))?;
+    let stats = l.bn_stats.as_ref().expect("bn stats");
+    norm::apply(gpu, ep, &x4, stats, &p(l.weight)?, &p(l.bias)?, y)
+}

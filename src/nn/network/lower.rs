@@ -1,0 +1,323 @@
+//! Lowering: the model's graph (leaf layers in registration order) becomes the network's layers,
+//! each with its kind, its parameters' places in the arenas, its quantizer and its
+//! batch-independent buffers; then the fusions fold what they can into the BatchNorms. Every
+//! fusion rule is in [`fuse`].
+
+use super::QuantConfig;
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::kernels::norm::Epilogue;
+use crate::kernels::quant::{Bits, WeightQuantizer};
+use crate::models::{Graph, LayerSpec, Source};
+use crate::nn::params::Layout;
+
+#[derive(Clone, Copy, Debug)]
+pub(super) enum WeightedOp {
+    Conv {
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+        groups: usize,
+    },
+    ConvT {
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        output_padding: (usize, usize),
+        dilation: (usize, usize),
+        groups: usize,
+    },
+    Linear,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Kind {
+    Weighted {
+        op: WeightedOp,
+        w_bits: Bits,
+        a_bits: Bits,
+    },
+    BatchNorm {
+        eps: f32,
+        momentum: f32,
+        /// The ReLU and channel shuffle that follow it, done in its kernels.
+        ep: Epilogue,
+    },
+    Relu,
+    /// A ReLU folded into the BatchNorm before it: its output is the BN's.
+    FusedRelu,
+    MaxPool(PoolWindow),
+    AvgPool(PoolWindow),
+    Shuffle(usize),
+    /// A channel shuffle folded into the BatchNorm (and ReLU) before it: its output is the BN's.
+    FusedShuffle,
+    Flatten,
+    /// The sum of its inputs (a residual block's); float, as micronet's DoReFa leaves `Add`.
+    Add,
+}
+
+impl Kind {
+    /// The layer's output is its input's buffer (the work, if any, is done by the layer before).
+    pub(super) fn is_alias(&self) -> bool {
+        matches!(self, Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PoolWindow {
+    pub(super) kernel: (usize, usize),
+    pub(super) stride: (usize, usize),
+    pub(super) padding: (usize, usize),
+}
+
+/// A layer with its parameters' places in the arenas and its batch-independent buffers.
+pub(super) struct Layer {
+    pub(super) name: String,
+    pub(super) kind: Kind,
+    /// The tensors it reads (one, or several for an add).
+    pub(super) inputs: Vec<Source>,
+    pub(super) in_shape: Vec<usize>,
+    pub(super) out_shape: Vec<usize>,
+    /// Weight / gamma and bias / beta in the parameter arena.
+    pub(super) weight: Option<usize>,
+    pub(super) bias: Option<usize>,
+    /// running_mean, running_var in the running arena.
+    pub(super) running: Option<(usize, usize)>,
+    pub(super) quantizer: Option<WeightQuantizer>,
+    /// The quantized weight Ŵ and (training) dL/dŴ.
+    pub(super) w_hat: Option<Tensor>,
+    pub(super) dw_hat: Option<Tensor>,
+    pub(super) bn_stats: Option<Tensor>,
+}
+
+/// The layers of `graph`, fused, with their parameters added to `params` and their running
+/// statistics to `running`. micronet's `prepare()` rule: every weighted layer but the first
+/// registered is quantized (unless `quantize_first_layer`).
+pub(super) fn lower(
+    gpu: &Gpu,
+    graph: &Graph,
+    quant: QuantConfig,
+    trainable: bool,
+    params: &mut Layout,
+    running: &mut Layout,
+) -> Result<Vec<Layer>> {
+    let mut layers = Vec::new();
+    // micronet's prepare(): every weighted layer but the first registered is quantized.
+    let first_weighted = graph.nodes.iter().position(|n| n.layer.is_weighted());
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let ls = &node.layer;
+        let name = node.name.clone();
+        let (in_shape, out_shape) = (node.in_shape.clone(), node.out_shape.clone());
+        let quantized = quant.quantize_first_layer || Some(i) != first_weighted;
+        let (wb, ab) = if quantized {
+            (quant.w_bits, quant.a_bits)
+        } else {
+            (Bits::FLOAT, Bits::FLOAT)
+        };
+        let mut layer = Layer {
+            name: name.clone(),
+            kind: Kind::Flatten,
+            inputs: node.inputs.clone(),
+            in_shape: in_shape.clone(),
+            out_shape,
+            weight: None,
+            bias: None,
+            running: None,
+            quantizer: None,
+            w_hat: None,
+            dw_hat: None,
+            bn_stats: None,
+        };
+        let weighted = |op: WeightedOp,
+                        w_shape: Vec<usize>,
+                        bias: bool,
+                        out: usize,
+                        layer: &mut Layer,
+                        params: &mut Layout|
+         -> Result<()> {
+            layer.kind = Kind::Weighted {
+                op,
+                w_bits: wb,
+                a_bits: ab,
+            };
+            layer.weight = Some(params.add(format!("{name}.weight"), &w_shape));
+            layer.bias = bias.then(|| params.add(format!("{name}.bias"), &[out]));
+            if !wb.is_float() {
+                layer.quantizer = Some(WeightQuantizer::new(gpu, wb, &w_shape)?);
+                layer.w_hat =
+                    Some(gpu.zeros(&format!("{name} quantized weight"), &w_shape, DType::F32)?);
+                if trainable {
+                    layer.dw_hat = Some(gpu.zeros(
+                        &format!("{name} quantized weight gradient"),
+                        &w_shape,
+                        DType::F32,
+                    )?);
+                }
+            }
+            Ok(())
+        };
+        match ls {
+            LayerSpec::Conv {
+                out,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+                bias,
+                ..
+            } => {
+                let op = WeightedOp::Conv {
+                    kernel: kernel.t(),
+                    stride: stride.t(),
+                    padding: padding.t(),
+                    dilation: dilation.t(),
+                    groups: *groups,
+                };
+                weighted(
+                    op,
+                    vec![*out, in_shape[0] / groups, kernel.0, kernel.1],
+                    *bias,
+                    *out,
+                    &mut layer,
+                    params,
+                )?;
+            }
+            LayerSpec::ConvTranspose {
+                out,
+                kernel,
+                stride,
+                padding,
+                output_padding,
+                dilation,
+                groups,
+                bias,
+                ..
+            } => {
+                let op = WeightedOp::ConvT {
+                    kernel: kernel.t(),
+                    stride: stride.t(),
+                    padding: padding.t(),
+                    output_padding: output_padding.t(),
+                    dilation: dilation.t(),
+                    groups: *groups,
+                };
+                weighted(
+                    op,
+                    vec![in_shape[0], out / groups, kernel.0, kernel.1],
+                    *bias,
+                    *out,
+                    &mut layer,
+                    params,
+                )?;
+            }
+            LayerSpec::Linear { out, bias, .. } => {
+                weighted(
+                    WeightedOp::Linear,
+                    vec![*out, in_shape[0]],
+                    *bias,
+                    *out,
+                    &mut layer,
+                    params,
+                )?;
+            }
+            LayerSpec::BatchNorm { eps, momentum, .. } => {
+                let c = in_shape[0];
+                layer.kind = Kind::BatchNorm {
+                    eps: *eps,
+                    momentum: *momentum,
+                    ep: Epilogue::relu(false),
+                };
+                layer.weight = Some(params.add(format!("{name}.weight"), &[c]));
+                layer.bias = Some(params.add(format!("{name}.bias"), &[c]));
+                layer.running = Some((
+                    running.add(format!("{name}.running_mean"), &[c]),
+                    running.add(format!("{name}.running_var"), &[c]),
+                ));
+                layer.bn_stats =
+                    Some(gpu.zeros(&format!("{name} batch statistics"), &[2 * c], DType::F32)?);
+            }
+            LayerSpec::Relu => layer.kind = Kind::Relu,
+            LayerSpec::MaxPool {
+                kernel,
+                stride,
+                padding,
+            } => {
+                layer.kind = Kind::MaxPool(PoolWindow {
+                    kernel: kernel.t(),
+                    stride: stride.unwrap_or(*kernel).t(),
+                    padding: padding.t(),
+                });
+            }
+            LayerSpec::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => {
+                layer.kind = Kind::AvgPool(PoolWindow {
+                    kernel: kernel.t(),
+                    stride: stride.unwrap_or(*kernel).t(),
+                    padding: padding.t(),
+                });
+            }
+            LayerSpec::Shuffle { groups } => layer.kind = Kind::Shuffle(*groups),
+            LayerSpec::Flatten => layer.kind = Kind::Flatten,
+            LayerSpec::Add { .. } => layer.kind = Kind::Add,
+            LayerSpec::AdaptiveAvgPool { .. }
+            | LayerSpec::Sequential { .. }
+            | LayerSpec::Residual { .. } => {
+                return Err(Error::Invalid(format!(
+                    "layer {name}: {} is not a leaf of the lowered graph",
+                    ls.kind()
+                )));
+            }
+        }
+        layers.push(layer);
+    }
+    fuse(&mut layers, &graph.consumers());
+    Ok(layers)
+}
+
+/// The fusions of the lowered graph, all in one place. Each folds a layer into the BatchNorm
+/// whose output it reads, and applies only where nothing else reads that output (so no reader
+/// sees the fused result in place of the tensor it asked for):
+///
+/// 1. BatchNorm → ReLU: the ReLU reads only the BatchNorm's output, which nothing else reads.
+///    The BatchNorm applies the ReLU (`Epilogue::relu`); the ReLU is an alias of its output.
+/// 2. BatchNorm [→ fused ReLU] → channel shuffle: likewise for the shuffle (and the fused ReLU's
+///    output); the BatchNorm writes its output shuffled (`Epilogue::shuffle`), so the
+///    unshuffled tensor never exists.
+///
+/// The memory planner (`memory.rs`) adds the last one: a BatchNorm whose output only a
+/// quantized layer reads, and which is formed again for the backward pass anyway, writes it
+/// quantized (`Epilogue::quantize`).
+pub(super) fn fuse(layers: &mut [Layer], consumers: &[Vec<usize>]) {
+    let only_reader = |k: usize, i: usize| consumers[k] == [i];
+    for i in 0..layers.len() {
+        let [Source::Node(k)] = layers[i].inputs[..] else {
+            continue;
+        };
+        match layers[i].kind {
+            Kind::Relu if only_reader(k, i) => {
+                if let Kind::BatchNorm { ep, .. } = &mut layers[k].kind {
+                    ep.relu = true;
+                    layers[i].kind = Kind::FusedRelu;
+                }
+            }
+            Kind::Shuffle(groups) if only_reader(k, i) => {
+                let bn = match (layers[k].kind, &layers[k].inputs[..]) {
+                    (Kind::FusedRelu, &[Source::Node(b)]) => b,
+                    _ => k,
+                };
+                if let Kind::BatchNorm { ep, .. } = &mut layers[bn].kind {
+                    if ep.shuffle == 1 {
+                        ep.shuffle = groups;
+                        layers[i].kind = Kind::FusedShuffle;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
