@@ -78,8 +78,8 @@ fn memory_savings_change_no_bit_of_a_training_step() {
         ("tests/fixtures/flatten_linear.json", 32),
         ("examples/models/tiny_nin.json", 8),
         // Residual blocks: a block's input stays alive across the block (its gradient is the
-        // sum of two paths). Branching graphs keep every output today, so both runs plan alike;
-        // this holds the two-path backward to the same bits run after run.
+        // sum of two paths, and outlives the block's backward in its shared buffer); BatchNorm
+        // outputs read only by the next layer are recomputed there too.
         ("examples/models/tiny_resnet.json", 8),
         ("examples/models/tiny_resnet.json", 32),
     ];

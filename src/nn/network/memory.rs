@@ -14,11 +14,9 @@ enum GradPlace {
     Alias,
     /// Its own output buffer: the BatchNorm after it writes the gradient there in place.
     Own,
-    /// One of the two shared gradient buffers.
+    /// One of the shared gradient buffers (two for a chain; more where a gradient must outlive
+    /// others, as a residual block's input gradient outlives the block's backward pass).
     Slot(usize),
-    /// A buffer of its own (graphs that branch: the gradient of a block's input must outlive
-    /// the block's backward pass, so gradients do not take turns there).
-    Separate,
 }
 
 /// Where a weighted layer's quantized input activation x̂ lives.
@@ -60,25 +58,53 @@ pub(super) struct LayerBuffers {
 }
 
 impl Network {
+    /// The layer whose buffer holds `s` (aliases resolved to their source), or `None` for the
+    /// network's input.
+    pub(super) fn root(&self, mut s: Source) -> Option<usize> {
+        while let Source::Node(k) = s {
+            if !self.layers[k].kind.is_alias() {
+                return Some(k);
+            }
+            s = self.layers[k].inputs[0];
+        }
+        None
+    }
+
+    /// For each layer, the layers (not aliases) that read the tensor in its buffer, in order.
+    pub(super) fn readers(&self) -> Vec<Vec<usize>> {
+        let mut readers = vec![Vec::new(); self.layers.len()];
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.kind.is_alias() {
+                continue;
+            }
+            for &s in &l.inputs {
+                if let Some(r) = self.root(s) {
+                    readers[r].push(i);
+                }
+            }
+        }
+        readers
+    }
+
     /// Which layers' outputs are transient: cheap to recompute exactly from what is kept
     /// (BatchNorm from its input and batch statistics, a channel shuffle from its input), so they
     /// live in one of two shared temporaries and are formed again at the start of their
-    /// consumer's backward. A transient output needs a consumer (not the network's output), and
-    /// chains stop at two so that a chain's outputs sit in different temporaries.
+    /// consumer's backward. A transient output has one reader, the next layer (so it is alive
+    /// only from one layer to the next, as in a chain, also inside a residual block), and chains
+    /// stop at two so that a chain's outputs sit in different temporaries.
     /// Returns per layer 0 (kept, or an alias), or the temporary (1 or 2) its output lives in.
     pub(super) fn transient_layers(&self) -> Vec<usize> {
         let n = self.layers.len();
         let mut transient = vec![0usize; n];
-        // Recomputation follows a chain; in a branching graph every output is kept.
-        if !self.recompute || !self.graph.is_chain() {
+        if !self.recompute {
             return transient;
         }
+        let readers = self.readers();
         // Chain length of each layer's output: 0 stored, 1 or 2 transient (aliases follow).
         let mut depth = vec![0usize; n];
         for i in 0..n {
-            let alias = self.layers[i].kind.is_alias();
-            let input_depth = if i == 0 { 0 } else { depth[i - 1] };
-            if alias {
+            let input_depth = self.root(self.layers[i].inputs[0]).map_or(0, |k| depth[k]);
+            if self.layers[i].kind.is_alias() {
                 depth[i] = input_depth;
                 continue;
             }
@@ -86,8 +112,9 @@ impl Network {
                 self.layers[i].kind,
                 Kind::BatchNorm { .. } | Kind::Shuffle(_)
             );
-            let consumed = self.layers[i + 1..].iter().any(|l| !l.kind.is_alias());
-            if recomputable && consumed && input_depth < 2 {
+            let next = (i + 1..n).find(|&k| !self.layers[k].kind.is_alias());
+            let read_next_only = next.is_some_and(|k| readers[i] == [k]);
+            if recomputable && read_next_only && input_depth < 2 {
                 depth[i] = input_depth + 1;
                 transient[i] = depth[i];
             }
@@ -109,10 +136,14 @@ impl Network {
         // Whether each layer's output is recomputed in backward (aliases follow their source).
         let mut recomputed = vec![false; self.layers.len()];
         for (i, l) in self.layers.iter().enumerate() {
-            let is_alias = l.kind.is_alias();
-            recomputed[i] = transient[i] > 0 || (is_alias && i > 0 && recomputed[i - 1]);
+            let source = self.root(l.inputs[0]);
+            recomputed[i] =
+                transient[i] > 0 || (l.kind.is_alias() && source.is_some_and(|k| recomputed[k]));
         }
-        let input_recomputed = |i: usize| i > 0 && recomputed[i - 1];
+        let input_recomputed = |i: usize| {
+            self.root(self.layers[i].inputs[0])
+                .is_some_and(|k| recomputed[k])
+        };
         // A recomputed input is quantized where it lies; others go to a shared temporary.
         let max_qin = self
             .layers
@@ -127,41 +158,30 @@ impl Network {
         // in two shared buffers, each sized for the largest gradient it holds (a layer and the
         // one it feeds never share one; aliases follow their source).
         let n = self.layers.len();
-        let chain = self.graph.is_chain();
-        let mut place = vec![GradPlace::Alias; n];
-        let mut last_slot: Option<usize> = None;
-        for (i, l) in self.layers.iter().enumerate() {
-            if l.kind.is_alias() {
-                continue;
-            }
-            if !chain {
-                place[i] = GradPlace::Separate;
-                continue;
-            }
-            let normalised_next = matches!(
-                self.layers.get(i + 1).map(|l| &l.kind),
-                Some(Kind::BatchNorm { .. })
-            );
-            place[i] = if matches!(l.kind, Kind::Weighted { .. }) && normalised_next {
-                last_slot = None;
-                GradPlace::Own
-            } else {
-                let s = last_slot.map_or(0, |s| 1 - s);
-                last_slot = Some(s);
-                GradPlace::Slot(s)
-            };
-        }
-        let slot_len = |s: usize| {
-            (0..n)
+        let place = self.gradient_places();
+        let slots = place
+            .iter()
+            .filter_map(|p| match p {
+                GradPlace::Slot(s) => Some(s + 1),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let mut grads = Vec::new();
+        for s in 0..slots {
+            let len = (0..n)
                 .filter(|&i| place[i] == GradPlace::Slot(s))
                 .map(|i| elems(&self.layers[i].out_shape))
-                .max()
-        };
-        let grads = if self.trainable {
-            shared_pair(gpu, "output gradients", cap, [slot_len(0), slot_len(1)])?
-        } else {
-            [None, None]
-        };
+                .max();
+            grads.push(match (self.trainable, len) {
+                (true, Some(len)) => Some(gpu.zeros(
+                    &format!("output gradients {}", slot_name(s)),
+                    &[cap * len],
+                    DType::F32,
+                )?),
+                _ => None,
+            });
+        }
         let qtemp = max_qin
             .map(|n| gpu.zeros("quantized input", &[cap * n], DType::F32))
             .transpose()?;
@@ -220,11 +240,6 @@ impl Network {
                         (true, GradPlace::Slot(s)) => {
                             Some(grads[s].as_ref().expect("sized above").view(0, &shape)?)
                         }
-                        (true, GradPlace::Separate) => Some(gpu.zeros(
-                            &format!("{} output gradient", l.name),
-                            &shape,
-                            DType::F32,
-                        )?),
                         (true, GradPlace::Alias) => unreachable!("aliases are matched above"),
                     };
                     (o, d)
@@ -259,7 +274,7 @@ impl Network {
             if !matches!(out[i].xq, QuantInput::InPlace) {
                 continue;
             }
-            let source = (0..i).rev().find(|&k| !self.layers[k].kind.is_alias());
+            let source = self.root(l.inputs[0]);
             if source.is_some_and(|k| matches!(self.layers[k].kind, Kind::BatchNorm { .. })) {
                 let k = source.expect("checked");
                 out[k].quantize_output = Some(a_bits);
@@ -267,6 +282,68 @@ impl Network {
             }
         }
         Ok(out)
+    }
+
+    /// Where each layer's output gradient lives. A conv/linear output that only a BatchNorm
+    /// reads takes its own gradient in place (the BN's backward overwrites it: nothing reads that
+    /// output again); the others share buffers, each sized for the largest gradient it holds.
+    /// A gradient is alive from the backward pass of its tensor's first reader (which writes
+    /// it; the loss, for the output) to its own layer's: in a chain a layer's and the next
+    /// one's, so two buffers taking turns; in a graph that branches, gradients are given the
+    /// first buffer free over their whole lifetime (aliases follow their source).
+    fn gradient_places(&self) -> Vec<GradPlace> {
+        let n = self.layers.len();
+        let readers = self.readers();
+        let mut place = vec![GradPlace::Alias; n];
+        let own = |i: usize| {
+            matches!(self.layers[i].kind, Kind::Weighted { .. })
+                && matches!(readers[i][..], [k] if matches!(self.layers[k].kind, Kind::BatchNorm { .. }))
+        };
+        if self.graph.is_chain() {
+            let mut last_slot: Option<usize> = None;
+            for (i, l) in self.layers.iter().enumerate() {
+                if l.kind.is_alias() {
+                    continue;
+                }
+                place[i] = if own(i) {
+                    last_slot = None;
+                    GradPlace::Own
+                } else {
+                    let s = last_slot.map_or(0, |s| 1 - s);
+                    last_slot = Some(s);
+                    GradPlace::Slot(s)
+                };
+            }
+            return place;
+        }
+        // (first written, last read) in layer indices; backward runs from n down to 0.
+        let mut lives: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.kind.is_alias() {
+                continue;
+            }
+            if own(i) {
+                place[i] = GradPlace::Own;
+                continue;
+            }
+            let written = readers[i].first().copied().unwrap_or(n);
+            lives.push((written, i, i));
+        }
+        lives.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+        // The last read of each slot's current gradient; a slot is free once that is past.
+        let mut busy_until: Vec<usize> = Vec::new();
+        for (written, last_read, i) in lives {
+            let s = match busy_until.iter().position(|&until| until > written) {
+                Some(s) => s,
+                None => {
+                    busy_until.push(0);
+                    busy_until.len() - 1
+                }
+            };
+            busy_until[s] = last_read;
+            place[i] = GradPlace::Slot(s);
+        }
+        place
     }
 
     /// Where each layer writes its inputs' gradients. The readers of a tensor (an alias's
@@ -330,6 +407,15 @@ impl Network {
             let _ = self.buffers.set(self.alloc_buffers(gpu)?);
         }
         Ok(self.buffers.get().expect("just set"))
+    }
+}
+
+/// "A", "B", ... for shared buffer `s`.
+fn slot_name(s: usize) -> String {
+    if s < 26 {
+        char::from(b'A' + s as u8).to_string()
+    } else {
+        format!("{s}")
     }
 }
 
