@@ -34,6 +34,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> out_codes: array<u32>;
 @group(0) @binding(8) var<storage, read_write> out_float: array<f32>;
+// The second addend of add_float.
+@group(0) @binding(9) var<storage, read> in_float2: array<f32>;
 
 // Output codes (true) or floats.
 override OUT_CODES: bool = true;
@@ -330,4 +332,27 @@ fn quantize_codes(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
     out_codes[i] = word;
+}
+
+// A residual add of two float tensors (channels-last, cin channels), ReLU when asked, written as
+// floats or as the next layer's codes, as a conv's epilogue would. Thread: a pixel's channels
+// 4q..4q+3.
+@compute @workgroup_size(256)
+fn add_float(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let slot = output_slot(i);
+    let pix = slot.x;
+    if (pix >= p.batch * p.oh * p.ow) {
+        return;
+    }
+    var z = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let c = slot.y * 4u + j;
+        if (c < p.cout) {
+            z[j] = in_float[pix * p.cout + c] + in_float2[pix * p.cout + c];
+        }
+    }
+    store(pix, slot.y * 4u, z);
 }

@@ -75,13 +75,22 @@ fn fake_quant_logits(gpu: &Gpu, net: &Network, x: &[f32], batch: usize) -> Vec<f
 /// wide, such flips happen in every image and logits move by ~1e-4 (median), ~1e-3 (max).
 /// Two small heads check the output order where the integer engine's channels-last layout
 /// meets PyTorch's (C, H, W) flatten: an output that keeps a spatial extent (24 = 6x2x2
-/// values), and a Linear fed by a flattened 12x4x4 map.
+/// values), and a Linear fed by a flattened 12x4x4 map. Residual networks add float branches and
+/// requantize the sum: small ones agree to ~1e-7. A random resnet18 is sensitive to rounding
+/// itself: identity shortcuts carry every flipped code on unquantized through 16 layers, so at
+/// W4A4 PyTorch's own fp32 eval differs from its fp64 eval by up to 0.39 in logits of magnitude
+/// 11, the integer engine by 0.25 and wgqat's fake-quant by 0.28 (measured with
+/// tools/torch_reference.py's model, 2026-12-02); with conv1 to conv3_x only, the engine
+/// agrees with fp64 to 1e-7 where both fp32 paths are 0.03 off. There predictions must agree
+/// and logits within 3% of the largest.
 #[test]
 fn integer_predictions_equal_fake_quant_predictions() {
     let gpu = common::gpu();
     let tiny = repo("examples/models/tiny_nin.json");
     let spatial = repo("tests/fixtures/spatial_heads.json");
     let linear = repo("tests/fixtures/flatten_linear.json");
+    let resnet = repo("examples/models/tiny_resnet.json");
+    let identity = repo("tests/fixtures/resnet_identity_blocks.json");
     // (model, batch, weight bits, activation bits, quantized first layer)
     let configs = [
         (tiny.as_str(), 64, 8, 8, false),
@@ -92,6 +101,11 @@ fn integer_predictions_equal_fake_quant_predictions() {
         (spatial.as_str(), 16, 8, 8, false),
         (linear.as_str(), 16, 4, 4, false),
         ("nin_gc", 3, 8, 8, false),
+        (identity.as_str(), 32, 8, 8, false),
+        (resnet.as_str(), 64, 8, 8, false),
+        (resnet.as_str(), 64, 4, 4, false),
+        (resnet.as_str(), 32, 2, 2, true),
+        ("resnet18", 2, 8, 8, false),
     ];
     for (model, batch, w, a, first) in configs {
         let test = wgqat::data::synthetic::generate(1, 2, batch);
@@ -133,9 +147,14 @@ fn integer_predictions_equal_fake_quant_predictions() {
                 same, batch,
                 "{name} W{w}A{a} {what}: integer and fake-quant predictions differ"
             );
-            let median_bound = if name == "nin_gc" { 1e-3 } else { 1e-5 };
+            let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (max_bound, median_bound) = match name.as_str() {
+                "resnet18" => (0.03 * largest, 0.03 * largest),
+                "nin_gc" => (1e-2, 1e-3),
+                _ => (1e-2, 1e-5),
+            };
             assert!(
-                max_abs <= 1e-2 && median <= median_bound,
+                max_abs <= max_bound && median <= median_bound,
                 "{name} W{w}A{a} {what}: logits differ by {max_abs} (median {median})"
             );
         }
@@ -143,11 +162,17 @@ fn integer_predictions_equal_fake_quant_predictions() {
 }
 
 /// Train a few epochs, export, then `wgqat infer --predictions` and `wgqat eval --predictions`
-/// write identical files (a CIFAR-format folder written by `wgqat data synthetic`).
+/// write identical files, for a NIN and a ResNet (a CIFAR-format folder written by `wgqat data synthetic`).
 #[test]
 fn infer_and_eval_write_identical_predictions_after_training() {
-    let d = tmp("e2e");
-    let model = repo("examples/models/tiny_nin.json");
+    for model in ["tiny_nin", "tiny_resnet"] {
+        infer_equals_eval_after_training(model);
+    }
+}
+
+fn infer_equals_eval_after_training(model: &str) {
+    let d = tmp(&format!("e2e-{model}"));
+    let model = repo(&format!("examples/models/{model}.json"));
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let data = d.join("data");
     ok(&wgqat(&[
@@ -219,6 +244,11 @@ fn infer_and_eval_write_identical_predictions_after_training() {
     );
     assert_eq!(a.lines().count(), 200);
     assert_eq!(a, b, "predictions differ");
+    let classes: std::collections::BTreeSet<&str> = a.lines().collect();
+    assert!(
+        classes.len() >= 3,
+        "a trained model predicts more than {classes:?}"
+    );
     // The same accuracy printed by both.
     let acc = |t: &str| {
         t.split("accuracy ")
@@ -449,6 +479,56 @@ fn onnx_export_has_the_expected_graph_and_exact_levels() {
         checked += 1;
     }
     assert_eq!(checked, 3);
+}
+
+/// A ResNet's ONNX graph: each residual add an `Add` of its body and its shortcut followed by a
+/// `Relu`, every node reading only what exists before it, and one activation quantizer per
+/// tensor that quantized convs read (a block's body and its 1x1 shortcut share one). tiny_resnet
+/// has six quantized layers reading five tensors.
+#[test]
+fn onnx_export_of_a_resnet_adds_its_branches() {
+    let gpu = common::gpu();
+    let model = repo("examples/models/tiny_resnet.json");
+    let net = common::random_network(gpu, &model, QuantConfig::default(), 1, 12);
+    let bytes = wgqat::infer::onnx::export(&wgqat::infer::fold::fold(gpu, &net).unwrap()).unwrap();
+    let m = fields(&bytes);
+    let graph = sub(get(&m, 7)[0]);
+    let nodes: Vec<_> = get(&graph, 1).into_iter().map(sub).collect();
+    let op = |n: &[(u32, Field)]| text(get(n, 4)[0]);
+    let inputs = |n: &[(u32, Field)]| get(n, 1).into_iter().map(text).collect::<Vec<_>>();
+    let ops: Vec<String> = nodes.iter().map(|n| op(n)).collect();
+    let count = |o: &str| ops.iter().filter(|x| *x == o).count();
+    assert_eq!(count("Conv"), 6, "{ops:?}");
+    assert_eq!(count("Gemm"), 1);
+    assert_eq!(
+        count("Floor"),
+        5,
+        "one quantizer per quantized tensor: {ops:?}"
+    );
+    let inits: Vec<String> = get(&graph, 5)
+        .into_iter()
+        .map(|t| text(get(&sub(t), 8)[0]))
+        .collect();
+    // Residual adds: both operands are node outputs (the quantizers' and BN's adds take a
+    // constant), each followed by a ReLU.
+    let mut written: Vec<String> = vec!["input".into()];
+    let mut residual = 0;
+    for (k, n) in nodes.iter().enumerate() {
+        let ins = inputs(n);
+        for i in &ins {
+            assert!(
+                written.contains(i) || inits.contains(i),
+                "{} reads undefined {i}",
+                op(n)
+            );
+        }
+        if op(n) == "Add" && ins.iter().all(|i| !inits.contains(i)) {
+            residual += 1;
+            assert_eq!(op(&nodes[k + 1]), "Relu", "a block's ReLU follows its add");
+        }
+        written.push(text(get(n, 2)[0]));
+    }
+    assert_eq!(residual, 2, "{ops:?}");
 }
 
 /// `wgqat infer IMAGE...`: a lossless PNG of a test image gives the engine's own logits for it

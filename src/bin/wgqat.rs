@@ -936,6 +936,11 @@ fn model(name: &str, summary: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Width of a benchmark table's model column: its longest name.
+fn model_column(specs: &[wgqat::models::ModelSpec]) -> usize {
+    specs.iter().map(|s| s.name.len()).max().unwrap_or(0).max(5)
+}
+
 fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     if a.infer {
         return bench_inference(a);
@@ -961,6 +966,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         breakdown: !a.no_breakdown,
     };
     let mut rows = Vec::new();
+    let mw = model_column(&specs);
     if !a.json {
         println!(
             "training benchmark on {} (wall clock over {} steps after {} warm-up steps)",
@@ -969,7 +975,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.warmup
         );
         println!(
-            "{:<8} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}",
+            "{:<mw$} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}",
             "model", "bits", "batch", "img/s", "ms/step", "submits/step", "allocs/step", "peak MiB"
         );
     }
@@ -982,7 +988,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         v.map_or("-".to_string(), |x| format!("{x:.p$}"))
                     };
                     println!(
-                        "{:<8} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}{}",
+                        "{:<mw$} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}{}",
                         r.model,
                         if b.is_float() {
                             "fp32".to_string()
@@ -1047,6 +1053,7 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         steps: a.steps,
         breakdown: false,
     };
+    let mw = model_column(&specs);
     if !a.json {
         println!(
             "inference benchmark on {} (wall clock over {} batches after {} warm-up batches, inputs on the GPU)",
@@ -1055,7 +1062,7 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.warmup
         );
         println!(
-            "{:<8} {:>5} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}",
+            "{:<mw$} {:>5} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}",
             "model", "bits", "batch", "int img/s", "int ms", "fake-q img/s", "fake-q ms", "speedup"
         );
     }
@@ -1073,7 +1080,7 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         .zip(r.fake_quant_img_per_s)
                         .map(|(i, q)| i / q);
                     println!(
-                        "{:<8} {:>5} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}{}",
+                        "{:<mw$} {:>5} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}{}",
                         r.model,
                         format!("W{b}A{b}"),
                         batch,

@@ -1,7 +1,7 @@
 //! The integer model on the GPU (`shaders/intinfer.wgsl`): weights uploaded once, buffers sized
 //! for the largest batch, one recorded plan per batch size, one submit per batch.
 
-use super::model::{IntModel, IntOp};
+use super::model::{IntModel, IntOp, conv_axis, pool_axis};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor};
 use crate::kernels::{Entry, INTINFER, elementwise_grid};
@@ -31,6 +31,7 @@ const AVGPOOL_FLOAT: Entry = entry("avgpool_float", &[(2, R), (8, W)]);
 const SHUFFLE_CODES: Entry = entry("shuffle_codes", &[(1, R), (7, W)]);
 const SHUFFLE_FLOAT: Entry = entry("shuffle_float", &[(2, R), (8, W)]);
 const QUANTIZE_CODES: Entry = entry("quantize_codes", &[(2, R), (7, W)]);
+const ADD_FLOAT: Entry = entry("add_float", &[(2, R), (7, W), (8, W), (9, R)]);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -96,9 +97,8 @@ struct Planned {
 pub struct IntEngine {
     pub model: IntModel,
     capacity: usize,
-    input: Tensor,
     layers: HashMap<String, Layer>,
-    /// Output of every op at the capacity batch.
+    /// Every edge at the capacity batch: the input images (0), then each op's output.
     edges: Vec<Edge>,
     dummy: Tensor,
     plans: Mutex<HashMap<usize, std::sync::Arc<Planned>>>,
@@ -131,6 +131,8 @@ impl IntEngine {
                 "batch size 0: use a batch size of at least 1".into(),
             ));
         }
+        let mut model = model;
+        model.manifest.check_inputs()?;
         let [c0, h0, w0] = model.manifest.input;
         let input = gpu.zeros(
             "input images (channels-last)",
@@ -138,13 +140,27 @@ impl IntEngine {
             DType::F32,
         )?;
         let mut layers = HashMap::new();
-        let mut edges = Vec::new();
-        let (mut c, mut h, mut w, mut bits) = (c0, h0, w0, None::<u32>);
-        // The (C, H, W) whose channels-last order the current values are in.
-        let mut order = (c0, h0, w0);
-        for (k, op) in model.manifest.ops.iter().enumerate() {
+        let mut edges = vec![Edge {
+            c: c0,
+            h: h0,
+            w: w0,
+            bits: None,
+            t: input,
+        }];
+        // Per edge: the (C, H, W) whose channels-last order its values are in.
+        let mut order = vec![(c0, h0, w0)];
+        for (k, node) in model.manifest.ops.iter().enumerate() {
             let what = format!("op {k} output");
-            match op {
+            let e = node.inputs[0];
+            let Edge {
+                mut c,
+                mut h,
+                mut w,
+                mut bits,
+                ..
+            } = edges[e];
+            let mut ord = (c, h, w);
+            match &node.op {
                 IntOp::Conv {
                     name,
                     cin,
@@ -215,15 +231,13 @@ impl IntEngine {
                             bias,
                         },
                     );
-                    let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| {
-                        (n + 2 * p - d * (k - 1) - 1) / s + 1
-                    };
                     (h, w) = (
-                        axis(h, kernel[0], stride[0], padding[0], dilation[0]),
-                        axis(w, kernel[1], stride[1], padding[1], dilation[1]),
+                        conv_axis(h, kernel[0], stride[0], padding[0], dilation[0]),
+                        conv_axis(w, kernel[1], stride[1], padding[1], dilation[1]),
                     );
                     c = *cout;
                     bits = *output_bits;
+                    ord = (c, h, w);
                 }
                 IntOp::Quantize { bits: b } => bits = Some(*b),
                 IntOp::MaxPool {
@@ -236,31 +250,43 @@ impl IntEngine {
                     stride,
                     padding,
                 } => {
-                    let axis = |n: usize, k: usize, s: usize, p: usize| (n + 2 * p - k) / s + 1;
                     (h, w) = (
-                        axis(h, kernel[0], stride[0], padding[0]),
-                        axis(w, kernel[1], stride[1], padding[1]),
+                        pool_axis(h, kernel[0], stride[0], padding[0]),
+                        pool_axis(w, kernel[1], stride[1], padding[1]),
                     );
+                    ord = (c, h, w);
                 }
                 IntOp::Shuffle { .. } => {}
-                IntOp::Flatten => (c, h, w) = (c * h * w, 1, 1),
-            }
-            if !matches!(op, IntOp::Flatten) {
-                order = (c, h, w);
+                IntOp::Flatten => {
+                    (c, h, w) = (c * h * w, 1, 1);
+                    ord = order[e];
+                }
+                IntOp::Add { output_bits, .. } => {
+                    let y = &edges[node.inputs[1]];
+                    if (y.c, y.h, y.w) != (c, h, w) || bits.is_some() || y.bits.is_some() {
+                        return Err(Error::Invalid(format!(
+                            "op {k} adds a {c}x{h}x{w} and a {}x{}x{} tensor: an add takes two float tensors of one shape (the model file is damaged; export it again)",
+                            y.c, y.h, y.w
+                        )));
+                    }
+                    bits = *output_bits;
+                    ord = order[e];
+                }
             }
             let t = edge_tensor(gpu, &what, capacity, c, h, w, bits)?;
             edges.push(Edge { c, h, w, bits, t });
+            order.push(ord);
         }
         let dummy = gpu.zeros("unused output", &[1], DType::F32)?;
+        let last = *order.last().expect("the input edge");
         Ok(IntEngine {
             model,
             capacity,
-            input,
             layers,
             edges,
             dummy,
             plans: Mutex::new(HashMap::new()),
-            out_order: (order.1 * order.2 > 1).then_some(order),
+            out_order: (last.1 * last.2 > 1).then_some(last),
         })
     }
 
@@ -276,18 +302,12 @@ impl IntEngine {
         if let Some(p) = self.plans.lock().ok().and_then(|m| m.get(&batch).cloned()) {
             return Ok(p);
         }
-        let [c0, h0, w0] = self.model.manifest.input;
-        let mut cur = Edge {
-            c: c0,
-            h: h0,
-            w: w0,
-            bits: None,
-            t: self.input.clone(),
-        };
         let mut ops = Vec::new();
         let dummy_u = gpu.zeros("unused codes", &[1], DType::U32)?;
-        for (k, op) in self.model.manifest.ops.iter().enumerate() {
-            let out = &self.edges[k];
+        for (k, node) in self.model.manifest.ops.iter().enumerate() {
+            let op = &node.op;
+            let cur = &self.edges[node.inputs[0]];
+            let out = &self.edges[k + 1];
             let (x, y) = (cur.at(batch)?, out.at(batch)?);
             let mut p = Params {
                 batch: batch as u32,
@@ -431,9 +451,30 @@ impl IntEngine {
                     src: x.clone(),
                     dst: y.clone(),
                 }),
+                IntOp::Add { relu, output_bits } => {
+                    let x2 = self.edges[node.inputs[1]].at(batch)?;
+                    p.relu = *relu as u32;
+                    if let Some(b) = output_bits {
+                        p.out_levels = (1u32 << b) - 1;
+                        p.out_levels_f = p.out_levels as f32;
+                    }
+                    let (codes_out, float_out) = match output_bits {
+                        Some(_) => (&y, &self.dummy),
+                        None => (&dummy_u, &y),
+                    };
+                    let consts = [("OUT_CODES", f64::from(u8::from(output_bits.is_some())))];
+                    ops.push(ADD_FLOAT.launch(
+                        gpu,
+                        &consts,
+                        label("add_float"),
+                        &p,
+                        &[&x, codes_out, float_out, &x2],
+                        elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(4)) as u32),
+                    )?);
+                }
             }
-            cur = out.clone();
         }
+        let cur = self.edges.last().expect("the input edge");
         if cur.bits.is_some() {
             return Err(Error::Invalid(
                 "the model's output is codes, not logits".into(),
@@ -475,7 +516,7 @@ impl IntEngine {
                 }
             }
         }
-        gpu.write(&self.input.view(0, &[batch * per])?, &nhwc)?;
+        gpu.write(&self.edges[0].t.view(0, &[batch * per])?, &nhwc)?;
         let plan = self.plan(gpu, batch)?;
         let mut out: Vec<Vec<f32>> =
             gpu.run_and_read("integer inference", &plan.ops, &[&plan.logits])?;

@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::quant::{Bits, WeightQuantizer};
+use crate::models::graph::Source;
 use crate::models::{LayerSpec, ModelSpec};
 use crate::nn::Network;
 use crate::nn::checkpoint::Data;
@@ -63,33 +64,75 @@ pub enum FoldedOp {
         groups: usize,
     },
     Flatten,
+    /// The sum of two float tensors (a residual block's body and shortcut), then the ReLU.
+    Add {
+        relu: bool,
+    },
 }
 
-/// A network in inference form.
+/// An op and the edges it reads: edge 0 is the input image, edge k + 1 the output of op k.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FoldedNode {
+    pub op: FoldedOp,
+    pub inputs: Vec<usize>,
+}
+
+/// A network in inference form: ops in an order where each reads only earlier edges.
 #[derive(Clone, Debug)]
 pub struct Folded {
     pub model: String,
     pub input: [usize; 3],
-    pub ops: Vec<FoldedOp>,
+    pub ops: Vec<FoldedNode>,
 }
 
-fn unsupported(i: usize, l: &LayerSpec, why: &str) -> Error {
-    Error::Invalid(format!("cannot export layer {i} ({}): {why}", l.kind()))
+impl Folded {
+    /// A sequence of ops, each reading the one before.
+    pub fn chain(model: &str, input: [usize; 3], ops: Vec<FoldedOp>) -> Folded {
+        Folded {
+            model: model.into(),
+            input,
+            ops: ops
+                .into_iter()
+                .enumerate()
+                .map(|(k, op)| FoldedNode {
+                    op,
+                    inputs: vec![k],
+                })
+                .collect(),
+        }
+    }
+
+    /// The ops reading each edge (edge 0 the input), in order.
+    pub fn consumers(&self) -> Vec<Vec<usize>> {
+        let mut out = vec![Vec::new(); self.ops.len() + 1];
+        for (k, n) in self.ops.iter().enumerate() {
+            for &e in &n.inputs {
+                out[e].push(k);
+            }
+        }
+        out
+    }
 }
 
-/// Folds `net` (with its trained weights on the GPU).
+fn unsupported(name: &str, l: &LayerSpec, why: &str) -> Error {
+    Error::Invalid(format!("cannot export layer {name} ({}): {why}", l.kind()))
+}
+
+/// Folds `net` (with its trained weights on the GPU). A conv or Linear absorbs the BatchNorm that
+/// alone reads it and the ReLU that alone reads that; an add absorbs the ReLU that alone reads
+/// it (a residual block's). The folded graph keeps the model's branches.
 pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
     let spec: &ModelSpec = &net.spec;
     let graph = &net.graph;
-    if !graph.is_chain() {
-        return Err(Error::Invalid(format!(
-            "cannot export {}: integer export takes a sequence of layers, and this model branches (a residual add); train and evaluate it with fake quantization",
-            spec.name
-        )));
-    }
-    let shapes = spec.shapes()?;
-    let layers: Vec<&LayerSpec> = graph.nodes.iter().map(|n| &n.layer).collect();
-    let layer_name = |i: usize| graph.nodes[i].name.clone();
+    let nodes = &graph.nodes;
+    let readers = graph.consumers();
+    // The node that alone reads node i, when it is of the kind `want`.
+    let sole = |i: usize, want: fn(&LayerSpec) -> bool| match readers[i].as_slice() {
+        [j] if want(&nodes[*j].layer) => Some(*j),
+        _ => None,
+    };
+    let is_bn = |l: &LayerSpec| matches!(l, LayerSpec::BatchNorm { .. });
+    let is_relu = |l: &LayerSpec| matches!(l, LayerSpec::Relu);
     let state: HashMap<String, Vec<f32>> = net
         .state_dict(gpu)?
         .into_iter()
@@ -109,11 +152,29 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut ops = Vec::new();
-    let mut i = 0;
-    while i < layers.len() {
-        let layer = layers[i];
-        match layer {
+    let mut ops: Vec<FoldedNode> = Vec::new();
+    // Per graph node: the folded edge holding its output (None: absorbed into a later op's).
+    let mut edge_of: Vec<Option<usize>> = vec![None; nodes.len()];
+    let mut absorbed = vec![false; nodes.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        if absorbed[i] {
+            continue;
+        }
+        let layer = &node.layer;
+        let name = node.name.as_str();
+        let inputs = node
+            .inputs
+            .iter()
+            .map(|s| match s {
+                Source::Input => Ok(0),
+                Source::Node(k) => edge_of[*k].ok_or_else(|| {
+                    unsupported(name, layer, "it reads a value folded into another layer")
+                }),
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        // The last node this op stands for.
+        let mut last = i;
+        let op = match layer {
             LayerSpec::Conv { out, bias, .. } | LayerSpec::Linear { out, bias, .. } => {
                 let linear = matches!(layer, LayerSpec::Linear { .. });
                 let (kernel, stride, padding, dilation, groups) = match layer {
@@ -127,20 +188,19 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                     } => (kernel.t(), stride.t(), padding.t(), dilation.t(), *groups),
                     _ => ((1, 1), (1, 1), (0, 0), (1, 1), 1),
                 };
-                let name = layer_name(i);
-                let cin = shapes[i][0];
+                let cin = node.in_shape[0];
                 let w = get(format!("{name}.weight"))?;
                 let conv_bias = if *bias {
                     get(format!("{name}.bias"))?
                 } else {
                     vec![0.0; *out]
                 };
-                let is_q = quantized.contains(&name);
+                let is_q = quantized.iter().any(|q| q == name);
                 let weights = if is_q {
                     let bits = net.quant.w_bits;
                     if bits.get() > 8 {
                         return Err(unsupported(
-                            i,
+                            name,
                             layer,
                             "integer export supports weights of up to 8 bits",
                         ));
@@ -162,7 +222,7 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                     let a = net.quant.a_bits;
                     if a.get() > 8 {
                         return Err(unsupported(
-                            i,
+                            name,
                             layer,
                             "integer export supports activations of up to 8 bits",
                         ));
@@ -176,9 +236,11 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                     vec![1.0f64; *out],
                     conv_bias.iter().map(|&v| v as f64).collect::<Vec<_>>(),
                 );
-                let mut next = i + 1;
-                if let Some(LayerSpec::BatchNorm { eps, .. }) = layers.get(next) {
-                    let bn = layer_name(next);
+                if let Some(j) = sole(i, is_bn) {
+                    let LayerSpec::BatchNorm { eps, .. } = &nodes[j].layer else {
+                        unreachable!("sole() checked the kind")
+                    };
+                    let bn = &nodes[j].name;
                     let (g, be, rm, rv) = (
                         get(format!("{bn}.weight"))?,
                         get(format!("{bn}.bias"))?,
@@ -190,14 +252,16 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                         b[c] = ac * b[c] + be[c] as f64 - ac * rm[c] as f64;
                         a[c] = ac;
                     }
-                    next += 1;
+                    absorbed[j] = true;
+                    last = j;
                 }
-                let relu = matches!(layers.get(next), Some(LayerSpec::Relu));
-                if relu {
-                    next += 1;
+                let relu = sole(last, is_relu);
+                if let Some(j) = relu {
+                    absorbed[j] = true;
+                    last = j;
                 }
-                ops.push(FoldedOp::Conv(FoldedConv {
-                    name,
+                FoldedOp::Conv(FoldedConv {
+                    name: name.to_string(),
                     cin,
                     cout: *out,
                     kernel,
@@ -210,53 +274,68 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
                     input_bits,
                     a: a.iter().map(|&v| v as f32).collect(),
                     b: b.iter().map(|&v| v as f32).collect(),
-                    relu,
-                }));
-                i = next;
-                continue;
+                    relu: relu.is_some(),
+                })
             }
             LayerSpec::MaxPool {
                 kernel,
                 stride,
                 padding,
-            } => ops.push(FoldedOp::MaxPool {
+            } => FoldedOp::MaxPool {
                 kernel: kernel.t(),
                 stride: stride.unwrap_or(*kernel).t(),
                 padding: padding.t(),
-            }),
+            },
             LayerSpec::AvgPool {
                 kernel,
                 stride,
                 padding,
-            } => ops.push(FoldedOp::AvgPool {
+            } => FoldedOp::AvgPool {
                 kernel: kernel.t(),
                 stride: stride.unwrap_or(*kernel).t(),
                 padding: padding.t(),
-            }),
-            LayerSpec::Shuffle { groups } => ops.push(FoldedOp::Shuffle { groups: *groups }),
-            LayerSpec::Flatten => ops.push(FoldedOp::Flatten),
+            },
+            LayerSpec::Shuffle { groups } => FoldedOp::Shuffle { groups: *groups },
+            LayerSpec::Flatten => FoldedOp::Flatten,
+            LayerSpec::Add { .. } => {
+                if inputs.len() != 2 {
+                    return Err(unsupported(
+                        name,
+                        layer,
+                        "inference export adds exactly two tensors",
+                    ));
+                }
+                let relu = sole(i, is_relu);
+                if let Some(j) = relu {
+                    absorbed[j] = true;
+                    last = j;
+                }
+                FoldedOp::Add {
+                    relu: relu.is_some(),
+                }
+            }
             LayerSpec::ConvTranspose { .. } => {
                 return Err(unsupported(
-                    i,
+                    name,
                     layer,
                     "inference export supports conv and linear layers",
                 ));
             }
             LayerSpec::BatchNorm { .. } | LayerSpec::Relu => {
                 return Err(unsupported(
-                    i,
+                    name,
                     layer,
-                    "a BatchNorm or ReLU must follow a conv or linear layer to be folded",
+                    "a BatchNorm or ReLU must be the only reader of a conv or linear layer (a ReLU: or of an add) to be folded",
                 ));
             }
-            LayerSpec::Add { .. }
-            | LayerSpec::AdaptiveAvgPool { .. }
+            LayerSpec::AdaptiveAvgPool { .. }
             | LayerSpec::Sequential { .. }
             | LayerSpec::Residual { .. } => {
-                return Err(unsupported(i, layer, "not a layer of a chain"));
+                return Err(unsupported(name, layer, "not a leaf layer"));
             }
-        }
-        i += 1;
+        };
+        ops.push(FoldedNode { op, inputs });
+        edge_of[last] = Some(ops.len());
     }
     Ok(Folded {
         model: spec.name.clone(),

@@ -9,7 +9,9 @@
 //!
 //! where for a quantized layer acc = Σ a·(2k − n_w) over integer activation codes a, so
 //! scale = A/(n_a·n_w) folds the levels' scales, the conv bias and BatchNorm (see
-//! [`super::fold`]); for a float layer acc = Σ x·w. Activations are channels-last.
+//! [`super::fold`]); for a float layer acc = Σ x·w. Activations are channels-last. The ops
+//! form a graph: each names the edges it reads (a residual block's add reads its body's and its
+//! shortcut's).
 
 use super::fold::{Folded, FoldedOp, Weights};
 use crate::error::{Error, Result};
@@ -19,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-pub const FORMAT: &str = "wgqat-int-1";
+pub const FORMAT: &str = "wgqat-int-2";
+/// Format 1 (chains only, no `inputs`) reads as format 2.
+const FORMAT_1: &str = "wgqat-int-1";
 
 /// One op of the integer graph.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +65,22 @@ pub enum IntOp {
         groups: usize,
     },
     Flatten,
+    /// The sum of two float tensors of one shape, then ReLU, then requantized as a conv's output.
+    Add {
+        relu: bool,
+        output_bits: Option<u32>,
+    },
+}
+
+/// An op and the edges it reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IntNode {
+    #[serde(flatten)]
+    pub op: IntOp,
+    /// Edge 0 is the input image, edge k + 1 the output of op k; an op reads only earlier edges.
+    /// Files of format `wgqat-int-1` have none: each op reads the one before.
+    #[serde(default)]
+    pub inputs: Vec<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,7 +96,36 @@ pub struct Manifest {
     #[serde(default)]
     pub class_names: Vec<String>,
     pub layout: String,
-    pub ops: Vec<IntOp>,
+    pub ops: Vec<IntNode>,
+}
+
+impl Manifest {
+    /// Fills in the inputs of a chain (format 1) and checks that every op reads earlier edges,
+    /// as many as it takes.
+    pub fn check_inputs(&mut self) -> Result<()> {
+        for (k, n) in self.ops.iter_mut().enumerate() {
+            if n.inputs.is_empty() {
+                n.inputs = vec![k];
+            }
+            let want = if matches!(n.op, IntOp::Add { .. }) {
+                2
+            } else {
+                1
+            };
+            if n.inputs.len() != want {
+                return Err(Error::Invalid(format!(
+                    "op {k} of the model reads {} tensors, not {want}: the model file is damaged (export it again)",
+                    n.inputs.len()
+                )));
+            }
+            if let Some(e) = n.inputs.iter().find(|&&e| e > k) {
+                return Err(Error::Invalid(format!(
+                    "op {k} of the model reads edge {e}, which no earlier op writes: the model file is damaged (export it again)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// An integer model in memory: the manifest and its tensors.
@@ -179,32 +228,79 @@ fn linear_to_channels_last<T: Copy>(
     r
 }
 
+/// Output size along one axis of a conv and of a pool.
+pub fn conv_axis(n: usize, k: usize, s: usize, p: usize, d: usize) -> usize {
+    (n + 2 * p - d * (k - 1) - 1) / s + 1
+}
+
+pub fn pool_axis(n: usize, k: usize, s: usize, p: usize) -> usize {
+    (n + 2 * p - k) / s + 1
+}
+
+/// The codes (their bits) that every reader of folded edge `e` takes, directly or through ops
+/// exact on codes; None when one reader takes floats, readers differ, or nothing reads `e` (the
+/// model's output).
+fn wanted_codes(f: &Folded, readers: &[Vec<usize>], e: usize) -> Option<u32> {
+    let mut bits = None;
+    for &k in &readers[e] {
+        let b = match &f.ops[k].op {
+            FoldedOp::Conv(c) => c.input_bits.map(Bits::get),
+            FoldedOp::MaxPool { .. } | FoldedOp::Shuffle { .. } | FoldedOp::Flatten => {
+                wanted_codes(f, readers, k + 1)
+            }
+            FoldedOp::AvgPool { .. } | FoldedOp::Add { .. } => None,
+        }?;
+        if bits.is_some_and(|x| x != b) {
+            return None;
+        }
+        bits = Some(b);
+    }
+    bits
+}
+
 impl IntModel {
-    /// The integer model of a folded network.
+    /// The integer model of a folded network. Each edge carries codes or floats: an op writes
+    /// codes when every op reading it is a quantized conv taking those codes, directly or
+    /// through max-pools, shuffles and flattens (exact on codes); otherwise floats, and one
+    /// Quantize op per edge gives the quantized convs among its readers their codes (a residual
+    /// block's input is read as codes by its convs and as floats by an identity shortcut).
     pub fn from_folded(f: &Folded) -> Result<IntModel> {
-        let mut ops = Vec::new();
+        let readers = f.consumers();
+        let mut ops: Vec<IntNode> = Vec::new();
         let mut tensors = HashMap::new();
-        // Per-sample (C, H, W) of the current edge and whether it carries codes (their bits).
-        let mut shape = (f.input[0], f.input[1], f.input[2]);
-        let mut flattened_from: Option<(usize, usize, usize)> = None;
-        let mut codes: Option<u32> = None;
-        for (k, op) in f.ops.iter().enumerate() {
-            match op {
+        // Per folded edge: its edge in the integer graph, per-sample (C, H, W), the (C, H, W)
+        // a flattened edge was flattened from, and the bits of its codes (None: floats).
+        let mut int_edge = vec![0usize];
+        let mut shape = vec![(f.input[0], f.input[1], f.input[2])];
+        let mut flattened_from: Vec<Option<(usize, usize, usize)>> = vec![None];
+        let mut codes: Vec<Option<u32>> = vec![None];
+        // (folded edge, bits) to the integer edge of its Quantize op.
+        let mut quantized: HashMap<(usize, u32), usize> = HashMap::new();
+        let push = |ops: &mut Vec<IntNode>, op: IntOp, inputs: Vec<usize>| {
+            ops.push(IntNode { op, inputs });
+            ops.len()
+        };
+        for (k, node) in f.ops.iter().enumerate() {
+            let e = node.inputs[0];
+            let output_bits = wanted_codes(f, &readers, k + 1);
+            let (out_shape, out_flat, out_codes, id) = match &node.op {
                 FoldedOp::Conv(c) => {
                     let want = c.input_bits.map(Bits::get);
-                    match (codes, want) {
-                        (None, Some(b)) => ops.push(IntOp::Quantize { bits: b }),
-                        (Some(a), Some(b)) if a == b => {}
+                    let src = match (codes[e], want) {
+                        (Some(a), Some(b)) if a == b => int_edge[e],
+                        (None, Some(b)) => *quantized.entry((e, b)).or_insert_with(|| {
+                            push(&mut ops, IntOp::Quantize { bits: b }, vec![int_edge[e]])
+                        }),
+                        (None, None) => int_edge[e],
                         (Some(_), _) => {
                             return Err(Error::Invalid(format!(
                                 "layer {}: unexpected input codes",
                                 c.name
                             )));
                         }
-                        (None, None) => {}
-                    }
+                    };
                     let cig = c.cin / c.groups;
-                    let flat_channels = flattened_from.map_or(4, |f| f.0);
+                    let flat_channels = flattened_from[e].map_or(4, |f| f.0);
                     if want.is_some()
                         && ((!cig.is_multiple_of(4) && c.groups > 1)
                             || !flat_channels.is_multiple_of(4))
@@ -218,7 +314,7 @@ impl IntModel {
                     let (weight_bits, n_w) = match &c.weights {
                         Weights::Codes { bits, codes } => {
                             let mut cl = to_channels_last(codes, c.cout, cig, kh, kw);
-                            if let (true, Some(from)) = (c.linear, flattened_from) {
+                            if let (true, Some(from)) = (c.linear, flattened_from[e]) {
                                 cl = linear_to_channels_last(codes, c.cout, from);
                             }
                             let n = bits.levels() as u64;
@@ -249,7 +345,7 @@ impl IntModel {
                         }
                         Weights::Float(w) => {
                             let mut cl = to_channels_last(w, c.cout, cig, kh, kw);
-                            if let (true, Some(from)) = (c.linear, flattened_from) {
+                            if let (true, Some(from)) = (c.linear, flattened_from[e]) {
                                 cl = linear_to_channels_last(w, c.cout, from);
                             }
                             tensors.insert(
@@ -282,34 +378,15 @@ impl IntModel {
                         format!("{}.bias", c.name),
                         Named::f32(format!("{}.bias", c.name), &[c.cout], c.b.clone()),
                     );
-                    // Codes out when the next weighted op takes codes and only max-pools,
-                    // shuffles and flattens (exact on codes) come between.
-                    let output_bits = f.ops[k + 1..]
-                        .iter()
-                        .find(|o| {
-                            !matches!(
-                                o,
-                                FoldedOp::MaxPool { .. }
-                                    | FoldedOp::Shuffle { .. }
-                                    | FoldedOp::Flatten
-                            )
-                        })
-                        .and_then(|o| match o {
-                            FoldedOp::Conv(next) => next.input_bits.map(Bits::get),
-                            _ => None,
-                        });
                     let (oh, ow) = if c.linear {
                         (1, 1)
                     } else {
-                        let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| {
-                            (n + 2 * p - d * (k - 1) - 1) / s + 1
-                        };
                         (
-                            axis(shape.1, kh, c.stride.0, c.padding.0, c.dilation.0),
-                            axis(shape.2, kw, c.stride.1, c.padding.1, c.dilation.1),
+                            conv_axis(shape[e].1, kh, c.stride.0, c.padding.0, c.dilation.0),
+                            conv_axis(shape[e].2, kw, c.stride.1, c.padding.1, c.dilation.1),
                         )
                     };
-                    ops.push(IntOp::Conv {
+                    let op = IntOp::Conv {
                         name: c.name.clone(),
                         cin: c.cin,
                         cout: c.cout,
@@ -322,10 +399,9 @@ impl IntModel {
                         input_bits: want,
                         relu: c.relu,
                         output_bits,
-                    });
-                    shape = (c.cout, oh, ow);
-                    flattened_from = None;
-                    codes = output_bits;
+                    };
+                    let id = push(&mut ops, op, vec![src]);
+                    ((c.cout, oh, ow), None, output_bits, id)
                 }
                 FoldedOp::MaxPool {
                     kernel,
@@ -337,19 +413,20 @@ impl IntModel {
                     stride,
                     padding,
                 } => {
-                    if matches!(op, FoldedOp::AvgPool { .. }) && codes.is_some() {
+                    let max = matches!(node.op, FoldedOp::MaxPool { .. });
+                    if !max && codes[e].is_some() {
                         return Err(Error::Invalid(
                             "average pooling of quantized codes is not supported".into(),
                         ));
                     }
-                    let axis = |n: usize, k: usize, s: usize, p: usize| (n + 2 * p - k) / s + 1;
-                    shape = (
-                        shape.0,
-                        axis(shape.1, kernel.0, stride.0, padding.0),
-                        axis(shape.2, kernel.1, stride.1, padding.1),
+                    let s = shape[e];
+                    let out = (
+                        s.0,
+                        pool_axis(s.1, kernel.0, stride.0, padding.0),
+                        pool_axis(s.2, kernel.1, stride.1, padding.1),
                     );
                     let (kernel, stride, padding) = (pair(*kernel), pair(*stride), pair(*padding));
-                    ops.push(if matches!(op, FoldedOp::MaxPool { .. }) {
+                    let op = if max {
                         IntOp::MaxPool {
                             kernel,
                             stride,
@@ -361,27 +438,64 @@ impl IntModel {
                             stride,
                             padding,
                         }
-                    });
+                    };
+                    let id = push(&mut ops, op, vec![int_edge[e]]);
+                    (out, None, codes[e], id)
                 }
-                FoldedOp::Shuffle { groups } => ops.push(IntOp::Shuffle { groups: *groups }),
+                FoldedOp::Shuffle { groups } => {
+                    let op = IntOp::Shuffle { groups: *groups };
+                    let id = push(&mut ops, op, vec![int_edge[e]]);
+                    (shape[e], flattened_from[e], codes[e], id)
+                }
                 FoldedOp::Flatten => {
-                    flattened_from = Some(shape);
-                    shape = (shape.0 * shape.1 * shape.2, 1, 1);
-                    ops.push(IntOp::Flatten);
+                    let s = shape[e];
+                    let id = push(&mut ops, IntOp::Flatten, vec![int_edge[e]]);
+                    ((s.0 * s.1 * s.2, 1, 1), Some(s), codes[e], id)
                 }
-            }
+                FoldedOp::Add { relu } => {
+                    let &[x, y] = node.inputs.as_slice() else {
+                        return Err(Error::Invalid(format!(
+                            "op {k}: an add of {} tensors (it takes two)",
+                            node.inputs.len()
+                        )));
+                    };
+                    if codes[x].is_some() || codes[y].is_some() {
+                        return Err(Error::Invalid(format!(
+                            "op {k}: an add of quantized codes (it adds floats)"
+                        )));
+                    }
+                    if (shape[x], flattened_from[x]) != (shape[y], flattened_from[y]) {
+                        return Err(Error::Invalid(format!(
+                            "op {k}: an add of tensors of shapes {:?} and {:?}",
+                            shape[x], shape[y]
+                        )));
+                    }
+                    let op = IntOp::Add {
+                        relu: *relu,
+                        output_bits,
+                    };
+                    let id = push(&mut ops, op, vec![int_edge[x], int_edge[y]]);
+                    (shape[x], flattened_from[x], output_bits, id)
+                }
+            };
+            int_edge.push(id);
+            shape.push(out_shape);
+            flattened_from.push(out_flat);
+            codes.push(out_codes);
         }
-        if codes.is_some() {
+        if codes.last().copied().flatten().is_some() {
             return Err(Error::Invalid("the model's output must be float".into()));
         }
+        let (c, h, w) = *shape.last().expect("the input edge");
+        let classes = c * h * w;
         let manifest = Manifest {
             format: FORMAT.into(),
             model: f.model.clone(),
             input: f.input,
             mean: crate::data::MEAN,
             std: crate::data::STD,
-            classes: shape.0 * shape.1 * shape.2,
-            class_names: if shape.0 * shape.1 * shape.2 == crate::data::CLASSES {
+            classes,
+            class_names: if classes == crate::data::CLASSES {
                 crate::data::CLASS_NAMES
                     .iter()
                     .map(|s| s.to_string())
@@ -412,14 +526,20 @@ impl IntModel {
         let text = meta.get("wgqat_manifest").ok_or_else(|| {
             Error::file(path, "has no wgqat_manifest: not an integer model (wgqat export writes them; a training checkpoint goes to wgqat eval)")
         })?;
-        let manifest: Manifest = serde_json::from_str(text)
+        let mut manifest: Manifest = serde_json::from_str(text)
             .map_err(|e| Error::file(path, format!("unreadable manifest: {e}")))?;
-        if manifest.format != FORMAT {
+        if manifest.format != FORMAT && manifest.format != FORMAT_1 {
             return Err(Error::file(
                 path,
-                format!("format {:?}, this wgqat reads {FORMAT:?}", manifest.format),
+                format!(
+                    "format {:?}, this wgqat reads {FORMAT:?} and {FORMAT_1:?}",
+                    manifest.format
+                ),
             ));
         }
+        manifest
+            .check_inputs()
+            .map_err(|e| Error::file(path, e.to_string()))?;
         Ok(IntModel {
             manifest,
             tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
@@ -466,6 +586,44 @@ mod tests {
             let packed = pack_codes(&codes, bits);
             assert_eq!(packed.len(), n.div_ceil(codes_per_byte(bits)));
             assert_eq!(unpack_codes(&packed, bits, n), codes);
+        }
+    }
+
+    fn manifest(ops: &str) -> Manifest {
+        serde_json::from_str(&format!(
+            r#"{{"format": "wgqat-int-1", "model": "m", "input": [3, 4, 4], "mean": [0, 0, 0],
+                "std": [1, 1, 1], "classes": 48, "layout": "NHWC", "ops": {ops}}}"#
+        ))
+        .unwrap()
+    }
+
+    /// A format-1 manifest (a chain, no inputs) reads as each op reading the one before; a
+    /// damaged graph is an error naming the op.
+    #[test]
+    fn manifests_name_their_inputs_and_format_1_is_a_chain() {
+        let mut m = manifest(r#"[{"op": "shuffle", "groups": 3}, {"op": "flatten"}]"#);
+        m.check_inputs().unwrap();
+        assert_eq!(m.ops[0].inputs, vec![0]);
+        assert_eq!(m.ops[1].inputs, vec![1]);
+        let text = serde_json::to_string(&m.ops[1]).unwrap();
+        assert_eq!(text, r#"{"op":"flatten","inputs":[1]}"#);
+        let add = r#"{"op": "add", "relu": true, "output_bits": null"#;
+        let mut ok = manifest(&format!(
+            r#"[{{"op": "flatten"}}, {add}, "inputs": [0, 0]}}]"#
+        ));
+        ok.check_inputs().unwrap();
+        for (ops, needle) in [
+            (
+                format!("[{add}}}]"),
+                "op 0 of the model reads 1 tensors, not 2",
+            ),
+            (
+                format!(r#"[{add}, "inputs": [0, 1]}}]"#),
+                "op 0 of the model reads edge 1, which no earlier op writes",
+            ),
+        ] {
+            let err = manifest(&ops).check_inputs().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
         }
     }
 

@@ -162,13 +162,22 @@ fn ints(v: &[usize]) -> Vec<i64> {
 /// The ONNX model bytes of `f`.
 pub fn export(f: &Folded) -> Result<Vec<u8>> {
     let mut g = Graph::default();
-    let mut cur = "input".to_string();
-    let (mut c, mut h, mut w) = (f.input[0], f.input[1], f.input[2]);
-    for op in &f.ops {
+    // Per edge (the input, then each op's output): its ONNX name and per-sample (C, H, W).
+    let mut names = vec!["input".to_string()];
+    let mut shapes = vec![(f.input[0], f.input[1], f.input[2])];
+    // (edge, bits) to the name of its quantized activations, shared by the convs reading them.
+    let mut quantized: std::collections::HashMap<(usize, u32), String> = Default::default();
+    for node in &f.ops {
+        let op = &node.op;
+        let e = node.inputs[0];
+        let mut cur = names[e].clone();
+        let (mut c, mut h, mut w) = shapes[e];
         match op {
             FoldedOp::Conv(fc) => {
                 let mut x = cur.clone();
-                if let Some(bits) = fc.input_bits {
+                if let Some(q) = fc.input_bits.and_then(|b| quantized.get(&(e, b.get()))) {
+                    x = q.clone();
+                } else if let Some(bits) = fc.input_bits {
                     let n = bits.levels() as f32;
                     let (tenth, zero, one, nn, half, inv) = (
                         g.scalar(0.1),
@@ -184,6 +193,7 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
                     let t = g.node("Add", &[&t, &half], &[]);
                     let t = g.node("Floor", &[&t], &[]);
                     x = g.node("Mul", &[&t, &inv], &[]);
+                    quantized.insert((e, bits.get()), x.clone());
                 }
                 let levels: Vec<f32> = match &fc.weights {
                     Weights::Float(v) => v.clone(),
@@ -297,8 +307,18 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
                 cur = g.node("Flatten", &[&cur], &[("axis", Attr::Int(1))]);
                 (c, h, w) = (c * h * w, 1, 1);
             }
+            FoldedOp::Add { relu } => {
+                cur = g.node("Add", &[&cur, &names[node.inputs[1]]], &[]);
+                if *relu {
+                    cur = g.node("Relu", &[&cur], &[]);
+                }
+            }
         }
+        names.push(cur);
+        shapes.push((c, h, w));
     }
+    let cur = names.last().expect("the input edge").clone();
+    let (c, h, w) = *shapes.last().expect("the input edge");
     let out = g.node("Identity", &[&cur], &[]);
     // Name the last node's output `logits`.
     if let Some(last) = g.nodes.last_mut() {

@@ -90,7 +90,7 @@ pub(crate) fn elementwise_grid(gpu: &Gpu, n: u32) -> [u32; 3] {
 }
 
 /// An entry point of a shader and the binding numbers it uses besides the parameter uniform at 0,
-/// in the order its tensors are passed.
+/// in the order its tensors are passed (ascending binding numbers: tensors bind in that order).
 pub(crate) struct Entry {
     pub shader: &'static Shader,
     pub name: &'static str,

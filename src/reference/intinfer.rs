@@ -27,8 +27,14 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
             }
         }
     }
-    let (mut act, mut c, mut h, mut w) = (Act::Float(x), c0, h0, w0);
-    for op in &model.manifest.ops {
+    let mut manifest = model.manifest.clone();
+    manifest.check_inputs()?;
+    // Every edge: the input, then each op's output.
+    let mut edges = vec![(Act::Float(x), c0, h0, w0)];
+    for node in &manifest.ops {
+        let op = &node.op;
+        let (mut act, c, mut h, mut w) = edges[node.inputs[0]].clone();
+        let mut c = c;
         match op {
             IntOp::Conv {
                 name,
@@ -210,9 +216,23 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                 };
             }
             IntOp::Flatten => (c, h, w) = (c * h * w, 1, 1),
+            IntOp::Add { relu, output_bits } => {
+                let (Act::Float(x), Act::Float(y)) = (&act, &edges[node.inputs[1]].0) else {
+                    return Err(Error::Invalid("an add of codes".into()));
+                };
+                let z = x.iter().zip(y).map(|(a, b)| {
+                    let s = a + b;
+                    if *relu { s.max(0.0) } else { s }
+                });
+                act = match output_bits {
+                    Some(b) => Act::Codes(z.map(|z| code_of(z, (1 << b) - 1)).collect()),
+                    None => Act::Float(z.collect()),
+                };
+            }
         }
+        edges.push((act, c, h, w));
     }
-    match act {
+    match edges.pop().expect("the input edge").0 {
         Act::Float(v) => Ok(v),
         Act::Codes(_) => Err(Error::Invalid("the model's output is codes".into())),
     }

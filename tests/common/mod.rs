@@ -117,17 +117,26 @@ pub fn random_network(
     let mut net = Network::new(gpu, &spec, quant, capacity, false, 1).unwrap();
     init::initialise(gpu, &net, seed).unwrap();
     let mut rng = Rng::new(seed);
-    let state: Vec<Named> = net
-        .state_dict(gpu)
-        .unwrap()
+    let state = net.state_dict(gpu).unwrap();
+    // BatchNorms are the layers with running statistics.
+    let bns: Vec<String> = state
+        .iter()
+        .filter_map(|t| t.name.strip_suffix(".running_mean").map(str::to_owned))
+        .collect();
+    let state: Vec<Named> = state
         .into_iter()
         .map(|t| {
             let n = t.shape.iter().product::<usize>().max(1);
-            let (lo, hi) = match t.name.rsplit('.').next().unwrap() {
+            let (layer, what) = t.name.rsplit_once('.').unwrap();
+            let bn = bns.iter().any(|b| b == layer);
+            let (lo, hi) = match what {
                 "running_mean" => (-0.5, 0.5),
                 "running_var" => (0.3, 2.0),
-                _ if t.name.contains("bn") && t.name.ends_with("weight") => (0.5, 1.5),
-                _ if t.name.contains("bn") && t.name.ends_with("bias") => (-0.3, 0.6),
+                "weight" if bn => (0.5, 1.5),
+                "bias" if bn => (-0.3, 0.6),
+                // Conv and Linear biases (zero at init): low-bit outputs without them tie
+                // exactly, where a prediction would be decided by rounding.
+                "bias" => (-0.1, 0.1),
                 _ => return t,
             };
             Named::f32(t.name.clone(), &t.shape, rng.vec_uniform(n, lo, hi))
