@@ -275,8 +275,8 @@ pub unsafe extern "C" fn wgqat_engine_create(
             Some(string(adapter, "adapter")?.to_string()).filter(|a| !a.is_empty())
         };
         let gpu = Gpu::new(&GpuOptions {
-            backend: None,
             adapter,
+            ..GpuOptions::default()
         })?;
         let engine = IntEngine::new(&gpu, model.model.clone(), max_batch)?;
         let adapter = CString::new(gpu.describe().replace('\0', " ")).unwrap_or_default();

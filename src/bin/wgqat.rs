@@ -370,6 +370,10 @@ struct GpuArgs {
     /// highest-performance one).
     #[arg(long)]
     adapter: Option<String>,
+    /// Compile every shader with bounds checks (slower; for finding an out-of-bounds access on
+    /// a driver; env WGQAT_SHADER_CHECKS=1 does the same).
+    #[arg(long)]
+    shader_checks: bool,
 }
 
 impl GpuArgs {
@@ -380,6 +384,7 @@ impl GpuArgs {
                 .and_then(|b| b.to_possible_value())
                 .map(|v| v.get_name().to_string()),
             adapter: self.adapter.clone(),
+            shader_checks: self.shader_checks,
         }
     }
 }

@@ -10,6 +10,9 @@ pub struct GpuOptions {
     pub backend: Option<String>,
     /// Case-insensitive substring of the adapter name.
     pub adapter: Option<String>,
+    /// Compile every shader with naga's runtime bounds checks, also the ones trusted to index in
+    /// bounds (for finding an out-of-bounds access; `WGQAT_SHADER_CHECKS=1` does the same).
+    pub shader_checks: bool,
 }
 
 impl GpuOptions {
@@ -22,6 +25,12 @@ impl GpuOptions {
                 _ => Ok(None),
             },
         }
+    }
+
+    /// Whether every shader is compiled with runtime checks (option or environment).
+    pub fn shader_checks(&self) -> bool {
+        self.shader_checks
+            || std::env::var("WGQAT_SHADER_CHECKS").is_ok_and(|v| !matches!(v.trim(), "" | "0"))
     }
 
     fn name_filter(&self) -> Option<String> {

@@ -12,6 +12,12 @@ pub struct Shader {
     /// The file name under `shaders/`, e.g. `conv2d.wgsl`.
     pub name: &'static str,
     pub source: &'static str,
+    /// Every index its entry points form is in bounds by construction (guarded by sizes the
+    /// host checks against the tensors, or a workgroup array indexed below its length), so it
+    /// compiles without naga's runtime checks (index clamping, loop bounding) unless the device
+    /// asks for them (`Gpu::with_shader_checks`). `tests/shader_checks.rs` runs the kernel suite
+    /// both ways and requires identical bits.
+    pub trusted: bool,
 }
 
 /// How a kernel uses each of its bindings, in binding order (all in group 0). Binding numbers are
@@ -167,11 +173,22 @@ impl Gpu {
             .scoped(
                 || format!("compiling shader {}", shader.name),
                 || {
-                    self.device
-                        .create_shader_module(wgpu::ShaderModuleDescriptor {
-                            label: Some(shader.name),
-                            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-                        })
+                    let desc = wgpu::ShaderModuleDescriptor {
+                        label: Some(shader.name),
+                        source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+                    };
+                    if shader.trusted && !self.shader_checks() {
+                        // SAFETY: a trusted shader indexes in bounds by construction (see
+                        // `Shader::trusted`), checked by running the suite with checks on.
+                        unsafe {
+                            self.device.create_shader_module_trusted(
+                                desc,
+                                wgpu::ShaderRuntimeChecks::unchecked(),
+                            )
+                        }
+                    } else {
+                        self.device.create_shader_module(desc)
+                    }
                 },
             )
             .map_err(|e| match e {

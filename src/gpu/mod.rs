@@ -96,6 +96,7 @@ pub struct Gpu {
     kernels: KernelCache,
     pool: BufferPool,
     faults: Arc<Faults>,
+    shader_checks: bool,
 }
 
 impl Gpu {
@@ -107,7 +108,10 @@ impl Gpu {
     /// Every adapter found, and the device opened on the chosen one (or why none could be).
     pub fn probe(opts: &GpuOptions) -> (Vec<AdapterSummary>, Result<Gpu>) {
         match adapter::select(opts) {
-            Ok((adapter, all)) => (all, Self::from_adapter(adapter)),
+            Ok((adapter, all)) => (
+                all,
+                Self::from_adapter(adapter).map(|g| g.with_shader_checks(opts.shader_checks())),
+            ),
             Err(e) => {
                 let all = list_adapters(opts)
                     .map(|v| {
@@ -165,7 +169,20 @@ impl Gpu {
             kernels: KernelCache::default(),
             pool,
             faults,
+            shader_checks: false,
         })
+    }
+
+    /// With `on`, every shader compiles with naga's runtime bounds checks; otherwise those
+    /// marked [`Shader::trusted`] compile without. Set before any kernel is compiled.
+    pub fn with_shader_checks(mut self, on: bool) -> Gpu {
+        self.shader_checks = on;
+        self
+    }
+
+    /// Whether every shader has runtime bounds checks (see [`Gpu::with_shader_checks`]).
+    pub fn shader_checks(&self) -> bool {
+        self.shader_checks
     }
 
     pub fn pool(&self) -> &BufferPool {

@@ -37,6 +37,9 @@ pub struct Report {
     /// Set when the lengths differ.
     pub length_mismatch: Option<(usize, usize)>,
     pub tolerance: Tolerance,
+    /// FNV-1a of the bits of every value got: equal digests, identical outputs (for comparing
+    /// two runs of one case bit for bit).
+    pub got_digest: u64,
 }
 
 impl Report {
@@ -77,6 +80,12 @@ pub fn compare(got: &[f32], want: &[f64], tol: Tolerance) -> Report {
         failures: 0,
         length_mismatch: (got.len() != want.len()).then_some((got.len(), want.len())),
         tolerance: tol,
+        got_digest: got
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            }),
     };
     let mut worst_excess = f64::NEG_INFINITY;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
