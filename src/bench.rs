@@ -20,6 +20,10 @@ pub struct KernelTiming {
     /// Median over repeats; `None` when the case could not run (`error` says why).
     pub seconds: Option<f64>,
     pub gflops: Option<f64>,
+    /// Floating-point operations of the item (multiply-add = 2).
+    pub flops: f64,
+    /// Bytes of the tensors its dispatches bind, each counted once per dispatch.
+    pub bound_bytes: Option<u64>,
     /// "gpu timestamps" or "wall clock".
     pub timer: &'static str,
     pub error: Option<String>,
@@ -225,11 +229,21 @@ pub fn kernels(
                     shape: item.shape.clone(),
                     seconds: None,
                     gflops: None,
+                    flops: item.flops,
+                    bound_bytes: None,
                     timer,
                     error: None,
                 };
-                let run = || -> Result<f64> {
+                let mut run = || -> Result<f64> {
                     let ops = (item.build)(gpu)?;
+                    row.bound_bytes = Some(
+                        ops.iter()
+                            .map(|o| match o {
+                                Op::Dispatch(l) => l.bound_bytes,
+                                Op::Copy { .. } => 0,
+                            })
+                            .sum(),
+                    );
                     gpu.submit_timed("bench warm-up", &ops)?;
                     let mut times: Vec<f64> = (0..repeat.max(1))
                         .map(|_| {
@@ -275,6 +289,11 @@ pub struct TrainingBench {
     pub allocations_per_step: Option<f64>,
     /// Most bytes of GPU buffers wgqat held at once.
     pub peak_memory_bytes: Option<u64>,
+    /// Compute dispatches in one training step (forward, loss, backward, optimizer).
+    pub dispatches_per_step: Option<usize>,
+    /// Bytes bound by the step's memory-bound dispatches (every kernel but the GEMMs), each
+    /// binding counted once: a lower bound of their traffic.
+    pub memory_bound_bytes_per_step: Option<u64>,
     /// Per-kernel GPU time of one step (timestamps where the adapter has them), largest first.
     pub kernels: Vec<KernelShare>,
     pub timer: &'static str,
@@ -323,6 +342,8 @@ pub fn training(
         submits_per_step: None,
         allocations_per_step: None,
         peak_memory_bytes: None,
+        dispatches_per_step: None,
+        memory_bound_bytes_per_step: None,
         kernels: Vec::new(),
         timer,
         error: None,
@@ -343,6 +364,19 @@ pub fn training(
         let mut opt = crate::train::Optimizer::new(gpu, &net, kind)?;
         let mut plan = net.plan(gpu, batch, Mode::Train)?;
         plan.ops.push_op(opt.op(gpu, &net)?);
+        let launches = || {
+            plan.ops.ops().iter().filter_map(|o| match o {
+                crate::gpu::Op::Dispatch(l) => Some(l),
+                _ => None,
+            })
+        };
+        row.dispatches_per_step = Some(launches().count());
+        row.memory_bound_bytes_per_step = Some(
+            launches()
+                .filter(|l| l.memory_bound())
+                .map(|l| l.bound_bytes)
+                .sum(),
+        );
         let mut rng = Rng::new(5);
         let n = batch * model.input.iter().product::<usize>();
         let labels: Vec<u32> = (0..batch).map(|_| rng.below(10) as u32).collect();

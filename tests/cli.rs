@@ -174,6 +174,10 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
         assert_eq!(r["allocations_per_step"], 0.0, "{r}");
         assert!(r["img_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["peak_memory_bytes"].as_u64().unwrap() > 0);
+        // At least a forward, a grad-input or grad-weight and an optimizer pass per layer, and
+        // more bytes than the input batch (8 images of 3x32x32 f32).
+        assert!(r["dispatches_per_step"].as_u64().unwrap() > 10, "{r}");
+        assert!(r["memory_bound_bytes_per_step"].as_u64().unwrap() > 8 * 3 * 32 * 32 * 4);
         assert!(
             r["kernels"]
                 .as_array()

@@ -580,8 +580,17 @@ fn bench_kernels(
         rows.first().map_or("", |r| r.timer)
     );
     println!(
-        "{:<7} {:>5} {:<13} {:<13} {:<12} {:<44} {:>10} {:>9}",
-        "model", "batch", "layer", "kernel", "direction", "shape", "ms", "GFLOP/s"
+        "{:<7} {:>5} {:<13} {:<13} {:<12} {:<44} {:>10} {:>9} {:>9} {:>10}",
+        "model",
+        "batch",
+        "layer",
+        "kernel",
+        "direction",
+        "shape",
+        "ms",
+        "GFLOP/s",
+        "GFLOP",
+        "MiB bound"
     );
     for r in &rows {
         let time = r
@@ -589,7 +598,7 @@ fn bench_kernels(
             .map_or("-".to_string(), |s| format!("{:.3}", s * 1e3));
         let rate = r.gflops.map_or("-".to_string(), |g| format!("{g:.1}"));
         println!(
-            "{:<7} {:>5} {:<13} {:<13} {:<12} {:<44} {:>10} {:>9}{}",
+            "{:<7} {:>5} {:<13} {:<13} {:<12} {:<44} {:>10} {:>9} {:>9.3} {:>10}{}",
             r.model,
             r.batch,
             r.layer,
@@ -598,6 +607,9 @@ fn bench_kernels(
             r.shape,
             time,
             rate,
+            r.flops * 1e-9,
+            r.bound_bytes
+                .map_or("-".to_string(), |b| format!("{:.2}", b as f64 / 1048576.0)),
             r.error
                 .as_ref()
                 .map_or(String::new(), |e| format!("  skipped: {e}"))
@@ -980,8 +992,17 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.warmup
         );
         println!(
-            "{:<mw$} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}",
-            "model", "bits", "batch", "img/s", "ms/step", "submits/step", "allocs/step", "peak MiB"
+            "{:<mw$} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+            "model",
+            "bits",
+            "batch",
+            "img/s",
+            "ms/step",
+            "submits/step",
+            "allocs/step",
+            "peak MiB",
+            "dispatches",
+            "mem GiB"
         );
     }
     for spec in &specs {
@@ -993,7 +1014,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         v.map_or("-".to_string(), |x| format!("{x:.p$}"))
                     };
                     println!(
-                        "{:<mw$} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10}{}",
+                        "{:<mw$} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}{}",
                         r.model,
                         if b.is_float() {
                             "fp32".to_string()
@@ -1006,6 +1027,12 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         f(r.submits_per_step, 2),
                         f(r.allocations_per_step, 2),
                         f(r.peak_memory_bytes.map(|m| m as f64 / 1048576.0), 1),
+                        r.dispatches_per_step.map_or("-".into(), |d| d.to_string()),
+                        f(
+                            r.memory_bound_bytes_per_step
+                                .map(|m| m as f64 / (1u64 << 30) as f64),
+                            2
+                        ),
                         r.error
                             .as_ref()
                             .map_or(String::new(), |e| format!("  skipped: {e}"))

@@ -25,6 +25,9 @@ pub struct Launch {
     workgroups: [u32; 3],
     /// Kernel name and shapes, for errors and timings.
     pub label: String,
+    /// Bytes of the tensors bound (each counted once): what the dispatch moves at least when
+    /// it reads or writes all of them.
+    pub bound_bytes: u64,
     _keep: Vec<Arc<PooledBuffer>>,
 }
 
@@ -35,6 +38,13 @@ impl std::fmt::Debug for Launch {
 }
 
 impl Launch {
+    /// Whether the kernel is bound by memory traffic rather than arithmetic: every kernel but the
+    /// conv / matmul GEMMs (`conv2d.wgsl`).
+    pub fn memory_bound(&self) -> bool {
+        !self.kernel.name.starts_with("conv2d.wgsl:")
+    }
+
+    /// `shader:entry[:CONST=v...]` of the kernel.
     pub fn kernel_name(&self) -> &str {
         &self.kernel.name
     }
@@ -128,6 +138,7 @@ impl Gpu {
             }
             None => None,
         };
+        let bound_bytes = tensors.iter().map(|t| t.byte_len()).sum();
         let mut entries = Vec::with_capacity(kernel.bindings.len());
         if let Some(u) = &uniform {
             let slot = kernel
@@ -172,6 +183,7 @@ impl Gpu {
             bind_group,
             workgroups,
             label,
+            bound_bytes,
             _keep: keep,
         })
     }
