@@ -334,7 +334,7 @@ fn quantize_codes(@builtin(workgroup_id) wid: vec3<u32>,
     out_codes[i] = word;
 }
 
-// A residual add of two float tensors (channels-last, cin channels), ReLU when asked, written as
+// A residual add of two float tensors (channels-last, cout channels), ReLU when asked, written as
 // floats or as the next layer's codes, as a conv's epilogue would. Thread: a pixel's channels
 // 4q..4q+3.
 @compute @workgroup_size(256)

@@ -1661,27 +1661,20 @@ fn random_folded_conv(
     })
 }
 
-/// `op` without its ReLU.
-fn without_relu(op: crate::infer::fold::FoldedOp) -> crate::infer::fold::FoldedOp {
+/// `op` (a conv) changed by `f`: e.g. without its ReLU, or as a Linear.
+fn edited(
+    op: crate::infer::fold::FoldedOp,
+    f: impl FnOnce(&mut crate::infer::fold::FoldedConv),
+) -> crate::infer::fold::FoldedOp {
     match op {
         crate::infer::fold::FoldedOp::Conv(mut c) => {
-            c.relu = false;
+            f(&mut c);
             crate::infer::fold::FoldedOp::Conv(c)
         }
         other => other,
     }
 }
 
-/// `op` as a Linear.
-fn as_linear(op: crate::infer::fold::FoldedOp) -> crate::infer::fold::FoldedOp {
-    match op {
-        crate::infer::fold::FoldedOp::Conv(mut c) => {
-            c.linear = true;
-            crate::infer::fold::FoldedOp::Conv(c)
-        }
-        other => other,
-    }
-}
 /// A random model in inference form that takes every path of the integer engine: a float first
 /// conv requantized to codes, max-pool and shuffle of codes, grouped 8-bit and 4-bit quantized
 /// convs, a float output through max-pool and avg-pool, flatten and a float Linear. With
@@ -1716,9 +1709,9 @@ pub fn random_int_model(rng: &mut Rng, quantized_first: bool) -> crate::infer::I
         },
         FoldedOp::Flatten,
     ];
-    ops.push(as_linear(without_relu(conv(
-        rng, "fc", 32, 10, 1, 0, 1, None, None,
-    ))));
+    ops.push(edited(conv(rng, "fc", 32, 10, 1, 0, 1, None, None), |c| {
+        (c.linear, c.relu) = (true, false)
+    }));
     crate::infer::IntModel::from_folded(&Folded::chain("random", [3, 9, 9], ops))
         .expect("a valid model")
 }
@@ -1735,17 +1728,24 @@ pub fn random_residual_int_model(rng: &mut Rng) -> crate::infer::IntModel {
         (conv(rng, "stem", 3, 8, 3, 1, 1, None, None), vec![0]),
         (conv(rng, "a.body.0", 8, 8, 3, 1, 1, q8.0, q8.1), vec![1]),
         (
-            without_relu(conv(rng, "a.body.1", 8, 8, 3, 1, 2, Some(4), Some(8))),
+            edited(
+                conv(rng, "a.body.1", 8, 8, 3, 1, 2, Some(4), Some(8)),
+                |c| c.relu = false,
+            ),
             vec![2],
         ),
         (FoldedOp::Add { relu: true }, vec![3, 1]),
         (conv(rng, "b.body.0", 8, 12, 3, 1, 1, q8.0, q8.1), vec![4]),
         (
-            without_relu(conv(rng, "b.body.1", 12, 12, 1, 0, 1, q8.0, Some(8))),
+            edited(conv(rng, "b.body.1", 12, 12, 1, 0, 1, q8.0, Some(8)), |c| {
+                c.relu = false
+            }),
             vec![5],
         ),
         (
-            without_relu(conv(rng, "b.shortcut", 8, 12, 1, 0, 1, q8.0, q8.1)),
+            edited(conv(rng, "b.shortcut", 8, 12, 1, 0, 1, q8.0, q8.1), |c| {
+                c.relu = false
+            }),
             vec![4],
         ),
         (FoldedOp::Add { relu: true }, vec![6, 7]),
@@ -1759,17 +1759,9 @@ pub fn random_residual_int_model(rng: &mut Rng) -> crate::infer::IntModel {
         ),
         (FoldedOp::Flatten, vec![9]),
         (
-            as_linear(without_relu(conv(
-                rng,
-                "fc",
-                12,
-                10,
-                1,
-                0,
-                1,
-                Some(4),
-                Some(4),
-            ))),
+            edited(conv(rng, "fc", 12, 10, 1, 0, 1, Some(4), Some(4)), |c| {
+                (c.linear, c.relu) = (true, false)
+            }),
             vec![10],
         ),
     ];

@@ -123,6 +123,28 @@ fn edge_tensor(
     }
 }
 
+/// The output side shared by convs and adds (`store` in the shader): requantization levels in
+/// `p`, the `OUT_CODES` constant, and the (codes, floats) output bindings, `y` in the one used
+/// and a dummy in the other.
+fn epilogue<'a>(
+    p: &mut Params,
+    output_bits: Option<u32>,
+    y: &'a Tensor,
+    dummy_codes: &'a Tensor,
+    dummy_floats: &'a Tensor,
+) -> ([(&'static str, f64); 1], &'a Tensor, &'a Tensor) {
+    if let Some(b) = output_bits {
+        p.out_levels = (1u32 << b) - 1;
+        p.out_levels_f = p.out_levels as f32;
+        p.out_inv_levels = (1.0f64 / p.out_levels as f64) as f32;
+    }
+    let consts = [("OUT_CODES", f64::from(u8::from(output_bits.is_some())))];
+    match output_bits {
+        Some(_) => (consts, y, dummy_floats),
+        None => (consts, dummy_codes, y),
+    }
+}
+
 impl IntEngine {
     /// Uploads `model` and allocates buffers for batches of up to `capacity` images.
     pub fn new(gpu: &Gpu, model: IntModel, capacity: usize) -> Result<IntEngine> {
@@ -349,16 +371,8 @@ impl IntEngine {
                     );
                     p.w_levels = weight_bits.map_or(0, |b| (1u32 << b) - 1);
                     p.relu = *relu as u32;
-                    if let Some(b) = output_bits {
-                        p.out_levels = (1u32 << b) - 1;
-                        p.out_levels_f = p.out_levels as f32;
-                        p.out_inv_levels = (1.0f64 / p.out_levels as f64) as f32;
-                    }
-                    let (codes_out, float_out) = match output_bits {
-                        Some(_) => (&y, &self.dummy),
-                        None => (&dummy_u, &y),
-                    };
-                    let consts = [("OUT_CODES", f64::from(u8::from(output_bits.is_some())))];
+                    let (consts, codes_out, float_out) =
+                        epilogue(&mut p, *output_bits, &y, &dummy_u, &self.dummy);
                     let grid =
                         elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(4)) as u32);
                     ops.push(match (weight_bits, &l.w_codes, &l.w_float) {
@@ -454,15 +468,8 @@ impl IntEngine {
                 IntOp::Add { relu, output_bits } => {
                     let x2 = self.edges[node.inputs[1]].at(batch)?;
                     p.relu = *relu as u32;
-                    if let Some(b) = output_bits {
-                        p.out_levels = (1u32 << b) - 1;
-                        p.out_levels_f = p.out_levels as f32;
-                    }
-                    let (codes_out, float_out) = match output_bits {
-                        Some(_) => (&y, &self.dummy),
-                        None => (&dummy_u, &y),
-                    };
-                    let consts = [("OUT_CODES", f64::from(u8::from(output_bits.is_some())))];
+                    let (consts, codes_out, float_out) =
+                        epilogue(&mut p, *output_bits, &y, &dummy_u, &self.dummy);
                     ops.push(ADD_FLOAT.launch(
                         gpu,
                         &consts,

@@ -228,11 +228,12 @@ fn linear_to_channels_last<T: Copy>(
     r
 }
 
-/// Output size along one axis of a conv and of a pool.
+/// Output size along one axis of a conv.
 pub fn conv_axis(n: usize, k: usize, s: usize, p: usize, d: usize) -> usize {
     (n + 2 * p - d * (k - 1) - 1) / s + 1
 }
 
+/// Output size along one axis of a pool.
 pub fn pool_axis(n: usize, k: usize, s: usize, p: usize) -> usize {
     (n + 2 * p - k) / s + 1
 }

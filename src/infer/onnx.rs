@@ -8,6 +8,7 @@
 //! The protobuf is written by hand: the few ONNX messages needed are plain field encodings.
 
 use super::fold::{Folded, FoldedOp, Weights};
+use super::model::{conv_axis, pool_axis};
 use crate::error::Result;
 
 /// Protobuf wire encoding.
@@ -240,12 +241,9 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
                         ),
                         ("group", Attr::Int(fc.groups as i64)),
                     ];
-                    let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| {
-                        (n + 2 * p - d * (k - 1) - 1) / s + 1
-                    };
                     (h, w) = (
-                        axis(h, fc.kernel.0, fc.stride.0, fc.padding.0, fc.dilation.0),
-                        axis(w, fc.kernel.1, fc.stride.1, fc.padding.1, fc.dilation.1),
+                        conv_axis(h, fc.kernel.0, fc.stride.0, fc.padding.0, fc.dilation.0),
+                        conv_axis(w, fc.kernel.1, fc.stride.1, fc.padding.1, fc.dilation.1),
                     );
                     (
                         g.node("Conv", &[&x, &wt], &attrs),
@@ -284,10 +282,9 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
                     attrs.push(("count_include_pad", Attr::Int(1)));
                 }
                 cur = g.node(if max { "MaxPool" } else { "AveragePool" }, &[&cur], &attrs);
-                let axis = |n: usize, k: usize, s: usize, p: usize| (n + 2 * p - k) / s + 1;
                 (h, w) = (
-                    axis(h, kernel.0, stride.0, padding.0),
-                    axis(w, kernel.1, stride.1, padding.1),
+                    pool_axis(h, kernel.0, stride.0, padding.0),
+                    pool_axis(w, kernel.1, stride.1, padding.1),
                 );
             }
             FoldedOp::Shuffle { groups } => {

@@ -2,7 +2,7 @@
 //! channels-last, with integer accumulation in i64 and the same f32 epilogue.
 
 use crate::error::{Error, Result};
-use crate::infer::model::{IntModel, IntOp};
+use crate::infer::model::{IntModel, IntOp, conv_axis, pool_axis};
 
 /// A channels-last activation: codes (as values 0..=n) or floats.
 #[derive(Clone)]
@@ -33,8 +33,7 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
     let mut edges = vec![(Act::Float(x), c0, h0, w0)];
     for node in &manifest.ops {
         let op = &node.op;
-        let (mut act, c, mut h, mut w) = edges[node.inputs[0]].clone();
-        let mut c = c;
+        let (mut act, mut c, mut h, mut w) = edges[node.inputs[0]].clone();
         match op {
             IntOp::Conv {
                 name,
@@ -51,12 +50,9 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                 ..
             } => {
                 let (cig, cog) = (cin / groups, cout / groups);
-                let axis = |n: usize, k: usize, s: usize, p: usize, d: usize| {
-                    (n + 2 * p - d * (k - 1) - 1) / s + 1
-                };
                 let (oh, ow) = (
-                    axis(h, kernel[0], stride[0], padding[0], dilation[0]),
-                    axis(w, kernel[1], stride[1], padding[1], dilation[1]),
+                    conv_axis(h, kernel[0], stride[0], padding[0], dilation[0]),
+                    conv_axis(w, kernel[1], stride[1], padding[1], dilation[1]),
                 );
                 let row = crate::infer::model::weight_row(*cin, *groups, weight_bits.is_some());
                 let nw = cout * kernel[0] * kernel[1] * row;
@@ -145,10 +141,9 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                 stride,
                 padding,
             } => {
-                let axis = |n: usize, k: usize, s: usize, p: usize| (n + 2 * p - k) / s + 1;
                 let (oh, ow) = (
-                    axis(h, kernel[0], stride[0], padding[0]),
-                    axis(w, kernel[1], stride[1], padding[1]),
+                    pool_axis(h, kernel[0], stride[0], padding[0]),
+                    pool_axis(w, kernel[1], stride[1], padding[1]),
                 );
                 let avg = matches!(op, IntOp::AvgPool { .. });
                 let window =
