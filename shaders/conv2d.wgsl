@@ -10,25 +10,94 @@
 // Grad-weight splits K into `splits` chunks (grid z = groups * splits) writing partial results that
 // a fixed-order sum reduces: deterministic, no atomics.
 //
-// Tiling: a workgroup computes a BM x 64 tile of C, each thread 4x4 outputs, so it has 4 * BM
-// threads; K advances 16 at a time through workgroup memory. BM (64, 32 or 16) is chosen per layer
-// from M so that thin layers (few output channels per group) do not compute padding. Loads check
-// bounds (padding, tile edges); the multiply-add loop does not branch.
+// Tiling: a workgroup computes a BM x BN tile of C; each thread holds 8 x 16 outputs as eight 4x4
+// blocks (two row quads TY apart, four column quads TX apart, so every workgroup-memory read is
+// one vec4 without bank conflicts), hence (BM / 8) * (BN / 16) threads. K advances BK = 8 at a
+// time through two workgroup buffers: the next K tile is stored while the current one is
+// multiplied, one barrier per tile. A is staged transposed (k-major) with each k row padded by 4
+// floats. With SPECIALIZED (the default) the layer's geometry is pipeline constants, so the
+// im2col index math divides by constants (one pipeline per layer and direction); without, it is
+// read from the uniforms (one pipeline per tile and kernel size, shared by layers: fewer to
+// compile before the first step). Both sum in the same order and give the same bits. Loads check
+// bounds (padding, tile edges, the end of K: out-of-range elements load as 0); the multiply-add
+// loop does not branch. Each output sums its K terms in increasing k: results do not depend on the tile.
 
 override MODE: u32 = 0u;
+override HAS_BIAS: bool = false;
+// Tile rows (a multiple of 16, up to 192) and columns (64 or 128).
+override BM: u32 = 128u;
+override BN: u32 = 128u;
+
+// Geometry of the convolution (conv2d's view; see the table above): constants when SPECIALIZED,
+// else read from the uniforms. The kernel size is always a constant.
+override SPECIALIZED: bool = true;
+override CIN: u32 = 1u;
+override H: u32 = 1u;
+override W: u32 = 1u;
+override COUT: u32 = 1u;
+override OH: u32 = 1u;
+override OW: u32 = 1u;
+override SH: u32 = 1u;
+override SW: u32 = 1u;
+override PH: u32 = 0u;
+override PW: u32 = 0u;
+override DH: u32 = 1u;
+override DW: u32 = 1u;
+override GROUPS: u32 = 1u;
 override KH: u32 = 1u;
 override KW: u32 = 1u;
-override HAS_BIAS: bool = false;
-// Rows of the output tile (64, 32 or 16); the workgroup has 4 * BM threads.
-override BM: u32 = 64u;
-override THREADS: u32 = 4u * BM;
+override KHW: u32 = KH * KW;
+
+const BK: u32 = 8u;
+override TX: u32 = BN / 16u;
+override TY: u32 = BM / 8u;
+override THREADS: u32 = TX * TY;
+// Row stride, in vec4s, of the transposed A tile and of the B tile.
+override AS4: u32 = BM / 4u + 1u;
+override BS4: u32 = BN / 4u;
+override A_BUF: u32 = BK * AS4;
+override B_BUF: u32 = BK * BS4;
+// Elements of each tile one thread loads per K step (the last round may be partial).
+override A_PER: u32 = (BK * BM + THREADS - 1u) / THREADS;
+override B_PER: u32 = (BK * BN + THREADS - 1u) / THREADS;
 
 struct Params {
-    batch: u32, cin: u32, h: u32, w: u32,        // input (N, Cin, H, W)
-    cout: u32, oh: u32, ow: u32, groups: u32,    // output (N, Cout, OH, OW)
-    sh: u32, sw: u32, ph: u32, pw: u32,          // stride, padding
-    dh: u32, dw: u32, k_chunk: u32, splits: u32, // dilation; split-K (MODE 2)
-    gm: u32, gn: u32, gk: u32, _pad: u32,        // GEMM sizes per group
+    batch: u32,
+    gn: u32,      // columns of one group's GEMM
+    gk: u32,      // depth of one group's GEMM
+    k_chunk: u32, // split-K chunk (MODE 2; gk otherwise), a multiple of BK
+    splits: u32,
+    cin: u32, h: u32, w: u32,
+    cout: u32, oh: u32, ow: u32,
+    sh: u32, sw: u32, ph: u32, pw: u32,
+    dh: u32, dw: u32, groups: u32,
+    _pad0: u32, _pad1: u32,
+}
+
+// The geometry as the kernel uses it, and what follows from it.
+struct Geometry {
+    cin: u32, h: u32, w: u32,
+    cout: u32, oh: u32, ow: u32,
+    sh: u32, sw: u32, ph: u32, pw: u32,
+    dh: u32, dw: u32, groups: u32,
+    cig: u32, cog: u32, hw: u32, ohw: u32,
+    gm: u32, // rows of one group's GEMM
+}
+
+fn geometry() -> Geometry {
+    var q: Geometry;
+    if (SPECIALIZED) {
+        q = Geometry(CIN, H, W, COUT, OH, OW, SH, SW, PH, PW, DH, DW, GROUPS, 0u, 0u, 0u, 0u, 0u);
+    } else {
+        q = Geometry(p.cin, p.h, p.w, p.cout, p.oh, p.ow, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw,
+                     p.groups, 0u, 0u, 0u, 0u, 0u);
+    }
+    q.cig = q.cin / q.groups;
+    q.cog = q.cout / q.groups;
+    q.hw = q.h * q.w;
+    q.ohw = q.oh * q.ow;
+    q.gm = select(q.cog, q.cig, MODE == 1u);
+    return q;
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -37,216 +106,208 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-const BN: u32 = 64u;
-const BK: u32 = 16u;
-override KHW: u32 = KH * KW;
+var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
+var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
 
-// A tile as [BK][BM/4] and B tile as [BK][BN/4] vec4s: thread (tx, ty) reads rows ty*4.. of A and
-// columns tx*4.. of B with one vec4 load each per k. Sized for BM = 64.
-var<workgroup> a_tile: array<vec4<f32>, 256>;
-var<workgroup> b_tile: array<vec4<f32>, 256>;
+// This workgroup's group, split, first row and column, and end of its K range.
+var<private> q: Geometry;
+var<private> g: u32;
+var<private> split: u32;
+var<private> m0: u32;
+var<private> n0: u32;
+var<private> k_end: u32;
 
-// A[m][k] of group g (caller checks m < gm, k < gk). In MODE 2, (kb, kpix) = k split into
-// batch index and output pixel.
-fn load_a(g: u32, m: u32, k: u32, kb: u32, kpix: u32) -> f32 {
-    let cig = p.cin / p.groups;
-    let cog = p.cout / p.groups;
+// A[m][k] of group g; the caller checks m < gm, k < k_end.
+fn load_a(m: u32, k: u32) -> f32 {
     if (MODE == 0u) {
-        return a_src[(g * cog + m) * p.gk + k];
+        return a_src[(g * q.cog + m) * (q.cig * KHW) + k];
     } else if (MODE == 1u) {
         let co = k / KHW;
-        let r = k - co * KHW;
-        return a_src[((g * cog + co) * cig + m) * KHW + r];
+        return a_src[((g * q.cog + co) * q.cig + m) * KHW + (k - co * KHW)];
     }
-    return a_src[(kb * p.cout + g * cog + m) * (p.oh * p.ow) + kpix];
+    let b = k / q.ohw;
+    return a_src[(b * q.cout + g * q.cog + m) * q.ohw + (k - b * q.ohw)];
+}
+
+// B[k][n] of group g (0 in the padding); the caller checks k < k_end, n < gn.
+fn load_b(k: u32, n: u32) -> f32 {
+    if (MODE == 0u) {
+        let c = k / KHW;
+        let r = k - c * KHW;
+        let kh = r / KW;
+        let b = n / q.ohw;
+        let pix = n - b * q.ohw;
+        let oy = pix / q.ow;
+        let iy = i32(oy * q.sh + kh * q.dh) - i32(q.ph);
+        let ix = i32((pix - oy * q.ow) * q.sw + (r - kh * KW) * q.dw) - i32(q.pw);
+        if (iy < 0 || ix < 0 || u32(iy) >= q.h || u32(ix) >= q.w) {
+            return 0.0;
+        }
+        return b_src[((b * q.cin + g * q.cig + c) * q.h + u32(iy)) * q.w + u32(ix)];
+    } else if (MODE == 1u) {
+        // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw) when
+        // oy * sh = iy + ph - kh * dh (and likewise for x).
+        let co = k / KHW;
+        let r = k - co * KHW;
+        let kh = r / KW;
+        let b = n / q.hw;
+        let pix = n - b * q.hw;
+        let iy = pix / q.w;
+        let ty = i32(iy + q.ph) - i32(kh * q.dh);
+        let tx = i32(pix - iy * q.w + q.pw) - i32((r - kh * KW) * q.dw);
+        if (ty < 0 || tx < 0) {
+            return 0.0;
+        }
+        let oy = u32(ty) / q.sh;
+        let ox = u32(tx) / q.sw;
+        if (oy * q.sh != u32(ty) || ox * q.sw != u32(tx) || oy >= q.oh || ox >= q.ow) {
+            return 0.0;
+        }
+        return b_src[((b * q.cout + g * q.cog + co) * q.oh + oy) * q.ow + ox];
+    }
+    let b = k / q.ohw;
+    let pix = k - b * q.ohw;
+    let oy = pix / q.ow;
+    let ci = n / KHW;
+    let r = n - ci * KHW;
+    let kh = r / KW;
+    let iy = i32(oy * q.sh + kh * q.dh) - i32(q.ph);
+    let ix = i32((pix - oy * q.ow) * q.sw + (r - kh * KW) * q.dw) - i32(q.pw);
+    if (iy < 0 || ix < 0 || u32(iy) >= q.h || u32(ix) >= q.w) {
+        return 0.0;
+    }
+    return b_src[((b * q.cin + g * q.cig + ci) * q.h + u32(iy)) * q.w + u32(ix)];
+}
+
+// Stores the K tile starting at k0 into buffer `buf`. Adjacent threads load adjacent k of A
+// (contiguous in the weight and in dy) and adjacent n of B (contiguous pixels).
+fn store_tile(lid: u32, k0: u32, buf: u32) {
+    for (var e = 0u; e < A_PER; e++) {
+        let i = lid + e * THREADS;
+        if (i < BK * BM) {
+            let kk = i % BK;
+            let m = i / BK;
+            var v = 0.0;
+            if (m0 + m < q.gm && k0 + kk < k_end) {
+                v = load_a(m0 + m, k0 + kk);
+            }
+            a_tile[buf * A_BUF + kk * AS4 + m / 4u][m % 4u] = v;
+        }
+    }
+    for (var e = 0u; e < B_PER; e++) {
+        let i = lid + e * THREADS;
+        if (i < BK * BN) {
+            let n = i % BN;
+            let kk = i / BN;
+            var v = 0.0;
+            if (n0 + n < p.gn && k0 + kk < k_end) {
+                v = load_b(k0 + kk, n0 + n);
+            }
+            b_tile[buf * B_BUF + kk * BS4 + n / 4u][n % 4u] = v;
+        }
+    }
+}
+
+// c + outer(a, b) as fused multiply-adds: column r of the block is row r of the output quad.
+fn fma4(c: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(fma(vec4(a.x), b, c[0]), fma(vec4(a.y), b, c[1]),
+                       fma(vec4(a.z), b, c[2]), fma(vec4(a.w), b, c[3]));
+}
+
+// Writes the 4x4 block whose first row is m (tile-relative) and first column n.
+fn store_block(m: u32, n: u32, c: mat4x4<f32>) {
+    for (var r = 0u; r < 4u; r++) {
+        let row = m0 + m + r;
+        if (row >= q.gm) {
+            return;
+        }
+        var add = 0.0;
+        if (HAS_BIAS) {
+            add = bias[g * q.gm + row];
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let col = n0 + n + j;
+            if (col >= p.gn) {
+                break;
+            }
+            let v = c[r][j] + add;
+            if (MODE == 0u) {
+                let b = col / q.ohw;
+                out[(b * q.cout + g * q.cog + row) * q.ohw + (col - b * q.ohw)] = v;
+            } else if (MODE == 1u) {
+                let b = col / q.hw;
+                out[(b * q.cin + g * q.cig + row) * q.hw + (col - b * q.hw)] = v;
+            } else {
+                out[((split * q.groups + g) * q.gm + row) * p.gn + col] = v;
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    let n0 = wid.x * BN;
-    let m0 = wid.y * BM;
-    let cig = p.cin / p.groups;
-    let cog = p.cout / p.groups;
-    let ohw = p.oh * p.ow;
-    let hw = p.h * p.w;
-
-    var g = wid.z;
-    var split = 0u;
+    let tx = lid % TX;
+    let ty = lid / TX;
+    q = geometry();
+    n0 = wid.x * BN;
+    m0 = wid.y * BM;
+    g = wid.z;
+    split = 0u;
     if (MODE == 2u) {
         g = wid.z / p.splits;
         split = wid.z % p.splits;
     }
     let k_begin = split * p.k_chunk;
-    let k_end = min(p.gk, k_begin + p.k_chunk);
+    let k_stop = min(p.gk, k_begin + p.k_chunk);
+    k_end = k_stop;
+    let tiles = (k_stop - k_begin + BK - 1u) / BK;
 
-    // Loader roles: each thread stores one vec4 of the A tile and 64 / BM vec4s of the B tile per
-    // K step. A: row k = lk (lid % 16), four consecutive m from q4 = 4 * (lid / 16). B in MODE 0/1:
-    // rows b_k + r * BM / 4, four consecutive n from n4. B in MODE 2: row lk, columns q4 + r * BM.
-    let lk = lid % 16u;
-    let q4 = (lid / 16u) * 4u;
-    let b_k = lid / 16u;
-    let n4 = (lid % 16u) * 4u;
-    let b_slots = 64u / BM;
+    var c00 = mat4x4<f32>();
+    var c01 = mat4x4<f32>();
+    var c02 = mat4x4<f32>();
+    var c03 = mat4x4<f32>();
+    var c10 = mat4x4<f32>();
+    var c11 = mat4x4<f32>();
+    var c12 = mat4x4<f32>();
+    var c13 = mat4x4<f32>();
 
-    // MODE 0/1: this thread's four B columns are fixed; decompose them once.
-    var col_ok: array<bool, 4>;
-    var col_base: array<u32, 4>; // offset of (batch, group's channel 0) in b_src
-    var col_y: array<i32, 4>;    // MODE 0: window's top row; MODE 1: input row + padding
-    var col_x: array<i32, 4>;
-    // MODE 2: this thread's B columns (ci, kh, kw), 4 per slot, are fixed.
-    var wcol_ok: array<bool, 16>;
-    var wcol_off: array<u32, 16>; // ci * H * W
-    var wcol_dy: array<i32, 16>;
-    var wcol_dx: array<i32, 16>;
-    if (MODE == 2u) {
-        for (var j = 0u; j < 4u * b_slots; j++) {
-            let n = n0 + q4 + (j / 4u) * BM + j % 4u;
-            let ci = n / KHW;
-            let rem = n - ci * KHW;
-            let kh = rem / KW;
-            wcol_off[j] = ci * hw;
-            wcol_dy[j] = i32(kh * p.dh) - i32(p.ph);
-            wcol_dx[j] = i32((rem - kh * KW) * p.dw) - i32(p.pw);
-            wcol_ok[j] = n < p.gn;
-        }
-    } else {
-        for (var j = 0u; j < 4u; j++) {
-            let n = n0 + n4 + j;
-            col_ok[j] = n < p.gn;
-            if (MODE == 0u) {
-                let b = n / ohw;
-                let pix = n - b * ohw;
-                let oy = pix / p.ow;
-                col_base[j] = (b * p.cin + g * cig) * hw;
-                col_y[j] = i32(oy * p.sh) - i32(p.ph);
-                col_x[j] = i32((pix - oy * p.ow) * p.sw) - i32(p.pw);
-            } else {
-                let b = n / hw;
-                let pix = n - b * hw;
-                let iy = pix / p.w;
-                col_base[j] = (b * p.cout + g * cog) * ohw;
-                col_y[j] = i32(iy) + i32(p.ph);
-                col_x[j] = i32(pix - iy * p.w) + i32(p.pw);
-            }
-        }
-    }
-
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-
-    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        // A (and MODE 2's B): row ka = k0 + lk; in MODE 2 split into batch and output pixel.
-        let ka = k0 + lk;
-        let ka_ok = ka < k_end;
-        var kb = 0u;
-        var kpix = 0u;
-        if (MODE == 2u) {
-            kb = ka / ohw;
-            kpix = ka - kb * ohw;
-        }
-        var av = vec4<f32>(0.0);
-        for (var r = 0u; r < 4u; r++) {
-            let m = m0 + q4 + r;
-            if (ka_ok && m < p.gm) {
-                av[r] = load_a(g, m, ka, kb, kpix);
-            }
-        }
-        a_tile[lk * (BM / 4u) + q4 / 4u] = av;
-
-        if (MODE == 2u) {
-            let oy = kpix / p.ow;
-            let ox = kpix - oy * p.ow;
-            let base = (kb * p.cin + g * cig) * hw;
-            for (var slot = 0u; slot < b_slots; slot++) {
-                var bv = vec4<f32>(0.0);
-                for (var j = 0u; j < 4u; j++) {
-                    let c = slot * 4u + j;
-                    let iy = i32(oy * p.sh) + wcol_dy[c];
-                    let ix = i32(ox * p.sw) + wcol_dx[c];
-                    if (ka_ok && wcol_ok[c] && iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
-                        bv[j] = b_src[base + wcol_off[c] + u32(iy) * p.w + u32(ix)];
-                    }
-                }
-                b_tile[lk * 16u + (q4 + slot * BM) / 4u] = bv;
-            }
-        } else {
-            for (var slot = 0u; slot < b_slots; slot++) {
-                let kl = b_k + slot * (BM / 4u);
-                let k = k0 + kl;
-                let c = k / KHW;
-                let rem = k - c * KHW;
-                let kh = rem / KW;
-                let kw = rem - kh * KW;
-                let k_ok = k < k_end;
-                var bv = vec4<f32>(0.0);
-                for (var j = 0u; j < 4u; j++) {
-                    if (k_ok && col_ok[j]) {
-                        if (MODE == 0u) {
-                            let iy = col_y[j] + i32(kh * p.dh);
-                            let ix = col_x[j] + i32(kw * p.dw);
-                            if (iy >= 0 && ix >= 0 && u32(iy) < p.h && u32(ix) < p.w) {
-                                bv[j] = b_src[col_base[j] + c * hw + u32(iy) * p.w + u32(ix)];
-                            }
-                        } else {
-                            // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw)
-                            // when oy * sh = iy + ph - kh * dh (and likewise for x).
-                            let ty_ = col_y[j] - i32(kh * p.dh);
-                            let tx_ = col_x[j] - i32(kw * p.dw);
-                            if (ty_ >= 0 && tx_ >= 0) {
-                                let oy = u32(ty_) / p.sh;
-                                let ox = u32(tx_) / p.sw;
-                                if (oy * p.sh == u32(ty_) && ox * p.sw == u32(tx_) && oy < p.oh && ox < p.ow) {
-                                    bv[j] = b_src[col_base[j] + c * ohw + oy * p.ow + ox];
-                                }
-                            }
-                        }
-                    }
-                }
-                b_tile[kl * 16u + n4 / 4u] = bv;
-            }
-        }
-        workgroupBarrier();
+    store_tile(lid, k_begin, 0u);
+    workgroupBarrier();
+    for (var t = 0u; t < tiles; t++) {
+        let cur = t % 2u;
+        // The other buffer was last read before the previous barrier: fill it now. A tile past
+        // the end loads zeros and is never multiplied.
+        store_tile(lid, k_begin + (t + 1u) * BK, 1u - cur);
+        let ab = cur * A_BUF;
+        let bb = cur * B_BUF;
         for (var kk = 0u; kk < BK; kk++) {
-            let a = a_tile[kk * (BM / 4u) + ty];
-            let b = b_tile[kk * 16u + tx];
-            acc0 += a.x * b;
-            acc1 += a.y * b;
-            acc2 += a.z * b;
-            acc3 += a.w * b;
+            let a0 = a_tile[ab + kk * AS4 + ty];
+            let a1 = a_tile[ab + kk * AS4 + ty + TY];
+            let b0 = b_tile[bb + kk * BS4 + tx];
+            let b1 = b_tile[bb + kk * BS4 + tx + TX];
+            let b2 = b_tile[bb + kk * BS4 + tx + 2u * TX];
+            let b3 = b_tile[bb + kk * BS4 + tx + 3u * TX];
+            c00 = fma4(c00, a0, b0);
+            c01 = fma4(c01, a0, b1);
+            c02 = fma4(c02, a0, b2);
+            c03 = fma4(c03, a0, b3);
+            c10 = fma4(c10, a1, b0);
+            c11 = fma4(c11, a1, b1);
+            c12 = fma4(c12, a1, b2);
+            c13 = fma4(c13, a1, b3);
         }
         workgroupBarrier();
     }
 
-    var acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var i = 0u; i < 4u; i++) {
-        let m = m0 + ty * 4u + i;
-        if (m >= p.gm) {
-            continue;
-        }
-        var add = 0.0;
-        if (HAS_BIAS) {
-            add = bias[g * p.gm + m];
-        }
-        for (var j = 0u; j < 4u; j++) {
-            let n = n0 + tx * 4u + j;
-            if (n >= p.gn) {
-                continue;
-            }
-            let v = acc[i][j] + add;
-            if (MODE == 0u) {
-                let b = n / ohw;
-                out[(b * p.cout + g * cog + m) * ohw + (n - b * ohw)] = v;
-            } else if (MODE == 1u) {
-                let b = n / hw;
-                out[(b * p.cin + g * cig + m) * hw + (n - b * hw)] = v;
-            } else {
-                out[((split * p.groups + g) * p.gm + m) * p.gn + n] = v;
-            }
-        }
-    }
+    let r0 = ty * 4u;
+    let r1 = (ty + TY) * 4u;
+    store_block(r0, tx * 4u, c00);
+    store_block(r0, (tx + TX) * 4u, c01);
+    store_block(r0, (tx + 2u * TX) * 4u, c02);
+    store_block(r0, (tx + 3u * TX) * 4u, c03);
+    store_block(r1, tx * 4u, c10);
+    store_block(r1, (tx + TX) * 4u, c11);
+    store_block(r1, (tx + 2u * TX) * 4u, c12);
+    store_block(r1, (tx + 3u * TX) * 4u, c13);
 }

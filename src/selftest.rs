@@ -927,7 +927,8 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
 }
 
 /// Shapes covering stride 2, padding, dilation 2, groups (depthwise too), 1x1 and 5x5 kernels,
-/// asymmetric settings, odd sizes, batch 1, and more rows/columns than one 64x64 tile.
+/// asymmetric settings, odd sizes, batch 1, every tile height (16 to 192 rows, and 128-row tiles
+/// beyond), both tile widths, and M, N and K that are not multiples of the tile.
 pub fn conv2d_shapes() -> Vec<kernels::conv2d::Conv2dGeom> {
     use kernels::conv2d::Conv2dGeom as G;
     vec![
@@ -963,6 +964,14 @@ pub fn conv2d_shapes() -> Vec<kernels::conv2d::Conv2dGeom> {
         G::square(4, 16, 16, 32, 3).padding(1).groups(4),
         // 17..=32 rows in every direction: the 32-row tile.
         G::square(2, 24, 6, 20, 3).padding(1),
+        // Forward and grad-weight on the 160-row tile (64 columns); grad-input's K = 150.
+        G::square(2, 8, 5, 150, 1),
+        // The 192-row tile, two column tiles with a tail; grad-input on the 64-row tile.
+        G::square(1, 40, 12, 190, 3).padding(1),
+        // Three 128-row tiles, the last holding 4 rows.
+        G::square(1, 10, 6, 260, 1),
+        // Grad-input on the 128-row tile.
+        G::square(2, 120, 4, 16, 1),
     ]
 }
 

@@ -4,6 +4,9 @@
 //! of a workgroup or private array shows (reading `partial[lid + 2 stride + 200]` in reduce.wgsl
 //! made 15 of 276 outputs differ on lavapipe); a storage-buffer overrun does not where Vulkan's
 //! robust buffer access bounds it either way (lavapipe), though it would on drivers without it.
+//!
+//! Likewise the GEMM kernels give the same bits whether their pipelines are specialised to each
+//! layer's geometry or read it from uniforms: only the index arithmetic differs.
 
 use wgqat::gpu::{Gpu, GpuOptions};
 use wgqat::selftest;
@@ -14,14 +17,11 @@ fn device(checks: bool) -> Gpu {
         .with_shader_checks(checks)
 }
 
-#[test]
-fn kernel_suite_gives_identical_bits_with_and_without_runtime_checks() {
-    let (unchecked, checked) = (device(false), device(true));
-    assert!(!unchecked.shader_checks() && checked.shader_checks());
-    let cases = selftest::cases();
+/// Runs every case on both devices; returns the outputs compared and those that differ.
+fn compare(a_dev: &Gpu, b_dev: &Gpu, cases: &[selftest::Case]) -> (usize, Vec<String>) {
     let (mut outputs, mut differ) = (0, Vec::new());
-    for case in &cases {
-        let (a, b) = (case.run(&unchecked), case.run(&checked));
+    for case in cases {
+        let (a, b) = (case.run(a_dev), case.run(b_dev));
         let what = format!("{} {} {}", a.kernel, a.direction, a.shape);
         assert!(
             a.error.is_none() && b.error.is_none(),
@@ -37,10 +37,49 @@ fn kernel_suite_gives_identical_bits_with_and_without_runtime_checks() {
             }
         }
     }
+    (outputs, differ)
+}
+
+#[test]
+fn kernel_suite_gives_identical_bits_with_and_without_runtime_checks() {
+    let (unchecked, checked) = (device(false), device(true));
+    assert!(!unchecked.shader_checks() && checked.shader_checks());
+    let cases = selftest::cases();
+    let (outputs, differ) = compare(&unchecked, &checked, &cases);
     println!(
         "{} cases, {outputs} outputs: {} differ with runtime checks on",
         cases.len(),
         differ.len()
     );
     assert!(differ.is_empty(), "outputs differ: {differ:#?}");
+}
+
+#[test]
+fn gemms_give_identical_bits_specialised_or_shared() {
+    let specialised = device(false).with_specialized_gemms(true);
+    let shared = device(false).with_specialized_gemms(false);
+    // The first shapes of each family: strides, padding, dilation, groups, odd sizes, and
+    // transposed convolutions' output padding (each case compiles two pipelines).
+    let first_shapes = |kernel: &str, n: usize| {
+        let cases = selftest::cases_for(kernel);
+        let mut keep: Vec<String> = cases.iter().map(|c| c.shape.clone()).collect();
+        keep.dedup();
+        keep.truncate(n);
+        cases
+            .into_iter()
+            .filter(move |c| keep.contains(&c.shape) && c.direction != "grad_bias")
+    };
+    let cases: Vec<selftest::Case> = first_shapes("conv2d", 5)
+        .chain(first_shapes("conv_transpose2d", 3))
+        .collect();
+    let (outputs, differ) = compare(&specialised, &shared, &cases);
+    println!(
+        "{} GEMM cases, {outputs} outputs: {} differ between specialised and shared pipelines",
+        cases.len(),
+        differ.len()
+    );
+    assert!(
+        outputs >= 30 && differ.is_empty(),
+        "outputs differ: {differ:#?}"
+    );
 }

@@ -232,44 +232,88 @@ pub(crate) struct GemmConv {
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     batch: u32,
+    gn: u32,
+    gk: u32,
+    k_chunk: u32,
+    splits: u32,
+    // The geometry, read when the pipeline is not specialised to it.
     cin: u32,
     h: u32,
     w: u32,
     cout: u32,
     oh: u32,
     ow: u32,
-    groups: u32,
     sh: u32,
     sw: u32,
     ph: u32,
     pw: u32,
     dh: u32,
     dw: u32,
-    k_chunk: u32,
-    splits: u32,
-    gm: u32,
-    gn: u32,
-    gk: u32,
-    _pad: u32,
+    groups: u32,
+    _pad: [u32; 2],
 }
 
-/// Tile sizes of the shader: 64 columns, BM rows (see [`tile_rows`]), K steps of 16.
-const TILE: usize = 64;
-const BK: usize = 16;
+/// K steps of the shader's tiles.
+const BK: usize = 8;
 
-/// The tile height for `m` rows: the smallest of 16, 32, 64 that covers them (64 beyond).
-fn tile_rows(m: usize) -> usize {
-    match m {
-        0..=16 => 16,
-        17..=32 => 32,
-        _ => 64,
+/// A workgroup tile of the shader: `bm` rows × `bn` columns of one group's GEMM, 8 × 16 outputs
+/// per thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub bm: usize,
+    pub bn: usize,
+}
+
+/// Tile heights the shader is built for (multiples of 16; the two row quads of a thread are
+/// `bm / 2` apart).
+const TILE_ROWS: [usize; 7] = [16, 32, 64, 96, 128, 160, 192];
+
+impl Tile {
+    pub fn threads(&self) -> usize {
+        (self.bm / 8) * (self.bn / 16)
+    }
+
+    /// Workgroup memory: two K tiles of A (transposed, rows padded by 4 floats) and of B.
+    pub fn shared_bytes(&self) -> usize {
+        2 * BK * (self.bm + 4 + self.bn) * 4
+    }
+
+    /// The tile for a GEMM of `m` rows and `n` columns on any device: the shortest height that
+    /// covers `m` in one tile (so layers of 10, 32, 96, 160 or 192 channels compute no padding
+    /// rows), 128 rows beyond 192; 64 columns when `n` is that small, else 128.
+    pub fn nominal(m: usize, n: usize) -> Tile {
+        Tile {
+            bm: TILE_ROWS.iter().copied().find(|&r| r >= m).unwrap_or(128),
+            bn: if n <= 64 { 64 } else { 128 },
+        }
+    }
+
+    /// [`Self::nominal`], its height reduced until it fits the device's workgroup limits.
+    pub fn choose(m: usize, n: usize, limits: &wgpu::Limits) -> Tile {
+        let mut t = Tile::nominal(m, n);
+        let fits = |t: &Tile| {
+            t.threads() <= limits.max_compute_invocations_per_workgroup as usize
+                && t.threads() <= limits.max_compute_workgroup_size_x as usize
+                && t.shared_bytes() <= limits.max_compute_workgroup_storage_size as usize
+        };
+        while !fits(&t) && t.bm > TILE_ROWS[0] {
+            t.bm = TILE_ROWS
+                .iter()
+                .rev()
+                .copied()
+                .find(|&r| r < t.bm)
+                .unwrap_or(16);
+        }
+        t
     }
 }
 
-/// Grad-weight aims for at least this many workgroups (the GPU's cores busy), splitting K into
-/// chunks of at least `MIN_CHUNK`.
+/// Grad-weight aims for at least this many workgroups, about two waves of a large GPU's
+/// resident 128-thread workgroups, splitting K into chunks of at least `MIN_CHUNK` and keeping
+/// the partial sums within `MAX_PARTIALS` floats (16 MiB).
 const TARGET_WORKGROUPS: usize = 1024;
 const MIN_CHUNK: usize = 512;
+const MAX_PARTIALS: usize = 1 << 22;
 
 impl GemmConv {
     /// `(M, N, K)` of one group's GEMM.
@@ -283,13 +327,23 @@ impl GemmConv {
         }
     }
 
+    /// The tile `mode`'s GEMM runs with on `gpu`.
+    pub fn tile(&self, gpu: &Gpu, mode: Mode) -> Tile {
+        let (m, n, _) = self.dims(mode);
+        Tile::choose(m, n, &gpu.limits)
+    }
+
     /// The split-K count grad-weight uses by default.
     pub fn default_splits(&self) -> usize {
         let (m, n, k) = self.dims(Mode::GradWeight);
-        let tiles = m.div_ceil(tile_rows(m)) * n.div_ceil(TILE) * self.groups;
-        TARGET_WORKGROUPS
-            .div_ceil(tiles)
-            .clamp(1, k.div_ceil(MIN_CHUNK).max(1))
+        // Counted in nominal tiles: the split count, and so the summation order, is the same on
+        // every device.
+        let t = Tile::nominal(m, n);
+        let tiles = m.div_ceil(t.bm) * n.div_ceil(t.bn) * self.groups;
+        let most = k
+            .div_ceil(MIN_CHUNK)
+            .min(MAX_PARTIALS / (m * n * self.groups).max(1));
+        TARGET_WORKGROUPS.div_ceil(tiles).clamp(1, most.max(1))
     }
 
     /// Launches one GEMM. `out` gets the result (for grad-weight with `splits > 1`: the
@@ -322,6 +376,8 @@ impl GemmConv {
             self.oh,
             self.ow,
             self.groups,
+            gn,
+            gk + BK,
         ];
         let too_big = |v: usize| u32::try_from(v).is_err();
         if dims.iter().any(|&v| too_big(v))
@@ -334,38 +390,60 @@ impl GemmConv {
                 "tensor too large to index with 32 bits: use a smaller batch size",
             ));
         }
+        let tile = self.tile(gpu, mode);
+        let u = |v: usize| v as u32;
         let p = Params {
-            batch: self.batch as u32,
-            cin: self.cin as u32,
-            h: self.h as u32,
-            w: self.w as u32,
-            cout: self.cout as u32,
-            oh: self.oh as u32,
-            ow: self.ow as u32,
-            groups: self.groups as u32,
-            sh: self.stride.0 as u32,
-            sw: self.stride.1 as u32,
-            ph: self.padding.0 as u32,
-            pw: self.padding.1 as u32,
-            dh: self.dilation.0 as u32,
-            dw: self.dilation.1 as u32,
-            k_chunk: k_chunk as u32,
-            splits: splits as u32,
-            gm: gm as u32,
-            gn: gn as u32,
-            gk: gk as u32,
-            _pad: 0,
+            batch: u(self.batch),
+            gn: u(gn),
+            gk: u(gk),
+            k_chunk: u(k_chunk),
+            splits: u(splits),
+            cin: u(self.cin),
+            h: u(self.h),
+            w: u(self.w),
+            cout: u(self.cout),
+            oh: u(self.oh),
+            ow: u(self.ow),
+            sh: u(self.stride.0),
+            sw: u(self.stride.1),
+            ph: u(self.padding.0),
+            pw: u(self.padding.1),
+            dh: u(self.dilation.0),
+            dw: u(self.dilation.1),
+            groups: u(self.groups),
+            _pad: [0; 2],
         };
+        let c = |v: usize| v as f64;
+        let mut constants = vec![
+            ("MODE", mode as u32 as f64),
+            ("HAS_BIAS", f64::from(u8::from(bias.is_some()))),
+            ("BM", c(tile.bm)),
+            ("BN", c(tile.bn)),
+            ("KH", c(self.kernel.0)),
+            ("KW", c(self.kernel.1)),
+            ("SPECIALIZED", f64::from(u8::from(gpu.specialized_gemms()))),
+        ];
+        if gpu.specialized_gemms() {
+            constants.extend([
+                ("CIN", c(self.cin)),
+                ("H", c(self.h)),
+                ("W", c(self.w)),
+                ("COUT", c(self.cout)),
+                ("OH", c(self.oh)),
+                ("OW", c(self.ow)),
+                ("SH", c(self.stride.0)),
+                ("SW", c(self.stride.1)),
+                ("PH", c(self.padding.0)),
+                ("PW", c(self.padding.1)),
+                ("DH", c(self.dilation.0)),
+                ("DW", c(self.dilation.1)),
+                ("GROUPS", c(self.groups)),
+            ]);
+        }
         let kernel = gpu.kernel(&KernelSpec {
             shader: &CONV2D,
             entry: "main",
-            constants: &[
-                ("MODE", mode as u32 as f64),
-                ("KH", self.kernel.0 as f64),
-                ("KW", self.kernel.1 as f64),
-                ("HAS_BIAS", f64::from(u8::from(bias.is_some()))),
-                ("BM", tile_rows(gm) as f64),
-            ],
+            constants: &constants,
             bindings: &[
                 Bind::Uniform,
                 Bind::Read,
@@ -384,8 +462,8 @@ impl GemmConv {
             }
         };
         let grid = [
-            gn.div_ceil(TILE) as u32,
-            gm.div_ceil(tile_rows(gm)) as u32,
+            gn.div_ceil(tile.bn) as u32,
+            gm.div_ceil(tile.bm) as u32,
             (self.groups * splits) as u32,
         ];
         gpu.launch(
@@ -596,4 +674,45 @@ pub fn grad_bias(gpu: &Gpu, geom: &Conv2dGeom, dy: &Tensor, db: &Tensor) -> Resu
         &[("dy", dy, &geom.output_shape()), ("db", db, &[geom.cout])],
     )?;
     Ok(Op::Dispatch(reduce::channel_sum(gpu, dy, db)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_rows_without_padding_tiles_and_fit_the_device() {
+        let big = wgpu::Limits {
+            max_compute_workgroup_storage_size: 32 << 10,
+            ..wgpu::Limits::default()
+        };
+        let rows = |m| Tile::choose(m, 1000, &big).bm;
+        assert_eq!(
+            [1, 10, 32, 33, 96, 128, 150, 192, 256, 1000].map(rows),
+            [16, 16, 32, 64, 96, 128, 160, 192, 128, 128]
+        );
+        assert_eq!(Tile::choose(128, 64, &big).bn, 64);
+        assert_eq!(Tile::choose(128, 65, &big).bn, 128);
+        // 128 x 128 needs 16,640 bytes: WebGPU's 16 KiB minimum gets 96 rows.
+        assert_eq!(Tile::nominal(128, 1000).shared_bytes(), 16_640);
+        let small = wgpu::Limits::default();
+        let t = Tile::choose(128, 1000, &small);
+        assert_eq!((t.bm, t.bn), (96, 128));
+        assert!(t.shared_bytes() <= 16 << 10 && t.threads() <= 256);
+        // 192 rows x 128 columns is 192 threads; a device with 128 gets 128 rows.
+        let few = wgpu::Limits {
+            max_compute_invocations_per_workgroup: 128,
+            ..big
+        };
+        assert_eq!(Tile::choose(190, 1000, &few).bm, 128);
+    }
+
+    #[test]
+    fn split_k_counts_do_not_depend_on_the_device() {
+        // nin_gc's second conv at batch 50: M = N = 128 per group, 2 groups, K = 51,200.
+        let g = Conv2dGeom::square(50, 256, 32, 256, 1).groups(2).gemm();
+        assert_eq!(g.default_splits(), 100);
+        let k = g.dims(Mode::GradWeight).2;
+        assert!(k / g.default_splits() >= MIN_CHUNK);
+    }
 }
