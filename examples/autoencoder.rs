@@ -8,7 +8,8 @@ use wgqat::data::{self, Augment};
 use wgqat::gpu::{Gpu, GpuOptions};
 use wgqat::kernels::optim::OptimizerKind;
 use wgqat::models::{LayerSpec, LossKind, ModelSpec, Pair};
-use wgqat::nn::{Mode, Network, QuantConfig, init};
+use wgqat::nn::{Mode, Network, init};
+use wgqat::quant::QuantConfig;
 use wgqat::train::Optimizer;
 
 fn conv(out: usize, stride: usize, name: &str) -> LayerSpec {

@@ -1,5 +1,6 @@
 use wgqat::gpu::{Gpu, GpuOptions};
-use wgqat::nn::{Mode, Network, QuantConfig, init};
+use wgqat::nn::{Mode, Network, init};
+use wgqat::quant::QuantConfig;
 fn main() -> anyhow::Result<()> {
     let gpu = Gpu::new(&GpuOptions::default())?;
     let spec = wgqat::models::load(

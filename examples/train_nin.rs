@@ -4,7 +4,7 @@
 //!     cargo run --release --example train_nin -- [steps] [run folder]
 
 use wgqat::gpu::{Gpu, GpuOptions};
-use wgqat::kernels::quant::Bits;
+use wgqat::quant::Bits;
 use wgqat::train::progress::Display;
 use wgqat::train::{TrainConfig, TrainOptions, train};
 

@@ -4,8 +4,9 @@
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Op, Tensor};
 use crate::kernels::conv2d::{self, Conv2dGeom};
-use crate::kernels::quant::{Bits, WeightQuantizer, act_backward, act_forward};
+use crate::kernels::quant::{WeightQuantizer, act_backward, act_forward};
 use crate::models::{LayerSpec, ModelSpec};
+use crate::quant::Bits;
 use crate::rng::Rng;
 
 /// One timed kernel (or group of launches, e.g. split-K plus its reduction).
@@ -349,15 +350,12 @@ pub fn training(
         error: None,
     };
     let run = |row: &mut TrainingBench| -> Result<()> {
-        use crate::nn::{Mode, Network, QuantConfig, init};
+        use crate::nn::{Mode, Network, init};
+        use crate::quant::QuantConfig;
         gpu.pool().trim();
         gpu.pool().reset_peak();
         let pool_before = gpu.pool().stats();
-        let quant = QuantConfig {
-            w_bits: bits,
-            a_bits: bits,
-            quantize_first_layer: false,
-        };
+        let quant = QuantConfig::dorefa(bits, bits);
         let net = Network::new(gpu, model, quant, batch, true, 1)?;
         init::initialise(gpu, &net, 1)?;
         let kind = crate::train::TrainConfig::default().optimizer_kind();
@@ -495,13 +493,10 @@ pub fn inference(
         Ok(t0.elapsed().as_secs_f64() / opts.steps.max(1) as f64)
     };
     let run = |row: &mut InferenceBench| -> Result<()> {
-        use crate::nn::{Mode, Network, QuantConfig, init};
+        use crate::nn::{Mode, Network, init};
+        use crate::quant::QuantConfig;
         gpu.pool().trim();
-        let quant = QuantConfig {
-            w_bits: bits,
-            a_bits: bits,
-            quantize_first_layer: false,
-        };
+        let quant = QuantConfig::dorefa(bits, bits);
         let net = Network::new(gpu, model, quant, batch, false, 1)?;
         init::initialise(gpu, &net, 1)?;
         let mut rng = Rng::new(5);

@@ -13,6 +13,7 @@ pub mod infer;
 pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod quant;
 pub mod reference;
 pub mod rng;
 pub mod selftest;

@@ -7,10 +7,12 @@ use crate::error::Result;
 use crate::gpu::{Gpu, Launch, Op, Tensor};
 use crate::kernels;
 use crate::kernels::norm::Epilogue;
-use crate::kernels::quant::Bits;
+use crate::quant::Bits;
 use crate::reference::{self, Report, Tolerance};
 use crate::rng::Rng;
 use std::time::Instant;
+
+mod iao;
 
 /// A case's body: runs the kernel on inputs from the generator and compares each output.
 type CaseFn = dyn Fn(&Gpu, &mut Rng) -> Result<Vec<(String, Report)>> + Send + Sync;
@@ -114,6 +116,7 @@ pub fn cases() -> Vec<Case> {
     add_cases(&mut v);
     reduce_cases(&mut v);
     quant_cases(&mut v);
+    iao::cases(&mut v);
     gemm_family_cases(&mut v);
     layer_cases(&mut v);
     int_cases(&mut v);

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use wgqat::infer::{IntEngine, IntModel, argmax, load_image};
-use wgqat::nn::QuantConfig;
+use wgqat::quant::QuantConfig;
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)

@@ -8,8 +8,9 @@ use wgqat::DType;
 use wgqat::gpu::{Gpu, Op, Tensor};
 use wgqat::kernels::conv_transpose2d::ConvTranspose2dGeom;
 use wgqat::kernels::matmul::LinearGeom;
-use wgqat::kernels::quant::{Bits, WeightQuantizer, act_backward, act_forward};
+use wgqat::kernels::quant::{WeightQuantizer, act_backward, act_forward};
 use wgqat::kernels::{conv_transpose2d, conv2d, conv2d::Conv2dGeom, matmul};
+use wgqat::quant::Bits;
 use wgqat::reference::{Tolerance, compare};
 
 fn pair(v: &serde_json::Value) -> (usize, usize) {

@@ -5,8 +5,9 @@ mod common;
 
 use std::path::Path;
 use wgqat::models::ModelSpec;
+use wgqat::nn::Network;
 use wgqat::nn::checkpoint::read;
-use wgqat::nn::{Network, QuantConfig};
+use wgqat::quant::QuantConfig;
 use wgqat::rng::Rng;
 
 /// Iterations scale with `WGQAT_FUZZ_SCALE` (default 1, bounded for CI; raise it for long runs).

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use wgqat::gpu::Gpu;
 use wgqat::infer::{IntEngine, IntModel, argmax};
-use wgqat::kernels::quant::Bits;
 use wgqat::nn::checkpoint::Named;
-use wgqat::nn::{Mode, Network, QuantConfig, init};
+use wgqat::nn::{Mode, Network, init};
+use wgqat::quant::Bits;
+use wgqat::quant::QuantConfig;
 use wgqat::rng::Rng;
 
 fn wgqat(args: &[&str]) -> std::process::Output {

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Mutex;
 use wgqat::bench::{TrainingOptions, training};
-use wgqat::kernels::quant::Bits;
+use wgqat::quant::Bits;
 
 /// Peak memory is read from the GPU's buffer pool: the tests here take turns with it.
 static POOL: Mutex<()> = Mutex::new(());
@@ -64,7 +64,8 @@ fn a_training_step_at_batch_256_fits_the_memory_targets() {
 fn memory_savings_change_no_bit_of_a_training_step() {
     use std::path::Path;
     use wgqat::nn::checkpoint::Data;
-    use wgqat::nn::{Mode, Network, QuantConfig, init};
+    use wgqat::nn::{Mode, Network, init};
+    use wgqat::quant::QuantConfig;
     use wgqat::rng::Rng;
     use wgqat::train::Optimizer;
 

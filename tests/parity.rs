@@ -12,10 +12,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use wgqat::kernels::optim::OptimizerKind;
-use wgqat::kernels::quant::Bits;
 use wgqat::models::ModelSpec;
 use wgqat::nn::checkpoint::{Data, Named, read};
-use wgqat::nn::{Mode, Network, QuantConfig};
+use wgqat::nn::{Mode, Network};
+use wgqat::quant::Bits;
+use wgqat::quant::QuantConfig;
 use wgqat::train::Optimizer;
 
 struct Reference {

@@ -3,7 +3,8 @@
 mod common;
 
 use wgqat::DType;
-use wgqat::kernels::quant::{Bits, WeightQuantizer, act_forward};
+use wgqat::kernels::quant::{WeightQuantizer, act_forward};
+use wgqat::quant::Bits;
 
 #[test]
 fn activation_quantizer_matches_reference() {

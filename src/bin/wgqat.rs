@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use wgqat::gpu::{AdapterSummary, Gpu, GpuOptions};
-use wgqat::kernels::quant::Bits;
+use wgqat::quant::Bits;
 use wgqat::train::progress::Display;
 use wgqat::train::{NanPolicy, OptimizerName, Stopped, TrainConfig, TrainOptions};
 
@@ -559,7 +559,7 @@ fn bench_kernels(
     repeat: usize,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let bits = wgqat::kernels::quant::Bits::new(bits)?;
+    let bits = wgqat::quant::Bits::new(bits)?;
     if batches.contains(&0) {
         anyhow::bail!("batch size 0: use a batch size of at least 1");
     }
@@ -1168,11 +1168,7 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     )?;
     let spec = wgqat::models::load(&config.model)?;
     let gpu = Gpu::new(&a.gpu.options())?;
-    let quant = wgqat::nn::QuantConfig {
-        w_bits: config.w_bits,
-        a_bits: config.a_bits,
-        quantize_first_layer: config.quantize_first_layer,
-    };
+    let quant = config.quant();
     let mut net = wgqat::nn::Network::new(&gpu, &spec, quant, 1, false, 1)?;
     net.load(&gpu, &c.checkpoint)?;
     let folded = wgqat::infer::fold::fold(&gpu, &net)?;

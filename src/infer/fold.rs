@@ -6,11 +6,12 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::kernels::quant::{Bits, WeightQuantizer};
+use crate::kernels::quant::WeightQuantizer;
 use crate::models::graph::Source;
 use crate::models::{LayerSpec, ModelSpec};
 use crate::nn::Network;
 use crate::nn::checkpoint::Data;
+use crate::quant::Bits;
 use std::collections::HashMap;
 
 /// Weights of a folded layer, in the checkpoint's layout `(Cout, Cin/g, KH, KW)` (Linear:

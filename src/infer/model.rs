@@ -15,8 +15,8 @@
 
 use super::fold::{Folded, FoldedOp, Weights};
 use crate::error::{Error, Result};
-use crate::kernels::quant::Bits;
 use crate::nn::checkpoint::{self, Data, Named};
+use crate::quant::Bits;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;

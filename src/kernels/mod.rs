@@ -4,6 +4,7 @@
 pub mod conv2d;
 pub mod conv_transpose2d;
 pub mod elementwise;
+pub mod iao;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
@@ -23,11 +24,23 @@ macro_rules! shader {
             trusted: $trusted,
         }
     };
+    // With helper files from `shaders/lib/` prepended (WGSL has no includes).
+    ($file:literal, $trusted:literal, $($lib:literal),+) => {
+        Shader {
+            name: $file,
+            source: concat!(
+                $(include_str!(concat!("../../shaders/lib/", $lib)),)+
+                include_str!(concat!("../../shaders/", $file))
+            ),
+            trusted: $trusted,
+        }
+    };
 }
 
 pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl", true);
 pub static REDUCE: Shader = shader!("reduce.wgsl", true);
-pub static QUANT: Shader = shader!("quant.wgsl", true);
+pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl");
+pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl");
 pub static CONV2D: Shader = shader!("conv2d.wgsl", true);
 pub static NORM: Shader = shader!("norm.wgsl", true);
 pub static POOL: Shader = shader!("pool.wgsl", true);
@@ -41,6 +54,7 @@ pub static SHADERS: &[&Shader] = &[
     &ELEMENTWISE,
     &REDUCE,
     &QUANT,
+    &IAO,
     &CONV2D,
     &NORM,
     &POOL,

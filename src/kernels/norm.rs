@@ -1,10 +1,10 @@
 //! `shaders/norm.wgsl`: BatchNorm2d forward (train: batch statistics, running stats updated; eval:
 //! running stats) and backward, with an optional fused ReLU and channel shuffle after it.
 
-use super::quant::Bits;
 use super::{Entry, NORM, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor, grid_1d};
+use crate::quant::Bits;
 use Bind::{Read as R, ReadWrite as W};
 
 const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {

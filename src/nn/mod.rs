@@ -6,4 +6,4 @@ pub mod init;
 pub mod network;
 pub mod params;
 
-pub use network::{Diagnosis, Mode, Network, Plan, QuantConfig};
+pub use network::{Diagnosis, Mode, Network, Plan};

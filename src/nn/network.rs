@@ -18,31 +18,12 @@ use super::params::Layout;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Op, Recorder, Tensor};
 use crate::kernels::loss::{STEP_WORDS, StepValues};
-use crate::kernels::quant::Bits;
 use crate::kernels::{loss, reduce};
 use crate::models::{Graph, LossKind, ModelSpec, Source};
+use crate::quant::QuantConfig;
 use gemm::Gemm;
 use lower::{Kind, Layer, WeightedOp};
 use memory::LayerBuffers;
-
-/// Which layers are quantized, and to how many bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QuantConfig {
-    pub w_bits: Bits,
-    pub a_bits: Bits,
-    /// Quantize the first Conv/ConvTranspose/Linear too (micronet's `prepare()` leaves it float).
-    pub quantize_first_layer: bool,
-}
-
-impl Default for QuantConfig {
-    fn default() -> Self {
-        QuantConfig {
-            w_bits: Bits::new(8).expect("8 bits"),
-            a_bits: Bits::new(8).expect("8 bits"),
-            quantize_first_layer: false,
-        }
-    }
-}
 
 /// Training (batch statistics, gradients) or evaluation (running statistics, forward only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

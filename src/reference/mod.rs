@@ -5,6 +5,7 @@ pub mod compare;
 pub mod conv2d;
 pub mod conv_transpose2d;
 pub mod elementwise;
+pub mod iao;
 pub mod intinfer;
 pub mod loss;
 pub mod matmul;

@@ -2,7 +2,7 @@
 //! never fuses multiply-add), the closed-form backward in f64, and the straight-through surrogates
 //! in f64 for finite-difference checks.
 
-use crate::kernels::quant::Bits;
+use crate::quant::Bits;
 
 /// Activation code `k = floor(fl32(clamp(fl32(0.1 x), 0, 1) · n) + 0.5)`.
 pub fn act_code(x: f32, bits: Bits) -> f32 {

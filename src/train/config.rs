@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::optim::OptimizerKind;
-use crate::kernels::quant::Bits;
+use crate::quant::{Bits, IaoOptions, Observer, QLevel, QType, QuantConfig, Scheme, SchemeName};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -45,6 +45,15 @@ pub struct TrainConfig {
     pub w_bits: Bits,
     pub a_bits: Bits,
     pub quantize_first_layer: bool,
+    /// The quantization scheme, and IAO's options (ignored by DoReFa).
+    #[serde(default)]
+    pub scheme: SchemeName,
+    #[serde(default)]
+    pub q_type: QType,
+    #[serde(default)]
+    pub q_level: QLevel,
+    #[serde(default)]
+    pub weight_observer: Observer,
     pub batch_size: usize,
     pub eval_batch_size: usize,
     /// Epochs 1..=epochs (micronet's `range(1, 300)` is 299).
@@ -85,6 +94,10 @@ impl Default for TrainConfig {
             w_bits: Bits::new(8).expect("8"),
             a_bits: Bits::new(8).expect("8"),
             quantize_first_layer: false,
+            scheme: SchemeName::Dorefa,
+            q_type: QType::Symmetric,
+            q_level: QLevel::Channel,
+            weight_observer: Observer::MinMax,
             batch_size: 50,
             eval_batch_size: 256,
             epochs: 299,
@@ -161,6 +174,23 @@ impl TrainConfig {
             ));
         }
         Ok(())
+    }
+
+    /// How the network is quantized: the one place a run's settings become a [`QuantConfig`].
+    pub fn quant(&self) -> QuantConfig {
+        QuantConfig {
+            w_bits: self.w_bits,
+            a_bits: self.a_bits,
+            quantize_first_layer: self.quantize_first_layer,
+            scheme: match self.scheme {
+                SchemeName::Dorefa => Scheme::Dorefa,
+                SchemeName::Iao => Scheme::Iao(IaoOptions {
+                    q_type: self.q_type,
+                    q_level: self.q_level,
+                    weight_observer: self.weight_observer,
+                }),
+            },
+        }
     }
 
     /// Learning rate during `epoch` (from 1): `lr · gamma^(milestones ≤ epoch)`, micronet's

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::kernels::loss::StepValues;
 use crate::models;
-use crate::nn::{Mode, Network, QuantConfig};
+use crate::nn::{Mode, Network};
 use std::path::Path;
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -33,11 +33,7 @@ pub fn evaluate(
     super::trainer::check_input(&spec)?;
     let test = load_test(cfg, say)?;
     let b = fitting_eval_batch(gpu, &spec, cfg.eval_batch_size, say)?;
-    let quant = QuantConfig {
-        w_bits: cfg.w_bits,
-        a_bits: cfg.a_bits,
-        quantize_first_layer: cfg.quantize_first_layer,
-    };
+    let quant = cfg.quant();
     let n = test.len();
     let mut net = Network::new(gpu, &spec, quant, b.min(n), false, 1)?;
     net.load(gpu, checkpoint)?;

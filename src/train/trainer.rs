@@ -22,7 +22,7 @@ use crate::gpu::{Gpu, Op, Tensor};
 use crate::models::{self, ModelSpec};
 use crate::nn::checkpoint::{self, Data, Named};
 use crate::nn::network::max_batch;
-use crate::nn::{Mode, Network, Plan, QuantConfig, init};
+use crate::nn::{Mode, Network, Plan, init};
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
@@ -250,11 +250,7 @@ fn setup<'g>(
         )));
     }
     let eval_batch = fitting_eval_batch(gpu, &spec, cfg.eval_batch_size, &say)?;
-    let quant = QuantConfig {
-        w_bits: cfg.w_bits,
-        a_bits: cfg.a_bits,
-        quantize_first_layer: cfg.quantize_first_layer,
-    };
+    let quant = cfg.quant();
     let mut net = Network::new(gpu, &spec, quant, cfg.batch_size.max(eval_batch), true, 1)?;
     let mut opt = Optimizer::new(gpu, &net, cfg.optimizer_kind())?;
     let progress = match saved {

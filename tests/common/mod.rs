@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 use wgqat::gpu::{Gpu, GpuOptions};
 use wgqat::nn::checkpoint::Named;
-use wgqat::nn::{Network, QuantConfig, init};
+use wgqat::nn::{Network, init};
+use wgqat::quant::QuantConfig;
 use wgqat::rng::Rng;
 use wgqat::selftest;
 

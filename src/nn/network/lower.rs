@@ -3,13 +3,14 @@
 //! batch-independent buffers; then the fusions fold what they can into the BatchNorms. Every
 //! fusion rule is in [`fuse`].
 
-use super::QuantConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::kernels::norm::Epilogue;
-use crate::kernels::quant::{Bits, WeightQuantizer};
+use crate::kernels::quant::WeightQuantizer;
 use crate::models::{Graph, LayerSpec, Source};
 use crate::nn::params::Layout;
+use crate::quant::Bits;
+use crate::quant::QuantConfig;
 
 #[derive(Clone, Copy, Debug)]
 pub(super) enum WeightedOp {

@@ -4,8 +4,8 @@
 use super::{Gemm, Kind, Layer, Network, with_batch};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::kernels::quant::Bits;
 use crate::models::Source;
+use crate::quant::Bits;
 
 /// Where a layer's output gradient lives (see [`Network::alloc_buffers`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

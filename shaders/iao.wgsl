@@ -1,0 +1,241 @@
+// IAO fake quantizers with micronet's semantics (wqaq/iao, spec §1): observers, scale and zero
+// point, forward and the clip-STE backward. `div_rn` (shaders/lib/division.wgsl) is prepended.
+//
+// A quantizer has `rows` independent ranges (1 for a tensor or a per-layer weight, else one per
+// output channel: row r covers elements r*row_len .. (r+1)*row_len of a contiguous tensor). Its
+// state is rows x [min, max, scale, zp] followed by one word `observed` (1 once anything was
+// observed since the quantizer was made or loaded: micronet's num_flag, which a checkpoint does
+// not keep). Every step is PyTorch's f32 operation in PyTorch's order:
+//   update   first call: (min, max) = current; else MinMax: running extremes, or
+//            moving average: min = fl32(0.9 min) + fl32(0.1 cur) (products kept apart, below)
+//   qparams  symmetric  s = max(fl32(max(|min|, |max|) / Q), eps), zp = 0,  Q = (qmax - qmin) / 2
+//            asymmetric s = max(fl32(fl32(max - min) / Q), eps), zp = R(fl32(min / s)), Q = qmax - qmin
+//   forward  v = fl32(x / s) - zp, code = clamp(R(v), qmin, qmax), y = (code + zp) * s
+//   backward dx = fl32(fl32(g * s) / s) where qmin <= R(v) <= qmax and lo <= v <= hi, else 0, with
+//            (lo, hi) the observer's range in v's units (symmetric: +-max(|lo|, |hi|))
+// R rounds half away from zero. No fused multiply-add can move these: each product is followed
+// by a division or by floor after a sum that is exact, except the moving average's two products,
+// which pass through `opaque` so that a compiler cannot contract them into one FMA.
+
+struct Params {
+    n: u32,              // elements of x
+    rows: u32,           // quantizer rows
+    row_len: u32,        // elements per row
+    blocks: u32,         // partial-reduction blocks per row
+    qmin: f32,
+    qmax: f32,
+    asymmetric: u32,
+    moving_average: u32,
+    opaque_zero: u32,    // 0, unknown to the compiler
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+// per-block extremes: (row * blocks + block) * 2 + {0: min, 1: max}
+@group(0) @binding(2) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(3) var<storage, read> partials_in: array<f32>;
+@group(0) @binding(4) var<storage, read_write> state: array<f32>;
+@group(0) @binding(5) var<storage, read> state_in: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+@group(0) @binding(7) var<storage, read> dy: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dx: array<f32>;
+
+const WG: u32 = 256u;
+// Elements of one row each workgroup of the extremes pass covers.
+const CHUNK: u32 = 4096u;
+const EPS: f32 = 1.1920929e-7;
+const MOMENTUM: f32 = 0.1;
+const KEEP: f32 = 0.9; // fl32(1 - 0.1), as PyTorch multiplies by it
+
+var<workgroup> red_min: array<f32, 256>;
+var<workgroup> red_max: array<f32, 256>;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+// The value of f, which the compiler cannot see through: an f32 that must be rounded as it is.
+fn opaque(f: f32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(f) ^ p.opaque_zero);
+}
+
+fn round_away(v: f32) -> f32 {
+    let r = floor(abs(v) + 0.5);
+    return select(r, -r, v < 0.0);
+}
+
+fn row_of(i: u32) -> u32 {
+    return i / p.row_len;
+}
+
+// Tree reduction of red_min / red_max; the result lands in element 0.
+fn reduce_extremes(lid: u32) {
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        workgroupBarrier();
+        if (lid < stride) {
+            red_min[lid] = min(red_min[lid], red_min[lid + stride]);
+            red_max[lid] = max(red_max[lid], red_max[lid + stride]);
+        }
+    }
+    workgroupBarrier();
+}
+
+// Extremes of each CHUNK of each row: one workgroup per (row, block).
+@compute @workgroup_size(256)
+fn iao_extremes_partial(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x + wid.y * nwg.x;
+    let in_grid = g < p.rows * p.blocks;
+    let row = g / max(p.blocks, 1u);
+    let block = g % max(p.blocks, 1u);
+    let start = row * p.row_len + block * CHUNK;
+    let end = row * p.row_len + min((block + 1u) * CHUNK, p.row_len);
+    var lo = 3.40282347e38;
+    var hi = -3.40282347e38;
+    if (in_grid) {
+        for (var i = start + lid; i < end; i += WG) {
+            lo = min(lo, x[i]);
+            hi = max(hi, x[i]);
+        }
+    }
+    red_min[lid] = lo;
+    red_max[lid] = hi;
+    reduce_extremes(lid);
+    if (in_grid && lid == 0u) {
+        partials[g * 2u] = red_min[0];
+        partials[g * 2u + 1u] = red_max[0];
+    }
+}
+
+fn qparams(r: u32) {
+    let lo = state[r * 4u];
+    let hi = state[r * 4u + 1u];
+    var s: f32;
+    var zp: f32;
+    if (p.asymmetric == 1u) {
+        s = max(div_rn(hi - lo, p.qmax - p.qmin), EPS);
+        zp = round_away(div_rn(lo, s));
+    } else {
+        s = max(div_rn(max(abs(lo), abs(hi)), (p.qmax - p.qmin) * 0.5), EPS);
+        zp = 0.0;
+    }
+    state[r * 4u + 2u] = s;
+    state[r * 4u + 3u] = zp;
+}
+
+// Merges the blocks' extremes of each row, updates the observer (the first call copies), and
+// forms scale and zero point. One workgroup.
+@compute @workgroup_size(256)
+fn iao_observe(@builtin(local_invocation_index) lid: u32) {
+    let first = state[p.rows * 4u] == 0.0;
+    for (var r = 0u; r < p.rows; r++) {
+        var lo = 3.40282347e38;
+        var hi = -3.40282347e38;
+        for (var b = lid; b < p.blocks; b += WG) {
+            lo = min(lo, partials_in[(r * p.blocks + b) * 2u]);
+            hi = max(hi, partials_in[(r * p.blocks + b) * 2u + 1u]);
+        }
+        red_min[lid] = lo;
+        red_max[lid] = hi;
+        reduce_extremes(lid);
+        if (lid == 0u) {
+            let cur_lo = red_min[0];
+            let cur_hi = red_max[0];
+            var new_lo = cur_lo;
+            var new_hi = cur_hi;
+            if (!first) {
+                let old_lo = state[r * 4u];
+                let old_hi = state[r * 4u + 1u];
+                if (p.moving_average == 1u) {
+                    new_lo = opaque(KEEP * old_lo) + opaque(MOMENTUM * cur_lo);
+                    new_hi = opaque(KEEP * old_hi) + opaque(MOMENTUM * cur_hi);
+                } else {
+                    new_lo = min(old_lo, cur_lo);
+                    new_hi = max(old_hi, cur_hi);
+                }
+            }
+            state[r * 4u] = new_lo;
+            state[r * 4u + 1u] = new_hi;
+            qparams(r);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        state[p.rows * 4u] = 1.0;
+    }
+}
+
+// Scale and zero point of every row from the range already in the state (a loaded or merged
+// range). One workgroup.
+@compute @workgroup_size(256)
+fn iao_qparams(@builtin(local_invocation_index) lid: u32) {
+    for (var r = lid; r < p.rows; r += WG) {
+        qparams(r);
+    }
+}
+
+fn v_of(xi: f32, r: u32) -> f32 {
+    return div_rn(xi, state_in[r * 4u + 2u]) - state_in[r * 4u + 3u];
+}
+
+@compute @workgroup_size(256)
+fn iao_forward(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let r = row_of(i);
+    let xi = x[i];
+    let code = clamp(round_away(v_of(xi, r)), p.qmin, p.qmax);
+    let out = (code + state_in[r * 4u + 3u]) * state_in[r * 4u + 2u];
+    // NaN stays NaN (clamp would hide it), so that numerical faults surface.
+    y[i] = select(out, xi, (bitcast<u32>(xi) & 0x7fffffffu) > 0x7f800000u);
+}
+
+fn passes(xi: f32, r: u32) -> bool {
+    let s = state_in[r * 4u + 2u];
+    let zp = state_in[r * 4u + 3u];
+    let v = div_rn(xi, s) - zp;
+    let code = round_away(v);
+    var lo = div_rn(state_in[r * 4u], s) - zp;
+    var hi = div_rn(state_in[r * 4u + 1u], s) - zp;
+    if (p.asymmetric == 0u) {
+        hi = max(abs(lo), abs(hi));
+        lo = -hi;
+    }
+    return code >= p.qmin && code <= p.qmax && v >= lo && v <= hi;
+}
+
+fn grad(xi: f32, g: f32, r: u32) -> f32 {
+    let s = state_in[r * 4u + 2u];
+    return select(0.0, div_rn(g * s, s), passes(xi, r));
+}
+
+@compute @workgroup_size(256)
+fn iao_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    dx[i] = grad(x[i], dy[i], row_of(i));
+}
+
+// iao_backward over the gradient in place: dx holds dL/dy and becomes dL/dx.
+@compute @workgroup_size(256)
+fn iao_backward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    dx[i] = grad(x[i], dx[i], row_of(i));
+}

@@ -1,0 +1,328 @@
+//! Quantization semantics, with no GPU: bit widths, the scheme (DoReFa or IAO) and its options,
+//! and which layers a scheme quantizes and how. Training, evaluation, export, the benchmark and
+//! the binary all take a [`QuantConfig`] and ask [`QuantConfig::resolve`]; nothing else decides.
+
+mod bits;
+pub mod iao;
+
+pub use bits::Bits;
+pub use iao::{IaoOptions, Observer, QLevel, QType};
+use serde::{Deserialize, Serialize};
+
+/// micronet's quantization schemes (`--scheme`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemeName {
+    /// `wqaq/dorefa`: tanh-normalised weights, activations clamped to [0, 1]; the first layer
+    /// float.
+    #[default]
+    Dorefa,
+    /// `wqaq/iao`: scales and zero points from observed ranges, every layer quantized.
+    Iao,
+}
+
+/// A scheme with its options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "scheme")]
+pub enum Scheme {
+    #[default]
+    Dorefa,
+    Iao(IaoOptions),
+}
+
+impl Scheme {
+    pub fn name(&self) -> SchemeName {
+        match self {
+            Scheme::Dorefa => SchemeName::Dorefa,
+            Scheme::Iao(_) => SchemeName::Iao,
+        }
+    }
+}
+
+/// How a network is quantized: the scheme and the bit widths of weights and activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantConfig {
+    pub w_bits: Bits,
+    pub a_bits: Bits,
+    /// DoReFa: quantize the first Conv/ConvTranspose/Linear too (micronet's `prepare()` leaves it
+    /// float). IAO quantizes every one anyway.
+    pub quantize_first_layer: bool,
+    #[serde(default)]
+    pub scheme: Scheme,
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        QuantConfig::dorefa(Bits::EIGHT, Bits::EIGHT)
+    }
+}
+
+/// What a layer is, as far as quantization cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Conv,
+    ConvTranspose,
+    Linear,
+    /// Max, average or adaptive average pooling.
+    Pool,
+    Add,
+    /// BatchNorm, ReLU, shuffle, flatten: never quantized.
+    Other,
+}
+
+impl Role {
+    fn is_weighted(self) -> bool {
+        matches!(self, Role::Conv | Role::ConvTranspose | Role::Linear)
+    }
+}
+
+/// A weight quantizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightQuant {
+    /// The weight as it is.
+    Float,
+    Dorefa(Bits),
+    Iao {
+        bits: Bits,
+        q_type: QType,
+        /// One scale per output channel (conv) or row (Linear); else one per layer.
+        per_channel: bool,
+        observer: Observer,
+    },
+}
+
+/// An input-activation quantizer (one scale per tensor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActQuant {
+    Float,
+    Dorefa(Bits),
+    /// IAO with its moving-average observer.
+    Iao {
+        bits: Bits,
+        q_type: QType,
+    },
+}
+
+impl ActQuant {
+    pub fn is_float(self) -> bool {
+        self == ActQuant::Float
+    }
+}
+
+/// How one layer is quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerQuant {
+    pub weight: WeightQuant,
+    /// The quantizer of the layer's input (an add's: of both inputs, with one shared scale).
+    pub input: ActQuant,
+}
+
+impl LayerQuant {
+    pub const FLOAT: LayerQuant = LayerQuant {
+        weight: WeightQuant::Float,
+        input: ActQuant::Float,
+    };
+}
+
+impl QuantConfig {
+    pub fn dorefa(w_bits: Bits, a_bits: Bits) -> QuantConfig {
+        QuantConfig {
+            w_bits,
+            a_bits,
+            quantize_first_layer: false,
+            scheme: Scheme::Dorefa,
+        }
+    }
+
+    pub fn iao(w_bits: Bits, a_bits: Bits, options: IaoOptions) -> QuantConfig {
+        QuantConfig {
+            w_bits,
+            a_bits,
+            quantize_first_layer: false,
+            scheme: Scheme::Iao(options),
+        }
+    }
+
+    /// Each layer's quantizers, given the layers' roles in registration order: micronet's
+    /// `prepare()` for the scheme.
+    /// - DoReFa: every conv, conv_transpose and Linear but the first registered (unless
+    ///   `quantize_first_layer`); pools and adds float.
+    /// - IAO: every conv, conv_transpose and Linear, weights per output channel (conv) or row
+    ///   (Linear) unless `q_level` is `layer` (conv_transpose: always per layer); the inputs of
+    ///   pools and both inputs of an add. 32 bits on either side leaves that side float.
+    pub fn resolve(&self, roles: &[Role]) -> Vec<LayerQuant> {
+        let first = roles.iter().position(|r| r.is_weighted());
+        roles
+            .iter()
+            .enumerate()
+            .map(|(i, &role)| match self.scheme {
+                Scheme::Dorefa => {
+                    let quantized = self.quantize_first_layer || Some(i) != first;
+                    if role.is_weighted() && quantized {
+                        LayerQuant {
+                            weight: dorefa_weight(self.w_bits),
+                            input: dorefa_act(self.a_bits),
+                        }
+                    } else {
+                        LayerQuant::FLOAT
+                    }
+                }
+                Scheme::Iao(o) => {
+                    let input = if self.a_bits.is_float() {
+                        ActQuant::Float
+                    } else {
+                        ActQuant::Iao {
+                            bits: self.a_bits,
+                            q_type: o.q_type,
+                        }
+                    };
+                    match role {
+                        _ if role.is_weighted() => LayerQuant {
+                            weight: if self.w_bits.is_float() {
+                                WeightQuant::Float
+                            } else {
+                                WeightQuant::Iao {
+                                    bits: self.w_bits,
+                                    q_type: o.q_type,
+                                    per_channel: o.q_level == QLevel::Channel
+                                        && role != Role::ConvTranspose,
+                                    observer: o.weight_observer,
+                                }
+                            },
+                            input,
+                        },
+                        Role::Pool | Role::Add => LayerQuant {
+                            weight: WeightQuant::Float,
+                            input,
+                        },
+                        _ => LayerQuant::FLOAT,
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// A short name for logs and tables: `W8A8`, `IAO W8A8`, `fp32`.
+    pub fn label(&self) -> String {
+        let bits = if self.w_bits.is_float() && self.a_bits.is_float() {
+            "fp32".to_string()
+        } else {
+            format!("W{}A{}", self.w_bits, self.a_bits)
+        };
+        match self.scheme {
+            Scheme::Dorefa => bits,
+            Scheme::Iao(_) => format!("IAO {bits}"),
+        }
+    }
+}
+
+fn dorefa_weight(bits: Bits) -> WeightQuant {
+    if bits.is_float() {
+        WeightQuant::Float
+    } else {
+        WeightQuant::Dorefa(bits)
+    }
+}
+
+fn dorefa_act(bits: Bits) -> ActQuant {
+    if bits.is_float() {
+        ActQuant::Float
+    } else {
+        ActQuant::Dorefa(bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// nin_gc's roles: 9 convs with pools at 3, 7 and the end.
+    fn nin_gc() -> Vec<Role> {
+        use Role::*;
+        let mut r = Vec::new();
+        for i in 0..9 {
+            r.extend([Conv, Other, Other]);
+            if i == 2 || i == 5 {
+                r.push(Pool);
+            }
+        }
+        r.push(Pool);
+        r.push(Other);
+        r
+    }
+
+    #[test]
+    fn dorefa_leaves_the_first_layer_float() {
+        let q = QuantConfig::default().resolve(&nin_gc());
+        let weighted: Vec<_> = q
+            .iter()
+            .filter(|l| l.weight != WeightQuant::Float)
+            .collect();
+        assert_eq!(weighted.len(), 8);
+        assert_eq!(q[0], LayerQuant::FLOAT);
+        assert!(q.iter().all(|l| !matches!(l.input, ActQuant::Iao { .. })));
+        let first = QuantConfig {
+            quantize_first_layer: true,
+            ..QuantConfig::default()
+        };
+        assert_eq!(
+            first.resolve(&nin_gc())[0].weight,
+            WeightQuant::Dorefa(Bits::EIGHT)
+        );
+    }
+
+    #[test]
+    fn iao_wraps_every_conv_and_pool() {
+        // micronet: nin_gc has 9 QuantConv2d, 2 QuantMaxPool2d, 1 QuantAvgPool2d (spec §2.2).
+        let q =
+            QuantConfig::iao(Bits::EIGHT, Bits::EIGHT, IaoOptions::default()).resolve(&nin_gc());
+        let convs = q
+            .iter()
+            .filter(|l| {
+                matches!(
+                    l.weight,
+                    WeightQuant::Iao {
+                        per_channel: true,
+                        ..
+                    }
+                )
+            })
+            .count();
+        let inputs = q.iter().filter(|l| !l.input.is_float()).count();
+        assert_eq!((convs, inputs), (9, 12));
+        let layer = QuantConfig::iao(
+            Bits::EIGHT,
+            Bits::new(32).unwrap(),
+            IaoOptions {
+                q_level: QLevel::Layer,
+                ..IaoOptions::default()
+            },
+        );
+        let roles = [Role::ConvTranspose, Role::Linear, Role::Add];
+        let q = layer.resolve(&roles);
+        assert!(q.iter().all(|l| l.input.is_float()));
+        assert!(matches!(
+            q[1].weight,
+            WeightQuant::Iao {
+                per_channel: false,
+                ..
+            }
+        ));
+        let ch = QuantConfig::iao(Bits::EIGHT, Bits::EIGHT, IaoOptions::default()).resolve(&roles);
+        assert!(matches!(
+            ch[0].weight,
+            WeightQuant::Iao {
+                per_channel: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            ch[1].weight,
+            WeightQuant::Iao {
+                per_channel: true,
+                ..
+            }
+        ));
+        assert!(matches!(ch[2].input, ActQuant::Iao { .. }));
+    }
+}
