@@ -182,6 +182,13 @@ fn v_of(xi: f32, r: u32) -> f32 {
     return div_rn(xi, state_in[r * 4u + 2u]) - state_in[r * 4u + 3u];
 }
 
+fn fake_quant(xi: f32, r: u32) -> f32 {
+    let code = clamp(round_away(v_of(xi, r)), p.qmin, p.qmax);
+    let out = (code + state_in[r * 4u + 3u]) * state_in[r * 4u + 2u];
+    // NaN stays NaN (clamp would hide it), so that numerical faults surface.
+    return select(out, xi, (bitcast<u32>(xi) & 0x7fffffffu) > 0x7f800000u);
+}
+
 @compute @workgroup_size(256)
 fn iao_forward(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>,
@@ -190,12 +197,19 @@ fn iao_forward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let r = row_of(i);
-    let xi = x[i];
-    let code = clamp(round_away(v_of(xi, r)), p.qmin, p.qmax);
-    let out = (code + state_in[r * 4u + 3u]) * state_in[r * 4u + 2u];
-    // NaN stays NaN (clamp would hide it), so that numerical faults surface.
-    y[i] = select(out, xi, (bitcast<u32>(xi) & 0x7fffffffu) > 0x7f800000u);
+    y[i] = fake_quant(x[i], row_of(i));
+}
+
+// iao_forward over y itself: a network quantizes a recomputable input where it lies.
+@compute @workgroup_size(256)
+fn iao_forward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    y[i] = fake_quant(y[i], row_of(i));
 }
 
 fn passes(xi: f32, r: u32) -> bool {

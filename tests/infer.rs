@@ -118,6 +118,7 @@ fn integer_predictions_equal_fake_quant_predictions() {
             w_bits: Bits::new(w).unwrap(),
             a_bits: Bits::new(a).unwrap(),
             quantize_first_layer: first,
+            ..QuantConfig::default()
         };
         let net = common::random_network(gpu, model, quant, batch, 3 + w as u64);
         let name = &net.spec.name;
@@ -274,6 +275,7 @@ fn exported_nin_gc_is_about_a_quarter_of_the_float_checkpoint() {
             w_bits: Bits::new(bits).unwrap(),
             a_bits: Bits::new(8).unwrap(),
             quantize_first_layer: false,
+            ..QuantConfig::default()
         };
         let spec = wgqat::models::load("nin_gc").unwrap();
         let net = Network::new(gpu, &spec, quant, 1, false, 1).unwrap();
@@ -376,6 +378,7 @@ fn onnx_export_has_the_expected_graph_and_exact_levels() {
         w_bits: Bits::new(4).unwrap(),
         a_bits: Bits::new(8).unwrap(),
         quantize_first_layer: false,
+        ..QuantConfig::default()
     };
     let net = common::random_network(gpu, &model, quant, 1, 11);
     let folded = wgqat::infer::fold::fold(gpu, &net).unwrap();

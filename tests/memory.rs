@@ -96,6 +96,7 @@ fn memory_savings_change_no_bit_of_a_training_step() {
                 w_bits: Bits::new(bits).unwrap(),
                 a_bits: Bits::new(bits).unwrap(),
                 quantize_first_layer: false,
+                ..QuantConfig::default()
             };
             let mut net = Network::new(gpu, &spec, quant, batch, true, 2).unwrap();
             if keep_all {

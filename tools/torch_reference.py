@@ -76,6 +76,91 @@ def weight_quant(w, bits):
     return 2 * q - 1
 
 
+class IaoRound(torch.autograd.Function):
+    """IAO's clip-STE round (spec iao §1.1): R(v) forward; the gradient passes where
+    lo <= v <= hi, the observer's range in v's units (bounds included)."""
+
+    @staticmethod
+    def forward(ctx, v, lo, hi):
+        ctx.save_for_backward(v, lo, hi)
+        return torch.sign(v) * torch.floor(torch.abs(v) + 0.5)
+
+    @staticmethod
+    def backward(ctx, g):
+        v, lo, hi = ctx.saved_tensors
+        return g * ((v >= lo) & (v <= hi)).to(g.dtype), None, None
+
+
+class IaoQuantizer(nn.Module):
+    """An IAO fake quantizer as the spec (iao §1.2-§1.5) describes micronet's: buffers scale,
+    zero_point (micronet's sign: x ~ s (code + zp)), eps, quant_min_val, quant_max_val and an
+    observer's min_val / max_val; in training the observer takes the input (the first call copies)
+    and scale and zero point follow; then y = (clamp(R(x/s - zp), qmin, qmax) + zp) s."""
+
+    def __init__(self, bits, q_type, weight, level, moving_average, rows=1):
+        super().__init__()
+        self.asym = q_type == "asymmetric"
+        self.level = level  # "L", "C" or "FC"
+        self.moving_average = moving_average
+        if self.asym:
+            qmin, qmax = 0, 2**bits - (2 if weight else 1)
+        else:
+            qmin, qmax = (-(2 ** (bits - 1) - 1) if weight else -(2 ** (bits - 1))), 2 ** (bits - 1) - 1
+        shape = {"L": (1,), "C": (rows, 1, 1, 1), "FC": (rows, 1)}[level]
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.register_buffer("eps", torch.tensor(torch.finfo(torch.float32).eps))
+        self.register_buffer("quant_min_val", torch.tensor(float(qmin)))
+        self.register_buffer("quant_max_val", torch.tensor(float(qmax)))
+        self.observer = Holder()
+        self.observer.register_buffer("min_val", torch.zeros(shape))
+        self.observer.register_buffer("max_val", torch.zeros(shape))
+        self.observed = False
+
+    @torch.no_grad()
+    def observe(self, x):
+        if self.level == "L":
+            lo, hi = x.min().reshape(1), x.max().reshape(1)
+        else:
+            flat = x.flatten(1)
+            lo = flat.min(1)[0].reshape(self.scale.shape)
+            hi = flat.max(1)[0].reshape(self.scale.shape)
+        o = self.observer
+        if self.observed:
+            if self.moving_average:
+                lo = (1 - 0.1) * o.min_val + 0.1 * lo
+                hi = (1 - 0.1) * o.max_val + 0.1 * hi
+            else:
+                lo, hi = torch.min(lo, o.min_val), torch.max(hi, o.max_val)
+        self.observed = True
+        o.min_val.copy_(lo)
+        o.max_val.copy_(hi)
+        qmin, qmax = self.quant_min_val.item(), self.quant_max_val.item()
+        if self.asym:
+            s = torch.max((hi - lo) / float(qmax - qmin), self.eps)
+            q = lo / s
+            zp = torch.sign(q) * torch.floor(torch.abs(q) + 0.5)
+        else:
+            s = torch.max(torch.max(lo.abs(), hi.abs()) / (float(qmax - qmin) / 2), self.eps)
+            zp = torch.zeros_like(s)
+        self.scale.copy_(s)
+        self.zero_point.copy_(zp)
+
+    def forward(self, x):
+        if self.training:
+            self.observe(x)
+        s, zp = self.scale, self.zero_point
+        v = x / s - zp
+        lo = self.observer.min_val / s - zp
+        hi = self.observer.max_val / s - zp
+        if not self.asym:
+            hi = torch.max(lo.abs(), hi.abs())
+            lo = -hi
+        code = ClampInclusive.apply(IaoRound.apply(v, lo, hi), self.quant_min_val.item(),
+                                    self.quant_max_val.item())
+        return (code + zp) * s
+
+
 def pair(v):
     return tuple(v) if isinstance(v, list) else (v, v)
 
@@ -125,9 +210,13 @@ def lower(spec):
 
 
 class Net(nn.Module):
-    def __init__(self, spec, w_bits, a_bits, quantize_first):
+    def __init__(self, spec, w_bits, a_bits, quantize_first, iao=None):
+        """iao: None (DoReFa), or dict(q_type, q_level, weight_observer) for micronet's IAO
+        prepare(): every conv, conv_transpose and linear quantized (input per tensor, weight per
+        output channel or per layer; conv_transpose per layer), and the inputs of pools."""
         super().__init__()
         self.steps = []
+        self.iao = iao
         # One zero image through the layers as they are built gives every input's shape.
         probe = {"input": torch.zeros([1] + spec["input"])}
         first = True
@@ -152,11 +241,29 @@ class Net(nn.Module):
                 mod = nn.BatchNorm2d(c, eps=layer.get("eps", 1e-5), momentum=layer.get("momentum", 0.1))
             bits = None
             if kind in ("conv", "conv_transpose", "linear"):
-                quantized = quantize_first or not first
+                quantized = quantize_first or not first or iao is not None
                 bits = (w_bits, a_bits) if quantized else (32, 32)
                 first = False
             if mod is not None:
                 self._register(name, mod)
+            if iao is not None:
+                holder = mod
+                if kind in ("maxpool", "avgpool", "adaptive_avgpool"):
+                    holder = Holder()
+                    self._register(name, holder)
+                if holder is not None and kind != "batchnorm":
+                    holder.add_module("activation_quantizer",
+                                      IaoQuantizer(a_bits, iao["q_type"], False, "L", True))
+                if kind in ("conv", "conv_transpose", "linear"):
+                    level = "L"
+                    if iao["q_level"] == "channel" and kind != "conv_transpose":
+                        level = "C" if kind == "conv" else "FC"
+                    holder.add_module("weight_quantizer",
+                                      IaoQuantizer(w_bits, iao["q_type"], True, level,
+                                                   iao["weight_observer"] == "moving-average",
+                                                   rows=mod.weight.shape[0]))
+                if kind in ("maxpool", "avgpool", "adaptive_avgpool"):
+                    mod = holder
             step = (kind, layer, mod, bits, inputs, name)
             with torch.no_grad():
                 probe[name] = x if kind in ("batchnorm", "relu", "add", "shuffle") else self._run(step, probe, 32)
@@ -178,6 +285,21 @@ class Net(nn.Module):
         x = t[inputs[0]]
         if bits is not None and float_bits is not None:
             bits = (float_bits, float_bits)
+        if hasattr(mod, "activation_quantizer"):
+            # IAO: the module's own quantizers replace DoReFa's (float_bits: a shape probe).
+            if float_bits is None:
+                x = mod.activation_quantizer(x)
+            if kind in ("maxpool", "avgpool", "adaptive_avgpool"):
+                mod = None
+            else:
+                w = mod.weight if float_bits is not None else mod.weight_quantizer(mod.weight)
+                bits = (32, 32)
+                if kind == "conv":
+                    return F.conv2d(x, w, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+                if kind == "conv_transpose":
+                    return F.conv_transpose2d(x, w, mod.bias, mod.stride, mod.padding, mod.output_padding,
+                                              mod.groups, mod.dilation)
+                return F.linear(x, w, mod.bias)
         if kind == "conv":
             return F.conv2d(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias, mod.stride,
                             mod.padding, mod.dilation, mod.groups)
@@ -260,6 +382,12 @@ def main():
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--wd", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--scheme", choices=["dorefa", "iao"], default="dorefa")
+    ap.add_argument("--q-type", choices=["symmetric", "asymmetric"], default="symmetric")
+    ap.add_argument("--q-level", choices=["channel", "layer"], default="channel")
+    ap.add_argument("--weight-observer", choices=["min-max", "moving-average"], default="min-max")
+    ap.add_argument("--steps", type=int, default=1,
+                    help="IAO: SGD steps on the batch (the second shows the observers' update rule)")
     ap.add_argument("--init-only", action="store_true", help="write just the initial state dict")
     ap.add_argument("--data", help="CIFAR-10 binary folder: use its first batch (no shuffle, no augmentation)")
     ap.add_argument("--init-out", help="also write the initial state dict here (for wgqat train --init)")
@@ -268,7 +396,10 @@ def main():
 
     spec = json.load(open(args.model))
     torch.manual_seed(args.seed)
-    net = Net(spec, args.bits, args.bits, args.quantize_first_layer)
+    iao = None
+    if args.scheme == "iao":
+        iao = dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer)
+    net = Net(spec, args.bits, args.bits, args.quantize_first_layer, iao)
     micronet_init(net)
     if args.init_only:
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, args.out)
@@ -287,6 +418,30 @@ def main():
     out.update(state(net, "init"))
 
     results = {}
+    if iao is not None:
+        # SGD steps on the batch: loss of each, gradients of the first, the state after the last
+        # (quantizer scales, zero points and observer ranges included).
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+        losses = []
+        for k in range(args.steps):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), labels)
+            loss.backward()
+            if k == 0:
+                for n, p in net.named_parameters():
+                    out[f"grad.{n}"] = p.grad.detach().clone()
+            opt.step()
+            losses.append(loss.item())
+            out[f"loss{k}"] = loss.detach().reshape(1)
+        out["loss"] = out["loss0"].clone()
+        out.update(state(net, "sgd"))
+        meta = {"config": json.dumps(dict(bits=args.bits, lr=args.lr, momentum=args.momentum, wd=args.wd,
+                                          batch=args.batch, steps=args.steps, scheme=iao)),
+                "model": json.dumps(spec), "torch": torch.__version__}
+        save_file(out, args.out, metadata=meta)
+        print(f"{args.out}: losses {losses}")
+        return
     for name, make in [
         ("sgd", lambda p: torch.optim.SGD(p, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)),
         ("adam", lambda p: torch.optim.Adam(p, lr=args.lr, weight_decay=args.wd)),

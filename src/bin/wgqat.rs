@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use wgqat::gpu::{AdapterSummary, Gpu, GpuOptions};
-use wgqat::quant::Bits;
+use wgqat::quant::{Bits, Observer, QLevel, QType, SchemeName};
 use wgqat::train::progress::Display;
 use wgqat::train::{NanPolicy, OptimizerName, Stopped, TrainConfig, TrainOptions};
 
@@ -144,9 +144,21 @@ struct TrainArgs {
     /// Activation bits: 2..=16, or 32 for float.
     #[arg(long, default_value_t = TrainConfig::default().a_bits.get())]
     a_bits: u32,
-    /// Quantize the first conv too (micronet leaves it float).
+    /// Quantize the first conv too (DoReFa; micronet leaves it float).
     #[arg(long)]
     quantize_first_layer: bool,
+    /// The quantization scheme: micronet's wqaq/dorefa or wqaq/iao.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().scheme)]
+    scheme: SchemeName,
+    /// IAO: symmetric (signed codes) or asymmetric (unsigned codes and a zero point).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().q_type)]
+    q_type: QType,
+    /// IAO: weight scales per output channel or one per layer.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().q_level)]
+    q_level: QLevel,
+    /// IAO: the weights' observer (running extremes, or a moving average with momentum 0.1).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().weight_observer)]
+    weight_observer: Observer,
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     batch_size: usize,
     #[arg(long, default_value_t = TrainConfig::default().eval_batch_size)]
@@ -741,7 +753,11 @@ fn train_config(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<T
         seed,
         log_every,
         nan_policy,
-        save_minutes
+        save_minutes,
+        scheme,
+        q_type,
+        q_level,
+        weight_observer
     );
     if take("w_bits") {
         c.w_bits = Bits::new(a.w_bits)?;
@@ -847,6 +863,18 @@ fn checkpoint_config(
             .filter(|m| wgqat::models::BUILTIN.contains(&m.as_str()))
             .cloned()
     });
+    // The scheme a wgqat checkpoint records (DoReFa when it records none).
+    let scheme: wgqat::quant::Scheme = match meta.get("scheme") {
+        Some(j) => serde_json::from_str(j).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: its recorded scheme {j} is not one this wgqat knows ({e})",
+                path.display()
+            )
+        })?,
+        None => wgqat::quant::Scheme::Dorefa,
+    };
+    let mut config = TrainConfig::default();
+    config.set_scheme(scheme);
     Ok(TrainConfig {
         model: model.unwrap_or_else(|| "nin_gc".into()),
         w_bits: bits(w.or(recorded_bits("w_bits")), Bits::new(8)?)?,
@@ -855,7 +883,7 @@ fn checkpoint_config(
             || meta
                 .get("quantize_first_layer")
                 .is_some_and(|v| v == "true"),
-        ..TrainConfig::default()
+        ..config
     })
 }
 

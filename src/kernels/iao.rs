@@ -1,6 +1,8 @@
-//! `shaders/iao.wgsl`: micronet's IAO fake quantizer (spec §1) on the GPU. A [`IaoQuantizer`]
-//! owns its state (per row: observer range, scale, zero point; and whether anything was observed)
-//! and records its observer update, forward and backward into a step.
+//! `shaders/iao.wgsl`: micronet's IAO fake quantizer (spec §1) on the GPU. An [`IaoQuantizer`]
+//! records its observer update, forward and backward into a step; its state (per row: observer
+//! range, scale, zero point; then whether anything was observed) is a tensor the caller keeps
+//! (a network keeps them in its running-statistics arena, so that they are saved, restored and
+//! snapshotted with the BatchNorm statistics).
 
 use super::{Entry, IAO, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
@@ -39,6 +41,7 @@ const EXTREMES_PARTIAL: Entry = entry("iao_extremes_partial", &[(1, R), (2, W)])
 const OBSERVE: Entry = entry("iao_observe", &[(3, R), (4, W)]);
 const QPARAMS: Entry = entry("iao_qparams", &[(4, W)]);
 const FORWARD: Entry = entry("iao_forward", &[(1, R), (5, R), (6, W)]);
+const FORWARD_IN_PLACE: Entry = entry("iao_forward_in_place", &[(5, R), (6, W)]);
 const BACKWARD: Entry = entry("iao_backward", &[(1, R), (5, R), (7, R), (8, W)]);
 const BACKWARD_IN_PLACE: Entry = entry("iao_backward_in_place", &[(1, R), (5, R), (8, W)]);
 
@@ -52,8 +55,6 @@ pub struct IaoQuantizer {
     /// The full shape it quantizes (activations: at the largest batch).
     shape: Vec<usize>,
     rows: usize,
-    /// rows × [min, max, scale, zp], then `observed` (0 or 1).
-    state: Tensor,
     partials: Tensor,
 }
 
@@ -69,15 +70,10 @@ impl IaoQuantizer {
         let n: usize = shape.iter().product();
         let rows = if spec.per_channel { shape[0] } else { 1 };
         let blocks = (n / rows).div_ceil(CHUNK).max(1);
-        let mut init = vec![0.0f32; rows * ROW_WORDS + 1];
-        for r in 0..rows {
-            init[r * ROW_WORDS + 2] = 1.0;
-        }
         Ok(IaoQuantizer {
             spec,
             shape: shape.to_vec(),
             rows,
-            state: gpu.upload_f32(&format!("{name} IAO state"), &[init.len()], &init)?,
             partials: gpu.zeros(
                 &format!("{name} IAO extremes"),
                 &[rows * blocks * 2],
@@ -96,14 +92,30 @@ impl IaoQuantizer {
         self.rows
     }
 
-    /// The state tensor: rows × [min, max, scale, zp], then `observed`.
-    pub fn state(&self) -> &Tensor {
-        &self.state
+    /// Elements of the state: rows × [min, max, scale, zp], then `observed`.
+    pub fn state_len(&self) -> usize {
+        self.rows * ROW_WORDS + 1
+    }
+
+    /// A fresh quantizer's state, as micronet makes one: range 0, scale 1, zero point 0, nothing
+    /// observed.
+    pub fn initial_state(&self) -> Vec<f32> {
+        let mut s = vec![0.0f32; self.state_len()];
+        for r in 0..self.rows {
+            s[r * ROW_WORDS + 2] = 1.0;
+        }
+        s
+    }
+
+    fn check_state(&self, kernel: &str, state: &Tensor) -> Result<()> {
+        expect_dtype(kernel, "state", state, DType::F32)?;
+        expect_shape(kernel, "state", state, &[self.state_len()])
     }
 
     /// Elements of `x` and the rows they span; `x` must be the quantizer's shape, or (per-tensor
     /// quantizers) any shape with the same trailing dimensions and a batch no larger.
-    fn extent(&self, kernel: &str, x: &Tensor) -> Result<(u32, u32)> {
+    fn extent(&self, kernel: &str, state: &Tensor, x: &Tensor) -> Result<(u32, u32)> {
+        self.check_state(kernel, state)?;
         expect_dtype(kernel, "x", x, DType::F32)?;
         let fits = if self.rows == 1 {
             x.shape().len() == self.shape.len()
@@ -161,8 +173,8 @@ impl IaoQuantizer {
 
     /// The observer takes `x` (extremes per row, then the update rule, the first call copying),
     /// and scale and zero point follow: micronet's training-mode call before quantizing.
-    pub fn observe(&self, gpu: &Gpu, x: &Tensor) -> Result<Vec<Op>> {
-        let (n, row_len) = self.extent("iao_observe", x)?;
+    pub fn observe(&self, gpu: &Gpu, state: &Tensor, x: &Tensor) -> Result<Vec<Op>> {
+        let (n, row_len) = self.extent("iao_observe", state, x)?;
         let p = self.params(n, row_len);
         let groups = self.rows as u32 * p.blocks;
         Ok(vec![
@@ -179,29 +191,30 @@ impl IaoQuantizer {
                 &[],
                 self.label("iao_observe", x),
                 &p,
-                &[&self.partials, &self.state],
+                &[&self.partials, state],
                 [1, 1, 1],
             )?,
         ])
     }
 
     /// Scale and zero point from the range in the state (after the range was loaded or merged).
-    pub fn update_qparams(&self, gpu: &Gpu) -> Result<Op> {
+    pub fn update_qparams(&self, gpu: &Gpu, state: &Tensor) -> Result<Op> {
+        self.check_state("iao_qparams", state)?;
         let p = self.params(0, 0);
         QPARAMS.launch(
             gpu,
             &[],
             format!("iao_qparams {}{}", self.q_letter(), self.spec.bits),
             &p,
-            &[&self.state],
+            &[state],
             [1, 1, 1],
         )
     }
 
     /// `y = (clamp(R(x/s − zp), qmin, qmax) + zp)·s` with the current scale and zero point.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Op> {
+    pub fn forward(&self, gpu: &Gpu, state: &Tensor, x: &Tensor, y: &Tensor) -> Result<Op> {
         const K: &str = "iao_forward";
-        let (n, row_len) = self.extent(K, x)?;
+        let (n, row_len) = self.extent(K, state, x)?;
         expect_dtype(K, "y", y, DType::F32)?;
         expect_shape(K, "y", y, x.shape())?;
         FORWARD.launch(
@@ -209,15 +222,36 @@ impl IaoQuantizer {
             &[],
             self.label(K, x),
             &self.params(n, row_len),
-            &[x, &self.state, y],
+            &[x, state, y],
+            elementwise_grid(gpu, n),
+        )
+    }
+
+    /// [`Self::forward`] over `x` itself.
+    pub fn forward_in_place(&self, gpu: &Gpu, state: &Tensor, x: &Tensor) -> Result<Op> {
+        const K: &str = "iao_forward_in_place";
+        let (n, row_len) = self.extent(K, state, x)?;
+        FORWARD_IN_PLACE.launch(
+            gpu,
+            &[],
+            self.label(K, x),
+            &self.params(n, row_len),
+            &[state, x],
             elementwise_grid(gpu, n),
         )
     }
 
     /// `dx = fl32(fl32(dy·s)/s)` where the clamp and the clip-STE let it pass, else 0.
-    pub fn backward(&self, gpu: &Gpu, x: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<Op> {
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        state: &Tensor,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+    ) -> Result<Op> {
         const K: &str = "iao_backward";
-        let (n, row_len) = self.extent(K, x)?;
+        let (n, row_len) = self.extent(K, state, x)?;
         for (name, t) in [("dy", dy), ("dx", dx)] {
             expect_dtype(K, name, t, DType::F32)?;
             expect_shape(K, name, t, x.shape())?;
@@ -227,15 +261,21 @@ impl IaoQuantizer {
             &[],
             self.label(K, x),
             &self.params(n, row_len),
-            &[x, &self.state, dy, dx],
+            &[x, state, dy, dx],
             elementwise_grid(gpu, n),
         )
     }
 
     /// [`Self::backward`] in place: `d` holds dL/dy and becomes dL/dx.
-    pub fn backward_in_place(&self, gpu: &Gpu, x: &Tensor, d: &Tensor) -> Result<Op> {
+    pub fn backward_in_place(
+        &self,
+        gpu: &Gpu,
+        state: &Tensor,
+        x: &Tensor,
+        d: &Tensor,
+    ) -> Result<Op> {
         const K: &str = "iao_backward_in_place";
-        let (n, row_len) = self.extent(K, x)?;
+        let (n, row_len) = self.extent(K, state, x)?;
         expect_dtype(K, "d", d, DType::F32)?;
         expect_shape(K, "d", d, x.shape())?;
         BACKWARD_IN_PLACE.launch(
@@ -243,7 +283,7 @@ impl IaoQuantizer {
             &[],
             self.label(K, x),
             &self.params(n, row_len),
-            &[x, &self.state, d],
+            &[x, state, d],
             elementwise_grid(gpu, n),
         )
     }

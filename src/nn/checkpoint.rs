@@ -3,10 +3,18 @@
 //! int64 scalar), so a micronet model converted to safetensors loads here and ours loads in
 //! PyTorch (`model.load_state_dict(safetensors.torch.load_file(path))`). Loading is strict: a
 //! missing, unexpected, misshapen or mistyped tensor is an error that names it.
+//!
+//! IAO quantizers are saved under micronet's keys (`{layer}.activation_quantizer.scale`,
+//! `.zero_point`, `.eps`, `.quant_min_val`, `.quant_max_val`, `.observer.min_val`,
+//! `.observer.max_val`, and the same for `weight_quantizer`). Whether an observer has seen
+//! anything is not saved, as micronet keeps it out of its state dict: after a load, the first
+//! training call takes the current range (a resume file keeps it, under `wgqat.iao_observed`).
 
-use super::network::Network;
+use super::network::{IaoInfo, Network};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::kernels::iao::ROW_WORDS;
+use crate::quant::iao::EPS;
 use crate::util::atomic_write;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::HashMap;
@@ -160,7 +168,38 @@ impl Network {
                 });
             }
         }
+        for q in self.iao_quantizers() {
+            out.extend(iao_keys(&q, &running[q.entry]));
+        }
         Ok(out)
+    }
+
+    /// Whether each IAO quantizer has observed anything (1) or not (0), in
+    /// [`Network::iao_quantizers`] order: what a resume file adds to the state dict.
+    pub fn iao_observed(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let running = self.running.unpack(&gpu.read_f32(&self.running_arena)?);
+        Ok(self
+            .iao_quantizers()
+            .iter()
+            .map(|q| running[q.entry][q.rows * ROW_WORDS])
+            .collect())
+    }
+
+    /// Restores [`Network::iao_observed`] (after a load, which clears it).
+    pub fn set_iao_observed(&self, gpu: &Gpu, flags: &[f32]) -> Result<()> {
+        let qs = self.iao_quantizers();
+        if flags.len() != qs.len() {
+            return Err(Error::Invalid(format!(
+                "{} IAO observer flags for {} quantizers",
+                flags.len(),
+                qs.len()
+            )));
+        }
+        let mut running = self.running.unpack(&gpu.read_f32(&self.running_arena)?);
+        for (q, &f) in qs.iter().zip(flags) {
+            running[q.entry][q.rows * ROW_WORDS] = f;
+        }
+        gpu.write(&self.running_arena, &self.running.pack(&running))
     }
 
     /// Saves the state to `path` (atomically), with `meta` strings.
@@ -221,12 +260,33 @@ impl Network {
             .iter()
             .map(|e| take(&e.name, &e.shape))
             .collect::<Result<_>>()?;
-        let running: Vec<Vec<f32>> = self
+        let iao = self.iao_quantizers();
+        let is_iao = |i: usize| iao.iter().any(|q| q.entry == i);
+        let mut running: Vec<Vec<f32>> = self
             .running
             .entries()
             .iter()
-            .map(|e| take(&e.name, &e.shape))
+            .enumerate()
+            .map(|(i, e)| {
+                if is_iao(i) {
+                    Ok(Vec::new())
+                } else {
+                    take(&e.name, &e.shape)
+                }
+            })
             .collect::<Result<_>>()?;
+        // A checkpoint without any quantizer state (a float or DoReFa model) starts every IAO
+        // quantizer afresh, as micronet loads float weights before prepare().
+        let has_iao = iao
+            .iter()
+            .any(|q| by_name.contains_key(&format!("{}.scale", q.prefix)));
+        for q in &iao {
+            running[q.entry] = if has_iao {
+                iao_state(q, path, &mut by_name)?
+            } else {
+                q.initial.clone()
+            };
+        }
         let mut tracked = Vec::new();
         for bn in self.batchnorm_names() {
             let name = format!("{bn}.num_batches_tracked");
@@ -272,4 +332,77 @@ impl Network {
         self.batches_tracked = tracked;
         Ok(())
     }
+}
+
+/// An IAO quantizer's state as micronet's state-dict entries.
+fn iao_keys(q: &IaoInfo, state: &[f32]) -> Vec<Named> {
+    let col = |k: usize| -> Vec<f32> { (0..q.rows).map(|r| state[r * ROW_WORDS + k]).collect() };
+    let p = &q.prefix;
+    vec![
+        Named::f32(format!("{p}.scale"), &q.key_shape, col(2)),
+        Named::f32(format!("{p}.zero_point"), &q.key_shape, col(3)),
+        Named::f32(format!("{p}.eps"), &[], vec![EPS]),
+        Named::f32(format!("{p}.quant_min_val"), &[], vec![q.code_range.0]),
+        Named::f32(format!("{p}.quant_max_val"), &[], vec![q.code_range.1]),
+        Named::f32(format!("{p}.observer.min_val"), &q.key_shape, col(0)),
+        Named::f32(format!("{p}.observer.max_val"), &q.key_shape, col(1)),
+    ]
+}
+
+/// An IAO quantizer's state from micronet's state-dict entries (taken out of `by_name`),
+/// `observed` cleared. The code range and eps must be this quantizer's: another bit width or
+/// q_type would reinterpret the codes.
+fn iao_state(q: &IaoInfo, path: &Path, by_name: &mut HashMap<String, Named>) -> Result<Vec<f32>> {
+    let mut take = |suffix: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let name = format!("{}.{suffix}", q.prefix);
+        let t = by_name.remove(&name).ok_or_else(|| {
+            Error::file(path, format!("has no tensor {name} (shape {shape:?}), though it holds other IAO quantizer state"))
+        })?;
+        match t.data {
+            Data::F32(v) if t.shape == shape && v.iter().all(|x| x.is_finite()) => Ok(v),
+            Data::F32(_) if t.shape == shape => Err(Error::file(
+                path,
+                format!("{name} holds NaN or infinite values"),
+            )),
+            _ => Err(Error::file(
+                path,
+                format!(
+                    "{name} must be F32 of shape {shape:?}, got {} {:?}",
+                    t.dtype_name(),
+                    t.shape
+                ),
+            )),
+        }
+    };
+    let scale = take("scale", &q.key_shape)?;
+    let zp = take("zero_point", &q.key_shape)?;
+    let lo = take("observer.min_val", &q.key_shape)?;
+    let hi = take("observer.max_val", &q.key_shape)?;
+    for (suffix, want) in [
+        ("eps", EPS),
+        ("quant_min_val", q.code_range.0),
+        ("quant_max_val", q.code_range.1),
+    ] {
+        let got = take(suffix, &[])?[0];
+        if got != want {
+            return Err(Error::file(
+                path,
+                format!(
+                    "{}.{suffix} is {got}, but this run's quantizer has {want}: the checkpoint was trained with other bits or another q_type; use its settings",
+                    q.prefix
+                ),
+            ));
+        }
+    }
+    if let Some(s) = scale.iter().find(|&&s| s <= 0.0) {
+        return Err(Error::file(
+            path,
+            format!("{}.scale holds {s}; a scale must be positive", q.prefix),
+        ));
+    }
+    let mut state: Vec<f32> = (0..q.rows)
+        .flat_map(|r| [lo[r], hi[r], scale[r], zp[r]])
+        .collect();
+    state.push(0.0);
+    Ok(state)
 }

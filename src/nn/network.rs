@@ -11,6 +11,7 @@ mod gemm;
 mod lower;
 mod memory;
 mod pool;
+mod quantizers;
 mod shuffle;
 mod weighted;
 
@@ -24,6 +25,19 @@ use crate::quant::QuantConfig;
 use gemm::Gemm;
 use lower::{Kind, Layer, WeightedOp};
 use memory::LayerBuffers;
+
+/// An IAO quantizer's place in the running arena and its checkpoint names.
+pub(crate) struct IaoInfo {
+    /// e.g. `model.0.conv.activation_quantizer`.
+    pub prefix: String,
+    /// micronet's shape of its scale, zero point and observer range.
+    pub key_shape: Vec<usize>,
+    pub rows: usize,
+    /// Its entry in the running arena: rows × [min, max, scale, zp], then `observed`.
+    pub entry: usize,
+    pub code_range: (f32, f32),
+    pub initial: Vec<f32>,
+}
 
 /// Training (batch statistics, gradients) or evaluation (running statistics, forward only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,7 +188,15 @@ impl Network {
         check_capacity(gpu, &graph, capacity)?;
         let mut params = Layout::default();
         let mut running = Layout::default();
-        let layers = lower::lower(gpu, &graph, quant, trainable, &mut params, &mut running)?;
+        let layers = lower::lower(
+            gpu,
+            &graph,
+            quant,
+            capacity,
+            trainable,
+            &mut params,
+            &mut running,
+        )?;
         let batches_tracked = vec![0; running.entries().len() / 2];
         let param_arena = params.alloc(gpu, "parameters")?;
         let grad_arena = if trainable {
@@ -248,13 +270,36 @@ impl Network {
         Ok(())
     }
 
-    /// Names of the layers whose weights are quantized.
+    /// Names of the layers whose weights DoReFa quantizes.
     pub fn quantized_layers(&self) -> Vec<&str> {
         self.layers
             .iter()
-            .filter(|l| matches!(l.kind, Kind::Weighted { w_bits, .. } if !w_bits.is_float()))
+            .filter(|l| matches!(l.quantizer, Some(lower::WeightQ::Dorefa(_))))
             .map(|l| l.name.as_str())
             .collect()
+    }
+
+    /// Every IAO quantizer, in layer order (a layer's input quantizer before its weight's, as
+    /// micronet registers them): where its state lives and how a checkpoint names it.
+    pub(crate) fn iao_quantizers(&self) -> Vec<IaoInfo> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            let weight = match &l.quantizer {
+                Some(lower::WeightQ::Iao(slot)) => Some(slot),
+                _ => None,
+            };
+            for slot in l.input_q.iter().chain(weight) {
+                out.push(IaoInfo {
+                    prefix: slot.prefix.clone(),
+                    key_shape: slot.key_shape.clone(),
+                    rows: slot.q.rows(),
+                    entry: slot.state,
+                    code_range: slot.q.code_range(),
+                    initial: slot.q.initial_state(),
+                });
+            }
+        }
+        out
     }
 
     /// Per layer: whether its output depends on parameters, so that a gradient must flow back
@@ -272,9 +317,10 @@ impl Network {
         upstream
     }
 
-    /// BatchNorm running statistics start at mean 0, variance 1 (PyTorch's init).
+    /// BatchNorm running statistics start at mean 0, variance 1 (PyTorch's init); IAO
+    /// quantizers at range 0, scale 1, zero point 0.
     fn init_running(&self, gpu: &Gpu) -> Result<()> {
-        let values: Vec<Vec<f32>> = self
+        let mut values: Vec<Vec<f32>> = self
             .running
             .entries()
             .iter()
@@ -289,6 +335,9 @@ impl Network {
                 ]
             })
             .collect();
+        for q in self.iao_quantizers() {
+            values[q.entry] = q.initial;
+        }
         gpu.write(&self.running_arena, &self.running.pack(&values))
     }
 
@@ -518,7 +567,7 @@ impl Network {
         match l.kind {
             Kind::Weighted { .. } => weighted::ops(self, l, io),
             Kind::BatchNorm { .. } => batchnorm::ops(self, l, io),
-            Kind::MaxPool(_) | Kind::AvgPool(_) => pool::ops(l, io),
+            Kind::MaxPool(_) | Kind::AvgPool(_) => pool::ops(self, l, io),
             Kind::Shuffle(_) => shuffle::ops(l, io),
             Kind::Relu => elementwise::relu(l, io),
             Kind::Add => elementwise::add(l, io),

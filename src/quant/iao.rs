@@ -222,6 +222,8 @@ pub fn extremes(x: &[f32]) -> (f32, f32) {
 }
 
 #[cfg(test)]
+// The spec's values as it prints them: the decimal expansions of f32s, compared exactly.
+#[allow(clippy::excessive_precision)]
 mod tests {
     //! The spec's test vectors (§1.7), verified there against micronet on torch 2.11.
     use super::*;
@@ -539,7 +541,9 @@ mod tests {
             .iter()
             .map(|&(lo, hi)| qparams(lo, hi, range, QType::Symmetric).0)
             .collect();
-        assert!((s[0] - 0.00374016).abs() <= 1e-6 * s[0] && (s[1] - 0.01496063).abs() <= 1e-6 * s[1]);
+        assert!(
+            (s[0] - 0.00374016).abs() <= 1e-6 * s[0] && (s[1] - 0.01496063).abs() <= 1e-6 * s[1]
+        );
     }
 
     #[test]

@@ -202,6 +202,29 @@ impl QuantConfig {
             .collect()
     }
 
+    /// The scheme in words for logs: `W8A8`, `IAO W8A8 symmetric per-channel`.
+    pub fn describe(&self) -> String {
+        match self.scheme {
+            Scheme::Dorefa => self.label(),
+            Scheme::Iao(o) => format!(
+                "{} {}, {} weight scales, {} weight observer",
+                self.label(),
+                match o.q_type {
+                    QType::Symmetric => "symmetric",
+                    QType::Asymmetric => "asymmetric",
+                },
+                match o.q_level {
+                    QLevel::Channel => "per-channel",
+                    QLevel::Layer => "per-layer",
+                },
+                match o.weight_observer {
+                    Observer::MinMax => "min-max",
+                    Observer::MovingAverage => "moving-average",
+                }
+            ),
+        }
+    }
+
     /// A short name for logs and tables: `W8A8`, `IAO W8A8`, `fp32`.
     pub fn label(&self) -> String {
         let bits = if self.w_bits.is_float() && self.a_bits.is_float() {

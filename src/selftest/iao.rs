@@ -119,6 +119,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 };
                 let q = IaoQuantizer::new(gpu, "selftest", spec, s.shape)?;
                 let mut cpu = IaoState::new(spec, rows);
+                let state = gpu.upload_f32("state", &[q.state_len()], &q.initial_state())?;
                 let x1 = inputs(rng, n);
                 // The second call: wider on one side, narrower on the other, so both the range
                 // update and the clip-STE's mask show.
@@ -134,21 +135,30 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     let y = gpu.empty("y", s.shape, DType::F32)?;
                     let dx = gpu.empty("dx", s.shape, DType::F32)?;
                     let d_in_place = gpu.upload_f32("dy, then dx", s.shape, &dy)?;
+                    let y_in_place = gpu.upload_f32("x, then y", s.shape, x)?;
                     let mut ops = Vec::new();
                     if train {
-                        ops.extend(q.observe(gpu, &xt)?);
+                        ops.extend(q.observe(gpu, &state, &xt)?);
                         cpu.observe(x);
                     }
-                    ops.push(q.forward(gpu, &xt, &y)?);
-                    ops.push(q.backward(gpu, &xt, &dyt, &dx)?);
-                    ops.push(q.backward_in_place(gpu, &xt, &d_in_place)?);
-                    let got: Vec<Vec<f32>> =
-                        gpu.run_and_read("selftest", &ops, &[&y, &dx, &d_in_place, q.state()])?;
+                    ops.push(q.forward(gpu, &state, &xt, &y)?);
+                    ops.push(q.backward(gpu, &state, &xt, &dyt, &dx)?);
+                    ops.push(q.backward_in_place(gpu, &state, &xt, &d_in_place)?);
+                    ops.push(q.forward_in_place(gpu, &state, &y_in_place)?);
+                    let got: Vec<Vec<f32>> = gpu.run_and_read(
+                        "selftest",
+                        &ops,
+                        &[&y, &dx, &d_in_place, &state, &y_in_place],
+                    )?;
                     let want_dx = f64s(&cpu.backward(x, &dy));
                     let tag = ["call 1", "call 2", "eval"][call];
                     out.push((
                         format!("{tag} state"),
                         reference::compare(&got[3], &f64s(&cpu.words()), Tolerance::EXACT),
+                    ));
+                    out.push((
+                        format!("{tag} y in place"),
+                        reference::compare(&got[4], &f64s(&cpu.forward(x)), Tolerance::EXACT),
                     ));
                     out.push((
                         format!("{tag} y"),

@@ -168,6 +168,11 @@ impl TrainConfig {
                 "`log_every` 0: log at least every step".into(),
             ));
         }
+        if self.scheme == SchemeName::Iao && self.quantize_first_layer {
+            return Err(Error::Invalid(
+                "`quantize_first_layer` is DoReFa's: IAO quantizes every layer, the first included; leave it out".into(),
+            ));
+        }
         if self.data.is_none() && (self.synthetic_train == 0 || self.synthetic_test == 0) {
             return Err(Error::Invalid(
                 "the synthetic dataset needs at least one training and one test image".into(),
@@ -190,6 +195,15 @@ impl TrainConfig {
                     weight_observer: self.weight_observer,
                 }),
             },
+        }
+    }
+
+    /// Sets the scheme and its options (the inverse of [`TrainConfig::quant`]'s).
+    pub fn set_scheme(&mut self, scheme: Scheme) {
+        self.scheme = scheme.name();
+        if let Scheme::Iao(o) = scheme {
+            (self.q_type, self.q_level, self.weight_observer) =
+                (o.q_type, o.q_level, o.weight_observer);
         }
     }
 

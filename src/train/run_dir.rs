@@ -103,6 +103,9 @@ pub(super) fn read_resume(dir: &Path, cfg: &TrainConfig) -> Result<(Vec<Named>, 
     Ok((tensors, progress))
 }
 
+/// The resume file's record of which IAO observers have seen data (not a state-dict key).
+pub(super) const IAO_OBSERVED: &str = "wgqat.iao_observed";
+
 pub(super) fn restore(
     gpu: &Gpu,
     net: &mut Network,
@@ -113,8 +116,11 @@ pub(super) fn restore(
     let path = dir.join("resume.safetensors");
     let (mut m, mut v) = (HashMap::new(), HashMap::new());
     let mut model = Vec::new();
+    let mut observed = None;
     for t in tensors {
-        if let Some(n) = t.name.strip_prefix("optimizer.m.") {
+        if t.name == IAO_OBSERVED {
+            observed = t.f32s().map(<[f32]>::to_vec);
+        } else if let Some(n) = t.name.strip_prefix("optimizer.m.") {
             m.insert(n.to_string(), t);
         } else if let Some(n) = t.name.strip_prefix("optimizer.v.") {
             v.insert(n.to_string(), t);
@@ -123,6 +129,10 @@ pub(super) fn restore(
         }
     }
     net.load_named(gpu, &path, model)?;
+    // The observers go on as they were (a load alone would have them start afresh).
+    if let Some(flags) = observed {
+        net.set_iao_observed(gpu, &flags)?;
+    }
     let take = |map: &mut HashMap<String, Named>| -> Result<Vec<Vec<f32>>> {
         net.params
             .entries()

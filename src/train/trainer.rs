@@ -318,11 +318,10 @@ fn setup<'g>(
         .alloc(gpu, "running statistics at the interval's start")?;
     let eval_plans = plans(eval_batch, test.len(), Mode::Eval, None)?;
     say(&format!(
-        "training {} ({} parameters, W{}A{}{}) on {}: {} images, batch {}, {} steps per epoch, {} epochs; run folder {}",
+        "training {} ({} parameters, {}{}) on {}: {} images, batch {}, {} steps per epoch, {} epochs; run folder {}",
         spec.name,
         spec.param_count()?,
-        cfg.w_bits,
-        cfg.a_bits,
+        cfg.quant().describe(),
         if cfg.quantize_first_layer {
             ", first layer quantized"
         } else {
@@ -908,6 +907,12 @@ impl Trainer<'_> {
             "quantize_first_layer".to_string(),
             self.cfg.quantize_first_layer.to_string(),
         );
+        // The scheme and its options, for `eval` and `export` (JSON: `wgqat::quant::Scheme`).
+        meta.insert(
+            "scheme".to_string(),
+            serde_json::to_string(&self.cfg.quant().scheme)
+                .map_err(|e| Error::Invalid(e.to_string()))?,
+        );
         meta.insert(
             "global_step".to_string(),
             self.progress.global_step.to_string(),
@@ -939,6 +944,14 @@ impl Trainer<'_> {
         ) {
             all.push(Named::f32(format!("optimizer.m.{}", e.name), &e.shape, mv));
             all.push(Named::f32(format!("optimizer.v.{}", e.name), &e.shape, vv));
+        }
+        let observed = self.net.iao_observed(self.gpu)?;
+        if !observed.is_empty() {
+            all.push(Named::f32(
+                super::run_dir::IAO_OBSERVED,
+                &[observed.len()],
+                observed,
+            ));
         }
         self.progress.optimizer_t = self.opt.t;
         meta.insert(

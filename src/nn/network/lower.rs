@@ -5,12 +5,13 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::kernels::iao::IaoQuantizer;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::quant::WeightQuantizer;
 use crate::models::{Graph, LayerSpec, Source};
 use crate::nn::params::Layout;
-use crate::quant::Bits;
-use crate::quant::QuantConfig;
+use crate::quant::iao::{Operand, Spec};
+use crate::quant::{ActQuant, QuantConfig, Role, WeightQuant};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) enum WeightedOp {
@@ -36,8 +37,8 @@ pub(super) enum WeightedOp {
 pub(super) enum Kind {
     Weighted {
         op: WeightedOp,
-        w_bits: Bits,
-        a_bits: Bits,
+        /// How its input is quantized (an IAO quantizer's state is the layer's `input_q`).
+        input: ActQuant,
     },
     BatchNorm {
         eps: f32,
@@ -85,36 +86,107 @@ pub(super) struct Layer {
     pub(super) bias: Option<usize>,
     /// running_mean, running_var in the running arena.
     pub(super) running: Option<(usize, usize)>,
-    pub(super) quantizer: Option<WeightQuantizer>,
+    pub(super) quantizer: Option<WeightQ>,
+    /// An IAO quantizer of the input (weighted layers, pools and adds under IAO).
+    pub(super) input_q: Option<IaoSlot>,
     /// The quantized weight Ŵ and (training) dL/dŴ.
     pub(super) w_hat: Option<Tensor>,
     pub(super) dw_hat: Option<Tensor>,
     pub(super) bn_stats: Option<Tensor>,
 }
 
+/// A weight quantizer of either scheme.
+pub(super) enum WeightQ {
+    Dorefa(WeightQuantizer),
+    Iao(IaoSlot),
+}
+
+/// An IAO quantizer and where its state lives: an entry of the running-statistics arena (saved,
+/// restored and snapshotted with the BatchNorm statistics), written to checkpoints under
+/// micronet's keys `{prefix}.scale`, `.zero_point`, `.eps`, `.quant_min_val`, `.quant_max_val`,
+/// `.observer.min_val`, `.observer.max_val`.
+pub(super) struct IaoSlot {
+    pub(super) q: IaoQuantizer,
+    /// Its entry in the running arena.
+    pub(super) state: usize,
+    /// e.g. `model.0.conv.activation_quantizer`.
+    pub(super) prefix: String,
+    /// micronet's shape of scale, zero point and the observer's range: `[1]` per tensor,
+    /// `[C, 1, 1, 1]` per conv channel, `[C, 1]` per Linear row.
+    pub(super) key_shape: Vec<usize>,
+}
+
+impl IaoSlot {
+    fn new(
+        gpu: &Gpu,
+        spec: Spec,
+        shape: &[usize],
+        prefix: String,
+        running: &mut Layout,
+    ) -> Result<IaoSlot> {
+        let q = IaoQuantizer::new(gpu, &prefix, spec, shape)?;
+        let key_shape = if q.rows() > 1 {
+            std::iter::once(shape[0])
+                .chain(std::iter::repeat_n(1, shape.len() - 1))
+                .collect()
+        } else {
+            vec![1]
+        };
+        Ok(IaoSlot {
+            state: running.add(prefix.clone(), &[q.state_len()]),
+            q,
+            prefix,
+            key_shape,
+        })
+    }
+}
+
+/// A layer's role for [`QuantConfig::resolve`].
+fn role(ls: &LayerSpec) -> Role {
+    match ls {
+        LayerSpec::Conv { .. } => Role::Conv,
+        LayerSpec::ConvTranspose { .. } => Role::ConvTranspose,
+        LayerSpec::Linear { .. } => Role::Linear,
+        LayerSpec::MaxPool { .. }
+        | LayerSpec::AvgPool { .. }
+        | LayerSpec::AdaptiveAvgPool { .. } => Role::Pool,
+        LayerSpec::Add { .. } => Role::Add,
+        _ => Role::Other,
+    }
+}
+
 /// The layers of `graph`, fused, with their parameters added to `params` and their running
-/// statistics to `running`. micronet's `prepare()` rule: every weighted layer but the first
-/// registered is quantized (unless `quantize_first_layer`).
+/// statistics (and IAO quantizer states) to `running`. Which layers are quantized, and how, is
+/// [`QuantConfig::resolve`]'s to say (micronet's `prepare()` for the scheme).
 pub(super) fn lower(
     gpu: &Gpu,
     graph: &Graph,
     quant: QuantConfig,
+    capacity: usize,
     trainable: bool,
     params: &mut Layout,
     running: &mut Layout,
 ) -> Result<Vec<Layer>> {
     let mut layers = Vec::new();
-    // micronet's prepare(): every weighted layer but the first registered is quantized.
-    let first_weighted = graph.nodes.iter().position(|n| n.layer.is_weighted());
+    let roles: Vec<Role> = graph.nodes.iter().map(|n| role(&n.layer)).collect();
+    let plan = quant.resolve(&roles);
     for (i, node) in graph.nodes.iter().enumerate() {
         let ls = &node.layer;
         let name = node.name.clone();
         let (in_shape, out_shape) = (node.in_shape.clone(), node.out_shape.clone());
-        let quantized = quant.quantize_first_layer || Some(i) != first_weighted;
-        let (wb, ab) = if quantized {
-            (quant.w_bits, quant.a_bits)
-        } else {
-            (Bits::FLOAT, Bits::FLOAT)
+        let lq = plan[i];
+        // An IAO input quantizer: per tensor, over batches up to the network's capacity.
+        let input_q = match lq.input {
+            ActQuant::Iao { bits, q_type } => Some(IaoSlot::new(
+                gpu,
+                Spec::activation(bits, q_type),
+                &std::iter::once(capacity)
+                    .chain(in_shape.iter().copied())
+                    .collect::<Vec<_>>(),
+                format!("{name}.activation_quantizer"),
+                running,
+            )?),
+            _ => None,
         };
         let mut layer = Layer {
             name: name.clone(),
@@ -126,6 +198,7 @@ pub(super) fn lower(
             bias: None,
             running: None,
             quantizer: None,
+            input_q,
             w_hat: None,
             dw_hat: None,
             bn_stats: None,
@@ -135,17 +208,40 @@ pub(super) fn lower(
                         bias: bool,
                         out: usize,
                         layer: &mut Layer,
-                        params: &mut Layout|
+                        params: &mut Layout,
+                        running: &mut Layout|
          -> Result<()> {
             layer.kind = Kind::Weighted {
                 op,
-                w_bits: wb,
-                a_bits: ab,
+                input: lq.input,
             };
             layer.weight = Some(params.add(format!("{name}.weight"), &w_shape));
             layer.bias = bias.then(|| params.add(format!("{name}.bias"), &[out]));
-            if !wb.is_float() {
-                layer.quantizer = Some(WeightQuantizer::new(gpu, wb, &w_shape)?);
+            layer.quantizer = match lq.weight {
+                WeightQuant::Float => None,
+                WeightQuant::Dorefa(b) => {
+                    Some(WeightQ::Dorefa(WeightQuantizer::new(gpu, b, &w_shape)?))
+                }
+                WeightQuant::Iao {
+                    bits,
+                    q_type,
+                    per_channel,
+                    observer,
+                } => {
+                    let spec = Spec {
+                        bits,
+                        q_type,
+                        operand: Operand::Weight,
+                        observer,
+                        per_channel,
+                    };
+                    let prefix = format!("{name}.weight_quantizer");
+                    Some(WeightQ::Iao(IaoSlot::new(
+                        gpu, spec, &w_shape, prefix, running,
+                    )?))
+                }
+            };
+            if layer.quantizer.is_some() {
                 layer.w_hat =
                     Some(gpu.zeros(&format!("{name} quantized weight"), &w_shape, DType::F32)?);
                 if trainable {
@@ -183,6 +279,7 @@ pub(super) fn lower(
                     *out,
                     &mut layer,
                     params,
+                    running,
                 )?;
             }
             LayerSpec::ConvTranspose {
@@ -211,6 +308,7 @@ pub(super) fn lower(
                     *out,
                     &mut layer,
                     params,
+                    running,
                 )?;
             }
             LayerSpec::Linear { out, bias, .. } => {
@@ -221,6 +319,7 @@ pub(super) fn lower(
                     *out,
                     &mut layer,
                     params,
+                    running,
                 )?;
             }
             LayerSpec::BatchNorm { eps, momentum, .. } => {

@@ -5,7 +5,7 @@ use super::{Gemm, Kind, Layer, Network, with_batch};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::models::Source;
-use crate::quant::Bits;
+use crate::quant::{ActQuant, Bits};
 
 /// Where a layer's output gradient lives (see [`Network::alloc_buffers`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,8 +130,17 @@ impl Network {
     fn alloc_buffers(&self, gpu: &Gpu) -> Result<Vec<LayerBuffers>> {
         let cap = self.capacity;
         let elems = |s: &[usize]| s.iter().product::<usize>();
-        let quantized_in =
-            |l: &Layer| matches!(l.kind, Kind::Weighted { a_bits, .. } if !a_bits.is_float());
+        // A DoReFa weighted layer's input, or an IAO quantizer's (weighted layers and pools).
+        let quantized_in = |l: &Layer| {
+            l.input_q.is_some()
+                || matches!(
+                    l.kind,
+                    Kind::Weighted {
+                        input: ActQuant::Dorefa(_),
+                        ..
+                    }
+                )
+        };
         let transient = self.transient_layers();
         // Whether each layer's output is recomputed in backward (aliases follow their source).
         let mut recomputed = vec![false; self.layers.len()];
@@ -144,12 +153,18 @@ impl Network {
             self.root(self.layers[i].inputs[0])
                 .is_some_and(|k| recomputed[k])
         };
-        // A recomputed input is quantized where it lies; others go to a shared temporary.
+        // A weighted layer's recomputed input is quantized where it lies; others go to a shared
+        // temporary (an IAO pool's too: its backward needs the float input for the mask and the
+        // quantized one to find each window's maximum).
+        let in_place = |i: usize| {
+            let l = &self.layers[i];
+            quantized_in(l) && input_recomputed(i) && matches!(l.kind, Kind::Weighted { .. })
+        };
         let max_qin = self
             .layers
             .iter()
             .enumerate()
-            .filter(|&(i, l)| quantized_in(l) && !input_recomputed(i))
+            .filter(|&(i, l)| quantized_in(l) && !in_place(i))
             .map(|(_, l)| elems(&l.in_shape))
             .max();
         // Where each layer's output gradient lives. A conv/linear output that a BatchNorm
@@ -246,7 +261,7 @@ impl Network {
                 }
             };
             let in_shape = with_batch(cap, &l.in_shape);
-            let xq = match (quantized_in(l), input_recomputed(i)) {
+            let xq = match (quantized_in(l), in_place(i)) {
                 (false, _) => QuantInput::Float,
                 (true, true) => QuantInput::InPlace,
                 (true, false) => {
@@ -268,7 +283,13 @@ impl Network {
         // A recomputed input quantized in place may come straight from a BatchNorm (through
         // its fused ReLU and shuffle): then the BatchNorm's forward writes it quantized.
         for (i, l) in self.layers.iter().enumerate() {
-            let Kind::Weighted { a_bits, .. } = l.kind else {
+            // DoReFa's quantizer only: BatchNorm's kernel applies it (an IAO quantizer observes
+            // first, then quantizes with the scale it forms).
+            let Kind::Weighted {
+                input: ActQuant::Dorefa(a_bits),
+                ..
+            } = l.kind
+            else {
                 continue;
             };
             if !matches!(out[i].xq, QuantInput::InPlace) {

@@ -1,11 +1,14 @@
-//! Max and average pooling. Max-pool keeps no index map: its backward finds each window's
-//! maximum again in the input (the same rule, so the same choice).
+//! Max and average pooling, of the input as it is or (IAO's `QuantMaxPool2d`, `QuantAvgPool2d`,
+//! `QuantAdaptiveAvgPool2d`) fake-quantized. Max-pool keeps no index map: its backward finds each
+//! window's maximum again in the input it pooled (the same rule, so the same choice).
 
-use super::{Io, Kind, Layer, Ops};
+use super::memory::QuantInput;
+use super::quantizers::InputQuant;
+use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::{Error, Result};
 use crate::kernels::pool::{self, PoolGeom};
 
-pub(super) fn ops(l: &Layer, io: &Io) -> Result<Ops> {
+pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let (Kind::MaxPool(win) | Kind::AvgPool(win)) = l.kind else {
         unreachable!("pool::ops is for pooling layers")
     };
@@ -27,17 +30,38 @@ pub(super) fn ops(l: &Layer, io: &Io) -> Result<Ops> {
     let (gpu, x) = (io.gpu, io.x());
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
     let dx = io.dx().filter(|_| io.train);
+    // The pooled input: x, or its quantized copy in the shared temporary.
+    let iq = InputQuant::of(net, l)?;
+    let xq = match (&io.buf.xq, &iq) {
+        (QuantInput::Temporary(t), Some(q)) => {
+            let t = super::at_batch(t, io.batch)?;
+            if io.train {
+                fwd.extend(q.observe(gpu, x)?);
+            }
+            fwd.push(q.forward(gpu, x, &t)?);
+            Some((q, t))
+        }
+        _ => None,
+    };
+    let pooled = xq.as_ref().map_or(x, |(_, t)| t);
     if let Kind::MaxPool(_) = l.kind {
-        fwd.push(pool::maxpool_forward(gpu, &geom, x, io.y)?);
+        fwd.push(pool::maxpool_forward(gpu, &geom, pooled, io.y)?);
         if let Some(dx) = dx {
-            // x is this layer's input as the forward saw it (kept, or formed again).
-            bwd.push(pool::maxpool_backward(gpu, &geom, x, io.dy(l)?, dx)?);
+            // The input as the forward pooled it (kept, or formed again).
+            if let Some((q, t)) = &xq {
+                bwd.push(q.forward(gpu, x, t)?);
+            }
+            bwd.push(pool::maxpool_backward(gpu, &geom, pooled, io.dy(l)?, dx)?);
         }
     } else {
-        fwd.push(pool::avgpool_forward(gpu, &geom, x, io.y)?);
+        fwd.push(pool::avgpool_forward(gpu, &geom, pooled, io.y)?);
         if let Some(dx) = dx {
             bwd.push(pool::avgpool_backward(gpu, &geom, io.dy(l)?, dx)?);
         }
+    }
+    // The quantizer's straight-through mask, from the float input.
+    if let (Some(dx), Some((q, _))) = (dx, &xq) {
+        bwd.extend(q.backward_in_place(gpu, x, dx)?);
     }
     Ok((fwd, bwd))
 }

@@ -1,38 +1,45 @@
-//! A weighted layer (conv, conv_transpose, linear) as micronet's DoReFa modules run it: the input
-//! activation and the weight fake-quantized, the GEMM, and in backward the input gradient (masked
-//! by the activation quantizer's straight-through rule), the weight gradient through the weight
-//! quantizer, and the bias gradient.
+//! A weighted layer (conv, conv_transpose, linear) as micronet's quantized modules run it: the
+//! input activation and the weight fake-quantized (DoReFa or IAO), the GEMM, and in backward the
+//! input gradient (masked by the activation quantizer's straight-through rule), the weight
+//! gradient through the weight quantizer, and the bias gradient.
 
 use super::gemm::Gemm;
 use super::memory::QuantInput;
+use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::Result;
-use crate::kernels::quant;
 
 pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
-    let Kind::Weighted { op, a_bits, .. } = l.kind else {
+    let Kind::Weighted { op, .. } = l.kind else {
         unreachable!("weighted::ops is for weighted layers")
     };
     let gpu = io.gpu;
     let (x, buf) = (io.x(), io.buf);
     let (w, b) = (net.param(l.weight)?.expect("weights"), net.param(l.bias)?);
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    let iq = InputQuant::of(net, l)?;
     // The quantized input (float: the input itself).
-    let xq = match &buf.xq {
-        QuantInput::Temporary(t) => {
+    let xq = match (&buf.xq, &iq) {
+        (QuantInput::Temporary(t), Some(q)) => {
             let t = super::at_batch(t, io.batch)?;
-            fwd.push(quant::act_forward(gpu, a_bits, x, &t)?);
+            if io.train {
+                fwd.extend(q.observe(gpu, x)?);
+            }
+            fwd.push(q.forward(gpu, x, &t)?);
             t
         }
-        QuantInput::InPlace => {
-            fwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?);
+        (QuantInput::InPlace, Some(q)) => {
+            if io.train {
+                fwd.extend(q.observe(gpu, x)?);
+            }
+            fwd.extend(q.forward_in_place(gpu, x)?);
             x.clone()
         }
-        QuantInput::ByProducer | QuantInput::Float => x.clone(),
+        _ => x.clone(),
     };
     let w_hat = match (&l.quantizer, &l.w_hat) {
         (Some(q), Some(wh)) => {
-            fwd.extend(q.forward(gpu, &w, wh)?);
+            fwd.extend(q.forward(net, gpu, io.train, &w, wh)?);
             wh.clone()
         }
         _ => w.clone(),
@@ -47,22 +54,24 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     // formed again for grad-weight: in its shared temporary, or where x lies (x was formed
     // again, float, for this backward).
     let in_place = matches!(buf.xq, QuantInput::InPlace | QuantInput::ByProducer);
-    match io.dx() {
-        Some(dx) => {
-            bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
-            match &buf.xq {
-                _ if in_place => bwd.extend(quant::act_backward_requantize(gpu, a_bits, x, dx)?),
-                QuantInput::Temporary(_) => {
-                    bwd.extend(quant::act_backward_in_place(gpu, a_bits, x, dx)?)
+    if let Some(q) = &iq {
+        match io.dx() {
+            Some(dx) => {
+                bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
+                if in_place {
+                    bwd.extend(q.backward_requantize(gpu, x, dx)?);
+                } else {
+                    bwd.extend(q.backward_in_place(gpu, x, dx)?);
                 }
-                _ => {}
             }
+            None if in_place => bwd.extend(q.forward_in_place(gpu, x)?),
+            None => {}
         }
-        None if in_place => bwd.extend(quant::act_forward_in_place(gpu, a_bits, x)?),
-        None => {}
-    }
-    if let QuantInput::Temporary(_) = buf.xq {
-        bwd.push(quant::act_forward(gpu, a_bits, x, &xq)?);
+        if let QuantInput::Temporary(_) = buf.xq {
+            bwd.push(q.forward(gpu, x, &xq)?);
+        }
+    } else if let Some(dx) = io.dx() {
+        bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
     }
     let dw = net.grad(l.weight)?.expect("weights");
     let scratch = buf.split_k.as_ref();
@@ -70,7 +79,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         (Some(q), Some(dw_hat)) => {
             // dL/dŴ goes through the weight quantizer's backward into dL/dW.
             bwd.extend(gemm.grad_weight(gpu, &xq, dy, dw_hat, scratch)?);
-            bwd.extend(q.backward(gpu, dw_hat, &dw)?);
+            bwd.extend(q.backward(net, gpu, &w, dw_hat, &dw)?);
         }
         _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, &dw, scratch)?),
     }

@@ -1,0 +1,123 @@
+//! The quantizers a layer applies, of either scheme, as launches: the input's (a weighted
+//! layer's, or under IAO a pool's) and the weight's. DoReFa's are stateless; an IAO quantizer
+//! observes in training (its state in the running arena) before it quantizes.
+
+use super::Network;
+use super::lower::{IaoSlot, Kind, Layer, WeightQ};
+use crate::error::Result;
+use crate::gpu::{Gpu, Op, Tensor};
+use crate::kernels::quant;
+use crate::quant::{ActQuant, Bits};
+
+/// A layer's input quantizer.
+pub(super) enum InputQuant<'a> {
+    Dorefa(Bits),
+    Iao { slot: &'a IaoSlot, state: Tensor },
+}
+
+impl<'a> InputQuant<'a> {
+    /// The input quantizer of `l`, if it has one.
+    pub(super) fn of(net: &Network, l: &'a Layer) -> Result<Option<InputQuant<'a>>> {
+        if let Some(slot) = &l.input_q {
+            return Ok(Some(InputQuant::Iao {
+                slot,
+                state: net.running.view(&net.running_arena, slot.state)?,
+            }));
+        }
+        Ok(match l.kind {
+            Kind::Weighted {
+                input: ActQuant::Dorefa(b),
+                ..
+            } => Some(InputQuant::Dorefa(b)),
+            _ => None,
+        })
+    }
+
+    /// What a training forward does before quantizing: IAO's observer and scale update.
+    pub(super) fn observe(&self, gpu: &Gpu, x: &Tensor) -> Result<Vec<Op>> {
+        match self {
+            InputQuant::Dorefa(_) => Ok(Vec::new()),
+            InputQuant::Iao { slot, state } => slot.q.observe(gpu, state, x),
+        }
+    }
+
+    pub(super) fn forward(&self, gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Op> {
+        match self {
+            InputQuant::Dorefa(b) => quant::act_forward(gpu, *b, x, y),
+            InputQuant::Iao { slot, state } => slot.q.forward(gpu, state, x, y),
+        }
+    }
+
+    pub(super) fn forward_in_place(&self, gpu: &Gpu, x: &Tensor) -> Result<Vec<Op>> {
+        match self {
+            InputQuant::Dorefa(b) => quant::act_forward_in_place(gpu, *b, x),
+            InputQuant::Iao { slot, state } => Ok(vec![slot.q.forward_in_place(gpu, state, x)?]),
+        }
+    }
+
+    /// `d` (dL/dx̂) becomes dL/dx, masked by the float `x`.
+    pub(super) fn backward_in_place(&self, gpu: &Gpu, x: &Tensor, d: &Tensor) -> Result<Vec<Op>> {
+        match self {
+            InputQuant::Dorefa(b) => quant::act_backward_in_place(gpu, *b, x, d),
+            InputQuant::Iao { slot, state } => {
+                Ok(vec![slot.q.backward_in_place(gpu, state, x, d)?])
+            }
+        }
+    }
+
+    /// [`Self::backward_in_place`], then `x` quantized where it lies (DoReFa: in one pass).
+    pub(super) fn backward_requantize(&self, gpu: &Gpu, x: &Tensor, d: &Tensor) -> Result<Vec<Op>> {
+        match self {
+            InputQuant::Dorefa(b) => quant::act_backward_requantize(gpu, *b, x, d),
+            InputQuant::Iao { .. } => {
+                let mut ops = self.backward_in_place(gpu, x, d)?;
+                ops.extend(self.forward_in_place(gpu, x)?);
+                Ok(ops)
+            }
+        }
+    }
+}
+
+impl WeightQ {
+    /// `Ŵ` from `W` (IAO in training: the observer first).
+    pub(super) fn forward(
+        &self,
+        net: &Network,
+        gpu: &Gpu,
+        train: bool,
+        w: &Tensor,
+        w_hat: &Tensor,
+    ) -> Result<Vec<Op>> {
+        match self {
+            WeightQ::Dorefa(q) => q.forward(gpu, w, w_hat),
+            WeightQ::Iao(slot) => {
+                let state = net.running.view(&net.running_arena, slot.state)?;
+                let mut ops = if train {
+                    slot.q.observe(gpu, &state, w)?
+                } else {
+                    Vec::new()
+                };
+                ops.push(slot.q.forward(gpu, &state, w, w_hat)?);
+                Ok(ops)
+            }
+        }
+    }
+
+    /// dL/dW from `g` = dL/dŴ.
+    pub(super) fn backward(
+        &self,
+        net: &Network,
+        gpu: &Gpu,
+        w: &Tensor,
+        g: &Tensor,
+        dw: &Tensor,
+    ) -> Result<Vec<Op>> {
+        match self {
+            WeightQ::Dorefa(q) => q.backward(gpu, g, dw),
+            WeightQ::Iao(slot) => {
+                let state = net.running.view(&net.running_arena, slot.state)?;
+                Ok(vec![slot.q.backward(gpu, &state, w, g, dw)?])
+            }
+        }
+    }
+}
