@@ -42,6 +42,10 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<storage, read> dy: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dx: array<f32>;
+// QuantAdd: copies of the two observers' states (one after the other: they live in the buffer
+// `state` is a view of, which one dispatch cannot also read), and the second summand
+@group(0) @binding(9) var<storage, read> observed_pair: array<f32>;
+@group(0) @binding(11) var<storage, read> x_b: array<f32>;
 
 const WG: u32 = 256u;
 // Elements of one row each workgroup of the extremes pass covers.
@@ -252,4 +256,26 @@ fn iao_backward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     dx[i] = grad(x[i], dx[i], row_of(i));
+}
+
+// QuantAdd (spec iao §2.1): the union of its two observers' ranges becomes the range of the
+// quantizer both summands share (a one-row state). Scale and zero point follow separately, in
+// training only (iao_qparams).
+@compute @workgroup_size(1)
+fn iao_union() {
+    // The second copy starts 64 words (256 bytes, a binding offset's alignment) in.
+    state[0] = min(observed_pair[0], observed_pair[64]);
+    state[1] = max(observed_pair[1], observed_pair[65]);
+}
+
+// y = Q(a) + Q(b), both with the one shared quantizer.
+@compute @workgroup_size(256)
+fn iao_add_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    y[i] = fake_quant(x[i], 0u) + fake_quant(x_b[i], 0u);
 }

@@ -91,17 +91,46 @@ class IaoRound(torch.autograd.Function):
         return g * ((v >= lo) & (v <= hi)).to(g.dtype), None, None
 
 
+class IaoObserver(nn.Module):
+    """An observer's range (spec iao §1.5): the first call copies the tensor's extremes (per tensor
+    "L", per output channel "C" or row "FC"), later calls keep running extremes (MinMax) or a
+    moving average with momentum 0.1."""
+
+    def __init__(self, level, moving_average, shape):
+        super().__init__()
+        self.level, self.moving_average = level, moving_average
+        self.register_buffer("min_val", torch.zeros(shape))
+        self.register_buffer("max_val", torch.zeros(shape))
+        self.observed = False
+
+    @torch.no_grad()
+    def forward(self, x):
+        if self.level == "L":
+            lo, hi = x.min().reshape(1), x.max().reshape(1)
+        else:
+            flat = x.flatten(1)
+            lo = flat.min(1)[0].reshape(self.min_val.shape)
+            hi = flat.max(1)[0].reshape(self.min_val.shape)
+        if self.observed:
+            if self.moving_average:
+                lo = (1 - 0.1) * self.min_val + 0.1 * lo
+                hi = (1 - 0.1) * self.max_val + 0.1 * hi
+            else:
+                lo, hi = torch.min(lo, self.min_val), torch.max(hi, self.max_val)
+        self.observed = True
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+
+
 class IaoQuantizer(nn.Module):
     """An IAO fake quantizer as the spec (iao §1.2-§1.5) describes micronet's: buffers scale,
     zero_point (micronet's sign: x ~ s (code + zp)), eps, quant_min_val, quant_max_val and an
-    observer's min_val / max_val; in training the observer takes the input (the first call copies)
-    and scale and zero point follow; then y = (clamp(R(x/s - zp), qmin, qmax) + zp) s."""
+    observer; in training the observer takes the input and scale and zero point follow; then
+    y = (clamp(R(x/s - zp), qmin, qmax) + zp) s."""
 
     def __init__(self, bits, q_type, weight, level, moving_average, rows=1):
         super().__init__()
         self.asym = q_type == "asymmetric"
-        self.level = level  # "L", "C" or "FC"
-        self.moving_average = moving_average
         if self.asym:
             qmin, qmax = 0, 2**bits - (2 if weight else 1)
         else:
@@ -112,29 +141,11 @@ class IaoQuantizer(nn.Module):
         self.register_buffer("eps", torch.tensor(torch.finfo(torch.float32).eps))
         self.register_buffer("quant_min_val", torch.tensor(float(qmin)))
         self.register_buffer("quant_max_val", torch.tensor(float(qmax)))
-        self.observer = Holder()
-        self.observer.register_buffer("min_val", torch.zeros(shape))
-        self.observer.register_buffer("max_val", torch.zeros(shape))
-        self.observed = False
+        self.observer = IaoObserver(level, moving_average, shape)
 
     @torch.no_grad()
-    def observe(self, x):
-        if self.level == "L":
-            lo, hi = x.min().reshape(1), x.max().reshape(1)
-        else:
-            flat = x.flatten(1)
-            lo = flat.min(1)[0].reshape(self.scale.shape)
-            hi = flat.max(1)[0].reshape(self.scale.shape)
-        o = self.observer
-        if self.observed:
-            if self.moving_average:
-                lo = (1 - 0.1) * o.min_val + 0.1 * lo
-                hi = (1 - 0.1) * o.max_val + 0.1 * hi
-            else:
-                lo, hi = torch.min(lo, o.min_val), torch.max(hi, o.max_val)
-        self.observed = True
-        o.min_val.copy_(lo)
-        o.max_val.copy_(hi)
+    def update_qparams(self):
+        lo, hi = self.observer.min_val, self.observer.max_val
         qmin, qmax = self.quant_min_val.item(), self.quant_max_val.item()
         if self.asym:
             s = torch.max((hi - lo) / float(qmax - qmin), self.eps)
@@ -146,9 +157,7 @@ class IaoQuantizer(nn.Module):
         self.scale.copy_(s)
         self.zero_point.copy_(zp)
 
-    def forward(self, x):
-        if self.training:
-            self.observe(x)
+    def quantize(self, x):
         s, zp = self.scale, self.zero_point
         v = x / s - zp
         lo = self.observer.min_val / s - zp
@@ -159,6 +168,35 @@ class IaoQuantizer(nn.Module):
         code = ClampInclusive.apply(IaoRound.apply(v, lo, hi), self.quant_min_val.item(),
                                     self.quant_max_val.item())
         return (code + zp) * s
+
+    def forward(self, x):
+        if self.training:
+            self.observer(x)
+            self.update_qparams()
+        return self.quantize(x)
+
+
+class IaoAdd(nn.Module):
+    """micronet's QuantAdd (spec iao §2.1): both observers take their inputs in every mode; their
+    union is the shared quantizer's range (scale and zero point follow in training);
+    y = Q(res) + Q(shortcut)."""
+
+    def __init__(self, bits, q_type):
+        super().__init__()
+        self.observer_res = IaoObserver("L", True, (1,))
+        self.observer_shortcut = IaoObserver("L", True, (1,))
+        self.activation_quantizer = IaoQuantizer(bits, q_type, False, "L", True)
+
+    def forward(self, res, shortcut):
+        self.observer_res(res)
+        self.observer_shortcut(shortcut)
+        q = self.activation_quantizer
+        with torch.no_grad():
+            q.observer.min_val.copy_(torch.min(self.observer_res.min_val, self.observer_shortcut.min_val))
+            q.observer.max_val.copy_(torch.max(self.observer_res.max_val, self.observer_shortcut.max_val))
+        if self.training:
+            q.update_qparams()
+        return q.quantize(res) + q.quantize(shortcut)
 
 
 def pair(v):
@@ -251,7 +289,12 @@ class Net(nn.Module):
                 if kind in ("maxpool", "avgpool", "adaptive_avgpool"):
                     holder = Holder()
                     self._register(name, holder)
-                if holder is not None and kind != "batchnorm":
+                if kind == "add":
+                    if len(inputs) != 2:
+                        raise ValueError("IAO's QuantAdd adds two tensors")
+                    mod = IaoAdd(a_bits, iao["q_type"])
+                    self._register(name, mod)
+                elif holder is not None and kind != "batchnorm":
                     holder.add_module("activation_quantizer",
                                       IaoQuantizer(a_bits, iao["q_type"], False, "L", True))
                 if kind in ("conv", "conv_transpose", "linear"):
@@ -285,6 +328,10 @@ class Net(nn.Module):
         x = t[inputs[0]]
         if bits is not None and float_bits is not None:
             bits = (float_bits, float_bits)
+        if isinstance(mod, IaoAdd):
+            if float_bits is not None:
+                return x + t[inputs[1]]
+            return mod(x, t[inputs[1]])
         if hasattr(mod, "activation_quantizer"):
             # IAO: the module's own quantizers replace DoReFa's (float_bits: a shape probe).
             if float_bits is None:

@@ -42,8 +42,14 @@ const OBSERVE: Entry = entry("iao_observe", &[(3, R), (4, W)]);
 const QPARAMS: Entry = entry("iao_qparams", &[(4, W)]);
 const FORWARD: Entry = entry("iao_forward", &[(1, R), (5, R), (6, W)]);
 const FORWARD_IN_PLACE: Entry = entry("iao_forward_in_place", &[(5, R), (6, W)]);
+const UNION: Entry = entry("iao_union", &[(4, W), (9, R)]);
+const ADD_FORWARD: Entry = entry("iao_add_forward", &[(1, R), (5, R), (6, W), (11, R)]);
 const BACKWARD: Entry = entry("iao_backward", &[(1, R), (5, R), (7, R), (8, W)]);
 const BACKWARD_IN_PLACE: Entry = entry("iao_backward_in_place", &[(1, R), (5, R), (8, W)]);
+
+/// Where the second of QuantAdd's copied observer states starts: 256 bytes, the alignment of
+/// a view's offset.
+const PAIR_STRIDE: usize = 64;
 
 /// Words of state per row: min, max, scale, zero point.
 pub const ROW_WORDS: usize = 4;
@@ -56,6 +62,8 @@ pub struct IaoQuantizer {
     shape: Vec<usize>,
     rows: usize,
     partials: Tensor,
+    /// A per-tensor activation quantizer's copies of two observers' states (QuantAdd's union).
+    pair: Option<Tensor>,
 }
 
 impl IaoQuantizer {
@@ -70,7 +78,17 @@ impl IaoQuantizer {
         let n: usize = shape.iter().product();
         let rows = if spec.per_channel { shape[0] } else { 1 };
         let blocks = (n / rows).div_ceil(CHUNK).max(1);
+        let pair = (rows == 1 && spec.operand == Operand::Activation)
+            .then(|| {
+                gpu.zeros(
+                    &format!("{name} observed ranges"),
+                    &[2 * PAIR_STRIDE],
+                    DType::F32,
+                )
+            })
+            .transpose()?;
         Ok(IaoQuantizer {
+            pair,
             spec,
             shape: shape.to_vec(),
             rows,
@@ -284,6 +302,67 @@ impl IaoQuantizer {
             self.label(K, x),
             &self.params(n, row_len),
             &[x, state, d],
+            elementwise_grid(gpu, n),
+        )
+    }
+
+    /// QuantAdd: this per-tensor activation quantizer's range becomes the union of two
+    /// observers' ranges (`a` and `b`: states of per-tensor quantizers that observed the
+    /// summands; copied first, since they share the running arena with `state`).
+    pub fn union(&self, gpu: &Gpu, state: &Tensor, a: &Tensor, b: &Tensor) -> Result<Vec<Op>> {
+        const K: &str = "iao_union";
+        for (name, t) in [("state", state), ("a", a), ("b", b)] {
+            expect_dtype(K, name, t, DType::F32)?;
+            expect_shape(K, name, t, &[ROW_WORDS + 1])?;
+        }
+        let Some(pair) = &self.pair else {
+            return Err(Error::shape(
+                K,
+                "only a per-tensor activation quantizer takes a union",
+            ));
+        };
+        let words = ROW_WORDS + 1;
+        Ok(vec![
+            Op::Copy {
+                src: a.clone(),
+                dst: pair.view(0, &[words])?,
+            },
+            Op::Copy {
+                src: b.clone(),
+                dst: pair.view(PAIR_STRIDE, &[words])?,
+            },
+            UNION.launch(
+                gpu,
+                &[],
+                format!("{K} a{}", self.spec.bits),
+                &self.params(0, 0),
+                &[state, pair],
+                [1, 1, 1],
+            )?,
+        ])
+    }
+
+    /// QuantAdd's sum `y = Q(a) + Q(b)`, one scale for both (a per-tensor quantizer).
+    pub fn add_forward(
+        &self,
+        gpu: &Gpu,
+        state: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+    ) -> Result<Op> {
+        const K: &str = "iao_add_forward";
+        let (n, row_len) = self.extent(K, state, a)?;
+        for (name, t) in [("b", b), ("y", y)] {
+            expect_dtype(K, name, t, DType::F32)?;
+            expect_shape(K, name, t, a.shape())?;
+        }
+        ADD_FORWARD.launch(
+            gpu,
+            &[],
+            self.label(K, a),
+            &self.params(n, row_len),
+            &[a, state, y, b],
             elementwise_grid(gpu, n),
         )
     }

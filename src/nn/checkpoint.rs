@@ -6,7 +6,8 @@
 //!
 //! IAO quantizers are saved under micronet's keys (`{layer}.activation_quantizer.scale`,
 //! `.zero_point`, `.eps`, `.quant_min_val`, `.quant_max_val`, `.observer.min_val`,
-//! `.observer.max_val`, and the same for `weight_quantizer`). Whether an observer has seen
+//! `.observer.max_val`, and the same for `weight_quantizer`; a QuantAdd's observers as
+//! `{add}.observer_res.min_val` ... `{add}.observer_shortcut.max_val`). Whether an observer has seen
 //! anything is not saved, as micronet keeps it out of its state dict: after a load, the first
 //! training call takes the current range (a resume file keeps it, under `wgqat.iao_observed`).
 
@@ -277,9 +278,10 @@ impl Network {
             .collect::<Result<_>>()?;
         // A checkpoint without any quantizer state (a float or DoReFa model) starts every IAO
         // quantizer afresh, as micronet loads float weights before prepare().
-        let has_iao = iao
-            .iter()
-            .any(|q| by_name.contains_key(&format!("{}.scale", q.prefix)));
+        let has_iao = iao.iter().any(|q| {
+            let key = if q.observer_only { "min_val" } else { "scale" };
+            by_name.contains_key(&format!("{}.{key}", q.prefix))
+        });
         for q in &iao {
             running[q.entry] = if has_iao {
                 iao_state(q, path, &mut by_name)?
@@ -338,6 +340,12 @@ impl Network {
 fn iao_keys(q: &IaoInfo, state: &[f32]) -> Vec<Named> {
     let col = |k: usize| -> Vec<f32> { (0..q.rows).map(|r| state[r * ROW_WORDS + k]).collect() };
     let p = &q.prefix;
+    if q.observer_only {
+        return vec![
+            Named::f32(format!("{p}.min_val"), &q.key_shape, col(0)),
+            Named::f32(format!("{p}.max_val"), &q.key_shape, col(1)),
+        ];
+    }
     vec![
         Named::f32(format!("{p}.scale"), &q.key_shape, col(2)),
         Named::f32(format!("{p}.zero_point"), &q.key_shape, col(3)),
@@ -374,6 +382,17 @@ fn iao_state(q: &IaoInfo, path: &Path, by_name: &mut HashMap<String, Named>) -> 
             )),
         }
     };
+    if q.observer_only {
+        let (lo, hi) = (
+            take("min_val", &q.key_shape)?,
+            take("max_val", &q.key_shape)?,
+        );
+        let mut state = q.initial.clone();
+        for r in 0..q.rows {
+            (state[r * ROW_WORDS], state[r * ROW_WORDS + 1]) = (lo[r], hi[r]);
+        }
+        return Ok(state);
+    }
     let scale = take("scale", &q.key_shape)?;
     let zp = take("zero_point", &q.key_shape)?;
     let lo = take("observer.min_val", &q.key_shape)?;

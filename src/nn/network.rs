@@ -28,8 +28,10 @@ use memory::LayerBuffers;
 
 /// An IAO quantizer's place in the running arena and its checkpoint names.
 pub(crate) struct IaoInfo {
-    /// e.g. `model.0.conv.activation_quantizer`.
+    /// e.g. `model.0.conv.activation_quantizer`, or an add's `conv2_x.0.add.observer_res`.
     pub prefix: String,
+    /// An add's observer: only its range is saved (`{prefix}.min_val`, `{prefix}.max_val`).
+    pub observer_only: bool,
     /// micronet's shape of its scale, zero point and observer range.
     pub key_shape: Vec<usize>,
     pub rows: usize,
@@ -288,8 +290,11 @@ impl Network {
                 Some(lower::WeightQ::Iao(slot)) => Some(slot),
                 _ => None,
             };
-            for slot in l.input_q.iter().chain(weight) {
+            let observers = l.observers.iter().map(|s| (s, true));
+            let quantizers = l.input_q.iter().chain(weight).map(|s| (s, false));
+            for (slot, observer_only) in observers.chain(quantizers) {
                 out.push(IaoInfo {
+                    observer_only,
                     prefix: slot.prefix.clone(),
                     key_shape: slot.key_shape.clone(),
                     rows: slot.q.rows(),
@@ -570,7 +575,7 @@ impl Network {
             Kind::MaxPool(_) | Kind::AvgPool(_) => pool::ops(self, l, io),
             Kind::Shuffle(_) => shuffle::ops(l, io),
             Kind::Relu => elementwise::relu(l, io),
-            Kind::Add => elementwise::add(l, io),
+            Kind::Add => elementwise::add(self, l, io),
             // Aliases: the layer before did the work.
             Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten => Ok((Vec::new(), Vec::new())),
         }

@@ -1,8 +1,9 @@
 //! The elementwise nodes: a ReLU not fused into a BatchNorm (after a residual add, say), and the
-//! sum of a residual block, `y = x0 + x1 (+ x2 ...)`, float as micronet's DoReFa leaves `Add`;
-//! each input's gradient is `dy`.
+//! sum of a residual block, `y = x0 + x1 (+ x2 ...)`: float as micronet's DoReFa leaves `Add`
+//! (each input's gradient is `dy`), or IAO's `QuantAdd` (both summands quantized with one scale).
 
-use super::{Io, Kind, Layer, Ops};
+use super::lower::IaoSlot;
+use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::Result;
 use crate::gpu::Op;
 use crate::kernels::elementwise;
@@ -26,8 +27,11 @@ pub(super) fn relu(l: &Layer, io: &Io) -> Result<Ops> {
     Ok((fwd, bwd))
 }
 
-pub(super) fn add(l: &Layer, io: &Io) -> Result<Ops> {
+pub(super) fn add(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     debug_assert!(matches!(l.kind, Kind::Add));
+    if let Some(slot) = &l.input_q {
+        return quant_add(net, l, slot, io);
+    }
     let (gpu, xs) = (io.gpu, io.xs);
     let mut fwd = vec![Op::Dispatch(elementwise::add_forward(
         gpu, &xs[0], &xs[1], io.y,
@@ -42,6 +46,36 @@ pub(super) fn add(l: &Layer, io: &Io) -> Result<Ops> {
                 src: io.dy(l)?.clone(),
                 dst: dx.clone(),
             });
+        }
+    }
+    Ok((fwd, bwd))
+}
+
+/// micronet's `QuantAdd(res, shortcut)`: its two observers take their inputs in training and in
+/// evaluation alike; the union of their ranges is the shared quantizer's range (scale and zero
+/// point follow in training); `y = Q(res) + Q(shortcut)`, and each input's gradient is `dy`
+/// through the quantizer's straight-through mask.
+fn quant_add(net: &Network, l: &Layer, slot: &IaoSlot, io: &Io) -> Result<Ops> {
+    let gpu = io.gpu;
+    let view = |s: &IaoSlot| net.running.view(&net.running_arena, s.state);
+    let (state, [res, shortcut]) = (view(slot)?, [&l.observers[0], &l.observers[1]]);
+    let (rs, ss) = (view(res)?, view(shortcut)?);
+    let mut fwd = res.q.observe(gpu, &rs, &io.xs[0])?;
+    fwd.extend(shortcut.q.observe(gpu, &ss, &io.xs[1])?);
+    fwd.extend(slot.q.union(gpu, &state, &rs, &ss)?);
+    if io.train {
+        fwd.push(slot.q.update_qparams(gpu, &state)?);
+    }
+    fwd.push(
+        slot.q
+            .add_forward(gpu, &state, &io.xs[0], &io.xs[1], io.y)?,
+    );
+    let mut bwd = Vec::new();
+    if io.train {
+        for (x, dx) in io.xs.iter().zip(io.dxs) {
+            if let Some(dx) = dx {
+                bwd.push(slot.q.backward(gpu, &state, x, io.dy(l)?, dx)?);
+            }
         }
     }
     Ok((fwd, bwd))

@@ -87,8 +87,11 @@ pub(super) struct Layer {
     /// running_mean, running_var in the running arena.
     pub(super) running: Option<(usize, usize)>,
     pub(super) quantizer: Option<WeightQ>,
-    /// An IAO quantizer of the input (weighted layers, pools and adds under IAO).
+    /// An IAO quantizer of the input (weighted layers, pools and adds under IAO; an add's
+    /// quantizes both summands with the union of `observers`' ranges).
     pub(super) input_q: Option<IaoSlot>,
+    /// An IAO add's observers of its two inputs (micronet's `observer_res`, `observer_shortcut`).
+    pub(super) observers: Vec<IaoSlot>,
     /// The quantized weight Ŵ and (training) dL/dŴ.
     pub(super) w_hat: Option<Tensor>,
     pub(super) dw_hat: Option<Tensor>,
@@ -199,6 +202,7 @@ pub(super) fn lower(
             running: None,
             quantizer: None,
             input_q,
+            observers: Vec::new(),
             w_hat: None,
             dw_hat: None,
             bn_stats: None,
@@ -363,7 +367,29 @@ pub(super) fn lower(
             }
             LayerSpec::Shuffle { groups } => layer.kind = Kind::Shuffle(*groups),
             LayerSpec::Flatten => layer.kind = Kind::Flatten,
-            LayerSpec::Add { .. } => layer.kind = Kind::Add,
+            LayerSpec::Add { .. } => {
+                layer.kind = Kind::Add;
+                if let ActQuant::Iao { bits, q_type } = lq.input {
+                    if node.inputs.len() != 2 {
+                        return Err(Error::Invalid(format!(
+                            "layer {name}: IAO's QuantAdd adds two tensors, this add has {}; use adds of two",
+                            node.inputs.len()
+                        )));
+                    }
+                    let shape: Vec<usize> = std::iter::once(capacity)
+                        .chain(in_shape.iter().copied())
+                        .collect();
+                    for which in ["observer_res", "observer_shortcut"] {
+                        layer.observers.push(IaoSlot::new(
+                            gpu,
+                            Spec::activation(bits, q_type),
+                            &shape,
+                            format!("{name}.{which}"),
+                            running,
+                        )?);
+                    }
+                }
+            }
             LayerSpec::AdaptiveAvgPool { .. }
             | LayerSpec::Sequential { .. }
             | LayerSpec::Residual { .. } => {

@@ -131,8 +131,9 @@ impl Network {
         let cap = self.capacity;
         let elems = |s: &[usize]| s.iter().product::<usize>();
         // A DoReFa weighted layer's input, or an IAO quantizer's (weighted layers and pools).
+        // (An IAO add quantizes its summands as it adds them: no copy.)
         let quantized_in = |l: &Layer| {
-            l.input_q.is_some()
+            (l.input_q.is_some() && !matches!(l.kind, Kind::Add))
                 || matches!(
                     l.kind,
                     Kind::Weighted {
