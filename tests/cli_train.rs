@@ -112,6 +112,115 @@ fn trains_and_evaluates_a_cifar_folder_and_writes_predictions() {
     std::fs::remove_dir_all(&data).unwrap();
 }
 
+/// IAO from the command line: `--scheme iao` trains, `eval` takes the scheme from the
+/// checkpoint and reproduces the trainer's evaluation, a DoReFa checkpoint initialises an IAO
+/// run, and what IAO does not do yet (integer export) or cannot mean (a quantized first layer,
+/// another bit width than the checkpoint's) is a one-line error.
+#[test]
+fn iao_trains_evaluates_and_refuses_what_it_cannot_do() {
+    let data = cifar_dir("iao");
+    let model = ci_model();
+    let run = |dir: &str, extra: &[&str]| {
+        let out = data.join(dir);
+        let mut args = vec![
+            "train",
+            "--model",
+            &model,
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--eval-batch-size",
+            "32",
+            "--plain",
+        ];
+        args.extend(extra);
+        args.extend(["--out", out.to_str().unwrap()]);
+        (wgqat(&args.iter().map(|s| &**s).collect::<Vec<_>>()), out)
+    };
+    let (o, iao) = run("iao", &["--scheme", "iao", "--q-type", "asymmetric"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("IAO W8A8 asymmetric, per-channel"), "{err}");
+    let ckpt = iao.join("last.safetensors");
+    let o = wgqat(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--model",
+        &ci_model(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["scheme"]["scheme"], "iao");
+    assert_eq!(v["scheme"]["q_type"], "asymmetric");
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(iao.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|m: &serde_json::Value| m["kind"] == "eval")
+        .collect();
+    let (l, l0) = (
+        v["loss"].as_f64().unwrap(),
+        evals[0]["loss"].as_f64().unwrap(),
+    );
+    assert!((l - l0).abs() < 1e-6, "eval loss {l} vs the trainer's {l0}");
+    assert_eq!(
+        v["acc"].as_f64(),
+        evals[0]["acc"].as_f64(),
+        "eval vs trainer"
+    );
+    // Another bit width than the checkpoint's quantizers were made for.
+    fails_with(
+        &wgqat(&[
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--model",
+            &ci_model(),
+            "--data",
+            data.to_str().unwrap(),
+            "--a-bits",
+            "4",
+        ]),
+        &["quant_max_val", "other bits"],
+    );
+    let int = data.join("iao.int.safetensors");
+    fails_with(
+        &wgqat(&[
+            "export",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--model",
+            &ci_model(),
+            "--out",
+            int.to_str().unwrap(),
+        ]),
+        &[
+            "integer export of IAO models is not supported yet",
+            "wgqat eval",
+        ],
+    );
+    assert!(!int.exists());
+    let (o, _) = run("first", &["--scheme", "iao", "--quantize-first-layer"]);
+    fails_with(&o, &["--quantize-first-layer", "IAO quantizes every layer"]);
+    // A DoReFa (or float) checkpoint starts an IAO run: its quantizers start afresh.
+    let (o, dorefa) = run("dorefa", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let init = dorefa.join("last.safetensors");
+    let (o, _) = run(
+        "init",
+        &["--scheme", "iao", "--init", init.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(&data).unwrap();
+}
+
 #[test]
 fn missing_or_empty_data_folders_are_errors() {
     fails_with(

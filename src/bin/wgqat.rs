@@ -918,18 +918,17 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({ "images": r.images, "loss": r.loss, "acc": r.acc, "model": config.model, "w_bits": config.w_bits, "a_bits": config.a_bits })
+            serde_json::json!({ "images": r.images, "loss": r.loss, "acc": r.acc, "model": config.model, "w_bits": config.w_bits, "a_bits": config.a_bits, "scheme": config.quant().scheme })
         );
     } else {
         println!(
-            "{}: {} test images, loss {:.4}, accuracy {:.2}% ({} W{}A{})",
+            "{}: {} test images, loss {:.4}, accuracy {:.2}% ({} {})",
             a.checkpoint.display(),
             r.images,
             r.loss,
             r.acc,
             config.model,
-            config.w_bits,
-            config.a_bits
+            config.quant().describe()
         );
     }
     Ok(ExitCode::SUCCESS)
