@@ -6,7 +6,7 @@ use crate::gpu::{DType, Gpu, Op, Tensor};
 use crate::kernels::conv2d::{self, Conv2dGeom};
 use crate::kernels::quant::{WeightQuantizer, act_backward, act_forward};
 use crate::models::{LayerSpec, ModelSpec};
-use crate::quant::Bits;
+use crate::quant::{Bits, QuantConfig};
 use crate::rng::Rng;
 
 /// One timed kernel (or group of launches, e.g. split-K plus its reduction).
@@ -277,6 +277,9 @@ pub fn kernels(
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TrainingBench {
     pub model: String,
+    /// `dorefa` or `iao` (symmetric, per-channel, min-max weight observers: micronet's README
+    /// setting).
+    pub scheme: crate::quant::SchemeName,
     pub w_bits: u32,
     pub a_bits: u32,
     pub batch: usize,
@@ -323,10 +326,11 @@ pub struct TrainingOptions {
 pub fn training(
     gpu: &Gpu,
     model: &ModelSpec,
-    bits: Bits,
+    quant: QuantConfig,
     batch: usize,
     opts: &TrainingOptions,
 ) -> TrainingBench {
+    let bits = quant.w_bits;
     let timer = if gpu.caps.timestamp_query {
         "gpu timestamps"
     } else {
@@ -334,8 +338,9 @@ pub fn training(
     };
     let mut row = TrainingBench {
         model: model.name.clone(),
+        scheme: quant.scheme.name(),
         w_bits: bits.get(),
-        a_bits: bits.get(),
+        a_bits: quant.a_bits.get(),
         batch,
         img_per_s: None,
         step_ms: None,
@@ -351,11 +356,9 @@ pub fn training(
     };
     let run = |row: &mut TrainingBench| -> Result<()> {
         use crate::nn::{Mode, Network, init};
-        use crate::quant::QuantConfig;
         gpu.pool().trim();
         gpu.pool().reset_peak();
         let pool_before = gpu.pool().stats();
-        let quant = QuantConfig::dorefa(bits, bits);
         let net = Network::new(gpu, model, quant, batch, true, 1)?;
         init::initialise(gpu, &net, 1)?;
         let kind = crate::train::TrainConfig::default().optimizer_kind();
@@ -494,7 +497,6 @@ pub fn inference(
     };
     let run = |row: &mut InferenceBench| -> Result<()> {
         use crate::nn::{Mode, Network, init};
-        use crate::quant::QuantConfig;
         gpu.pool().trim();
         let quant = QuantConfig::dorefa(bits, bits);
         let net = Network::new(gpu, model, quant, batch, false, 1)?;

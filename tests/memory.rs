@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Mutex;
 use wgqat::bench::{TrainingOptions, training};
-use wgqat::quant::Bits;
+use wgqat::quant::{Bits, QuantConfig};
 
 /// Peak memory is read from the GPU's buffer pool: the tests here take turns with it.
 static POOL: Mutex<()> = Mutex::new(());
@@ -21,7 +21,14 @@ fn peak(model: &str, bits: u32, batch: usize) -> f64 {
         steps: 0,
         breakdown: false,
     };
-    let row = training(common::gpu(), &spec, Bits::new(bits).unwrap(), batch, &opts);
+    let b = Bits::new(bits).unwrap();
+    let row = training(
+        common::gpu(),
+        &spec,
+        QuantConfig::dorefa(b, b),
+        batch,
+        &opts,
+    );
     assert!(
         row.error.is_none(),
         "{model} batch {batch}: {:?}",
@@ -65,7 +72,6 @@ fn memory_savings_change_no_bit_of_a_training_step() {
     use std::path::Path;
     use wgqat::nn::checkpoint::Data;
     use wgqat::nn::{Mode, Network, init};
-    use wgqat::quant::QuantConfig;
     use wgqat::rng::Rng;
     use wgqat::train::Optimizer;
 

@@ -3,10 +3,12 @@
 nin_gc, nin and resnet18 (tools/models/*.json, written by `wgqat model`; resnet18 is micronet's
 models/resnet.py under DoReFa's prepare(): every conv but the first, and fc, quantized; adds float) with the spec's DoReFa quantizers
 (tools/torch_reference.py), Adam (lr 0.01, coupled L2 1e-5), cross-entropy, random data already on
-the device, images per second over the timed steps after warm-up, and peak memory.
+the device, images per second over the timed steps after warm-up, and peak memory. --scheme iao
+runs micronet's IAO prepare() instead (symmetric, per-channel weights, min-max weight observers:
+every conv and Linear, the pools' and adds' inputs; tools/torch_reference.py's IAO modules).
 
 Usage:
-  python3 tools/torch_bench.py [--compile] [--model nin_gc,nin,resnet18] [--bits 8,32] [--batch 50,128,256]
+  python3 tools/torch_bench.py [--compile] [--scheme dorefa,iao] [--model nin_gc,nin,resnet18] [--bits 8,32] [--batch 50,128,256]
                                [--warmup 5] [--steps 30] [--json]
 CUDA is used when present (cuDNN's defaults, TF32 allowed as PyTorch allows it by default);
 --strict-fp32 turns TF32 off.
@@ -24,9 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_reference import Net, micronet_init  # noqa: E402
 
 
-def bench(spec, bits, batch, args, device):
+def bench(spec, bits, batch, args, device, scheme="dorefa"):
     torch.manual_seed(1)
-    net = Net(spec, bits, bits, False).to(device)
+    iao = None
+    if scheme == "iao" and bits != 32:
+        iao = dict(q_type="symmetric", q_level="channel", weight_observer="min-max")
+    net = Net(spec, bits, bits, False, iao).to(device)
     micronet_init(net)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=1e-5)
@@ -54,6 +59,7 @@ def bench(spec, bits, batch, args, device):
     secs = time.perf_counter() - t0
     return {
         "model": spec["name"],
+        "scheme": "iao" if iao else "dorefa",
         "w_bits": bits,
         "a_bits": bits,
         "batch": batch,
@@ -71,6 +77,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--model", default="nin_gc,nin")
+    ap.add_argument("--scheme", default="dorefa", help="comma list: dorefa, iao")
     ap.add_argument("--bits", default="8,32")
     ap.add_argument("--batch", default="50,128,256")
     ap.add_argument("--warmup", type=int, default=5)
@@ -87,13 +94,20 @@ def main():
     for name in args.model.split(","):
         path = name if name.endswith(".json") else os.path.join(here, "models", f"{name}.json")
         spec = json.load(open(path))
+        runs = []
         for bits in [int(b) for b in args.bits.split(",")]:
+            for scheme in args.scheme.split(","):
+                key = (bits, "dorefa" if bits == 32 else scheme)
+                if key not in runs:
+                    runs.append(key)
+        for bits, scheme in runs:
             for batch in [int(b) for b in args.batch.split(",")]:
-                r = bench(spec, bits, batch, args, device)
+                r = bench(spec, bits, batch, args, device, scheme)
                 rows.append(r)
                 if not args.json:
                     mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-                    print(f"{r['model']:8} {'fp32' if bits == 32 else f'W{bits}A{bits}':5} {batch:5} "
+                    label = "fp32" if bits == 32 else ("IAO " if scheme == "iao" else "") + f"W{bits}A{bits}"
+                    print(f"{r['model']:8} {label:9} {batch:5} "
                           f"{r['img_per_s']:10.1f} img/s {r['step_ms']:9.1f} ms/step peak {mem} ({r['mode']}, {r['device']})")
     if args.json:
         print(json.dumps({"training": rows}, indent=2))

@@ -141,12 +141,13 @@ class IaoQuantizer(nn.Module):
         self.register_buffer("eps", torch.tensor(torch.finfo(torch.float32).eps))
         self.register_buffer("quant_min_val", torch.tensor(float(qmin)))
         self.register_buffer("quant_max_val", torch.tensor(float(qmax)))
+        self.qmin, self.qmax = float(qmin), float(qmax)  # as Python floats: no device sync
         self.observer = IaoObserver(level, moving_average, shape)
 
     @torch.no_grad()
     def update_qparams(self):
         lo, hi = self.observer.min_val, self.observer.max_val
-        qmin, qmax = self.quant_min_val.item(), self.quant_max_val.item()
+        qmin, qmax = self.qmin, self.qmax
         if self.asym:
             s = torch.max((hi - lo) / float(qmax - qmin), self.eps)
             q = lo / s
@@ -165,8 +166,7 @@ class IaoQuantizer(nn.Module):
         if not self.asym:
             hi = torch.max(lo.abs(), hi.abs())
             lo = -hi
-        code = ClampInclusive.apply(IaoRound.apply(v, lo, hi), self.quant_min_val.item(),
-                                    self.quant_max_val.item())
+        code = ClampInclusive.apply(IaoRound.apply(v, lo, hi), self.qmin, self.qmax)
         return (code + zp) * s
 
     def forward(self, x):

@@ -82,6 +82,10 @@ struct BenchArgs {
     /// Bits, weights and activations alike (comma list; 32 = float).
     #[arg(long, default_value = "8,32", value_delimiter = ',')]
     bits: Vec<u32>,
+    /// Quantization schemes (comma list): dorefa, iao (symmetric, per-channel weights, min-max
+    /// weight observers: micronet's README setting). Float runs once, whatever the scheme.
+    #[arg(long, value_enum, default_value = "dorefa", value_delimiter = ',')]
+    scheme: Vec<SchemeName>,
     /// Batch sizes (comma list) [default: 50,128,256; with --infer 1,256].
     #[arg(long, value_delimiter = ',')]
     batch: Option<Vec<usize>>,
@@ -1019,7 +1023,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.warmup
         );
         println!(
-            "{:<mw$} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+            "{:<mw$} {:>10} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
             "model",
             "bits",
             "batch",
@@ -1032,22 +1036,32 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             "mem GiB"
         );
     }
+    // Each scheme at each quantized width; float once.
+    let mut quants: Vec<wgqat::quant::QuantConfig> = Vec::new();
+    for &b in &bits {
+        for &scheme in &a.scheme {
+            let q = match scheme {
+                _ if b.is_float() => wgqat::quant::QuantConfig::dorefa(b, b),
+                SchemeName::Dorefa => wgqat::quant::QuantConfig::dorefa(b, b),
+                SchemeName::Iao => wgqat::quant::QuantConfig::iao(b, b, Default::default()),
+            };
+            if !quants.contains(&q) {
+                quants.push(q);
+            }
+        }
+    }
     for spec in &specs {
-        for &b in &bits {
+        for &q in &quants {
             for &batch in &batches {
-                let r = wgqat::bench::training(&gpu, spec, b, batch, &opts);
+                let r = wgqat::bench::training(&gpu, spec, q, batch, &opts);
                 if !a.json {
                     let f = |v: Option<f64>, p: usize| {
                         v.map_or("-".to_string(), |x| format!("{x:.p$}"))
                     };
                     println!(
-                        "{:<mw$} {:>5} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}{}",
+                        "{:<mw$} {:>10} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}{}",
                         r.model,
-                        if b.is_float() {
-                            "fp32".to_string()
-                        } else {
-                            format!("W{b}A{b}")
-                        },
+                        q.label(),
                         batch,
                         f(r.img_per_s, 1),
                         f(r.step_ms, 1),
