@@ -27,7 +27,7 @@ struct Params {
     asymmetric: u32,
     moving_average: u32,
     opaque_zero: u32,    // 0, unknown to the compiler
-    _pad0: u32,
+    k: u32,              // histogram observer: which smallest |x| (1-based)
     _pad1: u32,
     _pad2: u32,
 }
@@ -46,6 +46,10 @@ struct Params {
 // `state` is a view of, which one dispatch cannot also read), and the second summand
 @group(0) @binding(9) var<storage, read> observed_pair: array<f32>;
 @group(0) @binding(11) var<storage, read> x_b: array<f32>;
+// PTQ's histogram observer: counts of |x| by the high, then the low 16 bits of its pattern (the
+// patterns of non-negative floats sort as the floats do), and [high bits found, k left]
+@group(0) @binding(12) var<storage, read_write> hist: array<atomic<u32>>;
+@group(0) @binding(13) var<storage, read_write> select_state: array<u32>;
 
 const WG: u32 = 256u;
 // Elements of one row each workgroup of the extremes pass covers.
@@ -278,4 +282,102 @@ fn iao_add_forward(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     y[i] = fake_quant(x[i], 0u) + fake_quant(x_b[i], 0u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PTQ's histogram observer (spec §1.5): the k-th smallest |x| by a two-pass radix select, exact
+// (integer counts), then max = that value on the first call, else a moving average; min = 0.
+
+const BINS: u32 = 65536u;
+var<workgroup> red_count: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn iao_hist_clear(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i < BINS) {
+        atomicStore(&hist[i], 0u);
+    }
+}
+
+@compute @workgroup_size(256)
+fn iao_hist_hi(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    atomicAdd(&hist[bitcast<u32>(abs(x[i])) >> 16u], 1u);
+}
+
+@compute @workgroup_size(256)
+fn iao_hist_lo(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let bits = bitcast<u32>(abs(x[i]));
+    if ((bits >> 16u) == select_state[0]) {
+        atomicAdd(&hist[bits & 0xffffu], 1u);
+    }
+}
+
+// The bin holding the k-th counted value (1-based), and how many of that bin's values come
+// before it, k - (values in lower bins): each thread sums 256 bins, thread 0 walks the sums.
+fn find_bin(lid: u32, k: u32) -> vec2<u32> {
+    var sum = 0u;
+    for (var b = lid * 256u; b < lid * 256u + 256u; b++) {
+        sum += atomicLoad(&hist[b]);
+    }
+    red_count[lid] = sum;
+    workgroupBarrier();
+    var out = vec2<u32>(0u, 0u);
+    if (lid == 0u) {
+        var before = 0u;
+        var t = 0u;
+        while (t < 255u && before + red_count[t] < k) {
+            before += red_count[t];
+            t++;
+        }
+        var b = t * 256u;
+        loop {
+            let c = atomicLoad(&hist[b]);
+            if (before + c >= k || b == t * 256u + 255u) {
+                break;
+            }
+            before += c;
+            b++;
+        }
+        out = vec2<u32>(b, k - before);
+    }
+    return out;
+}
+
+@compute @workgroup_size(256)
+fn iao_select_hi(@builtin(local_invocation_index) lid: u32) {
+    let found = find_bin(lid, p.k);
+    if (lid == 0u) {
+        select_state[0] = found.x;
+        select_state[1] = found.y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn iao_select_lo(@builtin(local_invocation_index) lid: u32) {
+    let found = find_bin(lid, select_state[1]);
+    if (lid == 0u) {
+        let cur = bitcast<f32>((select_state[0] << 16u) | found.x);
+        var hi = cur;
+        if (state[4] != 0.0) {
+            hi = opaque(KEEP * state[1]) + opaque(MOMENTUM * cur);
+        }
+        state[0] = 0.0;
+        state[1] = hi;
+        qparams(0u);
+        state[4] = 1.0;
+    }
 }

@@ -7,7 +7,7 @@
 use super::{Entry, IAO, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor, grid_1d};
-use crate::quant::iao::{Observer, Operand, QType, Spec};
+use crate::quant::iao::{Observer, Operand, Percentile, QType, Spec};
 
 /// Elements of one row each workgroup of the extremes pass covers (`CHUNK` in the shader).
 const CHUNK: usize = 4096;
@@ -24,7 +24,8 @@ struct Params {
     asymmetric: u32,
     moving_average: u32,
     opaque_zero: u32,
-    _pad: [u32; 3],
+    k: u32,
+    _pad: [u32; 2],
 }
 
 use Bind::{Read as R, ReadWrite as W};
@@ -44,6 +45,13 @@ const FORWARD: Entry = entry("iao_forward", &[(1, R), (5, R), (6, W)]);
 const FORWARD_IN_PLACE: Entry = entry("iao_forward_in_place", &[(5, R), (6, W)]);
 const UNION: Entry = entry("iao_union", &[(4, W), (9, R)]);
 const ADD_FORWARD: Entry = entry("iao_add_forward", &[(1, R), (5, R), (6, W), (11, R)]);
+const HIST_CLEAR: Entry = entry("iao_hist_clear", &[(12, W)]);
+const HIST_HI: Entry = entry("iao_hist_hi", &[(1, R), (12, W)]);
+const SELECT_HI: Entry = entry("iao_select_hi", &[(12, W), (13, W)]);
+const HIST_LO: Entry = entry("iao_hist_lo", &[(1, R), (12, W), (13, W)]);
+const SELECT_LO: Entry = entry("iao_select_lo", &[(4, W), (12, W), (13, W)]);
+/// Bins of the histogram observer's radix select (`BINS` in the shader).
+const BINS: usize = 65536;
 const BACKWARD: Entry = entry("iao_backward", &[(1, R), (5, R), (7, R), (8, W)]);
 const BACKWARD_IN_PLACE: Entry = entry("iao_backward_in_place", &[(1, R), (5, R), (8, W)]);
 
@@ -64,6 +72,8 @@ pub struct IaoQuantizer {
     partials: Tensor,
     /// A per-tensor activation quantizer's copies of two observers' states (QuantAdd's union).
     pair: Option<Tensor>,
+    /// The histogram observer's counts and selection state.
+    histogram: Option<(Tensor, Tensor)>,
 }
 
 impl IaoQuantizer {
@@ -87,8 +97,21 @@ impl IaoQuantizer {
                 )
             })
             .transpose()?;
+        let histogram = match spec.histogram {
+            Some(_) if rows > 1 => {
+                return Err(Error::Invalid(format!(
+                    "{name}: the histogram observer is per tensor"
+                )));
+            }
+            Some(_) => Some((
+                gpu.zeros(&format!("{name} |x| histogram"), &[BINS], DType::U32)?,
+                gpu.zeros(&format!("{name} selection"), &[2], DType::U32)?,
+            )),
+            None => None,
+        };
         Ok(IaoQuantizer {
             pair,
+            histogram,
             spec,
             shape: shape.to_vec(),
             rows,
@@ -168,7 +191,8 @@ impl IaoQuantizer {
             asymmetric: u32::from(self.spec.q_type == QType::Asymmetric),
             moving_average: u32::from(self.spec.observer == Observer::MovingAverage),
             opaque_zero: 0,
-            _pad: [0; 3],
+            k: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -193,6 +217,9 @@ impl IaoQuantizer {
     /// and scale and zero point follow: micronet's training-mode call before quantizing.
     pub fn observe(&self, gpu: &Gpu, state: &Tensor, x: &Tensor) -> Result<Vec<Op>> {
         let (n, row_len) = self.extent("iao_observe", state, x)?;
+        if let (Some(pct), Some((hist, sel))) = (self.spec.histogram, &self.histogram) {
+            return self.observe_histogram(gpu, state, x, pct, hist, sel, n);
+        }
         let p = self.params(n, row_len);
         let groups = self.rows as u32 * p.blocks;
         Ok(vec![
@@ -365,5 +392,81 @@ impl IaoQuantizer {
             &[a, state, y, b],
             elementwise_grid(gpu, n),
         )
+    }
+
+    /// PTQ's observer: the k-th smallest |x| (two radix passes over the float's bit pattern:
+    /// the high 16 bits, then the low 16 among values with those), then the range update and
+    /// scale.
+    #[allow(clippy::too_many_arguments)]
+    fn observe_histogram(
+        &self,
+        gpu: &Gpu,
+        state: &Tensor,
+        x: &Tensor,
+        pct: Percentile,
+        hist: &Tensor,
+        sel: &Tensor,
+        n: u32,
+    ) -> Result<Vec<Op>> {
+        const K: &str = "iao_observe histogram";
+        let k = pct.k(n as usize).ok_or_else(|| {
+            Error::shape(
+                K,
+                format!(
+                    "percentile {} of {n} values selects none (k = int(percentile * n) = 0): use a larger batch or percentile",
+                    pct.0
+                ),
+            )
+        })?;
+        let p = Params {
+            k: k as u32,
+            ..self.params(n, n)
+        };
+        let clear = || {
+            HIST_CLEAR.launch(
+                gpu,
+                &[],
+                self.label("iao_hist_clear", x),
+                &p,
+                &[hist],
+                elementwise_grid(gpu, BINS as u32),
+            )
+        };
+        Ok(vec![
+            clear()?,
+            HIST_HI.launch(
+                gpu,
+                &[],
+                self.label("iao_hist_hi", x),
+                &p,
+                &[x, hist],
+                elementwise_grid(gpu, n),
+            )?,
+            SELECT_HI.launch(
+                gpu,
+                &[],
+                self.label("iao_select_hi", x),
+                &p,
+                &[hist, sel],
+                [1, 1, 1],
+            )?,
+            clear()?,
+            HIST_LO.launch(
+                gpu,
+                &[],
+                self.label("iao_hist_lo", x),
+                &p,
+                &[x, hist, sel],
+                elementwise_grid(gpu, n),
+            )?,
+            SELECT_LO.launch(
+                gpu,
+                &[],
+                self.label("iao_select_lo", x),
+                &p,
+                &[state, hist, sel],
+                [1, 1, 1],
+            )?,
+        ])
     }
 }

@@ -46,6 +46,9 @@ pub(crate) struct IaoInfo {
 pub enum Mode {
     Train,
     Eval,
+    /// A training-mode forward pass only: BatchNorm on batch statistics, updating its running
+    /// statistics, and observers updating; no backward (micronet's post-training calibration).
+    Calibrate,
 }
 
 /// The built model.
@@ -383,7 +386,7 @@ impl Network {
                 self.capacity
             )));
         }
-        if mode == Mode::Train && !self.trainable {
+        if mode != Mode::Eval && !self.trainable {
             return Err(Error::Invalid(
                 "this network was built for evaluation only".into(),
             ));
@@ -430,7 +433,7 @@ impl Network {
             let io = Io {
                 gpu,
                 batch,
-                train: mode == Mode::Train,
+                train: mode != Mode::Eval,
                 xs: &xs,
                 dxs: &dxs,
                 y: &y,

@@ -38,12 +38,38 @@ pub enum Observer {
     MovingAverage,
 }
 
-/// micronet's `prepare()` options for IAO (`--q_type`, `--q_level`, `--weight_observer`).
+/// micronet's `prepare()` options for IAO (`--q_type`, `--q_level`, `--weight_observer`,
+/// `--qaft`, `--ptq`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IaoOptions {
     pub q_type: QType,
     pub q_level: QLevel,
     pub weight_observer: Observer,
+    /// Quantization-aware fine-tuning: scales, zero points and observer ranges frozen (a
+    /// QuantAdd's observers still move, its scale does not).
+    #[serde(default)]
+    pub qaft: bool,
+    /// Post-training quantization's quantizers: activations observed by the histogram
+    /// (percentile) observer, everything symmetric whatever `q_type` says.
+    #[serde(default)]
+    pub ptq: Option<Percentile>,
+}
+
+/// A percentile in (0, 1] (micronet's `--percentile`, 0.999999 by default).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Percentile(pub f64);
+
+// Percentiles are checked finite where they are made (`TrainConfig::validate`).
+impl Eq for Percentile {}
+
+impl Percentile {
+    /// `k = int(percentile · n)`: which smallest |x| (1-based) the histogram observer takes;
+    /// None when that selects nothing (micronet's kthvalue raises "k out of range").
+    pub fn k(self, n: usize) -> Option<usize> {
+        let k = (self.0 * n as f64) as usize;
+        (1..=n).contains(&k).then_some(k)
+    }
 }
 
 /// `torch.finfo(torch.float32).eps`, the smallest scale.
@@ -68,6 +94,9 @@ pub struct Spec {
     pub observer: Observer,
     /// One range per element of the first dimension (conv `C`, Linear `FC`), else one in all.
     pub per_channel: bool,
+    /// PTQ's activation observer instead of `observer`: the k-th smallest |x| (k from the
+    /// percentile), a moving average of it as the maximum, the minimum 0.
+    pub histogram: Option<Percentile>,
 }
 
 impl Spec {
@@ -79,6 +108,7 @@ impl Spec {
             operand: Operand::Activation,
             observer: Observer::MovingAverage,
             per_channel: false,
+            histogram: None,
         }
     }
 
@@ -143,6 +173,22 @@ pub fn observe(
             )
         }
     }
+}
+
+/// The histogram observer's range after one more call on `x` (spec §1.5): the current value is
+/// the k-th smallest |x|; the first call copies it, later calls average (momentum 0.1); the
+/// minimum stays 0. None when the percentile selects nothing.
+pub fn observe_histogram(first: bool, max: f32, x: &[f32], p: Percentile) -> Option<(f32, f32)> {
+    let k = p.k(x.len())?;
+    let mut a: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    a.sort_by(f32::total_cmp);
+    let cur = a[k - 1];
+    let max = if first {
+        cur
+    } else {
+        (1.0 - MOMENTUM) * max + MOMENTUM * cur
+    };
+    Some((0.0, max))
 }
 
 /// One element's fake quantization and straight-through mask, given its quantizer's state.
@@ -544,6 +590,33 @@ mod tests {
         assert!(
             (s[0] - 0.00374016).abs() <= 1e-6 * s[0] && (s[1] - 0.01496063).abs() <= 1e-6 * s[1]
         );
+    }
+
+    #[test]
+    fn histogram_observer_vectors() {
+        // Spec §1.5 and §1.7: x = [0.1, −0.5, 2, −3, 0.7, 1.2, −0.05, 0, 4, −9].
+        let x = [0.1, -0.5, 2.0, -3.0, 0.7, 1.2, -0.05, 0.0, 4.0, -9.0];
+        let at = |p: f64| observe_histogram(true, 0.0, &x, Percentile(p)).unwrap();
+        assert_eq!(at(0.999999), (0.0, 4.0));
+        assert_eq!(at(0.9), (0.0, 4.0));
+        assert_eq!(at(0.5), (0.0, 0.7));
+        let x2: Vec<f32> = x.iter().map(|v| 2.0 * v).collect();
+        let again = observe_histogram(false, 4.0, &x2, Percentile(0.999999)).unwrap();
+        assert!((again.1 - 4.4).abs() < 1e-6, "{again:?}");
+        assert_eq!(observe_histogram(true, 0.0, &[1.0], Percentile(0.9)), None);
+        // PTQ activation at p = 0.9: symmetric, s = 4/127.5.
+        let range = code_range(bits(8), QType::Symmetric, Operand::Activation);
+        let q = Quantizer::from_range(0.0, 4.0, range, QType::Symmetric);
+        assert_eq!(q.scale, 0.0313725508749485);
+        let codes: Vec<f32> = x.iter().map(|&v| q.code(v)).collect();
+        assert_eq!(
+            codes,
+            [
+                3.0, -16.0, 64.0, -96.0, 22.0, 38.0, -2.0, 0.0, 127.0, -128.0
+            ]
+        );
+        let g: Vec<f32> = x.iter().map(|&v| q.backward(v, 1.0)).collect();
+        assert_eq!(g, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
     }
 
     #[test]

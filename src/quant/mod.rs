@@ -6,7 +6,7 @@ mod bits;
 pub mod iao;
 
 pub use bits::Bits;
-pub use iao::{IaoOptions, Observer, QLevel, QType};
+pub use iao::{IaoOptions, Observer, Percentile, QLevel, QType};
 use serde::{Deserialize, Serialize};
 
 /// micronet's quantization schemes (`--scheme`).
@@ -96,10 +96,11 @@ pub enum WeightQuant {
 pub enum ActQuant {
     Float,
     Dorefa(Bits),
-    /// IAO with its moving-average observer.
+    /// IAO with its moving-average observer, or (PTQ) the histogram observer.
     Iao {
         bits: Bits,
         q_type: QType,
+        histogram: Option<Percentile>,
     },
 }
 
@@ -168,12 +169,19 @@ impl QuantConfig {
                     }
                 }
                 Scheme::Iao(o) => {
+                    // PTQ's quantizers are symmetric whatever q_type says (spec §2.1).
+                    let q_type = if o.ptq.is_some() {
+                        QType::Symmetric
+                    } else {
+                        o.q_type
+                    };
                     let input = if self.a_bits.is_float() {
                         ActQuant::Float
                     } else {
                         ActQuant::Iao {
                             bits: self.a_bits,
-                            q_type: o.q_type,
+                            q_type,
+                            histogram: o.ptq,
                         }
                     };
                     match role {
@@ -183,7 +191,7 @@ impl QuantConfig {
                             } else {
                                 WeightQuant::Iao {
                                     bits: self.w_bits,
-                                    q_type: o.q_type,
+                                    q_type,
                                     per_channel: o.q_level == QLevel::Channel
                                         && role != Role::ConvTranspose,
                                     observer: o.weight_observer,

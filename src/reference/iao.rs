@@ -2,7 +2,7 @@
 //! [`crate::quant::iao`] (which are tested against the spec's vectors): a quantizer's state,
 //! its observer call, forward and backward, element by element.
 
-use crate::quant::iao::{self, Observer, Quantizer, Spec};
+use crate::quant::iao::{self, Observer, Percentile, Quantizer, Spec};
 
 /// What the GPU quantizer holds: per row the observer's range and the quantizer, and whether
 /// anything was observed.
@@ -11,6 +11,7 @@ pub struct IaoState {
     pub rows: Vec<Quantizer>,
     pub observed: bool,
     pub observer: Observer,
+    pub histogram: Option<Percentile>,
 }
 
 impl IaoState {
@@ -28,6 +29,7 @@ impl IaoState {
             rows: vec![q; rows],
             observed: false,
             observer: spec.observer,
+            histogram: spec.histogram,
         }
     }
 
@@ -39,8 +41,17 @@ impl IaoState {
     pub fn observe(&mut self, x: &[f32]) {
         let len = self.row_len(x);
         for (r, q) in self.rows.iter_mut().enumerate() {
-            let cur = iao::extremes(&x[r * len..(r + 1) * len]);
-            let (lo, hi) = iao::observe(self.observer, !self.observed, (q.min, q.max), cur);
+            let row = &x[r * len..(r + 1) * len];
+            let (lo, hi) = match self.histogram {
+                Some(p) => iao::observe_histogram(!self.observed, q.max, row, p)
+                    .expect("the percentile selects a value"),
+                None => iao::observe(
+                    self.observer,
+                    !self.observed,
+                    (q.min, q.max),
+                    iao::extremes(row),
+                ),
+            };
             *q = Quantizer::from_range(lo, hi, q.range, q.q_type);
         }
         self.observed = true;

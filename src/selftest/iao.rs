@@ -5,13 +5,15 @@
 use super::{Case, bits, f64s};
 use crate::DType;
 use crate::kernels::iao::IaoQuantizer;
-use crate::quant::iao::{Observer, Operand, QType, Spec};
+use crate::quant::iao::{Observer, Operand, Percentile, QType, Spec};
 use crate::reference::iao::IaoState;
 use crate::reference::{self, Tolerance};
 use crate::rng::Rng;
 
 struct Setup {
     name: &'static str,
+    /// PTQ's histogram observer at this percentile.
+    histogram: Option<f64>,
     bits: u32,
     q_type: QType,
     operand: Operand,
@@ -22,6 +24,27 @@ struct Setup {
 
 const SETUPS: &[Setup] = &[
     Setup {
+        name: "act histogram 0.999999 (k = n - 1)",
+        histogram: Some(0.999999),
+        bits: 8,
+        q_type: QType::Symmetric,
+        operand: Operand::Activation,
+        observer: Observer::MovingAverage,
+        shape: &[9000],
+        per_channel: false,
+    },
+    Setup {
+        name: "act histogram 0.9",
+        histogram: Some(0.9),
+        bits: 4,
+        q_type: QType::Symmetric,
+        operand: Operand::Activation,
+        observer: Observer::MovingAverage,
+        shape: &[2, 5, 7, 3],
+        per_channel: false,
+    },
+    Setup {
+        histogram: None,
         name: "act sym",
         bits: 8,
         q_type: QType::Symmetric,
@@ -31,6 +54,7 @@ const SETUPS: &[Setup] = &[
         per_channel: false,
     },
     Setup {
+        histogram: None,
         name: "act asym",
         bits: 4,
         q_type: QType::Asymmetric,
@@ -40,6 +64,7 @@ const SETUPS: &[Setup] = &[
         per_channel: false,
     },
     Setup {
+        histogram: None,
         name: "conv weight sym C minmax",
         bits: 8,
         q_type: QType::Symmetric,
@@ -49,6 +74,7 @@ const SETUPS: &[Setup] = &[
         per_channel: true,
     },
     Setup {
+        histogram: None,
         name: "linear weight asym FC minmax",
         bits: 4,
         q_type: QType::Asymmetric,
@@ -58,6 +84,7 @@ const SETUPS: &[Setup] = &[
         per_channel: true,
     },
     Setup {
+        histogram: None,
         name: "conv weight sym L moving-average",
         bits: 4,
         q_type: QType::Symmetric,
@@ -67,6 +94,7 @@ const SETUPS: &[Setup] = &[
         per_channel: false,
     },
     Setup {
+        histogram: None,
         name: "weight asym C moving-average, 3 blocks a row",
         bits: 8,
         q_type: QType::Asymmetric,
@@ -116,6 +144,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     operand: s.operand,
                     observer: s.observer,
                     per_channel: s.per_channel,
+                    histogram: s.histogram.map(Percentile),
                 };
                 let q = IaoQuantizer::new(gpu, "selftest", spec, s.shape)?;
                 let mut cpu = IaoState::new(spec, rows);

@@ -3,7 +3,9 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::optim::OptimizerKind;
-use crate::quant::{Bits, IaoOptions, Observer, QLevel, QType, QuantConfig, Scheme, SchemeName};
+use crate::quant::{
+    Bits, IaoOptions, Observer, Percentile, QLevel, QType, QuantConfig, Scheme, SchemeName,
+};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -54,6 +56,18 @@ pub struct TrainConfig {
     pub q_level: QLevel,
     #[serde(default)]
     pub weight_observer: Observer,
+    /// IAO: quantization-aware fine-tuning, every scale frozen (micronet's `--qaft`).
+    #[serde(default)]
+    pub qaft: bool,
+    /// IAO: post-training quantization instead of training: `ptq_batches` + 1 training-mode
+    /// forward passes calibrate the observers (histogram observer at `percentile`) and the
+    /// BatchNorm statistics, then the test set is evaluated and the model saved.
+    #[serde(default)]
+    pub ptq: bool,
+    #[serde(default = "default_ptq_batches")]
+    pub ptq_batches: usize,
+    #[serde(default = "default_percentile")]
+    pub percentile: f64,
     pub batch_size: usize,
     pub eval_batch_size: usize,
     /// Epochs 1..=epochs (micronet's `range(1, 300)` is 299).
@@ -98,6 +112,10 @@ impl Default for TrainConfig {
             q_type: QType::Symmetric,
             q_level: QLevel::Channel,
             weight_observer: Observer::MinMax,
+            qaft: false,
+            ptq: false,
+            ptq_batches: default_ptq_batches(),
+            percentile: default_percentile(),
             batch_size: 50,
             eval_batch_size: 256,
             epochs: 299,
@@ -118,6 +136,16 @@ impl Default for TrainConfig {
             save_minutes: 10.0,
         }
     }
+}
+
+/// micronet's `--ptq_batch` 200.
+fn default_ptq_batches() -> usize {
+    200
+}
+
+/// micronet's main.py `--percentile` 0.999999 (its prepare()'s own default is 0.9999).
+fn default_percentile() -> f64 {
+    0.999999
 }
 
 fn non_negative(v: f32) -> bool {
@@ -168,6 +196,27 @@ impl TrainConfig {
                 "`log_every` 0: log at least every step".into(),
             ));
         }
+        if self.scheme != SchemeName::Iao && (self.ptq || self.qaft) {
+            return Err(Error::Invalid(
+                "`ptq` and `qaft` are IAO's: add `scheme` iao".into(),
+            ));
+        }
+        if self.ptq && self.qaft {
+            return Err(Error::Invalid(
+                "`ptq` calibrates and `qaft` fine-tunes: run them one after the other".into(),
+            ));
+        }
+        if !(self.percentile > 0.0 && self.percentile <= 1.0) {
+            return Err(Error::Invalid(format!(
+                "`percentile` {}: use a fraction in (0, 1], e.g. 0.999999",
+                self.percentile
+            )));
+        }
+        if self.ptq_batches == 0 {
+            return Err(Error::Invalid(
+                "`ptq_batches` 0: calibrate on at least 1 batch".into(),
+            ));
+        }
         if self.scheme == SchemeName::Iao && self.quantize_first_layer {
             return Err(Error::Invalid(
                 "`quantize_first_layer` is DoReFa's: IAO quantizes every layer, the first included; leave it out".into(),
@@ -193,6 +242,8 @@ impl TrainConfig {
                     q_type: self.q_type,
                     q_level: self.q_level,
                     weight_observer: self.weight_observer,
+                    qaft: self.qaft,
+                    ptq: self.ptq.then_some(Percentile(self.percentile)),
                 }),
             },
         }

@@ -52,7 +52,7 @@ pub(super) fn add(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
 }
 
 /// micronet's `QuantAdd(res, shortcut)`: its two observers take their inputs in training and in
-/// evaluation alike; the union of their ranges is the shared quantizer's range (scale and zero
+/// evaluation alike (and under QAFT); the union of their ranges is the shared quantizer's range (scale and zero
 /// point follow in training); `y = Q(res) + Q(shortcut)`, and each input's gradient is `dy`
 /// through the quantizer's straight-through mask.
 fn quant_add(net: &Network, l: &Layer, slot: &IaoSlot, io: &Io) -> Result<Ops> {
@@ -63,7 +63,8 @@ fn quant_add(net: &Network, l: &Layer, slot: &IaoSlot, io: &Io) -> Result<Ops> {
     let mut fwd = res.q.observe(gpu, &rs, &io.xs[0])?;
     fwd.extend(shortcut.q.observe(gpu, &ss, &io.xs[1])?);
     fwd.extend(slot.q.union(gpu, &state, &rs, &ss)?);
-    if io.train {
+    // Under QAFT the observers still move, the scale does not.
+    if io.train && !super::quantizers::frozen(net) {
         fwd.push(slot.q.update_qparams(gpu, &state)?);
     }
     fwd.push(

@@ -180,9 +180,16 @@ pub(super) fn lower(
         let lq = plan[i];
         // An IAO input quantizer: per tensor, over batches up to the network's capacity.
         let input_q = match lq.input {
-            ActQuant::Iao { bits, q_type } => Some(IaoSlot::new(
+            ActQuant::Iao {
+                bits,
+                q_type,
+                histogram,
+            } => Some(IaoSlot::new(
                 gpu,
-                Spec::activation(bits, q_type),
+                Spec {
+                    histogram,
+                    ..Spec::activation(bits, q_type)
+                },
                 &std::iter::once(capacity)
                     .chain(in_shape.iter().copied())
                     .collect::<Vec<_>>(),
@@ -238,6 +245,7 @@ pub(super) fn lower(
                         operand: Operand::Weight,
                         observer,
                         per_channel,
+                        histogram: None,
                     };
                     let prefix = format!("{name}.weight_quantizer");
                     Some(WeightQ::Iao(IaoSlot::new(
@@ -369,7 +377,12 @@ pub(super) fn lower(
             LayerSpec::Flatten => layer.kind = Kind::Flatten,
             LayerSpec::Add { .. } => {
                 layer.kind = Kind::Add;
-                if let ActQuant::Iao { bits, q_type } = lq.input {
+                if let ActQuant::Iao {
+                    bits,
+                    q_type,
+                    histogram,
+                } = lq.input
+                {
                     if node.inputs.len() != 2 {
                         return Err(Error::Invalid(format!(
                             "layer {name}: IAO's QuantAdd adds two tensors, this add has {}; use adds of two",
@@ -382,7 +395,10 @@ pub(super) fn lower(
                     for which in ["observer_res", "observer_shortcut"] {
                         layer.observers.push(IaoSlot::new(
                             gpu,
-                            Spec::activation(bits, q_type),
+                            Spec {
+                                histogram,
+                                ..Spec::activation(bits, q_type)
+                            },
                             &shape,
                             format!("{name}.{which}"),
                             running,

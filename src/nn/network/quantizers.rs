@@ -1,18 +1,28 @@
 //! The quantizers a layer applies, of either scheme, as launches: the input's (a weighted
 //! layer's, or under IAO a pool's) and the weight's. DoReFa's are stateless; an IAO quantizer
-//! observes in training (its state in the running arena) before it quantizes.
+//! observes in training (its state in the running arena) before it quantizes, except under
+//! QAFT, which freezes every scale.
 
 use super::Network;
 use super::lower::{IaoSlot, Kind, Layer, WeightQ};
 use crate::error::Result;
 use crate::gpu::{Gpu, Op, Tensor};
 use crate::kernels::quant;
-use crate::quant::{ActQuant, Bits};
+use crate::quant::{ActQuant, Bits, Scheme};
 
 /// A layer's input quantizer.
 pub(super) enum InputQuant<'a> {
     Dorefa(Bits),
-    Iao { slot: &'a IaoSlot, state: Tensor },
+    Iao {
+        slot: &'a IaoSlot,
+        state: Tensor,
+        frozen: bool,
+    },
+}
+
+/// Whether IAO's scales are frozen (QAFT): training then observes nothing.
+pub(super) fn frozen(net: &Network) -> bool {
+    matches!(net.quant.scheme, Scheme::Iao(o) if o.qaft)
 }
 
 impl<'a> InputQuant<'a> {
@@ -22,6 +32,7 @@ impl<'a> InputQuant<'a> {
             return Ok(Some(InputQuant::Iao {
                 slot,
                 state: net.running.view(&net.running_arena, slot.state)?,
+                frozen: frozen(net),
             }));
         }
         Ok(match l.kind {
@@ -36,22 +47,28 @@ impl<'a> InputQuant<'a> {
     /// What a training forward does before quantizing: IAO's observer and scale update.
     pub(super) fn observe(&self, gpu: &Gpu, x: &Tensor) -> Result<Vec<Op>> {
         match self {
-            InputQuant::Dorefa(_) => Ok(Vec::new()),
-            InputQuant::Iao { slot, state } => slot.q.observe(gpu, state, x),
+            InputQuant::Iao {
+                slot,
+                state,
+                frozen: false,
+            } => slot.q.observe(gpu, state, x),
+            _ => Ok(Vec::new()),
         }
     }
 
     pub(super) fn forward(&self, gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Op> {
         match self {
             InputQuant::Dorefa(b) => quant::act_forward(gpu, *b, x, y),
-            InputQuant::Iao { slot, state } => slot.q.forward(gpu, state, x, y),
+            InputQuant::Iao { slot, state, .. } => slot.q.forward(gpu, state, x, y),
         }
     }
 
     pub(super) fn forward_in_place(&self, gpu: &Gpu, x: &Tensor) -> Result<Vec<Op>> {
         match self {
             InputQuant::Dorefa(b) => quant::act_forward_in_place(gpu, *b, x),
-            InputQuant::Iao { slot, state } => Ok(vec![slot.q.forward_in_place(gpu, state, x)?]),
+            InputQuant::Iao { slot, state, .. } => {
+                Ok(vec![slot.q.forward_in_place(gpu, state, x)?])
+            }
         }
     }
 
@@ -59,7 +76,7 @@ impl<'a> InputQuant<'a> {
     pub(super) fn backward_in_place(&self, gpu: &Gpu, x: &Tensor, d: &Tensor) -> Result<Vec<Op>> {
         match self {
             InputQuant::Dorefa(b) => quant::act_backward_in_place(gpu, *b, x, d),
-            InputQuant::Iao { slot, state } => {
+            InputQuant::Iao { slot, state, .. } => {
                 Ok(vec![slot.q.backward_in_place(gpu, state, x, d)?])
             }
         }
@@ -92,7 +109,7 @@ impl WeightQ {
             WeightQ::Dorefa(q) => q.forward(gpu, w, w_hat),
             WeightQ::Iao(slot) => {
                 let state = net.running.view(&net.running_arena, slot.state)?;
-                let mut ops = if train {
+                let mut ops = if train && !frozen(net) {
                     slot.q.observe(gpu, &state, w)?
                 } else {
                     Vec::new()
