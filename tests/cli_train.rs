@@ -218,6 +218,71 @@ fn iao_trains_evaluates_and_refuses_what_it_cannot_do() {
         &["--scheme", "iao", "--init", init.to_str().unwrap()],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // PTQ of the DoReFa-trained model (its float weights; PTQ's quantizers are symmetric, so
+    // the asymmetric IAO checkpoint above would not load): calibration, evaluation, checkpoints.
+    let (o, ptq) = run(
+        "ptq",
+        &[
+            "--scheme",
+            "iao",
+            "--ptq",
+            "--ptq-batches",
+            "2",
+            "--percentile",
+            "0.99",
+            "--init",
+            init.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("calibrating on 3 training batches") && err.contains("calibrated: test loss"),
+        "{err}"
+    );
+    assert!(ptq.join("best.safetensors").exists());
+    // QAFT from it: the weights move, every scale and zero point stays as the PTQ left it.
+    let (o, qaft) = run(
+        "qaft",
+        &[
+            "--scheme",
+            "iao",
+            "--qaft",
+            "--lr",
+            "1e-3",
+            "--init",
+            ptq.join("last.safetensors").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tensors = |p: &Path| -> std::collections::HashMap<String, Vec<f32>> {
+        wgqat::nn::checkpoint::read(p)
+            .unwrap()
+            .0
+            .into_iter()
+            .filter_map(|t| t.f32s().map(|v| (t.name.clone(), v.to_vec())))
+            .collect()
+    };
+    let (before, after) = (
+        tensors(&ptq.join("last.safetensors")),
+        tensors(&qaft.join("last.safetensors")),
+    );
+    let mut frozen = 0;
+    for (name, v) in &before {
+        if name.ends_with(".scale") || name.ends_with(".zero_point") {
+            assert_eq!(&after[name], v, "QAFT moved {name}");
+            frozen += 1;
+        }
+    }
+    assert!(frozen >= 10, "{frozen} scales compared");
+    assert_ne!(
+        before["model.0.conv.weight"], after["model.0.conv.weight"],
+        "QAFT trained nothing"
+    );
+    let (o, _) = run("ptq-no-init", &["--scheme", "iao", "--ptq"]);
+    fails_with(&o, &["calibrates a trained model", "--init"]);
+    let (o, _) = run("ptq-dorefa", &["--ptq"]);
+    fails_with(&o, &["IAO's", "--scheme iao"]);
     std::fs::remove_dir_all(&data).unwrap();
 }
 

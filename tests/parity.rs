@@ -450,3 +450,83 @@ fn iao_steps(fixture: &str) {
         "  {checked} BatchNorm and quantizer tensors after the steps: relative error <= {worst_rel:.2e}"
     );
 }
+
+/// IAO post-training quantization against `tools/torch_reference.py --ptq`: three training-mode
+/// forward passes on one batch (histogram observers at the percentile, every quantizer
+/// symmetric, BatchNorm statistics moving, no backward), then every scale, zero point, observer
+/// range and BatchNorm statistic, for the tiny NIN-GC-shaped net (percentile 0.999) and the
+/// small ResNet (0.9, QuantAdd's histogram observers).
+#[test]
+fn iao_ptq_calibration_matches_pytorch() {
+    for fixture in ["ptq_iao.safetensors", "ptq_iao_resnet.safetensors"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(fixture);
+        let (_, meta) = read(&path).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(&meta["config"]).unwrap();
+        let options: wgqat::quant::IaoOptions =
+            serde_json::from_value(cfg["scheme"].clone()).unwrap();
+        assert!(options.ptq.is_some(), "{fixture}: a PTQ fixture");
+        let passes = cfg["steps"].as_u64().unwrap();
+        let r = load(fixture);
+        let gpu = common::gpu();
+        let bits = Bits::new(r.bits).unwrap();
+        let mut net = Network::new(
+            gpu,
+            &r.spec,
+            QuantConfig::iao(bits, bits, options),
+            r.batch,
+            true,
+            1,
+        )
+        .unwrap();
+        net.load_named(gpu, Path::new("fixture init"), r.state("init"))
+            .unwrap();
+        let plan = net.plan(gpu, r.batch, Mode::Calibrate).unwrap();
+        let labels: Vec<u32> = match &r.tensors["labels"].data {
+            Data::I64(v) => v.iter().map(|&l| l as u32).collect(),
+            _ => panic!("labels"),
+        };
+        net.write_batch(gpu, &plan, r.f32("input"), &labels)
+            .unwrap();
+        for _ in 0..passes {
+            plan.ops.submit(gpu, "calibration").unwrap();
+        }
+        let after: HashMap<String, Named> = net
+            .state_dict(gpu)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let theirs = r.state("after");
+        assert_eq!(after.len(), theirs.len(), "{fixture}: state-dict keys");
+        let (mut checked, mut worst) = (0, 0.0f64);
+        for t in &theirs {
+            let name = &t.name;
+            // num_batches_tracked: the trainer counts calibration passes, not the network.
+            let Some(want) = t.f32s() else { continue };
+            let Some(Named {
+                data: Data::F32(v), ..
+            }) = after.get(name)
+            else {
+                panic!("{fixture}: wgqat has no F32 tensor {name}");
+            };
+            let (rel, _) = agreement(v, want);
+            worst = worst.max(rel);
+            // Weights and the image did not change, so their quantizers agree to rounding; the
+            // rest see activations that differ by float rounding.
+            let exact = name.contains("weight_quantizer")
+                || name.starts_with("model.0.conv.activation")
+                || name.starts_with("conv1.0.activation")
+                || !(name.contains("observer")
+                    || name.contains("scale")
+                    || name.contains("running"));
+            let tol = if exact { 1e-6 } else { 1e-3 };
+            assert!(rel < tol, "{fixture}: {name}: relative error {rel:e}");
+            checked += 1;
+        }
+        println!(
+            "{fixture}: {checked} tensors after {passes} calibration passes, relative error <= {worst:.2e}"
+        );
+    }
+}

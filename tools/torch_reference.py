@@ -122,13 +122,35 @@ class IaoObserver(nn.Module):
         self.max_val.copy_(hi)
 
 
+class IaoHistogramObserver(nn.Module):
+    """PTQ's activation observer (spec iao §1.5): the k-th smallest |x|, k = int(percentile *
+    numel), as the maximum (the first call copies, later calls average with momentum 0.1); the
+    minimum stays 0."""
+
+    def __init__(self, percentile):
+        super().__init__()
+        self.percentile = percentile
+        self.register_buffer("min_val", torch.zeros(1))
+        self.register_buffer("max_val", torch.zeros(1))
+        self.observed = False
+
+    @torch.no_grad()
+    def forward(self, x):
+        flat = x.abs().reshape(-1)
+        cur = torch.kthvalue(flat, int(self.percentile * flat.numel()), dim=0)[0].reshape(1)
+        if self.observed:
+            cur = (1 - 0.1) * self.max_val + 0.1 * cur
+        self.observed = True
+        self.max_val.copy_(cur)
+
+
 class IaoQuantizer(nn.Module):
     """An IAO fake quantizer as the spec (iao §1.2-§1.5) describes micronet's: buffers scale,
     zero_point (micronet's sign: x ~ s (code + zp)), eps, quant_min_val, quant_max_val and an
     observer; in training the observer takes the input and scale and zero point follow; then
     y = (clamp(R(x/s - zp), qmin, qmax) + zp) s."""
 
-    def __init__(self, bits, q_type, weight, level, moving_average, rows=1):
+    def __init__(self, bits, q_type, weight, level, moving_average, rows=1, histogram=None):
         super().__init__()
         self.asym = q_type == "asymmetric"
         if self.asym:
@@ -142,7 +164,8 @@ class IaoQuantizer(nn.Module):
         self.register_buffer("quant_min_val", torch.tensor(float(qmin)))
         self.register_buffer("quant_max_val", torch.tensor(float(qmax)))
         self.qmin, self.qmax = float(qmin), float(qmax)  # as Python floats: no device sync
-        self.observer = IaoObserver(level, moving_average, shape)
+        self.observer = (IaoObserver(level, moving_average, shape) if histogram is None
+                         else IaoHistogramObserver(histogram))
 
     @torch.no_grad()
     def update_qparams(self):
@@ -181,10 +204,12 @@ class IaoAdd(nn.Module):
     union is the shared quantizer's range (scale and zero point follow in training);
     y = Q(res) + Q(shortcut)."""
 
-    def __init__(self, bits, q_type):
+    def __init__(self, bits, q_type, histogram=None):
         super().__init__()
-        self.observer_res = IaoObserver("L", True, (1,))
-        self.observer_shortcut = IaoObserver("L", True, (1,))
+        observer = (lambda: IaoObserver("L", True, (1,))) if histogram is None else (
+            lambda: IaoHistogramObserver(histogram))
+        self.observer_res = observer()
+        self.observer_shortcut = observer()
         self.activation_quantizer = IaoQuantizer(bits, q_type, False, "L", True)
 
     def forward(self, res, shortcut):
@@ -285,6 +310,8 @@ class Net(nn.Module):
             if mod is not None:
                 self._register(name, mod)
             if iao is not None:
+                # PTQ's quantizers are symmetric whatever q_type says.
+                q_type = "symmetric" if iao.get("ptq") else iao["q_type"]
                 holder = mod
                 if kind in ("maxpool", "avgpool", "adaptive_avgpool"):
                     holder = Holder()
@@ -292,17 +319,18 @@ class Net(nn.Module):
                 if kind == "add":
                     if len(inputs) != 2:
                         raise ValueError("IAO's QuantAdd adds two tensors")
-                    mod = IaoAdd(a_bits, iao["q_type"])
+                    mod = IaoAdd(a_bits, q_type, iao.get("ptq"))
                     self._register(name, mod)
                 elif holder is not None and kind != "batchnorm":
                     holder.add_module("activation_quantizer",
-                                      IaoQuantizer(a_bits, iao["q_type"], False, "L", True))
+                                      IaoQuantizer(a_bits, q_type, False, "L", True,
+                                                   histogram=iao.get("ptq")))
                 if kind in ("conv", "conv_transpose", "linear"):
                     level = "L"
                     if iao["q_level"] == "channel" and kind != "conv_transpose":
                         level = "C" if kind == "conv" else "FC"
                     holder.add_module("weight_quantizer",
-                                      IaoQuantizer(w_bits, iao["q_type"], True, level,
+                                      IaoQuantizer(w_bits, q_type, True, level,
                                                    iao["weight_observer"] == "moving-average",
                                                    rows=mod.weight.shape[0]))
                 if kind in ("maxpool", "avgpool", "adaptive_avgpool"):
@@ -433,6 +461,9 @@ def main():
     ap.add_argument("--q-type", choices=["symmetric", "asymmetric"], default="symmetric")
     ap.add_argument("--q-level", choices=["channel", "layer"], default="channel")
     ap.add_argument("--weight-observer", choices=["min-max", "moving-average"], default="min-max")
+    ap.add_argument("--ptq", type=float, metavar="PERCENTILE",
+                    help="IAO post-training quantization: histogram observers at this percentile; "
+                         "--steps training-mode forward passes on the batch, no backward")
     ap.add_argument("--steps", type=int, default=1,
                     help="IAO: SGD steps on the batch (the second shows the observers' update rule)")
     ap.add_argument("--init-only", action="store_true", help="write just the initial state dict")
@@ -445,7 +476,8 @@ def main():
     torch.manual_seed(args.seed)
     iao = None
     if args.scheme == "iao":
-        iao = dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer)
+        iao = dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer,
+                   ptq=args.ptq)
     net = Net(spec, args.bits, args.bits, args.quantize_first_layer, iao)
     micronet_init(net)
     if args.init_only:
@@ -465,6 +497,18 @@ def main():
     out.update(state(net, "init"))
 
     results = {}
+    if iao is not None and args.ptq:
+        # Calibration: training-mode forward passes, nothing learned; the state after them.
+        net.train()
+        for _ in range(args.steps):
+            net(x)
+        out.update(state(net, "after"))
+        meta = {"config": json.dumps(dict(bits=args.bits, batch=args.batch, steps=args.steps, lr=args.lr,
+                                          momentum=args.momentum, wd=args.wd, scheme=iao)),
+                "model": json.dumps(spec), "torch": torch.__version__}
+        save_file(out, args.out, metadata=meta)
+        print(f"{args.out}: calibrated over {args.steps} forward passes")
+        return
     if iao is not None:
         # SGD steps on the batch: loss of each, gradients of the first, the state after the last
         # (quantizer scales, zero points and observer ranges included).

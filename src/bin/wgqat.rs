@@ -163,6 +163,21 @@ struct TrainArgs {
     /// IAO: the weights' observer (running extremes, or a moving average with momentum 0.1).
     #[arg(long, value_enum, default_value_t = TrainConfig::default().weight_observer)]
     weight_observer: Observer,
+    /// IAO: post-training quantization of the `--init` model instead of training: calibrate
+    /// observers and BatchNorm statistics on --ptq-batches (+1) training batches, forward only,
+    /// then evaluate and save.
+    #[arg(long)]
+    ptq: bool,
+    /// IAO PTQ: calibration batches (micronet's --ptq_batch).
+    #[arg(long, default_value_t = TrainConfig::default().ptq_batches)]
+    ptq_batches: usize,
+    /// IAO PTQ: the activation observer's percentile of |x|.
+    #[arg(long, default_value_t = TrainConfig::default().percentile)]
+    percentile: f64,
+    /// IAO: quantization-aware fine-tuning with every scale and zero point frozen (use a small
+    /// --lr, e.g. 1e-5, and --init a QAT or PTQ checkpoint).
+    #[arg(long)]
+    qaft: bool,
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     batch_size: usize,
     #[arg(long, default_value_t = TrainConfig::default().eval_batch_size)]
@@ -761,8 +776,12 @@ fn train_config(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<T
         scheme,
         q_type,
         q_level,
-        weight_observer
+        weight_observer,
+        ptq_batches,
+        percentile
     );
+    c.ptq |= a.ptq;
+    c.qaft |= a.qaft;
     if take("w_bits") {
         c.w_bits = Bits::new(a.w_bits)?;
     }

@@ -215,11 +215,11 @@ impl QuantConfig {
         match self.scheme {
             Scheme::Dorefa => self.label(),
             Scheme::Iao(o) => format!(
-                "{} {}, {} weight scales, {} weight observer",
+                "{} {}, {} weight scales, {} weight observer{}",
                 self.label(),
-                match o.q_type {
-                    QType::Symmetric => "symmetric",
-                    QType::Asymmetric => "asymmetric",
+                match (o.q_type, o.ptq) {
+                    (QType::Asymmetric, None) => "asymmetric",
+                    _ => "symmetric",
                 },
                 match o.q_level {
                     QLevel::Channel => "per-channel",
@@ -228,6 +228,11 @@ impl QuantConfig {
                 match o.weight_observer {
                     Observer::MinMax => "min-max",
                     Observer::MovingAverage => "moving-average",
+                },
+                match (o.ptq, o.qaft) {
+                    (Some(p), _) => format!(", PTQ with the histogram observer at {}", p.0),
+                    (None, true) => ", QAFT (scales frozen)".to_string(),
+                    _ => String::new(),
                 }
             ),
         }

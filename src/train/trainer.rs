@@ -213,7 +213,11 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
     };
     t.write_config()?;
     let steps_per_epoch = t.train.len().div_ceil(t.cfg.batch_size) as u64;
-    let stopped = t.run(steps_per_epoch, t.cfg.log_every.min(steps_per_epoch))?;
+    let stopped = if t.cfg.ptq {
+        t.calibrate()?
+    } else {
+        t.run(steps_per_epoch, t.cfg.log_every.min(steps_per_epoch))?
+    };
     t.reporter.finish();
     Ok(Summary {
         run_dir: t.dir.clone(),
@@ -262,6 +266,11 @@ fn setup<'g>(
         None => {
             match &cfg.init {
                 Some(p) => net.load(gpu, p)?,
+                None if cfg.ptq => {
+                    return Err(Error::Invalid(
+                        "post-training quantization calibrates a trained model: give `init` FILE (a float, DoReFa or IAO checkpoint)".into(),
+                    ));
+                }
                 None => init::initialise(gpu, &net, cfg.seed)?,
             }
             Progress {
@@ -303,7 +312,12 @@ fn setup<'g>(
         };
         Ok((full, part))
     };
-    let train_plans = plans(cfg.batch_size, train.len(), Mode::Train, Some(&opt))?;
+    // PTQ replays training-mode forward passes only: no optimizer, no backward.
+    let train_plans = if cfg.ptq {
+        plans(cfg.batch_size, train.len(), Mode::Calibrate, None)?
+    } else {
+        plans(cfg.batch_size, train.len(), Mode::Train, Some(&opt))?
+    };
     let net_backup_params = net
         .params
         .alloc(gpu, "parameters at the interval's start")?;
@@ -669,6 +683,60 @@ impl Trainer<'_> {
                 &self.net.spec.name,
             )?;
         }
+        Ok(Stopped::Finished)
+    }
+
+    /// Post-training quantization (micronet's `--ptq`, spec §4.1): training-mode forward passes
+    /// over the first `ptq_batches` + 1 batches of the epoch's order (observers, scales and
+    /// BatchNorm statistics move; no weight does), then the test set, then the checkpoints.
+    /// A resumed run whose calibration was saved has nothing left to do.
+    fn calibrate(&mut self) -> Result<Stopped> {
+        if self.progress.epoch > 1 {
+            return Ok(Stopped::Finished);
+        }
+        let order = data::epoch_order(self.train.len(), self.cfg.seed, 1, self.cfg.shuffle);
+        let batches = (self.cfg.ptq_batches + 1).min(order.len().div_ceil(self.cfg.batch_size));
+        self.reporter.line(&format!(
+            "post-training quantization: calibrating on {batches} training batches (forward passes only)"
+        ));
+        self.reporter.start_epoch(1, 1, batches as u64, 0);
+        let mut in_flight = VecDeque::new();
+        for s in 0..batches as u64 {
+            let (idx, images, labels) = self.batch_of(1, s, &order);
+            let plan = self.plan_for(idx.len());
+            self.net.write_batch(self.gpu, plan, &images, &labels)?;
+            self.net
+                .write_step(self.gpu, &self.opt.next_values(self.cfg.lr, 0))?;
+            in_flight.push_back(self.gpu.submit_parts("calibration", &[plan.ops.ops()])?);
+            if in_flight.len() > 2 {
+                self.gpu.wait_for(in_flight.pop_front().expect("queued"))?;
+            }
+            self.net.batches_tracked.iter_mut().for_each(|c| *c += 1);
+            self.reporter.step(s + 1);
+        }
+        let (loss, acc) = self.evaluate()?;
+        if !loss.is_finite() {
+            return Err(Error::Numerical(format!(
+                "the test loss after calibration is {loss}: the model in `init` may not be trained"
+            )));
+        }
+        self.last_eval = Some((loss, acc));
+        self.log(&MetricsLine {
+            kind: "eval".into(),
+            epoch: 1,
+            step: 0,
+            loss,
+            acc,
+            lr: self.cfg.lr,
+            img_per_s: None,
+            images: self.test.len() as u64,
+        })?;
+        self.reporter.line(&format!(
+            "calibrated: test loss {loss:.4}, accuracy {acc:.2}%"
+        ));
+        self.progress.best_acc = acc;
+        self.progress.epoch = 2;
+        self.save(true)?;
         Ok(Stopped::Finished)
     }
 
