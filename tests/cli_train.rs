@@ -218,6 +218,45 @@ fn iao_trains_evaluates_and_refuses_what_it_cannot_do() {
         &["--scheme", "iao", "--init", init.to_str().unwrap()],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // With the BatchNorms folded: a DoReFa checkpoint's BatchNorms start the folds, and eval
+    // (running statistics) reproduces the trainer's evaluation.
+    let (o, fused) = run(
+        "bnfuse",
+        &[
+            "--scheme",
+            "iao",
+            "--bn-fuse",
+            "--init",
+            init.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = wgqat(&[
+        "eval",
+        "--checkpoint",
+        fused.join("last.safetensors").to_str().unwrap(),
+        "--model",
+        &ci_model(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["scheme"]["bn_fuse"], true);
+    let trained: Vec<serde_json::Value> = std::fs::read_to_string(fused.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|m: &serde_json::Value| m["kind"] == "eval")
+        .collect();
+    assert_eq!(
+        v["acc"].as_f64(),
+        trained[0]["acc"].as_f64(),
+        "bn_fuse eval vs trainer"
+    );
+    let (o, _) = run("pretrained", &["--scheme", "iao", "--pretrained-model"]);
+    fails_with(&o, &["--pretrained-model", "--bn-fuse"]);
     // PTQ of the DoReFa-trained model (its float weights; PTQ's quantizers are symmetric, so
     // the asymmetric IAO checkpoint above would not load): calibration, evaluation, checkpoints.
     let (o, ptq) = run(

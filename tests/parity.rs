@@ -310,7 +310,9 @@ fn recomputed_outputs_change_no_bit() {
 /// IAO (micronet's wqaq/iao) against `tools/torch_reference.py --scheme iao`: two SGD steps of
 /// the tiny NIN-GC-shaped net on one batch, every conv quantized at W8A8 and the pools' inputs
 /// too, for each q_type × q_level; and of the small ResNet (QuantAdd: two observers, one union
-/// scale; the Linear head per row) for two of them. The first step's loss and gradient directions, the second's
+/// scale; the Linear head per row) for two of them; and with each conv's BatchNorm folded in
+/// (`bn_fuse`: batch statistics of the float conv, gradients through them; `pretrained_model`:
+/// the first step updates the running statistics instead of copying them). The first step's loss and gradient directions, the second's
 /// loss (its observers updated from the first), and after both every BatchNorm statistic and
 /// every quantizer's scale, zero point and observer range.
 #[test]
@@ -322,6 +324,10 @@ fn iao_steps_match_pytorch() {
         "parity_iao_asym_layer.safetensors",
         "parity_iao_resnet_symm_channel.safetensors",
         "parity_iao_resnet_asym_layer.safetensors",
+        "parity_iao_bnfuse_symm_channel.safetensors",
+        "parity_iao_bnfuse_asym_layer.safetensors",
+        "parity_iao_bnfuse_resnet_symm_channel.safetensors",
+        "parity_iao_bnfuse_pretrained.safetensors",
     ] {
         iao_steps(fixture);
     }

@@ -156,11 +156,12 @@ fn a_tiny_resnet_learns_and_resumes_bit_for_bit() {
     std::fs::remove_dir_all(&part).unwrap();
 }
 
-/// IAO (asymmetric, per-layer weights, moving-average weight observers) on the small ResNet:
-/// it learns, its checkpoint holds micronet's quantizer keys, and a resume mid-run reproduces
-/// the uninterrupted run bit for bit: the observers' ranges travel in the checkpoint and whether
-/// each has seen data in the resume file, and QuantAdd's observers, which also move during each
-/// epoch's evaluation, are saved after it.
+/// IAO (asymmetric, per-layer weights, moving-average weight observers, BatchNorms folded) on
+/// the small ResNet: it learns, its checkpoint holds micronet's quantizer and fold keys, and a
+/// resume mid-run reproduces the uninterrupted run bit for bit: the observers' ranges and the
+/// folds' running statistics travel in the checkpoint and whether each was ever set in the
+/// resume file, and QuantAdd's observers, which also move during each epoch's evaluation, are
+/// saved after it.
 #[test]
 fn an_iao_resnet_learns_and_resumes_bit_for_bit() {
     use wgqat::quant::{Observer, QLevel, QType, SchemeName};
@@ -177,6 +178,7 @@ fn an_iao_resnet_learns_and_resumes_bit_for_bit() {
         q_type: QType::Asymmetric,
         q_level: QLevel::Layer,
         weight_observer: Observer::MovingAverage,
+        bn_fuse: true,
         ..small(800, 200, 3)
     };
     let s = run(cfg.clone(), &dir, false);
@@ -201,6 +203,8 @@ fn an_iao_resnet_learns_and_resumes_bit_for_bit() {
         "conv2_x.0.add.observer_res.min_val",
         "conv2_x.0.add.activation_quantizer.zero_point",
         "fc.weight_quantizer.quant_max_val",
+        "conv1.0.gamma",
+        "conv2_x.0.residual_function.3.running_var",
     ] {
         assert!(names.iter().any(|n| n == key), "no {key} in {names:?}");
     }

@@ -283,7 +283,22 @@ class Net(nn.Module):
         # One zero image through the layers as they are built gives every input's shape.
         probe = {"input": torch.zeros([1] + spec["input"])}
         first = True
-        for name, layer, inputs in lower(spec):
+        steps = lower(spec)
+        readers = {}
+        for n, _, ins in steps:
+            for i in ins:
+                readers.setdefault(i, []).append(n)
+        kinds = {n: l["type"] for n, l, _ in steps}
+        # IAO bn_fuse: a conv read only by a BatchNorm folds it (micronet's QuantBNFuseConv2d); a
+        # conv without one stays float, as micronet's prepare() leaves it.
+        folds, folded_bns = {}, set()
+        if iao is not None and iao.get("bn_fuse"):
+            for n, l, _ in steps:
+                r = readers.get(n, [])
+                if l["type"] == "conv" and len(r) == 1 and kinds[r[0]] == "batchnorm":
+                    folds[n] = next(bl for bn, bl, _ in steps if bn == r[0])
+                    folded_bns.add(r[0])
+        for name, layer, inputs in steps:
             kind = layer["type"]
             x = probe[inputs[0]]
             c = x.shape[1]
@@ -300,7 +315,7 @@ class Net(nn.Module):
                                          bias=layer.get("bias", True), dilation=pair(layer.get("dilation", 1)))
             elif kind == "linear":
                 mod = nn.Linear(c, layer["out"], bias=layer.get("bias", True))
-            elif kind == "batchnorm":
+            elif kind == "batchnorm" and name not in folded_bns:
                 mod = nn.BatchNorm2d(c, eps=layer.get("eps", 1e-5), momentum=layer.get("momentum", 0.1))
             bits = None
             if kind in ("conv", "conv_transpose", "linear"):
@@ -309,7 +324,18 @@ class Net(nn.Module):
                 first = False
             if mod is not None:
                 self._register(name, mod)
-            if iao is not None:
+            if name in folds:
+                bn = folds[name]
+                cout = mod.weight.shape[0]
+                mod.register_parameter("gamma", nn.Parameter(torch.ones(cout)))
+                mod.register_parameter("beta", nn.Parameter(torch.zeros(cout)))
+                mod.register_buffer("running_mean", torch.zeros(cout))
+                mod.register_buffer("running_var", torch.ones(cout))
+                mod.fold_eps, mod.fold_momentum = bn.get("eps", 1e-5), bn.get("momentum", 0.1)
+                mod.fold_first, mod.pretrained = True, bool(iao.get("pretrained_model"))
+            if iao is not None and iao.get("bn_fuse") and kind == "conv" and name not in folds:
+                bits = (32, 32)
+            elif iao is not None:
                 # PTQ's quantizers are symmetric whatever q_type says.
                 q_type = "symmetric" if iao.get("ptq") else iao["q_type"]
                 holder = mod
@@ -360,6 +386,8 @@ class Net(nn.Module):
             if float_bits is not None:
                 return x + t[inputs[1]]
             return mod(x, t[inputs[1]])
+        if hasattr(mod, "gamma") and float_bits is None:
+            return Net._folded(mod, x)
         if hasattr(mod, "activation_quantizer"):
             # IAO: the module's own quantizers replace DoReFa's (float_bits: a shape probe).
             if float_bits is None:
@@ -384,7 +412,7 @@ class Net(nn.Module):
         if kind == "linear":
             return F.linear(act_quant(x, bits[1]), weight_quant(mod.weight, bits[0]), mod.bias)
         if kind == "batchnorm":
-            return mod(x)
+            return x if mod is None else mod(x)
         if kind == "relu":
             return F.relu(x)
         if kind == "add":
@@ -408,6 +436,35 @@ class Net(nn.Module):
         if kind == "flatten":
             return x.reshape(x.shape[0], -1)
         raise ValueError(f"unknown layer type {kind}")
+
+    @staticmethod
+    def _folded(mod, x):
+        """micronet's QuantBNFuseConv2d (spec iao §3): training folds the batch statistics of
+        the float conv (unbiased variance, gradients through them) and updates the running ones
+        (the first call copies unless pretrained); evaluation folds the running ones."""
+        conv = lambda inp, w, b: F.conv2d(inp, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
+        if mod.training:
+            y0 = conv(x, mod.weight, mod.bias)
+            mu = y0.mean(dim=(0, 2, 3))
+            var = y0.var(dim=(0, 2, 3))
+            with torch.no_grad():
+                if mod.fold_first and not mod.pretrained:
+                    mod.running_mean.copy_(mu)
+                    mod.running_var.copy_(var)
+                else:
+                    m = mod.fold_momentum
+                    mod.running_mean.copy_((1 - m) * mod.running_mean + m * mu)
+                    mod.running_var.copy_((1 - m) * mod.running_var + m * var)
+                mod.fold_first = False
+        else:
+            mu, var = mod.running_mean, mod.running_var
+        std = torch.sqrt(var + mod.fold_eps)
+        if mod.bias is not None:
+            b_f = mod.beta + (mod.bias - mu) * (mod.gamma / std)
+        else:
+            b_f = mod.beta - mu * (mod.gamma / std)
+        w_f = mod.weight * (mod.gamma / std).reshape(-1, 1, 1, 1)
+        return conv(mod.activation_quantizer(x), mod.weight_quantizer(w_f), b_f)
 
     def forward(self, x):
         t = {"input": x}
@@ -464,6 +521,9 @@ def main():
     ap.add_argument("--ptq", type=float, metavar="PERCENTILE",
                     help="IAO post-training quantization: histogram observers at this percentile; "
                          "--steps training-mode forward passes on the batch, no backward")
+    ap.add_argument("--bn-fuse", action="store_true", help="IAO: fold each conv's BatchNorm into it")
+    ap.add_argument("--pretrained-model", action="store_true",
+                    help="IAO --bn-fuse: the first step updates the running statistics instead of copying")
     ap.add_argument("--steps", type=int, default=1,
                     help="IAO: SGD steps on the batch (the second shows the observers' update rule)")
     ap.add_argument("--init-only", action="store_true", help="write just the initial state dict")
@@ -477,7 +537,7 @@ def main():
     iao = None
     if args.scheme == "iao":
         iao = dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer,
-                   ptq=args.ptq)
+                   ptq=args.ptq, bn_fuse=args.bn_fuse, pretrained_model=args.pretrained_model)
     net = Net(spec, args.bits, args.bits, args.quantize_first_layer, iao)
     micronet_init(net)
     if args.init_only:

@@ -178,6 +178,13 @@ struct TrainArgs {
     /// --lr, e.g. 1e-5, and --init a QAT or PTQ checkpoint).
     #[arg(long)]
     qaft: bool,
+    /// IAO: fold each conv's BatchNorm into it during QAT (micronet's QuantBNFuseConv2d).
+    #[arg(long)]
+    bn_fuse: bool,
+    /// IAO --bn-fuse: the first step updates the --init model's running statistics instead of
+    /// replacing them with the batch's.
+    #[arg(long)]
+    pretrained_model: bool,
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     batch_size: usize,
     #[arg(long, default_value_t = TrainConfig::default().eval_batch_size)]
@@ -782,6 +789,8 @@ fn train_config(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<T
     );
     c.ptq |= a.ptq;
     c.qaft |= a.qaft;
+    c.bn_fuse |= a.bn_fuse;
+    c.pretrained_model |= a.pretrained_model;
     if take("w_bits") {
         c.w_bits = Bits::new(a.w_bits)?;
     }

@@ -1,6 +1,7 @@
 //! Typed launch functions, one module per shader file. Each checks shapes and element types
 //! before anything reaches the GPU, then returns a [`Launch`](crate::gpu::Launch) to record.
 
+pub mod bnfold;
 pub mod conv2d;
 pub mod conv_transpose2d;
 pub mod elementwise;
@@ -41,6 +42,7 @@ pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl", true);
 pub static REDUCE: Shader = shader!("reduce.wgsl", true);
 pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl");
 pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl");
+pub static BNFOLD: Shader = shader!("bnfold.wgsl", true);
 pub static CONV2D: Shader = shader!("conv2d.wgsl", true);
 pub static NORM: Shader = shader!("norm.wgsl", true);
 pub static POOL: Shader = shader!("pool.wgsl", true);
@@ -55,6 +57,7 @@ pub static SHADERS: &[&Shader] = &[
     &REDUCE,
     &QUANT,
     &IAO,
+    &BNFOLD,
     &CONV2D,
     &NORM,
     &POOL,

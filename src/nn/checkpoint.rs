@@ -169,36 +169,49 @@ impl Network {
                 });
             }
         }
+        for f in self.folds() {
+            for (i, suffix) in [
+                (f.running_mean, "running_mean"),
+                (f.running_var, "running_var"),
+            ] {
+                out.push(Named::f32(
+                    format!("{}.{suffix}", f.conv),
+                    &self.running.entries()[i].shape,
+                    running[i].clone(),
+                ));
+            }
+        }
         for q in self.iao_quantizers() {
             out.extend(iao_keys(&q, &running[q.entry]));
         }
         Ok(out)
     }
 
-    /// Whether each IAO quantizer has observed anything (1) or not (0), in
-    /// [`Network::iao_quantizers`] order: what a resume file adds to the state dict.
+    /// Whether each IAO quantizer has observed anything and each fold has set its running
+    /// statistics (1) or not (0), in [`Network::observed_flags`] order: what a resume file adds
+    /// to the state dict.
     pub fn iao_observed(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let running = self.running.unpack(&gpu.read_f32(&self.running_arena)?);
         Ok(self
-            .iao_quantizers()
+            .observed_flags()
             .iter()
-            .map(|q| running[q.entry][q.rows * ROW_WORDS])
+            .map(|&(e, k)| running[e][k])
             .collect())
     }
 
     /// Restores [`Network::iao_observed`] (after a load, which clears it).
     pub fn set_iao_observed(&self, gpu: &Gpu, flags: &[f32]) -> Result<()> {
-        let qs = self.iao_quantizers();
-        if flags.len() != qs.len() {
+        let places = self.observed_flags();
+        if flags.len() != places.len() {
             return Err(Error::Invalid(format!(
-                "{} IAO observer flags for {} quantizers",
+                "{} observer flags for {} quantizers and folds",
                 flags.len(),
-                qs.len()
+                places.len()
             )));
         }
         let mut running = self.running.unpack(&gpu.read_f32(&self.running_arena)?);
-        for (q, &f) in qs.iter().zip(flags) {
-            running[q.entry][q.rows * ROW_WORDS] = f;
+        for (&(e, k), &f) in places.iter().zip(flags) {
+            running[e][k] = f;
         }
         gpu.write(&self.running_arena, &self.running.pack(&running))
     }
@@ -221,6 +234,26 @@ impl Network {
     pub fn load_named(&mut self, gpu: &Gpu, path: &Path, tensors: Vec<Named>) -> Result<()> {
         let mut by_name: HashMap<String, Named> =
             tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let folds = self.folds();
+        // A checkpoint without folds (float, DoReFa, IAO without bn_fuse) starts each fold from
+        // its BatchNorm, as micronet's prepare() copies it into QuantBNFuseConv2d.
+        for f in &folds {
+            if by_name.contains_key(&format!("{}.gamma", f.conv)) {
+                continue;
+            }
+            for (from, to) in [
+                ("weight", "gamma"),
+                ("bias", "beta"),
+                ("running_mean", "running_mean"),
+                ("running_var", "running_var"),
+            ] {
+                if let Some(mut t) = by_name.remove(&format!("{}.{from}", f.bn)) {
+                    t.name = format!("{}.{to}", f.conv);
+                    by_name.insert(t.name.clone(), t);
+                }
+            }
+            by_name.remove(&format!("{}.num_batches_tracked", f.bn));
+        }
         let model = if self.spec.name.is_empty() {
             "this".to_string()
         } else {
@@ -262,7 +295,9 @@ impl Network {
             .map(|e| take(&e.name, &e.shape))
             .collect::<Result<_>>()?;
         let iao = self.iao_quantizers();
-        let is_iao = |i: usize| iao.iter().any(|q| q.entry == i);
+        // IAO states are read from their keys below; fold flags start cleared.
+        let is_iao =
+            |i: usize| iao.iter().any(|q| q.entry == i) || folds.iter().any(|f| f.flag == i);
         let mut running: Vec<Vec<f32>> = self
             .running
             .entries()
@@ -282,6 +317,9 @@ impl Network {
             let key = if q.observer_only { "min_val" } else { "scale" };
             by_name.contains_key(&format!("{}.{key}", q.prefix))
         });
+        for f in &folds {
+            running[f.flag] = vec![0.0];
+        }
         for q in &iao {
             running[q.entry] = if has_iao {
                 iao_state(q, path, &mut by_name)?

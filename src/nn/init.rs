@@ -34,9 +34,10 @@ pub fn initial_values(net: &Network, seed: u64) -> Vec<Vec<f32>> {
         .iter()
         .map(|e| {
             let n = e.numel();
-            if bn_gamma.contains(&e.name) {
+            // A BatchNorm's γ, or a folded conv's (IAO bn_fuse), starts at 1; β at 0.
+            if bn_gamma.contains(&e.name) || e.name.ends_with(".gamma") {
                 vec![1.0; n]
-            } else if e.name.ends_with(".bias") {
+            } else if e.name.ends_with(".beta") || e.name.ends_with(".bias") {
                 vec![0.0; n]
             } else if linear.contains(&e.name) {
                 (0..n).map(|_| (0.01 * rng.normal()) as f32).collect()

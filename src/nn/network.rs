@@ -6,6 +6,7 @@
 //! `prepare()`'s rule) the first such layer stays float unless `quantize_first_layer`.
 
 mod batchnorm;
+mod bnfold;
 mod elementwise;
 mod gemm;
 mod lower;
@@ -39,6 +40,15 @@ pub(crate) struct IaoInfo {
     pub entry: usize,
     pub code_range: (f32, f32),
     pub initial: Vec<f32>,
+}
+
+/// A folded conv's names and running-arena entries.
+pub(crate) struct FoldInfo {
+    pub conv: String,
+    pub bn: String,
+    pub running_mean: usize,
+    pub running_var: usize,
+    pub flag: usize,
 }
 
 /// Training (batch statistics, gradients) or evaluation (running statistics, forward only).
@@ -308,6 +318,35 @@ impl Network {
             }
         }
         out
+    }
+
+    /// Every folded conv's state names: `(conv, bn, running_mean entry, running_var entry, flag
+    /// entry)`.
+    pub(crate) fn folds(&self) -> Vec<FoldInfo> {
+        self.layers
+            .iter()
+            .filter_map(|l| {
+                l.fold.as_ref().map(|f| FoldInfo {
+                    conv: l.name.clone(),
+                    bn: f.bn_name.clone(),
+                    running_mean: f.running.0,
+                    running_var: f.running.1,
+                    flag: f.flag,
+                })
+            })
+            .collect()
+    }
+
+    /// The running-arena words that say whether a stateful part has seen data since it was
+    /// made or loaded (each IAO quantizer's observer, each fold's running statistics): micronet
+    /// keeps them out of its state dict; resume files keep them. `(entry, offset)`.
+    pub(crate) fn observed_flags(&self) -> Vec<(usize, usize)> {
+        let iao = self
+            .iao_quantizers()
+            .into_iter()
+            .map(|q| (q.entry, q.rows * crate::kernels::iao::ROW_WORDS));
+        iao.chain(self.folds().into_iter().map(|f| (f.flag, 0)))
+            .collect()
     }
 
     /// Per layer: whether its output depends on parameters, so that a gradient must flow back
@@ -580,7 +619,9 @@ impl Network {
             Kind::Relu => elementwise::relu(l, io),
             Kind::Add => elementwise::add(self, l, io),
             // Aliases: the layer before did the work.
-            Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten => Ok((Vec::new(), Vec::new())),
+            Kind::FusedRelu | Kind::FoldedBn | Kind::FusedShuffle | Kind::Flatten => {
+                Ok((Vec::new(), Vec::new()))
+            }
         }
     }
 

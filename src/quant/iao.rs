@@ -53,6 +53,15 @@ pub struct IaoOptions {
     /// (percentile) observer, everything symmetric whatever `q_type` says.
     #[serde(default)]
     pub ptq: Option<Percentile>,
+    /// Fold each conv's BatchNorm into it during QAT (micronet's `--bn_fuse`,
+    /// `QuantBNFuseConv2d`): the quantized weight is W·γ/σ, with batch statistics of the float
+    /// conv in training and running ones in evaluation and QAFT.
+    #[serde(default)]
+    pub bn_fuse: bool,
+    /// With `bn_fuse`: the first training call updates the running statistics instead of
+    /// taking the batch's (micronet's `--pretrained_model`).
+    #[serde(default)]
+    pub pretrained_model: bool,
 }
 
 /// A percentile in (0, 1] (micronet's `--percentile`, 0.999999 by default).

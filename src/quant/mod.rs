@@ -61,6 +61,8 @@ impl Default for QuantConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     Conv,
+    /// A conv whose only reader is a BatchNorm (IAO's `bn_fuse` folds the two).
+    ConvBeforeBn,
     ConvTranspose,
     Linear,
     /// Max, average or adaptive average pooling.
@@ -72,7 +74,10 @@ pub enum Role {
 
 impl Role {
     fn is_weighted(self) -> bool {
-        matches!(self, Role::Conv | Role::ConvTranspose | Role::Linear)
+        matches!(
+            self,
+            Role::Conv | Role::ConvBeforeBn | Role::ConvTranspose | Role::Linear
+        )
     }
 }
 
@@ -116,12 +121,15 @@ pub struct LayerQuant {
     pub weight: WeightQuant,
     /// The quantizer of the layer's input (an add's: of both inputs, with one shared scale).
     pub input: ActQuant,
+    /// IAO `bn_fuse`: the conv folds the BatchNorm that reads it (which becomes an identity).
+    pub fold: bool,
 }
 
 impl LayerQuant {
     pub const FLOAT: LayerQuant = LayerQuant {
         weight: WeightQuant::Float,
         input: ActQuant::Float,
+        fold: false,
     };
 }
 
@@ -150,7 +158,9 @@ impl QuantConfig {
     ///   `quantize_first_layer`); pools and adds float.
     /// - IAO: every conv, conv_transpose and Linear, weights per output channel (conv) or row
     ///   (Linear) unless `q_level` is `layer` (conv_transpose: always per layer); the inputs of
-    ///   pools and both inputs of an add. 32 bits on either side leaves that side float.
+    ///   pools and both inputs of an add. 32 bits on either side leaves that side float. With
+    ///   `bn_fuse`, a conv read only by a BatchNorm folds it, and a conv without one stays float
+    ///   (as micronet's prepare() leaves it).
     pub fn resolve(&self, roles: &[Role]) -> Vec<LayerQuant> {
         let first = roles.iter().position(|r| r.is_weighted());
         roles
@@ -163,6 +173,7 @@ impl QuantConfig {
                         LayerQuant {
                             weight: dorefa_weight(self.w_bits),
                             input: dorefa_act(self.a_bits),
+                            fold: false,
                         }
                     } else {
                         LayerQuant::FLOAT
@@ -185,7 +196,10 @@ impl QuantConfig {
                         }
                     };
                     match role {
+                        // micronet's bn_fuse leaves a conv without a BatchNorm after it float.
+                        Role::Conv if o.bn_fuse => LayerQuant::FLOAT,
                         _ if role.is_weighted() => LayerQuant {
+                            fold: o.bn_fuse && role == Role::ConvBeforeBn,
                             weight: if self.w_bits.is_float() {
                                 WeightQuant::Float
                             } else {
@@ -202,6 +216,7 @@ impl QuantConfig {
                         Role::Pool | Role::Add => LayerQuant {
                             weight: WeightQuant::Float,
                             input,
+                            fold: false,
                         },
                         _ => LayerQuant::FLOAT,
                     }

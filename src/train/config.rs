@@ -59,6 +59,13 @@ pub struct TrainConfig {
     /// IAO: quantization-aware fine-tuning, every scale frozen (micronet's `--qaft`).
     #[serde(default)]
     pub qaft: bool,
+    /// IAO: fold each conv's BatchNorm into it during QAT (micronet's `--bn_fuse`).
+    #[serde(default)]
+    pub bn_fuse: bool,
+    /// IAO `bn_fuse`: the first step updates the loaded running statistics instead of replacing
+    /// them with the batch's (micronet's `--pretrained_model`).
+    #[serde(default)]
+    pub pretrained_model: bool,
     /// IAO: post-training quantization instead of training: `ptq_batches` + 1 training-mode
     /// forward passes calibrate the observers (histogram observer at `percentile`) and the
     /// BatchNorm statistics, then the test set is evaluated and the model saved.
@@ -113,6 +120,8 @@ impl Default for TrainConfig {
             q_level: QLevel::Channel,
             weight_observer: Observer::MinMax,
             qaft: false,
+            bn_fuse: false,
+            pretrained_model: false,
             ptq: false,
             ptq_batches: default_ptq_batches(),
             percentile: default_percentile(),
@@ -196,9 +205,17 @@ impl TrainConfig {
                 "`log_every` 0: log at least every step".into(),
             ));
         }
-        if self.scheme != SchemeName::Iao && (self.ptq || self.qaft) {
+        if self.scheme != SchemeName::Iao
+            && (self.ptq || self.qaft || self.bn_fuse || self.pretrained_model)
+        {
             return Err(Error::Invalid(
-                "`ptq` and `qaft` are IAO's: add `scheme` iao".into(),
+                "`ptq`, `qaft`, `bn_fuse` and `pretrained_model` are IAO's: add `scheme` iao"
+                    .into(),
+            ));
+        }
+        if self.pretrained_model && !self.bn_fuse {
+            return Err(Error::Invalid(
+                "`pretrained_model` says how `bn_fuse` starts its running statistics: add `bn_fuse`".into(),
             ));
         }
         if self.ptq && self.qaft {
@@ -244,6 +261,8 @@ impl TrainConfig {
                     weight_observer: self.weight_observer,
                     qaft: self.qaft,
                     ptq: self.ptq.then_some(Percentile(self.percentile)),
+                    bn_fuse: self.bn_fuse,
+                    pretrained_model: self.pretrained_model,
                 }),
             },
         }
@@ -255,6 +274,12 @@ impl TrainConfig {
         if let Scheme::Iao(o) = scheme {
             (self.q_type, self.q_level, self.weight_observer) =
                 (o.q_type, o.q_level, o.weight_observer);
+            (self.qaft, self.bn_fuse, self.pretrained_model) =
+                (o.qaft, o.bn_fuse, o.pretrained_model);
+            self.ptq = o.ptq.is_some();
+            if let Some(p) = o.ptq {
+                self.percentile = p.0;
+            }
         }
     }
 

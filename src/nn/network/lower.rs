@@ -5,13 +5,14 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::kernels::bnfold::BnFold;
 use crate::kernels::iao::IaoQuantizer;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::quant::WeightQuantizer;
 use crate::models::{Graph, LayerSpec, Source};
 use crate::nn::params::Layout;
 use crate::quant::iao::{Operand, Spec};
-use crate::quant::{ActQuant, QuantConfig, Role, WeightQuant};
+use crate::quant::{ActQuant, QuantConfig, Role, Scheme, WeightQuant};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) enum WeightedOp {
@@ -49,6 +50,8 @@ pub(super) enum Kind {
     Relu,
     /// A ReLU folded into the BatchNorm before it: its output is the BN's.
     FusedRelu,
+    /// A BatchNorm folded into the conv before it (IAO `bn_fuse`): its output is the conv's.
+    FoldedBn,
     MaxPool(PoolWindow),
     AvgPool(PoolWindow),
     Shuffle(usize),
@@ -62,7 +65,10 @@ pub(super) enum Kind {
 impl Kind {
     /// The layer's output is its input's buffer (the work, if any, is done by the layer before).
     pub(super) fn is_alias(&self) -> bool {
-        matches!(self, Kind::FusedRelu | Kind::FusedShuffle | Kind::Flatten)
+        matches!(
+            self,
+            Kind::FusedRelu | Kind::FoldedBn | Kind::FusedShuffle | Kind::Flatten
+        )
     }
 }
 
@@ -92,11 +98,17 @@ pub(super) struct Layer {
     pub(super) input_q: Option<IaoSlot>,
     /// An IAO add's observers of its two inputs (micronet's `observer_res`, `observer_shortcut`).
     pub(super) observers: Vec<IaoSlot>,
+    /// IAO `bn_fuse`: the BatchNorm folded into this conv.
+    pub(super) fold: Option<FoldSlot>,
     /// The quantized weight Ŵ and (training) dL/dŴ.
     pub(super) w_hat: Option<Tensor>,
     pub(super) dw_hat: Option<Tensor>,
     pub(super) bn_stats: Option<Tensor>,
 }
+
+/// The running-arena entry (`{conv}.bn_fold_observed`) saying whether a folded conv's running
+/// statistics were ever set: not a state-dict key (micronet's `num_flag`), kept by resume files.
+pub(super) const FOLD_FLAG: &str = "bn_fold_observed";
 
 /// A weight quantizer of either scheme.
 pub(super) enum WeightQ {
@@ -144,9 +156,24 @@ impl IaoSlot {
     }
 }
 
-/// A layer's role for [`QuantConfig::resolve`].
-fn role(ls: &LayerSpec) -> Role {
+/// A conv with the BatchNorm folded into it: the fold's buffers and where its parameters
+/// (`{conv}.gamma`, `{conv}.beta`) and running statistics (`{conv}.running_mean`,
+/// `{conv}.running_var`, micronet's keys; and whether they were ever set) live.
+pub(super) struct FoldSlot {
+    pub(super) fold: BnFold,
+    /// The folded BatchNorm's name: a float checkpoint's `{bn}.weight` ... start the fold.
+    pub(super) bn_name: String,
+    pub(super) gamma: usize,
+    pub(super) beta: usize,
+    pub(super) running: (usize, usize),
+    pub(super) flag: usize,
+}
+
+/// A layer's role for [`QuantConfig::resolve`]: `sole_bn`, whether its only reader is a
+/// BatchNorm.
+fn role(ls: &LayerSpec, sole_bn: bool) -> Role {
     match ls {
+        LayerSpec::Conv { .. } if sole_bn => Role::ConvBeforeBn,
         LayerSpec::Conv { .. } => Role::Conv,
         LayerSpec::ConvTranspose { .. } => Role::ConvTranspose,
         LayerSpec::Linear { .. } => Role::Linear,
@@ -171,8 +198,20 @@ pub(super) fn lower(
     running: &mut Layout,
 ) -> Result<Vec<Layer>> {
     let mut layers = Vec::new();
-    let roles: Vec<Role> = graph.nodes.iter().map(|n| role(&n.layer)).collect();
+    let consumers = graph.consumers();
+    let sole_bn = |i: usize| match consumers[i][..] {
+        [j] => matches!(graph.nodes[j].layer, LayerSpec::BatchNorm { .. }).then_some(j),
+        _ => None,
+    };
+    let roles: Vec<Role> = (0..graph.nodes.len())
+        .map(|i| role(&graph.nodes[i].layer, sole_bn(i).is_some()))
+        .collect();
     let plan = quant.resolve(&roles);
+    // The BatchNorms folded into the convs before them.
+    let folded: Vec<usize> = (0..graph.nodes.len())
+        .filter(|&i| plan[i].fold)
+        .filter_map(sole_bn)
+        .collect();
     for (i, node) in graph.nodes.iter().enumerate() {
         let ls = &node.layer;
         let name = node.name.clone();
@@ -210,6 +249,7 @@ pub(super) fn lower(
             quantizer: None,
             input_q,
             observers: Vec::new(),
+            fold: None,
             w_hat: None,
             dw_hat: None,
             bn_stats: None,
@@ -284,15 +324,34 @@ pub(super) fn lower(
                     dilation: dilation.t(),
                     groups: *groups,
                 };
+                let w_shape = vec![*out, in_shape[0] / groups, kernel.0, kernel.1];
                 weighted(
                     op,
-                    vec![*out, in_shape[0] / groups, kernel.0, kernel.1],
+                    w_shape.clone(),
                     *bias,
                     *out,
                     &mut layer,
                     params,
                     running,
                 )?;
+                if lq.fold {
+                    let bn = sole_bn(i).expect("a fold has its BatchNorm");
+                    let LayerSpec::BatchNorm { eps, momentum, .. } = graph.nodes[bn].layer else {
+                        unreachable!("sole_bn finds BatchNorms")
+                    };
+                    let pretrained = matches!(quant.scheme, Scheme::Iao(o) if o.pretrained_model);
+                    layer.fold = Some(FoldSlot {
+                        fold: BnFold::new(gpu, &name, &w_shape, eps, momentum, pretrained)?,
+                        bn_name: graph.nodes[bn].name.clone(),
+                        gamma: params.add(format!("{name}.gamma"), &[*out]),
+                        beta: params.add(format!("{name}.beta"), &[*out]),
+                        running: (
+                            running.add(format!("{name}.running_mean"), &[*out]),
+                            running.add(format!("{name}.running_var"), &[*out]),
+                        ),
+                        flag: running.add(format!("{name}.{FOLD_FLAG}"), &[1]),
+                    });
+                }
             }
             LayerSpec::ConvTranspose {
                 out,
@@ -334,6 +393,7 @@ pub(super) fn lower(
                     running,
                 )?;
             }
+            LayerSpec::BatchNorm { .. } if folded.contains(&i) => layer.kind = Kind::FoldedBn,
             LayerSpec::BatchNorm { eps, momentum, .. } => {
                 let c = in_shape[0];
                 layer.kind = Kind::BatchNorm {

@@ -45,6 +45,9 @@ pub(super) struct LayerBuffers {
     pub(super) transient: bool,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
     pub(super) split_k: Option<Tensor>,
+    /// A folded conv's second input gradient (through its float conv's statistics): one
+    /// scratch shared by all folds.
+    pub(super) fold_dx: Option<Tensor>,
     /// A BatchNorm whose output only feeds a layer that quantizes it in place: its forward
     /// applies that layer's activation quantizer at once (the backward forms the float output
     /// again, as before).
@@ -157,9 +160,13 @@ impl Network {
         // A weighted layer's recomputed input is quantized where it lies; others go to a shared
         // temporary (an IAO pool's too: its backward needs the float input for the mask and the
         // quantized one to find each window's maximum).
+        // (A folded conv needs its float input after the quantized one: a temporary too.)
         let in_place = |i: usize| {
             let l = &self.layers[i];
-            quantized_in(l) && input_recomputed(i) && matches!(l.kind, Kind::Weighted { .. })
+            quantized_in(l)
+                && input_recomputed(i)
+                && matches!(l.kind, Kind::Weighted { .. })
+                && l.fold.is_none()
         };
         let max_qin = self
             .layers
@@ -217,6 +224,15 @@ impl Network {
         let split_k = max_split_k
             .map(|n| gpu.empty("grad-weight partial sums", &[n], DType::F32))
             .transpose()?;
+        let max_fold_in = self
+            .layers
+            .iter()
+            .filter(|l| l.fold.is_some() && self.trainable)
+            .map(|l| elems(&l.in_shape))
+            .max();
+        let fold_dx = max_fold_in
+            .map(|n| gpu.zeros("folded convs' input gradient", &[cap * n], DType::F32))
+            .transpose()?;
         // Two temporaries for transient outputs: a chain's first output in one, its second in
         // the other.
         let max_transient = |temp: usize| {
@@ -262,6 +278,10 @@ impl Network {
                 }
             };
             let in_shape = with_batch(cap, &l.in_shape);
+            let fold_dx = match (&fold_dx, &l.fold) {
+                (Some(t), Some(_)) => Some(t.view(0, &in_shape)?),
+                _ => None,
+            };
             let xq = match (quantized_in(l), in_place(i)) {
                 (false, _) => QuantInput::Float,
                 (true, true) => QuantInput::InPlace,
@@ -275,6 +295,7 @@ impl Network {
                 xq,
                 transient: recomputed[i],
                 split_k: split_k.clone(),
+                fold_dx,
                 quantize_output: None,
                 din: vec![None; l.inputs.len()],
                 accumulate: Vec::new(),

@@ -137,4 +137,24 @@ impl WeightQ {
             }
         }
     }
+
+    /// [`WeightQ::backward`] in place: `d` holds dL/dŴ and becomes dL/dW (IAO only: DoReFa's
+    /// backward reads the whole gradient for its max term).
+    pub(super) fn backward_in_place(
+        &self,
+        net: &Network,
+        gpu: &Gpu,
+        w: &Tensor,
+        d: &Tensor,
+    ) -> Result<Op> {
+        match self {
+            WeightQ::Iao(slot) => {
+                let state = net.running.view(&net.running_arena, slot.state)?;
+                slot.q.backward_in_place(gpu, &state, w, d)
+            }
+            WeightQ::Dorefa(_) => Err(crate::error::Error::Invalid(
+                "DoReFa's weight quantizer has no in-place backward".into(),
+            )),
+        }
+    }
 }

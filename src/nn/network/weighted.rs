@@ -13,6 +13,9 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let Kind::Weighted { op, .. } = l.kind else {
         unreachable!("weighted::ops is for weighted layers")
     };
+    if let Some(f) = &l.fold {
+        return super::bnfold::ops(net, l, f, io);
+    }
     let gpu = io.gpu;
     let (x, buf) = (io.x(), io.buf);
     let (w, b) = (net.param(l.weight)?.expect("weights"), net.param(l.bias)?);
