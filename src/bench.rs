@@ -280,6 +280,8 @@ pub struct TrainingBench {
     /// `dorefa` or `iao` (symmetric, per-channel, min-max weight observers: micronet's README
     /// setting).
     pub scheme: crate::quant::SchemeName,
+    /// IAO with each conv's BatchNorm folded in.
+    pub bn_fuse: bool,
     pub w_bits: u32,
     pub a_bits: u32,
     pub batch: usize,
@@ -339,6 +341,7 @@ pub fn training(
     let mut row = TrainingBench {
         model: model.name.clone(),
         scheme: quant.scheme.name(),
+        bn_fuse: matches!(quant.scheme, crate::quant::Scheme::Iao(o) if o.bn_fuse),
         w_bits: bits.get(),
         a_bits: quant.a_bits.get(),
         batch,

@@ -10,7 +10,7 @@ import sys
 
 
 def key(r):
-    return (r["model"], r.get("scheme", "dorefa"), r["w_bits"], r["batch"])
+    return (r["model"], r.get("scheme", "dorefa"), r.get("bn_fuse", False), r["w_bits"], r["batch"])
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
         ratio = lambda o: "-" if not (ips and o) else f"{ips / o['img_per_s']:.2f}x"
         bits = "fp32" if r["w_bits"] == 32 else f"W{r['w_bits']}A{r['a_bits']}"
         if r.get("scheme", "dorefa") == "iao" and r["w_bits"] != 32:
-            bits = "IAO " + bits
+            bits = ("IAO-BN " if r.get("bn_fuse") else "IAO ") + bits
         print(f"| {r['model']} | {bits} | {r['batch']} | {fmt(ips)} | {fmt(e and e['img_per_s'])} | {fmt(c and c['img_per_s'])} | "
               f"{ratio(e)} | {ratio(c)} | {gib(r.get('peak_memory_bytes'))} | {gib(e and e['peak_memory_bytes'])} | {gib(c and c['peak_memory_bytes'])} |")
 

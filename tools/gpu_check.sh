@@ -36,9 +36,9 @@ part() {
 # batch 128, then the per-kernel table.
 part info 15 "$W" info
 part selftest 40 "$W" selftest --json
-part wgqat_256 55 "$W" bench --json --model nin_gc,nin --scheme dorefa,iao --bits 8 --batch 256 --no-breakdown
+part wgqat_256 55 "$W" bench --json --model nin_gc,nin --scheme dorefa,iao --bn-fuse --bits 8 --batch 256 --no-breakdown
 part torch_compile_256 90 python3 tools/torch_bench.py --compile --json --model nin_gc,nin --bits 8 --batch 256
-part torch_eager_256 40 python3 tools/torch_bench.py --json --model nin_gc,nin --scheme dorefa,iao --bits 8 --batch 256
+part torch_eager_256 40 python3 tools/torch_bench.py --json --model nin_gc,nin --scheme dorefa,iao,iao-bn --bits 8 --batch 256
 python3 tools/bench_table.py "$out/wgqat_256.txt" "$out/torch_eager_256.txt" \
     "$out/torch_compile_256.txt" >"$out/table_256.md" 2>>"$out/table.err"
 part wgqat_resnet18 30 "$W" bench --json --model resnet18 --bits 8 --batch 128 --no-breakdown

@@ -5,7 +5,8 @@ models/resnet.py under DoReFa's prepare(): every conv but the first, and fc, qua
 (tools/torch_reference.py), Adam (lr 0.01, coupled L2 1e-5), cross-entropy, random data already on
 the device, images per second over the timed steps after warm-up, and peak memory. --scheme iao
 runs micronet's IAO prepare() instead (symmetric, per-channel weights, min-max weight observers:
-every conv and Linear, the pools' and adds' inputs; tools/torch_reference.py's IAO modules).
+every conv and Linear, the pools' and adds' inputs; tools/torch_reference.py's IAO modules), and
+iao-bn the same with each conv's BatchNorm folded in (bn_fuse).
 
 Usage:
   python3 tools/torch_bench.py [--compile] [--scheme dorefa,iao] [--model nin_gc,nin,resnet18] [--bits 8,32] [--batch 50,128,256]
@@ -29,8 +30,9 @@ from torch_reference import Net, micronet_init  # noqa: E402
 def bench(spec, bits, batch, args, device, scheme="dorefa"):
     torch.manual_seed(1)
     iao = None
-    if scheme == "iao" and bits != 32:
-        iao = dict(q_type="symmetric", q_level="channel", weight_observer="min-max")
+    if scheme in ("iao", "iao-bn") and bits != 32:
+        iao = dict(q_type="symmetric", q_level="channel", weight_observer="min-max",
+                   bn_fuse=scheme == "iao-bn")
     net = Net(spec, bits, bits, False, iao).to(device)
     micronet_init(net)
     net.train()
@@ -60,6 +62,7 @@ def bench(spec, bits, batch, args, device, scheme="dorefa"):
     return {
         "model": spec["name"],
         "scheme": "iao" if iao else "dorefa",
+        "bn_fuse": bool(iao and iao["bn_fuse"]),
         "w_bits": bits,
         "a_bits": bits,
         "batch": batch,
@@ -77,7 +80,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--model", default="nin_gc,nin")
-    ap.add_argument("--scheme", default="dorefa", help="comma list: dorefa, iao")
+    ap.add_argument("--scheme", default="dorefa",
+                    help="comma list: dorefa, iao, iao-bn (IAO with BatchNorms folded, bn_fuse)")
     ap.add_argument("--bits", default="8,32")
     ap.add_argument("--batch", default="50,128,256")
     ap.add_argument("--warmup", type=int, default=5)
@@ -106,7 +110,8 @@ def main():
                 rows.append(r)
                 if not args.json:
                     mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-                    label = "fp32" if bits == 32 else ("IAO " if scheme == "iao" else "") + f"W{bits}A{bits}"
+                    prefix = {"iao": "IAO ", "iao-bn": "IAO-BN "}.get(scheme, "")
+                    label = "fp32" if bits == 32 else prefix + f"W{bits}A{bits}"
                     print(f"{r['model']:8} {label:9} {batch:5} "
                           f"{r['img_per_s']:10.1f} img/s {r['step_ms']:9.1f} ms/step peak {mem} ({r['mode']}, {r['device']})")
     if args.json:

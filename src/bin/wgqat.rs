@@ -86,6 +86,9 @@ struct BenchArgs {
     /// weight observers: micronet's README setting). Float runs once, whatever the scheme.
     #[arg(long, value_enum, default_value = "dorefa", value_delimiter = ',')]
     scheme: Vec<SchemeName>,
+    /// IAO rows also with each conv's BatchNorm folded in (micronet's bn_fuse), beside them.
+    #[arg(long)]
+    bn_fuse: bool,
     /// Batch sizes (comma list) [default: 50,128,256; with --infer 1,256].
     #[arg(long, value_delimiter = ',')]
     batch: Option<Vec<usize>>,
@@ -1051,7 +1054,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.warmup
         );
         println!(
-            "{:<mw$} {:>10} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+            "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
             "model",
             "bits",
             "batch",
@@ -1076,6 +1079,13 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             if !quants.contains(&q) {
                 quants.push(q);
             }
+            if a.bn_fuse && scheme == SchemeName::Iao && !b.is_float() {
+                let o = wgqat::quant::IaoOptions {
+                    bn_fuse: true,
+                    ..Default::default()
+                };
+                quants.push(wgqat::quant::QuantConfig::iao(b, b, o));
+            }
         }
     }
     for spec in &specs {
@@ -1087,7 +1097,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         v.map_or("-".to_string(), |x| format!("{x:.p$}"))
                     };
                     println!(
-                        "{:<mw$} {:>10} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}{}",
+                        "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}{}",
                         r.model,
                         q.label(),
                         batch,

@@ -253,7 +253,8 @@ impl QuantConfig {
         }
     }
 
-    /// A short name for logs and tables: `W8A8`, `IAO W8A8`, `fp32`.
+    /// A short name for logs and tables: `W8A8`, `IAO W8A8`, `IAO-BN W8A8` (BatchNorms
+    /// folded), `fp32`.
     pub fn label(&self) -> String {
         let bits = if self.w_bits.is_float() && self.a_bits.is_float() {
             "fp32".to_string()
@@ -262,6 +263,7 @@ impl QuantConfig {
         };
         match self.scheme {
             Scheme::Dorefa => bits,
+            Scheme::Iao(o) if o.bn_fuse => format!("IAO-BN {bits}"),
             Scheme::Iao(_) => format!("IAO {bits}"),
         }
     }
