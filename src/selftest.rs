@@ -13,6 +13,7 @@ use crate::rng::Rng;
 use std::time::Instant;
 
 mod iao;
+mod wbwtab;
 
 /// A case's body: runs the kernel on inputs from the generator and compares each output.
 type CaseFn = dyn Fn(&Gpu, &mut Rng) -> Result<Vec<(String, Report)>> + Send + Sync;
@@ -117,6 +118,7 @@ pub fn cases() -> Vec<Case> {
     reduce_cases(&mut v);
     quant_cases(&mut v);
     iao::cases(&mut v);
+    wbwtab::cases(&mut v);
     gemm_family_cases(&mut v);
     layer_cases(&mut v);
     int_cases(&mut v);

@@ -13,6 +13,7 @@ pub mod optim;
 pub mod pool;
 pub mod quant;
 pub mod reduce;
+pub mod wbwtab;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Shader, Tensor, grid_1d};
@@ -43,6 +44,7 @@ pub static REDUCE: Shader = shader!("reduce.wgsl", true);
 pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl");
 pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl");
 pub static BNFOLD: Shader = shader!("bnfold.wgsl", true);
+pub static WBWTAB: Shader = shader!("wbwtab.wgsl", true);
 pub static CONV2D: Shader = shader!("conv2d.wgsl", true);
 pub static NORM: Shader = shader!("norm.wgsl", true);
 pub static POOL: Shader = shader!("pool.wgsl", true);
@@ -58,6 +60,7 @@ pub static SHADERS: &[&Shader] = &[
     &QUANT,
     &IAO,
     &BNFOLD,
+    &WBWTAB,
     &CONV2D,
     &NORM,
     &POOL,

@@ -4,6 +4,7 @@
 
 mod bits;
 pub mod iao;
+pub mod wbwtab;
 
 pub use bits::Bits;
 pub use iao::{IaoOptions, Observer, Percentile, QLevel, QType};
