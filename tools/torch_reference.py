@@ -122,6 +122,53 @@ class IaoObserver(nn.Module):
         self.max_val.copy_(hi)
 
 
+class BinaryActivation(torch.autograd.Function):
+    """wbwtab's binary activation (spec §6.1): sign with 0 -> +1; the gradient passes where
+    -1 < x < 1 (exclusive)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x < 0, -torch.ones_like(x), torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ((x > -1) & (x < 1)).to(g.dtype)
+
+
+class Identity(torch.autograd.Function):
+    """Forward f(w), gradient straight through (wbwtab's sign of the weights)."""
+
+    @staticmethod
+    def forward(ctx, w, f):
+        return f
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def wbwtab_weight(mod, w_bits):
+    """wbwtab's weight quantizer (spec §6.2-§6.3). Binary: the latent weights are centred over
+    input channels and clamped to [-1, 1] in place (outside autograd), then B(w)·alpha with
+    alpha = mean |w| per output channel (with its gradient); ternary: delta = 0.7 mean |w|,
+    alpha = mean of |w| over |w| > delta, t·alpha."""
+    w = mod.weight
+    dims = tuple(range(1, w.dim()))
+    if w_bits == 2:
+        with torch.no_grad():
+            w.data.copy_((w - w.mean(dim=1, keepdim=True)).clamp(-1, 1))
+        alpha = w.abs().mean(dim=dims, keepdim=True)
+        b = torch.where(w < 0, -torch.ones_like(w), torch.ones_like(w))
+        return Identity.apply(w, b) * alpha
+    delta = (0.7 * w.abs().mean(dim=dims, keepdim=True)).detach()
+    t = torch.sign(torch.sign(w + delta) + torch.sign(w - delta)).detach()
+    mask = (w.abs() > delta).to(w.dtype)
+    alpha = (w.abs() * mask).sum(dim=dims, keepdim=True) / mask.sum(dim=dims, keepdim=True)
+    return Identity.apply(w, t) * alpha
+
+
 class IaoHistogramObserver(nn.Module):
     """PTQ's activation observer (spec iao §1.5): the k-th smallest |x|, k = int(percentile *
     numel), as the maximum (the first call copies, later calls average with momentum 0.1); the
@@ -273,7 +320,7 @@ def lower(spec):
 
 
 class Net(nn.Module):
-    def __init__(self, spec, w_bits, a_bits, quantize_first, iao=None):
+    def __init__(self, spec, w_bits, a_bits, quantize_first, iao=None, wbwtab=None):
         """iao: None (DoReFa), or dict(q_type, q_level, weight_observer) for micronet's IAO
         prepare(): every conv, conv_transpose and linear quantized (input per tensor, weight per
         output channel or per layer; conv_transpose per layer), and the inputs of pools."""
@@ -298,6 +345,11 @@ class Net(nn.Module):
                 if l["type"] == "conv" and len(r) == 1 and kinds[r[0]] == "batchnorm":
                     folds[n] = next(bl for bn, bl, _ in steps if bn == r[0])
                     folded_bns.add(r[0])
+        # wbwtab's prepare(): counting convs in registration order, the first and last stay
+        # float, the others binary or ternary; a ReLU reached after the first conv and before the
+        # last becomes the binary activation; Linear stays float.
+        n_convs = sum(1 for _, l, _ in steps if l["type"] in ("conv", "conv_transpose"))
+        seen = 0
         for name, layer, inputs in steps:
             kind = layer["type"]
             x = probe[inputs[0]]
@@ -324,6 +376,15 @@ class Net(nn.Module):
                 first = False
             if mod is not None:
                 self._register(name, mod)
+            if wbwtab is not None:
+                if kind in ("conv", "conv_transpose"):
+                    seen += 1
+                    if 1 < seen < n_convs and wbwtab["W"] != 32:
+                        mod.wbwtab_w = wbwtab["W"]
+                if kind in ("conv", "conv_transpose", "linear"):
+                    bits = (32, 32)
+                if kind == "relu" and 0 < seen < n_convs and wbwtab["A"] == 2:
+                    kind = "sign"
             if name in folds:
                 bn = folds[name]
                 cout = mod.weight.shape[0]
@@ -363,7 +424,7 @@ class Net(nn.Module):
                     mod = holder
             step = (kind, layer, mod, bits, inputs, name)
             with torch.no_grad():
-                probe[name] = x if kind in ("batchnorm", "relu", "add", "shuffle") else self._run(step, probe, 32)
+                probe[name] = x if kind in ("batchnorm", "relu", "sign", "add", "shuffle") else self._run(step, probe, 32)
             self.steps.append(step)
         self.spec = spec
 
@@ -386,6 +447,14 @@ class Net(nn.Module):
             if float_bits is not None:
                 return x + t[inputs[1]]
             return mod(x, t[inputs[1]])
+        if kind == "sign":
+            return BinaryActivation.apply(x) if float_bits is None else x
+        if hasattr(mod, "wbwtab_w") and float_bits is None:
+            w = wbwtab_weight(mod, mod.wbwtab_w)
+            if kind == "conv":
+                return F.conv2d(x, w, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+            return F.conv_transpose2d(x, w, mod.bias, mod.stride, mod.padding, mod.output_padding,
+                                      mod.groups, mod.dilation)
         if hasattr(mod, "gamma") and float_bits is None:
             return Net._folded(mod, x)
         if hasattr(mod, "activation_quantizer"):
@@ -514,7 +583,9 @@ def main():
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--wd", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--scheme", choices=["dorefa", "iao"], default="dorefa")
+    ap.add_argument("--scheme", choices=["dorefa", "iao", "wbwtab"], default="dorefa")
+    ap.add_argument("--W", type=int, choices=[2, 3, 32], default=2, help="wbwtab weights: binary, ternary, float")
+    ap.add_argument("--A", type=int, choices=[2, 32], default=2, help="wbwtab activations: binary, float")
     ap.add_argument("--q-type", choices=["symmetric", "asymmetric"], default="symmetric")
     ap.add_argument("--q-level", choices=["channel", "layer"], default="channel")
     ap.add_argument("--weight-observer", choices=["min-max", "moving-average"], default="min-max")
@@ -538,7 +609,8 @@ def main():
     if args.scheme == "iao":
         iao = dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer,
                    ptq=args.ptq, bn_fuse=args.bn_fuse, pretrained_model=args.pretrained_model)
-    net = Net(spec, args.bits, args.bits, args.quantize_first_layer, iao)
+    wbwtab = dict(W=args.W, A=args.A) if args.scheme == "wbwtab" else None
+    net = Net(spec, args.bits, args.bits, args.quantize_first_layer, iao, wbwtab)
     micronet_init(net)
     if args.init_only:
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, args.out)
@@ -557,6 +629,25 @@ def main():
     out.update(state(net, "init"))
 
     results = {}
+    if wbwtab is not None:
+        # One SGD step (micronet's wbwtab: weight decay 0 by default): loss, gradients, and the
+        # state after it, whose binary weights were centred in place by the forward.
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), labels)
+        loss.backward()
+        for n, p in net.named_parameters():
+            out[f"grad.{n}"] = p.grad.detach().clone()
+        opt.step()
+        out["loss"] = loss.detach().reshape(1)
+        out.update(state(net, "sgd"))
+        meta = {"config": json.dumps(dict(bits=32, lr=args.lr, momentum=args.momentum, wd=args.wd,
+                                          batch=args.batch, scheme=wbwtab)),
+                "model": json.dumps(spec), "torch": torch.__version__}
+        save_file(out, args.out, metadata=meta)
+        print(f"{args.out}: loss {loss.item()}")
+        return
     if iao is not None and args.ptq:
         # Calibration: training-mode forward passes, nothing learned; the state after them.
         net.train()

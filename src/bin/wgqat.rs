@@ -83,7 +83,8 @@ struct BenchArgs {
     #[arg(long, default_value = "8,32", value_delimiter = ',')]
     bits: Vec<u32>,
     /// Quantization schemes (comma list): dorefa, iao (symmetric, per-channel weights, min-max
-    /// weight observers: micronet's README setting). Float runs once, whatever the scheme.
+    /// weight observers: micronet's README setting), wbwtab (binary weights and activations).
+    /// Float runs once, whatever the scheme.
     #[arg(long, value_enum, default_value = "dorefa", value_delimiter = ',')]
     scheme: Vec<SchemeName>,
     /// IAO rows also with each conv's BatchNorm folded in (micronet's bn_fuse), beside them.
@@ -188,6 +189,12 @@ struct TrainArgs {
     /// replacing them with the batch's.
     #[arg(long)]
     pretrained_model: bool,
+    /// wbwtab: binary (±α), ternary (−α, 0, +α) or float weights (micronet's --W 2|3|32).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().weights)]
+    weights: wgqat::quant::Weights,
+    /// wbwtab: binary (sign) or float (ReLU) activations (micronet's --A 2|32).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().activations)]
+    activations: wgqat::quant::Activations,
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     batch_size: usize,
     #[arg(long, default_value_t = TrainConfig::default().eval_batch_size)]
@@ -788,8 +795,14 @@ fn train_config(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<T
         q_level,
         weight_observer,
         ptq_batches,
-        percentile
+        percentile,
+        weights,
+        activations
     );
+    // wbwtab's main.py trains without weight decay unless told otherwise.
+    if c.scheme == SchemeName::Wbwtab && a.resume.is_none() && !given("wd") {
+        c.wd = 0.0;
+    }
     c.ptq |= a.ptq;
     c.qaft |= a.qaft;
     c.bn_fuse |= a.bn_fuse;
@@ -1075,6 +1088,11 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                 _ if b.is_float() => wgqat::quant::QuantConfig::dorefa(b, b),
                 SchemeName::Dorefa => wgqat::quant::QuantConfig::dorefa(b, b),
                 SchemeName::Iao => wgqat::quant::QuantConfig::iao(b, b, Default::default()),
+                // Binary weights and activations, whatever the bits say.
+                SchemeName::Wbwtab => wgqat::quant::QuantConfig {
+                    scheme: wgqat::quant::Scheme::Wbwtab(Default::default()),
+                    ..wgqat::quant::QuantConfig::dorefa(b, b)
+                },
             };
             if !quants.contains(&q) {
                 quants.push(q);

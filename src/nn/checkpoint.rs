@@ -367,6 +367,24 @@ impl Network {
                 ));
             }
         }
+        for name in self.wbwtab_layers() {
+            let i = self
+                .params
+                .index_of(&format!("{name}.weight"))
+                .expect("weight");
+            let per = self.params.entries()[i].numel() / self.params.entries()[i].shape[0];
+            if let Some(o) = params[i]
+                .chunks(per)
+                .position(|c| c.iter().all(|&v| v == 0.0))
+            {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "{name}.weight has an all-zero output channel ({o}): its binary or ternary scale α would be 0 (ternary: 0/0); train from an initialised model"
+                    ),
+                ));
+            }
+        }
         gpu.write(&self.param_arena, &self.params.pack(&params))?;
         gpu.write(&self.running_arena, &self.running.pack(&running))?;
         self.batches_tracked = tracked;

@@ -285,6 +285,15 @@ impl Network {
         Ok(())
     }
 
+    /// Names of the layers whose weights wbwtab makes binary or ternary.
+    pub fn wbwtab_layers(&self) -> Vec<&str> {
+        self.layers
+            .iter()
+            .filter(|l| matches!(l.quantizer, Some(lower::WeightQ::Wbwtab(_))))
+            .map(|l| l.name.as_str())
+            .collect()
+    }
+
     /// Names of the layers whose weights DoReFa quantizes.
     pub fn quantized_layers(&self) -> Vec<&str> {
         self.layers
@@ -617,6 +626,7 @@ impl Network {
             Kind::MaxPool(_) | Kind::AvgPool(_) => pool::ops(self, l, io),
             Kind::Shuffle(_) => shuffle::ops(l, io),
             Kind::Relu => elementwise::relu(l, io),
+            Kind::Sign => elementwise::sign(l, io),
             Kind::Add => elementwise::add(self, l, io),
             // Aliases: the layer before did the work.
             Kind::FusedRelu | Kind::FoldedBn | Kind::FusedShuffle | Kind::Flatten => {

@@ -9,6 +9,7 @@ pub mod wbwtab;
 pub use bits::Bits;
 pub use iao::{IaoOptions, Observer, Percentile, QLevel, QType};
 use serde::{Deserialize, Serialize};
+pub use wbwtab::{Activations, WbwtabOptions, Weights};
 
 /// micronet's quantization schemes (`--scheme`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -20,6 +21,9 @@ pub enum SchemeName {
     Dorefa,
     /// `wqaq/iao`: scales and zero points from observed ranges, every layer quantized.
     Iao,
+    /// `wbwtab`: binary or ternary weights and binary activations between the first and the
+    /// last conv.
+    Wbwtab,
 }
 
 /// A scheme with its options.
@@ -29,6 +33,7 @@ pub enum Scheme {
     #[default]
     Dorefa,
     Iao(IaoOptions),
+    Wbwtab(WbwtabOptions),
 }
 
 impl Scheme {
@@ -36,6 +41,7 @@ impl Scheme {
         match self {
             Scheme::Dorefa => SchemeName::Dorefa,
             Scheme::Iao(_) => SchemeName::Iao,
+            Scheme::Wbwtab(_) => SchemeName::Wbwtab,
         }
     }
 }
@@ -68,6 +74,7 @@ pub enum Role {
     Linear,
     /// Max, average or adaptive average pooling.
     Pool,
+    Relu,
     Add,
     /// BatchNorm, ReLU, shuffle, flatten: never quantized.
     Other,
@@ -95,6 +102,8 @@ pub enum WeightQuant {
         per_channel: bool,
         observer: Observer,
     },
+    /// wbwtab's binary or ternary weights.
+    Wbwtab(Weights),
 }
 
 /// An input-activation quantizer (one scale per tensor).
@@ -124,6 +133,8 @@ pub struct LayerQuant {
     pub input: ActQuant,
     /// IAO `bn_fuse`: the conv folds the BatchNorm that reads it (which becomes an identity).
     pub fold: bool,
+    /// wbwtab: this ReLU is the binary activation instead.
+    pub binary: bool,
 }
 
 impl LayerQuant {
@@ -131,6 +142,7 @@ impl LayerQuant {
         weight: WeightQuant::Float,
         input: ActQuant::Float,
         fold: false,
+        binary: false,
     };
 }
 
@@ -163,11 +175,15 @@ impl QuantConfig {
     ///   `bn_fuse`, a conv read only by a BatchNorm folds it, and a conv without one stays float
     ///   (as micronet's prepare() leaves it).
     pub fn resolve(&self, roles: &[Role]) -> Vec<LayerQuant> {
+        if let Scheme::Wbwtab(o) = self.scheme {
+            return wbwtab_layers(o, roles);
+        }
         let first = roles.iter().position(|r| r.is_weighted());
         roles
             .iter()
             .enumerate()
             .map(|(i, &role)| match self.scheme {
+                Scheme::Wbwtab(_) => unreachable!("wbwtab_layers resolves wbwtab"),
                 Scheme::Dorefa => {
                     let quantized = self.quantize_first_layer || Some(i) != first;
                     if role.is_weighted() && quantized {
@@ -175,6 +191,7 @@ impl QuantConfig {
                             weight: dorefa_weight(self.w_bits),
                             input: dorefa_act(self.a_bits),
                             fold: false,
+                            binary: false,
                         }
                     } else {
                         LayerQuant::FLOAT
@@ -213,11 +230,13 @@ impl QuantConfig {
                                 }
                             },
                             input,
+                            binary: false,
                         },
                         Role::Pool | Role::Add => LayerQuant {
                             weight: WeightQuant::Float,
                             input,
                             fold: false,
+                            binary: false,
                         },
                         _ => LayerQuant::FLOAT,
                     }
@@ -229,7 +248,7 @@ impl QuantConfig {
     /// The scheme in words for logs: `W8A8`, `IAO W8A8 symmetric per-channel`.
     pub fn describe(&self) -> String {
         match self.scheme {
-            Scheme::Dorefa => self.label(),
+            Scheme::Dorefa | Scheme::Wbwtab(_) => self.label(),
             Scheme::Iao(o) => format!(
                 "{} {}, {} weight scales, {} weight observer{}",
                 self.label(),
@@ -255,19 +274,57 @@ impl QuantConfig {
     }
 
     /// A short name for logs and tables: `W8A8`, `IAO W8A8`, `IAO-BN W8A8` (BatchNorms
-    /// folded), `fp32`.
+    /// folded), `fp32`; wbwtab as micronet's README counts bits, `W1A1`, `W1.5A32` (1.5:
+    /// ternary).
     pub fn label(&self) -> String {
+        if let Scheme::Wbwtab(o) = self.scheme {
+            let w = match o.weights {
+                Weights::Binary => "1",
+                Weights::Ternary => "1.5",
+                Weights::Float => "32",
+            };
+            let a = match o.activations {
+                Activations::Binary => "1",
+                Activations::Float => "32",
+            };
+            return format!("wbwtab W{w}A{a}");
+        }
         let bits = if self.w_bits.is_float() && self.a_bits.is_float() {
             "fp32".to_string()
         } else {
             format!("W{}A{}", self.w_bits, self.a_bits)
         };
         match self.scheme {
-            Scheme::Dorefa => bits,
+            Scheme::Dorefa | Scheme::Wbwtab(_) => bits,
             Scheme::Iao(o) if o.bn_fuse => format!("IAO-BN {bits}"),
             Scheme::Iao(_) => format!("IAO {bits}"),
         }
     }
+}
+
+/// micronet's wbwtab `prepare()`: counting convs (and conv_transposes) in registration order,
+/// the first and the last stay float and the others get binary or ternary weights; a ReLU
+/// reached after the first conv and before the last becomes the binary activation; Linear and
+/// everything else stay float.
+fn wbwtab_layers(o: WbwtabOptions, roles: &[Role]) -> Vec<LayerQuant> {
+    let is_conv = |r: &Role| matches!(r, Role::Conv | Role::ConvBeforeBn | Role::ConvTranspose);
+    let convs = roles.iter().filter(|r| is_conv(r)).count();
+    let mut seen = 0;
+    roles
+        .iter()
+        .map(|r| {
+            let mut q = LayerQuant::FLOAT;
+            if is_conv(r) {
+                seen += 1;
+                if seen > 1 && seen < convs && o.weights != Weights::Float {
+                    q.weight = WeightQuant::Wbwtab(o.weights);
+                }
+            } else if *r == Role::Relu {
+                q.binary = seen > 0 && seen < convs && o.activations == Activations::Binary;
+            }
+            q
+        })
+        .collect()
 }
 
 fn dorefa_weight(bits: Bits) -> WeightQuant {
@@ -322,6 +379,33 @@ mod tests {
         assert_eq!(
             first.resolve(&nin_gc())[0].weight,
             WeightQuant::Dorefa(Bits::EIGHT)
+        );
+    }
+
+    #[test]
+    fn wbwtab_binarises_between_the_first_and_last_conv() {
+        // micronet on nin_gc: model.0.conv and model.10.conv (here the 9th) float, 7 binary;
+        // the ReLUs of blocks 0..8 sign, the last one a ReLU (spec §6.4).
+        let mut roles = Vec::new();
+        for _ in 0..9 {
+            roles.extend([Role::Conv, Role::Other, Role::Relu]);
+        }
+        let q = QuantConfig {
+            scheme: Scheme::Wbwtab(WbwtabOptions::default()),
+            ..QuantConfig::default()
+        }
+        .resolve(&roles);
+        let binary_w = q
+            .iter()
+            .filter(|l| l.weight == WeightQuant::Wbwtab(Weights::Binary))
+            .count();
+        let signs: Vec<bool> = q.iter().skip(2).step_by(3).map(|l| l.binary).collect();
+        assert_eq!(binary_w, 7);
+        assert_eq!(q[0].weight, WeightQuant::Float);
+        assert_eq!(q[24].weight, WeightQuant::Float);
+        assert_eq!(
+            signs,
+            [true, true, true, true, true, true, true, true, false]
         );
     }
 

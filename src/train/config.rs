@@ -4,7 +4,8 @@
 use crate::error::{Error, Result};
 use crate::kernels::optim::OptimizerKind;
 use crate::quant::{
-    Bits, IaoOptions, Observer, Percentile, QLevel, QType, QuantConfig, Scheme, SchemeName,
+    Activations, Bits, IaoOptions, Observer, Percentile, QLevel, QType, QuantConfig, Scheme,
+    SchemeName, WbwtabOptions, Weights,
 };
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -66,6 +67,12 @@ pub struct TrainConfig {
     /// them with the batch's (micronet's `--pretrained_model`).
     #[serde(default)]
     pub pretrained_model: bool,
+    /// wbwtab: binary, ternary or float weights (micronet's `--W 2|3|32`).
+    #[serde(default)]
+    pub weights: Weights,
+    /// wbwtab: binary or float activations (micronet's `--A 2|32`).
+    #[serde(default)]
+    pub activations: Activations,
     /// IAO: post-training quantization instead of training: `ptq_batches` + 1 training-mode
     /// forward passes calibrate the observers (histogram observer at `percentile`) and the
     /// BatchNorm statistics, then the test set is evaluated and the model saved.
@@ -122,6 +129,8 @@ impl Default for TrainConfig {
             qaft: false,
             bn_fuse: false,
             pretrained_model: false,
+            weights: Weights::Binary,
+            activations: Activations::Binary,
             ptq: false,
             ptq_batches: default_ptq_batches(),
             percentile: default_percentile(),
@@ -213,6 +222,18 @@ impl TrainConfig {
                     .into(),
             ));
         }
+        if self.scheme != SchemeName::Wbwtab
+            && (self.weights != Weights::Binary || self.activations != Activations::Binary)
+        {
+            return Err(Error::Invalid(
+                "`weights` and `activations` are wbwtab's: add `scheme` wbwtab".into(),
+            ));
+        }
+        if self.scheme == SchemeName::Wbwtab && self.quantize_first_layer {
+            return Err(Error::Invalid(
+                "`quantize_first_layer` is DoReFa's: wbwtab keeps the first and last conv float; leave it out".into(),
+            ));
+        }
         if self.pretrained_model && !self.bn_fuse {
             return Err(Error::Invalid(
                 "`pretrained_model` says how `bn_fuse` starts its running statistics: add `bn_fuse`".into(),
@@ -264,6 +285,10 @@ impl TrainConfig {
                     bn_fuse: self.bn_fuse,
                     pretrained_model: self.pretrained_model,
                 }),
+                SchemeName::Wbwtab => Scheme::Wbwtab(WbwtabOptions {
+                    weights: self.weights,
+                    activations: self.activations,
+                }),
             },
         }
     }
@@ -280,6 +305,9 @@ impl TrainConfig {
             if let Some(p) = o.ptq {
                 self.percentile = p.0;
             }
+        }
+        if let Scheme::Wbwtab(o) = scheme {
+            (self.weights, self.activations) = (o.weights, o.activations);
         }
     }
 

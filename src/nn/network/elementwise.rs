@@ -6,7 +6,7 @@ use super::lower::IaoSlot;
 use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::Result;
 use crate::gpu::Op;
-use crate::kernels::elementwise;
+use crate::kernels::{elementwise, wbwtab};
 
 pub(super) fn relu(l: &Layer, io: &Io) -> Result<Ops> {
     debug_assert!(matches!(l.kind, Kind::Relu));
@@ -23,6 +23,17 @@ pub(super) fn relu(l: &Layer, io: &Io) -> Result<Ops> {
             io.dy(l)?,
             dx,
         )?));
+    }
+    Ok((fwd, bwd))
+}
+
+/// wbwtab's binary activation: `y = B(x)`; `dx = dy` where −1 < x < 1 (x kept or formed again).
+pub(super) fn sign(l: &Layer, io: &Io) -> Result<Ops> {
+    debug_assert!(matches!(l.kind, Kind::Sign));
+    let fwd = vec![wbwtab::sign_forward(io.gpu, io.x(), io.y)?];
+    let mut bwd = Vec::new();
+    if let (true, Some(dx)) = (io.train, io.dx()) {
+        bwd.push(wbwtab::sign_backward(io.gpu, io.x(), io.dy(l)?, dx)?);
     }
     Ok((fwd, bwd))
 }

@@ -9,6 +9,7 @@ use crate::kernels::bnfold::BnFold;
 use crate::kernels::iao::IaoQuantizer;
 use crate::kernels::norm::Epilogue;
 use crate::kernels::quant::WeightQuantizer;
+use crate::kernels::wbwtab::WbwtabWeights;
 use crate::models::{Graph, LayerSpec, Source};
 use crate::nn::params::Layout;
 use crate::quant::iao::{Operand, Spec};
@@ -48,6 +49,8 @@ pub(super) enum Kind {
         ep: Epilogue,
     },
     Relu,
+    /// wbwtab's binary activation in a ReLU's place: `B(x)`, gradient where −1 < x < 1.
+    Sign,
     /// A ReLU folded into the BatchNorm before it: its output is the BN's.
     FusedRelu,
     /// A BatchNorm folded into the conv before it (IAO `bn_fuse`): its output is the conv's.
@@ -110,10 +113,11 @@ pub(super) struct Layer {
 /// statistics were ever set: not a state-dict key (micronet's `num_flag`), kept by resume files.
 pub(super) const FOLD_FLAG: &str = "bn_fold_observed";
 
-/// A weight quantizer of either scheme.
+/// A weight quantizer of any scheme.
 pub(super) enum WeightQ {
     Dorefa(WeightQuantizer),
     Iao(IaoSlot),
+    Wbwtab(WbwtabWeights),
 }
 
 /// An IAO quantizer and where its state lives: an entry of the running-statistics arena (saved,
@@ -181,6 +185,7 @@ fn role(ls: &LayerSpec, sole_bn: bool) -> Role {
         | LayerSpec::AvgPool { .. }
         | LayerSpec::AdaptiveAvgPool { .. } => Role::Pool,
         LayerSpec::Add { .. } => Role::Add,
+        LayerSpec::Relu => Role::Relu,
         _ => Role::Other,
     }
 }
@@ -273,6 +278,9 @@ pub(super) fn lower(
                 WeightQuant::Dorefa(b) => {
                     Some(WeightQ::Dorefa(WeightQuantizer::new(gpu, b, &w_shape)?))
                 }
+                WeightQuant::Wbwtab(kind) => Some(WeightQ::Wbwtab(WbwtabWeights::new(
+                    gpu, &name, kind, &w_shape,
+                )?)),
                 WeightQuant::Iao {
                     bits,
                     q_type,
@@ -410,6 +418,7 @@ pub(super) fn lower(
                 layer.bn_stats =
                     Some(gpu.zeros(&format!("{name} batch statistics"), &[2 * c], DType::F32)?);
             }
+            LayerSpec::Relu if lq.binary => layer.kind = Kind::Sign,
             LayerSpec::Relu => layer.kind = Kind::Relu,
             LayerSpec::MaxPool {
                 kernel,

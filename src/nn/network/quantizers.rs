@@ -1,5 +1,5 @@
-//! The quantizers a layer applies, of either scheme, as launches: the input's (a weighted
-//! layer's, or under IAO a pool's) and the weight's. DoReFa's are stateless; an IAO quantizer
+//! The quantizers a layer applies, of any scheme, as launches: the input's (a weighted layer's,
+//! or under IAO a pool's) and the weight's. DoReFa's and wbwtab's are stateless; an IAO quantizer
 //! observes in training (its state in the running arena) before it quantizes, except under
 //! QAFT, which freezes every scale.
 
@@ -107,6 +107,8 @@ impl WeightQ {
     ) -> Result<Vec<Op>> {
         match self {
             WeightQ::Dorefa(q) => q.forward(gpu, w, w_hat),
+            // Binary weights centre the latent weights in place, in evaluation too (micronet).
+            WeightQ::Wbwtab(q) => q.forward(gpu, w, w_hat),
             WeightQ::Iao(slot) => {
                 let state = net.running.view(&net.running_arena, slot.state)?;
                 let mut ops = if train && !frozen(net) {
@@ -131,6 +133,7 @@ impl WeightQ {
     ) -> Result<Vec<Op>> {
         match self {
             WeightQ::Dorefa(q) => q.backward(gpu, g, dw),
+            WeightQ::Wbwtab(q) => q.backward(gpu, w, g, dw),
             WeightQ::Iao(slot) => {
                 let state = net.running.view(&net.running_arena, slot.state)?;
                 Ok(vec![slot.q.backward(gpu, &state, w, g, dw)?])
@@ -152,8 +155,8 @@ impl WeightQ {
                 let state = net.running.view(&net.running_arena, slot.state)?;
                 slot.q.backward_in_place(gpu, &state, w, d)
             }
-            WeightQ::Dorefa(_) => Err(crate::error::Error::Invalid(
-                "DoReFa's weight quantizer has no in-place backward".into(),
+            _ => Err(crate::error::Error::Invalid(
+                "only IAO's weight quantizer has an in-place backward".into(),
             )),
         }
     }
