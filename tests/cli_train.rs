@@ -325,6 +325,92 @@ fn iao_trains_evaluates_and_refuses_what_it_cannot_do() {
     std::fs::remove_dir_all(&data).unwrap();
 }
 
+/// wbwtab from the command line: binary weights and activations train with weight decay 0 (as
+/// micronet's wbwtab main.py), the checkpoint keeps the float model's names with the binary
+/// layers' weights centred, eval takes the scheme from it, and an all-zero output channel or
+/// wbwtab's flags under another scheme are one-line errors.
+#[test]
+fn wbwtab_trains_and_refuses_what_it_cannot_do() {
+    let data = cifar_dir("wbwtab");
+    let model = ci_model();
+    let out = data.join("run");
+    let o = wgqat(&[
+        "train",
+        "--model",
+        &model,
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--eval-batch-size",
+        "32",
+        "--plain",
+        "--scheme",
+        "wbwtab",
+        "--weights",
+        "ternary",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("wbwtab W1.5A1"), "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["wd"], 0.0);
+    assert_eq!(config["weights"], "ternary");
+    let ckpt = out.join("last.safetensors");
+    let o = wgqat(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--model",
+        &model,
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["scheme"]["scheme"], "wbwtab");
+    // Zero one output channel of the ternary layer (ci_nin's middle conv).
+    let (mut tensors, meta) = wgqat::nn::checkpoint::read(&ckpt).unwrap();
+    let name = "model.2.conv.weight".to_string();
+    for t in tensors.iter_mut().filter(|t| t.name == name) {
+        let per = t.shape[1..].iter().product::<usize>();
+        if let wgqat::nn::checkpoint::Data::F32(v) = &mut t.data {
+            v[..per].iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+    let bad = data.join("zero.safetensors");
+    wgqat::nn::checkpoint::write(&bad, &tensors, meta).unwrap();
+    fails_with(
+        &wgqat(&[
+            "eval",
+            "--checkpoint",
+            bad.to_str().unwrap(),
+            "--model",
+            &model,
+        ]),
+        &[&name, "all-zero output channel (0)"],
+    );
+    fails_with(
+        &wgqat(&[
+            "train",
+            "--model",
+            &model,
+            "--weights",
+            "ternary",
+            "--steps",
+            "1",
+        ]),
+        &["--weights", "--scheme wbwtab"],
+    );
+    std::fs::remove_dir_all(&data).unwrap();
+}
+
 #[test]
 fn missing_or_empty_data_folders_are_errors() {
     fails_with(
