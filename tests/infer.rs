@@ -335,6 +335,10 @@ fn fields(mut b: &[u8]) -> Vec<(u32, Field)> {
                 out.push(((key >> 3) as u32, Field::Bytes(b[..n].to_vec())));
                 b = &b[n..];
             }
+            5 => {
+                out.push(((key >> 3) as u32, Field::Bytes(b[..4].to_vec())));
+                b = &b[4..];
+            }
             w => panic!("unexpected wire type {w}"),
         }
     }
@@ -720,4 +724,64 @@ fn bench_infer_reports_both_paths() {
                 && r["fake_quant_img_per_s"].as_f64().unwrap() > 0.0
         );
     }
+}
+
+/// An IAO model exports to ONNX in the QDQ form: a QuantizeLinear → DequantizeLinear pair per
+/// activation quantizer (each conv's input and each pool's), int8 weight codes dequantized per
+/// output channel (axis 0) with int8 zero points, BatchNorms as BatchNormalization, and every
+/// node reading only what exists. (onnxruntime runs it in `tools/check_onnx.py`: for trained
+/// tiny_nin, tiny_nin with `--bn-fuse` and an asymmetric per-layer tiny_resnet, 500 of 500
+/// predictions equal to `wgqat eval`'s.)
+#[test]
+fn onnx_qdq_export_of_an_iao_model() {
+    let gpu = common::gpu();
+    let model = repo("examples/models/tiny_nin.json");
+    let quant = QuantConfig::iao(
+        Bits::new(8).unwrap(),
+        Bits::new(8).unwrap(),
+        Default::default(),
+    );
+    let net = common::random_network(gpu, &model, quant, 2, 13);
+    let bytes = wgqat::infer::qdq::export(gpu, &net).unwrap();
+    let graph = sub(get(&fields(&bytes), 7)[0]);
+    let nodes: Vec<_> = get(&graph, 1).into_iter().map(sub).collect();
+    let ops: Vec<String> = nodes.iter().map(|n| text(get(n, 4)[0])).collect();
+    let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+    // tiny_nin: 4 convs and 2 pools, every one with an input quantizer; 4 weights.
+    assert_eq!(count("QuantizeLinear"), 6, "{ops:?}");
+    assert_eq!(count("DequantizeLinear"), 10, "{ops:?}");
+    assert_eq!(count("Conv"), 4);
+    assert_eq!(count("BatchNormalization"), 4);
+    let inits: Vec<_> = get(&graph, 5).into_iter().map(sub).collect();
+    let dtype = |suffix: &str| -> Vec<i64> {
+        inits
+            .iter()
+            .filter(|t| text(get(t, 8)[0]).contains(suffix))
+            .map(|t| int(get(t, 2)[0]))
+            .collect()
+    };
+    // Symmetric: int8 (3) codes and zero points throughout.
+    assert!(dtype("weight_codes").iter().all(|&d| d == 3));
+    assert!(dtype("zero_point").iter().all(|&d| d == 3));
+    // Per-channel weights: DequantizeLinear with axis 0.
+    let axis = nodes
+        .iter()
+        .filter(|n| text(get(n, 4)[0]) == "DequantizeLinear")
+        .filter(|n| {
+            get(n, 5)
+                .into_iter()
+                .map(sub)
+                .any(|a| text(get(&a, 1)[0]) == "axis")
+        })
+        .count();
+    assert_eq!(axis, 4);
+    let mut known: Vec<String> = inits.iter().map(|t| text(get(t, 8)[0])).collect();
+    known.push("input".into());
+    for n in &nodes {
+        for i in get(n, 1) {
+            assert!(known.contains(&text(i)), "reads undefined {}", text(i));
+        }
+        known.push(text(get(n, 2)[0]));
+    }
+    assert!(known.contains(&"logits".to_string()));
 }

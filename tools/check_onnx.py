@@ -7,6 +7,8 @@ compares its predictions with wgqat's (`wgqat eval --predictions` or `wgqat infe
     wgqat eval --checkpoint run/last.safetensors --data data --predictions wgqat.txt
     python3 tools/check_onnx.py --onnx model.onnx --data data --predictions wgqat.txt
 
+An IAO checkpoint exports in the QDQ form (QuantizeLinear/DequantizeLinear, int8/uint8 codes,
+per-channel weight scales); compare it with `wgqat eval`'s predictions the same way.
 `--logits FILE` (from `--logits` of eval or infer) also compares the logits themselves. Exits 1
 when any prediction differs. Needs numpy and onnxruntime (pip install onnxruntime).
 """

@@ -1268,23 +1268,30 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let quant = config.quant();
     let mut net = wgqat::nn::Network::new(&gpu, &spec, quant, 1, false, 1)?;
     net.load(&gpu, &c.checkpoint)?;
-    let folded = wgqat::infer::fold::fold(&gpu, &net)?;
+    let iao = matches!(quant.scheme, wgqat::quant::Scheme::Iao(_));
     match a.format {
-        ExportFormat::Int => wgqat::infer::IntModel::from_folded(&folded)?.write(&a.out)?,
+        // IAO: the QDQ form of the fake-quantized model.
+        ExportFormat::Onnx if iao => {
+            wgqat::util::atomic_write(&a.out, &wgqat::infer::qdq::export(&gpu, &net)?)?
+        }
+        ExportFormat::Int => {
+            let folded = wgqat::infer::fold::fold(&gpu, &net)?;
+            wgqat::infer::IntModel::from_folded(&folded)?.write(&a.out)?
+        }
         ExportFormat::Onnx => {
+            let folded = wgqat::infer::fold::fold(&gpu, &net)?;
             wgqat::util::atomic_write(&a.out, &wgqat::infer::onnx::export(&folded)?)?
         }
     }
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     eprintln!(
-        "wrote {} ({} format, {} W{}A{}): {} bytes, {:.0}% of the float checkpoint's {} bytes",
+        "wrote {} ({} format, {} {}): {} bytes, {:.0}% of the float checkpoint's {} bytes",
         a.out.display(),
         a.format
             .to_possible_value()
             .map_or(String::new(), |v| v.get_name().to_string()),
         spec.name,
-        config.w_bits,
-        config.a_bits,
+        quant.label(),
         size(&a.out),
         100.0 * size(&a.out) as f64 / size(&c.checkpoint).max(1) as f64,
         size(&c.checkpoint)

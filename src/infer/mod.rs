@@ -1,10 +1,12 @@
 //! Integer inference and export: a trained network folded into inference form ([`fold`]), the
-//! integer model file ([`model`]), the integer engine on the GPU ([`engine`]) and ONNX ([`onnx`]).
+//! integer model file ([`model`]), the integer engine on the GPU ([`engine`]) and ONNX ([`onnx`];
+//! IAO models in the QDQ form, [`qdq`]).
 
 pub mod engine;
 pub mod fold;
 pub mod model;
 pub mod onnx;
+pub mod qdq;
 
 pub use engine::IntEngine;
 pub use model::IntModel;

@@ -13,7 +13,7 @@ use crate::error::Result;
 
 /// Protobuf wire encoding.
 #[derive(Default)]
-struct Pb(Vec<u8>);
+pub(super) struct Pb(pub(super) Vec<u8>);
 
 impl Pb {
     fn varint(&mut self, mut v: u64) {
@@ -52,29 +52,38 @@ impl Pb {
     }
 }
 
-const FLOAT: i64 = 1;
+pub(super) const FLOAT: i64 = 1;
+pub(super) const UINT8: i64 = 2;
+pub(super) const INT8: i64 = 3;
 const INT64: i64 = 7;
 
-enum Attr {
+pub(super) enum Attr {
     Int(i64),
     Ints(Vec<i64>),
+    Float(f32),
 }
 
 /// Graph under construction.
 #[derive(Default)]
-struct Graph {
+pub(super) struct Graph {
     nodes: Vec<Pb>,
     inits: Vec<Pb>,
     next: usize,
 }
 
 impl Graph {
-    fn name(&mut self, base: &str) -> String {
+    pub(super) fn name(&mut self, base: &str) -> String {
         self.next += 1;
         format!("{base}_{}", self.next)
     }
 
-    fn tensor(&mut self, base: &str, dims: &[i64], data_type: i64, raw: Vec<u8>) -> String {
+    pub(super) fn tensor(
+        &mut self,
+        base: &str,
+        dims: &[i64],
+        data_type: i64,
+        raw: Vec<u8>,
+    ) -> String {
         let name = self.name(base);
         let mut t = Pb::default();
         for &d in dims {
@@ -87,15 +96,15 @@ impl Graph {
         name
     }
 
-    fn floats(&mut self, base: &str, dims: &[i64], v: &[f32]) -> String {
+    pub(super) fn floats(&mut self, base: &str, dims: &[i64], v: &[f32]) -> String {
         self.tensor(base, dims, FLOAT, bytemuck::cast_slice(v).to_vec())
     }
 
-    fn scalar(&mut self, v: f32) -> String {
+    pub(super) fn scalar(&mut self, v: f32) -> String {
         self.floats("const", &[], &[v])
     }
 
-    fn int64s(&mut self, base: &str, v: &[i64]) -> String {
+    pub(super) fn int64s(&mut self, base: &str, v: &[i64]) -> String {
         self.tensor(
             base,
             &[v.len() as i64],
@@ -104,7 +113,7 @@ impl Graph {
         )
     }
 
-    fn node(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)]) -> String {
+    pub(super) fn node(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)]) -> String {
         let out = self.name(&op.to_lowercase());
         let mut n = Pb::default();
         for i in inputs {
@@ -126,6 +135,11 @@ impl Graph {
                         p.int(8, *x);
                     }
                     p.int(20, 7);
+                }
+                Attr::Float(v) => {
+                    p.key(2, 5);
+                    p.0.extend_from_slice(&v.to_le_bytes());
+                    p.int(20, 1);
                 }
             }
             n.msg(5, p);
@@ -156,7 +170,7 @@ fn value_info(name: &str, dims: &[Result<i64, &str>]) -> Pb {
     v
 }
 
-fn ints(v: &[usize]) -> Vec<i64> {
+pub(super) fn ints(v: &[usize]) -> Vec<i64> {
     v.iter().map(|&x| x as i64).collect()
 }
 
@@ -316,11 +330,23 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
     }
     let cur = names.last().expect("the input edge").clone();
     let (c, h, w) = *shapes.last().expect("the input edge");
-    let out = g.node("Identity", &[&cur], &[]);
+    Ok(finish(g, &cur, &f.model, f.input, c * h * w))
+}
+
+/// The model bytes of graph `g` whose output tensor `cur` becomes `logits` (`classes` values per
+/// image), with input `input` of per-image shape `input`.
+pub(super) fn finish(
+    mut g: Graph,
+    cur: &str,
+    model_name: &str,
+    input: [usize; 3],
+    classes: usize,
+) -> Vec<u8> {
+    let out = g.node("Identity", &[cur], &[]);
     // Name the last node's output `logits`.
     if let Some(last) = g.nodes.last_mut() {
         let mut n = Pb::default();
-        n.string(1, &cur);
+        n.string(1, cur);
         n.string(2, "logits");
         n.string(3, &out);
         n.string(4, "Identity");
@@ -330,7 +356,7 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
     for n in g.nodes {
         graph.msg(1, n);
     }
-    graph.string(2, &f.model);
+    graph.string(2, model_name);
     for t in g.inits {
         graph.msg(5, t);
     }
@@ -340,15 +366,15 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
             "input",
             &[
                 Err("batch"),
-                Ok(f.input[0] as i64),
-                Ok(f.input[1] as i64),
-                Ok(f.input[2] as i64),
+                Ok(input[0] as i64),
+                Ok(input[1] as i64),
+                Ok(input[2] as i64),
             ],
         ),
     );
     graph.msg(
         12,
-        value_info("logits", &[Err("batch"), Ok((c * h * w) as i64)]),
+        value_info("logits", &[Err("batch"), Ok(classes as i64)]),
     );
     let mut opset = Pb::default();
     opset.string(1, "");
@@ -359,5 +385,5 @@ pub fn export(f: &Folded) -> Result<Vec<u8>> {
     model.string(3, env!("CARGO_PKG_VERSION"));
     model.msg(7, graph);
     model.msg(8, opset);
-    Ok(model.0)
+    model.0
 }
