@@ -22,7 +22,7 @@ struct Params {
     accumulate: u32,  // gradient passes: add to the target instead of setting it
     opaque_zero: u32, // 0, unknown to the compiler (keeps the running update's products apart)
     count: u32,       // m = batch * hw, the values of a channel's statistics
-    _pad: u32,
+    calib: u32,       // micronet's bn_fuse_calib: W_f from the running variance, output rescaled
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -56,6 +56,15 @@ struct Params {
 @group(0) @binding(22) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(23) var<storage, read> running_mean_in: array<f32>;
 @group(0) @binding(24) var<storage, read> running_var_in: array<f32>;
+// bn_fuse_calib: k_w = gamma / sqrt(running var + eps) for W_f, rho = sqrt(running var + eps) /
+// sqrt(var + eps) rescaling the quantized conv, and d rho
+@group(0) @binding(25) var<storage, read_write> k_w: array<f32>;
+@group(0) @binding(26) var<storage, read_write> rho: array<f32>;
+@group(0) @binding(27) var<storage, read> rho_in: array<f32>;
+@group(0) @binding(28) var<storage, read> bias_in: array<f32>;
+@group(0) @binding(29) var<storage, read_write> drho: array<f32>;
+@group(0) @binding(30) var<storage, read> drho_in: array<f32>;
+@group(0) @binding(31) var<storage, read> k_w_in: array<f32>;
 
 const WG: u32 = 256u;
 
@@ -120,6 +129,48 @@ fn fold_stats(@builtin(workgroup_id) wid: vec3<u32>,
         let b = select(0.0, bias[c], p.has_bias == 1u);
         k_out[c] = k;
         bias_f[c] = beta[c] + (b - mu) * k;
+        if (p.calib == 1u) {
+            let sr = sqrt(running_var[c] + p.eps);
+            k_w[c] = gamma[c] / sr;
+            rho[c] = sr / sqrt(v + p.eps);
+        }
+    }
+}
+
+// bn_fuse_calib's output: the quantized conv (no bias) rescaled to the batch statistics, plus
+// the folded bias.
+@compute @workgroup_size(256)
+fn fold_calib_out(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let c = (i / p.hw) % p.channels;
+    dy0[i] = dy0[i] * rho_in[c] + bias_in[c];
+}
+
+// bn_fuse_calib backward, per channel (one workgroup each): d rho = sum dy * c (c the quantized
+// conv without bias, in `y0`), then dy scaled by rho in place for the quantized conv's backward.
+@compute @workgroup_size(256)
+fn fold_calib_grad(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x;
+    let m = p.count;
+    var s = 0.0;
+    for (var i = lid; i < m; i += WG) {
+        let j = y0_index(c, i);
+        s += dy0[j] * y0[j];
+    }
+    red[lid] = s;
+    let total = reduce_sum(lid);
+    if (lid == 0u) {
+        drho[c] = total;
+    }
+    for (var i = lid; i < m; i += WG) {
+        let j = y0_index(c, i);
+        dy0[j] = dy0[j] * rho_in[c];
     }
 }
 
@@ -179,10 +230,17 @@ fn fold_backward_channel(@builtin(workgroup_id) wid: vec3<u32>,
         let k = k_in[c];
         let b = select(0.0, bias[c], p.has_bias == 1u);
         let dk = dk_w + db_f[c] * (b - mu);
-        dgamma[c] = dk / sqrt(v);
+        var dg = dk / sqrt(v);
+        var dvar = -dk * k / (2.0 * v);
+        if (p.calib == 1u) {
+            // W_f = W k_w (running variance, a constant); b_f and rho carry the batch's.
+            let dk_b = db_f[c] * (b - mu);
+            dg = dk_w / sqrt(running_var_in[c] + p.eps) + dk_b / sqrt(v);
+            dvar = -dk_b * k / (2.0 * v) - drho_in[c] * rho_in[c] / (2.0 * v);
+        }
+        dgamma[c] = dg;
         dbeta[c] = db_f[c];
         let dmu = -db_f[c] * k;
-        let dvar = -dk * k / (2.0 * v);
         let m = f32(p.count);
         let bc = 2.0 * dvar / (m - 1.0);
         dcoef[c * 2u] = dmu / m - bc * mu;

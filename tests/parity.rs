@@ -312,7 +312,8 @@ fn recomputed_outputs_change_no_bit() {
 /// too, for each q_type × q_level; and of the small ResNet (QuantAdd: two observers, one union
 /// scale; the Linear head per row) for two of them; and with each conv's BatchNorm folded in
 /// (`bn_fuse`: batch statistics of the float conv, gradients through them; `pretrained_model`:
-/// the first step updates the running statistics instead of copying them). The first step's loss and gradient directions, the second's
+/// the first step updates the running statistics instead of copying them; `bn_fuse_calib`: the
+/// weight folded with the running variance, the conv rescaled to the batch's). The first step's loss and gradient directions, the second's
 /// loss (its observers updated from the first), and after both every BatchNorm statistic and
 /// every quantizer's scale, zero point and observer range.
 #[test]
@@ -328,6 +329,8 @@ fn iao_steps_match_pytorch() {
         "parity_iao_bnfuse_asym_layer.safetensors",
         "parity_iao_bnfuse_resnet_symm_channel.safetensors",
         "parity_iao_bnfuse_pretrained.safetensors",
+        "parity_iao_bnfuse_calib.safetensors",
+        "parity_iao_bnfuse_calib_resnet.safetensors",
     ] {
         iao_steps(fixture);
     }

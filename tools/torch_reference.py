@@ -394,6 +394,7 @@ class Net(nn.Module):
                 mod.register_buffer("running_var", torch.ones(cout))
                 mod.fold_eps, mod.fold_momentum = bn.get("eps", 1e-5), bn.get("momentum", 0.1)
                 mod.fold_first, mod.pretrained = True, bool(iao.get("pretrained_model"))
+                mod.calib = bool(iao.get("bn_fuse_calib"))
             if iao is not None and iao.get("bn_fuse") and kind == "conv" and name not in folds:
                 bits = (32, 32)
             elif iao is not None:
@@ -532,6 +533,13 @@ class Net(nn.Module):
             b_f = mod.beta + (mod.bias - mu) * (mod.gamma / std)
         else:
             b_f = mod.beta - mu * (mod.gamma / std)
+        if mod.training and mod.calib:
+            # bn_fuse_calib: the weight folded with the running variance (after this step's
+            # update, a constant), the quantized conv rescaled to the batch's.
+            std_r = torch.sqrt(mod.running_var + mod.fold_eps)
+            w_f = mod.weight * (mod.gamma / std_r).reshape(-1, 1, 1, 1)
+            y = conv(mod.activation_quantizer(x), mod.weight_quantizer(w_f), None)
+            return y * (std_r / std).reshape(1, -1, 1, 1) + b_f.reshape(1, -1, 1, 1)
         w_f = mod.weight * (mod.gamma / std).reshape(-1, 1, 1, 1)
         return conv(mod.activation_quantizer(x), mod.weight_quantizer(w_f), b_f)
 
@@ -593,6 +601,8 @@ def main():
                     help="IAO post-training quantization: histogram observers at this percentile; "
                          "--steps training-mode forward passes on the batch, no backward")
     ap.add_argument("--bn-fuse", action="store_true", help="IAO: fold each conv's BatchNorm into it")
+    ap.add_argument("--bn-fuse-calib", action="store_true",
+                    help="IAO --bn-fuse: fold W with the running variance, rescale the conv to the batch's")
     ap.add_argument("--pretrained-model", action="store_true",
                     help="IAO --bn-fuse: the first step updates the running statistics instead of copying")
     ap.add_argument("--steps", type=int, default=1,
@@ -608,7 +618,8 @@ def main():
     iao = None
     if args.scheme == "iao":
         iao = dict(q_type=args.q_type, q_level=args.q_level, weight_observer=args.weight_observer,
-                   ptq=args.ptq, bn_fuse=args.bn_fuse, pretrained_model=args.pretrained_model)
+                   ptq=args.ptq, bn_fuse=args.bn_fuse, pretrained_model=args.pretrained_model,
+                   bn_fuse_calib=args.bn_fuse_calib)
     wbwtab = dict(W=args.W, A=args.A) if args.scheme == "wbwtab" else None
     net = Net(spec, args.bits, args.bits, args.quantize_first_layer, iao, wbwtab)
     micronet_init(net)

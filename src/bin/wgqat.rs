@@ -189,6 +189,10 @@ struct TrainArgs {
     /// replacing them with the batch's.
     #[arg(long)]
     pretrained_model: bool,
+    /// IAO --bn-fuse: fold the weight with the running variance (as inference will) and rescale
+    /// the conv to the batch's statistics (micronet's --bn_fuse_calib).
+    #[arg(long)]
+    bn_fuse_calib: bool,
     /// wbwtab: binary (±α), ternary (−α, 0, +α) or float weights (micronet's --W 2|3|32).
     #[arg(long, value_enum, default_value_t = TrainConfig::default().weights)]
     weights: wgqat::quant::Weights,
@@ -807,6 +811,7 @@ fn train_config(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<T
     c.qaft |= a.qaft;
     c.bn_fuse |= a.bn_fuse;
     c.pretrained_model |= a.pretrained_model;
+    c.bn_fuse_calib |= a.bn_fuse_calib;
     if take("w_bits") {
         c.w_bits = Bits::new(a.w_bits)?;
     }

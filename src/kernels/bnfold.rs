@@ -20,7 +20,7 @@ struct Params {
     accumulate: u32,
     opaque_zero: u32,
     count: u32,
-    _pad: u32,
+    calib: u32,
 }
 
 use Bind::{Read as R, ReadWrite as W};
@@ -46,8 +46,12 @@ const STATS: Entry = entry(
         (8, R),
         (9, W),
         (10, W),
+        (25, W),
+        (26, W),
     ],
 );
+const CALIB_OUT: Entry = entry("fold_calib_out", &[(20, W), (27, R), (28, R)]);
+const CALIB_GRAD: Entry = entry("fold_calib_grad", &[(1, R), (20, W), (27, R), (29, W)]);
 const MARK: Entry = entry("fold_mark", &[(5, W)]);
 const RUNNING: Entry = entry(
     "fold_running",
@@ -75,6 +79,9 @@ const BACKWARD_CHANNEL: Entry = entry(
         (17, W),
         (18, W),
         (19, W),
+        (24, R),
+        (27, R),
+        (30, R),
     ],
 );
 const DY0: Entry = entry("fold_dy0", &[(20, W), (21, R)]);
@@ -90,6 +97,9 @@ pub struct BnFold {
     pub momentum: f32,
     /// Update the running statistics on the first call too (micronet's `--pretrained_model`).
     pub pretrained: bool,
+    /// micronet's `bn_fuse_calib`: W_f from the running variance (after this step's update),
+    /// the quantized conv rescaled by rho = √(σ²_r+ε)/√(σ²+ε) to the batch's.
+    pub calib: bool,
     /// Per channel [mu, var]: the batch's (training) or the running ones (evaluation, QAFT).
     pub stats: Tensor,
     /// Per channel k = gamma / sqrt(var + eps), and the folded bias b_f.
@@ -100,6 +110,10 @@ pub struct BnFold {
     /// Backward: db_f (the quantized conv's bias gradient) and dy0's coefficients.
     pub db_f: Tensor,
     pub dcoef: Tensor,
+    /// bn_fuse_calib: k_w, rho and d rho per channel.
+    pub k_w: Tensor,
+    pub rho: Tensor,
+    pub drho: Tensor,
 }
 
 /// The per-channel tensors a folded layer reads: gamma, beta, the conv bias (None: no bias),
@@ -118,9 +132,9 @@ impl BnFold {
         gpu: &Gpu,
         name: &str,
         w_shape: &[usize],
-        eps: f32,
-        momentum: f32,
+        (eps, momentum): (f32, f32),
         pretrained: bool,
+        calib: bool,
     ) -> Result<BnFold> {
         let c = w_shape[0];
         let z =
@@ -131,12 +145,16 @@ impl BnFold {
             eps,
             momentum,
             pretrained,
+            calib,
             stats: z("folded statistics", &[2 * c])?,
             k: z("fold scale", &[c])?,
             bias_f: z("folded bias", &[c])?,
             w_f: z("folded weight", w_shape)?,
             db_f: z("folded bias gradient", &[c])?,
             dcoef: z("statistics gradient", &[2 * c])?,
+            k_w: z("fold scale of the weight (calib)", &[c])?,
+            rho: z("output rescale (calib)", &[c])?,
+            drho: z("output rescale gradient (calib)", &[c])?,
         })
     }
 
@@ -161,6 +179,7 @@ impl BnFold {
             pretrained: u32::from(self.pretrained),
             has_bias: u32::from(p.bias.is_some()),
             count: count as u32,
+            calib: u32::from(self.calib),
             ..Params::default()
         }
     }
@@ -196,6 +215,8 @@ impl BnFold {
                     bias,
                     &self.k,
                     &self.bias_f,
+                    &self.k_w,
+                    &self.rho,
                 ],
                 [self.channels as u32, 1, 1],
             )?,
@@ -232,8 +253,17 @@ impl BnFold {
         )
     }
 
-    /// W_f = W k.
-    pub fn weight(&self, gpu: &Gpu, p: &FoldParams, w: &Tensor) -> Result<Op> {
+    /// The k W_f is folded with: the batch's, or (training with `calib`) the running one's.
+    fn k_weight(&self, training: bool) -> &Tensor {
+        if self.calib && training {
+            &self.k_w
+        } else {
+            &self.k
+        }
+    }
+
+    /// W_f = W k (`training`: this step's k, which `calib` takes from the running variance).
+    pub fn weight(&self, gpu: &Gpu, p: &FoldParams, w: &Tensor, training: bool) -> Result<Op> {
         const K: &str = "fold_weight";
         expect_shape(K, "w", w, &self.w_shape)?;
         let n = count_u32(K, w.numel())?;
@@ -245,8 +275,38 @@ impl BnFold {
                 n,
                 ..self.params(p, None)
             },
-            &[w, &self.w_f, &self.k],
+            &[w, &self.w_f, self.k_weight(training)],
             elementwise_grid(gpu, n),
+        )
+    }
+
+    /// bn_fuse_calib's output: `y = y·rho + b_f` in place over the quantized conv's `y`.
+    pub fn calib_out(&self, gpu: &Gpu, p: &FoldParams, y: &Tensor) -> Result<Op> {
+        const K: &str = "fold_calib_out";
+        let n = count_u32(K, y.numel())?;
+        CALIB_OUT.launch(
+            gpu,
+            &[],
+            format!("{K} {:?}", y.shape()),
+            &Params {
+                n,
+                ..self.params(p, Some(y.shape()))
+            },
+            &[y, &self.rho, &self.bias_f],
+            elementwise_grid(gpu, n),
+        )
+    }
+
+    /// bn_fuse_calib's backward through rho: d rho = Σ dy·c (`c`, the quantized conv without
+    /// bias), then `dy` scaled by rho in place.
+    pub fn calib_grad(&self, gpu: &Gpu, p: &FoldParams, c: &Tensor, dy: &Tensor) -> Result<Op> {
+        CALIB_GRAD.launch(
+            gpu,
+            &[],
+            format!("fold_calib_grad {:?}", c.shape()),
+            &self.params(p, Some(c.shape())),
+            &[c, dy, &self.rho, &self.drho],
+            [self.channels as u32, 1, 1],
         )
     }
 
@@ -278,6 +338,9 @@ impl BnFold {
                 dgamma,
                 dbeta,
                 &self.dcoef,
+                p.running_var,
+                &self.rho,
+                &self.drho,
             ],
             [self.channels as u32, 1, 1],
         )
@@ -303,8 +366,15 @@ impl BnFold {
         )
     }
 
-    /// `grad (+)= g·k` per output channel: the weight's (g = dW_f) or the bias's (g = db_f).
-    pub fn grad(&self, gpu: &Gpu, g: &Tensor, grad: &Tensor, accumulate: bool) -> Result<Op> {
+    /// `grad (+)= g·k` per output channel: the weight's (g = dW_f, k as W_f was folded in
+    /// `training`) or the bias's (g = db_f, the batch's or the running k).
+    pub fn grad(
+        &self,
+        gpu: &Gpu,
+        g: &Tensor,
+        grad: &Tensor,
+        (accumulate, training): (bool, bool),
+    ) -> Result<Op> {
         const K: &str = "fold_grad";
         expect_shape(K, "grad", grad, g.shape())?;
         let n = count_u32(K, g.numel())?;
@@ -319,7 +389,15 @@ impl BnFold {
                 accumulate: u32::from(accumulate),
                 ..Params::default()
             },
-            &[&self.k, g, grad],
+            &[
+                if g.shape() == self.w_shape.as_slice() {
+                    self.k_weight(training)
+                } else {
+                    &self.k
+                },
+                g,
+                grad,
+            ],
             elementwise_grid(gpu, n),
         )
     }

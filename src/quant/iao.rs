@@ -62,6 +62,10 @@ pub struct IaoOptions {
     /// taking the batch's (micronet's `--pretrained_model`).
     #[serde(default)]
     pub pretrained_model: bool,
+    /// With `bn_fuse`: fold the weight with the running variance (the one inference uses) and
+    /// rescale the quantized conv to the batch's (micronet's `--bn_fuse_calib`).
+    #[serde(default)]
+    pub bn_fuse_calib: bool,
 }
 
 /// A percentile in (0, 1] (micronet's `--percentile`, 0.999999 by default).

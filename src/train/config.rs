@@ -67,6 +67,10 @@ pub struct TrainConfig {
     /// them with the batch's (micronet's `--pretrained_model`).
     #[serde(default)]
     pub pretrained_model: bool,
+    /// IAO `bn_fuse`: fold the weight with the running variance and rescale the conv to the
+    /// batch's (micronet's `--bn_fuse_calib`).
+    #[serde(default)]
+    pub bn_fuse_calib: bool,
     /// wbwtab: binary, ternary or float weights (micronet's `--W 2|3|32`).
     #[serde(default)]
     pub weights: Weights,
@@ -129,6 +133,7 @@ impl Default for TrainConfig {
             qaft: false,
             bn_fuse: false,
             pretrained_model: false,
+            bn_fuse_calib: false,
             weights: Weights::Binary,
             activations: Activations::Binary,
             ptq: false,
@@ -215,7 +220,11 @@ impl TrainConfig {
             ));
         }
         if self.scheme != SchemeName::Iao
-            && (self.ptq || self.qaft || self.bn_fuse || self.pretrained_model)
+            && (self.ptq
+                || self.qaft
+                || self.bn_fuse
+                || self.pretrained_model
+                || self.bn_fuse_calib)
         {
             return Err(Error::Invalid(
                 "`ptq`, `qaft`, `bn_fuse` and `pretrained_model` are IAO's: add `scheme` iao"
@@ -232,6 +241,11 @@ impl TrainConfig {
         if self.scheme == SchemeName::Wbwtab && self.quantize_first_layer {
             return Err(Error::Invalid(
                 "`quantize_first_layer` is DoReFa's: wbwtab keeps the first and last conv float; leave it out".into(),
+            ));
+        }
+        if self.bn_fuse_calib && !self.bn_fuse {
+            return Err(Error::Invalid(
+                "`bn_fuse_calib` is a variant of `bn_fuse`: add `bn_fuse`".into(),
             ));
         }
         if self.pretrained_model && !self.bn_fuse {
@@ -284,6 +298,7 @@ impl TrainConfig {
                     ptq: self.ptq.then_some(Percentile(self.percentile)),
                     bn_fuse: self.bn_fuse,
                     pretrained_model: self.pretrained_model,
+                    bn_fuse_calib: self.bn_fuse_calib,
                 }),
                 SchemeName::Wbwtab => Scheme::Wbwtab(WbwtabOptions {
                     weights: self.weights,
@@ -299,8 +314,12 @@ impl TrainConfig {
         if let Scheme::Iao(o) = scheme {
             (self.q_type, self.q_level, self.weight_observer) =
                 (o.q_type, o.q_level, o.weight_observer);
-            (self.qaft, self.bn_fuse, self.pretrained_model) =
-                (o.qaft, o.bn_fuse, o.pretrained_model);
+            (
+                self.qaft,
+                self.bn_fuse,
+                self.pretrained_model,
+                self.bn_fuse_calib,
+            ) = (o.qaft, o.bn_fuse, o.pretrained_model, o.bn_fuse_calib);
             self.ptq = o.ptq.is_some();
             if let Some(p) = o.ptq {
                 self.percentile = p.0;

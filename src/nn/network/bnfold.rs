@@ -3,7 +3,8 @@
 //!
 //! Training: y0 = conv(x, W, b), the float conv of the float input, gives the batch statistics
 //! (and the running update); W_f = W·γ/√(σ²+ε) and b_f = β + (b − μ)·γ/√(σ²+ε); the output is
-//! conv(Q(x), Q(W_f)) + b_f. Evaluation and QAFT fold the running statistics instead. y0 lives
+//! conv(Q(x), Q(W_f)) + b_f (`calib`: W_f with the running σ², and the conv rescaled by
+//! √(σ²_r+ε)/√(σ²+ε)). Evaluation and QAFT fold the running statistics instead. y0 lives
 //! in the layer's output buffer until the quantized conv overwrites it, and is formed there again
 //! for the backward pass (nothing reads this output by then), where it becomes dy0 in place.
 
@@ -63,13 +64,20 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     } else {
         fwd.push(f.fold.running(gpu, &p)?);
     }
-    fwd.push(f.fold.weight(gpu, &p, &w)?);
+    fwd.push(f.fold.weight(gpu, &p, &w, batch_stats)?);
     if io.train {
         fwd.extend(iq.observe(gpu, x)?);
     }
     fwd.push(iq.forward(gpu, x, &xq)?);
     fwd.extend(wq.forward(net, gpu, io.train, &f.fold.w_f, w_hat)?);
-    fwd.push(gemm.forward(gpu, &xq, w_hat, Some(&f.fold.bias_f), io.y)?);
+    // calib: the quantized conv without bias, rescaled to the batch's statistics, plus b_f.
+    let calib = f.fold.calib && batch_stats;
+    if calib {
+        fwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y)?);
+        fwd.push(f.fold.calib_out(gpu, &p, io.y)?);
+    } else {
+        fwd.push(gemm.forward(gpu, &xq, w_hat, Some(&f.fold.bias_f), io.y)?);
+    }
     if !io.train {
         return Ok((fwd, Vec::new()));
     }
@@ -84,12 +92,18 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     let db = net.grad(l.bias)?;
     let scratch = buf.split_k.as_ref();
     let mut bwd = vec![gemm.grad_bias(gpu, dy, &f.fold.db_f)?];
+    bwd.push(iq.forward(gpu, x, &xq)?);
+    if calib {
+        // d rho from the quantized conv formed again (this output is dead by now), then dy·rho
+        // in place: the quantized conv's own output gradient.
+        bwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y)?);
+        bwd.push(f.fold.calib_grad(gpu, &p, io.y, dy)?);
+    }
     // Through the quantized conv: dx (the input quantizer's mask), dŴ and on to dW_f in place.
     if let Some(dx) = io.dx() {
         bwd.push(gemm.grad_input(gpu, dy, w_hat, dx)?);
         bwd.extend(iq.backward_in_place(gpu, x, dx)?);
     }
-    bwd.push(iq.forward(gpu, x, &xq)?);
     bwd.extend(gemm.grad_weight(gpu, &xq, dy, dw_hat, scratch)?);
     bwd.push(wq.backward_in_place(net, gpu, &f.fold.w_f, dw_hat)?);
     // Through the fold: dγ, dβ, and (batch statistics) dy0 over y0 formed again.
@@ -116,9 +130,12 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
             bwd.push(Op::Dispatch(elementwise::accumulate(gpu, &part, dx)?));
         }
     }
-    bwd.push(f.fold.grad(gpu, dw_hat, &dw, batch_stats)?);
+    bwd.push(f.fold.grad(gpu, dw_hat, &dw, (batch_stats, batch_stats))?);
     if let Some(db) = &db {
-        bwd.push(f.fold.grad(gpu, &f.fold.db_f, db, batch_stats)?);
+        bwd.push(
+            f.fold
+                .grad(gpu, &f.fold.db_f, db, (batch_stats, batch_stats))?,
+        );
     }
     Ok((fwd, bwd))
 }

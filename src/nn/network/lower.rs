@@ -347,9 +347,19 @@ pub(super) fn lower(
                     let LayerSpec::BatchNorm { eps, momentum, .. } = graph.nodes[bn].layer else {
                         unreachable!("sole_bn finds BatchNorms")
                     };
-                    let pretrained = matches!(quant.scheme, Scheme::Iao(o) if o.pretrained_model);
+                    let (pretrained, calib) = match quant.scheme {
+                        Scheme::Iao(o) => (o.pretrained_model, o.bn_fuse_calib),
+                        _ => (false, false),
+                    };
                     layer.fold = Some(FoldSlot {
-                        fold: BnFold::new(gpu, &name, &w_shape, eps, momentum, pretrained)?,
+                        fold: BnFold::new(
+                            gpu,
+                            &name,
+                            &w_shape,
+                            (eps, momentum),
+                            pretrained,
+                            calib,
+                        )?,
                         bn_name: graph.nodes[bn].name.clone(),
                         gamma: params.add(format!("{name}.gamma"), &[*out]),
                         beta: params.add(format!("{name}.beta"), &[*out]),
