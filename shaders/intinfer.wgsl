@@ -21,8 +21,17 @@ struct Params {
     shuffle_groups: u32,
     out_levels_f: f32,
     out_inv_levels: f32,
+    // IAO code spaces (q in [qmin, qmax] stored as u = q - qmin; value (q + zp) * scale)
+    in_scale: f32,
+    in_zero: f32,
+    in_qmin: f32,
+    out_scale: f32,
+    out_zero: f32,
+    out_qmin: f32,
+    out_qmax: f32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -36,9 +45,13 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> out_float: array<f32>;
 // The second addend of add_float.
 @group(0) @binding(9) var<storage, read> in_float2: array<f32>;
+// conv_iao: per output channel, the weight codes' offset z_w (A·W = (u_a + z_a)(u_w + z_w)).
+@group(0) @binding(10) var<storage, read> w_zero: array<f32>;
 
 // Output codes (true) or floats.
 override OUT_CODES: bool = true;
+// The output codes are IAO's (p.out_*) rather than DoReFa's.
+override OUT_IAO: bool = false;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
@@ -48,7 +61,26 @@ fn words(c: u32) -> u32 {
     return (c + 3u) / 4u;
 }
 
+fn round_away(v: f32) -> f32 {
+    let r = floor(abs(v) + 0.5);
+    return select(r, -r, v < 0.0);
+}
+
+// IAO: the stored code u = clamp(R(x / s - zp), qmin, qmax) - qmin of value x (division exact).
+fn iao_code(x: f32) -> u32 {
+    let q = clamp(round_away(div_rn(x, p.out_scale) - p.out_zero), p.out_qmin, p.out_qmax);
+    return u32(q - p.out_qmin);
+}
+
+// IAO: the value (q + zp) * s of stored input code u.
+fn iao_value(u: u32) -> f32 {
+    return (f32(u) + p.in_qmin + p.in_zero) * p.in_scale;
+}
+
 fn code_of(z: f32) -> u32 {
+    if (OUT_IAO) {
+        return iao_code(z);
+    }
     return u32(floor(clamp(z * 0.1, 0.0, 1.0) * p.out_levels_f + 0.5));
 }
 
@@ -355,4 +387,130 @@ fn add_float(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
     store(pix, slot.y * 4u, z);
+}
+
+// ---------------------------------------------------------------------------------------------
+// IAO (micronet's wqaq/iao) codes: 8-bit, affine. An input code u_a stands for A = u_a + z_a
+// (z_a = qmin + zp), a weight code u_w for W = u_w + z_w[o], so a conv's
+//     acc = sum A W = S_aw + z_w S_a + z_a S_w + K z_a z_w
+// with the S sums dot4U8Packed of packed words (exact; padded lanes hold code 0 and count in no
+// sum) and K the real terms (valid taps times channels per group): exact in i32, the exporter
+// checks the bound. Then z = acc * scale + bias (s_a s_w and BatchNorm folded), ReLU, and the
+// next quantizer's codes (OUT_IAO) or floats.
+@compute @workgroup_size(256)
+fn conv_iao(@builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let slot = output_slot(i);
+    let pix = slot.x;
+    if (pix >= p.batch * p.oh * p.ow) {
+        return;
+    }
+    let n = pix / (p.oh * p.ow);
+    let r = pix % (p.oh * p.ow);
+    let oy = r / p.ow;
+    let ox = r % p.ow;
+    let cig = p.cin / p.groups;
+    let cig4 = words(cig);
+    let cog = p.cout / p.groups;
+    let in_words = words(p.cin);
+    let za = i32(p.in_qmin + p.in_zero);
+    var z = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let co = slot.y * 4u + j;
+        if (co >= p.cout) {
+            break;
+        }
+        let g = co / cog;
+        var s_aw = 0u;
+        var s_a = 0u;
+        var s_w = 0u;
+        var taps = 0u;
+        for (var ky = 0u; ky < p.kh; ky++) {
+            let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
+            if (iy < 0 || u32(iy) >= p.h) {
+                continue;
+            }
+            for (var kx = 0u; kx < p.kw; kx++) {
+                let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
+                if (ix < 0 || u32(ix) >= p.w) {
+                    continue;
+                }
+                taps += 1u;
+                let a_base = ((n * p.h + u32(iy)) * p.w + u32(ix)) * in_words + g * cig4;
+                let w_base = ((co * p.kh + ky) * p.kw + kx) * cig4;
+                for (var c = 0u; c < cig4; c++) {
+                    let a = in_codes[a_base + c];
+                    let wc = w_codes[w_base + c];
+                    s_aw += dot4U8Packed(a, wc);
+                    s_a += dot4U8Packed(a, 0x01010101u);
+                    s_w += dot4U8Packed(0x01010101u, wc);
+                }
+            }
+        }
+        let zw = i32(w_zero[co]);
+        let k = i32(taps * cig);
+        let acc = i32(s_aw) + zw * i32(s_a) + za * i32(s_w) + k * za * zw;
+        z[j] = f32(acc) * scale[co] + bias[co];
+    }
+    store(pix, slot.y * 4u, z);
+}
+
+// Float activations to IAO codes (the image, for the first conv).
+@compute @workgroup_size(256)
+fn quantize_iao(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let cw = words(p.cin);
+    if (i >= p.batch * p.h * p.w * cw) {
+        return;
+    }
+    let pix = i / cw;
+    let c4 = i % cw;
+    var word = 0u;
+    for (var j = 0u; j < 4u; j++) {
+        let c = c4 * 4u + j;
+        if (c < p.cin) {
+            word |= iao_code(in_float[pix * p.cin + c]) << (8u * j);
+        }
+    }
+    out_codes[i] = word;
+}
+
+// IAO codes of one quantizer to another's: the value (q + zp) s, then the next quantizer, in
+// the f32 steps fake quantization takes.
+@compute @workgroup_size(256)
+fn requant_iao(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let cw = words(p.cin);
+    if (i >= p.batch * p.h * p.w * cw) {
+        return;
+    }
+    let word_in = in_codes[i];
+    var word = 0u;
+    for (var j = 0u; j < 4u; j++) {
+        if ((i % cw) * 4u + j < p.cin) {
+            word |= iao_code(iao_value((word_in >> (8u * j)) & 0xffu)) << (8u * j);
+        }
+    }
+    out_codes[i] = word;
+}
+
+// IAO codes to their values (floats, channels-last).
+@compute @workgroup_size(256)
+fn dequant_iao(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= p.batch * p.h * p.w * p.cin) {
+        return;
+    }
+    let c = i % p.cin;
+    let pix = i / p.cin;
+    let u = (in_codes[pix * words(p.cin) + c / 4u] >> (8u * (c % 4u))) & 0xffu;
+    out_float[i] = iao_value(u);
 }

@@ -13,6 +13,7 @@ use crate::rng::Rng;
 use std::time::Instant;
 
 mod iao;
+mod iao_int;
 mod wbwtab;
 
 /// A case's body: runs the kernel on inputs from the generator and compares each output.
@@ -122,6 +123,7 @@ pub fn cases() -> Vec<Case> {
     gemm_family_cases(&mut v);
     layer_cases(&mut v);
     int_cases(&mut v);
+    iao_int::cases(&mut v);
     v
 }
 

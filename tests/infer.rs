@@ -785,3 +785,127 @@ fn onnx_qdq_export_of_an_iao_model() {
     }
     assert!(known.contains(&"logits".to_string()));
 }
+
+/// IAO's integer model (`wgqat export` of an IAO checkpoint, `src/infer/iao.rs`) against the
+/// fake-quantized network it came from: random weights and BatchNorms, observers and folded
+/// statistics calibrated by training-mode forward passes, then synthetic and random inputs. Every
+/// prediction equal, logits close: integer sums are exact, the epilogue folds the scales and the
+/// BatchNorm in one multiply-add where fake quantization rounds several steps, so a value within
+/// a few ulp of a code boundary may take the other code. IAO rounds half away from zero in both.
+#[test]
+fn iao_integer_predictions_equal_fake_quant_predictions() {
+    use wgqat::quant::{IaoOptions, Observer, QLevel, QType};
+    let gpu = common::gpu();
+    let tiny = repo("examples/models/tiny_nin.json");
+    let sym = IaoOptions::default();
+    let asym_layer = IaoOptions {
+        q_type: QType::Asymmetric,
+        q_level: QLevel::Layer,
+        weight_observer: Observer::MovingAverage,
+        ..IaoOptions::default()
+    };
+    let fused = IaoOptions {
+        bn_fuse: true,
+        ..IaoOptions::default()
+    };
+    let fused_asym = IaoOptions {
+        q_type: QType::Asymmetric,
+        bn_fuse: true,
+        ..IaoOptions::default()
+    };
+    for (model, batch, options) in [
+        (tiny.as_str(), 32, sym),
+        (tiny.as_str(), 32, asym_layer),
+        (tiny.as_str(), 32, fused),
+        (tiny.as_str(), 32, fused_asym),
+        ("nin_gc", 2, sym),
+    ] {
+        let b8 = Bits::new(8).unwrap();
+        let spec = wgqat::models::load(model).unwrap();
+        let mut net = Network::new(
+            gpu,
+            &spec,
+            QuantConfig::iao(b8, b8, options),
+            batch,
+            true,
+            1,
+        )
+        .unwrap();
+        init::initialise(gpu, &net, 7).unwrap();
+        // Random BatchNorm affine parameters (folded ones too) and conv biases, so that folding
+        // them is exercised rather than the identity of a fresh init.
+        let mut rng = Rng::new(11);
+        let state: Vec<wgqat::nn::checkpoint::Named> = net
+            .state_dict(gpu)
+            .unwrap()
+            .into_iter()
+            .map(|t| {
+                let n = t.shape.iter().product::<usize>().max(1);
+                let (lo, hi) = match t.name.rsplit_once('.').unwrap().1 {
+                    "gamma" => (0.5, 1.5),
+                    "beta" => (-0.3, 0.6),
+                    "weight" if t.name.contains(".bn.") => (0.5, 1.5),
+                    "bias" if t.name.contains(".bn.") => (-0.3, 0.6),
+                    "bias" => (-0.1, 0.1),
+                    _ => return t,
+                };
+                wgqat::nn::checkpoint::Named::f32(
+                    t.name.clone(),
+                    &t.shape,
+                    rng.vec_uniform(n, lo, hi),
+                )
+            })
+            .collect();
+        net.load_named(gpu, Path::new("random state"), state)
+            .unwrap();
+        net.ensure_metric_slots(gpu, 1).unwrap();
+        let test = wgqat::data::synthetic::generate(1, 2, batch);
+        let idx: Vec<usize> = (0..batch).collect();
+        let (synthetic, _) =
+            wgqat::data::batch(&test, &idx, wgqat::data::Augment::NONE, &mut Rng::new(0));
+        let random = Rng::new(9).vec_uniform(batch * 3 * 32 * 32, -2.5, 2.5);
+        // Calibrate: observers, scales and (bn_fuse) running statistics from a few batches.
+        let plan = net.plan(gpu, batch, Mode::Calibrate).unwrap();
+        for x in [&synthetic, &random, &synthetic] {
+            net.write_batch(gpu, &plan, x, &vec![0; batch]).unwrap();
+            net.write_step(gpu, &Default::default()).unwrap();
+            plan.ops.submit(gpu, "calibration").unwrap();
+        }
+        let int_model = wgqat::infer::iao::int_model(gpu, &net).unwrap();
+        let engine = IntEngine::new(gpu, int_model, batch).unwrap();
+        for (what, x) in [("synthetic", &synthetic), ("random", &random)] {
+            let got = engine.run(gpu, x).unwrap();
+            let want = fake_quant_logits(gpu, &net, x, batch);
+            let classes = want.len() / batch;
+            let same = got
+                .chunks(classes)
+                .zip(want.chunks(classes))
+                .filter(|(g, f)| argmax(g) == argmax(f))
+                .count();
+            let mut diffs: Vec<f32> = got.iter().zip(&want).map(|(p, q)| (p - q).abs()).collect();
+            diffs.sort_by(f32::total_cmp);
+            let (max_abs, median) = (diffs[diffs.len() - 1], diffs[diffs.len() / 2]);
+            let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut classes_seen: Vec<usize> = want.chunks(classes).map(argmax).collect();
+            classes_seen.sort_unstable();
+            classes_seen.dedup();
+            println!(
+                "{model} IAO {options:?}, {what}: {same}/{batch} predictions equal ({} classes predicted, largest |logit| {largest:.3}); logits max abs diff {max_abs:.3e}, median {median:.3e}",
+                classes_seen.len()
+            );
+            // Not a degenerate net: logits of size and more than one class predicted.
+            assert!(
+                largest > 1e-2 && (batch < 8 || what == "random" || classes_seen.len() > 1),
+                "{model}: degenerate logits"
+            );
+            assert_eq!(
+                same, batch,
+                "{model} {options:?} {what}: predictions differ"
+            );
+            assert!(
+                max_abs <= 2e-2 && median <= 1e-3,
+                "{model} {options:?} {what}: logits differ by {max_abs} (median {median})"
+            );
+        }
+    }
+}

@@ -1279,6 +1279,7 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         ExportFormat::Onnx if iao => {
             wgqat::util::atomic_write(&a.out, &wgqat::infer::qdq::export(&gpu, &net)?)?
         }
+        ExportFormat::Int if iao => wgqat::infer::iao::int_model(&gpu, &net)?.write(&a.out)?,
         ExportFormat::Int => {
             let folded = wgqat::infer::fold::fold(&gpu, &net)?;
             wgqat::infer::IntModel::from_folded(&folded)?.write(&a.out)?

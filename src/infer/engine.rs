@@ -32,6 +32,13 @@ const SHUFFLE_CODES: Entry = entry("shuffle_codes", &[(1, R), (7, W)]);
 const SHUFFLE_FLOAT: Entry = entry("shuffle_float", &[(2, R), (8, W)]);
 const QUANTIZE_CODES: Entry = entry("quantize_codes", &[(2, R), (7, W)]);
 const ADD_FLOAT: Entry = entry("add_float", &[(2, R), (7, W), (8, W), (9, R)]);
+const CONV_IAO: Entry = entry(
+    "conv_iao",
+    &[(1, R), (3, R), (5, R), (6, R), (7, W), (8, W), (10, R)],
+);
+const QUANTIZE_IAO: Entry = entry("quantize_iao", &[(2, R), (7, W)]);
+const REQUANT_IAO: Entry = entry("requant_iao", &[(1, R), (7, W)]);
+const DEQUANT_IAO: Entry = entry("dequant_iao", &[(1, R), (8, W)]);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -58,7 +65,14 @@ struct Params {
     shuffle_groups: u32,
     out_levels_f: f32,
     out_inv_levels: f32,
-    _pad: [u32; 2],
+    in_scale: f32,
+    in_zero: f32,
+    in_qmin: f32,
+    out_scale: f32,
+    out_zero: f32,
+    out_qmin: f32,
+    out_qmax: f32,
+    _pad: [u32; 3],
 }
 
 /// An activation between ops: (C, H, W) per image, as codes of `bits` bits or as floats.
@@ -86,6 +100,18 @@ struct Layer {
     w_float: Option<Tensor>,
     scale: Tensor,
     bias: Tensor,
+    /// IAO: the weight codes' per-channel offsets.
+    w_zero: Option<Tensor>,
+}
+
+/// The input side of an IAO op's parameters.
+fn iao_in(p: &mut Params, s: &super::model::CodeSpace) {
+    (p.in_scale, p.in_zero, p.in_qmin) = (s.scale, s.zero_point, s.qmin);
+}
+
+/// The output side of an IAO op's parameters.
+fn iao_out(p: &mut Params, s: &super::model::CodeSpace) {
+    (p.out_scale, p.out_zero, p.out_qmin, p.out_qmax) = (s.scale, s.zero_point, s.qmin, s.qmax);
 }
 
 /// A plan for one batch size: its ops and where the logits land.
@@ -194,6 +220,7 @@ impl IntEngine {
                     groups,
                     weight_bits,
                     output_bits,
+                    iao,
                     ..
                 } => {
                     if *cin != c {
@@ -244,6 +271,14 @@ impl IntEngine {
                         &[*cout],
                         model.floats(&format!("{name}.bias"), *cout)?,
                     )?;
+                    let w_zero = match iao {
+                        Some(_) => Some(gpu.upload_f32(
+                            &format!("{name} weight zero"),
+                            &[*cout],
+                            model.floats(&format!("{name}.weight_zero"), *cout)?,
+                        )?),
+                        None => None,
+                    };
                     layers.insert(
                         name.clone(),
                         Layer {
@@ -251,6 +286,7 @@ impl IntEngine {
                             w_float,
                             scale,
                             bias,
+                            w_zero,
                         },
                     );
                     (h, w) = (
@@ -262,6 +298,8 @@ impl IntEngine {
                     ord = (c, h, w);
                 }
                 IntOp::Quantize { bits: b } => bits = Some(*b),
+                IntOp::IaoQuantize { .. } | IntOp::IaoRequant { .. } => bits = Some(8),
+                IntOp::IaoDequant { .. } => bits = None,
                 IntOp::MaxPool {
                     kernel,
                     stride,
@@ -353,6 +391,7 @@ impl IntEngine {
                     weight_bits,
                     relu,
                     output_bits,
+                    iao,
                     ..
                 } => {
                     let l = &self.layers[name];
@@ -375,6 +414,22 @@ impl IntEngine {
                         epilogue(&mut p, *output_bits, &y, &dummy_u, &self.dummy);
                     let grid =
                         elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(4)) as u32);
+                    if let (Some(q), Some(wc), Some(wz)) = (iao, &l.w_codes, &l.w_zero) {
+                        iao_in(&mut p, &q.input);
+                        if let Some(o) = &q.output {
+                            iao_out(&mut p, o);
+                        }
+                        let consts = [consts[0], ("OUT_IAO", 1.0)];
+                        ops.push(CONV_IAO.launch(
+                            gpu,
+                            &consts,
+                            label(&format!("conv_iao {name}")),
+                            &p,
+                            &[&x, wc, &l.scale, &l.bias, codes_out, float_out, wz],
+                            grid,
+                        )?);
+                        continue;
+                    }
                     ops.push(match (weight_bits, &l.w_codes, &l.w_float) {
                         (Some(_), Some(wc), _) => CONV_INT.launch(
                             gpu,
@@ -403,6 +458,37 @@ impl IntEngine {
                         gpu,
                         &[],
                         label("quantize_codes"),
+                        &p,
+                        &[&x, &y],
+                        elementwise_grid(gpu, n as u32),
+                    )?);
+                }
+                IntOp::IaoQuantize { to } | IntOp::IaoRequant { to, .. } => {
+                    iao_out(&mut p, to);
+                    let e = match op {
+                        IntOp::IaoRequant { from, .. } => {
+                            iao_in(&mut p, from);
+                            &REQUANT_IAO
+                        }
+                        _ => &QUANTIZE_IAO,
+                    };
+                    let n = batch * out.h * out.w * out.c.div_ceil(4);
+                    ops.push(e.launch(
+                        gpu,
+                        &[],
+                        label(e.name),
+                        &p,
+                        &[&x, &y],
+                        elementwise_grid(gpu, n as u32),
+                    )?);
+                }
+                IntOp::IaoDequant { from } => {
+                    iao_in(&mut p, from);
+                    let n = batch * out.h * out.w * out.c;
+                    ops.push(DEQUANT_IAO.launch(
+                        gpu,
+                        &[],
+                        label("dequant_iao"),
                         &p,
                         &[&x, &y],
                         elementwise_grid(gpu, n as u32),

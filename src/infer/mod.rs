@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod fold;
+pub mod iao;
 pub mod model;
 pub mod onnx;
 pub mod qdq;

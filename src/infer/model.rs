@@ -25,6 +25,25 @@ pub const FORMAT: &str = "wgqat-int-2";
 /// Format 1 (chains only, no `inputs`) reads as format 2.
 const FORMAT_1: &str = "wgqat-int-1";
 
+/// An IAO quantizer's codes on an edge: q in [qmin, qmax], stored as the byte u = q − qmin;
+/// the value is (q + zero_point)·scale (micronet's sign of the zero point).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CodeSpace {
+    pub scale: f32,
+    pub zero_point: f32,
+    pub qmin: f32,
+    pub qmax: f32,
+}
+
+/// An IAO conv's code spaces: its input's, and its output's when it writes the next
+/// quantizer's codes (None: floats). Its weights are bytes u_w with per-channel offsets
+/// `{name}.weight_zero` (the weight W = u_w + z_w).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IaoConv {
+    pub input: CodeSpace,
+    pub output: Option<CodeSpace>,
+}
+
 /// One op of the integer graph.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -46,10 +65,26 @@ pub enum IntOp {
         relu: bool,
         /// Requantize the output to codes of this many bits (the next layer's), or None: float.
         output_bits: Option<u32>,
+        /// An IAO conv (8-bit affine codes in and, with `output_bits`, out).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        iao: Option<IaoConv>,
     },
     /// Float activations to codes: floor(clamp(0.1 x, 0, 1) · n + 0.5).
     Quantize {
         bits: u32,
+    },
+    /// IAO: float activations to codes of `to`.
+    IaoQuantize {
+        to: CodeSpace,
+    },
+    /// IAO: codes of one quantizer to another's (the value, then the next quantizer).
+    IaoRequant {
+        from: CodeSpace,
+        to: CodeSpace,
+    },
+    /// IAO: codes to their values.
+    IaoDequant {
+        from: CodeSpace,
     },
     MaxPool {
         kernel: [usize; 2],
@@ -135,7 +170,7 @@ pub struct IntModel {
     pub tensors: HashMap<String, Named>,
 }
 
-fn pair(p: (usize, usize)) -> [usize; 2] {
+pub(crate) fn pair(p: (usize, usize)) -> [usize; 2] {
     [p.0, p.1]
 }
 
@@ -148,7 +183,7 @@ pub fn weight_row(cin: usize, groups: usize, codes: bool) -> usize {
 }
 
 /// `rows` rows of `cig` values each, padded with `fill` to `row` values.
-fn pad_rows<T: Copy>(v: &[T], cig: usize, row: usize, fill: T) -> Vec<T> {
+pub(crate) fn pad_rows<T: Copy>(v: &[T], cig: usize, row: usize, fill: T) -> Vec<T> {
     if cig == row {
         return v.to_vec();
     }
@@ -194,7 +229,13 @@ pub fn unpack_codes(bytes: &[u8], bits: u32, n: usize) -> Vec<u8> {
 }
 
 /// `(Cout, Cin/g, KH, KW)` to `(Cout, KH, KW, Cin/g)`.
-fn to_channels_last<T: Copy>(w: &[T], cout: usize, cig: usize, kh: usize, kw: usize) -> Vec<T> {
+pub(crate) fn to_channels_last<T: Copy>(
+    w: &[T],
+    cout: usize,
+    cig: usize,
+    kh: usize,
+    kw: usize,
+) -> Vec<T> {
     let mut out = Vec::with_capacity(w.len());
     for o in 0..cout {
         for y in 0..kh {
@@ -209,7 +250,7 @@ fn to_channels_last<T: Copy>(w: &[T], cout: usize, cig: usize, kh: usize, kw: us
 }
 
 /// A Linear's input features from (C, H, W) order (PyTorch's flatten) to (H, W, C).
-fn linear_to_channels_last<T: Copy>(
+pub(crate) fn linear_to_channels_last<T: Copy>(
     w: &[T],
     out: usize,
     (c, h, wd): (usize, usize, usize),
@@ -400,6 +441,7 @@ impl IntModel {
                         input_bits: want,
                         relu: c.relu,
                         output_bits,
+                        iao: None,
                     };
                     let id = push(&mut ops, op, vec![src]);
                     ((c.cout, oh, ow), None, output_bits, id)

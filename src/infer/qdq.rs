@@ -21,9 +21,9 @@ use crate::quant::iao::{QType, Quantizer};
 use std::collections::HashMap;
 
 /// A tensor's shape and values.
-type Shaped = (Vec<usize>, Vec<f32>);
+pub(super) type Shaped = (Vec<usize>, Vec<f32>);
 /// The state dict's F32 tensors by name.
-type State = HashMap<String, Shaped>;
+pub(super) type State = HashMap<String, Shaped>;
 
 /// The ONNX bytes of IAO network `net` (input: normalised images `(N, C, H, W)`; output
 /// `logits`).
@@ -230,7 +230,7 @@ fn bn(g: &mut Graph, state: &State, name: &str, x: &str, eps: f32) -> Result<Str
 /// A layer's weight and bias as evaluation uses them: a folded conv's with the running
 /// statistics (W·k and β + (b − μ)·k, k = γ/√(σ²+ε), in the GPU's f32 steps), else as stored
 /// (no bias: zeros).
-fn weight_and_bias(state: &State, name: &str, eps: f32) -> Result<(Shaped, Vec<f32>)> {
+pub(super) fn weight_and_bias(state: &State, name: &str, eps: f32) -> Result<(Shaped, Vec<f32>)> {
     let get = |s: &str| {
         state
             .get(&format!("{name}.{s}"))
@@ -316,7 +316,7 @@ fn qdq(g: &mut Graph, state: &State, x: &str, prefix: &str) -> Result<String> {
 }
 
 /// The quantizer rows stored under `prefix` (None: no such quantizer).
-fn quantizer(state: &State, prefix: &str) -> Result<Option<Vec<Quantizer>>> {
+pub(super) fn quantizer(state: &State, prefix: &str) -> Result<Option<Vec<Quantizer>>> {
     let Some((_, scale)) = state.get(&format!("{prefix}.scale")) else {
         return Ok(None);
     };

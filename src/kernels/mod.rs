@@ -51,7 +51,7 @@ pub static POOL: Shader = shader!("pool.wgsl", true);
 // Checked: it indexes logits by labels, which come from the data.
 pub static LOSS: Shader = shader!("loss.wgsl", false);
 pub static OPTIM: Shader = shader!("optim.wgsl", true);
-pub static INTINFER: Shader = shader!("intinfer.wgsl", true);
+pub static INTINFER: Shader = shader!("intinfer.wgsl", true, "division.wgsl");
 
 /// Every shader file, embedded in the binary (the portability test translates each one).
 pub static SHADERS: &[&Shader] = &[

@@ -2,7 +2,8 @@
 //! channels-last, with integer accumulation in i64 and the same f32 epilogue.
 
 use crate::error::{Error, Result};
-use crate::infer::model::{IntModel, IntOp, conv_axis, pool_axis};
+use crate::infer::model::{CodeSpace, IntModel, IntOp, conv_axis, pool_axis};
+use crate::quant::iao::round;
 
 /// A channels-last activation: codes (as values 0..=n) or floats.
 #[derive(Clone)]
@@ -13,6 +14,16 @@ enum Act {
 
 fn code_of(z: f32, levels: u32) -> u32 {
     ((z * 0.1f32).clamp(0.0, 1.0) * levels as f32 + 0.5).floor() as u32
+}
+
+/// IAO: the stored code (q − qmin) of value `x` in `s`.
+fn iao_code(x: f32, s: &CodeSpace) -> u32 {
+    (round(x / s.scale - s.zero_point).clamp(s.qmin, s.qmax) - s.qmin) as u32
+}
+
+/// IAO: the value of stored code `u` in `s`.
+fn iao_value(u: u32, s: &CodeSpace) -> f32 {
+    (u as f32 + s.qmin + s.zero_point) * s.scale
 }
 
 /// Logits `(batch, classes)` of NCHW normalised images.
@@ -47,9 +58,18 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                 weight_bits,
                 relu,
                 output_bits,
+                iao,
                 ..
             } => {
                 let (cig, cog) = (cin / groups, cout / groups);
+                // IAO: A = u_a + z_a, W = u_w + z_w[o].
+                let z_a = iao.map_or(0, |q| (q.input.qmin + q.input.zero_point) as i64);
+                let z_w = match iao {
+                    Some(_) => model
+                        .floats(&format!("{name}.weight_zero"), *cout)?
+                        .to_vec(),
+                    None => Vec::new(),
+                };
                 let (oh, ow) = (
                     conv_axis(h, kernel[0], stride[0], padding[0], dilation[0]),
                     conv_axis(w, kernel[1], stride[1], padding[1], dilation[1]),
@@ -90,6 +110,10 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                                             let k =
                                                 ((co * kernel[0] + ky) * kernel[1] + kx) * row + ci;
                                             match (&act, &codes, floats) {
+                                                (Act::Codes(v), Some(wc), _) if iao.is_some() => {
+                                                    acc_i += (v[a] as i64 + z_a)
+                                                        * (wc[k] as i64 + z_w[co] as i64);
+                                                }
                                                 (Act::Codes(v), Some(wc), _) => {
                                                     let n_w =
                                                         (1i64 << weight_bits.unwrap_or(8)) - 1;
@@ -117,11 +141,36 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                         }
                     }
                 }
-                act = match output_bits {
-                    Some(b) => Act::Codes(zs.iter().map(|&z| code_of(z, (1 << b) - 1)).collect()),
-                    None => Act::Float(zs),
+                act = match (output_bits, iao.and_then(|q| q.output)) {
+                    (Some(_), Some(o)) => Act::Codes(zs.iter().map(|&z| iao_code(z, &o)).collect()),
+                    (Some(b), None) => {
+                        Act::Codes(zs.iter().map(|&z| code_of(z, (1 << b) - 1)).collect())
+                    }
+                    (None, _) => Act::Float(zs),
                 };
                 (c, h, w) = (*cout, oh, ow);
+            }
+            IntOp::IaoQuantize { to } => {
+                act = match &act {
+                    Act::Float(v) => Act::Codes(v.iter().map(|&z| iao_code(z, to)).collect()),
+                    Act::Codes(_) => return Err(Error::Invalid("quantize of codes".into())),
+                };
+            }
+            IntOp::IaoRequant { from, to } => {
+                act = match &act {
+                    Act::Codes(v) => Act::Codes(
+                        v.iter()
+                            .map(|&u| iao_code(iao_value(u, from), to))
+                            .collect(),
+                    ),
+                    Act::Float(_) => return Err(Error::Invalid("requantize of floats".into())),
+                };
+            }
+            IntOp::IaoDequant { from } => {
+                act = match &act {
+                    Act::Codes(v) => Act::Float(v.iter().map(|&u| iao_value(u, from)).collect()),
+                    Act::Float(_) => return Err(Error::Invalid("dequantize of floats".into())),
+                };
             }
             IntOp::Quantize { bits } => {
                 act = match &act {
