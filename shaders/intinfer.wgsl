@@ -47,6 +47,8 @@ struct Params {
 @group(0) @binding(9) var<storage, read> in_float2: array<f32>;
 // conv_iao: per output channel, the weight codes' offset z_w (A·W = (u_a + z_a)(u_w + z_w)).
 @group(0) @binding(10) var<storage, read> w_zero: array<f32>;
+// The second summand of add_iao.
+@group(0) @binding(11) var<storage, read> in_codes2: array<u32>;
 
 // Output codes (true) or floats.
 override OUT_CODES: bool = true;
@@ -513,4 +515,28 @@ fn dequant_iao(@builtin(workgroup_id) wid: vec3<u32>,
     let pix = i / p.cin;
     let u = (in_codes[pix * words(p.cin) + c / 4u] >> (8u * (c % 4u))) & 0xffu;
     out_float[i] = iao_value(u);
+}
+
+// IAO's QuantAdd: the values of two code tensors of one space (p.in_*) added, the block's ReLU,
+// then floats or the next quantizer's codes (store). Thread: a pixel's channels 4q..4q+3.
+@compute @workgroup_size(256)
+fn add_iao(@builtin(workgroup_id) wid: vec3<u32>,
+           @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let slot = output_slot(i);
+    let pix = slot.x;
+    if (pix >= p.batch * p.oh * p.ow) {
+        return;
+    }
+    let word = pix * words(p.cout) + slot.y;
+    let a = in_codes[word];
+    let b = in_codes2[word];
+    var z = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        if (slot.y * 4u + j < p.cout) {
+            z[j] = iao_value((a >> (8u * j)) & 0xffu) + iao_value((b >> (8u * j)) & 0xffu);
+        }
+    }
+    store(pix, slot.y * 4u, z);
 }

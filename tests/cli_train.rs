@@ -113,9 +113,9 @@ fn trains_and_evaluates_a_cifar_folder_and_writes_predictions() {
 }
 
 /// IAO from the command line: `--scheme iao` trains, `eval` takes the scheme from the
-/// checkpoint and reproduces the trainer's evaluation, a DoReFa checkpoint initialises an IAO
-/// run, and what IAO does not do yet (integer export) or cannot mean (a quantized first layer,
-/// another bit width than the checkpoint's) is a one-line error.
+/// checkpoint and reproduces the trainer's evaluation, `export` and `infer` give eval's
+/// predictions, a DoReFa checkpoint initialises an IAO run, and what IAO cannot mean (a
+/// quantized first layer, another bit width than the checkpoint's) is a one-line error.
 #[test]
 fn iao_trains_evaluates_and_refuses_what_it_cannot_do() {
     let data = cifar_dir("iao");
@@ -190,23 +190,45 @@ fn iao_trains_evaluates_and_refuses_what_it_cannot_do() {
         ]),
         &["quant_max_val", "other bits"],
     );
+    // The integer model: its predictions are eval's.
     let int = data.join("iao.int.safetensors");
-    fails_with(
-        &wgqat(&[
-            "export",
+    let o = wgqat(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--model",
+        &ci_model(),
+        "--out",
+        int.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (pe, pi) = (data.join("eval.txt"), data.join("infer.txt"));
+    for args in [
+        vec![
+            "eval",
             "--checkpoint",
             ckpt.to_str().unwrap(),
             "--model",
-            &ci_model(),
-            "--out",
-            int.to_str().unwrap(),
-        ]),
-        &[
-            "integer export of IAO models is not supported yet",
-            "wgqat eval",
+            &model,
         ],
+        vec!["infer", "--model", int.to_str().unwrap()],
+    ] {
+        let out = if args[0] == "eval" { &pe } else { &pi };
+        let mut args = args.clone();
+        args.extend([
+            "--data",
+            data.to_str().unwrap(),
+            "--predictions",
+            out.to_str().unwrap(),
+        ]);
+        let o = wgqat(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&pe).unwrap(),
+        std::fs::read_to_string(&pi).unwrap(),
+        "integer and fake-quant predictions differ"
     );
-    assert!(!int.exists());
     let (o, _) = run("first", &["--scheme", "iao", "--quantize-first-layer"]);
     fails_with(&o, &["--quantize-first-layer", "IAO quantizes every layer"]);
     // A DoReFa (or float) checkpoint starts an IAO run: its quantizers start afresh.

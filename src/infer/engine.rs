@@ -39,6 +39,7 @@ const CONV_IAO: Entry = entry(
 const QUANTIZE_IAO: Entry = entry("quantize_iao", &[(2, R), (7, W)]);
 const REQUANT_IAO: Entry = entry("requant_iao", &[(1, R), (7, W)]);
 const DEQUANT_IAO: Entry = entry("dequant_iao", &[(1, R), (8, W)]);
+const ADD_IAO: Entry = entry("add_iao", &[(1, R), (7, W), (8, W), (11, R)]);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -321,6 +322,17 @@ impl IntEngine {
                     (c, h, w) = (c * h * w, 1, 1);
                     ord = order[e];
                 }
+                IntOp::IaoAdd { output, .. } => {
+                    let y = &edges[node.inputs[1]];
+                    if (y.c, y.h, y.w) != (c, h, w) || bits != Some(8) || y.bits != Some(8) {
+                        return Err(Error::Invalid(format!(
+                            "op {k} adds a {c}x{h}x{w} and a {}x{}x{} tensor: an IAO add takes two code tensors of one shape (the model file is damaged; export it again)",
+                            y.c, y.h, y.w
+                        )));
+                    }
+                    bits = output.map(|_| 8);
+                    ord = order[e];
+                }
                 IntOp::Add { output_bits, .. } => {
                     let y = &edges[node.inputs[1]];
                     if (y.c, y.h, y.w) != (c, h, w) || bits.is_some() || y.bits.is_some() {
@@ -551,6 +563,28 @@ impl IntEngine {
                     src: x.clone(),
                     dst: y.clone(),
                 }),
+                IntOp::IaoAdd {
+                    space,
+                    relu,
+                    output,
+                } => {
+                    let x2 = self.edges[node.inputs[1]].at(batch)?;
+                    p.relu = *relu as u32;
+                    iao_in(&mut p, space);
+                    if let Some(o) = output {
+                        iao_out(&mut p, o);
+                    }
+                    let (consts, codes_out, float_out) =
+                        epilogue(&mut p, output.map(|_| 8), &y, &dummy_u, &self.dummy);
+                    ops.push(ADD_IAO.launch(
+                        gpu,
+                        &[consts[0], ("OUT_IAO", 1.0)],
+                        label("add_iao"),
+                        &p,
+                        &[&x, codes_out, float_out, &x2],
+                        elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(4)) as u32),
+                    )?);
+                }
                 IntOp::Add { relu, output_bits } => {
                     let x2 = self.edges[node.inputs[1]].at(batch)?;
                     p.relu = *relu as u32;

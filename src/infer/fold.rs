@@ -123,15 +123,18 @@ fn unsupported(name: &str, l: &LayerSpec, why: &str) -> Error {
 /// alone reads it and the ReLU that alone reads that; an add absorbs the ReLU that alone reads
 /// it (a residual block's). The folded graph keeps the model's branches.
 pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
-    let scheme = match net.quant.scheme {
-        crate::quant::Scheme::Dorefa => None,
-        crate::quant::Scheme::Iao(_) => Some("IAO"),
-        crate::quant::Scheme::Wbwtab(_) => Some("wbwtab"),
-    };
-    if let Some(scheme) = scheme {
-        return Err(Error::Invalid(format!(
-            "integer export of {scheme} models is not supported yet (only DoReFa's): evaluate the checkpoint with `wgqat eval`, which runs its fake quantization"
-        )));
+    match net.quant.scheme {
+        crate::quant::Scheme::Dorefa => {}
+        crate::quant::Scheme::Iao(_) => {
+            return Err(Error::Invalid(
+                "an IAO model exports through `infer::iao::int_model` (wgqat export does)".into(),
+            ));
+        }
+        crate::quant::Scheme::Wbwtab(_) => {
+            return Err(Error::Invalid(
+                "integer export of wbwtab models is not supported yet (binary XNOR inference is planned): evaluate the checkpoint with `wgqat eval`, which runs its fake quantization".into(),
+            ));
+        }
     }
     let spec: &ModelSpec = &net.spec;
     let graph = &net.graph;

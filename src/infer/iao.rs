@@ -8,7 +8,8 @@
 //! (`requant`: the value, then the next quantizer, in fake quantization's f32 steps), max-pooled
 //! as codes (quantization is monotonic), or dequantized for an average pool.
 //!
-//! Chains of layers (NIN, NIN-GC) export; residual networks export to ONNX (`--format onnx`).
+//! A residual block's add is micronet's QuantAdd: both summands as codes of the add's quantizer,
+//! their values added, the block's ReLU, then the next quantizer's codes or floats.
 
 use super::model::{
     CodeSpace, FORMAT, IaoConv, IntModel, IntNode, IntOp, Manifest, conv_axis,
@@ -37,17 +38,22 @@ fn act_space(state: &State, name: &str) -> Result<Option<CodeSpace>> {
     space(state, &format!("{name}.activation_quantizer"))
 }
 
+/// A tensor of the exported graph: its integer edge, its codes' space (None: floats), its
+/// per-image (C, H, W), and the (C, H, W) a flattened tensor was flattened from.
+#[derive(Clone, Copy)]
+struct Tensor {
+    edge: usize,
+    space: Option<CodeSpace>,
+    shape: (usize, usize, usize),
+    flattened_from: Option<(usize, usize, usize)>,
+}
+
 /// The integer model of IAO network `net` (weights and quantizer states read from the GPU).
 pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
     if !matches!(net.quant.scheme, Scheme::Iao(_)) {
         return Err(Error::Invalid("not an IAO network".into()));
     }
     let graph = &net.graph;
-    if !graph.is_chain() {
-        return Err(Error::Invalid(
-            "integer export of IAO residual networks is not supported yet: export them with `--format onnx` (QDQ)".into(),
-        ));
-    }
     let state: State = net
         .state_dict(gpu)?
         .into_iter()
@@ -57,6 +63,7 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
         })
         .collect();
     let nodes = &graph.nodes;
+    let readers = graph.consumers();
     let unsupported = |i: usize, why: &str| {
         Error::Invalid(format!(
             "cannot export layer {} ({}): {why}",
@@ -64,43 +71,84 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
             nodes[i].layer.kind()
         ))
     };
-    // The code space that reads node i's output next: the first quantizer downstream through
-    // shuffles and flattens (None: floats are read, or the model ends).
-    let next_space = |i: usize| -> Result<Option<CodeSpace>> {
-        for n in &nodes[i + 1..] {
-            match n.layer {
-                LayerSpec::Shuffle { .. } | LayerSpec::Flatten => continue,
-                _ => return act_space(&state, &n.name),
+    // The one code space every reader of node i's output takes (through shuffles and
+    // flattens), or None: floats (a reader takes floats, readers differ, or nothing reads it).
+    fn wanted(
+        state: &State,
+        nodes: &[crate::models::graph::Node],
+        readers: &[Vec<usize>],
+        i: usize,
+    ) -> Result<Option<CodeSpace>> {
+        let mut want: Option<CodeSpace> = None;
+        for &r in &readers[i] {
+            let s = match nodes[r].layer {
+                LayerSpec::Shuffle { .. } | LayerSpec::Flatten => wanted(state, nodes, readers, r)?,
+                _ => act_space(state, &nodes[r].name)?,
+            };
+            match (s, want) {
+                (None, _) => return Ok(None),
+                (Some(s), Some(w)) if s != w => return Ok(None),
+                (Some(s), _) => want = Some(s),
             }
         }
-        Ok(None)
-    };
+        Ok(want)
+    }
     let mut ops: Vec<IntNode> = Vec::new();
     let mut tensors: HashMap<String, Named> = HashMap::new();
     let input = [graph.input[0], graph.input[1], graph.input[2]];
-    let mut shape = (input[0], input[1], input[2]);
-    let mut flattened_from: Option<(usize, usize, usize)> = None;
-    // The current edge and its codes' space (None: floats).
-    let (mut cur, mut cur_space): (usize, Option<CodeSpace>) = (0, None);
-    let push = |ops: &mut Vec<IntNode>, op: IntOp, from: usize| {
-        ops.push(IntNode {
-            op,
-            inputs: vec![from],
-        });
+    let image = Tensor {
+        edge: 0,
+        space: None,
+        shape: (input[0], input[1], input[2]),
+        flattened_from: None,
+    };
+    // Per node: its output tensor (absorbed nodes alias their conv's or add's).
+    let mut out: Vec<Option<Tensor>> = vec![None; nodes.len()];
+    // (edge, space) to the edge holding that edge's codes in that space.
+    let mut converted: HashMap<(usize, [u32; 4]), usize> = HashMap::new();
+    let push = |ops: &mut Vec<IntNode>, op: IntOp, inputs: Vec<usize>| {
+        ops.push(IntNode { op, inputs });
         ops.len()
     };
-    // Brings the current edge to codes of `to` (quantizing floats, requantizing other codes).
-    let into =
-        |ops: &mut Vec<IntNode>, cur: usize, from: Option<CodeSpace>, to: CodeSpace| match from {
-            Some(f) if f == to => cur,
-            Some(f) => push(ops, IntOp::IaoRequant { from: f, to }, cur),
-            None => push(ops, IntOp::IaoQuantize { to }, cur),
-        };
-    let mut i = 0;
-    while i < nodes.len() {
+    let key = |s: &CodeSpace| {
+        [
+            s.scale.to_bits(),
+            s.zero_point.to_bits(),
+            s.qmin.to_bits(),
+            s.qmax.to_bits(),
+        ]
+    };
+    // A tensor as codes of `to` (quantizing floats, requantizing other codes; once per edge).
+    let mut into = |ops: &mut Vec<IntNode>, t: Tensor, to: CodeSpace| -> usize {
+        match t.space {
+            Some(f) if f == to => t.edge,
+            from => *converted
+                .entry((t.edge, key(&to)))
+                .or_insert_with(|| match from {
+                    Some(f) => push(ops, IntOp::IaoRequant { from: f, to }, vec![t.edge]),
+                    None => push(ops, IntOp::IaoQuantize { to }, vec![t.edge]),
+                }),
+        }
+    };
+    let source = |out: &[Option<Tensor>], s: crate::models::Source| match s {
+        crate::models::Source::Input => Ok(image),
+        crate::models::Source::Node(k) => out[k].ok_or_else(|| {
+            Error::Invalid(format!("layer {} read before it is made", nodes[k].name))
+        }),
+    };
+    for i in 0..nodes.len() {
+        if out[i].is_some() {
+            continue; // absorbed into the conv or add before it
+        }
         let node = &nodes[i];
         let name = &node.name;
-        match &node.layer {
+        let x = source(&out, node.inputs[0])?;
+        // The ReLU that alone reads node k folds into it.
+        let relu_after = |k: usize| match readers[k][..] {
+            [r] if matches!(nodes[r].layer, LayerSpec::Relu) => Some(r),
+            _ => None,
+        };
+        let t = match &node.layer {
             LayerSpec::Conv { .. } | LayerSpec::Linear { .. } => {
                 let linear = matches!(node.layer, LayerSpec::Linear { .. });
                 let (kernel, stride, padding, dilation, groups) = match node.layer {
@@ -116,26 +164,24 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                 };
                 let s_in = act_space(&state, name)?
                     .ok_or_else(|| unsupported(i, "its input is not quantized"))?;
-                let src = into(&mut ops, cur, cur_space, s_in);
-                // The BatchNorm (not folded by bn_fuse) and the ReLU after it fold in.
+                let src = into(&mut ops, x, s_in);
+                // The BatchNorm that alone reads it (kept, or folded by bn_fuse), and the ReLU.
                 let mut last = i;
                 let mut bn = None;
-                if let Some(LayerSpec::BatchNorm { eps, .. }) =
-                    nodes.get(last + 1).map(|n| &n.layer)
-                {
-                    last += 1;
-                    if state.contains_key(&format!("{}.weight", nodes[last].name)) {
-                        bn = Some((nodes[last].name.clone(), *eps));
+                let mut fold_eps = 1e-5;
+                if let [r] = readers[i][..] {
+                    if let LayerSpec::BatchNorm { eps, .. } = nodes[r].layer {
+                        last = r;
+                        fold_eps = eps;
+                        if state.contains_key(&format!("{}.weight", nodes[r].name)) {
+                            bn = Some((nodes[r].name.clone(), eps));
+                        }
                     }
                 }
-                let relu = matches!(nodes.get(last + 1).map(|n| &n.layer), Some(LayerSpec::Relu));
-                if relu {
-                    last += 1;
+                let relu = relu_after(last);
+                if let Some(r) = relu {
+                    last = r;
                 }
-                let fold_eps = match nodes.get(i + 1).map(|n| &n.layer) {
-                    Some(LayerSpec::BatchNorm { eps, .. }) => *eps,
-                    _ => 1e-5,
-                };
                 let ((w_shape, w), b) = weight_and_bias(&state, name, fold_eps)?;
                 let cout = w_shape[0];
                 let wq = quantizer(&state, &format!("{name}.weight_quantizer"))?
@@ -143,10 +189,10 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                 let per = w.len() / cout;
                 let row_q = |o: usize| &wq[if wq.len() == 1 { 0 } else { o }];
                 let (wqmin, wqmax) = wq[0].range;
-                if wqmax - wqmin > 255.0 {
+                if wqmax - wqmin > 255.0 || s_in.qmax - s_in.qmin > 255.0 {
                     return Err(unsupported(
                         i,
-                        "integer export supports weights of up to 8 bits",
+                        "integer export supports codes of up to 8 bits",
                     ));
                 }
                 let codes: Vec<u8> = w
@@ -158,15 +204,9 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                 let cin = node.in_shape[0];
                 // Weights per output channel and tap (a Linear: all its input features).
                 let cig = if linear { per } else { cin / groups };
-                if s_in.qmax - s_in.qmin > 255.0 {
-                    return Err(unsupported(
-                        i,
-                        "integer export supports activations of up to 8 bits",
-                    ));
-                }
                 // Codes pack four channels per word: a group's channels, and a flattened
                 // input's channels (the words of its pixels must abut), must fill whole words.
-                let flat_channels = flattened_from.map_or(4, |f| f.0);
+                let flat_channels = x.flattened_from.map_or(4, |f| f.0);
                 if (groups > 1 && !cig.is_multiple_of(4))
                     || (linear && !flat_channels.is_multiple_of(4))
                 {
@@ -175,25 +215,24 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                         "integer inference packs four input channels per word; the channels per group are not a multiple of 4",
                     ));
                 }
-                // |acc| <= K (255 + |z_a|)(255 + |z_w|): bounded for i32.
-                let k = (per as u64) * 4 * 255 * 255;
-                if k >= i32::MAX as u64 {
+                // |acc| <= K (255 + |z_a|)(255 + |z_w|) <= 4 K 255²: bounded for i32.
+                if (per as u64) * 4 * 255 * 255 >= i32::MAX as u64 {
                     return Err(unsupported(
                         i,
                         "too many inputs per output for 32-bit integer accumulation",
                     ));
                 }
                 let (kh, kw) = kernel;
-                let cl = match (linear, flattened_from) {
+                let cl = match (linear, x.flattened_from) {
                     (true, Some(from)) => linear_to_channels_last(&codes, cout, from),
                     _ => to_channels_last(&codes, cout, cig, kh, kw),
                 };
                 let packed = pad_rows(&cl, cig, weight_row(cig * groups, groups, true), 0);
-                let key = format!("{name}.weight_codes");
+                let wkey = format!("{name}.weight_codes");
                 tensors.insert(
-                    key.clone(),
+                    wkey.clone(),
                     Named {
-                        name: key,
+                        name: wkey,
                         shape: vec![packed.len()],
                         data: Data::U8(packed),
                     },
@@ -229,21 +268,21 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                     .map(|o| (s_in.scale as f64 * row_q(o).scale as f64 * a[o] as f64) as f32)
                     .collect();
                 for (suffix, v) in [("scale", scale), ("bias", bb), ("weight_zero", z_w)] {
-                    let key = format!("{name}.{suffix}");
-                    tensors.insert(key.clone(), Named::f32(key, &[cout], v));
+                    let k = format!("{name}.{suffix}");
+                    tensors.insert(k.clone(), Named::f32(k, &[cout], v));
                 }
-                let out_space = next_space(last)?;
+                let out_space = wanted(&state, nodes, &readers, last)?;
                 let (oh, ow) = if linear {
                     (1, 1)
                 } else {
                     (
-                        conv_axis(shape.1, kh, stride.0, padding.0, dilation.0),
-                        conv_axis(shape.2, kw, stride.1, padding.1, dilation.1),
+                        conv_axis(x.shape.1, kh, stride.0, padding.0, dilation.0),
+                        conv_axis(x.shape.2, kw, stride.1, padding.1, dilation.1),
                     )
                 };
                 let op = IntOp::Conv {
                     name: name.clone(),
-                    cin: if linear { shape.0 } else { cin },
+                    cin: if linear { x.shape.0 } else { cin },
                     cout,
                     kernel: pair(kernel),
                     stride: pair(stride),
@@ -252,19 +291,55 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                     groups,
                     weight_bits: Some(8),
                     input_bits: Some(8),
-                    relu,
+                    relu: relu.is_some(),
                     output_bits: out_space.map(|_| 8),
                     iao: Some(IaoConv {
                         input: s_in,
                         output: out_space,
                     }),
                 };
-                cur = push(&mut ops, op, src);
-                cur_space = out_space;
-                shape = (cout, oh, ow);
-                flattened_from = None;
-                i = last + 1;
-                continue;
+                let t = Tensor {
+                    edge: push(&mut ops, op, vec![src]),
+                    space: out_space,
+                    shape: (cout, oh, ow),
+                    flattened_from: None,
+                };
+                for k in [Some(last), readers[i].first().copied()]
+                    .into_iter()
+                    .flatten()
+                {
+                    if k <= last {
+                        out[k] = Some(t);
+                    }
+                }
+                t
+            }
+            LayerSpec::Add { .. } => {
+                let s_add = act_space(&state, name)?
+                    .ok_or_else(|| unsupported(i, "its inputs are not quantized"))?;
+                let &[_, second] = node.inputs.as_slice() else {
+                    return Err(unsupported(i, "IAO's QuantAdd adds two tensors"));
+                };
+                let y = source(&out, second)?;
+                let (a, b) = (into(&mut ops, x, s_add), into(&mut ops, y, s_add));
+                let relu = relu_after(i);
+                let last = relu.unwrap_or(i);
+                let out_space = wanted(&state, nodes, &readers, last)?;
+                let t = Tensor {
+                    edge: push(
+                        &mut ops,
+                        IntOp::IaoAdd {
+                            space: s_add,
+                            relu: relu.is_some(),
+                            output: out_space,
+                        },
+                        vec![a, b],
+                    ),
+                    space: out_space,
+                    ..x
+                };
+                out[last] = Some(t);
+                t
             }
             LayerSpec::MaxPool {
                 kernel,
@@ -278,64 +353,76 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
             } => {
                 let s_p = act_space(&state, name)?
                     .ok_or_else(|| unsupported(i, "its input is not quantized"))?;
-                cur = into(&mut ops, cur, cur_space, s_p);
+                let mut edge = into(&mut ops, x, s_p);
                 let stride = stride.unwrap_or(*kernel);
                 let (k, st, pd) = (pair(kernel.t()), pair(stride.t()), pair(padding.t()));
                 let max = matches!(node.layer, LayerSpec::MaxPool { .. });
-                cur_space = if max {
-                    cur = push(
+                let space = if max {
+                    edge = push(
                         &mut ops,
                         IntOp::MaxPool {
                             kernel: k,
                             stride: st,
                             padding: pd,
                         },
-                        cur,
+                        vec![edge],
                     );
                     Some(s_p)
                 } else {
                     // The average of the quantized values, in float.
-                    cur = push(&mut ops, IntOp::IaoDequant { from: s_p }, cur);
-                    cur = push(
+                    edge = push(&mut ops, IntOp::IaoDequant { from: s_p }, vec![edge]);
+                    edge = push(
                         &mut ops,
                         IntOp::AvgPool {
                             kernel: k,
                             stride: st,
                             padding: pd,
                         },
-                        cur,
+                        vec![edge],
                     );
                     None
                 };
-                shape = (
-                    shape.0,
-                    pool_axis(shape.1, k[0], st[0], pd[0]),
-                    pool_axis(shape.2, k[1], st[1], pd[1]),
-                );
+                Tensor {
+                    edge,
+                    space,
+                    shape: (
+                        x.shape.0,
+                        pool_axis(x.shape.1, k[0], st[0], pd[0]),
+                        pool_axis(x.shape.2, k[1], st[1], pd[1]),
+                    ),
+                    flattened_from: None,
+                }
             }
-            LayerSpec::Shuffle { groups } => {
-                cur = push(&mut ops, IntOp::Shuffle { groups: *groups }, cur);
-            }
-            LayerSpec::Flatten => {
-                cur = push(&mut ops, IntOp::Flatten, cur);
-                flattened_from = Some(shape);
-                shape = (shape.0 * shape.1 * shape.2, 1, 1);
-            }
+            LayerSpec::Shuffle { groups } => Tensor {
+                edge: push(&mut ops, IntOp::Shuffle { groups: *groups }, vec![x.edge]),
+                ..x
+            },
+            LayerSpec::Flatten => Tensor {
+                edge: push(&mut ops, IntOp::Flatten, vec![x.edge]),
+                shape: (x.shape.0 * x.shape.1 * x.shape.2, 1, 1),
+                flattened_from: Some(x.shape),
+                ..x
+            },
             // A BatchNorm folded into the conv before it (bn_fuse) is an identity.
-            LayerSpec::BatchNorm { .. } if !state.contains_key(&format!("{name}.weight")) => {}
+            LayerSpec::BatchNorm { .. } if !state.contains_key(&format!("{name}.weight")) => x,
             _ => {
                 return Err(unsupported(
                     i,
-                    "only a BatchNorm and ReLU right after a conv fold into it",
+                    "only a BatchNorm and ReLU right after a conv (a ReLU after an add) fold into it",
                 ));
             }
-        }
-        i += 1;
+        };
+        out[i] = Some(t);
     }
-    if let Some(s) = cur_space {
-        cur = push(&mut ops, IntOp::IaoDequant { from: s }, cur);
+    let last = out
+        .last()
+        .copied()
+        .flatten()
+        .ok_or_else(|| Error::Invalid("an empty model".into()))?;
+    let shape = last.shape;
+    if let Some(s) = last.space {
+        push(&mut ops, IntOp::IaoDequant { from: s }, vec![last.edge]);
     }
-    let _ = cur;
     let classes = shape.0 * shape.1 * shape.2;
     let manifest = Manifest {
         format: FORMAT.into(),

@@ -86,6 +86,14 @@ pub enum IntOp {
     IaoDequant {
         from: CodeSpace,
     },
+    /// IAO's QuantAdd: the sum of the values of two code tensors of one space (`space`), then
+    /// the block's ReLU, written as floats or as the codes of `output`.
+    IaoAdd {
+        space: CodeSpace,
+        relu: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<CodeSpace>,
+    },
     MaxPool {
         kernel: [usize; 2],
         stride: [usize; 2],
@@ -142,7 +150,7 @@ impl Manifest {
             if n.inputs.is_empty() {
                 n.inputs = vec![k];
             }
-            let want = if matches!(n.op, IntOp::Add { .. }) {
+            let want = if matches!(n.op, IntOp::Add { .. } | IntOp::IaoAdd { .. }) {
                 2
             } else {
                 1

@@ -260,6 +260,23 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                 };
             }
             IntOp::Flatten => (c, h, w) = (c * h * w, 1, 1),
+            IntOp::IaoAdd {
+                space,
+                relu,
+                output,
+            } => {
+                let (Act::Codes(x), Act::Codes(y)) = (&act, &edges[node.inputs[1]].0) else {
+                    return Err(Error::Invalid("an IAO add of floats".into()));
+                };
+                let z = x.iter().zip(y).map(|(&a, &b)| {
+                    let s = iao_value(a, space) + iao_value(b, space);
+                    if *relu { s.max(0.0) } else { s }
+                });
+                act = match output {
+                    Some(o) => Act::Codes(z.map(|z| iao_code(z, o)).collect()),
+                    None => Act::Float(z.collect()),
+                };
+            }
             IntOp::Add { relu, output_bits } => {
                 let (Act::Float(x), Act::Float(y)) = (&act, &edges[node.inputs[1]].0) else {
                     return Err(Error::Invalid("an add of codes".into()));

@@ -1,7 +1,7 @@
-//! The integer engine's IAO ops against the CPU reference: a random chain with every one of
-//! them (quantize, an IAO conv writing codes and one writing floats, requantize, dequantize,
-//! max-pool of codes, a grouped conv), symmetric and asymmetric spaces, per-channel weight
-//! offsets, padding, and a 3-channel input padded to a word.
+//! The integer engine's IAO ops against the CPU reference: random models with every one of them
+//! (quantize, IAO convs writing codes and floats, requantize, max-pool of codes, a grouped conv,
+//! QuantAdd), symmetric and asymmetric spaces, per-channel weight offsets, padding, and a
+//! 3-channel input padded to a word.
 
 use super::{Case, f64s};
 use crate::infer::IntModel;
@@ -103,48 +103,64 @@ fn conv(
     }
 }
 
-/// A random IAO chain on a 3×9×9 input; `codes_out`: the second conv writes codes (then a
-/// dequantize) rather than floats.
-pub fn random_iao_int_model(rng: &mut Rng, codes_out: bool) -> IntModel {
+/// A random IAO model on a 3×9×9 input; `residual`: the second conv writes codes and a QuantAdd
+/// sums them with the max-pool's output requantized to the add's space (then a ReLU, floats).
+pub fn random_iao_int_model(rng: &mut Rng, residual: bool) -> IntModel {
     let mut tensors = HashMap::new();
     let (s0, s1, s2, s3) = (sym(0.03), asym(0.02, -40.0), sym(0.05), asym(0.04, -3.0));
-    let mut ops = vec![
-        IntOp::IaoQuantize { to: s0 },
-        conv(rng, &mut tensors, "c1", (3, 8, 1), s0, Some(s1), true),
-        IntOp::MaxPool {
-            kernel: [2, 2],
-            stride: [2, 2],
-            padding: [0, 0],
-        },
-        IntOp::IaoRequant { from: s1, to: s2 },
-        conv(
-            rng,
-            &mut tensors,
-            "c2",
-            (8, 8, 2),
-            s2,
-            codes_out.then_some(s3),
-            false,
+    // (op, the edges it reads): edge 0 the image, edge k + 1 op k's output.
+    let mut ops: Vec<(IntOp, Vec<usize>)> = vec![
+        (IntOp::IaoQuantize { to: s0 }, vec![0]),
+        (
+            conv(rng, &mut tensors, "c1", (3, 8, 1), s0, Some(s1), true),
+            vec![1],
+        ),
+        (
+            IntOp::MaxPool {
+                kernel: [2, 2],
+                stride: [2, 2],
+                padding: [0, 0],
+            },
+            vec![2],
+        ),
+        (IntOp::IaoRequant { from: s1, to: s2 }, vec![3]),
+        (
+            conv(
+                rng,
+                &mut tensors,
+                "c2",
+                (8, 8, 2),
+                s2,
+                residual.then_some(s3),
+                false,
+            ),
+            vec![4],
         ),
     ];
-    if codes_out {
-        ops.push(IntOp::IaoDequant { from: s3 });
+    if residual {
+        ops.push((IntOp::IaoRequant { from: s1, to: s3 }, vec![3]));
+        ops.push((
+            IntOp::IaoAdd {
+                space: s3,
+                relu: true,
+                output: None,
+            },
+            vec![5, 6],
+        ));
     }
-    ops.extend([
+    let n = ops.len();
+    ops.push((
         IntOp::AvgPool {
             kernel: [4, 4],
             stride: [4, 4],
             padding: [0, 0],
         },
-        IntOp::Flatten,
-    ]);
+        vec![n],
+    ));
+    ops.push((IntOp::Flatten, vec![n + 1]));
     let ops = ops
         .into_iter()
-        .enumerate()
-        .map(|(k, op)| IntNode {
-            op,
-            inputs: vec![k],
-        })
+        .map(|(op, inputs)| IntNode { op, inputs })
         .collect();
     IntModel {
         manifest: Manifest {
@@ -163,16 +179,16 @@ pub fn random_iao_int_model(rng: &mut Rng, codes_out: bool) -> IntModel {
 }
 
 pub(super) fn cases(v: &mut Vec<Case>) {
-    for (batch, codes_out) in [(1usize, false), (4, true)] {
+    for (batch, residual) in [(1usize, false), (4, true)] {
         v.push(Case::new(
             "int_engine",
             "forward",
             format!(
-                "random IAO model, second conv to {}, batch {batch}",
-                if codes_out { "codes" } else { "floats" }
+                "random IAO model{}, batch {batch}",
+                if residual { " with a QuantAdd" } else { "" }
             ),
             move |gpu, rng| {
-                let model = random_iao_int_model(rng, codes_out);
+                let model = random_iao_int_model(rng, residual);
                 let x = rng.vec_uniform(batch * 3 * 9 * 9, -2.0, 2.0);
                 let engine = crate::infer::IntEngine::new(gpu, model.clone(), batch)?;
                 let got = engine.run(gpu, &x)?;
