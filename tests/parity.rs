@@ -327,6 +327,8 @@ fn iao_steps_match_pytorch() {
         "parity_iao_resnet_asym_layer.safetensors",
         "parity_iao_bnfuse_symm_channel.safetensors",
         "parity_iao_bnfuse_asym_layer.safetensors",
+        "parity_iao_bnfuse_symm_layer.safetensors",
+        "parity_iao_bnfuse_asym_channel.safetensors",
         "parity_iao_bnfuse_resnet_symm_channel.safetensors",
         "parity_iao_bnfuse_pretrained.safetensors",
         "parity_iao_bnfuse_calib.safetensors",

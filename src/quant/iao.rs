@@ -33,6 +33,8 @@ pub enum QLevel {
 pub enum Observer {
     /// Running extremes: never shrink (micronet's `MinMaxObserver`).
     #[default]
+    #[value(alias = "minmax")]
+    #[serde(alias = "minmax")]
     MinMax,
     /// Exponential moving average with momentum 0.1 (`MovingAverageMinMaxObserver`).
     MovingAverage,
