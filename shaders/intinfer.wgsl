@@ -345,8 +345,8 @@ fn shuffle_float(@builtin(workgroup_id) wid: vec3<u32>,
     out_float[i] = in_float[pix * p.cin + (co % g) * per + co / g];
 }
 
-// Float activations (channels-last) to packed codes floor(clamp(0.1 x, 0, 1) * n + 0.5): the
-// input of a quantized first layer.
+// Float activations (channels-last) to packed codes floor(clamp(0.1 x, 0, 1) * n + 0.5), or
+// with OUT_IAO an IAO quantizer's: the input of a quantized first layer.
 @compute @workgroup_size(256)
 fn quantize_codes(@builtin(workgroup_id) wid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>,
@@ -457,28 +457,6 @@ fn conv_iao(@builtin(workgroup_id) wid: vec3<u32>,
         z[j] = f32(acc) * scale[co] + bias[co];
     }
     store(pix, slot.y * 4u, z);
-}
-
-// Float activations to IAO codes (the image, for the first conv).
-@compute @workgroup_size(256)
-fn quantize_iao(@builtin(workgroup_id) wid: vec3<u32>,
-                @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
-    let i = flat(wid, nwg, lid);
-    let cw = words(p.cin);
-    if (i >= p.batch * p.h * p.w * cw) {
-        return;
-    }
-    let pix = i / cw;
-    let c4 = i % cw;
-    var word = 0u;
-    for (var j = 0u; j < 4u; j++) {
-        let c = c4 * 4u + j;
-        if (c < p.cin) {
-            word |= iao_code(in_float[pix * p.cin + c]) << (8u * j);
-        }
-    }
-    out_codes[i] = word;
 }
 
 // IAO codes of one quantizer to another's: the value (q + zp) s, then the next quantizer, in

@@ -36,7 +36,6 @@ const CONV_IAO: Entry = entry(
     "conv_iao",
     &[(1, R), (3, R), (5, R), (6, R), (7, W), (8, W), (10, R)],
 );
-const QUANTIZE_IAO: Entry = entry("quantize_iao", &[(2, R), (7, W)]);
 const REQUANT_IAO: Entry = entry("requant_iao", &[(1, R), (7, W)]);
 const DEQUANT_IAO: Entry = entry("dequant_iao", &[(1, R), (8, W)]);
 const ADD_IAO: Entry = entry("add_iao", &[(1, R), (7, W), (8, W), (11, R)]);
@@ -482,12 +481,13 @@ impl IntEngine {
                             iao_in(&mut p, from);
                             &REQUANT_IAO
                         }
-                        _ => &QUANTIZE_IAO,
+                        // DoReFa's quantize kernel, with IAO's codes.
+                        _ => &QUANTIZE_CODES,
                     };
                     let n = batch * out.h * out.w * out.c.div_ceil(4);
                     ops.push(e.launch(
                         gpu,
-                        &[],
+                        &[("OUT_IAO", 1.0)],
                         label(e.name),
                         &p,
                         &[&x, &y],

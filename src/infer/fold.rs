@@ -191,17 +191,13 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
         let op = match layer {
             LayerSpec::Conv { out, bias, .. } | LayerSpec::Linear { out, bias, .. } => {
                 let linear = matches!(layer, LayerSpec::Linear { .. });
-                let (kernel, stride, padding, dilation, groups) = match layer {
-                    LayerSpec::Conv {
-                        kernel,
-                        stride,
-                        padding,
-                        dilation,
-                        groups,
-                        ..
-                    } => (kernel.t(), stride.t(), padding.t(), dilation.t(), *groups),
-                    _ => ((1, 1), (1, 1), (0, 0), (1, 1), 1),
-                };
+                let crate::models::spec::ConvWindow {
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                } = layer.conv_window().expect("a conv or Linear");
                 let cin = node.in_shape[0];
                 let w = get(format!("{name}.weight"))?;
                 let conv_bias = if *bias {

@@ -12,8 +12,8 @@
 //! their values added, the block's ReLU, then the next quantizer's codes or floats.
 
 use super::model::{
-    CodeSpace, FORMAT, IaoConv, IntModel, IntNode, IntOp, Manifest, conv_axis,
-    linear_to_channels_last, pad_rows, pair, pool_axis, to_channels_last, weight_row,
+    CodeSpace, IaoConv, IntModel, IntNode, IntOp, Manifest, conv_axis, linear_to_channels_last,
+    pad_rows, pair, pool_axis, to_channels_last, weight_row,
 };
 use super::qdq::{State, quantizer, weight_and_bias};
 use crate::error::{Error, Result};
@@ -151,17 +151,13 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
         let t = match &node.layer {
             LayerSpec::Conv { .. } | LayerSpec::Linear { .. } => {
                 let linear = matches!(node.layer, LayerSpec::Linear { .. });
-                let (kernel, stride, padding, dilation, groups) = match node.layer {
-                    LayerSpec::Conv {
-                        kernel,
-                        stride,
-                        padding,
-                        dilation,
-                        groups,
-                        ..
-                    } => (kernel.t(), stride.t(), padding.t(), dilation.t(), groups),
-                    _ => ((1, 1), (1, 1), (0, 0), (1, 1), 1),
-                };
+                let crate::models::spec::ConvWindow {
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                } = node.layer.conv_window().expect("a conv or Linear");
                 let s_in = act_space(&state, name)?
                     .ok_or_else(|| unsupported(i, "its input is not quantized"))?;
                 let src = into(&mut ops, x, s_in);
@@ -423,24 +419,6 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
     if let Some(s) = last.space {
         push(&mut ops, IntOp::IaoDequant { from: s }, vec![last.edge]);
     }
-    let classes = shape.0 * shape.1 * shape.2;
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        model: net.spec.name.clone(),
-        input,
-        mean: crate::data::MEAN,
-        std: crate::data::STD,
-        classes,
-        class_names: if classes == crate::data::CLASSES {
-            crate::data::CLASS_NAMES
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        } else {
-            Vec::new()
-        },
-        layout: "NHWC".into(),
-        ops,
-    };
+    let manifest = Manifest::new(&net.spec.name, input, shape.0 * shape.1 * shape.2, ops);
     Ok(IntModel { manifest, tensors })
 }

@@ -143,6 +143,29 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The manifest of `ops` for CIFAR-format input (its normalisation, and class names for
+    /// 10 classes), channels-last.
+    pub fn new(model: &str, input: [usize; 3], classes: usize, ops: Vec<IntNode>) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            model: model.into(),
+            input,
+            mean: crate::data::MEAN,
+            std: crate::data::STD,
+            classes,
+            class_names: if classes == crate::data::CLASSES {
+                crate::data::CLASS_NAMES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            layout: "NHWC".into(),
+            ops,
+        }
+    }
+
     /// Fills in the inputs of a chain (format 1) and checks that every op reads earlier edges,
     /// as many as it takes.
     pub fn check_inputs(&mut self) -> Result<()> {
@@ -538,25 +561,7 @@ impl IntModel {
             return Err(Error::Invalid("the model's output must be float".into()));
         }
         let (c, h, w) = *shape.last().expect("the input edge");
-        let classes = c * h * w;
-        let manifest = Manifest {
-            format: FORMAT.into(),
-            model: f.model.clone(),
-            input: f.input,
-            mean: crate::data::MEAN,
-            std: crate::data::STD,
-            classes,
-            class_names: if classes == crate::data::CLASSES {
-                crate::data::CLASS_NAMES
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            layout: "NHWC".into(),
-            ops,
-        };
+        let manifest = Manifest::new(&f.model, f.input, c * h * w, ops);
         Ok(IntModel { manifest, tensors })
     }
 

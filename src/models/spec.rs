@@ -60,6 +60,16 @@ fn bn_momentum() -> f32 {
     0.1
 }
 
+/// The window of a conv (or of a Linear seen as a 1×1 conv).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvWindow {
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub dilation: (usize, usize),
+    pub groups: usize,
+}
+
 /// One layer. `name` is the prefix of its parameters in checkpoints (e.g. `model.4.conv` gives
 /// `model.4.conv.weight`); layers without one are named `layers.{index}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -213,6 +223,34 @@ impl LayerSpec {
             LayerSpec::Sequential { .. } => "sequential",
             LayerSpec::Residual { .. } => "residual",
             LayerSpec::Add { .. } => "add",
+        }
+    }
+
+    /// A conv's window (a Linear's: the 1×1 of a flattened input); None for other layers.
+    pub fn conv_window(&self) -> Option<ConvWindow> {
+        match *self {
+            LayerSpec::Conv {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+                ..
+            } => Some(ConvWindow {
+                kernel: kernel.t(),
+                stride: stride.t(),
+                padding: padding.t(),
+                dilation: dilation.t(),
+                groups,
+            }),
+            LayerSpec::Linear { .. } => Some(ConvWindow {
+                kernel: (1, 1),
+                stride: (1, 1),
+                padding: (0, 0),
+                dilation: (1, 1),
+                groups: 1,
+            }),
+            _ => None,
         }
     }
 
