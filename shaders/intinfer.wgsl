@@ -49,11 +49,17 @@ struct Params {
 @group(0) @binding(10) var<storage, read> w_zero: array<f32>;
 // The second summand of add_iao.
 @group(0) @binding(11) var<storage, read> in_codes2: array<u32>;
+// conv_xnor: the weights' bit planes, +1 (and, ternary, -1): a bit per weight, 32 per word.
+@group(0) @binding(12) var<storage, read> w_pos: array<u32>;
+@group(0) @binding(13) var<storage, read> w_neg: array<u32>;
 
 // Output codes (true) or floats.
 override OUT_CODES: bool = true;
 // The output codes are IAO's (p.out_*) rather than DoReFa's.
 override OUT_IAO: bool = false;
+// conv_xnor: write the binary activation B(z) as bits (else floats); ternary weights.
+override OUT_BITS: bool = true;
+override TERNARY: bool = false;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
@@ -517,4 +523,181 @@ fn add_iao(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
     store(pix, slot.y * 4u, z);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binary networks (micronet's wbwtab): binary activations ±1 as bits, 32 channels per word
+// (bit 1 is +1; unused lanes 0), a pixel holding ceil(C/32) words.
+
+fn words32(c: u32) -> u32 {
+    return (c + 31u) / 32u;
+}
+
+// The binary activation B(x) (sign, 0 -> +1) of float activations, as bits: one thread per word.
+@compute @workgroup_size(256)
+fn sign_pack(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let cw = words32(p.cin);
+    if (i >= p.batch * p.h * p.w * cw) {
+        return;
+    }
+    let pix = i / cw;
+    let c0 = (i % cw) * 32u;
+    var word = 0u;
+    for (var j = 0u; j < 32u; j++) {
+        if (c0 + j < p.cin && in_float[pix * p.cin + c0 + j] >= 0.0) {
+            word |= 1u << j;
+        }
+    }
+    out_codes[i] = word;
+}
+
+// Bits back to ±1 floats (for a float layer reading binary activations).
+@compute @workgroup_size(256)
+fn unpack_bits(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= p.batch * p.h * p.w * p.cin) {
+        return;
+    }
+    let c = i % p.cin;
+    let pix = i / p.cin;
+    let bit = (in_codes[pix * words32(p.cin) + c / 32u] >> (c % 32u)) & 1u;
+    out_float[i] = select(-1.0, 1.0, bit == 1u);
+}
+
+// Max-pool of ±1 bits: +1 where any tap is +1 (an OR).
+@compute @workgroup_size(256)
+fn maxpool_bits(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let cw = words32(p.cin);
+    if (i >= p.batch * p.oh * p.ow * cw) {
+        return;
+    }
+    let c = i % cw;
+    let pix = i / cw;
+    let n = pix / (p.oh * p.ow);
+    let oy = (pix % (p.oh * p.ow)) / p.ow;
+    let ox = pix % p.ow;
+    var any = 0u;
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let iy = tap(oy, ky, p.sh, p.ph, p.h);
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let ix = tap(ox, kx, p.sw, p.pw, p.w);
+            if (iy >= 0 && ix >= 0) {
+                any |= in_codes[((n * p.h + u32(iy)) * p.w + u32(ix)) * cw + c];
+            }
+        }
+    }
+    out_codes[i] = any;
+}
+
+// micronet's channel shuffle of bits.
+@compute @workgroup_size(256)
+fn shuffle_bits(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let cw = words32(p.cin);
+    if (i >= p.batch * p.h * p.w * cw) {
+        return;
+    }
+    let pix = i / cw;
+    let g = p.shuffle_groups;
+    let per = p.cin / g;
+    var word = 0u;
+    for (var j = 0u; j < 32u; j++) {
+        let co = (i % cw) * 32u + j;
+        if (co < p.cin) {
+            let ci = (co % g) * per + co / g;
+            word |= ((in_codes[pix * cw + ci / 32u] >> (ci % 32u)) & 1u) << j;
+        }
+    }
+    out_codes[i] = word;
+}
+
+// `n` (1..=32) activation bits of a pixel starting at channel `start`, in the low bits.
+fn bits_at(pix_base: u32, start: u32, n: u32, in_words: u32) -> u32 {
+    let w = start / 32u;
+    let off = start % 32u;
+    var v = in_codes[pix_base + w] >> off;
+    if (off > 0u && w + 1u < in_words) {
+        v |= in_codes[pix_base + w + 1u] << (32u - off);
+    }
+    return select(v & ((1u << n) - 1u), v, n == 32u);
+}
+
+// A binary conv on bits: per output channel the ±1 activations against binary weights ±1
+// (dot = K - 2 popcount(a xor w) over the K real terms, a group's channels gathered into words
+// from any bit offset; lanes past them are 0 in both, so they agree and count in no K), or
+// ternary weights as two planes (dot = agree(+) - disagree(+) - agree(-) + disagree(-)), then z = dot * scale + bias (alpha and the BatchNorm folded), and
+// B(z) as bits (OUT_BITS) or z. Thread: a pixel's output channels 32q..32q+31.
+@compute @workgroup_size(256)
+fn conv_xnor(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let ow32 = words32(p.cout);
+    let pix = i / ow32;
+    let q = i % ow32;
+    if (pix >= p.batch * p.oh * p.ow) {
+        return;
+    }
+    let n = pix / (p.oh * p.ow);
+    let r = pix % (p.oh * p.ow);
+    let oy = r / p.ow;
+    let ox = r % p.ow;
+    let cig = p.cin / p.groups;
+    let cig32 = words32(cig);
+    let cog = p.cout / p.groups;
+    let in_words = words32(p.cin);
+    var word = 0u;
+    for (var j = 0u; j < 32u; j++) {
+        let co = q * 32u + j;
+        if (co >= p.cout) {
+            break;
+        }
+        let g = co / cog;
+        var dot = 0i;
+        for (var ky = 0u; ky < p.kh; ky++) {
+            let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
+            if (iy < 0 || u32(iy) >= p.h) {
+                continue;
+            }
+            for (var kx = 0u; kx < p.kw; kx++) {
+                let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
+                if (ix < 0 || u32(ix) >= p.w) {
+                    continue;
+                }
+                let pix_base = ((n * p.h + u32(iy)) * p.w + u32(ix)) * in_words;
+                let w_base = ((co * p.kh + ky) * p.kw + kx) * cig32;
+                for (var c = 0u; c < cig32; c++) {
+                    let real = min(cig - c * 32u, 32u);
+                    let a = bits_at(pix_base, g * cig + c * 32u, real, in_words);
+                    let wp = w_pos[w_base + c];
+                    if (TERNARY) {
+                        let wn = w_neg[w_base + c];
+                        dot += i32(countOneBits(wp & a)) - i32(countOneBits(wp & ~a))
+                            - i32(countOneBits(wn & a)) + i32(countOneBits(wn & ~a));
+                    } else {
+                        dot += i32(real) - 2 * i32(countOneBits(a ^ wp));
+                    }
+                }
+            }
+        }
+        let z = f32(dot) * scale[co] + bias[co];
+        if (OUT_BITS) {
+            word |= select(0u, 1u << j, z >= 0.0);
+        } else {
+            out_float[pix * p.cout + co] = z;
+        }
+    }
+    if (OUT_BITS) {
+        out_codes[pix * ow32 + q] = word;
+    }
 }

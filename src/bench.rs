@@ -453,6 +453,8 @@ pub fn training(
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct InferenceBench {
     pub model: String,
+    /// The quantization, as `QuantConfig::label` writes it (e.g. "W8A8", "IAO W8A8", "wbwtab W1A1").
+    pub quant: String,
     pub w_bits: u32,
     pub a_bits: u32,
     pub batch: usize,
@@ -465,18 +467,20 @@ pub struct InferenceBench {
 }
 
 /// Integer vs fake-quant inference throughput of `model` (random weights: speed does not depend
-/// on them) at `bits` and `batch`, each timed over `opts.steps` submits after `opts.warmup`.
+/// on them; IAO's quantizers calibrated on one random batch) under `quant` at `batch`, each timed
+/// over `opts.steps` submits after `opts.warmup`.
 pub fn inference(
     gpu: &Gpu,
     model: &ModelSpec,
-    bits: Bits,
+    quant: QuantConfig,
     batch: usize,
     opts: &TrainingOptions,
 ) -> InferenceBench {
     let mut row = InferenceBench {
         model: model.name.clone(),
-        w_bits: bits.get(),
-        a_bits: bits.get(),
+        quant: quant.label(),
+        w_bits: quant.w_bits.get(),
+        a_bits: quant.a_bits.get(),
         batch,
         int_img_per_s: None,
         int_batch_ms: None,
@@ -501,13 +505,22 @@ pub fn inference(
     let run = |row: &mut InferenceBench| -> Result<()> {
         use crate::nn::{Mode, Network, init};
         gpu.pool().trim();
-        let quant = QuantConfig::dorefa(bits, bits);
-        let net = Network::new(gpu, model, quant, batch, false, 1)?;
+        // IAO calibrates (a training-mode pass), so its network is built for training.
+        let iao = matches!(quant.scheme, crate::quant::Scheme::Iao(_));
+        let mut net = Network::new(gpu, model, quant, batch, iao, 1)?;
         init::initialise(gpu, &net, 1)?;
         let mut rng = Rng::new(5);
         let x = rng.vec_uniform(batch * model.input.iter().product::<usize>(), -2.0, 2.0);
+        if iao {
+            // Scales and offsets to export: IAO's observers see one batch.
+            net.ensure_metric_slots(gpu, 1)?;
+            let plan = net.plan(gpu, batch, Mode::Calibrate)?;
+            net.write_batch(gpu, &plan, &x, &vec![0; batch])?;
+            net.write_step(gpu, &Default::default())?;
+            plan.ops.submit(gpu, "bench calibration")?;
+        }
         // The integer model first, so that a model it cannot take leaves the float row empty too.
-        let int_model = crate::infer::IntModel::from_folded(&crate::infer::fold::fold(gpu, &net)?)?;
+        let int_model = crate::infer::int_model(gpu, &net)?;
         let engine = crate::infer::IntEngine::new(gpu, int_model, batch)?;
         engine.run(gpu, &x)?;
         let s = time(&|| engine.submit(gpu, batch))?;
@@ -525,7 +538,7 @@ pub fn inference(
             (Some(batch as f64 / s), Some(s * 1e3));
         Ok(())
     };
-    if bits.is_float() {
+    if quant.w_bits.is_float() && !matches!(quant.scheme, crate::quant::Scheme::Wbwtab(_)) {
         row.error = Some("a float model has no integer form: use bits 2..=8".into());
     } else if let Err(e) = run(&mut row) {
         row.error = Some(e.to_string());

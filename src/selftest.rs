@@ -15,6 +15,7 @@ use std::time::Instant;
 mod iao;
 mod iao_int;
 mod wbwtab;
+mod xnor_int;
 
 /// A case's body: runs the kernel on inputs from the generator and compares each output.
 type CaseFn = dyn Fn(&Gpu, &mut Rng) -> Result<Vec<(String, Report)>> + Send + Sync;
@@ -124,6 +125,7 @@ pub fn cases() -> Vec<Case> {
     layer_cases(&mut v);
     int_cases(&mut v);
     iao_int::cases(&mut v);
+    xnor_int::cases(&mut v);
     v
 }
 

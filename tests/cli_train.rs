@@ -397,6 +397,61 @@ fn wbwtab_trains_and_refuses_what_it_cannot_do() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["scheme"]["scheme"], "wbwtab");
+    // The integer model (bits and a ternary XNOR conv): its predictions are eval's.
+    let int = data.join("wbwtab.int.safetensors");
+    let o = wgqat(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--model",
+        &model,
+        "--out",
+        int.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (pe, pi) = (data.join("eval.txt"), data.join("infer.txt"));
+    for (mut args, out) in [
+        (
+            vec![
+                "eval",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--model",
+                &model,
+            ],
+            &pe,
+        ),
+        (vec!["infer", "--model", int.to_str().unwrap()], &pi),
+    ] {
+        args.extend([
+            "--data",
+            data.to_str().unwrap(),
+            "--predictions",
+            out.to_str().unwrap(),
+        ]);
+        let o = wgqat(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&pe).unwrap(),
+        std::fs::read_to_string(&pi).unwrap(),
+        "integer and fake-quant predictions differ"
+    );
+    fails_with(
+        &wgqat(&[
+            "export",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--model",
+            &model,
+            "--format",
+            "onnx",
+            "--out",
+            data.join("wbwtab.onnx").to_str().unwrap(),
+        ]),
+        &["no ONNX form", "--format int"],
+    );
+    assert!(!data.join("wbwtab.onnx").exists());
     // Zero one output channel of the ternary layer (ci_nin's middle conv).
     let (mut tensors, meta) = wgqat::nn::checkpoint::read(&ckpt).unwrap();
     let name = "model.2.conv.weight".to_string();

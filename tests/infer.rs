@@ -694,7 +694,8 @@ fn bad_models_and_images_are_one_line_errors() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// `wgqat bench --infer` reports integer and fake-quant throughput for each batch size.
+/// `wgqat bench --infer` reports integer and fake-quant throughput for each scheme's integer
+/// form (DoReFa, IAO with and without BN folding, wbwtab's XNOR) and batch size.
 #[test]
 fn bench_infer_reports_both_paths() {
     let out = ok(&wgqat(&[
@@ -702,6 +703,9 @@ fn bench_infer_reports_both_paths() {
         "--infer",
         "--model",
         &repo("tests/fixtures/ci_nin.json"),
+        "--scheme",
+        "dorefa,iao,wbwtab",
+        "--bn-fuse",
         "--batch",
         "1,3",
         "--warmup",
@@ -712,10 +716,20 @@ fn bench_infer_reports_both_paths() {
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rows = v["inference"].as_array().unwrap();
+    let quants: Vec<&str> = rows.iter().map(|r| r["quant"].as_str().unwrap()).collect();
     assert_eq!(
-        rows.len(),
-        2,
-        "the default bits 8,32 give one quantized row per batch"
+        quants,
+        [
+            "W8A8",
+            "W8A8",
+            "IAO W8A8",
+            "IAO W8A8",
+            "IAO-BN W8A8",
+            "IAO-BN W8A8",
+            "wbwtab W1A1",
+            "wbwtab W1A1"
+        ],
+        "the default bits 8,32 give one quantized row per scheme and batch"
     );
     for r in rows {
         assert!(r["error"].is_null(), "{r}");
@@ -909,6 +923,103 @@ fn iao_integer_predictions_equal_fake_quant_predictions() {
             assert!(
                 max_abs <= 2e-2 && median <= 1e-3,
                 "{model} {options:?} {what}: logits differ by {max_abs} (median {median})"
+            );
+        }
+    }
+}
+
+/// wbwtab's integer model (bits and XNOR convs between a float first and last layer) predicts as
+/// the fake-quant network, for binary and ternary weights with binary activations and for float
+/// activations, with random BatchNorm parameters (some γ negative, so that folding a BatchNorm
+/// into the sign must flip it) and conv biases. Logits agree to float rounding: the XNOR conv's
+/// dot is exact, so a binary activation differs only where z lands within an ulp of 0.
+#[test]
+fn wbwtab_integer_predictions_equal_fake_quant_predictions() {
+    use wgqat::quant::{Activations, Scheme, WbwtabOptions, Weights};
+    let gpu = common::gpu();
+    let spec = wgqat::models::load(&repo("examples/models/tiny_nin.json")).unwrap();
+    let batch = 16;
+    for (weights, activations) in [
+        (Weights::Binary, Activations::Binary),
+        (Weights::Ternary, Activations::Binary),
+        (Weights::Float, Activations::Binary),
+        (Weights::Ternary, Activations::Float),
+    ] {
+        let quant = QuantConfig {
+            scheme: Scheme::Wbwtab(WbwtabOptions {
+                weights,
+                activations,
+            }),
+            ..QuantConfig::default()
+        };
+        let mut net = Network::new(gpu, &spec, quant, batch, false, 1).unwrap();
+        init::initialise(gpu, &net, 5).unwrap();
+        let mut rng = Rng::new(13);
+        let state: Vec<Named> = net
+            .state_dict(gpu)
+            .unwrap()
+            .into_iter()
+            .map(|t| {
+                let n = t.shape.iter().product::<usize>().max(1);
+                let v = match t.name.rsplit_once('.').unwrap().1 {
+                    // γ of either sign, away from 0.
+                    "weight" if t.name.contains(".bn.") => (0..n)
+                        .map(|_| {
+                            let g = rng.uniform(0.5, 1.5);
+                            if rng.uniform(0.0, 1.0) < 0.25 { -g } else { g }
+                        })
+                        .collect(),
+                    "bias" if t.name.contains(".bn.") => rng.vec_uniform(n, -0.3, 0.3),
+                    "running_mean" => rng.vec_uniform(n, -0.5, 0.5),
+                    "running_var" => rng.vec_uniform(n, 0.5, 2.0),
+                    "bias" => rng.vec_uniform(n, -0.1, 0.1),
+                    _ => return t,
+                };
+                Named::f32(t.name.clone(), &t.shape, v)
+            })
+            .collect();
+        net.load_named(gpu, Path::new("random state"), state)
+            .unwrap();
+        let int_model = wgqat::infer::xnor::int_model(gpu, &net).unwrap();
+        let xnor_convs = int_model
+            .manifest
+            .ops
+            .iter()
+            .filter(|n| matches!(n.op, wgqat::infer::model::IntOp::XnorConv { .. }))
+            .count();
+        let want_xnor = match (weights, activations) {
+            (Weights::Float, _) | (_, Activations::Float) => 0,
+            _ => 2,
+        };
+        assert_eq!(xnor_convs, want_xnor, "{weights:?} {activations:?}");
+        let engine = IntEngine::new(gpu, int_model, batch).unwrap();
+        let test = wgqat::data::synthetic::generate(1, 2, batch);
+        let idx: Vec<usize> = (0..batch).collect();
+        let (synthetic, _) =
+            wgqat::data::batch(&test, &idx, wgqat::data::Augment::NONE, &mut Rng::new(0));
+        let random = Rng::new(9).vec_uniform(batch * 3 * 32 * 32, -2.5, 2.5);
+        for (what, x) in [("synthetic", &synthetic), ("random", &random)] {
+            let got = engine.run(gpu, x).unwrap();
+            let want = fake_quant_logits(gpu, &net, x, batch);
+            let classes = want.len() / batch;
+            let same = got
+                .chunks(classes)
+                .zip(want.chunks(classes))
+                .filter(|(g, f)| argmax(g) == argmax(f))
+                .count();
+            let max_abs = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            println!(
+                "tiny_nin wbwtab {weights:?}/{activations:?}, {what}: {same}/{batch} predictions equal; logits max abs diff {max_abs:.3e} (largest |logit| {largest:.3})"
+            );
+            assert!(largest > 1e-2, "degenerate logits");
+            assert_eq!(same, batch, "{weights:?} {activations:?} {what}");
+            assert!(
+                max_abs <= 1e-5 * largest.max(1.0),
+                "{weights:?} {activations:?} {what}: logits differ by {max_abs}"
             );
         }
     }

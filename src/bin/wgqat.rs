@@ -1038,6 +1038,37 @@ fn model_column(specs: &[wgqat::models::ModelSpec]) -> usize {
     specs.iter().map(|s| s.name.len()).max().unwrap_or(0).max(5)
 }
 
+/// The configurations `bench` runs: each scheme at each width (IAO also with BN folding under
+/// `--bn-fuse`; wbwtab binary whatever the bits), float once.
+fn bench_quants(a: &BenchArgs, bits: &[Bits]) -> Vec<wgqat::quant::QuantConfig> {
+    let mut quants: Vec<wgqat::quant::QuantConfig> = Vec::new();
+    for &b in bits {
+        for &scheme in &a.scheme {
+            let q = match scheme {
+                _ if b.is_float() => wgqat::quant::QuantConfig::dorefa(b, b),
+                SchemeName::Dorefa => wgqat::quant::QuantConfig::dorefa(b, b),
+                SchemeName::Iao => wgqat::quant::QuantConfig::iao(b, b, Default::default()),
+                // Binary weights and activations, whatever the bits say.
+                SchemeName::Wbwtab => wgqat::quant::QuantConfig {
+                    scheme: wgqat::quant::Scheme::Wbwtab(Default::default()),
+                    ..wgqat::quant::QuantConfig::dorefa(b, b)
+                },
+            };
+            if !quants.contains(&q) {
+                quants.push(q);
+            }
+            if a.bn_fuse && scheme == SchemeName::Iao && !b.is_float() {
+                let o = wgqat::quant::IaoOptions {
+                    bn_fuse: true,
+                    ..Default::default()
+                };
+                quants.push(wgqat::quant::QuantConfig::iao(b, b, o));
+            }
+        }
+    }
+    quants
+}
+
 fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     if a.infer {
         return bench_inference(a);
@@ -1085,32 +1116,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             "mem GiB"
         );
     }
-    // Each scheme at each quantized width; float once.
-    let mut quants: Vec<wgqat::quant::QuantConfig> = Vec::new();
-    for &b in &bits {
-        for &scheme in &a.scheme {
-            let q = match scheme {
-                _ if b.is_float() => wgqat::quant::QuantConfig::dorefa(b, b),
-                SchemeName::Dorefa => wgqat::quant::QuantConfig::dorefa(b, b),
-                SchemeName::Iao => wgqat::quant::QuantConfig::iao(b, b, Default::default()),
-                // Binary weights and activations, whatever the bits say.
-                SchemeName::Wbwtab => wgqat::quant::QuantConfig {
-                    scheme: wgqat::quant::Scheme::Wbwtab(Default::default()),
-                    ..wgqat::quant::QuantConfig::dorefa(b, b)
-                },
-            };
-            if !quants.contains(&q) {
-                quants.push(q);
-            }
-            if a.bn_fuse && scheme == SchemeName::Iao && !b.is_float() {
-                let o = wgqat::quant::IaoOptions {
-                    bn_fuse: true,
-                    ..Default::default()
-                };
-                quants.push(wgqat::quant::QuantConfig::iao(b, b, o));
-            }
-        }
-    }
+    let quants = bench_quants(a, &bits);
     for spec in &specs {
         for &q in &quants {
             for &batch in &batches {
@@ -1170,6 +1176,7 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         .filter(|&&b| b != 32)
         .map(|&b| Bits::new(b))
         .collect::<wgqat::Result<Vec<_>>>()?;
+    let quants = bench_quants(a, &bits);
     if batches.contains(&0) {
         anyhow::bail!("batch size 0: use a batch size of at least 1");
     }
@@ -1196,15 +1203,22 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.warmup
         );
         println!(
-            "{:<mw$} {:>5} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}",
-            "model", "bits", "batch", "int img/s", "int ms", "fake-q img/s", "fake-q ms", "speedup"
+            "{:<mw$} {:>13} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}",
+            "model",
+            "quantization",
+            "batch",
+            "int img/s",
+            "int ms",
+            "fake-q img/s",
+            "fake-q ms",
+            "speedup"
         );
     }
     let mut rows = Vec::new();
     for spec in &specs {
-        for &b in &bits {
+        for &q in &quants {
             for &batch in &batches {
-                let r = wgqat::bench::inference(&gpu, spec, b, batch, &opts);
+                let r = wgqat::bench::inference(&gpu, spec, q, batch, &opts);
                 if !a.json {
                     let f = |v: Option<f64>, p: usize| {
                         v.map_or("-".to_string(), |x| format!("{x:.p$}"))
@@ -1214,9 +1228,9 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         .zip(r.fake_quant_img_per_s)
                         .map(|(i, q)| i / q);
                     println!(
-                        "{:<mw$} {:>5} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}{}",
+                        "{:<mw$} {:>13} {:>6} {:>12} {:>12} {:>14} {:>14} {:>8}{}",
                         r.model,
-                        format!("W{b}A{b}"),
+                        r.quant,
                         batch,
                         f(r.int_img_per_s, 1),
                         f(r.int_batch_ms, 2),
@@ -1279,11 +1293,7 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         ExportFormat::Onnx if iao => {
             wgqat::util::atomic_write(&a.out, &wgqat::infer::qdq::export(&gpu, &net)?)?
         }
-        ExportFormat::Int if iao => wgqat::infer::iao::int_model(&gpu, &net)?.write(&a.out)?,
-        ExportFormat::Int => {
-            let folded = wgqat::infer::fold::fold(&gpu, &net)?;
-            wgqat::infer::IntModel::from_folded(&folded)?.write(&a.out)?
-        }
+        ExportFormat::Int => wgqat::infer::int_model(&gpu, &net)?.write(&a.out)?,
         ExportFormat::Onnx => {
             let folded = wgqat::infer::fold::fold(&gpu, &net)?;
             wgqat::util::atomic_write(&a.out, &wgqat::infer::onnx::export(&folded)?)?

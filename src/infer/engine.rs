@@ -38,6 +38,14 @@ const CONV_IAO: Entry = entry(
 );
 const REQUANT_IAO: Entry = entry("requant_iao", &[(1, R), (7, W)]);
 const DEQUANT_IAO: Entry = entry("dequant_iao", &[(1, R), (8, W)]);
+const SIGN_PACK: Entry = entry("sign_pack", &[(2, R), (7, W)]);
+const UNPACK_BITS: Entry = entry("unpack_bits", &[(1, R), (8, W)]);
+const MAXPOOL_BITS: Entry = entry("maxpool_bits", &[(1, R), (7, W)]);
+const SHUFFLE_BITS: Entry = entry("shuffle_bits", &[(1, R), (7, W)]);
+const CONV_XNOR: Entry = entry(
+    "conv_xnor",
+    &[(1, R), (5, R), (6, R), (7, W), (8, W), (12, R), (13, R)],
+);
 const ADD_IAO: Entry = entry("add_iao", &[(1, R), (7, W), (8, W), (11, R)]);
 
 #[repr(C)]
@@ -88,6 +96,7 @@ struct Edge {
 impl Edge {
     fn at(&self, batch: usize) -> Result<Tensor> {
         let per = match self.bits {
+            Some(1) => self.h * self.w * self.c.div_ceil(32),
             Some(_) => self.h * self.w * self.c.div_ceil(4),
             None => self.h * self.w * self.c,
         };
@@ -102,6 +111,14 @@ struct Layer {
     bias: Tensor,
     /// IAO: the weight codes' per-channel offsets.
     w_zero: Option<Tensor>,
+}
+
+/// A binary conv's weight planes and epilogue.
+struct XnorLayer {
+    w_pos: Tensor,
+    w_neg: Tensor,
+    scale: Tensor,
+    bias: Tensor,
 }
 
 /// The input side of an IAO op's parameters.
@@ -124,6 +141,7 @@ pub struct IntEngine {
     pub model: IntModel,
     capacity: usize,
     layers: HashMap<String, Layer>,
+    xnor: HashMap<String, XnorLayer>,
     /// Every edge at the capacity batch: the input images (0), then each op's output.
     edges: Vec<Edge>,
     dummy: Tensor,
@@ -144,6 +162,7 @@ fn edge_tensor(
     bits: Option<u32>,
 ) -> Result<Tensor> {
     match bits {
+        Some(1) => gpu.zeros(what, &[cap * h * w * c.div_ceil(32)], DType::U32),
         Some(_) => gpu.zeros(what, &[cap * h * w * c.div_ceil(4)], DType::U32),
         None => gpu.zeros(what, &[cap * h * w * c], DType::F32),
     }
@@ -188,6 +207,7 @@ impl IntEngine {
             DType::F32,
         )?;
         let mut layers = HashMap::new();
+        let mut xnor = HashMap::new();
         let mut edges = vec![Edge {
             c: c0,
             h: h0,
@@ -299,6 +319,67 @@ impl IntEngine {
                 }
                 IntOp::Quantize { bits: b } => bits = Some(*b),
                 IntOp::IaoQuantize { .. } | IntOp::IaoRequant { .. } => bits = Some(8),
+                IntOp::SignPack => bits = Some(1),
+                IntOp::Unpack => bits = None,
+                IntOp::XnorConv {
+                    name,
+                    cin,
+                    cout,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    ternary,
+                    sign,
+                } => {
+                    if *cin != c || bits != Some(1) {
+                        return Err(Error::Invalid(format!(
+                            "layer {name} takes {cin} binary channels but gets {c} (the model file is damaged; export it again)"
+                        )));
+                    }
+                    let n = cout * kernel[0] * kernel[1] * (cin / groups).div_ceil(32);
+                    let words = |key: &str| -> Result<Vec<u32>> {
+                        match model.tensors.get(key).map(|t| &t.data) {
+                            Some(crate::nn::checkpoint::Data::U8(b)) if b.len() == 4 * n => {
+                                Ok(bytemuck::pod_collect_to_vec(b))
+                            }
+                            _ => Err(Error::Invalid(format!(
+                                "the model has no (or a misshapen) {key}"
+                            ))),
+                        }
+                    };
+                    let pos = words(&format!("{name}.weight_bits"))?;
+                    let neg = if *ternary {
+                        words(&format!("{name}.weight_bits_neg"))?
+                    } else {
+                        vec![0; n]
+                    };
+                    xnor.insert(
+                        name.clone(),
+                        XnorLayer {
+                            w_pos: gpu.upload_u32(&format!("{name} weight bits"), &[n], &pos)?,
+                            w_neg: gpu.upload_u32(&format!("{name} weight bits -"), &[n], &neg)?,
+                            scale: gpu.upload_f32(
+                                &format!("{name} scale"),
+                                &[*cout],
+                                model.floats(&format!("{name}.scale"), *cout)?,
+                            )?,
+                            bias: gpu.upload_f32(
+                                &format!("{name} bias"),
+                                &[*cout],
+                                model.floats(&format!("{name}.bias"), *cout)?,
+                            )?,
+                        },
+                    );
+                    (h, w) = (
+                        conv_axis(h, kernel[0], stride[0], padding[0], dilation[0]),
+                        conv_axis(w, kernel[1], stride[1], padding[1], dilation[1]),
+                    );
+                    c = *cout;
+                    bits = sign.then_some(1);
+                    ord = (c, h, w);
+                }
                 IntOp::IaoDequant { .. } => bits = None,
                 IntOp::MaxPool {
                     kernel,
@@ -354,6 +435,7 @@ impl IntEngine {
             model,
             capacity,
             layers,
+            xnor,
             edges,
             dummy,
             plans: Mutex::new(HashMap::new()),
@@ -494,6 +576,64 @@ impl IntEngine {
                         elementwise_grid(gpu, n as u32),
                     )?);
                 }
+                IntOp::SignPack | IntOp::Unpack => {
+                    let (e, n) = match op {
+                        IntOp::SignPack => (&SIGN_PACK, batch * out.h * out.w * out.c.div_ceil(32)),
+                        _ => (&UNPACK_BITS, batch * out.h * out.w * out.c),
+                    };
+                    ops.push(e.launch(
+                        gpu,
+                        &[],
+                        label(e.name),
+                        &p,
+                        &[&x, &y],
+                        elementwise_grid(gpu, n as u32),
+                    )?);
+                }
+                IntOp::XnorConv {
+                    name,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    ternary,
+                    sign,
+                    ..
+                } => {
+                    let l = &self.xnor[name];
+                    p.groups = *groups as u32;
+                    (p.kh, p.kw, p.sh, p.sw) = (
+                        kernel[0] as u32,
+                        kernel[1] as u32,
+                        stride[0] as u32,
+                        stride[1] as u32,
+                    );
+                    (p.ph, p.pw, p.dh, p.dw) = (
+                        padding[0] as u32,
+                        padding[1] as u32,
+                        dilation[0] as u32,
+                        dilation[1] as u32,
+                    );
+                    let (codes_out, float_out) = if *sign {
+                        (&y, &self.dummy)
+                    } else {
+                        (&dummy_u, &y)
+                    };
+                    ops.push(CONV_XNOR.launch(
+                        gpu,
+                        &[
+                            ("OUT_BITS", f64::from(u8::from(*sign))),
+                            ("TERNARY", f64::from(u8::from(*ternary))),
+                        ],
+                        label(&format!("conv_xnor {name}")),
+                        &p,
+                        &[
+                            &x, &l.scale, &l.bias, codes_out, float_out, &l.w_pos, &l.w_neg,
+                        ],
+                        elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(32)) as u32),
+                    )?);
+                }
                 IntOp::IaoDequant { from } => {
                     iao_in(&mut p, from);
                     let n = batch * out.h * out.w * out.c;
@@ -526,6 +666,9 @@ impl IntEngine {
                     );
                     let avg = matches!(op, IntOp::AvgPool { .. });
                     let (e, n) = match (avg, cur.bits) {
+                        (false, Some(1)) => {
+                            (&MAXPOOL_BITS, batch * out.h * out.w * out.c.div_ceil(32))
+                        }
                         (false, Some(_)) => {
                             (&MAXPOOL_CODES, batch * out.h * out.w * out.c.div_ceil(4))
                         }
@@ -547,6 +690,7 @@ impl IntEngine {
                 IntOp::Shuffle { groups } => {
                     p.shuffle_groups = *groups as u32;
                     let (e, n) = match cur.bits {
+                        Some(1) => (&SHUFFLE_BITS, batch * out.h * out.w * out.c.div_ceil(32)),
                         Some(_) => (&SHUFFLE_CODES, batch * out.h * out.w * out.c.div_ceil(4)),
                         None => (&SHUFFLE_FLOAT, batch * out.h * out.w * out.c),
                     };

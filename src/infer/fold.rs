@@ -132,7 +132,7 @@ pub fn fold(gpu: &Gpu, net: &Network) -> Result<Folded> {
         }
         crate::quant::Scheme::Wbwtab(_) => {
             return Err(Error::Invalid(
-                "integer export of wbwtab models is not supported yet (binary XNOR inference is planned): evaluate the checkpoint with `wgqat eval`, which runs its fake quantization".into(),
+                "a wbwtab model has no ONNX form (no ONNX operator computes its XNOR-popcount convs): export it with --format int (the XNOR integer model) and run it with `wgqat infer`".into(),
             ));
         }
     }

@@ -1,6 +1,7 @@
 //! Integer inference and export: a trained network folded into inference form ([`fold`]), the
 //! integer model file ([`model`]), the integer engine on the GPU ([`engine`]) and ONNX ([`onnx`];
-//! IAO models in the QDQ form, [`qdq`]).
+//! IAO models in the QDQ form, [`qdq`]); [`int_model`] picks the integer form of a network's
+//! scheme (DoReFa [`fold`], IAO [`iao`], wbwtab's XNOR [`xnor`]).
 
 pub mod engine;
 pub mod fold;
@@ -8,12 +9,26 @@ pub mod iao;
 pub mod model;
 pub mod onnx;
 pub mod qdq;
+pub mod xnor;
 
 pub use engine::IntEngine;
 pub use model::IntModel;
 
 use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::nn::Network;
+use crate::quant::Scheme;
 use std::path::Path;
+
+/// The integer model of `net` (weights read from the GPU), by its scheme: DoReFa's codes and
+/// folded BatchNorms, IAO's affine int8 codes, or wbwtab's bits and XNOR convs.
+pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
+    match net.quant.scheme {
+        Scheme::Dorefa => IntModel::from_folded(&fold::fold(gpu, net)?),
+        Scheme::Iao(_) => iao::int_model(gpu, net),
+        Scheme::Wbwtab(_) => xnor::int_model(gpu, net),
+    }
+}
 
 /// An image file as a normalised NCHW image of `input` = (C, H, W): decoded (PNG, JPEG), made RGB,
 /// resized to H×W (bilinear) when its size differs, then normalised with `mean` and `std` as in

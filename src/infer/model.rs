@@ -86,6 +86,26 @@ pub enum IntOp {
     IaoDequant {
         from: CodeSpace,
     },
+    /// wbwtab: float activations to the binary activation B(x) (sign, 0 → +1) as bits, 32
+    /// channels per word.
+    SignPack,
+    /// wbwtab: bits back to ±1 floats, for a float layer.
+    Unpack,
+    /// wbwtab: a binary conv on bits, binary (`{name}.weight_bits`, bit 1 = +α) or ternary
+    /// (and `{name}.weight_bits_neg`) weights, 32 per word per (output channel, tap), then
+    /// z = dot·scale + bias (α and the BatchNorm folded) and, with `sign`, B(z) as bits.
+    XnorConv {
+        name: String,
+        cin: usize,
+        cout: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+        ternary: bool,
+        sign: bool,
+    },
     /// IAO's QuantAdd: the sum of the values of two code tensors of one space (`space`), then
     /// the block's ReLU, written as floats or as the codes of `output`.
     IaoAdd {

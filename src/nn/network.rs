@@ -285,6 +285,13 @@ impl Network {
         Ok(())
     }
 
+    /// The layers (graph nodes) that are wbwtab's binary activation in a ReLU's place.
+    pub fn binary_activations(&self) -> Vec<usize> {
+        (0..self.layers.len())
+            .filter(|&i| matches!(self.layers[i].kind, Kind::Sign))
+            .collect()
+    }
+
     /// Names of the layers whose weights wbwtab makes binary or ternary.
     pub fn wbwtab_layers(&self) -> Vec<&str> {
         self.layers

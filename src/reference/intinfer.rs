@@ -150,6 +150,113 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                 };
                 (c, h, w) = (*cout, oh, ow);
             }
+            IntOp::SignPack => {
+                act = match &act {
+                    Act::Float(v) => Act::Codes(v.iter().map(|&x| u32::from(x >= 0.0)).collect()),
+                    Act::Codes(_) => return Err(Error::Invalid("sign of codes".into())),
+                };
+            }
+            IntOp::Unpack => {
+                act = match &act {
+                    Act::Codes(v) => {
+                        Act::Float(v.iter().map(|&b| if b == 1 { 1.0 } else { -1.0 }).collect())
+                    }
+                    Act::Float(_) => return Err(Error::Invalid("unpack of floats".into())),
+                };
+            }
+            IntOp::XnorConv {
+                name,
+                cin,
+                cout,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+                ternary,
+                sign,
+            } => {
+                let Act::Codes(a) = &act else {
+                    return Err(Error::Invalid("a binary conv of floats".into()));
+                };
+                let (cig, cog) = (cin / groups, cout / groups);
+                let row = cig.div_ceil(32);
+                let n = cout * kernel[0] * kernel[1] * row;
+                let plane = |key: &str| -> Result<Vec<u32>> {
+                    match model.tensors.get(key).map(|t| &t.data) {
+                        Some(crate::nn::checkpoint::Data::U8(b)) if b.len() == 4 * n => {
+                            Ok(bytemuck::pod_collect_to_vec(b))
+                        }
+                        _ => Err(Error::Invalid(format!("no {key}"))),
+                    }
+                };
+                let pos = plane(&format!("{name}.weight_bits"))?;
+                let neg = if *ternary {
+                    plane(&format!("{name}.weight_bits_neg"))?
+                } else {
+                    vec![0; n]
+                };
+                let scale = model.floats(&format!("{name}.scale"), *cout)?;
+                let bias = model.floats(&format!("{name}.bias"), *cout)?;
+                let (oh, ow) = (
+                    conv_axis(h, kernel[0], stride[0], padding[0], dilation[0]),
+                    conv_axis(w, kernel[1], stride[1], padding[1], dilation[1]),
+                );
+                let mut zs = vec![0.0f32; batch * oh * ow * cout];
+                for nn in 0..batch {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            for co in 0..*cout {
+                                let g = co / cog;
+                                let mut dot = 0i64;
+                                for ky in 0..kernel[0] {
+                                    let iy = (oy * stride[0] + ky * dilation[0]) as isize
+                                        - padding[0] as isize;
+                                    for kx in 0..kernel[1] {
+                                        let ix = (ox * stride[1] + kx * dilation[1]) as isize
+                                            - padding[1] as isize;
+                                        if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w
+                                        {
+                                            continue;
+                                        }
+                                        for ci in 0..cig {
+                                            let av =
+                                                if a[((nn * h + iy as usize) * w + ix as usize) * c
+                                                    + g * cig
+                                                    + ci]
+                                                    == 1
+                                                {
+                                                    1
+                                                } else {
+                                                    -1
+                                                };
+                                            let k = ((co * kernel[0] + ky) * kernel[1] + kx) * row
+                                                + ci / 32;
+                                            let bit = |p: &[u32]| (p[k] >> (ci % 32)) & 1 == 1;
+                                            let wv = if *ternary {
+                                                i64::from(bit(&pos)) - i64::from(bit(&neg))
+                                            } else if bit(&pos) {
+                                                1
+                                            } else {
+                                                -1
+                                            };
+                                            dot += av * wv;
+                                        }
+                                    }
+                                }
+                                zs[((nn * oh + oy) * ow + ox) * cout + co] =
+                                    dot as f32 * scale[co] + bias[co];
+                            }
+                        }
+                    }
+                }
+                act = if *sign {
+                    Act::Codes(zs.iter().map(|&z| u32::from(z >= 0.0)).collect())
+                } else {
+                    Act::Float(zs)
+                };
+                (c, h, w) = (*cout, oh, ow);
+            }
             IntOp::IaoQuantize { to } => {
                 act = match &act {
                     Act::Float(v) => Act::Codes(v.iter().map(|&z| iao_code(z, to)).collect()),
