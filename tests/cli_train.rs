@@ -408,7 +408,13 @@ fn wbwtab_trains_and_refuses_what_it_cannot_do() {
         "--out",
         int.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // The export's own check of the folded model against the network.
+    assert!(
+        err.contains("on 16 random inputs the integer model predicts as the network for 16,"),
+        "{err}"
+    );
     let (pe, pi) = (data.join("eval.txt"), data.join("infer.txt"));
     for (mut args, out) in [
         (

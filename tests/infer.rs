@@ -931,7 +931,7 @@ fn iao_integer_predictions_equal_fake_quant_predictions() {
 /// wbwtab's integer model (bits and XNOR convs between a float first and last layer) predicts as
 /// the fake-quant network, for binary and ternary weights with binary activations and for float
 /// activations, with random BatchNorm parameters (some γ negative, so that folding a BatchNorm
-/// into the sign must flip it) and conv biases. Logits agree to float rounding: the XNOR conv's
+/// into the sign must flip it, and some 0) and conv biases. Logits agree to float rounding: the XNOR conv's
 /// dot is exact, so a binary activation differs only where z lands within an ulp of 0.
 #[test]
 fn wbwtab_integer_predictions_equal_fake_quant_predictions() {
@@ -962,11 +962,18 @@ fn wbwtab_integer_predictions_equal_fake_quant_predictions() {
             .map(|t| {
                 let n = t.shape.iter().product::<usize>().max(1);
                 let v = match t.name.rsplit_once('.').unwrap().1 {
-                    // γ of either sign, away from 0.
+                    // γ of either sign, and some 0 (the output is β: its sign, whatever the
+                    // conv computes).
                     "weight" if t.name.contains(".bn.") => (0..n)
                         .map(|_| {
-                            let g = rng.uniform(0.5, 1.5);
-                            if rng.uniform(0.0, 1.0) < 0.25 { -g } else { g }
+                            let (g, r) = (rng.uniform(0.5, 1.5), rng.uniform(0.0, 1.0));
+                            if r < 0.1 {
+                                0.0
+                            } else if r < 0.35 {
+                                -g
+                            } else {
+                                g
+                            }
                         })
                         .collect(),
                     "bias" if t.name.contains(".bn.") => rng.vec_uniform(n, -0.3, 0.3),
@@ -1022,5 +1029,66 @@ fn wbwtab_integer_predictions_equal_fake_quant_predictions() {
                 "{weights:?} {activations:?} {what}: logits differ by {max_abs}"
             );
         }
+    }
+}
+
+/// wbwtab's binary layers in the integer model file take at most 1/16 of their float bytes in
+/// the checkpoint (conv weight and bias, and the BatchNorm folded into them) in NIN-GC (1/22.5:
+/// a bit per weight, and a float scale and bias per output channel, which weigh in its grouped
+/// 1×1 convs); ternary layers, two bits a weight, at most 1/8 (1/13.4).
+#[test]
+fn wbwtab_binary_layers_take_at_most_a_sixteenth_of_their_float_size() {
+    use wgqat::nn::checkpoint::Data;
+    use wgqat::quant::{Scheme, WbwtabOptions, Weights};
+    let gpu = common::gpu();
+    let spec = wgqat::models::load("nin_gc").unwrap();
+    for weights in [Weights::Binary, Weights::Ternary] {
+        let quant = QuantConfig {
+            scheme: Scheme::Wbwtab(WbwtabOptions {
+                weights,
+                ..Default::default()
+            }),
+            ..QuantConfig::default()
+        };
+        let net = Network::new(gpu, &spec, quant, 1, false, 1).unwrap();
+        init::initialise(gpu, &net, 3).unwrap();
+        let model = wgqat::infer::int_model(gpu, &net).unwrap();
+        let bytes = |t: &Named| match &t.data {
+            Data::F32(v) => 4 * v.len(),
+            Data::U8(v) => v.len(),
+            _ => 0,
+        };
+        let state = net.state_dict(gpu).unwrap();
+        let (mut int_bytes, mut float_bytes, mut layers) = (0, 0, 0);
+        for n in &model.manifest.ops {
+            let wgqat::infer::model::IntOp::XnorConv { name, .. } = &n.op else {
+                continue;
+            };
+            layers += 1;
+            let block = name.strip_suffix(".conv").unwrap();
+            int_bytes += model
+                .tensors
+                .iter()
+                .filter(|(k, _)| k.starts_with(&format!("{name}.")))
+                .map(|(_, t)| bytes(t))
+                .sum::<usize>();
+            float_bytes += state
+                .iter()
+                .filter(|t| t.name.starts_with(&format!("{block}.")))
+                .map(bytes)
+                .sum::<usize>();
+        }
+        let ratio = int_bytes as f64 / float_bytes as f64;
+        println!(
+            "nin_gc wbwtab {weights:?}: {layers} XNOR layers, {int_bytes} bytes of {float_bytes} float ({ratio:.4}, 1/{:.1})",
+            1.0 / ratio
+        );
+        assert_eq!(layers, 7, "nin_gc has 7 binary convs");
+        let most = if weights == Weights::Binary {
+            16.0
+        } else {
+            8.0
+        };
+        assert!(ratio <= 1.0 / most, "{weights:?}: {ratio} > 1/{most}");
     }
 }

@@ -1285,7 +1285,8 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let spec = wgqat::models::load(&config.model)?;
     let gpu = Gpu::new(&a.gpu.options())?;
     let quant = config.quant();
-    let mut net = wgqat::nn::Network::new(&gpu, &spec, quant, 1, false, 1)?;
+    // 16 images for the integer model's check against the network.
+    let mut net = wgqat::nn::Network::new(&gpu, &spec, quant, 16, false, 1)?;
     net.load(&gpu, &c.checkpoint)?;
     let iao = matches!(quant.scheme, wgqat::quant::Scheme::Iao(_));
     match a.format {
@@ -1293,7 +1294,26 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         ExportFormat::Onnx if iao => {
             wgqat::util::atomic_write(&a.out, &wgqat::infer::qdq::export(&gpu, &net)?)?
         }
-        ExportFormat::Int => wgqat::infer::int_model(&gpu, &net)?.write(&a.out)?,
+        ExportFormat::Int => {
+            let model = wgqat::infer::int_model(&gpu, &net)?;
+            let check = wgqat::infer::agreement(&gpu, &net, &model)?;
+            eprintln!(
+                "check: on {} random inputs the integer model predicts as the network for {}, logits within {:.2e} (largest {:.3})",
+                check.images, check.same, check.max_abs, check.largest
+            );
+            // wbwtab's folding of BatchNorms into signs is exact up to rounding at 0: a differing
+            // prediction means a fold gone wrong (elsewhere a code boundary can flip one).
+            let wbwtab = matches!(quant.scheme, wgqat::quant::Scheme::Wbwtab(_));
+            if wbwtab && check.same < check.images {
+                anyhow::bail!(
+                    "the integer model of {} predicts differently from the network on {} of {} random inputs: not written; please report it with the checkpoint",
+                    c.checkpoint.display(),
+                    check.images - check.same,
+                    check.images
+                );
+            }
+            model.write(&a.out)?
+        }
         ExportFormat::Onnx => {
             let folded = wgqat::infer::fold::fold(&gpu, &net)?;
             wgqat::util::atomic_write(&a.out, &wgqat::infer::onnx::export(&folded)?)?

@@ -338,20 +338,11 @@ impl IntEngine {
                             "layer {name} takes {cin} binary channels but gets {c} (the model file is damaged; export it again)"
                         )));
                     }
-                    let n = cout * kernel[0] * kernel[1] * (cin / groups).div_ceil(32);
-                    let words = |key: &str| -> Result<Vec<u32>> {
-                        match model.tensors.get(key).map(|t| &t.data) {
-                            Some(crate::nn::checkpoint::Data::U8(b)) if b.len() == 4 * n => {
-                                Ok(bytemuck::pod_collect_to_vec(b))
-                            }
-                            _ => Err(Error::Invalid(format!(
-                                "the model has no (or a misshapen) {key}"
-                            ))),
-                        }
-                    };
-                    let pos = words(&format!("{name}.weight_bits"))?;
+                    let (taps, cig) = (cout * kernel[0] * kernel[1], cin / groups);
+                    let n = taps * cig.div_ceil(32);
+                    let pos = model.weight_plane(&format!("{name}.weight_bits"), taps, cig)?;
                     let neg = if *ternary {
-                        words(&format!("{name}.weight_bits_neg"))?
+                        model.weight_plane(&format!("{name}.weight_bits_neg"), taps, cig)?
                     } else {
                         vec![0; n]
                     };

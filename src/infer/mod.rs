@@ -80,3 +80,54 @@ pub fn argmax(z: &[f32]) -> usize {
         .enumerate()
         .fold(0, |b, (i, &v)| if v > z[b] { i } else { b })
 }
+
+/// How an integer model's outputs compare with the fake-quant network it was exported from.
+#[derive(Clone, Copy, Debug)]
+pub struct Agreement {
+    pub images: usize,
+    /// Images whose top class is the same.
+    pub same: usize,
+    pub max_abs: f32,
+    /// The largest |logit| of the network, for scale.
+    pub largest: f32,
+}
+
+/// Runs integer model `model` and `net`'s fake-quant evaluation on the same random normalised
+/// images (as many as `net` holds, uniform in −2.5..2.5, seeded): the export check of
+/// micronet's `bn_fused_model_test.py`, which compares a folded model with the trained one.
+pub fn agreement(gpu: &Gpu, net: &Network, model: &IntModel) -> Result<Agreement> {
+    use crate::nn::Mode;
+    let batch = net.capacity();
+    let x = crate::rng::Rng::new(1).vec_uniform(
+        batch * model.manifest.input.iter().product::<usize>(),
+        -2.5,
+        2.5,
+    );
+    let engine = IntEngine::new(gpu, model.clone(), batch)?;
+    let got = engine.run(gpu, &x)?;
+    let plan = net.plan(gpu, batch, Mode::Eval)?;
+    net.write_batch(gpu, &plan, &x, &vec![0; batch])?;
+    net.write_step(gpu, &Default::default())?;
+    let output = net
+        .output()
+        .ok_or_else(|| Error::Invalid("the network has no output".into()))?;
+    let out = output.view(0, &[got.len()])?;
+    let want: Vec<f32> = gpu
+        .run_and_read::<f32>("export check", plan.ops.ops(), &[&out])?
+        .remove(0);
+    let classes = model.manifest.classes.max(1);
+    let same = got
+        .chunks(classes)
+        .zip(want.chunks(classes))
+        .filter(|(g, w)| argmax(g) == argmax(w))
+        .count();
+    Ok(Agreement {
+        images: batch,
+        same,
+        max_abs: got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs())),
+        largest: want.iter().fold(0f32, |m, v| m.max(v.abs())),
+    })
+}

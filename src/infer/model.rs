@@ -92,7 +92,7 @@ pub enum IntOp {
     /// wbwtab: bits back to ±1 floats, for a float layer.
     Unpack,
     /// wbwtab: a binary conv on bits, binary (`{name}.weight_bits`, bit 1 = +α) or ternary
-    /// (and `{name}.weight_bits_neg`) weights, 32 per word per (output channel, tap), then
+    /// (and `{name}.weight_bits_neg`) weights, densely packed ([`pack_plane`]), then
     /// z = dot·scale + bias (α and the BatchNorm folded) and, with `sign`, B(z) as bits.
     XnorConv {
         name: String,
@@ -647,11 +647,70 @@ impl IntModel {
             ))),
         }
     }
+
+    /// A binary conv's weight bit plane `key` of `taps` (output channel, ky, kx) × `cig` input
+    /// channels, as the engine reads it: each tap's bits from a fresh 32-bit word.
+    pub fn weight_plane(&self, key: &str, taps: usize, cig: usize) -> Result<Vec<u32>> {
+        match self.tensors.get(key).map(|t| &t.data) {
+            Some(Data::U8(b)) if b.len() == (taps * cig).div_ceil(8) => {
+                Ok(unpack_plane(b, taps, cig))
+            }
+            _ => Err(Error::Invalid(format!(
+                "the model has no (or a misshapen) {key}"
+            ))),
+        }
+    }
+}
+
+/// A binary conv's weight bit plane as stored: `bit(tap, ci)` at bit `tap·cig + ci`, 8 to a
+/// byte with no padding (a conv's rows of 16 channels would otherwise waste half their words).
+pub fn pack_plane(taps: usize, cig: usize, bit: impl Fn(usize, usize) -> bool) -> Vec<u8> {
+    let mut out = vec![0u8; (taps * cig).div_ceil(8)];
+    for t in 0..taps {
+        for ci in 0..cig {
+            if bit(t, ci) {
+                let i = t * cig + ci;
+                out[i / 8] |= 1 << (i % 8);
+            }
+        }
+    }
+    out
+}
+
+/// A stored bit plane to the engine's layout: ceil(cig/32) words per tap, lanes past `cig` 0.
+pub fn unpack_plane(b: &[u8], taps: usize, cig: usize) -> Vec<u32> {
+    let row = cig.div_ceil(32);
+    let mut out = vec![0u32; taps * row];
+    for t in 0..taps {
+        for ci in 0..cig {
+            let i = t * cig + ci;
+            if (b[i / 8] >> (i % 8)) & 1 == 1 {
+                out[t * row + ci / 32] |= 1 << (ci % 32);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weight_planes_pack_densely_and_unpack_to_word_rows() {
+        let (taps, cig) = (5, 37);
+        let bit = |t: usize, ci: usize| (t * 7 + ci * 3) % 5 < 2;
+        let packed = pack_plane(taps, cig, bit);
+        assert_eq!(packed.len(), (5 * 37usize).div_ceil(8));
+        let rows = unpack_plane(&packed, taps, cig);
+        assert_eq!(rows.len(), taps * 2);
+        for t in 0..taps {
+            for ci in 0..64 {
+                let got = (rows[t * 2 + ci / 32] >> (ci % 32)) & 1 == 1;
+                assert_eq!(got, ci < cig && bit(t, ci), "tap {t} channel {ci}");
+            }
+        }
+    }
 
     #[test]
     fn codes_pack_and_unpack_at_every_width() {

@@ -1,5 +1,6 @@
 //! The integer model of a binary/ternary network (micronet's wbwtab, spec §6): binary activations
-//! travel as bits, 32 channels per word, and a conv with binary weights computes
+//! travel as bits, 32 channels per word, and a conv with binary weights (stored 1 bit each,
+//! ternary 2) computes
 //! `dot = K − 2·popcount(a XOR w)` (ternary: two bit planes), then `z = dot·α·A + (A·b + B)` with
 //! the BatchNorm after it folded in (A = γ/√(σ²+ε), B = β − A·μ) and the binary activation as the
 //! sign of z, as `sign(γ(y − μ)/σ + β)` is for either sign of γ, and sign(β) for γ = 0 (spec §6.6
@@ -7,7 +8,7 @@
 //! float (their weights as they are, ±1 inputs unpacked from bits), as wbwtab trains them.
 
 use super::model::{
-    IntModel, IntNode, IntOp, Manifest, linear_to_channels_last, pair, to_channels_last,
+    self, IntModel, IntNode, IntOp, Manifest, linear_to_channels_last, pair, to_channels_last,
 };
 use super::qdq::State;
 use crate::error::{Error, Result};
@@ -130,38 +131,33 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                         return Err(unsupported(i, "a binary conv followed by a ReLU"));
                     }
                     let ternary = o.weights == Weights::Ternary;
-                    let row = cig.div_ceil(32);
-                    let (mut pos, mut neg) = (
-                        vec![0u32; cout * kh * kw * row],
-                        vec![0u32; cout * kh * kw * row],
-                    );
+                    let mut codes = vec![0.0f32; w.len()];
                     let mut alpha = vec![0.0f32; cout];
-                    for (c, ch) in w.chunks_mut(per).enumerate() {
-                        let codes: Vec<f32> = if ternary {
+                    for (c, (ch, t)) in w.chunks_mut(per).zip(codes.chunks_mut(per)).enumerate() {
+                        if ternary {
                             let (delta, al, _) = wb::ternary_params(ch);
                             alpha[c] = al;
-                            ch.iter().map(|&v| wb::ternary_code(v, delta)).collect()
+                            for (t, &v) in t.iter_mut().zip(ch.iter()) {
+                                *t = wb::ternary_code(v, delta);
+                            }
                         } else {
                             wb::binary_centre(ch, cig);
                             alpha[c] = wb::binary_alpha(ch);
-                            ch.iter().map(|&v| wb::sign_pos(v)).collect()
-                        };
-                        // (Cin/g, kh, kw) to a bit per input channel for each (ky, kx).
-                        for ci in 0..cig {
-                            for ky in 0..kh {
-                                for kx in 0..kw {
-                                    let t = codes[(ci * kh + ky) * kw + kx];
-                                    let word = ((c * kh + ky) * kw + kx) * row + ci / 32;
-                                    if t > 0.0 {
-                                        pos[word] |= 1 << (ci % 32);
-                                    } else if t < 0.0 && ternary {
-                                        neg[word] |= 1 << (ci % 32);
-                                    }
-                                }
+                            for (t, &v) in t.iter_mut().zip(ch.iter()) {
+                                *t = wb::sign_pos(v);
                             }
                         }
                     }
-                    let planes: &[(&str, &Vec<u32>)] = if ternary {
+                    // Weights are (Cout, Cin/g, kh, kw); a plane's bit for tap (c, ky, kx) and
+                    // input channel ci.
+                    let code = |tap: usize, ci: usize| {
+                        let (c, k) = (tap / (kh * kw), tap % (kh * kw));
+                        codes[c * per + ci * kh * kw + k]
+                    };
+                    let taps = cout * kh * kw;
+                    let pos = model::pack_plane(taps, cig, |t, ci| code(t, ci) > 0.0);
+                    let neg = model::pack_plane(taps, cig, |t, ci| ternary && code(t, ci) < 0.0);
+                    let planes: &[(&str, &Vec<u8>)] = if ternary {
                         &[("weight_bits", &pos), ("weight_bits_neg", &neg)]
                     } else {
                         &[("weight_bits", &pos)]
@@ -172,8 +168,8 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                             key.clone(),
                             Named {
                                 name: key,
-                                shape: vec![4 * p.len()],
-                                data: Data::U8(bytemuck::cast_slice(p.as_slice()).to_vec()),
+                                shape: vec![p.len()],
+                                data: Data::U8(p.to_vec()),
                             },
                         );
                     }

@@ -180,13 +180,11 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                     return Err(Error::Invalid("a binary conv of floats".into()));
                 };
                 let (cig, cog) = (cin / groups, cout / groups);
-                let row = cig.div_ceil(32);
-                let n = cout * kernel[0] * kernel[1] * row;
-                let plane = |key: &str| -> Result<Vec<u32>> {
+                // The stored planes as they are: bit tap·cig + ci.
+                let n = (cout * kernel[0] * kernel[1] * cig).div_ceil(8);
+                let plane = |key: &str| -> Result<Vec<u8>> {
                     match model.tensors.get(key).map(|t| &t.data) {
-                        Some(crate::nn::checkpoint::Data::U8(b)) if b.len() == 4 * n => {
-                            Ok(bytemuck::pod_collect_to_vec(b))
-                        }
+                        Some(crate::nn::checkpoint::Data::U8(b)) if b.len() == n => Ok(b.clone()),
                         _ => Err(Error::Invalid(format!("no {key}"))),
                     }
                 };
@@ -230,9 +228,9 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                                                 } else {
                                                     -1
                                                 };
-                                            let k = ((co * kernel[0] + ky) * kernel[1] + kx) * row
-                                                + ci / 32;
-                                            let bit = |p: &[u32]| (p[k] >> (ci % 32)) & 1 == 1;
+                                            let k =
+                                                ((co * kernel[0] + ky) * kernel[1] + kx) * cig + ci;
+                                            let bit = |p: &[u8]| (p[k / 8] >> (k % 8)) & 1 == 1;
                                             let wv = if *ternary {
                                                 i64::from(bit(&pos)) - i64::from(bit(&neg))
                                             } else if bit(&pos) {

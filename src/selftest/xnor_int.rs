@@ -5,7 +5,7 @@
 
 use super::{Case, f64s};
 use crate::infer::IntModel;
-use crate::infer::model::{IntNode, IntOp, Manifest};
+use crate::infer::model::{IntNode, IntOp, Manifest, pack_plane};
 use crate::nn::checkpoint::{Data, Named};
 use crate::reference::{self, Tolerance};
 use crate::rng::Rng;
@@ -25,22 +25,16 @@ fn xnor_conv(
     ternary: bool,
     sign: bool,
 ) -> IntOp {
-    let cig = cin / groups;
-    let row = cig.div_ceil(32);
-    let n = cout * 9 * row;
-    let (mut pos, mut neg) = (vec![0u32; n], vec![0u32; n]);
-    for tap in 0..cout * 9 {
-        for ci in 0..cig {
-            let word = tap * row + ci / 32;
-            let r = rng.uniform(0.0, 1.0);
-            if ternary && r < 0.3 {
-                neg[word] |= 1 << (ci % 32);
-            } else if r < 0.65 {
-                pos[word] |= 1 << (ci % 32);
-            }
-        }
-    }
-    let planes: &[(&str, &Vec<u32>)] = if ternary {
+    let (cig, taps) = (cin / groups, cout * 9);
+    // Per (tap, channel): +1, −1 (ternary only; binary's 0 bit) or 0 (ternary).
+    let draws: Vec<f32> = (0..taps * cig).map(|_| rng.uniform(0.0, 1.0)).collect();
+    let draw = |t: usize, ci: usize| draws[t * cig + ci];
+    let pos = pack_plane(taps, cig, |t, ci| {
+        let r = draw(t, ci);
+        (0.3..0.65).contains(&r) || (!ternary && r < 0.3)
+    });
+    let neg = pack_plane(taps, cig, |t, ci| ternary && draw(t, ci) < 0.3);
+    let planes: &[(&str, &Vec<u8>)] = if ternary {
         &[("weight_bits", &pos), ("weight_bits_neg", &neg)]
     } else {
         &[("weight_bits", &pos)]
@@ -51,8 +45,8 @@ fn xnor_conv(
             key.clone(),
             Named {
                 name: key,
-                shape: vec![4 * p.len()],
-                data: Data::U8(bytemuck::cast_slice(p.as_slice()).to_vec()),
+                shape: vec![p.len()],
+                data: Data::U8(p.to_vec()),
             },
         );
     }
