@@ -52,6 +52,8 @@ struct Params {
 // conv_xnor: the weights' bit planes, +1 (and, ternary, -1): a bit per weight, 32 per word.
 @group(0) @binding(12) var<storage, read> w_pos: array<u32>;
 @group(0) @binding(13) var<storage, read> w_neg: array<u32>;
+// conv_iao: the conv bias in accumulator units, b_q = R(b / (s_a s_w[o])).
+@group(0) @binding(14) var<storage, read> bias_int: array<i32>;
 
 // Output codes (true) or floats.
 override OUT_CODES: bool = true;
@@ -460,7 +462,7 @@ fn conv_iao(@builtin(workgroup_id) wid: vec3<u32>,
         let zw = i32(w_zero[co]);
         let k = i32(taps * cig);
         let acc = i32(s_aw) + zw * i32(s_a) + za * i32(s_w) + k * za * zw;
-        z[j] = f32(acc) * scale[co] + bias[co];
+        z[j] = f32(acc + bias_int[co]) * scale[co] + bias[co];
     }
     store(pix, slot.y * 4u, z);
 }

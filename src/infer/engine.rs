@@ -34,7 +34,16 @@ const QUANTIZE_CODES: Entry = entry("quantize_codes", &[(2, R), (7, W)]);
 const ADD_FLOAT: Entry = entry("add_float", &[(2, R), (7, W), (8, W), (9, R)]);
 const CONV_IAO: Entry = entry(
     "conv_iao",
-    &[(1, R), (3, R), (5, R), (6, R), (7, W), (8, W), (10, R)],
+    &[
+        (1, R),
+        (3, R),
+        (5, R),
+        (6, R),
+        (7, W),
+        (8, W),
+        (10, R),
+        (14, R),
+    ],
 );
 const REQUANT_IAO: Entry = entry("requant_iao", &[(1, R), (7, W)]);
 const DEQUANT_IAO: Entry = entry("dequant_iao", &[(1, R), (8, W)]);
@@ -109,8 +118,8 @@ struct Layer {
     w_float: Option<Tensor>,
     scale: Tensor,
     bias: Tensor,
-    /// IAO: the weight codes' per-channel offsets.
-    w_zero: Option<Tensor>,
+    /// IAO: the weight codes' per-channel offsets, and the int32 bias.
+    w_zero: Option<(Tensor, Tensor)>,
 }
 
 /// A binary conv's weight planes and epilogue.
@@ -292,11 +301,22 @@ impl IntEngine {
                         model.floats(&format!("{name}.bias"), *cout)?,
                     )?;
                     let w_zero = match iao {
-                        Some(_) => Some(gpu.upload_f32(
-                            &format!("{name} weight zero"),
-                            &[*cout],
-                            model.floats(&format!("{name}.weight_zero"), *cout)?,
-                        )?),
+                        Some(_) => Some((
+                            gpu.upload_f32(
+                                &format!("{name} weight zero"),
+                                &[*cout],
+                                model.floats(&format!("{name}.weight_zero"), *cout)?,
+                            )?,
+                            gpu.upload_u32(
+                                &format!("{name} int32 bias"),
+                                &[*cout],
+                                &model
+                                    .ints(&format!("{name}.bias_int"), *cout)?
+                                    .iter()
+                                    .map(|&b| b as u32)
+                                    .collect::<Vec<u32>>(),
+                            )?,
+                        )),
                         None => None,
                     };
                     layers.insert(
@@ -498,7 +518,7 @@ impl IntEngine {
                         epilogue(&mut p, *output_bits, &y, &dummy_u, &self.dummy);
                     let grid =
                         elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(4)) as u32);
-                    if let (Some(q), Some(wc), Some(wz)) = (iao, &l.w_codes, &l.w_zero) {
+                    if let (Some(q), Some(wc), Some((wz, bq))) = (iao, &l.w_codes, &l.w_zero) {
                         iao_in(&mut p, &q.input);
                         if let Some(o) = &q.output {
                             iao_out(&mut p, o);
@@ -509,7 +529,7 @@ impl IntEngine {
                             &consts,
                             label(&format!("conv_iao {name}")),
                             &p,
-                            &[&x, wc, &l.scale, &l.bias, codes_out, float_out, wz],
+                            &[&x, wc, &l.scale, &l.bias, codes_out, float_out, wz, bq],
                             grid,
                         )?);
                         continue;

@@ -2,8 +2,8 @@
 //! between layers, int32 accumulation with packed 8-bit dot products, and micronet's graph of
 //! quantizers made explicit. Each quantizer's codes are the bytes u = q − qmin of its code q;
 //! a conv reads its own input quantizer's codes and writes, per output channel
-//! `z = acc·s_a·s_w[o]·A[o] + B[o]` (its bias and a BatchNorm after it folded into A and B; a
-//! `bn_fuse` conv's folded weight and bias), ReLU, and the codes of the quantizer that reads its
+//! `z = s_a·s_w[o]·A[o]·(acc + b_q[o]) + B[o]` (its bias as int32 accumulator units b_q, a
+//! BatchNorm after it as A and B; a `bn_fuse` conv's folded weight and bias), ReLU, and the codes of the quantizer that reads its
 //! output next (a pool's, or the next conv's); a pool's codes are requantized to the next conv's
 //! (`requant`: the value, then the next quantizer, in fake quantization's f32 steps), max-pooled
 //! as codes (quantization is monotonic), or dequantized for an average pool.
@@ -233,7 +233,23 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                         data: Data::U8(packed),
                     },
                 );
-                // z = acc · s_a s_w[o] · A[o] + B[o].
+                // z = A[o]·(s_a s_w[o]·acc + b[o] − μ[o]) + β[o] = s_a s_w[o] A[o]·(acc + b_q[o])
+                // + (β[o] − A[o] μ[o]), the conv bias as int32 accumulator units
+                // b_q = R(b / (s_a s_w[o])) (spec §5.2; its rounding, at most half a unit, is
+                // what integer inference changes). A and μ, β: the BatchNorm after the conv, or
+                // 1 and 0, 0.
+                // (b_q, what of b stays float): a scale so small that the bias leaves int32 (an
+                // unobserved range) keeps the bias in the float offset.
+                let (bias_int, b_rest): (Vec<i64>, Vec<f64>) = (0..cout)
+                    .map(|o| {
+                        let q = (b[o] as f64 / (s_in.scale as f64 * row_q(o).scale as f64)).round();
+                        if q.abs() < (1u64 << 30) as f64 {
+                            (q as i64, 0.0)
+                        } else {
+                            (0, b[o] as f64)
+                        }
+                    })
+                    .unzip();
                 let (a, bb): (Vec<f32>, Vec<f32>) = match &bn {
                     Some((bn_name, eps)) => {
                         let get = |s: &str| -> Result<&Vec<f32>> {
@@ -253,12 +269,12 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                                 let a = g[o] as f64 / (v[o] as f64 + *eps as f64).sqrt();
                                 (
                                     a as f32,
-                                    (a * (b[o] as f64 - m[o] as f64) + be[o] as f64) as f32,
+                                    (a * (b_rest[o] - m[o] as f64) + be[o] as f64) as f32,
                                 )
                             })
                             .unzip()
                     }
-                    None => (vec![1.0; cout], b.clone()),
+                    None => (vec![1.0; cout], b_rest.iter().map(|&r| r as f32).collect()),
                 };
                 let scale: Vec<f32> = (0..cout)
                     .map(|o| (s_in.scale as f64 * row_q(o).scale as f64 * a[o] as f64) as f32)
@@ -267,6 +283,15 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                     let k = format!("{name}.{suffix}");
                     tensors.insert(k.clone(), Named::f32(k, &[cout], v));
                 }
+                let k = format!("{name}.bias_int");
+                tensors.insert(
+                    k.clone(),
+                    Named {
+                        name: k,
+                        shape: vec![cout],
+                        data: Data::I64(bias_int),
+                    },
+                );
                 let out_space = wanted(&state, nodes, &readers, last)?;
                 let (oh, ow) = if linear {
                     (1, 1)

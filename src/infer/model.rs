@@ -648,6 +648,20 @@ impl IntModel {
         }
     }
 
+    /// An integer tensor of `n` values that fit in i32 (IAO's int32 bias).
+    pub fn ints(&self, key: &str, n: usize) -> Result<Vec<i32>> {
+        match self.tensors.get(key).map(|t| &t.data) {
+            Some(Data::I64(v)) if v.len() == n => v
+                .iter()
+                .map(|&x| i32::try_from(x).ok())
+                .collect::<Option<Vec<i32>>>()
+                .ok_or_else(|| Error::Invalid(format!("{key} does not fit in int32"))),
+            _ => Err(Error::Invalid(format!(
+                "the model has no (or a misshapen) {key}"
+            ))),
+        }
+    }
+
     /// A binary conv's weight bit plane `key` of `taps` (output channel, ky, kx) × `cig` input
     /// channels, as the engine reads it: each tap's bits from a fresh 32-bit word.
     pub fn weight_plane(&self, key: &str, taps: usize, cig: usize) -> Result<Vec<u32>> {

@@ -64,11 +64,14 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                 let (cig, cog) = (cin / groups, cout / groups);
                 // IAO: A = u_a + z_a, W = u_w + z_w[o].
                 let z_a = iao.map_or(0, |q| (q.input.qmin + q.input.zero_point) as i64);
-                let z_w = match iao {
-                    Some(_) => model
-                        .floats(&format!("{name}.weight_zero"), *cout)?
-                        .to_vec(),
-                    None => Vec::new(),
+                let (z_w, bias_int) = match iao {
+                    Some(_) => (
+                        model
+                            .floats(&format!("{name}.weight_zero"), *cout)?
+                            .to_vec(),
+                        model.ints(&format!("{name}.bias_int"), *cout)?,
+                    ),
+                    None => (Vec::new(), vec![0; *cout]),
                 };
                 let (oh, ow) = (
                     conv_axis(h, kernel[0], stride[0], padding[0], dilation[0]),
@@ -131,7 +134,11 @@ pub fn run(model: &IntModel, images_nchw: &[f32]) -> Result<Vec<f32>> {
                                         }
                                     }
                                 }
-                                let acc = if codes.is_some() { acc_i as f32 } else { acc_f };
+                                let acc = if codes.is_some() {
+                                    (acc_i + bias_int[co] as i64) as f32
+                                } else {
+                                    acc_f
+                                };
                                 let mut z = acc * scale[co] + bias[co];
                                 if *relu {
                                     z = z.max(0.0);

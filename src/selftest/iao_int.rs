@@ -86,6 +86,19 @@ fn conv(
         format!("{name}.bias"),
         rng.vec_uniform(cout, -0.5, 0.5),
     );
+    let key = format!("{name}.bias_int");
+    tensors.insert(
+        key.clone(),
+        Named {
+            name: key,
+            shape: vec![cout],
+            data: Data::I64(
+                (0..cout)
+                    .map(|_| rng.uniform(-3000.0, 3000.0) as i64)
+                    .collect(),
+            ),
+        },
+    );
     IntOp::Conv {
         name: name.into(),
         cin,
