@@ -63,6 +63,13 @@ override OUT_IAO: bool = false;
 override OUT_BITS: bool = true;
 override TERNARY: bool = false;
 
+// The input row (column) that output o's tap k reads: stride s, dilation d, padding pad, input
+// size n; -1 where it falls in the padding.
+fn tap(o: u32, k: u32, s: u32, d: u32, pad: u32, n: u32) -> i32 {
+    let i = i32(o * s + k * d) - i32(pad);
+    return select(-1, i, i >= 0 && u32(i) < n);
+}
+
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
 }
@@ -153,13 +160,13 @@ fn conv_int(@builtin(workgroup_id) wid: vec3<u32>,
         var s_ak = 0u;
         var s_a = 0u;
         for (var ky = 0u; ky < p.kh; ky++) {
-            let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
-            if (iy < 0 || u32(iy) >= p.h) {
+            let iy = tap(oy, ky, p.sh, p.dh, p.ph, p.h);
+            if (iy < 0) {
                 continue;
             }
             for (var kx = 0u; kx < p.kw; kx++) {
-                let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
-                if (ix < 0 || u32(ix) >= p.w) {
+                let ix = tap(ox, kx, p.sw, p.dw, p.pw, p.w);
+                if (ix < 0) {
                     continue;
                 }
                 let a_base = ((n * p.h + u32(iy)) * p.w + u32(ix)) * in_words + g * cig4;
@@ -203,13 +210,13 @@ fn conv_float(@builtin(workgroup_id) wid: vec3<u32>,
         let g = co / cog;
         var acc = 0.0;
         for (var ky = 0u; ky < p.kh; ky++) {
-            let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
-            if (iy < 0 || u32(iy) >= p.h) {
+            let iy = tap(oy, ky, p.sh, p.dh, p.ph, p.h);
+            if (iy < 0) {
                 continue;
             }
             for (var kx = 0u; kx < p.kw; kx++) {
-                let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
-                if (ix < 0 || u32(ix) >= p.w) {
+                let ix = tap(ox, kx, p.sw, p.dw, p.pw, p.w);
+                if (ix < 0) {
                     continue;
                 }
                 let a_base = ((n * p.h + u32(iy)) * p.w + u32(ix)) * p.cin + g * cig;
@@ -225,11 +232,6 @@ fn conv_float(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // Pooling window of output (oy, ox) along one axis: input index for tap k, or -1 (padding).
-fn tap(o: u32, k: u32, s: u32, pad: u32, n: u32) -> i32 {
-    let i = i32(o * s + k) - i32(pad);
-    return select(-1, i, i >= 0 && u32(i) < n);
-}
-
 // Max-pool of codes: exact, since quantization is monotonic (q(max) = max(q)).
 @compute @workgroup_size(256)
 fn maxpool_codes(@builtin(workgroup_id) wid: vec3<u32>,
@@ -247,9 +249,9 @@ fn maxpool_codes(@builtin(workgroup_id) wid: vec3<u32>,
     let ox = pix % p.ow;
     var best = vec4<u32>(0u);
     for (var ky = 0u; ky < p.kh; ky++) {
-        let iy = tap(oy, ky, p.sh, p.ph, p.h);
+        let iy = tap(oy, ky, p.sh, 1u, p.ph, p.h);
         for (var kx = 0u; kx < p.kw; kx++) {
-            let ix = tap(ox, kx, p.sw, p.pw, p.w);
+            let ix = tap(ox, kx, p.sw, 1u, p.pw, p.w);
             if (iy >= 0 && ix >= 0) {
                 best = max(best, unpack4xU8(in_codes[((n * p.h + u32(iy)) * p.w + u32(ix)) * cw + c4]));
             }
@@ -274,9 +276,9 @@ fn maxpool_float(@builtin(workgroup_id) wid: vec3<u32>,
     let ox = pix % p.ow;
     var best = -3.40282347e38;
     for (var ky = 0u; ky < p.kh; ky++) {
-        let iy = tap(oy, ky, p.sh, p.ph, p.h);
+        let iy = tap(oy, ky, p.sh, 1u, p.ph, p.h);
         for (var kx = 0u; kx < p.kw; kx++) {
-            let ix = tap(ox, kx, p.sw, p.pw, p.w);
+            let ix = tap(ox, kx, p.sw, 1u, p.pw, p.w);
             if (iy >= 0 && ix >= 0) {
                 best = max(best, in_float[((n * p.h + u32(iy)) * p.w + u32(ix)) * p.cin + c]);
             }
@@ -301,9 +303,9 @@ fn avgpool_float(@builtin(workgroup_id) wid: vec3<u32>,
     let ox = pix % p.ow;
     var acc = 0.0;
     for (var ky = 0u; ky < p.kh; ky++) {
-        let iy = tap(oy, ky, p.sh, p.ph, p.h);
+        let iy = tap(oy, ky, p.sh, 1u, p.ph, p.h);
         for (var kx = 0u; kx < p.kw; kx++) {
-            let ix = tap(ox, kx, p.sw, p.pw, p.w);
+            let ix = tap(ox, kx, p.sw, 1u, p.pw, p.w);
             if (iy >= 0 && ix >= 0) {
                 acc += in_float[((n * p.h + u32(iy)) * p.w + u32(ix)) * p.cin + c];
             }
@@ -438,13 +440,13 @@ fn conv_iao(@builtin(workgroup_id) wid: vec3<u32>,
         var s_w = 0u;
         var taps = 0u;
         for (var ky = 0u; ky < p.kh; ky++) {
-            let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
-            if (iy < 0 || u32(iy) >= p.h) {
+            let iy = tap(oy, ky, p.sh, p.dh, p.ph, p.h);
+            if (iy < 0) {
                 continue;
             }
             for (var kx = 0u; kx < p.kw; kx++) {
-                let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
-                if (ix < 0 || u32(ix) >= p.w) {
+                let ix = tap(ox, kx, p.sw, p.dw, p.pw, p.w);
+                if (ix < 0) {
                     continue;
                 }
                 taps += 1u;
@@ -588,9 +590,9 @@ fn maxpool_bits(@builtin(workgroup_id) wid: vec3<u32>,
     let ox = pix % p.ow;
     var any = 0u;
     for (var ky = 0u; ky < p.kh; ky++) {
-        let iy = tap(oy, ky, p.sh, p.ph, p.h);
+        let iy = tap(oy, ky, p.sh, 1u, p.ph, p.h);
         for (var kx = 0u; kx < p.kw; kx++) {
-            let ix = tap(ox, kx, p.sw, p.pw, p.w);
+            let ix = tap(ox, kx, p.sw, 1u, p.pw, p.w);
             if (iy >= 0 && ix >= 0) {
                 any |= in_codes[((n * p.h + u32(iy)) * p.w + u32(ix)) * cw + c];
             }
@@ -667,13 +669,13 @@ fn conv_xnor(@builtin(workgroup_id) wid: vec3<u32>,
         let g = co / cog;
         var dot = 0i;
         for (var ky = 0u; ky < p.kh; ky++) {
-            let iy = i32(oy * p.sh + ky * p.dh) - i32(p.ph);
-            if (iy < 0 || u32(iy) >= p.h) {
+            let iy = tap(oy, ky, p.sh, p.dh, p.ph, p.h);
+            if (iy < 0) {
                 continue;
             }
             for (var kx = 0u; kx < p.kw; kx++) {
-                let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
-                if (ix < 0 || u32(ix) >= p.w) {
+                let ix = tap(ox, kx, p.sw, p.dw, p.pw, p.w);
+                if (ix < 0) {
                     continue;
                 }
                 let pix_base = ((n * p.h + u32(iy)) * p.w + u32(ix)) * in_words;

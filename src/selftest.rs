@@ -1794,6 +1794,26 @@ pub fn random_residual_int_model(rng: &mut Rng) -> crate::infer::IntModel {
     .expect("a valid model")
 }
 
+/// The integer engine's logits for `batch` random images against its CPU reference's. Integer
+/// sums are exact; the epilogue is one multiply-add per value, which a GPU may fuse: codes then
+/// agree except at exact rounding ties.
+fn engine_against_reference(
+    gpu: &Gpu,
+    rng: &mut Rng,
+    model: crate::infer::IntModel,
+    batch: usize,
+) -> Result<Vec<(String, Report)>> {
+    let n = batch * model.manifest.input.iter().product::<usize>();
+    let x = rng.vec_uniform(n, -2.0, 2.0);
+    let engine = crate::infer::IntEngine::new(gpu, model.clone(), batch)?;
+    let got = engine.run(gpu, &x)?;
+    let want = f64s(&reference::intinfer::run(&model, &x)?);
+    Ok(vec![(
+        "logits".into(),
+        reference::compare(&got, &want, Tolerance::new(1e-5, 1e-5)),
+    )])
+}
+
 fn int_cases(v: &mut Vec<Case>) {
     for batch in [1usize, 4] {
         v.push(Case::new(
@@ -1802,14 +1822,7 @@ fn int_cases(v: &mut Vec<Case>) {
             format!("random residual model, batch {batch}"),
             move |gpu, rng| {
                 let model = random_residual_int_model(rng);
-                let x = rng.vec_uniform(batch * 3 * 9 * 9, -2.0, 2.0);
-                let engine = crate::infer::IntEngine::new(gpu, model.clone(), batch)?;
-                let got = engine.run(gpu, &x)?;
-                let want = f64s(&reference::intinfer::run(&model, &x)?);
-                Ok(vec![(
-                    "logits".into(),
-                    reference::compare(&got, &want, Tolerance::new(1e-5, 1e-5)),
-                )])
+                engine_against_reference(gpu, rng, model, batch)
             },
         ));
     }
@@ -1825,16 +1838,7 @@ fn int_cases(v: &mut Vec<Case>) {
             format!("random model, {what}, batch {batch}"),
             move |gpu, rng| {
                 let model = random_int_model(rng, qfirst);
-                let x = rng.vec_uniform(batch * 3 * 9 * 9, -2.0, 2.0);
-                let engine = crate::infer::IntEngine::new(gpu, model.clone(), batch)?;
-                let got = engine.run(gpu, &x)?;
-                let want = f64s(&reference::intinfer::run(&model, &x)?);
-                // Integer sums are exact; the epilogue is one multiply-add per value, which a GPU
-                // may fuse: codes then agree except at exact rounding ties.
-                Ok(vec![(
-                    "logits".into(),
-                    reference::compare(&got, &want, Tolerance::new(1e-5, 1e-5)),
-                )])
+                engine_against_reference(gpu, rng, model, batch)
             },
         ));
     }

@@ -92,6 +92,25 @@ struct Params {
     _pad: [u32; 3],
 }
 
+impl Params {
+    /// A conv's or pool's window (pools: dilation 1, one group).
+    fn window(
+        &mut self,
+        kernel: &[usize; 2],
+        stride: &[usize; 2],
+        padding: &[usize; 2],
+        dilation: &[usize; 2],
+        groups: usize,
+    ) {
+        let u = |v: usize| v as u32;
+        (self.kh, self.kw, self.sh, self.sw) =
+            (u(kernel[0]), u(kernel[1]), u(stride[0]), u(stride[1]));
+        (self.ph, self.pw, self.dh, self.dw) =
+            (u(padding[0]), u(padding[1]), u(dilation[0]), u(dilation[1]));
+        self.groups = u(groups);
+    }
+}
+
 /// An activation between ops: (C, H, W) per image, as codes of `bits` bits or as floats.
 #[derive(Clone)]
 struct Edge {
@@ -499,19 +518,7 @@ impl IntEngine {
                     ..
                 } => {
                     let l = &self.layers[name];
-                    p.groups = *groups as u32;
-                    (p.kh, p.kw, p.sh, p.sw) = (
-                        kernel[0] as u32,
-                        kernel[1] as u32,
-                        stride[0] as u32,
-                        stride[1] as u32,
-                    );
-                    (p.ph, p.pw, p.dh, p.dw) = (
-                        padding[0] as u32,
-                        padding[1] as u32,
-                        dilation[0] as u32,
-                        dilation[1] as u32,
-                    );
+                    p.window(kernel, stride, padding, dilation, *groups);
                     p.w_levels = weight_bits.map_or(0, |b| (1u32 << b) - 1);
                     p.relu = *relu as u32;
                     let (consts, codes_out, float_out) =
@@ -613,19 +620,7 @@ impl IntEngine {
                     ..
                 } => {
                     let l = &self.xnor[name];
-                    p.groups = *groups as u32;
-                    (p.kh, p.kw, p.sh, p.sw) = (
-                        kernel[0] as u32,
-                        kernel[1] as u32,
-                        stride[0] as u32,
-                        stride[1] as u32,
-                    );
-                    (p.ph, p.pw, p.dh, p.dw) = (
-                        padding[0] as u32,
-                        padding[1] as u32,
-                        dilation[0] as u32,
-                        dilation[1] as u32,
-                    );
+                    p.window(kernel, stride, padding, dilation, *groups);
                     let (codes_out, float_out) = if *sign {
                         (&y, &self.dummy)
                     } else {
@@ -667,14 +662,7 @@ impl IntEngine {
                     stride,
                     padding,
                 } => {
-                    (p.kh, p.kw, p.sh, p.sw, p.ph, p.pw) = (
-                        kernel[0] as u32,
-                        kernel[1] as u32,
-                        stride[0] as u32,
-                        stride[1] as u32,
-                        padding[0] as u32,
-                        padding[1] as u32,
-                    );
+                    p.window(kernel, stride, padding, &[1, 1], 1);
                     let avg = matches!(op, IntOp::AvgPool { .. });
                     let (e, n) = match (avg, cur.bits) {
                         (false, Some(1)) => {

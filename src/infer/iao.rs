@@ -13,7 +13,7 @@
 
 use super::model::{
     CodeSpace, IaoConv, IntModel, IntNode, IntOp, Manifest, conv_axis, linear_to_channels_last,
-    pad_rows, pair, pool_axis, to_channels_last, weight_row,
+    pad_rows, pair, to_channels_last, weight_row,
 };
 use super::qdq::{State, quantizer, weight_and_bias};
 use crate::error::{Error, Result};
@@ -362,55 +362,25 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                 out[last] = Some(t);
                 t
             }
-            LayerSpec::MaxPool {
-                kernel,
-                stride,
-                padding,
-            }
-            | LayerSpec::AvgPool {
-                kernel,
-                stride,
-                padding,
-            } => {
+            LayerSpec::MaxPool { .. } | LayerSpec::AvgPool { .. } => {
                 let s_p = act_space(&state, name)?
                     .ok_or_else(|| unsupported(i, "its input is not quantized"))?;
                 let mut edge = into(&mut ops, x, s_p);
-                let stride = stride.unwrap_or(*kernel);
-                let (k, st, pd) = (pair(kernel.t()), pair(stride.t()), pair(padding.t()));
-                let max = matches!(node.layer, LayerSpec::MaxPool { .. });
-                let space = if max {
-                    edge = push(
-                        &mut ops,
-                        IntOp::MaxPool {
-                            kernel: k,
-                            stride: st,
-                            padding: pd,
-                        },
-                        vec![edge],
-                    );
+                let pool = IntOp::pool(&node.layer).expect("a pool layer");
+                let (oh, ow) = pool.pool_out(x.shape.1, x.shape.2);
+                let space = if matches!(pool, IntOp::MaxPool { .. }) {
+                    edge = push(&mut ops, pool, vec![edge]);
                     Some(s_p)
                 } else {
                     // The average of the quantized values, in float.
                     edge = push(&mut ops, IntOp::IaoDequant { from: s_p }, vec![edge]);
-                    edge = push(
-                        &mut ops,
-                        IntOp::AvgPool {
-                            kernel: k,
-                            stride: st,
-                            padding: pd,
-                        },
-                        vec![edge],
-                    );
+                    edge = push(&mut ops, pool, vec![edge]);
                     None
                 };
                 Tensor {
                     edge,
                     space,
-                    shape: (
-                        x.shape.0,
-                        pool_axis(x.shape.1, k[0], st[0], pd[0]),
-                        pool_axis(x.shape.2, k[1], st[1], pd[1]),
-                    ),
+                    shape: (x.shape.0, oh, ow),
                     flattened_from: None,
                 }
             }

@@ -135,6 +135,65 @@ pub enum IntOp {
     },
 }
 
+impl IntOp {
+    /// The MaxPool or AvgPool op of pool layer `layer` (the stride defaulting to the kernel);
+    /// None for other layers.
+    pub fn pool(layer: &crate::models::LayerSpec) -> Option<IntOp> {
+        use crate::models::LayerSpec;
+        let (max, kernel, stride, padding) = match layer {
+            LayerSpec::MaxPool {
+                kernel,
+                stride,
+                padding,
+            } => (true, kernel, stride, padding),
+            LayerSpec::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => (false, kernel, stride, padding),
+            _ => return None,
+        };
+        let (kernel, stride, padding) = (
+            pair(kernel.t()),
+            pair(stride.unwrap_or(*kernel).t()),
+            pair(padding.t()),
+        );
+        Some(if max {
+            IntOp::MaxPool {
+                kernel,
+                stride,
+                padding,
+            }
+        } else {
+            IntOp::AvgPool {
+                kernel,
+                stride,
+                padding,
+            }
+        })
+    }
+
+    /// A pool's output (H, W) for input (H, W); other ops keep it.
+    pub fn pool_out(&self, h: usize, w: usize) -> (usize, usize) {
+        match self {
+            IntOp::MaxPool {
+                kernel,
+                stride,
+                padding,
+            }
+            | IntOp::AvgPool {
+                kernel,
+                stride,
+                padding,
+            } => (
+                pool_axis(h, kernel[0], stride[0], padding[0]),
+                pool_axis(w, kernel[1], stride[1], padding[1]),
+            ),
+            _ => (h, w),
+        }
+    }
+}
+
 /// An op and the edges it reads.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IntNode {

@@ -261,46 +261,16 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                 i = last + 1;
                 continue;
             }
-            LayerSpec::MaxPool {
-                kernel,
-                stride,
-                padding,
-            }
-            | LayerSpec::AvgPool {
-                kernel,
-                stride,
-                padding,
-            } => {
-                let stride = stride.unwrap_or(*kernel);
-                let (k, st, pd) = (pair(kernel.t()), pair(stride.t()), pair(padding.t()));
-                if matches!(node.layer, LayerSpec::MaxPool { .. }) {
-                    push(
-                        &mut ops,
-                        IntOp::MaxPool {
-                            kernel: k,
-                            stride: st,
-                            padding: pd,
-                        },
-                    );
-                } else {
-                    if bits {
-                        push(&mut ops, IntOp::Unpack);
-                        bits = false;
-                    }
-                    push(
-                        &mut ops,
-                        IntOp::AvgPool {
-                            kernel: k,
-                            stride: st,
-                            padding: pd,
-                        },
-                    );
+            LayerSpec::MaxPool { .. } | LayerSpec::AvgPool { .. } => {
+                let pool = IntOp::pool(&node.layer).expect("a pool layer");
+                let (oh, ow) = pool.pool_out(shape.1, shape.2);
+                // Max-pool works on bits (an OR); an average needs the ±1 values.
+                if bits && matches!(pool, IntOp::AvgPool { .. }) {
+                    push(&mut ops, IntOp::Unpack);
+                    bits = false;
                 }
-                shape = (
-                    shape.0,
-                    super::model::pool_axis(shape.1, k[0], st[0], pd[0]),
-                    super::model::pool_axis(shape.2, k[1], st[1], pd[1]),
-                );
+                push(&mut ops, pool);
+                shape = (shape.0, oh, ow);
             }
             LayerSpec::Shuffle { groups } => push(&mut ops, IntOp::Shuffle { groups: *groups }),
             LayerSpec::Flatten => {

@@ -3,11 +3,10 @@
 //! a word, channel counts that are not multiples of 32, padding), max-pool and shuffle of bits,
 //! and unpacking to floats.
 
-use super::{Case, f64s};
+use super::Case;
 use crate::infer::IntModel;
 use crate::infer::model::{IntNode, IntOp, Manifest, pack_plane};
 use crate::nn::checkpoint::{Data, Named};
-use crate::reference::{self, Tolerance};
 use crate::rng::Rng;
 use std::collections::HashMap;
 
@@ -160,14 +159,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             ),
             move |gpu, rng| {
                 let model = random_xnor_int_model(rng, bits_out);
-                let x = rng.vec_uniform(batch * 3 * 9 * 9, -2.0, 2.0);
-                let engine = crate::infer::IntEngine::new(gpu, model.clone(), batch)?;
-                let got = engine.run(gpu, &x)?;
-                let want = f64s(&reference::intinfer::run(&model, &x)?);
-                Ok(vec![(
-                    "logits".into(),
-                    reference::compare(&got, &want, Tolerance::new(1e-5, 1e-5)),
-                )])
+                super::engine_against_reference(gpu, rng, model, batch)
             },
         ));
     }
