@@ -17,8 +17,8 @@ use crate::models::LayerSpec;
 use crate::models::spec::ConvWindow;
 use crate::nn::Network;
 use crate::nn::checkpoint::{Data, Named};
+use crate::quant::Scheme;
 use crate::quant::wbwtab::{self as wb, Weights};
-use crate::quant::{Activations, Scheme};
 use std::collections::HashMap;
 
 /// The integer model of wbwtab network `net` (weights read from the GPU).
@@ -41,6 +41,7 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
         })
         .collect();
     let binary_layers = net.wbwtab_layers();
+    let signs = net.binary_activations();
     let nodes = &graph.nodes;
     let unsupported = |i: usize, why: &str| {
         Error::Invalid(format!(
@@ -115,9 +116,8 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
                     }
                 }
                 let next = nodes.get(last + 1).map(|n| &n.layer);
-                let sign = matches!(next, Some(LayerSpec::Relu))
-                    && o.activations == Activations::Binary
-                    && net_is_sign(net, last + 1);
+                // The ReLU after it is wbwtab's binary activation (a network layer of kind Sign).
+                let sign = matches!(next, Some(LayerSpec::Relu)) && signs.contains(&(last + 1));
                 let relu = matches!(next, Some(LayerSpec::Relu)) && !sign;
                 if matches!(next, Some(LayerSpec::Relu)) {
                     last += 1;
@@ -296,9 +296,4 @@ pub fn int_model(gpu: &Gpu, net: &Network) -> Result<IntModel> {
     }
     let manifest = Manifest::new(&net.spec.name, input, shape.0 * shape.1 * shape.2, ops);
     Ok(IntModel { manifest, tensors })
-}
-
-/// Whether layer `i` (a ReLU of the model) is wbwtab's binary activation in `net`.
-fn net_is_sign(net: &Network, i: usize) -> bool {
-    net.binary_activations().contains(&i)
 }
