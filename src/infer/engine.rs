@@ -137,8 +137,8 @@ struct Layer {
     w_float: Option<Tensor>,
     scale: Tensor,
     bias: Tensor,
-    /// IAO: the weight codes' per-channel offsets, and the int32 bias.
-    w_zero: Option<(Tensor, Tensor)>,
+    /// IAO: the weight codes' per-channel offsets and the int32 bias.
+    iao_terms: Option<(Tensor, Tensor)>,
 }
 
 /// A binary conv's weight planes and epilogue.
@@ -319,7 +319,7 @@ impl IntEngine {
                         &[*cout],
                         model.floats(&format!("{name}.bias"), *cout)?,
                     )?;
-                    let w_zero = match iao {
+                    let iao_terms = match iao {
                         Some(_) => Some((
                             gpu.upload_f32(
                                 &format!("{name} weight zero"),
@@ -345,7 +345,7 @@ impl IntEngine {
                             w_float,
                             scale,
                             bias,
-                            w_zero,
+                            iao_terms,
                         },
                     );
                     (h, w) = (
@@ -525,7 +525,7 @@ impl IntEngine {
                         epilogue(&mut p, *output_bits, &y, &dummy_u, &self.dummy);
                     let grid =
                         elementwise_grid(gpu, (batch * out.h * out.w * out.c.div_ceil(4)) as u32);
-                    if let (Some(q), Some(wc), Some((wz, bq))) = (iao, &l.w_codes, &l.w_zero) {
+                    if let (Some(q), Some(wc), Some((wz, bq))) = (iao, &l.w_codes, &l.iao_terms) {
                         iao_in(&mut p, &q.input);
                         if let Some(o) = &q.output {
                             iao_out(&mut p, o);
