@@ -15,7 +15,7 @@
 struct Params {
     n: u32,            // elements
     levels: u32,       // n_q = 2^bits - 1 (bits 2..=16; 32-bit identity never reaches a shader)
-    partials: u32,     // number of partial results of a reduction
+    members: u32,      // members of a weight-quantizer group
     _pad0: u32,
     levels_f: f32,     // f32(n_q)
     inv_levels: f32,   // fl32(1 / n_q), rounded from the exact double on the CPU
@@ -52,6 +52,8 @@ struct Params {
 @group(0) @binding(19) var<storage, read> div_b: array<f32>;
 @group(0) @binding(20) var<storage, read> div_nudge: array<i32>;
 @group(0) @binding(21) var<storage, read_write> div_q: array<f32>;
+// the weight tensors a weight-quantizer launch covers (see Member)
+@group(0) @binding(22) var<storage, read> members: array<Member>;
 
 // Codes of at most 8 bits are packed four per word, element i in byte i % 4.
 override PACKED: bool = true;
@@ -179,6 +181,42 @@ fn div_check(@builtin(workgroup_id) wid: vec3<u32>,
 
 // ---------------------------------------------------------------------------------------------
 // Weight quantizer, per tensor: t = tanh(W), m = max |t|, u = (t/2)/m + 0.5, levels as above.
+// One launch of each pass covers every member of a group (a network's quantized weights: 3
+// launches forward and 3 backward whatever the depth). Each member is reduced exactly as it
+// would be alone (the same CHUNK blocks, the same trees), so grouping does not change a bit.
+
+// A member: a weight tensor, where its values lie in the bound buffers, and its grid ranges.
+struct Member {
+    n: u32,          // elements
+    w_off: u32,      // offset of W and dL/dW
+    t_off: u32,      // offset of t, W_hat and G = dL/dW_hat
+    part_off: u32,   // its partial results (one per block forward, two backward)
+    block0: u32,     // its first workgroup in a reduction grid (CHUNK elements each)
+    tile0: u32,      // its first workgroup in an elementwise grid (WG elements each)
+    stat_off: u32,   // its [m, S, c, 0]
+    levels: u32,     // n_q of its bits
+    levels_f: f32,
+    inv_levels: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+// The member whose range of `field` (0: block0, 1: tile0) holds workgroup `w`. Workgroups past
+// the last range (a 2-D grid's overshoot) get the last member, and find no element to touch.
+fn member_at(w: u32, field: u32) -> u32 {
+    var j = 0u;
+    for (var i = 1u; i < p.members; i++) {
+        let first = select(members[i].block0, members[i].tile0, field == 1u);
+        if (first <= w) {
+            j = i;
+        }
+    }
+    return j;
+}
+
+fn blocks_of(mb: Member) -> u32 {
+    return max(1u, (mb.n + CHUNK - 1u) / CHUNK);
+}
 
 // tanh to within about 1 ulp (3 where exp is as loose as Vulkan allows), the same on every driver:
 // built-in tanh may be hundreds of ulp off near 0 (Mesa's is), which would move levels. Below
@@ -203,16 +241,16 @@ fn tanh_safe(x: f32) -> f32 {
 
 // The code k in 0..=n of t. With m = 0 (an all-zero tensor) DoReFa divides 0 by 0; wgqat defines
 // u = 0.5 there, the level a zero weight gets in any other tensor (+1/n).
-fn weight_code(t: f32, m: f32) -> f32 {
+fn weight_code(t: f32, m: f32, levels_f: f32) -> f32 {
     var u = 0.5;
     if (m > 0.0) {
         u = div_rn(t * 0.5, m) + 0.5;
     }
-    return floor(u * p.levels_f + 0.5);
+    return floor(u * levels_f + 0.5);
 }
 
-fn weight_value_of_code(k: f32) -> f32 {
-    return 2.0 * (k * p.inv_levels) - 1.0;
+fn weight_value_of_code(k: f32, inv_levels: f32) -> f32 {
+    return 2.0 * (k * inv_levels) - 1.0;
 }
 
 // Pass 1: t = tanh(W), and the max |t| of each CHUNK-element block.
@@ -220,14 +258,16 @@ fn weight_value_of_code(k: f32) -> f32 {
 fn wq_absmax_partial(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
-    let block = wid.x + wid.y * nwg.x;
+    let w = wid.x + wid.y * nwg.x;
+    let mb = members[member_at(w, 0u)];
+    let block = w - mb.block0;
     let start = block * CHUNK;
     var best = 0.0;
     for (var j = lid; j < CHUNK; j += WG) {
         let i = start + j;
-        if (i < p.n) {
-            let t = tanh_safe(wq_w[i]);
-            wq_t[i] = t;
+        if (i < mb.n) {
+            let t = tanh_safe(wq_w[mb.w_off + i]);
+            wq_t[mb.t_off + i] = t;
             best = max(best, abs(t));
         }
     }
@@ -239,17 +279,19 @@ fn wq_absmax_partial(@builtin(workgroup_id) wid: vec3<u32>,
         }
         workgroupBarrier();
     }
-    if (lid == 0u && block < p.partials) {
-        wq_partials[block] = red_a[0];
+    if (lid == 0u && block < blocks_of(mb)) {
+        wq_partials[mb.part_off + block] = red_a[0];
     }
 }
 
-// Pass 2 (one workgroup): m = max of the partial maxima -> stats[0].
+// Pass 2 (a workgroup per member): m = max of the partial maxima -> stats[0].
 @compute @workgroup_size(256)
-fn wq_absmax_final(@builtin(local_invocation_index) lid: u32) {
+fn wq_absmax_final(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let mb = members[wid.x];
     var best = 0.0;
-    for (var j = lid; j < p.partials; j += WG) {
-        best = max(best, wq_partials_in[j]);
+    for (var j = lid; j < blocks_of(mb); j += WG) {
+        best = max(best, wq_partials_in[mb.part_off + j]);
     }
     red_a[lid] = best;
     workgroupBarrier();
@@ -260,7 +302,7 @@ fn wq_absmax_final(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
     }
     if (lid == 0u) {
-        wq_stats[0] = red_a[0];
+        wq_stats[mb.stat_off] = red_a[0];
     }
 }
 
@@ -269,12 +311,15 @@ fn wq_absmax_final(@builtin(local_invocation_index) lid: u32) {
 fn wq_forward(@builtin(workgroup_id) wid: vec3<u32>,
               @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
-    if (i >= p.n) {
+    let w = wid.x + wid.y * nwg.x;
+    let mb = members[member_at(w, 1u)];
+    let i = (w - mb.tile0) * WG + lid;
+    if (i >= mb.n) {
         return;
     }
-    let t = wq_t_in[i];
-    wq_w_hat[i] = select(weight_value_of_code(weight_code(t, wq_stats_in[0])), t, is_nan(t));
+    let t = wq_t_in[mb.t_off + i];
+    let k = weight_code(t, wq_stats_in[mb.stat_off], mb.levels_f);
+    wq_w_hat[mb.t_off + i] = select(weight_value_of_code(k, mb.inv_levels), t, is_nan(t));
 }
 
 // Backward, following autograd's chain (spec §2.3):
@@ -282,8 +327,8 @@ fn wq_forward(@builtin(workgroup_id) wid: vec3<u32>,
 //   S    = sum_j du_j * (t_j / 2)      c = #{ j : |t_j| = m }
 //   dt_i = (du_i / m) / 2 - sign(t_i) * 1[|t_i| = m] * (S / (m*m)) / c
 //   dW_i = dt_i * (1 - t_i^2)
-fn weight_du(g: f32) -> f32 {
-    return ((2.0 * g) * p.inv_levels) * p.levels_f;
+fn weight_du(g: f32, mb: Member) -> f32 {
+    return ((2.0 * g) * mb.inv_levels) * mb.levels_f;
 }
 
 // Pass 1: per-block partial sums of du * t/2 and of the tie count.
@@ -291,16 +336,18 @@ fn weight_du(g: f32) -> f32 {
 fn wq_backward_partial(@builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(local_invocation_index) lid: u32) {
-    let block = wid.x + wid.y * nwg.x;
+    let w = wid.x + wid.y * nwg.x;
+    let mb = members[member_at(w, 0u)];
+    let block = w - mb.block0;
     let start = block * CHUNK;
-    let m = wq_stats_in[0];
+    let m = wq_stats_in[mb.stat_off];
     var s = 0.0;
     var ties = 0.0;
     for (var j = lid; j < CHUNK; j += WG) {
         let i = start + j;
-        if (i < p.n) {
-            let t = wq_t_in[i];
-            s += weight_du(wq_g[i]) * (t * 0.5);
+        if (i < mb.n) {
+            let t = wq_t_in[mb.t_off + i];
+            s += weight_du(wq_g[mb.t_off + i], mb) * (t * 0.5);
             ties += select(0.0, 1.0, abs(t) == m);
         }
     }
@@ -314,20 +361,22 @@ fn wq_backward_partial(@builtin(workgroup_id) wid: vec3<u32>,
         }
         workgroupBarrier();
     }
-    if (lid == 0u && block < p.partials) {
-        wq_partials[2u * block] = red_a[0];
-        wq_partials[2u * block + 1u] = red_b[0];
+    if (lid == 0u && block < blocks_of(mb)) {
+        wq_partials[mb.part_off + 2u * block] = red_a[0];
+        wq_partials[mb.part_off + 2u * block + 1u] = red_b[0];
     }
 }
 
-// Pass 2 (one workgroup): stats[1] = S, stats[2] = c; stats[0] (m) is kept.
+// Pass 2 (a workgroup per member): stats[1] = S, stats[2] = c; stats[0] (m) is kept.
 @compute @workgroup_size(256)
-fn wq_backward_final(@builtin(local_invocation_index) lid: u32) {
+fn wq_backward_final(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let mb = members[wid.x];
     var s = 0.0;
     var ties = 0.0;
-    for (var j = lid; j < p.partials; j += WG) {
-        s += wq_partials_in[2u * j];
-        ties += wq_partials_in[2u * j + 1u];
+    for (var j = lid; j < blocks_of(mb); j += WG) {
+        s += wq_partials_in[mb.part_off + 2u * j];
+        ties += wq_partials_in[mb.part_off + 2u * j + 1u];
     }
     red_a[lid] = s;
     red_b[lid] = ties;
@@ -340,8 +389,8 @@ fn wq_backward_final(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
     }
     if (lid == 0u) {
-        wq_stats[1] = red_a[0];
-        wq_stats[2] = red_b[0];
+        wq_stats[mb.stat_off + 1u] = red_a[0];
+        wq_stats[mb.stat_off + 2u] = red_b[0];
     }
 }
 
@@ -350,23 +399,25 @@ fn wq_backward_final(@builtin(local_invocation_index) lid: u32) {
 fn wq_backward(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
-    if (i >= p.n) {
+    let w = wid.x + wid.y * nwg.x;
+    let mb = members[member_at(w, 1u)];
+    let i = (w - mb.tile0) * WG + lid;
+    if (i >= mb.n) {
         return;
     }
-    let g = wq_g[i];
-    let m = wq_stats_in[0];
+    let g = wq_g[mb.t_off + i];
+    let m = wq_stats_in[mb.stat_off];
     if (!(m > 0.0)) {
-        wq_dw[i] = select(0.0, m, is_nan(m));
+        wq_dw[mb.w_off + i] = select(0.0, m, is_nan(m));
         return;
     }
-    let t = wq_t_in[i];
-    var dt = (weight_du(g) / m) / 2.0;
+    let t = wq_t_in[mb.t_off + i];
+    var dt = (weight_du(g, mb) / m) / 2.0;
     if (abs(t) == m) {
-        let dm = -wq_stats_in[1] / (m * m);
-        dt += sign(t) * (dm / wq_stats_in[2]);
+        let dm = -wq_stats_in[mb.stat_off + 1u] / (m * m);
+        dt += sign(t) * (dm / wq_stats_in[mb.stat_off + 2u]);
     }
-    wq_dw[i] = dt * (1.0 - t * t);
+    wq_dw[mb.w_off + i] = dt * (1.0 - t * t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,7 +477,7 @@ fn weight_codes(@builtin(workgroup_id) wid: vec3<u32>,
     var k = vec4<f32>(0.0);
     for (var j = 0u; j < elements_per_word(); j++) {
         if (first + j < p.n) {
-            k[j] = weight_code(wq_t_in[first + j], m);
+            k[j] = weight_code(wq_t_in[first + j], m, p.levels_f);
         }
     }
     pack_word(word, k);
@@ -451,5 +502,5 @@ fn weight_dequant(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    wq_w_hat[i] = weight_value_of_code(code_at(i));
+    wq_w_hat[i] = weight_value_of_code(code_at(i), p.inv_levels);
 }

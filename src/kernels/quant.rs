@@ -14,18 +14,19 @@ const CHUNK: usize = 4096;
 struct Params {
     n: u32,
     levels: u32,
-    partials: u32,
+    /// Members of a weight-quantizer group.
+    members: u32,
     _pad0: u32,
     levels_f: f32,
     inv_levels: f32,
     _pad1: [f32; 2],
 }
 
-fn params(n: u32, bits: Bits, partials: u32) -> Params {
+fn params(n: u32, bits: Bits, members: u32) -> Params {
     Params {
         n,
         levels: bits.levels(),
-        partials,
+        members,
         _pad0: 0,
         levels_f: bits.levels() as f32,
         inv_levels: bits.inv_levels(),
@@ -51,13 +52,18 @@ const ACT_BACKWARD_IN_PLACE: Entry = entry("act_backward_in_place", &[(3, R), (5
 const ACT_CODES: Entry = entry("act_codes", &[(1, R), (16, W)]);
 const ACT_DEQUANT: Entry = entry("act_dequant", &[(2, W), (17, R)]);
 const WEIGHT_DEQUANT: Entry = entry("weight_dequant", &[(13, W), (17, R)]);
-const WQ_ABSMAX_PARTIAL: Entry = entry("wq_absmax_partial", &[(6, R), (7, W), (8, W)]);
-const WQ_ABSMAX_FINAL: Entry = entry("wq_absmax_final", &[(9, R), (10, W)]);
-const WQ_FORWARD: Entry = entry("wq_forward", &[(11, R), (12, R), (13, W)]);
-const WQ_BACKWARD_PARTIAL: Entry =
-    entry("wq_backward_partial", &[(8, W), (11, R), (12, R), (14, R)]);
-const WQ_BACKWARD_FINAL: Entry = entry("wq_backward_final", &[(9, R), (10, W)]);
-const WQ_BACKWARD: Entry = entry("wq_backward", &[(11, R), (12, R), (14, R), (15, W)]);
+const WQ_ABSMAX_PARTIAL: Entry = entry("wq_absmax_partial", &[(6, R), (7, W), (8, W), (22, R)]);
+const WQ_ABSMAX_FINAL: Entry = entry("wq_absmax_final", &[(9, R), (10, W), (22, R)]);
+const WQ_FORWARD: Entry = entry("wq_forward", &[(11, R), (12, R), (13, W), (22, R)]);
+const WQ_BACKWARD_PARTIAL: Entry = entry(
+    "wq_backward_partial",
+    &[(8, W), (11, R), (12, R), (14, R), (22, R)],
+);
+const WQ_BACKWARD_FINAL: Entry = entry("wq_backward_final", &[(9, R), (10, W), (22, R)]);
+const WQ_BACKWARD: Entry = entry(
+    "wq_backward",
+    &[(11, R), (12, R), (14, R), (15, W), (22, R)],
+);
 const WEIGHT_CODES: Entry = entry("weight_codes", &[(11, R), (12, R), (16, W)]);
 const DIV_CHECK: Entry = entry("div_check", &[(18, R), (19, R), (20, R), (21, W)]);
 
@@ -239,38 +245,275 @@ fn codes_check(kernel: &str, bits: Bits, shape: &[usize], codes: &Tensor) -> Res
     expect_shape(kernel, "codes", codes, shape)
 }
 
-/// The weight quantizer of one weight tensor: its buffers (t = tanh(W), partial reductions and
-/// the statistics `[m, S, c, 0]`) are made once, and its forward and backward are a few launches
-/// to record into a step.
+/// One weight tensor of a [`WeightQuantizers`] group as the shader reads it (`Member`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct Member {
+    n: u32,
+    w_off: u32,
+    t_off: u32,
+    part_off: u32,
+    block0: u32,
+    tile0: u32,
+    stat_off: u32,
+    levels: u32,
+    levels_f: f32,
+    inv_levels: f32,
+    _pad: [u32; 2],
+}
+
+/// Elements of an arena slot's alignment (256 bytes of f32): each member's t, Ŵ and G start on
+/// a boundary at which they can be bound on their own.
+const ALIGN: usize = 64;
+
+/// The DoReFa weight quantizers of several weight tensors (a network's), run together: forward
+/// and backward are three launches each whatever the number of tensors, and each tensor's
+/// values are exactly those it would get alone. `W` and `dL/dW` are read and written at each
+/// member's offset in one buffer (a parameter arena); `t = tanh(W)`, `Ŵ` and `G = dL/dŴ` lie in
+/// buffers of the group's own layout ([`Self::len`], [`Self::view`]).
+pub struct WeightQuantizers {
+    members: Vec<(Bits, Vec<usize>, Member)>,
+    table: Tensor,
+    partials: Tensor,
+    stats: Tensor,
+    t: Tensor,
+    blocks: u32,
+    tiles: u32,
+    len: usize,
+}
+
+impl WeightQuantizers {
+    /// A group of `(bits, shape, offset of W)` tensors (quantized bits only: 32-bit weights need
+    /// no quantizer).
+    pub fn new(gpu: &Gpu, tensors: &[(Bits, Vec<usize>, usize)]) -> Result<Self> {
+        const K: &str = "weight_quantizers";
+        if tensors.is_empty() {
+            return Err(Error::shape(K, "a group needs at least one weight tensor"));
+        }
+        let (mut members, mut len, mut parts, mut blocks, mut tiles) = (Vec::new(), 0, 0, 0, 0);
+        for (j, (bits, shape, w_off)) in tensors.iter().enumerate() {
+            if bits.is_float() {
+                return Err(Error::shape(K, "32-bit weights have no quantizer"));
+            }
+            let n: usize = shape.iter().product();
+            let b = n.div_ceil(CHUNK).max(1);
+            let u = |v: usize| count_u32(K, v);
+            members.push((
+                *bits,
+                shape.clone(),
+                Member {
+                    n: u(n)?,
+                    w_off: u(*w_off)?,
+                    t_off: u(len)?,
+                    part_off: u(parts)?,
+                    block0: u(blocks)?,
+                    tile0: u(tiles)?,
+                    stat_off: u(4 * j)?,
+                    levels: bits.levels(),
+                    levels_f: bits.levels() as f32,
+                    inv_levels: bits.inv_levels(),
+                    _pad: [0; 2],
+                },
+            ));
+            len = (len + n).next_multiple_of(ALIGN);
+            parts += 2 * b;
+            blocks += b;
+            tiles += n.div_ceil(256).max(1);
+        }
+        let words: Vec<u32> = members
+            .iter()
+            .flat_map(|(_, _, m)| {
+                bytemuck::cast_slice::<Member, u32>(std::slice::from_ref(m)).to_vec()
+            })
+            .collect();
+        Ok(WeightQuantizers {
+            table: gpu.upload_u32("weight quantizer members", &[words.len()], &words)?,
+            partials: gpu.zeros("weight quantizer partials", &[parts], DType::F32)?,
+            stats: gpu.zeros("weight quantizer stats", &[4 * members.len()], DType::F32)?,
+            t: gpu.zeros("tanh(W)", &[len.max(1)], DType::F32)?,
+            blocks: count_u32(K, blocks)?,
+            tiles: count_u32(K, tiles)?,
+            len: len.max(1),
+            members,
+        })
+    }
+
+    /// Elements of a buffer in the group's layout (t, Ŵ, G).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Member `j`'s tensor in `arena`, a buffer of the group's layout.
+    pub fn view(&self, arena: &Tensor, j: usize) -> Result<Tensor> {
+        let (_, shape, m) = &self.members[j];
+        arena.view(m.t_off as usize, shape)
+    }
+
+    /// `tanh(W)` of the last forward, in the group's layout.
+    pub fn t(&self) -> &Tensor {
+        &self.t
+    }
+
+    /// `[m, S, c, 0]` of each member: max |t| (forward), Σ du·t/2 and the tie count (backward).
+    pub fn stats(&self) -> &Tensor {
+        &self.stats
+    }
+
+    fn describe(&self) -> String {
+        match &self.members[..] {
+            [(bits, shape, _)] => format!("w{bits} {shape:?}"),
+            all => format!("{} tensors", all.len()),
+        }
+    }
+
+    /// Checks that `w` (and `dw`) hold every member at its offset, and the group-layout buffers
+    /// every member.
+    fn check(
+        &self,
+        kernel: &str,
+        w_layout: &[(&str, &Tensor)],
+        t_layout: &[(&str, &Tensor)],
+    ) -> Result<()> {
+        let w_end = self
+            .members
+            .iter()
+            .map(|(_, _, m)| (m.w_off + m.n) as usize)
+            .max()
+            .unwrap_or(0);
+        let t_end = self
+            .members
+            .iter()
+            .map(|(_, _, m)| (m.t_off + m.n) as usize)
+            .max()
+            .unwrap_or(0);
+        for (names, end) in [(w_layout, w_end), (t_layout, t_end)] {
+            for (name, t) in names {
+                expect_dtype(kernel, name, t, DType::F32)?;
+                if t.numel() < end {
+                    return Err(Error::shape(
+                        kernel,
+                        &format!(
+                            "{name} has {} elements where the weights need {end}",
+                            t.numel()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> Params {
+        let bits = self.members[0].0;
+        params(0, bits, self.members.len() as u32)
+    }
+
+    fn reduction(&self, gpu: &Gpu) -> [u32; 3] {
+        grid_1d(self.blocks, gpu.limits.max_compute_workgroups_per_dimension)
+    }
+
+    fn elementwise(&self, gpu: &Gpu) -> [u32; 3] {
+        grid_1d(self.tiles, gpu.limits.max_compute_workgroups_per_dimension)
+    }
+
+    /// `t = tanh(W)`, `m = max|t|` (two launches); what forward and `codes` start with.
+    fn absmax(&self, gpu: &Gpu, w: &Tensor) -> Result<Vec<Op>> {
+        let (p, what) = (self.params(), self.describe());
+        Ok(vec![
+            launch_op(
+                gpu,
+                (&WQ_ABSMAX_PARTIAL, &[]),
+                format!("wq_absmax_partial {what}"),
+                &p,
+                &[w, &self.t, &self.partials, &self.table],
+                self.reduction(gpu),
+            )?,
+            launch_op(
+                gpu,
+                (&WQ_ABSMAX_FINAL, &[]),
+                format!("wq_absmax_final {what}"),
+                &p,
+                &[&self.partials, &self.stats, &self.table],
+                [self.members.len() as u32, 1, 1],
+            )?,
+        ])
+    }
+
+    /// Every member's `Ŵ` (into `w_hat`, the group's layout) from its `W` (in `w`).
+    pub fn forward(&self, gpu: &Gpu, w: &Tensor, w_hat: &Tensor) -> Result<Vec<Op>> {
+        self.check("weight_quant_forward", &[("w", w)], &[("w_hat", w_hat)])?;
+        let mut ops = self.absmax(gpu, w)?;
+        ops.push(launch_op(
+            gpu,
+            (&WQ_FORWARD, &[]),
+            format!("wq_forward {}", self.describe()),
+            &self.params(),
+            &[&self.t, &self.stats, w_hat, &self.table],
+            self.elementwise(gpu),
+        )?);
+        Ok(ops)
+    }
+
+    /// Every member's `dL/dW` (into `dw`, at its offset) from `G = dL/dŴ` (in `g`, the group's
+    /// layout), using `t` and `m` of the last forward.
+    pub fn backward(&self, gpu: &Gpu, g: &Tensor, dw: &Tensor) -> Result<Vec<Op>> {
+        self.check("weight_quant_backward", &[("dw", dw)], &[("g", g)])?;
+        let (p, what) = (self.params(), self.describe());
+        Ok(vec![
+            launch_op(
+                gpu,
+                (&WQ_BACKWARD_PARTIAL, &[]),
+                format!("wq_backward_partial {what}"),
+                &p,
+                &[&self.partials, &self.t, &self.stats, g, &self.table],
+                self.reduction(gpu),
+            )?,
+            launch_op(
+                gpu,
+                (&WQ_BACKWARD_FINAL, &[]),
+                format!("wq_backward_final {what}"),
+                &p,
+                &[&self.partials, &self.stats, &self.table],
+                [self.members.len() as u32, 1, 1],
+            )?,
+            launch_op(
+                gpu,
+                (&WQ_BACKWARD, &[]),
+                format!("wq_backward {what}"),
+                &p,
+                &[&self.t, &self.stats, g, dw, &self.table],
+                self.elementwise(gpu),
+            )?,
+        ])
+    }
+}
+
+/// The weight quantizer of one weight tensor: a group of one (32 bits: a copy). Its buffers are
+/// made once, and its forward and backward are a few launches to record into a step.
 pub struct WeightQuantizer {
     bits: Bits,
     shape: Vec<usize>,
-    partials: Option<Tensor>,
-    stats: Option<Tensor>,
+    group: Option<WeightQuantizers>,
+    /// The group's `t`, shaped as the weight.
     t: Option<Tensor>,
 }
 
 impl WeightQuantizer {
     pub fn new(gpu: &Gpu, bits: Bits, shape: &[usize]) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        let (partials, stats, t) = if bits.is_float() {
-            (None, None, None)
+        let group = if bits.is_float() {
+            None
         } else {
-            (
-                Some(gpu.zeros(
-                    "weight quantizer partials",
-                    &[2 * n.div_ceil(CHUNK)],
-                    DType::F32,
-                )?),
-                Some(gpu.zeros("weight quantizer stats", &[4], DType::F32)?),
-                Some(gpu.zeros("tanh(W)", shape, DType::F32)?),
-            )
+            Some(WeightQuantizers::new(gpu, &[(bits, shape.to_vec(), 0)])?)
         };
+        let t = group.as_ref().map(|g| g.view(g.t(), 0)).transpose()?;
         Ok(WeightQuantizer {
             bits,
             shape: shape.to_vec(),
-            partials,
-            stats,
+            group,
             t,
         })
     }
@@ -286,11 +529,7 @@ impl WeightQuantizer {
 
     /// `[m, S, c, 0]`: max |t| (forward), and Σ du·t/2 and the tie count (backward).
     pub fn stats(&self) -> Option<&Tensor> {
-        self.stats.as_ref()
-    }
-
-    fn blocks(&self) -> usize {
-        self.shape.iter().product::<usize>().div_ceil(CHUNK).max(1)
+        self.group.as_ref().map(|g| g.stats())
     }
 
     fn check(&self, kernel: &str, named: &[(&str, &Tensor)]) -> Result<u32> {
@@ -301,96 +540,22 @@ impl WeightQuantizer {
         count_u32(kernel, self.shape.iter().product())
     }
 
-    fn parts(&self) -> (&Tensor, &Tensor, &Tensor) {
-        match (&self.partials, &self.stats, &self.t) {
-            (Some(p), Some(s), Some(t)) => (p, s, t),
-            _ => unreachable!("quantizer buffers exist unless bits = 32"),
-        }
-    }
-
-    /// `t = tanh(W)`, `m = max|t|` (two launches); what forward and `codes` start with.
-    fn absmax(&self, gpu: &Gpu, w: &Tensor, n: u32) -> Result<Vec<Op>> {
-        let (partials, stats, t) = self.parts();
-        let blocks = self.blocks() as u32;
-        let p = params(n, self.bits, blocks);
-        let shape = format!("w{} {:?}", self.bits, self.shape);
-        Ok(vec![
-            launch_op(
-                gpu,
-                (&WQ_ABSMAX_PARTIAL, &[]),
-                format!("wq_absmax_partial {shape}"),
-                &p,
-                &[w, t, partials],
-                grid_1d(blocks, gpu.limits.max_compute_workgroups_per_dimension),
-            )?,
-            launch_op(
-                gpu,
-                (&WQ_ABSMAX_FINAL, &[]),
-                format!("wq_absmax_final {shape}"),
-                &p,
-                &[partials, stats],
-                [1, 1, 1],
-            )?,
-        ])
-    }
-
     /// `Ŵ` from `W` (32 bits: a copy).
     pub fn forward(&self, gpu: &Gpu, w: &Tensor, w_hat: &Tensor) -> Result<Vec<Op>> {
-        const K: &str = "weight_quant_forward";
-        let n = self.check(K, &[("w", w), ("w_hat", w_hat)])?;
-        if self.bits.is_float() {
-            return Ok(vec![copy(w, w_hat)]);
+        self.check("weight_quant_forward", &[("w", w), ("w_hat", w_hat)])?;
+        match &self.group {
+            None => Ok(vec![copy(w, w_hat)]),
+            Some(g) => g.forward(gpu, w, w_hat),
         }
-        let (_, stats, t) = self.parts();
-        let mut ops = self.absmax(gpu, w, n)?;
-        ops.push(launch_op(
-            gpu,
-            (&WQ_FORWARD, &[]),
-            format!("wq_forward w{} {:?}", self.bits, self.shape),
-            &params(n, self.bits, 0),
-            &[t, stats, w_hat],
-            elementwise_grid(gpu, n),
-        )?);
-        Ok(ops)
     }
 
     /// `dL/dW` from `G = dL/dŴ`, using `t` and `m` of the last forward (32 bits: a copy).
     pub fn backward(&self, gpu: &Gpu, g: &Tensor, dw: &Tensor) -> Result<Vec<Op>> {
-        const K: &str = "weight_quant_backward";
-        let n = self.check(K, &[("g", g), ("dw", dw)])?;
-        if self.bits.is_float() {
-            return Ok(vec![copy(g, dw)]);
+        self.check("weight_quant_backward", &[("g", g), ("dw", dw)])?;
+        match &self.group {
+            None => Ok(vec![copy(g, dw)]),
+            Some(q) => q.backward(gpu, g, dw),
         }
-        let (partials, stats, t) = self.parts();
-        let blocks = self.blocks() as u32;
-        let p = params(n, self.bits, blocks);
-        let shape = format!("w{} {:?}", self.bits, self.shape);
-        Ok(vec![
-            launch_op(
-                gpu,
-                (&WQ_BACKWARD_PARTIAL, &[]),
-                format!("wq_backward_partial {shape}"),
-                &p,
-                &[partials, t, stats, g],
-                grid_1d(blocks, gpu.limits.max_compute_workgroups_per_dimension),
-            )?,
-            launch_op(
-                gpu,
-                (&WQ_BACKWARD_FINAL, &[]),
-                format!("wq_backward_final {shape}"),
-                &p,
-                &[partials, stats],
-                [1, 1, 1],
-            )?,
-            launch_op(
-                gpu,
-                (&WQ_BACKWARD, &[]),
-                format!("wq_backward {shape}"),
-                &p,
-                &[t, stats, g, dw],
-                elementwise_grid(gpu, n),
-            )?,
-        ])
     }
 
     /// Integer codes `k` of `W` (level `2k − n`); recomputes `t` and `m` first.
@@ -398,15 +563,15 @@ impl WeightQuantizer {
         const K: &str = "weight_codes";
         let n = self.check(K, &[("w", w)])?;
         codes_check(K, self.bits, &self.shape, codes)?;
-        let (_, stats, t) = self.parts();
+        let group = self.group.as_ref().expect("codes_check refuses 32 bits");
         let words = count_u32(K, codes_words(self.bits, n as usize))?;
-        let mut ops = self.absmax(gpu, w, n)?;
+        let mut ops = group.absmax(gpu, w)?;
         ops.push(launch_op(
             gpu,
             (&WEIGHT_CODES, &[("PACKED", packed(self.bits))]),
             format!("{K} w{} {:?}", self.bits, self.shape),
             &params(n, self.bits, 0),
-            &[t, stats, codes],
+            &[group.t(), group.stats(), codes],
             elementwise_grid(gpu, words),
         )?);
         Ok(ops)

@@ -68,6 +68,8 @@ pub struct Network {
     pub graph: Graph,
     pub quant: QuantConfig,
     layers: Vec<Layer>,
+    /// Every DoReFa layer's weight quantizer, run together.
+    dorefa: Option<lower::DorefaWeights>,
     pub params: Layout,
     pub running: Layout,
     pub param_arena: Tensor,
@@ -203,7 +205,7 @@ impl Network {
         check_capacity(gpu, &graph, capacity)?;
         let mut params = Layout::default();
         let mut running = Layout::default();
-        let layers = lower::lower(
+        let mut layers = lower::lower(
             gpu,
             &graph,
             quant,
@@ -212,6 +214,7 @@ impl Network {
             &mut params,
             &mut running,
         )?;
+        let dorefa = lower::dorefa_weights(gpu, &mut layers, &params, trainable)?;
         let batches_tracked = vec![0; running.entries().len() / 2];
         let param_arena = params.alloc(gpu, "parameters")?;
         let grad_arena = if trainable {
@@ -235,6 +238,7 @@ impl Network {
             graph,
             quant,
             layers,
+            dorefa,
             params,
             running,
             param_arena,
@@ -299,6 +303,10 @@ impl Network {
             .filter(|l| matches!(l.quantizer, Some(lower::WeightQ::Wbwtab(_))))
             .map(|l| l.name.as_str())
             .collect()
+    }
+
+    fn dorefa_layer(&self, i: usize) -> bool {
+        self.dorefa.as_ref().is_some_and(|d| d.layers.contains(&i))
     }
 
     /// Names of the layers whose weights DoReFa quantizes.
@@ -460,6 +468,9 @@ impl Network {
             }
             fwd.push(c.check(gpu, "input batch".into(), &input)?);
         }
+        if let Some(d) = &self.dorefa {
+            fwd.extend(d.q.forward(gpu, &self.param_arena, &d.w_hat)?);
+        }
         let tensor = |s: Source| match s {
             Source::Input => Ok(input.clone()),
             Source::Node(k) => at_batch(&buffers[k].out, batch),
@@ -522,7 +533,9 @@ impl Network {
                     l.name
                 );
                 f.push(c.check(gpu, format!("output of {what}"), &y)?);
-                for idx in [l.weight, l.bias].into_iter().flatten() {
+                // A DoReFa weight's gradient is formed after the whole backward pass.
+                let weight = l.weight.filter(|_| !self.dorefa_layer(i));
+                for idx in [weight, l.bias].into_iter().flatten() {
                     let e = &self.params.entries()[idx];
                     b.push(c.check(
                         gpu,
@@ -573,7 +586,7 @@ impl Network {
                 fwd.push(loss::mse(gpu, &out, &input, &dout, &rows)?);
             }
         }
-        if let Some(c) = checker {
+        if let Some(c) = checker.as_deref_mut() {
             fwd.push(c.check(gpu, "gradient of the loss".into(), &dout)?);
         }
         fwd.push(loss::batch_metrics(
@@ -591,6 +604,22 @@ impl Network {
             for b in bwd.into_iter().rev() {
                 for op in b {
                     ops.push_op(op);
+                }
+            }
+            if let Some(d) = &self.dorefa {
+                let dw_hat = d.dw_hat.as_ref().expect("a trainable network has dL/dŴ");
+                for op in d.q.backward(gpu, dw_hat, &self.grad_arena)? {
+                    ops.push_op(op);
+                }
+                if let Some(c) = checker {
+                    for &i in &d.layers {
+                        let idx = self.layers[i].weight.expect("DoReFa layers have weights");
+                        ops.push_op(c.check(
+                            gpu,
+                            format!("gradient of {}", self.params.entries()[idx].name),
+                            &self.params.view(&self.grad_arena, idx)?,
+                        )?);
+                    }
                 }
             }
         }

@@ -8,12 +8,12 @@ use crate::gpu::{DType, Gpu, Tensor};
 use crate::kernels::bnfold::BnFold;
 use crate::kernels::iao::IaoQuantizer;
 use crate::kernels::norm::Epilogue;
-use crate::kernels::quant::WeightQuantizer;
+use crate::kernels::quant::WeightQuantizers;
 use crate::kernels::wbwtab::WbwtabWeights;
 use crate::models::{Graph, LayerSpec, Source};
 use crate::nn::params::Layout;
 use crate::quant::iao::{Operand, Spec};
-use crate::quant::{ActQuant, QuantConfig, Role, Scheme, WeightQuant};
+use crate::quant::{ActQuant, Bits, QuantConfig, Role, Scheme, WeightQuant};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) enum WeightedOp {
@@ -115,7 +115,8 @@ pub(super) const FOLD_FLAG: &str = "bn_fold_observed";
 
 /// A weight quantizer of any scheme.
 pub(super) enum WeightQ {
-    Dorefa(WeightQuantizer),
+    /// Run for every DoReFa layer at once by the network's [`DorefaWeights`].
+    Dorefa(Bits),
     Iao(IaoSlot),
     Wbwtab(WbwtabWeights),
 }
@@ -275,9 +276,7 @@ pub(super) fn lower(
             layer.bias = bias.then(|| params.add(format!("{name}.bias"), &[out]));
             layer.quantizer = match lq.weight {
                 WeightQuant::Float => None,
-                WeightQuant::Dorefa(b) => {
-                    Some(WeightQ::Dorefa(WeightQuantizer::new(gpu, b, &w_shape)?))
-                }
+                WeightQuant::Dorefa(b) => Some(WeightQ::Dorefa(b)),
                 WeightQuant::Wbwtab(kind) => Some(WeightQ::Wbwtab(WbwtabWeights::new(
                     gpu, &name, kind, &w_shape,
                 )?)),
@@ -301,7 +300,8 @@ pub(super) fn lower(
                     )?))
                 }
             };
-            if layer.quantizer.is_some() {
+            // DoReFa layers' Ŵ and dL/dŴ are views of their group's buffers (`dorefa_weights`).
+            if layer.quantizer.is_some() && !matches!(layer.quantizer, Some(WeightQ::Dorefa(_))) {
                 layer.w_hat =
                     Some(gpu.zeros(&format!("{name} quantized weight"), &w_shape, DType::F32)?);
                 if trainable {
@@ -498,6 +498,55 @@ pub(super) fn lower(
     }
     fuse(&mut layers, &graph.consumers());
     Ok(layers)
+}
+
+/// The DoReFa weight quantizers of every layer, run as one group: three launches forward (at
+/// the start of a step: no weight depends on the batch) and three backward (at the end, when
+/// every dL/dŴ is formed), whatever the depth. Ŵ and dL/dŴ of all layers lie in two buffers of
+/// the group's layout, each layer's a view.
+pub(super) struct DorefaWeights {
+    pub(super) q: WeightQuantizers,
+    pub(super) w_hat: Tensor,
+    pub(super) dw_hat: Option<Tensor>,
+    /// The layers it covers, in member order.
+    pub(super) layers: Vec<usize>,
+}
+
+/// Groups the DoReFa layers' weight quantizers and gives each layer its Ŵ and dL/dŴ views
+/// (None without a DoReFa layer).
+pub(super) fn dorefa_weights(
+    gpu: &Gpu,
+    layers: &mut [Layer],
+    params: &Layout,
+    trainable: bool,
+) -> Result<Option<DorefaWeights>> {
+    let mut members = Vec::new();
+    let mut covered = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        if let (Some(WeightQ::Dorefa(bits)), Some(w)) = (&l.quantizer, l.weight) {
+            let e = &params.entries()[w];
+            members.push((*bits, e.shape.clone(), e.offset));
+            covered.push(i);
+        }
+    }
+    if members.is_empty() {
+        return Ok(None);
+    }
+    let q = WeightQuantizers::new(gpu, &members)?;
+    let w_hat = gpu.zeros("quantized weights", &[q.len()], DType::F32)?;
+    let dw_hat = trainable
+        .then(|| gpu.zeros("quantized weight gradients", &[q.len()], DType::F32))
+        .transpose()?;
+    for (j, &i) in covered.iter().enumerate() {
+        layers[i].w_hat = Some(q.view(&w_hat, j)?);
+        layers[i].dw_hat = dw_hat.as_ref().map(|d| q.view(d, j)).transpose()?;
+    }
+    Ok(Some(DorefaWeights {
+        q,
+        w_hat,
+        dw_hat,
+        layers: covered,
+    }))
 }
 
 /// The fusions of the lowered graph, all in one place. Each folds a layer into the BatchNorm

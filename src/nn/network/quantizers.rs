@@ -106,7 +106,8 @@ impl WeightQ {
         w_hat: &Tensor,
     ) -> Result<Vec<Op>> {
         match self {
-            WeightQ::Dorefa(q) => q.forward(gpu, w, w_hat),
+            // The network's `DorefaWeights` forms every DoReFa layer's Ŵ at once.
+            WeightQ::Dorefa(_) => Ok(Vec::new()),
             // Binary weights centre the latent weights in place, in evaluation too (micronet).
             WeightQ::Wbwtab(q) => q.forward(gpu, w, w_hat),
             WeightQ::Iao(slot) => {
@@ -132,7 +133,8 @@ impl WeightQ {
         dw: &Tensor,
     ) -> Result<Vec<Op>> {
         match self {
-            WeightQ::Dorefa(q) => q.backward(gpu, g, dw),
+            // ... and every dL/dW at the end of the backward pass.
+            WeightQ::Dorefa(_) => Ok(Vec::new()),
             WeightQ::Wbwtab(q) => q.backward(gpu, w, g, dw),
             WeightQ::Iao(slot) => {
                 let state = net.running.view(&net.running_arena, slot.state)?;
