@@ -8,7 +8,9 @@
 //   MODE 1 grad-input   M = Cin/g (ci)   N = batch*H*W (pixel)    K = Cout/g*KH*KW  A = weight  B = dy
 //   MODE 2 grad-weight  M = Cout/g (co)  N = Cin/g*KH*KW          K = batch*OH*OW   A = dy      B = x
 // Grad-weight splits K into `splits` chunks (grid z = groups * splits) writing partial results that
-// a fixed-order sum reduces: deterministic, no atomics.
+// a fixed-order sum reduces: deterministic, no atomics. With BIAS_GRAD it also forms the bias
+// gradient, the row sums of A = dy, in the same pass over dy: the workgroups of the first column
+// tile add up the A values they multiply, in increasing k, and write one sum per row and split.
 //
 // Tiling: a workgroup computes a BM x BN tile of C; each thread holds 8 x 16 outputs as eight 4x4
 // blocks (two row quads TY apart, four column quads TX apart, so every workgroup-memory read is
@@ -24,6 +26,7 @@
 
 override MODE: u32 = 0u;
 override HAS_BIAS: bool = false;
+override BIAS_GRAD: bool = false;
 // Tile rows (a multiple of 16, up to 192) and columns (64 or 128).
 override BM: u32 = 128u;
 override BN: u32 = 128u;
@@ -105,6 +108,8 @@ fn geometry() -> Geometry {
 @group(0) @binding(2) var<storage, read> b_src: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// MODE 2 with BIAS_GRAD: the bias gradient, (splits, groups * gm) partial sums.
+@group(0) @binding(5) var<storage, read_write> bias_grad: array<f32>;
 
 var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
 var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
@@ -271,6 +276,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var c11 = mat4x4<f32>();
     var c12 = mat4x4<f32>();
     var c13 = mat4x4<f32>();
+    // Row sums of A (BIAS_GRAD): rows ty * 4 + i and (ty + TY) * 4 + i.
+    var s0 = vec4<f32>();
+    var s1 = vec4<f32>();
 
     store_tile(lid, k_begin, 0u);
     workgroupBarrier();
@@ -296,12 +304,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             c11 = fma4(c11, a1, b1);
             c12 = fma4(c12, a1, b2);
             c13 = fma4(c13, a1, b3);
+            if (BIAS_GRAD) {
+                s0 += a0;
+                s1 += a1;
+            }
         }
         workgroupBarrier();
     }
 
     let r0 = ty * 4u;
     let r1 = (ty + TY) * 4u;
+    if (BIAS_GRAD && wid.x == 0u && tx == 0u) {
+        for (var i = 0u; i < 4u; i++) {
+            if (m0 + r0 + i < q.gm) {
+                bias_grad[(split * q.groups + g) * q.gm + m0 + r0 + i] = s0[i];
+            }
+            if (m0 + r1 + i < q.gm) {
+                bias_grad[(split * q.groups + g) * q.gm + m0 + r1 + i] = s1[i];
+            }
+        }
+    }
     store_block(r0, tx * 4u, c00);
     store_block(r0, (tx + TX) * 4u, c01);
     store_block(r0, (tx + 2u * TX) * 4u, c02);

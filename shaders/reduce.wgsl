@@ -15,6 +15,9 @@ struct Params {
 // slice_sum
 @group(0) @binding(3) var<storage, read> slices: array<f32>;
 @group(0) @binding(4) var<storage, read_write> slice_out: array<f32>;
+// slice_sum_pair: a second set of slices and its sums
+@group(0) @binding(7) var<storage, read> slices2: array<f32>;
+@group(0) @binding(8) var<storage, read_write> slice_out2: array<f32>;
 // nonfinite_check
 @group(0) @binding(5) var<storage, read> checked: array<f32>;
 @group(0) @binding(6) var<storage, read_write> flags: array<atomic<u32>>;
@@ -66,6 +69,29 @@ fn slice_sum(@builtin(workgroup_id) wid: vec3<u32>,
         acc += slices[j * p.n + i];
     }
     slice_out[i] = acc;
+}
+
+// slice_sum over two sets at once (a weight's and its bias's split-K partial sums): elements
+// i < n of the first (n = p.n), then p.s of the second, each summed in order of j.
+@compute @workgroup_size(256)
+fn slice_sum_pair(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (i < p.n) {
+        var acc = 0.0;
+        for (var j = 0u; j < p.c; j++) {
+            acc += slices[j * p.n + i];
+        }
+        slice_out[i] = acc;
+    } else if (i < p.n + p.s) {
+        let k = i - p.n;
+        var acc = 0.0;
+        for (var j = 0u; j < p.c; j++) {
+            acc += slices2[j * p.s + k];
+        }
+        slice_out2[k] = acc;
+    }
 }
 
 // flags[s] |= 1 when any of the n = p.n elements of `checked` is NaN or infinite (s = p.c). An

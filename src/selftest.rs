@@ -597,6 +597,23 @@ trait GemmOp: Copy + std::fmt::Debug + Send + Sync + 'static {
         scratch: Option<&Tensor>,
     ) -> Result<Vec<Op>>;
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>>;
+    /// Grad-weight with the bias gradient in the same pass over dy (what a network runs), for
+    /// the ops whose grad-weight GEMM reads dy as A; None for the others.
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_grad_weight_and_bias(
+        &self,
+        _gpu: &Gpu,
+        _x: &Tensor,
+        _dy: &Tensor,
+        _dw: &Tensor,
+        _db: &Tensor,
+        _splits: Option<usize>,
+        _scratch: Option<&Tensor>,
+    ) -> Option<Result<Vec<Op>>> {
+        None
+    }
+    /// Whether [`GemmOp::gpu_grad_weight_and_bias`] is there.
+    const FUSED_BIAS: bool = false;
     fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64>;
     fn ref_grad_input(&self, dy: &[f64], w: &[f64]) -> Vec<f64>;
     fn ref_grad_weight(&self, x: &[f64], dy: &[f64]) -> Vec<f64>;
@@ -663,6 +680,21 @@ impl GemmOp for kernels::conv2d::Conv2dGeom {
     }
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
         Ok(vec![kernels::conv2d::grad_bias(gpu, self, dy, db)?])
+    }
+    const FUSED_BIAS: bool = true;
+    fn gpu_grad_weight_and_bias(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        dy: &Tensor,
+        dw: &Tensor,
+        db: &Tensor,
+        splits: Option<usize>,
+        scratch: Option<&Tensor>,
+    ) -> Option<Result<Vec<Op>>> {
+        Some(kernels::conv2d::grad_weight_and_bias(
+            gpu, self, x, dy, dw, db, splits, scratch,
+        ))
     }
     fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64> {
         reference::conv2d::forward(self, x, w, Some(b))
@@ -813,6 +845,26 @@ impl GemmOp for kernels::matmul::LinearGeom {
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
         Ok(vec![kernels::matmul::grad_bias(gpu, self, dy, db)?])
     }
+    const FUSED_BIAS: bool = true;
+    fn gpu_grad_weight_and_bias(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        dy: &Tensor,
+        dw: &Tensor,
+        db: &Tensor,
+        _splits: Option<usize>,
+        scratch: Option<&Tensor>,
+    ) -> Option<Result<Vec<Op>>> {
+        Some(kernels::matmul::grad_weight_and_bias(
+            gpu,
+            self,
+            x,
+            dy,
+            (dw, db),
+            scratch,
+        ))
+    }
     fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64> {
         reference::matmul::forward(self, x, w, Some(b))
     }
@@ -884,11 +936,13 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
             )])
         },
     ));
+    // With the bias gradient in the same pass where the op has it (checked beside dw).
     for splits in [None, Some(3)] {
-        let direction = if splits.is_some() {
-            "grad_weight split-K 3"
-        } else {
-            "grad_weight"
+        let direction = match (splits.is_some(), G::FUSED_BIAS) {
+            (false, false) => "grad_weight",
+            (true, false) => "grad_weight split-K 3",
+            (false, true) => "grad_weight+bias",
+            (true, true) => "grad_weight+bias split-K 3",
         };
         if splits.is_some() && G::NAME == "matmul" {
             continue;
@@ -902,20 +956,39 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
                 let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
                 let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
                 let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
+                let c = geom.y_shape()[1];
+                let dbt = gpu.empty("db", &[c], DType::F32)?;
                 // The split case writes its partial sums into a larger shared scratch that
                 // holds stale NaNs, as a network's does: they must all be overwritten.
-                let n = 4 * geom.w_shape().iter().product::<usize>();
+                let n = 4 * geom.w_shape().iter().product::<usize>() + 4 * c + 64;
                 let scratch = match splits {
                     Some(_) => Some(gpu.upload_f32("scratch", &[n], &vec![f32::NAN; n])?),
                     None => None,
                 };
-                let ops = geom.gpu_grad_weight(gpu, &xt, &dyt, &dwt, splits, scratch.as_ref())?;
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt])?;
+                let scratch = scratch.as_ref();
+                let (ops, read) = match geom
+                    .gpu_grad_weight_and_bias(gpu, &xt, &dyt, &dwt, &dbt, splits, scratch)
+                {
+                    Some(ops) => (ops?, vec![&dwt, &dbt]),
+                    None => (
+                        geom.gpu_grad_weight(gpu, &xt, &dyt, &dwt, splits, scratch)?,
+                        vec![&dwt],
+                    ),
+                };
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &read)?;
                 let want = geom.ref_grad_weight(&f64s(&x), &f64s(&dy));
-                Ok(vec![(
+                let mut out = vec![(
                     "dw".into(),
                     reference::compare(&got[0], &want, gemm_tolerance(k_dw)),
-                )])
+                )];
+                if let Some(db) = got.get(1) {
+                    let want = geom.ref_grad_bias(&f64s(&dy));
+                    out.push((
+                        "db".into(),
+                        reference::compare(db, &want, gemm_tolerance(dy.len() / c)),
+                    ));
+                }
+                Ok(out)
             },
         ));
     }

@@ -308,6 +308,12 @@ impl Tile {
     }
 }
 
+/// Where the bias gradient's split-K partial sums start in a scratch holding `weight_partials`
+/// first: the next 256-byte boundary, so that they can be bound on their own.
+fn bias_partials_offset(weight_partials: usize) -> usize {
+    weight_partials.next_multiple_of(64)
+}
+
 /// Grad-weight aims for at least this many workgroups, about two waves of a large GPU's
 /// resident 128-thread workgroups, splitting K into chunks of at least `MIN_CHUNK` and keeping
 /// the partial sums within `MAX_PARTIALS` floats (16 MiB).
@@ -347,7 +353,8 @@ impl GemmConv {
     }
 
     /// Launches one GEMM. `out` gets the result (for grad-weight with `splits > 1`: the
-    /// `(splits, Cout, Cin/g·KH·KW)` partial sums).
+    /// `(splits, Cout, Cin/g·KH·KW)` partial sums). `bias` is the forward's bias, or
+    /// grad-weight's bias gradient (the row sums of A: `(splits, Cout)` partial sums).
     #[allow(clippy::too_many_arguments)]
     pub fn launch(
         &self,
@@ -360,6 +367,7 @@ impl GemmConv {
         splits: usize,
         label: String,
     ) -> Result<Launch> {
+        let bias_grad = mode == Mode::GradWeight && bias.is_some();
         let (gm, gn, gk) = self.dims(mode);
         let (k_chunk, splits) = if mode == Mode::GradWeight {
             let chunk = gk.div_ceil(splits.max(1)).next_multiple_of(BK);
@@ -416,7 +424,11 @@ impl GemmConv {
         let c = |v: usize| v as f64;
         let mut constants = vec![
             ("MODE", mode as u32 as f64),
-            ("HAS_BIAS", f64::from(u8::from(bias.is_some()))),
+            (
+                "HAS_BIAS",
+                f64::from(u8::from(bias.is_some() && !bias_grad)),
+            ),
+            ("BIAS_GRAD", f64::from(u8::from(bias_grad))),
             ("BM", c(tile.bm)),
             ("BN", c(tile.bn)),
             ("KH", c(self.kernel.0)),
@@ -450,16 +462,18 @@ impl GemmConv {
                 Bind::Read,
                 Bind::Read,
                 Bind::ReadWrite,
+                Bind::ReadWrite,
             ],
         })?;
-        // The bias binding must exist even when unused.
-        let none;
-        let bias = match bias {
-            Some(b) => b,
-            None => {
-                none = gpu.zeros("no bias", &[1], DType::F32)?;
-                &none
-            }
+        // The bias bindings must exist even when unused (two buffers: one is read, one written).
+        let (none, none_out) = (
+            gpu.zeros("no bias", &[1], DType::F32)?,
+            gpu.zeros("no bias gradient", &[1], DType::F32)?,
+        );
+        let (bias, bias_out) = match (bias, bias_grad) {
+            (Some(b), false) => (b, &none_out),
+            (Some(b), true) => (&none, b),
+            (None, _) => (&none, &none_out),
         };
         let grid = [
             gn.div_ceil(tile.bn) as u32,
@@ -470,7 +484,7 @@ impl GemmConv {
             &kernel,
             label,
             Some(bytemuck::bytes_of(&p)),
-            &[a_src, b_src, bias, out],
+            &[a_src, b_src, bias, out, bias_out],
             grid,
         )
     }
@@ -482,18 +496,22 @@ impl GemmConv {
         gk.div_ceil(chunk)
     }
 
-    /// Elements of partial-sum scratch grad-weight needs with the default split-K (0: none).
-    pub fn grad_weight_scratch_len(&self) -> usize {
+    /// Elements of partial-sum scratch grad-weight needs with the default split-K (0: none),
+    /// `with_bias`: for the bias gradient's too.
+    pub fn grad_weight_scratch_len(&self, with_bias: bool) -> usize {
         let splits = self.effective_splits(self.default_splits());
         let (m, n, _) = self.dims(Mode::GradWeight);
         if splits <= 1 {
             0
+        } else if with_bias {
+            bias_partials_offset(splits * m * n * self.groups) + splits * self.cout
         } else {
             splits * m * n * self.groups
         }
     }
 
-    /// Grad-weight into `dw`: one GEMM, or split-K partial GEMMs and their ordered sum. The
+    /// Grad-weight into `dw` (and, given `db`, the bias gradient: the row sums of `a_src`,
+    /// which must be dy), in one GEMM, or split-K partial GEMMs and their ordered sums. The
     /// partial sums go into `scratch` when it is given and large enough (a network shares one
     /// across its layers, since their backward passes run one after another), else into a
     /// buffer of their own.
@@ -504,43 +522,57 @@ impl GemmConv {
         a_src: &Tensor,
         b_src: &Tensor,
         dw: &Tensor,
+        db: Option<&Tensor>,
         splits: usize,
         scratch: Option<&Tensor>,
         label: String,
     ) -> Result<Vec<Op>> {
         let splits = self.effective_splits(splits);
-        if splits <= 1 {
-            return Ok(vec![Op::Dispatch(self.launch(
+        let gemm = |out: &Tensor, bias: Option<&Tensor>| {
+            self.launch(
                 gpu,
                 Mode::GradWeight,
                 a_src,
                 b_src,
-                None,
-                dw,
-                1,
-                label,
-            )?)]);
+                bias,
+                out,
+                splits,
+                label.clone(),
+            )
+            .map(Op::Dispatch)
+        };
+        if splits <= 1 {
+            return Ok(vec![gemm(dw, db)?]);
         }
         let shape = [splits, dw.numel()];
-        let partial = match scratch {
-            Some(s) if s.numel() >= splits * dw.numel() => s.view(0, &shape)?,
-            _ => gpu.empty("grad-weight partial sums", &shape, DType::F32)?,
+        let bias_at = bias_partials_offset(splits * dw.numel());
+        let need = match db {
+            Some(_) => bias_at + splits * self.cout,
+            None => splits * dw.numel(),
         };
-        let gemm = self.launch(
-            gpu,
-            Mode::GradWeight,
-            a_src,
-            b_src,
-            None,
-            &partial,
-            splits,
-            label,
-        )?;
+        let scratch = match scratch {
+            Some(s) if s.numel() >= need => s.clone(),
+            _ => gpu.empty("grad-weight partial sums", &[need], DType::F32)?,
+        };
+        let partial = scratch.view(0, &shape)?;
         let flat = dw.reshape(&[dw.numel()])?;
-        Ok(vec![
-            Op::Dispatch(gemm),
-            Op::Dispatch(reduce::slice_sum(gpu, &partial, &flat)?),
-        ])
+        Ok(match db {
+            None => vec![
+                gemm(&partial, None)?,
+                Op::Dispatch(reduce::slice_sum(gpu, &partial, &flat)?),
+            ],
+            Some(db) => {
+                let bias_partial = scratch.view(bias_at, &[splits, self.cout])?;
+                vec![
+                    gemm(&partial, Some(&bias_partial))?,
+                    Op::Dispatch(reduce::slice_sum_pair(
+                        gpu,
+                        (&partial, &flat),
+                        (&bias_partial, db),
+                    )?),
+                ]
+            }
+        })
     }
 }
 
@@ -643,12 +675,42 @@ pub fn grad_weight_split(
     grad_weight_with(gpu, geom, x, dy, dw, Some(splits), scratch)
 }
 
+/// `dw` and `db = dL/dbias` in one pass over `dy` (the bias gradient is the row sums of
+/// grad-weight's A = dy), with the default split-K or `splits`; the partial sums of both go into
+/// `scratch` when given (sized by `GemmConv::grad_weight_scratch_len(true)`).
+#[allow(clippy::too_many_arguments)]
+pub fn grad_weight_and_bias(
+    gpu: &Gpu,
+    geom: &Conv2dGeom,
+    x: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    db: &Tensor,
+    splits: Option<usize>,
+    scratch: Option<&Tensor>,
+) -> Result<Vec<Op>> {
+    check(geom, "conv2d.grad_weight", &[("db", db, &[geom.cout])])?;
+    grad_weight_inner(gpu, geom, x, dy, (dw, Some(db)), splits, scratch)
+}
+
 fn grad_weight_with(
     gpu: &Gpu,
     geom: &Conv2dGeom,
     x: &Tensor,
     dy: &Tensor,
     dw: &Tensor,
+    splits: Option<usize>,
+    scratch: Option<&Tensor>,
+) -> Result<Vec<Op>> {
+    grad_weight_inner(gpu, geom, x, dy, (dw, None), splits, scratch)
+}
+
+fn grad_weight_inner(
+    gpu: &Gpu,
+    geom: &Conv2dGeom,
+    x: &Tensor,
+    dy: &Tensor,
+    (dw, db): (&Tensor, Option<&Tensor>),
     splits: Option<usize>,
     scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
@@ -663,7 +725,7 @@ fn grad_weight_with(
     )?;
     let g = geom.gemm();
     let splits = splits.unwrap_or_else(|| g.default_splits());
-    g.grad_weight_ops(gpu, dy, x, dw, splits, scratch, label)
+    g.grad_weight_ops(gpu, dy, x, dw, db, splits, scratch, label)
 }
 
 /// `db[c] = Σ_{n,y,x} dy[n, c, y, x]`.

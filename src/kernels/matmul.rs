@@ -131,7 +131,31 @@ pub fn grad_weight(
         &[("x", x, &[b, i]), ("dy", dy, &[b, o]), ("dw", dw, &[o, i])],
     )?;
     let g = geom.gemm();
-    g.grad_weight_ops(gpu, dy, x, dw, g.default_splits(), scratch, label)
+    g.grad_weight_ops(gpu, dy, x, dw, None, g.default_splits(), scratch, label)
+}
+
+/// `dw` and `db = Σ_rows dy` in one pass over `dy` (the bias gradient is the row sums of
+/// grad-weight's A = dyᵀ).
+pub fn grad_weight_and_bias(
+    gpu: &Gpu,
+    geom: &LinearGeom,
+    x: &Tensor,
+    dy: &Tensor,
+    (dw, db): (&Tensor, &Tensor),
+    scratch: Option<&Tensor>,
+) -> Result<Vec<Op>> {
+    let (b, i, o) = (geom.batch, geom.in_features, geom.out_features);
+    let label = geom.check(
+        "matmul.grad_weight",
+        &[
+            ("x", x, &[b, i]),
+            ("dy", dy, &[b, o]),
+            ("dw", dw, &[o, i]),
+            ("db", db, &[o]),
+        ],
+    )?;
+    let g = geom.gemm();
+    g.grad_weight_ops(gpu, dy, x, dw, Some(db), g.default_splits(), scratch, label)
 }
 
 /// `db = Σ_rows dy`.

@@ -396,7 +396,7 @@ impl WeightQuantizers {
                 if t.numel() < end {
                     return Err(Error::shape(
                         kernel,
-                        &format!(
+                        format!(
                             "{name} has {} elements where the weights need {end}",
                             t.numel()
                         ),

@@ -75,6 +75,65 @@ pub fn slice_sum(gpu: &Gpu, slices: &Tensor, out: &Tensor) -> Result<Launch> {
     )
 }
 
+/// [`slice_sum`] of two sets in one launch: `out[i] = Σ_j slices[j, i]` and
+/// `out2[i] = Σ_j slices2[j, i]`, both with the same number of slices.
+pub fn slice_sum_pair(
+    gpu: &Gpu,
+    (slices, out): (&Tensor, &Tensor),
+    (slices2, out2): (&Tensor, &Tensor),
+) -> Result<Launch> {
+    const K: &str = "slice_sum_pair";
+    for (name, t) in [
+        ("slices", slices),
+        ("out", out),
+        ("slices2", slices2),
+        ("out2", out2),
+    ] {
+        expect_dtype(K, name, t, DType::F32)?;
+    }
+    let (len, len2) = (out.numel(), out2.numel());
+    let count = slices.numel() / len.max(1);
+    if len == 0 || len2 == 0 || slices.numel() != count * len || slices2.numel() != count * len2 {
+        return Err(Error::shape(
+            K,
+            format!(
+                "slices {:?} and {:?} are not the same number of whole copies of out {:?} and {:?}",
+                slices.shape(),
+                slices2.shape(),
+                out.shape(),
+                out2.shape()
+            ),
+        ));
+    }
+    count_u32(K, slices.numel())?;
+    count_u32(K, slices2.numel())?;
+    let total = count_u32(K, len + len2)?;
+    let kernel = gpu.kernel(&KernelSpec {
+        shader: &REDUCE,
+        entry: K,
+        constants: &[],
+        bindings: &[
+            Bind::Uniform,
+            Bind::None,
+            Bind::None,
+            Bind::Read,
+            Bind::ReadWrite,
+            Bind::None,
+            Bind::None,
+            Bind::Read,
+            Bind::ReadWrite,
+        ],
+    })?;
+    let params = [len as u32, count as u32, len2 as u32, 0];
+    gpu.launch(
+        &kernel,
+        format!("{K} {:?}", slices.shape()),
+        Some(bytemuck::bytes_of(&params)),
+        &[slices, out, slices2, out2],
+        elementwise_grid(gpu, total),
+    )
+}
+
 /// Sets `flags[slot]` to 1 when any element of `x` is NaN or infinite (leaves it otherwise).
 pub fn nonfinite_check(gpu: &Gpu, x: &Tensor, flags: &Tensor, slot: usize) -> Result<Launch> {
     const K: &str = "nonfinite_check";

@@ -324,7 +324,7 @@ impl Network {
         let mut out = Vec::new();
         for l in &self.layers {
             let weight = match &l.quantizer {
-                Some(lower::WeightQ::Iao(slot)) => Some(slot),
+                Some(lower::WeightQ::Iao(slot)) => Some(&**slot),
                 _ => None,
             };
             let observers = l.observers.iter().map(|s| (s, true));

@@ -104,7 +104,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
         bwd.push(gemm.grad_input(gpu, dy, w_hat, dx)?);
         bwd.extend(iq.backward_in_place(gpu, x, dx)?);
     }
-    bwd.extend(gemm.grad_weight(gpu, &xq, dy, dw_hat, scratch)?);
+    bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, None), scratch)?);
     bwd.push(wq.backward_in_place(net, gpu, &f.fold.w_f, dw_hat)?);
     // Through the fold: dγ, dβ, and (batch statistics) dy0 over y0 formed again.
     let y0_shape = io.y.shape().to_vec();
@@ -115,10 +115,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     if batch_stats {
         bwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y)?);
         bwd.push(f.fold.dy0(gpu, &p, io.y)?);
-        bwd.extend(gemm.grad_weight(gpu, x, io.y, &dw, scratch)?);
-        if let Some(db) = &db {
-            bwd.push(gemm.grad_bias(gpu, io.y, db)?);
-        }
+        bwd.extend(gemm.grad_weight(gpu, x, io.y, (&dw, db.as_ref()), scratch)?);
         if let Some(dx) = io.dx() {
             let part = super::at_batch(
                 buf.fold_dx

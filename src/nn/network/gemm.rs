@@ -92,27 +92,42 @@ impl Gemm {
         }
     }
 
+    /// dL/dW into `dw` and, given `db`, the bias gradient: in the same pass over dy for conv2d
+    /// and Linear (dy is their grad-weight GEMM's A), by its own reduction for conv-transpose.
     pub(super) fn grad_weight(
         &self,
         gpu: &Gpu,
         x: &Tensor,
         dy: &Tensor,
-        dw: &Tensor,
+        (dw, db): (&Tensor, Option<&Tensor>),
         scratch: Option<&Tensor>,
     ) -> Result<Vec<Op>> {
-        match self {
-            Gemm::Conv(g) => conv2d::grad_weight(gpu, g, x, dy, dw, scratch),
-            Gemm::ConvT(g) => conv_transpose2d::grad_weight(gpu, g, x, dy, dw, scratch),
-            Gemm::Linear(g) => matmul::grad_weight(gpu, g, x, dy, dw, scratch),
+        match (self, db) {
+            (Gemm::Conv(g), None) => conv2d::grad_weight(gpu, g, x, dy, dw, scratch),
+            (Gemm::Conv(g), Some(db)) => {
+                conv2d::grad_weight_and_bias(gpu, g, x, dy, dw, db, None, scratch)
+            }
+            (Gemm::Linear(g), None) => matmul::grad_weight(gpu, g, x, dy, dw, scratch),
+            (Gemm::Linear(g), Some(db)) => {
+                matmul::grad_weight_and_bias(gpu, g, x, dy, (dw, db), scratch)
+            }
+            (Gemm::ConvT(g), db) => {
+                let mut ops = conv_transpose2d::grad_weight(gpu, g, x, dy, dw, scratch)?;
+                if let Some(db) = db {
+                    ops.push(conv_transpose2d::grad_bias(gpu, g, dy, db)?);
+                }
+                Ok(ops)
+            }
         }
     }
 
-    /// Elements of split-K partial sums [`Gemm::grad_weight`] needs.
-    pub(super) fn grad_weight_scratch_len(&self) -> usize {
+    /// Elements of split-K partial sums [`Gemm::grad_weight`] needs (`with_bias`: with a bias
+    /// gradient).
+    pub(super) fn grad_weight_scratch_len(&self, with_bias: bool) -> usize {
         match self {
-            Gemm::Conv(g) => g.gemm().grad_weight_scratch_len(),
-            Gemm::ConvT(g) => g.gemm().grad_weight_scratch_len(),
-            Gemm::Linear(g) => g.gemm().grad_weight_scratch_len(),
+            Gemm::Conv(g) => g.gemm().grad_weight_scratch_len(with_bias),
+            Gemm::ConvT(g) => g.gemm().grad_weight_scratch_len(false),
+            Gemm::Linear(g) => g.gemm().grad_weight_scratch_len(with_bias),
         }
     }
 

@@ -117,7 +117,7 @@ pub(super) const FOLD_FLAG: &str = "bn_fold_observed";
 pub(super) enum WeightQ {
     /// Run for every DoReFa layer at once by the network's [`DorefaWeights`].
     Dorefa(Bits),
-    Iao(IaoSlot),
+    Iao(Box<IaoSlot>),
     Wbwtab(WbwtabWeights),
 }
 
@@ -295,9 +295,9 @@ pub(super) fn lower(
                         histogram: None,
                     };
                     let prefix = format!("{name}.weight_quantizer");
-                    Some(WeightQ::Iao(IaoSlot::new(
+                    Some(WeightQ::Iao(Box::new(IaoSlot::new(
                         gpu, spec, &w_shape, prefix, running,
-                    )?))
+                    )?)))
                 }
             };
             // DoReFa layers' Ŵ and dL/dŴ are views of their group's buffers (`dorefa_weights`).

@@ -214,9 +214,10 @@ impl Network {
             .layers
             .iter()
             .filter_map(|l| match l.kind {
-                Kind::Weighted { op, .. } if self.trainable => {
-                    Some(Gemm::new(op, cap, &l.in_shape, &l.out_shape).grad_weight_scratch_len())
-                }
+                Kind::Weighted { op, .. } if self.trainable => Some(
+                    Gemm::new(op, cap, &l.in_shape, &l.out_shape)
+                        .grad_weight_scratch_len(l.bias.is_some()),
+                ),
                 _ => None,
             })
             .max()

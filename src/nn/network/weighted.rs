@@ -77,17 +77,15 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
     }
     let dw = net.grad(l.weight)?.expect("weights");
+    let db = net.grad(l.bias)?;
     let scratch = buf.split_k.as_ref();
     match (&l.quantizer, &l.dw_hat) {
         (Some(q), Some(dw_hat)) => {
             // dL/dŴ goes through the weight quantizer's backward into dL/dW.
-            bwd.extend(gemm.grad_weight(gpu, &xq, dy, dw_hat, scratch)?);
+            bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, db.as_ref()), scratch)?);
             bwd.extend(q.backward(net, gpu, &w, dw_hat, &dw)?);
         }
-        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, &dw, scratch)?),
-    }
-    if let Some(db) = net.grad(l.bias)? {
-        bwd.push(gemm.grad_bias(gpu, dy, &db)?);
+        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, (&dw, db.as_ref()), scratch)?),
     }
     Ok((fwd, bwd))
 }
