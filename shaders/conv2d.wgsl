@@ -13,8 +13,11 @@
 // tile add up the A values they multiply, in increasing k, and write one sum per row and split.
 //
 // Tiling: a workgroup computes a BM x BN tile of C; each thread holds 8 x 16 outputs as eight 4x4
-// blocks (two row quads TY apart, four column quads TX apart, so every workgroup-memory read is
-// one vec4 without bank conflicts), hence (BM / 8) * (BN / 16) threads. K advances BK = 8 at a
+// blocks (two row quads half a group slot apart, four column quads TX apart, so every
+// workgroup-memory read is one vec4 without bank conflicts), hence (BM / 8) * (BN / 16) threads.
+// Group packing: a grouped conv whose groups have few rows (NIN-GC's 16 and 32) stacks GP
+// groups of RG rows each in one tile (GP = 1, RG = BM: one group), each with its own B tile,
+// so that its tiles are as tall as a dense layer's. A thread's 8 rows lie in one group. K advances BK = 8 at a
 // time through two workgroup buffers: the next K tile is stored while the current one is
 // multiplied, one barrier per tile. A is staged transposed (k-major) with each k row padded by 4
 // floats. With SPECIALIZED (the default) the layer's geometry is pipeline constants, so the
@@ -27,9 +30,18 @@
 override MODE: u32 = 0u;
 override HAS_BIAS: bool = false;
 override BIAS_GRAD: bool = false;
-// Tile rows (a multiple of 16, up to 192) and columns (64 or 128).
+// MODE 1: the layer input's DoReFa quantizer, applied as each dx is written (ACT_GRAD 1: dx
+// masked by the float input x's straight-through rule; 2: also x replaced by its quantized value,
+// what grad-weight reads next), with its levels (shaders/lib/act.wgsl).
+override ACT_GRAD: u32 = 0u;
+override ACT_LEVELS: f32 = 1.0;
+override ACT_INV_LEVELS: f32 = 1.0;
+// Tile rows (a multiple of 16, up to 192; with packing GP * RG) and columns (32, 64 or 128).
 override BM: u32 = 128u;
 override BN: u32 = 128u;
+// Groups per tile and the rows of each (a multiple of 8: a group's whole GEMM height).
+override GP: u32 = 1u;
+override RG: u32 = BM;
 
 // Geometry of the convolution (conv2d's view; see the table above): constants when SPECIALIZED,
 // else read from the uniforms. The kernel size is always a constant.
@@ -59,10 +71,12 @@ override THREADS: u32 = TX * TY;
 override AS4: u32 = BM / 4u + 1u;
 override BS4: u32 = BN / 4u;
 override A_BUF: u32 = BK * AS4;
-override B_BUF: u32 = BK * BS4;
+// One group slot's B tile, and a buffer's (GP slots).
+override B_SLOT: u32 = BK * BS4;
+override B_BUF: u32 = GP * B_SLOT;
 // Elements of each tile one thread loads per K step (the last round may be partial).
 override A_PER: u32 = (BK * BM + THREADS - 1u) / THREADS;
-override B_PER: u32 = (BK * BN + THREADS - 1u) / THREADS;
+override B_PER: u32 = (GP * BK * BN + THREADS - 1u) / THREADS;
 
 struct Params {
     batch: u32,
@@ -110,20 +124,22 @@ fn geometry() -> Geometry {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 // MODE 2 with BIAS_GRAD: the bias gradient, (splits, groups * gm) partial sums.
 @group(0) @binding(5) var<storage, read_write> bias_grad: array<f32>;
+// MODE 1 with ACT_GRAD: the float input x.
+@group(0) @binding(6) var<storage, read_write> act_x: array<f32>;
 
 var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
 var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
 
-// This workgroup's group, split, first row and column, and end of its K range.
+// This workgroup's first group, split, first row and column, and end of its K range.
 var<private> q: Geometry;
-var<private> g: u32;
+var<private> g0: u32;
 var<private> split: u32;
 var<private> m0: u32;
 var<private> n0: u32;
 var<private> k_end: u32;
 
-// A[m][k] of group g; the caller checks m < gm, k < k_end.
-fn load_a(m: u32, k: u32) -> f32 {
+// A[m][k] of group g; the caller checks g < groups, m < gm, k < k_end.
+fn load_a(g: u32, m: u32, k: u32) -> f32 {
     if (MODE == 0u) {
         return a_src[(g * q.cog + m) * (q.cig * KHW) + k];
     } else if (MODE == 1u) {
@@ -134,8 +150,8 @@ fn load_a(m: u32, k: u32) -> f32 {
     return a_src[(b * q.cout + g * q.cog + m) * q.ohw + (k - b * q.ohw)];
 }
 
-// B[k][n] of group g (0 in the padding); the caller checks k < k_end, n < gn.
-fn load_b(k: u32, n: u32) -> f32 {
+// B[k][n] of group g (0 in the padding); the caller checks g < groups, k < k_end, n < gn.
+fn load_b(g: u32, k: u32, n: u32) -> f32 {
     if (MODE == 0u) {
         let c = k / KHW;
         let r = k - c * KHW;
@@ -192,23 +208,27 @@ fn store_tile(lid: u32, k0: u32, buf: u32) {
         if (i < BK * BM) {
             let kk = i % BK;
             let m = i / BK;
+            let slot = m / RG;
+            let row = m0 + m - slot * RG;
             var v = 0.0;
-            if (m0 + m < q.gm && k0 + kk < k_end) {
-                v = load_a(m0 + m, k0 + kk);
+            if (g0 + slot < q.groups && row < q.gm && k0 + kk < k_end) {
+                v = load_a(g0 + slot, row, k0 + kk);
             }
             a_tile[buf * A_BUF + kk * AS4 + m / 4u][m % 4u] = v;
         }
     }
     for (var e = 0u; e < B_PER; e++) {
         let i = lid + e * THREADS;
-        if (i < BK * BN) {
-            let n = i % BN;
-            let kk = i / BN;
+        if (i < GP * BK * BN) {
+            let slot = i / (BK * BN);
+            let r = i - slot * (BK * BN);
+            let n = r % BN;
+            let kk = r / BN;
             var v = 0.0;
-            if (n0 + n < p.gn && k0 + kk < k_end) {
-                v = load_b(k0 + kk, n0 + n);
+            if (g0 + slot < q.groups && n0 + n < p.gn && k0 + kk < k_end) {
+                v = load_b(g0 + slot, k0 + kk, n0 + n);
             }
-            b_tile[buf * B_BUF + kk * BS4 + n / 4u][n % 4u] = v;
+            b_tile[buf * B_BUF + slot * B_SLOT + kk * BS4 + n / 4u][n % 4u] = v;
         }
     }
 }
@@ -221,8 +241,13 @@ fn fma4(c: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
 
 // Writes the 4x4 block whose first row is m (tile-relative) and first column n.
 fn store_block(m: u32, n: u32, c: mat4x4<f32>) {
+    let slot = m / RG;
+    let g = g0 + slot;
+    if (g >= q.groups) {
+        return;
+    }
     for (var r = 0u; r < 4u; r++) {
-        let row = m0 + m + r;
+        let row = m0 + m - slot * RG + r;
         if (row >= q.gm) {
             return;
         }
@@ -241,7 +266,16 @@ fn store_block(m: u32, n: u32, c: mat4x4<f32>) {
                 out[(b * q.cout + g * q.cog + row) * q.ohw + (col - b * q.ohw)] = v;
             } else if (MODE == 1u) {
                 let b = col / q.hw;
-                out[(b * q.cin + g * q.cig + row) * q.hw + (col - b * q.hw)] = v;
+                let i = (b * q.cin + g * q.cig + row) * q.hw + (col - b * q.hw);
+                var d = v;
+                if (ACT_GRAD > 0u) {
+                    let xv = act_x[i];
+                    d = dorefa_act_grad(xv, v);
+                    if (ACT_GRAD == 2u) {
+                        act_x[i] = dorefa_act(xv, ACT_LEVELS, ACT_INV_LEVELS);
+                    }
+                }
+                out[i] = d;
             } else {
                 out[((split * q.groups + g) * q.gm + row) * p.gn + col] = v;
             }
@@ -254,13 +288,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let tx = lid % TX;
     let ty = lid / TX;
+    // This thread's group slot and its two row quads, RG / 2 rows apart in that slot (with one
+    // slot: ty and ty + BM / 8).
+    let pairs = RG / 8u;
+    let slot = ty / pairs;
+    let qa = slot * (RG / 4u) + ty % pairs;
+    let qb = qa + pairs;
     q = geometry();
     n0 = wid.x * BN;
     m0 = wid.y * BM;
-    g = wid.z;
+    g0 = wid.z * GP;
     split = 0u;
     if (MODE == 2u) {
-        g = wid.z / p.splits;
+        g0 = (wid.z / p.splits) * GP;
         split = wid.z % p.splits;
     }
     let k_begin = split * p.k_chunk;
@@ -276,7 +316,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var c11 = mat4x4<f32>();
     var c12 = mat4x4<f32>();
     var c13 = mat4x4<f32>();
-    // Row sums of A (BIAS_GRAD): rows ty * 4 + i and (ty + TY) * 4 + i.
+    // Row sums of A (BIAS_GRAD): rows qa * 4 + i and qb * 4 + i.
     var s0 = vec4<f32>();
     var s1 = vec4<f32>();
 
@@ -288,10 +328,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         // the end loads zeros and is never multiplied.
         store_tile(lid, k_begin + (t + 1u) * BK, 1u - cur);
         let ab = cur * A_BUF;
-        let bb = cur * B_BUF;
+        let bb = cur * B_BUF + slot * B_SLOT;
         for (var kk = 0u; kk < BK; kk++) {
-            let a0 = a_tile[ab + kk * AS4 + ty];
-            let a1 = a_tile[ab + kk * AS4 + ty + TY];
+            let a0 = a_tile[ab + kk * AS4 + qa];
+            let a1 = a_tile[ab + kk * AS4 + qb];
             let b0 = b_tile[bb + kk * BS4 + tx];
             let b1 = b_tile[bb + kk * BS4 + tx + TX];
             let b2 = b_tile[bb + kk * BS4 + tx + 2u * TX];
@@ -312,15 +352,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         workgroupBarrier();
     }
 
-    let r0 = ty * 4u;
-    let r1 = (ty + TY) * 4u;
-    if (BIAS_GRAD && wid.x == 0u && tx == 0u) {
+    let r0 = qa * 4u;
+    let r1 = qb * 4u;
+    let g = g0 + slot;
+    if (BIAS_GRAD && wid.x == 0u && tx == 0u && g < q.groups) {
+        // Rows of this thread's group: the tile's rows less the slots before it.
+        let row0 = m0 + r0 - slot * RG;
+        let row1 = m0 + r1 - slot * RG;
         for (var i = 0u; i < 4u; i++) {
-            if (m0 + r0 + i < q.gm) {
-                bias_grad[(split * q.groups + g) * q.gm + m0 + r0 + i] = s0[i];
+            if (row0 + i < q.gm) {
+                bias_grad[(split * q.groups + g) * q.gm + row0 + i] = s0[i];
             }
-            if (m0 + r1 + i < q.gm) {
-                bias_grad[(split * q.groups + g) * q.gm + m0 + r1 + i] = s1[i];
+            if (row1 + i < q.gm) {
+                bias_grad[(split * q.groups + g) * q.gm + row1 + i] = s1[i];
             }
         }
     }

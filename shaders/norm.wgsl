@@ -153,12 +153,10 @@ fn bn_value(i: u32) -> f32 {
     return bn_value_of(x[i], channel_of(i));
 }
 
-// DoReFa's activation quantizer, the same expressions as act_value in quant.wgsl (so the same
-// bits): a BatchNorm whose output only feeds a quantized layer writes that layer's input at once.
+// DoReFa's activation quantizer (shaders/lib/act.wgsl, prepended): a BatchNorm whose output
+// only feeds a quantized layer writes that layer's input at once.
 fn act_value(x: f32) -> f32 {
-    let c = clamp(x * 0.1, 0.0, 1.0);
-    let q = floor(c * p.levels_f + 0.5) * p.inv_levels;
-    return select(q, x, (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u);
+    return dorefa_act(x, p.levels_f, p.inv_levels);
 }
 
 // y = gamma * (x - mean) * invstd + beta, then ReLU if fused, then the quantizer if fused.

@@ -20,8 +20,11 @@ struct Params {
     ph: u32,
     pw: u32,
     c: u32,        // channels (shuffle)
-    groups: u32,   // shuffle groups
+    groups: u32,   // shuffle groups (channel_shuffle; max-pool's output shuffle: 1 is none)
     inverse: u32,  // shuffle: 1 applies the inverse permutation (backward)
+    quantize: u32, // max-pool: 1 writes the next layer's DoReFa-quantized input
+    levels_f: f32, // the quantizer's f32(n) and fl32(1 / n) (shaders/lib/act.wgsl)
+    inv_levels: f32,
     _pad0: u32,
     _pad1: u32,
 }
@@ -75,6 +78,20 @@ fn window_max(plane: u32, oy: u32, ox: u32) -> WindowMax {
     return best;
 }
 
+// The plane (n, c) of a max-pool output after the fused channel shuffle (micronet's: channel c
+// goes to (c % per) * g + c / per, as channel_shuffle below and BatchNorm's fused one).
+fn shuffled_plane(plane: u32) -> u32 {
+    if (p.groups <= 1u) {
+        return plane;
+    }
+    let n = plane / p.c;
+    let c = plane - n * p.c;
+    let per = p.c / p.groups;
+    return n * p.c + (c % per) * p.groups + c / per;
+}
+
+// Max-pool, with the channel shuffle that follows it and the next layer's activation quantizer
+// fused where the network asks: the unshuffled or float output never exists.
 @compute @workgroup_size(256)
 fn maxpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
@@ -87,7 +104,8 @@ fn maxpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let plane = i / ohw;
     let r = i - plane * ohw;
     let oy = r / p.ow;
-    y[i] = window_max(plane, oy, r - oy * p.ow).value;
+    let v = window_max(plane, oy, r - oy * p.ow).value;
+    y[shuffled_plane(plane) * ohw + r] = select(v, dorefa_act(v, p.levels_f, p.inv_levels), p.quantize == 1u);
 }
 
 // Output windows (along one axis) that contain input index i: o with o*s - p <= i < o*s - p + k.
@@ -116,11 +134,13 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let ix = at - iy * p.w;
     let ry = window_range(iy, p.kh, p.sh, p.ph, p.oh);
     let rx = window_range(ix, p.kw, p.sw, p.pw, p.ow);
+    // The output's gradient, where the fused shuffle put the output.
+    let out_plane = shuffled_plane(plane);
     var acc = 0.0;
     for (var oy = ry.x; oy < ry.y; oy++) {
         for (var ox = rx.x; ox < rx.y; ox++) {
             if (window_max(plane, oy, ox).at == at) {
-                acc += dy[(plane * p.oh + oy) * p.ow + ox];
+                acc += dy[(out_plane * p.oh + oy) * p.ow + ox];
             }
         }
     }

@@ -84,8 +84,7 @@ fn act_code(x: f32) -> f32 {
 }
 
 fn act_value(x: f32) -> f32 {
-    // NaN is kept (clamp would hide it) so that numerical faults surface.
-    return select(act_code(x) * p.inv_levels, x, is_nan(x));
+    return dorefa_act(x, p.levels_f, p.inv_levels);
 }
 
 @compute @workgroup_size(256)
@@ -111,9 +110,7 @@ fn act_forward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
     act_y[i] = act_value(act_y[i]);
 }
 
-// Straight-through: dx = 0.1 * dy where 0 <= fl32(0.1 x) <= 1 (inclusive), else 0. PyTorch's
-// chain forms ((dy * s) * n) * 0.1, which is dy * 0.1 to within an ulp; drivers may reassociate
-// that chain anyway (SPIR-V float ops are not marked exact), so one multiply it is.
+// Straight-through (dorefa_act_grad in shaders/lib/act.wgsl).
 @compute @workgroup_size(256)
 fn act_backward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
@@ -122,10 +119,7 @@ fn act_backward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let g = act_dy[i];
-    let c = act_x_saved[i] * 0.1;
-    let inside = c >= 0.0 && c <= 1.0;
-    act_dx[i] = select(0.0, 0.1 * g, inside);
+    act_dx[i] = dorefa_act_grad(act_x_saved[i], act_dy[i]);
 }
 
 // act_backward with dy already in act_dx (overwritten with dx): saves the network a buffer.
@@ -137,10 +131,7 @@ fn act_backward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let g = act_dx[i];
-    let c = act_x_saved[i] * 0.1;
-    let inside = c >= 0.0 && c <= 1.0;
-    act_dx[i] = select(0.0, 0.1 * g, inside);
+    act_dx[i] = dorefa_act_grad(act_x_saved[i], act_dx[i]);
 }
 
 // act_backward_in_place, then act_forward_in_place, in one pass over a recomputed float input
@@ -155,13 +146,12 @@ fn act_backward_requantize(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let x = act_y[i];
-    let c = x * 0.1;
-    let inside = c >= 0.0 && c <= 1.0;
-    act_dx[i] = select(0.0, 0.1 * act_dx[i], inside);
+    act_dx[i] = dorefa_act_grad(x, act_dx[i]);
     act_y[i] = act_value(x);
 }
 
-// Exactly rounded division: div_rn, div_rn_from (shaders/lib/division.wgsl, prepended).
+// Exactly rounded division: div_rn, div_rn_from (shaders/lib/division.wgsl, prepended), and
+// dorefa_act, dorefa_act_grad (shaders/lib/act.wgsl, prepended).
 
 // Checks div_rn on the adapter: q = div_rn_from(a, b, hardware a/b moved by nudge ulp).
 @compute @workgroup_size(256)

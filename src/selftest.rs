@@ -614,6 +614,17 @@ trait GemmOp: Copy + std::fmt::Debug + Send + Sync + 'static {
     }
     /// Whether [`GemmOp::gpu_grad_weight_and_bias`] is there.
     const FUSED_BIAS: bool = false;
+    /// Grad-input with the input's DoReFa quantizer in its epilogue; None where the op has none.
+    fn gpu_grad_input_act(
+        &self,
+        _gpu: &Gpu,
+        _dy: &Tensor,
+        _w: &Tensor,
+        _dx: &Tensor,
+        _act: kernels::conv2d::ActGrad<'_>,
+    ) -> Option<Result<Vec<Op>>> {
+        None
+    }
     fn ref_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64>;
     fn ref_grad_input(&self, dy: &[f64], w: &[f64]) -> Vec<f64>;
     fn ref_grad_weight(&self, x: &[f64], dy: &[f64]) -> Vec<f64>;
@@ -680,6 +691,16 @@ impl GemmOp for kernels::conv2d::Conv2dGeom {
     }
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
         Ok(vec![kernels::conv2d::grad_bias(gpu, self, dy, db)?])
+    }
+    fn gpu_grad_input_act(
+        &self,
+        gpu: &Gpu,
+        dy: &Tensor,
+        w: &Tensor,
+        dx: &Tensor,
+        act: kernels::conv2d::ActGrad<'_>,
+    ) -> Option<Result<Vec<Op>>> {
+        Some(kernels::conv2d::grad_input_act(gpu, self, dy, w, dx, act).map(|op| vec![op]))
     }
     const FUSED_BIAS: bool = true;
     fn gpu_grad_weight_and_bias(
@@ -845,6 +866,16 @@ impl GemmOp for kernels::matmul::LinearGeom {
     fn gpu_grad_bias(&self, gpu: &Gpu, dy: &Tensor, db: &Tensor) -> Result<Vec<Op>> {
         Ok(vec![kernels::matmul::grad_bias(gpu, self, dy, db)?])
     }
+    fn gpu_grad_input_act(
+        &self,
+        gpu: &Gpu,
+        dy: &Tensor,
+        w: &Tensor,
+        dx: &Tensor,
+        act: kernels::conv2d::ActGrad<'_>,
+    ) -> Option<Result<Vec<Op>>> {
+        Some(kernels::matmul::grad_input_act(gpu, self, dy, w, dx, act).map(|op| vec![op]))
+    }
     const FUSED_BIAS: bool = true;
     fn gpu_grad_weight_and_bias(
         &self,
@@ -936,6 +967,71 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
             )])
         },
     ));
+    // Grad-input with the input's quantizer in its epilogue (what a network runs for a DoReFa
+    // layer): dx masked by x's straight-through rule and, in every other shape, x requantized
+    // in place. x spans [-3, 13], so about a quarter falls outside the rule's range.
+    if G::FUSED_BIAS {
+        let requantize = geom.x_shape().iter().sum::<usize>() % 2 == 0;
+        let direction = if requantize {
+            "grad_input+act requantize"
+        } else {
+            "grad_input+act"
+        };
+        v.push(Case::new(
+            G::NAME,
+            direction,
+            shape.clone(),
+            move |gpu, rng| {
+                let (dy, w) = (random(rng, &geom.y_shape()), random(rng, &geom.w_shape()));
+                let x: Vec<f32> = random(rng, &geom.x_shape())
+                    .iter()
+                    .map(|v| 5.0 + 8.0 * v)
+                    .collect();
+                let bits = Bits::new(4).expect("4 bits");
+                let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+                let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
+                let act = kernels::conv2d::ActGrad {
+                    x: &xt,
+                    bits,
+                    requantize,
+                };
+                let ops = geom
+                    .gpu_grad_input_act(gpu, &dyt, &wt, &dxt, act)
+                    .expect("the op has the epilogue")?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &xt])?;
+                let dx = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
+                // The straight-through rule of the f32 input, on the f64 sum.
+                let want: Vec<f64> = x
+                    .iter()
+                    .zip(&dx)
+                    .map(|(&xv, &d)| {
+                        if (0.0..=1.0).contains(&(xv * 0.1)) {
+                            0.1 * d
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let x_want = if requantize {
+                    f64s(&reference::quant::act_forward(&x, bits))
+                } else {
+                    f64s(&x)
+                };
+                Ok(vec![
+                    (
+                        "dx".into(),
+                        reference::compare(&got[0], &want, gemm_tolerance(k_dx)),
+                    ),
+                    (
+                        "x".into(),
+                        reference::compare(&got[1], &x_want, Tolerance::EXACT),
+                    ),
+                ])
+            },
+        ));
+    }
     // With the bias gradient in the same pass where the op has it (checked beside dw).
     for splits in [None, Some(3)] {
         let direction = match (splits.is_some(), G::FUSED_BIAS) {
@@ -1010,7 +1106,8 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
 
 /// Shapes covering stride 2, padding, dilation 2, groups (depthwise too), 1x1 and 5x5 kernels,
 /// asymmetric settings, odd sizes, batch 1, every tile height (16 to 192 rows, and 128-row tiles
-/// beyond), both tile widths, and M, N and K that are not multiples of the tile.
+/// beyond), both tile widths, M, N and K that are not multiples of the tile, and group packing
+/// (full and partly empty tiles).
 pub fn conv2d_shapes() -> Vec<kernels::conv2d::Conv2dGeom> {
     use kernels::conv2d::Conv2dGeom as G;
     vec![
@@ -1054,6 +1151,25 @@ pub fn conv2d_shapes() -> Vec<kernels::conv2d::Conv2dGeom> {
         G::square(1, 10, 6, 260, 1),
         // Grad-input on the 128-row tile.
         G::square(2, 120, 4, 16, 1),
+        // Group packing, NIN-GC's shape: 4 groups of 32 rows per tile (forward, grad-weight),
+        // of 16 (grad-input).
+        G::square(2, 64, 6, 128, 3).padding(1).groups(4),
+        // 6 groups of 32 rows in slots of 4 (the second tile half empty); grad-input packs
+        // all 6 groups of 8 rows.
+        G::square(1, 48, 5, 192, 3).padding(1).groups(6),
+        // Packed with stride, dilation and asymmetric padding.
+        G {
+            batch: 2,
+            cin: 16,
+            h: 9,
+            w: 7,
+            cout: 32,
+            kernel: (3, 3),
+            stride: (2, 1),
+            padding: (1, 2),
+            dilation: (1, 2),
+            groups: 2,
+        },
     ]
 }
 
@@ -1501,6 +1617,80 @@ fn layer_cases(v: &mut Vec<Case>) {
                             &reference::pool::avgpool_backward(&g, &f64s(&dy)),
                             tol,
                         ),
+                    ),
+                ])
+            },
+        ));
+    }
+    // Max-pool with the shuffle after it and the next layer's quantizer fused (what a NIN-GC
+    // network runs): the output shuffled and quantized, the gradient read shuffled.
+    for (g, groups) in [
+        (
+            PoolGeom {
+                n: 2,
+                c: 4,
+                h: 8,
+                w: 6,
+                kernel: (2, 2),
+                stride: (2, 2),
+                padding: (0, 0),
+            },
+            2usize,
+        ),
+        (
+            PoolGeom {
+                n: 2,
+                c: 12,
+                h: 7,
+                w: 7,
+                kernel: (3, 3),
+                stride: (2, 2),
+                padding: (1, 1),
+            },
+            4,
+        ),
+    ] {
+        let shape = format!("{:?} k{:?} g{groups}", g.input_shape(), g.kernel);
+        v.push(Case::new(
+            "maxpool",
+            "forward+backward shuffled, a4",
+            shape,
+            move |gpu, rng| {
+                // Coarse values (ties) over [-3, 13]: some outside the quantizer's range.
+                let x: Vec<f32> = (0..g.input_shape().iter().product())
+                    .map(|_| rng.below(17) as f32 - 2.63)
+                    .collect();
+                let dy = random(rng, &g.output_shape());
+                let bits = Bits::new(4).expect("4 bits");
+                let xt = gpu.upload_f32("x", &g.input_shape(), &x)?;
+                let dyt = gpu.upload_f32("dy", &g.output_shape(), &dy)?;
+                let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
+                let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
+                let ep = kernels::pool::MaxPoolEpilogue {
+                    shuffle: groups,
+                    quantize: Some(bits),
+                };
+                let ops = vec![
+                    kernels::pool::maxpool_forward_fused(gpu, &g, &xt, &y, ep)?,
+                    kernels::pool::maxpool_backward_shuffled(gpu, &g, &xt, &dyt, &dx, groups)?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &dx])?;
+                let (oh, ow) = g.out_hw();
+                let planes = (g.n, g.c, oh * ow);
+                let (pooled, arg) = reference::pool::maxpool_forward(&g, &f64s(&x));
+                let shuffled = reference::pool::channel_shuffle(&pooled, planes, groups, false);
+                let as_f32: Vec<f32> = shuffled.iter().map(|&v| v as f32).collect();
+                let wy = f64s(&reference::quant::act_forward(&as_f32, bits));
+                let dy_pool = reference::pool::channel_shuffle(&f64s(&dy), planes, groups, true);
+                let wdx = reference::pool::maxpool_backward(&g, &dy_pool, &arg);
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[0], &wy, Tolerance::EXACT),
+                    ),
+                    (
+                        "dx".into(),
+                        reference::compare(&got[1], &wdx, Tolerance::new(1e-6, 1e-6)),
                     ),
                 ])
             },

@@ -5,6 +5,7 @@
 use super::{CONV2D, expect_dtype, expect_shape, reduce};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Launch, Op, Tensor};
+use crate::quant::Bits;
 
 /// A 2-D convolution: PyTorch's `Conv2d` arguments and the input size. Pairs are (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -201,6 +202,17 @@ impl Conv2dGeom {
     }
 }
 
+/// Grad-input's epilogue: the layer input's DoReFa activation quantizer, applied as each dx is
+/// written (the shader's `ACT_GRAD`), instead of a pass of its own over dx and x.
+#[derive(Clone, Copy, Debug)]
+pub struct ActGrad<'a> {
+    /// The layer's float input x: dx is masked by its straight-through rule.
+    pub x: &'a Tensor,
+    pub bits: Bits,
+    /// Also replace x by its quantized value (what grad-weight reads next).
+    pub requantize: bool,
+}
+
 /// Which GEMM of a convolution (the shader's `MODE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -256,46 +268,94 @@ struct Params {
 /// K steps of the shader's tiles.
 const BK: usize = 8;
 
-/// A workgroup tile of the shader: `bm` rows × `bn` columns of one group's GEMM, 8 × 16 outputs
-/// per thread.
+/// A workgroup tile of the shader: `bm` rows × `bn` columns, 8 × 16 outputs per thread. The rows
+/// are one group's GEMM, or (group packing) `gp` groups' of `rg` rows each stacked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tile {
     pub bm: usize,
     pub bn: usize,
+    /// Groups stacked in the tile (1: the rows of one group).
+    pub gp: usize,
+    /// Rows of each group slot (`bm` with one group).
+    pub rg: usize,
 }
 
 /// Tile heights the shader is built for (multiples of 16; the two row quads of a thread are
 /// `bm / 2` apart).
 const TILE_ROWS: [usize; 7] = [16, 32, 64, 96, 128, 160, 192];
 
+/// The height a packed tile aims for, and the most rows a group may have to be packed.
+const PACK_ROWS: usize = 128;
+const PACK_MAX_GROUP_ROWS: usize = 64;
+
 impl Tile {
+    fn single(bm: usize, bn: usize) -> Tile {
+        Tile {
+            bm,
+            bn,
+            gp: 1,
+            rg: bm,
+        }
+    }
+
     pub fn threads(&self) -> usize {
         (self.bm / 8) * (self.bn / 16)
     }
 
-    /// Workgroup memory: two K tiles of A (transposed, rows padded by 4 floats) and of B.
+    /// Workgroup memory: two K tiles of A (transposed, rows padded by 4 floats) and of B (one
+    /// per group slot).
     pub fn shared_bytes(&self) -> usize {
-        2 * BK * (self.bm + 4 + self.bn) * 4
+        2 * BK * (self.bm + 4 + self.gp * self.bn) * 4
     }
 
     /// The tile for a GEMM of `m` rows and `n` columns on any device: the shortest height that
     /// covers `m` in one tile (so layers of 10, 32, 96, 160 or 192 channels compute no padding
     /// rows), 128 rows beyond 192; 64 columns when `n` is that small, else 128.
     pub fn nominal(m: usize, n: usize) -> Tile {
-        Tile {
-            bm: TILE_ROWS.iter().copied().find(|&r| r >= m).unwrap_or(128),
-            bn: if n <= 64 { 64 } else { 128 },
-        }
+        Tile::single(
+            TILE_ROWS.iter().copied().find(|&r| r >= m).unwrap_or(128),
+            if n <= 64 { 64 } else { 128 },
+        )
     }
 
-    /// [`Self::nominal`], its height reduced until it fits the device's workgroup limits.
-    pub fn choose(m: usize, n: usize, limits: &wgpu::Limits) -> Tile {
-        let mut t = Tile::nominal(m, n);
+    /// The packed tile for `groups` GEMMs of `m` rows: where a group has few rows (at most 64,
+    /// a multiple of 8) and there are several, as many groups as make 128 rows.
+    pub fn packed(m: usize, n: usize, groups: usize) -> Option<Tile> {
+        if groups < 2 || m > PACK_MAX_GROUP_ROWS || !m.is_multiple_of(8) {
+            return None;
+        }
+        let gp = (PACK_ROWS / m).min(groups);
+        Some(Tile {
+            bm: gp * m,
+            gp,
+            rg: m,
+            ..Tile::nominal(m, n)
+        })
+    }
+
+    /// [`Self::packed`] where it applies and fits the device's workgroup limits (narrower, then
+    /// with fewer groups, as needed), else [`Self::nominal`] with its height reduced until it
+    /// fits.
+    pub fn choose(m: usize, n: usize, groups: usize, limits: &wgpu::Limits) -> Tile {
         let fits = |t: &Tile| {
             t.threads() <= limits.max_compute_invocations_per_workgroup as usize
                 && t.threads() <= limits.max_compute_workgroup_size_x as usize
                 && t.shared_bytes() <= limits.max_compute_workgroup_storage_size as usize
         };
+        if let Some(mut t) = Tile::packed(m, n, groups) {
+            while t.gp >= 2 {
+                if fits(&t) {
+                    return t;
+                }
+                if t.bn > 32 {
+                    t.bn /= 2;
+                } else {
+                    t.gp /= 2;
+                    t.bm = t.gp * t.rg;
+                }
+            }
+        }
+        let mut t = Tile::nominal(m, n);
         while !fits(&t) && t.bm > TILE_ROWS[0] {
             t.bm = TILE_ROWS
                 .iter()
@@ -303,6 +363,7 @@ impl Tile {
                 .copied()
                 .find(|&r| r < t.bm)
                 .unwrap_or(16);
+            t.rg = t.bm;
         }
         t
     }
@@ -336,7 +397,7 @@ impl GemmConv {
     /// The tile `mode`'s GEMM runs with on `gpu`.
     pub fn tile(&self, gpu: &Gpu, mode: Mode) -> Tile {
         let (m, n, _) = self.dims(mode);
-        Tile::choose(m, n, &gpu.limits)
+        Tile::choose(m, n, self.groups, &gpu.limits)
     }
 
     /// The split-K count grad-weight uses by default.
@@ -367,6 +428,29 @@ impl GemmConv {
         splits: usize,
         label: String,
     ) -> Result<Launch> {
+        self.launch_with(gpu, mode, (a_src, b_src), bias, out, splits, None, label)
+    }
+
+    /// [`Self::launch`], grad-input with `act`: the layer input's quantizer applied as dx is
+    /// written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_with(
+        &self,
+        gpu: &Gpu,
+        mode: Mode,
+        (a_src, b_src): (&Tensor, &Tensor),
+        bias: Option<&Tensor>,
+        out: &Tensor,
+        splits: usize,
+        act: Option<ActGrad<'_>>,
+        label: String,
+    ) -> Result<Launch> {
+        if act.is_some() && mode != Mode::GradInput {
+            return Err(Error::shape(
+                &label,
+                "only grad-input applies an input quantizer",
+            ));
+        }
         let bias_grad = mode == Mode::GradWeight && bias.is_some();
         let (gm, gn, gk) = self.dims(mode);
         let (k_chunk, splits) = if mode == Mode::GradWeight {
@@ -429,8 +513,22 @@ impl GemmConv {
                 f64::from(u8::from(bias.is_some() && !bias_grad)),
             ),
             ("BIAS_GRAD", f64::from(u8::from(bias_grad))),
+            (
+                "ACT_GRAD",
+                act.map_or(0.0, |a| if a.requantize { 2.0 } else { 1.0 }),
+            ),
+            (
+                "ACT_LEVELS",
+                act.map_or(1.0, |a| f64::from(a.bits.levels())),
+            ),
+            (
+                "ACT_INV_LEVELS",
+                act.map_or(1.0, |a| f64::from(a.bits.inv_levels())),
+            ),
             ("BM", c(tile.bm)),
             ("BN", c(tile.bn)),
+            ("GP", c(tile.gp)),
+            ("RG", c(tile.rg)),
             ("KH", c(self.kernel.0)),
             ("KW", c(self.kernel.1)),
             ("SPECIALIZED", f64::from(u8::from(gpu.specialized_gemms()))),
@@ -463,13 +561,26 @@ impl GemmConv {
                 Bind::Read,
                 Bind::ReadWrite,
                 Bind::ReadWrite,
+                Bind::ReadWrite,
             ],
         })?;
-        // The bias bindings must exist even when unused (two buffers: one is read, one written).
-        let (none, none_out) = (
+        // The optional bindings must exist even when unused (buffers of their own: one is read,
+        // the others written).
+        let (none, none_out, no_x) = (
             gpu.zeros("no bias", &[1], DType::F32)?,
             gpu.zeros("no bias gradient", &[1], DType::F32)?,
+            gpu.zeros("no quantized input", &[1], DType::F32)?,
         );
+        let act_x = match act {
+            Some(a) => {
+                expect_dtype(&label, "x", a.x, DType::F32)?;
+                if a.x.numel() != out.numel() {
+                    return Err(Error::shape(&label, "the input x is not the size of dx"));
+                }
+                a.x
+            }
+            None => &no_x,
+        };
         let (bias, bias_out) = match (bias, bias_grad) {
             (Some(b), false) => (b, &none_out),
             (Some(b), true) => (&none, b),
@@ -477,14 +588,19 @@ impl GemmConv {
         };
         let grid = [
             gn.div_ceil(tile.bn) as u32,
-            gm.div_ceil(tile.bm) as u32,
-            (self.groups * splits) as u32,
+            gm.div_ceil(tile.rg) as u32,
+            (self.groups.div_ceil(tile.gp) * splits) as u32,
         ];
+        // The tile in the label: `bench kernels` and error messages show what ran.
+        let packed = match tile.gp {
+            1 => String::new(),
+            gp => format!(", {gp} groups of {}", tile.rg),
+        };
         gpu.launch(
             &kernel,
-            label,
+            format!("{label} tile {}x{}{packed}", tile.bm, tile.bn),
             Some(bytemuck::bytes_of(&p)),
-            &[a_src, b_src, bias, out, bias_out],
+            &[a_src, b_src, bias, out, bias_out, act_x],
             grid,
         )
     }
@@ -648,6 +764,38 @@ pub fn grad_input(
     )?))
 }
 
+/// [`grad_input`] with the layer input's DoReFa quantizer in its epilogue: `dx` masked by the
+/// float input `act.x` (and, with `act.requantize`, `act.x` replaced by its quantized value).
+pub fn grad_input_act(
+    gpu: &Gpu,
+    geom: &Conv2dGeom,
+    dy: &Tensor,
+    w: &Tensor,
+    dx: &Tensor,
+    act: ActGrad<'_>,
+) -> Result<Op> {
+    let label = check(
+        geom,
+        "conv2d.grad_input",
+        &[
+            ("dy", dy, &geom.output_shape()),
+            ("w", w, &geom.weight_shape()),
+            ("dx", dx, &geom.input_shape()),
+            ("x", act.x, &geom.input_shape()),
+        ],
+    )?;
+    Ok(Op::Dispatch(geom.gemm().launch_with(
+        gpu,
+        Mode::GradInput,
+        (w, dy),
+        None,
+        dx,
+        1,
+        Some(act),
+        label,
+    )?))
+}
+
 /// `dw = dL/dw` (correlation of `x` with `dy`), with the default split-K; its partial sums go
 /// into `scratch` when given (sized by `GemmConv::grad_weight_scratch_len`).
 pub fn grad_weight(
@@ -748,17 +896,17 @@ mod tests {
             max_compute_workgroup_storage_size: 32 << 10,
             ..wgpu::Limits::default()
         };
-        let rows = |m| Tile::choose(m, 1000, &big).bm;
+        let rows = |m| Tile::choose(m, 1000, 1, &big).bm;
         assert_eq!(
             [1, 10, 32, 33, 96, 128, 150, 192, 256, 1000].map(rows),
             [16, 16, 32, 64, 96, 128, 160, 192, 128, 128]
         );
-        assert_eq!(Tile::choose(128, 64, &big).bn, 64);
-        assert_eq!(Tile::choose(128, 65, &big).bn, 128);
+        assert_eq!(Tile::choose(128, 64, 1, &big).bn, 64);
+        assert_eq!(Tile::choose(128, 65, 1, &big).bn, 128);
         // 128 x 128 needs 16,640 bytes: WebGPU's 16 KiB minimum gets 96 rows.
         assert_eq!(Tile::nominal(128, 1000).shared_bytes(), 16_640);
         let small = wgpu::Limits::default();
-        let t = Tile::choose(128, 1000, &small);
+        let t = Tile::choose(128, 1000, 1, &small);
         assert_eq!((t.bm, t.bn), (96, 128));
         assert!(t.shared_bytes() <= 16 << 10 && t.threads() <= 256);
         // 192 rows x 128 columns is 192 threads; a device with 128 gets 128 rows.
@@ -766,7 +914,55 @@ mod tests {
             max_compute_invocations_per_workgroup: 128,
             ..big
         };
-        assert_eq!(Tile::choose(190, 1000, &few).bm, 128);
+        assert_eq!(Tile::choose(190, 1000, 1, &few).bm, 128);
+    }
+
+    #[test]
+    fn grouped_layers_with_few_rows_per_group_pack_groups_into_tall_tiles() {
+        let limits = |kib: u32| wgpu::Limits {
+            max_compute_workgroup_storage_size: kib << 10,
+            ..wgpu::Limits::default()
+        };
+        let shape = |t: Tile| (t.gp, t.rg, t.bm, t.bn, t.threads());
+        // NIN-GC's 3x3 layers: 32 output channels per group (forward, grad-weight), 16 input
+        // channels (grad-input). 48 KiB (an NVIDIA GPU's): 4 groups x 32 rows x 128 columns.
+        assert_eq!(
+            shape(Tile::choose(32, 4096, 16, &limits(48))),
+            (4, 32, 128, 128, 128)
+        );
+        assert_eq!(
+            Tile::choose(32, 4096, 16, &limits(48)).shared_bytes(),
+            41_216
+        );
+        // 32 KiB (lavapipe's): 64 columns.
+        assert_eq!(
+            shape(Tile::choose(32, 4096, 16, &limits(32))),
+            (4, 32, 128, 64, 64)
+        );
+        assert_eq!(
+            shape(Tile::choose(16, 4096, 32, &limits(48))),
+            (8, 16, 128, 64, 64)
+        );
+        assert_eq!(
+            shape(Tile::choose(16, 4096, 32, &limits(32))),
+            (8, 16, 128, 32, 32)
+        );
+        // WebGPU's 16 KiB: fewer groups.
+        assert_eq!(
+            shape(Tile::choose(32, 4096, 16, &limits(16))),
+            (2, 32, 64, 32, 16)
+        );
+        // Fewer groups than fit: all of them; 6 groups of 32 rows: slots of 4 (the last half
+        // empty).
+        assert_eq!(
+            shape(Tile::choose(8, 4096, 3, &limits(48))),
+            (3, 8, 24, 128, 24)
+        );
+        assert_eq!(Tile::choose(32, 4096, 6, &limits(48)).gp, 4);
+        // Not packed: one group, rows not a multiple of 8, or many rows per group.
+        for (m, groups) in [(32, 1), (12, 4), (128, 2)] {
+            assert_eq!(Tile::choose(m, 4096, groups, &limits(48)).gp, 1);
+        }
     }
 
     #[test]

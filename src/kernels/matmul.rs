@@ -3,7 +3,7 @@
 //! (`dX = dY·W`) and grad-weight (`dW = dYᵀ·X`) are the convolution GEMMs, transposes handled by
 //! indexing with nothing materialised.
 
-use super::conv2d::{GemmConv, Mode};
+use super::conv2d::{ActGrad, GemmConv, Mode};
 use super::{expect_dtype, expect_shape, reduce};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Op, Tensor};
@@ -112,6 +112,38 @@ pub fn grad_input(
         None,
         dx,
         1,
+        label,
+    )?))
+}
+
+/// [`grad_input`] with the layer input's DoReFa quantizer in its epilogue (see
+/// [`conv2d::grad_input_act`](super::conv2d::grad_input_act)).
+pub fn grad_input_act(
+    gpu: &Gpu,
+    geom: &LinearGeom,
+    dy: &Tensor,
+    w: &Tensor,
+    dx: &Tensor,
+    act: ActGrad<'_>,
+) -> Result<Op> {
+    let (b, i, o) = (geom.batch, geom.in_features, geom.out_features);
+    let label = geom.check(
+        "matmul.grad_input",
+        &[
+            ("dy", dy, &[b, o]),
+            ("w", w, &[o, i]),
+            ("dx", dx, &[b, i]),
+            ("x", act.x, &[b, i]),
+        ],
+    )?;
+    Ok(Op::Dispatch(geom.gemm().launch_with(
+        gpu,
+        Mode::GradInput,
+        (w, dy),
+        None,
+        dx,
+        1,
+        Some(act),
         label,
     )?))
 }

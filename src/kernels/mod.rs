@@ -41,13 +41,13 @@ macro_rules! shader {
 
 pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl", true);
 pub static REDUCE: Shader = shader!("reduce.wgsl", true);
-pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl");
+pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl", "act.wgsl");
 pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl");
 pub static BNFOLD: Shader = shader!("bnfold.wgsl", true);
 pub static WBWTAB: Shader = shader!("wbwtab.wgsl", true);
-pub static CONV2D: Shader = shader!("conv2d.wgsl", true);
-pub static NORM: Shader = shader!("norm.wgsl", true);
-pub static POOL: Shader = shader!("pool.wgsl", true);
+pub static CONV2D: Shader = shader!("conv2d.wgsl", true, "act.wgsl");
+pub static NORM: Shader = shader!("norm.wgsl", true, "act.wgsl");
+pub static POOL: Shader = shader!("pool.wgsl", true, "act.wgsl");
 // Checked: it indexes logits by labels, which come from the data.
 pub static LOSS: Shader = shader!("loss.wgsl", false);
 pub static OPTIM: Shader = shader!("optim.wgsl", true);

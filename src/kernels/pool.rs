@@ -3,6 +3,7 @@
 use super::{Entry, POOL, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor};
+use crate::quant::Bits;
 use Bind::{Read as R, ReadWrite as W};
 
 const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
@@ -97,6 +98,9 @@ struct Params {
     c: u32,
     groups: u32,
     inverse: u32,
+    quantize: u32,
+    levels_f: f32,
+    inv_levels: f32,
     _pad: [u32; 2],
 }
 
@@ -117,6 +121,9 @@ fn params(g: &PoolGeom) -> Params {
         c: g.c as u32,
         groups: 1,
         inverse: 0,
+        quantize: 0,
+        levels_f: 1.0,
+        inv_levels: 1.0,
         _pad: [0; 2],
     }
 }
@@ -141,15 +148,78 @@ fn label(kernel: &str, g: &PoolGeom) -> String {
 
 /// `y` = window maxima.
 pub fn maxpool_forward(gpu: &Gpu, g: &PoolGeom, x: &Tensor, y: &Tensor) -> Result<Op> {
+    maxpool_forward_fused(gpu, g, x, y, MaxPoolEpilogue::default())
+}
+
+/// What a max-pool applies to its output as it writes it (the layers after it, fused): a
+/// channel shuffle in `shuffle` groups (1: none) and the next layer's DoReFa activation
+/// quantizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPoolEpilogue {
+    pub shuffle: usize,
+    pub quantize: Option<Bits>,
+}
+
+impl Default for MaxPoolEpilogue {
+    fn default() -> Self {
+        MaxPoolEpilogue {
+            shuffle: 1,
+            quantize: None,
+        }
+    }
+}
+
+impl MaxPoolEpilogue {
+    fn params(&self, kernel: &str, g: &PoolGeom) -> Result<Params> {
+        if self.shuffle == 0 || !g.c.is_multiple_of(self.shuffle) {
+            return Err(Error::shape(
+                kernel,
+                format!("cannot shuffle {} channels in {} groups", g.c, self.shuffle),
+            ));
+        }
+        let (quantize, levels_f, inv_levels) = match self.quantize {
+            Some(b) if !b.is_float() => (1, b.levels() as f32, b.inv_levels()),
+            _ => (0, 1.0, 1.0),
+        };
+        Ok(Params {
+            groups: self.shuffle as u32,
+            quantize,
+            levels_f,
+            inv_levels,
+            ..params(g)
+        })
+    }
+
+    fn describe(&self) -> String {
+        let mut s = String::new();
+        if self.shuffle > 1 {
+            s += &format!("+shuffle{}", self.shuffle);
+        }
+        if let Some(b) = self.quantize.filter(|b| !b.is_float()) {
+            s += &format!("+a{b}");
+        }
+        s
+    }
+}
+
+/// [`maxpool_forward`] with `ep` applied to the output.
+pub fn maxpool_forward_fused(
+    gpu: &Gpu,
+    g: &PoolGeom,
+    x: &Tensor,
+    y: &Tensor,
+    ep: MaxPoolEpilogue,
+) -> Result<Op> {
     const K: &str = "maxpool_forward";
     g.validate(K)?;
     let (i, o) = (g.input_shape(), g.output_shape());
     check(K, &[("x", x, &i, DType::F32), ("y", y, &o, DType::F32)])?;
+    let p = ep.params(K, g)?;
     MAX_FORWARD.launch(
         gpu,
         &[],
-        label(K, g),
-        &params(g),
+        label(&format!("{K}{}", ep.describe()), g),
+        &p,
         &[x, y],
         elementwise_grid(gpu, y.numel() as u32),
     )
@@ -164,6 +234,19 @@ pub fn maxpool_backward(
     dy: &Tensor,
     dx: &Tensor,
 ) -> Result<Op> {
+    maxpool_backward_shuffled(gpu, g, x, dy, dx, 1)
+}
+
+/// [`maxpool_backward`] of a max-pool whose output was shuffled in `shuffle` groups: `dy` is the
+/// shuffled output's gradient, read where the shuffle put each element.
+pub fn maxpool_backward_shuffled(
+    gpu: &Gpu,
+    g: &PoolGeom,
+    x: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+    shuffle: usize,
+) -> Result<Op> {
     const K: &str = "maxpool_backward";
     g.validate(K)?;
     let (i, o) = (g.input_shape(), g.output_shape());
@@ -175,11 +258,15 @@ pub fn maxpool_backward(
             ("dx", dx, &i, DType::F32),
         ],
     )?;
+    let ep = MaxPoolEpilogue {
+        shuffle,
+        quantize: None,
+    };
     MAX_BACKWARD.launch(
         gpu,
         &[],
-        label(K, g),
-        &params(g),
+        label(&format!("{K}{}", ep.describe()), g),
+        &ep.params(K, g)?,
         &[x, dy, dx],
         elementwise_grid(gpu, dx.numel() as u32),
     )

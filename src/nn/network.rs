@@ -646,6 +646,7 @@ impl Network {
         match l.kind {
             Kind::BatchNorm { .. } => Ok(vec![batchnorm::recompute(gpu, self, l, x, y, batch)?]),
             Kind::Shuffle(_) => Ok(vec![shuffle::recompute(gpu, l, x, y)?]),
+            Kind::MaxPool(_) => Ok(vec![pool::recompute(l, gpu, x, y, batch)?]),
             _ => Err(Error::Invalid(format!(
                 "layer {} cannot be recomputed",
                 l.name

@@ -5,7 +5,7 @@ use super::WeightedOp;
 use crate::error::Result;
 use crate::gpu::{Gpu, Op, Tensor};
 use crate::kernels::conv_transpose2d::{self, ConvTranspose2dGeom};
-use crate::kernels::conv2d::{self, Conv2dGeom};
+use crate::kernels::conv2d::{self, ActGrad, Conv2dGeom};
 use crate::kernels::matmul::{self, LinearGeom};
 
 /// The batch-size-specific geometry of a weighted layer.
@@ -94,6 +94,23 @@ impl Gemm {
 
     /// dL/dW into `dw` and, given `db`, the bias gradient: in the same pass over dy for conv2d
     /// and Linear (dy is their grad-weight GEMM's A), by its own reduction for conv-transpose.
+    /// Grad-input with the layer input's DoReFa quantizer in the epilogue (conv2d, Linear); None
+    /// where the GEMM has no such epilogue (conv-transpose: the caller runs the quantizer's pass).
+    pub(super) fn grad_input_act(
+        &self,
+        gpu: &Gpu,
+        dy: &Tensor,
+        w: &Tensor,
+        dx: &Tensor,
+        act: ActGrad<'_>,
+    ) -> Option<Result<Op>> {
+        match self {
+            Gemm::Conv(g) => Some(conv2d::grad_input_act(gpu, g, dy, w, dx, act)),
+            Gemm::Linear(g) => Some(matmul::grad_input_act(gpu, g, dy, w, dx, act)),
+            Gemm::ConvT(_) => None,
+        }
+    }
+
     pub(super) fn grad_weight(
         &self,
         gpu: &Gpu,

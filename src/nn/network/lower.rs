@@ -80,6 +80,8 @@ pub(super) struct PoolWindow {
     pub(super) kernel: (usize, usize),
     pub(super) stride: (usize, usize),
     pub(super) padding: (usize, usize),
+    /// Max-pool: the channel shuffle fused after it, in this many groups (1: none).
+    pub(super) shuffle: usize,
 }
 
 /// A layer with its parameters' places in the arenas and its batch-independent buffers.
@@ -439,6 +441,7 @@ pub(super) fn lower(
                     kernel: kernel.t(),
                     stride: stride.unwrap_or(*kernel).t(),
                     padding: padding.t(),
+                    shuffle: 1,
                 });
             }
             LayerSpec::AvgPool {
@@ -450,6 +453,7 @@ pub(super) fn lower(
                     kernel: kernel.t(),
                     stride: stride.unwrap_or(*kernel).t(),
                     padding: padding.t(),
+                    shuffle: 1,
                 });
             }
             LayerSpec::Shuffle { groups } => layer.kind = Kind::Shuffle(*groups),
@@ -558,10 +562,12 @@ pub(super) fn dorefa_weights(
 /// 2. BatchNorm [→ fused ReLU] → channel shuffle: likewise for the shuffle (and the fused ReLU's
 ///    output); the BatchNorm writes its output shuffled (`Epilogue::shuffle`), so the
 ///    unshuffled tensor never exists.
+/// 3. Max-pool → channel shuffle: likewise; the max-pool writes its output shuffled
+///    (`PoolWindow::shuffle`) and reads its gradient where the shuffle put it.
 ///
-/// The memory planner (`memory.rs`) adds the last one: a BatchNorm whose output only a
-/// quantized layer reads, and which is formed again for the backward pass anyway, writes it
-/// quantized (`Epilogue::quantize`).
+/// The memory planner (`memory.rs`) adds the last one: a BatchNorm or max-pool whose output
+/// only a quantized layer reads, and which is formed again for the backward pass anyway, writes
+/// it quantized (`Epilogue::quantize`, `LayerBuffers::quantize_output`).
 pub(super) fn fuse(layers: &mut [Layer], consumers: &[Vec<usize>]) {
     let only_reader = |k: usize, i: usize| consumers[k] == [i];
     for i in 0..layers.len() {
@@ -580,12 +586,12 @@ pub(super) fn fuse(layers: &mut [Layer], consumers: &[Vec<usize>]) {
                     (Kind::FusedRelu, &[Source::Node(b)]) => b,
                     _ => k,
                 };
-                if let Kind::BatchNorm { ep, .. } = &mut layers[bn].kind {
-                    if ep.shuffle == 1 {
-                        ep.shuffle = groups;
-                        layers[i].kind = Kind::FusedShuffle;
-                    }
+                match &mut layers[bn].kind {
+                    Kind::BatchNorm { ep, .. } if ep.shuffle == 1 => ep.shuffle = groups,
+                    Kind::MaxPool(win) if win.shuffle == 1 => win.shuffle = groups,
+                    _ => continue,
                 }
+                layers[i].kind = Kind::FusedShuffle;
             }
             _ => {}
         }

@@ -90,7 +90,8 @@ impl Network {
     }
 
     /// Which layers' outputs are transient: cheap to recompute exactly from what is kept
-    /// (BatchNorm from its input and batch statistics, a channel shuffle from its input), so they
+    /// (BatchNorm from its input and batch statistics, a channel shuffle or a max-pool from its
+    /// input), so they
     /// live in one of two shared temporaries and are formed again at the start of their
     /// consumer's backward. A transient output has one reader, the next layer (so it is alive
     /// only from one layer to the next, as in a chain, also inside a residual block), and chains
@@ -111,10 +112,12 @@ impl Network {
                 depth[i] = input_depth;
                 continue;
             }
-            let recomputable = matches!(
-                self.layers[i].kind,
-                Kind::BatchNorm { .. } | Kind::Shuffle(_)
-            );
+            // (A max-pool that quantizes its own input keeps its output: IAO's.)
+            let recomputable = match self.layers[i].kind {
+                Kind::BatchNorm { .. } | Kind::Shuffle(_) => true,
+                Kind::MaxPool(_) => self.layers[i].input_q.is_none(),
+                _ => false,
+            };
             let next = (i + 1..n).find(|&k| !self.layers[k].kind.is_alias());
             let read_next_only = next.is_some_and(|k| readers[i] == [k]);
             if recomputable && read_next_only && input_depth < 2 {
@@ -304,7 +307,8 @@ impl Network {
         }
         self.gradient_targets(gpu, &mut out)?;
         // A recomputed input quantized in place may come straight from a BatchNorm (through
-        // its fused ReLU and shuffle): then the BatchNorm's forward writes it quantized.
+        // its fused ReLU and shuffle) or a max-pool (through its fused shuffle): then that
+        // layer's forward writes it quantized.
         for (i, l) in self.layers.iter().enumerate() {
             // DoReFa's quantizer only: BatchNorm's kernel applies it (an IAO quantizer observes
             // first, then quantizes with the scale it forms).
@@ -319,7 +323,12 @@ impl Network {
                 continue;
             }
             let source = self.root(l.inputs[0]);
-            if source.is_some_and(|k| matches!(self.layers[k].kind, Kind::BatchNorm { .. })) {
+            if source.is_some_and(|k| {
+                matches!(
+                    self.layers[k].kind,
+                    Kind::BatchNorm { .. } | Kind::MaxPool(_)
+                )
+            }) {
                 let k = source.expect("checked");
                 out[k].quantize_output = Some(a_bits);
                 out[i].xq = QuantInput::ByProducer;

@@ -6,9 +6,10 @@ use super::memory::QuantInput;
 use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::{Error, Result};
-use crate::kernels::pool::{self, PoolGeom};
+use crate::gpu::{Gpu, Op, Tensor};
+use crate::kernels::pool::{self, MaxPoolEpilogue, PoolGeom};
 
-pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
+fn geometry(l: &Layer, batch: usize) -> Result<PoolGeom> {
     let (Kind::MaxPool(win) | Kind::AvgPool(win)) = l.kind else {
         unreachable!("pool::ops is for pooling layers")
     };
@@ -18,15 +19,32 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             l.name
         )));
     };
-    let geom = PoolGeom {
-        n: io.batch,
+    Ok(PoolGeom {
+        n: batch,
         c,
         h,
         w,
         kernel: win.kernel,
         stride: win.stride,
         padding: win.padding,
+    })
+}
+
+/// A max-pool's forward op again (float, with its fused shuffle), into the same temporary:
+/// the same kernel on the same input, so the same bits.
+pub(super) fn recompute(l: &Layer, gpu: &Gpu, x: &Tensor, y: &Tensor, batch: usize) -> Result<Op> {
+    let Kind::MaxPool(win) = l.kind else {
+        unreachable!("pool::recompute is for max-pools")
     };
+    let ep = MaxPoolEpilogue {
+        shuffle: win.shuffle,
+        quantize: None,
+    };
+    pool::maxpool_forward_fused(gpu, &geometry(l, batch)?, x, y, ep)
+}
+
+pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
+    let geom = geometry(l, io.batch)?;
     let (gpu, x) = (io.gpu, io.x());
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
     let dx = io.dx().filter(|_| io.train);
@@ -44,14 +62,25 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         _ => None,
     };
     let pooled = xq.as_ref().map_or(x, |(_, t)| t);
-    if let Kind::MaxPool(_) = l.kind {
-        fwd.push(pool::maxpool_forward(gpu, &geom, pooled, io.y)?);
+    if let Kind::MaxPool(win) = l.kind {
+        let ep = MaxPoolEpilogue {
+            shuffle: win.shuffle,
+            quantize: io.buf.quantize_output,
+        };
+        fwd.push(pool::maxpool_forward_fused(gpu, &geom, pooled, io.y, ep)?);
         if let Some(dx) = dx {
             // The input as the forward pooled it (kept, or formed again).
             if let Some((q, t)) = &xq {
                 bwd.push(q.forward(gpu, x, t)?);
             }
-            bwd.push(pool::maxpool_backward(gpu, &geom, pooled, io.dy(l)?, dx)?);
+            bwd.push(pool::maxpool_backward_shuffled(
+                gpu,
+                &geom,
+                pooled,
+                io.dy(l)?,
+                dx,
+                win.shuffle,
+            )?);
         }
     } else {
         fwd.push(pool::avgpool_forward(gpu, &geom, pooled, io.y)?);

@@ -8,6 +8,7 @@ use super::memory::QuantInput;
 use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::Result;
+use crate::kernels::conv2d::ActGrad;
 
 pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let Kind::Weighted { op, .. } = l.kind else {
@@ -58,7 +59,20 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     // again, float, for this backward).
     let in_place = matches!(buf.xq, QuantInput::InPlace | QuantInput::ByProducer);
     if let Some(q) = &iq {
+        // DoReFa's mask (and requantization) in grad-input's epilogue where the GEMM has one.
+        let fused = match (q, io.dx()) {
+            (InputQuant::Dorefa(bits), Some(dx)) => {
+                let act = ActGrad {
+                    x,
+                    bits: *bits,
+                    requantize: in_place,
+                };
+                gemm.grad_input_act(gpu, dy, &w_hat, dx, act).transpose()?
+            }
+            _ => None,
+        };
         match io.dx() {
+            Some(_) if fused.is_some() => bwd.extend(fused),
             Some(dx) => {
                 bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
                 if in_place {
