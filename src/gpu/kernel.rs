@@ -1,10 +1,16 @@
 //! Compiled kernels: each WGSL entry point is compiled once per specialisation (its override
 //! constants) and kept in a cache; a [`Launch`](super::Launch) binds one to tensors.
+//!
+//! Binding a kernel needs only its bind group layout, so its pipeline, the driver's slow part
+//! (tens to hundreds of milliseconds each), compiles on a pool of worker threads while the rest
+//! of a step is recorded: the pipelines of a first step compile in parallel, and the first
+//! submit waits for the ones it uses.
 
 use super::Gpu;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A WGSL source file embedded in the binary.
 #[derive(Debug)]
@@ -53,20 +59,85 @@ impl KernelSpec<'_> {
     }
 }
 
-/// A compiled compute pipeline and the layout of its bindings.
+/// A compute pipeline (compiled on a worker thread; see the module comment) and the layout of
+/// its bindings.
 pub struct Kernel {
     /// `shader:entry[:CONST=v...]`, used in error messages and timings.
     pub name: String,
-    pub(crate) pipeline: wgpu::ComputePipeline,
+    pipeline: OnceLock<std::result::Result<wgpu::ComputePipeline, String>>,
+    /// The worker's answer, until [`Kernel::pipeline`] takes it.
+    pending: Mutex<Option<mpsc::Receiver<Compiled>>>,
     pub(crate) layout: wgpu::BindGroupLayout,
     pub(crate) bindings: Vec<Bind>,
 }
 
-/// Compiled kernels by specialisation, and shader modules by file.
+/// A worker's answer: the pipeline, or the one-line validation error of compiling it.
+type Compiled = std::result::Result<wgpu::ComputePipeline, String>;
+
+impl Kernel {
+    /// The pipeline, waiting for its compilation if it is still running.
+    pub(crate) fn pipeline(&self) -> Result<&wgpu::ComputePipeline> {
+        let compiled = self.pipeline.get_or_init(|| {
+            let job = self.pending.lock().ok().and_then(|mut p| p.take());
+            match job.map(|rx| rx.recv()) {
+                Some(Ok(compiled)) => compiled,
+                _ => Err("the thread compiling it stopped".to_string()),
+            }
+        });
+        compiled.as_ref().map_err(|message| Error::Shader {
+            name: self.name.clone(),
+            message: message.clone(),
+        })
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Compiled kernels by specialisation, shader modules by file, and the threads compiling
+/// pipelines.
 #[derive(Default)]
 pub struct KernelCache {
     kernels: Mutex<HashMap<String, Arc<Kernel>>>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    /// Started on first use; the workers end when the cache (with its device) is dropped.
+    workers: OnceLock<Mutex<mpsc::Sender<Job>>>,
+}
+
+impl KernelCache {
+    /// Runs `job` on a worker thread (one per core, at most 8).
+    fn spawn(&self, job: Job) {
+        let queue = self.workers.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let rx = Arc::new(Mutex::new(rx));
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+            for i in 0..n {
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("wgqat-compile-{i}"))
+                    .spawn(move || {
+                        loop {
+                            let next = rx.lock().map(|r| r.recv());
+                            match next {
+                                Ok(Ok(job)) => job(),
+                                _ => break,
+                            }
+                        }
+                    });
+                // Without a thread the queue still holds the job, and a later worker or the
+                // fallback below runs it.
+                let _ = spawned;
+            }
+            Mutex::new(tx)
+        });
+        let unsent = match queue.lock() {
+            Ok(tx) => tx.send(job).err().map(|e| e.0),
+            Err(_) => Some(job),
+        };
+        // No worker to take it: compile here.
+        if let Some(job) = unsent {
+            job();
+        }
+    }
 }
 
 impl KernelCache {
@@ -110,7 +181,8 @@ impl Gpu {
                 count: None,
             })
             .collect();
-        let compile = || {
+        // The layouts here (cheap, and what binding needs); the pipeline on a worker.
+        let layouts = || {
             let layout = self
                 .device
                 .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -124,35 +196,54 @@ impl Gpu {
                     bind_group_layouts: &[Some(&layout)],
                     immediate_size: 0,
                 });
-            let pipeline = self
-                .device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(&key),
-                    layout: Some(&pl),
-                    module: &module,
-                    entry_point: Some(spec.entry),
-                    compilation_options: wgpu::PipelineCompilationOptions {
-                        constants: spec.constants,
-                        // Every kernel writes its workgroup memory before reading it.
-                        zero_initialize_workgroup_memory: false,
-                    },
-                    cache: None,
-                });
-            (layout, pipeline)
+            (layout, pl)
         };
-        let (layout, pipeline) = match self.scoped(|| format!("compiling kernel {key}"), compile) {
+        let (layout, pl) = match self.scoped(|| format!("compiling kernel {key}"), layouts) {
             Ok(v) => v,
             Err(Error::Validation { message, .. }) => {
                 return Err(Error::Shader { name: key, message });
             }
             Err(e) => return Err(e),
         };
+        let (tx, rx) = mpsc::channel();
         let kernel = Arc::new(Kernel {
             name: key.clone(),
-            pipeline,
+            pipeline: OnceLock::new(),
+            pending: Mutex::new(Some(rx)),
             layout,
             bindings: spec.bindings.to_vec(),
         });
+        let device = self.device.clone();
+        let entry = spec.entry.to_string();
+        let constants: Vec<(String, f64)> = spec
+            .constants
+            .iter()
+            .map(|(n, v)| (n.to_string(), *v))
+            .collect();
+        let label = key.clone();
+        cache.spawn(Box::new(move || {
+            // Error scopes are per thread: this one catches what compiling reports.
+            let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let constants: Vec<(&str, f64)> =
+                constants.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(&entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    // Every kernel writes its workgroup memory before reading it.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+            let compiled = match pollster::block_on(scope.pop()) {
+                Some(e) => Err(super::one_line(&e.to_string())),
+                None => Ok(pipeline),
+            };
+            let _ = tx.send(compiled);
+        }));
         if let Ok(mut m) = cache.kernels.lock() {
             m.insert(key, kernel.clone());
         }

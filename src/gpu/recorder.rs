@@ -195,6 +195,9 @@ impl Gpu {
 
     /// Records several lists of ops, in order, into one command encoder and submits once.
     pub fn submit_parts(&self, context: &str, parts: &[&[Op]]) -> Result<wgpu::SubmissionIndex> {
+        for ops in parts {
+            ready(ops)?;
+        }
         let n: usize = parts.iter().map(|p| p.len()).sum();
         let result = self.scoped(
             || format!("{context} ({n} operations)"),
@@ -252,6 +255,7 @@ impl Gpu {
         ops: &[Op],
         copies: &[(&Tensor, &wgpu::Buffer)],
     ) -> Result<wgpu::SubmissionIndex> {
+        ready(ops)?;
         let result = self.scoped(
             || format!("{context} ({} operations)", ops.len()),
             || {
@@ -312,6 +316,7 @@ impl Gpu {
             }
             return Ok(out);
         }
+        ready(ops)?;
         let mut out = Vec::with_capacity(ops.len());
         // A query set holds at most 4096 queries: two per op. Copies are not timed (that would
         // need timestamps inside encoders) and are reported as 0 s.
@@ -366,6 +371,17 @@ impl Gpu {
     }
 }
 
+/// Waits for the pipelines of `ops` (compiled on worker threads) and reports the first that
+/// failed to compile.
+fn ready(ops: &[Op]) -> Result<()> {
+    for op in ops {
+        if let Op::Dispatch(l) = op {
+            l.kernel.pipeline()?;
+        }
+    }
+    Ok(())
+}
+
 /// Records ops: consecutive dispatches share one compute pass (wgpu orders them with barriers),
 /// copies go between passes. With `timestamps`, every op gets its own pass with a timestamp at
 /// its start and end (queries 2i and 2i+1).
@@ -413,7 +429,10 @@ fn record(enc: &mut wgpu::CommandEncoder, ops: &[Op], timestamps: Option<&wgpu::
                 });
                 for op in &ops[i..end] {
                     if let Op::Dispatch(l) = op {
-                        pass.set_pipeline(&l.kernel.pipeline);
+                        // `ready` waited for every pipeline before recording began.
+                        if let Ok(pipeline) = l.kernel.pipeline() {
+                            pass.set_pipeline(pipeline);
+                        }
                         pass.set_bind_group(0, &l.bind_group, &[]);
                         let [x, y, z] = l.workgroups;
                         pass.dispatch_workgroups(x, y, z);
