@@ -117,6 +117,33 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                 Ok(vec![conv2d::forward(gpu, &g, &x, &wt, Some(&b), &y)?])
             }),
         ));
+        // The tensor-core forward of a quantized conv, where the adapter has cooperative
+        // matrices (`kernels` skips it elsewhere).
+        if !first && !bits.is_float() && bits.get() <= 8 {
+            out.push(mk(
+                "forward coop",
+                Box::new(move |gpu| {
+                    let mode = gpu.coop().ok_or_else(|| {
+                        crate::error::Error::Invalid("no cooperative matrices".into())
+                    })?;
+                    let mut rng = Rng::new(1);
+                    let x = random_tensor(gpu, "x", &g.input_shape(), &mut rng, 0.0, 1.0)?;
+                    let wt = random_tensor(gpu, "w", &g.weight_shape(), &mut rng, -1.0, 1.0)?;
+                    let b = gpu.zeros("b", &[g.cout], DType::F32)?;
+                    let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
+                    Ok(vec![crate::kernels::conv_coop::forward(
+                        gpu,
+                        &g,
+                        &x,
+                        &wt,
+                        Some(&b),
+                        &y,
+                        (bits, bits),
+                        mode,
+                    )?])
+                }),
+            ));
+        }
         if !first {
             out.push(mk(
                 "grad_input",
@@ -221,6 +248,11 @@ pub fn kernels(
     for model in models {
         for &batch in batches {
             for item in items(model, batch, bits)? {
+                if item.direction == "forward coop"
+                    && gpu.coop() != Some(crate::gpu::CoopMode::Hardware)
+                {
+                    continue;
+                }
                 let mut row = KernelTiming {
                     model: model.name.clone(),
                     batch,

@@ -1234,11 +1234,94 @@ fn gemm_family_cases(v: &mut Vec<Case>) {
     for g in conv2d_shapes() {
         gemm_cases(v, g);
     }
+    coop_cases(v);
     for g in conv_transpose2d_shapes() {
         gemm_cases(v, g);
     }
     for g in matmul_shapes() {
         gemm_cases(v, g);
+    }
+}
+
+/// The quantized conv forward on cooperative matrices: the adapter's own where it has them,
+/// else their plain-WGSL emulation (the same staging, tiles and epilogue), against the f64
+/// reference on DoReFa levels. Shapes with tails in M, N and K, two row tiles, stride,
+/// padding, dilation and groups; 8-bit and 4-bit codes. (An adapter without f16 has neither:
+/// the cases check nothing there. The emulation takes lavapipe 10-20 s to compile per shape,
+/// hence three.)
+fn coop_cases(v: &mut Vec<Case>) {
+    use kernels::conv2d::Conv2dGeom as G;
+    let shapes = [
+        (G::square(1, 5, 9, 6, 5).stride(2).padding(2), 8),
+        (
+            G {
+                batch: 2,
+                cin: 4,
+                h: 7,
+                w: 9,
+                cout: 6,
+                kernel: (3, 3),
+                stride: (1, 1),
+                padding: (1, 2),
+                dilation: (2, 2),
+                groups: 2,
+            },
+            4,
+        ),
+        (G::square(1, 40, 12, 190, 3).padding(1), 4),
+    ];
+    for (geom, b) in shapes {
+        let shape = format!(
+            "x{:?} w{:?} s{:?} p{:?} d{:?} g{} W{b}A{b}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.stride,
+            geom.padding,
+            geom.dilation,
+            geom.groups
+        );
+        v.push(Case::new(
+            "conv2d",
+            "forward coop",
+            shape,
+            move |gpu, rng| {
+                let mode = match gpu.coop() {
+                    Some(m) => m,
+                    None if gpu.caps.shader_f16 => crate::gpu::CoopMode::Emulated,
+                    None => return Ok(Vec::new()),
+                };
+                let bits = Bits::new(b).expect("valid bits");
+                let n = u64::from(bits.levels());
+                let x: Vec<f32> = (0..geom.x_shape().iter().product())
+                    .map(|_| rng.below(n + 1) as f32 * bits.inv_levels())
+                    .collect();
+                let w: Vec<f32> = (0..geom.w_shape().iter().product())
+                    .map(|_| 2.0 * (rng.below(n + 1) as f32 * bits.inv_levels()) - 1.0)
+                    .collect();
+                let bias = random(rng, &[geom.cout]);
+                let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
+                let yt = gpu.empty("y", &geom.y_shape(), DType::F32)?;
+                let op = kernels::conv_coop::forward(
+                    gpu,
+                    &geom,
+                    &xt,
+                    &wt,
+                    Some(&bt),
+                    &yt,
+                    (bits, bits),
+                    mode,
+                )?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&yt])?;
+                let want = geom.ref_forward(&f64s(&x), &f64s(&w), &f64s(&bias));
+                let k = geom.reduction()[0];
+                Ok(vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, gemm_tolerance(k)),
+                )])
+            },
+        ));
     }
 }
 

@@ -622,7 +622,11 @@ fn bench_kernels(
     let gpu = Gpu::new(opts)?;
     let rows = wgqat::bench::kernels(&gpu, &specs, batches, bits, repeat)?;
     if json {
-        let out = serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "kernels": rows });
+        let out = serde_json::json!({
+            "adapter": AdapterSummary::of(&gpu.info),
+            "cooperative_matrices": coop_name(&gpu),
+            "kernels": rows,
+        });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -678,6 +682,7 @@ fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
             serde_json::json!({
                 "adapter": AdapterSummary::of(&gpu.info),
                 "features": gpu.caps.names(),
+                "cooperative_matrices": coop_name(gpu),
                 "subgroup_size": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
                 "limits": {
                     "max_buffer_size": l.max_buffer_size,
@@ -712,6 +717,17 @@ fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
             let l = &gpu.limits;
             println!("chosen: {}", gpu.describe());
             println!("  features used: {}", gpu.caps.names().join(", "));
+            println!(
+                "  cooperative matrices: {}",
+                match gpu.coop() {
+                    Some(wgqat::gpu::CoopMode::Hardware) => {
+                        "used for quantized conv forwards (f16 16x16x16 -> f32, checked against fp32 at start)"
+                    }
+                    Some(wgqat::gpu::CoopMode::Emulated) =>
+                        "emulated in plain WGSL (WGQAT_COOP=emulate)",
+                    None => "not used (none on this adapter, or WGQAT_COOP=0)",
+                }
+            );
             println!(
                 "  subgroup size: {}..{}",
                 gpu.info.subgroup_min_size, gpu.info.subgroup_max_size
@@ -1159,9 +1175,11 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "training": rows })
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "adapter": AdapterSummary::of(&gpu.info),
+                "cooperative_matrices": coop_name(&gpu),
+                "training": rows,
+            }))?
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -1456,6 +1474,16 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How quantized conv forwards run on `gpu`, for JSON reports: "hardware" (the adapter's
+/// cooperative matrices), "emulated" (`WGQAT_COOP=emulate`) or "none".
+fn coop_name(gpu: &Gpu) -> &'static str {
+    match gpu.coop() {
+        Some(wgqat::gpu::CoopMode::Hardware) => "hardware",
+        Some(wgqat::gpu::CoopMode::Emulated) => "emulated",
+        None => "none",
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,17 @@ fn specialize_by_default() -> bool {
     std::env::var("WGQAT_SPECIALIZE_GEMMS").map_or(true, |v| v.trim() != "0")
 }
 
+/// Which cooperative-matrix path a device runs quantized conv forwards on
+/// (`kernels::conv_coop`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoopMode {
+    /// The adapter's cooperative matrices (f16 16×16×16 → f32, subgroups of 32).
+    Hardware,
+    /// The same kernel in plain WGSL (`WGQAT_COOP=emulate`): slow, for testing on any adapter
+    /// with f16.
+    Emulated,
+}
+
 /// An open GPU device with everything needed to run kernels on it.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -105,6 +116,7 @@ pub struct Gpu {
     faults: Arc<Faults>,
     shader_checks: bool,
     specialized_gemms: bool,
+    coop: Option<CoopMode>,
 }
 
 impl Gpu {
@@ -134,15 +146,47 @@ impl Gpu {
     }
 
     /// Opens a device on `adapter` with the adapter's own limits and the optional features it has.
+    /// Cooperative matrices (`WGQAT_COOP`: unset uses them where the adapter has f16
+    /// 16×16×16 → f32 and subgroups of 32; `0` never; `emulate` runs their plain-WGSL emulation)
+    /// are first tried on a throwaway device, since a driver that fails to compile a kernel loses
+    /// its device: a quantized conv must compile there and match the fp32 kernel.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+        let wanted = std::env::var("WGQAT_COOP").unwrap_or_default();
+        if wanted != "0" && wanted != "emulate" && coop_capable(&adapter) {
+            let tried = Self::open(&adapter, true).and_then(|probe| {
+                crate::kernels::conv_coop::verify(&probe.with_coop(Some(CoopMode::Hardware)))
+            });
+            match tried {
+                Ok(()) => {
+                    return Ok(Self::open(&adapter, true)?.with_coop(Some(CoopMode::Hardware)));
+                }
+                Err(e) => log::warn!("cooperative matrices not used: {e}"),
+            }
+        }
+        let gpu = Self::open(&adapter, false)?;
+        let emulate = wanted == "emulate" && gpu.caps.shader_f16;
+        Ok(gpu.with_coop(emulate.then_some(CoopMode::Emulated)))
+    }
+
+    /// The device on `adapter`, with `EXPERIMENTAL_COOPERATIVE_MATRIX` when `coop`.
+    fn open(adapter: &wgpu::Adapter, coop: bool) -> Result<Gpu> {
         let info = adapter.get_info();
         let caps = Caps::from_adapter(adapter.features());
         let limits = adapter.limits();
+        let mut features = caps.features();
+        let experimental = if coop {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            // SAFETY: only requested after `coop_capable`, and every kernel that uses it is
+            // checked against the fp32 kernel on a throwaway device first (`from_adapter`).
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgqat"),
-            required_features: caps.features(),
+            required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: experimental,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -180,7 +224,19 @@ impl Gpu {
             faults,
             shader_checks: false,
             specialized_gemms,
+            coop: None,
         })
+    }
+
+    /// Runs the forward of DoReFa-quantized convs on cooperative matrices (`mode`), or not.
+    pub fn with_coop(mut self, mode: Option<CoopMode>) -> Gpu {
+        self.coop = mode;
+        self
+    }
+
+    /// The cooperative-matrix path quantized conv forwards take, if any.
+    pub fn coop(&self) -> Option<CoopMode> {
+        self.coop
     }
 
     /// With `on`, every shader compiles with naga's runtime bounds checks; otherwise those
@@ -270,6 +326,24 @@ impl Gpu {
         }
         Ok(out)
     }
+}
+
+/// Whether `adapter` can run `shaders/conv_coop.wgsl`: cooperative matrices with f16 16×16×16
+/// → f32, f16 and subgroups in shaders, subgroups of exactly 32 invocations.
+fn coop_capable(adapter: &wgpu::Adapter) -> bool {
+    let f = adapter.features();
+    let info = adapter.get_info();
+    let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+        | wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP;
+    f.contains(needed)
+        && info.subgroup_min_size == 32
+        && info.subgroup_max_size == 32
+        && adapter.cooperative_matrix_properties().iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
 }
 
 /// wgpu's messages span several lines (cause chains); wgqat's errors are one line.

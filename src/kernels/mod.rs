@@ -3,6 +3,7 @@
 
 pub mod bnfold;
 pub mod conv2d;
+pub mod conv_coop;
 pub mod conv_transpose2d;
 pub mod elementwise;
 pub mod iao;
@@ -52,6 +53,14 @@ pub static POOL: Shader = shader!("pool.wgsl", true, "act.wgsl");
 pub static LOSS: Shader = shader!("loss.wgsl", false);
 pub static OPTIM: Shader = shader!("optim.wgsl", true);
 pub static INTINFER: Shader = shader!("intinfer.wgsl", true, "division.wgsl");
+
+// Cooperative matrices: Vulkan only (wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX), used where the
+// adapter has them; `conv_coop::emulated_shader` is its portable emulation.
+pub static CONV_COOP: Shader = shader!("conv_coop.wgsl", true);
+
+/// Shaders only a Vulkan adapter with cooperative matrices compiles (the portability test
+/// translates them to SPIR-V, and their emulations to every backend).
+pub static SHADERS_COOP: &[&Shader] = &[&CONV_COOP];
 
 /// Every shader file, embedded in the binary (the portability test translates each one).
 pub static SHADERS: &[&Shader] = &[

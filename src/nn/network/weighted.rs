@@ -4,14 +4,17 @@
 //! gradient through the weight quantizer, and the bias gradient.
 
 use super::gemm::Gemm;
+use super::lower::WeightQ;
 use super::memory::QuantInput;
 use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::Result;
+use crate::kernels::conv_coop;
 use crate::kernels::conv2d::ActGrad;
+use crate::quant::ActQuant;
 
 pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
-    let Kind::Weighted { op, .. } = l.kind else {
+    let Kind::Weighted { op, input } = l.kind else {
         unreachable!("weighted::ops is for weighted layers")
     };
     if let Some(f) = &l.fold {
@@ -49,7 +52,29 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         _ => w.clone(),
     };
     let gemm = Gemm::new(op, io.batch, &l.in_shape, &l.out_shape);
-    fwd.push(gemm.forward(gpu, &xq, &w_hat, b.as_ref(), io.y)?);
+    // A conv with DoReFa weights and input runs its forward on cooperative matrices where the
+    // device has them: both operands hold levels whose codes are exact in f16.
+    let coop = match (gpu.coop(), &gemm, &l.quantizer, input) {
+        (Some(mode), Gemm::Conv(g), Some(WeightQ::Dorefa(wb)), ActQuant::Dorefa(ab))
+            if wb.get() <= 8 && ab.get() <= 8 =>
+        {
+            Some(conv_coop::forward(
+                gpu,
+                g,
+                &xq,
+                &w_hat,
+                b.as_ref(),
+                io.y,
+                (*wb, ab),
+                mode,
+            )?)
+        }
+        _ => None,
+    };
+    fwd.push(match coop {
+        Some(op) => op,
+        None => gemm.forward(gpu, &xq, &w_hat, b.as_ref(), io.y)?,
+    });
     if !io.train {
         return Ok((fwd, bwd));
     }

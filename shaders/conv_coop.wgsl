@@ -1,0 +1,321 @@
+// Quantized conv2d forward on cooperative matrices (tensor cores), for adapters that report
+// f16 16x16x16 -> f32 through wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX. x holds DoReFa activation
+// levels k_a / n_a and w weight levels c_w / n_w: their integer codes (k_a in 0..n_a, c_w in
+// -n_w..n_w) are exact in f16, every product is exact in the f32 accumulator and so is every
+// sum below 2^24, so y = (sum c_w k_a) * fl32(1 / (n_w n_a)) + b equals conv2d.wgsl's fp32
+// result up to the order of rounding.
+//
+// conv2d.wgsl's MODE 0 GEMM (M = Cout/g, N = batch*OH*OW, K = Cin/g*KH*KW), geometry as
+// pipeline constants. A workgroup of four 32-wide subgroups computes a 128 x 128 tile, each
+// subgroup a 64 x 64 quarter as 4 x 4 16x16 matrices; K advances 32 at a time through
+// workgroup memory (codes as f16, rows padded by 8 halves). Loads check bounds (padding, tile
+// edges, the end of K load 0). Each 16x16 result goes through a staging tile in workgroup
+// memory to the NCHW output, where the whole workgroup scales, adds the bias and writes it.
+//
+// Lavapipe has no cooperative matrices: src/kernels/conv_coop.rs derives a plain-WGSL emulation of
+// this file (the same staging, tiles and epilogue; each matrix operation done by the lanes of
+// the subgroup that owns it), which the tests run against the CPU reference.
+
+enable f16;
+enable wgpu_cooperative_matrix;
+
+override HAS_BIAS: bool = false;
+// n_w, n_a and fl32(1 / (n_w n_a)).
+override W_LEVELS: f32 = 1.0;
+override A_LEVELS: f32 = 1.0;
+override SCALE: f32 = 1.0;
+override CIN: u32 = 1u;
+override H: u32 = 1u;
+override W: u32 = 1u;
+override COUT: u32 = 1u;
+override OH: u32 = 1u;
+override OW: u32 = 1u;
+override SH: u32 = 1u;
+override SW: u32 = 1u;
+override PH: u32 = 0u;
+override PW: u32 = 0u;
+override DH: u32 = 1u;
+override DW: u32 = 1u;
+override GROUPS: u32 = 1u;
+override KH: u32 = 1u;
+override KW: u32 = 1u;
+override KHW: u32 = KH * KW;
+override CIG: u32 = CIN / GROUPS;
+override COG: u32 = COUT / GROUPS;
+override OHW: u32 = OH * OW;
+
+const BM: u32 = 128u;
+const BN: u32 = 128u;
+const BK: u32 = 32u;
+// Row strides, in halves, of the staged A ([m][k]) and B ([k][n]) tiles.
+const AS: u32 = BK + 8u;
+const BS: u32 = BN + 8u;
+
+struct Params {
+    gn: u32,   // N: batch * OH * OW
+    gk: u32,   // K: Cin/g * KH * KW
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> w_src: array<f32>;
+@group(0) @binding(2) var<storage, read> x_src: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+var<workgroup> a_sh: array<f16, 5120>;   // BM * AS
+var<workgroup> b_sh: array<f16, 4352>;   // BK * BS
+var<workgroup> c_sh: array<f32, 1024>;   // a 16x16 staging tile per subgroup
+
+alias MA = coop_mat16x16<f16, A>;
+alias MB = coop_mat16x16<f16, B>;
+alias MC = coop_mat16x16<f32, C>;
+
+// x[k][n] of group g (im2col, 0 in the padding); the caller checks k < K, n < N.
+fn load_x(g: u32, k: u32, n: u32) -> f32 {
+    let c = k / KHW;
+    let r = k - c * KHW;
+    let kh = r / KW;
+    let b = n / OHW;
+    let pix = n - b * OHW;
+    let oy = pix / OW;
+    let iy = i32(oy * SH + kh * DH) - i32(PH);
+    let ix = i32((pix - oy * OW) * SW + (r - kh * KW) * DW) - i32(PW);
+    if (iy < 0 || ix < 0 || u32(iy) >= H || u32(ix) >= W) {
+        return 0.0;
+    }
+    return x_src[((b * CIN + g * CIG + c) * H + u32(iy)) * W + u32(ix)];
+}
+
+// Stages the K tile starting at k0: weight codes round(w * n_w), activation codes round(x * n_a).
+fn stage(lid: u32, g: u32, m0: u32, n0: u32, k0: u32) {
+    for (var e = 0u; e < 32u; e++) {
+        let i = lid + e * 128u;
+        let kk = i % BK;
+        let m = i / BK;
+        var v = 0.0;
+        if (m0 + m < COG && k0 + kk < p.gk) {
+            v = w_src[(g * COG + m0 + m) * (CIG * KHW) + k0 + kk];
+        }
+        a_sh[m * AS + kk] = f16(round(v * W_LEVELS));
+    }
+    for (var e = 0u; e < 32u; e++) {
+        let i = lid + e * 128u;
+        let n = i % BN;
+        let kk = i / BN;
+        var v = 0.0;
+        if (n0 + n < p.gn && k0 + kk < p.gk) {
+            v = load_x(g, k0 + kk, n0 + n);
+        }
+        b_sh[kk * BS + n] = f16(round(v * A_LEVELS));
+    }
+}
+
+// Writes the staged 16x16 results of every subgroup (subgroup s owns the quarter (s / 2, s % 2)):
+// matrix (mi, nj) of each quarter, 8 values per invocation.
+fn write_out(lid: u32, m0: u32, n0: u32, g: u32, mi: u32, nj: u32) {
+    for (var e = 0u; e < 8u; e++) {
+        let i = lid * 8u + e;
+        let s = i / 256u;
+        let r = (i % 256u) / 16u;
+        let c = i % 16u;
+        let row = m0 + (s / 2u) * 64u + mi + r;
+        let col = n0 + (s % 2u) * 64u + nj + c;
+        if (row < COG && col < p.gn) {
+            var v = c_sh[i] * SCALE;
+            if (HAS_BIAS) {
+                v += bias[g * COG + row];
+            }
+            let b = col / OHW;
+            out[(b * COUT + g * COG + row) * OHW + (col - b * OHW)] = v;
+        }
+    }
+}
+
+@compute @workgroup_size(128)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_id) sg_id: u32) {
+    let sg = sg_id;
+    let wm = sg / 2u;
+    let wn = sg % 2u;
+    let n0 = wid.x * BN;
+    let m0 = wid.y * BM;
+    let g = wid.z;
+    var acc00 = MC();
+    var acc01 = MC();
+    var acc02 = MC();
+    var acc03 = MC();
+    var acc10 = MC();
+    var acc11 = MC();
+    var acc12 = MC();
+    var acc13 = MC();
+    var acc20 = MC();
+    var acc21 = MC();
+    var acc22 = MC();
+    var acc23 = MC();
+    var acc30 = MC();
+    var acc31 = MC();
+    var acc32 = MC();
+    var acc33 = MC();
+    for (var k0 = 0u; k0 < p.gk; k0 += BK) {
+        stage(lid, g, m0, n0, k0);
+        workgroupBarrier();
+        for (var ks = 0u; ks < BK; ks += 16u) {
+            let a0 = coopLoadT<MA>(&a_sh[(wm * 64u + 0u) * AS + ks], AS);
+            let a1 = coopLoadT<MA>(&a_sh[(wm * 64u + 16u) * AS + ks], AS);
+            let a2 = coopLoadT<MA>(&a_sh[(wm * 64u + 32u) * AS + ks], AS);
+            let a3 = coopLoadT<MA>(&a_sh[(wm * 64u + 48u) * AS + ks], AS);
+            let b0 = coopLoadT<MB>(&b_sh[ks * BS + wn * 64u + 0u], BS);
+            let b1 = coopLoadT<MB>(&b_sh[ks * BS + wn * 64u + 16u], BS);
+            let b2 = coopLoadT<MB>(&b_sh[ks * BS + wn * 64u + 32u], BS);
+            let b3 = coopLoadT<MB>(&b_sh[ks * BS + wn * 64u + 48u], BS);
+            acc00 = coopMultiplyAdd(a0, b0, acc00);
+            acc01 = coopMultiplyAdd(a0, b1, acc01);
+            acc02 = coopMultiplyAdd(a0, b2, acc02);
+            acc03 = coopMultiplyAdd(a0, b3, acc03);
+            acc10 = coopMultiplyAdd(a1, b0, acc10);
+            acc11 = coopMultiplyAdd(a1, b1, acc11);
+            acc12 = coopMultiplyAdd(a1, b2, acc12);
+            acc13 = coopMultiplyAdd(a1, b3, acc13);
+            acc20 = coopMultiplyAdd(a2, b0, acc20);
+            acc21 = coopMultiplyAdd(a2, b1, acc21);
+            acc22 = coopMultiplyAdd(a2, b2, acc22);
+            acc23 = coopMultiplyAdd(a2, b3, acc23);
+            acc30 = coopMultiplyAdd(a3, b0, acc30);
+            acc31 = coopMultiplyAdd(a3, b1, acc31);
+            acc32 = coopMultiplyAdd(a3, b2, acc32);
+            acc33 = coopMultiplyAdd(a3, b3, acc33);
+        }
+        workgroupBarrier();
+    }
+    {
+        let ci = sg * 256u;
+        let cv = acc00;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 0u, 0u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc01;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 0u, 16u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc02;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 0u, 32u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc03;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 0u, 48u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc10;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 16u, 0u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc11;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 16u, 16u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc12;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 16u, 32u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc13;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 16u, 48u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc20;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 32u, 0u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc21;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 32u, 16u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc22;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 32u, 32u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc23;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 32u, 48u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc30;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 48u, 0u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc31;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 48u, 16u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc32;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 48u, 32u);
+    workgroupBarrier();
+    {
+        let ci = sg * 256u;
+        let cv = acc33;
+        coopStoreT(cv, &c_sh[ci], 16u);
+    }
+    workgroupBarrier();
+    write_out(lid, m0, n0, g, 48u, 48u);
+    workgroupBarrier();
+}

@@ -1,0 +1,242 @@
+//! `shaders/conv_coop.wgsl`: the forward of a quantized conv2d on cooperative matrices (tensor
+//! cores), and the plain-WGSL emulation of the same kernel that tests it where there are none.
+//!
+//! Only a conv whose weight and input are both DoReFa-quantized runs here: their integer codes
+//! are exact in f16 (see the shader). Everything else, and every backward GEMM, stays on the
+//! fp32 kernel family of `conv2d.wgsl`.
+
+use super::conv2d::Conv2dGeom;
+use super::{CONV_COOP, expect_dtype, expect_shape};
+use crate::error::{Error, Result};
+pub use crate::gpu::CoopMode;
+use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Shader, Tensor};
+use crate::quant::Bits;
+use std::sync::OnceLock;
+
+/// The tile of a workgroup (the shader's BM × BN; four subgroups of 32 invocations).
+const TILE: usize = 128;
+
+/// `conv_coop.wgsl` rewritten in plain WGSL: each cooperative-matrix operation becomes a call
+/// of `shaders/lib/coop_emulation.wgsl`, the rest (staging, tiles, epilogue) is unchanged.
+pub fn emulated_shader() -> &'static Shader {
+    static EMULATED: OnceLock<Shader> = OnceLock::new();
+    EMULATED.get_or_init(|| Shader {
+        name: "conv_coop.wgsl (emulated)",
+        source: Box::leak(emulate(CONV_COOP.source).into_boxed_str()),
+        trusted: true,
+    })
+}
+
+/// The textual rewrite behind [`emulated_shader`].
+pub fn emulate(source: &str) -> String {
+    let rewrites = [
+        ("enable wgpu_cooperative_matrix;\n", ""),
+        ("alias MA = coop_mat16x16<f16, A>;", "alias MA = vec3<u32>;"),
+        ("alias MB = coop_mat16x16<f16, B>;", "alias MB = vec3<u32>;"),
+        (
+            "alias MC = coop_mat16x16<f32, C>;",
+            "alias MC = array<f32, 8>;",
+        ),
+        ("coopLoadT<MA>(&a_sh[", "emu_load_a_sh("),
+        ("coopLoadT<MB>(&b_sh[", "emu_load_b_sh("),
+        ("], AS);", ", AS);"),
+        ("], BS);", ", BS);"),
+        ("coopMultiplyAdd(", "emu_mma("),
+        ("coopStoreT(cv, &c_sh[ci], 16u);", "emu_store(cv, ci);"),
+        (",\n        @builtin(subgroup_id) sg_id: u32)", ")"),
+        (
+            "let sg = sg_id;",
+            "let sg = lid / 32u;\n    lane = lid % 32u;",
+        ),
+    ];
+    let mut s = source.to_string();
+    for (from, to) in rewrites {
+        s = s.replace(from, to);
+    }
+    s.push_str(include_str!("../../shaders/lib/coop_emulation.wgsl"));
+    s
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    gn: u32,
+    gk: u32,
+    _pad: [u32; 2],
+}
+
+/// `y = conv2d(x, w) + bias` for `x` holding `a_bits` DoReFa activation levels and `w` holding
+/// `w_bits` weight levels, on cooperative matrices (`mode`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    gpu: &Gpu,
+    geom: &Conv2dGeom,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    (w_bits, a_bits): (Bits, Bits),
+    mode: CoopMode,
+) -> Result<Op> {
+    const K: &str = "conv2d.forward (cooperative matrices)";
+    geom.validate()?;
+    for (name, t, shape) in [
+        ("x", x, geom.input_shape()),
+        ("w", w, geom.weight_shape()),
+        ("y", y, geom.output_shape()),
+    ] {
+        expect_dtype(K, name, t, DType::F32)?;
+        expect_shape(K, name, t, &shape)?;
+    }
+    if let Some(b) = bias {
+        expect_shape(K, "bias", b, &[geom.cout])?;
+    }
+    if w_bits.is_float() || a_bits.is_float() || w_bits.get() > 8 || a_bits.get() > 8 {
+        return Err(Error::shape(
+            K,
+            "needs weights and activations of 2 to 8 bits (their codes must be exact in f16)",
+        ));
+    }
+    let (oh, ow) = geom.out_hw();
+    let gn = geom.batch * oh * ow;
+    let gk = geom.cin / geom.groups * geom.kernel.0 * geom.kernel.1;
+    if u32::try_from(gn).is_err() || u32::try_from(x.numel().max(y.numel())).is_err() {
+        return Err(Error::shape(
+            K,
+            "tensor too large to index with 32 bits: use a smaller batch size",
+        ));
+    }
+    let (nw, na) = (f64::from(w_bits.levels()), f64::from(a_bits.levels()));
+    let c = |v: usize| v as f64;
+    let constants = [
+        ("HAS_BIAS", f64::from(u8::from(bias.is_some()))),
+        ("W_LEVELS", nw),
+        ("A_LEVELS", na),
+        ("SCALE", f64::from((1.0 / (nw * na)) as f32)),
+        ("CIN", c(geom.cin)),
+        ("H", c(geom.h)),
+        ("W", c(geom.w)),
+        ("COUT", c(geom.cout)),
+        ("OH", c(oh)),
+        ("OW", c(ow)),
+        ("SH", c(geom.stride.0)),
+        ("SW", c(geom.stride.1)),
+        ("PH", c(geom.padding.0)),
+        ("PW", c(geom.padding.1)),
+        ("DH", c(geom.dilation.0)),
+        ("DW", c(geom.dilation.1)),
+        ("GROUPS", c(geom.groups)),
+        ("KH", c(geom.kernel.0)),
+        ("KW", c(geom.kernel.1)),
+    ];
+    let shader = match mode {
+        CoopMode::Hardware => &CONV_COOP,
+        CoopMode::Emulated => emulated_shader(),
+    };
+    let kernel = gpu.kernel(&KernelSpec {
+        shader,
+        entry: "main",
+        constants: &constants,
+        bindings: &[
+            Bind::Uniform,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::ReadWrite,
+        ],
+    })?;
+    let none;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            none = gpu.zeros("no bias", &[1], DType::F32)?;
+            &none
+        }
+    };
+    let p = Params {
+        gn: gn as u32,
+        gk: gk as u32,
+        _pad: [0; 2],
+    };
+    let grid = [
+        gn.div_ceil(TILE) as u32,
+        (geom.cout / geom.groups).div_ceil(TILE) as u32,
+        geom.groups as u32,
+    ];
+    Ok(Op::Dispatch(gpu.launch(
+        &kernel,
+        format!(
+            "conv2d.forward x{:?} w{:?} g{} coop{}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.groups,
+            if mode == CoopMode::Emulated {
+                " (emulated)"
+            } else {
+                ""
+            }
+        ),
+        Some(bytemuck::bytes_of(&p)),
+        &[w, x, bias, y],
+        grid,
+    )?))
+}
+
+/// Checks the device's cooperative-matrix path (`gpu.coop()`) on a quantized conv with
+/// tails in every dimension against the fp32 kernel: the results must agree to rounding.
+pub fn verify(gpu: &Gpu) -> Result<()> {
+    let mode = gpu
+        .coop()
+        .ok_or_else(|| Error::Invalid("no cooperative-matrix path to verify".into()))?;
+    let geom = Conv2dGeom::square(2, 40, 7, 136, 3).padding(1);
+    let bits = Bits::new(8).expect("8 bits");
+    let n = bits.levels();
+    // Levels as the quantizers form them: activations k * fl32(1/n), weights 2 k fl32(1/n) - 1.
+    let level = |i: usize, m: u32| ((i * 2654435761) % (m as usize + 1)) as f32;
+    let x: Vec<f32> = (0..geom.input_shape().iter().product())
+        .map(|i| level(i, n) * bits.inv_levels())
+        .collect();
+    let w: Vec<f32> = (0..geom.weight_shape().iter().product())
+        .map(|i| 2.0 * (level(i + 7, n) * bits.inv_levels()) - 1.0)
+        .collect();
+    let b: Vec<f32> = (0..geom.cout).map(|i| i as f32 * 0.01 - 0.5).collect();
+    let xt = gpu.upload_f32("coop check x", &geom.input_shape(), &x)?;
+    let wt = gpu.upload_f32("coop check w", &geom.weight_shape(), &w)?;
+    let bt = gpu.upload_f32("coop check bias", &[geom.cout], &b)?;
+    let y_coop = gpu.empty("coop check y", &geom.output_shape(), DType::F32)?;
+    let y_fp32 = gpu.empty("coop check y fp32", &geom.output_shape(), DType::F32)?;
+    let ops = [
+        forward(gpu, &geom, &xt, &wt, Some(&bt), &y_coop, (bits, bits), mode)?,
+        super::conv2d::forward(gpu, &geom, &xt, &wt, Some(&bt), &y_fp32)?,
+    ];
+    let got: Vec<Vec<f32>> =
+        gpu.run_and_read("cooperative-matrix check", &ops, &[&y_coop, &y_fp32])?;
+    let scale = got[1].iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let worst = got[0]
+        .iter()
+        .zip(&got[1])
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    if got[0].iter().any(|v| !v.is_finite()) || worst > 1e-5 * scale {
+        return Err(Error::Invalid(format!(
+            "the cooperative-matrix conv differs from the fp32 one by {worst:e} (largest output {scale:e})"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_emulation_has_no_cooperative_matrix_left() {
+        let s = emulate(CONV_COOP.source);
+        for gone in ["coop", "subgroup_id", "wgpu_cooperative_matrix"] {
+            let rest: Vec<&str> = s
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//") && l.contains(gone))
+                .collect();
+            assert!(rest.is_empty(), "{gone} left in the emulation: {rest:?}");
+        }
+    }
+}
