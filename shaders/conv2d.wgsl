@@ -19,7 +19,8 @@
 // groups of RG rows each in one tile (GP = 1, RG = BM: one group), each with its own B tile,
 // so that its tiles are as tall as a dense layer's. A thread's 8 rows lie in one group. K advances BK = 8 at a
 // time through two workgroup buffers: the next K tile is stored while the current one is
-// multiplied, one barrier per tile. A is staged transposed (k-major) with each k row padded by 4
+// multiplied, one barrier per tile, the loop unrolled by two so that both buffers sit at
+// constant offsets. A is staged transposed (k-major) with each k row padded by 4
 // floats. With SPECIALIZED (the default) the layer's geometry is pipeline constants, so the
 // im2col index math divides by constants (one pipeline per layer and direction); without, it is
 // read from the uniforms (one pipeline per tile and kernel size, shared by layers: fewer to
@@ -233,10 +234,48 @@ fn store_tile(lid: u32, k0: u32, buf: u32) {
     }
 }
 
+// This thread's 8 x 16 outputs as eight 4x4 blocks (rows: quads qa, qb; columns: quads tx + j
+// TX), and (BIAS_GRAD) the row sums of A for rows qa * 4 + i and qb * 4 + i.
+var<private> c00: mat4x4<f32>;
+var<private> c01: mat4x4<f32>;
+var<private> c02: mat4x4<f32>;
+var<private> c03: mat4x4<f32>;
+var<private> c10: mat4x4<f32>;
+var<private> c11: mat4x4<f32>;
+var<private> c12: mat4x4<f32>;
+var<private> c13: mat4x4<f32>;
+var<private> s0: vec4<f32>;
+var<private> s1: vec4<f32>;
+
 // c + outer(a, b) as fused multiply-adds: column r of the block is row r of the output quad.
 fn fma4(c: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
     return mat4x4<f32>(fma(vec4(a.x), b, c[0]), fma(vec4(a.y), b, c[1]),
                        fma(vec4(a.z), b, c[2]), fma(vec4(a.w), b, c[3]));
+}
+
+// Multiplies the K tile of the buffer whose A and B parts start at ab and bb (constants at
+// each call) into this thread's outputs, in increasing k.
+fn multiply(ab: u32, bb: u32, tx: u32, qa: u32, qb: u32) {
+    for (var kk = 0u; kk < BK; kk++) {
+        let a0 = a_tile[ab + kk * AS4 + qa];
+        let a1 = a_tile[ab + kk * AS4 + qb];
+        let b0 = b_tile[bb + kk * BS4 + tx];
+        let b1 = b_tile[bb + kk * BS4 + tx + TX];
+        let b2 = b_tile[bb + kk * BS4 + tx + 2u * TX];
+        let b3 = b_tile[bb + kk * BS4 + tx + 3u * TX];
+        c00 = fma4(c00, a0, b0);
+        c01 = fma4(c01, a0, b1);
+        c02 = fma4(c02, a0, b2);
+        c03 = fma4(c03, a0, b3);
+        c10 = fma4(c10, a1, b0);
+        c11 = fma4(c11, a1, b1);
+        c12 = fma4(c12, a1, b2);
+        c13 = fma4(c13, a1, b3);
+        if (BIAS_GRAD) {
+            s0 += a0;
+            s1 += a1;
+        }
+    }
 }
 
 // Writes the 4x4 block whose first row is m (tile-relative) and first column n.
@@ -308,46 +347,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     k_end = k_stop;
     let tiles = (k_stop - k_begin + BK - 1u) / BK;
 
-    var c00 = mat4x4<f32>();
-    var c01 = mat4x4<f32>();
-    var c02 = mat4x4<f32>();
-    var c03 = mat4x4<f32>();
-    var c10 = mat4x4<f32>();
-    var c11 = mat4x4<f32>();
-    var c12 = mat4x4<f32>();
-    var c13 = mat4x4<f32>();
-    // Row sums of A (BIAS_GRAD): rows qa * 4 + i and qb * 4 + i.
-    var s0 = vec4<f32>();
-    var s1 = vec4<f32>();
-
     store_tile(lid, k_begin, 0u);
     workgroupBarrier();
-    for (var t = 0u; t < tiles; t++) {
-        let cur = t % 2u;
-        // The other buffer was last read before the previous barrier: fill it now. A tile past
-        // the end loads zeros and is never multiplied.
-        store_tile(lid, k_begin + (t + 1u) * BK, 1u - cur);
-        let ab = cur * A_BUF;
-        let bb = cur * B_BUF + slot * B_SLOT;
-        for (var kk = 0u; kk < BK; kk++) {
-            let a0 = a_tile[ab + kk * AS4 + qa];
-            let a1 = a_tile[ab + kk * AS4 + qb];
-            let b0 = b_tile[bb + kk * BS4 + tx];
-            let b1 = b_tile[bb + kk * BS4 + tx + TX];
-            let b2 = b_tile[bb + kk * BS4 + tx + 2u * TX];
-            let b3 = b_tile[bb + kk * BS4 + tx + 3u * TX];
-            c00 = fma4(c00, a0, b0);
-            c01 = fma4(c01, a0, b1);
-            c02 = fma4(c02, a0, b2);
-            c03 = fma4(c03, a0, b3);
-            c10 = fma4(c10, a1, b0);
-            c11 = fma4(c11, a1, b1);
-            c12 = fma4(c12, a1, b2);
-            c13 = fma4(c13, a1, b3);
-            if (BIAS_GRAD) {
-                s0 += a0;
-                s1 += a1;
-            }
+    // Two K tiles per iteration, one from each buffer, so that every workgroup-memory offset
+    // of the multiply is a constant (a static double buffer). The other buffer was last read
+    // before the previous barrier: it is filled while this one is multiplied. A tile past the
+    // end loads zeros and is never multiplied.
+    for (var t = 0u; t < tiles; t += 2u) {
+        store_tile(lid, k_begin + (t + 1u) * BK, 1u);
+        multiply(0u, slot * B_SLOT, tx, qa, qb);
+        workgroupBarrier();
+        if (t + 1u < tiles) {
+            store_tile(lid, k_begin + (t + 2u) * BK, 0u);
+            multiply(A_BUF, B_BUF + slot * B_SLOT, tx, qa, qb);
         }
         workgroupBarrier();
     }
