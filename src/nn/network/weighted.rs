@@ -9,6 +9,7 @@ use super::memory::QuantInput;
 use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::Result;
+use crate::gpu::{Op, Tensor};
 use crate::kernels::conv_coop;
 use crate::kernels::conv2d::ActGrad;
 use crate::quant::ActQuant;
@@ -52,29 +53,13 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         _ => w.clone(),
     };
     let gemm = Gemm::new(op, io.batch, &l.in_shape, &l.out_shape);
-    // A conv with DoReFa weights and input runs its forward on cooperative matrices where the
-    // device has them: both operands hold levels whose codes are exact in f16.
-    let coop = match (gpu.coop(), &gemm, &l.quantizer, input) {
-        (Some(mode), Gemm::Conv(g), Some(WeightQ::Dorefa(wb)), ActQuant::Dorefa(ab))
-            if wb.get() <= 8 && ab.get() <= 8 =>
-        {
-            Some(conv_coop::forward(
-                gpu,
-                g,
-                &xq,
-                &w_hat,
-                b.as_ref(),
-                io.y,
-                (*wb, ab),
-                mode,
-            )?)
-        }
-        _ => None,
-    };
-    fwd.push(match coop {
-        Some(op) => op,
-        None => gemm.forward(gpu, &xq, &w_hat, b.as_ref(), io.y)?,
-    });
+    fwd.push(forward_gemm(
+        io,
+        l,
+        input,
+        &gemm,
+        (&xq, &w_hat, b.as_ref()),
+    )?);
     if !io.train {
         return Ok((fwd, bwd));
     }
@@ -127,4 +112,24 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, (&dw, db.as_ref()), scratch)?),
     }
     Ok((fwd, bwd))
+}
+
+/// The forward GEMM: on cooperative matrices for a conv whose weights and input are both
+/// DoReFa-quantized, where the device has them (both operands hold levels whose codes are exact
+/// in f16), else the fp32 kernel.
+fn forward_gemm(
+    io: &Io,
+    l: &Layer,
+    input: ActQuant,
+    gemm: &Gemm,
+    (xq, w_hat, b): (&Tensor, &Tensor, Option<&Tensor>),
+) -> Result<Op> {
+    match (io.gpu.coop(), gemm, &l.quantizer, input) {
+        (Some(mode), Gemm::Conv(g), Some(WeightQ::Dorefa(wb)), ActQuant::Dorefa(ab))
+            if wb.get() <= 8 && ab.get() <= 8 =>
+        {
+            conv_coop::forward(io.gpu, g, xq, w_hat, b, io.y, (*wb, ab), mode)
+        }
+        _ => gemm.forward(io.gpu, xq, w_hat, b, io.y),
+    }
 }
