@@ -47,27 +47,56 @@ const WG: u32 = 256u;
 var<workgroup> red_a: array<f32, 256>;
 var<workgroup> red_b: array<f32, 256>;
 
-fn channel_of(i: u32) -> u32 {
-    return (i / p.s) % p.c;
+// Element i's channel and where its output (and output gradient) lies: with a fused shuffle,
+// channel c goes to (c % per) * g + c / per, micronet's channel_shuffle. As few integer
+// divisions as the shuffle allows (they were most of an elementwise pass's time on a CPU
+// driver).
+struct Place {
+    c: u32,
+    out: u32,
 }
 
-// Where element i of the normalised tensor lands in y (and its gradient is in dy): with a fused
-// shuffle, channel c goes to (c % per) * g + c / per, micronet's channel_shuffle.
-fn out_index(i: u32) -> u32 {
-    if (p.shuffle <= 1u) {
-        return i;
-    }
+fn place(i: u32) -> Place {
     let plane = i / p.s;
-    let n = plane / p.c;
-    let c = plane - n * p.c;
-    let per = p.c / p.shuffle;
-    let co = (c % per) * p.shuffle + c / per;
-    return (n * p.c + co) * p.s + (i - plane * p.s);
+    let c = plane % p.c;
+    if (p.shuffle <= 1u) {
+        return Place(c, i);
+    }
+    return Place(c, (plane - c + shuffled(c)) * p.s + (i - plane * p.s));
 }
 
-fn elem(c: u32, j: u32) -> u32 {
-    let b = j / p.s;
-    return (b * p.c + c) * p.s + (j - b * p.s);
+fn shuffled(c: u32) -> u32 {
+    if (p.shuffle <= 1u) {
+        return c;
+    }
+    let per = p.c / p.shuffle;
+    return (c % per) * p.shuffle + c / per;
+}
+
+// A per-channel pass visits j = lid, lid + WG, ... over channel c's (n, s) elements in order.
+// Walk is j as (n, s), advanced by WG with a division only when it crosses a plane (the
+// integer division per element was most of these passes' time on a CPU driver).
+struct Walk {
+    b: u32,
+    s: u32,
+}
+
+fn walk_start(lid: u32) -> Walk {
+    return Walk(lid / p.s, lid % p.s);
+}
+
+fn walk_next(w: Walk) -> Walk {
+    var r = Walk(w.b, w.s + WG);
+    if (r.s >= p.s) {
+        let q = r.s / p.s;
+        r.b += q;
+        r.s -= q * p.s;
+    }
+    return r;
+}
+
+fn walk_index(c: u32, w: Walk) -> u32 {
+    return (w.b * p.c + c) * p.s + w.s;
 }
 
 fn tree_sum_a(lid: u32) -> f32 {
@@ -108,15 +137,19 @@ fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let count = p.n * p.s;
     var acc = 0.0;
+    var w = walk_start(lid);
     for (var j = lid; j < count; j += WG) {
-        acc += x[elem(c, j)];
+        acc += x[walk_index(c, w)];
+        w = walk_next(w);
     }
     red_a[lid] = acc;
     let mean = tree_sum_a(lid) / f32(count);
     acc = 0.0;
+    w = walk_start(lid);
     for (var j = lid; j < count; j += WG) {
-        let d = x[elem(c, j)] - mean;
+        let d = x[walk_index(c, w)] - mean;
         acc += d * d;
+        w = walk_next(w);
     }
     red_a[lid] = acc;
     let var_b = tree_sum_a(lid) / f32(count);
@@ -149,10 +182,6 @@ fn bn_value_of(v: f32, c: u32) -> f32 {
     return gamma[c] * ((v - stats_in[c]) * stats_in[p.c + c]) + beta[c];
 }
 
-fn bn_value(i: u32) -> f32 {
-    return bn_value_of(x[i], channel_of(i));
-}
-
 // DoReFa's activation quantizer (shaders/lib/act.wgsl, prepended): a BatchNorm whose output
 // only feeds a quantized layer writes that layer's input at once.
 fn act_value(x: f32) -> f32 {
@@ -168,25 +197,22 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n * p.c * p.s) {
         return;
     }
-    let v = bn_value(i);
+    let at = place(i);
+    let v = bn_value_of(x[i], at.c);
     // ReLU by bits (negative or zero, not NaN), so NaN is kept where compilers assume no NaN.
     let b = bitcast<u32>(v);
     let nonpositive = ((b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u) || b == 0u;
     let r = select(v, 0.0, p.relu == 1u && nonpositive);
-    y[out_index(i)] = select(r, act_value(r), p.quantize == 1u);
+    y[at.out] = select(r, act_value(r), p.quantize == 1u);
 }
 
-// dy of element i (whose input value is xv) after the fused ReLU's mask.
-fn masked_dy_of(i: u32, xv: f32) -> f32 {
-    let g = dy[out_index(i)];
+// dy of the element at `at` (whose input value is xv) after the fused ReLU's mask.
+fn masked_dy_of(at: Place, xv: f32) -> f32 {
+    let g = dy[at.out];
     if (p.relu == 1u) {
-        return select(0.0, g, bn_value_of(xv, channel_of(i)) > 0.0);
+        return select(0.0, g, bn_value_of(xv, at.c) > 0.0);
     }
     return g;
-}
-
-fn masked_dy(i: u32) -> f32 {
-    return masked_dy_of(i, x[i]);
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU).
@@ -203,11 +229,19 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     let invstd = stats_in[p.c + c];
     var sdy = 0.0;
     var sdyx = 0.0;
+    // Channel c's gradient lies in channel `co` of dy (the fused shuffle); the ReLU's mask as in
+    // masked_dy_of, with the channel known.
+    let co = shuffled(c);
+    var w = walk_start(lid);
     for (var j = lid; j < count; j += WG) {
-        let i = elem(c, j);
-        let g = masked_dy(i);
+        let xv = x[walk_index(c, w)];
+        var g = dy[walk_index(co, w)];
+        w = walk_next(w);
+        if (p.relu == 1u) {
+            g = select(0.0, g, bn_value_of(xv, c) > 0.0);
+        }
         sdy += g;
-        sdyx += g * ((x[i] - mean) * invstd);
+        sdyx += g * ((xv - mean) * invstd);
     }
     red_a[lid] = sdy;
     red_b[lid] = sdyx;
@@ -220,11 +254,12 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
 
 // dx = gamma * invstd / n * (n dy' - dbeta - xhat * dgamma), for element i with input xv.
 fn bn_dx(i: u32, xv: f32) -> f32 {
-    let c = channel_of(i);
+    let at = place(i);
+    let c = at.c;
     let count = f32(p.n * p.s);
     let invstd = stats_in[p.c + c];
     let xhat = (xv - stats_in[c]) * invstd;
-    return gamma[c] * invstd / count * (count * masked_dy_of(i, xv) - dbeta_in[c] - xhat * dgamma_in[c]);
+    return gamma[c] * invstd / count * (count * masked_dy_of(at, xv) - dbeta_in[c] - xhat * dgamma_in[c]);
 }
 
 @compute @workgroup_size(256)
