@@ -612,8 +612,9 @@ trait GemmOp: Copy + std::fmt::Debug + Send + Sync + 'static {
     ) -> Option<Result<Vec<Op>>> {
         None
     }
-    /// Whether [`GemmOp::gpu_grad_weight_and_bias`] is there.
-    const FUSED_BIAS: bool = false;
+    /// Whether the op has the fused epilogues ([`GemmOp::gpu_grad_weight_and_bias`] and
+    /// [`GemmOp::gpu_grad_input_act`]): conv2d and Linear, whose grad-weight reads dy as A.
+    const FUSED_EPILOGUES: bool = false;
     /// Grad-input with the input's DoReFa quantizer in its epilogue; None where the op has none.
     fn gpu_grad_input_act(
         &self,
@@ -702,7 +703,7 @@ impl GemmOp for kernels::conv2d::Conv2dGeom {
     ) -> Option<Result<Vec<Op>>> {
         Some(kernels::conv2d::grad_input_act(gpu, self, dy, w, dx, act).map(|op| vec![op]))
     }
-    const FUSED_BIAS: bool = true;
+    const FUSED_EPILOGUES: bool = true;
     fn gpu_grad_weight_and_bias(
         &self,
         gpu: &Gpu,
@@ -876,7 +877,7 @@ impl GemmOp for kernels::matmul::LinearGeom {
     ) -> Option<Result<Vec<Op>>> {
         Some(kernels::matmul::grad_input_act(gpu, self, dy, w, dx, act).map(|op| vec![op]))
     }
-    const FUSED_BIAS: bool = true;
+    const FUSED_EPILOGUES: bool = true;
     fn gpu_grad_weight_and_bias(
         &self,
         gpu: &Gpu,
@@ -970,7 +971,7 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
     // Grad-input with the input's quantizer in its epilogue (what a network runs for a DoReFa
     // layer): dx masked by x's straight-through rule and, in every other shape, x requantized
     // in place. x spans [-3, 13], so about a quarter falls outside the rule's range.
-    if G::FUSED_BIAS {
+    if G::FUSED_EPILOGUES {
         let requantize = geom.x_shape().iter().sum::<usize>() % 2 == 0;
         let direction = if requantize {
             "grad_input+act requantize"
@@ -1034,7 +1035,7 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
     }
     // With the bias gradient in the same pass where the op has it (checked beside dw).
     for splits in [None, Some(3)] {
-        let direction = match (splits.is_some(), G::FUSED_BIAS) {
+        let direction = match (splits.is_some(), G::FUSED_EPILOGUES) {
             (false, false) => "grad_weight",
             (true, false) => "grad_weight split-K 3",
             (false, true) => "grad_weight+bias",

@@ -5,7 +5,7 @@
 
 use super::Case;
 use crate::infer::IntModel;
-use crate::infer::model::{CodeSpace, FORMAT, IaoConv, IntNode, IntOp, Manifest};
+use crate::infer::model::{CodeSpace, IaoConv, IntNode, IntOp, Manifest};
 use crate::nn::checkpoint::{Data, Named};
 use crate::rng::Rng;
 use std::collections::HashMap;
@@ -175,17 +175,7 @@ pub fn random_iao_int_model(rng: &mut Rng, residual: bool) -> IntModel {
         .map(|(op, inputs)| IntNode { op, inputs })
         .collect();
     IntModel {
-        manifest: Manifest {
-            format: FORMAT.into(),
-            model: "random iao".into(),
-            input: [3, 9, 9],
-            mean: crate::data::MEAN,
-            std: crate::data::STD,
-            classes: 8,
-            class_names: Vec::new(),
-            layout: "NHWC".into(),
-            ops,
-        },
+        manifest: Manifest::new("random iao", [3, 9, 9], 8, ops),
         tensors,
     }
 }
