@@ -37,6 +37,24 @@ override BIAS_GRAD: bool = false;
 override ACT_GRAD: u32 = 0u;
 override ACT_LEVELS: f32 = 1.0;
 override ACT_INV_LEVELS: f32 = 1.0;
+// IN_BN: the layer's input is a BatchNorm's output that is never stored; the GEMM forms each
+// element where it loads it, bit for bit as norm.wgsl's bn_apply would write it, from the
+// BatchNorm's input (the conv output it normalises: b_src in MODE 0 and 2, act_x in MODE 1)
+// and its per-channel table in_bn = [mean, invstd, gamma, beta]: then the ReLU (IN_RELU), the
+// channel shuffle after it (IN_SHUFFLE groups; 1: none) and, in MODE 0 and 2, the layer's input
+// quantizer (IN_QUANT, with ACT_LEVELS). That saves the BatchNorm's output pass forward and its
+// recompute backward.
+override IN_BN: bool = false;
+override IN_RELU: bool = false;
+override IN_SHUFFLE: u32 = 1u;
+override IN_QUANT: bool = false;
+// MODE 0 with BN_STATS: the statistics of the BatchNorm that normalises this output, as
+// per-tile partials: for column tile t and output channel c, the mean and the sum of squared
+// deviations (M2) of the tile's values of c, at bn_part[(2 t) * COUT + c] and
+// bn_part[(2 t + 1) * COUT + c]. Each thread forms them over its 16 columns (two passes over its
+// registers), then the TX threads of each row are merged in order (Chan's formula); norm.wgsl's
+// bn_stats_merge merges the tiles in order. That saves the BatchNorm's own pass over the output.
+override BN_STATS: bool = false;
 // Tile rows (a multiple of 16, up to 192; with packing GP * RG) and columns (32, 64 or 128).
 override BM: u32 = 128u;
 override BN: u32 = 128u;
@@ -125,8 +143,12 @@ fn geometry() -> Geometry {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 // MODE 2 with BIAS_GRAD: the bias gradient, (splits, groups * gm) partial sums.
 @group(0) @binding(5) var<storage, read_write> bias_grad: array<f32>;
-// MODE 1 with ACT_GRAD: the float input x.
+// MODE 1 with ACT_GRAD: the float input x (with IN_BN: the BatchNorm's input).
 @group(0) @binding(6) var<storage, read_write> act_x: array<f32>;
+// IN_BN: the BatchNorm's [mean, invstd, gamma, beta], each of CIN floats.
+@group(0) @binding(7) var<storage, read> in_bn: array<f32>;
+// MODE 0 with BN_STATS: the partial statistics, (tiles, 2, COUT).
+@group(0) @binding(8) var<storage, read_write> bn_part: array<f32>;
 
 var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
 var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
@@ -138,6 +160,37 @@ var<private> split: u32;
 var<private> m0: u32;
 var<private> n0: u32;
 var<private> k_end: u32;
+
+// IN_BN: the BatchNorm channel that input channel ch comes from (the shuffle sends channel c
+// to (c % per) * IN_SHUFFLE + c / per, per = cin / IN_SHUFFLE).
+fn unshuffled(ch: u32) -> u32 {
+    if (IN_SHUFFLE <= 1u) {
+        return ch;
+    }
+    return (ch % IN_SHUFFLE) * (q.cin / IN_SHUFFLE) + ch / IN_SHUFFLE;
+}
+
+// IN_BN: the input element of BatchNorm channel sc whose BatchNorm input is v.
+fn bn_formed(v: f32, sc: u32, quantize: bool) -> f32 {
+    var r = bn_affine(v, in_bn[sc], in_bn[q.cin + sc], in_bn[2u * q.cin + sc],
+                      in_bn[3u * q.cin + sc]);
+    if (IN_RELU) {
+        r = relu_bits(r);
+    }
+    if (quantize) {
+        return dorefa_act(r, ACT_LEVELS, ACT_INV_LEVELS);
+    }
+    return r;
+}
+
+// Element (b, ch, y, x) of the layer input, read from b_src (formed there with IN_BN).
+fn load_input(b: u32, ch: u32, iy: u32, ix: u32) -> f32 {
+    if (IN_BN) {
+        let sc = unshuffled(ch);
+        return bn_formed(b_src[((b * q.cin + sc) * q.h + iy) * q.w + ix], sc, IN_QUANT);
+    }
+    return b_src[((b * q.cin + ch) * q.h + iy) * q.w + ix];
+}
 
 // A[m][k] of group g; the caller checks g < groups, m < gm, k < k_end.
 fn load_a(g: u32, m: u32, k: u32) -> f32 {
@@ -165,7 +218,7 @@ fn load_b(g: u32, k: u32, n: u32) -> f32 {
         if (iy < 0 || ix < 0 || u32(iy) >= q.h || u32(ix) >= q.w) {
             return 0.0;
         }
-        return b_src[((b * q.cin + g * q.cig + c) * q.h + u32(iy)) * q.w + u32(ix)];
+        return load_input(b, g * q.cig + c, u32(iy), u32(ix));
     } else if (MODE == 1u) {
         // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw) when
         // oy * sh = iy + ph - kh * dh (and likewise for x).
@@ -198,7 +251,7 @@ fn load_b(g: u32, k: u32, n: u32) -> f32 {
     if (iy < 0 || ix < 0 || u32(iy) >= q.h || u32(ix) >= q.w) {
         return 0.0;
     }
-    return b_src[((b * q.cin + g * q.cig + ci) * q.h + u32(iy)) * q.w + u32(ix)];
+    return load_input(b, g * q.cig + ci, u32(iy), u32(ix));
 }
 
 // Stores the K tile starting at k0 into buffer `buf`. Adjacent threads load adjacent k of A
@@ -308,7 +361,14 @@ fn store_block(m: u32, n: u32, c: mat4x4<f32>) {
                 let i = (b * q.cin + g * q.cig + row) * q.hw + (col - b * q.hw);
                 var d = v;
                 if (ACT_GRAD > 0u) {
-                    let xv = act_x[i];
+                    var xv: f32;
+                    if (IN_BN) {
+                        let sc = unshuffled(g * q.cig + row);
+                        xv = bn_formed(act_x[(b * q.cin + sc) * q.hw + (col - b * q.hw)], sc,
+                                       false);
+                    } else {
+                        xv = act_x[i];
+                    }
                     d = dorefa_act_grad(xv, v);
                     if (ACT_GRAD == 2u) {
                         act_x[i] = dorefa_act(xv, ACT_LEVELS, ACT_INV_LEVELS);
@@ -321,6 +381,132 @@ fn store_block(m: u32, n: u32, c: mat4x4<f32>) {
         }
     }
 }
+
+// BN_STATS: count, mean and M2 of rows m..m+3 (tile-relative) over this thread's columns
+// (quads tx + t TX), each value as store_block writes it.
+struct RowStats {
+    n: f32,
+    mean: vec4<f32>,
+    m2: vec4<f32>,
+}
+
+// The bias of rows m..m+3 (tile-relative), 0 past the group's rows.
+fn quad_bias(m: u32) -> vec4<f32> {
+    var add = vec4(0.0);
+    let slot = m / RG;
+    let g = g0 + slot;
+    if (HAS_BIAS && g < q.groups) {
+        for (var r = 0u; r < 4u; r++) {
+            let row = m0 + m - slot * RG + r;
+            if (row < q.gm) {
+                add[r] = bias[g * q.gm + row];
+            }
+        }
+    }
+    return add;
+}
+
+// The values of column j of a 4x4 block, one per row.
+fn block_column(c: mat4x4<f32>, j: u32) -> vec4<f32> {
+    return vec4(c[0][j], c[1][j], c[2][j], c[3][j]);
+}
+
+fn row_stats(m: u32, tx: u32, b0: mat4x4<f32>, b1: mat4x4<f32>, b2: mat4x4<f32>,
+             b3: mat4x4<f32>) -> RowStats {
+    let add = quad_bias(m);
+    var n = 0.0;
+    var sum = vec4(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let col = n0 + tx * 4u + j;
+        if (col < p.gn) {
+            sum += block_column(b0, j) + add;
+            n += 1.0;
+        }
+        if (col + TX * 4u < p.gn) {
+            sum += block_column(b1, j) + add;
+            n += 1.0;
+        }
+        if (col + 2u * TX * 4u < p.gn) {
+            sum += block_column(b2, j) + add;
+            n += 1.0;
+        }
+        if (col + 3u * TX * 4u < p.gn) {
+            sum += block_column(b3, j) + add;
+            n += 1.0;
+        }
+    }
+    let mean = sum / max(n, 1.0);
+    var m2 = vec4(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let col = n0 + tx * 4u + j;
+        if (col < p.gn) {
+            let d = block_column(b0, j) + add - mean;
+            m2 += d * d;
+        }
+        if (col + TX * 4u < p.gn) {
+            let d = block_column(b1, j) + add - mean;
+            m2 += d * d;
+        }
+        if (col + 2u * TX * 4u < p.gn) {
+            let d = block_column(b2, j) + add - mean;
+            m2 += d * d;
+        }
+        if (col + 3u * TX * 4u < p.gn) {
+            let d = block_column(b3, j) + add - mean;
+            m2 += d * d;
+        }
+    }
+    return RowStats(n, mean, m2);
+}
+
+// Columns of thread column tx within this tile (what row_stats counted).
+fn thread_columns(tx: u32) -> f32 {
+    var n = 0u;
+    for (var t = 0u; t < 4u; t++) {
+        let col = n0 + (tx + t * TX) * 4u;
+        if (col < p.gn) {
+            n += min(4u, p.gn - col);
+        }
+    }
+    return f32(n);
+}
+
+// Merges the TX threads' statistics of row quad qd (workgroup memory, see main) in order and
+// writes the tile's partials of its 4 rows.
+fn write_row_stats(qd: u32) {
+    let m = qd * 4u;
+    let slot = m / RG;
+    let g = g0 + slot;
+    if (g >= q.groups) {
+        return;
+    }
+    var n = 0.0;
+    var mean = vec4(0.0);
+    var m2 = vec4(0.0);
+    for (var t = 0u; t < TX; t++) {
+        let nb = thread_columns(t);
+        if (nb == 0.0) {
+            continue;
+        }
+        let mb = a_tile[(qd * TX + t) * 2u];
+        let m2b = a_tile[(qd * TX + t) * 2u + 1u];
+        let nab = n + nb;
+        let delta = mb - mean;
+        mean = mean + delta * (nb / nab);
+        m2 = m2 + m2b + delta * delta * (n * nb / nab);
+        n = nab;
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let row = m0 + m - slot * RG + r;
+        if (row < q.gm) {
+            let c = g * q.gm + row;
+            bn_part[(2u * n_tile) * q.cout + c] = mean[r];
+            bn_part[(2u * n_tile + 1u) * q.cout + c] = m2[r];
+        }
+    }
+}
+
+var<private> n_tile: u32;
 
 @compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
@@ -362,6 +548,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             multiply(A_BUF, B_BUF + slot * B_SLOT, tx, qa, qb);
         }
         workgroupBarrier();
+    }
+
+    if (MODE == 0u && BN_STATS) {
+        // Each thread's statistics of its two row quads into workgroup memory (free: the K loop
+        // ended on a barrier), then one thread per row pair merges them across the row.
+        n_tile = wid.x;
+        let sa = row_stats(qa * 4u, tx, c00, c01, c02, c03);
+        let sb = row_stats(qb * 4u, tx, c10, c11, c12, c13);
+        a_tile[(qa * TX + tx) * 2u] = sa.mean;
+        a_tile[(qa * TX + tx) * 2u + 1u] = sa.m2;
+        a_tile[(qb * TX + tx) * 2u] = sb.mean;
+        a_tile[(qb * TX + tx) * 2u + 1u] = sb.m2;
+        workgroupBarrier();
+        if (tx == 0u) {
+            write_row_stats(qa);
+            write_row_stats(qb);
+        }
     }
 
     let r0 = qa * 4u;

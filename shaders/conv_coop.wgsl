@@ -20,9 +20,15 @@ enable f16;
 enable wgpu_cooperative_matrix;
 
 override HAS_BIAS: bool = false;
+// IN_BN: x is a BatchNorm's input and each element is formed as conv2d.wgsl's IN_BN forms it
+// (the BatchNorm with table in_bn, IN_RELU, IN_SHUFFLE, then the activation quantizer).
+override IN_BN: bool = false;
+override IN_RELU: bool = false;
+override IN_SHUFFLE: u32 = 1u;
 // n_w, n_a and fl32(1 / (n_w n_a)).
 override W_LEVELS: f32 = 1.0;
 override A_LEVELS: f32 = 1.0;
+override A_INV_LEVELS: f32 = 1.0;
 override SCALE: f32 = 1.0;
 override CIN: u32 = 1u;
 override H: u32 = 1u;
@@ -63,6 +69,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> x_src: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read> in_bn: array<f32>;
 
 var<workgroup> a_sh: array<f16, 5120>;   // BM * AS
 var<workgroup> b_sh: array<f16, 4352>;   // BK * BS
@@ -85,7 +92,20 @@ fn load_x(g: u32, k: u32, n: u32) -> f32 {
     if (iy < 0 || ix < 0 || u32(iy) >= H || u32(ix) >= W) {
         return 0.0;
     }
-    return x_src[((b * CIN + g * CIG + c) * H + u32(iy)) * W + u32(ix)];
+    let ch = g * CIG + c;
+    if (IN_BN) {
+        var sc = ch;
+        if (IN_SHUFFLE > 1u) {
+            sc = (ch % IN_SHUFFLE) * (CIN / IN_SHUFFLE) + ch / IN_SHUFFLE;
+        }
+        var r = bn_affine(x_src[((b * CIN + sc) * H + u32(iy)) * W + u32(ix)], in_bn[sc],
+                          in_bn[CIN + sc], in_bn[2u * CIN + sc], in_bn[3u * CIN + sc]);
+        if (IN_RELU) {
+            r = relu_bits(r);
+        }
+        return dorefa_act(r, A_LEVELS, A_INV_LEVELS);
+    }
+    return x_src[((b * CIN + ch) * H + u32(iy)) * W + u32(ix)];
 }
 
 // Stages the K tile starting at k0: weight codes round(w * n_w), activation codes round(x * n_a).

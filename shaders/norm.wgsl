@@ -5,7 +5,9 @@
 //   train: normalise with the batch mean and biased variance; running stats move by momentum
 //          with the unbiased variance (n / (n - 1));
 //   eval:  normalise with the running stats.
-// stats = [mean (C), invstd (C)] per step. Per-channel reductions are one workgroup per channel,
+// stats = [mean (C), invstd (C), gamma (C), beta (C)] per step: the statistics kernels copy gamma
+// and beta beside them, so that a conv that forms this BatchNorm's output where it loads its input
+// (conv2d.wgsl's IN_BN) reads one table. Per-channel reductions are one workgroup per channel,
 // two passes (mean, then squared deviations) over the same data, tree-reduced: deterministic.
 
 struct Params {
@@ -19,17 +21,17 @@ struct Params {
     quantize: u32,   // 1: apply writes the activation quantizer's output (the next layer's input)
     levels_f: f32,   // the quantizer's f32(n) and fl32(1 / n), as in quant.wgsl
     inv_levels: f32,
-    _pad0: u32,
+    tile: u32,       // bn_stats_merge: columns (of N * S) per partial
     _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// bn_stats (train): x -> stats, running stats updated in place
+// bn_stats (train): x, gamma, beta -> stats, running stats updated in place
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(3) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(4) var<storage, read_write> running_var: array<f32>;
-// bn_eval_stats: running stats -> stats (reads 3, 4 as above, writes 2)
+// bn_eval_stats: running stats, gamma, beta -> stats (reads 3, 4, 6, 7, writes 2)
 // bn_apply: x, stats, gamma, beta -> y
 @group(0) @binding(5) var<storage, read> stats_in: array<f32>;
 @group(0) @binding(6) var<storage, read> gamma: array<f32>;
@@ -42,6 +44,9 @@ struct Params {
 @group(0) @binding(13) var<storage, read> dgamma_in: array<f32>;
 @group(0) @binding(14) var<storage, read> dbeta_in: array<f32>;
 @group(0) @binding(15) var<storage, read_write> dx: array<f32>;
+// bn_stats_merge: per-tile (mean, M2) partials from the conv before, (tiles, 2, C)
+// (conv2d.wgsl's BN_STATS).
+@group(0) @binding(16) var<storage, read> partials: array<f32>;
 
 const WG: u32 = 256u;
 var<workgroup> red_a: array<f32, 256>;
@@ -154,12 +159,47 @@ fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
     red_a[lid] = acc;
     let var_b = tree_sum_a(lid) / f32(count);
     if (lid == 0u) {
-        stats[c] = mean;
-        stats[p.c + c] = 1.0 / sqrt(var_b + p.eps);
-        let unbiased = var_b * f32(count) / f32(max(count, 2u) - 1u);
-        running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * mean;
-        running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * unbiased;
+        write_stats(c, mean, var_b, count);
     }
+}
+
+// The batch mean and biased variance -> stats of channel c; running stats updated.
+fn write_stats(c: u32, mean: f32, var_b: f32, count: u32) {
+    stats[c] = mean;
+    stats[p.c + c] = 1.0 / sqrt(var_b + p.eps);
+    stats[2u * p.c + c] = gamma[c];
+    stats[3u * p.c + c] = beta[c];
+    let unbiased = var_b * f32(count) / f32(max(count, 2u) - 1u);
+    running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * mean;
+    running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * unbiased;
+}
+
+// bn_stats from the conv's per-tile partials: one invocation per channel merges its tiles in
+// order (Chan's formula), the same every run.
+@compute @workgroup_size(256)
+fn bn_stats_merge(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let c = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (c >= p.c) {
+        return;
+    }
+    let count = p.n * p.s;
+    let tiles = (count + p.tile - 1u) / p.tile;
+    var n = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var t = 0u; t < tiles; t++) {
+        let nb = f32(min(p.tile, count - t * p.tile));
+        let mb = partials[(2u * t) * p.c + c];
+        let m2b = partials[(2u * t + 1u) * p.c + c];
+        let nab = n + nb;
+        let delta = mb - mean;
+        mean = mean + delta * (nb / nab);
+        m2 = m2 + m2b + delta * delta * (n * nb / nab);
+        n = nab;
+    }
+    write_stats(c, mean, m2 / f32(count), count);
 }
 
 // Eval: stats from the running statistics.
@@ -173,13 +213,15 @@ fn bn_eval_stats(@builtin(workgroup_id) wid: vec3<u32>,
     }
     stats[c] = running_mean[c];
     stats[p.c + c] = 1.0 / sqrt(running_var[c] + p.eps);
+    stats[2u * p.c + c] = gamma[c];
+    stats[3u * p.c + c] = beta[c];
 }
 
 // gamma * (x - mean) * invstd + beta, before any fused ReLU. The backward forms it again for
 // the ReLU's mask (v > 0 exactly where y > 0), so it never reads y, which a network may have
 // overwritten by then.
 fn bn_value_of(v: f32, c: u32) -> f32 {
-    return gamma[c] * ((v - stats_in[c]) * stats_in[p.c + c]) + beta[c];
+    return bn_affine(v, stats_in[c], stats_in[p.c + c], gamma[c], beta[c]);
 }
 
 // DoReFa's activation quantizer (shaders/lib/act.wgsl, prepended): a BatchNorm whose output
@@ -199,10 +241,7 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let at = place(i);
     let v = bn_value_of(x[i], at.c);
-    // ReLU by bits (negative or zero, not NaN), so NaN is kept where compilers assume no NaN.
-    let b = bitcast<u32>(v);
-    let nonpositive = ((b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u) || b == 0u;
-    let r = select(v, 0.0, p.relu == 1u && nonpositive);
+    let r = select(v, relu_bits(v), p.relu == 1u);
     y[at.out] = select(r, act_value(r), p.quantize == 1u);
 }
 

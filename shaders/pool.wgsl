@@ -25,8 +25,10 @@ struct Params {
     quantize: u32, // max-pool: 1 writes the next layer's DoReFa-quantized input
     levels_f: f32, // the quantizer's f32(n) and fl32(1 / n) (shaders/lib/act.wgsl)
     inv_levels: f32,
+    in_bn: u32,      // max-pool: 1 forms its input from a BatchNorm's (see input_value)
+    in_relu: u32,    // ... with the BatchNorm's fused ReLU
+    in_shuffle: u32, // ... and its fused shuffle's groups (1: none)
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -34,6 +36,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> dy: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
+// in_bn: the BatchNorm's [mean, invstd, gamma, beta], each of C floats.
+@group(0) @binding(7) var<storage, read> bn_table: array<f32>;
 
 const WG: u32 = 256u;
 
@@ -51,10 +55,42 @@ struct WindowMax {
     at: u32,   // index within the H*W plane
 }
 
+// Where input plane `plane` is read: its start in x and, with in_bn, the BatchNorm channel it
+// comes from. With in_bn the max-pool's input is a BatchNorm's output that is never stored: x
+// holds the BatchNorm's input, and each element is formed as norm.wgsl's bn_apply would write it
+// (affine map, ReLU, shuffle), so the same bits, in both directions.
+struct Source {
+    base: u32,
+    ch: u32,
+}
+
+fn source(plane: u32) -> Source {
+    if (p.in_bn == 0u) {
+        return Source(plane * p.h * p.w, 0u);
+    }
+    let n = plane / p.c;
+    var sc = plane - n * p.c;
+    if (p.in_shuffle > 1u) {
+        sc = (sc % p.in_shuffle) * (p.c / p.in_shuffle) + sc / p.in_shuffle;
+    }
+    return Source((n * p.c + sc) * p.h * p.w, sc);
+}
+
+fn input_value(src: Source, at: u32) -> f32 {
+    let v = x[src.base + at];
+    if (p.in_bn == 0u) {
+        return v;
+    }
+    let c = src.ch;
+    let r = bn_affine(v, bn_table[c], bn_table[p.c + c], bn_table[2u * p.c + c],
+                      bn_table[3u * p.c + c]);
+    return select(r, relu_bits(r), p.in_relu == 1u);
+}
+
 // The maximum of window (oy, ox) of `plane` and where it is: the first element, a strictly larger
 // one, or a NaN (which then sticks) wins.
 fn window_max(plane: u32, oy: u32, ox: u32) -> WindowMax {
-    let base = plane * p.h * p.w;
+    let src = source(plane);
     var best = WindowMax(-3.40282347e38, 0xffffffffu);
     var seen = false;
     for (var ky = 0u; ky < p.kh; ky++) {
@@ -68,7 +104,7 @@ fn window_max(plane: u32, oy: u32, ox: u32) -> WindowMax {
                 continue;
             }
             let at = u32(iy) * p.w + u32(ix);
-            let v = x[base + at];
+            let v = input_value(src, at);
             if (!seen || (!is_nan(best.value) && (v > best.value || is_nan(v)))) {
                 best = WindowMax(v, at);
                 seen = true;

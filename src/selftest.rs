@@ -14,6 +14,7 @@ use std::time::Instant;
 
 mod iao;
 mod iao_int;
+mod through_bn;
 mod wbwtab;
 mod xnor_int;
 
@@ -122,6 +123,9 @@ pub fn cases() -> Vec<Case> {
     iao::cases(&mut v);
     wbwtab::cases(&mut v);
     gemm_family_cases(&mut v);
+    through_bn::cases(&mut v);
+    through_bn::maxpool_cases(&mut v);
+    through_bn::stats_cases(&mut v);
     layer_cases(&mut v);
     int_cases(&mut v);
     iao_int::cases(&mut v);
@@ -701,7 +705,7 @@ impl GemmOp for kernels::conv2d::Conv2dGeom {
         dx: &Tensor,
         act: kernels::conv2d::ActGrad<'_>,
     ) -> Option<Result<Vec<Op>>> {
-        Some(kernels::conv2d::grad_input_act(gpu, self, dy, w, dx, act).map(|op| vec![op]))
+        Some(kernels::conv2d::grad_input_act(gpu, self, dy, w, dx, act, None).map(|op| vec![op]))
     }
     const FUSED_EPILOGUES: bool = true;
     fn gpu_grad_weight_and_bias(
@@ -1312,6 +1316,7 @@ fn coop_cases(v: &mut Vec<Case>) {
                     Some(&bt),
                     &yt,
                     (bits, bits),
+                    None,
                     mode,
                 )?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&yt])?;
@@ -1383,10 +1388,10 @@ fn layer_cases(v: &mut Vec<Case>) {
                     gpu.upload_f32("rm", &[c], &rm0)?,
                     gpu.upload_f32("rv", &[c], &rv0)?,
                 );
-                let stats = gpu.empty("stats", &[2 * c], DType::F32)?;
+                let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
                 let y = gpu.empty("y", &[n, c, s], DType::F32)?;
                 let ops = vec![
-                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, &stats, &rm, &rv)?,
+                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, (&gt, &bt), &stats, &rm, &rv)?,
                     kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
                 ];
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &rm, &rv])?;
@@ -1435,10 +1440,10 @@ fn layer_cases(v: &mut Vec<Case>) {
                     gpu.upload_f32("rm", &[c], &rm0)?,
                     gpu.upload_f32("rv", &[c], &rv0)?,
                 );
-                let stats = gpu.empty("stats", &[2 * c], DType::F32)?;
+                let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
                 let y = gpu.empty("y", &[n, c, s], DType::F32)?;
                 let ops = vec![
-                    kernels::norm::stats_eval(gpu, c, 1e-5, &rm, &rv, &stats)?,
+                    kernels::norm::stats_eval(gpu, c, 1e-5, (&gt, &bt), &rm, &rv, &stats)?,
                     kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
                 ];
                 let yq = gpu.empty("y quantized", &[n, c, s], DType::F32)?;
@@ -1496,7 +1501,7 @@ fn layer_cases(v: &mut Vec<Case>) {
                     gpu.zeros("rm", &[c], DType::F32)?,
                     gpu.zeros("rv", &[c], DType::F32)?,
                 );
-                let stats = gpu.empty("stats", &[2 * c], DType::F32)?;
+                let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
                 let y = gpu.empty("y", &[n, c, s], DType::F32)?;
                 let (dg, db) = (
                     gpu.empty("dgamma", &[c], DType::F32)?,
@@ -1504,7 +1509,7 @@ fn layer_cases(v: &mut Vec<Case>) {
                 );
                 let dx = gpu.empty("dx", &[n, c, s], DType::F32)?;
                 let mut ops = vec![
-                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, &stats, &rm, &rv)?,
+                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, (&gt, &bt), &stats, &rm, &rv)?,
                     kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
                 ];
                 ops.extend(kernels::norm::backward(
@@ -1755,8 +1760,10 @@ fn layer_cases(v: &mut Vec<Case>) {
                     quantize: Some(bits),
                 };
                 let ops = vec![
-                    kernels::pool::maxpool_forward_fused(gpu, &g, &xt, &y, ep)?,
-                    kernels::pool::maxpool_backward_shuffled(gpu, &g, &xt, &dyt, &dx, groups)?,
+                    kernels::pool::maxpool_forward_fused(gpu, &g, &xt, &y, ep, None)?,
+                    kernels::pool::maxpool_backward_shuffled(
+                        gpu, &g, &xt, &dyt, &dx, groups, None,
+                    )?,
                 ];
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &dx])?;
                 let (oh, ow) = g.out_hw();

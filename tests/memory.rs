@@ -112,6 +112,28 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
                 "{model}: a {gone} pass is back"
             );
         }
+        // Every conv that reads a BatchNorm's output directly (6 of 9) forms it where its three
+        // GEMMs load their input, so those BatchNorms neither write it nor form it again.
+        for gemm in ["conv2d.forward", "conv2d.grad_input", "conv2d.grad_weight"] {
+            let through = labels
+                .iter()
+                .filter(|l| kernel(l) == gemm && l.contains(" through bn "))
+                .count();
+            assert_eq!(through, 6, "{model}: {gemm} through a BatchNorm");
+        }
+        let bn_apply = labels
+            .iter()
+            .filter(|l| kernel(l).starts_with("bn_apply"))
+            .count();
+        // Only the last BatchNorm's, before the average pool (forward, and formed again for
+        // the pool's backward): the max-pools form their BatchNorm's output as they read it.
+        assert_eq!(bn_apply, 2, "{model}: BatchNorm apply passes");
+        let pools_through = labels
+            .iter()
+            .filter(|l| kernel(l).starts_with("maxpool") && l.contains(" through bn "))
+            .count();
+        // Two max-pools: forward, formed again for the next conv's backward, and backward.
+        assert_eq!(pools_through, 6, "{model}: max-pools through a BatchNorm");
         // The weight quantizers: 3 launches forward and 3 backward for the whole network.
         assert_eq!(
             labels

@@ -532,7 +532,17 @@ fn iao_ptq_calibration_matches_pytorch() {
                 || !(name.contains("observer")
                     || name.contains("scale")
                     || name.contains("running"));
-            let tol = if exact { 1e-6 } else { 1e-3 };
+            // An observer's range (and the scale formed from it) behind several quantized
+            // layers moves with the levels rounding puts activations on: less than one 8-bit
+            // step of it (1/255) apart. (ResNet's fc input: 3.6e-4 with BatchNorm statistics
+            // summed per channel, 1.1e-3 with them merged from the conv's tiles.)
+            let observed = name.contains("observer") || name.contains("scale");
+            let tol = match (exact, observed) {
+                (true, _) => 1e-6,
+                (false, true) => 3e-3,
+                (false, false) => 1e-3,
+            };
+
             assert!(rel < tol, "{fixture}: {name}: relative error {rel:e}");
             checked += 1;
         }

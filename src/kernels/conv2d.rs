@@ -2,6 +2,7 @@
 //! implicit GEMMs. `GemmConv` is the fully specified problem the shader solves;
 //! conv_transpose2d and matmul map onto it too.
 
+use super::norm::BnForm;
 use super::{CONV2D, expect_dtype, expect_shape, reduce};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Launch, Op, Tensor};
@@ -211,6 +212,28 @@ pub struct ActGrad<'a> {
     pub bits: Bits,
     /// Also replace x by its quantized value (what grad-weight reads next).
     pub requantize: bool,
+}
+
+/// A layer input that is a BatchNorm's output (with its ReLU and channel shuffle, and the
+/// layer's DoReFa input quantizer) formed where the GEMM loads it instead of stored (the
+/// shader's `IN_BN`): the GEMM is given the BatchNorm's input in the input's place. Forward and
+/// grad-weight load the quantized input; grad-input's [`ActGrad`] epilogue forms the float one
+/// for its mask.
+#[derive(Clone, Copy, Debug)]
+pub struct InputBn<'a> {
+    pub form: BnForm<'a>,
+    /// The layer's input quantizer.
+    pub bits: Bits,
+}
+
+/// What a GEMM does besides multiplying: grad-input's activation-quantizer epilogue, the
+/// BatchNorm its input is formed from, and forward's partial statistics for the BatchNorm after
+/// it (`(tiles, 2, Cout)`: see [`forward_bn_partials`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fused<'a> {
+    pub act: Option<ActGrad<'a>>,
+    pub input_bn: Option<InputBn<'a>>,
+    pub bn_stats: Option<&'a Tensor>,
 }
 
 /// Which GEMM of a convolution (the shader's `MODE`).
@@ -428,11 +451,14 @@ impl GemmConv {
         splits: usize,
         label: String,
     ) -> Result<Launch> {
-        self.launch_with(gpu, mode, (a_src, b_src), bias, out, splits, None, label)
+        let none = Fused::default();
+        self.launch_with(gpu, mode, (a_src, b_src), bias, out, splits, none, label)
     }
 
-    /// [`Self::launch`], grad-input with `act`: the layer input's quantizer applied as dx is
-    /// written.
+    /// [`Self::launch`] with `fused`: grad-input's `act` (the layer input's quantizer applied
+    /// as dx is written), and the input formed from a BatchNorm's (`input_bn`, conv2d only: the
+    /// layer input is then the BatchNorm's input, `b_src` in forward and grad-weight, `act.x` in
+    /// grad-input).
     #[allow(clippy::too_many_arguments)]
     pub fn launch_with(
         &self,
@@ -442,14 +468,34 @@ impl GemmConv {
         bias: Option<&Tensor>,
         out: &Tensor,
         splits: usize,
-        act: Option<ActGrad<'_>>,
+        fused: Fused<'_>,
         label: String,
     ) -> Result<Launch> {
+        let Fused {
+            act,
+            input_bn,
+            bn_stats,
+        } = fused;
+        if bn_stats.is_some() && mode != Mode::Forward {
+            return Err(Error::shape(
+                &label,
+                "only the forward GEMM forms BatchNorm statistics",
+            ));
+        }
         if act.is_some() && mode != Mode::GradInput {
             return Err(Error::shape(
                 &label,
                 "only grad-input applies an input quantizer",
             ));
+        }
+        if let Some(bn) = input_bn {
+            if mode == Mode::GradInput && act.is_none_or(|a| a.requantize) {
+                return Err(Error::shape(
+                    &label,
+                    "grad-input forms a BatchNorm's output only for its quantizer's mask (an ActGrad without requantize)",
+                ));
+            }
+            bn.form.check(&label, self.cin)?;
         }
         let bias_grad = mode == Mode::GradWeight && bias.is_some();
         let (gm, gn, gk) = self.dims(mode);
@@ -483,6 +529,18 @@ impl GemmConv {
             ));
         }
         let tile = self.tile(gpu, mode);
+        if let Some(t) = bn_stats {
+            let need = 2 * gn.div_ceil(tile.bn) * self.cout;
+            if t.numel() < need {
+                return Err(Error::shape(
+                    &label,
+                    format!(
+                        "{} floats for BatchNorm partial statistics, {need} needed",
+                        t.numel()
+                    ),
+                ));
+            }
+        }
         let u = |v: usize| v as u32;
         let p = Params {
             batch: u(self.batch),
@@ -506,6 +564,8 @@ impl GemmConv {
             _pad: [0; 2],
         };
         let c = |v: usize| v as f64;
+        // The quantizer's levels: grad-input's epilogue's, or the input's formed on load.
+        let levels = act.map(|a| a.bits).or(input_bn.map(|b| b.bits));
         let mut constants = vec![
             ("MODE", mode as u32 as f64),
             (
@@ -517,13 +577,21 @@ impl GemmConv {
                 "ACT_GRAD",
                 act.map_or(0.0, |a| if a.requantize { 2.0 } else { 1.0 }),
             ),
-            (
-                "ACT_LEVELS",
-                act.map_or(1.0, |a| f64::from(a.bits.levels())),
-            ),
+            ("ACT_LEVELS", levels.map_or(1.0, |b| f64::from(b.levels()))),
             (
                 "ACT_INV_LEVELS",
-                act.map_or(1.0, |a| f64::from(a.bits.inv_levels())),
+                levels.map_or(1.0, |b| f64::from(b.inv_levels())),
+            ),
+            ("IN_BN", f64::from(u8::from(input_bn.is_some()))),
+            (
+                "IN_RELU",
+                f64::from(u8::from(input_bn.is_some_and(|b| b.form.relu))),
+            ),
+            ("IN_SHUFFLE", c(input_bn.map_or(1, |b| b.form.shuffle))),
+            ("BN_STATS", f64::from(u8::from(bn_stats.is_some()))),
+            (
+                "IN_QUANT",
+                f64::from(u8::from(input_bn.is_some_and(|b| !b.bits.is_float()))),
             ),
             ("BM", c(tile.bm)),
             ("BN", c(tile.bn)),
@@ -562,15 +630,21 @@ impl GemmConv {
                 Bind::ReadWrite,
                 Bind::ReadWrite,
                 Bind::ReadWrite,
+                Bind::Read,
+                Bind::ReadWrite,
             ],
         })?;
         // The optional bindings must exist even when unused (buffers of their own: one is read,
         // the others written).
-        let (none, none_out, no_x) = (
+        let (none, none_out, no_x, no_bn, no_stats) = (
             gpu.zeros("no bias", &[1], DType::F32)?,
             gpu.zeros("no bias gradient", &[1], DType::F32)?,
             gpu.zeros("no quantized input", &[1], DType::F32)?,
+            gpu.zeros("no BatchNorm table", &[1], DType::F32)?,
+            gpu.zeros("no BatchNorm statistics", &[1], DType::F32)?,
         );
+        let bn_part = bn_stats.unwrap_or(&no_stats);
+        let bn_table = input_bn.map_or(&no_bn, |b| b.form.table);
         let act_x = match act {
             Some(a) => {
                 expect_dtype(&label, "x", a.x, DType::F32)?;
@@ -596,11 +670,17 @@ impl GemmConv {
             1 => String::new(),
             gp => format!(", {gp} groups of {}", tile.rg),
         };
+        let through = match (input_bn.is_some(), bn_stats.is_some()) {
+            (true, true) => " through bn +bn stats",
+            (true, false) => " through bn",
+            (false, true) => " +bn stats",
+            (false, false) => "",
+        };
         gpu.launch(
             &kernel,
-            format!("{label} tile {}x{}{packed}", tile.bm, tile.bn),
+            format!("{label}{through} tile {}x{}{packed}", tile.bm, tile.bn),
             Some(bytemuck::bytes_of(&p)),
-            &[a_src, b_src, bias, out, bias_out, act_x],
+            &[a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part],
             grid,
         )
     }
@@ -635,24 +715,28 @@ impl GemmConv {
     pub fn grad_weight_ops(
         &self,
         gpu: &Gpu,
-        a_src: &Tensor,
-        b_src: &Tensor,
-        dw: &Tensor,
-        db: Option<&Tensor>,
+        (a_src, b_src): (&Tensor, &Tensor),
+        (dw, db): (&Tensor, Option<&Tensor>),
         splits: usize,
         scratch: Option<&Tensor>,
+        input_bn: Option<InputBn<'_>>,
         label: String,
     ) -> Result<Vec<Op>> {
         let splits = self.effective_splits(splits);
+        let fused = Fused {
+            act: None,
+            input_bn,
+            bn_stats: None,
+        };
         let gemm = |out: &Tensor, bias: Option<&Tensor>| {
-            self.launch(
+            self.launch_with(
                 gpu,
                 Mode::GradWeight,
-                a_src,
-                b_src,
+                (a_src, b_src),
                 bias,
                 out,
                 splits,
+                fused,
                 label.clone(),
             )
             .map(Op::Dispatch)
@@ -710,6 +794,24 @@ pub fn forward(
     bias: Option<&Tensor>,
     y: &Tensor,
 ) -> Result<Op> {
+    forward_with(gpu, geom, x, w, bias, y, None, None)
+}
+
+/// [`forward`] whose input is formed from a BatchNorm's where it is loaded (`input_bn`: `x`
+/// is then the BatchNorm's input), and which forms the partial statistics of the BatchNorm
+/// after it (`bn_stats`, at least [`forward_bn_partials`] floats; merged by
+/// `norm::stats_merge` with [`forward_tile_columns`]).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    gpu: &Gpu,
+    geom: &Conv2dGeom,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    input_bn: Option<InputBn<'_>>,
+    bn_stats: Option<&Tensor>,
+) -> Result<Op> {
     const K: &str = "conv2d.forward";
     let label = check(
         geom,
@@ -723,16 +825,33 @@ pub fn forward(
     if let Some(b) = bias {
         check(geom, K, &[("bias", b, &[geom.cout])])?;
     }
-    Ok(Op::Dispatch(geom.gemm().launch(
+    let fused = Fused {
+        act: None,
+        input_bn,
+        bn_stats,
+    };
+    Ok(Op::Dispatch(geom.gemm().launch_with(
         gpu,
         Mode::Forward,
-        w,
-        x,
+        (w, x),
         bias,
         y,
         1,
+        fused,
         label,
     )?))
+}
+
+/// Columns (of batch·OH·OW) per partial statistic the forward forms for a BatchNorm on `gpu`.
+pub fn forward_tile_columns(gpu: &Gpu, geom: &Conv2dGeom) -> usize {
+    geom.gemm().tile(gpu, Mode::Forward).bn
+}
+
+/// Floats of the forward's partial BatchNorm statistics on any device: the narrowest tile
+/// (32 columns) makes the most.
+pub fn forward_bn_partials(geom: &Conv2dGeom) -> usize {
+    let (oh, ow) = geom.out_hw();
+    2 * (geom.batch * oh * ow).div_ceil(32) * geom.cout
 }
 
 /// `dx = dL/dx` from `dy` (a transposed convolution with `w`).
@@ -766,6 +885,7 @@ pub fn grad_input(
 
 /// [`grad_input`] with the layer input's DoReFa quantizer in its epilogue: `dx` masked by the
 /// float input `act.x` (and, with `act.requantize`, `act.x` replaced by its quantized value).
+/// With `input_bn`, `act.x` is the BatchNorm's input, and the float input is formed from it.
 pub fn grad_input_act(
     gpu: &Gpu,
     geom: &Conv2dGeom,
@@ -773,6 +893,7 @@ pub fn grad_input_act(
     w: &Tensor,
     dx: &Tensor,
     act: ActGrad<'_>,
+    input_bn: Option<InputBn<'_>>,
 ) -> Result<Op> {
     let label = check(
         geom,
@@ -791,7 +912,11 @@ pub fn grad_input_act(
         None,
         dx,
         1,
-        Some(act),
+        Fused {
+            act: Some(act),
+            input_bn,
+            bn_stats: None,
+        },
         label,
     )?))
 }
@@ -838,7 +963,24 @@ pub fn grad_weight_and_bias(
     scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
     check(geom, "conv2d.grad_weight", &[("db", db, &[geom.cout])])?;
-    grad_weight_inner(gpu, geom, x, dy, (dw, Some(db)), splits, scratch)
+    grad_weight_inner(gpu, geom, x, dy, (dw, Some(db)), splits, scratch, None)
+}
+
+/// Grad-weight (and, given `db`, the bias gradient) with the default split-K, its input formed
+/// from a BatchNorm's where it is loaded (`input_bn`: `x` is the BatchNorm's input).
+pub fn grad_weight_fused(
+    gpu: &Gpu,
+    geom: &Conv2dGeom,
+    x: &Tensor,
+    dy: &Tensor,
+    (dw, db): (&Tensor, Option<&Tensor>),
+    input_bn: Option<InputBn<'_>>,
+    scratch: Option<&Tensor>,
+) -> Result<Vec<Op>> {
+    if let Some(db) = db {
+        check(geom, "conv2d.grad_weight", &[("db", db, &[geom.cout])])?;
+    }
+    grad_weight_inner(gpu, geom, x, dy, (dw, db), None, scratch, input_bn)
 }
 
 fn grad_weight_with(
@@ -850,9 +992,10 @@ fn grad_weight_with(
     splits: Option<usize>,
     scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
-    grad_weight_inner(gpu, geom, x, dy, (dw, None), splits, scratch)
+    grad_weight_inner(gpu, geom, x, dy, (dw, None), splits, scratch, None)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn grad_weight_inner(
     gpu: &Gpu,
     geom: &Conv2dGeom,
@@ -861,6 +1004,7 @@ fn grad_weight_inner(
     (dw, db): (&Tensor, Option<&Tensor>),
     splits: Option<usize>,
     scratch: Option<&Tensor>,
+    input_bn: Option<InputBn<'_>>,
 ) -> Result<Vec<Op>> {
     let label = check(
         geom,
@@ -873,7 +1017,7 @@ fn grad_weight_inner(
     )?;
     let g = geom.gemm();
     let splits = splits.unwrap_or_else(|| g.default_splits());
-    g.grad_weight_ops(gpu, dy, x, dw, db, splits, scratch, label)
+    g.grad_weight_ops(gpu, (dy, x), (dw, db), splits, scratch, input_bn, label)
 }
 
 /// `db[c] = Σ_{n,y,x} dy[n, c, y, x]`.

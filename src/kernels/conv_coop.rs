@@ -5,7 +5,7 @@
 //! are exact in f16 (see the shader). Everything else, and every backward GEMM, stays on the
 //! fp32 kernel family of `conv2d.wgsl`.
 
-use super::conv2d::Conv2dGeom;
+use super::conv2d::{Conv2dGeom, InputBn};
 use super::{CONV_COOP, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 pub use crate::gpu::CoopMode;
@@ -66,7 +66,8 @@ struct Params {
 }
 
 /// `y = conv2d(x, w) + bias` for `x` holding `a_bits` DoReFa activation levels and `w` holding
-/// `w_bits` weight levels, on cooperative matrices (`mode`).
+/// `w_bits` weight levels, on cooperative matrices (`mode`). With `input_bn` (whose `bits` must
+/// be `a_bits`), `x` is a BatchNorm's input and the levels are formed from it as they are loaded.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -76,6 +77,7 @@ pub fn forward(
     bias: Option<&Tensor>,
     y: &Tensor,
     (w_bits, a_bits): (Bits, Bits),
+    input_bn: Option<InputBn<'_>>,
     mode: CoopMode,
 ) -> Result<Op> {
     const K: &str = "conv2d.forward (cooperative matrices)";
@@ -97,6 +99,15 @@ pub fn forward(
             "needs weights and activations of 2 to 8 bits (their codes must be exact in f16)",
         ));
     }
+    if let Some(bn) = input_bn {
+        bn.form.check(K, geom.cin)?;
+        if bn.bits != a_bits {
+            return Err(Error::shape(
+                K,
+                "the input formed from a BatchNorm must be quantized to the activation bits",
+            ));
+        }
+    }
     let (oh, ow) = geom.out_hw();
     let gn = geom.batch * oh * ow;
     let gk = geom.cin / geom.groups * geom.kernel.0 * geom.kernel.1;
@@ -112,6 +123,13 @@ pub fn forward(
         ("HAS_BIAS", f64::from(u8::from(bias.is_some()))),
         ("W_LEVELS", nw),
         ("A_LEVELS", na),
+        ("A_INV_LEVELS", f64::from(a_bits.inv_levels())),
+        ("IN_BN", f64::from(u8::from(input_bn.is_some()))),
+        (
+            "IN_RELU",
+            f64::from(u8::from(input_bn.is_some_and(|b| b.form.relu))),
+        ),
+        ("IN_SHUFFLE", c(input_bn.map_or(1, |b| b.form.shuffle))),
         ("SCALE", f64::from((1.0 / (nw * na)) as f32)),
         ("CIN", c(geom.cin)),
         ("H", c(geom.h)),
@@ -143,14 +161,22 @@ pub fn forward(
             Bind::Read,
             Bind::Read,
             Bind::ReadWrite,
+            Bind::Read,
         ],
     })?;
-    let none;
+    let (none, no_bn);
     let bias = match bias {
         Some(b) => b,
         None => {
             none = gpu.zeros("no bias", &[1], DType::F32)?;
             &none
+        }
+    };
+    let bn_table = match input_bn {
+        Some(b) => b.form.table,
+        None => {
+            no_bn = gpu.zeros("no BatchNorm table", &[1], DType::F32)?;
+            &no_bn
         }
     };
     let p = Params {
@@ -166,10 +192,15 @@ pub fn forward(
     Ok(Op::Dispatch(gpu.launch(
         &kernel,
         format!(
-            "conv2d.forward x{:?} w{:?} g{} coop{}",
+            "conv2d.forward x{:?} w{:?} g{}{} coop{}",
             geom.input_shape(),
             geom.weight_shape(),
             geom.groups,
+            if input_bn.is_some() {
+                " through bn"
+            } else {
+                ""
+            },
             if mode == CoopMode::Emulated {
                 " (emulated)"
             } else {
@@ -177,7 +208,7 @@ pub fn forward(
             }
         ),
         Some(bytemuck::bytes_of(&p)),
-        &[w, x, bias, y],
+        &[w, x, bias, y, bn_table],
         grid,
     )?))
 }
@@ -206,7 +237,17 @@ pub fn verify(gpu: &Gpu) -> Result<()> {
     let y_coop = gpu.empty("coop check y", &geom.output_shape(), DType::F32)?;
     let y_fp32 = gpu.empty("coop check y fp32", &geom.output_shape(), DType::F32)?;
     let ops = [
-        forward(gpu, &geom, &xt, &wt, Some(&bt), &y_coop, (bits, bits), mode)?,
+        forward(
+            gpu,
+            &geom,
+            &xt,
+            &wt,
+            Some(&bt),
+            &y_coop,
+            (bits, bits),
+            None,
+            mode,
+        )?,
         super::conv2d::forward(gpu, &geom, &xt, &wt, Some(&bt), &y_fp32)?,
     ];
     let got: Vec<Vec<f32>> =

@@ -143,7 +143,11 @@ pub fn grad_input_act(
         None,
         dx,
         1,
-        Some(act),
+        super::conv2d::Fused {
+            act: Some(act),
+            input_bn: None,
+            bn_stats: None,
+        },
         label,
     )?))
 }
@@ -163,7 +167,15 @@ pub fn grad_weight(
         &[("x", x, &[b, i]), ("dy", dy, &[b, o]), ("dw", dw, &[o, i])],
     )?;
     let g = geom.gemm();
-    g.grad_weight_ops(gpu, dy, x, dw, None, g.default_splits(), scratch, label)
+    g.grad_weight_ops(
+        gpu,
+        (dy, x),
+        (dw, None),
+        g.default_splits(),
+        scratch,
+        None,
+        label,
+    )
 }
 
 /// `dw` and `db = Σ_rows dy` in one pass over `dy` (the bias gradient is the row sums of
@@ -187,7 +199,15 @@ pub fn grad_weight_and_bias(
         ],
     )?;
     let g = geom.gemm();
-    g.grad_weight_ops(gpu, dy, x, dw, Some(db), g.default_splits(), scratch, label)
+    g.grad_weight_ops(
+        gpu,
+        (dy, x),
+        (dw, Some(db)),
+        g.default_splits(),
+        scratch,
+        None,
+        label,
+    )
 }
 
 /// `db = Σ_rows dy`.

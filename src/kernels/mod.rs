@@ -46,9 +46,9 @@ pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl", "act.wgs
 pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl");
 pub static BNFOLD: Shader = shader!("bnfold.wgsl", true);
 pub static WBWTAB: Shader = shader!("wbwtab.wgsl", true);
-pub static CONV2D: Shader = shader!("conv2d.wgsl", true, "act.wgsl");
-pub static NORM: Shader = shader!("norm.wgsl", true, "act.wgsl");
-pub static POOL: Shader = shader!("pool.wgsl", true, "act.wgsl");
+pub static CONV2D: Shader = shader!("conv2d.wgsl", true, "act.wgsl", "bn.wgsl");
+pub static NORM: Shader = shader!("norm.wgsl", true, "act.wgsl", "bn.wgsl");
+pub static POOL: Shader = shader!("pool.wgsl", true, "act.wgsl", "bn.wgsl");
 // Checked: it indexes logits by labels, which come from the data.
 pub static LOSS: Shader = shader!("loss.wgsl", false);
 pub static OPTIM: Shader = shader!("optim.wgsl", true);
@@ -56,7 +56,16 @@ pub static INTINFER: Shader = shader!("intinfer.wgsl", true, "division.wgsl");
 
 // Cooperative matrices: Vulkan only (wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX), used where the
 // adapter has them; `conv_coop::emulated_shader` is its portable emulation.
-pub static CONV_COOP: Shader = shader!("conv_coop.wgsl", true);
+// (Its helpers follow it: its `enable` directives must come first.)
+pub static CONV_COOP: Shader = Shader {
+    name: "conv_coop.wgsl",
+    source: concat!(
+        include_str!("../../shaders/conv_coop.wgsl"),
+        include_str!("../../shaders/lib/act.wgsl"),
+        include_str!("../../shaders/lib/bn.wgsl"),
+    ),
+    trusted: true,
+};
 
 /// Shaders only a Vulkan adapter with cooperative matrices compiles (the portability test
 /// translates them to SPIR-V, and their emulations to every backend).

@@ -15,8 +15,15 @@ const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
     }
 }
 
-const STATS: Entry = entry("bn_stats", &[(1, R), (2, W), (3, W), (4, W)]);
-const EVAL_STATS: Entry = entry("bn_eval_stats", &[(2, W), (3, W), (4, W)]);
+const STATS: Entry = entry(
+    "bn_stats",
+    &[(1, R), (2, W), (3, W), (4, W), (6, R), (7, R)],
+);
+const STATS_MERGE: Entry = entry(
+    "bn_stats_merge",
+    &[(2, W), (3, W), (4, W), (6, R), (7, R), (16, R)],
+);
+const EVAL_STATS: Entry = entry("bn_eval_stats", &[(2, W), (3, W), (4, W), (6, R), (7, R)]);
 const APPLY: Entry = entry("bn_apply", &[(1, R), (5, R), (6, R), (7, R), (8, W)]);
 const BACKWARD_REDUCE: Entry = entry(
     "bn_backward_reduce",
@@ -39,6 +46,36 @@ const BACKWARD_APPLY: Entry = entry(
         (15, W),
     ],
 );
+
+/// How a kernel that reads a BatchNorm's output forms it from the BatchNorm's input, where it
+/// loads it, instead of reading it stored: the BatchNorm's table, its fused ReLU and shuffle.
+/// Bit for bit what [`apply`] writes (`shaders/lib/bn.wgsl`).
+#[derive(Clone, Copy, Debug)]
+pub struct BnForm<'a> {
+    /// Per channel `[mean, invstd, gamma, beta]` (`4 · C` floats): what [`stats_train`] and
+    /// [`stats_eval`] write.
+    pub table: &'a Tensor,
+    pub relu: bool,
+    /// Channel-shuffle groups after the BatchNorm (1: none).
+    pub shuffle: usize,
+}
+
+impl BnForm<'_> {
+    /// Checks the form against the `c` channels it is applied to.
+    pub fn check(&self, kernel: &str, c: usize) -> Result<()> {
+        if self.table.numel() != 4 * c || self.shuffle == 0 || !c.is_multiple_of(self.shuffle) {
+            return Err(Error::shape(
+                kernel,
+                format!(
+                    "a BatchNorm table of {} floats with a {}-group shuffle for {c} channels (want 4 floats per channel, groups dividing them)",
+                    self.table.numel(),
+                    self.shuffle
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// `(N, C, S)` of a BatchNorm input `(N, C, H, W)` (S = H·W).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +118,8 @@ struct Params {
     quantize: u32,
     levels_f: f32,
     inv_levels: f32,
-    _pad: [u32; 2],
+    tile: u32,
+    _pad: u32,
 }
 
 /// What [`apply`] does after normalising, in the same pass (and [`backward`] undoes): a ReLU,
@@ -146,7 +184,8 @@ fn params(sh: BnShape, ep: Epilogue, eps: f32, momentum: f32) -> Result<Params> 
         quantize: u32::from(ep.quantize.is_some_and(|b| !b.is_float())),
         levels_f: ep.quantize.map_or(0.0, |b| b.levels() as f32),
         inv_levels: ep.quantize.map_or(0.0, |b| b.inv_levels()),
-        _pad: [0; 2],
+        tile: 0,
+        _pad: 0,
     })
 }
 
@@ -162,14 +201,15 @@ fn per_channel(gpu: &Gpu, c: usize) -> [u32; 3] {
     grid_1d(c as u32, gpu.limits.max_compute_workgroups_per_dimension)
 }
 
-/// Train mode: `stats = [mean, invstd]` of `x` per channel (biased variance); running stats move
-/// by `momentum` toward the batch mean and unbiased variance.
+/// Train mode: `stats = [mean, invstd, gamma, beta]` per channel, of `x` (biased variance);
+/// running stats move by `momentum` toward the batch mean and unbiased variance.
 #[allow(clippy::too_many_arguments)]
 pub fn stats_train(
     gpu: &Gpu,
     x: &Tensor,
     eps: f32,
     momentum: f32,
+    (gamma, beta): (&Tensor, &Tensor),
     stats: &Tensor,
     running_mean: &Tensor,
     running_var: &Tensor,
@@ -179,9 +219,11 @@ pub fn stats_train(
         "bn_stats",
         &[
             ("x", x, x.shape()),
-            ("stats", stats, &[2 * sh.c]),
+            ("stats", stats, &[4 * sh.c]),
             ("running_mean", running_mean, &[sh.c]),
             ("running_var", running_var, &[sh.c]),
+            ("gamma", gamma, &[sh.c]),
+            ("beta", beta, &[sh.c]),
         ],
     )?;
     STATS.launch(
@@ -189,16 +231,72 @@ pub fn stats_train(
         &[],
         format!("bn_stats {:?}", x.shape()),
         &params(sh, Epilogue::NONE, eps, momentum)?,
-        &[x, stats, running_mean, running_var],
+        &[x, stats, running_mean, running_var, gamma, beta],
         per_channel(gpu, sh.c),
     )
 }
 
-/// Eval mode: `stats` from the running statistics.
+/// [`stats_train`] of a `(N, C, S)` input from the per-tile partial statistics the conv that
+/// wrote it formed (`conv2d::forward_with`'s `bn_stats`): `partials` holds `(tiles, 2, C)`
+/// means and sums of squared deviations over `tile` consecutive values of the N·S of each
+/// channel, merged here in order.
+#[allow(clippy::too_many_arguments)]
+pub fn stats_merge(
+    gpu: &Gpu,
+    sh: BnShape,
+    (partials, tile): (&Tensor, usize),
+    eps: f32,
+    momentum: f32,
+    (gamma, beta): (&Tensor, &Tensor),
+    stats: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+) -> Result<Op> {
+    let tiles = (sh.n * sh.s).div_ceil(tile.max(1));
+    check(
+        "bn_stats_merge",
+        &[
+            ("stats", stats, &[4 * sh.c]),
+            ("running_mean", running_mean, &[sh.c]),
+            ("running_var", running_var, &[sh.c]),
+            ("gamma", gamma, &[sh.c]),
+            ("beta", beta, &[sh.c]),
+        ],
+    )?;
+    if tile == 0 || partials.numel() < tiles * 2 * sh.c {
+        return Err(Error::shape(
+            "bn_stats_merge",
+            format!(
+                "{} partial statistics for {tiles} tiles of {} channels",
+                partials.numel(),
+                sh.c
+            ),
+        ));
+    }
+    let p = Params {
+        tile: tile as u32,
+        ..params(sh, Epilogue::NONE, eps, momentum)?
+    };
+    STATS_MERGE.launch(
+        gpu,
+        &[],
+        format!(
+            "bn_stats_merge [{}, {}, {}] tiles of {tile}",
+            sh.n, sh.c, sh.s
+        ),
+        &p,
+        &[stats, running_mean, running_var, gamma, beta, partials],
+        elementwise_grid(gpu, sh.c as u32),
+    )
+}
+
+/// Eval mode: `stats = [mean, invstd, gamma, beta]` from the running statistics.
+#[allow(clippy::too_many_arguments)]
 pub fn stats_eval(
     gpu: &Gpu,
     c: usize,
     eps: f32,
+    (gamma, beta): (&Tensor, &Tensor),
     running_mean: &Tensor,
     running_var: &Tensor,
     stats: &Tensor,
@@ -206,9 +304,11 @@ pub fn stats_eval(
     check(
         "bn_eval_stats",
         &[
-            ("stats", stats, &[2 * c]),
+            ("stats", stats, &[4 * c]),
             ("running_mean", running_mean, &[c]),
             ("running_var", running_var, &[c]),
+            ("gamma", gamma, &[c]),
+            ("beta", beta, &[c]),
         ],
     )?;
     let sh = BnShape { n: 1, c, s: 1 };
@@ -217,7 +317,7 @@ pub fn stats_eval(
         &[],
         format!("bn_eval_stats [{c}]"),
         &params(sh, Epilogue::NONE, eps, 0.0)?,
-        &[stats, running_mean, running_var],
+        &[stats, running_mean, running_var, gamma, beta],
         elementwise_grid(gpu, c as u32),
     )
 }
@@ -238,7 +338,7 @@ pub fn apply(
         "bn_apply",
         &[
             ("x", x, x.shape()),
-            ("stats", stats, &[2 * sh.c]),
+            ("stats", stats, &[4 * sh.c]),
             ("gamma", gamma, &[sh.c]),
             ("beta", beta, &[sh.c]),
             ("y", y, x.shape()),
@@ -280,7 +380,7 @@ pub fn backward(
         &[
             ("x", x, x.shape()),
             ("dy", dy, x.shape()),
-            ("stats", stats, &[2 * sh.c]),
+            ("stats", stats, &[4 * sh.c]),
             ("gamma", gamma, &c),
             ("beta", beta, &c),
             ("dgamma", dgamma, &c),

@@ -1,5 +1,6 @@
 //! `shaders/pool.wgsl`: max-pool and avg-pool (forward, backward) and channel shuffle.
 
+use super::norm::BnForm;
 use super::{Entry, POOL, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor};
@@ -14,8 +15,8 @@ const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
     }
 }
 
-const MAX_FORWARD: Entry = entry("maxpool_forward", &[(1, R), (2, W)]);
-const MAX_BACKWARD: Entry = entry("maxpool_backward", &[(1, R), (4, R), (6, W)]);
+const MAX_FORWARD: Entry = entry("maxpool_forward", &[(1, R), (2, W), (7, R)]);
+const MAX_BACKWARD: Entry = entry("maxpool_backward", &[(1, R), (4, R), (6, W), (7, R)]);
 const AVG_FORWARD: Entry = entry("avgpool_forward", &[(1, R), (2, W)]);
 const AVG_BACKWARD: Entry = entry("avgpool_backward", &[(4, R), (6, W)]);
 const SHUFFLE: Entry = entry("channel_shuffle", &[(1, R), (2, W)]);
@@ -101,7 +102,10 @@ struct Params {
     quantize: u32,
     levels_f: f32,
     inv_levels: f32,
-    _pad: [u32; 2],
+    in_bn: u32,
+    in_relu: u32,
+    in_shuffle: u32,
+    _pad: u32,
 }
 
 fn params(g: &PoolGeom) -> Params {
@@ -124,7 +128,10 @@ fn params(g: &PoolGeom) -> Params {
         quantize: 0,
         levels_f: 1.0,
         inv_levels: 1.0,
-        _pad: [0; 2],
+        in_bn: 0,
+        in_relu: 0,
+        in_shuffle: 1,
+        _pad: 0,
     }
 }
 
@@ -148,7 +155,7 @@ fn label(kernel: &str, g: &PoolGeom) -> String {
 
 /// `y` = window maxima.
 pub fn maxpool_forward(gpu: &Gpu, g: &PoolGeom, x: &Tensor, y: &Tensor) -> Result<Op> {
-    maxpool_forward_fused(gpu, g, x, y, MaxPoolEpilogue::default())
+    maxpool_forward_fused(gpu, g, x, y, MaxPoolEpilogue::default(), None)
 }
 
 /// What a max-pool applies to its output as it writes it (the layers after it, fused): a
@@ -202,27 +209,58 @@ impl MaxPoolEpilogue {
     }
 }
 
-/// [`maxpool_forward`] with `ep` applied to the output.
+/// [`maxpool_forward`] with `ep` applied to the output and, given `input_bn`, its input formed
+/// from a BatchNorm's where it is read (`x` is then the BatchNorm's input).
 pub fn maxpool_forward_fused(
     gpu: &Gpu,
     g: &PoolGeom,
     x: &Tensor,
     y: &Tensor,
     ep: MaxPoolEpilogue,
+    input_bn: Option<BnForm<'_>>,
 ) -> Result<Op> {
     const K: &str = "maxpool_forward";
     g.validate(K)?;
     let (i, o) = (g.input_shape(), g.output_shape());
     check(K, &[("x", x, &i, DType::F32), ("y", y, &o, DType::F32)])?;
-    let p = ep.params(K, g)?;
+    let (p, table) = with_input_bn(gpu, K, g, ep.params(K, g)?, input_bn)?;
     MAX_FORWARD.launch(
         gpu,
         &[],
-        label(&format!("{K}{}", ep.describe()), g),
+        label(&format!("{K}{}{}", ep.describe(), through(input_bn)), g),
         &p,
-        &[x, y],
+        &[x, y, &table],
         elementwise_grid(gpu, y.numel() as u32),
     )
+}
+
+/// `p` set to form the input from a BatchNorm's, and the table to bind (a placeholder without).
+fn with_input_bn(
+    gpu: &Gpu,
+    kernel: &str,
+    g: &PoolGeom,
+    p: Params,
+    input_bn: Option<BnForm<'_>>,
+) -> Result<(Params, Tensor)> {
+    let Some(bn) = input_bn else {
+        return Ok((p, gpu.zeros("no BatchNorm table", &[1], DType::F32)?));
+    };
+    bn.check(kernel, g.c)?;
+    let p = Params {
+        in_bn: 1,
+        in_relu: u32::from(bn.relu),
+        in_shuffle: bn.shuffle as u32,
+        ..p
+    };
+    Ok((p, bn.table.clone()))
+}
+
+fn through(input_bn: Option<BnForm<'_>>) -> &'static str {
+    if input_bn.is_some() {
+        " through bn"
+    } else {
+        ""
+    }
 }
 
 /// `dx` = sum over windows of `dy` routed to each window's first maximum, found again in `x`
@@ -234,11 +272,12 @@ pub fn maxpool_backward(
     dy: &Tensor,
     dx: &Tensor,
 ) -> Result<Op> {
-    maxpool_backward_shuffled(gpu, g, x, dy, dx, 1)
+    maxpool_backward_shuffled(gpu, g, x, dy, dx, 1, None)
 }
 
 /// [`maxpool_backward`] of a max-pool whose output was shuffled in `shuffle` groups: `dy` is the
-/// shuffled output's gradient, read where the shuffle put each element.
+/// shuffled output's gradient, read where the shuffle put each element. Given `input_bn`, the
+/// input is formed from a BatchNorm's as the forward formed it (`x` is the BatchNorm's input).
 pub fn maxpool_backward_shuffled(
     gpu: &Gpu,
     g: &PoolGeom,
@@ -246,6 +285,7 @@ pub fn maxpool_backward_shuffled(
     dy: &Tensor,
     dx: &Tensor,
     shuffle: usize,
+    input_bn: Option<BnForm<'_>>,
 ) -> Result<Op> {
     const K: &str = "maxpool_backward";
     g.validate(K)?;
@@ -262,12 +302,13 @@ pub fn maxpool_backward_shuffled(
         shuffle,
         quantize: None,
     };
+    let (p, table) = with_input_bn(gpu, K, g, ep.params(K, g)?, input_bn)?;
     MAX_BACKWARD.launch(
         gpu,
         &[],
-        label(&format!("{K}{}", ep.describe()), g),
-        &ep.params(K, g)?,
-        &[x, dy, dx],
+        label(&format!("{K}{}{}", ep.describe(), through(input_bn)), g),
+        &p,
+        &[x, dy, dx, &table],
         elementwise_grid(gpu, dx.numel() as u32),
     )
 }

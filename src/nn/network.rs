@@ -519,7 +519,7 @@ impl Network {
             if !alias {
                 if buf.transient {
                     // Its consumer's backward forms the whole chain again.
-                    x_again.extend(self.recompute_ops(gpu, i, x, &y, batch)?);
+                    x_again.extend(self.recompute_ops(gpu, i, (x, &y), batch, buf)?);
                 } else {
                     // The backward of this layer, and of the chain that fed it, runs next:
                     // form the chain's outputs first.
@@ -532,7 +532,10 @@ impl Network {
                     self.graph.nodes[i].layer.kind(),
                     l.name
                 );
-                f.push(c.check(gpu, format!("output of {what}"), &y)?);
+                // (A BatchNorm formed by its reader has no output of its own to check.)
+                if !buf.formed_by_reader {
+                    f.push(c.check(gpu, format!("output of {what}"), &y)?);
+                }
                 // A DoReFa weight's gradient is formed after the whole backward pass.
                 let weight = l.weight.filter(|_| !self.dorefa_layer(i));
                 for idx in [weight, l.bias].into_iter().flatten() {
@@ -638,15 +641,18 @@ impl Network {
         &self,
         gpu: &Gpu,
         i: usize,
-        x: &Tensor,
-        y: &Tensor,
+        (x, y): (&Tensor, &Tensor),
         batch: usize,
+        buf: &LayerBuffers,
     ) -> Result<Vec<Op>> {
         let l = &self.layers[i];
         match l.kind {
             Kind::BatchNorm { .. } => Ok(vec![batchnorm::recompute(gpu, self, l, x, y, batch)?]),
             Kind::Shuffle(_) => Ok(vec![shuffle::recompute(gpu, l, x, y)?]),
-            Kind::MaxPool(_) => Ok(vec![pool::recompute(l, gpu, x, y, batch)?]),
+            Kind::MaxPool(_) => {
+                let input_bn = buf.reads_bn.map(|k| self.bn_form(k)).transpose()?;
+                Ok(vec![pool::recompute(l, gpu, (x, y), batch, input_bn)?])
+            }
             _ => Err(Error::Invalid(format!(
                 "layer {} cannot be recomputed",
                 l.name

@@ -1,12 +1,16 @@
 //! BatchNorm (with the ReLU and channel shuffle fused into it, and the next layer's activation
 //! quantizer where the memory planner asks): batch statistics and running-statistics update in
 //! training, running statistics in evaluation; the backward pass; and the recompute of its
-//! output for a consumer's backward.
+//! output for a consumer's backward. Where its reader, a conv, forms its output as it loads its
+//! input (`QuantInput::ThroughBn`), the output is never written.
 
+use super::Gemm;
 use super::{Io, Kind, Layer, Network, Ops, with_batch};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Op, Tensor};
-use crate::kernels::norm::{self, Epilogue};
+use crate::kernels::conv2d::{self, InputBn};
+use crate::kernels::norm::{self, BnForm, Epilogue};
+use crate::quant::Bits;
 
 pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let Kind::BatchNorm { eps, momentum, ep } = l.kind else {
@@ -32,15 +36,48 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                 l.name
             )));
         }
-        fwd.push(norm::stats_train(gpu, &x4, eps, momentum, stats, &rm, &rv)?);
+        match partials_of_conv(net, io)? {
+            Some((partials, tile)) => fwd.push(norm::stats_merge(
+                gpu,
+                norm::BnShape::of(x4.shape())?,
+                (partials, tile),
+                eps,
+                momentum,
+                (&gamma, &beta),
+                stats,
+                &rm,
+                &rv,
+            )?),
+            None => fwd.push(norm::stats_train(
+                gpu,
+                &x4,
+                eps,
+                momentum,
+                (&gamma, &beta),
+                stats,
+                &rm,
+                &rv,
+            )?),
+        }
     } else {
-        fwd.push(norm::stats_eval(gpu, l.in_shape[0], eps, &rm, &rv, stats)?);
+        fwd.push(norm::stats_eval(
+            gpu,
+            l.in_shape[0],
+            eps,
+            (&gamma, &beta),
+            &rm,
+            &rv,
+            stats,
+        )?);
     }
-    let fwd_ep = Epilogue {
-        quantize: io.buf.quantize_output,
-        ..ep
-    };
-    fwd.push(norm::apply(gpu, fwd_ep, &x4, stats, &gamma, &beta, io.y)?);
+    // (Formed by its reader: the statistics are all this BatchNorm's forward writes.)
+    if !io.buf.formed_by_reader {
+        let fwd_ep = Epilogue {
+            quantize: io.buf.quantize_output,
+            ..ep
+        };
+        fwd.push(norm::apply(gpu, fwd_ep, &x4, stats, &gamma, &beta, io.y)?);
+    }
     if io.train {
         let (dg, db) = (
             net.grad(l.weight)?.expect("gamma"),
@@ -60,6 +97,25 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         )?);
     }
     Ok((fwd, bwd))
+}
+
+/// The partial statistics the conv before formed for this BatchNorm, and their tile width,
+/// where it forms them (on the fp32 kernel: cooperative matrices leave them to `bn_stats`).
+fn partials_of_conv<'a>(net: &Network, io: &'a Io) -> Result<Option<(&'a Tensor, usize)>> {
+    let (Some(i), Some(partials)) = (io.buf.stats_from, io.buf.bn_partials.as_ref()) else {
+        return Ok(None);
+    };
+    let conv = &net.layers[i];
+    if super::weighted::forward_on_coop(io.gpu, conv).is_some() {
+        return Ok(None);
+    }
+    let Kind::Weighted { op, .. } = conv.kind else {
+        return Ok(None);
+    };
+    match Gemm::new(op, io.batch, &conv.in_shape, &conv.out_shape) {
+        Gemm::Conv(g) => Ok(Some((partials, conv2d::forward_tile_columns(io.gpu, &g)))),
+        _ => Ok(None),
+    }
 }
 
 /// The forward op again, into the same temporary: the same kernel on the same input with this
@@ -82,4 +138,30 @@ pub(super) fn recompute(
     let x4 = x.reshape(&with_batch(batch, &l.in_shape))?;
     let stats = l.bn_stats.as_ref().expect("bn stats");
     norm::apply(gpu, ep, &x4, stats, &p(l.weight)?, &p(l.bias)?, y)
+}
+
+impl Network {
+    /// How a conv forms BatchNorm layer `k`'s output where it loads it, quantized to `bits`.
+    pub(super) fn input_bn(&self, k: usize, bits: Bits) -> Result<InputBn<'_>> {
+        Ok(InputBn {
+            form: self.bn_form(k)?,
+            bits,
+        })
+    }
+
+    /// How a reader forms BatchNorm layer `k`'s output from its input.
+    pub(super) fn bn_form(&self, k: usize) -> Result<BnForm<'_>> {
+        let l = &self.layers[k];
+        let (Kind::BatchNorm { ep, .. }, Some(table)) = (l.kind, l.bn_stats.as_ref()) else {
+            return Err(Error::Invalid(format!(
+                "layer {} is not a BatchNorm: its reader cannot form its output",
+                l.name
+            )));
+        };
+        Ok(BnForm {
+            table,
+            relu: ep.relu,
+            shuffle: ep.shuffle,
+        })
+    }
 }

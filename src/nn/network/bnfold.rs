@@ -59,7 +59,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     }
     let mut fwd = Vec::new();
     if batch_stats {
-        fwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y)?);
+        fwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y, None)?);
         fwd.extend(f.fold.stats(gpu, &p, io.y)?);
     } else {
         fwd.push(f.fold.running(gpu, &p)?);
@@ -73,10 +73,10 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     // calib: the quantized conv without bias, rescaled to the batch's statistics, plus b_f.
     let calib = f.fold.calib && batch_stats;
     if calib {
-        fwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y)?);
+        fwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y, None)?);
         fwd.push(f.fold.calib_out(gpu, &p, io.y)?);
     } else {
-        fwd.push(gemm.forward(gpu, &xq, w_hat, Some(&f.fold.bias_f), io.y)?);
+        fwd.push(gemm.forward(gpu, &xq, w_hat, Some(&f.fold.bias_f), io.y, None)?);
     }
     if !io.train {
         return Ok((fwd, Vec::new()));
@@ -96,7 +96,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     if calib {
         // d rho from the quantized conv formed again (this output is dead by now), then dy·rho
         // in place: the quantized conv's own output gradient.
-        bwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y)?);
+        bwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y, None)?);
         bwd.push(f.fold.calib_grad(gpu, &p, io.y, dy)?);
     }
     // Through the quantized conv: dx (the input quantizer's mask), dŴ and on to dW_f in place.
@@ -104,7 +104,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
         bwd.push(gemm.grad_input(gpu, dy, w_hat, dx)?);
         bwd.extend(iq.backward_in_place(gpu, x, dx)?);
     }
-    bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, None), scratch)?);
+    bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, None), scratch, None)?);
     bwd.push(wq.backward_in_place(net, gpu, &f.fold.w_f, dw_hat)?);
     // Through the fold: dγ, dβ, and (batch statistics) dy0 over y0 formed again.
     let y0_shape = io.y.shape().to_vec();
@@ -113,9 +113,9 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
             .backward_channel(gpu, &p, &w, dw_hat, &y0_shape, (&dgamma, &dbeta))?,
     );
     if batch_stats {
-        bwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y)?);
+        bwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y, None)?);
         bwd.push(f.fold.dy0(gpu, &p, io.y)?);
-        bwd.extend(gemm.grad_weight(gpu, x, io.y, (&dw, db.as_ref()), scratch)?);
+        bwd.extend(gemm.grad_weight(gpu, x, io.y, (&dw, db.as_ref()), scratch, None)?);
         if let Some(dx) = io.dx() {
             let part = super::at_batch(
                 buf.fold_dx

@@ -2,10 +2,10 @@
 //! its kernels in each direction.
 
 use super::WeightedOp;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Op, Tensor};
 use crate::kernels::conv_transpose2d::{self, ConvTranspose2dGeom};
-use crate::kernels::conv2d::{self, ActGrad, Conv2dGeom};
+use crate::kernels::conv2d::{self, ActGrad, Conv2dGeom, InputBn};
 use crate::kernels::matmul::{self, LinearGeom};
 
 /// The batch-size-specific geometry of a weighted layer.
@@ -69,6 +69,8 @@ impl Gemm {
         }
     }
 
+    /// `y = op(x, w) + b`; with `input_bn` (conv2d only) `x` is a BatchNorm's input and the
+    /// layer's input is formed from it where it is loaded.
     pub(super) fn forward(
         &self,
         gpu: &Gpu,
@@ -76,11 +78,13 @@ impl Gemm {
         w: &Tensor,
         b: Option<&Tensor>,
         y: &Tensor,
+        input_bn: Option<InputBn<'_>>,
     ) -> Result<Op> {
-        match self {
-            Gemm::Conv(g) => conv2d::forward(gpu, g, x, w, b, y),
-            Gemm::ConvT(g) => conv_transpose2d::forward(gpu, g, x, w, b, y),
-            Gemm::Linear(g) => matmul::forward(gpu, g, x, w, b, y),
+        match (self, input_bn) {
+            (Gemm::Conv(g), _) => conv2d::forward_with(gpu, g, x, w, b, y, input_bn, None),
+            (Gemm::ConvT(g), None) => conv_transpose2d::forward(gpu, g, x, w, b, y),
+            (Gemm::Linear(g), None) => matmul::forward(gpu, g, x, w, b, y),
+            (_, Some(_)) => Err(only_conv()),
         }
     }
 
@@ -103,11 +107,13 @@ impl Gemm {
         w: &Tensor,
         dx: &Tensor,
         act: ActGrad<'_>,
+        input_bn: Option<InputBn<'_>>,
     ) -> Option<Result<Op>> {
-        match self {
-            Gemm::Conv(g) => Some(conv2d::grad_input_act(gpu, g, dy, w, dx, act)),
-            Gemm::Linear(g) => Some(matmul::grad_input_act(gpu, g, dy, w, dx, act)),
-            Gemm::ConvT(_) => None,
+        match (self, input_bn) {
+            (Gemm::Conv(g), _) => Some(conv2d::grad_input_act(gpu, g, dy, w, dx, act, input_bn)),
+            (Gemm::Linear(g), None) => Some(matmul::grad_input_act(gpu, g, dy, w, dx, act)),
+            (Gemm::ConvT(_), None) => None,
+            (_, Some(_)) => Some(Err(only_conv())),
         }
     }
 
@@ -118,11 +124,14 @@ impl Gemm {
         dy: &Tensor,
         (dw, db): (&Tensor, Option<&Tensor>),
         scratch: Option<&Tensor>,
+        input_bn: Option<InputBn<'_>>,
     ) -> Result<Vec<Op>> {
+        if input_bn.is_some() && !matches!(self, Gemm::Conv(_)) {
+            return Err(only_conv());
+        }
         match (self, db) {
-            (Gemm::Conv(g), None) => conv2d::grad_weight(gpu, g, x, dy, dw, scratch),
-            (Gemm::Conv(g), Some(db)) => {
-                conv2d::grad_weight_and_bias(gpu, g, x, dy, dw, db, None, scratch)
+            (Gemm::Conv(g), db) => {
+                conv2d::grad_weight_fused(gpu, g, x, dy, (dw, db), input_bn, scratch)
             }
             (Gemm::Linear(g), None) => matmul::grad_weight(gpu, g, x, dy, dw, scratch),
             (Gemm::Linear(g), Some(db)) => {
@@ -155,4 +164,9 @@ impl Gemm {
             Gemm::Linear(g) => matmul::grad_bias(gpu, g, dy, db),
         }
     }
+}
+
+/// Only conv2d's GEMMs form their input from a BatchNorm's.
+fn only_conv() -> Error {
+    Error::Invalid("only a conv2d forms its input from a BatchNorm's as it loads it".into())
 }

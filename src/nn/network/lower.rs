@@ -428,7 +428,7 @@ pub(super) fn lower(
                     running.add(format!("{name}.running_var"), &[c]),
                 ));
                 layer.bn_stats =
-                    Some(gpu.zeros(&format!("{name} batch statistics"), &[2 * c], DType::F32)?);
+                    Some(gpu.zeros(&format!("{name} batch statistics"), &[4 * c], DType::F32)?);
             }
             LayerSpec::Relu if lq.binary => layer.kind = Kind::Sign,
             LayerSpec::Relu => layer.kind = Kind::Relu,

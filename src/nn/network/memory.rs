@@ -1,9 +1,10 @@
 //! Where a network's activations and gradients live: which outputs are kept for the backward
 //! pass and which are recomputed, the shared temporaries, and the gradient buffers.
 
-use super::{Gemm, Kind, Layer, Network, with_batch};
+use super::{Gemm, Kind, Layer, Network, WeightedOp, with_batch};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::kernels::conv2d;
 use crate::models::Source;
 use crate::quant::{ActQuant, Bits};
 
@@ -33,6 +34,10 @@ pub(super) enum QuantInput {
     /// As `InPlace`, but the input arrives quantized: the BatchNorm that makes it applies this
     /// layer's quantizer in its own kernel (`LayerBuffers::quantize_output`).
     ByProducer,
+    /// Nowhere: the input is BatchNorm layer `k`'s output (with its ReLU and shuffle), which is
+    /// never stored; the conv's GEMMs form it, quantized, where they load it, from the
+    /// BatchNorm's input (kept for the BatchNorm's backward anyway) and its statistics.
+    ThroughBn(usize),
 }
 
 /// Buffers of one layer at the capacity batch; plans take views of their first rows.
@@ -43,6 +48,17 @@ pub(super) struct LayerBuffers {
     pub(super) xq: QuantInput,
     /// The output lives in a shared temporary and is recomputed for the backward pass.
     pub(super) transient: bool,
+    /// A BatchNorm whose output is never stored: its reader forms it (`QuantInput::ThroughBn`).
+    /// `out` is then the BatchNorm's input, which the reader reads in its place.
+    pub(super) formed_by_reader: bool,
+    /// The BatchNorm whose output this layer forms where it reads its input (a conv's
+    /// `QuantInput::ThroughBn` too): its input is then that BatchNorm's input.
+    pub(super) reads_bn: Option<usize>,
+    /// A BatchNorm that takes its training statistics from the conv before it (`stats_from`,
+    /// the conv's index): the per-tile partials the conv's forward GEMM forms, in a scratch
+    /// shared by all (each is merged right after its conv); set on both layers.
+    pub(super) bn_partials: Option<Tensor>,
+    pub(super) stats_from: Option<usize>,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
     pub(super) split_k: Option<Tensor>,
     /// A folded conv's second input gradient (through its float conv's statistics): one
@@ -96,8 +112,9 @@ impl Network {
     /// consumer's backward. A transient output has one reader, the next layer (so it is alive
     /// only from one layer to the next, as in a chain, also inside a residual block), and chains
     /// stop at two so that a chain's outputs sit in different temporaries.
-    /// Returns per layer 0 (kept, or an alias), or the temporary (1 or 2) its output lives in.
-    pub(super) fn transient_layers(&self) -> Vec<usize> {
+    /// Returns per layer 0 (kept, an alias, or `formed` by its reader: no place at all), or the
+    /// temporary (1 or 2) its output lives in.
+    pub(super) fn transient_layers(&self, formed: &[bool]) -> Vec<usize> {
         let n = self.layers.len();
         let mut transient = vec![0usize; n];
         if !self.recompute {
@@ -110,6 +127,9 @@ impl Network {
             let input_depth = self.root(self.layers[i].inputs[0]).map_or(0, |k| depth[k]);
             if self.layers[i].kind.is_alias() {
                 depth[i] = input_depth;
+                continue;
+            }
+            if formed[i] {
                 continue;
             }
             // (A max-pool that quantizes its own input keeps its output: IAO's.)
@@ -126,6 +146,60 @@ impl Network {
             }
         }
         transient
+    }
+
+    /// Per layer, the conv whose forward GEMM forms its BatchNorm statistics, if any: a
+    /// BatchNorm whose input is a conv2d's output (not folded) that nothing else reads.
+    pub(super) fn stats_from_conv(&self) -> Vec<Option<usize>> {
+        let readers = self.readers();
+        (0..self.layers.len())
+            .map(|k| {
+                let bn = &self.layers[k];
+                let i = self.root(bn.inputs[0])?;
+                let l = &self.layers[i];
+                let conv = matches!(
+                    l.kind,
+                    Kind::Weighted {
+                        op: WeightedOp::Conv { .. },
+                        ..
+                    }
+                ) && l.fold.is_none();
+                (matches!(bn.kind, Kind::BatchNorm { .. }) && conv && readers[i] == [k])
+                    .then_some(i)
+            })
+            .collect()
+    }
+
+    /// Per layer, the BatchNorm whose output it forms where it reads its input, if any: a conv
+    /// whose input is DoReFa-quantized (in its GEMMs' loads) or a max-pool that quantizes no
+    /// input of its own, reading a BatchNorm's output (through its fused ReLU and shuffle) that
+    /// nothing else reads, where the BatchNorm's input is kept (so it is intact until the
+    /// reader's backward, which runs before the BatchNorm's). Only where outputs are recomputed
+    /// at all (`keep_all_outputs` keeps every output, as before).
+    pub(super) fn reads_through_bn(&self, transient: &[usize]) -> Vec<Option<usize>> {
+        let readers = self.readers();
+        (0..self.layers.len())
+            .map(|i| {
+                let l = &self.layers[i];
+                let able = match l.kind {
+                    Kind::Weighted {
+                        op: WeightedOp::Conv { .. },
+                        input: ActQuant::Dorefa(_),
+                    } => l.fold.is_none(),
+                    Kind::MaxPool(_) => l.input_q.is_none(),
+                    _ => false,
+                };
+                let k = self.root(l.inputs[0])?;
+                let bn = &self.layers[k];
+                let kept_input = self.root(bn.inputs[0]).is_none_or(|r| transient[r] == 0);
+                (self.recompute
+                    && able
+                    && matches!(bn.kind, Kind::BatchNorm { .. })
+                    && readers[k] == [i]
+                    && kept_input)
+                    .then_some(k)
+            })
+            .collect()
     }
 
     /// Per-layer buffers. Forward outputs are kept for the backward pass unless transient (see
@@ -148,7 +222,35 @@ impl Network {
                     }
                 )
         };
-        let transient = self.transient_layers();
+        // A BatchNorm formed by its reader needs no place of its own (nor a recompute).
+        let mut formed_by_reader = vec![false; self.layers.len()];
+        let through = self.reads_through_bn(&self.transient_layers(&formed_by_reader));
+        for &k in through.iter().flatten() {
+            formed_by_reader[k] = true;
+        }
+        let transient = self.transient_layers(&formed_by_reader);
+        // One scratch for the partial BatchNorm statistics of every conv that forms them.
+        let stats_from = self.stats_from_conv();
+        let max_partials = stats_from
+            .iter()
+            .flatten()
+            .filter_map(|&i| {
+                let l = &self.layers[i];
+                match l.kind {
+                    Kind::Weighted { op, .. } => {
+                        match Gemm::new(op, cap, &l.in_shape, &l.out_shape) {
+                            Gemm::Conv(g) => Some(conv2d::forward_bn_partials(&g)),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }
+            })
+            .max();
+        let bn_partials = max_partials
+            .filter(|_| self.trainable)
+            .map(|n| gpu.empty("BatchNorm partial statistics", &[n], DType::F32))
+            .transpose()?;
         // Whether each layer's output is recomputed in backward (aliases follow their source).
         let mut recomputed = vec![false; self.layers.len()];
         for (i, l) in self.layers.iter().enumerate() {
@@ -167,7 +269,7 @@ impl Network {
         let in_place = |i: usize| {
             let l = &self.layers[i];
             quantized_in(l)
-                && input_recomputed(i)
+                && (input_recomputed(i) || through[i].is_some())
                 && matches!(l.kind, Kind::Weighted { .. })
                 && l.fold.is_none()
         };
@@ -261,6 +363,21 @@ impl Network {
                     (alias(&p.out)?, p.dout.as_ref().map(alias).transpose()?)
                 }
                 (true, Source::Input) => (alias(&self.input)?, None),
+                _ if formed_by_reader[i] => {
+                    // The BatchNorm's input in its output's place (see `formed_by_reader`); its
+                    // gradient has a place of its own, as any layer's.
+                    let input = match self.root(l.inputs[0]) {
+                        Some(k) => &out[k].out,
+                        None => &self.input,
+                    };
+                    let d = match (self.trainable, place[i]) {
+                        (true, GradPlace::Slot(s)) => {
+                            Some(grads[s].as_ref().expect("sized above").view(0, &shape)?)
+                        }
+                        _ => None,
+                    };
+                    (alias(input)?, d)
+                }
                 _ => {
                     let o = if transient[i] > 0 {
                         temps[transient[i] - 1]
@@ -288,6 +405,9 @@ impl Network {
             };
             let xq = match (quantized_in(l), in_place(i)) {
                 (false, _) => QuantInput::Float,
+                (true, true) if matches!(l.kind, Kind::Weighted { .. }) && through[i].is_some() => {
+                    QuantInput::ThroughBn(through[i].expect("checked"))
+                }
                 (true, true) => QuantInput::InPlace,
                 (true, false) => {
                     QuantInput::Temporary(qtemp.as_ref().expect("sized above").view(0, &in_shape)?)
@@ -298,12 +418,25 @@ impl Network {
                 dout: d,
                 xq,
                 transient: recomputed[i],
+                formed_by_reader: formed_by_reader[i],
+                reads_bn: through[i],
+                bn_partials: None,
+                stats_from: None,
                 split_k: split_k.clone(),
                 fold_dx,
                 quantize_output: None,
                 din: vec![None; l.inputs.len()],
                 accumulate: Vec::new(),
             });
+        }
+        if let Some(partials) = &bn_partials {
+            for (k, conv) in stats_from.iter().enumerate() {
+                if let Some(i) = *conv {
+                    out[k].stats_from = Some(i);
+                    out[k].bn_partials = Some(partials.clone());
+                    out[i].bn_partials = Some(partials.clone());
+                }
+            }
         }
         self.gradient_targets(gpu, &mut out)?;
         // A recomputed input quantized in place may come straight from a BatchNorm (through

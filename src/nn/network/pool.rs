@@ -7,6 +7,7 @@ use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Op, Tensor};
+use crate::kernels::norm::BnForm;
 use crate::kernels::pool::{self, MaxPoolEpilogue, PoolGeom};
 
 fn geometry(l: &Layer, batch: usize) -> Result<PoolGeom> {
@@ -30,9 +31,16 @@ fn geometry(l: &Layer, batch: usize) -> Result<PoolGeom> {
     })
 }
 
-/// A max-pool's forward op again (float, with its fused shuffle), into the same temporary:
-/// the same kernel on the same input, so the same bits.
-pub(super) fn recompute(l: &Layer, gpu: &Gpu, x: &Tensor, y: &Tensor, batch: usize) -> Result<Op> {
+/// A max-pool's forward op again (float, with its fused shuffle, its input formed from a
+/// BatchNorm's as before where `input_bn`), into the same temporary: the same kernel on the same
+/// input, so the same bits.
+pub(super) fn recompute(
+    l: &Layer,
+    gpu: &Gpu,
+    (x, y): (&Tensor, &Tensor),
+    batch: usize,
+    input_bn: Option<BnForm<'_>>,
+) -> Result<Op> {
     let Kind::MaxPool(win) = l.kind else {
         unreachable!("pool::recompute is for max-pools")
     };
@@ -40,7 +48,7 @@ pub(super) fn recompute(l: &Layer, gpu: &Gpu, x: &Tensor, y: &Tensor, batch: usi
         shuffle: win.shuffle,
         quantize: None,
     };
-    pool::maxpool_forward_fused(gpu, &geometry(l, batch)?, x, y, ep)
+    pool::maxpool_forward_fused(gpu, &geometry(l, batch)?, x, y, ep, input_bn)
 }
 
 pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
@@ -67,7 +75,12 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             shuffle: win.shuffle,
             quantize: io.buf.quantize_output,
         };
-        fwd.push(pool::maxpool_forward_fused(gpu, &geom, pooled, io.y, ep)?);
+        // The input formed from the BatchNorm before, where it is read (x is that BatchNorm's
+        // input).
+        let input_bn = io.buf.reads_bn.map(|k| net.bn_form(k)).transpose()?;
+        fwd.push(pool::maxpool_forward_fused(
+            gpu, &geom, pooled, io.y, ep, input_bn,
+        )?);
         if let Some(dx) = dx {
             // The input as the forward pooled it (kept, or formed again).
             if let Some((q, t)) = &xq {
@@ -80,6 +93,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                 io.dy(l)?,
                 dx,
                 win.shuffle,
+                input_bn,
             )?);
         }
     } else {

@@ -7,12 +7,14 @@ use super::gemm::Gemm;
 use super::lower::WeightQ;
 use super::memory::QuantInput;
 use super::quantizers::InputQuant;
-use super::{Io, Kind, Layer, Network, Ops};
+use super::{Io, Kind, Layer, Network, Ops, WeightedOp};
 use crate::error::Result;
+use crate::gpu::{CoopMode, Gpu};
 use crate::gpu::{Op, Tensor};
 use crate::kernels::conv_coop;
-use crate::kernels::conv2d::ActGrad;
+use crate::kernels::conv2d::{self, ActGrad, InputBn};
 use crate::quant::ActQuant;
+use crate::quant::Bits;
 
 pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let Kind::Weighted { op, input } = l.kind else {
@@ -52,13 +54,19 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         }
         _ => w.clone(),
     };
+    // The input formed from the BatchNorm before, where it is loaded (x is that BatchNorm's
+    // input).
+    let input_bn = match (&buf.xq, input) {
+        (QuantInput::ThroughBn(k), ActQuant::Dorefa(bits)) => Some(net.input_bn(*k, bits)?),
+        _ => None,
+    };
     let gemm = Gemm::new(op, io.batch, &l.in_shape, &l.out_shape);
     fwd.push(forward_gemm(
         io,
         l,
-        input,
         &gemm,
         (&xq, &w_hat, b.as_ref()),
+        input_bn,
     )?);
     if !io.train {
         return Ok((fwd, bwd));
@@ -77,7 +85,8 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                     bits: *bits,
                     requantize: in_place,
                 };
-                gemm.grad_input_act(gpu, dy, &w_hat, dx, act).transpose()?
+                gemm.grad_input_act(gpu, dy, &w_hat, dx, act, input_bn)
+                    .transpose()?
             }
             _ => None,
         };
@@ -106,30 +115,53 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     match (&l.quantizer, &l.dw_hat) {
         (Some(q), Some(dw_hat)) => {
             // dL/dŴ goes through the weight quantizer's backward into dL/dW.
-            bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, db.as_ref()), scratch)?);
+            bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, db.as_ref()), scratch, input_bn)?);
             bwd.extend(q.backward(net, gpu, &w, dw_hat, &dw)?);
         }
-        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, (&dw, db.as_ref()), scratch)?),
+        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, (&dw, db.as_ref()), scratch, input_bn)?),
     }
     Ok((fwd, bwd))
 }
 
-/// The forward GEMM: on cooperative matrices for a conv whose weights and input are both
-/// DoReFa-quantized, where the device has them (both operands hold levels whose codes are exact
-/// in f16), else the fp32 kernel.
+/// Whether layer `l`'s forward runs on cooperative matrices on `gpu`, and with which weight
+/// and activation bits: a conv whose weights and input are both DoReFa-quantized (both operands
+/// hold levels whose codes are exact in f16), where the device has them.
+pub(super) fn forward_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, Bits))> {
+    let Kind::Weighted {
+        op: WeightedOp::Conv { .. },
+        input: ActQuant::Dorefa(ab),
+    } = l.kind
+    else {
+        return None;
+    };
+    match (gpu.coop(), &l.quantizer) {
+        (Some(mode), Some(WeightQ::Dorefa(wb)))
+            if wb.get() <= 8 && ab.get() <= 8 && l.fold.is_none() =>
+        {
+            Some((mode, (*wb, ab)))
+        }
+        _ => None,
+    }
+}
+
+/// The forward GEMM: on cooperative matrices where [`forward_on_coop`] says so, else the fp32
+/// kernel, which in training also forms the statistics of the BatchNorm after it where that
+/// BatchNorm takes them from it.
 fn forward_gemm(
     io: &Io,
     l: &Layer,
-    input: ActQuant,
     gemm: &Gemm,
     (xq, w_hat, b): (&Tensor, &Tensor, Option<&Tensor>),
+    input_bn: Option<InputBn<'_>>,
 ) -> Result<Op> {
-    match (io.gpu.coop(), gemm, &l.quantizer, input) {
-        (Some(mode), Gemm::Conv(g), Some(WeightQ::Dorefa(wb)), ActQuant::Dorefa(ab))
-            if wb.get() <= 8 && ab.get() <= 8 =>
-        {
-            conv_coop::forward(io.gpu, g, xq, w_hat, b, io.y, (*wb, ab), mode)
+    match (forward_on_coop(io.gpu, l), gemm) {
+        (Some((mode, bits)), Gemm::Conv(g)) => {
+            conv_coop::forward(io.gpu, g, xq, w_hat, b, io.y, bits, input_bn, mode)
         }
-        _ => gemm.forward(io.gpu, xq, w_hat, b, io.y),
+        (_, Gemm::Conv(g)) => {
+            let stats = io.buf.bn_partials.as_ref().filter(|_| io.train);
+            conv2d::forward_with(io.gpu, g, xq, w_hat, b, io.y, input_bn, stats)
+        }
+        _ => gemm.forward(io.gpu, xq, w_hat, b, io.y, input_bn),
     }
 }

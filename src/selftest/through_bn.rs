@@ -1,0 +1,500 @@
+//! The kernels that form their input from a BatchNorm's where they load it (BatchNorm, ReLU,
+//! channel shuffle and, in the conv GEMMs, the DoReFa input quantizer) against the f64
+//! reference on the input formed on the CPU: the conv GEMMs' forward (fp32 and
+//! cooperative-matrix kernels), grad-input's mask and grad-weight with the bias gradient, and
+//! max-pool forward (with its output shuffle and quantizer) and backward. The BatchNorm's input and table are small
+//! dyadic fractions, so that its affine map is exact in f32 whatever order a driver evaluates
+//! it in; the quantizer is the reference's, bit for bit.
+
+use super::{Case, GemmOp, f64s, gemm_tolerance, random};
+use crate::DType;
+use crate::gpu::CoopMode;
+use crate::kernels::conv_coop;
+use crate::kernels::conv2d::{self, ActGrad, Conv2dGeom, InputBn};
+use crate::kernels::norm::BnForm;
+use crate::quant::Bits;
+use crate::reference::{self, quant};
+use crate::rng::Rng;
+
+/// A geometry with its BatchNorm's ReLU, shuffle groups and input bits: grouped 3×3 with a
+/// shuffle, 1×1 without ReLU, stride 2 with a 5×5 kernel and a shuffle into one channel per
+/// group, and a group-packed tile.
+fn shapes() -> Vec<(Conv2dGeom, bool, usize, u32)> {
+    vec![
+        (
+            Conv2dGeom::square(2, 8, 6, 12, 3).padding(1).groups(2),
+            true,
+            2,
+            4,
+        ),
+        (Conv2dGeom::square(1, 6, 7, 5, 1), false, 1, 8),
+        (
+            Conv2dGeom::square(1, 4, 9, 6, 5).stride(2).padding(2),
+            true,
+            4,
+            2,
+        ),
+        (Conv2dGeom::square(2, 64, 4, 64, 1).groups(4), true, 16, 8),
+    ]
+}
+
+/// The BatchNorm's input and table, and the layer input they form: float (for grad-input's
+/// mask) and quantized.
+struct Formed {
+    y: Vec<f32>,
+    table: Vec<f32>,
+    x_float: Vec<f32>,
+    x_quant: Vec<f32>,
+}
+
+fn dyadic(rng: &mut Rng, lo: i64, hi: i64, denominator: f32) -> f32 {
+    (lo + rng.below((hi - lo + 1) as u64) as i64) as f32 / denominator
+}
+
+fn formed(rng: &mut Rng, geom: &Conv2dGeom, relu: bool, shuffle: usize, bits: Bits) -> Formed {
+    let [n, c, h, w] = geom.input_shape();
+    formed_nchw(rng, [n, c, h, w], relu, shuffle, bits)
+}
+
+fn formed_nchw(
+    rng: &mut Rng,
+    [n, c, h, w]: [usize; 4],
+    relu: bool,
+    shuffle: usize,
+    bits: Bits,
+) -> Formed {
+    let plane = h * w;
+    let y: Vec<f32> = (0..n * c * plane)
+        .map(|_| dyadic(rng, -40, 40, 16.0))
+        .collect();
+    let mut table = vec![0.0; 4 * c];
+    for ch in 0..c {
+        table[ch] = dyadic(rng, -8, 8, 16.0);
+        table[c + ch] = [0.5, 1.0, 2.0][rng.below(3) as usize];
+        table[2 * c + ch] = dyadic(rng, -8, 16, 8.0);
+        table[3 * c + ch] = dyadic(rng, -8, 8, 16.0);
+    }
+    let per = c / shuffle;
+    let mut x_float = vec![0.0; y.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            // The shuffle sends BatchNorm channel sc to (sc % per) * shuffle + sc / per.
+            let sc = (ch % shuffle) * per + ch / shuffle;
+            for p in 0..plane {
+                let v = y[(b * c + sc) * plane + p];
+                let t = table[2 * c + sc] * ((v - table[sc]) * table[c + sc]) + table[3 * c + sc];
+                x_float[(b * c + ch) * plane + p] = if relu { t.max(0.0) } else { t };
+            }
+        }
+    }
+    let x_quant = quant::act_forward(&x_float, bits);
+    Formed {
+        y,
+        table,
+        x_float,
+        x_quant,
+    }
+}
+
+pub(super) fn cases(v: &mut Vec<Case>) {
+    for (geom, relu, shuffle, b) in shapes() {
+        let shape = format!(
+            "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle} A{b}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.stride,
+            geom.padding,
+            geom.groups
+        );
+        let bits = Bits::new(b).expect("valid bits");
+        let k = geom.reduction();
+        v.push(Case::new(
+            "conv2d",
+            "forward through bn",
+            shape.clone(),
+            move |gpu, rng| {
+                let f = formed(rng, &geom, relu, shuffle, bits);
+                let (w, bias) = (random(rng, &geom.w_shape()), random(rng, &[geom.cout]));
+                let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
+                let tt = gpu.upload_f32("bn table", &[4 * geom.cin], &f.table)?;
+                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
+                let out = gpu.empty("y", &geom.y_shape(), DType::F32)?;
+                let ibn = InputBn {
+                    form: BnForm {
+                        table: &tt,
+                        relu,
+                        shuffle,
+                    },
+                    bits,
+                };
+                let op =
+                    conv2d::forward_with(gpu, &geom, &yt, &wt, Some(&bt), &out, Some(ibn), None)?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&out])?;
+                let want = geom.ref_forward(&f64s(&f.x_quant), &f64s(&w), &f64s(&bias));
+                Ok(vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, gemm_tolerance(k[0])),
+                )])
+            },
+        ));
+        v.push(Case::new(
+            "conv2d",
+            "forward coop through bn",
+            shape.clone(),
+            move |gpu, rng| {
+                let mode = match gpu.coop() {
+                    Some(m) => m,
+                    None if gpu.caps.shader_f16 => CoopMode::Emulated,
+                    None => return Ok(Vec::new()),
+                };
+                let f = formed(rng, &geom, relu, shuffle, bits);
+                // Weight levels, as the coop kernel takes them.
+                let n = u64::from(bits.levels());
+                let w: Vec<f32> = (0..geom.w_shape().iter().product())
+                    .map(|_| 2.0 * (rng.below(n + 1) as f32 * bits.inv_levels()) - 1.0)
+                    .collect();
+                let bias = random(rng, &[geom.cout]);
+                let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
+                let tt = gpu.upload_f32("bn table", &[4 * geom.cin], &f.table)?;
+                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
+                let out = gpu.empty("y", &geom.y_shape(), DType::F32)?;
+                let ibn = InputBn {
+                    form: BnForm {
+                        table: &tt,
+                        relu,
+                        shuffle,
+                    },
+                    bits,
+                };
+                let op = conv_coop::forward(
+                    gpu,
+                    &geom,
+                    &yt,
+                    &wt,
+                    Some(&bt),
+                    &out,
+                    (bits, bits),
+                    Some(ibn),
+                    mode,
+                )?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&out])?;
+                let want = geom.ref_forward(&f64s(&f.x_quant), &f64s(&w), &f64s(&bias));
+                Ok(vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, gemm_tolerance(k[0])),
+                )])
+            },
+        ));
+        v.push(Case::new(
+            "conv2d",
+            "grad_input+act through bn",
+            shape.clone(),
+            move |gpu, rng| {
+                let f = formed(rng, &geom, relu, shuffle, bits);
+                let (dy, w) = (random(rng, &geom.y_shape()), random(rng, &geom.w_shape()));
+                let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
+                let tt = gpu.upload_f32("bn table", &[4 * geom.cin], &f.table)?;
+                let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
+                let ibn = InputBn {
+                    form: BnForm {
+                        table: &tt,
+                        relu,
+                        shuffle,
+                    },
+                    bits,
+                };
+                let act = ActGrad {
+                    x: &yt,
+                    bits,
+                    requantize: false,
+                };
+                let op = conv2d::grad_input_act(gpu, &geom, &dyt, &wt, &dxt, act, Some(ibn))?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&dxt, &yt])?;
+                let dx = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
+                // The straight-through rule of the formed float input, on the f64 sum.
+                let want: Vec<f64> = f
+                    .x_float
+                    .iter()
+                    .zip(&dx)
+                    .map(|(&xv, &d)| {
+                        if (0.0..=1.0).contains(&(xv * 0.1)) {
+                            0.1 * d
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Ok(vec![
+                    (
+                        "dx".into(),
+                        reference::compare(&got[0], &want, gemm_tolerance(k[1])),
+                    ),
+                    // The BatchNorm's input is read, never written.
+                    (
+                        "bn input".into(),
+                        reference::compare(&got[1], &f64s(&f.y), reference::Tolerance::EXACT),
+                    ),
+                ])
+            },
+        ));
+        v.push(Case::new(
+            "conv2d",
+            "grad_weight+bias through bn",
+            shape,
+            move |gpu, rng| {
+                let f = formed(rng, &geom, relu, shuffle, bits);
+                let dy = random(rng, &geom.y_shape());
+                let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
+                let tt = gpu.upload_f32("bn table", &[4 * geom.cin], &f.table)?;
+                let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+                let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
+                let dbt = gpu.empty("db", &[geom.cout], DType::F32)?;
+                let ibn = InputBn {
+                    form: BnForm {
+                        table: &tt,
+                        relu,
+                        shuffle,
+                    },
+                    bits,
+                };
+                let ops = conv2d::grad_weight_fused(
+                    gpu,
+                    &geom,
+                    &yt,
+                    &dyt,
+                    (&dwt, Some(&dbt)),
+                    Some(ibn),
+                    None,
+                )?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt, &dbt])?;
+                let want = geom.ref_grad_weight(&f64s(&f.x_quant), &f64s(&dy));
+                let want_db = geom.ref_grad_bias(&f64s(&dy));
+                Ok(vec![
+                    (
+                        "dw".into(),
+                        reference::compare(&got[0], &want, gemm_tolerance(k[2])),
+                    ),
+                    (
+                        "db".into(),
+                        reference::compare(&got[1], &want_db, gemm_tolerance(dy.len() / geom.cout)),
+                    ),
+                ])
+            },
+        ));
+    }
+}
+
+/// Max-pool forming its input from a BatchNorm's: its window maxima (ties included: the values
+/// are coarse) and their gradients as the reference finds them on the formed input.
+pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
+    use crate::kernels::pool::{self, MaxPoolEpilogue, PoolGeom};
+    let geom = |c, hw, k, s, p| PoolGeom {
+        n: 2,
+        c,
+        h: hw,
+        w: hw,
+        kernel: (k, k),
+        stride: (s, s),
+        padding: (p, p),
+    };
+    // (geometry, BatchNorm ReLU and shuffle, the pool's output shuffle, its quantizer's bits)
+    for (g, relu, bn_shuffle, out_shuffle, b) in [
+        (geom(8, 6, 2, 2, 0), true, 2, 1, 8),
+        (geom(12, 7, 3, 2, 1), false, 1, 4, 4),
+    ] {
+        let shape = format!(
+            "{:?} k{:?} relu {relu} shuffle {bn_shuffle} out shuffle {out_shuffle} a{b}",
+            g.input_shape(),
+            g.kernel
+        );
+        let bits = Bits::new(b).expect("valid bits");
+        v.push(Case::new(
+            "maxpool",
+            "forward+backward through bn",
+            shape,
+            move |gpu, rng| {
+                let f = formed_nchw(rng, g.input_shape(), relu, bn_shuffle, bits);
+                let dy = random(rng, &g.output_shape());
+                let yt = gpu.upload_f32("bn input", &g.input_shape(), &f.y)?;
+                let tt = gpu.upload_f32("bn table", &[4 * g.c], &f.table)?;
+                let dyt = gpu.upload_f32("dy", &g.output_shape(), &dy)?;
+                let out = gpu.empty("y", &g.output_shape(), DType::F32)?;
+                let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
+                let form = BnForm {
+                    table: &tt,
+                    relu,
+                    shuffle: bn_shuffle,
+                };
+                let ep = MaxPoolEpilogue {
+                    shuffle: out_shuffle,
+                    quantize: Some(bits),
+                };
+                let ops = vec![
+                    pool::maxpool_forward_fused(gpu, &g, &yt, &out, ep, Some(form))?,
+                    pool::maxpool_backward_shuffled(
+                        gpu,
+                        &g,
+                        &yt,
+                        &dyt,
+                        &dx,
+                        out_shuffle,
+                        Some(form),
+                    )?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&out, &dx])?;
+                let (oh, ow) = g.out_hw();
+                let planes = (g.n, g.c, oh * ow);
+                let (pooled, arg) = reference::pool::maxpool_forward(&g, &f64s(&f.x_float));
+                let shuffled =
+                    reference::pool::channel_shuffle(&pooled, planes, out_shuffle, false);
+                let as_f32: Vec<f32> = shuffled.iter().map(|&v| v as f32).collect();
+                let want_y = f64s(&quant::act_forward(&as_f32, bits));
+                let dy_pool =
+                    reference::pool::channel_shuffle(&f64s(&dy), planes, out_shuffle, true);
+                let want_dx = reference::pool::maxpool_backward(&g, &dy_pool, &arg);
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[0], &want_y, reference::Tolerance::EXACT),
+                    ),
+                    (
+                        "dx".into(),
+                        reference::compare(
+                            &got[1],
+                            &want_dx,
+                            reference::Tolerance::new(1e-6, 1e-6),
+                        ),
+                    ),
+                ])
+            },
+        ));
+    }
+}
+
+/// The conv forward that forms the statistics of the BatchNorm after it (per column tile, then
+/// `norm::stats_merge`): the output as the plain forward's, the batch mean, invstd and the
+/// running statistics against the f64 statistics of that output, and gamma and beta copied into
+/// the table. Outputs with a large common offset (where a one-pass variance would cancel), tails
+/// in every direction, group packing.
+pub(super) fn stats_cases(v: &mut Vec<Case>) {
+    use crate::kernels::norm::{self, BnShape};
+    let shapes = [
+        Conv2dGeom::square(2, 3, 8, 4, 3).padding(1),
+        Conv2dGeom::square(3, 16, 5, 70, 1),
+        Conv2dGeom::square(1, 5, 9, 6, 5).stride(2).padding(2),
+        Conv2dGeom::square(2, 64, 9, 64, 1).groups(4),
+    ];
+    for geom in shapes {
+        let shape = format!(
+            "x{:?} w{:?} s{:?} p{:?} g{}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.stride,
+            geom.padding,
+            geom.groups
+        );
+        v.push(Case::new(
+            "conv2d",
+            "forward+bn stats",
+            shape,
+            move |gpu, rng| {
+                let c = geom.cout;
+                let (x, w) = (random(rng, &geom.x_shape()), random(rng, &geom.w_shape()));
+                let bias: Vec<f32> = random(rng, &[c]).iter().map(|b| 40.0 + b).collect();
+                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+                let (rm0, rv0) = (rng.vec_uniform(c, -0.1, 0.1), rng.vec_uniform(c, 0.5, 1.5));
+                let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                let bt = gpu.upload_f32("b", &[c], &bias)?;
+                let gt = gpu.upload_f32("gamma", &[c], &gamma)?;
+                let bet = gpu.upload_f32("beta", &[c], &beta)?;
+                let rm = gpu.upload_f32("rm", &[c], &rm0)?;
+                let rv = gpu.upload_f32("rv", &[c], &rv0)?;
+                let n = conv2d::forward_bn_partials(&geom);
+                // Stale NaNs past what the GEMM writes must not be read.
+                let partials = gpu.upload_f32("partials", &[n], &vec![f32::NAN; n])?;
+                let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
+                let y = gpu.empty("y", &geom.y_shape(), DType::F32)?;
+                let (oh, ow) = geom.out_hw();
+                let sh = BnShape {
+                    n: geom.batch,
+                    c,
+                    s: oh * ow,
+                };
+                let tile = conv2d::forward_tile_columns(gpu, &geom);
+                let ops = vec![
+                    conv2d::forward_with(
+                        gpu,
+                        &geom,
+                        &xt,
+                        &wt,
+                        Some(&bt),
+                        &y,
+                        None,
+                        Some(&partials),
+                    )?,
+                    norm::stats_merge(
+                        gpu,
+                        sh,
+                        (&partials, tile),
+                        1e-5,
+                        0.1,
+                        (&gt, &bet),
+                        &stats,
+                        &rm,
+                        &rv,
+                    )?,
+                ];
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &ops, &[&y, &stats, &rm, &rv])?;
+                let want_y = geom.ref_forward(&f64s(&x), &f64s(&w), &f64s(&bias));
+                // The statistics of the output the GEMM wrote, in f64.
+                let (_, mean, var) = reference::norm::forward_train(
+                    &f64s(&got[0]),
+                    (sh.n, c, sh.s),
+                    &f64s(&gamma),
+                    &f64s(&beta),
+                    1e-5,
+                    false,
+                );
+                let count = (sh.n * sh.s) as f64;
+                let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+                let want_rm: Vec<f64> = (0..c)
+                    .map(|i| 0.9 * rm0[i] as f64 + 0.1 * mean[i])
+                    .collect();
+                let want_rv: Vec<f64> = (0..c)
+                    .map(|i| 0.9 * rv0[i] as f64 + 0.1 * var[i] * count / (count - 1.0))
+                    .collect();
+                let table = [f64s(&gamma), f64s(&beta)].concat();
+                let tol = reference::Tolerance::new(2e-5, 1e-4);
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[0], &want_y, gemm_tolerance(geom.reduction()[0])),
+                    ),
+                    ("mean".into(), reference::compare(&got[1][..c], &mean, tol)),
+                    (
+                        "invstd".into(),
+                        reference::compare(&got[1][c..2 * c], &invstd, tol),
+                    ),
+                    (
+                        "gamma, beta".into(),
+                        reference::compare(&got[1][2 * c..], &table, reference::Tolerance::EXACT),
+                    ),
+                    (
+                        "running_mean".into(),
+                        reference::compare(&got[2], &want_rm, tol),
+                    ),
+                    (
+                        "running_var".into(),
+                        reference::compare(&got[3], &want_rv, tol),
+                    ),
+                ])
+            },
+        ));
+    }
+}
