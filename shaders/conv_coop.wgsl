@@ -25,6 +25,11 @@ override HAS_BIAS: bool = false;
 override IN_BN: bool = false;
 override IN_RELU: bool = false;
 override IN_SHUFFLE: u32 = 1u;
+// BN_STATS: the partial statistics of the BatchNorm after this conv, as conv2d.wgsl's BN_STATS
+// forms them (per 128-column tile and channel: mean and M2 at bn_part[(2 t) * COUT + c] and
+// bn_part[(2 t + 1) * COUT + c]): each invocation merges the 8-value runs it writes (Chan's
+// formula), then one invocation per row merges the row's four writers in order.
+override BN_STATS: bool = false;
 // n_w, n_a and fl32(1 / (n_w n_a)).
 override W_LEVELS: f32 = 1.0;
 override A_LEVELS: f32 = 1.0;
@@ -70,6 +75,12 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read> in_bn: array<f32>;
+@group(0) @binding(6) var<storage, read_write> bn_part: array<f32>;
+
+// BN_STATS: this invocation's count, mean and M2 of its row in each row block mi / 16.
+var<private> st_n: array<f32, 4>;
+var<private> st_mean: array<f32, 4>;
+var<private> st_m2: array<f32, 4>;
 
 var<workgroup> a_sh: array<f16, 5120>;   // BM * AS
 var<workgroup> b_sh: array<f16, 4352>;   // BK * BS
@@ -143,14 +154,95 @@ fn write_out(lid: u32, m0: u32, n0: u32, g: u32, mi: u32, nj: u32) {
         let row = m0 + (s / 2u) * 64u + mi + r;
         let col = n0 + (s % 2u) * 64u + nj + c;
         if (row < COG && col < p.gn) {
-            var v = c_sh[i] * SCALE;
-            if (HAS_BIAS) {
-                v += bias[g * COG + row];
-            }
             let b = col / OHW;
-            out[(b * COUT + g * COG + row) * OHW + (col - b * OHW)] = v;
+            out[(b * COUT + g * COG + row) * OHW + (col - b * OHW)] = out_value(i, g, row);
         }
     }
+    if (BN_STATS) {
+        run_stats(lid, m0, n0, g, mi, nj);
+    }
+}
+
+// The output value staged at c_sh[i], of row `row`: scaled, the bias added.
+fn out_value(i: u32, g: u32, row: u32) -> f32 {
+    var v = c_sh[i] * SCALE;
+    if (HAS_BIAS) {
+        v += bias[g * COG + row];
+    }
+    return v;
+}
+
+// BN_STATS: the statistics of the run of 8 values write_out just wrote (two passes), merged
+// into this invocation's row of block mi.
+fn run_stats(lid: u32, m0: u32, n0: u32, g: u32, mi: u32, nj: u32) {
+    let s = lid / 32u;
+    let row = m0 + (s / 2u) * 64u + mi + (lid % 32u) / 2u;
+    let col0 = n0 + (s % 2u) * 64u + nj + (lid % 2u) * 8u;
+    if (row >= COG || col0 >= p.gn) {
+        return;
+    }
+    let n = min(8u, p.gn - col0);
+    var sum = 0.0;
+    for (var e = 0u; e < n; e++) {
+        sum += out_value(lid * 8u + e, g, row);
+    }
+    let mean = sum / f32(n);
+    var m2 = 0.0;
+    for (var e = 0u; e < n; e++) {
+        let d = out_value(lid * 8u + e, g, row) - mean;
+        m2 += d * d;
+    }
+    let k = mi / 16u;
+    let na = st_n[k];
+    let nb = f32(n);
+    let nab = na + nb;
+    let delta = mean - st_mean[k];
+    st_mean[k] = st_mean[k] + delta * (nb / nab);
+    st_m2[k] = st_m2[k] + m2 + delta * delta * (na * nb / nab);
+    st_n[k] = nab;
+}
+
+// BN_STATS, after the last write_out: every invocation's rows into c_sh (row R of the tile,
+// writer w = column half * 2 + lane parity: (R * 4 + w) * 2), then invocation R merges row R's
+// writers in order and writes the tile's partials.
+fn write_stats(lid: u32, m0: u32, n0: u32, g: u32, tile: u32) {
+    let s = lid / 32u;
+    let w = (s % 2u) * 2u + lid % 2u;
+    for (var k = 0u; k < 4u; k++) {
+        let r = (s / 2u) * 64u + k * 16u + (lid % 32u) / 2u;
+        c_sh[(r * 4u + w) * 2u] = st_mean[k];
+        c_sh[(r * 4u + w) * 2u + 1u] = st_m2[k];
+    }
+    workgroupBarrier();
+    let row = m0 + lid;
+    if (row >= COG) {
+        return;
+    }
+    var n = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var v = 0u; v < 4u; v++) {
+        // Writer v's columns: its half's four runs of 8 at its lane parity's offset.
+        var nb = 0u;
+        for (var nj = 0u; nj < 64u; nj += 16u) {
+            let col0 = n0 + (v / 2u) * 64u + nj + (v % 2u) * 8u;
+            if (col0 < p.gn) {
+                nb += min(8u, p.gn - col0);
+            }
+        }
+        if (nb == 0u) {
+            continue;
+        }
+        let fb = f32(nb);
+        let nab = n + fb;
+        let delta = c_sh[(lid * 4u + v) * 2u] - mean;
+        mean = mean + delta * (fb / nab);
+        m2 = m2 + c_sh[(lid * 4u + v) * 2u + 1u] + delta * delta * (n * fb / nab);
+        n = nab;
+    }
+    let c = g * COG + row;
+    bn_part[(2u * tile) * COUT + c] = mean;
+    bn_part[(2u * tile + 1u) * COUT + c] = m2;
 }
 
 @compute @workgroup_size(128)
@@ -338,4 +430,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     workgroupBarrier();
     write_out(lid, m0, n0, g, 48u, 48u);
     workgroupBarrier();
+    if (BN_STATS) {
+        write_stats(lid, m0, n0, g, wid.x);
+    }
 }

@@ -87,10 +87,9 @@ fn input_value(src: Source, at: u32) -> f32 {
     return select(r, relu_bits(r), p.in_relu == 1u);
 }
 
-// The maximum of window (oy, ox) of `plane` and where it is: the first element, a strictly larger
+// The maximum of window (oy, ox) of the plane at `src` and where it is: the first element, a strictly larger
 // one, or a NaN (which then sticks) wins.
-fn window_max(plane: u32, oy: u32, ox: u32) -> WindowMax {
-    let src = source(plane);
+fn window_max(src: Source, oy: u32, ox: u32) -> WindowMax {
     var best = WindowMax(-3.40282347e38, 0xffffffffu);
     var seen = false;
     for (var ky = 0u; ky < p.kh; ky++) {
@@ -140,7 +139,7 @@ fn maxpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let plane = i / ohw;
     let r = i - plane * ohw;
     let oy = r / p.ow;
-    let v = window_max(plane, oy, r - oy * p.ow).value;
+    let v = window_max(source(plane), oy, r - oy * p.ow).value;
     y[shuffled_plane(plane) * ohw + r] = select(v, dorefa_act(v, p.levels_f, p.inv_levels), p.quantize == 1u);
 }
 
@@ -172,10 +171,11 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let rx = window_range(ix, p.kw, p.sw, p.pw, p.ow);
     // The output's gradient, where the fused shuffle put the output.
     let out_plane = shuffled_plane(plane);
+    let src = source(plane);
     var acc = 0.0;
     for (var oy = ry.x; oy < ry.y; oy++) {
         for (var ox = rx.x; ox < rx.y; ox++) {
-            if (window_max(plane, oy, ox).at == at) {
+            if (window_max(src, oy, ox).at == at) {
                 acc += dy[(out_plane * p.oh + oy) * p.ow + ox];
             }
         }

@@ -139,7 +139,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                         Some(&b),
                         &y,
                         (bits, bits),
-                        None,
+                        (None, None),
                         mode,
                     )?])
                 }),

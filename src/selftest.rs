@@ -1316,7 +1316,7 @@ fn coop_cases(v: &mut Vec<Case>) {
                     Some(&bt),
                     &yt,
                     (bits, bits),
-                    None,
+                    (None, None),
                     mode,
                 )?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&yt])?;

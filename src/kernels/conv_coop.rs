@@ -13,8 +13,9 @@ use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Shader, Tensor};
 use crate::quant::Bits;
 use std::sync::OnceLock;
 
-/// The tile of a workgroup (the shader's BM × BN; four subgroups of 32 invocations).
-const TILE: usize = 128;
+/// The tile of a workgroup (the shader's BM × BN; four subgroups of 32 invocations): also the
+/// columns per partial BatchNorm statistic it forms.
+pub const TILE: usize = 128;
 
 /// `conv_coop.wgsl` rewritten in plain WGSL: each cooperative-matrix operation becomes a call
 /// of `shaders/lib/coop_emulation.wgsl`, the rest (staging, tiles, epilogue) is unchanged.
@@ -68,6 +69,8 @@ struct Params {
 /// `y = conv2d(x, w) + bias` for `x` holding `a_bits` DoReFa activation levels and `w` holding
 /// `w_bits` weight levels, on cooperative matrices (`mode`). With `input_bn` (whose `bits` must
 /// be `a_bits`), `x` is a BatchNorm's input and the levels are formed from it as they are loaded.
+/// With `bn_stats`, it also forms the partial statistics of the BatchNorm after it, per [`TILE`]
+/// columns, as `conv2d::forward_with` does.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -77,7 +80,7 @@ pub fn forward(
     bias: Option<&Tensor>,
     y: &Tensor,
     (w_bits, a_bits): (Bits, Bits),
-    input_bn: Option<InputBn<'_>>,
+    (input_bn, bn_stats): (Option<InputBn<'_>>, Option<&Tensor>),
     mode: CoopMode,
 ) -> Result<Op> {
     const K: &str = "conv2d.forward (cooperative matrices)";
@@ -117,6 +120,18 @@ pub fn forward(
             "tensor too large to index with 32 bits: use a smaller batch size",
         ));
     }
+    if let Some(t) = bn_stats {
+        let need = 2 * gn.div_ceil(TILE) * geom.cout;
+        if t.numel() < need {
+            return Err(Error::shape(
+                K,
+                format!(
+                    "{} floats for BatchNorm partial statistics, {need} needed",
+                    t.numel()
+                ),
+            ));
+        }
+    }
     let (nw, na) = (f64::from(w_bits.levels()), f64::from(a_bits.levels()));
     let c = |v: usize| v as f64;
     let constants = [
@@ -130,6 +145,7 @@ pub fn forward(
             f64::from(u8::from(input_bn.is_some_and(|b| b.form.relu))),
         ),
         ("IN_SHUFFLE", c(input_bn.map_or(1, |b| b.form.shuffle))),
+        ("BN_STATS", f64::from(u8::from(bn_stats.is_some()))),
         ("SCALE", f64::from((1.0 / (nw * na)) as f32)),
         ("CIN", c(geom.cin)),
         ("H", c(geom.h)),
@@ -162,9 +178,10 @@ pub fn forward(
             Bind::Read,
             Bind::ReadWrite,
             Bind::Read,
+            Bind::ReadWrite,
         ],
     })?;
-    let (none, no_bn);
+    let (none, no_bn, no_stats);
     let bias = match bias {
         Some(b) => b,
         None => {
@@ -177,6 +194,13 @@ pub fn forward(
         None => {
             no_bn = gpu.zeros("no BatchNorm table", &[1], DType::F32)?;
             &no_bn
+        }
+    };
+    let bn_part = match bn_stats {
+        Some(t) => t,
+        None => {
+            no_stats = gpu.zeros("no BatchNorm statistics", &[1], DType::F32)?;
+            &no_stats
         }
     };
     let p = Params {
@@ -196,10 +220,11 @@ pub fn forward(
             geom.input_shape(),
             geom.weight_shape(),
             geom.groups,
-            if input_bn.is_some() {
-                " through bn"
-            } else {
-                ""
+            match (input_bn.is_some(), bn_stats.is_some()) {
+                (true, true) => " through bn +bn stats",
+                (true, false) => " through bn",
+                (false, true) => " +bn stats",
+                (false, false) => "",
             },
             if mode == CoopMode::Emulated {
                 " (emulated)"
@@ -208,7 +233,7 @@ pub fn forward(
             }
         ),
         Some(bytemuck::bytes_of(&p)),
-        &[w, x, bias, y, bn_table],
+        &[w, x, bias, y, bn_table, bn_part],
         grid,
     )?))
 }
@@ -245,7 +270,7 @@ pub fn verify(gpu: &Gpu) -> Result<()> {
             Some(&bt),
             &y_coop,
             (bits, bits),
-            None,
+            (None, None),
             mode,
         )?,
         super::conv2d::forward(gpu, &geom, &xt, &wt, Some(&bt), &y_fp32)?,

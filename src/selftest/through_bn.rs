@@ -97,7 +97,9 @@ fn formed_nchw(
 }
 
 pub(super) fn cases(v: &mut Vec<Case>) {
-    for (geom, relu, shuffle, b) in shapes() {
+    // (The emulated cooperative-matrix kernel takes ~12 s to compile per shape on a CPU
+    // driver: two shapes of four, a shuffled 3x3 and the group-packed one.)
+    for (i, (geom, relu, shuffle, b)) in shapes().into_iter().enumerate() {
         let shape = format!(
             "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle} A{b}",
             geom.input_shape(),
@@ -138,6 +140,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 )])
             },
         ));
+        let coop = i == 0 || i == 3;
         v.push(Case::new(
             "conv2d",
             "forward coop through bn",
@@ -145,7 +148,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             move |gpu, rng| {
                 let mode = match gpu.coop() {
                     Some(m) => m,
-                    None if gpu.caps.shader_f16 => CoopMode::Emulated,
+                    None if gpu.caps.shader_f16 && coop => CoopMode::Emulated,
                     None => return Ok(Vec::new()),
                 };
                 let f = formed(rng, &geom, relu, shuffle, bits);
@@ -176,7 +179,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     Some(&bt),
                     &out,
                     (bits, bits),
-                    Some(ibn),
+                    (Some(ibn), None),
                     mode,
                 )?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&out])?;
@@ -381,14 +384,13 @@ pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
 /// the table. Outputs with a large common offset (where a one-pass variance would cancel), tails
 /// in every direction, group packing.
 pub(super) fn stats_cases(v: &mut Vec<Case>) {
-    use crate::kernels::norm::{self, BnShape};
     let shapes = [
         Conv2dGeom::square(2, 3, 8, 4, 3).padding(1),
         Conv2dGeom::square(3, 16, 5, 70, 1),
         Conv2dGeom::square(1, 5, 9, 6, 5).stride(2).padding(2),
         Conv2dGeom::square(2, 64, 9, 64, 1).groups(4),
     ];
-    for geom in shapes {
+    for (i, geom) in shapes.into_iter().enumerate() {
         let shape = format!(
             "x{:?} w{:?} s{:?} p{:?} g{}",
             geom.input_shape(),
@@ -397,36 +399,86 @@ pub(super) fn stats_cases(v: &mut Vec<Case>) {
             geom.padding,
             geom.groups
         );
-        v.push(Case::new(
-            "conv2d",
-            "forward+bn stats",
-            shape,
-            move |gpu, rng| {
-                let c = geom.cout;
-                let (x, w) = (random(rng, &geom.x_shape()), random(rng, &geom.w_shape()));
-                let bias: Vec<f32> = random(rng, &[c]).iter().map(|b| 40.0 + b).collect();
-                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
-                let (rm0, rv0) = (rng.vec_uniform(c, -0.1, 0.1), rng.vec_uniform(c, 0.5, 1.5));
-                let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
-                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
-                let bt = gpu.upload_f32("b", &[c], &bias)?;
-                let gt = gpu.upload_f32("gamma", &[c], &gamma)?;
-                let bet = gpu.upload_f32("beta", &[c], &beta)?;
-                let rm = gpu.upload_f32("rm", &[c], &rm0)?;
-                let rv = gpu.upload_f32("rv", &[c], &rv0)?;
-                let n = conv2d::forward_bn_partials(&geom);
-                // Stale NaNs past what the GEMM writes must not be read.
-                let partials = gpu.upload_f32("partials", &[n], &vec![f32::NAN; n])?;
-                let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
-                let y = gpu.empty("y", &geom.y_shape(), DType::F32)?;
-                let (oh, ow) = geom.out_hw();
-                let sh = BnShape {
-                    n: geom.batch,
-                    c,
-                    s: oh * ow,
-                };
-                let tile = conv2d::forward_tile_columns(gpu, &geom);
-                let ops = vec![
+        stats_case(v, geom, &shape, false);
+        // (Two shapes on the emulated cooperative-matrix kernel: a tail, and group packing.)
+        if i % 2 == 1 {
+            stats_case(v, geom, &shape, true);
+        }
+    }
+}
+
+/// One case of [`stats_cases`]: on the fp32 kernel, or on cooperative matrices (emulated where
+/// there are none; inputs and weights are then 8-bit levels, as that kernel takes them).
+fn stats_case(v: &mut Vec<Case>, geom: Conv2dGeom, shape: &str, coop: bool) {
+    use crate::kernels::norm::{self, BnShape};
+    let direction = if coop {
+        "forward coop+bn stats"
+    } else {
+        "forward+bn stats"
+    };
+    v.push(Case::new(
+        "conv2d",
+        direction,
+        shape.to_string(),
+        move |gpu, rng| {
+            let mode = match (coop, gpu.coop()) {
+                (false, _) => None,
+                (true, Some(m)) => Some(m),
+                (true, None) if gpu.caps.shader_f16 => Some(CoopMode::Emulated),
+                (true, None) => return Ok(Vec::new()),
+            };
+            let c = geom.cout;
+            let bits = Bits::new(8).expect("8 bits");
+            let levels = u64::from(bits.levels());
+            let (x, w) = if coop {
+                let x: Vec<f32> = (0..geom.x_shape().iter().product())
+                    .map(|_| rng.below(levels + 1) as f32 * bits.inv_levels())
+                    .collect();
+                let w: Vec<f32> = (0..geom.w_shape().iter().product())
+                    .map(|_| 2.0 * (rng.below(levels + 1) as f32 * bits.inv_levels()) - 1.0)
+                    .collect();
+                (x, w)
+            } else {
+                (random(rng, &geom.x_shape()), random(rng, &geom.w_shape()))
+            };
+            let bias: Vec<f32> = random(rng, &[c]).iter().map(|b| 40.0 + b).collect();
+            let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+            let (rm0, rv0) = (rng.vec_uniform(c, -0.1, 0.1), rng.vec_uniform(c, 0.5, 1.5));
+            let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+            let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+            let bt = gpu.upload_f32("b", &[c], &bias)?;
+            let gt = gpu.upload_f32("gamma", &[c], &gamma)?;
+            let bet = gpu.upload_f32("beta", &[c], &beta)?;
+            let rm = gpu.upload_f32("rm", &[c], &rm0)?;
+            let rv = gpu.upload_f32("rv", &[c], &rv0)?;
+            let n = conv2d::forward_bn_partials(&geom);
+            // Stale NaNs past what the GEMM writes must not be read.
+            let partials = gpu.upload_f32("partials", &[n], &vec![f32::NAN; n])?;
+            let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
+            let y = gpu.empty("y", &geom.y_shape(), DType::F32)?;
+            let (oh, ow) = geom.out_hw();
+            let sh = BnShape {
+                n: geom.batch,
+                c,
+                s: oh * ow,
+            };
+            let (tile, forward) = match mode {
+                Some(mode) => (
+                    conv_coop::TILE,
+                    conv_coop::forward(
+                        gpu,
+                        &geom,
+                        &xt,
+                        &wt,
+                        Some(&bt),
+                        &y,
+                        (bits, bits),
+                        (None, Some(&partials)),
+                        mode,
+                    )?,
+                ),
+                None => (
+                    conv2d::forward_tile_columns(gpu, &geom),
                     conv2d::forward_with(
                         gpu,
                         &geom,
@@ -437,64 +489,66 @@ pub(super) fn stats_cases(v: &mut Vec<Case>) {
                         None,
                         Some(&partials),
                     )?,
-                    norm::stats_merge(
-                        gpu,
-                        sh,
-                        (&partials, tile),
-                        1e-5,
-                        0.1,
-                        (&gt, &bet),
-                        &stats,
-                        &rm,
-                        &rv,
-                    )?,
-                ];
-                let got: Vec<Vec<f32>> =
-                    gpu.run_and_read("selftest", &ops, &[&y, &stats, &rm, &rv])?;
-                let want_y = geom.ref_forward(&f64s(&x), &f64s(&w), &f64s(&bias));
-                // The statistics of the output the GEMM wrote, in f64.
-                let (_, mean, var) = reference::norm::forward_train(
-                    &f64s(&got[0]),
-                    (sh.n, c, sh.s),
-                    &f64s(&gamma),
-                    &f64s(&beta),
+                ),
+            };
+            let ops = vec![
+                forward,
+                norm::stats_merge(
+                    gpu,
+                    sh,
+                    (&partials, tile),
                     1e-5,
-                    false,
-                );
-                let count = (sh.n * sh.s) as f64;
-                let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
-                let want_rm: Vec<f64> = (0..c)
-                    .map(|i| 0.9 * rm0[i] as f64 + 0.1 * mean[i])
-                    .collect();
-                let want_rv: Vec<f64> = (0..c)
-                    .map(|i| 0.9 * rv0[i] as f64 + 0.1 * var[i] * count / (count - 1.0))
-                    .collect();
-                let table = [f64s(&gamma), f64s(&beta)].concat();
-                let tol = reference::Tolerance::new(2e-5, 1e-4);
-                Ok(vec![
-                    (
-                        "y".into(),
-                        reference::compare(&got[0], &want_y, gemm_tolerance(geom.reduction()[0])),
-                    ),
-                    ("mean".into(), reference::compare(&got[1][..c], &mean, tol)),
-                    (
-                        "invstd".into(),
-                        reference::compare(&got[1][c..2 * c], &invstd, tol),
-                    ),
-                    (
-                        "gamma, beta".into(),
-                        reference::compare(&got[1][2 * c..], &table, reference::Tolerance::EXACT),
-                    ),
-                    (
-                        "running_mean".into(),
-                        reference::compare(&got[2], &want_rm, tol),
-                    ),
-                    (
-                        "running_var".into(),
-                        reference::compare(&got[3], &want_rv, tol),
-                    ),
-                ])
-            },
-        ));
-    }
+                    0.1,
+                    (&gt, &bet),
+                    &stats,
+                    &rm,
+                    &rv,
+                )?,
+            ];
+            let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &stats, &rm, &rv])?;
+            let want_y = geom.ref_forward(&f64s(&x), &f64s(&w), &f64s(&bias));
+            // The statistics of the output the GEMM wrote, in f64.
+            let (_, mean, var) = reference::norm::forward_train(
+                &f64s(&got[0]),
+                (sh.n, c, sh.s),
+                &f64s(&gamma),
+                &f64s(&beta),
+                1e-5,
+                false,
+            );
+            let count = (sh.n * sh.s) as f64;
+            let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+            let want_rm: Vec<f64> = (0..c)
+                .map(|i| 0.9 * rm0[i] as f64 + 0.1 * mean[i])
+                .collect();
+            let want_rv: Vec<f64> = (0..c)
+                .map(|i| 0.9 * rv0[i] as f64 + 0.1 * var[i] * count / (count - 1.0))
+                .collect();
+            let table = [f64s(&gamma), f64s(&beta)].concat();
+            let tol = reference::Tolerance::new(2e-5, 1e-4);
+            Ok(vec![
+                (
+                    "y".into(),
+                    reference::compare(&got[0], &want_y, gemm_tolerance(geom.reduction()[0])),
+                ),
+                ("mean".into(), reference::compare(&got[1][..c], &mean, tol)),
+                (
+                    "invstd".into(),
+                    reference::compare(&got[1][c..2 * c], &invstd, tol),
+                ),
+                (
+                    "gamma, beta".into(),
+                    reference::compare(&got[1][2 * c..], &table, reference::Tolerance::EXACT),
+                ),
+                (
+                    "running_mean".into(),
+                    reference::compare(&got[2], &want_rm, tol),
+                ),
+                (
+                    "running_var".into(),
+                    reference::compare(&got[3], &want_rv, tol),
+                ),
+            ])
+        },
+    ));
 }

@@ -99,15 +99,15 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     Ok((fwd, bwd))
 }
 
-/// The partial statistics the conv before formed for this BatchNorm, and their tile width,
-/// where it forms them (on the fp32 kernel: cooperative matrices leave them to `bn_stats`).
+/// The partial statistics the conv before formed for this BatchNorm, and their tile width
+/// (the fp32 kernel's forward tile, or the cooperative-matrix kernel's), where it forms them.
 fn partials_of_conv<'a>(net: &Network, io: &'a Io) -> Result<Option<(&'a Tensor, usize)>> {
     let (Some(i), Some(partials)) = (io.buf.stats_from, io.buf.bn_partials.as_ref()) else {
         return Ok(None);
     };
     let conv = &net.layers[i];
     if super::weighted::forward_on_coop(io.gpu, conv).is_some() {
-        return Ok(None);
+        return Ok(Some((partials, crate::kernels::conv_coop::TILE)));
     }
     let Kind::Weighted { op, .. } = conv.kind else {
         return Ok(None);

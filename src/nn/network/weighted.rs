@@ -145,7 +145,7 @@ pub(super) fn forward_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, 
 }
 
 /// The forward GEMM: on cooperative matrices where [`forward_on_coop`] says so, else the fp32
-/// kernel, which in training also forms the statistics of the BatchNorm after it where that
+/// kernel; in training either also forms the statistics of the BatchNorm after it where that
 /// BatchNorm takes them from it.
 fn forward_gemm(
     io: &Io,
@@ -154,14 +154,12 @@ fn forward_gemm(
     (xq, w_hat, b): (&Tensor, &Tensor, Option<&Tensor>),
     input_bn: Option<InputBn<'_>>,
 ) -> Result<Op> {
+    let stats = io.buf.bn_partials.as_ref().filter(|_| io.train);
     match (forward_on_coop(io.gpu, l), gemm) {
         (Some((mode, bits)), Gemm::Conv(g)) => {
-            conv_coop::forward(io.gpu, g, xq, w_hat, b, io.y, bits, input_bn, mode)
+            conv_coop::forward(io.gpu, g, xq, w_hat, b, io.y, bits, (input_bn, stats), mode)
         }
-        (_, Gemm::Conv(g)) => {
-            let stats = io.buf.bn_partials.as_ref().filter(|_| io.train);
-            conv2d::forward_with(io.gpu, g, xq, w_hat, b, io.y, input_bn, stats)
-        }
+        (_, Gemm::Conv(g)) => conv2d::forward_with(io.gpu, g, xq, w_hat, b, io.y, input_bn, stats),
         _ => gemm.forward(io.gpu, xq, w_hat, b, io.y, input_bn),
     }
 }
