@@ -55,6 +55,14 @@ override IN_QUANT: bool = false;
 // registers), then the TX threads of each row are merged in order (Chan's formula); norm.wgsl's
 // bn_stats_merge merges the tiles in order. That saves the BatchNorm's own pass over the output.
 override BN_STATS: bool = false;
+// MODE 1 and 2 with OUT_BN: this conv's output feeds a BatchNorm (with its ReLU, and a shuffle
+// of OUT_SHUFFLE groups after it) whose backward is applied where the GEMM loads the output
+// gradient, instead of in a pass of its own: dy (b_src in MODE 1, a_src in MODE 2) holds the
+// conv output, out_dy the BatchNorm's output gradient and out_bn its table [mean, invstd, gamma,
+// beta, dbeta, dgamma] (lib/bn.wgsl's bn_grad, bit for bit norm.wgsl's bn_backward_apply).
+override OUT_BN: bool = false;
+override OUT_RELU: bool = false;
+override OUT_SHUFFLE: u32 = 1u;
 // Tile rows (a multiple of 16, up to 192; with packing GP * RG) and columns (32, 64 or 128).
 override BM: u32 = 128u;
 override BN: u32 = 128u;
@@ -149,6 +157,9 @@ fn geometry() -> Geometry {
 @group(0) @binding(7) var<storage, read> in_bn: array<f32>;
 // MODE 0 with BN_STATS: the partial statistics, (tiles, 2, COUT).
 @group(0) @binding(8) var<storage, read_write> bn_part: array<f32>;
+// OUT_BN: the BatchNorm's output gradient and its table (6 COUT floats).
+@group(0) @binding(9) var<storage, read> out_dy: array<f32>;
+@group(0) @binding(10) var<storage, read> out_bn: array<f32>;
 
 var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
 var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
@@ -192,6 +203,19 @@ fn load_input(b: u32, ch: u32, iy: u32, ix: u32) -> f32 {
     return b_src[((b * q.cin + ch) * q.h + iy) * q.w + ix];
 }
 
+// OUT_BN: dL/d(conv output) at (b, channel co, output pixel pix), whose value is y.
+fn out_grad(b: u32, co: u32, pix: u32, y: f32) -> f32 {
+    var at = co;
+    if (OUT_SHUFFLE > 1u) {
+        let per = q.cout / OUT_SHUFFLE;
+        at = (co % per) * OUT_SHUFFLE + co / per;
+    }
+    let c = q.cout;
+    return bn_grad(y, out_dy[(b * c + at) * q.ohw + pix], out_bn[co], out_bn[c + co],
+                   out_bn[2u * c + co], out_bn[3u * c + co], out_bn[4u * c + co],
+                   out_bn[5u * c + co], f32(p.batch * q.ohw), OUT_RELU);
+}
+
 // A[m][k] of group g; the caller checks g < groups, m < gm, k < k_end.
 fn load_a(g: u32, m: u32, k: u32) -> f32 {
     if (MODE == 0u) {
@@ -201,7 +225,12 @@ fn load_a(g: u32, m: u32, k: u32) -> f32 {
         return a_src[((g * q.cog + co) * q.cig + m) * KHW + (k - co * KHW)];
     }
     let b = k / q.ohw;
-    return a_src[(b * q.cout + g * q.cog + m) * q.ohw + (k - b * q.ohw)];
+    let co = g * q.cog + m;
+    let v = a_src[(b * q.cout + co) * q.ohw + (k - b * q.ohw)];
+    if (OUT_BN) {
+        return out_grad(b, co, k - b * q.ohw, v);
+    }
+    return v;
 }
 
 // B[k][n] of group g (0 in the padding); the caller checks g < groups, k < k_end, n < gn.
@@ -238,7 +267,11 @@ fn load_b(g: u32, k: u32, n: u32) -> f32 {
         if (oy * q.sh != u32(ty) || ox * q.sw != u32(tx) || oy >= q.oh || ox >= q.ow) {
             return 0.0;
         }
-        return b_src[((b * q.cout + g * q.cog + co) * q.oh + oy) * q.ow + ox];
+        let v = b_src[((b * q.cout + g * q.cog + co) * q.oh + oy) * q.ow + ox];
+        if (OUT_BN) {
+            return out_grad(b, g * q.cog + co, oy * q.ow + ox, v);
+        }
+        return v;
     }
     let b = k / q.ohw;
     let pix = k - b * q.ohw;

@@ -245,16 +245,9 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
     y[at.out] = select(r, act_value(r), p.quantize == 1u);
 }
 
-// dy of the element at `at` (whose input value is xv) after the fused ReLU's mask.
-fn masked_dy_of(at: Place, xv: f32) -> f32 {
-    let g = dy[at.out];
-    if (p.relu == 1u) {
-        return select(0.0, g, bn_value_of(xv, at.c) > 0.0);
-    }
-    return g;
-}
-
-// One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU).
+// One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),
+// also copied into the table (stats[4C + c], stats[5C + c]) for a conv that applies the backward
+// where it loads its output gradient (conv2d.wgsl's OUT_BN).
 @compute @workgroup_size(256)
 fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
@@ -264,12 +257,12 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let count = p.n * p.s;
-    let mean = stats_in[c];
-    let invstd = stats_in[p.c + c];
+    let mean = stats[c];
+    let invstd = stats[p.c + c];
     var sdy = 0.0;
     var sdyx = 0.0;
     // Channel c's gradient lies in channel `co` of dy (the fused shuffle); the ReLU's mask as in
-    // masked_dy_of, with the channel known.
+    // bn_grad.
     let co = shuffled(c);
     var w = walk_start(lid);
     for (var j = lid; j < count; j += WG) {
@@ -277,7 +270,7 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         var g = dy[walk_index(co, w)];
         w = walk_next(w);
         if (p.relu == 1u) {
-            g = select(0.0, g, bn_value_of(xv, c) > 0.0);
+            g = select(0.0, g, bn_affine(xv, mean, invstd, gamma[c], beta[c]) > 0.0);
         }
         sdy += g;
         sdyx += g * ((xv - mean) * invstd);
@@ -288,6 +281,8 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     if (lid == 0u) {
         dbeta[c] = sums.x;
         dgamma[c] = sums.y;
+        stats[4u * p.c + c] = sums.x;
+        stats[5u * p.c + c] = sums.y;
     }
 }
 
@@ -295,10 +290,8 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
 fn bn_dx(i: u32, xv: f32) -> f32 {
     let at = place(i);
     let c = at.c;
-    let count = f32(p.n * p.s);
-    let invstd = stats_in[p.c + c];
-    let xhat = (xv - stats_in[c]) * invstd;
-    return gamma[c] * invstd / count * (count * masked_dy_of(at, xv) - dbeta_in[c] - xhat * dgamma_in[c]);
+    return bn_grad(xv, dy[at.out], stats_in[c], stats_in[p.c + c], gamma[c], beta[c],
+                   dbeta_in[c], dgamma_in[c], f32(p.n * p.s), p.relu == 1u);
 }
 
 @compute @workgroup_size(256)

@@ -126,6 +126,7 @@ pub fn cases() -> Vec<Case> {
     through_bn::cases(&mut v);
     through_bn::maxpool_cases(&mut v);
     through_bn::stats_cases(&mut v);
+    through_bn::output_cases(&mut v);
     layer_cases(&mut v);
     int_cases(&mut v);
     iao_int::cases(&mut v);
@@ -705,7 +706,10 @@ impl GemmOp for kernels::conv2d::Conv2dGeom {
         dx: &Tensor,
         act: kernels::conv2d::ActGrad<'_>,
     ) -> Option<Result<Vec<Op>>> {
-        Some(kernels::conv2d::grad_input_act(gpu, self, dy, w, dx, act, None).map(|op| vec![op]))
+        Some(
+            kernels::conv2d::grad_input_fused(gpu, self, dy, w, dx, Some(act), Default::default())
+                .map(|op| vec![op]),
+        )
     }
     const FUSED_EPILOGUES: bool = true;
     fn gpu_grad_weight_and_bias(
@@ -1388,7 +1392,7 @@ fn layer_cases(v: &mut Vec<Case>) {
                     gpu.upload_f32("rm", &[c], &rm0)?,
                     gpu.upload_f32("rv", &[c], &rv0)?,
                 );
-                let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
+                let stats = gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?;
                 let y = gpu.empty("y", &[n, c, s], DType::F32)?;
                 let ops = vec![
                     kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, (&gt, &bt), &stats, &rm, &rv)?,
@@ -1440,7 +1444,7 @@ fn layer_cases(v: &mut Vec<Case>) {
                     gpu.upload_f32("rm", &[c], &rm0)?,
                     gpu.upload_f32("rv", &[c], &rv0)?,
                 );
-                let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
+                let stats = gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?;
                 let y = gpu.empty("y", &[n, c, s], DType::F32)?;
                 let ops = vec![
                     kernels::norm::stats_eval(gpu, c, 1e-5, (&gt, &bt), &rm, &rv, &stats)?,
@@ -1501,7 +1505,7 @@ fn layer_cases(v: &mut Vec<Case>) {
                     gpu.zeros("rm", &[c], DType::F32)?,
                     gpu.zeros("rv", &[c], DType::F32)?,
                 );
-                let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
+                let stats = gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?;
                 let y = gpu.empty("y", &[n, c, s], DType::F32)?;
                 let (dg, db) = (
                     gpu.empty("dgamma", &[c], DType::F32)?,

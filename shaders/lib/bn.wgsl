@@ -7,6 +7,19 @@ fn bn_affine(v: f32, mean: f32, invstd: f32, gamma: f32, beta: f32) -> f32 {
     return gamma * ((v - mean) * invstd) + beta;
 }
 
+// BatchNorm's (train) input gradient at input v whose output gradient is g, before the fused
+// ReLU's mask (where the output is not positive; `relu`), for `count` values per channel and the
+// channel's sums dbeta = sum g', dgamma = sum g' xhat (g' = g after the mask).
+fn bn_grad(v: f32, g: f32, mean: f32, invstd: f32, gamma: f32, beta: f32, dbeta: f32,
+           dgamma: f32, count: f32, relu: bool) -> f32 {
+    var gm = g;
+    if (relu) {
+        gm = select(0.0, g, bn_affine(v, mean, invstd, gamma, beta) > 0.0);
+    }
+    let xhat = (v - mean) * invstd;
+    return gamma * invstd / count * (count * gm - dbeta - xhat * dgamma);
+}
+
 // ReLU by bits: 0 where v is negative or zero, v elsewhere (NaN kept, where compilers may
 // assume there is none).
 fn relu_bits(v: f32) -> f32 {

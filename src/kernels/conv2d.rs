@@ -226,13 +226,32 @@ pub struct InputBn<'a> {
     pub bits: Bits,
 }
 
+/// A conv whose output feeds a BatchNorm whose backward (the input gradient) is applied where
+/// grad-input and grad-weight load the conv's output gradient (the shader's `OUT_BN`): their dy
+/// is then the conv's output, `dy` here the BatchNorm's output gradient, and `form.table` must
+/// hold the BatchNorm's `dbeta`, `dgamma` (its backward reduction writes them).
+#[derive(Clone, Copy, Debug)]
+pub struct OutputBn<'a> {
+    pub form: BnForm<'a>,
+    pub dy: &'a Tensor,
+}
+
+/// The BatchNorms whose work a conv's GEMMs do where they load: the one whose output is the
+/// conv's input, and the one after it whose backward forms the conv's output gradient.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AroundBn<'a> {
+    pub input: Option<InputBn<'a>>,
+    pub output: Option<OutputBn<'a>>,
+}
+
 /// What a GEMM does besides multiplying: grad-input's activation-quantizer epilogue, the
-/// BatchNorm its input is formed from, and forward's partial statistics for the BatchNorm after
-/// it (`(tiles, 2, Cout)`: see [`forward_bn_partials`]).
+/// BatchNorms around it, and forward's partial statistics for the BatchNorm after it
+/// (`(tiles, 2, Cout)`: see [`forward_bn_partials`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Fused<'a> {
     pub act: Option<ActGrad<'a>>,
     pub input_bn: Option<InputBn<'a>>,
+    pub output_bn: Option<OutputBn<'a>>,
     pub bn_stats: Option<&'a Tensor>,
 }
 
@@ -474,8 +493,24 @@ impl GemmConv {
         let Fused {
             act,
             input_bn,
+            output_bn,
             bn_stats,
         } = fused;
+        if let Some(bn) = output_bn {
+            if mode == Mode::Forward {
+                return Err(Error::shape(
+                    &label,
+                    "only the backward GEMMs apply the next BatchNorm's backward",
+                ));
+            }
+            bn.form.check(&label, self.cout)?;
+            if bn.dy.numel() != self.batch * self.cout * self.oh * self.ow {
+                return Err(Error::shape(
+                    &label,
+                    "the BatchNorm's output gradient is not the size of the conv's output",
+                ));
+            }
+        }
         if bn_stats.is_some() && mode != Mode::Forward {
             return Err(Error::shape(
                 &label,
@@ -589,6 +624,12 @@ impl GemmConv {
             ),
             ("IN_SHUFFLE", c(input_bn.map_or(1, |b| b.form.shuffle))),
             ("BN_STATS", f64::from(u8::from(bn_stats.is_some()))),
+            ("OUT_BN", f64::from(u8::from(output_bn.is_some()))),
+            (
+                "OUT_RELU",
+                f64::from(u8::from(output_bn.is_some_and(|b| b.form.relu))),
+            ),
+            ("OUT_SHUFFLE", c(output_bn.map_or(1, |b| b.form.shuffle))),
             (
                 "IN_QUANT",
                 f64::from(u8::from(input_bn.is_some_and(|b| !b.bits.is_float()))),
@@ -632,6 +673,8 @@ impl GemmConv {
                 Bind::ReadWrite,
                 Bind::Read,
                 Bind::ReadWrite,
+                Bind::Read,
+                Bind::Read,
             ],
         })?;
         // The optional bindings must exist even when unused (buffers of their own: one is read,
@@ -644,6 +687,10 @@ impl GemmConv {
             gpu.zeros("no BatchNorm statistics", &[1], DType::F32)?,
         );
         let bn_part = bn_stats.unwrap_or(&no_stats);
+        let (out_dy, out_bn) = match output_bn {
+            Some(b) => (b.dy, b.form.table),
+            None => (&no_bn, &no_bn),
+        };
         let bn_table = input_bn.map_or(&no_bn, |b| b.form.table);
         let act_x = match act {
             Some(a) => {
@@ -670,17 +717,27 @@ impl GemmConv {
             1 => String::new(),
             gp => format!(", {gp} groups of {}", tile.rg),
         };
-        let through = match (input_bn.is_some(), bn_stats.is_some()) {
-            (true, true) => " through bn +bn stats",
-            (true, false) => " through bn",
-            (false, true) => " +bn stats",
-            (false, false) => "",
-        };
+        let through = format!(
+            "{}{}{}",
+            if input_bn.is_some() {
+                " through bn"
+            } else {
+                ""
+            },
+            if bn_stats.is_some() { " +bn stats" } else { "" },
+            if output_bn.is_some() {
+                " +bn backward"
+            } else {
+                ""
+            },
+        );
         gpu.launch(
             &kernel,
             format!("{label}{through} tile {}x{}{packed}", tile.bm, tile.bn),
             Some(bytemuck::bytes_of(&p)),
-            &[a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part],
+            &[
+                a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part, out_dy, out_bn,
+            ],
             grid,
         )
     }
@@ -719,13 +776,14 @@ impl GemmConv {
         (dw, db): (&Tensor, Option<&Tensor>),
         splits: usize,
         scratch: Option<&Tensor>,
-        input_bn: Option<InputBn<'_>>,
+        bn: AroundBn<'_>,
         label: String,
     ) -> Result<Vec<Op>> {
         let splits = self.effective_splits(splits);
         let fused = Fused {
             act: None,
-            input_bn,
+            input_bn: bn.input,
+            output_bn: bn.output,
             bn_stats: None,
         };
         let gemm = |out: &Tensor, bias: Option<&Tensor>| {
@@ -828,6 +886,7 @@ pub fn forward_with(
     let fused = Fused {
         act: None,
         input_bn,
+        output_bn: None,
         bn_stats,
     };
     Ok(Op::Dispatch(geom.gemm().launch_with(
@@ -883,17 +942,19 @@ pub fn grad_input(
     )?))
 }
 
-/// [`grad_input`] with the layer input's DoReFa quantizer in its epilogue: `dx` masked by the
-/// float input `act.x` (and, with `act.requantize`, `act.x` replaced by its quantized value).
-/// With `input_bn`, `act.x` is the BatchNorm's input, and the float input is formed from it.
-pub fn grad_input_act(
+/// [`grad_input`] with the layer input's DoReFa quantizer in its epilogue (`act`: `dx` masked by
+/// the float input `act.x` and, with `act.requantize`, `act.x` replaced by its quantized value)
+/// and the BatchNorms around the conv: with `bn.input`, `act.x` is that BatchNorm's input and
+/// the float input is formed from it; with `bn.output`, `dy` is the conv's output and its
+/// gradient is formed through the BatchNorm after it.
+pub fn grad_input_fused(
     gpu: &Gpu,
     geom: &Conv2dGeom,
     dy: &Tensor,
     w: &Tensor,
     dx: &Tensor,
-    act: ActGrad<'_>,
-    input_bn: Option<InputBn<'_>>,
+    act: Option<ActGrad<'_>>,
+    bn: AroundBn<'_>,
 ) -> Result<Op> {
     let label = check(
         geom,
@@ -902,9 +963,15 @@ pub fn grad_input_act(
             ("dy", dy, &geom.output_shape()),
             ("w", w, &geom.weight_shape()),
             ("dx", dx, &geom.input_shape()),
-            ("x", act.x, &geom.input_shape()),
         ],
     )?;
+    if let Some(a) = act {
+        check(
+            geom,
+            "conv2d.grad_input",
+            &[("x", a.x, &geom.input_shape())],
+        )?;
+    }
     Ok(Op::Dispatch(geom.gemm().launch_with(
         gpu,
         Mode::GradInput,
@@ -913,8 +980,9 @@ pub fn grad_input_act(
         dx,
         1,
         Fused {
-            act: Some(act),
-            input_bn,
+            act,
+            input_bn: bn.input,
+            output_bn: bn.output,
             bn_stats: None,
         },
         label,
@@ -963,7 +1031,16 @@ pub fn grad_weight_and_bias(
     scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
     check(geom, "conv2d.grad_weight", &[("db", db, &[geom.cout])])?;
-    grad_weight_inner(gpu, geom, x, dy, (dw, Some(db)), splits, scratch, None)
+    grad_weight_inner(
+        gpu,
+        geom,
+        x,
+        dy,
+        (dw, Some(db)),
+        splits,
+        scratch,
+        AroundBn::default(),
+    )
 }
 
 /// Grad-weight (and, given `db`, the bias gradient) with the default split-K, its input formed
@@ -974,13 +1051,13 @@ pub fn grad_weight_fused(
     x: &Tensor,
     dy: &Tensor,
     (dw, db): (&Tensor, Option<&Tensor>),
-    input_bn: Option<InputBn<'_>>,
+    bn: AroundBn<'_>,
     scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
     if let Some(db) = db {
         check(geom, "conv2d.grad_weight", &[("db", db, &[geom.cout])])?;
     }
-    grad_weight_inner(gpu, geom, x, dy, (dw, db), None, scratch, input_bn)
+    grad_weight_inner(gpu, geom, x, dy, (dw, db), None, scratch, bn)
 }
 
 fn grad_weight_with(
@@ -992,7 +1069,16 @@ fn grad_weight_with(
     splits: Option<usize>,
     scratch: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
-    grad_weight_inner(gpu, geom, x, dy, (dw, None), splits, scratch, None)
+    grad_weight_inner(
+        gpu,
+        geom,
+        x,
+        dy,
+        (dw, None),
+        splits,
+        scratch,
+        AroundBn::default(),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1004,7 +1090,7 @@ fn grad_weight_inner(
     (dw, db): (&Tensor, Option<&Tensor>),
     splits: Option<usize>,
     scratch: Option<&Tensor>,
-    input_bn: Option<InputBn<'_>>,
+    bn: AroundBn<'_>,
 ) -> Result<Vec<Op>> {
     let label = check(
         geom,
@@ -1017,7 +1103,7 @@ fn grad_weight_inner(
     )?;
     let g = geom.gemm();
     let splits = splits.unwrap_or_else(|| g.default_splits());
-    g.grad_weight_ops(gpu, (dy, x), (dw, db), splits, scratch, input_bn, label)
+    g.grad_weight_ops(gpu, (dy, x), (dw, db), splits, scratch, bn, label)
 }
 
 /// `db[c] = Σ_{n,y,x} dy[n, c, y, x]`.

@@ -301,7 +301,15 @@ fn grad_weight_with(
     )?;
     let g = geom.gemm();
     let splits = splits.unwrap_or_else(|| g.default_splits());
-    g.grad_weight_ops(gpu, (x, dy), (dw, None), splits, scratch, None, label)
+    g.grad_weight_ops(
+        gpu,
+        (x, dy),
+        (dw, None),
+        splits,
+        scratch,
+        super::conv2d::AroundBn::default(),
+        label,
+    )
 }
 
 /// `db[c] = Σ_{n,y,x} dy[n, c, y, x]`.

@@ -145,8 +145,7 @@ pub fn grad_input_act(
         1,
         super::conv2d::Fused {
             act: Some(act),
-            input_bn: None,
-            bn_stats: None,
+            ..Default::default()
         },
         label,
     )?))
@@ -173,7 +172,7 @@ pub fn grad_weight(
         (dw, None),
         g.default_splits(),
         scratch,
-        None,
+        super::conv2d::AroundBn::default(),
         label,
     )
 }
@@ -205,7 +204,7 @@ pub fn grad_weight_and_bias(
         (dw, Some(db)),
         g.default_splits(),
         scratch,
-        None,
+        super::conv2d::AroundBn::default(),
         label,
     )
 }

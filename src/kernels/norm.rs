@@ -27,7 +27,7 @@ const EVAL_STATS: Entry = entry("bn_eval_stats", &[(2, W), (3, W), (4, W), (6, R
 const APPLY: Entry = entry("bn_apply", &[(1, R), (5, R), (6, R), (7, R), (8, W)]);
 const BACKWARD_REDUCE: Entry = entry(
     "bn_backward_reduce",
-    &[(1, R), (5, R), (6, R), (7, R), (10, R), (11, W), (12, W)],
+    &[(1, R), (2, W), (6, R), (7, R), (10, R), (11, W), (12, W)],
 );
 const BACKWARD_APPLY_IN_PLACE: Entry = entry(
     "bn_backward_apply_in_place",
@@ -47,13 +47,18 @@ const BACKWARD_APPLY: Entry = entry(
     ],
 );
 
+/// Floats per channel of a BatchNorm's table: `[mean, invstd, gamma, beta]` from its statistics
+/// kernels, then `[dbeta, dgamma]` from its backward reduction (for a conv that applies the
+/// BatchNorm's backward where it loads its output gradient).
+pub const TABLE: usize = 6;
+
 /// How a kernel that reads a BatchNorm's output forms it from the BatchNorm's input, where it
 /// loads it, instead of reading it stored: the BatchNorm's table, its fused ReLU and shuffle.
 /// Bit for bit what [`apply`] writes (`shaders/lib/bn.wgsl`).
 #[derive(Clone, Copy, Debug)]
 pub struct BnForm<'a> {
-    /// Per channel `[mean, invstd, gamma, beta]` (`4 · C` floats): what [`stats_train`] and
-    /// [`stats_eval`] write.
+    /// Per channel `[mean, invstd, gamma, beta, dbeta, dgamma]` ([`TABLE`] · C floats): what
+    /// [`stats_train`] (or [`stats_eval`]) and [`backward`] write.
     pub table: &'a Tensor,
     pub relu: bool,
     /// Channel-shuffle groups after the BatchNorm (1: none).
@@ -63,11 +68,11 @@ pub struct BnForm<'a> {
 impl BnForm<'_> {
     /// Checks the form against the `c` channels it is applied to.
     pub fn check(&self, kernel: &str, c: usize) -> Result<()> {
-        if self.table.numel() != 4 * c || self.shuffle == 0 || !c.is_multiple_of(self.shuffle) {
+        if self.table.numel() != TABLE * c || self.shuffle == 0 || !c.is_multiple_of(self.shuffle) {
             return Err(Error::shape(
                 kernel,
                 format!(
-                    "a BatchNorm table of {} floats with a {}-group shuffle for {c} channels (want 4 floats per channel, groups dividing them)",
+                    "a BatchNorm table of {} floats with a {}-group shuffle for {c} channels (want {TABLE} floats per channel, groups dividing them)",
                     self.table.numel(),
                     self.shuffle
                 ),
@@ -219,7 +224,7 @@ pub fn stats_train(
         "bn_stats",
         &[
             ("x", x, x.shape()),
-            ("stats", stats, &[4 * sh.c]),
+            ("stats", stats, &[TABLE * sh.c]),
             ("running_mean", running_mean, &[sh.c]),
             ("running_var", running_var, &[sh.c]),
             ("gamma", gamma, &[sh.c]),
@@ -256,7 +261,7 @@ pub fn stats_merge(
     check(
         "bn_stats_merge",
         &[
-            ("stats", stats, &[4 * sh.c]),
+            ("stats", stats, &[TABLE * sh.c]),
             ("running_mean", running_mean, &[sh.c]),
             ("running_var", running_var, &[sh.c]),
             ("gamma", gamma, &[sh.c]),
@@ -304,7 +309,7 @@ pub fn stats_eval(
     check(
         "bn_eval_stats",
         &[
-            ("stats", stats, &[4 * c]),
+            ("stats", stats, &[TABLE * c]),
             ("running_mean", running_mean, &[c]),
             ("running_var", running_var, &[c]),
             ("gamma", gamma, &[c]),
@@ -338,7 +343,7 @@ pub fn apply(
         "bn_apply",
         &[
             ("x", x, x.shape()),
-            ("stats", stats, &[4 * sh.c]),
+            ("stats", stats, &[TABLE * sh.c]),
             ("gamma", gamma, &[sh.c]),
             ("beta", beta, &[sh.c]),
             ("y", y, x.shape()),
@@ -380,7 +385,7 @@ pub fn backward(
         &[
             ("x", x, x.shape()),
             ("dy", dy, x.shape()),
-            ("stats", stats, &[4 * sh.c]),
+            ("stats", stats, &[TABLE * sh.c]),
             ("gamma", gamma, &c),
             ("beta", beta, &c),
             ("dgamma", dgamma, &c),

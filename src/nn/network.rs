@@ -546,7 +546,8 @@ impl Network {
                         &self.params.view(&self.grad_arena, idx)?,
                     )?);
                 }
-                for d in dxs.iter().flatten() {
+                // (A BatchNorm whose backward the conv before applies writes no input gradient.)
+                for d in dxs.iter().flatten().filter(|_| buf.stats_from.is_none()) {
                     b.push(c.check(gpu, format!("gradient into the input of {what}"), d)?);
                 }
             }

@@ -10,8 +10,8 @@ use super::{Case, GemmOp, f64s, gemm_tolerance, random};
 use crate::DType;
 use crate::gpu::CoopMode;
 use crate::kernels::conv_coop;
-use crate::kernels::conv2d::{self, ActGrad, Conv2dGeom, InputBn};
-use crate::kernels::norm::BnForm;
+use crate::kernels::conv2d::{self, ActGrad, AroundBn, Conv2dGeom, InputBn, OutputBn};
+use crate::kernels::norm::{BnForm, TABLE};
 use crate::quant::Bits;
 use crate::reference::{self, quant};
 use crate::rng::Rng;
@@ -67,7 +67,7 @@ fn formed_nchw(
     let y: Vec<f32> = (0..n * c * plane)
         .map(|_| dyadic(rng, -40, 40, 16.0))
         .collect();
-    let mut table = vec![0.0; 4 * c];
+    let mut table = vec![0.0; TABLE * c];
     for ch in 0..c {
         table[ch] = dyadic(rng, -8, 8, 16.0);
         table[c + ch] = [0.5, 1.0, 2.0][rng.below(3) as usize];
@@ -118,7 +118,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let f = formed(rng, &geom, relu, shuffle, bits);
                 let (w, bias) = (random(rng, &geom.w_shape()), random(rng, &[geom.cout]));
                 let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
-                let tt = gpu.upload_f32("bn table", &[4 * geom.cin], &f.table)?;
+                let tt = gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?;
                 let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
                 let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
                 let out = gpu.empty("y", &geom.y_shape(), DType::F32)?;
@@ -159,7 +159,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     .collect();
                 let bias = random(rng, &[geom.cout]);
                 let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
-                let tt = gpu.upload_f32("bn table", &[4 * geom.cin], &f.table)?;
+                let tt = gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?;
                 let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
                 let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
                 let out = gpu.empty("y", &geom.y_shape(), DType::F32)?;
@@ -198,7 +198,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let f = formed(rng, &geom, relu, shuffle, bits);
                 let (dy, w) = (random(rng, &geom.y_shape()), random(rng, &geom.w_shape()));
                 let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
-                let tt = gpu.upload_f32("bn table", &[4 * geom.cin], &f.table)?;
+                let tt = gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?;
                 let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
                 let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
                 let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
@@ -215,7 +215,11 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     bits,
                     requantize: false,
                 };
-                let op = conv2d::grad_input_act(gpu, &geom, &dyt, &wt, &dxt, act, Some(ibn))?;
+                let around = AroundBn {
+                    input: Some(ibn),
+                    output: None,
+                };
+                let op = conv2d::grad_input_fused(gpu, &geom, &dyt, &wt, &dxt, Some(act), around)?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&dxt, &yt])?;
                 let dx = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
                 // The straight-through rule of the formed float input, on the f64 sum.
@@ -252,7 +256,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let f = formed(rng, &geom, relu, shuffle, bits);
                 let dy = random(rng, &geom.y_shape());
                 let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
-                let tt = gpu.upload_f32("bn table", &[4 * geom.cin], &f.table)?;
+                let tt = gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?;
                 let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
                 let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
                 let dbt = gpu.empty("db", &[geom.cout], DType::F32)?;
@@ -270,7 +274,10 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     &yt,
                     &dyt,
                     (&dwt, Some(&dbt)),
-                    Some(ibn),
+                    AroundBn {
+                        input: Some(ibn),
+                        output: None,
+                    },
                     None,
                 )?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt, &dbt])?;
@@ -323,7 +330,7 @@ pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
                 let f = formed_nchw(rng, g.input_shape(), relu, bn_shuffle, bits);
                 let dy = random(rng, &g.output_shape());
                 let yt = gpu.upload_f32("bn input", &g.input_shape(), &f.y)?;
-                let tt = gpu.upload_f32("bn table", &[4 * g.c], &f.table)?;
+                let tt = gpu.upload_f32("bn table", &[TABLE * g.c], &f.table)?;
                 let dyt = gpu.upload_f32("dy", &g.output_shape(), &dy)?;
                 let out = gpu.empty("y", &g.output_shape(), DType::F32)?;
                 let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
@@ -454,7 +461,7 @@ fn stats_case(v: &mut Vec<Case>, geom: Conv2dGeom, shape: &str, coop: bool) {
             let n = conv2d::forward_bn_partials(&geom);
             // Stale NaNs past what the GEMM writes must not be read.
             let partials = gpu.upload_f32("partials", &[n], &vec![f32::NAN; n])?;
-            let stats = gpu.empty("stats", &[4 * c], DType::F32)?;
+            let stats = gpu.empty("stats", &[TABLE * c], DType::F32)?;
             let y = gpu.empty("y", &geom.y_shape(), DType::F32)?;
             let (oh, ow) = geom.out_hw();
             let sh = BnShape {
@@ -538,7 +545,7 @@ fn stats_case(v: &mut Vec<Case>, geom: Conv2dGeom, shape: &str, coop: bool) {
                 ),
                 (
                     "gamma, beta".into(),
-                    reference::compare(&got[1][2 * c..], &table, reference::Tolerance::EXACT),
+                    reference::compare(&got[1][2 * c..4 * c], &table, reference::Tolerance::EXACT),
                 ),
                 (
                     "running_mean".into(),
@@ -551,4 +558,148 @@ fn stats_case(v: &mut Vec<Case>, geom: Conv2dGeom, shape: &str, coop: bool) {
             ])
         },
     ));
+}
+
+/// grad-input and grad-weight (with the bias gradient) applying the backward of the BatchNorm
+/// after the conv where they load dy (`OUT_BN`): against the f64 GEMMs of the BatchNorm's input
+/// gradient formed on the CPU from the conv output, the BatchNorm's output gradient (read
+/// through its shuffle) and its table. Random values: the ReLU's mask and every term of the
+/// formula matter.
+pub(super) fn output_cases(v: &mut Vec<Case>) {
+    // (geometry, the BatchNorm's ReLU and shuffle groups)
+    let shapes = [
+        (
+            Conv2dGeom::square(2, 8, 6, 12, 3).padding(1).groups(2),
+            true,
+            2,
+        ),
+        (Conv2dGeom::square(1, 6, 7, 5, 1), false, 1),
+        (
+            Conv2dGeom::square(1, 4, 9, 6, 5).stride(2).padding(2),
+            true,
+            3,
+        ),
+        (Conv2dGeom::square(2, 64, 4, 64, 1).groups(4), true, 16),
+    ];
+    for (geom, relu, shuffle) in shapes {
+        let shape = format!(
+            "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.stride,
+            geom.padding,
+            geom.groups
+        );
+        let k = geom.reduction();
+        for direction in ["grad_input+bn backward", "grad_weight+bias+bn backward"] {
+            v.push(Case::new(
+                "conv2d",
+                direction,
+                shape.clone(),
+                move |gpu, rng| {
+                    let c = geom.cout;
+                    let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
+                    let mut table = vec![0.0; TABLE * c];
+                    for ch in 0..c {
+                        table[ch] = rng.uniform(-0.3, 0.3);
+                        table[c + ch] = rng.uniform(0.5, 2.0);
+                        table[2 * c + ch] = rng.uniform(0.5, 1.5);
+                        table[3 * c + ch] = rng.uniform(-0.5, 0.5);
+                        table[4 * c + ch] = rng.uniform(-3.0, 3.0);
+                        table[5 * c + ch] = rng.uniform(-3.0, 3.0);
+                    }
+                    let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
+                    let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
+                    let bdt = gpu.upload_f32("bn output gradient", &geom.y_shape(), &bn_dy)?;
+                    let tt = gpu.upload_f32("bn table", &[TABLE * c], &table)?;
+                    let around = AroundBn {
+                        input: None,
+                        output: Some(OutputBn {
+                            form: BnForm {
+                                table: &tt,
+                                relu,
+                                shuffle,
+                            },
+                            dy: &bdt,
+                        }),
+                    };
+                    if direction.starts_with("grad_input") {
+                        let w = random(rng, &geom.w_shape());
+                        let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                        let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
+                        let op =
+                            conv2d::grad_input_fused(gpu, &geom, &yt, &wt, &dxt, None, around)?;
+                        let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&dxt])?;
+                        let want = geom.ref_grad_input(&dy_conv, &f64s(&w));
+                        return Ok(vec![(
+                            "dx".into(),
+                            reference::compare(&got[0], &want, gemm_tolerance(k[1])),
+                        )]);
+                    }
+                    let x = random(rng, &geom.x_shape());
+                    let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+                    let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
+                    let dbt = gpu.empty("db", &[c], DType::F32)?;
+                    let ops = conv2d::grad_weight_fused(
+                        gpu,
+                        &geom,
+                        &xt,
+                        &yt,
+                        (&dwt, Some(&dbt)),
+                        around,
+                        None,
+                    )?;
+                    let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt, &dbt])?;
+                    let want = geom.ref_grad_weight(&f64s(&x), &dy_conv);
+                    let want_db = geom.ref_grad_bias(&dy_conv);
+                    Ok(vec![
+                        (
+                            "dw".into(),
+                            reference::compare(&got[0], &want, gemm_tolerance(k[2])),
+                        ),
+                        (
+                            "db".into(),
+                            reference::compare(&got[1], &want_db, gemm_tolerance(y.len() / c)),
+                        ),
+                    ])
+                },
+            ));
+        }
+    }
+}
+
+/// dL/d(BatchNorm input) in f64: the output gradient read where the shuffle put each channel,
+/// masked where the BatchNorm's output is not positive (with `relu`), through the train-mode
+/// formula with the table's statistics and sums.
+fn bn_input_gradient(
+    geom: &Conv2dGeom,
+    y: &[f32],
+    dy: &[f32],
+    table: &[f32],
+    relu: bool,
+    shuffle: usize,
+) -> Vec<f64> {
+    let c = geom.cout;
+    let (oh, ow) = geom.out_hw();
+    let s = oh * ow;
+    let count = (geom.batch * s) as f64;
+    let per = c / shuffle;
+    let t = |slot: usize, ch: usize| table[slot * c + ch] as f64;
+    let mut out = vec![0.0; y.len()];
+    for b in 0..geom.batch {
+        for ch in 0..c {
+            let at = (ch % per) * shuffle + ch / per;
+            for p in 0..s {
+                let v = y[(b * c + ch) * s + p] as f64;
+                let xhat = (v - t(0, ch)) * t(1, ch);
+                let mut g = dy[(b * c + at) * s + p] as f64;
+                if relu && t(2, ch) * xhat + t(3, ch) <= 0.0 {
+                    g = 0.0;
+                }
+                out[(b * c + ch) * s + p] =
+                    t(2, ch) * t(1, ch) / count * (count * g - t(4, ch) - xhat * t(5, ch));
+            }
+        }
+    }
+    out
 }

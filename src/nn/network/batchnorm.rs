@@ -93,7 +93,9 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             &beta,
             &dg,
             &db,
-            io.dx(),
+            // The conv before applies the backward where it loads its output gradient (see
+            // `LayerBuffers::stats_from`): only the reduction here.
+            io.dx().filter(|_| io.buf.stats_from.is_none()),
         )?);
     }
     Ok((fwd, bwd))

@@ -16,6 +16,7 @@ use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::{Error, Result};
 use crate::gpu::Op;
 use crate::kernels::bnfold::FoldParams;
+use crate::kernels::conv2d::AroundBn;
 use crate::kernels::elementwise;
 
 pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops> {
@@ -101,10 +102,10 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     }
     // Through the quantized conv: dx (the input quantizer's mask), dŴ and on to dW_f in place.
     if let Some(dx) = io.dx() {
-        bwd.push(gemm.grad_input(gpu, dy, w_hat, dx)?);
+        bwd.push(gemm.grad_input(gpu, dy, w_hat, dx, AroundBn::default())?);
         bwd.extend(iq.backward_in_place(gpu, x, dx)?);
     }
-    bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, None), scratch, None)?);
+    bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, None), scratch, AroundBn::default())?);
     bwd.push(wq.backward_in_place(net, gpu, &f.fold.w_f, dw_hat)?);
     // Through the fold: dγ, dβ, and (batch statistics) dy0 over y0 formed again.
     let y0_shape = io.y.shape().to_vec();
@@ -115,7 +116,14 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     if batch_stats {
         bwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y, None)?);
         bwd.push(f.fold.dy0(gpu, &p, io.y)?);
-        bwd.extend(gemm.grad_weight(gpu, x, io.y, (&dw, db.as_ref()), scratch, None)?);
+        bwd.extend(gemm.grad_weight(
+            gpu,
+            x,
+            io.y,
+            (&dw, db.as_ref()),
+            scratch,
+            AroundBn::default(),
+        )?);
         if let Some(dx) = io.dx() {
             let part = super::at_batch(
                 buf.fold_dx
@@ -123,7 +131,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
                     .expect("folds share an input-gradient scratch"),
                 io.batch,
             )?;
-            bwd.push(gemm.grad_input(gpu, io.y, &w, &part)?);
+            bwd.push(gemm.grad_input(gpu, io.y, &w, &part, AroundBn::default())?);
             bwd.push(Op::Dispatch(elementwise::accumulate(gpu, &part, dx)?));
         }
     }

@@ -5,7 +5,7 @@ use super::WeightedOp;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Op, Tensor};
 use crate::kernels::conv_transpose2d::{self, ConvTranspose2dGeom};
-use crate::kernels::conv2d::{self, ActGrad, Conv2dGeom, InputBn};
+use crate::kernels::conv2d::{self, ActGrad, AroundBn, Conv2dGeom, InputBn};
 use crate::kernels::matmul::{self, LinearGeom};
 
 /// The batch-size-specific geometry of a weighted layer.
@@ -88,11 +88,21 @@ impl Gemm {
         }
     }
 
-    pub(super) fn grad_input(&self, gpu: &Gpu, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<Op> {
-        match self {
-            Gemm::Conv(g) => conv2d::grad_input(gpu, g, dy, w, dx),
-            Gemm::ConvT(g) => conv_transpose2d::grad_input(gpu, g, dy, w, dx),
-            Gemm::Linear(g) => matmul::grad_input(gpu, g, dy, w, dx),
+    /// dL/dx into `dx`; with `bn` (conv2d only) through the BatchNorms around the conv (see
+    /// [`conv2d::grad_input_fused`]).
+    pub(super) fn grad_input(
+        &self,
+        gpu: &Gpu,
+        dy: &Tensor,
+        w: &Tensor,
+        dx: &Tensor,
+        bn: AroundBn<'_>,
+    ) -> Result<Op> {
+        match (self, bn.input.is_some() || bn.output.is_some()) {
+            (Gemm::Conv(g), _) => conv2d::grad_input_fused(gpu, g, dy, w, dx, None, bn),
+            (Gemm::ConvT(g), false) => conv_transpose2d::grad_input(gpu, g, dy, w, dx),
+            (Gemm::Linear(g), false) => matmul::grad_input(gpu, g, dy, w, dx),
+            (_, true) => Err(only_conv()),
         }
     }
 
@@ -107,13 +117,13 @@ impl Gemm {
         w: &Tensor,
         dx: &Tensor,
         act: ActGrad<'_>,
-        input_bn: Option<InputBn<'_>>,
+        bn: AroundBn<'_>,
     ) -> Option<Result<Op>> {
-        match (self, input_bn) {
-            (Gemm::Conv(g), _) => Some(conv2d::grad_input_act(gpu, g, dy, w, dx, act, input_bn)),
-            (Gemm::Linear(g), None) => Some(matmul::grad_input_act(gpu, g, dy, w, dx, act)),
-            (Gemm::ConvT(_), None) => None,
-            (_, Some(_)) => Some(Err(only_conv())),
+        match (self, bn.input.is_some() || bn.output.is_some()) {
+            (Gemm::Conv(g), _) => Some(conv2d::grad_input_fused(gpu, g, dy, w, dx, Some(act), bn)),
+            (Gemm::Linear(g), false) => Some(matmul::grad_input_act(gpu, g, dy, w, dx, act)),
+            (Gemm::ConvT(_), false) => None,
+            (_, true) => Some(Err(only_conv())),
         }
     }
 
@@ -124,15 +134,13 @@ impl Gemm {
         dy: &Tensor,
         (dw, db): (&Tensor, Option<&Tensor>),
         scratch: Option<&Tensor>,
-        input_bn: Option<InputBn<'_>>,
+        bn: AroundBn<'_>,
     ) -> Result<Vec<Op>> {
-        if input_bn.is_some() && !matches!(self, Gemm::Conv(_)) {
+        if (bn.input.is_some() || bn.output.is_some()) && !matches!(self, Gemm::Conv(_)) {
             return Err(only_conv());
         }
         match (self, db) {
-            (Gemm::Conv(g), db) => {
-                conv2d::grad_weight_fused(gpu, g, x, dy, (dw, db), input_bn, scratch)
-            }
+            (Gemm::Conv(g), db) => conv2d::grad_weight_fused(gpu, g, x, dy, (dw, db), bn, scratch),
             (Gemm::Linear(g), None) => matmul::grad_weight(gpu, g, x, dy, dw, scratch),
             (Gemm::Linear(g), Some(db)) => {
                 matmul::grad_weight_and_bias(gpu, g, x, dy, (dw, db), scratch)
@@ -166,7 +174,7 @@ impl Gemm {
     }
 }
 
-/// Only conv2d's GEMMs form their input from a BatchNorm's.
+/// Only conv2d's GEMMs do a BatchNorm's work as they load.
 fn only_conv() -> Error {
-    Error::Invalid("only a conv2d forms its input from a BatchNorm's as it loads it".into())
+    Error::Invalid("only a conv2d does a BatchNorm's work as it loads its operands".into())
 }

@@ -427,8 +427,11 @@ pub(super) fn lower(
                     running.add(format!("{name}.running_mean"), &[c]),
                     running.add(format!("{name}.running_var"), &[c]),
                 ));
-                layer.bn_stats =
-                    Some(gpu.zeros(&format!("{name} batch statistics"), &[4 * c], DType::F32)?);
+                layer.bn_stats = Some(gpu.zeros(
+                    &format!("{name} batch statistics"),
+                    &[crate::kernels::norm::TABLE * c],
+                    DType::F32,
+                )?);
             }
             LayerSpec::Relu if lq.binary => layer.kind = Kind::Sign,
             LayerSpec::Relu => layer.kind = Kind::Relu,

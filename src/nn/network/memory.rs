@@ -56,9 +56,13 @@ pub(super) struct LayerBuffers {
     pub(super) reads_bn: Option<usize>,
     /// A BatchNorm that takes its training statistics from the conv before it (`stats_from`,
     /// the conv's index): the per-tile partials the conv's forward GEMM forms, in a scratch
-    /// shared by all (each is merged right after its conv); set on both layers.
+    /// shared by all (each is merged right after its conv); set on both layers. That conv also
+    /// applies the BatchNorm's backward where its GEMMs load its output gradient: the
+    /// BatchNorm's backward only reduces, and the conv has `bn_after`, the BatchNorm and its
+    /// output gradient.
     pub(super) bn_partials: Option<Tensor>,
     pub(super) stats_from: Option<usize>,
+    pub(super) bn_after: Option<(usize, Tensor)>,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
     pub(super) split_k: Option<Tensor>,
     /// A folded conv's second input gradient (through its float conv's statistics): one
@@ -422,6 +426,7 @@ impl Network {
                 reads_bn: through[i],
                 bn_partials: None,
                 stats_from: None,
+                bn_after: None,
                 split_k: split_k.clone(),
                 fold_dx,
                 quantize_output: None,
@@ -431,10 +436,11 @@ impl Network {
         }
         if let Some(partials) = &bn_partials {
             for (k, conv) in stats_from.iter().enumerate() {
-                if let Some(i) = *conv {
+                if let (Some(i), Some(dy)) = (*conv, out[k].dout.clone()) {
                     out[k].stats_from = Some(i);
                     out[k].bn_partials = Some(partials.clone());
                     out[i].bn_partials = Some(partials.clone());
+                    out[i].bn_after = Some((k, dy));
                 }
             }
         }
@@ -472,7 +478,9 @@ impl Network {
 
     /// Where each layer's output gradient lives. A conv/linear output that only a BatchNorm
     /// reads takes its own gradient in place (the BN's backward overwrites it: nothing reads that
-    /// output again); the others share buffers, each sized for the largest gradient it holds.
+    /// output again; or, for a conv2d, the conv applies that backward as it loads its output, and
+    /// nothing is written there); the others share buffers, each sized for the largest gradient
+    /// it holds.
     /// A gradient is alive from the backward pass of its tensor's first reader (which writes
     /// it; the loss, for the output) to its own layer's: in a chain a layer's and the next
     /// one's, so two buffers taking turns; in a graph that branches, gradients are given the
@@ -485,6 +493,10 @@ impl Network {
             matches!(self.layers[i].kind, Kind::Weighted { .. })
                 && matches!(readers[i][..], [k] if matches!(self.layers[k].kind, Kind::BatchNorm { .. }))
         };
+        // A BatchNorm whose backward the conv before applies (`stats_from_conv`): its output
+        // gradient is read by that conv's backward, which writes the conv's input gradient, so
+        // the two must not share a buffer.
+        let applied_by = self.stats_from_conv();
         if self.graph.is_chain() {
             let mut last_slot: Option<usize> = None;
             for (i, l) in self.layers.iter().enumerate() {
@@ -492,7 +504,9 @@ impl Network {
                     continue;
                 }
                 place[i] = if own(i) {
-                    last_slot = None;
+                    if !applied_by.contains(&Some(i)) {
+                        last_slot = None;
+                    }
                     GradPlace::Own
                 } else {
                     let s = last_slot.map_or(0, |s| 1 - s);
@@ -513,7 +527,7 @@ impl Network {
                 continue;
             }
             let written = readers[i].first().copied().unwrap_or(n);
-            lives.push((written, i, i));
+            lives.push((written, applied_by[i].unwrap_or(i), i));
         }
         lives.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
         // The last read of each slot's current gradient; a slot is free once that is past.

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::gpu::{CoopMode, Gpu};
 use crate::gpu::{Op, Tensor};
 use crate::kernels::conv_coop;
-use crate::kernels::conv2d::{self, ActGrad, InputBn};
+use crate::kernels::conv2d::{self, ActGrad, AroundBn, InputBn, OutputBn};
 use crate::quant::ActQuant;
 use crate::quant::Bits;
 
@@ -60,6 +60,23 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         (QuantInput::ThroughBn(k), ActQuant::Dorefa(bits)) => Some(net.input_bn(*k, bits)?),
         _ => None,
     };
+    // The backward of the BatchNorm after, applied where the backward GEMMs load dy (dy is this
+    // conv's output then).
+    let bn_after = match &buf.bn_after {
+        Some((k, bn_dy)) if io.train => Some((*k, super::at_batch(bn_dy, io.batch)?)),
+        _ => None,
+    };
+    let output_bn = match &bn_after {
+        Some((k, bn_dy)) => Some(OutputBn {
+            form: net.bn_form(*k)?,
+            dy: bn_dy,
+        }),
+        None => None,
+    };
+    let around = AroundBn {
+        input: input_bn,
+        output: output_bn,
+    };
     let gemm = Gemm::new(op, io.batch, &l.in_shape, &l.out_shape);
     fwd.push(forward_gemm(
         io,
@@ -85,7 +102,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                     bits: *bits,
                     requantize: in_place,
                 };
-                gemm.grad_input_act(gpu, dy, &w_hat, dx, act, input_bn)
+                gemm.grad_input_act(gpu, dy, &w_hat, dx, act, around)
                     .transpose()?
             }
             _ => None,
@@ -93,7 +110,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         match io.dx() {
             Some(_) if fused.is_some() => bwd.extend(fused),
             Some(dx) => {
-                bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
+                bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, around)?);
                 if in_place {
                     bwd.extend(q.backward_requantize(gpu, x, dx)?);
                 } else {
@@ -107,7 +124,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             bwd.push(q.forward(gpu, x, &xq)?);
         }
     } else if let Some(dx) = io.dx() {
-        bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx)?);
+        bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, around)?);
     }
     let dw = net.grad(l.weight)?.expect("weights");
     let db = net.grad(l.bias)?;
@@ -115,10 +132,10 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     match (&l.quantizer, &l.dw_hat) {
         (Some(q), Some(dw_hat)) => {
             // dL/dŴ goes through the weight quantizer's backward into dL/dW.
-            bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, db.as_ref()), scratch, input_bn)?);
+            bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, db.as_ref()), scratch, around)?);
             bwd.extend(q.backward(net, gpu, &w, dw_hat, &dw)?);
         }
-        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, (&dw, db.as_ref()), scratch, input_bn)?),
+        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, (&dw, db.as_ref()), scratch, around)?),
     }
     Ok((fwd, bwd))
 }
