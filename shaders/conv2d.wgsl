@@ -59,7 +59,8 @@ override BN_STATS: bool = false;
 // of OUT_SHUFFLE groups after it) whose backward is applied where the GEMM loads the output
 // gradient, instead of in a pass of its own: dy (b_src in MODE 1, a_src in MODE 2) holds the
 // conv output, out_dy the BatchNorm's output gradient and out_bn its table [mean, invstd, gamma,
-// beta, dbeta, dgamma] (lib/bn.wgsl's bn_grad, bit for bit norm.wgsl's bn_backward_apply).
+// beta, dbeta, dgamma, scale] (lib/bn.wgsl's bn_grad, bit for bit norm.wgsl's
+// bn_backward_apply).
 override OUT_BN: bool = false;
 override OUT_RELU: bool = false;
 override OUT_SHUFFLE: u32 = 1u;
@@ -157,7 +158,7 @@ fn geometry() -> Geometry {
 @group(0) @binding(7) var<storage, read> in_bn: array<f32>;
 // MODE 0 with BN_STATS: the partial statistics, (tiles, 2, COUT).
 @group(0) @binding(8) var<storage, read_write> bn_part: array<f32>;
-// OUT_BN: the BatchNorm's output gradient and its table (6 COUT floats).
+// OUT_BN: the BatchNorm's output gradient and its table (7 COUT floats).
 @group(0) @binding(9) var<storage, read> out_dy: array<f32>;
 @group(0) @binding(10) var<storage, read> out_bn: array<f32>;
 
@@ -213,7 +214,7 @@ fn out_grad(b: u32, co: u32, pix: u32, y: f32) -> f32 {
     let c = q.cout;
     return bn_grad(y, out_dy[(b * c + at) * q.ohw + pix], out_bn[co], out_bn[c + co],
                    out_bn[2u * c + co], out_bn[3u * c + co], out_bn[4u * c + co],
-                   out_bn[5u * c + co], f32(p.batch * q.ohw), OUT_RELU);
+                   out_bn[5u * c + co], f32(p.batch * q.ohw), out_bn[6u * c + co], OUT_RELU);
 }
 
 // A[m][k] of group g; the caller checks g < groups, m < gm, k < k_end.

@@ -5,7 +5,8 @@
 //   train: normalise with the batch mean and biased variance; running stats move by momentum
 //          with the unbiased variance (n / (n - 1));
 //   eval:  normalise with the running stats.
-// stats = [mean (C), invstd (C), gamma (C), beta (C)] per step: the statistics kernels copy gamma
+// stats = [mean (C), invstd (C), gamma (C), beta (C)] per step (then the backward's dbeta,
+// dgamma and bn_scale, see bn_backward_reduce): the statistics kernels copy gamma
 // and beta beside them, so that a conv that forms this BatchNorm's output where it loads its input
 // (conv2d.wgsl's IN_BN) reads one table. Per-channel reductions are one workgroup per channel,
 // two passes (mean, then squared deviations) over the same data, tree-reduced: deterministic.
@@ -246,8 +247,8 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),
-// also copied into the table (stats[4C + c], stats[5C + c]) for a conv that applies the backward
-// where it loads its output gradient (conv2d.wgsl's OUT_BN).
+// also copied into the table (stats[4C + c], stats[5C + c], with bn_scale at stats[6C + c]) for
+// a conv that applies the backward where it loads its output gradient (conv2d.wgsl's OUT_BN).
 @compute @workgroup_size(256)
 fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
@@ -283,6 +284,7 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         dgamma[c] = sums.y;
         stats[4u * p.c + c] = sums.x;
         stats[5u * p.c + c] = sums.y;
+        stats[6u * p.c + c] = bn_scale(gamma[c], invstd, f32(count));
     }
 }
 
@@ -290,8 +292,10 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
 fn bn_dx(i: u32, xv: f32) -> f32 {
     let at = place(i);
     let c = at.c;
-    return bn_grad(xv, dy[at.out], stats_in[c], stats_in[p.c + c], gamma[c], beta[c],
-                   dbeta_in[c], dgamma_in[c], f32(p.n * p.s), p.relu == 1u);
+    let invstd = stats_in[p.c + c];
+    let count = f32(p.n * p.s);
+    return bn_grad(xv, dy[at.out], stats_in[c], invstd, gamma[c], beta[c], dbeta_in[c],
+                   dgamma_in[c], count, bn_scale(gamma[c], invstd, count), p.relu == 1u);
 }
 
 @compute @workgroup_size(256)

@@ -1,6 +1,7 @@
-// BatchNorm's affine map and the ReLU fused after it, shared by norm.wgsl's passes and by the
-// conv GEMMs that form a BatchNorm's output where they load it (conv2d.wgsl's and
-// conv_coop.wgsl's IN_BN), so that both give the same bits.
+// BatchNorm's affine map, the ReLU fused after it and its input gradient, shared by norm.wgsl's
+// passes and by the kernels that do a BatchNorm's work where they load their operands
+// (conv2d.wgsl's IN_BN and OUT_BN, conv_coop.wgsl's IN_BN, pool.wgsl's in_bn), so that both give
+// the same bits.
 
 // gamma * (v - mean) * invstd + beta, in this order.
 fn bn_affine(v: f32, mean: f32, invstd: f32, gamma: f32, beta: f32) -> f32 {
@@ -9,15 +10,20 @@ fn bn_affine(v: f32, mean: f32, invstd: f32, gamma: f32, beta: f32) -> f32 {
 
 // BatchNorm's (train) input gradient at input v whose output gradient is g, before the fused
 // ReLU's mask (where the output is not positive; `relu`), for `count` values per channel and the
-// channel's sums dbeta = sum g', dgamma = sum g' xhat (g' = g after the mask).
+// channel's sums dbeta = sum g', dgamma = sum g' xhat (g' = g after the mask); `scale` is the
+// channel's gamma * invstd / count (bn_scale), formed once per channel.
 fn bn_grad(v: f32, g: f32, mean: f32, invstd: f32, gamma: f32, beta: f32, dbeta: f32,
-           dgamma: f32, count: f32, relu: bool) -> f32 {
+           dgamma: f32, count: f32, scale: f32, relu: bool) -> f32 {
     var gm = g;
     if (relu) {
         gm = select(0.0, g, bn_affine(v, mean, invstd, gamma, beta) > 0.0);
     }
     let xhat = (v - mean) * invstd;
-    return gamma * invstd / count * (count * gm - dbeta - xhat * dgamma);
+    return scale * (count * gm - dbeta - xhat * dgamma);
+}
+
+fn bn_scale(gamma: f32, invstd: f32, count: f32) -> f32 {
+    return gamma * invstd / count;
 }
 
 // ReLU by bits: 0 where v is negative or zero, v elsewhere (NaN kept, where compilers may

@@ -229,7 +229,7 @@ pub struct InputBn<'a> {
 /// A conv whose output feeds a BatchNorm whose backward (the input gradient) is applied where
 /// grad-input and grad-weight load the conv's output gradient (the shader's `OUT_BN`): their dy
 /// is then the conv's output, `dy` here the BatchNorm's output gradient, and `form.table` must
-/// hold the BatchNorm's `dbeta`, `dgamma` (its backward reduction writes them).
+/// hold the BatchNorm's `dbeta`, `dgamma` and scale (its backward reduction writes them).
 #[derive(Clone, Copy, Debug)]
 pub struct OutputBn<'a> {
     pub form: BnForm<'a>,
@@ -253,6 +253,107 @@ pub struct Fused<'a> {
     pub input_bn: Option<InputBn<'a>>,
     pub output_bn: Option<OutputBn<'a>>,
     pub bn_stats: Option<&'a Tensor>,
+}
+
+impl Fused<'_> {
+    /// Checks that `mode`'s GEMM of `g`, writing `out` in `tiles` column tiles, can do these.
+    fn check(
+        &self,
+        g: &GemmConv,
+        mode: Mode,
+        out: &Tensor,
+        tiles: usize,
+        label: &str,
+    ) -> Result<()> {
+        let refuse = |why: &str| Err(Error::shape(label, why));
+        if self.act.is_some() && mode != Mode::GradInput {
+            return refuse("only grad-input applies an input quantizer");
+        }
+        if let Some(a) = self.act {
+            expect_dtype(label, "x", a.x, DType::F32)?;
+            if a.x.numel() != out.numel() {
+                return refuse("the input x is not the size of dx");
+            }
+        }
+        if let Some(bn) = self.input_bn {
+            if mode == Mode::GradInput && self.act.is_none_or(|a| a.requantize) {
+                return refuse(
+                    "grad-input forms a BatchNorm's output only for its quantizer's mask (an ActGrad without requantize)",
+                );
+            }
+            bn.form.check(label, g.cin)?;
+        }
+        if let Some(bn) = self.output_bn {
+            if mode == Mode::Forward {
+                return refuse("only the backward GEMMs apply the next BatchNorm's backward");
+            }
+            bn.form.check(label, g.cout)?;
+            if bn.dy.numel() != g.batch * g.cout * g.oh * g.ow {
+                return refuse(
+                    "the BatchNorm's output gradient is not the size of the conv's output",
+                );
+            }
+        }
+        if let Some(t) = self.bn_stats {
+            if mode != Mode::Forward {
+                return refuse("only the forward GEMM forms BatchNorm statistics");
+            }
+            let need = 2 * tiles * g.cout;
+            if t.numel() < need {
+                return Err(Error::shape(
+                    label,
+                    format!(
+                        "{} floats for BatchNorm partial statistics, {need} needed",
+                        t.numel()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The shader's constants that switch these on.
+    fn constants(&self) -> Vec<(&'static str, f64)> {
+        let flag = |on: bool| f64::from(u8::from(on));
+        let (input, output) = (self.input_bn, self.output_bn);
+        // The quantizer's levels: grad-input's epilogue's, or the input's formed on load.
+        let levels = self.act.map(|a| a.bits).or(input.map(|b| b.bits));
+        vec![
+            (
+                "ACT_GRAD",
+                self.act
+                    .map_or(0.0, |a| if a.requantize { 2.0 } else { 1.0 }),
+            ),
+            ("ACT_LEVELS", levels.map_or(1.0, |b| f64::from(b.levels()))),
+            (
+                "ACT_INV_LEVELS",
+                levels.map_or(1.0, |b| f64::from(b.inv_levels())),
+            ),
+            ("IN_BN", flag(input.is_some())),
+            ("IN_RELU", flag(input.is_some_and(|b| b.form.relu))),
+            ("IN_SHUFFLE", input.map_or(1, |b| b.form.shuffle) as f64),
+            ("IN_QUANT", flag(input.is_some_and(|b| !b.bits.is_float()))),
+            ("BN_STATS", flag(self.bn_stats.is_some())),
+            ("OUT_BN", flag(output.is_some())),
+            ("OUT_RELU", flag(output.is_some_and(|b| b.form.relu))),
+            ("OUT_SHUFFLE", output.map_or(1, |b| b.form.shuffle) as f64),
+        ]
+    }
+
+    /// What a launch's label says of these.
+    fn describe(&self) -> String {
+        let mut s = String::new();
+        for (on, what) in [
+            (self.input_bn.is_some(), " through bn"),
+            (self.bn_stats.is_some(), " +bn stats"),
+            (self.output_bn.is_some(), " +bn backward"),
+        ] {
+            if on {
+                s.push_str(what);
+            }
+        }
+        s
+    }
 }
 
 /// Which GEMM of a convolution (the shader's `MODE`).
@@ -475,9 +576,9 @@ impl GemmConv {
     }
 
     /// [`Self::launch`] with `fused`: grad-input's `act` (the layer input's quantizer applied
-    /// as dx is written), and the input formed from a BatchNorm's (`input_bn`, conv2d only: the
-    /// layer input is then the BatchNorm's input, `b_src` in forward and grad-weight, `act.x` in
-    /// grad-input).
+    /// as dx is written), and the BatchNorms' work done on load (conv2d only: with `input_bn`
+    /// the layer input is the BatchNorm's input, `b_src` in forward and grad-weight, `act.x` in
+    /// grad-input; with `output_bn`, dy is the conv's output) and forward's `bn_stats`.
     #[allow(clippy::too_many_arguments)]
     pub fn launch_with(
         &self,
@@ -490,48 +591,6 @@ impl GemmConv {
         fused: Fused<'_>,
         label: String,
     ) -> Result<Launch> {
-        let Fused {
-            act,
-            input_bn,
-            output_bn,
-            bn_stats,
-        } = fused;
-        if let Some(bn) = output_bn {
-            if mode == Mode::Forward {
-                return Err(Error::shape(
-                    &label,
-                    "only the backward GEMMs apply the next BatchNorm's backward",
-                ));
-            }
-            bn.form.check(&label, self.cout)?;
-            if bn.dy.numel() != self.batch * self.cout * self.oh * self.ow {
-                return Err(Error::shape(
-                    &label,
-                    "the BatchNorm's output gradient is not the size of the conv's output",
-                ));
-            }
-        }
-        if bn_stats.is_some() && mode != Mode::Forward {
-            return Err(Error::shape(
-                &label,
-                "only the forward GEMM forms BatchNorm statistics",
-            ));
-        }
-        if act.is_some() && mode != Mode::GradInput {
-            return Err(Error::shape(
-                &label,
-                "only grad-input applies an input quantizer",
-            ));
-        }
-        if let Some(bn) = input_bn {
-            if mode == Mode::GradInput && act.is_none_or(|a| a.requantize) {
-                return Err(Error::shape(
-                    &label,
-                    "grad-input forms a BatchNorm's output only for its quantizer's mask (an ActGrad without requantize)",
-                ));
-            }
-            bn.form.check(&label, self.cin)?;
-        }
         let bias_grad = mode == Mode::GradWeight && bias.is_some();
         let (gm, gn, gk) = self.dims(mode);
         let (k_chunk, splits) = if mode == Mode::GradWeight {
@@ -564,43 +623,8 @@ impl GemmConv {
             ));
         }
         let tile = self.tile(gpu, mode);
-        if let Some(t) = bn_stats {
-            let need = 2 * gn.div_ceil(tile.bn) * self.cout;
-            if t.numel() < need {
-                return Err(Error::shape(
-                    &label,
-                    format!(
-                        "{} floats for BatchNorm partial statistics, {need} needed",
-                        t.numel()
-                    ),
-                ));
-            }
-        }
-        let u = |v: usize| v as u32;
-        let p = Params {
-            batch: u(self.batch),
-            gn: u(gn),
-            gk: u(gk),
-            k_chunk: u(k_chunk),
-            splits: u(splits),
-            cin: u(self.cin),
-            h: u(self.h),
-            w: u(self.w),
-            cout: u(self.cout),
-            oh: u(self.oh),
-            ow: u(self.ow),
-            sh: u(self.stride.0),
-            sw: u(self.stride.1),
-            ph: u(self.padding.0),
-            pw: u(self.padding.1),
-            dh: u(self.dilation.0),
-            dw: u(self.dilation.1),
-            groups: u(self.groups),
-            _pad: [0; 2],
-        };
+        fused.check(self, mode, out, gn.div_ceil(tile.bn), &label)?;
         let c = |v: usize| v as f64;
-        // The quantizer's levels: grad-input's epilogue's, or the input's formed on load.
-        let levels = act.map(|a| a.bits).or(input_bn.map(|b| b.bits));
         let mut constants = vec![
             ("MODE", mode as u32 as f64),
             (
@@ -608,32 +632,6 @@ impl GemmConv {
                 f64::from(u8::from(bias.is_some() && !bias_grad)),
             ),
             ("BIAS_GRAD", f64::from(u8::from(bias_grad))),
-            (
-                "ACT_GRAD",
-                act.map_or(0.0, |a| if a.requantize { 2.0 } else { 1.0 }),
-            ),
-            ("ACT_LEVELS", levels.map_or(1.0, |b| f64::from(b.levels()))),
-            (
-                "ACT_INV_LEVELS",
-                levels.map_or(1.0, |b| f64::from(b.inv_levels())),
-            ),
-            ("IN_BN", f64::from(u8::from(input_bn.is_some()))),
-            (
-                "IN_RELU",
-                f64::from(u8::from(input_bn.is_some_and(|b| b.form.relu))),
-            ),
-            ("IN_SHUFFLE", c(input_bn.map_or(1, |b| b.form.shuffle))),
-            ("BN_STATS", f64::from(u8::from(bn_stats.is_some()))),
-            ("OUT_BN", f64::from(u8::from(output_bn.is_some()))),
-            (
-                "OUT_RELU",
-                f64::from(u8::from(output_bn.is_some_and(|b| b.form.relu))),
-            ),
-            ("OUT_SHUFFLE", c(output_bn.map_or(1, |b| b.form.shuffle))),
-            (
-                "IN_QUANT",
-                f64::from(u8::from(input_bn.is_some_and(|b| !b.bits.is_float()))),
-            ),
             ("BM", c(tile.bm)),
             ("BN", c(tile.bn)),
             ("GP", c(tile.gp)),
@@ -642,22 +640,9 @@ impl GemmConv {
             ("KW", c(self.kernel.1)),
             ("SPECIALIZED", f64::from(u8::from(gpu.specialized_gemms()))),
         ];
+        constants.extend(fused.constants());
         if gpu.specialized_gemms() {
-            constants.extend([
-                ("CIN", c(self.cin)),
-                ("H", c(self.h)),
-                ("W", c(self.w)),
-                ("COUT", c(self.cout)),
-                ("OH", c(self.oh)),
-                ("OW", c(self.ow)),
-                ("SH", c(self.stride.0)),
-                ("SW", c(self.stride.1)),
-                ("PH", c(self.padding.0)),
-                ("PW", c(self.padding.1)),
-                ("DH", c(self.dilation.0)),
-                ("DW", c(self.dilation.1)),
-                ("GROUPS", c(self.groups)),
-            ]);
+            constants.extend(self.geometry_constants());
         }
         let kernel = gpu.kernel(&KernelSpec {
             shader: &CONV2D,
@@ -677,36 +662,26 @@ impl GemmConv {
                 Bind::Read,
             ],
         })?;
-        // The optional bindings must exist even when unused (buffers of their own: one is read,
-        // the others written).
-        let (none, none_out, no_x, no_bn, no_stats) = (
-            gpu.zeros("no bias", &[1], DType::F32)?,
-            gpu.zeros("no bias gradient", &[1], DType::F32)?,
-            gpu.zeros("no quantized input", &[1], DType::F32)?,
-            gpu.zeros("no BatchNorm table", &[1], DType::F32)?,
-            gpu.zeros("no BatchNorm statistics", &[1], DType::F32)?,
-        );
-        let bn_part = bn_stats.unwrap_or(&no_stats);
-        let (out_dy, out_bn) = match output_bn {
-            Some(b) => (b.dy, b.form.table),
-            None => (&no_bn, &no_bn),
-        };
-        let bn_table = input_bn.map_or(&no_bn, |b| b.form.table);
-        let act_x = match act {
-            Some(a) => {
-                expect_dtype(&label, "x", a.x, DType::F32)?;
-                if a.x.numel() != out.numel() {
-                    return Err(Error::shape(&label, "the input x is not the size of dx"));
-                }
-                a.x
-            }
-            None => &no_x,
-        };
+        // The optional bindings must exist even when unused: a placeholder of one float each
+        // (buffers of their own, so that none aliases a written one).
+        let placeholder = |what: &str| gpu.zeros(what, &[1], DType::F32);
+        let (none, none_out) = (placeholder("no bias")?, placeholder("no bias gradient")?);
         let (bias, bias_out) = match (bias, bias_grad) {
             (Some(b), false) => (b, &none_out),
             (Some(b), true) => (&none, b),
             (None, _) => (&none, &none_out),
         };
+        let (no_x, no_bn, no_stats) = (
+            placeholder("no quantized input")?,
+            placeholder("no BatchNorm table")?,
+            placeholder("no BatchNorm statistics")?,
+        );
+        let act_x = fused.act.map_or(&no_x, |a| a.x);
+        let bn_table = fused.input_bn.map_or(&no_bn, |b| b.form.table);
+        let bn_part = fused.bn_stats.unwrap_or(&no_stats);
+        let (out_dy, out_bn) = fused
+            .output_bn
+            .map_or((&no_bn, &no_bn), |b| (b.dy, b.form.table));
         let grid = [
             gn.div_ceil(tile.bn) as u32,
             gm.div_ceil(tile.rg) as u32,
@@ -717,29 +692,68 @@ impl GemmConv {
             1 => String::new(),
             gp => format!(", {gp} groups of {}", tile.rg),
         };
-        let through = format!(
-            "{}{}{}",
-            if input_bn.is_some() {
-                " through bn"
-            } else {
-                ""
-            },
-            if bn_stats.is_some() { " +bn stats" } else { "" },
-            if output_bn.is_some() {
-                " +bn backward"
-            } else {
-                ""
-            },
-        );
         gpu.launch(
             &kernel,
-            format!("{label}{through} tile {}x{}{packed}", tile.bm, tile.bn),
-            Some(bytemuck::bytes_of(&p)),
+            format!(
+                "{label}{} tile {}x{}{packed}",
+                fused.describe(),
+                tile.bm,
+                tile.bn
+            ),
+            Some(bytemuck::bytes_of(
+                &self.params((gn, gk), (k_chunk, splits)),
+            )),
             &[
                 a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part, out_dy, out_bn,
             ],
             grid,
         )
+    }
+
+    /// The uniforms of one GEMM (`gn` columns, depth `gk`, split in chunks of `k_chunk`).
+    fn params(&self, (gn, gk): (usize, usize), (k_chunk, splits): (usize, usize)) -> Params {
+        let u = |v: usize| v as u32;
+        Params {
+            batch: u(self.batch),
+            gn: u(gn),
+            gk: u(gk),
+            k_chunk: u(k_chunk),
+            splits: u(splits),
+            cin: u(self.cin),
+            h: u(self.h),
+            w: u(self.w),
+            cout: u(self.cout),
+            oh: u(self.oh),
+            ow: u(self.ow),
+            sh: u(self.stride.0),
+            sw: u(self.stride.1),
+            ph: u(self.padding.0),
+            pw: u(self.padding.1),
+            dh: u(self.dilation.0),
+            dw: u(self.dilation.1),
+            groups: u(self.groups),
+            _pad: [0; 2],
+        }
+    }
+
+    /// The geometry as pipeline constants (specialised pipelines).
+    fn geometry_constants(&self) -> [(&'static str, f64); 13] {
+        let c = |v: usize| v as f64;
+        [
+            ("CIN", c(self.cin)),
+            ("H", c(self.h)),
+            ("W", c(self.w)),
+            ("COUT", c(self.cout)),
+            ("OH", c(self.oh)),
+            ("OW", c(self.ow)),
+            ("SH", c(self.stride.0)),
+            ("SW", c(self.stride.1)),
+            ("PH", c(self.padding.0)),
+            ("PW", c(self.padding.1)),
+            ("DH", c(self.dilation.0)),
+            ("DW", c(self.dilation.1)),
+            ("GROUPS", c(self.groups)),
+        ]
     }
 
     /// The split count grad-weight really uses when asked for `splits` (chunks are whole tiles).

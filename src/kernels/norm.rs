@@ -48,16 +48,16 @@ const BACKWARD_APPLY: Entry = entry(
 );
 
 /// Floats per channel of a BatchNorm's table: `[mean, invstd, gamma, beta]` from its statistics
-/// kernels, then `[dbeta, dgamma]` from its backward reduction (for a conv that applies the
-/// BatchNorm's backward where it loads its output gradient).
-pub const TABLE: usize = 6;
+/// kernels, then `[dbeta, dgamma, gamma·invstd/count]` from its backward reduction (for a conv
+/// that applies the BatchNorm's backward where it loads its output gradient).
+pub const TABLE: usize = 7;
 
 /// How a kernel that reads a BatchNorm's output forms it from the BatchNorm's input, where it
 /// loads it, instead of reading it stored: the BatchNorm's table, its fused ReLU and shuffle.
 /// Bit for bit what [`apply`] writes (`shaders/lib/bn.wgsl`).
 #[derive(Clone, Copy, Debug)]
 pub struct BnForm<'a> {
-    /// Per channel `[mean, invstd, gamma, beta, dbeta, dgamma]` ([`TABLE`] · C floats): what
+    /// Per channel `[mean, invstd, gamma, beta, dbeta, dgamma, scale]` ([`TABLE`] · C floats): what
     /// [`stats_train`] (or [`stats_eval`]) and [`backward`] write.
     pub table: &'a Tensor,
     pub relu: bool,

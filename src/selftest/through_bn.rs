@@ -607,6 +607,9 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
                         table[3 * c + ch] = rng.uniform(-0.5, 0.5);
                         table[4 * c + ch] = rng.uniform(-3.0, 3.0);
                         table[5 * c + ch] = rng.uniform(-3.0, 3.0);
+                        // gamma · invstd / count, as the backward reduction writes it.
+                        let count = (geom.y_shape().iter().product::<usize>() / c) as f32;
+                        table[6 * c + ch] = table[2 * c + ch] * table[c + ch] / count;
                     }
                     let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
                     let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
