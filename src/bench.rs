@@ -167,6 +167,13 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                 conv2d::grad_weight(gpu, &g, &x, &dy, &dw, None)
             }),
         ));
+        // The same GEMMs doing BatchNorm's work as they load (what a NIN training step runs for
+        // a quantized conv between two BatchNorms): the input formed from the BatchNorm before
+        // (ReLU, quantizer), forward's partial statistics for the BatchNorm after, and the
+        // backward GEMMs applying that BatchNorm's backward to dy.
+        if !first && !bits.is_float() {
+            out.extend(bn_fused_items(&g, bits, &mk));
+        }
         if !first && !bits.is_float() {
             let xs = g.input_shape();
             let ws = g.weight_shape();
@@ -229,6 +236,128 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
         first = false;
     }
     Ok(out)
+}
+
+/// A BatchNorm with its ReLU and no shuffle, as the `+bn` rows form it.
+fn relu_bn(table: &Tensor) -> crate::kernels::norm::BnForm<'_> {
+    crate::kernels::norm::BnForm {
+        table,
+        relu: true,
+        shuffle: 1,
+    }
+}
+
+/// The conv GEMMs of [`items`] with the BatchNorms around the conv fused in (`+bn` rows).
+fn bn_fused_items(
+    g: &Conv2dGeom,
+    bits: Bits,
+    mk: &dyn Fn(&'static str, Build) -> Item,
+) -> Vec<Item> {
+    use crate::kernels::conv2d::{ActGrad, AroundBn, InputBn, OutputBn};
+    use crate::kernels::norm::TABLE;
+    let g = *g;
+    // A BatchNorm table: mean 0, invstd 1, gamma 1, beta 0, small sums.
+    let table = move |gpu: &Gpu, c: usize, count: usize| -> Result<Tensor> {
+        let mut t = vec![0.0f32; TABLE * c];
+        for ch in 0..c {
+            t[c + ch] = 1.0;
+            t[2 * c + ch] = 1.0;
+            t[4 * c + ch] = 0.01;
+            t[5 * c + ch] = -0.01;
+            t[6 * c + ch] = 1.0 / count as f32;
+        }
+        gpu.upload_f32("BatchNorm table", &[TABLE * c], &t)
+    };
+    let (oh, ow) = g.out_hw();
+    let (in_count, out_count) = (g.batch * g.h * g.w, g.batch * oh * ow);
+    vec![
+        mk(
+            "forward+bn",
+            Box::new(move |gpu| {
+                let mut rng = Rng::new(1);
+                let x = random_tensor(gpu, "bn input", &g.input_shape(), &mut rng, -2.0, 2.0)?;
+                let wt = random_tensor(gpu, "w", &g.weight_shape(), &mut rng, -1.0, 1.0)?;
+                let b = gpu.zeros("b", &[g.cout], DType::F32)?;
+                let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
+                let t_in = table(gpu, g.cin, in_count)?;
+                let partials =
+                    gpu.empty("partials", &[conv2d::forward_bn_partials(&g)], DType::F32)?;
+                let input = InputBn {
+                    form: relu_bn(&t_in),
+                    bits,
+                };
+                Ok(vec![conv2d::forward_with(
+                    gpu,
+                    &g,
+                    &x,
+                    &wt,
+                    Some(&b),
+                    &y,
+                    Some(input),
+                    Some(&partials),
+                )?])
+            }),
+        ),
+        mk(
+            "grad_input+bn",
+            Box::new(move |gpu| {
+                let mut rng = Rng::new(2);
+                let y = random_tensor(gpu, "conv output", &g.output_shape(), &mut rng, -2.0, 2.0)?;
+                let dy = random_tensor(gpu, "bn dy", &g.output_shape(), &mut rng, -1.0, 1.0)?;
+                let wt = random_tensor(gpu, "w", &g.weight_shape(), &mut rng, -1.0, 1.0)?;
+                let x = random_tensor(gpu, "bn input", &g.input_shape(), &mut rng, -2.0, 2.0)?;
+                let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
+                let (t_in, t_out) = (table(gpu, g.cin, in_count)?, table(gpu, g.cout, out_count)?);
+                let around = AroundBn {
+                    input: Some(InputBn {
+                        form: relu_bn(&t_in),
+                        bits,
+                    }),
+                    output: Some(OutputBn {
+                        form: relu_bn(&t_out),
+                        dy: &dy,
+                    }),
+                };
+                let act = ActGrad {
+                    x: &x,
+                    bits,
+                    requantize: false,
+                };
+                Ok(vec![conv2d::grad_input_fused(
+                    gpu,
+                    &g,
+                    &y,
+                    &wt,
+                    &dx,
+                    Some(act),
+                    around,
+                )?])
+            }),
+        ),
+        mk(
+            "grad_weight+bn",
+            Box::new(move |gpu| {
+                let mut rng = Rng::new(3);
+                let x = random_tensor(gpu, "bn input", &g.input_shape(), &mut rng, -2.0, 2.0)?;
+                let y = random_tensor(gpu, "conv output", &g.output_shape(), &mut rng, -2.0, 2.0)?;
+                let dy = random_tensor(gpu, "bn dy", &g.output_shape(), &mut rng, -1.0, 1.0)?;
+                let dw = gpu.empty("dw", &g.weight_shape(), DType::F32)?;
+                let db = gpu.empty("db", &[g.cout], DType::F32)?;
+                let (t_in, t_out) = (table(gpu, g.cin, in_count)?, table(gpu, g.cout, out_count)?);
+                let around = AroundBn {
+                    input: Some(InputBn {
+                        form: relu_bn(&t_in),
+                        bits,
+                    }),
+                    output: Some(OutputBn {
+                        form: relu_bn(&t_out),
+                        dy: &dy,
+                    }),
+                };
+                conv2d::grad_weight_fused(gpu, &g, &x, &y, (&dw, Some(&db)), around, None)
+            }),
+        ),
+    ]
 }
 
 /// Times every kernel of a training step of each model at each batch size. Failures (e.g. a

@@ -132,8 +132,15 @@ fn bench_kernels_prints_rows_with_times() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["kernels"].as_array().unwrap();
-    // 9 convs: forward and grad-weight each, grad-input for 8; 4 quantizer rows for 8 of them.
-    assert_eq!(rows.len(), 9 * 2 + 8 + 8 * 4);
+    // 9 convs: forward and grad-weight each, grad-input for 8; for the 8 quantized ones the
+    // three `+bn` GEMMs and 4 quantizer rows.
+    assert_eq!(rows.len(), 9 * 2 + 8 + 8 * 3 + 8 * 4);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["direction"].as_str().unwrap().ends_with("+bn"))
+            .count(),
+        8 * 3
+    );
     assert!(
         rows.iter().all(|r| r["seconds"].as_f64().unwrap() > 0.0),
         "{rows:?}"
