@@ -35,7 +35,8 @@ part() {
 # targets first (DoReFa, and IAO W8A8 beside it in wgqat and eager PyTorch; wgqat uses the
 # adapter's cooperative matrices for quantized conv forwards where it has them, and runs once
 # more without them), then ResNet-18 at batch 128 (torch.compile left out for time), then the
-# per-kernel table (with the cooperative-matrix forward rows).
+# per-kernel table (with the cooperative-matrix forward rows and the `+bn` rows, the GEMMs doing
+# BatchNorm's work as a training step runs them; 3 timed runs each, to fit its limit).
 part info 15 "$W" info
 part selftest 45 "$W" selftest --json
 part wgqat_256 55 "$W" bench --json --model nin_gc,nin --scheme dorefa,iao --bn-fuse --bits 8 --batch 256 --no-breakdown
@@ -50,5 +51,5 @@ part wgqat_resnet18 30 "$W" bench --json --model resnet18 --bits 8 --batch 128 -
 part torch_eager_resnet18 25 python3 tools/torch_bench.py --json --model resnet18 --bits 8 --batch 128
 python3 tools/bench_table.py "$out/wgqat_resnet18.txt" "$out/torch_eager_resnet18.txt" \
     >"$out/table_resnet18.md" 2>>"$out/table.err"
-part kernels_256 35 "$W" bench kernels --model nin_gc,nin --batch 256
+part kernels_256 35 "$W" bench kernels --model nin_gc,nin --batch 256 --repeat 3
 cat "$out/table_256.md" "$out/table_256_fp32_path.md" "$out/table_resnet18.md" 2>/dev/null
