@@ -247,13 +247,34 @@ fn relu_bn(table: &Tensor) -> crate::kernels::norm::BnForm<'_> {
     }
 }
 
+/// A conv between two BatchNorms (tables `t_in`, `t_out`; `dy` the second's output gradient),
+/// its input quantized to `bits`.
+fn between_bns<'a>(
+    t_in: &'a Tensor,
+    t_out: &'a Tensor,
+    dy: &'a Tensor,
+    bits: Bits,
+) -> crate::kernels::conv2d::AroundBn<'a> {
+    use crate::kernels::conv2d::{AroundBn, InputBn, OutputBn};
+    AroundBn {
+        input: Some(InputBn {
+            form: relu_bn(t_in),
+            bits,
+        }),
+        output: Some(OutputBn {
+            form: relu_bn(t_out),
+            dy,
+        }),
+    }
+}
+
 /// The conv GEMMs of [`items`] with the BatchNorms around the conv fused in (`+bn` rows).
 fn bn_fused_items(
     g: &Conv2dGeom,
     bits: Bits,
     mk: &dyn Fn(&'static str, Build) -> Item,
 ) -> Vec<Item> {
-    use crate::kernels::conv2d::{ActGrad, AroundBn, InputBn, OutputBn};
+    use crate::kernels::conv2d::{ActGrad, InputBn};
     use crate::kernels::norm::TABLE;
     let g = *g;
     // A BatchNorm table: mean 0, invstd 1, gamma 1, beta 0, small sums.
@@ -308,16 +329,7 @@ fn bn_fused_items(
                 let x = random_tensor(gpu, "bn input", &g.input_shape(), &mut rng, -2.0, 2.0)?;
                 let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
                 let (t_in, t_out) = (table(gpu, g.cin, in_count)?, table(gpu, g.cout, out_count)?);
-                let around = AroundBn {
-                    input: Some(InputBn {
-                        form: relu_bn(&t_in),
-                        bits,
-                    }),
-                    output: Some(OutputBn {
-                        form: relu_bn(&t_out),
-                        dy: &dy,
-                    }),
-                };
+                let around = between_bns(&t_in, &t_out, &dy, bits);
                 let act = ActGrad {
                     x: &x,
                     bits,
@@ -344,16 +356,7 @@ fn bn_fused_items(
                 let dw = gpu.empty("dw", &g.weight_shape(), DType::F32)?;
                 let db = gpu.empty("db", &[g.cout], DType::F32)?;
                 let (t_in, t_out) = (table(gpu, g.cin, in_count)?, table(gpu, g.cout, out_count)?);
-                let around = AroundBn {
-                    input: Some(InputBn {
-                        form: relu_bn(&t_in),
-                        bits,
-                    }),
-                    output: Some(OutputBn {
-                        form: relu_bn(&t_out),
-                        dy: &dy,
-                    }),
-                };
+                let around = between_bns(&t_in, &t_out, &dy, bits);
                 conv2d::grad_weight_fused(gpu, &g, &x, &y, (&dw, Some(&db)), around, None)
             }),
         ),

@@ -257,7 +257,7 @@ pub struct Fused<'a> {
 
 impl Fused<'_> {
     /// Checks that `mode`'s GEMM of `g`, writing `out` in `tiles` column tiles, can do these.
-    fn check(
+    pub(crate) fn check(
         &self,
         g: &GemmConv,
         mode: Mode,
@@ -341,7 +341,7 @@ impl Fused<'_> {
     }
 
     /// What a launch's label says of these.
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut s = String::new();
         for (on, what) in [
             (self.input_bn.is_some(), " through bn"),
@@ -736,8 +736,8 @@ impl GemmConv {
         }
     }
 
-    /// The geometry as pipeline constants (specialised pipelines).
-    fn geometry_constants(&self) -> [(&'static str, f64); 13] {
+    /// The geometry as pipeline constants (specialised pipelines; the kernel size is separate).
+    pub(crate) fn geometry_constants(&self) -> [(&'static str, f64); 13] {
         let c = |v: usize| v as f64;
         [
             ("CIN", c(self.cin)),

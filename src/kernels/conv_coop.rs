@@ -5,7 +5,7 @@
 //! are exact in f16 (see the shader). Everything else, and every backward GEMM, stays on the
 //! fp32 kernel family of `conv2d.wgsl`.
 
-use super::conv2d::{Conv2dGeom, InputBn};
+use super::conv2d::{Conv2dGeom, Fused, InputBn, Mode};
 use super::{CONV_COOP, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 pub use crate::gpu::CoopMode;
@@ -102,14 +102,11 @@ pub fn forward(
             "needs weights and activations of 2 to 8 bits (their codes must be exact in f16)",
         ));
     }
-    if let Some(bn) = input_bn {
-        bn.form.check(K, geom.cin)?;
-        if bn.bits != a_bits {
-            return Err(Error::shape(
-                K,
-                "the input formed from a BatchNorm must be quantized to the activation bits",
-            ));
-        }
+    if input_bn.is_some_and(|bn| bn.bits != a_bits) {
+        return Err(Error::shape(
+            K,
+            "the input formed from a BatchNorm must be quantized to the activation bits",
+        ));
     }
     let (oh, ow) = geom.out_hw();
     let gn = geom.batch * oh * ow;
@@ -120,49 +117,31 @@ pub fn forward(
             "tensor too large to index with 32 bits: use a smaller batch size",
         ));
     }
-    if let Some(t) = bn_stats {
-        let need = 2 * gn.div_ceil(TILE) * geom.cout;
-        if t.numel() < need {
-            return Err(Error::shape(
-                K,
-                format!(
-                    "{} floats for BatchNorm partial statistics, {need} needed",
-                    t.numel()
-                ),
-            ));
-        }
-    }
+    // The BatchNorm work is conv2d.wgsl's forward's, checked and labelled the same way.
+    let fused = Fused {
+        input_bn,
+        bn_stats,
+        ..Fused::default()
+    };
+    let gemm = geom.gemm();
+    fused.check(&gemm, Mode::Forward, y, gn.div_ceil(TILE), K)?;
     let (nw, na) = (f64::from(w_bits.levels()), f64::from(a_bits.levels()));
     let c = |v: usize| v as f64;
-    let constants = [
-        ("HAS_BIAS", f64::from(u8::from(bias.is_some()))),
+    let flag = |on: bool| f64::from(u8::from(on));
+    let mut constants = vec![
+        ("HAS_BIAS", flag(bias.is_some())),
         ("W_LEVELS", nw),
         ("A_LEVELS", na),
         ("A_INV_LEVELS", f64::from(a_bits.inv_levels())),
-        ("IN_BN", f64::from(u8::from(input_bn.is_some()))),
-        (
-            "IN_RELU",
-            f64::from(u8::from(input_bn.is_some_and(|b| b.form.relu))),
-        ),
+        ("IN_BN", flag(input_bn.is_some())),
+        ("IN_RELU", flag(input_bn.is_some_and(|b| b.form.relu))),
         ("IN_SHUFFLE", c(input_bn.map_or(1, |b| b.form.shuffle))),
-        ("BN_STATS", f64::from(u8::from(bn_stats.is_some()))),
+        ("BN_STATS", flag(bn_stats.is_some())),
         ("SCALE", f64::from((1.0 / (nw * na)) as f32)),
-        ("CIN", c(geom.cin)),
-        ("H", c(geom.h)),
-        ("W", c(geom.w)),
-        ("COUT", c(geom.cout)),
-        ("OH", c(oh)),
-        ("OW", c(ow)),
-        ("SH", c(geom.stride.0)),
-        ("SW", c(geom.stride.1)),
-        ("PH", c(geom.padding.0)),
-        ("PW", c(geom.padding.1)),
-        ("DH", c(geom.dilation.0)),
-        ("DW", c(geom.dilation.1)),
-        ("GROUPS", c(geom.groups)),
         ("KH", c(geom.kernel.0)),
         ("KW", c(geom.kernel.1)),
     ];
+    constants.extend(gemm.geometry_constants());
     let shader = match mode {
         CoopMode::Hardware => &CONV_COOP,
         CoopMode::Emulated => emulated_shader(),
@@ -181,28 +160,16 @@ pub fn forward(
             Bind::ReadWrite,
         ],
     })?;
-    let (none, no_bn, no_stats);
-    let bias = match bias {
-        Some(b) => b,
-        None => {
-            none = gpu.zeros("no bias", &[1], DType::F32)?;
-            &none
-        }
-    };
-    let bn_table = match input_bn {
-        Some(b) => b.form.table,
-        None => {
-            no_bn = gpu.zeros("no BatchNorm table", &[1], DType::F32)?;
-            &no_bn
-        }
-    };
-    let bn_part = match bn_stats {
-        Some(t) => t,
-        None => {
-            no_stats = gpu.zeros("no BatchNorm statistics", &[1], DType::F32)?;
-            &no_stats
-        }
-    };
+    // Placeholders of one float for the optional bindings.
+    let placeholder = |what: &str| gpu.zeros(what, &[1], DType::F32);
+    let (none, no_bn, no_stats) = (
+        placeholder("no bias")?,
+        placeholder("no BatchNorm table")?,
+        placeholder("no BatchNorm statistics")?,
+    );
+    let bias = bias.unwrap_or(&none);
+    let bn_table = input_bn.map_or(&no_bn, |b| b.form.table);
+    let bn_part = bn_stats.unwrap_or(&no_stats);
     let p = Params {
         gn: gn as u32,
         gk: gk as u32,
@@ -220,12 +187,7 @@ pub fn forward(
             geom.input_shape(),
             geom.weight_shape(),
             geom.groups,
-            match (input_bn.is_some(), bn_stats.is_some()) {
-                (true, true) => " through bn +bn stats",
-                (true, false) => " through bn",
-                (false, true) => " +bn stats",
-                (false, false) => "",
-            },
+            fused.describe(),
             if mode == CoopMode::Emulated {
                 " (emulated)"
             } else {

@@ -8,7 +8,7 @@
 
 use super::{Case, GemmOp, f64s, gemm_tolerance, random};
 use crate::DType;
-use crate::gpu::CoopMode;
+use crate::gpu::{CoopMode, Tensor};
 use crate::kernels::conv_coop;
 use crate::kernels::conv2d::{self, ActGrad, AroundBn, Conv2dGeom, InputBn, OutputBn};
 use crate::kernels::norm::{BnForm, TABLE};
@@ -96,6 +96,18 @@ fn formed_nchw(
     }
 }
 
+/// The conv input formed from a BatchNorm with `table`.
+fn input_bn(table: &Tensor, relu: bool, shuffle: usize, bits: Bits) -> InputBn<'_> {
+    InputBn {
+        form: BnForm {
+            table,
+            relu,
+            shuffle,
+        },
+        bits,
+    }
+}
+
 pub(super) fn cases(v: &mut Vec<Case>) {
     // (The emulated cooperative-matrix kernel takes ~12 s to compile per shape on a CPU
     // driver: two shapes of four, a shuffled 3x3 and the group-packed one.)
@@ -122,14 +134,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
                 let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
                 let out = gpu.empty("y", &geom.y_shape(), DType::F32)?;
-                let ibn = InputBn {
-                    form: BnForm {
-                        table: &tt,
-                        relu,
-                        shuffle,
-                    },
-                    bits,
-                };
+                let ibn = input_bn(&tt, relu, shuffle, bits);
                 let op =
                     conv2d::forward_with(gpu, &geom, &yt, &wt, Some(&bt), &out, Some(ibn), None)?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&out])?;
@@ -163,14 +168,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
                 let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
                 let out = gpu.empty("y", &geom.y_shape(), DType::F32)?;
-                let ibn = InputBn {
-                    form: BnForm {
-                        table: &tt,
-                        relu,
-                        shuffle,
-                    },
-                    bits,
-                };
+                let ibn = input_bn(&tt, relu, shuffle, bits);
                 let op = conv_coop::forward(
                     gpu,
                     &geom,
@@ -202,14 +200,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
                 let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
                 let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
-                let ibn = InputBn {
-                    form: BnForm {
-                        table: &tt,
-                        relu,
-                        shuffle,
-                    },
-                    bits,
-                };
+                let ibn = input_bn(&tt, relu, shuffle, bits);
                 let act = ActGrad {
                     x: &yt,
                     bits,
@@ -260,14 +251,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
                 let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
                 let dbt = gpu.empty("db", &[geom.cout], DType::F32)?;
-                let ibn = InputBn {
-                    form: BnForm {
-                        table: &tt,
-                        relu,
-                        shuffle,
-                    },
-                    bits,
-                };
+                let ibn = input_bn(&tt, relu, shuffle, bits);
                 let ops = conv2d::grad_weight_fused(
                     gpu,
                     &geom,

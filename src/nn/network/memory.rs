@@ -240,13 +240,11 @@ impl Network {
             .flatten()
             .filter_map(|&i| {
                 let l = &self.layers[i];
-                match l.kind {
-                    Kind::Weighted { op, .. } => {
-                        match Gemm::new(op, cap, &l.in_shape, &l.out_shape) {
-                            Gemm::Conv(g) => Some(conv2d::forward_bn_partials(&g)),
-                            _ => None,
-                        }
-                    }
+                let Kind::Weighted { op, .. } = l.kind else {
+                    return None;
+                };
+                match Gemm::new(op, cap, &l.in_shape, &l.out_shape) {
+                    Gemm::Conv(g) => Some(conv2d::forward_bn_partials(&g)),
                     _ => None,
                 }
             })
@@ -367,23 +365,12 @@ impl Network {
                     (alias(&p.out)?, p.dout.as_ref().map(alias).transpose()?)
                 }
                 (true, Source::Input) => (alias(&self.input)?, None),
-                _ if formed_by_reader[i] => {
-                    // The BatchNorm's input in its output's place (see `formed_by_reader`); its
-                    // gradient has a place of its own, as any layer's.
-                    let input = match self.root(l.inputs[0]) {
-                        Some(k) => &out[k].out,
-                        None => &self.input,
-                    };
-                    let d = match (self.trainable, place[i]) {
-                        (true, GradPlace::Slot(s)) => {
-                            Some(grads[s].as_ref().expect("sized above").view(0, &shape)?)
-                        }
-                        _ => None,
-                    };
-                    (alias(input)?, d)
-                }
                 _ => {
-                    let o = if transient[i] > 0 {
+                    let o = if formed_by_reader[i] {
+                        // The BatchNorm's input in its output's place (see `formed_by_reader`);
+                        // its gradient has a place of its own, as any layer's.
+                        alias(self.root(l.inputs[0]).map_or(&self.input, |k| &out[k].out))?
+                    } else if transient[i] > 0 {
                         temps[transient[i] - 1]
                             .as_ref()
                             .expect("sized above")
@@ -407,13 +394,11 @@ impl Network {
                 (Some(t), Some(_)) => Some(t.view(0, &in_shape)?),
                 _ => None,
             };
-            let xq = match (quantized_in(l), in_place(i)) {
-                (false, _) => QuantInput::Float,
-                (true, true) if matches!(l.kind, Kind::Weighted { .. }) && through[i].is_some() => {
-                    QuantInput::ThroughBn(through[i].expect("checked"))
-                }
-                (true, true) => QuantInput::InPlace,
-                (true, false) => {
+            let xq = match (quantized_in(l), in_place(i), through[i]) {
+                (false, _, _) => QuantInput::Float,
+                (true, true, Some(k)) => QuantInput::ThroughBn(k),
+                (true, true, None) => QuantInput::InPlace,
+                (true, false, _) => {
                     QuantInput::Temporary(qtemp.as_ref().expect("sized above").view(0, &in_shape)?)
                 }
             };
