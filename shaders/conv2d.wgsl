@@ -17,16 +17,19 @@
 // workgroup-memory read is one vec4 without bank conflicts), hence (BM / 8) * (BN / 16) threads.
 // Group packing: a grouped conv whose groups have few rows (NIN-GC's 16 and 32) stacks GP
 // groups of RG rows each in one tile (GP = 1, RG = BM: one group), each with its own B tile,
-// so that its tiles are as tall as a dense layer's. A thread's 8 rows lie in one group. K advances BK = 8 at a
-// time through two workgroup buffers: the next K tile is stored while the current one is
-// multiplied, one barrier per tile, the loop unrolled by two so that both buffers sit at
-// constant offsets. A is staged transposed (k-major) with each k row padded by 4
-// floats. With SPECIALIZED (the default) the layer's geometry is pipeline constants, so the
+// so that its tiles are as tall as a dense layer's. A thread's 8 rows lie in one group. K
+// advances BK = 8 at a time through two workgroup buffers: the next K tile is stored while the
+// current one is multiplied, one barrier per tile, the loop unrolled by two so that both
+// buffers sit at constant offsets. A is staged transposed (k-major) with each k row padded by
+// 4 floats. With SPECIALIZED (the default) the layer's geometry is pipeline constants, so the
 // im2col index math divides by constants (one pipeline per layer and direction); without, it is
 // read from the uniforms (one pipeline per tile and kernel size, shared by layers: fewer to
-// compile before the first step). Both sum in the same order and give the same bits. Loads check
-// bounds (padding, tile edges, the end of K: out-of-range elements load as 0); the multiply-add
-// loop does not branch. Each output sums its K terms in increasing k: results do not depend on the tile.
+// compile before the first step). Both sum in the same order and give the same bits. A thread
+// stores whole vec4s of the tiles (quads: 4 rows of A or 4 columns of B, with what depends on k
+// alone, such as a channel's BatchNorm table, found once per quad), read as aligned vec4s of
+// the sources where the layer's shape allows (VEC_A, VEC_B). Loads check bounds (padding, tile
+// edges, the end of K: out-of-range elements load as 0); the multiply-add loop does not branch.
+// Each output sums its K terms in increasing k: results do not depend on the tile.
 
 override MODE: u32 = 0u;
 override HAS_BIAS: bool = false;
@@ -64,6 +67,17 @@ override BN_STATS: bool = false;
 override OUT_BN: bool = false;
 override OUT_RELU: bool = false;
 override OUT_SHUFFLE: u32 = 1u;
+// Vector loads, where the layer's shape puts four tile elements in one aligned vec4 of their
+// source (a_src4 and b_src4 read a_src's and b_src's buffers as vec4s): the tiles hold the same
+// values, from fewer load instructions. 0: element by element.
+//   VEC_A 1: a row quad of A from one vec4 (grad-input of a 1x1 conv: the weight runs along m)
+//   VEC_A 2: a 4x4 block of A from four vec4s along k, transposed (forward: the weight's rows;
+//            grad-weight: dy's rows)
+//   VEC_B 1: a column quad of B from one vec4 (forward and grad-input of a pointwise conv: pixels)
+//   VEC_B 2: a 4x4 block of B from four vec4s along k, transposed (grad-weight of a pointwise
+//            conv: the input's pixels)
+override VEC_A: u32 = 0u;
+override VEC_B: u32 = 0u;
 // Tile rows (a multiple of 16, up to 192; with packing GP * RG) and columns (32, 64 or 128).
 override BM: u32 = 128u;
 override BN: u32 = 128u;
@@ -102,9 +116,12 @@ override A_BUF: u32 = BK * AS4;
 // One group slot's B tile, and a buffer's (GP slots).
 override B_SLOT: u32 = BK * BS4;
 override B_BUF: u32 = GP * B_SLOT;
-// Elements of each tile one thread loads per K step (the last round may be partial).
-override A_PER: u32 = (BK * BM + THREADS - 1u) / THREADS;
-override B_PER: u32 = (GP * BK * BN + THREADS - 1u) / THREADS;
+// Quads (vec4s) of each tile one thread stores per K step (the last round may be partial).
+override A_QUADS: u32 = (BK * BM / 4u + THREADS - 1u) / THREADS;
+override B_QUADS: u32 = (GP * BK * BS4 + THREADS - 1u) / THREADS;
+// The same in 4x4 blocks (VEC_A 2, VEC_B 2).
+override A_BLOCKS: u32 = (BK * BM / 16u + THREADS - 1u) / THREADS;
+override B_BLOCKS: u32 = (GP * BK * BN / 16u + THREADS - 1u) / THREADS;
 
 struct Params {
     batch: u32,
@@ -161,6 +178,9 @@ fn geometry() -> Geometry {
 // OUT_BN: the BatchNorm's output gradient and its table (7 COUT floats).
 @group(0) @binding(9) var<storage, read> out_dy: array<f32>;
 @group(0) @binding(10) var<storage, read> out_bn: array<f32>;
+// a_src and b_src as vec4s (VEC_A, VEC_B).
+@group(0) @binding(11) var<storage, read> a_src4: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read> b_src4: array<vec4<f32>>;
 
 var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
 var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
@@ -174,18 +194,22 @@ var<private> n0: u32;
 var<private> k_end: u32;
 
 // IN_BN: the BatchNorm channel that input channel ch comes from (the shuffle sends channel c
-// to (c % per) * IN_SHUFFLE + c / per, per = cin / IN_SHUFFLE).
+// to (c % per) * IN_SHUFFLE + c / per, per = cin / IN_SHUFFLE); ch itself without IN_BN.
 fn unshuffled(ch: u32) -> u32 {
-    if (IN_SHUFFLE <= 1u) {
+    if (!IN_BN || IN_SHUFFLE <= 1u) {
         return ch;
     }
     return (ch % IN_SHUFFLE) * (q.cin / IN_SHUFFLE) + ch / IN_SHUFFLE;
 }
 
-// IN_BN: the input element of BatchNorm channel sc whose BatchNorm input is v.
-fn bn_formed(v: f32, sc: u32, quantize: bool) -> f32 {
-    var r = bn_affine(v, in_bn[sc], in_bn[q.cin + sc], in_bn[2u * q.cin + sc],
-                      in_bn[3u * q.cin + sc]);
+// IN_BN: BatchNorm channel sc's [mean, invstd, gamma, beta].
+fn in_bn_of(sc: u32) -> vec4<f32> {
+    return vec4(in_bn[sc], in_bn[q.cin + sc], in_bn[2u * q.cin + sc], in_bn[3u * q.cin + sc]);
+}
+
+// IN_BN: the input element whose BatchNorm input is v, in the channel whose table is t.
+fn bn_formed(v: f32, t: vec4<f32>, quantize: bool) -> f32 {
+    var r = bn_affine(v, t.x, t.y, t.z, t.w);
     if (IN_RELU) {
         r = relu_bits(r);
     }
@@ -195,30 +219,45 @@ fn bn_formed(v: f32, sc: u32, quantize: bool) -> f32 {
     return r;
 }
 
-// Element (b, ch, y, x) of the layer input, read from b_src (formed there with IN_BN).
-fn load_input(b: u32, ch: u32, iy: u32, ix: u32) -> f32 {
+// Element (b, y, x) of b_src's channel sc (an input channel unshuffled), formed with IN_BN.
+fn load_input(b: u32, sc: u32, iy: u32, ix: u32) -> f32 {
+    let v = b_src[((b * q.cin + sc) * q.h + iy) * q.w + ix];
     if (IN_BN) {
-        let sc = unshuffled(ch);
-        return bn_formed(b_src[((b * q.cin + sc) * q.h + iy) * q.w + ix], sc, IN_QUANT);
+        return bn_formed(v, in_bn_of(sc), IN_QUANT);
     }
-    return b_src[((b * q.cin + ch) * q.h + iy) * q.w + ix];
+    return v;
 }
 
-// OUT_BN: dL/d(conv output) at (b, channel co, output pixel pix), whose value is y.
-fn out_grad(b: u32, co: u32, pix: u32, y: f32) -> f32 {
+// OUT_BN: what the backward of the BatchNorm after output channel co needs: where its output
+// gradient lies (the shuffle after it moves the channel) and its table.
+struct OutBn {
+    at: u32,
+    mean: f32, invstd: f32, gamma: f32, beta: f32,
+    dbeta: f32, dgamma: f32, scale: f32,
+}
+
+fn out_bn_of(co: u32) -> OutBn {
     var at = co;
     if (OUT_SHUFFLE > 1u) {
         let per = q.cout / OUT_SHUFFLE;
         at = (co % per) * OUT_SHUFFLE + co / per;
     }
     let c = q.cout;
-    return bn_grad(y, out_dy[(b * c + at) * q.ohw + pix], out_bn[co], out_bn[c + co],
-                   out_bn[2u * c + co], out_bn[3u * c + co], out_bn[4u * c + co],
-                   out_bn[5u * c + co], f32(p.batch * q.ohw), out_bn[6u * c + co], OUT_RELU);
+    return OutBn(at, out_bn[co], out_bn[c + co], out_bn[2u * c + co], out_bn[3u * c + co],
+                 out_bn[4u * c + co], out_bn[5u * c + co], out_bn[6u * c + co]);
 }
 
-// A[m][k] of group g; the caller checks g < groups, m < gm, k < k_end.
+// OUT_BN: dL/d(conv output) at (b, output pixel pix) of the channel t describes, whose value is y.
+fn out_grad(t: OutBn, b: u32, pix: u32, y: f32) -> f32 {
+    return bn_grad(y, out_dy[(b * q.cout + t.at) * q.ohw + pix], t.mean, t.invstd, t.gamma,
+                   t.beta, t.dbeta, t.dgamma, f32(p.batch * q.ohw), t.scale, OUT_RELU);
+}
+
+// A[m][k] of group g, 0 past the group's rows; the caller checks g < groups and k < k_end.
 fn load_a(g: u32, m: u32, k: u32) -> f32 {
+    if (m >= q.gm) {
+        return 0.0;
+    }
     if (MODE == 0u) {
         return a_src[(g * q.cog + m) * (q.cig * KHW) + k];
     } else if (MODE == 1u) {
@@ -226,40 +265,89 @@ fn load_a(g: u32, m: u32, k: u32) -> f32 {
         return a_src[((g * q.cog + co) * q.cig + m) * KHW + (k - co * KHW)];
     }
     let b = k / q.ohw;
+    let pix = k - b * q.ohw;
     let co = g * q.cog + m;
-    let v = a_src[(b * q.cout + co) * q.ohw + (k - b * q.ohw)];
+    let y = a_src[(b * q.cout + co) * q.ohw + pix];
     if (OUT_BN) {
-        return out_grad(b, co, k - b * q.ohw, v);
+        return out_grad(out_bn_of(co), b, pix, y);
     }
-    return v;
+    return y;
 }
 
-// B[k][n] of group g (0 in the padding); the caller checks g < groups, k < k_end, n < gn.
-fn load_b(g: u32, k: u32, n: u32) -> f32 {
+// A[m + r][k] for r = 0..3: a quad of rows.
+fn load_a4(g: u32, m: u32, k: u32) -> vec4<f32> {
+    return vec4(load_a(g, m, k), load_a(g, m + 1u, k), load_a(g, m + 2u, k),
+                load_a(g, m + 3u, k));
+}
+
+// What B's row k (of group g) has the same in every column: in MODE 0 and 1 the channel, its
+// BatchNorm table and the tap, found once for a quad of columns; in MODE 2 the pixel.
+struct BRow {
+    ch: u32,
+    tap_y: u32,
+    tap_x: u32,
+    in_bn: vec4<f32>,
+    out_bn: OutBn,
+    b: u32,
+    oy: u32,
+    ox: u32,
+}
+
+fn b_row(g: u32, k: u32) -> BRow {
+    var row: BRow;
+    if (MODE == 2u) {
+        row.b = k / q.ohw;
+        let pix = k - row.b * q.ohw;
+        row.oy = pix / q.ow;
+        row.ox = pix - row.oy * q.ow;
+        return row;
+    }
+    let c = k / KHW;
+    let r = k - c * KHW;
+    let kh = r / KW;
+    row.tap_y = kh * q.dh;
+    row.tap_x = (r - kh * KW) * q.dw;
     if (MODE == 0u) {
-        let c = k / KHW;
-        let r = k - c * KHW;
-        let kh = r / KW;
+        row.ch = unshuffled(g * q.cig + c);
+        if (IN_BN) {
+            row.in_bn = in_bn_of(row.ch);
+        }
+    } else {
+        row.ch = g * q.cog + c;
+        if (OUT_BN) {
+            row.out_bn = out_bn_of(row.ch);
+        }
+    }
+    return row;
+}
+
+// B[k][n] of group g, k's row described by `row` (0 in the padding and past the columns).
+fn load_b(g: u32, row: BRow, n: u32) -> f32 {
+    if (n >= p.gn) {
+        return 0.0;
+    }
+    if (MODE == 0u) {
         let b = n / q.ohw;
         let pix = n - b * q.ohw;
         let oy = pix / q.ow;
-        let iy = i32(oy * q.sh + kh * q.dh) - i32(q.ph);
-        let ix = i32((pix - oy * q.ow) * q.sw + (r - kh * KW) * q.dw) - i32(q.pw);
+        let iy = i32(oy * q.sh + row.tap_y) - i32(q.ph);
+        let ix = i32((pix - oy * q.ow) * q.sw + row.tap_x) - i32(q.pw);
         if (iy < 0 || ix < 0 || u32(iy) >= q.h || u32(ix) >= q.w) {
             return 0.0;
         }
-        return load_input(b, g * q.cig + c, u32(iy), u32(ix));
+        let x = b_src[((b * q.cin + row.ch) * q.h + u32(iy)) * q.w + u32(ix)];
+        if (IN_BN) {
+            return bn_formed(x, row.in_bn, IN_QUANT);
+        }
+        return x;
     } else if (MODE == 1u) {
         // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw) when
         // oy * sh = iy + ph - kh * dh (and likewise for x).
-        let co = k / KHW;
-        let r = k - co * KHW;
-        let kh = r / KW;
         let b = n / q.hw;
         let pix = n - b * q.hw;
         let iy = pix / q.w;
-        let ty = i32(iy + q.ph) - i32(kh * q.dh);
-        let tx = i32(pix - iy * q.w + q.pw) - i32((r - kh * KW) * q.dw);
+        let ty = i32(iy + q.ph) - i32(row.tap_y);
+        let tx = i32(pix - iy * q.w + q.pw) - i32(row.tap_x);
         if (ty < 0 || tx < 0) {
             return 0.0;
         }
@@ -268,55 +356,200 @@ fn load_b(g: u32, k: u32, n: u32) -> f32 {
         if (oy * q.sh != u32(ty) || ox * q.sw != u32(tx) || oy >= q.oh || ox >= q.ow) {
             return 0.0;
         }
-        let v = b_src[((b * q.cout + g * q.cog + co) * q.oh + oy) * q.ow + ox];
+        let y = b_src[((b * q.cout + row.ch) * q.oh + oy) * q.ow + ox];
         if (OUT_BN) {
-            return out_grad(b, g * q.cog + co, oy * q.ow + ox, v);
+            return out_grad(row.out_bn, b, oy * q.ow + ox, y);
         }
-        return v;
+        return y;
     }
-    let b = k / q.ohw;
-    let pix = k - b * q.ohw;
-    let oy = pix / q.ow;
     let ci = n / KHW;
     let r = n - ci * KHW;
     let kh = r / KW;
-    let iy = i32(oy * q.sh + kh * q.dh) - i32(q.ph);
-    let ix = i32((pix - oy * q.ow) * q.sw + (r - kh * KW) * q.dw) - i32(q.pw);
+    let iy = i32(row.oy * q.sh + kh * q.dh) - i32(q.ph);
+    let ix = i32(row.ox * q.sw + (r - kh * KW) * q.dw) - i32(q.pw);
     if (iy < 0 || ix < 0 || u32(iy) >= q.h || u32(ix) >= q.w) {
         return 0.0;
     }
-    return load_input(b, g * q.cig + ci, u32(iy), u32(ix));
+    return load_input(row.b, unshuffled(g * q.cig + ci), u32(iy), u32(ix));
 }
 
-// Stores the K tile starting at k0 into buffer `buf`. Adjacent threads load adjacent k of A
-// (contiguous in the weight and in dy) and adjacent n of B (contiguous pixels).
+// B[k][n + j] for j = 0..3: a quad of columns.
+fn load_b4(g: u32, k: u32, n: u32) -> vec4<f32> {
+    let row = b_row(g, k);
+    return vec4(load_b(g, row, n), load_b(g, row, n + 1u), load_b(g, row, n + 2u),
+                load_b(g, row, n + 3u));
+}
+
+// VEC_A 1: A[m..m+3][k] from one vec4 (grad-input, 1x1: the weight's (co = k, ci = m) run
+// along m; cig is a multiple of 4, so a quad is all past the group's rows or none).
+fn load_a_quad4(g: u32, m: u32, k: u32) -> vec4<f32> {
+    if (m >= q.gm) {
+        return vec4(0.0);
+    }
+    return a_src4[((g * q.cog + k) * q.cig + m) / 4u];
+}
+
+// VEC_A 2: A[m][k..k+3] as one vec4 (0 past the group's rows). Forward: a weight row (K a
+// multiple of 4); grad-weight: a row of dy, k a pixel of one image (its pixel count a multiple
+// of 4).
+fn load_a_row4(g: u32, m: u32, k: u32) -> vec4<f32> {
+    if (m >= q.gm) {
+        return vec4(0.0);
+    }
+    if (MODE == 0u) {
+        return a_src4[((g * q.cog + m) * (q.cig * KHW) + k) / 4u];
+    }
+    let b = k / q.ohw;
+    let pix = k - b * q.ohw;
+    let co = g * q.cog + m;
+    let y = a_src4[((b * q.cout + co) * q.ohw + pix) / 4u];
+    if (OUT_BN) {
+        let t = out_bn_of(co);
+        return vec4(out_grad(t, b, pix, y.x), out_grad(t, b, pix + 1u, y.y),
+                    out_grad(t, b, pix + 2u, y.z), out_grad(t, b, pix + 3u, y.w));
+    }
+    return y;
+}
+
+// VEC_A 2: the block A[m..m+3][k..k+3], column j holding A[m..m+3][k + j].
+fn load_a_block4(g: u32, m: u32, k: u32) -> mat4x4<f32> {
+    return transpose(mat4x4(load_a_row4(g, m, k), load_a_row4(g, m + 1u, k),
+                            load_a_row4(g, m + 2u, k), load_a_row4(g, m + 3u, k)));
+}
+
+// IN_BN: four input elements of the channel whose table is t, formed.
+fn bn_formed4(v: vec4<f32>, t: vec4<f32>) -> vec4<f32> {
+    return vec4(bn_formed(v.x, t, IN_QUANT), bn_formed(v.y, t, IN_QUANT),
+                bn_formed(v.z, t, IN_QUANT), bn_formed(v.w, t, IN_QUANT));
+}
+
+// VEC_B 1: B[k][n..n+3] from one vec4 (a pointwise conv: n is a pixel, the image's pixel count
+// a multiple of 4, so the quad lies in one image, all past the columns or none).
+fn load_b_quad4(g: u32, k: u32, n: u32) -> vec4<f32> {
+    if (n >= p.gn) {
+        return vec4(0.0);
+    }
+    let row = b_row(g, k);
+    let b = n / q.ohw;
+    let pix = n - b * q.ohw;
+    if (MODE == 0u) {
+        let x = b_src4[((b * q.cin + row.ch) * q.hw + pix) / 4u];
+        if (IN_BN) {
+            return bn_formed4(x, row.in_bn);
+        }
+        return x;
+    }
+    let y = b_src4[((b * q.cout + row.ch) * q.ohw + pix) / 4u];
+    if (OUT_BN) {
+        let t = row.out_bn;
+        return vec4(out_grad(t, b, pix, y.x), out_grad(t, b, pix + 1u, y.y),
+                    out_grad(t, b, pix + 2u, y.z), out_grad(t, b, pix + 3u, y.w));
+    }
+    return y;
+}
+
+// VEC_B 2 (grad-weight of a pointwise conv): B[k..k+3][n], input channel n at four pixels of
+// one image, as one vec4 (0 past the GEMM's columns).
+fn load_b_column4(g: u32, k: u32, n: u32) -> vec4<f32> {
+    if (n >= p.gn) {
+        return vec4(0.0);
+    }
+    let b = k / q.ohw;
+    let pix = k - b * q.ohw;
+    let sc = unshuffled(g * q.cig + n);
+    let x = b_src4[((b * q.cin + sc) * q.hw + pix) / 4u];
+    if (IN_BN) {
+        return bn_formed4(x, in_bn_of(sc));
+    }
+    return x;
+}
+
+// VEC_B 2: the block B[k..k+3][n..n+3], column kk holding B[k + kk][n..n+3].
+fn load_b_block4(g: u32, k: u32, n: u32) -> mat4x4<f32> {
+    return transpose(mat4x4(load_b_column4(g, k, n), load_b_column4(g, k, n + 1u),
+                            load_b_column4(g, k, n + 2u), load_b_column4(g, k, n + 3u)));
+}
+
+// Stores the K tile starting at k0 into buffer `buf`, one quad (a vec4 of workgroup memory: 4
+// rows of A or 4 columns of B) per load. Adjacent threads load adjacent k of A (contiguous in
+// the weight and in dy) and adjacent column quads of B (contiguous pixels).
 fn store_tile(lid: u32, k0: u32, buf: u32) {
-    for (var e = 0u; e < A_PER; e++) {
-        let i = lid + e * THREADS;
-        if (i < BK * BM) {
-            let kk = i % BK;
-            let m = i / BK;
-            let slot = m / RG;
-            let row = m0 + m - slot * RG;
-            var v = 0.0;
-            if (g0 + slot < q.groups && row < q.gm && k0 + kk < k_end) {
-                v = load_a(g0 + slot, row, k0 + kk);
+    if (VEC_A == 2u) {
+        // Blocks of 4 rows by 4 k, the two k halves of a row quad in adjacent threads.
+        for (var e = 0u; e < A_BLOCKS; e++) {
+            let i = lid + e * THREADS;
+            if (i < BK * BM / 16u) {
+                let kk = (i % (BK / 4u)) * 4u;
+                let m = (i / (BK / 4u)) * 4u;
+                let slot = m / RG;
+                var v: mat4x4<f32>;
+                if (g0 + slot < q.groups && k0 + kk < k_end) {
+                    v = load_a_block4(g0 + slot, m0 + m - slot * RG, k0 + kk);
+                }
+                let at = buf * A_BUF + kk * AS4 + m / 4u;
+                a_tile[at] = v[0];
+                a_tile[at + AS4] = v[1];
+                a_tile[at + 2u * AS4] = v[2];
+                a_tile[at + 3u * AS4] = v[3];
             }
-            a_tile[buf * A_BUF + kk * AS4 + m / 4u][m % 4u] = v;
+        }
+    } else {
+        for (var e = 0u; e < A_QUADS; e++) {
+            let i = lid + e * THREADS;
+            if (i < BK * BM / 4u) {
+                let kk = i % BK;
+                let m = (i / BK) * 4u;
+                let slot = m / RG;
+                var v = vec4(0.0);
+                if (g0 + slot < q.groups && k0 + kk < k_end) {
+                    if (VEC_A == 1u) {
+                        v = load_a_quad4(g0 + slot, m0 + m - slot * RG, k0 + kk);
+                    } else {
+                        v = load_a4(g0 + slot, m0 + m - slot * RG, k0 + kk);
+                    }
+                }
+                a_tile[buf * A_BUF + kk * AS4 + m / 4u] = v;
+            }
         }
     }
-    for (var e = 0u; e < B_PER; e++) {
-        let i = lid + e * THREADS;
-        if (i < GP * BK * BN) {
-            let slot = i / (BK * BN);
-            let r = i - slot * (BK * BN);
-            let n = r % BN;
-            let kk = r / BN;
-            var v = 0.0;
-            if (g0 + slot < q.groups && n0 + n < p.gn && k0 + kk < k_end) {
-                v = load_b(g0 + slot, k0 + kk, n0 + n);
+    if (VEC_B == 2u) {
+        // Blocks of 4 k by 4 columns, adjacent threads on adjacent column quads.
+        for (var e = 0u; e < B_BLOCKS; e++) {
+            let i = lid + e * THREADS;
+            if (i < GP * BK * BN / 16u) {
+                let slot = i / (BK * BN / 16u);
+                let r = i - slot * (BK * BN / 16u);
+                let nq = r % BS4;
+                let kk = (r / BS4) * 4u;
+                var v: mat4x4<f32>;
+                if (g0 + slot < q.groups && k0 + kk < k_end) {
+                    v = load_b_block4(g0 + slot, k0 + kk, n0 + nq * 4u);
+                }
+                let at = buf * B_BUF + slot * B_SLOT + kk * BS4 + nq;
+                b_tile[at] = v[0];
+                b_tile[at + BS4] = v[1];
+                b_tile[at + 2u * BS4] = v[2];
+                b_tile[at + 3u * BS4] = v[3];
             }
-            b_tile[buf * B_BUF + slot * B_SLOT + kk * BS4 + n / 4u][n % 4u] = v;
+        }
+    } else {
+        for (var e = 0u; e < B_QUADS; e++) {
+            let i = lid + e * THREADS;
+            if (i < GP * BK * BS4) {
+                let slot = i / (BK * BS4);
+                let r = i - slot * (BK * BS4);
+                let nq = r % BS4;
+                let kk = r / BS4;
+                var v = vec4(0.0);
+                if (g0 + slot < q.groups && k0 + kk < k_end) {
+                    if (VEC_B == 1u) {
+                        v = load_b_quad4(g0 + slot, k0 + kk, n0 + nq * 4u);
+                    } else {
+                        v = load_b4(g0 + slot, k0 + kk, n0 + nq * 4u);
+                    }
+                }
+                b_tile[buf * B_BUF + slot * B_SLOT + kk * BS4 + nq] = v;
+            }
         }
     }
 }
@@ -398,8 +631,8 @@ fn store_block(m: u32, n: u32, c: mat4x4<f32>) {
                     var xv: f32;
                     if (IN_BN) {
                         let sc = unshuffled(g * q.cig + row);
-                        xv = bn_formed(act_x[(b * q.cin + sc) * q.hw + (col - b * q.hw)], sc,
-                                       false);
+                        xv = bn_formed(act_x[(b * q.cin + sc) * q.hw + (col - b * q.hw)],
+                                       in_bn_of(sc), false);
                     } else {
                         xv = act_x[i];
                     }

@@ -1160,6 +1160,10 @@ pub fn conv2d_shapes() -> Vec<kernels::conv2d::Conv2dGeom> {
         G::square(1, 10, 6, 260, 1),
         // Grad-input on the 128-row tile.
         G::square(2, 120, 4, 16, 1),
+        // Every vector load (pointwise, 36 pixels) with tails: forward's weight blocks past
+        // K = 12 and past 70 rows, pixel quads past 72 columns; grad-input's weight quads past
+        // its 12 rows; grad-weight's dy blocks past 70 rows and input blocks past 12 columns.
+        G::square(2, 12, 6, 70, 1),
         // Group packing, NIN-GC's shape: 4 groups of 32 rows per tile (forward, grad-weight),
         // of 16 (grad-input).
         G::square(2, 64, 6, 128, 3).padding(1).groups(4),

@@ -83,3 +83,35 @@ fn gemms_give_identical_bits_specialised_or_shared() {
         "outputs differ: {differ:#?}"
     );
 }
+
+#[test]
+fn gemms_give_identical_bits_with_and_without_vector_loads() {
+    let vector = device(false).with_vector_loads(true);
+    let scalar = device(false).with_vector_loads(false);
+    // Shapes that use every vector form (pointwise convs with pixel counts a multiple of 4,
+    // weight rows a multiple of 4, tails in rows, columns and K), with the BatchNorm work done
+    // on load (input formed, backward applied) and a transposed convolution.
+    let vector_shapes = [
+        "w[70, 12, 1, 1]",
+        "x[2, 64, 4, 4] w[64, 16, 1, 1]",
+        "w[32, 4, 3, 3]",
+        "x[2, 70, 4, 4]",
+        "w[260, 10, 1, 1]",
+        "w[16, 120, 1, 1]",
+    ];
+    let cases: Vec<selftest::Case> = ["conv2d", "conv_transpose2d"]
+        .into_iter()
+        .flat_map(selftest::cases_for)
+        .filter(|c| vector_shapes.iter().any(|s| c.shape.contains(s)) && c.direction != "grad_bias")
+        .collect();
+    let (outputs, differ) = compare(&vector, &scalar, &cases);
+    println!(
+        "{} GEMM cases, {outputs} outputs: {} differ between vector and scalar loads",
+        cases.len(),
+        differ.len()
+    );
+    assert!(
+        outputs >= 30 && differ.is_empty(),
+        "outputs differ: {differ:#?}"
+    );
+}

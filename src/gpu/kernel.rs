@@ -37,6 +37,10 @@ pub enum Bind {
     Uniform,
     /// A read-only storage buffer.
     Read,
+    /// A read-only storage buffer that the shader reads as `vec4`s: bound with its length rounded
+    /// up to 16 bytes (pooled buffers have the room: their sizes are multiples of 256), so a
+    /// tensor of any length can be bound.
+    ReadVec4,
     /// A read-write storage buffer.
     ReadWrite,
 }
@@ -170,13 +174,15 @@ impl Gpu {
                         has_dynamic_offset: false,
                         min_binding_size: None,
                     },
-                    Bind::Read | Bind::ReadWrite | Bind::None => wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage {
-                            read_only: *b == Bind::Read,
-                        },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
+                    Bind::Read | Bind::ReadVec4 | Bind::ReadWrite | Bind::None => {
+                        wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Storage {
+                                read_only: *b != Bind::ReadWrite,
+                            },
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        }
+                    }
                 },
                 count: None,
             })

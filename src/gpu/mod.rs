@@ -93,6 +93,12 @@ fn specialize_by_default() -> bool {
     std::env::var("WGQAT_SPECIALIZE_GEMMS").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether a new device's GEMMs load vec4s where a layer's shape allows: yes unless
+/// `WGQAT_VECTOR_LOADS=0` (for ruling them out on a driver; the results are the same bits).
+fn vector_loads_by_default() -> bool {
+    std::env::var("WGQAT_VECTOR_LOADS").map_or(true, |v| v.trim() != "0")
+}
+
 /// Which cooperative-matrix path a device runs quantized conv forwards on
 /// (`kernels::conv_coop`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +122,7 @@ pub struct Gpu {
     faults: Arc<Faults>,
     shader_checks: bool,
     specialized_gemms: bool,
+    vector_loads: bool,
     coop: Option<CoopMode>,
 }
 
@@ -224,6 +231,7 @@ impl Gpu {
             faults,
             shader_checks: false,
             specialized_gemms,
+            vector_loads: vector_loads_by_default(),
             coop: None,
         })
     }
@@ -263,6 +271,19 @@ impl Gpu {
     /// Whether GEMM pipelines are specialised to each layer (see [`Gpu::with_specialized_gemms`]).
     pub fn specialized_gemms(&self) -> bool {
         self.specialized_gemms
+    }
+
+    /// With `on`, the conv / matmul GEMMs read four tile elements as one vec4 where the layer's
+    /// shape aligns them (conv2d.wgsl's `VEC_A` and `VEC_B`); otherwise element by element.
+    /// Both give the same bits. Set before any kernel is compiled.
+    pub fn with_vector_loads(mut self, on: bool) -> Gpu {
+        self.vector_loads = on;
+        self
+    }
+
+    /// Whether the GEMMs load vec4s where they can (see [`Gpu::with_vector_loads`]).
+    pub fn vector_loads(&self) -> bool {
+        self.vector_loads
     }
 
     pub fn pool(&self) -> &BufferPool {

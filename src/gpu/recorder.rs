@@ -93,7 +93,7 @@ impl Gpu {
             .bindings
             .iter()
             .enumerate()
-            .filter(|(_, b)| matches!(b, Bind::Read | Bind::ReadWrite))
+            .filter(|(_, b)| matches!(b, Bind::Read | Bind::ReadVec4 | Bind::ReadWrite))
             .map(|(i, _)| i as u32)
             .collect();
         if tensors.len() != slots.len() || params.is_some() != has_uniform {
@@ -138,7 +138,15 @@ impl Gpu {
             }
             None => None,
         };
-        let bound_bytes = tensors.iter().map(|t| t.byte_len()).sum();
+        // A tensor bound twice (a scalar and a vec4 view) is counted once.
+        let mut views: Vec<(&wgpu::Buffer, u64, u64)> = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let view = (t.buffer(), t.offset(), t.byte_len());
+            if !views.contains(&view) {
+                views.push(view);
+            }
+        }
+        let bound_bytes = views.iter().map(|v| v.2).sum();
         let mut entries = Vec::with_capacity(kernel.bindings.len());
         if let Some(u) = &uniform {
             let slot = kernel
@@ -162,9 +170,14 @@ impl Gpu {
                     hint: "use a smaller batch size".into(),
                 });
             }
+            let resource = if kernel.bindings[slot as usize] == Bind::ReadVec4 {
+                t.binding_rounded(16)
+            } else {
+                t.binding()
+            };
             entries.push(wgpu::BindGroupEntry {
                 binding: slot,
-                resource: t.binding(),
+                resource,
             });
             keep.push(t.keepalive());
         }

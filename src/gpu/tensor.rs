@@ -93,6 +93,18 @@ impl Tensor {
         })
     }
 
+    /// The binding of this tensor's range with its length rounded up to a multiple of `align`
+    /// bytes (at most 256: the pool's buffers and views are 256-byte aligned, so the rounded
+    /// range stays inside the buffer).
+    pub fn binding_rounded(&self, align: u64) -> wgpu::BindingResource<'_> {
+        debug_assert!(align <= super::pool::ALIGN && super::pool::ALIGN.is_multiple_of(align));
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: self.buffer(),
+            offset: self.offset,
+            size: wgpu::BufferSize::new(self.byte_len().max(4).next_multiple_of(align)),
+        })
+    }
+
     /// The same data under another shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();

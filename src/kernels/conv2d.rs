@@ -625,6 +625,11 @@ impl GemmConv {
         let tile = self.tile(gpu, mode);
         fused.check(self, mode, out, gn.div_ceil(tile.bn), &label)?;
         let c = |v: usize| v as f64;
+        let (vec_a, vec_b) = if gpu.vector_loads() {
+            self.vector_loads(mode)
+        } else {
+            (0, 0)
+        };
         let mut constants = vec![
             ("MODE", mode as u32 as f64),
             (
@@ -639,6 +644,8 @@ impl GemmConv {
             ("KH", c(self.kernel.0)),
             ("KW", c(self.kernel.1)),
             ("SPECIALIZED", f64::from(u8::from(gpu.specialized_gemms()))),
+            ("VEC_A", f64::from(vec_a)),
+            ("VEC_B", f64::from(vec_b)),
         ];
         constants.extend(fused.constants());
         if gpu.specialized_gemms() {
@@ -660,6 +667,8 @@ impl GemmConv {
                 Bind::ReadWrite,
                 Bind::Read,
                 Bind::Read,
+                Bind::ReadVec4,
+                Bind::ReadVec4,
             ],
         })?;
         // The optional bindings must exist even when unused: a placeholder of one float each
@@ -692,10 +701,21 @@ impl GemmConv {
             1 => String::new(),
             gp => format!(", {gp} groups of {}", tile.rg),
         };
+        let vec4 = match (vec_a, vec_b) {
+            (0, 0) => String::new(),
+            (a, b) => {
+                let form = |v: u32, quads: &str| match v {
+                    1 => quads.to_string(),
+                    2 => "blocks".to_string(),
+                    _ => "scalar".to_string(),
+                };
+                format!(", vec4 A {} B {}", form(a, "rows"), form(b, "columns"))
+            }
+        };
         gpu.launch(
             &kernel,
             format!(
-                "{label}{} tile {}x{}{packed}",
+                "{label}{} tile {}x{}{packed}{vec4}",
                 fused.describe(),
                 tile.bm,
                 tile.bn
@@ -704,7 +724,8 @@ impl GemmConv {
                 &self.params((gn, gk), (k_chunk, splits)),
             )),
             &[
-                a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part, out_dy, out_bn,
+                a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part, out_dy, out_bn, a_src,
+                b_src,
             ],
             grid,
         )
@@ -733,6 +754,28 @@ impl GemmConv {
             dw: u(self.dilation.1),
             groups: u(self.groups),
             _pad: [0; 2],
+        }
+    }
+
+    /// The shader's vector-load forms (`VEC_A`, `VEC_B`; see conv2d.wgsl) for `mode`: where four
+    /// tile elements lie in one 16-byte-aligned vec4 of their source in every tile. Tensors
+    /// start 256-byte aligned, the tiles' rows and columns at multiples of 4 and their K steps
+    /// at multiples of 8, so alignment follows from the shape: a weight row of a multiple of 4
+    /// (forward), a 1x1 weight with a multiple of 4 input channels per group (grad-input), an
+    /// image of a multiple of 4 pixels (grad-weight's dy, and a pointwise conv's input and
+    /// output).
+    pub(crate) fn vector_loads(&self, mode: Mode) -> (u32, u32) {
+        let (cig, khw) = (self.cin / self.groups, self.kernel.0 * self.kernel.1);
+        let pointwise = self.kernel == (1, 1)
+            && self.stride == (1, 1)
+            && self.padding == (0, 0)
+            && (self.oh, self.ow) == (self.h, self.w);
+        let pixels4 = (self.oh * self.ow).is_multiple_of(4);
+        let b = u32::from(pointwise && pixels4);
+        match mode {
+            Mode::Forward => (2 * u32::from((cig * khw).is_multiple_of(4)), b),
+            Mode::GradInput => (u32::from(khw == 1 && cig.is_multiple_of(4)), b),
+            Mode::GradWeight => (2 * u32::from(pixels4), 2 * b),
         }
     }
 
