@@ -181,6 +181,8 @@ fn geometry() -> Geometry {
 // a_src and b_src as vec4s (VEC_A, VEC_B).
 @group(0) @binding(11) var<storage, read> a_src4: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read> b_src4: array<vec4<f32>>;
+// OUT_BN: out_dy as vec4s (with VEC_B 1 in grad-input, VEC_A 2 in grad-weight).
+@group(0) @binding(13) var<storage, read> out_dy4: array<vec4<f32>>;
 
 var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
 var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
@@ -251,6 +253,19 @@ fn out_bn_of(co: u32) -> OutBn {
 fn out_grad(t: OutBn, b: u32, pix: u32, y: f32) -> f32 {
     return bn_grad(y, out_dy[(b * q.cout + t.at) * q.ohw + pix], t.mean, t.invstd, t.gamma,
                    t.beta, t.dbeta, t.dgamma, f32(p.batch * q.ohw), t.scale, OUT_RELU);
+}
+
+// OUT_BN: out_grad at the four output pixels pix..pix+3 (pix a multiple of 4, in an image of a
+// multiple of 4 pixels), whose values are y, their output gradients read as one vec4.
+fn out_grad4(t: OutBn, b: u32, pix: u32, y: vec4<f32>) -> vec4<f32> {
+    let g = out_dy4[((b * q.cout + t.at) * q.ohw + pix) / 4u];
+    let count = f32(p.batch * q.ohw);
+    let r = OUT_RELU;
+    return vec4(
+        bn_grad(y.x, g.x, t.mean, t.invstd, t.gamma, t.beta, t.dbeta, t.dgamma, count, t.scale, r),
+        bn_grad(y.y, g.y, t.mean, t.invstd, t.gamma, t.beta, t.dbeta, t.dgamma, count, t.scale, r),
+        bn_grad(y.z, g.z, t.mean, t.invstd, t.gamma, t.beta, t.dbeta, t.dgamma, count, t.scale, r),
+        bn_grad(y.w, g.w, t.mean, t.invstd, t.gamma, t.beta, t.dbeta, t.dgamma, count, t.scale, r));
 }
 
 // A[m][k] of group g, 0 past the group's rows; the caller checks g < groups and k < k_end.
@@ -404,9 +419,7 @@ fn load_a_row4(g: u32, m: u32, k: u32) -> vec4<f32> {
     let co = g * q.cog + m;
     let y = a_src4[((b * q.cout + co) * q.ohw + pix) / 4u];
     if (OUT_BN) {
-        let t = out_bn_of(co);
-        return vec4(out_grad(t, b, pix, y.x), out_grad(t, b, pix + 1u, y.y),
-                    out_grad(t, b, pix + 2u, y.z), out_grad(t, b, pix + 3u, y.w));
+        return out_grad4(out_bn_of(co), b, pix, y);
     }
     return y;
 }
@@ -441,9 +454,7 @@ fn load_b_quad4(g: u32, k: u32, n: u32) -> vec4<f32> {
     }
     let y = b_src4[((b * q.cout + row.ch) * q.ohw + pix) / 4u];
     if (OUT_BN) {
-        let t = row.out_bn;
-        return vec4(out_grad(t, b, pix, y.x), out_grad(t, b, pix + 1u, y.y),
-                    out_grad(t, b, pix + 2u, y.z), out_grad(t, b, pix + 3u, y.w));
+        return out_grad4(row.out_bn, b, pix, y);
     }
     return y;
 }

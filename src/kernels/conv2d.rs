@@ -669,6 +669,7 @@ impl GemmConv {
                 Bind::Read,
                 Bind::ReadVec4,
                 Bind::ReadVec4,
+                Bind::ReadVec4,
             ],
         })?;
         // The optional bindings must exist even when unused: a placeholder of one float each
@@ -725,7 +726,7 @@ impl GemmConv {
             )),
             &[
                 a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part, out_dy, out_bn, a_src,
-                b_src,
+                b_src, out_dy,
             ],
             grid,
         )
