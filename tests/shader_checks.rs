@@ -6,7 +6,8 @@
 //! robust buffer access bounds it either way (lavapipe), though it would on drivers without it.
 //!
 //! Likewise the GEMM kernels give the same bits whether their pipelines are specialised to each
-//! layer's geometry or read it from uniforms: only the index arithmetic differs.
+//! layer's geometry or read it from uniforms (only the index arithmetic differs), and whether
+//! they read their operands as vec4s or element by element (the tiles hold the same values).
 
 use wgqat::gpu::{Gpu, GpuOptions};
 use wgqat::selftest;
