@@ -59,21 +59,25 @@ struct WindowMax {
 // comes from. With in_bn the max-pool's input is a BatchNorm's output that is never stored: x
 // holds the BatchNorm's input, and each element is formed as norm.wgsl's bn_apply would write it
 // (affine map, ReLU, shuffle), so the same bits, in both directions.
+// The channel's table is read once per plane, not per element: a window is read once per
+// output in the forward and once per output containing an element in the backward.
 struct Source {
     base: u32,
-    ch: u32,
+    bn: vec4<f32>, // [mean, invstd, gamma, beta] (in_bn)
 }
 
 fn source(plane: u32) -> Source {
     if (p.in_bn == 0u) {
-        return Source(plane * p.h * p.w, 0u);
+        return Source(plane * p.h * p.w, vec4(0.0));
     }
     let n = plane / p.c;
     var sc = plane - n * p.c;
     if (p.in_shuffle > 1u) {
         sc = (sc % p.in_shuffle) * (p.c / p.in_shuffle) + sc / p.in_shuffle;
     }
-    return Source((n * p.c + sc) * p.h * p.w, sc);
+    let bn = vec4(bn_table[sc], bn_table[p.c + sc], bn_table[2u * p.c + sc],
+                  bn_table[3u * p.c + sc]);
+    return Source((n * p.c + sc) * p.h * p.w, bn);
 }
 
 fn input_value(src: Source, at: u32) -> f32 {
@@ -81,9 +85,7 @@ fn input_value(src: Source, at: u32) -> f32 {
     if (p.in_bn == 0u) {
         return v;
     }
-    let c = src.ch;
-    let r = bn_affine(v, bn_table[c], bn_table[p.c + c], bn_table[2u * p.c + c],
-                      bn_table[3u * p.c + c]);
+    let r = bn_affine(v, src.bn.x, src.bn.y, src.bn.z, src.bn.w);
     return select(r, relu_bits(r), p.in_relu == 1u);
 }
 
