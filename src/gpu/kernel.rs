@@ -159,6 +159,22 @@ impl Gpu {
         if let Some(k) = cache.kernels.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(k);
         }
+        // A layout past the adapter's limit fails deep in wgpu; say what is missing instead.
+        let storage = spec
+            .bindings
+            .iter()
+            .filter(|b| matches!(b, Bind::Read | Bind::ReadVec4 | Bind::ReadWrite))
+            .count() as u32;
+        if storage > self.limits.max_storage_buffers_per_shader_stage {
+            return Err(Error::Shader {
+                name: format!("{}:{}", spec.shader.name, spec.entry),
+                message: format!(
+                    "it binds {storage} storage buffers and this adapter allows {} per shader \
+                     stage (max_storage_buffers_per_shader_stage): use another adapter (--adapter)",
+                    self.limits.max_storage_buffers_per_shader_stage
+                ),
+            });
+        }
         let module = self.shader_module(spec.shader)?;
         let entries: Vec<wgpu::BindGroupLayoutEntry> = spec
             .bindings
