@@ -171,13 +171,14 @@ fn geometry() -> Geometry {
 @group(0) @binding(5) var<storage, read_write> bias_grad: array<f32>;
 // MODE 1 with ACT_GRAD: the float input x (with IN_BN: the BatchNorm's input).
 @group(0) @binding(6) var<storage, read_write> act_x: array<f32>;
-// IN_BN: the BatchNorm's [mean, invstd, gamma, beta], each of CIN floats.
-@group(0) @binding(7) var<storage, read> in_bn: array<f32>;
+// IN_BN: the BatchNorm's table (lib/bn.wgsl: two vec4s per channel, [mean, invstd, gamma,
+// beta] first).
+@group(0) @binding(7) var<storage, read> in_bn: array<vec4<f32>>;
 // MODE 0 with BN_STATS: the partial statistics, (tiles, 2, COUT).
 @group(0) @binding(8) var<storage, read_write> bn_part: array<f32>;
-// OUT_BN: the BatchNorm's output gradient and its table (7 COUT floats).
+// OUT_BN: the BatchNorm's output gradient and its table (two vec4s per channel).
 @group(0) @binding(9) var<storage, read> out_dy: array<f32>;
-@group(0) @binding(10) var<storage, read> out_bn: array<f32>;
+@group(0) @binding(10) var<storage, read> out_bn: array<vec4<f32>>;
 // a_src and b_src as vec4s (VEC_A, VEC_B).
 @group(0) @binding(11) var<storage, read> a_src4: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read> b_src4: array<vec4<f32>>;
@@ -206,7 +207,7 @@ fn unshuffled(ch: u32) -> u32 {
 
 // IN_BN: BatchNorm channel sc's [mean, invstd, gamma, beta].
 fn in_bn_of(sc: u32) -> vec4<f32> {
-    return vec4(in_bn[sc], in_bn[q.cin + sc], in_bn[2u * q.cin + sc], in_bn[3u * q.cin + sc]);
+    return in_bn[sc * (BN_TABLE / 4u)];
 }
 
 // IN_BN: the input element whose BatchNorm input is v, in the channel whose table is t.
@@ -244,9 +245,10 @@ fn out_bn_of(co: u32) -> OutBn {
         let per = q.cout / OUT_SHUFFLE;
         at = (co % per) * OUT_SHUFFLE + co / per;
     }
-    let c = q.cout;
-    return OutBn(at, out_bn[co], out_bn[c + co], out_bn[2u * c + co], out_bn[3u * c + co],
-                 out_bn[4u * c + co], out_bn[5u * c + co], out_bn[6u * c + co]);
+    let t0 = out_bn[co * (BN_TABLE / 4u)];
+    let t1 = out_bn[co * (BN_TABLE / 4u) + 1u];
+    return OutBn(at, t0[BN_MEAN], t0[BN_INVSTD], t0[BN_GAMMA], t0[BN_BETA], t1[BN_DBETA - 4u],
+                 t1[BN_DGAMMA - 4u], t1[BN_SCALE - 4u]);
 }
 
 // OUT_BN: dL/d(conv output) at (b, output pixel pix) of the channel t describes, whose value is y.

@@ -109,8 +109,10 @@ fn load_x(g: u32, k: u32, n: u32) -> f32 {
         if (IN_SHUFFLE > 1u) {
             sc = (ch % IN_SHUFFLE) * (CIN / IN_SHUFFLE) + ch / IN_SHUFFLE;
         }
-        var r = bn_affine(x_src[((b * CIN + sc) * H + u32(iy)) * W + u32(ix)], in_bn[sc],
-                          in_bn[CIN + sc], in_bn[2u * CIN + sc], in_bn[3u * CIN + sc]);
+        let t = sc * BN_TABLE;
+        var r = bn_affine(x_src[((b * CIN + sc) * H + u32(iy)) * W + u32(ix)],
+                          in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
+                          in_bn[t + BN_BETA]);
         if (IN_RELU) {
             r = relu_bits(r);
         }

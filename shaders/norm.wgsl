@@ -5,9 +5,9 @@
 //   train: normalise with the batch mean and biased variance; running stats move by momentum
 //          with the unbiased variance (n / (n - 1));
 //   eval:  normalise with the running stats.
-// stats = [mean (C), invstd (C), gamma (C), beta (C)] per step (then the backward's dbeta,
-// dgamma and bn_scale, see bn_backward_reduce): the statistics kernels copy gamma
-// and beta beside them, so that a conv that forms this BatchNorm's output where it loads its input
+// stats = per channel [mean, invstd, gamma, beta] each step (then the backward's dbeta, dgamma
+// and bn_scale, see bn_backward_reduce; the layout is lib/bn.wgsl's BN_TABLE): the statistics
+// kernels copy gamma and beta beside them, so that a conv that forms this BatchNorm's output where it loads its input
 // (conv2d.wgsl's IN_BN) reads one table. Per-channel reductions are one workgroup per channel,
 // two passes (mean, then squared deviations) over the same data, tree-reduced: deterministic.
 
@@ -166,10 +166,10 @@ fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
 
 // The batch mean and biased variance -> stats of channel c; running stats updated.
 fn write_stats(c: u32, mean: f32, var_b: f32, count: u32) {
-    stats[c] = mean;
-    stats[p.c + c] = 1.0 / sqrt(var_b + p.eps);
-    stats[2u * p.c + c] = gamma[c];
-    stats[3u * p.c + c] = beta[c];
+    stats[c * BN_TABLE + BN_MEAN] = mean;
+    stats[c * BN_TABLE + BN_INVSTD] = 1.0 / sqrt(var_b + p.eps);
+    stats[c * BN_TABLE + BN_GAMMA] = gamma[c];
+    stats[c * BN_TABLE + BN_BETA] = beta[c];
     let unbiased = var_b * f32(count) / f32(max(count, 2u) - 1u);
     running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * mean;
     running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * unbiased;
@@ -212,17 +212,18 @@ fn bn_eval_stats(@builtin(workgroup_id) wid: vec3<u32>,
     if (c >= p.c) {
         return;
     }
-    stats[c] = running_mean[c];
-    stats[p.c + c] = 1.0 / sqrt(running_var[c] + p.eps);
-    stats[2u * p.c + c] = gamma[c];
-    stats[3u * p.c + c] = beta[c];
+    stats[c * BN_TABLE + BN_MEAN] = running_mean[c];
+    stats[c * BN_TABLE + BN_INVSTD] = 1.0 / sqrt(running_var[c] + p.eps);
+    stats[c * BN_TABLE + BN_GAMMA] = gamma[c];
+    stats[c * BN_TABLE + BN_BETA] = beta[c];
 }
 
 // gamma * (x - mean) * invstd + beta, before any fused ReLU. The backward forms it again for
 // the ReLU's mask (v > 0 exactly where y > 0), so it never reads y, which a network may have
 // overwritten by then.
 fn bn_value_of(v: f32, c: u32) -> f32 {
-    return bn_affine(v, stats_in[c], stats_in[p.c + c], gamma[c], beta[c]);
+    return bn_affine(v, stats_in[c * BN_TABLE + BN_MEAN], stats_in[c * BN_TABLE + BN_INVSTD],
+                     gamma[c], beta[c]);
 }
 
 // DoReFa's activation quantizer (shaders/lib/act.wgsl, prepended): a BatchNorm whose output
@@ -247,7 +248,7 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),
-// also copied into the table (stats[4C + c], stats[5C + c], with bn_scale at stats[6C + c]) for
+// also copied into the table (BN_DBETA, BN_DGAMMA, with bn_scale at BN_SCALE) for
 // a conv that applies the backward where it loads its output gradient (conv2d.wgsl's OUT_BN).
 @compute @workgroup_size(256)
 fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
@@ -258,8 +259,8 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let count = p.n * p.s;
-    let mean = stats[c];
-    let invstd = stats[p.c + c];
+    let mean = stats[c * BN_TABLE + BN_MEAN];
+    let invstd = stats[c * BN_TABLE + BN_INVSTD];
     var sdy = 0.0;
     var sdyx = 0.0;
     // Channel c's gradient lies in channel `co` of dy (the fused shuffle); the ReLU's mask as in
@@ -282,9 +283,9 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     if (lid == 0u) {
         dbeta[c] = sums.x;
         dgamma[c] = sums.y;
-        stats[4u * p.c + c] = sums.x;
-        stats[5u * p.c + c] = sums.y;
-        stats[6u * p.c + c] = bn_scale(gamma[c], invstd, f32(count));
+        stats[c * BN_TABLE + BN_DBETA] = sums.x;
+        stats[c * BN_TABLE + BN_DGAMMA] = sums.y;
+        stats[c * BN_TABLE + BN_SCALE] = bn_scale(gamma[c], invstd, f32(count));
     }
 }
 
@@ -292,9 +293,9 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
 fn bn_dx(i: u32, xv: f32) -> f32 {
     let at = place(i);
     let c = at.c;
-    let invstd = stats_in[p.c + c];
+    let invstd = stats_in[c * BN_TABLE + BN_INVSTD];
     let count = f32(p.n * p.s);
-    return bn_grad(xv, dy[at.out], stats_in[c], invstd, gamma[c], beta[c], dbeta_in[c],
+    return bn_grad(xv, dy[at.out], stats_in[c * BN_TABLE + BN_MEAN], invstd, gamma[c], beta[c], dbeta_in[c],
                    dgamma_in[c], count, bn_scale(gamma[c], invstd, count), p.relu == 1u);
 }
 

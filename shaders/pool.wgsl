@@ -36,7 +36,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> dy: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
-// in_bn: the BatchNorm's [mean, invstd, gamma, beta], each of C floats.
+// in_bn: the BatchNorm's table (lib/bn.wgsl's BN_TABLE floats per channel).
 @group(0) @binding(7) var<storage, read> bn_table: array<f32>;
 
 const WG: u32 = 256u;
@@ -75,8 +75,8 @@ fn source(plane: u32) -> Source {
     if (p.in_shuffle > 1u) {
         sc = (sc % p.in_shuffle) * (p.c / p.in_shuffle) + sc / p.in_shuffle;
     }
-    let bn = vec4(bn_table[sc], bn_table[p.c + sc], bn_table[2u * p.c + sc],
-                  bn_table[3u * p.c + sc]);
+    let bn = vec4(bn_table[sc * BN_TABLE + BN_MEAN], bn_table[sc * BN_TABLE + BN_INVSTD],
+                  bn_table[sc * BN_TABLE + BN_GAMMA], bn_table[sc * BN_TABLE + BN_BETA]);
     return Source((n * p.c + sc) * p.h * p.w, bn);
 }
 

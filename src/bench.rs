@@ -275,17 +275,17 @@ fn bn_fused_items(
     mk: &dyn Fn(&'static str, Build) -> Item,
 ) -> Vec<Item> {
     use crate::kernels::conv2d::{ActGrad, InputBn};
-    use crate::kernels::norm::TABLE;
+    use crate::kernels::norm::{TABLE, entry};
     let g = *g;
     // A BatchNorm table: mean 0, invstd 1, gamma 1, beta 0, small sums.
     let table = move |gpu: &Gpu, c: usize, count: usize| -> Result<Tensor> {
         let mut t = vec![0.0f32; TABLE * c];
         for ch in 0..c {
-            t[c + ch] = 1.0;
-            t[2 * c + ch] = 1.0;
-            t[4 * c + ch] = 0.01;
-            t[5 * c + ch] = -0.01;
-            t[6 * c + ch] = 1.0 / count as f32;
+            t[entry::at(ch, entry::INVSTD)] = 1.0;
+            t[entry::at(ch, entry::GAMMA)] = 1.0;
+            t[entry::at(ch, entry::DBETA)] = 0.01;
+            t[entry::at(ch, entry::DGAMMA)] = -0.01;
+            t[entry::at(ch, entry::SCALE)] = 1.0 / count as f32;
         }
         gpu.upload_f32("BatchNorm table", &[TABLE * c], &t)
     };

@@ -3,6 +3,19 @@
 // (conv2d.wgsl's IN_BN and OUT_BN, conv_coop.wgsl's IN_BN, pool.wgsl's in_bn), so that both give
 // the same bits.
 
+// A BatchNorm's table: BN_TABLE floats per channel, channel c's at c * BN_TABLE: [mean, invstd,
+// gamma, beta] (formed by the statistics kernels), then [dbeta, dgamma, scale, unused] (by the
+// backward reduction). Two aligned vec4s: a kernel that forms the BatchNorm where it loads its
+// operand reads a channel's entries in one or two loads.
+const BN_TABLE: u32 = 8u;
+const BN_MEAN: u32 = 0u;
+const BN_INVSTD: u32 = 1u;
+const BN_GAMMA: u32 = 2u;
+const BN_BETA: u32 = 3u;
+const BN_DBETA: u32 = 4u;
+const BN_DGAMMA: u32 = 5u;
+const BN_SCALE: u32 = 6u;
+
 // gamma * (v - mean) * invstd + beta, in this order.
 fn bn_affine(v: f32, mean: f32, invstd: f32, gamma: f32, beta: f32) -> f32 {
     return gamma * ((v - mean) * invstd) + beta;

@@ -47,17 +47,34 @@ const BACKWARD_APPLY: Entry = entry(
     ],
 );
 
-/// Floats per channel of a BatchNorm's table: `[mean, invstd, gamma, beta]` from its statistics
-/// kernels, then `[dbeta, dgamma, gamma·invstd/count]` from its backward reduction (for a conv
-/// that applies the BatchNorm's backward where it loads its output gradient).
-pub const TABLE: usize = 7;
+/// Floats per channel of a BatchNorm's table, channel `c`'s at `c · TABLE`: `[mean, invstd,
+/// gamma, beta]` from its statistics kernels, then `[dbeta, dgamma, gamma·invstd/count]` from its
+/// backward reduction (for a conv that applies the BatchNorm's backward where it loads its
+/// output gradient) and one unused: two aligned vec4s, which a conv reads in one or two loads
+/// (`shaders/lib/bn.wgsl`'s `BN_TABLE`).
+pub const TABLE: usize = 8;
+
+/// The entries of a channel's table (see [`TABLE`]), and where entry `e` of channel `c` lies.
+pub mod entry {
+    pub const MEAN: usize = 0;
+    pub const INVSTD: usize = 1;
+    pub const GAMMA: usize = 2;
+    pub const BETA: usize = 3;
+    pub const DBETA: usize = 4;
+    pub const DGAMMA: usize = 5;
+    pub const SCALE: usize = 6;
+
+    pub const fn at(c: usize, e: usize) -> usize {
+        c * super::TABLE + e
+    }
+}
 
 /// How a kernel that reads a BatchNorm's output forms it from the BatchNorm's input, where it
 /// loads it, instead of reading it stored: the BatchNorm's table, its fused ReLU and shuffle.
 /// Bit for bit what [`apply`] writes (`shaders/lib/bn.wgsl`).
 #[derive(Clone, Copy, Debug)]
 pub struct BnForm<'a> {
-    /// Per channel `[mean, invstd, gamma, beta, dbeta, dgamma, scale]` ([`TABLE`] · C floats): what
+    /// Per channel `[mean, invstd, gamma, beta, dbeta, dgamma, scale, -]` ([`TABLE`] · C floats): what
     /// [`stats_train`] (or [`stats_eval`]) and [`backward`] write.
     pub table: &'a Tensor,
     pub relu: bool,

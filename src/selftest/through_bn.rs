@@ -11,7 +11,7 @@ use crate::DType;
 use crate::gpu::{CoopMode, Tensor};
 use crate::kernels::conv_coop;
 use crate::kernels::conv2d::{self, ActGrad, AroundBn, Conv2dGeom, InputBn, OutputBn};
-use crate::kernels::norm::{BnForm, TABLE};
+use crate::kernels::norm::{BnForm, TABLE, entry};
 use crate::quant::Bits;
 use crate::reference::{self, quant};
 use crate::rng::Rng;
@@ -69,10 +69,10 @@ fn formed_nchw(
         .collect();
     let mut table = vec![0.0; TABLE * c];
     for ch in 0..c {
-        table[ch] = dyadic(rng, -8, 8, 16.0);
-        table[c + ch] = [0.5, 1.0, 2.0][rng.below(3) as usize];
-        table[2 * c + ch] = dyadic(rng, -8, 16, 8.0);
-        table[3 * c + ch] = dyadic(rng, -8, 8, 16.0);
+        table[entry::at(ch, entry::MEAN)] = dyadic(rng, -8, 8, 16.0);
+        table[entry::at(ch, entry::INVSTD)] = [0.5, 1.0, 2.0][rng.below(3) as usize];
+        table[entry::at(ch, entry::GAMMA)] = dyadic(rng, -8, 16, 8.0);
+        table[entry::at(ch, entry::BETA)] = dyadic(rng, -8, 8, 16.0);
     }
     let per = c / shuffle;
     let mut x_float = vec![0.0; y.len()];
@@ -82,7 +82,9 @@ fn formed_nchw(
             let sc = (ch % shuffle) * per + ch / shuffle;
             for p in 0..plane {
                 let v = y[(b * c + sc) * plane + p];
-                let t = table[2 * c + sc] * ((v - table[sc]) * table[c + sc]) + table[3 * c + sc];
+                let e = |e| table[entry::at(sc, e)];
+                let t =
+                    e(entry::GAMMA) * ((v - e(entry::MEAN)) * e(entry::INVSTD)) + e(entry::BETA);
                 x_float[(b * c + ch) * plane + p] = if relu { t.max(0.0) } else { t };
             }
         }
@@ -517,19 +519,23 @@ fn stats_case(v: &mut Vec<Case>, geom: Conv2dGeom, shape: &str, coop: bool) {
                 .collect();
             let table = [f64s(&gamma), f64s(&beta)].concat();
             let tol = reference::Tolerance::new(2e-5, 1e-4);
+            let entries =
+                |e: usize| -> Vec<f32> { (0..c).map(|ch| got[1][entry::at(ch, e)]).collect() };
+            let (got_mean, got_invstd) = (entries(entry::MEAN), entries(entry::INVSTD));
+            let got_gamma_beta = [entries(entry::GAMMA), entries(entry::BETA)].concat();
             Ok(vec![
                 (
                     "y".into(),
                     reference::compare(&got[0], &want_y, gemm_tolerance(geom.reduction()[0])),
                 ),
-                ("mean".into(), reference::compare(&got[1][..c], &mean, tol)),
+                ("mean".into(), reference::compare(&got_mean, &mean, tol)),
                 (
                     "invstd".into(),
-                    reference::compare(&got[1][c..2 * c], &invstd, tol),
+                    reference::compare(&got_invstd, &invstd, tol),
                 ),
                 (
                     "gamma, beta".into(),
-                    reference::compare(&got[1][2 * c..4 * c], &table, reference::Tolerance::EXACT),
+                    reference::compare(&got_gamma_beta, &table, reference::Tolerance::EXACT),
                 ),
                 (
                     "running_mean".into(),
@@ -585,15 +591,17 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
                     let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
                     let mut table = vec![0.0; TABLE * c];
                     for ch in 0..c {
-                        table[ch] = rng.uniform(-0.3, 0.3);
-                        table[c + ch] = rng.uniform(0.5, 2.0);
-                        table[2 * c + ch] = rng.uniform(0.5, 1.5);
-                        table[3 * c + ch] = rng.uniform(-0.5, 0.5);
-                        table[4 * c + ch] = rng.uniform(-3.0, 3.0);
-                        table[5 * c + ch] = rng.uniform(-3.0, 3.0);
+                        let at = |e| entry::at(ch, e);
+                        table[at(entry::MEAN)] = rng.uniform(-0.3, 0.3);
+                        table[at(entry::INVSTD)] = rng.uniform(0.5, 2.0);
+                        table[at(entry::GAMMA)] = rng.uniform(0.5, 1.5);
+                        table[at(entry::BETA)] = rng.uniform(-0.5, 0.5);
+                        table[at(entry::DBETA)] = rng.uniform(-3.0, 3.0);
+                        table[at(entry::DGAMMA)] = rng.uniform(-3.0, 3.0);
                         // gamma · invstd / count, as the backward reduction writes it.
                         let count = (geom.y_shape().iter().product::<usize>() / c) as f32;
-                        table[6 * c + ch] = table[2 * c + ch] * table[c + ch] / count;
+                        table[at(entry::SCALE)] =
+                            table[at(entry::GAMMA)] * table[at(entry::INVSTD)] / count;
                     }
                     let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
                     let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
@@ -671,20 +679,21 @@ fn bn_input_gradient(
     let s = oh * ow;
     let count = (geom.batch * s) as f64;
     let per = c / shuffle;
-    let t = |slot: usize, ch: usize| table[slot * c + ch] as f64;
+    let t = |e: usize, ch: usize| table[entry::at(ch, e)] as f64;
     let mut out = vec![0.0; y.len()];
     for b in 0..geom.batch {
         for ch in 0..c {
             let at = (ch % per) * shuffle + ch / per;
             for p in 0..s {
                 let v = y[(b * c + ch) * s + p] as f64;
-                let xhat = (v - t(0, ch)) * t(1, ch);
+                let (gamma, invstd) = (t(entry::GAMMA, ch), t(entry::INVSTD, ch));
+                let xhat = (v - t(entry::MEAN, ch)) * invstd;
                 let mut g = dy[(b * c + at) * s + p] as f64;
-                if relu && t(2, ch) * xhat + t(3, ch) <= 0.0 {
+                if relu && gamma * xhat + t(entry::BETA, ch) <= 0.0 {
                     g = 0.0;
                 }
-                out[(b * c + ch) * s + p] =
-                    t(2, ch) * t(1, ch) / count * (count * g - t(4, ch) - xhat * t(5, ch));
+                out[(b * c + ch) * s + p] = gamma * invstd / count
+                    * (count * g - t(entry::DBETA, ch) - xhat * t(entry::DGAMMA, ch));
             }
         }
     }
