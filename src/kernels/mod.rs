@@ -46,7 +46,18 @@ pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl", "act.wgs
 pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl");
 pub static BNFOLD: Shader = shader!("bnfold.wgsl", true);
 pub static WBWTAB: Shader = shader!("wbwtab.wgsl", true);
-pub static CONV2D: Shader = shader!("conv2d.wgsl", true, "act.wgsl", "bn.wgsl");
+// The kernel, then its tile staging (after it: naga 30 fails on a function that uses an
+// override declared further down).
+pub static CONV2D: Shader = Shader {
+    name: "conv2d.wgsl",
+    source: concat!(
+        include_str!("../../shaders/lib/act.wgsl"),
+        include_str!("../../shaders/lib/bn.wgsl"),
+        include_str!("../../shaders/conv2d.wgsl"),
+        include_str!("../../shaders/lib/conv2d_loads.wgsl"),
+    ),
+    trusted: true,
+};
 pub static NORM: Shader = shader!("norm.wgsl", true, "act.wgsl", "bn.wgsl");
 pub static POOL: Shader = shader!("pool.wgsl", true, "act.wgsl", "bn.wgsl");
 // Checked: it indexes logits by labels, which come from the data.
