@@ -78,9 +78,6 @@ override OUT_SHUFFLE: u32 = 1u;
 //   VEC_B 1: a column quad of B from one vec4 (forward and grad-input of a pointwise conv: pixels)
 //   VEC_B 2: a 4x4 block of B from four vec4s along k, transposed (grad-weight of a pointwise
 //            conv: the input's pixels)
-//   VEC_B 3: a column quad of B from the two aligned vec4s around it (forward and grad-input of
-//            a conv with a column stride of 1 and rows a multiple of 4 wide: adjacent pixels of
-//            one row)
 override VEC_A: u32 = 0u;
 override VEC_B: u32 = 0u;
 // Tile rows (a multiple of 16, up to 192; with packing GP * RG) and columns (32, 64 or 128).

@@ -1164,21 +1164,6 @@ pub fn conv2d_shapes() -> Vec<kernels::conv2d::Conv2dGeom> {
         // K = 12 and past 70 rows, pixel quads past 72 columns; grad-input's weight quads past
         // its 12 rows; grad-weight's dy blocks past 70 rows and input blocks past 12 columns.
         G::square(2, 12, 6, 70, 1),
-        // Row spans (rows a multiple of 4 wide, column stride 1) with a row stride of 2,
-        // column dilation 2 and asymmetric padding: quads that start before and end past a
-        // row, and grad-input rows that no output row reaches.
-        G {
-            batch: 1,
-            cin: 4,
-            h: 7,
-            w: 8,
-            cout: 6,
-            kernel: (3, 3),
-            stride: (2, 1),
-            padding: (1, 2),
-            dilation: (1, 2),
-            groups: 1,
-        },
         // Group packing, NIN-GC's shape: 4 groups of 32 rows per tile (forward, grad-weight),
         // of 16 (grad-input).
         G::square(2, 64, 6, 128, 3).padding(1).groups(4),

@@ -245,78 +245,6 @@ fn bn_formed4(v: vec4<f32>, t: vec4<f32>) -> vec4<f32> {
                 bn_formed(v.z, t, IN_QUANT), bn_formed(v.w, t, IN_QUANT));
 }
 
-// VEC_B 3: element i (0..7) of the two vec4s v0, v1.
-fn pick(v0: vec4<f32>, v1: vec4<f32>, i: u32) -> f32 {
-    if (i < 4u) {
-        return v0[i];
-    }
-    return v1[i - 4u];
-}
-
-// VEC_B 3 (forward and grad-input of a conv with a column stride of 1 whose input and output
-// rows are multiples of 4 wide): B[k][n..n+3] are four adjacent pixels of one output row
-// (forward) or input row (grad-input), so their sources are adjacent too, in one source row:
-// they are read from the two aligned vec4s that cover them (indices clamped into the buffer;
-// what lies outside the row is padding, 0).
-fn load_b_span4(g: u32, k: u32, n: u32) -> vec4<f32> {
-    if (n >= p.gn) {
-        return vec4(0.0);
-    }
-    let row = b_row(g, k);
-    var b: u32;
-    var base: u32; // where the source row starts
-    var x0: i32;   // the source column of B[k][n]
-    var width: u32;
-    var oy = 0u;   // grad-input: the output row read
-    if (MODE == 0u) {
-        b = n / q.ohw;
-        let pix = n - b * q.ohw;
-        oy = pix / q.ow;
-        let iy = i32(oy * q.sh + row.tap_y) - i32(q.ph);
-        if (iy < 0 || u32(iy) >= q.h) {
-            return vec4(0.0);
-        }
-        base = ((b * q.cin + row.ch) * q.h + u32(iy)) * q.w;
-        x0 = i32(pix - oy * q.ow + row.tap_x) - i32(q.pw);
-        width = q.w;
-    } else {
-        b = n / q.hw;
-        let pix = n - b * q.hw;
-        let iy = pix / q.w;
-        let ty = i32(iy + q.ph) - i32(row.tap_y);
-        oy = u32(max(ty, 0)) / q.sh;
-        if (ty < 0 || oy * q.sh != u32(ty) || oy >= q.oh) {
-            return vec4(0.0);
-        }
-        base = ((b * q.cout + row.ch) * q.oh + oy) * q.ow;
-        x0 = i32(pix - iy * q.w + q.pw) - i32(row.tap_x);
-        width = q.ow;
-    }
-    let first = i32(base) + x0;
-    let shift = u32(first & 3);
-    let last = i32(arrayLength(&b_src4)) - 1;
-    let v0 = b_src4[u32(clamp(first >> 2u, 0, last))];
-    var v1 = vec4(0.0);
-    if (shift != 0u) {
-        v1 = b_src4[u32(clamp((first >> 2u) + 1, 0, last))];
-    }
-    var v = vec4(0.0);
-    for (var j = 0u; j < 4u; j++) {
-        let col = x0 + i32(j);
-        if (col >= 0 && u32(col) < width) {
-            let x = pick(v0, v1, shift + j);
-            if (MODE == 0u && IN_BN) {
-                v[j] = bn_formed(x, row.in_bn, IN_QUANT);
-            } else if (MODE == 1u && OUT_BN) {
-                v[j] = out_grad(row.out_bn, b, oy * q.ow + u32(col), x);
-            } else {
-                v[j] = x;
-            }
-        }
-    }
-    return v;
-}
-
 // VEC_B 1: B[k][n..n+3] from one vec4 (a pointwise conv: n is a pixel, the image's pixel count
 // a multiple of 4, so the quad lies in one image, all past the columns or none).
 fn load_b_quad4(g: u32, k: u32, n: u32) -> vec4<f32> {
@@ -436,8 +364,6 @@ fn store_tile(lid: u32, k0: u32, buf: u32) {
                 if (g0 + slot < q.groups && k0 + kk < k_end) {
                     if (VEC_B == 1u) {
                         v = load_b_quad4(g0 + slot, k0 + kk, n0 + nq * 4u);
-                    } else if (VEC_B == 3u) {
-                        v = load_b_span4(g0 + slot, k0 + kk, n0 + nq * 4u);
                     } else {
                         v = load_b4(g0 + slot, k0 + kk, n0 + nq * 4u);
                     }

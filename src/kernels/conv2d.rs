@@ -708,7 +708,6 @@ impl GemmConv {
                 let form = |v: u32, quads: &str| match v {
                     1 => quads.to_string(),
                     2 => "blocks".to_string(),
-                    3 => "row spans".to_string(),
                     _ => "scalar".to_string(),
                 };
                 format!(", vec4 A {} B {}", form(a, "rows"), form(b, "columns"))
@@ -765,9 +764,7 @@ impl GemmConv {
     /// at multiples of 8, so alignment follows from the shape: a weight row of a multiple of 4
     /// (forward), a 1x1 weight with a multiple of 4 input channels per group (grad-input), an
     /// image of a multiple of 4 pixels (grad-weight's dy, and a pointwise conv's input and
-    /// output). Otherwise, where the column stride is 1 and input and output rows are multiples
-    /// of 4 wide, a quad of B is four adjacent pixels of one source row, read from the two
-    /// aligned vec4s around them (forward and grad-input).
+    /// output).
     pub(crate) fn vector_loads(&self, mode: Mode) -> (u32, u32) {
         let (cig, khw) = (self.cin / self.groups, self.kernel.0 * self.kernel.1);
         let pointwise = self.kernel == (1, 1)
@@ -775,16 +772,11 @@ impl GemmConv {
             && self.padding == (0, 0)
             && (self.oh, self.ow) == (self.h, self.w);
         let pixels4 = (self.oh * self.ow).is_multiple_of(4);
-        let rows4 = self.stride.1 == 1 && self.w.is_multiple_of(4) && self.ow.is_multiple_of(4);
-        let b = if pointwise && pixels4 {
-            1
-        } else {
-            3 * u32::from(rows4)
-        };
+        let b = u32::from(pointwise && pixels4);
         match mode {
             Mode::Forward => (2 * u32::from((cig * khw).is_multiple_of(4)), b),
             Mode::GradInput => (u32::from(khw == 1 && cig.is_multiple_of(4)), b),
-            Mode::GradWeight => (2 * u32::from(pixels4), 2 * u32::from(pointwise && pixels4)),
+            Mode::GradWeight => (2 * u32::from(pixels4), 2 * b),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::rng::Rng;
 
 /// A geometry with its BatchNorm's ReLU, shuffle groups and input bits: grouped 3×3 with a
 /// shuffle, 1×1 without ReLU, stride 2 with a 5×5 kernel and a shuffle into one channel per
-/// group, a group-packed tile, and grouped 3×3 on rows 8 wide (the row-span loads).
+/// group, and a group-packed tile.
 fn shapes() -> Vec<(Conv2dGeom, bool, usize, u32)> {
     vec![
         (
@@ -35,13 +35,6 @@ fn shapes() -> Vec<(Conv2dGeom, bool, usize, u32)> {
             2,
         ),
         (Conv2dGeom::square(2, 64, 4, 64, 1).groups(4), true, 16, 8),
-        // Rows 8 wide: forward and grad-input read row spans.
-        (
-            Conv2dGeom::square(2, 8, 8, 12, 3).padding(1).groups(2),
-            true,
-            2,
-            4,
-        ),
     ]
 }
 
@@ -577,11 +570,6 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
             3,
         ),
         (Conv2dGeom::square(2, 64, 4, 64, 1).groups(4), true, 16),
-        (
-            Conv2dGeom::square(2, 8, 8, 12, 3).padding(1).groups(2),
-            true,
-            2,
-        ),
     ];
     for (geom, relu, shuffle) in shapes {
         let shape = format!(
