@@ -290,86 +290,108 @@ fn load_b_block4(g: u32, k: u32, n: u32) -> mat4x4<f32> {
                             load_b_column4(g, k, n + 2u), load_b_column4(g, k, n + 3u)));
 }
 
-// Stores the K tile starting at k0 into buffer `buf`, one quad (a vec4 of workgroup memory: 4
-// rows of A or 4 columns of B) per load. Adjacent threads load adjacent k of A (contiguous in
-// the weight and in dy) and adjacent column quads of B (contiguous pixels).
-fn store_tile(lid: u32, k0: u32, buf: u32) {
+// A quad of A (rows m..m+3 at k) in the layer's form: one vec4 (VEC_A 1) or four elements.
+fn load_a_quad(g: u32, m: u32, k: u32) -> vec4<f32> {
+    if (VEC_A == 1u) {
+        return load_a_quad4(g, m, k);
+    }
+    return load_a4(g, m, k);
+}
+
+// A quad of B (columns n..n+3 at k) in the layer's form: one vec4 (VEC_B 1) or four elements.
+fn load_b_quad(g: u32, k: u32, n: u32) -> vec4<f32> {
+    if (VEC_B == 1u) {
+        return load_b_quad4(g, k, n);
+    }
+    return load_b4(g, k, n);
+}
+
+// Stores A's part of the K tile starting at k0 into buffer `buf`: quads, or with VEC_A 2 4x4
+// blocks (the two k halves of a row quad in adjacent threads). Adjacent threads load adjacent
+// k (contiguous in the weight and in dy).
+fn store_a(lid: u32, k0: u32, buf: u32) {
     if (VEC_A == 2u) {
-        // Blocks of 4 rows by 4 k, the two k halves of a row quad in adjacent threads.
         for (var e = 0u; e < A_BLOCKS; e++) {
             let i = lid + e * THREADS;
-            if (i < BK * BM / 16u) {
-                let kk = (i % (BK / 4u)) * 4u;
-                let m = (i / (BK / 4u)) * 4u;
-                let slot = m / RG;
-                var v: mat4x4<f32>;
-                if (g0 + slot < q.groups && k0 + kk < k_end) {
-                    v = load_a_block4(g0 + slot, m0 + m - slot * RG, k0 + kk);
-                }
-                let at = buf * A_BUF + kk * AS4 + m / 4u;
-                a_tile[at] = v[0];
-                a_tile[at + AS4] = v[1];
-                a_tile[at + 2u * AS4] = v[2];
-                a_tile[at + 3u * AS4] = v[3];
+            let kk = (i % (BK / 4u)) * 4u;
+            let m = (i / (BK / 4u)) * 4u;
+            let slot = m / RG;
+            if (i >= BK * BM / 16u) {
+                return;
             }
-        }
-    } else {
-        for (var e = 0u; e < A_QUADS; e++) {
-            let i = lid + e * THREADS;
-            if (i < BK * BM / 4u) {
-                let kk = i % BK;
-                let m = (i / BK) * 4u;
-                let slot = m / RG;
-                var v = vec4(0.0);
-                if (g0 + slot < q.groups && k0 + kk < k_end) {
-                    if (VEC_A == 1u) {
-                        v = load_a_quad4(g0 + slot, m0 + m - slot * RG, k0 + kk);
-                    } else {
-                        v = load_a4(g0 + slot, m0 + m - slot * RG, k0 + kk);
-                    }
-                }
-                a_tile[buf * A_BUF + kk * AS4 + m / 4u] = v;
+            var v: mat4x4<f32>;
+            if (g0 + slot < q.groups && k0 + kk < k_end) {
+                v = load_a_block4(g0 + slot, m0 + m - slot * RG, k0 + kk);
             }
+            let at = buf * A_BUF + kk * AS4 + m / 4u;
+            a_tile[at] = v[0];
+            a_tile[at + AS4] = v[1];
+            a_tile[at + 2u * AS4] = v[2];
+            a_tile[at + 3u * AS4] = v[3];
         }
+        return;
     }
+    for (var e = 0u; e < A_QUADS; e++) {
+        let i = lid + e * THREADS;
+        let kk = i % BK;
+        let m = (i / BK) * 4u;
+        let slot = m / RG;
+        if (i >= BK * BM / 4u) {
+            return;
+        }
+        var v = vec4(0.0);
+        if (g0 + slot < q.groups && k0 + kk < k_end) {
+            v = load_a_quad(g0 + slot, m0 + m - slot * RG, k0 + kk);
+        }
+        a_tile[buf * A_BUF + kk * AS4 + m / 4u] = v;
+    }
+}
+
+// Stores B's part (one B tile per group slot): quads, or with VEC_B 2 4x4 blocks. Adjacent
+// threads load adjacent column quads (contiguous pixels).
+fn store_b(lid: u32, k0: u32, buf: u32) {
     if (VEC_B == 2u) {
-        // Blocks of 4 k by 4 columns, adjacent threads on adjacent column quads.
         for (var e = 0u; e < B_BLOCKS; e++) {
             let i = lid + e * THREADS;
-            if (i < GP * BK * BN / 16u) {
-                let slot = i / (BK * BN / 16u);
-                let r = i - slot * (BK * BN / 16u);
-                let nq = r % BS4;
-                let kk = (r / BS4) * 4u;
-                var v: mat4x4<f32>;
-                if (g0 + slot < q.groups && k0 + kk < k_end) {
-                    v = load_b_block4(g0 + slot, k0 + kk, n0 + nq * 4u);
-                }
-                let at = buf * B_BUF + slot * B_SLOT + kk * BS4 + nq;
-                b_tile[at] = v[0];
-                b_tile[at + BS4] = v[1];
-                b_tile[at + 2u * BS4] = v[2];
-                b_tile[at + 3u * BS4] = v[3];
+            let slot = i / (BK * BN / 16u);
+            let r = i - slot * (BK * BN / 16u);
+            let nq = r % BS4;
+            let kk = (r / BS4) * 4u;
+            if (i >= GP * BK * BN / 16u) {
+                return;
             }
-        }
-    } else {
-        for (var e = 0u; e < B_QUADS; e++) {
-            let i = lid + e * THREADS;
-            if (i < GP * BK * BS4) {
-                let slot = i / (BK * BS4);
-                let r = i - slot * (BK * BS4);
-                let nq = r % BS4;
-                let kk = r / BS4;
-                var v = vec4(0.0);
-                if (g0 + slot < q.groups && k0 + kk < k_end) {
-                    if (VEC_B == 1u) {
-                        v = load_b_quad4(g0 + slot, k0 + kk, n0 + nq * 4u);
-                    } else {
-                        v = load_b4(g0 + slot, k0 + kk, n0 + nq * 4u);
-                    }
-                }
-                b_tile[buf * B_BUF + slot * B_SLOT + kk * BS4 + nq] = v;
+            var v: mat4x4<f32>;
+            if (g0 + slot < q.groups && k0 + kk < k_end) {
+                v = load_b_block4(g0 + slot, k0 + kk, n0 + nq * 4u);
             }
+            let at = buf * B_BUF + slot * B_SLOT + kk * BS4 + nq;
+            b_tile[at] = v[0];
+            b_tile[at + BS4] = v[1];
+            b_tile[at + 2u * BS4] = v[2];
+            b_tile[at + 3u * BS4] = v[3];
         }
+        return;
     }
+    for (var e = 0u; e < B_QUADS; e++) {
+        let i = lid + e * THREADS;
+        let slot = i / (BK * BS4);
+        let r = i - slot * (BK * BS4);
+        let nq = r % BS4;
+        let kk = r / BS4;
+        if (i >= GP * BK * BS4) {
+            return;
+        }
+        var v = vec4(0.0);
+        if (g0 + slot < q.groups && k0 + kk < k_end) {
+            v = load_b_quad(g0 + slot, k0 + kk, n0 + nq * 4u);
+        }
+        b_tile[buf * B_BUF + slot * B_SLOT + kk * BS4 + nq] = v;
+    }
+}
+
+// Stores the K tile starting at k0 into buffer `buf`, each store a quad (a vec4 of workgroup
+// memory: 4 rows of A or 4 columns of B).
+fn store_tile(lid: u32, k0: u32, buf: u32) {
+    store_a(lid, k0, buf);
+    store_b(lid, k0, buf);
 }
