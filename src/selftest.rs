@@ -1639,6 +1639,37 @@ fn layer_cases(v: &mut Vec<Case>) {
             stride: (1, 2),
             padding: (1, 1),
         },
+        // Small planes, 8 to a workgroup in max-pool backward, the last workgroup's 5.
+        PoolGeom {
+            n: 3,
+            c: 7,
+            h: 16,
+            w: 16,
+            kernel: (3, 3),
+            stride: (2, 2),
+            padding: (1, 1),
+        },
+        // Planes whose windows do not fit one workgroup: max-pool backward in two bands, with
+        // input rows that no window covers (stride 3 over 2) at and around the band edge.
+        PoolGeom {
+            n: 1,
+            c: 2,
+            h: 300,
+            w: 70,
+            kernel: (2, 3),
+            stride: (3, 2),
+            padding: (0, 1),
+        },
+        // Rows too wide for a band (2,100 windows): max-pool backward window by window.
+        PoolGeom {
+            n: 1,
+            c: 1,
+            h: 3,
+            w: 4200,
+            kernel: (3, 3),
+            stride: (2, 2),
+            padding: (1, 1),
+        },
     ];
     for g in pools {
         let shape = format!(
@@ -1663,8 +1694,8 @@ fn layer_cases(v: &mut Vec<Case>) {
                 let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
                 let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
                 let ops = vec![
-                    kernels::pool::maxpool_forward(gpu, &g, &xt, &y)?,
-                    kernels::pool::maxpool_backward(gpu, &g, &xt, &dyt, &dx)?,
+                    kernels::maxpool::maxpool_forward(gpu, &g, &xt, &y)?,
+                    kernels::maxpool::maxpool_backward(gpu, &g, &xt, &dyt, &dx)?,
                 ];
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &dx])?;
                 let (wy, warg) = reference::pool::maxpool_forward(&g, &f64s(&x));
@@ -1763,13 +1794,13 @@ fn layer_cases(v: &mut Vec<Case>) {
                 let dyt = gpu.upload_f32("dy", &g.output_shape(), &dy)?;
                 let y = gpu.empty("y", &g.output_shape(), DType::F32)?;
                 let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
-                let ep = kernels::pool::MaxPoolEpilogue {
+                let ep = kernels::maxpool::MaxPoolEpilogue {
                     shuffle: groups,
                     quantize: Some(bits),
                 };
                 let ops = vec![
-                    kernels::pool::maxpool_forward_fused(gpu, &g, &xt, &y, ep, None)?,
-                    kernels::pool::maxpool_backward_shuffled(
+                    kernels::maxpool::maxpool_forward_fused(gpu, &g, &xt, &y, ep, None)?,
+                    kernels::maxpool::maxpool_backward_shuffled(
                         gpu, &g, &xt, &dyt, &dx, groups, None,
                     )?,
                 ];

@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod iao;
 pub mod loss;
 pub mod matmul;
+pub mod maxpool;
 pub mod norm;
 pub mod optim;
 pub mod pool;
@@ -59,7 +60,8 @@ pub static CONV2D: Shader = Shader {
     trusted: true,
 };
 pub static NORM: Shader = shader!("norm.wgsl", true, "act.wgsl", "bn.wgsl");
-pub static POOL: Shader = shader!("pool.wgsl", true, "act.wgsl", "bn.wgsl");
+pub static POOL: Shader = shader!("pool.wgsl", true, "window.wgsl");
+pub static MAXPOOL: Shader = shader!("maxpool.wgsl", true, "act.wgsl", "bn.wgsl", "window.wgsl");
 // Checked: it indexes logits by labels, which come from the data.
 pub static LOSS: Shader = shader!("loss.wgsl", false);
 pub static OPTIM: Shader = shader!("optim.wgsl", true);
@@ -93,6 +95,7 @@ pub static SHADERS: &[&Shader] = &[
     &CONV2D,
     &NORM,
     &POOL,
+    &MAXPOOL,
     &LOSS,
     &OPTIM,
     &INTINFER,

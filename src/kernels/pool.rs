@@ -1,10 +1,9 @@
-//! `shaders/pool.wgsl`: max-pool and avg-pool (forward, backward) and channel shuffle.
+//! Pooling geometry, and `shaders/pool.wgsl`: avg-pool (forward, backward) and channel shuffle.
+//! Max-pool is [`super::maxpool`].
 
-use super::norm::BnForm;
 use super::{Entry, POOL, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor};
-use crate::quant::Bits;
 use Bind::{Read as R, ReadWrite as W};
 
 const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
@@ -15,8 +14,6 @@ const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
     }
 }
 
-const MAX_FORWARD: Entry = entry("maxpool_forward", &[(1, R), (2, W), (7, R)]);
-const MAX_BACKWARD: Entry = entry("maxpool_backward", &[(1, R), (4, R), (6, W), (7, R)]);
 const AVG_FORWARD: Entry = entry("avgpool_forward", &[(1, R), (2, W)]);
 const AVG_BACKWARD: Entry = entry("avgpool_backward", &[(4, R), (6, W)]);
 const SHUFFLE: Entry = entry("channel_shuffle", &[(1, R), (2, W)]);
@@ -57,7 +54,7 @@ impl PoolGeom {
         [self.n, self.c, oh, ow]
     }
 
-    fn validate(&self, kernel: &str) -> Result<()> {
+    pub(crate) fn validate(&self, kernel: &str) -> Result<()> {
         let (oh, ow) = self.out_hw();
         let bad = [
             self.n,
@@ -99,13 +96,7 @@ struct Params {
     c: u32,
     groups: u32,
     inverse: u32,
-    quantize: u32,
-    levels_f: f32,
-    inv_levels: f32,
-    in_bn: u32,
-    in_relu: u32,
-    in_shuffle: u32,
-    _pad: u32,
+    _pad: [u32; 2],
 }
 
 fn params(g: &PoolGeom) -> Params {
@@ -125,17 +116,11 @@ fn params(g: &PoolGeom) -> Params {
         c: g.c as u32,
         groups: 1,
         inverse: 0,
-        quantize: 0,
-        levels_f: 1.0,
-        inv_levels: 1.0,
-        in_bn: 0,
-        in_relu: 0,
-        in_shuffle: 1,
-        _pad: 0,
+        _pad: [0; 2],
     }
 }
 
-fn check(kernel: &str, named: &[(&str, &Tensor, &[usize], DType)]) -> Result<()> {
+pub(crate) fn check(kernel: &str, named: &[(&str, &Tensor, &[usize], DType)]) -> Result<()> {
     for (name, t, shape, dtype) in named {
         expect_dtype(kernel, name, t, *dtype)?;
         expect_shape(kernel, name, t, shape)?;
@@ -143,173 +128,13 @@ fn check(kernel: &str, named: &[(&str, &Tensor, &[usize], DType)]) -> Result<()>
     Ok(())
 }
 
-fn label(kernel: &str, g: &PoolGeom) -> String {
+pub(crate) fn label(kernel: &str, g: &PoolGeom) -> String {
     format!(
         "{kernel} {:?} k{:?} s{:?} p{:?}",
         g.input_shape(),
         g.kernel,
         g.stride,
         g.padding
-    )
-}
-
-/// `y` = window maxima.
-pub fn maxpool_forward(gpu: &Gpu, g: &PoolGeom, x: &Tensor, y: &Tensor) -> Result<Op> {
-    maxpool_forward_fused(gpu, g, x, y, MaxPoolEpilogue::default(), None)
-}
-
-/// What a max-pool applies to its output as it writes it (the layers after it, fused): a
-/// channel shuffle in `shuffle` groups (1: none) and the next layer's DoReFa activation
-/// quantizer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MaxPoolEpilogue {
-    pub shuffle: usize,
-    pub quantize: Option<Bits>,
-}
-
-impl Default for MaxPoolEpilogue {
-    fn default() -> Self {
-        MaxPoolEpilogue {
-            shuffle: 1,
-            quantize: None,
-        }
-    }
-}
-
-impl MaxPoolEpilogue {
-    fn params(&self, kernel: &str, g: &PoolGeom) -> Result<Params> {
-        if self.shuffle == 0 || !g.c.is_multiple_of(self.shuffle) {
-            return Err(Error::shape(
-                kernel,
-                format!("cannot shuffle {} channels in {} groups", g.c, self.shuffle),
-            ));
-        }
-        let (quantize, levels_f, inv_levels) = match self.quantize {
-            Some(b) if !b.is_float() => (1, b.levels() as f32, b.inv_levels()),
-            _ => (0, 1.0, 1.0),
-        };
-        Ok(Params {
-            groups: self.shuffle as u32,
-            quantize,
-            levels_f,
-            inv_levels,
-            ..params(g)
-        })
-    }
-
-    fn describe(&self) -> String {
-        let mut s = String::new();
-        if self.shuffle > 1 {
-            s += &format!("+shuffle{}", self.shuffle);
-        }
-        if let Some(b) = self.quantize.filter(|b| !b.is_float()) {
-            s += &format!("+a{b}");
-        }
-        s
-    }
-}
-
-/// [`maxpool_forward`] with `ep` applied to the output and, given `input_bn`, its input formed
-/// from a BatchNorm's where it is read (`x` is then the BatchNorm's input).
-pub fn maxpool_forward_fused(
-    gpu: &Gpu,
-    g: &PoolGeom,
-    x: &Tensor,
-    y: &Tensor,
-    ep: MaxPoolEpilogue,
-    input_bn: Option<BnForm<'_>>,
-) -> Result<Op> {
-    const K: &str = "maxpool_forward";
-    g.validate(K)?;
-    let (i, o) = (g.input_shape(), g.output_shape());
-    check(K, &[("x", x, &i, DType::F32), ("y", y, &o, DType::F32)])?;
-    let (p, table) = with_input_bn(gpu, K, g, ep.params(K, g)?, input_bn)?;
-    MAX_FORWARD.launch(
-        gpu,
-        &[],
-        label(&format!("{K}{}{}", ep.describe(), through(input_bn)), g),
-        &p,
-        &[x, y, &table],
-        elementwise_grid(gpu, y.numel() as u32),
-    )
-}
-
-/// `p` set to form the input from a BatchNorm's, and the table to bind (a placeholder without).
-fn with_input_bn(
-    gpu: &Gpu,
-    kernel: &str,
-    g: &PoolGeom,
-    p: Params,
-    input_bn: Option<BnForm<'_>>,
-) -> Result<(Params, Tensor)> {
-    let Some(bn) = input_bn else {
-        return Ok((p, gpu.zeros("no BatchNorm table", &[1], DType::F32)?));
-    };
-    bn.check(kernel, g.c)?;
-    let p = Params {
-        in_bn: 1,
-        in_relu: u32::from(bn.relu),
-        in_shuffle: bn.shuffle as u32,
-        ..p
-    };
-    Ok((p, bn.table.clone()))
-}
-
-fn through(input_bn: Option<BnForm<'_>>) -> &'static str {
-    if input_bn.is_some() {
-        " through bn"
-    } else {
-        ""
-    }
-}
-
-/// `dx` = sum over windows of `dy` routed to each window's first maximum, found again in `x`
-/// (the forward's input, unchanged): no index map is kept between the passes.
-pub fn maxpool_backward(
-    gpu: &Gpu,
-    g: &PoolGeom,
-    x: &Tensor,
-    dy: &Tensor,
-    dx: &Tensor,
-) -> Result<Op> {
-    maxpool_backward_shuffled(gpu, g, x, dy, dx, 1, None)
-}
-
-/// [`maxpool_backward`] of a max-pool whose output was shuffled in `shuffle` groups: `dy` is the
-/// shuffled output's gradient, read where the shuffle put each element. Given `input_bn`, the
-/// input is formed from a BatchNorm's as the forward formed it (`x` is the BatchNorm's input).
-pub fn maxpool_backward_shuffled(
-    gpu: &Gpu,
-    g: &PoolGeom,
-    x: &Tensor,
-    dy: &Tensor,
-    dx: &Tensor,
-    shuffle: usize,
-    input_bn: Option<BnForm<'_>>,
-) -> Result<Op> {
-    const K: &str = "maxpool_backward";
-    g.validate(K)?;
-    let (i, o) = (g.input_shape(), g.output_shape());
-    check(
-        K,
-        &[
-            ("x", x, &i, DType::F32),
-            ("dy", dy, &o, DType::F32),
-            ("dx", dx, &i, DType::F32),
-        ],
-    )?;
-    let ep = MaxPoolEpilogue {
-        shuffle,
-        quantize: None,
-    };
-    let (p, table) = with_input_bn(gpu, K, g, ep.params(K, g)?, input_bn)?;
-    MAX_BACKWARD.launch(
-        gpu,
-        &[],
-        label(&format!("{K}{}{}", ep.describe(), through(input_bn)), g),
-        &p,
-        &[x, dy, dx, &table],
-        elementwise_grid(gpu, dx.numel() as u32),
     )
 }
 

@@ -287,7 +287,8 @@ pub(super) fn cases(v: &mut Vec<Case>) {
 /// Max-pool forming its input from a BatchNorm's: its window maxima (ties included: the values
 /// are coarse) and their gradients as the reference finds them on the formed input.
 pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
-    use crate::kernels::pool::{self, MaxPoolEpilogue, PoolGeom};
+    use crate::kernels::maxpool::{self, MaxPoolEpilogue};
+    use crate::kernels::pool::PoolGeom;
     let geom = |c, hw, k, s, p| PoolGeom {
         n: 2,
         c,
@@ -330,8 +331,8 @@ pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
                     quantize: Some(bits),
                 };
                 let ops = vec![
-                    pool::maxpool_forward_fused(gpu, &g, &yt, &out, ep, Some(form))?,
-                    pool::maxpool_backward_shuffled(
+                    maxpool::maxpool_forward_fused(gpu, &g, &yt, &out, ep, Some(form))?,
+                    maxpool::maxpool_backward_shuffled(
                         gpu,
                         &g,
                         &yt,

@@ -7,8 +7,9 @@ use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Op, Tensor};
+use crate::kernels::maxpool::{self, MaxPoolEpilogue};
 use crate::kernels::norm::BnForm;
-use crate::kernels::pool::{self, MaxPoolEpilogue, PoolGeom};
+use crate::kernels::pool::{self, PoolGeom};
 
 fn geometry(l: &Layer, batch: usize) -> Result<PoolGeom> {
     let (Kind::MaxPool(win) | Kind::AvgPool(win)) = l.kind else {
@@ -48,7 +49,7 @@ pub(super) fn recompute(
         shuffle: win.shuffle,
         quantize: None,
     };
-    pool::maxpool_forward_fused(gpu, &geometry(l, batch)?, x, y, ep, input_bn)
+    maxpool::maxpool_forward_fused(gpu, &geometry(l, batch)?, x, y, ep, input_bn)
 }
 
 pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
@@ -78,7 +79,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         // The input formed from the BatchNorm before, where it is read (x is that BatchNorm's
         // input).
         let input_bn = io.buf.reads_bn.map(|k| net.bn_form(k)).transpose()?;
-        fwd.push(pool::maxpool_forward_fused(
+        fwd.push(maxpool::maxpool_forward_fused(
             gpu, &geom, pooled, io.y, ep, input_bn,
         )?);
         if let Some(dx) = dx {
@@ -86,7 +87,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             if let Some((q, t)) = &xq {
                 bwd.push(q.forward(gpu, x, t)?);
             }
-            bwd.push(pool::maxpool_backward_shuffled(
+            bwd.push(maxpool::maxpool_backward_shuffled(
                 gpu,
                 &geom,
                 pooled,
