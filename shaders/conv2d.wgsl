@@ -60,6 +60,14 @@ override IN_QUANT: bool = false;
 // registers), then the TX threads of each row are merged in order (Chan's formula); norm.wgsl's
 // bn_stats_merge merges the tiles in order. That saves the BatchNorm's own pass over the output.
 override BN_STATS: bool = false;
+// MODE 1 with BN_SUMS (and IN_BN, ACT_GRAD 1): the sums of the backward of the BatchNorm
+// before (the one IN_BN forms), whose output gradient is the dx written here: per column tile t
+// and BatchNorm channel c, sum dy' and sum dy' * xhat (dy' = dx after that BatchNorm's ReLU
+// mask) at bn_part[(2 t) * CIN + c] and bn_part[(2 t + 1) * CIN + c]. Each thread adds its 16
+// columns in order as it writes them, then the TX threads of each row are added in order;
+// norm.wgsl's bn_backward_merge adds the tiles in order. That saves the BatchNorm's reduction
+// pass over its input and output gradient.
+override BN_SUMS: bool = false;
 // MODE 1 and 2 with OUT_BN: this conv's output feeds a BatchNorm (with its ReLU, and a shuffle
 // of OUT_SHUFFLE groups after it) whose backward is applied where the GEMM loads the output
 // gradient, instead of in a pass of its own: dy (b_src in MODE 1, a_src in MODE 2) holds the
@@ -176,7 +184,8 @@ fn geometry() -> Geometry {
 // IN_BN: the BatchNorm's table (lib/bn.wgsl: two vec4s per channel, [mean, invstd, gamma,
 // beta] first).
 @group(0) @binding(7) var<storage, read> in_bn: array<vec4<f32>>;
-// MODE 0 with BN_STATS: the partial statistics, (tiles, 2, COUT).
+// MODE 0 with BN_STATS: the partial statistics, (tiles, 2, COUT); MODE 1 with BN_SUMS: the
+// BatchNorm backward's sums, (tiles, 2, CIN).
 @group(0) @binding(8) var<storage, read_write> bn_part: array<f32>;
 // OUT_BN: the BatchNorm's output gradient and its table (two vec4s per channel).
 @group(0) @binding(9) var<storage, read> out_dy: array<f32>;
@@ -210,6 +219,9 @@ var<private> c12: mat4x4<f32>;
 var<private> c13: mat4x4<f32>;
 var<private> s0: vec4<f32>;
 var<private> s1: vec4<f32>;
+// BN_SUMS: sum dy' and sum dy' * xhat of rows qa * 4 + i (index 0) and qb * 4 + i (index 1).
+var<private> sum_dy: array<vec4<f32>, 2>;
+var<private> sum_dyx: array<vec4<f32>, 2>;
 
 // c + outer(a, b) as fused multiply-adds: column r of the block is row r of the output quad.
 fn fma4(c: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
@@ -242,8 +254,20 @@ fn multiply(ab: u32, bb: u32, tx: u32, qa: u32, qb: u32) {
     }
 }
 
-// Writes the 4x4 block whose first row is m (tile-relative) and first column n.
-fn store_block(m: u32, n: u32, c: mat4x4<f32>) {
+// BN_SUMS: adds dx value d of row r of quad h (0: qa, 1: qb), whose BatchNorm input is v in
+// the channel whose table is t, to the sums, as norm.wgsl's bn_backward_reduce adds it.
+fn add_bn_sums(h: u32, r: u32, v: f32, t: vec4<f32>, d: f32) {
+    var g = d;
+    if (IN_RELU) {
+        g = select(0.0, d, bn_affine(v, t.x, t.y, t.z, t.w) > 0.0);
+    }
+    sum_dy[h][r] += g;
+    sum_dyx[h][r] += g * ((v - t.x) * t.y);
+}
+
+// Writes the 4x4 block whose first row is m (tile-relative) and first column n; h: which of
+// the thread's row quads it is (0: qa, 1: qb).
+fn store_block(m: u32, n: u32, c: mat4x4<f32>, h: u32) {
     let slot = m / RG;
     let g = g0 + slot;
     if (g >= q.groups) {
@@ -275,12 +299,17 @@ fn store_block(m: u32, n: u32, c: mat4x4<f32>) {
                     var xv: f32;
                     if (IN_BN) {
                         let sc = unshuffled(g * q.cig + row);
-                        xv = bn_formed(act_x[(b * q.cin + sc) * q.hw + (col - b * q.hw)],
-                                       in_bn_of(sc), false);
+                        let t = in_bn_of(sc);
+                        let bx = act_x[(b * q.cin + sc) * q.hw + (col - b * q.hw)];
+                        xv = bn_formed(bx, t, false);
+                        d = dorefa_act_grad(xv, v);
+                        if (BN_SUMS) {
+                            add_bn_sums(h, r, bx, t, d);
+                        }
                     } else {
                         xv = act_x[i];
+                        d = dorefa_act_grad(xv, v);
                     }
-                    d = dorefa_act_grad(xv, v);
                     if (ACT_GRAD == 2u) {
                         act_x[i] = dorefa_act(xv, ACT_LEVELS, ACT_INV_LEVELS);
                     }
@@ -380,6 +409,31 @@ fn thread_columns(tx: u32) -> f32 {
         }
     }
     return f32(n);
+}
+
+// BN_SUMS: adds the TX threads' sums of row quad qd (workgroup memory, see main) in order and
+// writes the tile's sums of its 4 rows, at their BatchNorm channels.
+fn write_bn_sums(qd: u32) {
+    let m = qd * 4u;
+    let slot = m / RG;
+    let g = g0 + slot;
+    if (g >= q.groups) {
+        return;
+    }
+    var sdy = vec4(0.0);
+    var sdyx = vec4(0.0);
+    for (var t = 0u; t < TX; t++) {
+        sdy += a_tile[(qd * TX + t) * 2u];
+        sdyx += a_tile[(qd * TX + t) * 2u + 1u];
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let row = m0 + m - slot * RG + r;
+        if (row < q.gm) {
+            let c = unshuffled(g * q.gm + row);
+            bn_part[(2u * n_tile) * q.cin + c] = sdy[r];
+            bn_part[(2u * n_tile + 1u) * q.cin + c] = sdyx[r];
+        }
+    }
 }
 
 // Merges the TX threads' statistics of row quad qd (workgroup memory, see main) in order and
@@ -494,12 +548,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
     }
-    store_block(r0, tx * 4u, c00);
-    store_block(r0, (tx + TX) * 4u, c01);
-    store_block(r0, (tx + 2u * TX) * 4u, c02);
-    store_block(r0, (tx + 3u * TX) * 4u, c03);
-    store_block(r1, tx * 4u, c10);
-    store_block(r1, (tx + TX) * 4u, c11);
-    store_block(r1, (tx + 2u * TX) * 4u, c12);
-    store_block(r1, (tx + 3u * TX) * 4u, c13);
+    store_block(r0, tx * 4u, c00, 0u);
+    store_block(r0, (tx + TX) * 4u, c01, 0u);
+    store_block(r0, (tx + 2u * TX) * 4u, c02, 0u);
+    store_block(r0, (tx + 3u * TX) * 4u, c03, 0u);
+    store_block(r1, tx * 4u, c10, 1u);
+    store_block(r1, (tx + TX) * 4u, c11, 1u);
+    store_block(r1, (tx + 2u * TX) * 4u, c12, 1u);
+    store_block(r1, (tx + 3u * TX) * 4u, c13, 1u);
+
+    if (MODE == 1u && BN_SUMS) {
+        // As BN_STATS's: each thread's sums into workgroup memory (free since the K loop's last
+        // barrier), then one thread per row pair adds them across the row.
+        n_tile = wid.x;
+        a_tile[(qa * TX + tx) * 2u] = sum_dy[0];
+        a_tile[(qa * TX + tx) * 2u + 1u] = sum_dyx[0];
+        a_tile[(qb * TX + tx) * 2u] = sum_dy[1];
+        a_tile[(qb * TX + tx) * 2u + 1u] = sum_dyx[1];
+        workgroupBarrier();
+        if (tx == 0u) {
+            write_bn_sums(qa);
+            write_bn_sums(qb);
+        }
+    }
 }

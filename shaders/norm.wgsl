@@ -22,7 +22,7 @@ struct Params {
     quantize: u32,   // 1: apply writes the activation quantizer's output (the next layer's input)
     levels_f: f32,   // the quantizer's f32(n) and fl32(1 / n), as in quant.wgsl
     inv_levels: f32,
-    tile: u32,       // bn_stats_merge: columns (of N * S) per partial
+    tile: u32,       // bn_stats_merge, bn_backward_merge: columns (of N * S) per partial
     _pad1: u32,
 }
 
@@ -46,7 +46,7 @@ struct Params {
 @group(0) @binding(14) var<storage, read> dbeta_in: array<f32>;
 @group(0) @binding(15) var<storage, read_write> dx: array<f32>;
 // bn_stats_merge: per-tile (mean, M2) partials from the conv before, (tiles, 2, C)
-// (conv2d.wgsl's BN_STATS).
+// (conv2d.wgsl's BN_STATS); bn_backward_merge: per-tile sums from the conv after (BN_SUMS).
 @group(0) @binding(16) var<storage, read> partials: array<f32>;
 
 const WG: u32 = 256u;
@@ -287,6 +287,33 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         stats[c * BN_TABLE + BN_DGAMMA] = sums.y;
         stats[c * BN_TABLE + BN_SCALE] = bn_scale(gamma[c], invstd, f32(count));
     }
+}
+
+// bn_backward_reduce from the per-tile sums the conv after formed in its grad-input epilogue
+// (conv2d.wgsl's BN_SUMS: (tiles, 2, C), sum dy' then sum dy' * xhat): one invocation per
+// channel adds its tiles in order, the same every run.
+@compute @workgroup_size(256)
+fn bn_backward_merge(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let c = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (c >= p.c) {
+        return;
+    }
+    let count = p.n * p.s;
+    let tiles = (count + p.tile - 1u) / p.tile;
+    var sdy = 0.0;
+    var sdyx = 0.0;
+    for (var t = 0u; t < tiles; t++) {
+        sdy += partials[(2u * t) * p.c + c];
+        sdyx += partials[(2u * t + 1u) * p.c + c];
+    }
+    dbeta[c] = sdy;
+    dgamma[c] = sdyx;
+    let invstd = stats[c * BN_TABLE + BN_INVSTD];
+    stats[c * BN_TABLE + BN_DBETA] = sdy;
+    stats[c * BN_TABLE + BN_DGAMMA] = sdyx;
+    stats[c * BN_TABLE + BN_SCALE] = bn_scale(gamma[c], invstd, f32(count));
 }
 
 // dx = gamma * invstd / n * (n dy' - dbeta - xhat * dgamma), for element i with input xv.

@@ -265,6 +265,7 @@ fn between_bns<'a>(
             form: relu_bn(t_out),
             dy,
         }),
+        input_sums: None,
     }
 }
 

@@ -124,6 +124,15 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
                 .count();
             assert_eq!(through, 6, "{model}: {gemm} through a BatchNorm");
         }
+        // Their grad-inputs also form those BatchNorms' backward sums, which the BatchNorms add
+        // up instead of reducing: only the three read by pools still reduce.
+        let count = |pred: &dyn Fn(&str) -> bool| labels.iter().filter(|l| pred(l)).count();
+        let sums = count(&|l| kernel(l) == "conv2d.grad_input" && l.contains(" +bn sums"));
+        assert_eq!(sums, 6, "{model}: grad-inputs forming BatchNorm sums");
+        let merges = count(&|l| kernel(l) == "bn_backward_merge");
+        assert_eq!(merges, 6, "{model}: BatchNorm backward merges");
+        let reduces = count(&|l| kernel(l) == "bn_backward_reduce");
+        assert_eq!(reduces, 3, "{model}: BatchNorm backward reductions");
         let bn_apply = labels
             .iter()
             .filter(|l| kernel(l).starts_with("bn_apply"))
@@ -148,6 +157,73 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
     }
 }
 
+/// Two training steps of `model` at `bits` from a fixed init and batch (the default optimizer,
+/// Adam, or with `sgd` SGD), the network set up by `setup` first: the losses and every state
+/// tensor, as bits.
+#[allow(clippy::type_complexity)]
+fn two_steps(
+    spec: &wgqat::models::ModelSpec,
+    bits: u32,
+    sgd: bool,
+    setup: impl Fn(&mut wgqat::nn::Network),
+) -> (Vec<u32>, Vec<(String, Vec<u32>)>) {
+    use wgqat::nn::checkpoint::Data;
+    use wgqat::nn::{Mode, Network, init};
+    use wgqat::rng::Rng;
+    use wgqat::train::Optimizer;
+
+    let gpu = common::gpu();
+    let batch = 4;
+    let per: usize = spec.input.iter().product();
+    let mut rng = Rng::new(11);
+    let x = rng.vec_uniform(batch * per, -2.0, 2.0);
+    let labels: Vec<u32> = (0..batch).map(|i| (i % 10) as u32).collect();
+    let quant = QuantConfig {
+        w_bits: Bits::new(bits).unwrap(),
+        a_bits: Bits::new(bits).unwrap(),
+        quantize_first_layer: false,
+        ..QuantConfig::default()
+    };
+    let mut net = Network::new(gpu, spec, quant, batch, true, 2).unwrap();
+    setup(&mut net);
+    init::initialise(gpu, &net, 5).unwrap();
+    let mut config = wgqat::train::TrainConfig::default();
+    if sgd {
+        config.optimizer = wgqat::train::OptimizerName::Sgd;
+    }
+    let kind = config.optimizer_kind();
+    let mut opt = Optimizer::new(gpu, &net, kind).unwrap();
+    let mut plan = net.plan(gpu, batch, Mode::Train).unwrap();
+    plan.ops.push_op(opt.op(gpu, &net).unwrap());
+    net.write_batch(gpu, &plan, &x, &labels).unwrap();
+    for slot in 0..2 {
+        net.write_step(gpu, &opt.next_values(1e-2, slot)).unwrap();
+        plan.ops.submit(gpu, "memory check step").unwrap();
+        opt.t += 1;
+    }
+    let losses: Vec<u32> = net
+        .read_metrics(gpu, 2)
+        .unwrap()
+        .iter()
+        .map(|m| m.0.to_bits())
+        .collect();
+    let state: Vec<(String, Vec<u32>)> = net
+        .state_dict(gpu)
+        .unwrap()
+        .into_iter()
+        .filter_map(|t| match t.data {
+            Data::F32(v) => Some((t.name, v.iter().map(|f| f.to_bits()).collect())),
+            _ => None,
+        })
+        .collect();
+    (losses, state)
+}
+
+fn load(model: &str) -> wgqat::models::ModelSpec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(model);
+    wgqat::models::load(path.to_str().unwrap()).unwrap()
+}
+
 /// Two steps of small models with every memory saving on, against the same steps keeping every
 /// output: the same loss and the same bits in every weight and BatchNorm statistic. The models
 /// cover the planner's cases: max-pool fed by a recomputed BatchNorm output, a shuffle after a
@@ -155,15 +231,7 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
 /// W8A8, W4A4 and float.
 #[test]
 fn memory_savings_change_no_bit_of_a_training_step() {
-    use std::path::Path;
-    use wgqat::nn::checkpoint::Data;
-    use wgqat::nn::{Mode, Network, init};
-    use wgqat::rng::Rng;
-    use wgqat::train::Optimizer;
-
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let gpu = common::gpu();
-    let repo = |p: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join(p);
     let models = [
         ("tests/fixtures/tiny_nin_gc.json", 8),
         ("tests/fixtures/ci_nin.json", 4),
@@ -177,50 +245,16 @@ fn memory_savings_change_no_bit_of_a_training_step() {
         ("examples/models/tiny_resnet.json", 32),
     ];
     for (model, bits) in models {
-        let spec = wgqat::models::load(repo(model).to_str().unwrap()).unwrap();
-        let batch = 4;
-        let per: usize = spec.input.iter().product();
-        let mut rng = Rng::new(11);
-        let x = rng.vec_uniform(batch * per, -2.0, 2.0);
-        let labels: Vec<u32> = (0..batch).map(|i| (i % 10) as u32).collect();
+        let spec = load(model);
+        // (The BatchNorm sums formed in grad-input need the savings' forming of its output, and
+        // add up in another order: `bn_sums_match_the_reduction_passes` compares those.)
         let run = |keep_all: bool| {
-            let quant = QuantConfig {
-                w_bits: Bits::new(bits).unwrap(),
-                a_bits: Bits::new(bits).unwrap(),
-                quantize_first_layer: false,
-                ..QuantConfig::default()
-            };
-            let mut net = Network::new(gpu, &spec, quant, batch, true, 2).unwrap();
-            if keep_all {
-                net.keep_all_outputs().unwrap();
-            }
-            init::initialise(gpu, &net, 5).unwrap();
-            let kind = wgqat::train::TrainConfig::default().optimizer_kind();
-            let mut opt = Optimizer::new(gpu, &net, kind).unwrap();
-            let mut plan = net.plan(gpu, batch, Mode::Train).unwrap();
-            plan.ops.push_op(opt.op(gpu, &net).unwrap());
-            net.write_batch(gpu, &plan, &x, &labels).unwrap();
-            for slot in 0..2 {
-                net.write_step(gpu, &opt.next_values(1e-2, slot)).unwrap();
-                plan.ops.submit(gpu, "memory check step").unwrap();
-                opt.t += 1;
-            }
-            let losses: Vec<u32> = net
-                .read_metrics(gpu, 2)
-                .unwrap()
-                .iter()
-                .map(|m| m.0.to_bits())
-                .collect();
-            let state: Vec<(String, Vec<u32>)> = net
-                .state_dict(gpu)
-                .unwrap()
-                .into_iter()
-                .filter_map(|t| match t.data {
-                    Data::F32(v) => Some((t.name, v.iter().map(|f| f.to_bits()).collect())),
-                    _ => None,
-                })
-                .collect();
-            (losses, state)
+            two_steps(&spec, bits, false, |net| {
+                if keep_all {
+                    net.keep_all_outputs().unwrap();
+                }
+                net.reduce_bn_backward_in_passes().unwrap();
+            })
         };
         let (saved, kept) = (run(false), run(true));
         assert_eq!(saved.0, kept.0, "{model}: losses differ");
@@ -231,6 +265,54 @@ fn memory_savings_change_no_bit_of_a_training_step() {
             "{}: 2 steps at W{bits}A{bits}, losses and {} tensors identical",
             spec.name,
             saved.1.len()
+        );
+    }
+}
+
+/// The BatchNorm backward reductions from the sums formed in the next conv's grad-input
+/// epilogue against the same reductions as passes of their own: the same values in another
+/// order, so two SGD steps agree to rounding (the first loss exactly: the forward is the same),
+/// every state tensor within 1e-4 of its largest value (plus 1e-7). (Adam's first step moves every weight
+/// by the learning rate times the sign of its gradient, which rounding can flip where a
+/// gradient is nearly 0.)
+#[test]
+fn bn_sums_match_the_reduction_passes() {
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    for (model, bits) in [
+        ("tests/fixtures/tiny_nin_gc.json", 8),
+        ("tests/fixtures/ci_nin.json", 4),
+    ] {
+        let spec = load(model);
+        let sums = two_steps(&spec, bits, true, |_| {});
+        let passes = two_steps(&spec, bits, true, |net| {
+            net.reduce_bn_backward_in_passes().unwrap()
+        });
+        let f = |b: &u32| f64::from(f32::from_bits(*b));
+        assert_eq!(sums.0[0], passes.0[0], "{model}: first losses differ");
+        let (l1, l2) = (f(&sums.0[1]), f(&passes.0[1]));
+        assert!(
+            (l1 - l2).abs() <= 1e-5 * l2.abs(),
+            "{model}: second losses {l1} and {l2}"
+        );
+        let mut worst = 0.0f64;
+        for ((name, a), (_, b)) in sums.1.iter().zip(&passes.1) {
+            let scale = b.iter().map(|v| f(v).abs()).fold(1e-30, f64::max);
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (f(x) - f(y)).abs())
+                .fold(0.0, f64::max);
+            worst = worst.max(diff / scale.max(1e-3));
+            // (Plus 1e-7: a conv's bias before a BatchNorm has a true gradient of 0, and holds
+            // rounding noise of the order of 1e-9.)
+            assert!(
+                diff <= 1e-4 * scale + 1e-7,
+                "{model}: {name} differs by {diff:e} (largest {scale:e})"
+            );
+        }
+        println!(
+            "{}: 2 steps at W{bits}A{bits}, losses {l1} / {l2}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)",
+            spec.name
         );
     }
 }

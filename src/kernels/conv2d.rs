@@ -238,21 +238,28 @@ pub struct OutputBn<'a> {
 
 /// The BatchNorms whose work a conv's GEMMs do where they load: the one whose output is the
 /// conv's input, and the one after it whose backward forms the conv's output gradient.
+/// `input_sums`: grad-input also forms the sums of the input BatchNorm's backward reduction (see
+/// [`Fused::bn_sums`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AroundBn<'a> {
     pub input: Option<InputBn<'a>>,
     pub output: Option<OutputBn<'a>>,
+    pub input_sums: Option<&'a Tensor>,
 }
 
 /// What a GEMM does besides multiplying: grad-input's activation-quantizer epilogue, the
-/// BatchNorms around it, and forward's partial statistics for the BatchNorm after it
-/// (`(tiles, 2, Cout)`: see [`forward_bn_partials`]).
+/// BatchNorms around it, forward's partial statistics for the BatchNorm after it (`(tiles, 2,
+/// Cout)`: see [`forward_bn_partials`]) and grad-input's sums for the backward of the
+/// BatchNorm before it (`bn_sums`, `(tiles, 2, Cin)`: per column tile and channel, the sum of
+/// the BatchNorm's output gradient dx after its ReLU mask, and of that times x̂; see
+/// [`grad_input_bn_sums`]), which its `norm::backward_merge` adds up instead of reducing dx.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Fused<'a> {
     pub act: Option<ActGrad<'a>>,
     pub input_bn: Option<InputBn<'a>>,
     pub output_bn: Option<OutputBn<'a>>,
     pub bn_stats: Option<&'a Tensor>,
+    pub bn_sums: Option<&'a Tensor>,
 }
 
 impl Fused<'_> {
@@ -292,6 +299,23 @@ impl Fused<'_> {
                 return refuse(
                     "the BatchNorm's output gradient is not the size of the conv's output",
                 );
+            }
+        }
+        if let Some(t) = self.bn_sums {
+            if mode != Mode::GradInput || self.input_bn.is_none() {
+                return refuse(
+                    "only grad-input forms a BatchNorm's backward sums, of the BatchNorm it forms its input from",
+                );
+            }
+            let need = 2 * tiles * g.cin;
+            if t.numel() < need {
+                return Err(Error::shape(
+                    label,
+                    format!(
+                        "{} floats for BatchNorm backward sums, {need} needed",
+                        t.numel()
+                    ),
+                ));
             }
         }
         if let Some(t) = self.bn_stats {
@@ -334,6 +358,7 @@ impl Fused<'_> {
             ("IN_SHUFFLE", input.map_or(1, |b| b.form.shuffle) as f64),
             ("IN_QUANT", flag(input.is_some_and(|b| !b.bits.is_float()))),
             ("BN_STATS", flag(self.bn_stats.is_some())),
+            ("BN_SUMS", flag(self.bn_sums.is_some())),
             ("OUT_BN", flag(output.is_some())),
             ("OUT_RELU", flag(output.is_some_and(|b| b.form.relu))),
             ("OUT_SHUFFLE", output.map_or(1, |b| b.form.shuffle) as f64),
@@ -346,6 +371,7 @@ impl Fused<'_> {
         for (on, what) in [
             (self.input_bn.is_some(), " through bn"),
             (self.bn_stats.is_some(), " +bn stats"),
+            (self.bn_sums.is_some(), " +bn sums"),
             (self.output_bn.is_some(), " +bn backward"),
         ] {
             if on {
@@ -688,7 +714,7 @@ impl GemmConv {
         );
         let act_x = fused.act.map_or(&no_x, |a| a.x);
         let bn_table = fused.input_bn.map_or(&no_bn, |b| b.form.table);
-        let bn_part = fused.bn_stats.unwrap_or(&no_stats);
+        let bn_part = fused.bn_stats.or(fused.bn_sums).unwrap_or(&no_stats);
         let (out_dy, out_bn) = fused
             .output_bn
             .map_or((&no_bn, &no_bn), |b| (b.dy, b.form.table));
@@ -842,7 +868,7 @@ impl GemmConv {
             act: None,
             input_bn: bn.input,
             output_bn: bn.output,
-            bn_stats: None,
+            ..Fused::default()
         };
         let gemm = |out: &Tensor, bias: Option<&Tensor>| {
             self.launch_with(
@@ -942,10 +968,9 @@ pub fn forward_with(
         check(geom, K, &[("bias", b, &[geom.cout])])?;
     }
     let fused = Fused {
-        act: None,
         input_bn,
-        output_bn: None,
         bn_stats,
+        ..Fused::default()
     };
     Ok(Op::Dispatch(geom.gemm().launch_with(
         gpu,
@@ -962,6 +987,17 @@ pub fn forward_with(
 /// Columns (of batch·OH·OW) per partial statistic the forward forms for a BatchNorm on `gpu`.
 pub fn forward_tile_columns(gpu: &Gpu, geom: &Conv2dGeom) -> usize {
     geom.gemm().tile(gpu, Mode::Forward).bn
+}
+
+/// Columns (of batch·H·W) per backward sum grad-input forms for the BatchNorm before on `gpu`.
+pub fn grad_input_tile_columns(gpu: &Gpu, geom: &Conv2dGeom) -> usize {
+    geom.gemm().tile(gpu, Mode::GradInput).bn
+}
+
+/// Floats of grad-input's BatchNorm backward sums on any device: the narrowest tile (32
+/// columns) makes the most.
+pub fn grad_input_bn_sums(geom: &Conv2dGeom) -> usize {
+    2 * (geom.batch * geom.h * geom.w).div_ceil(32) * geom.cin
 }
 
 /// Floats of the forward's partial BatchNorm statistics on any device: the narrowest tile
@@ -1042,6 +1078,7 @@ pub fn grad_input_fused(
             input_bn: bn.input,
             output_bn: bn.output,
             bn_stats: None,
+            bn_sums: bn.input_sums,
         },
         label,
     )?))

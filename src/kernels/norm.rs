@@ -29,6 +29,10 @@ const BACKWARD_REDUCE: Entry = entry(
     "bn_backward_reduce",
     &[(1, R), (2, W), (6, R), (7, R), (10, R), (11, W), (12, W)],
 );
+const BACKWARD_MERGE: Entry = entry(
+    "bn_backward_merge",
+    &[(2, W), (6, R), (11, W), (12, W), (16, R)],
+);
 const BACKWARD_APPLY_IN_PLACE: Entry = entry(
     "bn_backward_apply_in_place",
     &[(5, R), (6, R), (7, R), (10, R), (13, R), (14, R), (15, W)],
@@ -308,6 +312,54 @@ pub fn stats_merge(
         ),
         &p,
         &[stats, running_mean, running_var, gamma, beta, partials],
+        elementwise_grid(gpu, sh.c as u32),
+    )
+}
+
+/// The backward's reduction (`dgamma`, `dbeta`, and the table's backward entries, as
+/// [`backward`] writes them) from the per-tile sums that the conv reading this BatchNorm's
+/// output formed in its grad-input epilogue (`sums`, `(tiles, 2, C)` for tiles of `tile`
+/// columns of N·S: `conv2d::Fused::bn_sums`), added tile by tile in order.
+pub fn backward_merge(
+    gpu: &Gpu,
+    sh: BnShape,
+    (sums, tile): (&Tensor, usize),
+    stats: &Tensor,
+    gamma: &Tensor,
+    (dgamma, dbeta): (&Tensor, &Tensor),
+) -> Result<Op> {
+    const K: &str = "bn_backward_merge";
+    let tiles = (sh.n * sh.s).div_ceil(tile.max(1));
+    let c = [sh.c];
+    check(
+        K,
+        &[
+            ("stats", stats, &[TABLE * sh.c]),
+            ("gamma", gamma, &c),
+            ("dgamma", dgamma, &c),
+            ("dbeta", dbeta, &c),
+        ],
+    )?;
+    if tile == 0 || sums.numel() < tiles * 2 * sh.c {
+        return Err(Error::shape(
+            K,
+            format!(
+                "{} backward sums for {tiles} tiles of {} channels",
+                sums.numel(),
+                sh.c
+            ),
+        ));
+    }
+    let p = Params {
+        tile: tile as u32,
+        ..params(sh, Epilogue::NONE, 0.0, 0.0)?
+    };
+    BACKWARD_MERGE.launch(
+        gpu,
+        &[],
+        format!("{K} [{}, {}, {}] tiles of {tile}", sh.n, sh.c, sh.s),
+        &p,
+        &[stats, gamma, dgamma, dbeta, sums],
         elementwise_grid(gpu, sh.c as u32),
     )
 }

@@ -83,6 +83,8 @@ pub struct Network {
     buffers: std::sync::OnceLock<Vec<LayerBuffers>>,
     /// Recompute BatchNorm and shuffle outputs in backward instead of keeping them.
     recompute: bool,
+    /// BatchNorm backward reductions from grad-input's sums (see `LayerBuffers::bn_sums`).
+    bn_sums: bool,
     input: Tensor,
     labels: Tensor,
     per_row: Tensor,
@@ -249,6 +251,7 @@ impl Network {
             trainable,
             buffers: std::sync::OnceLock::new(),
             recompute: true,
+            bn_sums: true,
             input,
             labels,
             per_row,
@@ -269,6 +272,20 @@ impl Network {
             ));
         }
         self.recompute = false;
+        Ok(())
+    }
+
+    /// Reduces every BatchNorm's backward (dgamma, dbeta) in a pass of its own over its input
+    /// and output gradient, instead of adding up the sums the conv reading its output formed in
+    /// its grad-input epilogue: the same values summed in another order (for comparing the two);
+    /// only before the first plan.
+    pub fn reduce_bn_backward_in_passes(&mut self) -> Result<()> {
+        if self.buffers.get().is_some() {
+            return Err(Error::Invalid(
+                "reduce_bn_backward_in_passes must come before the first plan".into(),
+            ));
+        }
+        self.bn_sums = false;
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use crate::rng::Rng;
 
 /// A geometry with its BatchNorm's ReLU, shuffle groups and input bits: grouped 3×3 with a
 /// shuffle, 1×1 without ReLU, stride 2 with a 5×5 kernel and a shuffle into one channel per
-/// group, and a group-packed tile.
+/// group, a group-packed tile, and a 3×3 over several column tiles.
 fn shapes() -> Vec<(Conv2dGeom, bool, usize, u32)> {
     vec![
         (
@@ -35,6 +35,8 @@ fn shapes() -> Vec<(Conv2dGeom, bool, usize, u32)> {
             2,
         ),
         (Conv2dGeom::square(2, 64, 4, 64, 1).groups(4), true, 16, 8),
+        // 512 columns: grad-input's BatchNorm sums over several column tiles.
+        (Conv2dGeom::square(2, 8, 16, 6, 3).padding(1), true, 2, 4),
     ]
 }
 
@@ -210,7 +212,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 };
                 let around = AroundBn {
                     input: Some(ibn),
-                    output: None,
+                    ..AroundBn::default()
                 };
                 let op = conv2d::grad_input_fused(gpu, &geom, &dyt, &wt, &dxt, Some(act), around)?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&dxt, &yt])?;
@@ -243,6 +245,12 @@ pub(super) fn cases(v: &mut Vec<Case>) {
         ));
         v.push(Case::new(
             "conv2d",
+            "grad_input+act+bn sums through bn",
+            shape.clone(),
+            move |gpu, rng| grad_input_bn_sums(gpu, rng, &geom, relu, shuffle, bits),
+        ));
+        v.push(Case::new(
+            "conv2d",
             "grad_weight+bias through bn",
             shape,
             move |gpu, rng| {
@@ -262,7 +270,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     (&dwt, Some(&dbt)),
                     AroundBn {
                         input: Some(ibn),
-                        output: None,
+                        ..AroundBn::default()
                     },
                     None,
                 )?;
@@ -282,6 +290,108 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             },
         ));
     }
+}
+
+/// Grad-input through a BatchNorm with that BatchNorm's backward sums in its epilogue, added up
+/// by `norm::backward_merge`: dbeta and dgamma against the f64 reduction of the reference dx
+/// (the BatchNorm's output gradient) through the ReLU's mask, and the table's entries.
+fn grad_input_bn_sums(
+    gpu: &crate::Gpu,
+    rng: &mut Rng,
+    geom: &Conv2dGeom,
+    relu: bool,
+    shuffle: usize,
+    bits: Bits,
+) -> crate::Result<Vec<(String, reference::Report)>> {
+    use crate::kernels::norm::{self, BnShape};
+    let f = formed(rng, geom, relu, shuffle, bits);
+    let (dy, w) = (random(rng, &geom.y_shape()), random(rng, &geom.w_shape()));
+    let c = geom.cin;
+    let gamma: Vec<f32> = (0..c)
+        .map(|ch| f.table[entry::at(ch, entry::GAMMA)])
+        .collect();
+    let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
+    let tt = gpu.upload_f32("bn table", &[TABLE * c], &f.table)?;
+    let gt = gpu.upload_f32("gamma", &[c], &gamma)?;
+    let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+    let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+    let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
+    let sums = gpu.empty("sums", &[conv2d::grad_input_bn_sums(geom)], DType::F32)?;
+    let (dgt, dbt) = (
+        gpu.empty("dgamma", &[c], DType::F32)?,
+        gpu.empty("dbeta", &[c], DType::F32)?,
+    );
+    let act = ActGrad {
+        x: &yt,
+        bits,
+        requantize: false,
+    };
+    let around = AroundBn {
+        input: Some(input_bn(&tt, relu, shuffle, bits)),
+        output: None,
+        input_sums: Some(&sums),
+    };
+    let tile = conv2d::grad_input_tile_columns(gpu, geom);
+    let ops = vec![
+        conv2d::grad_input_fused(gpu, geom, &dyt, &wt, &dxt, Some(act), around)?,
+        norm::backward_merge(
+            gpu,
+            BnShape::of(&geom.x_shape())?,
+            (&sums, tile),
+            &tt,
+            &gt,
+            (&dgt, &dbt),
+        )?,
+    ];
+    let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dbt, &dgt, &tt])?;
+    // The reference dx (the BatchNorm's output gradient, in the conv input's channels), then
+    // BatchNorm channel sc's sums over its (n, h, w) through the ReLU's mask.
+    let dx = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
+    let [n, _, h, wd] = geom.input_shape();
+    let (plane, per) = (h * wd, c / shuffle);
+    let (mut want_db, mut want_dg) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for b in 0..n {
+        for ch in 0..c {
+            let sc = (ch % shuffle) * per + ch / shuffle;
+            let e = |e| f64::from(f.table[entry::at(sc, e)]);
+            for p in 0..plane {
+                let at = (b * c + ch) * plane + p;
+                let d = if (0.0..=1.0).contains(&(f.x_float[at] * 0.1)) {
+                    0.1 * dx[at]
+                } else {
+                    0.0
+                };
+                let v = f64::from(f.y[(b * c + sc) * plane + p]);
+                let xhat = (v - e(entry::MEAN)) * e(entry::INVSTD);
+                let g = if relu && e(entry::GAMMA) * xhat + e(entry::BETA) <= 0.0 {
+                    0.0
+                } else {
+                    d
+                };
+                want_db[sc] += g;
+                want_dg[sc] += g * xhat;
+            }
+        }
+    }
+    let tol = gemm_tolerance(geom.reduction()[1] * n * plane);
+    let table_sums: Vec<f64> = (0..c)
+        .flat_map(|ch| [entry::DBETA, entry::DGAMMA].map(|e| f64::from(got[2][entry::at(ch, e)])))
+        .collect();
+    let written: Vec<f64> = (0..c)
+        .flat_map(|ch| [got[0][ch], got[1][ch]].map(f64::from))
+        .collect();
+    Ok(vec![
+        ("dbeta".into(), reference::compare(&got[0], &want_db, tol)),
+        ("dgamma".into(), reference::compare(&got[1], &want_dg, tol)),
+        (
+            "table dbeta, dgamma".into(),
+            reference::compare(
+                &table_sums.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                &written,
+                reference::Tolerance::EXACT,
+            ),
+        ),
+    ])
 }
 
 /// Max-pool forming its input from a BatchNorm's: its window maxima (ties included: the values
@@ -618,6 +728,7 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
                             },
                             dy: &bdt,
                         }),
+                        ..AroundBn::default()
                     };
                     if direction.starts_with("grad_input") {
                         let w = random(rng, &geom.w_shape());

@@ -83,22 +83,50 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             net.grad(l.weight)?.expect("gamma"),
             net.grad(l.bias)?.expect("beta"),
         );
-        bwd.extend(norm::backward(
-            gpu,
-            ep,
-            &x4,
-            io.dy(l)?,
-            stats,
-            &gamma,
-            &beta,
-            &dg,
-            &db,
-            // The conv before applies the backward where it loads its output gradient (see
-            // `LayerBuffers::stats_from`): only the reduction here.
-            io.dx().filter(|_| io.buf.stats_from.is_none()),
-        )?);
+        match sums_of_conv(net, io)? {
+            // The conv after formed the reduction's sums; the conv before applies the rest (see
+            // `LayerBuffers::bn_sums`).
+            Some((sums, tile)) => bwd.push(norm::backward_merge(
+                gpu,
+                norm::BnShape::of(x4.shape())?,
+                (sums, tile),
+                stats,
+                &gamma,
+                (&dg, &db),
+            )?),
+            None => bwd.extend(norm::backward(
+                gpu,
+                ep,
+                &x4,
+                io.dy(l)?,
+                stats,
+                &gamma,
+                &beta,
+                &dg,
+                &db,
+                // The conv before applies the backward where it loads its output gradient (see
+                // `LayerBuffers::stats_from`): only the reduction here.
+                io.dx().filter(|_| io.buf.stats_from.is_none()),
+            )?),
+        }
     }
     Ok((fwd, bwd))
+}
+
+/// The backward sums the conv after formed for this BatchNorm in its grad-input epilogue, and
+/// their tile width, where it forms them.
+fn sums_of_conv<'a>(net: &Network, io: &'a Io) -> Result<Option<(&'a Tensor, usize)>> {
+    let (Some(i), Some(sums)) = (io.buf.sums_from, io.buf.bn_sums.as_ref()) else {
+        return Ok(None);
+    };
+    let conv = &net.layers[i];
+    let Kind::Weighted { op, .. } = conv.kind else {
+        return Ok(None);
+    };
+    match Gemm::new(op, io.batch, &conv.in_shape, &conv.out_shape) {
+        Gemm::Conv(g) => Ok(Some((sums, conv2d::grad_input_tile_columns(io.gpu, &g)))),
+        _ => Ok(None),
+    }
 }
 
 /// The partial statistics the conv before formed for this BatchNorm, and their tile width

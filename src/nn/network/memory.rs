@@ -63,6 +63,13 @@ pub(super) struct LayerBuffers {
     pub(super) bn_partials: Option<Tensor>,
     pub(super) stats_from: Option<usize>,
     pub(super) bn_after: Option<(usize, Tensor)>,
+    /// The sums of a BatchNorm's backward reduction, formed by the conv that reads its output
+    /// (`reads_bn`) in its grad-input epilogue, where that BatchNorm's backward only reduces
+    /// (`stats_from`): set on both, with `sums_from` (the conv's index) on the BatchNorm, which
+    /// then adds them up instead of reducing its input and output gradient. The same scratch
+    /// as `bn_partials` (each user is done with it before the next one writes).
+    pub(super) bn_sums: Option<Tensor>,
+    pub(super) sums_from: Option<usize>,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
     pub(super) split_k: Option<Tensor>,
     /// A folded conv's second input gradient (through its float conv's statistics): one
@@ -174,6 +181,36 @@ impl Network {
             .collect()
     }
 
+    /// Per layer, the conv that forms a BatchNorm's backward sums in its grad-input epilogue, if
+    /// any: a BatchNorm whose reader is a conv that forms its output (`through`) and whose
+    /// backward only reduces (`stats_from`: the conv before applies the rest).
+    fn bn_sums_by(
+        &self,
+        through: &[Option<usize>],
+        stats_from: &[Option<usize>],
+    ) -> Vec<Option<usize>> {
+        let mut by = vec![None; self.layers.len()];
+        if !self.bn_sums {
+            return by;
+        }
+        for (i, k) in through.iter().enumerate() {
+            let conv = matches!(
+                self.layers[i].kind,
+                Kind::Weighted {
+                    op: WeightedOp::Conv { .. },
+                    ..
+                }
+            );
+            if let Some(k) = *k
+                && conv
+                && stats_from[k].is_some()
+            {
+                by[k] = Some(i);
+            }
+        }
+        by
+    }
+
     /// Per layer, the BatchNorm whose output it forms where it reads its input, if any: a conv
     /// whose input is DoReFa-quantized (in its GEMMs' loads) or a max-pool that quantizes no
     /// input of its own, reading a BatchNorm's output (through its fused ReLU and shuffle) that
@@ -233,22 +270,29 @@ impl Network {
             formed_by_reader[k] = true;
         }
         let transient = self.transient_layers(&formed_by_reader);
-        // One scratch for the partial BatchNorm statistics of every conv that forms them.
+        // One scratch for the partial BatchNorm statistics of every conv that forms them, and
+        // for the backward sums of every conv that forms those (`bn_sums`).
         let stats_from = self.stats_from_conv();
-        let max_partials = stats_from
+        let sums_by = self.bn_sums_by(&through, &stats_from);
+        let conv_geom = |i: usize| {
+            let l = &self.layers[i];
+            let Kind::Weighted { op, .. } = l.kind else {
+                return None;
+            };
+            match Gemm::new(op, cap, &l.in_shape, &l.out_shape) {
+                Gemm::Conv(g) => Some(g),
+                _ => None,
+            }
+        };
+        let partials = stats_from
             .iter()
             .flatten()
-            .filter_map(|&i| {
-                let l = &self.layers[i];
-                let Kind::Weighted { op, .. } = l.kind else {
-                    return None;
-                };
-                match Gemm::new(op, cap, &l.in_shape, &l.out_shape) {
-                    Gemm::Conv(g) => Some(conv2d::forward_bn_partials(&g)),
-                    _ => None,
-                }
-            })
-            .max();
+            .filter_map(|&i| conv_geom(i).map(|g| conv2d::forward_bn_partials(&g)));
+        let sums = sums_by
+            .iter()
+            .flatten()
+            .filter_map(|&i| conv_geom(i).map(|g| conv2d::grad_input_bn_sums(&g)));
+        let max_partials = partials.chain(sums).max();
         let bn_partials = max_partials
             .filter(|_| self.trainable)
             .map(|n| gpu.empty("BatchNorm partial statistics", &[n], DType::F32))
@@ -412,6 +456,8 @@ impl Network {
                 bn_partials: None,
                 stats_from: None,
                 bn_after: None,
+                bn_sums: None,
+                sums_from: None,
                 split_k: split_k.clone(),
                 fold_dx,
                 quantize_output: None,
@@ -426,6 +472,13 @@ impl Network {
                     out[k].bn_partials = Some(partials.clone());
                     out[i].bn_partials = Some(partials.clone());
                     out[i].bn_after = Some((k, dy));
+                }
+            }
+            for (k, conv) in sums_by.iter().enumerate() {
+                if let Some(i) = *conv {
+                    out[k].sums_from = Some(i);
+                    out[k].bn_sums = Some(partials.clone());
+                    out[i].bn_sums = Some(partials.clone());
                 }
             }
         }

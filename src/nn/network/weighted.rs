@@ -76,6 +76,8 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let around = AroundBn {
         input: input_bn,
         output: output_bn,
+        // The BatchNorm before's backward sums, in grad-input's epilogue (see `bn_sums`).
+        input_sums: buf.bn_sums.as_ref().filter(|_| input_bn.is_some()),
     };
     let gemm = Gemm::new(op, io.batch, &l.in_shape, &l.out_shape);
     fwd.push(forward_gemm(
