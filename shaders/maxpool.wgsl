@@ -33,8 +33,16 @@ override ACT_INV_LEVELS: f32 = 1.0;
 override IN_BN: bool = false;
 override IN_RELU: bool = false;
 override IN_SHUFFLE: u32 = 1u;
+// maxpool_backward_banded with BN_SUMS (and IN_BN): the sums of the backward of the BatchNorm
+// that IN_BN forms, whose output gradient is the dx written here: per plane (n, c) and band,
+// sum dx' and sum dx' * xhat (dx' = dx after that BatchNorm's ReLU mask) at
+// bn_part[(2 t) * C + sc] and bn_part[(2 t + 1) * C + sc], for tile t = n * BANDS + band and
+// BatchNorm channel sc. Each invocation adds its elements in order, then a tree over the
+// workgroup (fixed order); norm.wgsl's bn_backward_merge adds the tiles in order. That saves
+// the BatchNorm's reduction pass over its input and output gradient.
+override BN_SUMS: bool = false;
 // maxpool_backward_banded: input rows per band, bands per plane, and planes per workgroup (1
-// unless a plane is one band).
+// unless a plane is one band; at most PACK_CAP).
 override BAND_ROWS: u32 = H;
 override BANDS: u32 = 1u;
 override PLANE_PACK: u32 = 1u;
@@ -55,6 +63,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
 // IN_BN: the BatchNorm's table (lib/bn.wgsl's BN_TABLE floats per channel).
 @group(0) @binding(7) var<storage, read> bn_table: array<f32>;
+// BN_SUMS: the BatchNorm backward's sums, (N * BANDS, 2, C).
+@group(0) @binding(8) var<storage, read_write> bn_part: array<f32>;
 
 const WG: u32 = 256u;
 
@@ -79,15 +89,20 @@ struct Source {
     bn: vec4<f32>,
 }
 
+// IN_BN: the BatchNorm channel that input channel c comes from (through the shuffle).
+fn bn_channel(c: u32) -> u32 {
+    if (IN_SHUFFLE > 1u) {
+        return (c % IN_SHUFFLE) * (C / IN_SHUFFLE) + c / IN_SHUFFLE;
+    }
+    return c;
+}
+
 fn source(plane: u32) -> Source {
     if (!IN_BN) {
         return Source(plane * HW, vec4(0.0));
     }
     let n = plane / C;
-    var sc = plane - n * C;
-    if (IN_SHUFFLE > 1u) {
-        sc = (sc % IN_SHUFFLE) * (C / IN_SHUFFLE) + sc / IN_SHUFFLE;
-    }
+    let sc = bn_channel(plane - n * C);
     let t = sc * BN_TABLE;
     let bn = vec4(bn_table[t + BN_MEAN], bn_table[t + BN_INVSTD], bn_table[t + BN_GAMMA],
                   bn_table[t + BN_BETA]);
@@ -189,6 +204,9 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
 // Window maxima of a band (maxpool_backward_banded), one u32 per window: where it is.
 const WIN_CAP: u32 = 2048u;
 var<workgroup> win_at: array<u32, WIN_CAP>;
+const PACK_CAP: u32 = 8u;
+// BN_SUMS: the tree over the workgroup.
+var<workgroup> red: array<vec2<f32>, WG>;
 
 // The backward, a workgroup per band of BAND_ROWS input rows of one plane, or per PLANE_PACK
 // whole planes where a plane is one band: first every window that covers the band (whole
@@ -222,6 +240,8 @@ fn maxpool_backward_banded(@builtin(workgroup_id) wid: vec3<u32>,
         win_at[t] = window_max(source(plane0 + q), oy0 + oy, r - oy * OW).at;
     }
     workgroupBarrier();
+    // BN_SUMS: this invocation's sums of each packed plane.
+    var sums: array<vec2<f32>, PACK_CAP>;
     for (var t = lid; t < packed * band; t += WG) {
         let q = select(t / band, 0u, PLANE_PACK == 1u);
         let plane = plane0 + q;
@@ -240,5 +260,35 @@ fn maxpool_backward_banded(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
         dx[plane * HW + at] = acc;
+        if (BN_SUMS) {
+            let src = source(plane);
+            let v = x[src.base + at];
+            var g = acc;
+            if (IN_RELU) {
+                g = select(0.0, acc, bn_affine(v, src.bn.x, src.bn.y, src.bn.z, src.bn.w) > 0.0);
+            }
+            sums[q] += vec2(g, g * ((v - src.bn.x) * src.bn.y));
+        }
+    }
+    if (BN_SUMS) {
+        for (var q = 0u; q < packed; q++) {
+            red[lid] = sums[q];
+            workgroupBarrier();
+            for (var st = WG / 2u; st > 0u; st >>= 1u) {
+                if (lid < st) {
+                    red[lid] += red[lid + st];
+                }
+                workgroupBarrier();
+            }
+            if (lid == 0u) {
+                let plane = plane0 + q;
+                let n = plane / C;
+                let t = n * BANDS + job % BANDS;
+                let sc = bn_channel(plane - n * C);
+                bn_part[(2u * t) * C + sc] = red[0].x;
+                bn_part[(2u * t + 1u) * C + sc] = red[0].y;
+            }
+            workgroupBarrier();
+        }
     }
 }

@@ -22,8 +22,8 @@ struct Params {
     quantize: u32,   // 1: apply writes the activation quantizer's output (the next layer's input)
     levels_f: f32,   // the quantizer's f32(n) and fl32(1 / n), as in quant.wgsl
     inv_levels: f32,
-    tile: u32,       // bn_stats_merge, bn_backward_merge: columns (of N * S) per partial
-    _pad1: u32,
+    tile: u32,       // bn_stats_merge: columns (of N * S) per partial
+    tiles: u32,      // bn_backward_merge: partial sums per channel
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -46,7 +46,7 @@ struct Params {
 @group(0) @binding(14) var<storage, read> dbeta_in: array<f32>;
 @group(0) @binding(15) var<storage, read_write> dx: array<f32>;
 // bn_stats_merge: per-tile (mean, M2) partials from the conv before, (tiles, 2, C)
-// (conv2d.wgsl's BN_STATS); bn_backward_merge: per-tile sums from the conv after (BN_SUMS).
+// (conv2d.wgsl's BN_STATS); bn_backward_merge: per-tile sums from the reader after (BN_SUMS).
 @group(0) @binding(16) var<storage, read> partials: array<f32>;
 
 const WG: u32 = 256u;
@@ -289,8 +289,8 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// bn_backward_reduce from the per-tile sums the conv after formed in its grad-input epilogue
-// (conv2d.wgsl's BN_SUMS: (tiles, 2, C), sum dy' then sum dy' * xhat): one invocation per
+// bn_backward_reduce from the per-tile sums its reader formed as it wrote dy (conv2d.wgsl's
+// and maxpool.wgsl's BN_SUMS: (tiles, 2, C), sum dy' then sum dy' * xhat): one invocation per
 // channel adds its tiles in order, the same every run.
 @compute @workgroup_size(256)
 fn bn_backward_merge(@builtin(workgroup_id) wid: vec3<u32>,
@@ -301,10 +301,9 @@ fn bn_backward_merge(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let count = p.n * p.s;
-    let tiles = (count + p.tile - 1u) / p.tile;
     var sdy = 0.0;
     var sdyx = 0.0;
-    for (var t = 0u; t < tiles; t++) {
+    for (var t = 0u; t < p.tiles; t++) {
         sdy += partials[(2u * t) * p.c + c];
         sdyx += partials[(2u * t + 1u) * p.c + c];
     }

@@ -989,9 +989,11 @@ pub fn forward_tile_columns(gpu: &Gpu, geom: &Conv2dGeom) -> usize {
     geom.gemm().tile(gpu, Mode::Forward).bn
 }
 
-/// Columns (of batch·H·W) per backward sum grad-input forms for the BatchNorm before on `gpu`.
-pub fn grad_input_tile_columns(gpu: &Gpu, geom: &Conv2dGeom) -> usize {
-    geom.gemm().tile(gpu, Mode::GradInput).bn
+/// The column tiles (of batch·H·W) whose backward sums grad-input forms for the BatchNorm
+/// before on `gpu`: `norm::backward_merge`'s tile count.
+pub fn grad_input_bn_sum_tiles(gpu: &Gpu, geom: &Conv2dGeom) -> usize {
+    let columns = geom.gemm().tile(gpu, Mode::GradInput).bn;
+    (geom.batch * geom.h * geom.w).div_ceil(columns)
 }
 
 /// Floats of grad-input's BatchNorm backward sums on any device: the narrowest tile (32

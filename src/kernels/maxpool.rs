@@ -20,9 +20,14 @@ const fn entry(name: &'static str, used: &'static [(usize, Bind)]) -> Entry {
 
 const FORWARD: Entry = entry("maxpool_forward", &[(1, R), (2, W), (7, R)]);
 const BACKWARD: Entry = entry("maxpool_backward", &[(1, R), (4, R), (6, W), (7, R)]);
-const BACKWARD_BANDED: Entry = entry("maxpool_backward_banded", &[(1, R), (4, R), (6, W), (7, R)]);
+const BACKWARD_BANDED: Entry = entry(
+    "maxpool_backward_banded",
+    &[(1, R), (4, R), (6, W), (7, R), (8, W)],
+);
 /// maxpool.wgsl's WIN_CAP: the windows one workgroup of maxpool_backward_banded may cover.
 const WIN_CAP: usize = 2048;
+/// maxpool.wgsl's PACK_CAP: the planes one workgroup of maxpool_backward_banded may pack.
+const PACK_CAP: usize = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -179,6 +184,21 @@ pub fn maxpool_backward_shuffled(
     shuffle: usize,
     input_bn: Option<BnForm<'_>>,
 ) -> Result<Op> {
+    maxpool_backward_with_sums(gpu, g, (x, dy, dx), shuffle, input_bn, None)
+}
+
+/// [`maxpool_backward_shuffled`] that, given `bn_sums`, also forms the sums of the backward of
+/// the BatchNorm `input_bn` forms (whose output gradient is `dx`): `(tiles, 2, C)` for
+/// [`bn_sum_tiles`] tiles (a plane's band each), which `norm::backward_merge` adds up instead
+/// of that BatchNorm reducing its input and `dx`. Only where [`bn_sum_tiles`] has them.
+pub fn maxpool_backward_with_sums(
+    gpu: &Gpu,
+    g: &PoolGeom,
+    (x, dy, dx): (&Tensor, &Tensor, &Tensor),
+    shuffle: usize,
+    input_bn: Option<BnForm<'_>>,
+    bn_sums: Option<&Tensor>,
+) -> Result<Op> {
     const K: &str = "maxpool_backward";
     let ep = MaxPoolEpilogue {
         shuffle,
@@ -194,12 +214,34 @@ pub fn maxpool_backward_shuffled(
             ("dx", dx, &i, DType::F32),
         ],
     )?;
-    let label = describe(K, g, ep, input_bn);
-    let tensors = [x, dy, dx, &table];
+    let mut label = describe(K, g, ep, input_bn);
+    if let Some(sums) = bn_sums {
+        let Some(tiles) = bn_sum_tiles(g).filter(|_| input_bn.is_some()) else {
+            return Err(Error::shape(
+                K,
+                "only the banded backward through a BatchNorm forms that BatchNorm's sums",
+            ));
+        };
+        if sums.numel() < 2 * tiles * g.c {
+            return Err(Error::shape(
+                K,
+                format!(
+                    "{} floats for BatchNorm backward sums, {} needed",
+                    sums.numel(),
+                    2 * tiles * g.c
+                ),
+            ));
+        }
+        constants.push(("BN_SUMS", 1.0));
+        label += " +bn sums";
+    }
     let Some(band_rows) = backward_band_rows(g) else {
         let grid = elementwise_grid(gpu, dx.numel() as u32);
+        let tensors = [x, dy, dx, &table];
         return BACKWARD.launch(gpu, &constants, label, &params(g), &tensors, grid);
     };
+    let no_sums = gpu.zeros("no BatchNorm sums", &[1], DType::F32)?;
+    let tensors = [x, dy, dx, &table, bn_sums.unwrap_or(&no_sums)];
     let bands = g.h.div_ceil(band_rows);
     let plane_pack = backward_plane_pack(g, bands);
     constants.extend([
@@ -241,13 +283,23 @@ fn backward_band_rows(g: &PoolGeom) -> Option<usize> {
 }
 
 /// Whole planes per workgroup of `maxpool_backward_banded` where a plane is one band: as many
-/// as bring it to about 8 input elements per invocation, within `WIN_CAP` windows.
+/// as bring it to about 8 input elements per invocation, within `WIN_CAP` windows and
+/// `PACK_CAP` planes.
 fn backward_plane_pack(g: &PoolGeom, bands: usize) -> usize {
     if bands > 1 {
         return 1;
     }
     let (oh, ow) = g.out_hw();
-    (WIN_CAP / (oh * ow)).min(2048 / (g.h * g.w)).max(1)
+    (WIN_CAP / (oh * ow))
+        .min(2048 / (g.h * g.w))
+        .clamp(1, PACK_CAP)
+}
+
+/// The tiles (a band of one plane each, per channel: batch × bands) of the BatchNorm backward
+/// sums the backward can form through a BatchNorm ([`maxpool_backward_with_sums`]); `None`
+/// where rows are too wide for bands.
+pub fn bn_sum_tiles(g: &PoolGeom) -> Option<usize> {
+    backward_band_rows(g).map(|rows| g.n * g.h.div_ceil(rows))
 }
 
 #[cfg(test)]

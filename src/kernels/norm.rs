@@ -145,7 +145,7 @@ struct Params {
     levels_f: f32,
     inv_levels: f32,
     tile: u32,
-    _pad: u32,
+    tiles: u32,
 }
 
 /// What [`apply`] does after normalising, in the same pass (and [`backward`] undoes): a ReLU,
@@ -211,7 +211,7 @@ fn params(sh: BnShape, ep: Epilogue, eps: f32, momentum: f32) -> Result<Params> 
         levels_f: ep.quantize.map_or(0.0, |b| b.levels() as f32),
         inv_levels: ep.quantize.map_or(0.0, |b| b.inv_levels()),
         tile: 0,
-        _pad: 0,
+        tiles: 0,
     })
 }
 
@@ -317,19 +317,18 @@ pub fn stats_merge(
 }
 
 /// The backward's reduction (`dgamma`, `dbeta`, and the table's backward entries, as
-/// [`backward`] writes them) from the per-tile sums that the conv reading this BatchNorm's
-/// output formed in its grad-input epilogue (`sums`, `(tiles, 2, C)` for tiles of `tile`
-/// columns of N·S: `conv2d::Fused::bn_sums`), added tile by tile in order.
+/// [`backward`] writes them) from the partial sums that the layer reading this BatchNorm's
+/// output formed as it wrote its output gradient (`sums`, `(tiles, 2, C)`: a conv's grad-input,
+/// `conv2d::Fused::bn_sums`, or a max-pool's backward), added tile by tile in order.
 pub fn backward_merge(
     gpu: &Gpu,
     sh: BnShape,
-    (sums, tile): (&Tensor, usize),
+    (sums, tiles): (&Tensor, usize),
     stats: &Tensor,
     gamma: &Tensor,
     (dgamma, dbeta): (&Tensor, &Tensor),
 ) -> Result<Op> {
     const K: &str = "bn_backward_merge";
-    let tiles = (sh.n * sh.s).div_ceil(tile.max(1));
     let c = [sh.c];
     check(
         K,
@@ -340,7 +339,7 @@ pub fn backward_merge(
             ("dbeta", dbeta, &c),
         ],
     )?;
-    if tile == 0 || sums.numel() < tiles * 2 * sh.c {
+    if tiles == 0 || sums.numel() < tiles * 2 * sh.c {
         return Err(Error::shape(
             K,
             format!(
@@ -351,13 +350,13 @@ pub fn backward_merge(
         ));
     }
     let p = Params {
-        tile: tile as u32,
+        tiles: tiles as u32,
         ..params(sh, Epilogue::NONE, 0.0, 0.0)?
     };
     BACKWARD_MERGE.launch(
         gpu,
         &[],
-        format!("{K} [{}, {}, {}] tiles of {tile}", sh.n, sh.c, sh.s),
+        format!("{K} [{}, {}, {}] {tiles} tiles", sh.n, sh.c, sh.s),
         &p,
         &[stats, gamma, dgamma, dbeta, sums],
         elementwise_grid(gpu, sh.c as u32),

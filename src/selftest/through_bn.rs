@@ -331,49 +331,37 @@ fn grad_input_bn_sums(
         output: None,
         input_sums: Some(&sums),
     };
-    let tile = conv2d::grad_input_tile_columns(gpu, geom);
+    let tiles = conv2d::grad_input_bn_sum_tiles(gpu, geom);
     let ops = vec![
         conv2d::grad_input_fused(gpu, geom, &dyt, &wt, &dxt, Some(act), around)?,
         norm::backward_merge(
             gpu,
             BnShape::of(&geom.x_shape())?,
-            (&sums, tile),
+            (&sums, tiles),
             &tt,
             &gt,
             (&dgt, &dbt),
         )?,
     ];
     let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dbt, &dgt, &tt])?;
-    // The reference dx (the BatchNorm's output gradient, in the conv input's channels), then
-    // BatchNorm channel sc's sums over its (n, h, w) through the ReLU's mask.
+    // The reference dx through the quantizer's straight-through rule (the BatchNorm's output
+    // gradient, in the conv input's channels), then the BatchNorm's reduction of it.
     let dx = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
-    let [n, _, h, wd] = geom.input_shape();
-    let (plane, per) = (h * wd, c / shuffle);
-    let (mut want_db, mut want_dg) = (vec![0.0f64; c], vec![0.0f64; c]);
-    for b in 0..n {
-        for ch in 0..c {
-            let sc = (ch % shuffle) * per + ch / shuffle;
-            let e = |e| f64::from(f.table[entry::at(sc, e)]);
-            for p in 0..plane {
-                let at = (b * c + ch) * plane + p;
-                let d = if (0.0..=1.0).contains(&(f.x_float[at] * 0.1)) {
-                    0.1 * dx[at]
-                } else {
-                    0.0
-                };
-                let v = f64::from(f.y[(b * c + sc) * plane + p]);
-                let xhat = (v - e(entry::MEAN)) * e(entry::INVSTD);
-                let g = if relu && e(entry::GAMMA) * xhat + e(entry::BETA) <= 0.0 {
-                    0.0
-                } else {
-                    d
-                };
-                want_db[sc] += g;
-                want_dg[sc] += g * xhat;
+    let masked: Vec<f64> = f
+        .x_float
+        .iter()
+        .zip(&dx)
+        .map(|(&xv, &d)| {
+            if (0.0..=1.0).contains(&(xv * 0.1)) {
+                0.1 * d
+            } else {
+                0.0
             }
-        }
-    }
-    let tol = gemm_tolerance(geom.reduction()[1] * n * plane);
+        })
+        .collect();
+    let (want_db, want_dg) = bn_backward_sums(&f, geom.input_shape(), &masked, relu, shuffle);
+    let [n, _, h, wd] = geom.input_shape();
+    let tol = gemm_tolerance(geom.reduction()[1] * n * h * wd);
     let table_sums: Vec<f64> = (0..c)
         .flat_map(|ch| [entry::DBETA, entry::DGAMMA].map(|e| f64::from(got[2][entry::at(ch, e)])))
         .collect();
@@ -409,9 +397,11 @@ pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
         padding: (p, p),
     };
     // (geometry, BatchNorm ReLU and shuffle, the pool's output shuffle, its quantizer's bits)
+    // The last: planes of 2,500 windows, so the backward runs in two bands per plane.
     for (g, relu, bn_shuffle, out_shuffle, b) in [
         (geom(8, 6, 2, 2, 0), true, 2, 1, 8),
         (geom(12, 7, 3, 2, 1), false, 1, 4, 4),
+        (geom(2, 100, 3, 2, 1), true, 2, 1, 8),
     ] {
         let shape = format!(
             "{:?} k{:?} relu {relu} shuffle {bn_shuffle} out shuffle {out_shuffle} a{b}",
@@ -431,6 +421,17 @@ pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
                 let dyt = gpu.upload_f32("dy", &g.output_shape(), &dy)?;
                 let out = gpu.empty("y", &g.output_shape(), DType::F32)?;
                 let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
+                let dx_again = gpu.empty("dx with sums", &g.input_shape(), DType::F32)?;
+                let tiles = maxpool::bn_sum_tiles(&g).expect("rows fit bands");
+                let sums = gpu.empty("sums", &[2 * tiles * g.c], DType::F32)?;
+                let gamma: Vec<f32> = (0..g.c)
+                    .map(|ch| f.table[entry::at(ch, entry::GAMMA)])
+                    .collect();
+                let gt = gpu.upload_f32("gamma", &[g.c], &gamma)?;
+                let (dgt, dbt) = (
+                    gpu.empty("dgamma", &[g.c], DType::F32)?,
+                    gpu.empty("dbeta", &[g.c], DType::F32)?,
+                );
                 let form = BnForm {
                     table: &tt,
                     relu,
@@ -451,8 +452,26 @@ pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
                         out_shuffle,
                         Some(form),
                     )?,
+                    // Again with the BatchNorm's backward sums, added up by its merge.
+                    maxpool::maxpool_backward_with_sums(
+                        gpu,
+                        &g,
+                        (&yt, &dyt, &dx_again),
+                        out_shuffle,
+                        Some(form),
+                        Some(&sums),
+                    )?,
+                    crate::kernels::norm::backward_merge(
+                        gpu,
+                        crate::kernels::norm::BnShape::of(&g.input_shape())?,
+                        (&sums, tiles),
+                        &tt,
+                        &gt,
+                        (&dgt, &dbt),
+                    )?,
                 ];
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&out, &dx])?;
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &ops, &[&out, &dx, &dx_again, &dbt, &dgt])?;
                 let (oh, ow) = g.out_hw();
                 let planes = (g.n, g.c, oh * ow);
                 let (pooled, arg) = reference::pool::maxpool_forward(&g, &f64s(&f.x_float));
@@ -463,7 +482,22 @@ pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
                 let dy_pool =
                     reference::pool::channel_shuffle(&f64s(&dy), planes, out_shuffle, true);
                 let want_dx = reference::pool::maxpool_backward(&g, &dy_pool, &arg);
+                let (want_db, want_dg) =
+                    bn_backward_sums(&f, g.input_shape(), &want_dx, relu, bn_shuffle);
+                let sums_tol = reference::Tolerance::new(1e-6 * (g.n * g.h * g.w) as f64, 1e-5);
                 Ok(vec![
+                    (
+                        "dx with sums".into(),
+                        reference::compare(&got[2], &f64s(&got[1]), reference::Tolerance::EXACT),
+                    ),
+                    (
+                        "dbeta".into(),
+                        reference::compare(&got[3], &want_db, sums_tol),
+                    ),
+                    (
+                        "dgamma".into(),
+                        reference::compare(&got[4], &want_dg, sums_tol),
+                    ),
                     (
                         "y".into(),
                         reference::compare(&got[0], &want_y, reference::Tolerance::EXACT),
@@ -480,6 +514,38 @@ pub(super) fn maxpool_cases(v: &mut Vec<Case>) {
             },
         ));
     }
+}
+
+/// The f64 backward reduction (dbeta, dgamma) of the BatchNorm that formed `f`, given its
+/// output gradient `dy` in the layer input's (shuffled) channels.
+fn bn_backward_sums(
+    f: &Formed,
+    [n, c, h, w]: [usize; 4],
+    dy: &[f64],
+    relu: bool,
+    shuffle: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let (plane, per) = (h * w, c / shuffle);
+    let (mut db, mut dg) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for b in 0..n {
+        for ch in 0..c {
+            let sc = (ch % shuffle) * per + ch / shuffle;
+            let e = |e| f64::from(f.table[entry::at(sc, e)]);
+            for p in 0..plane {
+                let v = f64::from(f.y[(b * c + sc) * plane + p]);
+                let xhat = (v - e(entry::MEAN)) * e(entry::INVSTD);
+                let masked = relu && e(entry::GAMMA) * xhat + e(entry::BETA) <= 0.0;
+                let d = if masked {
+                    0.0
+                } else {
+                    dy[(b * c + ch) * plane + p]
+                };
+                db[sc] += d;
+                dg[sc] += d * xhat;
+            }
+        }
+    }
+    (db, dg)
 }
 
 /// The conv forward that forms the statistics of the BatchNorm after it (per column tile, then

@@ -9,6 +9,7 @@ use super::{Io, Kind, Layer, Network, Ops, with_batch};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Op, Tensor};
 use crate::kernels::conv2d::{self, InputBn};
+use crate::kernels::maxpool;
 use crate::kernels::norm::{self, BnForm, Epilogue};
 use crate::quant::Bits;
 
@@ -83,9 +84,9 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             net.grad(l.weight)?.expect("gamma"),
             net.grad(l.bias)?.expect("beta"),
         );
-        match sums_of_conv(net, io)? {
-            // The conv after formed the reduction's sums; the conv before applies the rest (see
-            // `LayerBuffers::bn_sums`).
+        match sums_of_reader(net, io)? {
+            // The layer after formed the reduction's sums; the conv before applies the rest
+            // (see `LayerBuffers::bn_sums`).
             Some((sums, tile)) => bwd.push(norm::backward_merge(
                 gpu,
                 norm::BnShape::of(x4.shape())?,
@@ -113,20 +114,24 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     Ok((fwd, bwd))
 }
 
-/// The backward sums the conv after formed for this BatchNorm in its grad-input epilogue, and
-/// their tile width, where it forms them.
-fn sums_of_conv<'a>(net: &Network, io: &'a Io) -> Result<Option<(&'a Tensor, usize)>> {
+/// The backward sums the layer after formed for this BatchNorm as it wrote its output gradient
+/// (a conv's grad-input, a max-pool's backward), and how many tiles, where it forms them.
+fn sums_of_reader<'a>(net: &Network, io: &'a Io) -> Result<Option<(&'a Tensor, usize)>> {
     let (Some(i), Some(sums)) = (io.buf.sums_from, io.buf.bn_sums.as_ref()) else {
         return Ok(None);
     };
-    let conv = &net.layers[i];
-    let Kind::Weighted { op, .. } = conv.kind else {
-        return Ok(None);
+    let reader = &net.layers[i];
+    let tiles = match reader.kind {
+        Kind::Weighted { op, .. } => {
+            match Gemm::new(op, io.batch, &reader.in_shape, &reader.out_shape) {
+                Gemm::Conv(g) => Some(conv2d::grad_input_bn_sum_tiles(io.gpu, &g)),
+                _ => None,
+            }
+        }
+        Kind::MaxPool(_) => maxpool::bn_sum_tiles(&super::pool::geometry(reader, io.batch)?),
+        _ => None,
     };
-    match Gemm::new(op, io.batch, &conv.in_shape, &conv.out_shape) {
-        Gemm::Conv(g) => Ok(Some((sums, conv2d::grad_input_tile_columns(io.gpu, &g)))),
-        _ => Ok(None),
-    }
+    Ok(tiles.map(|t| (sums, t)))
 }
 
 /// The partial statistics the conv before formed for this BatchNorm, and their tile width

@@ -4,7 +4,7 @@
 use super::{Gemm, Kind, Layer, Network, WeightedOp, with_batch};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::kernels::conv2d;
+use crate::kernels::{conv2d, maxpool};
 use crate::models::Source;
 use crate::quant::{ActQuant, Bits};
 
@@ -63,11 +63,12 @@ pub(super) struct LayerBuffers {
     pub(super) bn_partials: Option<Tensor>,
     pub(super) stats_from: Option<usize>,
     pub(super) bn_after: Option<(usize, Tensor)>,
-    /// The sums of a BatchNorm's backward reduction, formed by the conv that reads its output
-    /// (`reads_bn`) in its grad-input epilogue, where that BatchNorm's backward only reduces
-    /// (`stats_from`): set on both, with `sums_from` (the conv's index) on the BatchNorm, which
-    /// then adds them up instead of reducing its input and output gradient. The same scratch
-    /// as `bn_partials` (each user is done with it before the next one writes).
+    /// The sums of a BatchNorm's backward reduction, formed by the layer that reads its output
+    /// (`reads_bn`) as it writes the BatchNorm's output gradient (a conv's grad-input epilogue,
+    /// a max-pool's backward), where that BatchNorm's backward only reduces (`stats_from`): set
+    /// on both, with `sums_from` (the reader's index) on the BatchNorm, which then adds them up
+    /// instead of reducing its input and output gradient. The same scratch as `bn_partials`
+    /// (each user is done with it before the next one writes).
     pub(super) bn_sums: Option<Tensor>,
     pub(super) sums_from: Option<usize>,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
@@ -181,9 +182,9 @@ impl Network {
             .collect()
     }
 
-    /// Per layer, the conv that forms a BatchNorm's backward sums in its grad-input epilogue, if
-    /// any: a BatchNorm whose reader is a conv that forms its output (`through`) and whose
-    /// backward only reduces (`stats_from`: the conv before applies the rest).
+    /// Per layer, the layer that forms a BatchNorm's backward sums, if any: a BatchNorm whose
+    /// reader forms its output (`through`) and can form them (`bn_sums_len`), and whose backward
+    /// only reduces (`stats_from`: the conv before applies the rest).
     fn bn_sums_by(
         &self,
         through: &[Option<usize>],
@@ -194,21 +195,35 @@ impl Network {
             return by;
         }
         for (i, k) in through.iter().enumerate() {
-            let conv = matches!(
-                self.layers[i].kind,
-                Kind::Weighted {
-                    op: WeightedOp::Conv { .. },
-                    ..
-                }
-            );
             if let Some(k) = *k
-                && conv
+                && self.bn_sums_len(i, self.capacity).is_some()
                 && stats_from[k].is_some()
             {
                 by[k] = Some(i);
             }
         }
         by
+    }
+
+    /// The floats of BatchNorm backward sums layer `i` forms at `batch` where it reads a
+    /// BatchNorm's output: a conv's grad-input (any geometry), a max-pool's backward (where its
+    /// rows fit bands); `None` for other layers.
+    fn bn_sums_len(&self, i: usize, batch: usize) -> Option<usize> {
+        let l = &self.layers[i];
+        match l.kind {
+            Kind::Weighted {
+                op: op @ WeightedOp::Conv { .. },
+                ..
+            } => match Gemm::new(op, batch, &l.in_shape, &l.out_shape) {
+                Gemm::Conv(g) => Some(conv2d::grad_input_bn_sums(&g)),
+                _ => None,
+            },
+            Kind::MaxPool(_) => {
+                let g = super::pool::geometry(l, batch).ok()?;
+                maxpool::bn_sum_tiles(&g).map(|tiles| 2 * tiles * g.c)
+            }
+            _ => None,
+        }
     }
 
     /// Per layer, the BatchNorm whose output it forms where it reads its input, if any: a conv
@@ -291,7 +306,7 @@ impl Network {
         let sums = sums_by
             .iter()
             .flatten()
-            .filter_map(|&i| conv_geom(i).map(|g| conv2d::grad_input_bn_sums(&g)));
+            .filter_map(|&i| self.bn_sums_len(i, cap));
         let max_partials = partials.chain(sums).max();
         let bn_partials = max_partials
             .filter(|_| self.trainable)

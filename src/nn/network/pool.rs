@@ -11,7 +11,7 @@ use crate::kernels::maxpool::{self, MaxPoolEpilogue};
 use crate::kernels::norm::BnForm;
 use crate::kernels::pool::{self, PoolGeom};
 
-fn geometry(l: &Layer, batch: usize) -> Result<PoolGeom> {
+pub(super) fn geometry(l: &Layer, batch: usize) -> Result<PoolGeom> {
     let (Kind::MaxPool(win) | Kind::AvgPool(win)) = l.kind else {
         unreachable!("pool::ops is for pooling layers")
     };
@@ -87,14 +87,15 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             if let Some((q, t)) = &xq {
                 bwd.push(q.forward(gpu, x, t)?);
             }
-            bwd.push(maxpool::maxpool_backward_shuffled(
+            // With the sums of the BatchNorm before's backward (see `LayerBuffers::bn_sums`).
+            let sums = io.buf.bn_sums.as_ref().filter(|_| input_bn.is_some());
+            bwd.push(maxpool::maxpool_backward_with_sums(
                 gpu,
                 &geom,
-                pooled,
-                io.dy(l)?,
-                dx,
+                (pooled, io.dy(l)?, dx),
                 win.shuffle,
                 input_bn,
+                sums,
             )?);
         }
     } else {
