@@ -38,11 +38,11 @@ override IN_SHUFFLE: u32 = 1u;
 // sum dx' and sum dx' * xhat (dx' = dx after that BatchNorm's ReLU mask) at
 // bn_part[(2 t) * C + sc] and bn_part[(2 t + 1) * C + sc], for tile t = n * BANDS + band and
 // BatchNorm channel sc. Each invocation adds its elements in order, then a tree over the
-// workgroup (fixed order); norm.wgsl's bn_backward_merge adds the tiles in order. That saves
+// plane's invocations (fixed order); norm.wgsl's bn_backward_merge adds the tiles in order. That saves
 // the BatchNorm's reduction pass over its input and output gradient.
 override BN_SUMS: bool = false;
 // maxpool_backward_banded: input rows per band, bands per plane, and planes per workgroup (1
-// unless a plane is one band; at most PACK_CAP).
+// unless a plane is one band; a power of two, at most PACK_CAP).
 override BAND_ROWS: u32 = H;
 override BANDS: u32 = 1u;
 override PLANE_PACK: u32 = 1u;
@@ -205,7 +205,9 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
 const WIN_CAP: u32 = 2048u;
 var<workgroup> win_at: array<u32, WIN_CAP>;
 const PACK_CAP: u32 = 8u;
-// BN_SUMS: the tree over the workgroup.
+// Invocations per packed plane (PLANE_PACK is a power of two).
+override GROUP: u32 = WG / PLANE_PACK;
+// BN_SUMS: the trees over each plane's invocations.
 var<workgroup> red: array<vec2<f32>, WG>;
 
 // The backward, a workgroup per band of BAND_ROWS input rows of one plane, or per PLANE_PACK
@@ -240,55 +242,54 @@ fn maxpool_backward_banded(@builtin(workgroup_id) wid: vec3<u32>,
         win_at[t] = window_max(source(plane0 + q), oy0 + oy, r - oy * OW).at;
     }
     workgroupBarrier();
-    // BN_SUMS: this invocation's sums of each packed plane.
-    var sums: array<vec2<f32>, PACK_CAP>;
-    for (var t = lid; t < packed * band; t += WG) {
-        let q = select(t / band, 0u, PLANE_PACK == 1u);
-        let plane = plane0 + q;
+    // Then GROUP invocations per packed plane: q's gather the gradients of plane q's elements
+    // (and, BN_SUMS, add up their sums in order, then a tree within the group).
+    let q = lid / GROUP;
+    let plane = plane0 + q;
+    var sums = vec2(0.0);
+    if (q < packed) {
+        let src = source(plane);
         let out_plane = shuffled_plane(plane);
-        let at = iy0 * W + t - q * band;
-        let iy = at / W;
-        let ix = at - iy * W;
-        let ry = window_range(iy, KH, SH, PH, OH);
-        let rx = window_range(ix, KW, SW, PW, OW);
-        var acc = 0.0;
-        for (var oy = ry.x; oy < ry.y; oy++) {
-            for (var ox = rx.x; ox < rx.y; ox++) {
-                if (win_at[min(q * windows + (oy - oy0) * OW + ox, WIN_CAP - 1u)] == at) {
-                    acc += dy[(out_plane * OH + oy) * OW + ox];
+        for (var e = lid % GROUP; e < band; e += GROUP) {
+            let at = iy0 * W + e;
+            let iy = at / W;
+            let ix = at - iy * W;
+            let ry = window_range(iy, KH, SH, PH, OH);
+            let rx = window_range(ix, KW, SW, PW, OW);
+            var acc = 0.0;
+            for (var oy = ry.x; oy < ry.y; oy++) {
+                for (var ox = rx.x; ox < rx.y; ox++) {
+                    if (win_at[min(q * windows + (oy - oy0) * OW + ox, WIN_CAP - 1u)] == at) {
+                        acc += dy[(out_plane * OH + oy) * OW + ox];
+                    }
                 }
             }
-        }
-        dx[plane * HW + at] = acc;
-        if (BN_SUMS) {
-            let src = source(plane);
-            let v = x[src.base + at];
-            var g = acc;
-            if (IN_RELU) {
-                g = select(0.0, acc, bn_affine(v, src.bn.x, src.bn.y, src.bn.z, src.bn.w) > 0.0);
+            dx[plane * HW + at] = acc;
+            if (BN_SUMS) {
+                let v = x[src.base + at];
+                var g = acc;
+                if (IN_RELU) {
+                    g = select(0.0, acc, bn_affine(v, src.bn.x, src.bn.y, src.bn.z, src.bn.w) > 0.0);
+                }
+                sums += vec2(g, g * ((v - src.bn.x) * src.bn.y));
             }
-            sums[q] += vec2(g, g * ((v - src.bn.x) * src.bn.y));
         }
     }
     if (BN_SUMS) {
-        for (var q = 0u; q < packed; q++) {
-            red[lid] = sums[q];
-            workgroupBarrier();
-            for (var st = WG / 2u; st > 0u; st >>= 1u) {
-                if (lid < st) {
-                    red[lid] += red[lid + st];
-                }
-                workgroupBarrier();
-            }
-            if (lid == 0u) {
-                let plane = plane0 + q;
-                let n = plane / C;
-                let t = n * BANDS + job % BANDS;
-                let sc = bn_channel(plane - n * C);
-                bn_part[(2u * t) * C + sc] = red[0].x;
-                bn_part[(2u * t + 1u) * C + sc] = red[0].y;
+        red[lid] = sums;
+        workgroupBarrier();
+        for (var st = GROUP / 2u; st > 0u; st >>= 1u) {
+            if (lid % GROUP < st) {
+                red[lid] += red[lid + st];
             }
             workgroupBarrier();
+        }
+        if (lid % GROUP == 0u && q < packed) {
+            let n = plane / C;
+            let t = n * BANDS + job % BANDS;
+            let sc = bn_channel(plane - n * C);
+            bn_part[(2u * t) * C + sc] = red[lid].x;
+            bn_part[(2u * t + 1u) * C + sc] = red[lid].y;
         }
     }
 }

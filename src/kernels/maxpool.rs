@@ -284,15 +284,17 @@ fn backward_band_rows(g: &PoolGeom) -> Option<usize> {
 
 /// Whole planes per workgroup of `maxpool_backward_banded` where a plane is one band: as many
 /// as bring it to about 8 input elements per invocation, within `WIN_CAP` windows and
-/// `PACK_CAP` planes.
+/// `PACK_CAP` planes, rounded down to a power of two.
 fn backward_plane_pack(g: &PoolGeom, bands: usize) -> usize {
     if bands > 1 {
         return 1;
     }
     let (oh, ow) = g.out_hw();
-    (WIN_CAP / (oh * ow))
+    let pack = (WIN_CAP / (oh * ow))
         .min(2048 / (g.h * g.w))
-        .clamp(1, PACK_CAP)
+        .clamp(1, PACK_CAP);
+    // A power of two: the workgroup's invocations split evenly between the planes.
+    1 << pack.ilog2()
 }
 
 /// The tiles (a band of one plane each, per channel: batch × bands) of the BatchNorm backward
@@ -337,7 +339,12 @@ mod tests {
     #[test]
     fn backward_bands_are_as_tall_as_the_window_buffer_allows() {
         // NIN's pools: a whole plane per band, several planes per workgroup.
-        for (g, pack) in [(geom(32, 32, 3, 2, 1), 2), (geom(16, 16, 2, 2, 0), 8)] {
+        for (g, pack) in [
+            (geom(32, 32, 3, 2, 1), 2),
+            (geom(16, 16, 2, 2, 0), 8),
+            // 5 planes would fit: rounded down to a power of two.
+            (geom(20, 20, 2, 2, 0), 4),
+        ] {
             assert_eq!(backward_band_rows(&g), Some(g.h));
             assert_eq!(backward_plane_pack(&g, 1), pack);
         }
