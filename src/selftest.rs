@@ -1012,17 +1012,7 @@ fn gemm_cases<G: GemmOp>(v: &mut Vec<Case>, geom: G) {
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &xt])?;
                 let dx = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
                 // The straight-through rule of the f32 input, on the f64 sum.
-                let want: Vec<f64> = x
-                    .iter()
-                    .zip(&dx)
-                    .map(|(&xv, &d)| {
-                        if (0.0..=1.0).contains(&(xv * 0.1)) {
-                            0.1 * d
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
+                let want = reference::quant::act_backward_f64(&x, &dx);
                 let x_want = if requantize {
                     f64s(&reference::quant::act_forward(&x, bits))
                 } else {

@@ -41,6 +41,21 @@ pub fn act_backward(x: &[f32], dy: &[f32], bits: Bits) -> Vec<f32> {
         .collect()
 }
 
+/// [`act_backward`] of a quantized layer applied to an f64 gradient (a reference GEMM's), the
+/// mask taken from the f32 input as the kernels take it.
+pub fn act_backward_f64(x: &[f32], dy: &[f64]) -> Vec<f64> {
+    x.iter()
+        .zip(dy)
+        .map(|(&x, &g)| {
+            if (0.0..=1.0).contains(&(x * 0.1f32)) {
+                0.1 * g
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
 /// `max |t|` over the tensor.
 pub fn absmax(t: &[f32]) -> f32 {
     t.iter().fold(0.0f32, |m, v| m.max(v.abs()))

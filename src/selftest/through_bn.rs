@@ -218,18 +218,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&dxt, &yt])?;
                 let dx = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
                 // The straight-through rule of the formed float input, on the f64 sum.
-                let want: Vec<f64> = f
-                    .x_float
-                    .iter()
-                    .zip(&dx)
-                    .map(|(&xv, &d)| {
-                        if (0.0..=1.0).contains(&(xv * 0.1)) {
-                            0.1 * d
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
+                let want = quant::act_backward_f64(&f.x_float, &dx);
                 Ok(vec![
                     (
                         "dx".into(),
@@ -347,18 +336,7 @@ fn grad_input_bn_sums(
     // The reference dx through the quantizer's straight-through rule (the BatchNorm's output
     // gradient, in the conv input's channels), then the BatchNorm's reduction of it.
     let dx = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
-    let masked: Vec<f64> = f
-        .x_float
-        .iter()
-        .zip(&dx)
-        .map(|(&xv, &d)| {
-            if (0.0..=1.0).contains(&(xv * 0.1)) {
-                0.1 * d
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    let masked = quant::act_backward_f64(&f.x_float, &dx);
     let (want_db, want_dg) = bn_backward_sums(&f, geom.input_shape(), &masked, relu, shuffle);
     let [n, _, h, wd] = geom.input_shape();
     let tol = gemm_tolerance(geom.reduction()[1] * n * h * wd);
