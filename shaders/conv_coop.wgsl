@@ -8,8 +8,9 @@
 // conv2d.wgsl's MODE 0 GEMM (M = Cout/g, N = batch*OH*OW, K = Cin/g*KH*KW), geometry as
 // pipeline constants. A workgroup of four 32-wide subgroups computes a 128 x 128 tile, each
 // subgroup a 64 x 64 quarter as 4 x 4 16x16 matrices; K advances 32 at a time through
-// workgroup memory (codes as f16, rows padded by 8 halves). Loads check bounds (padding, tile
-// edges, the end of K load 0). Each 16x16 result goes through a staging tile in workgroup
+// workgroup memory (codes as f16, rows padded by 8 halves), staged in quads of four adjacent
+// elements (vec4 loads where the shape allows); each invocation's four columns are decoded once
+// before the K loop. Loads check bounds (padding, tile edges, the end of K load 0). Each 16x16 result goes through a staging tile in workgroup
 // memory to the NCHW output, where the whole workgroup scales, adds the bias and writes it.
 //
 // Lavapipe has no cooperative matrices: src/kernels/conv_coop.rs derives a plain-WGSL emulation of
@@ -54,6 +55,13 @@ override KHW: u32 = KH * KW;
 override CIG: u32 = CIN / GROUPS;
 override COG: u32 = COUT / GROUPS;
 override OHW: u32 = OH * OW;
+override GK: u32 = CIG * KHW;
+// Vector loads where the layer's shape allows (src/kernels/conv2d.rs `vector_loads`, VEC_A 2
+// and VEC_B 1 of conv2d.wgsl's forward): VEC_W, weight rows of a multiple of 4 (four k of a row
+// in one aligned vec4); VEC_X, a pointwise conv whose images have a multiple of 4 pixels (four
+// columns in one aligned vec4 of x).
+override VEC_W: bool = false;
+override VEC_X: bool = false;
 
 const BM: u32 = 128u;
 const BN: u32 = 128u;
@@ -63,10 +71,10 @@ const AS: u32 = BK + 8u;
 const BS: u32 = BN + 8u;
 
 struct Params {
-    gn: u32,   // N: batch * OH * OW
-    gk: u32,   // K: Cin/g * KH * KW
+    gn: u32,   // N: batch * OH * OW (K, Cin/g * KH * KW, is the constant GK)
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -76,6 +84,9 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read> in_bn: array<f32>;
 @group(0) @binding(6) var<storage, read_write> bn_part: array<f32>;
+// w_src and x_src as vec4s (VEC_W, VEC_X).
+@group(0) @binding(7) var<storage, read> w_src4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> x_src4: array<vec4<f32>>;
 
 // BN_STATS: this invocation's count, mean and M2 of its row in each row block mi / 16.
 var<private> st_n: array<f32, 4>;
@@ -90,58 +101,122 @@ alias MA = coop_mat16x16<f16, A>;
 alias MB = coop_mat16x16<f16, B>;
 alias MC = coop_mat16x16<f32, C>;
 
-// x[k][n] of group g (im2col, 0 in the padding); the caller checks k < K, n < N.
-fn load_x(g: u32, k: u32, n: u32) -> f32 {
-    let c = k / KHW;
-    let r = k - c * KHW;
-    let kh = r / KW;
-    let b = n / OHW;
-    let pix = n - b * OHW;
-    let oy = pix / OW;
-    let iy = i32(oy * SH + kh * DH) - i32(PH);
-    let ix = i32((pix - oy * OW) * SW + (r - kh * KW) * DW) - i32(PW);
-    if (iy < 0 || ix < 0 || u32(iy) >= H || u32(ix) >= W) {
-        return 0.0;
+// The columns this invocation stages in every K tile, n0 + 4 * (lid % 32) + j for j = 0..3,
+// decoded once before the K loop: where their image starts in x (col_base) and the input pixel
+// of tap (0, 0) (col_iy, col_ix). A column past N gets a row far out of range, so that every
+// tap of it loads 0.
+var<private> col_base: array<u32, 4>;
+var<private> col_iy: array<i32, 4>;
+var<private> col_ix: array<i32, 4>;
+
+fn decode_columns(lid: u32, n0: u32) {
+    for (var j = 0u; j < 4u; j++) {
+        let n = n0 + 4u * (lid % 32u) + j;
+        let b = n / OHW;
+        let pix = n - b * OHW;
+        let oy = pix / OW;
+        col_base[j] = b * (CIN * H * W);
+        col_iy[j] = select(i32(oy * SH) - i32(PH), -0x40000000, n >= p.gn);
+        col_ix[j] = i32((pix - oy * OW) * SW) - i32(PW);
     }
-    let ch = g * CIG + c;
-    if (IN_BN) {
-        var sc = ch;
-        if (IN_SHUFFLE > 1u) {
-            sc = (ch % IN_SHUFFLE) * (CIN / IN_SHUFFLE) + ch / IN_SHUFFLE;
-        }
-        let t = sc * BN_TABLE;
-        var r = bn_affine(x_src[((b * CIN + sc) * H + u32(iy)) * W + u32(ix)],
-                          in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
-                          in_bn[t + BN_BETA]);
-        if (IN_RELU) {
-            r = relu_bits(r);
-        }
-        return dorefa_act(r, A_LEVELS, A_INV_LEVELS);
-    }
-    return x_src[((b * CIN + ch) * H + u32(iy)) * W + u32(ix)];
 }
 
-// Stages the K tile starting at k0: weight codes round(w * n_w), activation codes round(x * n_a).
-fn stage(lid: u32, g: u32, m0: u32, n0: u32, k0: u32) {
-    for (var e = 0u; e < 32u; e++) {
-        let i = lid + e * 128u;
-        let kk = i % BK;
-        let m = i / BK;
-        var v = 0.0;
-        if (m0 + m < COG && k0 + kk < p.gk) {
-            v = w_src[(g * COG + m0 + m) * (CIG * KHW) + k0 + kk];
-        }
-        a_sh[m * AS + kk] = f16(round(v * W_LEVELS));
+// IN_BN: the BatchNorm channel that input channel ch comes from (the shuffle sends channel c
+// to (c % per) * IN_SHUFFLE + c / per, per = CIN / IN_SHUFFLE); ch itself without IN_BN.
+fn unshuffled(ch: u32) -> u32 {
+    if (!IN_BN || IN_SHUFFLE <= 1u) {
+        return ch;
     }
-    for (var e = 0u; e < 32u; e++) {
-        let i = lid + e * 128u;
-        let n = i % BN;
-        let kk = i / BN;
-        var v = 0.0;
-        if (n0 + n < p.gn && k0 + kk < p.gk) {
-            v = load_x(g, k0 + kk, n0 + n);
+    return (ch % IN_SHUFFLE) * (CIN / IN_SHUFFLE) + ch / IN_SHUFFLE;
+}
+
+// IN_BN: the input element whose BatchNorm input is v, in the channel whose table starts at t.
+fn bn_formed(v: f32, t: u32) -> f32 {
+    var r = bn_affine(v, in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
+                      in_bn[t + BN_BETA]);
+    if (IN_RELU) {
+        r = relu_bits(r);
+    }
+    return dorefa_act(r, A_LEVELS, A_INV_LEVELS);
+}
+
+// Stages the K tile starting at k0: weight codes round(w * n_w) into a_sh, activation codes
+// round(x * n_a) into b_sh. Each invocation stores quads, four adjacent k of one weight row and
+// four adjacent columns of one x row, so that what depends on k alone (the im2col tap, the
+// channel, its BatchNorm table) is found once per quad, and a quad is one vec4 load where the
+// layer's shape makes it one aligned vec4 of its source (VEC_W, VEC_X).
+fn stage(lid: u32, g: u32, m0: u32, k0: u32) {
+    let kq = 4u * (lid % 8u);
+    for (var e = 0u; e < 8u; e++) {
+        let m = lid / 8u + 16u * e;
+        var v = vec4(0.0);
+        if (m0 + m < COG) {
+            let row = (g * COG + m0 + m) * GK + k0 + kq;
+            if (VEC_W) {
+                // GK is a multiple of 4: the quad is wholly before the end of K or past it.
+                if (k0 + kq < GK) {
+                    v = w_src4[row / 4u];
+                }
+            } else {
+                for (var j = 0u; j < 4u; j++) {
+                    if (k0 + kq + j < GK) {
+                        v[j] = w_src[row + j];
+                    }
+                }
+            }
         }
-        b_sh[kk * BS + n] = f16(round(v * A_LEVELS));
+        let at = m * AS + kq;
+        let codes = round(v * W_LEVELS);
+        a_sh[at] = f16(codes.x);
+        a_sh[at + 1u] = f16(codes.y);
+        a_sh[at + 2u] = f16(codes.z);
+        a_sh[at + 3u] = f16(codes.w);
+    }
+    let nq = 4u * (lid % 32u);
+    for (var e = 0u; e < 8u; e++) {
+        let kk = lid / 32u + 4u * e;
+        let k = k0 + kk;
+        var v = vec4(0.0);
+        if (k < GK) {
+            let c = k / KHW;
+            let r = k - c * KHW;
+            let kh = r / KW;
+            let ty = i32(kh * DH);
+            let tx = i32((r - kh * KW) * DW);
+            let ch = unshuffled(g * CIG + c);
+            let plane = ch * (H * W);
+            if (VEC_X) {
+                // A pointwise conv with images of a multiple of 4 pixels: the quad lies in one
+                // image, wholly in or past the columns, at an aligned offset.
+                if (col_iy[0] >= 0) {
+                    v = x_src4[(col_base[0] + plane + u32(col_iy[0]) * W + u32(col_ix[0])) / 4u];
+                    if (IN_BN) {
+                        let t = ch * BN_TABLE;
+                        v = vec4(bn_formed(v.x, t), bn_formed(v.y, t), bn_formed(v.z, t),
+                                 bn_formed(v.w, t));
+                    }
+                }
+            } else {
+                for (var j = 0u; j < 4u; j++) {
+                    let iy = col_iy[j] + ty;
+                    let ix = col_ix[j] + tx;
+                    if (iy >= 0 && ix >= 0 && u32(iy) < H && u32(ix) < W) {
+                        let x = x_src[col_base[j] + plane + u32(iy) * W + u32(ix)];
+                        if (IN_BN) {
+                            v[j] = bn_formed(x, ch * BN_TABLE);
+                        } else {
+                            v[j] = x;
+                        }
+                    }
+                }
+            }
+        }
+        let at = kk * BS + nq;
+        let codes = round(v * A_LEVELS);
+        b_sh[at] = f16(codes.x);
+        b_sh[at + 1u] = f16(codes.y);
+        b_sh[at + 2u] = f16(codes.z);
+        b_sh[at + 3u] = f16(codes.w);
     }
 }
 
@@ -273,8 +348,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var acc31 = MC();
     var acc32 = MC();
     var acc33 = MC();
-    for (var k0 = 0u; k0 < p.gk; k0 += BK) {
-        stage(lid, g, m0, n0, k0);
+    decode_columns(lid, n0);
+    for (var k0 = 0u; k0 < GK; k0 += BK) {
+        stage(lid, g, m0, k0);
         workgroupBarrier();
         for (var ks = 0u; ks < BK; ks += 16u) {
             let a0 = coopLoadT<MA>(&a_sh[(wm * 64u + 0u) * AS + ks], AS);

@@ -1249,9 +1249,9 @@ fn gemm_family_cases(v: &mut Vec<Case>) {
 /// The quantized conv forward on cooperative matrices: the adapter's own where it has them,
 /// else their plain-WGSL emulation (the same staging, tiles and epilogue), against the f64
 /// reference on DoReFa levels. Shapes with tails in M, N and K, two row tiles, stride,
-/// padding, dilation and groups; 8-bit and 4-bit codes. (An adapter without f16 has neither:
-/// the cases check nothing there. The emulation takes lavapipe 10-20 s to compile per shape,
-/// hence three.)
+/// padding, dilation and groups, scalar and vector loads; 8-bit and 4-bit codes. (An adapter
+/// without f16 has neither: the cases check nothing there. The emulation takes lavapipe 10-20 s
+/// to compile per shape, hence four.)
 fn coop_cases(v: &mut Vec<Case>) {
     use kernels::conv2d::Conv2dGeom as G;
     let shapes = [
@@ -1272,6 +1272,8 @@ fn coop_cases(v: &mut Vec<Case>) {
             4,
         ),
         (G::square(1, 40, 12, 190, 3).padding(1), 4),
+        // Pointwise with images of 36 pixels: weight rows and input pixels as vec4s, N = 108.
+        (G::square(3, 12, 6, 20, 1), 8),
     ];
     for (geom, b) in shapes {
         let shape = format!(

@@ -49,6 +49,21 @@ fn logits_through_the_emulated_tensor_core_conv_match_the_fp32_path() {
         let images: Vec<f32> = (0..batch * 3 * 144)
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
+        // The tensor-core GEMM counts as arithmetic-bound, as conv2d.wgsl's GEMMs do, so that
+        // `wgqat bench`'s memory-bound bytes are the same on both paths.
+        let coop_launches: Vec<bool> = plan
+            .ops
+            .ops()
+            .iter()
+            .filter_map(|op| match op {
+                wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
+                    Some(l.memory_bound())
+                }
+                _ => None,
+            })
+            .collect();
+        let on_coop = std::ptr::eq(gpu, &coop);
+        assert_eq!(coop_launches, if on_coop { vec![false] } else { vec![] });
         gpu.write(&plan.input, &images).unwrap();
         let out = net.output().unwrap();
         let got: Vec<Vec<f32>> = gpu.run_and_read("step", plan.ops.ops(), &[out]).unwrap();

@@ -39,9 +39,11 @@ impl std::fmt::Debug for Launch {
 
 impl Launch {
     /// Whether the kernel is bound by memory traffic rather than arithmetic: every kernel but the
-    /// conv / matmul GEMMs (`conv2d.wgsl`).
+    /// conv / matmul GEMMs (`conv2d.wgsl`, and `conv_coop.wgsl` on cooperative matrices or
+    /// their emulation).
     pub fn memory_bound(&self) -> bool {
-        !self.kernel.name.starts_with("conv2d.wgsl:")
+        let name = &self.kernel.name;
+        !(name.starts_with("conv2d.wgsl:") || name.starts_with("conv_coop.wgsl"))
     }
 
     /// `shader:entry[:CONST=v...]` of the kernel.

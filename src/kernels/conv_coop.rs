@@ -62,8 +62,7 @@ pub fn emulate(source: &str) -> String {
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
     gn: u32,
-    gk: u32,
-    _pad: [u32; 2],
+    _pad: [u32; 3],
 }
 
 /// `y = conv2d(x, w) + bias` for `x` holding `a_bits` DoReFa activation levels and `w` holding
@@ -110,7 +109,6 @@ pub fn forward(
     }
     let (oh, ow) = geom.out_hw();
     let gn = geom.batch * oh * ow;
-    let gk = geom.cin / geom.groups * geom.kernel.0 * geom.kernel.1;
     if u32::try_from(gn).is_err() || u32::try_from(x.numel().max(y.numel())).is_err() {
         return Err(Error::shape(
             K,
@@ -124,6 +122,12 @@ pub fn forward(
         ..Fused::default()
     };
     let gemm = geom.gemm();
+    // The fp32 forward's vector forms: VEC_A 2 (weight rows), VEC_B 1 (a pointwise input).
+    let (vec_a, vec_b) = if gpu.vector_loads() {
+        gemm.vector_loads(Mode::Forward)
+    } else {
+        (0, 0)
+    };
     fused.check(&gemm, Mode::Forward, y, gn.div_ceil(TILE), K)?;
     let (nw, na) = (f64::from(w_bits.levels()), f64::from(a_bits.levels()));
     let c = |v: usize| v as f64;
@@ -140,6 +144,8 @@ pub fn forward(
         ("SCALE", f64::from((1.0 / (nw * na)) as f32)),
         ("KH", c(geom.kernel.0)),
         ("KW", c(geom.kernel.1)),
+        ("VEC_W", flag(vec_a == 2)),
+        ("VEC_X", flag(vec_b == 1)),
     ];
     constants.extend(gemm.geometry_constants());
     let shader = match mode {
@@ -158,6 +164,8 @@ pub fn forward(
             Bind::ReadWrite,
             Bind::Read,
             Bind::ReadWrite,
+            Bind::Read,
+            Bind::Read,
         ],
     })?;
     // Placeholders of one float for the optional bindings.
@@ -172,8 +180,7 @@ pub fn forward(
     let bn_part = bn_stats.unwrap_or(&no_stats);
     let p = Params {
         gn: gn as u32,
-        gk: gk as u32,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
     let grid = [
         gn.div_ceil(TILE) as u32,
@@ -195,7 +202,7 @@ pub fn forward(
             }
         ),
         Some(bytemuck::bytes_of(&p)),
-        &[w, x, bias, y, bn_table, bn_part],
+        &[w, x, bias, y, bn_table, bn_part, w, x],
         grid,
     )?))
 }
