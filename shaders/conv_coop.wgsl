@@ -56,7 +56,7 @@ override CIG: u32 = CIN / GROUPS;
 override COG: u32 = COUT / GROUPS;
 override OHW: u32 = OH * OW;
 override GK: u32 = CIG * KHW;
-// Vector loads where the layer's shape allows (src/kernels/conv2d.rs `vector_loads`, VEC_A 2
+// Vector loads where the layer's shape allows (src/kernels/conv2d/gemm.rs `vector_loads`, VEC_A 2
 // and VEC_B 1 of conv2d.wgsl's forward): VEC_W, weight rows of a multiple of 4 (four k of a row
 // in one aligned vec4); VEC_X, a pointwise conv whose images have a multiple of 4 pixels (four
 // columns in one aligned vec4 of x).

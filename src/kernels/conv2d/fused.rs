@@ -1,0 +1,188 @@
+//! What a conv GEMM does besides multiplying ([`Fused`]): the activation quantizer's epilogue
+//! and the BatchNorm work done where its operands are loaded or its outputs written.
+
+use super::{GemmConv, Mode};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Tensor};
+use crate::kernels::expect_dtype;
+use crate::kernels::norm::BnForm;
+use crate::quant::Bits;
+
+/// Grad-input's epilogue: the layer input's DoReFa activation quantizer, applied as each dx is
+/// written (the shader's `ACT_GRAD`), instead of a pass of its own over dx and x.
+#[derive(Clone, Copy, Debug)]
+pub struct ActGrad<'a> {
+    /// The layer's float input x: dx is masked by its straight-through rule.
+    pub x: &'a Tensor,
+    pub bits: Bits,
+    /// Also replace x by its quantized value (what grad-weight reads next).
+    pub requantize: bool,
+}
+
+/// A layer input that is a BatchNorm's output (with its ReLU and channel shuffle, and the
+/// layer's DoReFa input quantizer) formed where the GEMM loads it instead of stored (the
+/// shader's `IN_BN`): the GEMM is given the BatchNorm's input in the input's place. Forward and
+/// grad-weight load the quantized input; grad-input's [`ActGrad`] epilogue forms the float one
+/// for its mask.
+#[derive(Clone, Copy, Debug)]
+pub struct InputBn<'a> {
+    pub form: BnForm<'a>,
+    /// The layer's input quantizer.
+    pub bits: Bits,
+}
+
+/// A conv whose output feeds a BatchNorm whose backward (the input gradient) is applied where
+/// grad-input and grad-weight load the conv's output gradient (the shader's `OUT_BN`): their dy
+/// is then the conv's output, `dy` here the BatchNorm's output gradient, and `form.table` must
+/// hold the BatchNorm's `dbeta`, `dgamma` and scale (its backward reduction writes them).
+#[derive(Clone, Copy, Debug)]
+pub struct OutputBn<'a> {
+    pub form: BnForm<'a>,
+    pub dy: &'a Tensor,
+}
+
+/// The BatchNorms whose work a conv's GEMMs do where they load: the one whose output is the
+/// conv's input, and the one after it whose backward forms the conv's output gradient.
+/// `input_sums`: grad-input also forms the sums of the input BatchNorm's backward reduction (see
+/// [`Fused::bn_sums`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AroundBn<'a> {
+    pub input: Option<InputBn<'a>>,
+    pub output: Option<OutputBn<'a>>,
+    pub input_sums: Option<&'a Tensor>,
+}
+
+/// What a GEMM does besides multiplying: grad-input's activation-quantizer epilogue, the
+/// BatchNorms around it, forward's partial statistics for the BatchNorm after it (`(tiles, 2,
+/// Cout)`: see [`forward_bn_partials`]) and grad-input's sums for the backward of the
+/// BatchNorm before it (`bn_sums`, `(tiles, 2, Cin)`: per column tile and channel, the sum of
+/// the BatchNorm's output gradient dx after its ReLU mask, and of that times x̂; see
+/// [`grad_input_bn_sums`]), which its `norm::backward_merge` adds up instead of reducing dx.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fused<'a> {
+    pub act: Option<ActGrad<'a>>,
+    pub input_bn: Option<InputBn<'a>>,
+    pub output_bn: Option<OutputBn<'a>>,
+    pub bn_stats: Option<&'a Tensor>,
+    pub bn_sums: Option<&'a Tensor>,
+}
+
+impl Fused<'_> {
+    /// Checks that `mode`'s GEMM of `g`, writing `out` in `tiles` column tiles, can do these.
+    pub(crate) fn check(
+        &self,
+        g: &GemmConv,
+        mode: Mode,
+        out: &Tensor,
+        tiles: usize,
+        label: &str,
+    ) -> Result<()> {
+        let refuse = |why: &str| Err(Error::shape(label, why));
+        if self.act.is_some() && mode != Mode::GradInput {
+            return refuse("only grad-input applies an input quantizer");
+        }
+        if let Some(a) = self.act {
+            expect_dtype(label, "x", a.x, DType::F32)?;
+            if a.x.numel() != out.numel() {
+                return refuse("the input x is not the size of dx");
+            }
+        }
+        if let Some(bn) = self.input_bn {
+            if mode == Mode::GradInput && self.act.is_none_or(|a| a.requantize) {
+                return refuse(
+                    "grad-input forms a BatchNorm's output only for its quantizer's mask (an ActGrad without requantize)",
+                );
+            }
+            bn.form.check(label, g.cin)?;
+        }
+        if let Some(bn) = self.output_bn {
+            if mode == Mode::Forward {
+                return refuse("only the backward GEMMs apply the next BatchNorm's backward");
+            }
+            bn.form.check(label, g.cout)?;
+            if bn.dy.numel() != g.batch * g.cout * g.oh * g.ow {
+                return refuse(
+                    "the BatchNorm's output gradient is not the size of the conv's output",
+                );
+            }
+        }
+        if let Some(t) = self.bn_sums {
+            if mode != Mode::GradInput || self.input_bn.is_none() {
+                return refuse(
+                    "only grad-input forms a BatchNorm's backward sums, of the BatchNorm it forms its input from",
+                );
+            }
+            let need = 2 * tiles * g.cin;
+            if t.numel() < need {
+                return Err(Error::shape(
+                    label,
+                    format!(
+                        "{} floats for BatchNorm backward sums, {need} needed",
+                        t.numel()
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = self.bn_stats {
+            if mode != Mode::Forward {
+                return refuse("only the forward GEMM forms BatchNorm statistics");
+            }
+            let need = 2 * tiles * g.cout;
+            if t.numel() < need {
+                return Err(Error::shape(
+                    label,
+                    format!(
+                        "{} floats for BatchNorm partial statistics, {need} needed",
+                        t.numel()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The shader's constants that switch these on.
+    pub(super) fn constants(&self) -> Vec<(&'static str, f64)> {
+        let flag = |on: bool| f64::from(u8::from(on));
+        let (input, output) = (self.input_bn, self.output_bn);
+        // The quantizer's levels: grad-input's epilogue's, or the input's formed on load.
+        let levels = self.act.map(|a| a.bits).or(input.map(|b| b.bits));
+        vec![
+            (
+                "ACT_GRAD",
+                self.act
+                    .map_or(0.0, |a| if a.requantize { 2.0 } else { 1.0 }),
+            ),
+            ("ACT_LEVELS", levels.map_or(1.0, |b| f64::from(b.levels()))),
+            (
+                "ACT_INV_LEVELS",
+                levels.map_or(1.0, |b| f64::from(b.inv_levels())),
+            ),
+            ("IN_BN", flag(input.is_some())),
+            ("IN_RELU", flag(input.is_some_and(|b| b.form.relu))),
+            ("IN_SHUFFLE", input.map_or(1, |b| b.form.shuffle) as f64),
+            ("IN_QUANT", flag(input.is_some_and(|b| !b.bits.is_float()))),
+            ("BN_STATS", flag(self.bn_stats.is_some())),
+            ("BN_SUMS", flag(self.bn_sums.is_some())),
+            ("OUT_BN", flag(output.is_some())),
+            ("OUT_RELU", flag(output.is_some_and(|b| b.form.relu))),
+            ("OUT_SHUFFLE", output.map_or(1, |b| b.form.shuffle) as f64),
+        ]
+    }
+
+    /// What a launch's label says of these.
+    pub(crate) fn describe(&self) -> String {
+        let mut s = String::new();
+        for (on, what) in [
+            (self.input_bn.is_some(), " through bn"),
+            (self.bn_stats.is_some(), " +bn stats"),
+            (self.bn_sums.is_some(), " +bn sums"),
+            (self.output_bn.is_some(), " +bn backward"),
+        ] {
+            if on {
+                s.push_str(what);
+            }
+        }
+        s
+    }
+}
