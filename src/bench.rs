@@ -167,6 +167,31 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                 conv2d::grad_weight(gpu, &g, &x, &dy, &dw, None)
             }),
         ));
+        // Grad-weight on tensor cores (dy as two f16 halves), as `forward coop`.
+        if !first && !bits.is_float() && bits.get() <= 8 {
+            out.push(mk(
+                "grad_weight coop",
+                Box::new(move |gpu| {
+                    let mode = gpu.coop().ok_or_else(|| {
+                        crate::error::Error::Invalid("no cooperative matrices".into())
+                    })?;
+                    let mut rng = Rng::new(3);
+                    let x = random_tensor(gpu, "x", &g.input_shape(), &mut rng, 0.0, 1.0)?;
+                    let dy = random_tensor(gpu, "dy", &g.output_shape(), &mut rng, -1.0, 1.0)?;
+                    let dw = gpu.empty("dw", &g.weight_shape(), DType::F32)?;
+                    crate::kernels::conv_coop::grad_weight(
+                        gpu,
+                        &g,
+                        &x,
+                        &dy,
+                        (&dw, None),
+                        bits,
+                        (Default::default(), None),
+                        mode,
+                    )
+                }),
+            ));
+        }
         // The same GEMMs doing BatchNorm's work as they load (what a NIN training step runs for
         // a quantized conv between two BatchNorms): the input formed from the BatchNorm before
         // (ReLU, quantizer), forward's partial statistics for the BatchNorm after, and the
@@ -382,7 +407,7 @@ pub fn kernels(
     for model in models {
         for &batch in batches {
             for item in items(model, batch, bits)? {
-                if item.direction == "forward coop"
+                if item.direction.ends_with(" coop")
                     && gpu.coop() != Some(crate::gpu::CoopMode::Hardware)
                 {
                     continue;

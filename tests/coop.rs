@@ -77,3 +77,98 @@ fn logits_through_the_emulated_tensor_core_conv_match_the_fp32_path() {
     println!("logits: largest {scale:e}, worst difference {worst:e}");
     assert!(scale > 0.0 && worst <= 1e-5 * scale, "{worst} of {scale}");
 }
+
+/// One SGD step of a net whose quantized conv reads a BatchNorm's output and feeds another
+/// (so its forward and grad-weight run on the emulated tensor-core kernels with the BatchNorm
+/// work on load): the loss, and every tensor after the step, as on the fp32 path within
+/// rounding (the forward sums and grad-weight's two f16 halves of dy round differently).
+#[test]
+fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_path() {
+    use wgqat::nn::checkpoint::Data;
+    use wgqat::train::{Optimizer, OptimizerName, TrainConfig};
+    let Some(coop) = emulated() else { return };
+    let fp32 = Gpu::new(&GpuOptions::default()).unwrap();
+    let spec = wgqat::models::ModelSpec::from_json(
+        r#"{"name": "coop_step", "input": [3, 12, 12], "layers": [
+            {"type": "conv", "out": 8, "kernel": 3, "padding": 1, "name": "model.0.conv"},
+            {"type": "batchnorm", "name": "model.0.bn"},
+            {"type": "relu"},
+            {"type": "conv", "out": 10, "kernel": 3, "padding": 1, "name": "model.1.conv"},
+            {"type": "batchnorm", "name": "model.1.bn"},
+            {"type": "relu"},
+            {"type": "avgpool", "kernel": 12},
+            {"type": "flatten"}
+        ]}"#,
+        "coop test",
+    )
+    .unwrap();
+    let b = Bits::new(8).unwrap();
+    let batch = 6;
+    let images: Vec<f32> = (0..batch * 3 * 144)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let labels: Vec<u32> = (0..batch as u32).collect();
+    let mut runs = Vec::new();
+    for gpu in [&fp32, &coop] {
+        let net = Network::new(gpu, &spec, QuantConfig::dorefa(b, b), batch, true, 1).unwrap();
+        init::initialise(gpu, &net, 3).unwrap();
+        let config = TrainConfig {
+            optimizer: OptimizerName::Sgd,
+            ..TrainConfig::default()
+        };
+        let opt = Optimizer::new(gpu, &net, config.optimizer_kind()).unwrap();
+        let mut plan = net.plan(gpu, batch, Mode::Train).unwrap();
+        let on_coop: Vec<&str> = plan
+            .ops
+            .ops()
+            .iter()
+            .filter_map(|op| match op {
+                wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
+                    Some(l.label.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        if std::ptr::eq(gpu, &coop) {
+            // model.1.conv's forward and grad-weight, with both BatchNorms' work on load.
+            assert_eq!(on_coop.len(), 2, "{on_coop:?}");
+            assert!(on_coop[0].contains("forward") && on_coop[0].contains("through bn"));
+            assert!(on_coop[1].contains("grad_weight") && on_coop[1].contains("+bn backward"));
+        } else {
+            assert!(on_coop.is_empty());
+        }
+        plan.ops.push_op(opt.op(gpu, &net).unwrap());
+        net.write_batch(gpu, &plan, &images, &labels).unwrap();
+        net.write_step(gpu, &opt.next_values(0.1, 0)).unwrap();
+        plan.ops.submit(gpu, "coop check step").unwrap();
+        let loss = net.read_metrics(gpu, 1).unwrap()[0].0;
+        let state: Vec<(String, Vec<f32>)> = net
+            .state_dict(gpu)
+            .unwrap()
+            .into_iter()
+            .filter_map(|t| match t.data {
+                Data::F32(v) => Some((t.name, v)),
+                _ => None,
+            })
+            .collect();
+        runs.push((loss, state));
+    }
+    let (l0, l1) = (runs[0].0, runs[1].0);
+    assert!((l0 - l1).abs() <= 1e-5 * l0.abs(), "losses {l0} and {l1}");
+    let mut worst = 0.0f32;
+    for ((name, a), (_, c)) in runs[0].1.iter().zip(&runs[1].1) {
+        let scale = a.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(c)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(diff / scale.max(1e-3));
+        assert!(
+            diff <= 1e-4 * scale + 1e-7,
+            "{name} differs by {diff:e} (largest {scale:e})"
+        );
+    }
+    println!(
+        "one step: losses {l0} / {l1}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)"
+    );
+}

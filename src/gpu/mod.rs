@@ -99,7 +99,7 @@ fn vector_loads_by_default() -> bool {
     std::env::var("WGQAT_VECTOR_LOADS").map_or(true, |v| v.trim() != "0")
 }
 
-/// Which cooperative-matrix path a device runs quantized conv forwards on
+/// Which cooperative-matrix path a device runs quantized convs' forward and grad-weight on
 /// (`kernels::conv_coop`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CoopMode {
@@ -236,13 +236,14 @@ impl Gpu {
         })
     }
 
-    /// Runs the forward of DoReFa-quantized convs on cooperative matrices (`mode`), or not.
+    /// Runs the forward and grad-weight of DoReFa-quantized convs on cooperative matrices
+    /// (`mode`), or not.
     pub fn with_coop(mut self, mode: Option<CoopMode>) -> Gpu {
         self.coop = mode;
         self
     }
 
-    /// The cooperative-matrix path quantized conv forwards take, if any.
+    /// The cooperative-matrix path quantized convs' forward and grad-weight take, if any.
     pub fn coop(&self) -> Option<CoopMode> {
         self.coop
     }

@@ -68,7 +68,7 @@ pub static OPTIM: Shader = shader!("optim.wgsl", true);
 pub static INTINFER: Shader = shader!("intinfer.wgsl", true, "division.wgsl");
 
 // Cooperative matrices: Vulkan only (wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX), used where the
-// adapter has them; `conv_coop::emulated_shader` is its portable emulation.
+// adapter has them; `conv_coop::emulated_shader` gives their portable emulations.
 // (Its helpers follow it: its `enable` directives must come first.)
 pub static CONV_COOP: Shader = Shader {
     name: "conv_coop.wgsl",
@@ -80,9 +80,19 @@ pub static CONV_COOP: Shader = Shader {
     trusted: true,
 };
 
+pub static CONV_COOP_GW: Shader = Shader {
+    name: "conv_coop_gw.wgsl",
+    source: concat!(
+        include_str!("../../shaders/conv_coop_gw.wgsl"),
+        include_str!("../../shaders/lib/act.wgsl"),
+        include_str!("../../shaders/lib/bn.wgsl"),
+    ),
+    trusted: true,
+};
+
 /// Shaders only a Vulkan adapter with cooperative matrices compiles (the portability test
 /// translates them to SPIR-V, and their emulations to every backend).
-pub static SHADERS_COOP: &[&Shader] = &[&CONV_COOP];
+pub static SHADERS_COOP: &[&Shader] = &[&CONV_COOP, &CONV_COOP_GW];
 
 /// Every shader file, embedded in the binary (the portability test translates each one).
 pub static SHADERS: &[&Shader] = &[

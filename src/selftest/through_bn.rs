@@ -819,6 +819,96 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
     }
 }
 
+/// Grad-weight on cooperative matrices (emulated where there are none) with both BatchNorms'
+/// work on load: the input levels formed from the BatchNorm before (`IN_BN`, 8 bits) and dy
+/// from the backward of the one after (`OUT_BN`), against the f64 GEMMs of the reference's
+/// quantized input and BatchNorm input gradient. One shape (grouped 3x3, both shuffled, both
+/// ReLUs): the emulation takes lavapipe about a minute to compile.
+pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
+    let geom = Conv2dGeom::square(2, 8, 6, 12, 3).padding(1).groups(2);
+    let (relu, shuffle, bits) = (true, 2, Bits::new(8).expect("8 bits"));
+    let shape = format!(
+        "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle} A8",
+        geom.input_shape(),
+        geom.weight_shape(),
+        geom.stride,
+        geom.padding,
+        geom.groups
+    );
+    let k = geom.reduction();
+    v.push(Case::new(
+        "conv2d",
+        "grad_weight+bias coop through bn +bn backward",
+        shape,
+        move |gpu, rng| {
+            let mode = match gpu.coop() {
+                Some(m) => m,
+                None if gpu.caps.shader_f16 => CoopMode::Emulated,
+                None => return Ok(Vec::new()),
+            };
+            let f = formed(rng, &geom, relu, shuffle, bits);
+            let c = geom.cout;
+            let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
+            let count = (geom.y_shape().iter().product::<usize>() / c) as f32;
+            let mut table = vec![0.0; TABLE * c];
+            for ch in 0..c {
+                let at = |e| entry::at(ch, e);
+                table[at(entry::MEAN)] = rng.uniform(-0.3, 0.3);
+                table[at(entry::INVSTD)] = rng.uniform(0.5, 2.0);
+                table[at(entry::GAMMA)] = rng.uniform(0.5, 1.5);
+                table[at(entry::BETA)] = rng.uniform(-0.5, 0.5);
+                table[at(entry::DBETA)] = rng.uniform(-3.0, 3.0);
+                table[at(entry::DGAMMA)] = rng.uniform(-3.0, 3.0);
+                table[at(entry::SCALE)] =
+                    table[at(entry::GAMMA)] * table[at(entry::INVSTD)] / count;
+            }
+            let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
+            let xt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
+            let in_t = gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?;
+            let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
+            let bdt = gpu.upload_f32("bn output gradient", &geom.y_shape(), &bn_dy)?;
+            let out_t = gpu.upload_f32("bn after table", &[TABLE * c], &table)?;
+            let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
+            let dbt = gpu.empty("db", &[c], DType::F32)?;
+            let around = AroundBn {
+                input: Some(input_bn(&in_t, relu, shuffle, bits)),
+                output: Some(OutputBn {
+                    form: BnForm {
+                        table: &out_t,
+                        relu,
+                        shuffle,
+                    },
+                    dy: &bdt,
+                }),
+                ..AroundBn::default()
+            };
+            let ops = conv_coop::grad_weight(
+                gpu,
+                &geom,
+                &xt,
+                &yt,
+                (&dwt, Some(&dbt)),
+                bits,
+                (around, None),
+                mode,
+            )?;
+            let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt, &dbt])?;
+            let want = geom.ref_grad_weight(&f64s(&f.x_quant), &dy_conv);
+            let want_db = geom.ref_grad_bias(&dy_conv);
+            Ok(vec![
+                (
+                    "dw".into(),
+                    reference::compare(&got[0], &want, gemm_tolerance(k[2])),
+                ),
+                (
+                    "db".into(),
+                    reference::compare(&got[1], &want_db, gemm_tolerance(y.len() / c)),
+                ),
+            ])
+        },
+    ));
+}
+
 /// dL/d(BatchNorm input) in f64: the output gradient read where the shuffle put each channel,
 /// masked where the BatchNorm's output is not positive (with `relu`), through the train-mode
 /// formula with the table's statistics and sums.

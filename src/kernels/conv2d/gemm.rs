@@ -417,7 +417,7 @@ impl GemmConv {
             output_bn: bn.output,
             ..Fused::default()
         };
-        let gemm = |out: &Tensor, bias: Option<&Tensor>| {
+        self.split_k_ops(gpu, (dw, db), splits, scratch, |out, bias| {
             self.launch_with(
                 gpu,
                 Mode::GradWeight,
@@ -429,7 +429,21 @@ impl GemmConv {
                 label.clone(),
             )
             .map(Op::Dispatch)
-        };
+        })
+    }
+
+    /// Grad-weight into `dw` (and `db`) by `gemm`, which writes `splits` partial sums into the
+    /// tensors it is given (or, with one split, `dw` and `db` themselves), then their ordered
+    /// sums. The partial sums go into `scratch` when it is large enough, else into a buffer of
+    /// their own.
+    pub(crate) fn split_k_ops(
+        &self,
+        gpu: &Gpu,
+        (dw, db): (&Tensor, Option<&Tensor>),
+        splits: usize,
+        scratch: Option<&Tensor>,
+        gemm: impl Fn(&Tensor, Option<&Tensor>) -> Result<Op>,
+    ) -> Result<Vec<Op>> {
         if splits <= 1 {
             return Ok(vec![gemm(dw, db)?]);
         }

@@ -131,20 +131,35 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let dw = net.grad(l.weight)?.expect("weights");
     let db = net.grad(l.bias)?;
     let scratch = buf.split_k.as_ref();
+    // Grad-weight on cooperative matrices where the forward runs there (the input's codes are
+    // exact in f16), else the fp32 kernel.
+    let grad_weight = |dw: &Tensor| match (forward_on_coop(gpu, l), &gemm) {
+        (Some((mode, (_, a_bits))), Gemm::Conv(g)) => conv_coop::grad_weight(
+            gpu,
+            g,
+            &xq,
+            dy,
+            (dw, db.as_ref()),
+            a_bits,
+            (around, scratch),
+            mode,
+        ),
+        _ => gemm.grad_weight(gpu, &xq, dy, (dw, db.as_ref()), scratch, around),
+    };
     match (&l.quantizer, &l.dw_hat) {
         (Some(q), Some(dw_hat)) => {
             // dL/dŴ goes through the weight quantizer's backward into dL/dW.
-            bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, db.as_ref()), scratch, around)?);
+            bwd.extend(grad_weight(dw_hat)?);
             bwd.extend(q.backward(net, gpu, &w, dw_hat, &dw)?);
         }
-        _ => bwd.extend(gemm.grad_weight(gpu, &xq, dy, (&dw, db.as_ref()), scratch, around)?),
+        _ => bwd.extend(grad_weight(&dw)?),
     }
     Ok((fwd, bwd))
 }
 
-/// Whether layer `l`'s forward runs on cooperative matrices on `gpu`, and with which weight
-/// and activation bits: a conv whose weights and input are both DoReFa-quantized (both operands
-/// hold levels whose codes are exact in f16), where the device has them.
+/// Whether layer `l`'s forward and grad-weight run on cooperative matrices on `gpu`, and with
+/// which weight and activation bits: a conv whose weights and input are both DoReFa-quantized
+/// (both operands hold levels whose codes are exact in f16), where the device has them.
 pub(super) fn forward_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, Bits))> {
     let Kind::Weighted {
         op: WeightedOp::Conv { .. },
