@@ -7,10 +7,10 @@
 // gradient and goes through f16 in two halves. Each row of A (one output channel's dy over the
 // split) is first scaled by the power of two S that puts its largest magnitude in [2^14, 2^15),
 // so nothing overflows and small gradients do not underflow; then hi = f16(dy S) and
-// lo = f16(dy S - hi) hold dy S to about 22 bits (a value 2^-18 or less of its row's largest keeps
-// fewer). Both halves times a code are exact products in the f32 accumulator; the epilogue
-// multiplies by 1 / S (exact) and fl32(1 / n_a). The result is conv2d.wgsl's up to the rounding
-// of the split and of the sums.
+// lo = f16(dy S - hi) hold dy S to about 22 bits (fewer for values under about 2^-17 of their
+// row's largest, where lo is subnormal; none under about 2^-39). Both halves times a code are
+// exact products in the f32 accumulator; the epilogue multiplies by 1 / S (exact) and
+// fl32(1 / n_a). The result is conv2d.wgsl's up to the rounding of the split and of the sums.
 //
 // A first pass over the workgroup's rows (one invocation per row, in increasing k) finds each
 // row's largest magnitude and, with BIAS_GRAD, its sum: the bias gradient, in conv2d.wgsl's order.

@@ -1,0 +1,213 @@
+//! The conv GEMMs on cooperative matrices (tensor cores): the adapter's own where it has them,
+//! else their plain-WGSL emulation (the same staging, tiles and epilogue), against the f64
+//! reference. (Their BatchNorm-fused forms are in `through_bn`.)
+
+use super::{Case, GemmOp, f64s, gemm_tolerance, random};
+use crate::DType;
+use crate::kernels;
+use crate::quant::Bits;
+use crate::reference::{self, Tolerance};
+
+/// Forward and grad-weight cases.
+pub(super) fn cases(v: &mut Vec<Case>) {
+    forward_cases(v);
+    grad_weight_cases(v);
+}
+
+/// The quantized conv forward on cooperative matrices: the adapter's own where it has them,
+/// else their plain-WGSL emulation (the same staging, tiles and epilogue), against the f64
+/// reference on DoReFa levels. Shapes with tails in M, N and K, two row tiles, stride,
+/// padding, dilation and groups, scalar and vector loads; 8-bit and 4-bit codes. (An adapter
+/// without f16 has neither: the cases check nothing there. The emulation takes lavapipe 10-20 s
+/// to compile per shape, hence four.)
+fn forward_cases(v: &mut Vec<Case>) {
+    use kernels::conv2d::Conv2dGeom as G;
+    let shapes = [
+        (G::square(1, 5, 9, 6, 5).stride(2).padding(2), 8),
+        (
+            G {
+                batch: 2,
+                cin: 4,
+                h: 7,
+                w: 9,
+                cout: 6,
+                kernel: (3, 3),
+                stride: (1, 1),
+                padding: (1, 2),
+                dilation: (2, 2),
+                groups: 2,
+            },
+            4,
+        ),
+        (G::square(1, 40, 12, 190, 3).padding(1), 4),
+        // Pointwise with images of 36 pixels: weight rows and input pixels as vec4s, N = 108.
+        (G::square(3, 12, 6, 20, 1), 8),
+    ];
+    for (geom, b) in shapes {
+        let shape = format!(
+            "x{:?} w{:?} s{:?} p{:?} d{:?} g{} W{b}A{b}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.stride,
+            geom.padding,
+            geom.dilation,
+            geom.groups
+        );
+        v.push(Case::new(
+            "conv2d",
+            "forward coop",
+            shape,
+            move |gpu, rng| {
+                let mode = match gpu.coop() {
+                    Some(m) => m,
+                    None if gpu.caps.shader_f16 => crate::gpu::CoopMode::Emulated,
+                    None => return Ok(Vec::new()),
+                };
+                let bits = Bits::new(b).expect("valid bits");
+                let n = u64::from(bits.levels());
+                let x: Vec<f32> = (0..geom.x_shape().iter().product())
+                    .map(|_| rng.below(n + 1) as f32 * bits.inv_levels())
+                    .collect();
+                let w: Vec<f32> = (0..geom.w_shape().iter().product())
+                    .map(|_| 2.0 * (rng.below(n + 1) as f32 * bits.inv_levels()) - 1.0)
+                    .collect();
+                let bias = random(rng, &[geom.cout]);
+                let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
+                let yt = gpu.empty("y", &geom.y_shape(), DType::F32)?;
+                let op = kernels::conv_coop::forward(
+                    gpu,
+                    &geom,
+                    &xt,
+                    &wt,
+                    Some(&bt),
+                    &yt,
+                    (bits, bits),
+                    (None, None),
+                    mode,
+                )?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&yt])?;
+                let want = geom.ref_forward(&f64s(&x), &f64s(&w), &f64s(&bias));
+                let k = geom.reduction()[0];
+                Ok(vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, gemm_tolerance(k)),
+                )])
+            },
+        ));
+    }
+}
+
+/// Grad-weight of a quantized conv on cooperative matrices (emulated where there are none)
+/// against the f64 reference: input levels, and a float dy whose rows span 2^-30 to 1 (as
+/// gradients do; f16 without the kernel's row scales would lose the small ones), checked row
+/// class by row class with tolerances scaled to each. Tails in M, N and K, two row and column
+/// tiles, stride, padding, dilation, groups, split-K into a NaN-filled scratch, the bias
+/// gradient, scalar and vector loads, 4 and 8 bits.
+fn grad_weight_cases(v: &mut Vec<Case>) {
+    use kernels::conv2d::Conv2dGeom as G;
+    // (The emulation takes lavapipe about a minute to compile per shape, hence two.)
+    let shapes = [
+        (
+            G {
+                batch: 2,
+                cin: 4,
+                h: 9,
+                w: 9,
+                cout: 6,
+                kernel: (3, 3),
+                stride: (2, 1),
+                padding: (1, 2),
+                dilation: (2, 1),
+                groups: 2,
+            },
+            4,
+        ),
+        (G::square(4, 20, 16, 140, 3).padding(1), 8),
+    ];
+    for (geom, b) in shapes {
+        let shape = format!(
+            "x{:?} w{:?} s{:?} p{:?} d{:?} g{} A{b}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.stride,
+            geom.padding,
+            geom.dilation,
+            geom.groups
+        );
+        v.push(Case::new(
+            "conv2d",
+            "grad_weight+bias coop",
+            shape,
+            move |gpu, rng| {
+                let mode = match gpu.coop() {
+                    Some(m) => m,
+                    None if gpu.caps.shader_f16 => crate::gpu::CoopMode::Emulated,
+                    None => return Ok(Vec::new()),
+                };
+                let bits = Bits::new(b).expect("valid bits");
+                let n = u64::from(bits.levels());
+                let x: Vec<f32> = (0..geom.x_shape().iter().product())
+                    .map(|_| rng.below(n + 1) as f32 * bits.inv_levels())
+                    .collect();
+                // Output channel c's gradients scaled by 2^-(10 (c % 4)).
+                let class = |c: usize| c % 4;
+                let row_scale = |c: usize| 2f32.powi(-10 * class(c) as i32);
+                let [nb, c, oh, ow] = geom.output_shape();
+                let dy: Vec<f32> = (0..nb * c * oh * ow)
+                    .map(|i| rng.uniform(-1.0, 1.0) * row_scale((i / (oh * ow)) % c))
+                    .collect();
+                let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+                let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+                let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
+                let dbt = gpu.empty("db", &[c], DType::F32)?;
+                let len = 4 * geom.w_shape().iter().product::<usize>() + 4 * c + 64;
+                let scratch = gpu.upload_f32("scratch", &[len], &vec![f32::NAN; len])?;
+                let ops = kernels::conv_coop::grad_weight(
+                    gpu,
+                    &geom,
+                    &xt,
+                    &dyt,
+                    (&dwt, Some(&dbt)),
+                    bits,
+                    (Default::default(), Some(&scratch)),
+                    mode,
+                )?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt, &dbt])?;
+                let want_dw = geom.ref_grad_weight(&f64s(&x), &f64s(&dy));
+                let want_db = geom.ref_grad_bias(&f64s(&dy));
+                let per_row = want_dw.len() / c;
+                let [_, _, k_dw] = geom.reduction();
+                let mut out = Vec::new();
+                for cls in 0..4 {
+                    let rows: Vec<usize> = (0..c).filter(|&r| class(r) == cls).collect();
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let scale = f64::from(row_scale(rows[0]));
+                    let pick = |v: &[f32], w: &[f64], width: usize| -> (Vec<f32>, Vec<f64>) {
+                        rows.iter()
+                            .flat_map(|&r| (r * width..(r + 1) * width).map(|i| (v[i], w[i])))
+                            .unzip()
+                    };
+                    let tol = |k: usize| {
+                        let t = gemm_tolerance(k);
+                        Tolerance::new(t.atol * scale, t.rtol)
+                    };
+                    let (g, w) = pick(&got[0], &want_dw, per_row);
+                    out.push((
+                        format!("dw rows x2^-{}", 10 * cls),
+                        reference::compare(&g, &w, tol(k_dw)),
+                    ));
+                    let (g, w) = pick(&got[1], &want_db, 1);
+                    out.push((
+                        format!("db rows x2^-{}", 10 * cls),
+                        reference::compare(&g, &w, tol(dy.len() / c)),
+                    ));
+                }
+                Ok(out)
+            },
+        ));
+    }
+}
