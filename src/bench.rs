@@ -172,7 +172,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
             out.push(mk(
                 "grad_weight coop",
                 Box::new(move |gpu| {
-                    let mode = gpu.coop().ok_or_else(|| {
+                    let mode = gpu.coop_grad_weight().ok_or_else(|| {
                         crate::error::Error::Invalid("no cooperative matrices".into())
                     })?;
                     let mut rng = Rng::new(3);
@@ -407,9 +407,13 @@ pub fn kernels(
     for model in models {
         for &batch in batches {
             for item in items(model, batch, bits)? {
-                if item.direction.ends_with(" coop")
-                    && gpu.coop() != Some(crate::gpu::CoopMode::Hardware)
-                {
+                let hardware = Some(crate::gpu::CoopMode::Hardware);
+                let on_device = match item.direction {
+                    "forward coop" => gpu.coop() == hardware,
+                    "grad_weight coop" => gpu.coop_grad_weight() == hardware,
+                    _ => true,
+                };
+                if !on_device {
                     continue;
                 }
                 let mut row = KernelTiming {

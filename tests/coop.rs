@@ -88,20 +88,7 @@ fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_pat
     use wgqat::train::{Optimizer, OptimizerName, TrainConfig};
     let Some(coop) = emulated() else { return };
     let fp32 = Gpu::new(&GpuOptions::default()).unwrap();
-    let spec = wgqat::models::ModelSpec::from_json(
-        r#"{"name": "coop_step", "input": [3, 12, 12], "layers": [
-            {"type": "conv", "out": 8, "kernel": 3, "padding": 1, "name": "model.0.conv"},
-            {"type": "batchnorm", "name": "model.0.bn"},
-            {"type": "relu"},
-            {"type": "conv", "out": 10, "kernel": 3, "padding": 1, "name": "model.1.conv"},
-            {"type": "batchnorm", "name": "model.1.bn"},
-            {"type": "relu"},
-            {"type": "avgpool", "kernel": 12},
-            {"type": "flatten"}
-        ]}"#,
-        "coop test",
-    )
-    .unwrap();
+    let spec = two_bn_net();
     let b = Bits::new(8).unwrap();
     let batch = 6;
     let images: Vec<f32> = (0..batch * 3 * 144)
@@ -118,17 +105,7 @@ fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_pat
         };
         let opt = Optimizer::new(gpu, &net, config.optimizer_kind()).unwrap();
         let mut plan = net.plan(gpu, batch, Mode::Train).unwrap();
-        let on_coop: Vec<&str> = plan
-            .ops
-            .ops()
-            .iter()
-            .filter_map(|op| match op {
-                wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
-                    Some(l.label.as_str())
-                }
-                _ => None,
-            })
-            .collect();
+        let on_coop = coop_launches(&plan);
         if std::ptr::eq(gpu, &coop) {
             // model.1.conv's forward and grad-weight, with both BatchNorms' work on load.
             assert_eq!(on_coop.len(), 2, "{on_coop:?}");
@@ -171,4 +148,54 @@ fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_pat
     println!(
         "one step: losses {l0} / {l1}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)"
     );
+}
+
+/// A net whose quantized conv (model.1.conv) reads a BatchNorm's output and feeds another.
+fn two_bn_net() -> wgqat::models::ModelSpec {
+    wgqat::models::ModelSpec::from_json(
+        r#"{"name": "coop_step", "input": [3, 12, 12], "layers": [
+        {"type": "conv", "out": 8, "kernel": 3, "padding": 1, "name": "model.0.conv"},
+        {"type": "batchnorm", "name": "model.0.bn"},
+        {"type": "relu"},
+        {"type": "conv", "out": 10, "kernel": 3, "padding": 1, "name": "model.1.conv"},
+        {"type": "batchnorm", "name": "model.1.bn"},
+        {"type": "relu"},
+        {"type": "avgpool", "kernel": 12},
+        {"type": "flatten"}
+    ]}"#,
+        "coop test",
+    )
+    .unwrap()
+}
+
+/// The launches of a training plan that run on the (emulated) cooperative-matrix kernels.
+fn coop_launches(plan: &wgqat::nn::Plan) -> Vec<String> {
+    plan.ops
+        .ops()
+        .iter()
+        .filter_map(|op| match op {
+            wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
+                Some(l.label.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A device whose grad-weight kernel failed its start-up check keeps the forward on
+/// cooperative matrices and runs grad-weight on the fp32 kernel.
+#[test]
+fn without_the_grad_weight_kernel_only_the_forward_runs_on_cooperative_matrices() {
+    let Some(coop) = emulated() else { return };
+    let coop = coop.with_coop_grad_weight(false);
+    assert!(coop.coop().is_some() && coop.coop_grad_weight().is_none());
+    let b = Bits::new(8).unwrap();
+    let net = Network::new(&coop, &two_bn_net(), QuantConfig::dorefa(b, b), 6, true, 1).unwrap();
+    let plan = net.plan(&coop, 6, Mode::Train).unwrap();
+    let on_coop = coop_launches(&plan);
+    assert!(
+        on_coop.len() == 1 && on_coop[0].contains("forward"),
+        "{on_coop:?}"
+    );
+    wgqat::kernels::conv_coop::verify(&coop).unwrap();
 }

@@ -719,13 +719,16 @@ fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
             println!("  features used: {}", gpu.caps.names().join(", "));
             println!(
                 "  cooperative matrices: {}",
-                match gpu.coop() {
-                    Some(wgqat::gpu::CoopMode::Hardware) => {
-                        "used for quantized conv forwards (f16 16x16x16 -> f32, checked against fp32 at start)"
+                match (gpu.coop(), gpu.coop_grad_weight()) {
+                    (Some(wgqat::gpu::CoopMode::Hardware), Some(_)) => {
+                        "used for quantized convs' forward and grad-weight (f16 16x16x16 -> f32, checked against fp32 at start)"
                     }
-                    Some(wgqat::gpu::CoopMode::Emulated) =>
+                    (Some(wgqat::gpu::CoopMode::Hardware), None) => {
+                        "used for quantized conv forwards (f16 16x16x16 -> f32, checked against fp32 at start; grad-weight failed its check and stays fp32)"
+                    }
+                    (Some(wgqat::gpu::CoopMode::Emulated), _) =>
                         "emulated in plain WGSL (WGQAT_COOP=emulate)",
-                    None => "not used (none on this adapter, or WGQAT_COOP=0)",
+                    (None, _) => "not used (none on this adapter, or WGQAT_COOP=0)",
                 }
             );
             println!(
@@ -1476,13 +1479,15 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// How quantized conv forwards run on `gpu`, for JSON reports: "hardware" (the adapter's
-/// cooperative matrices), "emulated" (`WGQAT_COOP=emulate`) or "none".
+/// How quantized convs run on `gpu`, for JSON reports: "hardware" (forward and grad-weight on
+/// the adapter's cooperative matrices), "hardware, forward only", "emulated"
+/// (`WGQAT_COOP=emulate`) or "none".
 fn coop_name(gpu: &Gpu) -> &'static str {
-    match gpu.coop() {
-        Some(wgqat::gpu::CoopMode::Hardware) => "hardware",
-        Some(wgqat::gpu::CoopMode::Emulated) => "emulated",
-        None => "none",
+    match (gpu.coop(), gpu.coop_grad_weight()) {
+        (Some(wgqat::gpu::CoopMode::Hardware), Some(_)) => "hardware",
+        (Some(wgqat::gpu::CoopMode::Hardware), None) => "hardware, forward only",
+        (Some(wgqat::gpu::CoopMode::Emulated), _) => "emulated",
+        (None, _) => "none",
     }
 }
 

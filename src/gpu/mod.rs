@@ -124,6 +124,8 @@ pub struct Gpu {
     specialized_gemms: bool,
     vector_loads: bool,
     coop: Option<CoopMode>,
+    /// Whether grad-weight runs on `coop` too (the forward does whenever `coop` is set).
+    coop_grad_weight: bool,
 }
 
 impl Gpu {
@@ -156,18 +158,32 @@ impl Gpu {
     /// Cooperative matrices (`WGQAT_COOP`: unset uses them where the adapter has f16
     /// 16×16×16 → f32 and subgroups of 32; `0` never; `emulate` runs their plain-WGSL emulation)
     /// are first tried on a throwaway device, since a driver that fails to compile a kernel loses
-    /// its device: a quantized conv must compile there and match the fp32 kernel.
+    /// its device: a quantized conv's forward and grad-weight must compile there and match the
+    /// fp32 kernels; where grad-weight alone fails, the forward is tried alone.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
         let wanted = std::env::var("WGQAT_COOP").unwrap_or_default();
         if wanted != "0" && wanted != "emulate" && coop_capable(&adapter) {
-            let tried = Self::open(&adapter, true).and_then(|probe| {
-                crate::kernels::conv_coop::verify(&probe.with_coop(Some(CoopMode::Hardware)))
-            });
-            match tried {
-                Ok(()) => {
-                    return Ok(Self::open(&adapter, true)?.with_coop(Some(CoopMode::Hardware)));
+            // Forward and grad-weight, else (a newer kernel failing alone) the forward only;
+            // each try on a throwaway device of its own.
+            for grad_weight in [true, false] {
+                let tried = Self::open(&adapter, true).and_then(|probe| {
+                    crate::kernels::conv_coop::verify(
+                        &probe
+                            .with_coop(Some(CoopMode::Hardware))
+                            .with_coop_grad_weight(grad_weight),
+                    )
+                });
+                match tried {
+                    Ok(()) => {
+                        return Ok(Self::open(&adapter, true)?
+                            .with_coop(Some(CoopMode::Hardware))
+                            .with_coop_grad_weight(grad_weight));
+                    }
+                    Err(e) if grad_weight => {
+                        log::warn!("cooperative matrices not used for grad-weight: {e}")
+                    }
+                    Err(e) => log::warn!("cooperative matrices not used: {e}"),
                 }
-                Err(e) => log::warn!("cooperative matrices not used: {e}"),
             }
         }
         let gpu = Self::open(&adapter, false)?;
@@ -233,6 +249,7 @@ impl Gpu {
             specialized_gemms,
             vector_loads: vector_loads_by_default(),
             coop: None,
+            coop_grad_weight: false,
         })
     }
 
@@ -240,12 +257,25 @@ impl Gpu {
     /// (`mode`), or not.
     pub fn with_coop(mut self, mode: Option<CoopMode>) -> Gpu {
         self.coop = mode;
+        self.coop_grad_weight = mode.is_some();
         self
     }
 
-    /// The cooperative-matrix path quantized convs' forward and grad-weight take, if any.
+    /// With `on` false, grad-weight stays on the fp32 kernel while the forward runs on
+    /// cooperative matrices (a device whose driver fails the grad-weight kernel alone).
+    pub fn with_coop_grad_weight(mut self, on: bool) -> Gpu {
+        self.coop_grad_weight = on && self.coop.is_some();
+        self
+    }
+
+    /// The cooperative-matrix path quantized convs' forward takes, if any.
     pub fn coop(&self) -> Option<CoopMode> {
         self.coop
+    }
+
+    /// The cooperative-matrix path quantized convs' grad-weight takes, if any.
+    pub fn coop_grad_weight(&self) -> Option<CoopMode> {
+        self.coop.filter(|_| self.coop_grad_weight)
     }
 
     /// With `on`, every shader compiles with naga's runtime bounds checks; otherwise those

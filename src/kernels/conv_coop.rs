@@ -397,8 +397,8 @@ pub fn grad_weight(
 }
 
 /// Checks the device's cooperative-matrix path (`gpu.coop()`) against the fp32 kernels, on a
-/// quantized conv with tails in every dimension: the forward, and grad-weight with split-K and
-/// the bias gradient from a dy of small gradients. The results must agree to rounding. (Every
+/// quantized conv with tails in every dimension: the forward, and (where `gpu.coop_grad_weight()`
+/// says it runs there) grad-weight with the bias gradient from a dy of small gradients. The results must agree to rounding. (Every
 /// cooperative-matrix kernel compiles here, so that a driver that fails one fails on the
 /// throwaway device this runs on.)
 pub fn verify(gpu: &Gpu) -> Result<()> {
@@ -452,16 +452,23 @@ pub fn verify(gpu: &Gpu) -> Result<()> {
         )?,
         super::conv2d::forward(gpu, &geom, &xt, &wt, Some(&bt), &y[1])?,
     ];
-    ops.extend(grad_weight(
-        gpu,
-        &geom,
-        &xt,
-        &dyt,
-        (&dw[0], Some(&db[0])),
-        bits,
-        (AroundBn::default(), None),
-        mode,
-    )?);
+    // Grad-weight where the device runs it on cooperative matrices (else the fp32 kernel on
+    // both sides, which compares equal).
+    ops.extend(match gpu.coop_grad_weight() {
+        Some(mode) => grad_weight(
+            gpu,
+            &geom,
+            &xt,
+            &dyt,
+            (&dw[0], Some(&db[0])),
+            bits,
+            (AroundBn::default(), None),
+            mode,
+        )?,
+        None => {
+            super::conv2d::grad_weight_and_bias(gpu, &geom, &xt, &dyt, &dw[0], &db[0], None, None)?
+        }
+    });
     ops.extend(super::conv2d::grad_weight_and_bias(
         gpu, &geom, &xt, &dyt, &dw[1], &db[1], None, None,
     )?);

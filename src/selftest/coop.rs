@@ -141,7 +141,7 @@ fn grad_weight_cases(v: &mut Vec<Case>) {
             "grad_weight+bias coop",
             shape,
             move |gpu, rng| {
-                let mode = match gpu.coop() {
+                let mode = match gpu.coop_grad_weight() {
                     Some(m) => m,
                     None if gpu.caps.shader_f16 => crate::gpu::CoopMode::Emulated,
                     None => return Ok(Vec::new()),

@@ -841,7 +841,7 @@ pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
         "grad_weight+bias coop through bn +bn backward",
         shape,
         move |gpu, rng| {
-            let mode = match gpu.coop() {
+            let mode = match gpu.coop_grad_weight() {
                 Some(m) => m,
                 None if gpu.caps.shader_f16 => CoopMode::Emulated,
                 None => return Ok(Vec::new()),

@@ -132,9 +132,10 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let db = net.grad(l.bias)?;
     let scratch = buf.split_k.as_ref();
     // Grad-weight on cooperative matrices where the forward runs there (the input's codes are
-    // exact in f16), else the fp32 kernel.
-    let grad_weight = |dw: &Tensor| match (forward_on_coop(gpu, l), &gemm) {
-        (Some((mode, (_, a_bits))), Gemm::Conv(g)) => conv_coop::grad_weight(
+    // exact in f16) and the device runs grad-weight there too, else the fp32 kernel.
+    let on_coop = forward_on_coop(gpu, l).zip(gpu.coop_grad_weight());
+    let grad_weight = |dw: &Tensor| match (on_coop, &gemm) {
+        (Some(((_, (_, a_bits)), mode)), Gemm::Conv(g)) => conv_coop::grad_weight(
             gpu,
             g,
             &xq,
@@ -157,9 +158,10 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     Ok((fwd, bwd))
 }
 
-/// Whether layer `l`'s forward and grad-weight run on cooperative matrices on `gpu`, and with
-/// which weight and activation bits: a conv whose weights and input are both DoReFa-quantized
-/// (both operands hold levels whose codes are exact in f16), where the device has them.
+/// Whether layer `l`'s forward runs on cooperative matrices on `gpu` (and its grad-weight, where
+/// `gpu.coop_grad_weight()` says so), and with which weight and activation bits: a conv whose
+/// weights and input are both DoReFa-quantized (both operands hold levels whose codes are exact
+/// in f16), where the device has them.
 pub(super) fn forward_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, Bits))> {
     let Kind::Weighted {
         op: WeightedOp::Conv { .. },
