@@ -495,6 +495,11 @@ pub struct TrainingBench {
     /// Bytes bound by the step's memory-bound dispatches (every kernel but the GEMMs), each
     /// binding counted once: a lower bound of their traffic.
     pub memory_bound_bytes_per_step: Option<u64>,
+    /// Seconds from building the network to the end of the first step (pipelines compiled,
+    /// buffers created, weights initialised, the step run and waited for): what a user waits
+    /// before training runs. Measured with at least one warm-up step; the first configuration
+    /// of a run is the cold one (later ones reuse the pipelines they share).
+    pub first_step_s: Option<f64>,
     /// Per-kernel GPU time of one step (timestamps where the adapter has them), largest first.
     pub kernels: Vec<KernelShare>,
     pub timer: &'static str,
@@ -548,6 +553,7 @@ pub fn training(
         peak_memory_bytes: None,
         dispatches_per_step: None,
         memory_bound_bytes_per_step: None,
+        first_step_s: None,
         kernels: Vec::new(),
         timer,
         error: None,
@@ -557,6 +563,7 @@ pub fn training(
         gpu.pool().trim();
         gpu.pool().reset_peak();
         let pool_before = gpu.pool().stats();
+        let start = std::time::Instant::now();
         let net = Network::new(gpu, model, quant, batch, true, 1)?;
         init::initialise(gpu, &net, 1)?;
         let kind = crate::train::TrainConfig::default().optimizer_kind();
@@ -586,8 +593,12 @@ pub fn training(
             opt.t += 1;
             Ok(())
         };
-        for _ in 0..opts.warmup {
+        for i in 0..opts.warmup {
             step(&mut opt)?;
+            if i == 0 {
+                gpu.wait()?;
+                row.first_step_s = Some(start.elapsed().as_secs_f64());
+            }
         }
         gpu.wait()?;
         let (submits, pool) = (crate::gpu::submit_count(), gpu.pool().stats());

@@ -185,6 +185,8 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
         // more bytes than the input batch (8 images of 3x32x32 f32).
         assert!(r["dispatches_per_step"].as_u64().unwrap() > 10, "{r}");
         assert!(r["memory_bound_bytes_per_step"].as_u64().unwrap() > 8 * 3 * 32 * 32 * 4);
+        // The wait for the first step (network, pipelines, the step itself) is reported.
+        assert!(r["first_step_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(
             r["kernels"]
                 .as_array()

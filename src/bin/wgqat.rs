@@ -1122,7 +1122,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.warmup
         );
         println!(
-            "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+            "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12}",
             "model",
             "bits",
             "batch",
@@ -1132,7 +1132,8 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             "allocs/step",
             "peak MiB",
             "dispatches",
-            "mem GiB"
+            "mem GiB",
+            "1st step s"
         );
     }
     let quants = bench_quants(a, &bits);
@@ -1145,7 +1146,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         v.map_or("-".to_string(), |x| format!("{x:.p$}"))
                     };
                     println!(
-                        "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}{}",
+                        "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12}{}",
                         r.model,
                         q.label(),
                         batch,
@@ -1160,6 +1161,7 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                                 .map(|m| m as f64 / (1u64 << 30) as f64),
                             2
                         ),
+                        f(r.first_step_s, 2),
                         r.error
                             .as_ref()
                             .map_or(String::new(), |e| format!("  skipped: {e}"))
