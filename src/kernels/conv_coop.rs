@@ -19,11 +19,14 @@ use std::sync::OnceLock;
 /// columns per partial BatchNorm statistic it forms.
 pub const TILE: usize = 128;
 
+/// One emulation per shader of [`SHADERS_COOP`] (a test keeps the two counts equal).
+const EMULATED_SLOTS: usize = 2;
+
 /// `shader` (one of [`SHADERS_COOP`]) rewritten in plain WGSL: each cooperative-matrix
 /// operation becomes a call of `shaders/lib/coop_emulation.wgsl`, the rest (staging, tiles,
 /// epilogue) is unchanged.
 pub fn emulated_shader(shader: &'static Shader) -> &'static Shader {
-    static EMULATED: [OnceLock<Shader>; 2] = [OnceLock::new(), OnceLock::new()];
+    static EMULATED: [OnceLock<Shader>; EMULATED_SLOTS] = [OnceLock::new(), OnceLock::new()];
     let i = SHADERS_COOP
         .iter()
         .position(|s| std::ptr::eq(*s, shader))
@@ -500,14 +503,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_emulation_has_no_cooperative_matrix_left() {
-        let s = emulate(CONV_COOP.source);
-        for gone in ["coop", "subgroup_id", "wgpu_cooperative_matrix"] {
-            let rest: Vec<&str> = s
-                .lines()
-                .filter(|l| !l.trim_start().starts_with("//") && l.contains(gone))
-                .collect();
-            assert!(rest.is_empty(), "{gone} left in the emulation: {rest:?}");
+    fn the_emulations_have_no_cooperative_matrix_left() {
+        assert_eq!(SHADERS_COOP.len(), EMULATED_SLOTS);
+        for shader in SHADERS_COOP {
+            let s = emulated_shader(shader).source;
+            for gone in ["coop", "subgroup_id", "wgpu_cooperative_matrix"] {
+                let rest: Vec<&str> = s
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("//") && l.contains(gone))
+                    .collect();
+                assert!(
+                    rest.is_empty(),
+                    "{gone} left in the emulation of {}: {rest:?}",
+                    shader.name
+                );
+            }
         }
     }
 }
