@@ -36,25 +36,7 @@ override W_LEVELS: f32 = 1.0;
 override A_LEVELS: f32 = 1.0;
 override A_INV_LEVELS: f32 = 1.0;
 override SCALE: f32 = 1.0;
-override CIN: u32 = 1u;
-override H: u32 = 1u;
-override W: u32 = 1u;
-override COUT: u32 = 1u;
-override OH: u32 = 1u;
-override OW: u32 = 1u;
-override SH: u32 = 1u;
-override SW: u32 = 1u;
-override PH: u32 = 0u;
-override PW: u32 = 0u;
-override DH: u32 = 1u;
-override DW: u32 = 1u;
-override GROUPS: u32 = 1u;
-override KH: u32 = 1u;
-override KW: u32 = 1u;
-override KHW: u32 = KH * KW;
-override CIG: u32 = CIN / GROUPS;
-override COG: u32 = COUT / GROUPS;
-override OHW: u32 = OH * OW;
+// The geometry (CIN .. OHW) is in lib/coop_conv.wgsl.
 override GK: u32 = CIG * KHW;
 // Vector loads where the layer's shape allows (src/kernels/conv2d/gemm.rs `vector_loads`, VEC_A 2
 // and VEC_B 1 of conv2d.wgsl's forward): VEC_W, weight rows of a multiple of 4 (four k of a row
@@ -121,25 +103,6 @@ fn decode_columns(lid: u32, n0: u32) {
     }
 }
 
-// IN_BN: the BatchNorm channel that input channel ch comes from (the shuffle sends channel c
-// to (c % per) * IN_SHUFFLE + c / per, per = CIN / IN_SHUFFLE); ch itself without IN_BN.
-fn unshuffled(ch: u32) -> u32 {
-    if (!IN_BN || IN_SHUFFLE <= 1u) {
-        return ch;
-    }
-    return (ch % IN_SHUFFLE) * (CIN / IN_SHUFFLE) + ch / IN_SHUFFLE;
-}
-
-// IN_BN: the input element whose BatchNorm input is v, in the channel whose table starts at t.
-fn bn_formed(v: f32, t: u32) -> f32 {
-    var r = bn_affine(v, in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
-                      in_bn[t + BN_BETA]);
-    if (IN_RELU) {
-        r = relu_bits(r);
-    }
-    return dorefa_act(r, A_LEVELS, A_INV_LEVELS);
-}
-
 // Stages the K tile starting at k0: weight codes round(w * n_w) into a_sh, activation codes
 // round(x * n_a) into b_sh. Each invocation stores quads, four adjacent k of one weight row and
 // four adjacent columns of one x row, so that what depends on k alone (the im2col tap, the
@@ -191,9 +154,8 @@ fn stage(lid: u32, g: u32, m0: u32, k0: u32) {
                 if (col_iy[0] >= 0) {
                     v = x_src4[(col_base[0] + plane + u32(col_iy[0]) * W + u32(col_ix[0])) / 4u];
                     if (IN_BN) {
-                        let t = ch * BN_TABLE;
-                        v = vec4(bn_formed(v.x, t), bn_formed(v.y, t), bn_formed(v.z, t),
-                                 bn_formed(v.w, t));
+                        v = vec4(bn_formed(v.x, ch), bn_formed(v.y, ch), bn_formed(v.z, ch),
+                                 bn_formed(v.w, ch));
                     }
                 }
             } else {
@@ -203,7 +165,7 @@ fn stage(lid: u32, g: u32, m0: u32, k0: u32) {
                     if (iy >= 0 && ix >= 0 && u32(iy) < H && u32(ix) < W) {
                         let x = x_src[col_base[j] + plane + u32(iy) * W + u32(ix)];
                         if (IN_BN) {
-                            v[j] = bn_formed(x, ch * BN_TABLE);
+                            v[j] = bn_formed(x, ch);
                         } else {
                             v[j] = x;
                         }

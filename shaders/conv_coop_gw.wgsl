@@ -39,25 +39,7 @@ override VEC_A: bool = false;
 // n_a and fl32(1 / n_a).
 override A_LEVELS: f32 = 1.0;
 override A_INV_LEVELS: f32 = 1.0;
-override CIN: u32 = 1u;
-override H: u32 = 1u;
-override W: u32 = 1u;
-override COUT: u32 = 1u;
-override OH: u32 = 1u;
-override OW: u32 = 1u;
-override SH: u32 = 1u;
-override SW: u32 = 1u;
-override PH: u32 = 0u;
-override PW: u32 = 0u;
-override DH: u32 = 1u;
-override DW: u32 = 1u;
-override GROUPS: u32 = 1u;
-override KH: u32 = 1u;
-override KW: u32 = 1u;
-override KHW: u32 = KH * KW;
-override CIG: u32 = CIN / GROUPS;
-override COG: u32 = COUT / GROUPS;
-override OHW: u32 = OH * OW;
+// The geometry (CIN .. OHW) is in lib/coop_conv.wgsl.
 override GN: u32 = CIG * KHW;
 
 const BM: u32 = 128u;
@@ -178,14 +160,6 @@ var<private> col_ch: array<u32, 4>;
 var<private> col_ty: array<i32, 4>;
 var<private> col_tx: array<i32, 4>;
 
-// IN_BN: the BatchNorm channel that input channel ch comes from (see conv_coop.wgsl).
-fn unshuffled(ch: u32) -> u32 {
-    if (!IN_BN || IN_SHUFFLE <= 1u) {
-        return ch;
-    }
-    return (ch % IN_SHUFFLE) * (CIN / IN_SHUFFLE) + ch / IN_SHUFFLE;
-}
-
 fn decode_columns(lid: u32, g: u32, n0: u32) {
     for (var j = 0u; j < 4u; j++) {
         let n = n0 + 4u * (lid % 32u) + j;
@@ -198,17 +172,6 @@ fn decode_columns(lid: u32, g: u32, n0: u32) {
         col_ty[j] = select(i32(kh * DH) - i32(PH), -0x40000000, n >= GN);
         col_tx[j] = i32((r - kh * KW) * DW) - i32(PW);
     }
-}
-
-// IN_BN: the input level whose BatchNorm input is v, in BatchNorm channel ch.
-fn bn_formed(v: f32, ch: u32) -> f32 {
-    let t = ch * BN_TABLE;
-    var r = bn_affine(v, in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
-                      in_bn[t + BN_BETA]);
-    if (IN_RELU) {
-        r = relu_bits(r);
-    }
-    return dorefa_act(r, A_LEVELS, A_INV_LEVELS);
 }
 
 // Stages the K tile starting at k0 (0 from k_stop on): dy S as hi and lo halves into a_sh and

@@ -316,9 +316,10 @@ pub fn grad_weight(
         ("OUT_BN", flag(output.is_some())),
         ("OUT_RELU", flag(output.is_some_and(|b| b.form.relu))),
         ("OUT_SHUFFLE", c(output.map_or(1, |b| b.form.shuffle))),
+        // The fp32 grad-weight's VEC_A 2 condition: images of a multiple of 4 pixels.
         (
             "VEC_A",
-            flag(gpu.vector_loads() && (geom.out_hw().0 * geom.out_hw().1).is_multiple_of(4)),
+            flag(gpu.vector_loads() && gemm.vector_loads(Mode::GradWeight).0 == 2),
         ),
         ("A_LEVELS", f64::from(a_bits.levels())),
         ("A_INV_LEVELS", f64::from(a_bits.inv_levels())),

@@ -74,6 +74,7 @@ pub static CONV_COOP: Shader = Shader {
     name: "conv_coop.wgsl",
     source: concat!(
         include_str!("../../shaders/conv_coop.wgsl"),
+        include_str!("../../shaders/lib/coop_conv.wgsl"),
         include_str!("../../shaders/lib/act.wgsl"),
         include_str!("../../shaders/lib/bn.wgsl"),
     ),
@@ -84,6 +85,7 @@ pub static CONV_COOP_GW: Shader = Shader {
     name: "conv_coop_gw.wgsl",
     source: concat!(
         include_str!("../../shaders/conv_coop_gw.wgsl"),
+        include_str!("../../shaders/lib/coop_conv.wgsl"),
         include_str!("../../shaders/lib/act.wgsl"),
         include_str!("../../shaders/lib/bn.wgsl"),
     ),

@@ -4,9 +4,34 @@
 
 use super::{Case, GemmOp, f64s, gemm_tolerance, random};
 use crate::DType;
+use crate::gpu::{CoopMode, Gpu};
 use crate::kernels;
 use crate::quant::Bits;
 use crate::reference::{self, Tolerance};
+use crate::rng::Rng;
+
+/// The cooperative-matrix path a case runs on: the device's own (`path`: `gpu.coop()` or
+/// `gpu.coop_grad_weight()`), else the emulation where shaders have f16; `None`: the case
+/// checks nothing on this adapter.
+pub(super) fn path_or_emulation(gpu: &Gpu, path: Option<CoopMode>) -> Option<CoopMode> {
+    path.or_else(|| gpu.caps.shader_f16.then_some(CoopMode::Emulated))
+}
+
+/// `len` DoReFa activation levels k fl32(1/n), as the quantizers form them.
+pub(super) fn act_levels(rng: &mut Rng, len: usize, bits: Bits) -> Vec<f32> {
+    let n = u64::from(bits.levels());
+    (0..len)
+        .map(|_| rng.below(n + 1) as f32 * bits.inv_levels())
+        .collect()
+}
+
+/// `len` DoReFa weight levels 2 k fl32(1/n) - 1, as the quantizers form them.
+pub(super) fn weight_levels(rng: &mut Rng, len: usize, bits: Bits) -> Vec<f32> {
+    act_levels(rng, len, bits)
+        .into_iter()
+        .map(|v| 2.0 * v - 1.0)
+        .collect()
+}
 
 /// Forward and grad-weight cases.
 pub(super) fn cases(v: &mut Vec<Case>) {
@@ -58,19 +83,12 @@ fn forward_cases(v: &mut Vec<Case>) {
             "forward coop",
             shape,
             move |gpu, rng| {
-                let mode = match gpu.coop() {
-                    Some(m) => m,
-                    None if gpu.caps.shader_f16 => crate::gpu::CoopMode::Emulated,
-                    None => return Ok(Vec::new()),
+                let Some(mode) = path_or_emulation(gpu, gpu.coop()) else {
+                    return Ok(Vec::new());
                 };
                 let bits = Bits::new(b).expect("valid bits");
-                let n = u64::from(bits.levels());
-                let x: Vec<f32> = (0..geom.x_shape().iter().product())
-                    .map(|_| rng.below(n + 1) as f32 * bits.inv_levels())
-                    .collect();
-                let w: Vec<f32> = (0..geom.w_shape().iter().product())
-                    .map(|_| 2.0 * (rng.below(n + 1) as f32 * bits.inv_levels()) - 1.0)
-                    .collect();
+                let x = act_levels(rng, geom.x_shape().iter().product(), bits);
+                let w = weight_levels(rng, geom.w_shape().iter().product(), bits);
                 let bias = random(rng, &[geom.cout]);
                 let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
                 let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
@@ -141,16 +159,11 @@ fn grad_weight_cases(v: &mut Vec<Case>) {
             "grad_weight+bias coop",
             shape,
             move |gpu, rng| {
-                let mode = match gpu.coop_grad_weight() {
-                    Some(m) => m,
-                    None if gpu.caps.shader_f16 => crate::gpu::CoopMode::Emulated,
-                    None => return Ok(Vec::new()),
+                let Some(mode) = path_or_emulation(gpu, gpu.coop_grad_weight()) else {
+                    return Ok(Vec::new());
                 };
                 let bits = Bits::new(b).expect("valid bits");
-                let n = u64::from(bits.levels());
-                let x: Vec<f32> = (0..geom.x_shape().iter().product())
-                    .map(|_| rng.below(n + 1) as f32 * bits.inv_levels())
-                    .collect();
+                let x = act_levels(rng, geom.x_shape().iter().product(), bits);
                 // Output channel c's gradients scaled by 2^-(10 (c % 4)).
                 let class = |c: usize| c % 4;
                 let row_scale = |c: usize| 2f32.powi(-10 * class(c) as i32);

@@ -6,9 +6,10 @@
 //! dyadic fractions, so that its affine map is exact in f32 whatever order a driver evaluates
 //! it in; the quantizer is the reference's, bit for bit.
 
+use super::coop::{act_levels, path_or_emulation, weight_levels};
 use super::{Case, GemmOp, f64s, gemm_tolerance, random};
 use crate::DType;
-use crate::gpu::{CoopMode, Tensor};
+use crate::gpu::Tensor;
 use crate::kernels::conv_coop;
 use crate::kernels::conv2d::{self, ActGrad, AroundBn, Conv2dGeom, InputBn, OutputBn};
 use crate::kernels::norm::{BnForm, TABLE, entry};
@@ -155,17 +156,13 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             "forward coop through bn",
             shape.clone(),
             move |gpu, rng| {
-                let mode = match gpu.coop() {
-                    Some(m) => m,
-                    None if gpu.caps.shader_f16 && coop => CoopMode::Emulated,
-                    None => return Ok(Vec::new()),
+                let path = path_or_emulation(gpu, gpu.coop());
+                let Some(mode) = path.filter(|_| coop || gpu.coop().is_some()) else {
+                    return Ok(Vec::new());
                 };
                 let f = formed(rng, &geom, relu, shuffle, bits);
                 // Weight levels, as the coop kernel takes them.
-                let n = u64::from(bits.levels());
-                let w: Vec<f32> = (0..geom.w_shape().iter().product())
-                    .map(|_| 2.0 * (rng.below(n + 1) as f32 * bits.inv_levels()) - 1.0)
-                    .collect();
+                let w = weight_levels(rng, geom.w_shape().iter().product(), bits);
                 let bias = random(rng, &[geom.cout]);
                 let yt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
                 let tt = gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?;
@@ -569,23 +566,18 @@ fn stats_case(v: &mut Vec<Case>, geom: Conv2dGeom, shape: &str, coop: bool) {
         direction,
         shape.to_string(),
         move |gpu, rng| {
-            let mode = match (coop, gpu.coop()) {
+            let mode = match (coop, path_or_emulation(gpu, gpu.coop())) {
                 (false, _) => None,
                 (true, Some(m)) => Some(m),
-                (true, None) if gpu.caps.shader_f16 => Some(CoopMode::Emulated),
                 (true, None) => return Ok(Vec::new()),
             };
             let c = geom.cout;
             let bits = Bits::new(8).expect("8 bits");
-            let levels = u64::from(bits.levels());
             let (x, w) = if coop {
-                let x: Vec<f32> = (0..geom.x_shape().iter().product())
-                    .map(|_| rng.below(levels + 1) as f32 * bits.inv_levels())
-                    .collect();
-                let w: Vec<f32> = (0..geom.w_shape().iter().product())
-                    .map(|_| 2.0 * (rng.below(levels + 1) as f32 * bits.inv_levels()) - 1.0)
-                    .collect();
-                (x, w)
+                (
+                    act_levels(rng, geom.x_shape().iter().product(), bits),
+                    weight_levels(rng, geom.w_shape().iter().product(), bits),
+                )
             } else {
                 (random(rng, &geom.x_shape()), random(rng, &geom.w_shape()))
             };
@@ -744,20 +736,7 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
                 move |gpu, rng| {
                     let c = geom.cout;
                     let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
-                    let mut table = vec![0.0; TABLE * c];
-                    for ch in 0..c {
-                        let at = |e| entry::at(ch, e);
-                        table[at(entry::MEAN)] = rng.uniform(-0.3, 0.3);
-                        table[at(entry::INVSTD)] = rng.uniform(0.5, 2.0);
-                        table[at(entry::GAMMA)] = rng.uniform(0.5, 1.5);
-                        table[at(entry::BETA)] = rng.uniform(-0.5, 0.5);
-                        table[at(entry::DBETA)] = rng.uniform(-3.0, 3.0);
-                        table[at(entry::DGAMMA)] = rng.uniform(-3.0, 3.0);
-                        // gamma · invstd / count, as the backward reduction writes it.
-                        let count = (geom.y_shape().iter().product::<usize>() / c) as f32;
-                        table[at(entry::SCALE)] =
-                            table[at(entry::GAMMA)] * table[at(entry::INVSTD)] / count;
-                    }
+                    let table = random_table_after(rng, &geom);
                     let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
                     let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
                     let bdt = gpu.upload_f32("bn output gradient", &geom.y_shape(), &bn_dy)?;
@@ -841,27 +820,13 @@ pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
         "grad_weight+bias coop through bn +bn backward",
         shape,
         move |gpu, rng| {
-            let mode = match gpu.coop_grad_weight() {
-                Some(m) => m,
-                None if gpu.caps.shader_f16 => CoopMode::Emulated,
-                None => return Ok(Vec::new()),
+            let Some(mode) = path_or_emulation(gpu, gpu.coop_grad_weight()) else {
+                return Ok(Vec::new());
             };
             let f = formed(rng, &geom, relu, shuffle, bits);
             let c = geom.cout;
             let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
-            let count = (geom.y_shape().iter().product::<usize>() / c) as f32;
-            let mut table = vec![0.0; TABLE * c];
-            for ch in 0..c {
-                let at = |e| entry::at(ch, e);
-                table[at(entry::MEAN)] = rng.uniform(-0.3, 0.3);
-                table[at(entry::INVSTD)] = rng.uniform(0.5, 2.0);
-                table[at(entry::GAMMA)] = rng.uniform(0.5, 1.5);
-                table[at(entry::BETA)] = rng.uniform(-0.5, 0.5);
-                table[at(entry::DBETA)] = rng.uniform(-3.0, 3.0);
-                table[at(entry::DGAMMA)] = rng.uniform(-3.0, 3.0);
-                table[at(entry::SCALE)] =
-                    table[at(entry::GAMMA)] * table[at(entry::INVSTD)] / count;
-            }
+            let table = random_table_after(rng, &geom);
             let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
             let xt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
             let in_t = gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?;
@@ -907,6 +872,25 @@ pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
             ])
         },
     ));
+}
+
+/// A random table of the BatchNorm after a conv (its statistics, affine parameters and
+/// backward sums), with the scale gamma · invstd / count as the backward reduction writes it.
+fn random_table_after(rng: &mut Rng, geom: &Conv2dGeom) -> Vec<f32> {
+    let c = geom.cout;
+    let count = (geom.y_shape().iter().product::<usize>() / c) as f32;
+    let mut table = vec![0.0; TABLE * c];
+    for ch in 0..c {
+        let at = |e| entry::at(ch, e);
+        table[at(entry::MEAN)] = rng.uniform(-0.3, 0.3);
+        table[at(entry::INVSTD)] = rng.uniform(0.5, 2.0);
+        table[at(entry::GAMMA)] = rng.uniform(0.5, 1.5);
+        table[at(entry::BETA)] = rng.uniform(-0.5, 0.5);
+        table[at(entry::DBETA)] = rng.uniform(-3.0, 3.0);
+        table[at(entry::DGAMMA)] = rng.uniform(-3.0, 3.0);
+        table[at(entry::SCALE)] = table[at(entry::GAMMA)] * table[at(entry::INVSTD)] / count;
+    }
+    table
 }
 
 /// dL/d(BatchNorm input) in f64: the output gradient read where the shuffle put each channel,

@@ -1,0 +1,44 @@
+// What conv_coop.wgsl and conv_coop_gw.wgsl share, appended to each (after their `enable`
+// directives): the conv's geometry as pipeline constants, and the layer input formed from a
+// BatchNorm's where it is loaded (the kernels' IN_BN, IN_RELU, IN_SHUFFLE, A_LEVELS and
+// A_INV_LEVELS constants and their in_bn binding), as conv2d.wgsl's IN_BN forms it.
+
+override CIN: u32 = 1u;
+override H: u32 = 1u;
+override W: u32 = 1u;
+override COUT: u32 = 1u;
+override OH: u32 = 1u;
+override OW: u32 = 1u;
+override SH: u32 = 1u;
+override SW: u32 = 1u;
+override PH: u32 = 0u;
+override PW: u32 = 0u;
+override DH: u32 = 1u;
+override DW: u32 = 1u;
+override GROUPS: u32 = 1u;
+override KH: u32 = 1u;
+override KW: u32 = 1u;
+override KHW: u32 = KH * KW;
+override CIG: u32 = CIN / GROUPS;
+override COG: u32 = COUT / GROUPS;
+override OHW: u32 = OH * OW;
+
+// IN_BN: the BatchNorm channel that input channel ch comes from (the shuffle sends channel c
+// to (c % per) * IN_SHUFFLE + c / per, per = CIN / IN_SHUFFLE); ch itself without IN_BN.
+fn unshuffled(ch: u32) -> u32 {
+    if (!IN_BN || IN_SHUFFLE <= 1u) {
+        return ch;
+    }
+    return (ch % IN_SHUFFLE) * (CIN / IN_SHUFFLE) + ch / IN_SHUFFLE;
+}
+
+// IN_BN: the input level whose BatchNorm input is v, in BatchNorm channel ch.
+fn bn_formed(v: f32, ch: u32) -> f32 {
+    let t = ch * BN_TABLE;
+    var r = bn_affine(v, in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
+                      in_bn[t + BN_BETA]);
+    if (IN_RELU) {
+        r = relu_bits(r);
+    }
+    return dorefa_act(r, A_LEVELS, A_INV_LEVELS);
+}
