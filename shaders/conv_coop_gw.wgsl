@@ -84,44 +84,6 @@ alias MA = coop_mat16x16<f16, A>;
 alias MB = coop_mat16x16<f16, B>;
 alias MC = coop_mat16x16<f32, C>;
 
-// OUT_BN: what the backward of the BatchNorm after output channel co needs.
-struct OutBn {
-    at: u32,
-    mean: f32, invstd: f32, gamma: f32, beta: f32,
-    dbeta: f32, dgamma: f32, scale: f32,
-}
-
-fn out_bn_of(co: u32) -> OutBn {
-    var at = co;
-    if (OUT_SHUFFLE > 1u) {
-        let per = COUT / OUT_SHUFFLE;
-        at = (co % per) * OUT_SHUFFLE + co / per;
-    }
-    let t = co * BN_TABLE;
-    return OutBn(at, out_bn[t + BN_MEAN], out_bn[t + BN_INVSTD], out_bn[t + BN_GAMMA],
-                 out_bn[t + BN_BETA], out_bn[t + BN_DBETA], out_bn[t + BN_DGAMMA],
-                 out_bn[t + BN_SCALE]);
-}
-
-// A[co][k] for the pixel k = (b, pix) whose a_src value is y: dy, or with OUT_BN formed.
-fn dy_value(t: OutBn, b: u32, pix: u32, y: f32) -> f32 {
-    if (OUT_BN) {
-        return bn_grad(y, out_dy[(b * COUT + t.at) * OHW + pix], t.mean, t.invstd, t.gamma,
-                       t.beta, t.dbeta, t.dgamma, f32(p.gk), t.scale, OUT_RELU);
-    }
-    return y;
-}
-
-// The power of two that puts mx in [2^14, 2^15) (1 for 0, inf or NaN), kept within 2^-126 and
-// 2^126 so that both it and its inverse are normal.
-fn scale_for(mx: f32) -> f32 {
-    let e = i32((bitcast<u32>(mx) >> 23u) & 0xffu);
-    if (mx == 0.0 || e == 255) {
-        return 1.0;
-    }
-    return bitcast<f32>(u32(clamp(268 - e, 1, 253)) << 23u);
-}
-
 // The first pass: invocation lid takes row m0 + lid over the split's pixels in increasing k,
 // for its largest magnitude (the row's scale) and, with BIAS_GRAD, its sum.
 fn row_pass(lid: u32, g: u32, m0: u32, k_begin: u32, k_stop: u32, first_column: bool,
@@ -138,7 +100,7 @@ fn row_pass(lid: u32, g: u32, m0: u32, k_begin: u32, k_stop: u32, first_column: 
         for (var k = k_begin; k < k_stop; k++) {
             let b = k / OHW;
             let pix = k - b * OHW;
-            let v = dy_value(t, b, pix, a_src[(b * COUT + co) * OHW + pix]);
+            let v = dy_value(t, b, pix, a_src[(b * COUT + co) * OHW + pix], f32(p.gk));
             mx = max(mx, abs(v));
             sum += v;
         }
@@ -195,8 +157,9 @@ fn stage(lid: u32, g: u32, m0: u32, k0: u32, k_stop: u32) {
                     let b = k / OHW;
                     let pix = k - b * OHW;
                     let y = a_src4[((b * COUT + co) * OHW + pix) / 4u];
-                    v = vec4(dy_value(t, b, pix, y.x), dy_value(t, b, pix + 1u, y.y),
-                             dy_value(t, b, pix + 2u, y.z), dy_value(t, b, pix + 3u, y.w));
+                    let n = f32(p.gk);
+                    v = vec4(dy_value(t, b, pix, y.x, n), dy_value(t, b, pix + 1u, y.y, n),
+                             dy_value(t, b, pix + 2u, y.z, n), dy_value(t, b, pix + 3u, y.w, n));
                 }
             } else {
                 for (var j = 0u; j < 4u; j++) {
@@ -204,7 +167,7 @@ fn stage(lid: u32, g: u32, m0: u32, k0: u32, k_stop: u32) {
                     if (k < k_stop) {
                         let b = k / OHW;
                         let pix = k - b * OHW;
-                        v[j] = dy_value(t, b, pix, a_src[(b * COUT + co) * OHW + pix]);
+                        v[j] = dy_value(t, b, pix, a_src[(b * COUT + co) * OHW + pix], f32(p.gk));
                     }
                 }
             }

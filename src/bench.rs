@@ -157,6 +157,32 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                 }),
             ));
         }
+        // Grad-input on tensor cores (dy as two f16 halves, with its scale pass), as
+        // `forward coop`.
+        if !first && !bits.is_float() && bits.get() <= 8 {
+            out.push(mk(
+                "grad_input coop",
+                Box::new(move |gpu| {
+                    let mode = gpu.coop_grad_input().ok_or_else(|| {
+                        crate::error::Error::Invalid("no cooperative matrices".into())
+                    })?;
+                    let mut rng = Rng::new(2);
+                    let dy = random_tensor(gpu, "dy", &g.output_shape(), &mut rng, -1.0, 1.0)?;
+                    let wt = random_tensor(gpu, "w", &g.weight_shape(), &mut rng, -1.0, 1.0)?;
+                    let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
+                    crate::kernels::conv_coop::grad_input(
+                        gpu,
+                        &g,
+                        &dy,
+                        &wt,
+                        &dx,
+                        bits,
+                        (None, Default::default()),
+                        mode,
+                    )
+                }),
+            ));
+        }
         out.push(mk(
             "grad_weight",
             Box::new(move |gpu| {
@@ -411,6 +437,7 @@ pub fn kernels(
                 let on_device = match item.direction {
                     "forward coop" => gpu.coop() == hardware,
                     "grad_weight coop" => gpu.coop_grad_weight() == hardware,
+                    "grad_input coop" => gpu.coop_grad_input() == hardware,
                     _ => true,
                 };
                 if !on_device {

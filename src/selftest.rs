@@ -129,6 +129,7 @@ pub fn cases() -> Vec<Case> {
     through_bn::stats_cases(&mut v);
     through_bn::output_cases(&mut v);
     through_bn::coop_grad_weight_case(&mut v);
+    through_bn::coop_grad_input_case(&mut v);
     layer_cases(&mut v);
     int_cases(&mut v);
     iao_int::cases(&mut v);

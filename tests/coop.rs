@@ -79,9 +79,10 @@ fn logits_through_the_emulated_tensor_core_conv_match_the_fp32_path() {
 }
 
 /// One SGD step of a net whose quantized conv reads a BatchNorm's output and feeds another
-/// (so its forward and grad-weight run on the emulated tensor-core kernels with the BatchNorm
-/// work on load): the loss, and every tensor after the step, as on the fp32 path within
-/// rounding (the forward sums and grad-weight's two f16 halves of dy round differently).
+/// (so its forward, grad-input and grad-weight run on the emulated tensor-core kernels with the
+/// BatchNorm work on load): the loss, and every tensor after the step, as on the fp32 path
+/// within rounding (the forward sums and the backward's two f16 halves of dy round
+/// differently).
 #[test]
 fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_path() {
     use wgqat::nn::checkpoint::Data;
@@ -107,10 +108,28 @@ fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_pat
         let mut plan = net.plan(gpu, batch, Mode::Train).unwrap();
         let on_coop = coop_launches(&plan);
         if std::ptr::eq(gpu, &coop) {
-            // model.1.conv's forward and grad-weight, with both BatchNorms' work on load.
-            assert_eq!(on_coop.len(), 2, "{on_coop:?}");
+            // model.1.conv's forward, grad-input (its scale pass, then the GEMM with the
+            // BatchNorm before's mask and sums) and grad-weight, with both BatchNorms' work on
+            // load.
+            assert_eq!(on_coop.len(), 4, "{on_coop:?}");
             assert!(on_coop[0].contains("forward") && on_coop[0].contains("through bn"));
-            assert!(on_coop[1].contains("grad_weight") && on_coop[1].contains("+bn backward"));
+            assert!(on_coop[1].contains("grad_input scales"));
+            assert!(on_coop[2].contains("grad_input") && on_coop[2].contains("+bn backward"));
+            assert!(on_coop[2].contains("+bn sums"), "{}", on_coop[2]);
+            assert!(on_coop[3].contains("grad_weight") && on_coop[3].contains("+bn backward"));
+            // The GEMMs count as arithmetic, grad-input's scale pass as memory traffic.
+            let bound: Vec<bool> = plan
+                .ops
+                .ops()
+                .iter()
+                .filter_map(|op| match op {
+                    wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
+                        Some(l.memory_bound())
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(bound, [false, true, false, false]);
         } else {
             assert!(on_coop.is_empty());
         }
@@ -182,20 +201,29 @@ fn coop_launches(plan: &wgqat::nn::Plan) -> Vec<String> {
         .collect()
 }
 
-/// A device whose grad-weight kernel failed its start-up check keeps the forward on
-/// cooperative matrices and runs grad-weight on the fp32 kernel.
+/// A device whose backward kernels failed their start-up check keeps what passed on
+/// cooperative matrices and runs the rest on the fp32 kernels: grad-input alone failing leaves
+/// the forward and grad-weight there, grad-weight failing too leaves the forward alone.
 #[test]
-fn without_the_grad_weight_kernel_only_the_forward_runs_on_cooperative_matrices() {
-    let Some(coop) = emulated() else { return };
-    let coop = coop.with_coop_grad_weight(false);
-    assert!(coop.coop().is_some() && coop.coop_grad_weight().is_none());
+fn without_the_backward_kernels_only_what_passed_runs_on_cooperative_matrices() {
     let b = Bits::new(8).unwrap();
-    let net = Network::new(&coop, &two_bn_net(), QuantConfig::dorefa(b, b), 6, true, 1).unwrap();
-    let plan = net.plan(&coop, 6, Mode::Train).unwrap();
-    let on_coop = coop_launches(&plan);
-    assert!(
-        on_coop.len() == 1 && on_coop[0].contains("forward"),
-        "{on_coop:?}"
-    );
-    wgqat::kernels::conv_coop::verify(&coop).unwrap();
+    for (grad_weight, want) in [
+        (true, &["forward", "grad_weight"][..]),
+        (false, &["forward"][..]),
+    ] {
+        let Some(coop) = emulated() else { return };
+        let gpu = coop
+            .with_coop_grad_input(false)
+            .with_coop_grad_weight(grad_weight);
+        assert!(gpu.coop().is_some() && gpu.coop_grad_input().is_none());
+        assert_eq!(gpu.coop_grad_weight().is_some(), grad_weight);
+        let net = Network::new(&gpu, &two_bn_net(), QuantConfig::dorefa(b, b), 6, true, 1).unwrap();
+        let plan = net.plan(&gpu, 6, Mode::Train).unwrap();
+        let on_coop = coop_launches(&plan);
+        assert_eq!(on_coop.len(), want.len(), "{on_coop:?}");
+        for (label, kind) in on_coop.iter().zip(want) {
+            assert!(label.contains(kind), "{on_coop:?}");
+        }
+        wgqat::kernels::conv_coop::verify(&gpu).unwrap();
+    }
 }

@@ -33,7 +33,7 @@ part() {
 
 # Time limits add up to 6 minutes (the lent machine comes in short windows): the batch-256
 # targets first (DoReFa, and IAO W8A8 beside it in wgqat and eager PyTorch; wgqat uses the
-# adapter's cooperative matrices for quantized convs' forward and grad-weight where it has them,
+# adapter's cooperative matrices for quantized convs' forward, grad-weight and grad-input where it has them,
 # and runs once more without them), then ResNet-18 at batch 128 (torch.compile left out for
 # time), then the per-kernel table (with the cooperative-matrix rows and the `+bn` rows, the GEMMs doing
 # BatchNorm's work as a training step runs them; 3 timed runs each, to fit its limit). The

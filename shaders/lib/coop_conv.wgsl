@@ -1,7 +1,7 @@
-// What conv_coop.wgsl and conv_coop_gw.wgsl share, appended to each (after their `enable`
-// directives): the conv's geometry as pipeline constants, and the layer input formed from a
-// BatchNorm's where it is loaded (the kernels' IN_BN, IN_RELU, IN_SHUFFLE, A_LEVELS and
-// A_INV_LEVELS constants and their in_bn binding), as conv2d.wgsl's IN_BN forms it.
+// What conv_coop.wgsl, conv_coop_gw.wgsl and conv_coop_gi.wgsl share, appended to each (after
+// their `enable` directives): the conv's geometry as pipeline constants, and the layer input
+// formed from a BatchNorm's where it is loaded (the kernels' IN_BN, IN_RELU, IN_SHUFFLE,
+// A_LEVELS and A_INV_LEVELS constants and their in_bn binding), as conv2d.wgsl's IN_BN forms it.
 
 override CIN: u32 = 1u;
 override H: u32 = 1u;
@@ -32,13 +32,18 @@ fn unshuffled(ch: u32) -> u32 {
     return (ch % IN_SHUFFLE) * (CIN / IN_SHUFFLE) + ch / IN_SHUFFLE;
 }
 
-// IN_BN: the input level whose BatchNorm input is v, in BatchNorm channel ch.
-fn bn_formed(v: f32, ch: u32) -> f32 {
+// IN_BN: the input (before its quantizer) whose BatchNorm input is v, in BatchNorm channel ch.
+fn bn_relu(v: f32, ch: u32) -> f32 {
     let t = ch * BN_TABLE;
-    var r = bn_affine(v, in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
+    let r = bn_affine(v, in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
                       in_bn[t + BN_BETA]);
     if (IN_RELU) {
-        r = relu_bits(r);
+        return relu_bits(r);
     }
-    return dorefa_act(r, A_LEVELS, A_INV_LEVELS);
+    return r;
+}
+
+// IN_BN: the input level whose BatchNorm input is v, in BatchNorm channel ch.
+fn bn_formed(v: f32, ch: u32) -> f32 {
+    return dorefa_act(bn_relu(v, ch), A_LEVELS, A_INV_LEVELS);
 }

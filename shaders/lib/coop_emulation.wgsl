@@ -1,6 +1,6 @@
-// Plain-WGSL stand-ins for the cooperative-matrix operations of conv_coop.wgsl and
-// conv_coop_gw.wgsl, appended to the emulation that src/kernels/conv_coop.rs derives from each
-// (lavapipe has no cooperative matrices). A 16x16 A or B matrix stays where it lies in workgroup
+// Plain-WGSL stand-ins for the cooperative-matrix operations of conv_coop.wgsl,
+// conv_coop_gw.wgsl and conv_coop_gi.wgsl, appended to the emulation that
+// src/kernels/conv_coop.rs derives from each (lavapipe has no cooperative matrices). A 16x16 A or B matrix stays where it lies in workgroup
 // memory (which array, offset, row stride) and is read when multiplied, the data being still in
 // place then; an accumulator is the 8 elements lane l of its subgroup owns (row-major elements
 // 8l..8l+7 of the 16x16). Each element's products are added in k order; products of f16 values
@@ -18,6 +18,10 @@ fn emu_load_b_sh(off: u32, stride: u32) -> vec3<u32> {
 
 fn emu_load_a_lo(off: u32, stride: u32) -> vec3<u32> {
     return vec3<u32>(2u, off, stride);
+}
+
+fn emu_load_b_lo(off: u32, stride: u32) -> vec3<u32> {
+    return vec3<u32>(3u, off, stride);
 }
 
 // (emu_fetch(d, r, c), element (r, c) of the matrix d describes, is appended by

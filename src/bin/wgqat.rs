@@ -719,16 +719,19 @@ fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
             println!("  features used: {}", gpu.caps.names().join(", "));
             println!(
                 "  cooperative matrices: {}",
-                match (gpu.coop(), gpu.coop_grad_weight()) {
-                    (Some(wgqat::gpu::CoopMode::Hardware), Some(_)) => {
-                        "used for quantized convs' forward and grad-weight (f16 16x16x16 -> f32, checked against fp32 at start)"
+                match (gpu.coop(), gpu.coop_grad_weight(), gpu.coop_grad_input()) {
+                    (Some(wgqat::gpu::CoopMode::Hardware), Some(_), Some(_)) => {
+                        "used for quantized convs' forward, grad-weight and grad-input (f16 16x16x16 -> f32, checked against fp32 at start)"
                     }
-                    (Some(wgqat::gpu::CoopMode::Hardware), None) => {
-                        "used for quantized conv forwards (f16 16x16x16 -> f32, checked against fp32 at start; grad-weight failed its check and stays fp32)"
+                    (Some(wgqat::gpu::CoopMode::Hardware), Some(_), None) => {
+                        "used for quantized convs' forward and grad-weight (f16 16x16x16 -> f32, checked against fp32 at start; grad-input failed its check and stays fp32)"
                     }
-                    (Some(wgqat::gpu::CoopMode::Emulated), _) =>
+                    (Some(wgqat::gpu::CoopMode::Hardware), None, _) => {
+                        "used for quantized conv forwards (f16 16x16x16 -> f32, checked against fp32 at start; the backward failed its check and stays fp32)"
+                    }
+                    (Some(wgqat::gpu::CoopMode::Emulated), ..) =>
                         "emulated in plain WGSL (WGQAT_COOP=emulate)",
-                    (None, _) => "not used (none on this adapter, or WGQAT_COOP=0)",
+                    (None, ..) => "not used (none on this adapter, or WGQAT_COOP=0)",
                 }
             );
             println!(
@@ -1481,15 +1484,17 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// How quantized convs run on `gpu`, for JSON reports: "hardware" (forward and grad-weight on
-/// the adapter's cooperative matrices), "hardware, forward only", "emulated"
-/// (`WGQAT_COOP=emulate`) or "none".
+/// How quantized convs run on `gpu`, for JSON reports: "hardware" (forward, grad-weight and
+/// grad-input on the adapter's cooperative matrices), "hardware, forward and grad-weight",
+/// "hardware, forward only", "emulated" (`WGQAT_COOP=emulate`) or "none".
 fn coop_name(gpu: &Gpu) -> &'static str {
-    match (gpu.coop(), gpu.coop_grad_weight()) {
-        (Some(wgqat::gpu::CoopMode::Hardware), Some(_)) => "hardware",
-        (Some(wgqat::gpu::CoopMode::Hardware), None) => "hardware, forward only",
-        (Some(wgqat::gpu::CoopMode::Emulated), _) => "emulated",
-        (None, _) => "none",
+    use wgqat::gpu::CoopMode::{Emulated, Hardware};
+    match (gpu.coop(), gpu.coop_grad_weight(), gpu.coop_grad_input()) {
+        (Some(Hardware), Some(_), Some(_)) => "hardware",
+        (Some(Hardware), Some(_), None) => "hardware, forward and grad-weight",
+        (Some(Hardware), None, _) => "hardware, forward only",
+        (Some(Emulated), ..) => "emulated",
+        (None, ..) => "none",
     }
 }
 

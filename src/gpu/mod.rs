@@ -124,8 +124,10 @@ pub struct Gpu {
     specialized_gemms: bool,
     vector_loads: bool,
     coop: Option<CoopMode>,
-    /// Whether grad-weight runs on `coop` too (the forward does whenever `coop` is set).
+    /// Whether grad-weight and grad-input run on `coop` too (the forward does whenever `coop`
+    /// is set).
     coop_grad_weight: bool,
+    coop_grad_input: bool,
 }
 
 impl Gpu {
@@ -158,26 +160,25 @@ impl Gpu {
     /// Cooperative matrices (`WGQAT_COOP`: unset uses them where the adapter has f16
     /// 16×16×16 → f32 and subgroups of 32; `0` never; `emulate` runs their plain-WGSL emulation)
     /// are first tried on a throwaway device, since a driver that fails to compile a kernel loses
-    /// its device: a quantized conv's forward and grad-weight must compile there and match the
-    /// fp32 kernels; where grad-weight alone fails, the forward is tried alone.
+    /// its device: a quantized conv's forward, grad-weight and grad-input must compile there and
+    /// match the fp32 kernels; where that fails, the forward and grad-weight are tried without
+    /// grad-input, then the forward alone.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
         let wanted = std::env::var("WGQAT_COOP").unwrap_or_default();
         if wanted != "0" && wanted != "emulate" && coop_capable(&adapter) {
-            // Forward and grad-weight, else (a newer kernel failing alone) the forward only;
-            // each try on a throwaway device of its own.
-            for grad_weight in [true, false] {
-                let tried = Self::open(&adapter, true).and_then(|probe| {
-                    crate::kernels::conv_coop::verify(
-                        &probe
-                            .with_coop(Some(CoopMode::Hardware))
-                            .with_coop_grad_weight(grad_weight),
-                    )
-                });
+            // The newest kernels are dropped first, each try on a throwaway device of its own.
+            for (grad_weight, grad_input) in [(true, true), (true, false), (false, false)] {
+                let on = |gpu: Gpu| {
+                    gpu.with_coop(Some(CoopMode::Hardware))
+                        .with_coop_grad_weight(grad_weight)
+                        .with_coop_grad_input(grad_input)
+                };
+                let tried = Self::open(&adapter, true)
+                    .and_then(|probe| crate::kernels::conv_coop::verify(&on(probe)));
                 match tried {
-                    Ok(()) => {
-                        return Ok(Self::open(&adapter, true)?
-                            .with_coop(Some(CoopMode::Hardware))
-                            .with_coop_grad_weight(grad_weight));
+                    Ok(()) => return Ok(on(Self::open(&adapter, true)?)),
+                    Err(e) if grad_input => {
+                        log::warn!("cooperative matrices not used for grad-input: {e}")
                     }
                     Err(e) if grad_weight => {
                         log::warn!("cooperative matrices not used for grad-weight: {e}")
@@ -250,14 +251,16 @@ impl Gpu {
             vector_loads: vector_loads_by_default(),
             coop: None,
             coop_grad_weight: false,
+            coop_grad_input: false,
         })
     }
 
-    /// Runs the forward and grad-weight of DoReFa-quantized convs on cooperative matrices
-    /// (`mode`), or not.
+    /// Runs the forward, grad-weight and grad-input of DoReFa-quantized convs on cooperative
+    /// matrices (`mode`), or not.
     pub fn with_coop(mut self, mode: Option<CoopMode>) -> Gpu {
         self.coop = mode;
         self.coop_grad_weight = mode.is_some();
+        self.coop_grad_input = mode.is_some();
         self
     }
 
@@ -276,6 +279,18 @@ impl Gpu {
     /// The cooperative-matrix path quantized convs' grad-weight takes, if any.
     pub fn coop_grad_weight(&self) -> Option<CoopMode> {
         self.coop.filter(|_| self.coop_grad_weight)
+    }
+
+    /// With `on` false, grad-input stays on the fp32 kernel while the forward runs on
+    /// cooperative matrices (a device whose driver fails the grad-input kernel).
+    pub fn with_coop_grad_input(mut self, on: bool) -> Gpu {
+        self.coop_grad_input = on && self.coop.is_some();
+        self
+    }
+
+    /// The cooperative-matrix path quantized convs' grad-input takes, if any.
+    pub fn coop_grad_input(&self) -> Option<CoopMode> {
+        self.coop.filter(|_| self.coop_grad_input)
     }
 
     /// With `on`, every shader compiles with naga's runtime bounds checks; otherwise those

@@ -86,6 +86,19 @@ pub static CONV_COOP_GW: Shader = Shader {
     source: concat!(
         include_str!("../../shaders/conv_coop_gw.wgsl"),
         include_str!("../../shaders/lib/coop_conv.wgsl"),
+        include_str!("../../shaders/lib/coop_backward.wgsl"),
+        include_str!("../../shaders/lib/act.wgsl"),
+        include_str!("../../shaders/lib/bn.wgsl"),
+    ),
+    trusted: true,
+};
+
+pub static CONV_COOP_GI: Shader = Shader {
+    name: "conv_coop_gi.wgsl",
+    source: concat!(
+        include_str!("../../shaders/conv_coop_gi.wgsl"),
+        include_str!("../../shaders/lib/coop_conv.wgsl"),
+        include_str!("../../shaders/lib/coop_backward.wgsl"),
         include_str!("../../shaders/lib/act.wgsl"),
         include_str!("../../shaders/lib/bn.wgsl"),
     ),
@@ -94,7 +107,7 @@ pub static CONV_COOP_GW: Shader = Shader {
 
 /// Shaders only a Vulkan adapter with cooperative matrices compiles (the portability test
 /// translates them to SPIR-V, and their emulations to every backend).
-pub static SHADERS_COOP: &[&Shader] = &[&CONV_COOP, &CONV_COOP_GW];
+pub static SHADERS_COOP: &[&Shader] = &[&CONV_COOP, &CONV_COOP_GW, &CONV_COOP_GI];
 
 /// Every shader file, embedded in the binary (the portability test translates each one).
 pub static SHADERS: &[&Shader] = &[

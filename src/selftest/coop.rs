@@ -33,10 +33,11 @@ pub(super) fn weight_levels(rng: &mut Rng, len: usize, bits: Bits) -> Vec<f32> {
         .collect()
 }
 
-/// Forward and grad-weight cases.
+/// Forward, grad-weight and grad-input cases.
 pub(super) fn cases(v: &mut Vec<Case>) {
     forward_cases(v);
     grad_weight_cases(v);
+    grad_input_cases(v);
 }
 
 /// The quantized conv forward on cooperative matrices: the adapter's own where it has them,
@@ -217,6 +218,128 @@ fn grad_weight_cases(v: &mut Vec<Case>) {
                     out.push((
                         format!("db rows x2^-{}", 10 * cls),
                         reference::compare(&g, &w, tol(dy.len() / c)),
+                    ));
+                }
+                Ok(out)
+            },
+        ));
+    }
+}
+
+/// Grad-input of a quantized conv on cooperative matrices (emulated where there are none)
+/// against the f64 reference: weight levels, and a float dy whose images span 2^-30 to 1 (each
+/// image has its own scale in the kernel), checked image by image with tolerances scaled to
+/// each. A strided, dilated, padded grouped 3x3 with the input quantizer's mask and
+/// requantization in the epilogue (the float x spans both sides of the quantizer's range), and a
+/// pointwise conv over two row tiles with vector loads of w and dy and no epilogue; 4 and 8 bits.
+fn grad_input_cases(v: &mut Vec<Case>) {
+    use kernels::conv2d::Conv2dGeom as G;
+    // (The emulation takes lavapipe about a minute to compile per shape, hence two.)
+    let shapes = [
+        (
+            G {
+                batch: 3,
+                cin: 6,
+                h: 9,
+                w: 7,
+                cout: 8,
+                kernel: (3, 3),
+                stride: (2, 1),
+                padding: (1, 2),
+                dilation: (2, 1),
+                groups: 2,
+            },
+            4,
+            true,
+        ),
+        (G::square(4, 140, 6, 20, 1), 8, false),
+    ];
+    for (geom, b, act) in shapes {
+        let shape = format!(
+            "x{:?} w{:?} s{:?} p{:?} d{:?} g{} W{b}{}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.stride,
+            geom.padding,
+            geom.dilation,
+            geom.groups,
+            if act { " +act requantize" } else { "" }
+        );
+        v.push(Case::new(
+            "conv2d",
+            if act {
+                "grad_input+act coop"
+            } else {
+                "grad_input coop"
+            },
+            shape,
+            move |gpu, rng| {
+                let Some(mode) = path_or_emulation(gpu, gpu.coop_grad_input()) else {
+                    return Ok(Vec::new());
+                };
+                let bits = Bits::new(b).expect("valid bits");
+                let w = weight_levels(rng, geom.w_shape().iter().product(), bits);
+                // Image b's gradients scaled by 2^-(10 (b % 4)).
+                let class = |b: usize| b % 4;
+                let image_scale = |b: usize| 2f32.powi(-10 * class(b) as i32);
+                let per_image: usize = geom.y_shape()[1..].iter().product();
+                let dy: Vec<f32> = (0..geom.batch * per_image)
+                    .map(|i| rng.uniform(-1.0, 1.0) * image_scale(i / per_image))
+                    .collect();
+                let x: Vec<f32> = (0..geom.x_shape().iter().product())
+                    .map(|_| rng.uniform(-2.0, 12.0))
+                    .collect();
+                let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+                let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
+                let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
+                let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
+                let act_grad = act.then_some(kernels::conv2d::ActGrad {
+                    x: &xt,
+                    bits,
+                    requantize: true,
+                });
+                let ops = kernels::conv_coop::grad_input(
+                    gpu,
+                    &geom,
+                    &dyt,
+                    &wt,
+                    &dxt,
+                    bits,
+                    (act_grad, Default::default()),
+                    mode,
+                )?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &xt])?;
+                let mut want = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
+                if act {
+                    want = reference::quant::act_backward_f64(&x, &want);
+                }
+                let per_dx: usize = geom.x_shape()[1..].iter().product();
+                let k = geom.reduction()[1];
+                let mut out = Vec::new();
+                for cls in 0..4 {
+                    let images: Vec<usize> = (0..geom.batch).filter(|&b| class(b) == cls).collect();
+                    if images.is_empty() {
+                        continue;
+                    }
+                    let (g, w): (Vec<f32>, Vec<f64>) = images
+                        .iter()
+                        .flat_map(|&b| (b * per_dx..(b + 1) * per_dx).map(|i| (got[0][i], want[i])))
+                        .unzip();
+                    let t = gemm_tolerance(k);
+                    let tol = Tolerance::new(t.atol * f64::from(image_scale(images[0])), t.rtol);
+                    out.push((
+                        format!("dx images x2^-{}", 10 * cls),
+                        reference::compare(&g, &w, tol),
+                    ));
+                }
+                if act {
+                    out.push((
+                        "x requantized".into(),
+                        reference::compare(
+                            &got[1],
+                            &f64s(&reference::quant::act_forward(&x, bits)),
+                            Tolerance::EXACT,
+                        ),
                     ));
                 }
                 Ok(out)

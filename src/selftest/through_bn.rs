@@ -874,6 +874,103 @@ pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
     ));
 }
 
+/// Grad-input on cooperative matrices (emulated where there are none) with all of its
+/// BatchNorm work: dy formed through the backward of the BatchNorm after (`OUT_BN`), the mask of
+/// the input formed from the BatchNorm before (`IN_BN`, the quantizer's straight-through rule)
+/// and that BatchNorm's backward sums per 128-column tile (`BN_SUMS`), merged by
+/// `norm::backward_merge`: dx, dbeta and dgamma against the f64 reference. One shape (grouped
+/// 3x3 over three column tiles, both shuffled, both ReLUs): the emulation takes lavapipe about a
+/// minute to compile.
+pub(super) fn coop_grad_input_case(v: &mut Vec<Case>) {
+    use crate::kernels::norm::{self, BnShape};
+    let geom = Conv2dGeom::square(2, 8, 12, 12, 3).padding(1).groups(2);
+    let (relu, shuffle, bits) = (true, 2, Bits::new(8).expect("8 bits"));
+    let shape = format!(
+        "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle} W8",
+        geom.input_shape(),
+        geom.weight_shape(),
+        geom.stride,
+        geom.padding,
+        geom.groups
+    );
+    let k = geom.reduction();
+    v.push(Case::new(
+        "conv2d",
+        "grad_input+act+bn sums coop through bn +bn backward",
+        shape,
+        move |gpu, rng| {
+            let Some(mode) = path_or_emulation(gpu, gpu.coop_grad_input()) else {
+                return Ok(Vec::new());
+            };
+            let f = formed(rng, &geom, relu, shuffle, bits);
+            let (c, ci) = (geom.cout, geom.cin);
+            let w = weight_levels(rng, geom.w_shape().iter().product(), bits);
+            let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
+            let table = random_table_after(rng, &geom);
+            let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
+            let gamma: Vec<f32> = (0..ci)
+                .map(|ch| f.table[entry::at(ch, entry::GAMMA)])
+                .collect();
+            let xt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
+            let in_t = gpu.upload_f32("bn table", &[TABLE * ci], &f.table)?;
+            let gt = gpu.upload_f32("gamma", &[ci], &gamma)?;
+            let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
+            let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
+            let bdt = gpu.upload_f32("bn output gradient", &geom.y_shape(), &bn_dy)?;
+            let out_t = gpu.upload_f32("bn after table", &[TABLE * c], &table)?;
+            let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
+            let sums = gpu.empty("sums", &[conv2d::grad_input_bn_sums(&geom)], DType::F32)?;
+            let (dgt, dbt) = (
+                gpu.empty("dgamma", &[ci], DType::F32)?,
+                gpu.empty("dbeta", &[ci], DType::F32)?,
+            );
+            let act = ActGrad {
+                x: &xt,
+                bits,
+                requantize: false,
+            };
+            let around = AroundBn {
+                input: Some(input_bn(&in_t, relu, shuffle, bits)),
+                output: Some(OutputBn {
+                    form: BnForm {
+                        table: &out_t,
+                        relu,
+                        shuffle,
+                    },
+                    dy: &bdt,
+                }),
+                input_sums: Some(&sums),
+            };
+            let [n, _, h, wd] = geom.input_shape();
+            let tiles = (n * h * wd).div_ceil(conv_coop::TILE);
+            let mut ops =
+                conv_coop::grad_input(gpu, &geom, &yt, &wt, &dxt, bits, (Some(act), around), mode)?;
+            ops.push(norm::backward_merge(
+                gpu,
+                BnShape::of(&geom.x_shape())?,
+                (&sums, tiles),
+                &in_t,
+                &gt,
+                (&dgt, &dbt),
+            )?);
+            let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &dbt, &dgt])?;
+            let dx = geom.ref_grad_input(&dy_conv, &f64s(&w));
+            let masked = quant::act_backward_f64(&f.x_float, &dx);
+            let (want_db, want_dg) =
+                bn_backward_sums(&f, geom.input_shape(), &masked, relu, shuffle);
+            let tol = gemm_tolerance(k[1] * n * h * wd);
+            Ok(vec![
+                (
+                    "dx".into(),
+                    reference::compare(&got[0], &masked, gemm_tolerance(k[1])),
+                ),
+                ("dbeta".into(), reference::compare(&got[1], &want_db, tol)),
+                ("dgamma".into(), reference::compare(&got[2], &want_dg, tol)),
+            ])
+        },
+    ));
+}
+
 /// A random table of the BatchNorm after a conv (its statistics, affine parameters and
 /// backward sums), with the scale gamma · invstd / count as the backward reduction writes it.
 fn random_table_after(rng: &mut Rng, geom: &Conv2dGeom) -> Vec<f32> {

@@ -121,6 +121,14 @@ fn sums_of_reader<'a>(net: &Network, io: &'a Io) -> Result<Option<(&'a Tensor, u
         return Ok(None);
     };
     let reader = &net.layers[i];
+    if super::weighted::grad_input_on_coop(io.gpu, reader).is_some() {
+        // Per-image [C, H, W]: one column per input pixel.
+        let columns = io.batch * reader.in_shape[1] * reader.in_shape[2];
+        return Ok(Some((
+            sums,
+            columns.div_ceil(crate::kernels::conv_coop::TILE),
+        )));
+    }
     let tiles = match reader.kind {
         Kind::Weighted { op, .. } => {
             match Gemm::new(op, io.batch, &reader.in_shape, &reader.out_shape) {

@@ -104,13 +104,27 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                     bits: *bits,
                     requantize: in_place,
                 };
-                gemm.grad_input_act(gpu, dy, &w_hat, dx, act, around)
-                    .transpose()?
+                match (grad_input_on_coop(gpu, l), &gemm) {
+                    (Some((mode, w_bits)), Gemm::Conv(g)) => Some(conv_coop::grad_input(
+                        gpu,
+                        g,
+                        dy,
+                        &w_hat,
+                        dx,
+                        w_bits,
+                        (Some(act), around),
+                        mode,
+                    )?),
+                    _ => gemm
+                        .grad_input_act(gpu, dy, &w_hat, dx, act, around)
+                        .transpose()?
+                        .map(|op| vec![op]),
+                }
             }
             _ => None,
         };
         match io.dx() {
-            Some(_) if fused.is_some() => bwd.extend(fused),
+            Some(_) if fused.is_some() => bwd.extend(fused.into_iter().flatten()),
             Some(dx) => {
                 bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, around)?);
                 if in_place {
@@ -178,6 +192,15 @@ pub(super) fn forward_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, 
         }
         _ => None,
     }
+}
+
+/// Whether layer `l`'s grad-input runs on cooperative matrices on `gpu`, with which weight
+/// bits: where its forward does (the weight codes are exact in f16) and the device runs
+/// grad-input there too.
+pub(super) fn grad_input_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, Bits)> {
+    forward_on_coop(gpu, l)
+        .zip(gpu.coop_grad_input())
+        .map(|((_, (w_bits, _)), mode)| (mode, w_bits))
 }
 
 /// The forward GEMM: on cooperative matrices where [`forward_on_coop`] says so, else the fp32

@@ -1,0 +1,205 @@
+//! Grad-input on cooperative matrices (`shaders/conv_coop_gi.wgsl`): a pass that finds each
+//! image's gradient scale per group, then the GEMM with conv2d.wgsl's grad-input epilogue.
+
+use super::{CoopMode, TILE, emulated_shader};
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
+use crate::kernels::conv2d::{ActGrad, AroundBn, Conv2dGeom, Fused, Mode};
+use crate::kernels::{CONV_COOP_GI, expect_dtype, expect_shape};
+use crate::quant::Bits;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    gn: u32,
+    batch: u32,
+    parts: u32,
+    _pad: u32,
+}
+
+/// Workgroups the scale pass aims at in all: enough to fill a large GPU whatever the batch
+/// and groups (each image and group's channels are split into parts to get there).
+const SCALE_WORKGROUPS: usize = 1024;
+
+/// `dx = dL/dx` of a conv whose weights `w` hold `w_bits` DoReFa levels, on cooperative
+/// matrices (`mode`): the weight codes exact in f16, the float `dy` as two f16 halves under a
+/// power-of-two scale per image and group (from the maxima a first pass over `dy` writes into a
+/// small buffer this allocates). With `act`, the input quantizer's backward in the
+/// epilogue as `conv2d::grad_input_fused` applies it; with `bn.input` (and an `act` without
+/// requantize), the mask of the input formed from the BatchNorm before, and with
+/// `bn.input_sums` that BatchNorm's backward sums per [`TILE`] columns; with `bn.output`, `dy`
+/// is the conv's output and its gradient is formed through the BatchNorm after it.
+#[allow(clippy::too_many_arguments)]
+pub fn grad_input(
+    gpu: &Gpu,
+    geom: &Conv2dGeom,
+    dy: &Tensor,
+    w: &Tensor,
+    dx: &Tensor,
+    w_bits: Bits,
+    (act, bn): (Option<ActGrad<'_>>, AroundBn<'_>),
+    mode: CoopMode,
+) -> Result<Vec<Op>> {
+    const K: &str = "conv2d.grad_input (cooperative matrices)";
+    geom.validate()?;
+    for (name, t, shape) in [
+        ("dy", dy, geom.output_shape()),
+        ("w", w, geom.weight_shape()),
+        ("dx", dx, geom.input_shape()),
+    ] {
+        expect_dtype(K, name, t, DType::F32)?;
+        expect_shape(K, name, t, &shape)?;
+    }
+    if w_bits.is_float() || w_bits.get() > 8 {
+        return Err(Error::shape(
+            K,
+            "needs weights of 2 to 8 bits (their codes must be exact in f16)",
+        ));
+    }
+    let gemm = geom.gemm();
+    let (_, gn, gk) = gemm.dims(Mode::GradInput);
+    if u32::try_from(gn + TILE).is_err()
+        || u32::try_from(gk + TILE).is_err()
+        || u32::try_from(dx.numel().max(dy.numel())).is_err()
+    {
+        return Err(Error::shape(
+            K,
+            "tensor too large to index with 32 bits: use a smaller batch size",
+        ));
+    }
+    if geom.batch > gpu.limits.max_compute_workgroups_per_dimension as usize {
+        return Err(Error::shape(
+            K,
+            "batch larger than the device's workgroups per dimension: use a smaller batch size",
+        ));
+    }
+    let fused = Fused {
+        act,
+        input_bn: bn.input,
+        output_bn: bn.output,
+        bn_sums: bn.input_sums,
+        ..Fused::default()
+    };
+    fused.check(&gemm, Mode::GradInput, dx, gn.div_ceil(TILE), K)?;
+    // The input quantizer's levels (for the requantization), else the BatchNorm-formed input's.
+    let a_bits = act.map(|a| a.bits).or(bn.input.map(|b| b.bits));
+    let (vec_w, vec_dy) = if gpu.vector_loads() {
+        gemm.vector_loads(Mode::GradInput)
+    } else {
+        (0, 0)
+    };
+    let c = |v: usize| v as f64;
+    let flag = |on: bool| f64::from(u8::from(on));
+    let (input, output) = (bn.input, bn.output);
+    let mut constants = vec![
+        (
+            "ACT_GRAD",
+            c(act.map_or(0, |a| 1 + usize::from(a.requantize))),
+        ),
+        ("IN_BN", flag(input.is_some())),
+        ("IN_RELU", flag(input.is_some_and(|b| b.form.relu))),
+        ("IN_SHUFFLE", c(input.map_or(1, |b| b.form.shuffle))),
+        ("BN_SUMS", flag(bn.input_sums.is_some())),
+        ("OUT_BN", flag(output.is_some())),
+        ("OUT_RELU", flag(output.is_some_and(|b| b.form.relu))),
+        ("OUT_SHUFFLE", c(output.map_or(1, |b| b.form.shuffle))),
+        ("W_LEVELS", f64::from(w_bits.levels())),
+        ("W_INV_LEVELS", f64::from(w_bits.inv_levels())),
+        ("A_LEVELS", f64::from(a_bits.map_or(1, |b| b.levels()))),
+        (
+            "A_INV_LEVELS",
+            f64::from(a_bits.map_or(1.0, |b| b.inv_levels())),
+        ),
+        ("VEC_W", flag(vec_w == 1)),
+        ("VEC_DY", flag(vec_dy == 1)),
+        ("KH", c(geom.kernel.0)),
+        ("KW", c(geom.kernel.1)),
+    ];
+    constants.extend(gemm.geometry_constants());
+    let shader = match mode {
+        CoopMode::Hardware => &CONV_COOP_GI,
+        CoopMode::Emulated => emulated_shader(&CONV_COOP_GI),
+    };
+    let bindings = [
+        Bind::Uniform,
+        Bind::Read,
+        Bind::Read,
+        Bind::ReadWrite,
+        Bind::ReadWrite,
+        Bind::Read,
+        Bind::ReadWrite,
+        Bind::Read,
+        Bind::Read,
+        Bind::ReadWrite,
+        Bind::ReadVec4,
+        Bind::ReadVec4,
+    ];
+    let kernel = |entry| {
+        gpu.kernel(&KernelSpec {
+            shader,
+            entry,
+            constants: &constants,
+            bindings: &bindings,
+        })
+    };
+    let (scales_kernel, gemm_kernel) = (kernel("scales_main")?, kernel("main")?);
+    // Buffers of their own for the optional bindings, so that none aliases a written one.
+    let placeholder = |what: &str| gpu.zeros(what, &[1], DType::F32);
+    let (no_x, no_table, no_sums, no_dy) = (
+        placeholder("no input")?,
+        placeholder("no BatchNorm table")?,
+        placeholder("no BatchNorm sums")?,
+        placeholder("no BatchNorm output gradient")?,
+    );
+    let images = geom.batch * geom.groups;
+    let parts = SCALE_WORKGROUPS
+        .div_ceil(images)
+        .clamp(1, geom.cout / geom.groups);
+    let maxima = gpu.zeros("grad-input gradient maxima", &[images * parts], DType::F32)?;
+    let act_x = act.map_or(&no_x, |a| a.x);
+    let in_table = input.map_or(&no_table, |b| b.form.table);
+    let (out_dy, out_table) = output.map_or((&no_dy, &no_table), |b| (b.dy, b.form.table));
+    let sums = bn.input_sums.unwrap_or(&no_sums);
+    let p = Params {
+        gn: gn as u32,
+        batch: geom.batch as u32,
+        parts: parts as u32,
+        _pad: 0,
+    };
+    let buffers = [
+        w, dy, dx, act_x, in_table, sums, out_dy, out_table, &maxima, w, dy,
+    ];
+    let emulated = if mode == CoopMode::Emulated {
+        " (emulated)"
+    } else {
+        ""
+    };
+    let shapes = format!(
+        "x{:?} w{:?} g{}",
+        geom.input_shape(),
+        geom.weight_shape(),
+        geom.groups
+    );
+    let scales_op = gpu.launch(
+        &scales_kernel,
+        format!("conv2d.grad_input scales {shapes}{emulated}"),
+        Some(bytemuck::bytes_of(&p)),
+        &buffers,
+        [geom.batch as u32, geom.groups as u32, parts as u32],
+    )?;
+    let gemm_op = gpu.launch(
+        &gemm_kernel,
+        format!(
+            "conv2d.grad_input {shapes}{} coop{emulated}",
+            fused.describe()
+        ),
+        Some(bytemuck::bytes_of(&p)),
+        &buffers,
+        [
+            gn.div_ceil(TILE) as u32,
+            (geom.cin / geom.groups).div_ceil(TILE) as u32,
+            geom.groups as u32,
+        ],
+    )?;
+    Ok(vec![Op::Dispatch(scales_op), Op::Dispatch(gemm_op)])
+}

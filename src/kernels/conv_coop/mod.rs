@@ -1,0 +1,114 @@
+//! The forward (`shaders/conv_coop.wgsl`), grad-weight (`conv_coop_gw.wgsl`) and grad-input
+//! (`conv_coop_gi.wgsl`) of a quantized conv2d on cooperative matrices (tensor cores), the
+//! start-up check that the device runs them right, and the plain-WGSL emulation of the same
+//! kernels that tests them where there are none.
+//!
+//! Only a conv whose input is DoReFa-quantized runs here (its activation codes are exact in f16),
+//! and in the forward and grad-input only with DoReFa weights too (their codes likewise); the
+//! backward kernels take the float gradient as two f16 halves under a power-of-two scale (see
+//! their shaders). Everything else stays on the fp32 kernel family of `conv2d.wgsl`.
+
+mod forward;
+mod grad_input;
+mod grad_weight;
+mod verify;
+
+pub use self::forward::forward;
+pub use self::grad_input::grad_input;
+pub use self::grad_weight::grad_weight;
+pub use self::verify::verify;
+use super::SHADERS_COOP;
+pub use crate::gpu::CoopMode;
+use crate::gpu::Shader;
+use std::sync::OnceLock;
+
+/// The tile of a workgroup (the shader's BM × BN; four subgroups of 32 invocations): also the
+/// columns per partial BatchNorm statistic it forms.
+pub const TILE: usize = 128;
+
+/// One emulation per shader of [`SHADERS_COOP`] (a test keeps the two counts equal).
+const EMULATED_SLOTS: usize = 3;
+
+/// `shader` (one of [`SHADERS_COOP`]) rewritten in plain WGSL: each cooperative-matrix
+/// operation becomes a call of `shaders/lib/coop_emulation.wgsl`, the rest (staging, tiles,
+/// epilogue) is unchanged.
+pub fn emulated_shader(shader: &'static Shader) -> &'static Shader {
+    static EMULATED: [OnceLock<Shader>; EMULATED_SLOTS] =
+        [const { OnceLock::new() }; EMULATED_SLOTS];
+    let i = SHADERS_COOP
+        .iter()
+        .position(|s| std::ptr::eq(*s, shader))
+        .expect("a cooperative-matrix shader");
+    EMULATED[i].get_or_init(|| Shader {
+        name: Box::leak(format!("{} (emulated)", shader.name).into_boxed_str()),
+        source: Box::leak(emulate(shader.source).into_boxed_str()),
+        trusted: true,
+    })
+}
+
+/// The textual rewrite behind [`emulated_shader`].
+pub fn emulate(source: &str) -> String {
+    let rewrites = [
+        ("enable wgpu_cooperative_matrix;\n", ""),
+        ("alias MA = coop_mat16x16<f16, A>;", "alias MA = vec3<u32>;"),
+        ("alias MB = coop_mat16x16<f16, B>;", "alias MB = vec3<u32>;"),
+        (
+            "alias MC = coop_mat16x16<f32, C>;",
+            "alias MC = array<f32, 8>;",
+        ),
+        ("coopLoadT<MA>(&a_sh[", "emu_load_a_sh("),
+        ("coopLoadT<MA>(&a_lo[", "emu_load_a_lo("),
+        ("coopLoadT<MB>(&b_sh[", "emu_load_b_sh("),
+        ("coopLoadT<MB>(&b_lo[", "emu_load_b_lo("),
+        ("], AS);", ", AS);"),
+        ("], BS);", ", BS);"),
+        ("coopMultiplyAdd(", "emu_mma("),
+        ("coopStoreT(cv, &c_sh[ci], 16u);", "emu_store(cv, ci);"),
+        (",\n        @builtin(subgroup_id) sg_id: u32)", ")"),
+        (
+            "let sg = sg_id;",
+            "let sg = lid / 32u;\n    lane = lid % 32u;",
+        ),
+    ];
+    let mut s = source.to_string();
+    for (from, to) in rewrites {
+        s = s.replace(from, to);
+    }
+    s.push_str(include_str!("../../../shaders/lib/coop_emulation.wgsl"));
+    // Element (r, c) of a matrix the loads describe, from whichever workgroup arrays the kernel
+    // has (`emu_load_*` numbers them).
+    s.push_str("\nfn emu_fetch(d: vec3<u32>, r: u32, c: u32) -> f32 {\n");
+    for (id, array) in ["a_sh", "b_sh", "a_lo", "b_lo"].iter().enumerate() {
+        if source.contains(&format!("var<workgroup> {array}:")) {
+            s.push_str(&format!(
+                "    if (d.x == {id}u) {{\n        return f32({array}[d.y + r * d.z + c]);\n    }}\n"
+            ));
+        }
+    }
+    s.push_str("    return 0.0;\n}\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_emulations_have_no_cooperative_matrix_left() {
+        assert_eq!(SHADERS_COOP.len(), EMULATED_SLOTS);
+        for shader in SHADERS_COOP {
+            let s = emulated_shader(shader).source;
+            for gone in ["coop", "subgroup_id", "wgpu_cooperative_matrix"] {
+                let rest: Vec<&str> = s
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("//") && l.contains(gone))
+                    .collect();
+                assert!(
+                    rest.is_empty(),
+                    "{gone} left in the emulation of {}: {rest:?}",
+                    shader.name
+                );
+            }
+        }
+    }
+}
