@@ -10,12 +10,13 @@
 // subgroup a 64 x 64 quarter as 4 x 4 16x16 matrices; K advances 32 at a time through
 // workgroup memory (codes as f16, rows padded by 8 halves), staged in quads of four adjacent
 // elements (vec4 loads where the shape allows); each invocation's four columns are decoded once
-// before the K loop. Loads check bounds (padding, tile edges, the end of K load 0). Each 16x16 result goes through a staging tile in workgroup
-// memory to the NCHW output, where the whole workgroup scales, adds the bias and writes it.
+// before the K loop. Loads check bounds (padding, tile edges, the end of K load 0). Each 16x16
+// result goes through a staging tile in workgroup memory to the NCHW output, where the whole
+// workgroup scales, adds the bias and writes it.
 //
-// Lavapipe has no cooperative matrices: src/kernels/conv_coop.rs derives a plain-WGSL emulation of
-// this file (the same staging, tiles and epilogue; each matrix operation done by the lanes of
-// the subgroup that owns it), which the tests run against the CPU reference.
+// Lavapipe has no cooperative matrices: src/kernels/conv_coop/mod.rs derives a plain-WGSL
+// emulation of this file (the same staging, tiles and epilogue; each matrix operation done by
+// the lanes of the subgroup that owns it), which the tests run against the CPU reference.
 
 enable f16;
 enable wgpu_cooperative_matrix;

@@ -6,13 +6,19 @@
 // the input formed from the BatchNorm before and that BatchNorm's backward sums (BN_SUMS).
 //
 // w holds DoReFa weight levels c_w / n_w: their codes c_w in -n_w..n_w are exact in f16. dy is a
-// float gradient and goes through f16 in two halves. A column's K terms all come from one image
-// and one group, so every column of image b is scaled by the power of two S[b][g] that puts the
-// largest magnitude of that image's dy in group g in [2^14, 2^15) (lib/coop_backward.wgsl),
-// from the maxima a first entry point, `scales_main`, finds; then hi = f16(dy S) and lo = f16(dy S - hi). Both
-// halves times a code are exact products in the f32 accumulator; the epilogue multiplies by
-// 1 / S (exact) and fl32(1 / n_w). The result is conv2d.wgsl's up to the rounding of the split
-// and of the sums.
+// float gradient and goes through f16 in two halves: each column n of B (its terms, dy over the
+// group's channels at the output pixels the taps join to input pixel n) is scaled by the power
+// of two S_n that puts its largest magnitude in [2^14, 2^15) (lib/coop_backward.wgsl), then
+// hi = f16(dy S_n) and lo = f16(dy S_n - hi). Both halves times a code are exact products in the
+// f32 accumulator; the epilogue multiplies by 1 / S_n (exact) and fl32(1 / n_w). The result is
+// conv2d.wgsl's up to the rounding of the split and of the sums.
+//
+// The scales come from a first sweep over the output pixels the tile's columns read (a window of
+// them in batch-major order): each invocation takes pixels and finds, over the group's channels,
+// their largest magnitude, into workgroup memory; each column then takes the largest over its
+// taps. That sweep also brings the tile's dy into the cache for the GEMM. (Where the window is
+// too large for workgroup memory, as in images more than about 128 pixels wide, each column reads
+// its terms for their largest itself.)
 //
 // A workgroup of four 32-wide subgroups computes a 128 x 128 tile, each subgroup a 64 x 64
 // quarter as 4 x 4 16x16 matrices, K advancing 16 at a time through workgroup memory (rows
@@ -21,7 +27,7 @@
 // VEC_DY), each invocation's columns decoded once. With OUT_BN, dy is formed from the conv
 // output and the BatchNorm's output gradient as conv2d.wgsl's OUT_BN forms it.
 //
-// Lavapipe has no cooperative matrices: src/kernels/conv_coop.rs derives a plain-WGSL emulation
+// Lavapipe has no cooperative matrices: src/kernels/conv_coop/mod.rs derives a plain-WGSL emulation
 // of this file, as of conv_coop.wgsl, which the tests run against the f64 reference.
 
 enable f16;
@@ -65,8 +71,8 @@ const BS: u32 = BN + 8u;
 struct Params {
     gn: u32,    // N: batch * H * W
     batch: u32,
-    parts: u32, // workgroups of the first pass per image and group
-    _pad: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -83,21 +89,21 @@ struct Params {
 // OUT_BN: the BatchNorm's output gradient and its table.
 @group(0) @binding(7) var<storage, read> out_dy: array<f32>;
 @group(0) @binding(8) var<storage, read> out_bn: array<f32>;
-// The largest magnitude of dy per image, group and part of the group's channels,
-// (batch, GROUPS, parts): written by `scales_main`, read by `main`.
-@group(0) @binding(9) var<storage, read_write> image_max: array<f32>;
 // w_src and dy_src as vec4s (VEC_W, VEC_DY).
-@group(0) @binding(10) var<storage, read> w_src4: array<vec4<f32>>;
-@group(0) @binding(11) var<storage, read> dy_src4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> w_src4: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read> dy_src4: array<vec4<f32>>;
 
 var<workgroup> a_sh: array<f16, 3072>;   // BM * AS
 var<workgroup> b_sh: array<f16, 2176>;   // BK * BS: the hi halves
 var<workgroup> b_lo: array<f16, 2176>;   // the lo halves
 var<workgroup> c_sh: array<f32, 1024>;   // a 16x16 staging tile per subgroup
-// Per column of the tile, 1 / S of its image.
+// Per column of the tile, S and 1 / S.
+var<workgroup> col_s: array<f32, 128>;
 var<workgroup> col_unscale: array<f32, 128>;
-// `scales_main`: the invocations' largest magnitudes.
-var<workgroup> red: array<f32, 128>;
+// The sweep: the largest magnitude over the group's channels of each output pixel of the
+// window, where it has at most WINDOW of them.
+const WINDOW: u32 = 512u;
+var<workgroup> pix_max: array<f32, 512>;
 
 alias MA = coop_mat16x16<f16, A>;
 alias MB = coop_mat16x16<f16, B>;
@@ -108,55 +114,93 @@ fn count() -> f32 {
     return f32(p.batch * OHW);
 }
 
-// The first pass: workgroup (b, g, part) finds the largest magnitude of image b's dy over its
-// part of group g's channels (formed with OUT_BN), reduced by max (exact in any order), at
-// image_max[(b * GROUPS + g) * p.parts + part].
-@compute @workgroup_size(128)
-fn scales_main(@builtin(workgroup_id) wid: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let b = wid.x;
-    let g = wid.y;
-    let per = (COG + p.parts - 1u) / p.parts;
-    let c0 = min(COG, wid.z * per);
-    let len = (min(COG, c0 + per) - c0) * OHW;
+// The window of output pixels (batch-major: b * OHW + oy * OW + ox) the tile's columns read:
+// from the first row that can join the first column's input row to the last row that can join
+// the last column's, whole rows (a superset; empty where no tap reaches an output).
+struct Window {
+    lo: u32,
+    len: u32,
+}
+
+fn window(n0: u32) -> Window {
+    let n1 = min(n0 + BN, p.gn) - 1u;
+    let b0 = n0 / HW;
+    let b1 = n1 / HW;
+    let iy0 = (n0 - b0 * HW) / W;
+    let iy1 = (n1 - b1 * HW) / W;
+    let top = i32(iy0 + PH) - i32((KH - 1u) * DH);
+    let oy0 = select(0u, u32(top) / SH, top > 0);
+    let oy1 = min(OH - 1u, (iy1 + PH) / SH);
+    let lo = b0 * OHW + oy0 * OW;
+    let hi = b1 * OHW + oy1 * OW + OW;
+    return Window(lo, select(0u, hi - lo, hi > lo));
+}
+
+// The largest magnitude over the group's channels of dy at output pixel o (batch-major).
+fn pixel_max(g: u32, o: u32) -> f32 {
+    let b = o / OHW;
+    let pix = o - b * OHW;
     var mx = 0.0;
-    for (var e = lid; e < len; e += 128u) {
-        let c = e / OHW;
-        let pix = e - c * OHW;
-        let co = g * COG + c0 + c;
+    for (var c = 0u; c < COG; c++) {
+        let co = g * COG + c;
         var t: OutBn;
         if (OUT_BN) {
             t = out_bn_of(co);
         }
         mx = max(mx, abs(dy_value(t, b, pix, dy_src[(b * COUT + co) * OHW + pix], count())));
     }
-    red[lid] = mx;
-    workgroupBarrier();
-    for (var half = 64u; half > 0u; half /= 2u) {
-        if (lid < half) {
-            red[lid] = max(red[lid], red[lid + half]);
-        }
-        workgroupBarrier();
+    return mx;
+}
+
+// The sweep: pix_max of every pixel of the window, where it fits in WINDOW.
+fn sweep(lid: u32, g: u32, win: Window) {
+    if (win.len > WINDOW) {
+        return;
     }
-    if (lid == 0u) {
-        image_max[(b * GROUPS + g) * p.parts + wid.z] = red[0];
+    for (var q = lid; q < win.len; q += 128u) {
+        pix_max[q] = pixel_max(g, win.lo + q);
     }
 }
 
-// S of image b in group g: from the largest of its parts' magnitudes.
-fn image_scale(b: u32, g: u32) -> f32 {
+// S and 1 / S of column n0 + lid into col_s and col_unscale, from the largest magnitude over
+// its taps' output pixels (exactly the terms of the column): from pix_max, or where the window
+// did not fit, from dy itself.
+fn column_scale(lid: u32, g: u32, n0: u32, win: Window) {
+    let n = n0 + lid;
     var mx = 0.0;
-    for (var part = 0u; part < p.parts; part++) {
-        mx = max(mx, image_max[(b * GROUPS + g) * p.parts + part]);
+    if (n < p.gn) {
+        let b = n / HW;
+        let pix = n - b * HW;
+        let iy = pix / W;
+        let ix = pix - iy * W;
+        for (var kh = 0u; kh < KH; kh++) {
+            let sy = i32(iy + PH) - i32(kh * DH);
+            if (sy < 0 || u32(sy) % SH != 0u || u32(sy) / SH >= OH) {
+                continue;
+            }
+            for (var kw = 0u; kw < KW; kw++) {
+                let sx = i32(ix + PW) - i32(kw * DW);
+                if (sx < 0 || u32(sx) % SW != 0u || u32(sx) / SW >= OW) {
+                    continue;
+                }
+                let o = b * OHW + (u32(sy) / SH) * OW + u32(sx) / SW;
+                if (win.len <= WINDOW) {
+                    mx = max(mx, pix_max[o - win.lo]);
+                } else {
+                    mx = max(mx, pixel_max(g, o));
+                }
+            }
+        }
     }
-    return scale_for(mx);
+    let s = scale_for(mx);
+    col_s[lid] = s;
+    col_unscale[lid] = 1.0 / s;
 }
 
 // The columns this invocation stages in every K tile, n0 + 4 * (lid % 32) + j for j = 0..3,
 // decoded once: their image (col_b) and where it starts in dy (col_base), their input pixel
 // shifted by the padding (col_y, col_x; a column past N gets a row far out of range, so that
-// every tap of it loads 0), and their image's scale. Invocation lid also finds 1 / S of
-// column n0 + lid for the epilogue.
+// every tap of it loads 0), and their scale (after column_scale).
 var<private> col_b: array<u32, 4>;
 var<private> col_base: array<u32, 4>;
 var<private> col_y: array<i32, 4>;
@@ -173,10 +217,8 @@ fn decode_columns(lid: u32, g: u32, n0: u32) {
         col_base[j] = b * (COUT * OHW);
         col_y[j] = select(i32(iy + PH), -0x40000000, n >= p.gn);
         col_x[j] = i32(pix - iy * W + PW);
-        col_scale[j] = image_scale(b, g);
+        col_scale[j] = col_s[4u * (lid % 32u) + j];
     }
-    let n = n0 + lid;
-    col_unscale[lid] = 1.0 / image_scale(min(n / HW, p.batch - 1u), g);
 }
 
 // Stages the K tile starting at k0: weight codes round(w * n_w) into a_sh (quads of four rows
@@ -365,6 +407,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     n0 = wid.x * BN;
     m0 = wid.y * BM;
     let g = wid.z;
+    let win = window(n0);
+    sweep(lid, g, win);
+    workgroupBarrier();
+    column_scale(lid, g, n0, win);
+    workgroupBarrier();
     decode_columns(lid, g, n0);
     var acc00 = MC();
     var acc01 = MC();

@@ -21,7 +21,7 @@
 // output and the BatchNorm's output gradient as conv2d.wgsl's OUT_BN forms it; with IN_BN, x
 // from the BatchNorm's input as conv2d.wgsl's IN_BN forms it (lib/bn.wgsl, lib/act.wgsl).
 //
-// Lavapipe has no cooperative matrices: src/kernels/conv_coop.rs derives a plain-WGSL emulation
+// Lavapipe has no cooperative matrices: src/kernels/conv_coop/mod.rs derives a plain-WGSL emulation
 // of this file, as of conv_coop.wgsl, which the tests run against the f64 reference.
 
 enable f16;

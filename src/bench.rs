@@ -157,7 +157,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                 }),
             ));
         }
-        // Grad-input on tensor cores (dy as two f16 halves, with its scale pass), as
+        // Grad-input on tensor cores (dy as two f16 halves per column scale), as
         // `forward coop`.
         if !first && !bits.is_float() && bits.get() <= 8 {
             out.push(mk(
@@ -170,7 +170,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                     let dy = random_tensor(gpu, "dy", &g.output_shape(), &mut rng, -1.0, 1.0)?;
                     let wt = random_tensor(gpu, "w", &g.weight_shape(), &mut rng, -1.0, 1.0)?;
                     let dx = gpu.empty("dx", &g.input_shape(), DType::F32)?;
-                    crate::kernels::conv_coop::grad_input(
+                    Ok(vec![crate::kernels::conv_coop::grad_input(
                         gpu,
                         &g,
                         &dy,
@@ -179,7 +179,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                         bits,
                         (None, Default::default()),
                         mode,
-                    )
+                    )?])
                 }),
             ));
         }

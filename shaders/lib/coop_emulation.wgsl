@@ -1,10 +1,11 @@
 // Plain-WGSL stand-ins for the cooperative-matrix operations of conv_coop.wgsl,
 // conv_coop_gw.wgsl and conv_coop_gi.wgsl, appended to the emulation that
-// src/kernels/conv_coop.rs derives from each (lavapipe has no cooperative matrices). A 16x16 A or B matrix stays where it lies in workgroup
-// memory (which array, offset, row stride) and is read when multiplied, the data being still in
-// place then; an accumulator is the 8 elements lane l of its subgroup owns (row-major elements
-// 8l..8l+7 of the 16x16). Each element's products are added in k order; products of f16 values
-// are exact in f32, as in the hardware, whose order of the additions may differ.
+// src/kernels/conv_coop/mod.rs derives from each (lavapipe has no cooperative matrices). A 16x16
+// A or B matrix stays where it lies in workgroup memory (which array, offset, row stride) and is
+// read when multiplied, the data being still in place then; an accumulator is the 8 elements
+// lane l of its subgroup owns (row-major elements 8l..8l+7 of the 16x16). Each element's
+// products are added in k order; products of f16 values are exact in f32, as in the hardware,
+// whose order of the additions may differ.
 
 var<private> lane: u32;
 
@@ -25,7 +26,7 @@ fn emu_load_b_lo(off: u32, stride: u32) -> vec3<u32> {
 }
 
 // (emu_fetch(d, r, c), element (r, c) of the matrix d describes, is appended by
-// src/kernels/conv_coop.rs for the workgroup arrays the kernel has.)
+// src/kernels/conv_coop/mod.rs for the workgroup arrays the kernel has.)
 
 fn emu_mma(a: vec3<u32>, b: vec3<u32>, c_in: array<f32, 8>) -> array<f32, 8> {
     var r = c_in;

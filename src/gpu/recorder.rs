@@ -39,13 +39,11 @@ impl std::fmt::Debug for Launch {
 
 impl Launch {
     /// Whether the kernel is bound by memory traffic rather than arithmetic: every kernel but the
-    /// conv / matmul GEMMs (`conv2d.wgsl`, and the `main` entry of the `conv_coop*.wgsl`
-    /// kernels on cooperative matrices or their emulation; grad-input's scale pass is not one).
+    /// conv / matmul GEMMs (`conv2d.wgsl`, and the `conv_coop*.wgsl` kernels on cooperative
+    /// matrices or their emulation).
     pub fn memory_bound(&self) -> bool {
-        let mut parts = self.kernel.name.split(':');
-        let (shader, entry) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let gemm = shader == "conv2d.wgsl" || (shader.starts_with("conv_coop") && entry == "main");
-        !gemm
+        let name = &self.kernel.name;
+        !(name.starts_with("conv2d.wgsl:") || name.starts_with("conv_coop"))
     }
 
     /// `shader:entry[:CONST=v...]` of the kernel.

@@ -230,8 +230,10 @@ fn grad_weight_cases(v: &mut Vec<Case>) {
 /// against the f64 reference: weight levels, and a float dy whose images span 2^-30 to 1 (each
 /// image has its own scale in the kernel), checked image by image with tolerances scaled to
 /// each. A strided, dilated, padded grouped 3x3 with the input quantizer's mask and
-/// requantization in the epilogue (the float x spans both sides of the quantizer's range), and a
-/// pointwise conv over two row tiles with vector loads of w and dy and no epilogue; 4 and 8 bits.
+/// requantization in the epilogue (the float x spans both sides of the quantizer's range; rows
+/// of 200 pixels, so that some tiles' output windows fit in workgroup memory and some do not),
+/// and a pointwise conv over two row tiles with vector loads of w and dy and no epilogue; 4 and
+/// 8 bits.
 fn grad_input_cases(v: &mut Vec<Case>) {
     use kernels::conv2d::Conv2dGeom as G;
     // (The emulation takes lavapipe about a minute to compile per shape, hence two.)
@@ -241,7 +243,7 @@ fn grad_input_cases(v: &mut Vec<Case>) {
                 batch: 3,
                 cin: 6,
                 h: 9,
-                w: 7,
+                w: 200,
                 cout: 8,
                 kernel: (3, 3),
                 stride: (2, 1),
@@ -298,7 +300,7 @@ fn grad_input_cases(v: &mut Vec<Case>) {
                     bits,
                     requantize: true,
                 });
-                let ops = kernels::conv_coop::grad_input(
+                let op = kernels::conv_coop::grad_input(
                     gpu,
                     &geom,
                     &dyt,
@@ -308,7 +310,7 @@ fn grad_input_cases(v: &mut Vec<Case>) {
                     (act_grad, Default::default()),
                     mode,
                 )?;
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &xt])?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&dxt, &xt])?;
                 let mut want = geom.ref_grad_input(&f64s(&dy), &f64s(&w));
                 if act {
                     want = reference::quant::act_backward_f64(&x, &want);

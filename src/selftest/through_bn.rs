@@ -943,16 +943,17 @@ pub(super) fn coop_grad_input_case(v: &mut Vec<Case>) {
             };
             let [n, _, h, wd] = geom.input_shape();
             let tiles = (n * h * wd).div_ceil(conv_coop::TILE);
-            let mut ops =
-                conv_coop::grad_input(gpu, &geom, &yt, &wt, &dxt, bits, (Some(act), around), mode)?;
-            ops.push(norm::backward_merge(
-                gpu,
-                BnShape::of(&geom.x_shape())?,
-                (&sums, tiles),
-                &in_t,
-                &gt,
-                (&dgt, &dbt),
-            )?);
+            let ops = [
+                conv_coop::grad_input(gpu, &geom, &yt, &wt, &dxt, bits, (Some(act), around), mode)?,
+                norm::backward_merge(
+                    gpu,
+                    BnShape::of(&geom.x_shape())?,
+                    (&sums, tiles),
+                    &in_t,
+                    &gt,
+                    (&dgt, &dbt),
+                )?,
+            ];
             let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &dbt, &dgt])?;
             let dx = geom.ref_grad_input(&dy_conv, &f64s(&w));
             let masked = quant::act_backward_f64(&f.x_float, &dx);

@@ -1,5 +1,5 @@
-//! Grad-input on cooperative matrices (`shaders/conv_coop_gi.wgsl`): a pass that finds each
-//! image's gradient scale per group, then the GEMM with conv2d.wgsl's grad-input epilogue.
+//! Grad-input on cooperative matrices (`shaders/conv_coop_gi.wgsl`): the GEMM with
+//! conv2d.wgsl's grad-input epilogue, each column of dy scaled for its f16 halves.
 
 use super::{CoopMode, TILE, emulated_shader};
 use crate::error::{Error, Result};
@@ -13,18 +13,12 @@ use crate::quant::Bits;
 struct Params {
     gn: u32,
     batch: u32,
-    parts: u32,
-    _pad: u32,
+    _pad: [u32; 2],
 }
-
-/// Workgroups the scale pass aims at in all: enough to fill a large GPU whatever the batch
-/// and groups (each image and group's channels are split into parts to get there).
-const SCALE_WORKGROUPS: usize = 1024;
 
 /// `dx = dL/dx` of a conv whose weights `w` hold `w_bits` DoReFa levels, on cooperative
 /// matrices (`mode`): the weight codes exact in f16, the float `dy` as two f16 halves under a
-/// power-of-two scale per image and group (from the maxima a first pass over `dy` writes into a
-/// small buffer this allocates). With `act`, the input quantizer's backward in the
+/// power-of-two scale per column (input pixel) that the kernel finds first. With `act`, the input quantizer's backward in the
 /// epilogue as `conv2d::grad_input_fused` applies it; with `bn.input` (and an `act` without
 /// requantize), the mask of the input formed from the BatchNorm before, and with
 /// `bn.input_sums` that BatchNorm's backward sums per [`TILE`] columns; with `bn.output`, `dy`
@@ -39,7 +33,7 @@ pub fn grad_input(
     w_bits: Bits,
     (act, bn): (Option<ActGrad<'_>>, AroundBn<'_>),
     mode: CoopMode,
-) -> Result<Vec<Op>> {
+) -> Result<Op> {
     const K: &str = "conv2d.grad_input (cooperative matrices)";
     geom.validate()?;
     for (name, t, shape) in [
@@ -65,12 +59,6 @@ pub fn grad_input(
         return Err(Error::shape(
             K,
             "tensor too large to index with 32 bits: use a smaller batch size",
-        ));
-    }
-    if geom.batch > gpu.limits.max_compute_workgroups_per_dimension as usize {
-        return Err(Error::shape(
-            K,
-            "batch larger than the device's workgroups per dimension: use a smaller batch size",
         ));
     }
     let fused = Fused {
@@ -130,19 +118,15 @@ pub fn grad_input(
         Bind::ReadWrite,
         Bind::Read,
         Bind::Read,
-        Bind::ReadWrite,
         Bind::ReadVec4,
         Bind::ReadVec4,
     ];
-    let kernel = |entry| {
-        gpu.kernel(&KernelSpec {
-            shader,
-            entry,
-            constants: &constants,
-            bindings: &bindings,
-        })
-    };
-    let (scales_kernel, gemm_kernel) = (kernel("scales_main")?, kernel("main")?);
+    let kernel = gpu.kernel(&KernelSpec {
+        shader,
+        entry: "main",
+        constants: &constants,
+        bindings: &bindings,
+    })?;
     // Buffers of their own for the optional bindings, so that none aliases a written one.
     let placeholder = |what: &str| gpu.zeros(what, &[1], DType::F32);
     let (no_x, no_table, no_sums, no_dy) = (
@@ -151,11 +135,6 @@ pub fn grad_input(
         placeholder("no BatchNorm sums")?,
         placeholder("no BatchNorm output gradient")?,
     );
-    let images = geom.batch * geom.groups;
-    let parts = SCALE_WORKGROUPS
-        .div_ceil(images)
-        .clamp(1, geom.cout / geom.groups);
-    let maxima = gpu.zeros("grad-input gradient maxima", &[images * parts], DType::F32)?;
     let act_x = act.map_or(&no_x, |a| a.x);
     let in_table = input.map_or(&no_table, |b| b.form.table);
     let (out_dy, out_table) = output.map_or((&no_dy, &no_table), |b| (b.dy, b.form.table));
@@ -163,43 +142,28 @@ pub fn grad_input(
     let p = Params {
         gn: gn as u32,
         batch: geom.batch as u32,
-        parts: parts as u32,
-        _pad: 0,
+        _pad: [0; 2],
     };
-    let buffers = [
-        w, dy, dx, act_x, in_table, sums, out_dy, out_table, &maxima, w, dy,
-    ];
     let emulated = if mode == CoopMode::Emulated {
         " (emulated)"
     } else {
         ""
     };
-    let shapes = format!(
-        "x{:?} w{:?} g{}",
-        geom.input_shape(),
-        geom.weight_shape(),
-        geom.groups
-    );
-    let scales_op = gpu.launch(
-        &scales_kernel,
-        format!("conv2d.grad_input scales {shapes}{emulated}"),
-        Some(bytemuck::bytes_of(&p)),
-        &buffers,
-        [geom.batch as u32, geom.groups as u32, parts as u32],
-    )?;
-    let gemm_op = gpu.launch(
-        &gemm_kernel,
+    Ok(Op::Dispatch(gpu.launch(
+        &kernel,
         format!(
-            "conv2d.grad_input {shapes}{} coop{emulated}",
+            "conv2d.grad_input x{:?} w{:?} g{}{} coop{emulated}",
+            geom.input_shape(),
+            geom.weight_shape(),
+            geom.groups,
             fused.describe()
         ),
         Some(bytemuck::bytes_of(&p)),
-        &buffers,
+        &[w, dy, dx, act_x, in_table, sums, out_dy, out_table, w, dy],
         [
             gn.div_ceil(TILE) as u32,
             (geom.cin / geom.groups).div_ceil(TILE) as u32,
             geom.groups as u32,
         ],
-    )?;
-    Ok(vec![Op::Dispatch(scales_op), Op::Dispatch(gemm_op)])
+    )?))
 }

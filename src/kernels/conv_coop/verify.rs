@@ -86,7 +86,7 @@ pub fn verify(gpu: &Gpu) -> Result<()> {
         gpu, &geom, &xt, &dyt, &dw[1], &db[1], None, None,
     )?);
     // Grad-input likewise.
-    ops.extend(match gpu.coop_grad_input() {
+    ops.push(match gpu.coop_grad_input() {
         Some(mode) => grad_input(
             gpu,
             &geom,
@@ -97,7 +97,7 @@ pub fn verify(gpu: &Gpu) -> Result<()> {
             (None, AroundBn::default()),
             mode,
         )?,
-        None => vec![conv2d::grad_input(gpu, &geom, &dyt, &wt, &dx[0])?],
+        None => conv2d::grad_input(gpu, &geom, &dyt, &wt, &dx[0])?,
     });
     ops.push(conv2d::grad_input(gpu, &geom, &dyt, &wt, &dx[1])?);
     let got: Vec<Vec<f32>> = gpu.run_and_read(

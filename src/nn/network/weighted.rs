@@ -117,14 +117,13 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                     )?),
                     _ => gemm
                         .grad_input_act(gpu, dy, &w_hat, dx, act, around)
-                        .transpose()?
-                        .map(|op| vec![op]),
+                        .transpose()?,
                 }
             }
             _ => None,
         };
         match io.dx() {
-            Some(_) if fused.is_some() => bwd.extend(fused.into_iter().flatten()),
+            Some(_) if fused.is_some() => bwd.extend(fused),
             Some(dx) => {
                 bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, around)?);
                 if in_place {
