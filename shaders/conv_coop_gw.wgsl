@@ -12,8 +12,8 @@
 // exact products in the f32 accumulator; the epilogue multiplies by 1 / S (exact) and
 // fl32(1 / n_a). The result is conv2d.wgsl's up to the rounding of the split and of the sums.
 //
-// A first pass over the workgroup's rows (one invocation per row, in increasing k) finds each
-// row's largest magnitude and, with BIAS_GRAD, its sum: the bias gradient, in conv2d.wgsl's order.
+// A first pass over the workgroup's rows (eight invocations per row, reading adjacent pixels)
+// finds each row's largest magnitude and, with BIAS_GRAD, its sum: the bias gradient.
 // Then a workgroup of four 32-wide subgroups computes a 128 x 128 tile, each subgroup a 64 x 64
 // quarter as 4 x 4 16x16 matrices, K advancing 16 at a time through workgroup memory (rows
 // padded to 16-byte multiples, staged in quads: four adjacent pixels of a dy row, four adjacent
@@ -84,33 +84,59 @@ alias MA = coop_mat16x16<f16, A>;
 alias MB = coop_mat16x16<f16, B>;
 alias MC = coop_mat16x16<f32, C>;
 
-// The first pass: invocation lid takes row m0 + lid over the split's pixels in increasing k,
-// for its largest magnitude (the row's scale) and, with BIAS_GRAD, its sum.
+// The first pass, over the workgroup's rows and the split's pixels: eight invocations per row
+// (rows lid / 8 + 16 r, r = 0..7), invocation part = lid % 8 taking every eighth pixel from
+// k_begin + part, so that adjacent invocations read adjacent pixels. It finds each row's largest
+// magnitude (its scale) and, with BIAS_GRAD in the first column tile, its sum: the bias
+// gradient, the eight partial sums added in order. The partials go through c_sh (free until the
+// epilogue), row R's at c_sh[R * 8 + part].
 fn row_pass(lid: u32, g: u32, m0: u32, k_begin: u32, k_stop: u32, first_column: bool,
             split: u32) {
-    let row = m0 + lid;
-    var mx = 0.0;
-    var sum = 0.0;
-    if (row < COG) {
-        let co = g * COG + row;
-        var t: OutBn;
-        if (OUT_BN) {
-            t = out_bn_of(co);
-        }
-        for (var k = k_begin; k < k_stop; k++) {
-            let b = k / OHW;
-            let pix = k - b * OHW;
-            let v = dy_value(t, b, pix, a_src[(b * COUT + co) * OHW + pix], f32(p.gk));
-            mx = max(mx, abs(v));
-            sum += v;
-        }
-        if (BIAS_GRAD && first_column) {
-            bias_grad[(split * GROUPS + g) * COG + row] = sum;
+    let part = lid % 8u;
+    var mx: array<f32, 8>;
+    var sum: array<f32, 8>;
+    for (var r = 0u; r < 8u; r++) {
+        let row = m0 + lid / 8u + 16u * r;
+        if (row < COG) {
+            let co = g * COG + row;
+            var t: OutBn;
+            if (OUT_BN) {
+                t = out_bn_of(co);
+            }
+            for (var k = k_begin + part; k < k_stop; k += 8u) {
+                let b = k / OHW;
+                let pix = k - b * OHW;
+                let v = dy_value(t, b, pix, a_src[(b * COUT + co) * OHW + pix], f32(p.gk));
+                mx[r] = max(mx[r], abs(v));
+                sum[r] += v;
+            }
         }
     }
-    let s = scale_for(mx);
+    for (var r = 0u; r < 8u; r++) {
+        c_sh[(lid / 8u + 16u * r) * 8u + part] = mx[r];
+    }
+    workgroupBarrier();
+    var m = 0.0;
+    for (var i = 0u; i < 8u; i++) {
+        m = max(m, c_sh[lid * 8u + i]);
+    }
+    let s = scale_for(m);
     row_scale[lid] = s;
     row_unscale[lid] = 1.0 / s;
+    workgroupBarrier();
+    if (BIAS_GRAD) {
+        for (var r = 0u; r < 8u; r++) {
+            c_sh[(lid / 8u + 16u * r) * 8u + part] = sum[r];
+        }
+    }
+    workgroupBarrier();
+    if (BIAS_GRAD && first_column && m0 + lid < COG) {
+        var total = 0.0;
+        for (var i = 0u; i < 8u; i++) {
+            total += c_sh[lid * 8u + i];
+        }
+        bias_grad[(split * GROUPS + g) * COG + m0 + lid] = total;
+    }
 }
 
 // The columns this invocation stages in every K tile, n0 + 4 * (lid % 32) + j for j = 0..3,
