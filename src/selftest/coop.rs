@@ -44,8 +44,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
 /// else their plain-WGSL emulation (the same staging, tiles and epilogue), against the f64
 /// reference on DoReFa levels. Shapes with tails in M, N and K, two row tiles, stride,
 /// padding, dilation and groups, scalar and vector loads; 8-bit and 4-bit codes. (An adapter
-/// without f16 has neither: the cases check nothing there. The emulation takes lavapipe 10-20 s
-/// to compile per shape, hence four.)
+/// without f16 has neither: the cases check nothing there.)
 fn forward_cases(v: &mut Vec<Case>) {
     use kernels::conv2d::Conv2dGeom as G;
     let shapes = [
@@ -126,7 +125,6 @@ fn forward_cases(v: &mut Vec<Case>) {
 /// gradient, scalar and vector loads, 4 and 8 bits.
 fn grad_weight_cases(v: &mut Vec<Case>) {
     use kernels::conv2d::Conv2dGeom as G;
-    // (The emulation takes lavapipe about a minute to compile per shape, hence two.)
     let shapes = [
         (
             G {
@@ -144,6 +142,8 @@ fn grad_weight_cases(v: &mut Vec<Case>) {
             4,
         ),
         (G::square(4, 20, 16, 140, 3).padding(1), 8),
+        // Pointwise with images of 36 pixels: dy rows as vec4s.
+        (G::square(3, 12, 6, 20, 1), 8),
     ];
     for (geom, b) in shapes {
         let shape = format!(
@@ -232,11 +232,10 @@ fn grad_weight_cases(v: &mut Vec<Case>) {
 /// each. A strided, dilated, padded grouped 3x3 with the input quantizer's mask and
 /// requantization in the epilogue (the float x spans both sides of the quantizer's range; rows
 /// of 200 pixels, so that some tiles' output windows fit in workgroup memory and some do not),
-/// and a pointwise conv over two row tiles with vector loads of w and dy and no epilogue; 4 and
-/// 8 bits.
+/// a pointwise conv over two row tiles with vector loads of w and dy and no epilogue, and a
+/// strided 5x5; 2, 4 and 8 bits.
 fn grad_input_cases(v: &mut Vec<Case>) {
     use kernels::conv2d::Conv2dGeom as G;
-    // (The emulation takes lavapipe about a minute to compile per shape, hence two.)
     let shapes = [
         (
             G {
@@ -255,6 +254,8 @@ fn grad_input_cases(v: &mut Vec<Case>) {
             true,
         ),
         (G::square(4, 140, 6, 20, 1), 8, false),
+        // 5x5 with stride 2, input channels not a multiple of 4 (scalar weight loads).
+        (G::square(2, 6, 11, 9, 5).stride(2).padding(2), 2, true),
     ];
     for (geom, b, act) in shapes {
         let shape = format!(

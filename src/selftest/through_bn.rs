@@ -114,8 +114,6 @@ fn input_bn(table: &Tensor, relu: bool, shuffle: usize, bits: Bits) -> InputBn<'
 }
 
 pub(super) fn cases(v: &mut Vec<Case>) {
-    // (The emulated cooperative-matrix kernel takes ~12 s to compile per shape on a CPU
-    // driver: two shapes of four, a shuffled 3x3 and the group-packed one.)
     for (i, (geom, relu, shuffle, b)) in shapes().into_iter().enumerate() {
         let shape = format!(
             "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle} A{b}",
@@ -150,14 +148,12 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 )])
             },
         ));
-        let coop = i == 0 || i == 3;
         v.push(Case::new(
             "conv2d",
             "forward coop through bn",
             shape.clone(),
             move |gpu, rng| {
-                let path = path_or_emulation(gpu, gpu.coop());
-                let Some(mode) = path.filter(|_| coop || gpu.coop().is_some()) else {
+                let Some(mode) = path_or_emulation(gpu, gpu.coop()) else {
                     return Ok(Vec::new());
                 };
                 let f = formed(rng, &geom, relu, shuffle, bits);
@@ -801,8 +797,8 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
 /// Grad-weight on cooperative matrices (emulated where there are none) with both BatchNorms'
 /// work on load: the input levels formed from the BatchNorm before (`IN_BN`, 8 bits) and dy
 /// from the backward of the one after (`OUT_BN`), against the f64 GEMMs of the reference's
-/// quantized input and BatchNorm input gradient. One shape (grouped 3x3, both shuffled, both
-/// ReLUs): the emulation takes lavapipe about a minute to compile.
+/// quantized input and BatchNorm input gradient. One shape: grouped 3x3, both shuffled, both
+/// ReLUs.
 pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
     let geom = Conv2dGeom::square(2, 8, 6, 12, 3).padding(1).groups(2);
     let (relu, shuffle, bits) = (true, 2, Bits::new(8).expect("8 bits"));
@@ -878,9 +874,8 @@ pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
 /// BatchNorm work: dy formed through the backward of the BatchNorm after (`OUT_BN`), the mask of
 /// the input formed from the BatchNorm before (`IN_BN`, the quantizer's straight-through rule)
 /// and that BatchNorm's backward sums per 128-column tile (`BN_SUMS`), merged by
-/// `norm::backward_merge`: dx, dbeta and dgamma against the f64 reference. One shape (grouped
-/// 3x3 over three column tiles, both shuffled, both ReLUs): the emulation takes lavapipe about a
-/// minute to compile.
+/// `norm::backward_merge`: dx, dbeta and dgamma against the f64 reference. One shape: grouped
+/// 3x3 over three column tiles, both shuffled, both ReLUs.
 pub(super) fn coop_grad_input_case(v: &mut Vec<Case>) {
     use crate::kernels::norm::{self, BnShape};
     let geom = Conv2dGeom::square(2, 8, 12, 12, 3).padding(1).groups(2);

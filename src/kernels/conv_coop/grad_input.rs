@@ -18,8 +18,8 @@ struct Params {
 
 /// `dx = dL/dx` of a conv whose weights `w` hold `w_bits` DoReFa levels, on cooperative
 /// matrices (`mode`): the weight codes exact in f16, the float `dy` as two f16 halves under a
-/// power-of-two scale per column (input pixel) that the kernel finds first. With `act`, the input quantizer's backward in the
-/// epilogue as `conv2d::grad_input_fused` applies it; with `bn.input` (and an `act` without
+/// power-of-two scale per column (input pixel) that the kernel finds first. With `act`, the
+/// input quantizer's backward in the epilogue as `conv2d::grad_input_fused` applies it; with `bn.input` (and an `act` without
 /// requantize), the mask of the input formed from the BatchNorm before, and with
 /// `bn.input_sums` that BatchNorm's backward sums per [`TILE`] columns; with `bn.output`, `dy`
 /// is the conv's output and its gradient is formed through the BatchNorm after it.

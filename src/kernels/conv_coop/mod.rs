@@ -67,7 +67,7 @@ pub fn emulate(source: &str) -> String {
         (",\n        @builtin(subgroup_id) sg_id: u32)", ")"),
         (
             "let sg = sg_id;",
-            "let sg = lid / 32u;\n    lane = lid % 32u;",
+            "let sg = lid / 32u;\n    lane = lid % 32u;\n    emu_depth = 16u + (wid.x >> 31u);",
         ),
     ];
     let mut s = source.to_string();
