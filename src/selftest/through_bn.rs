@@ -114,7 +114,7 @@ fn input_bn(table: &Tensor, relu: bool, shuffle: usize, bits: Bits) -> InputBn<'
 }
 
 pub(super) fn cases(v: &mut Vec<Case>) {
-    for (i, (geom, relu, shuffle, b)) in shapes().into_iter().enumerate() {
+    for (geom, relu, shuffle, b) in shapes() {
         let shape = format!(
             "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle} A{b}",
             geom.input_shape(),
