@@ -47,11 +47,14 @@ override BN_SUMS: bool = false;
 override OUT_BN: bool = false;
 override OUT_RELU: bool = false;
 override OUT_SHUFFLE: u32 = 1u;
-// n_w and fl32(1 / n_w); n_a and fl32(1 / n_a) of the input quantizer.
+// n_w and fl32(1 / n_w); n_a and fl32(1 / n_a) of the input quantizer (conv2d.wgsl's names;
+// lib/coop_conv.wgsl's A_LEVELS and A_INV_LEVELS follow them).
 override W_LEVELS: f32 = 1.0;
 override W_INV_LEVELS: f32 = 1.0;
-override A_LEVELS: f32 = 1.0;
-override A_INV_LEVELS: f32 = 1.0;
+override ACT_LEVELS: f32 = 1.0;
+override ACT_INV_LEVELS: f32 = 1.0;
+override A_LEVELS: f32 = ACT_LEVELS;
+override A_INV_LEVELS: f32 = ACT_INV_LEVELS;
 // VEC_W: a 1x1 conv whose groups have a multiple of 4 input channels (four rows of a K step in
 // one aligned vec4 of w). VEC_DY: a pointwise conv whose images have a multiple of 4 pixels
 // (four columns in one aligned vec4 of dy).
@@ -103,7 +106,7 @@ var<workgroup> col_unscale: array<f32, 128>;
 // The sweep: the largest magnitude over the group's channels of each output pixel of the
 // window, where it has at most WINDOW of them.
 const WINDOW: u32 = 512u;
-var<workgroup> pix_max: array<f32, 512>;
+var<workgroup> pix_max: array<f32, WINDOW>;
 
 alias MA = coop_mat16x16<f16, A>;
 alias MB = coop_mat16x16<f16, B>;
@@ -348,7 +351,7 @@ fn write_dx(g: u32, row: u32, col: u32, v: f32, k: u32) {
             d = dorefa_act_grad(xv, v);
         }
         if (ACT_GRAD == 2u) {
-            act_x[i] = dorefa_act(xv, A_LEVELS, A_INV_LEVELS);
+            act_x[i] = dorefa_act(xv, ACT_LEVELS, ACT_INV_LEVELS);
         }
     }
     out[i] = d;

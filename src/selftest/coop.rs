@@ -69,15 +69,7 @@ fn forward_cases(v: &mut Vec<Case>) {
         (G::square(3, 12, 6, 20, 1), 8),
     ];
     for (geom, b) in shapes {
-        let shape = format!(
-            "x{:?} w{:?} s{:?} p{:?} d{:?} g{} W{b}A{b}",
-            geom.input_shape(),
-            geom.weight_shape(),
-            geom.stride,
-            geom.padding,
-            geom.dilation,
-            geom.groups
-        );
+        let shape = format!("{} W{b}A{b}", geom.describe());
         v.push(Case::new(
             "conv2d",
             "forward coop",
@@ -146,15 +138,7 @@ fn grad_weight_cases(v: &mut Vec<Case>) {
         (G::square(3, 12, 6, 20, 1), 8),
     ];
     for (geom, b) in shapes {
-        let shape = format!(
-            "x{:?} w{:?} s{:?} p{:?} d{:?} g{} A{b}",
-            geom.input_shape(),
-            geom.weight_shape(),
-            geom.stride,
-            geom.padding,
-            geom.dilation,
-            geom.groups
-        );
+        let shape = format!("{} A{b}", geom.describe());
         v.push(Case::new(
             "conv2d",
             "grad_weight+bias coop",
@@ -258,16 +242,8 @@ fn grad_input_cases(v: &mut Vec<Case>) {
         (G::square(2, 6, 11, 9, 5).stride(2).padding(2), 2, true),
     ];
     for (geom, b, act) in shapes {
-        let shape = format!(
-            "x{:?} w{:?} s{:?} p{:?} d{:?} g{} W{b}{}",
-            geom.input_shape(),
-            geom.weight_shape(),
-            geom.stride,
-            geom.padding,
-            geom.dilation,
-            geom.groups,
-            if act { " +act requantize" } else { "" }
-        );
+        let requantize = if act { " +act requantize" } else { "" };
+        let shape = format!("{} W{b}{requantize}", geom.describe());
         v.push(Case::new(
             "conv2d",
             if act {

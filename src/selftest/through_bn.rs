@@ -794,6 +794,59 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
     }
 }
 
+/// A conv between two BatchNorms, as the coop backward cases give it: the input formed from the
+/// BatchNorm before (`f`, its input in `x` and table in `in_table`), the conv's output `y` and
+/// the BatchNorm after's output gradient and table, and the f64 gradient of the conv's output
+/// through that BatchNorm (`dy_conv`).
+struct BetweenBns {
+    f: Formed,
+    dy_conv: Vec<f64>,
+    x: Tensor,
+    in_table: Tensor,
+    y: Tensor,
+    bn_dy: Tensor,
+    out_table: Tensor,
+}
+
+impl BetweenBns {
+    fn new(
+        gpu: &crate::Gpu,
+        rng: &mut Rng,
+        geom: &Conv2dGeom,
+        (relu, shuffle, bits): (bool, usize, Bits),
+    ) -> crate::Result<BetweenBns> {
+        let f = formed(rng, geom, relu, shuffle, bits);
+        let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
+        let table = random_table_after(rng, geom);
+        let dy_conv = bn_input_gradient(geom, &y, &bn_dy, &table, relu, shuffle);
+        Ok(BetweenBns {
+            x: gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?,
+            in_table: gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?,
+            y: gpu.upload_f32("conv output", &geom.y_shape(), &y)?,
+            bn_dy: gpu.upload_f32("bn output gradient", &geom.y_shape(), &bn_dy)?,
+            out_table: gpu.upload_f32("bn after table", &[TABLE * geom.cout], &table)?,
+            f,
+            dy_conv,
+        })
+    }
+
+    /// Both BatchNorms' work on load (no backward sums).
+    fn around(&self, (relu, shuffle, bits): (bool, usize, Bits)) -> AroundBn<'_> {
+        AroundBn {
+            input: Some(input_bn(&self.in_table, relu, shuffle, bits)),
+            output: Some(OutputBn {
+                form: BnForm {
+                    table: &self.out_table,
+                    relu,
+                    shuffle,
+                },
+                dy: &self.bn_dy,
+            }),
+            input_sums: None,
+        }
+    }
+}
+
 /// Grad-weight on cooperative matrices (emulated where there are none) with both BatchNorms'
 /// work on load: the input levels formed from the BatchNorm before (`IN_BN`, 8 bits) and dy
 /// from the backward of the one after (`OUT_BN`), against the f64 GEMMs of the reference's
@@ -801,15 +854,8 @@ pub(super) fn output_cases(v: &mut Vec<Case>) {
 /// ReLUs.
 pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
     let geom = Conv2dGeom::square(2, 8, 6, 12, 3).padding(1).groups(2);
-    let (relu, shuffle, bits) = (true, 2, Bits::new(8).expect("8 bits"));
-    let shape = format!(
-        "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle} A8",
-        geom.input_shape(),
-        geom.weight_shape(),
-        geom.stride,
-        geom.padding,
-        geom.groups
-    );
+    let form = (true, 2, Bits::new(8).expect("8 bits"));
+    let shape = format!("{} relu true shuffle 2 A8", geom.describe());
     let k = geom.reduction();
     v.push(Case::new(
         "conv2d",
@@ -819,43 +865,23 @@ pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
             let Some(mode) = path_or_emulation(gpu, gpu.coop_grad_weight()) else {
                 return Ok(Vec::new());
             };
-            let f = formed(rng, &geom, relu, shuffle, bits);
+            let t = BetweenBns::new(gpu, rng, &geom, form)?;
             let c = geom.cout;
-            let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
-            let table = random_table_after(rng, &geom);
-            let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
-            let xt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
-            let in_t = gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?;
-            let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
-            let bdt = gpu.upload_f32("bn output gradient", &geom.y_shape(), &bn_dy)?;
-            let out_t = gpu.upload_f32("bn after table", &[TABLE * c], &table)?;
             let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
             let dbt = gpu.empty("db", &[c], DType::F32)?;
-            let around = AroundBn {
-                input: Some(input_bn(&in_t, relu, shuffle, bits)),
-                output: Some(OutputBn {
-                    form: BnForm {
-                        table: &out_t,
-                        relu,
-                        shuffle,
-                    },
-                    dy: &bdt,
-                }),
-                ..AroundBn::default()
-            };
             let ops = conv_coop::grad_weight(
                 gpu,
                 &geom,
-                &xt,
-                &yt,
+                &t.x,
+                &t.y,
                 (&dwt, Some(&dbt)),
-                bits,
-                (around, None),
+                form.2,
+                (t.around(form), None),
                 mode,
             )?;
             let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dwt, &dbt])?;
-            let want = geom.ref_grad_weight(&f64s(&f.x_quant), &dy_conv);
-            let want_db = geom.ref_grad_bias(&dy_conv);
+            let want = geom.ref_grad_weight(&f64s(&t.f.x_quant), &t.dy_conv);
+            let want_db = geom.ref_grad_bias(&t.dy_conv);
             Ok(vec![
                 (
                     "dw".into(),
@@ -863,7 +889,7 @@ pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
                 ),
                 (
                     "db".into(),
-                    reference::compare(&got[1], &want_db, gemm_tolerance(y.len() / c)),
+                    reference::compare(&got[1], &want_db, gemm_tolerance(t.dy_conv.len() / c)),
                 ),
             ])
         },
@@ -879,15 +905,9 @@ pub(super) fn coop_grad_weight_case(v: &mut Vec<Case>) {
 pub(super) fn coop_grad_input_case(v: &mut Vec<Case>) {
     use crate::kernels::norm::{self, BnShape};
     let geom = Conv2dGeom::square(2, 8, 12, 12, 3).padding(1).groups(2);
-    let (relu, shuffle, bits) = (true, 2, Bits::new(8).expect("8 bits"));
-    let shape = format!(
-        "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle} W8",
-        geom.input_shape(),
-        geom.weight_shape(),
-        geom.stride,
-        geom.padding,
-        geom.groups
-    );
+    let form = (true, 2, Bits::new(8).expect("8 bits"));
+    let (relu, shuffle, bits) = form;
+    let shape = format!("{} relu true shuffle 2 W8", geom.describe());
     let k = geom.reduction();
     v.push(Case::new(
         "conv2d",
@@ -897,22 +917,14 @@ pub(super) fn coop_grad_input_case(v: &mut Vec<Case>) {
             let Some(mode) = path_or_emulation(gpu, gpu.coop_grad_input()) else {
                 return Ok(Vec::new());
             };
-            let f = formed(rng, &geom, relu, shuffle, bits);
-            let (c, ci) = (geom.cout, geom.cin);
+            let t = BetweenBns::new(gpu, rng, &geom, form)?;
+            let ci = geom.cin;
             let w = weight_levels(rng, geom.w_shape().iter().product(), bits);
-            let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
-            let table = random_table_after(rng, &geom);
-            let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
             let gamma: Vec<f32> = (0..ci)
-                .map(|ch| f.table[entry::at(ch, entry::GAMMA)])
+                .map(|ch| t.f.table[entry::at(ch, entry::GAMMA)])
                 .collect();
-            let xt = gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?;
-            let in_t = gpu.upload_f32("bn table", &[TABLE * ci], &f.table)?;
             let gt = gpu.upload_f32("gamma", &[ci], &gamma)?;
             let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
-            let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
-            let bdt = gpu.upload_f32("bn output gradient", &geom.y_shape(), &bn_dy)?;
-            let out_t = gpu.upload_f32("bn after table", &[TABLE * c], &table)?;
             let dxt = gpu.empty("dx", &geom.x_shape(), DType::F32)?;
             let sums = gpu.empty("sums", &[conv2d::grad_input_bn_sums(&geom)], DType::F32)?;
             let (dgt, dbt) = (
@@ -920,40 +932,41 @@ pub(super) fn coop_grad_input_case(v: &mut Vec<Case>) {
                 gpu.empty("dbeta", &[ci], DType::F32)?,
             );
             let act = ActGrad {
-                x: &xt,
+                x: &t.x,
                 bits,
                 requantize: false,
             };
             let around = AroundBn {
-                input: Some(input_bn(&in_t, relu, shuffle, bits)),
-                output: Some(OutputBn {
-                    form: BnForm {
-                        table: &out_t,
-                        relu,
-                        shuffle,
-                    },
-                    dy: &bdt,
-                }),
                 input_sums: Some(&sums),
+                ..t.around(form)
             };
             let [n, _, h, wd] = geom.input_shape();
             let tiles = (n * h * wd).div_ceil(conv_coop::TILE);
             let ops = [
-                conv_coop::grad_input(gpu, &geom, &yt, &wt, &dxt, bits, (Some(act), around), mode)?,
+                conv_coop::grad_input(
+                    gpu,
+                    &geom,
+                    &t.y,
+                    &wt,
+                    &dxt,
+                    bits,
+                    (Some(act), around),
+                    mode,
+                )?,
                 norm::backward_merge(
                     gpu,
                     BnShape::of(&geom.x_shape())?,
                     (&sums, tiles),
-                    &in_t,
+                    &t.in_table,
                     &gt,
                     (&dgt, &dbt),
                 )?,
             ];
             let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&dxt, &dbt, &dgt])?;
-            let dx = geom.ref_grad_input(&dy_conv, &f64s(&w));
-            let masked = quant::act_backward_f64(&f.x_float, &dx);
+            let dx = geom.ref_grad_input(&t.dy_conv, &f64s(&w));
+            let masked = quant::act_backward_f64(&t.f.x_float, &dx);
             let (want_db, want_dg) =
-                bn_backward_sums(&f, geom.input_shape(), &masked, relu, shuffle);
+                bn_backward_sums(&t.f, geom.input_shape(), &masked, relu, shuffle);
             let tol = gemm_tolerance(k[1] * n * h * wd);
             Ok(vec![
                 (

@@ -144,9 +144,24 @@ impl Fused<'_> {
     /// The shader's constants that switch these on.
     pub(super) fn constants(&self) -> Vec<(&'static str, f64)> {
         let flag = |on: bool| f64::from(u8::from(on));
-        let (input, output) = (self.input_bn, self.output_bn);
-        // The quantizer's levels: grad-input's epilogue's, or the input's formed on load.
-        let levels = self.act.map(|a| a.bits).or(input.map(|b| b.bits));
+        let mut c = self.act_constants();
+        c.extend(input_bn_constants(self.input_bn));
+        c.extend([
+            (
+                "IN_QUANT",
+                flag(self.input_bn.is_some_and(|b| !b.bits.is_float())),
+            ),
+            ("BN_STATS", flag(self.bn_stats.is_some())),
+            ("BN_SUMS", flag(self.bn_sums.is_some())),
+        ]);
+        c.extend(output_bn_constants(self.output_bn));
+        c
+    }
+
+    /// Grad-input's input-quantizer backward (ACT_GRAD: 0 none, 1 the mask, 2 also the
+    /// requantization) and the levels of that quantizer, else of the input formed on load.
+    pub(crate) fn act_constants(&self) -> Vec<(&'static str, f64)> {
+        let levels = self.act.map(|a| a.bits).or(self.input_bn.map(|b| b.bits));
         vec![
             (
                 "ACT_GRAD",
@@ -158,15 +173,6 @@ impl Fused<'_> {
                 "ACT_INV_LEVELS",
                 levels.map_or(1.0, |b| f64::from(b.inv_levels())),
             ),
-            ("IN_BN", flag(input.is_some())),
-            ("IN_RELU", flag(input.is_some_and(|b| b.form.relu))),
-            ("IN_SHUFFLE", input.map_or(1, |b| b.form.shuffle) as f64),
-            ("IN_QUANT", flag(input.is_some_and(|b| !b.bits.is_float()))),
-            ("BN_STATS", flag(self.bn_stats.is_some())),
-            ("BN_SUMS", flag(self.bn_sums.is_some())),
-            ("OUT_BN", flag(output.is_some())),
-            ("OUT_RELU", flag(output.is_some_and(|b| b.form.relu))),
-            ("OUT_SHUFFLE", output.map_or(1, |b| b.form.shuffle) as f64),
         ]
     }
 
@@ -185,4 +191,30 @@ impl Fused<'_> {
         }
         s
     }
+}
+
+/// The constants of the input formed from a BatchNorm's on load: IN_BN, IN_RELU, IN_SHUFFLE
+/// (conv2d.wgsl and the cooperative-matrix kernels alike).
+pub(crate) fn input_bn_constants(input: Option<InputBn<'_>>) -> [(&'static str, f64); 3] {
+    [
+        ("IN_BN", f64::from(u8::from(input.is_some()))),
+        (
+            "IN_RELU",
+            f64::from(u8::from(input.is_some_and(|b| b.form.relu))),
+        ),
+        ("IN_SHUFFLE", input.map_or(1, |b| b.form.shuffle) as f64),
+    ]
+}
+
+/// The constants of the next BatchNorm's backward applied to dy on load: OUT_BN, OUT_RELU,
+/// OUT_SHUFFLE.
+pub(crate) fn output_bn_constants(output: Option<OutputBn<'_>>) -> [(&'static str, f64); 3] {
+    [
+        ("OUT_BN", f64::from(u8::from(output.is_some()))),
+        (
+            "OUT_RELU",
+            f64::from(u8::from(output.is_some_and(|b| b.form.relu))),
+        ),
+        ("OUT_SHUFFLE", output.map_or(1, |b| b.form.shuffle) as f64),
+    ]
 }

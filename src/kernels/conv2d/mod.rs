@@ -14,6 +14,7 @@ mod geom;
 mod tile;
 
 pub use fused::{ActGrad, AroundBn, Fused, InputBn, OutputBn};
+pub(crate) use fused::{input_bn_constants, output_bn_constants};
 pub(crate) use gemm::{GemmConv, Mode};
 pub use geom::Conv2dGeom;
 pub use tile::Tile;

@@ -1,10 +1,10 @@
 //! The forward on cooperative matrices (`shaders/conv_coop.wgsl`).
 
-use super::{CoopMode, TILE, emulated_shader};
+use super::{CoopMode, TILE, emulated_shader, label_suffix};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
 use crate::kernels::CONV_COOP;
-use crate::kernels::conv2d::{Conv2dGeom, Fused, InputBn, Mode};
+use crate::kernels::conv2d::{Conv2dGeom, Fused, InputBn, Mode, input_bn_constants};
 use crate::kernels::{expect_dtype, expect_shape};
 use crate::quant::Bits;
 
@@ -87,9 +87,6 @@ pub fn forward(
         ("W_LEVELS", nw),
         ("A_LEVELS", na),
         ("A_INV_LEVELS", f64::from(a_bits.inv_levels())),
-        ("IN_BN", flag(input_bn.is_some())),
-        ("IN_RELU", flag(input_bn.is_some_and(|b| b.form.relu))),
-        ("IN_SHUFFLE", c(input_bn.map_or(1, |b| b.form.shuffle))),
         ("BN_STATS", flag(bn_stats.is_some())),
         ("SCALE", f64::from((1.0 / (nw * na)) as f32)),
         ("KH", c(geom.kernel.0)),
@@ -97,6 +94,7 @@ pub fn forward(
         ("VEC_W", flag(vec_a == 2)),
         ("VEC_X", flag(vec_b == 1)),
     ];
+    constants.extend(input_bn_constants(input_bn));
     constants.extend(gemm.geometry_constants());
     let shader = match mode {
         CoopMode::Hardware => &CONV_COOP,
@@ -145,11 +143,7 @@ pub fn forward(
             geom.weight_shape(),
             geom.groups,
             fused.describe(),
-            if mode == CoopMode::Emulated {
-                " (emulated)"
-            } else {
-                ""
-            }
+            label_suffix(mode)
         ),
         Some(bytemuck::bytes_of(&p)),
         &[w, x, bias, y, bn_table, bn_part, w, x],

@@ -1,10 +1,12 @@
 //! Grad-input on cooperative matrices (`shaders/conv_coop_gi.wgsl`): the GEMM with
 //! conv2d.wgsl's grad-input epilogue, each column of dy scaled for its f16 halves.
 
-use super::{CoopMode, TILE, emulated_shader};
+use super::{CoopMode, TILE, emulated_shader, label_suffix};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
-use crate::kernels::conv2d::{ActGrad, AroundBn, Conv2dGeom, Fused, Mode};
+use crate::kernels::conv2d::{
+    ActGrad, AroundBn, Conv2dGeom, Fused, Mode, input_bn_constants, output_bn_constants,
+};
 use crate::kernels::{CONV_COOP_GI, expect_dtype, expect_shape};
 use crate::quant::Bits;
 
@@ -69,8 +71,6 @@ pub fn grad_input(
         ..Fused::default()
     };
     fused.check(&gemm, Mode::GradInput, dx, gn.div_ceil(TILE), K)?;
-    // The input quantizer's levels (for the requantization), else the BatchNorm-formed input's.
-    let a_bits = act.map(|a| a.bits).or(bn.input.map(|b| b.bits));
     let (vec_w, vec_dy) = if gpu.vector_loads() {
         gemm.vector_loads(Mode::GradInput)
     } else {
@@ -79,30 +79,19 @@ pub fn grad_input(
     let c = |v: usize| v as f64;
     let flag = |on: bool| f64::from(u8::from(on));
     let (input, output) = (bn.input, bn.output);
-    let mut constants = vec![
-        (
-            "ACT_GRAD",
-            c(act.map_or(0, |a| 1 + usize::from(a.requantize))),
-        ),
-        ("IN_BN", flag(input.is_some())),
-        ("IN_RELU", flag(input.is_some_and(|b| b.form.relu))),
-        ("IN_SHUFFLE", c(input.map_or(1, |b| b.form.shuffle))),
+    // conv2d.wgsl's grad-input switches, by the same names.
+    let mut constants = fused.act_constants();
+    constants.extend(input_bn_constants(input));
+    constants.extend(output_bn_constants(output));
+    constants.extend([
         ("BN_SUMS", flag(bn.input_sums.is_some())),
-        ("OUT_BN", flag(output.is_some())),
-        ("OUT_RELU", flag(output.is_some_and(|b| b.form.relu))),
-        ("OUT_SHUFFLE", c(output.map_or(1, |b| b.form.shuffle))),
         ("W_LEVELS", f64::from(w_bits.levels())),
         ("W_INV_LEVELS", f64::from(w_bits.inv_levels())),
-        ("A_LEVELS", f64::from(a_bits.map_or(1, |b| b.levels()))),
-        (
-            "A_INV_LEVELS",
-            f64::from(a_bits.map_or(1.0, |b| b.inv_levels())),
-        ),
         ("VEC_W", flag(vec_w == 1)),
         ("VEC_DY", flag(vec_dy == 1)),
         ("KH", c(geom.kernel.0)),
         ("KW", c(geom.kernel.1)),
-    ];
+    ]);
     constants.extend(gemm.geometry_constants());
     let shader = match mode {
         CoopMode::Hardware => &CONV_COOP_GI,
@@ -144,19 +133,15 @@ pub fn grad_input(
         batch: geom.batch as u32,
         _pad: [0; 2],
     };
-    let emulated = if mode == CoopMode::Emulated {
-        " (emulated)"
-    } else {
-        ""
-    };
     Ok(Op::Dispatch(gpu.launch(
         &kernel,
         format!(
-            "conv2d.grad_input x{:?} w{:?} g{}{} coop{emulated}",
+            "conv2d.grad_input x{:?} w{:?} g{}{} coop{}",
             geom.input_shape(),
             geom.weight_shape(),
             geom.groups,
-            fused.describe()
+            fused.describe(),
+            label_suffix(mode)
         ),
         Some(bytemuck::bytes_of(&p)),
         &[w, dy, dx, act_x, in_table, sums, out_dy, out_table, w, dy],

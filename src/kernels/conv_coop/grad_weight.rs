@@ -1,10 +1,12 @@
 //! Grad-weight on cooperative matrices (`shaders/conv_coop_gw.wgsl`).
 
-use super::{CoopMode, TILE, emulated_shader};
+use super::{CoopMode, TILE, emulated_shader, label_suffix};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
 use crate::kernels::CONV_COOP_GW;
-use crate::kernels::conv2d::{AroundBn, Conv2dGeom, Fused, Mode};
+use crate::kernels::conv2d::{
+    AroundBn, Conv2dGeom, Fused, Mode, input_bn_constants, output_bn_constants,
+};
 use crate::kernels::{expect_dtype, expect_shape};
 use crate::quant::Bits;
 
@@ -86,15 +88,8 @@ pub fn grad_weight(
     let splits = gk.div_ceil(chunk);
     let c = |v: usize| v as f64;
     let flag = |on: bool| f64::from(u8::from(on));
-    let (input, output) = (bn.input, bn.output);
     let mut constants = vec![
         ("BIAS_GRAD", flag(db.is_some())),
-        ("IN_BN", flag(input.is_some())),
-        ("IN_RELU", flag(input.is_some_and(|b| b.form.relu))),
-        ("IN_SHUFFLE", c(input.map_or(1, |b| b.form.shuffle))),
-        ("OUT_BN", flag(output.is_some())),
-        ("OUT_RELU", flag(output.is_some_and(|b| b.form.relu))),
-        ("OUT_SHUFFLE", c(output.map_or(1, |b| b.form.shuffle))),
         // The fp32 grad-weight's VEC_A 2 condition: images of a multiple of 4 pixels.
         (
             "VEC_A",
@@ -105,6 +100,8 @@ pub fn grad_weight(
         ("KH", c(geom.kernel.0)),
         ("KW", c(geom.kernel.1)),
     ];
+    constants.extend(input_bn_constants(bn.input));
+    constants.extend(output_bn_constants(bn.output));
     constants.extend(gemm.geometry_constants());
     let shader = match mode {
         CoopMode::Hardware => &CONV_COOP_GW,
@@ -143,11 +140,7 @@ pub fn grad_weight(
         geom.weight_shape(),
         geom.groups,
         fused.describe(),
-        if mode == CoopMode::Emulated {
-            " (emulated)"
-        } else {
-            ""
-        }
+        label_suffix(mode)
     );
     gemm.split_k_ops(gpu, (dw, db), splits, scratch, |out, bias| {
         // Placeholders of one float for the optional bindings (buffers of their own, so that
@@ -158,8 +151,10 @@ pub fn grad_weight(
             placeholder("no BatchNorm table")?,
             placeholder("no BatchNorm output gradient")?,
         );
-        let in_table = input.map_or(&no_table, |b| b.form.table);
-        let (out_dy, out_table) = output.map_or((&no_dy, &no_table), |b| (b.dy, b.form.table));
+        let in_table = bn.input.map_or(&no_table, |b| b.form.table);
+        let (out_dy, out_table) = bn
+            .output
+            .map_or((&no_dy, &no_table), |b| (b.dy, b.form.table));
         Ok(Op::Dispatch(gpu.launch(
             &kernel,
             label.clone(),

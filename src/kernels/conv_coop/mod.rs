@@ -46,6 +46,14 @@ pub fn emulated_shader(shader: &'static Shader) -> &'static Shader {
     })
 }
 
+/// What a launch's label adds for `mode`: " (emulated)" for the emulation, nothing else.
+pub(crate) fn label_suffix(mode: CoopMode) -> &'static str {
+    match mode {
+        CoopMode::Hardware => "",
+        CoopMode::Emulated => " (emulated)",
+    }
+}
+
 /// The textual rewrite behind [`emulated_shader`].
 pub fn emulate(source: &str) -> String {
     let rewrites = [
