@@ -7,10 +7,13 @@
 //
 // conv2d.wgsl's MODE 0 GEMM (M = Cout/g, N = batch*OH*OW, K = Cin/g*KH*KW), geometry as
 // pipeline constants. A workgroup of four 32-wide subgroups computes a 128 x 128 tile, each
-// subgroup a 64 x 64 quarter as 4 x 4 16x16 matrices; K advances 32 at a time through
+// subgroup a 64 x 64 quarter as 4 x 4 16x16 matrices; K advances BK (32) at a time through
 // workgroup memory (codes as f16, rows padded by 8 halves), staged in quads of four adjacent
 // elements (vec4 loads where the shape allows); each invocation's four columns are decoded once
-// before the K loop. Loads check bounds (padding, tile edges, the end of K load 0). Each 16x16
+// before the K loop. Group packing: a grouped conv whose groups have at most 64 rows stacks GP
+// groups in the tile, in slots of RG = 32 or 64 rows (a group's rows, then zero rows), each
+// slot with its own B tile and BK 16 (workgroup memory stays as it is); each 16-row matrix lies
+// in one slot and multiplies that slot's B. Loads check bounds (padding, tile edges, the end of K load 0). Each 16x16
 // result goes through a staging tile in workgroup memory to the NCHW output, where the whole
 // workgroup scales, adds the bias and writes it.
 //
@@ -48,10 +51,17 @@ override VEC_X: bool = false;
 
 const BM: u32 = 128u;
 const BN: u32 = 128u;
-const BK: u32 = 32u;
-// Row strides, in halves, of the staged A ([m][k]) and B ([k][n]) tiles.
-const AS: u32 = BK + 8u;
+// The rows of each group slot (32, 64, or BM: one group's rows, m0 onwards) and the slots.
+override RG: u32 = BM;
+override GP: u32 = BM / RG;
+override BK: u32 = select(32u, 16u, GP > 1u);
+// Row strides, in halves, of the staged A ([m][k]) and B ([slot][k][n]) tiles.
+override AS: u32 = BK + 8u;
 const BS: u32 = BN + 8u;
+// The staged tiles' lengths, in halves (named: naga 30 cannot specialise an array length
+// written as an expression ahead of other overrides).
+override A_SH: u32 = BM * AS;
+override B_SH: u32 = GP * BK * BS;
 
 struct Params {
     gn: u32,   // N: batch * OH * OW (K, Cin/g * KH * KW, is the constant GK)
@@ -76,8 +86,8 @@ var<private> st_n: array<f32, 4>;
 var<private> st_mean: array<f32, 4>;
 var<private> st_m2: array<f32, 4>;
 
-var<workgroup> a_sh: array<f16, 5120>;   // BM * AS
-var<workgroup> b_sh: array<f16, 4352>;   // BK * BS
+var<workgroup> a_sh: array<f16, A_SH>;
+var<workgroup> b_sh: array<f16, B_SH>;
 var<workgroup> c_sh: array<f32, 1024>;   // a 16x16 staging tile per subgroup
 
 alias MA = coop_mat16x16<f16, A>;
@@ -104,18 +114,32 @@ fn decode_columns(lid: u32, n0: u32) {
     }
 }
 
+// The output channel of tile row t, or COUT where the row has none (past its group's rows, or
+// in a slot past the last group): GP = 1, row m0 + t of group g0; packed, a row of the group of
+// slot t / RG.
+fn row_channel(g0: u32, m0: u32, t: u32) -> u32 {
+    let slot = t / RG;
+    let r = m0 + t - slot * RG;
+    let g = g0 + slot;
+    return select(COUT, g * COG + r, r < COG && g < GROUPS);
+}
+
 // Stages the K tile starting at k0: weight codes round(w * n_w) into a_sh, activation codes
-// round(x * n_a) into b_sh. Each invocation stores quads, four adjacent k of one weight row and
-// four adjacent columns of one x row, so that what depends on k alone (the im2col tap, the
-// channel, its BatchNorm table) is found once per quad, and a quad is one vec4 load where the
-// layer's shape makes it one aligned vec4 of its source (VEC_W, VEC_X).
-fn stage(lid: u32, g: u32, m0: u32, k0: u32) {
-    let kq = 4u * (lid % 8u);
-    for (var e = 0u; e < 8u; e++) {
-        let m = lid / 8u + 16u * e;
+// round(x * n_a) into b_sh (one K tile per group slot, the slots' k rows stacked). Each
+// invocation stores quads, four adjacent k of one weight row and four adjacent columns of one x
+// row, so that what depends on k alone (the im2col tap, the channel, its BatchNorm table) is
+// found once per quad, and a quad is one vec4 load where the layer's shape makes it one aligned
+// vec4 of its source (VEC_W, VEC_X).
+fn stage(lid: u32, g0: u32, m0: u32, k0: u32) {
+    // A: BM rows of BK / 4 quads, the 128 invocations BK / 4 rounds.
+    let qr = BK / 4u;
+    let kq = 4u * (lid % qr);
+    for (var e = 0u; e < qr; e++) {
+        let m = lid / qr + (BM / qr) * e;
         var v = vec4(0.0);
-        if (m0 + m < COG) {
-            let row = (g * COG + m0 + m) * GK + k0 + kq;
+        let co = row_channel(g0, m0, m);
+        if (co < COUT) {
+            let row = co * GK + k0 + kq;
             if (VEC_W) {
                 // GK is a multiple of 4: the quad is wholly before the end of K or past it.
                 if (k0 + kq < GK) {
@@ -136,17 +160,20 @@ fn stage(lid: u32, g: u32, m0: u32, k0: u32) {
         a_sh[at + 2u] = f16(codes.z);
         a_sh[at + 3u] = f16(codes.w);
     }
+    // B: GP * BK rows (slot r / BK, its k row r % BK) of 32 quads.
     let nq = 4u * (lid % 32u);
-    for (var e = 0u; e < 8u; e++) {
-        let kk = lid / 32u + 4u * e;
-        let k = k0 + kk;
+    for (var e = 0u; e < GP * BK / 4u; e++) {
+        let r = lid / 32u + 4u * e;
+        let slot = r / BK;
+        let k = k0 + r - slot * BK;
+        let g = g0 + slot;
         var v = vec4(0.0);
-        if (k < GK) {
+        if (k < GK && g < GROUPS) {
             let c = k / KHW;
-            let r = k - c * KHW;
-            let kh = r / KW;
+            let t = k - c * KHW;
+            let kh = t / KW;
             let ty = i32(kh * DH);
-            let tx = i32((r - kh * KW) * DW);
+            let tx = i32((t - kh * KW) * DW);
             let ch = unshuffled(g * CIG + c);
             let plane = ch * (H * W);
             if (VEC_X) {
@@ -174,7 +201,7 @@ fn stage(lid: u32, g: u32, m0: u32, k0: u32) {
                 }
             }
         }
-        let at = kk * BS + nq;
+        let at = r * BS + nq;
         let codes = round(v * A_LEVELS);
         b_sh[at] = f16(codes.x);
         b_sh[at + 1u] = f16(codes.y);
@@ -185,51 +212,51 @@ fn stage(lid: u32, g: u32, m0: u32, k0: u32) {
 
 // Writes the staged 16x16 results of every subgroup (subgroup s owns the quarter (s / 2, s % 2)):
 // matrix (mi, nj) of each quarter, 8 values per invocation.
-fn write_out(lid: u32, m0: u32, n0: u32, g: u32, mi: u32, nj: u32) {
+fn write_out(lid: u32, m0: u32, n0: u32, g0: u32, mi: u32, nj: u32) {
     for (var e = 0u; e < 8u; e++) {
         let i = lid * 8u + e;
         let s = i / 256u;
         let r = (i % 256u) / 16u;
         let c = i % 16u;
-        let row = m0 + (s / 2u) * 64u + mi + r;
+        let co = row_channel(g0, m0, (s / 2u) * 64u + mi + r);
         let col = n0 + (s % 2u) * 64u + nj + c;
-        if (row < COG && col < p.gn) {
+        if (co < COUT && col < p.gn) {
             let b = col / OHW;
-            out[(b * COUT + g * COG + row) * OHW + (col - b * OHW)] = out_value(i, g, row);
+            out[(b * COUT + co) * OHW + (col - b * OHW)] = out_value(i, co);
         }
     }
     if (BN_STATS) {
-        run_stats(lid, m0, n0, g, mi, nj);
+        run_stats(lid, m0, n0, g0, mi, nj);
     }
 }
 
-// The output value staged at c_sh[i], of row `row`: scaled, the bias added.
-fn out_value(i: u32, g: u32, row: u32) -> f32 {
+// The output value staged at c_sh[i], of output channel co: scaled, the bias added.
+fn out_value(i: u32, co: u32) -> f32 {
     var v = c_sh[i] * SCALE;
     if (HAS_BIAS) {
-        v += bias[g * COG + row];
+        v += bias[co];
     }
     return v;
 }
 
 // BN_STATS: the statistics of the run of 8 values write_out just wrote (two passes), merged
 // into this invocation's row of block mi.
-fn run_stats(lid: u32, m0: u32, n0: u32, g: u32, mi: u32, nj: u32) {
+fn run_stats(lid: u32, m0: u32, n0: u32, g0: u32, mi: u32, nj: u32) {
     let s = lid / 32u;
-    let row = m0 + (s / 2u) * 64u + mi + (lid % 32u) / 2u;
+    let co = row_channel(g0, m0, (s / 2u) * 64u + mi + (lid % 32u) / 2u);
     let col0 = n0 + (s % 2u) * 64u + nj + (lid % 2u) * 8u;
-    if (row >= COG || col0 >= p.gn) {
+    if (co >= COUT || col0 >= p.gn) {
         return;
     }
     let n = min(8u, p.gn - col0);
     var sum = 0.0;
     for (var e = 0u; e < n; e++) {
-        sum += out_value(lid * 8u + e, g, row);
+        sum += out_value(lid * 8u + e, co);
     }
     let mean = sum / f32(n);
     var m2 = 0.0;
     for (var e = 0u; e < n; e++) {
-        let d = out_value(lid * 8u + e, g, row) - mean;
+        let d = out_value(lid * 8u + e, co) - mean;
         m2 += d * d;
     }
     let k = mi / 16u;
@@ -245,7 +272,7 @@ fn run_stats(lid: u32, m0: u32, n0: u32, g: u32, mi: u32, nj: u32) {
 // BN_STATS, after the last write_out: every invocation's rows into c_sh (row R of the tile,
 // writer w = column half * 2 + lane parity: (R * 4 + w) * 2), then invocation R merges row R's
 // writers in order and writes the tile's partials.
-fn write_stats(lid: u32, m0: u32, n0: u32, g: u32, tile: u32) {
+fn write_stats(lid: u32, m0: u32, n0: u32, g0: u32, tile: u32) {
     let s = lid / 32u;
     let w = (s % 2u) * 2u + lid % 2u;
     for (var k = 0u; k < 4u; k++) {
@@ -254,8 +281,8 @@ fn write_stats(lid: u32, m0: u32, n0: u32, g: u32, tile: u32) {
         c_sh[(r * 4u + w) * 2u + 1u] = st_m2[k];
     }
     workgroupBarrier();
-    let row = m0 + lid;
-    if (row >= COG) {
+    let c = row_channel(g0, m0, lid);
+    if (c >= COUT) {
         return;
     }
     var n = 0.0;
@@ -280,7 +307,6 @@ fn write_stats(lid: u32, m0: u32, n0: u32, g: u32, tile: u32) {
         m2 = m2 + c_sh[(lid * 4u + v) * 2u + 1u] + delta * delta * (n * fb / nab);
         n = nab;
     }
-    let c = g * COG + row;
     bn_part[(2u * tile) * COUT + c] = mean;
     bn_part[(2u * tile + 1u) * COUT + c] = m2;
 }
@@ -294,7 +320,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let wn = sg % 2u;
     let n0 = wid.x * BN;
     let m0 = wid.y * BM;
-    let g = wid.z;
+    let g0 = wid.z * GP;
     var acc00 = MC();
     var acc01 = MC();
     var acc02 = MC();
@@ -313,17 +339,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var acc33 = MC();
     decode_columns(lid, n0);
     for (var k0 = 0u; k0 < GK; k0 += BK) {
-        stage(lid, g, m0, k0);
+        stage(lid, g0, m0, k0);
         workgroupBarrier();
         for (var ks = 0u; ks < BK; ks += 16u) {
             let a0 = coopLoadT<MA>(&a_sh[(wm * 64u + 0u) * AS + ks], AS);
             let a1 = coopLoadT<MA>(&a_sh[(wm * 64u + 16u) * AS + ks], AS);
             let a2 = coopLoadT<MA>(&a_sh[(wm * 64u + 32u) * AS + ks], AS);
             let a3 = coopLoadT<MA>(&a_sh[(wm * 64u + 48u) * AS + ks], AS);
-            let b0 = coopLoadT<MB>(&b_sh[ks * BS + wn * 64u + 0u], BS);
-            let b1 = coopLoadT<MB>(&b_sh[ks * BS + wn * 64u + 16u], BS);
-            let b2 = coopLoadT<MB>(&b_sh[ks * BS + wn * 64u + 32u], BS);
-            let b3 = coopLoadT<MB>(&b_sh[ks * BS + wn * 64u + 48u], BS);
+            // The B tile of the slot that matrix rows wm * 64 lie in (with RG 32, rows
+            // wm * 64 + 32 lie in the next one).
+            var kb = ((wm * 64u) / RG * BK + ks) * BS + wn * 64u;
+            var b0 = coopLoadT<MB>(&b_sh[kb + 0u], BS);
+            var b1 = coopLoadT<MB>(&b_sh[kb + 16u], BS);
+            var b2 = coopLoadT<MB>(&b_sh[kb + 32u], BS);
+            var b3 = coopLoadT<MB>(&b_sh[kb + 48u], BS);
             acc00 = coopMultiplyAdd(a0, b0, acc00);
             acc01 = coopMultiplyAdd(a0, b1, acc01);
             acc02 = coopMultiplyAdd(a0, b2, acc02);
@@ -332,6 +361,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             acc11 = coopMultiplyAdd(a1, b1, acc11);
             acc12 = coopMultiplyAdd(a1, b2, acc12);
             acc13 = coopMultiplyAdd(a1, b3, acc13);
+            if (RG == 32u) {
+                kb += BK * BS;
+                b0 = coopLoadT<MB>(&b_sh[kb + 0u], BS);
+                b1 = coopLoadT<MB>(&b_sh[kb + 16u], BS);
+                b2 = coopLoadT<MB>(&b_sh[kb + 32u], BS);
+                b3 = coopLoadT<MB>(&b_sh[kb + 48u], BS);
+            }
             acc20 = coopMultiplyAdd(a2, b0, acc20);
             acc21 = coopMultiplyAdd(a2, b1, acc21);
             acc22 = coopMultiplyAdd(a2, b2, acc22);
@@ -349,7 +385,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 0u, 0u);
+    write_out(lid, m0, n0, g0, 0u, 0u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -357,7 +393,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 0u, 16u);
+    write_out(lid, m0, n0, g0, 0u, 16u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -365,7 +401,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 0u, 32u);
+    write_out(lid, m0, n0, g0, 0u, 32u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -373,7 +409,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 0u, 48u);
+    write_out(lid, m0, n0, g0, 0u, 48u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -381,7 +417,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 16u, 0u);
+    write_out(lid, m0, n0, g0, 16u, 0u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -389,7 +425,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 16u, 16u);
+    write_out(lid, m0, n0, g0, 16u, 16u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -397,7 +433,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 16u, 32u);
+    write_out(lid, m0, n0, g0, 16u, 32u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -405,7 +441,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 16u, 48u);
+    write_out(lid, m0, n0, g0, 16u, 48u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -413,7 +449,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 32u, 0u);
+    write_out(lid, m0, n0, g0, 32u, 0u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -421,7 +457,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 32u, 16u);
+    write_out(lid, m0, n0, g0, 32u, 16u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -429,7 +465,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 32u, 32u);
+    write_out(lid, m0, n0, g0, 32u, 32u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -437,7 +473,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 32u, 48u);
+    write_out(lid, m0, n0, g0, 32u, 48u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -445,7 +481,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 48u, 0u);
+    write_out(lid, m0, n0, g0, 48u, 0u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -453,7 +489,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 48u, 16u);
+    write_out(lid, m0, n0, g0, 48u, 16u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -461,7 +497,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 48u, 32u);
+    write_out(lid, m0, n0, g0, 48u, 32u);
     workgroupBarrier();
     {
         let ci = sg * 256u;
@@ -469,9 +505,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT(cv, &c_sh[ci], 16u);
     }
     workgroupBarrier();
-    write_out(lid, m0, n0, g, 48u, 48u);
+    write_out(lid, m0, n0, g0, 48u, 48u);
     workgroupBarrier();
     if (BN_STATS) {
-        write_stats(lid, m0, n0, g, wid.x);
+        write_stats(lid, m0, n0, g0, wid.x);
     }
 }

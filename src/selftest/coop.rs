@@ -43,7 +43,8 @@ pub(super) fn cases(v: &mut Vec<Case>) {
 /// The quantized conv forward on cooperative matrices: the adapter's own where it has them,
 /// else their plain-WGSL emulation (the same staging, tiles and epilogue), against the f64
 /// reference on DoReFa levels. Shapes with tails in M, N and K, two row tiles, stride,
-/// padding, dilation and groups, scalar and vector loads; 8-bit and 4-bit codes. (An adapter
+/// padding, dilation and groups, group packing (slots of 32 and 64 rows, empty slots), scalar
+/// and vector loads; 8-bit and 4-bit codes. (An adapter
 /// without f16 has neither: the cases check nothing there.)
 fn forward_cases(v: &mut Vec<Case>) {
     use kernels::conv2d::Conv2dGeom as G;
@@ -67,6 +68,10 @@ fn forward_cases(v: &mut Vec<Case>) {
         (G::square(1, 40, 12, 190, 3).padding(1), 4),
         // Pointwise with images of 36 pixels: weight rows and input pixels as vec4s, N = 108.
         (G::square(3, 12, 6, 20, 1), 8),
+        // Group packing: 6 groups of 12 rows in slots of 32 (the second tile's last two slots
+        // empty); 3 groups of 50 rows in slots of 64, pointwise with vector loads.
+        (G::square(2, 12, 7, 72, 3).padding(1).groups(6), 4),
+        (G::square(2, 12, 6, 150, 1).groups(3), 8),
     ];
     for (geom, b) in shapes {
         let shape = format!("{} W{b}A{b}", geom.describe());

@@ -525,13 +525,22 @@ fn bn_backward_sums(
 /// the table. Outputs with a large common offset (where a one-pass variance would cancel), tails
 /// in every direction, group packing.
 pub(super) fn stats_cases(v: &mut Vec<Case>) {
+    // (geometry, also on the emulated cooperative-matrix kernel: a tail, and group packing in
+    // slots of 32 and of 64 rows.)
     let shapes = [
-        Conv2dGeom::square(2, 3, 8, 4, 3).padding(1),
-        Conv2dGeom::square(3, 16, 5, 70, 1),
-        Conv2dGeom::square(1, 5, 9, 6, 5).stride(2).padding(2),
-        Conv2dGeom::square(2, 64, 9, 64, 1).groups(4),
+        (Conv2dGeom::square(2, 3, 8, 4, 3).padding(1), false),
+        (Conv2dGeom::square(3, 16, 5, 70, 1), true),
+        (
+            Conv2dGeom::square(1, 5, 9, 6, 5).stride(2).padding(2),
+            false,
+        ),
+        (Conv2dGeom::square(2, 64, 9, 64, 1).groups(4), true),
+        (
+            Conv2dGeom::square(2, 12, 7, 150, 3).padding(1).groups(3),
+            true,
+        ),
     ];
-    for (i, geom) in shapes.into_iter().enumerate() {
+    for (geom, on_coop) in shapes {
         let shape = format!(
             "x{:?} w{:?} s{:?} p{:?} g{}",
             geom.input_shape(),
@@ -541,8 +550,7 @@ pub(super) fn stats_cases(v: &mut Vec<Case>) {
             geom.groups
         );
         stats_case(v, geom, &shape, false);
-        // (Two shapes on the emulated cooperative-matrix kernel: a tail, and group packing.)
-        if i % 2 == 1 {
+        if on_coop {
             stats_case(v, geom, &shape, true);
         }
     }

@@ -1,6 +1,6 @@
 //! The forward on cooperative matrices (`shaders/conv_coop.wgsl`).
 
-use super::{CoopMode, TILE, emulated_shader, label_suffix};
+use super::{CoopMode, TILE, emulated_shader, grid, label_suffix, packing_label, slot_rows};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
 use crate::kernels::CONV_COOP;
@@ -94,6 +94,9 @@ pub fn forward(
         ("VEC_W", flag(vec_a == 2)),
         ("VEC_X", flag(vec_b == 1)),
     ];
+    let cog = geom.cout / geom.groups;
+    let rg = slot_rows(cog, geom.groups);
+    constants.push(("RG", c(rg)));
     constants.extend(input_bn_constants(input_bn));
     constants.extend(gemm.geometry_constants());
     let shader = match mode {
@@ -130,23 +133,19 @@ pub fn forward(
         gn: gn as u32,
         _pad: [0; 3],
     };
-    let grid = [
-        gn.div_ceil(TILE) as u32,
-        (geom.cout / geom.groups).div_ceil(TILE) as u32,
-        geom.groups as u32,
-    ];
     Ok(Op::Dispatch(gpu.launch(
         &kernel,
         format!(
-            "conv2d.forward x{:?} w{:?} g{}{} coop{}",
+            "conv2d.forward x{:?} w{:?} g{}{} coop{}{}",
             geom.input_shape(),
             geom.weight_shape(),
             geom.groups,
             fused.describe(),
+            packing_label(rg),
             label_suffix(mode)
         ),
         Some(bytemuck::bytes_of(&p)),
         &[w, x, bias, y, bn_table, bn_part, w, x],
-        grid,
+        grid(cog, gn, geom.groups, rg),
     )?))
 }

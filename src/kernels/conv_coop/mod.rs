@@ -26,6 +26,42 @@ use std::sync::OnceLock;
 /// columns per partial BatchNorm statistic it forms.
 pub const TILE: usize = 128;
 
+/// The rows of a tile's group slot for a grouped GEMM of `m` rows per group: 32 or 64 where the
+/// groups are that short (the tile stacks `TILE / rows` groups, one B tile each, so that NIN-GC's
+/// 3x3 layers fill it), else [`TILE`] (a tile holds rows of one group).
+pub(crate) fn slot_rows(m: usize, groups: usize) -> usize {
+    match m {
+        _ if groups < 2 => TILE,
+        0..=32 => 32,
+        33..=64 => 64,
+        _ => TILE,
+    }
+}
+
+/// The workgroup grid of a GEMM of `m` rows per group and `n` columns with `rg` rows per group
+/// slot ([`slot_rows`]): column tiles, row tiles and (stacks of) groups.
+pub(crate) fn grid(m: usize, n: usize, groups: usize, rg: usize) -> [u32; 3] {
+    let (row_tiles, group_tiles) = if rg < TILE {
+        (1, groups.div_ceil(TILE / rg))
+    } else {
+        (m.div_ceil(TILE), groups)
+    };
+    [
+        n.div_ceil(TILE) as u32,
+        row_tiles as u32,
+        group_tiles as u32,
+    ]
+}
+
+/// What a launch's label says of its packing: " packed 4x32" (groups × rows per slot), or nothing.
+pub(crate) fn packing_label(rg: usize) -> String {
+    if rg < TILE {
+        format!(" packed {}x{rg}", TILE / rg)
+    } else {
+        String::new()
+    }
+}
+
 /// One emulation per shader of [`SHADERS_COOP`] (a test keeps the two counts equal).
 const EMULATED_SLOTS: usize = 3;
 
