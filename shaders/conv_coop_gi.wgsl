@@ -32,6 +32,8 @@
 
 enable f16;
 enable wgpu_cooperative_matrix;
+// The skipped blocks' branches are uniform in the subgroup, not the workgroup (see conv_coop.wgsl).
+diagnostic(off, derivative_uniformity);
 
 // The input quantizer's backward in the epilogue (conv2d.wgsl's ACT_GRAD): 0 none, 1 the mask
 // from act_x, 2 also act_x replaced by its quantized value.
@@ -433,187 +435,207 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var acc32 = MC();
     var acc33 = MC();
 
+    // Which of this subgroup's four 16-row blocks hold rows of dx: a block past them skips its
+    // multiply-adds (and an epilogue round where neither subgroup row holds any is skipped).
+    let live0 = m0 + wm * 64u < CIG;
+    let live1 = m0 + wm * 64u + 16u < CIG;
+    let live2 = m0 + wm * 64u + 32u < CIG;
+    let live3 = m0 + wm * 64u + 48u < CIG;
     for (var k0 = 0u; k0 < GK; k0 += BK) {
         stage(lid, g, m0, k0);
         workgroupBarrier();
-        let a0 = coopLoadT<MA>(&a_sh[(wm * 64u + 0u) * AS], AS);
-        let a1 = coopLoadT<MA>(&a_sh[(wm * 64u + 16u) * AS], AS);
-        let a2 = coopLoadT<MA>(&a_sh[(wm * 64u + 32u) * AS], AS);
-        let a3 = coopLoadT<MA>(&a_sh[(wm * 64u + 48u) * AS], AS);
-        {
-            let b0 = coopLoadT<MB>(&b_sh[wn * 64u + 0u], BS);
-            let b1 = coopLoadT<MB>(&b_sh[wn * 64u + 16u], BS);
-            let b2 = coopLoadT<MB>(&b_sh[wn * 64u + 32u], BS);
-            let b3 = coopLoadT<MB>(&b_sh[wn * 64u + 48u], BS);
+        // dy's hi and lo halves, then each 16-row block of weights that holds rows of dx
+        // (live) multiplies both, the hi half first.
+        let b0 = coopLoadT<MB>(&b_sh[wn * 64u + 0u], BS);
+        let b1 = coopLoadT<MB>(&b_sh[wn * 64u + 16u], BS);
+        let b2 = coopLoadT<MB>(&b_sh[wn * 64u + 32u], BS);
+        let b3 = coopLoadT<MB>(&b_sh[wn * 64u + 48u], BS);
+        let l0 = coopLoadT<MB>(&b_lo[wn * 64u + 0u], BS);
+        let l1 = coopLoadT<MB>(&b_lo[wn * 64u + 16u], BS);
+        let l2 = coopLoadT<MB>(&b_lo[wn * 64u + 32u], BS);
+        let l3 = coopLoadT<MB>(&b_lo[wn * 64u + 48u], BS);
+        if (live0) {
+            let a0 = coopLoadT<MA>(&a_sh[(wm * 64u + 0u) * AS], AS);
             acc00 = coopMultiplyAdd(a0, b0, acc00);
             acc01 = coopMultiplyAdd(a0, b1, acc01);
             acc02 = coopMultiplyAdd(a0, b2, acc02);
             acc03 = coopMultiplyAdd(a0, b3, acc03);
-            acc10 = coopMultiplyAdd(a1, b0, acc10);
-            acc11 = coopMultiplyAdd(a1, b1, acc11);
-            acc12 = coopMultiplyAdd(a1, b2, acc12);
-            acc13 = coopMultiplyAdd(a1, b3, acc13);
-            acc20 = coopMultiplyAdd(a2, b0, acc20);
-            acc21 = coopMultiplyAdd(a2, b1, acc21);
-            acc22 = coopMultiplyAdd(a2, b2, acc22);
-            acc23 = coopMultiplyAdd(a2, b3, acc23);
-            acc30 = coopMultiplyAdd(a3, b0, acc30);
-            acc31 = coopMultiplyAdd(a3, b1, acc31);
-            acc32 = coopMultiplyAdd(a3, b2, acc32);
-            acc33 = coopMultiplyAdd(a3, b3, acc33);
+            acc00 = coopMultiplyAdd(a0, l0, acc00);
+            acc01 = coopMultiplyAdd(a0, l1, acc01);
+            acc02 = coopMultiplyAdd(a0, l2, acc02);
+            acc03 = coopMultiplyAdd(a0, l3, acc03);
         }
-        {
-            let b0 = coopLoadT<MB>(&b_lo[wn * 64u + 0u], BS);
-            let b1 = coopLoadT<MB>(&b_lo[wn * 64u + 16u], BS);
-            let b2 = coopLoadT<MB>(&b_lo[wn * 64u + 32u], BS);
-            let b3 = coopLoadT<MB>(&b_lo[wn * 64u + 48u], BS);
-            acc00 = coopMultiplyAdd(a0, b0, acc00);
-            acc01 = coopMultiplyAdd(a0, b1, acc01);
-            acc02 = coopMultiplyAdd(a0, b2, acc02);
-            acc03 = coopMultiplyAdd(a0, b3, acc03);
+        if (live1) {
+            let a1 = coopLoadT<MA>(&a_sh[(wm * 64u + 16u) * AS], AS);
             acc10 = coopMultiplyAdd(a1, b0, acc10);
             acc11 = coopMultiplyAdd(a1, b1, acc11);
             acc12 = coopMultiplyAdd(a1, b2, acc12);
             acc13 = coopMultiplyAdd(a1, b3, acc13);
+            acc10 = coopMultiplyAdd(a1, l0, acc10);
+            acc11 = coopMultiplyAdd(a1, l1, acc11);
+            acc12 = coopMultiplyAdd(a1, l2, acc12);
+            acc13 = coopMultiplyAdd(a1, l3, acc13);
+        }
+        if (live2) {
+            let a2 = coopLoadT<MA>(&a_sh[(wm * 64u + 32u) * AS], AS);
             acc20 = coopMultiplyAdd(a2, b0, acc20);
             acc21 = coopMultiplyAdd(a2, b1, acc21);
             acc22 = coopMultiplyAdd(a2, b2, acc22);
             acc23 = coopMultiplyAdd(a2, b3, acc23);
+            acc20 = coopMultiplyAdd(a2, l0, acc20);
+            acc21 = coopMultiplyAdd(a2, l1, acc21);
+            acc22 = coopMultiplyAdd(a2, l2, acc22);
+            acc23 = coopMultiplyAdd(a2, l3, acc23);
+        }
+        if (live3) {
+            let a3 = coopLoadT<MA>(&a_sh[(wm * 64u + 48u) * AS], AS);
             acc30 = coopMultiplyAdd(a3, b0, acc30);
             acc31 = coopMultiplyAdd(a3, b1, acc31);
             acc32 = coopMultiplyAdd(a3, b2, acc32);
             acc33 = coopMultiplyAdd(a3, b3, acc33);
+            acc30 = coopMultiplyAdd(a3, l0, acc30);
+            acc31 = coopMultiplyAdd(a3, l1, acc31);
+            acc32 = coopMultiplyAdd(a3, l2, acc32);
+            acc33 = coopMultiplyAdd(a3, l3, acc33);
         }
         workgroupBarrier();
     }
-    {
-        let ci = sg * 256u;
-        let cv = acc00;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 0u < CIG) {
+        {
+            let ci = sg * 256u;
+            let cv = acc00;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 0u, 0u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc01;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 0u, 16u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc02;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 0u, 32u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc03;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 0u, 48u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, 0u, 0u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc01;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 16u < CIG) {
+        {
+            let ci = sg * 256u;
+            let cv = acc10;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 16u, 0u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc11;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 16u, 16u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc12;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 16u, 32u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc13;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 16u, 48u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, 0u, 16u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc02;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 32u < CIG) {
+        {
+            let ci = sg * 256u;
+            let cv = acc20;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 32u, 0u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc21;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 32u, 16u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc22;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 32u, 32u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc23;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 32u, 48u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, 0u, 32u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc03;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 48u < CIG) {
+        {
+            let ci = sg * 256u;
+            let cv = acc30;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 48u, 0u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc31;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 48u, 16u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc32;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 48u, 32u);
+        workgroupBarrier();
+        {
+            let ci = sg * 256u;
+            let cv = acc33;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, 48u, 48u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, 0u, 48u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc10;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 16u, 0u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc11;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 16u, 16u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc12;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 16u, 32u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc13;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 16u, 48u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc20;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 32u, 0u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc21;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 32u, 16u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc22;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 32u, 32u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc23;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 32u, 48u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc30;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 48u, 0u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc31;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 48u, 16u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc32;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 48u, 32u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc33;
-        coopStoreT(cv, &c_sh[ci], 16u);
-    }
-    workgroupBarrier();
-    write_out(lid, g, 48u, 48u);
-    workgroupBarrier();
     if (BN_SUMS) {
         write_sums(lid, g, wid.x);
     }

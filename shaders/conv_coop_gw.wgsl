@@ -26,6 +26,8 @@
 
 enable f16;
 enable wgpu_cooperative_matrix;
+// The skipped blocks' branches are uniform in the subgroup, not the workgroup (see conv_coop.wgsl).
+diagnostic(off, derivative_uniformity);
 
 override BIAS_GRAD: bool = false;
 override IN_BN: bool = false;
@@ -291,6 +293,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var acc31 = MC();
     var acc32 = MC();
     var acc33 = MC();
+    // Which of this subgroup's four 16-row blocks hold rows of dW, where its 64 columns hold
+    // any: a block past them skips its multiply-adds (and an epilogue round that writes
+    // nothing is skipped).
+    let live_cols = n0 + wn * 64u < GN;
+    let live0 = live_cols && m0 + wm * 64u < COG;
+    let live1 = live_cols && m0 + wm * 64u + 16u < COG;
+    let live2 = live_cols && m0 + wm * 64u + 32u < COG;
+    let live3 = live_cols && m0 + wm * 64u + 48u < COG;
     for (var k0 = k_begin; k0 < k_stop; k0 += BK) {
         stage(lid, g, m0, k0, k_stop);
         workgroupBarrier();
@@ -298,7 +308,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         let b1 = coopLoadT<MB>(&b_sh[wn * 64u + 16u], BS);
         let b2 = coopLoadT<MB>(&b_sh[wn * 64u + 32u], BS);
         let b3 = coopLoadT<MB>(&b_sh[wn * 64u + 48u], BS);
-        {
+        if (live0) {
             let hi = coopLoadT<MA>(&a_sh[(wm * 64u + 0u) * AS], AS);
             acc00 = coopMultiplyAdd(hi, b0, acc00);
             acc01 = coopMultiplyAdd(hi, b1, acc01);
@@ -310,7 +320,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             acc02 = coopMultiplyAdd(lo, b2, acc02);
             acc03 = coopMultiplyAdd(lo, b3, acc03);
         }
-        {
+        if (live1) {
             let hi = coopLoadT<MA>(&a_sh[(wm * 64u + 16u) * AS], AS);
             acc10 = coopMultiplyAdd(hi, b0, acc10);
             acc11 = coopMultiplyAdd(hi, b1, acc11);
@@ -322,7 +332,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             acc12 = coopMultiplyAdd(lo, b2, acc12);
             acc13 = coopMultiplyAdd(lo, b3, acc13);
         }
-        {
+        if (live2) {
             let hi = coopLoadT<MA>(&a_sh[(wm * 64u + 32u) * AS], AS);
             acc20 = coopMultiplyAdd(hi, b0, acc20);
             acc21 = coopMultiplyAdd(hi, b1, acc21);
@@ -334,7 +344,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             acc22 = coopMultiplyAdd(lo, b2, acc22);
             acc23 = coopMultiplyAdd(lo, b3, acc23);
         }
-        {
+        if (live3) {
             let hi = coopLoadT<MA>(&a_sh[(wm * 64u + 48u) * AS], AS);
             acc30 = coopMultiplyAdd(hi, b0, acc30);
             acc31 = coopMultiplyAdd(hi, b1, acc31);
@@ -348,132 +358,164 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
         workgroupBarrier();
     }
-    {
-        let ci = sg * 256u;
-        let cv = acc00;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 0u < COG && n0 + 0u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc00;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 0u, 0u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 0u, 0u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc01;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 0u < COG && n0 + 16u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc01;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 0u, 16u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 0u, 16u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc02;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 0u < COG && n0 + 32u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc02;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 0u, 32u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 0u, 32u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc03;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 0u < COG && n0 + 48u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc03;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 0u, 48u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 0u, 48u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc10;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 16u < COG && n0 + 0u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc10;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 16u, 0u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 16u, 0u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc11;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 16u < COG && n0 + 16u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc11;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 16u, 16u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 16u, 16u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc12;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 16u < COG && n0 + 32u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc12;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 16u, 32u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 16u, 32u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc13;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 16u < COG && n0 + 48u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc13;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 16u, 48u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 16u, 48u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc20;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 32u < COG && n0 + 0u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc20;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 32u, 0u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 32u, 0u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc21;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 32u < COG && n0 + 16u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc21;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 32u, 16u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 32u, 16u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc22;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 32u < COG && n0 + 32u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc22;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 32u, 32u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 32u, 32u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc23;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 32u < COG && n0 + 48u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc23;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 32u, 48u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 32u, 48u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc30;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 48u < COG && n0 + 0u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc30;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 48u, 0u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 48u, 0u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc31;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 48u < COG && n0 + 16u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc31;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 48u, 16u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 48u, 16u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc32;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 48u < COG && n0 + 32u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc32;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 48u, 32u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 48u, 32u);
-    workgroupBarrier();
-    {
-        let ci = sg * 256u;
-        let cv = acc33;
-        coopStoreT(cv, &c_sh[ci], 16u);
+    if (m0 + 48u < COG && n0 + 48u < GN) {
+        {
+            let ci = sg * 256u;
+            let cv = acc33;
+            coopStoreT(cv, &c_sh[ci], 16u);
+        }
+        workgroupBarrier();
+        write_out(lid, g, split, 48u, 48u);
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    write_out(lid, g, split, 48u, 48u);
-    workgroupBarrier();
 }

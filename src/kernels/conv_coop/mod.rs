@@ -94,6 +94,7 @@ pub(crate) fn label_suffix(mode: CoopMode) -> &'static str {
 pub fn emulate(source: &str) -> String {
     let rewrites = [
         ("enable wgpu_cooperative_matrix;\n", ""),
+        ("diagnostic(off, derivative_uniformity);\n", ""),
         ("alias MA = coop_mat16x16<f16, A>;", "alias MA = vec3<u32>;"),
         ("alias MB = coop_mat16x16<f16, B>;", "alias MB = vec3<u32>;"),
         (
@@ -142,7 +143,12 @@ mod tests {
         assert_eq!(SHADERS_COOP.len(), EMULATED_SLOTS);
         for shader in SHADERS_COOP {
             let s = emulated_shader(shader).source;
-            for gone in ["coop", "subgroup_id", "wgpu_cooperative_matrix"] {
+            for gone in [
+                "coop",
+                "subgroup_id",
+                "wgpu_cooperative_matrix",
+                "diagnostic(",
+            ] {
                 let rest: Vec<&str> = s
                     .lines()
                     .filter(|l| !l.trim_start().starts_with("//") && l.contains(gone))
