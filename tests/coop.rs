@@ -112,6 +112,7 @@ fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_pat
             // and grad-weight, with both BatchNorms' work on load.
             assert_eq!(on_coop.len(), 3, "{on_coop:?}");
             assert!(on_coop[0].contains("forward") && on_coop[0].contains("through bn"));
+            assert!(on_coop[0].contains("packed 4x32"), "{}", on_coop[0]);
             assert!(on_coop[1].contains("grad_input") && on_coop[1].contains("+bn backward"));
             assert!(on_coop[1].contains("+bn sums"), "{}", on_coop[1]);
             assert!(on_coop[2].contains("grad_weight") && on_coop[2].contains("+bn backward"));
@@ -167,14 +168,15 @@ fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_pat
     );
 }
 
-/// A net whose quantized conv (model.1.conv) reads a BatchNorm's output and feeds another.
+/// A net whose quantized conv (model.1.conv) reads a BatchNorm's output and feeds another: two
+/// groups of 5 output channels, which the coop forward packs into one tile.
 fn two_bn_net() -> wgqat::models::ModelSpec {
     wgqat::models::ModelSpec::from_json(
         r#"{"name": "coop_step", "input": [3, 12, 12], "layers": [
         {"type": "conv", "out": 8, "kernel": 3, "padding": 1, "name": "model.0.conv"},
         {"type": "batchnorm", "name": "model.0.bn"},
         {"type": "relu"},
-        {"type": "conv", "out": 10, "kernel": 3, "padding": 1, "name": "model.1.conv"},
+        {"type": "conv", "out": 10, "kernel": 3, "padding": 1, "groups": 2, "name": "model.1.conv"},
         {"type": "batchnorm", "name": "model.1.bn"},
         {"type": "relu"},
         {"type": "avgpool", "kernel": 12},

@@ -3,6 +3,10 @@
 the Markdown table of BENCHMARKS.md: model, bits, batch, img/s each, ratios, peak memory.
 
 Usage: python3 tools/bench_table.py wgqat.json torch_eager.json [torch_compile.json]
+
+A file that cannot be read (a part of tools/gpu_check.sh that ran past its time limit leaves an
+empty or cut-off one) is named on stderr and its columns stay empty: the rest of the table is
+still written.
 """
 import datetime
 import json
@@ -13,13 +17,24 @@ def key(r):
     return (r["model"], r.get("scheme", "dorefa"), r.get("bn_fuse", False), r["w_bits"], r["batch"])
 
 
+def load(path):
+    """The JSON in `path`, or an empty result (and a line on stderr) where it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"bench_table: {path} not read ({e}); its columns stay empty", file=sys.stderr)
+        return {"training": []}
+
+
 def main():
-    ours = {key(r): r for r in json.load(open(sys.argv[1]))["training"]}
+    wgqat = load(sys.argv[1])
+    ours = {key(r): r for r in wgqat["training"]}
     theirs = {}
     for path in sys.argv[2:]:
-        for r in json.load(open(path))["training"]:
+        for r in load(path)["training"]:
             theirs.setdefault(key(r), {})[r["mode"]] = r
-    wg = json.load(open(sys.argv[1])).get("adapter", {})
+    wg = wgqat.get("adapter", {})
     devices = sorted({r.get("device", "?") for t in theirs.values() for r in t.values()})
     torch_versions = sorted({r.get("torch", "?") for t in theirs.values() for r in t.values()})
     print(f"GPU: wgqat on {wg.get('name', '?')} ({wg.get('backend', '?')}, driver {wg.get('driver', '?')} {wg.get('driver_info', '')}); "

@@ -139,6 +139,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn grouped_gemms_of_few_rows_pack_into_slots_and_the_grid_covers_every_group() {
+        // NIN-GC's 3x3 layers (32 output channels per group), a 64-row group, and what is not
+        // packed: one group, or groups taller than 64 rows.
+        assert_eq!(slot_rows(32, 16), 32);
+        assert_eq!(slot_rows(5, 2), 32);
+        assert_eq!(slot_rows(50, 3), 64);
+        assert_eq!(slot_rows(32, 1), TILE);
+        assert_eq!(slot_rows(65, 4), TILE);
+        assert_eq!(packing_label(32), " packed 4x32");
+        assert_eq!(packing_label(TILE), "");
+        // 16 groups of 32 rows: four tiles of four groups; 3 groups of 50: two tiles of two
+        // slots, the second half empty; unpacked, 190 rows are two row tiles per group.
+        assert_eq!(grid(32, 65536, 16, 32), [512, 1, 4]);
+        assert_eq!(grid(50, 300, 3, 64), [3, 1, 2]);
+        assert_eq!(grid(190, 128, 2, TILE), [1, 2, 2]);
+    }
+
+    #[test]
     fn the_emulations_have_no_cooperative_matrix_left() {
         assert_eq!(SHADERS_COOP.len(), EMULATED_SLOTS);
         for shader in SHADERS_COOP {
