@@ -106,6 +106,28 @@ fn unknown_adapter_and_backend_are_one_line_errors() {
     }
 }
 
+/// A WGQAT_COOP value wgqat does not know stops it with a line that names the setting and its
+/// values, rather than quietly choosing a path.
+#[test]
+fn an_unknown_wgqat_coop_value_is_a_one_line_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wgqat"))
+        .arg("info")
+        .env("WGQAT_COOP", "forward,backward")
+        .output()
+        .expect("run wgqat");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("WGQAT_COOP=forward,backward") && line.contains("grad-weight"),
+        "{line}"
+    );
+}
+
 #[test]
 fn selftest_runs_the_cases_and_reports_json() {
     let out = wgqat(&["selftest", "--filter", "relu", "--json"]);

@@ -724,10 +724,13 @@ fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
                         "used for quantized convs' forward, grad-weight and grad-input (f16 16x16x16 -> f32, checked against fp32 at start)"
                     }
                     (Some(wgqat::gpu::CoopMode::Hardware), Some(_), None) => {
-                        "used for quantized convs' forward and grad-weight (f16 16x16x16 -> f32, checked against fp32 at start; grad-input failed its check and stays fp32)"
+                        "used for quantized convs' forward and grad-weight (f16 16x16x16 -> f32, checked against fp32 at start; grad-input stays fp32: it failed its check, or WGQAT_COOP left it out)"
                     }
-                    (Some(wgqat::gpu::CoopMode::Hardware), None, _) => {
-                        "used for quantized conv forwards (f16 16x16x16 -> f32, checked against fp32 at start; the backward failed its check and stays fp32)"
+                    (Some(wgqat::gpu::CoopMode::Hardware), None, Some(_)) => {
+                        "used for quantized convs' forward and grad-input (f16 16x16x16 -> f32, checked against fp32 at start; grad-weight stays fp32: WGQAT_COOP left it out)"
+                    }
+                    (Some(wgqat::gpu::CoopMode::Hardware), None, None) => {
+                        "used for quantized conv forwards (f16 16x16x16 -> f32, checked against fp32 at start; the backward stays fp32: it failed its check, or WGQAT_COOP left it out)"
                     }
                     (Some(wgqat::gpu::CoopMode::Emulated), ..) =>
                         "emulated in plain WGSL (WGQAT_COOP=emulate)",
@@ -1486,13 +1489,15 @@ fn infer(a: InferArgs) -> anyhow::Result<ExitCode> {
 
 /// How quantized convs run on `gpu`, for JSON reports: "hardware" (forward, grad-weight and
 /// grad-input on the adapter's cooperative matrices), "hardware, forward and grad-weight",
-/// "hardware, forward only", "emulated" (`WGQAT_COOP=emulate`) or "none".
+/// "hardware, forward and grad-input", "hardware, forward only", "emulated"
+/// (`WGQAT_COOP=emulate`) or "none".
 fn coop_name(gpu: &Gpu) -> &'static str {
     use wgqat::gpu::CoopMode::{Emulated, Hardware};
     match (gpu.coop(), gpu.coop_grad_weight(), gpu.coop_grad_input()) {
         (Some(Hardware), Some(_), Some(_)) => "hardware",
         (Some(Hardware), Some(_), None) => "hardware, forward and grad-weight",
-        (Some(Hardware), None, _) => "hardware, forward only",
+        (Some(Hardware), None, Some(_)) => "hardware, forward and grad-input",
+        (Some(Hardware), None, None) => "hardware, forward only",
         (Some(Emulated), ..) => "emulated",
         (None, ..) => "none",
     }

@@ -157,17 +157,30 @@ impl Gpu {
     }
 
     /// Opens a device on `adapter` with the adapter's own limits and the optional features it has.
-    /// Cooperative matrices (`WGQAT_COOP`: unset uses them where the adapter has f16
-    /// 16×16×16 → f32 and subgroups of 32; `0` never; `emulate` runs their plain-WGSL emulation)
-    /// are first tried on a throwaway device, since a driver that fails to compile a kernel loses
-    /// its device: a quantized conv's forward, grad-weight and grad-input must compile there and
-    /// match the fp32 kernels; where that fails, the forward and grad-weight are tried without
-    /// grad-input, then the forward alone.
+    /// Cooperative matrices (`WGQAT_COOP`, see [`CoopWanted::parse`]: unset uses them where the
+    /// adapter has f16 16×16×16 → f32 and subgroups of 32) are first tried on a throwaway device,
+    /// since a driver that fails to compile a kernel loses its device: a quantized conv's
+    /// forward, grad-weight and grad-input (those wanted) must compile there and match the fp32
+    /// kernels; where that fails, the forward and grad-weight are tried without grad-input, then
+    /// the forward alone.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
-        let wanted = std::env::var("WGQAT_COOP").unwrap_or_default();
-        if wanted != "0" && wanted != "emulate" && coop_capable(&adapter) {
+        let wanted = CoopWanted::parse(&std::env::var("WGQAT_COOP").unwrap_or_default())?;
+        let hardware = match wanted {
+            CoopWanted::Hardware {
+                grad_weight,
+                grad_input,
+            } if coop_capable(&adapter) => Some((grad_weight, grad_input)),
+            _ => None,
+        };
+        if let Some((grad_weight, grad_input)) = hardware {
             // The newest kernels are dropped first, each try on a throwaway device of its own.
-            for (grad_weight, grad_input) in [(true, true), (true, false), (false, false)] {
+            let mut tries = vec![(grad_weight, grad_input)];
+            for t in [(grad_weight, false), (false, false)] {
+                if !tries.contains(&t) {
+                    tries.push(t);
+                }
+            }
+            for (grad_weight, grad_input) in tries {
                 let on = |gpu: Gpu| {
                     gpu.with_coop(Some(CoopMode::Hardware))
                         .with_coop_grad_weight(grad_weight)
@@ -188,7 +201,7 @@ impl Gpu {
             }
         }
         let gpu = Self::open(&adapter, false)?;
-        let emulate = wanted == "emulate" && gpu.caps.shader_f16;
+        let emulate = wanted == CoopWanted::Emulate && gpu.caps.shader_f16;
         Ok(gpu.with_coop(emulate.then_some(CoopMode::Emulated)))
     }
 
@@ -395,6 +408,54 @@ impl Gpu {
     }
 }
 
+/// What `WGQAT_COOP` asks of quantized convs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoopWanted {
+    /// The fp32 kernels only.
+    Off,
+    /// The plain-WGSL emulation of the cooperative-matrix kernels (slow; for testing).
+    Emulate,
+    /// The adapter's cooperative matrices where it has them, for the forward and for the
+    /// backward kernels named.
+    Hardware { grad_weight: bool, grad_input: bool },
+}
+
+impl CoopWanted {
+    /// `""`, `1` or `all`: forward, grad-weight and grad-input; `0` or `none`: none; `emulate`;
+    /// or a comma-separated list of `forward`, `grad-weight` and `grad-input` that names the
+    /// forward (the backward kernels run only beside it), such as `forward,grad-weight`.
+    pub fn parse(value: &str) -> Result<CoopWanted> {
+        let all = CoopWanted::Hardware {
+            grad_weight: true,
+            grad_input: true,
+        };
+        match value.trim() {
+            "" | "1" | "all" => return Ok(all),
+            "0" | "none" => return Ok(CoopWanted::Off),
+            "emulate" => return Ok(CoopWanted::Emulate),
+            _ => {}
+        }
+        let names: Vec<&str> = value.split(',').map(str::trim).collect();
+        let bad = || {
+            Error::Invalid(format!(
+                "WGQAT_COOP={value}: expected 0, 1, emulate, or a comma-separated list of forward, \
+                 grad-weight and grad-input that names forward (e.g. forward,grad-weight)"
+            ))
+        };
+        if !names.contains(&"forward")
+            || names
+                .iter()
+                .any(|n| !["forward", "grad-weight", "grad-input"].contains(n))
+        {
+            return Err(bad());
+        }
+        Ok(CoopWanted::Hardware {
+            grad_weight: names.contains(&"grad-weight"),
+            grad_input: names.contains(&"grad-input"),
+        })
+    }
+}
+
 /// Whether `adapter` can run `shaders/conv_coop.wgsl`: cooperative matrices with f16 16×16×16
 /// → f32, f16 and subgroups in shaders, subgroups of exactly 32 invocations.
 fn coop_capable(adapter: &wgpu::Adapter) -> bool {
@@ -444,6 +505,38 @@ mod tests {
             let [x, y, z] = grid_1d(n, 65535);
             assert!(x <= 65535 && y <= 65535 && z == 1);
             assert!(x as u64 * y as u64 >= n as u64, "{n}: {x}x{y}");
+        }
+    }
+
+    #[test]
+    fn wgqat_coop_names_the_kernels_that_run_on_cooperative_matrices() {
+        let hw = |grad_weight, grad_input| CoopWanted::Hardware {
+            grad_weight,
+            grad_input,
+        };
+        for (value, want) in [
+            ("", hw(true, true)),
+            ("1", hw(true, true)),
+            ("all", hw(true, true)),
+            ("0", CoopWanted::Off),
+            ("none", CoopWanted::Off),
+            ("emulate", CoopWanted::Emulate),
+            ("forward", hw(false, false)),
+            ("forward,grad-weight", hw(true, false)),
+            ("grad-input, forward", hw(false, true)),
+            ("forward,grad-weight,grad-input", hw(true, true)),
+        ] {
+            assert_eq!(CoopWanted::parse(value).unwrap(), want, "{value:?}");
+        }
+        for bad in [
+            "grad-weight",
+            "forward,backward",
+            "yes",
+            "forward,,grad-input",
+        ] {
+            let e = CoopWanted::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("WGQAT_COOP={bad}")), "{e}");
+            assert!(!e.contains('\n'), "{e}");
         }
     }
 
