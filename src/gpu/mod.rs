@@ -457,7 +457,8 @@ impl CoopWanted {
 }
 
 /// Whether `adapter` can run `shaders/conv_coop.wgsl`: cooperative matrices with f16 16×16×16
-/// → f32, f16 and subgroups in shaders, subgroups of exactly 32 invocations.
+/// → f32, f16 and subgroups in shaders, subgroups of exactly 32 invocations, and the 28 KiB of
+/// workgroup memory the packed forward's tiles take (32 KiB asked: WebGPU's minimum is 16).
 fn coop_capable(adapter: &wgpu::Adapter) -> bool {
     let f = adapter.features();
     let info = adapter.get_info();
@@ -467,6 +468,7 @@ fn coop_capable(adapter: &wgpu::Adapter) -> bool {
     f.contains(needed)
         && info.subgroup_min_size == 32
         && info.subgroup_max_size == 32
+        && adapter.limits().max_compute_workgroup_storage_size >= 32 << 10
         && adapter.cooperative_matrix_properties().iter().any(|p| {
             (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
                 && p.ab_type == wgpu::CooperativeScalarType::F16
