@@ -415,14 +415,16 @@ fn bn_fused_items(
     ]
 }
 
-/// Times every kernel of a training step of each model at each batch size. Failures (e.g. a
-/// tensor over the device's binding limit) are reported per row, not fatal.
+/// Times every kernel of a training step of each model at each batch size, handing each row to
+/// `on_row` as it is measured (so that a run stopped early has shown what it finished).
+/// Failures (e.g. a tensor over the device's binding limit) are reported per row, not fatal.
 pub fn kernels(
     gpu: &Gpu,
     models: &[ModelSpec],
     batches: &[usize],
     bits: Bits,
     repeat: usize,
+    on_row: &mut dyn FnMut(&KernelTiming) -> Result<()>,
 ) -> Result<Vec<KernelTiming>> {
     let timer = if gpu.caps.timestamp_query {
         "gpu timestamps"
@@ -488,6 +490,7 @@ pub fn kernels(
                     Err(e) => row.error = Some(e.to_string()),
                 }
                 gpu.pool().trim();
+                on_row(&row)?;
                 rows.push(row);
             }
         }

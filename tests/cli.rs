@@ -128,6 +128,29 @@ fn an_unknown_wgqat_coop_value_is_a_one_line_error() {
     );
 }
 
+/// A reader that stops early (`wgqat selftest | head -3`) ends wgqat without a panic message.
+#[cfg(unix)]
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wgqat"))
+        .args(["selftest", "--filter", "quant"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run wgqat");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("selftest on"), "{first}");
+    // The pipe is closed here, with most of the table still to come.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn selftest_runs_the_cases_and_reports_json() {
     let out = wgqat(&["selftest", "--filter", "relu", "--json"]);
@@ -142,10 +165,37 @@ fn selftest_runs_the_cases_and_reports_json() {
     assert!(v["cases"][0]["outputs"][0][1]["max_abs"].is_number());
 }
 
+/// A file for a test's output, in a fresh folder of the system's temporary one.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wgqat-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// `--out`'s file holds the report printed at the end (it is rewritten after every row, so a run
+/// stopped early leaves the rows it finished).
+fn assert_report_file_matches(path: &std::path::Path, printed: &serde_json::Value) {
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(&written, printed);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 #[test]
 fn bench_kernels_prints_rows_with_times() {
+    let file = scratch("kernels.json");
     let out = wgqat(&[
-        "bench", "kernels", "--model", "nin_gc", "--batch", "1", "--repeat", "1", "--json",
+        "bench",
+        "kernels",
+        "--model",
+        "nin_gc",
+        "--batch",
+        "1",
+        "--repeat",
+        "1",
+        "--json",
+        "--out",
+        file.to_str().unwrap(),
     ]);
     assert!(
         out.status.success(),
@@ -153,6 +203,7 @@ fn bench_kernels_prints_rows_with_times() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_report_file_matches(&file, &v);
     let rows = v["kernels"].as_array().unwrap();
     // 9 convs: forward and grad-weight each, grad-input for 8; for the 8 quantized ones the
     // three `+bn` GEMMs and 4 quantizer rows.
@@ -176,6 +227,7 @@ fn bench_kernels_prints_rows_with_times() {
 #[test]
 fn training_bench_shows_one_submit_and_no_allocations_per_step() {
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ci_nin.json");
+    let file = scratch("training.json");
     let out = wgqat(&[
         "bench",
         "--model",
@@ -189,6 +241,8 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
         "--steps",
         "3",
         "--json",
+        "--out",
+        file.to_str().unwrap(),
     ]);
     assert!(
         out.status.success(),
@@ -196,6 +250,7 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_report_file_matches(&file, &v);
     let rows = v["training"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for r in rows {

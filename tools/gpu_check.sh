@@ -41,17 +41,19 @@ part() {
 # pipelines compiled and the step run), the 2-second target.
 part info 15 "$W" info
 part selftest 45 "$W" selftest --json
-part wgqat_256 55 "$W" bench --json --model nin_gc,nin --scheme dorefa,iao --bn-fuse --bits 8 --batch 256 --no-breakdown
-part wgqat_256_fp32 25 env WGQAT_COOP=0 "$W" bench --json --model nin_gc,nin --bits 8 --batch 256 --no-breakdown
-part torch_compile_256 90 python3 tools/torch_bench.py --compile --json --model nin_gc,nin --bits 8 --batch 256
-part torch_eager_256 40 python3 tools/torch_bench.py --json --model nin_gc,nin --scheme dorefa,iao,iao-bn --bits 8 --batch 256
-python3 tools/bench_table.py "$out/wgqat_256.txt" "$out/torch_eager_256.txt" \
-    "$out/torch_compile_256.txt" >"$out/table_256.md" 2>>"$out/table.err"
-python3 tools/bench_table.py "$out/wgqat_256_fp32.txt" "$out/torch_eager_256.txt" \
-    "$out/torch_compile_256.txt" >"$out/table_256_fp32_path.md" 2>>"$out/table.err"
-part wgqat_resnet18 30 "$W" bench --json --model resnet18 --bits 8 --batch 128 --no-breakdown
-part torch_eager_resnet18 25 python3 tools/torch_bench.py --json --model resnet18 --bits 8 --batch 128
-python3 tools/bench_table.py "$out/wgqat_resnet18.txt" "$out/torch_eager_resnet18.txt" \
+# Each benchmark prints its table as it goes (NAME.txt) and rewrites NAME.json after every row,
+# so a part stopped by its time limit keeps the rows it finished.
+part wgqat_256 55 "$W" bench --out "$out/wgqat_256.json" --model nin_gc,nin --scheme dorefa,iao --bn-fuse --bits 8 --batch 256 --no-breakdown
+part wgqat_256_fp32 25 env WGQAT_COOP=0 "$W" bench --out "$out/wgqat_256_fp32.json" --model nin_gc,nin --bits 8 --batch 256 --no-breakdown
+part torch_compile_256 90 python3 tools/torch_bench.py --compile --out "$out/torch_compile_256.json" --model nin_gc,nin --bits 8 --batch 256
+part torch_eager_256 40 python3 tools/torch_bench.py --out "$out/torch_eager_256.json" --model nin_gc,nin --scheme dorefa,iao,iao-bn --bits 8 --batch 256
+python3 tools/bench_table.py "$out/wgqat_256.json" "$out/torch_eager_256.json" \
+    "$out/torch_compile_256.json" >"$out/table_256.md" 2>>"$out/table.err"
+python3 tools/bench_table.py "$out/wgqat_256_fp32.json" "$out/torch_eager_256.json" \
+    "$out/torch_compile_256.json" >"$out/table_256_fp32_path.md" 2>>"$out/table.err"
+part wgqat_resnet18 30 "$W" bench --out "$out/wgqat_resnet18.json" --model resnet18 --bits 8 --batch 128 --no-breakdown
+part torch_eager_resnet18 25 python3 tools/torch_bench.py --out "$out/torch_eager_resnet18.json" --model resnet18 --bits 8 --batch 128
+python3 tools/bench_table.py "$out/wgqat_resnet18.json" "$out/torch_eager_resnet18.json" \
     >"$out/table_resnet18.md" 2>>"$out/table.err"
-part kernels_256 35 "$W" bench kernels --model nin_gc,nin --batch 256 --repeat 3
+part kernels_256 35 "$W" bench kernels --out "$out/kernels_256.json" --model nin_gc,nin --batch 256 --repeat 3
 cat "$out/table_256.md" "$out/table_256_fp32_path.md" "$out/table_resnet18.md" 2>/dev/null

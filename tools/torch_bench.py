@@ -10,9 +10,10 @@ iao-bn the same with each conv's BatchNorm folded in (bn_fuse).
 
 Usage:
   python3 tools/torch_bench.py [--compile] [--scheme dorefa,iao] [--model nin_gc,nin,resnet18] [--bits 8,32] [--batch 50,128,256]
-                               [--warmup 5] [--steps 30] [--json]
+                               [--warmup 5] [--steps 30] [--json] [--out FILE]
 CUDA is used when present (cuDNN's defaults, TF32 allowed as PyTorch allows it by default);
---strict-fp32 turns TF32 off.
+--strict-fp32 turns TF32 off. --out FILE also writes the JSON report to FILE, rewritten after
+every row, so that a run stopped by a time limit (tools/gpu_check.sh) leaves the rows it finished.
 """
 import argparse
 import json
@@ -76,6 +77,14 @@ def bench(spec, bits, batch, args, device, scheme="dorefa"):
     }
 
 
+def write_report(path, rows):
+    """The report as it stands, written beside `path` and renamed over it (never half a file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"training": rows}, f, indent=2)
+    os.replace(tmp, path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -88,6 +97,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--strict-fp32", action="store_true", help="no TF32 on CUDA")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", help="also write the JSON report here, after every row")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.strict_fp32:
@@ -108,12 +118,15 @@ def main():
             for batch in [int(b) for b in args.batch.split(",")]:
                 r = bench(spec, bits, batch, args, device, scheme)
                 rows.append(r)
+                if args.out:
+                    write_report(args.out, rows)
                 if not args.json:
                     mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
                     prefix = {"iao": "IAO ", "iao-bn": "IAO-BN "}.get(scheme, "")
                     label = "fp32" if bits == 32 else prefix + f"W{bits}A{bits}"
                     print(f"{r['model']:8} {label:9} {batch:5} "
-                          f"{r['img_per_s']:10.1f} img/s {r['step_ms']:9.1f} ms/step peak {mem} ({r['mode']}, {r['device']})")
+                          f"{r['img_per_s']:10.1f} img/s {r['step_ms']:9.1f} ms/step peak {mem} ({r['mode']}, {r['device']})",
+                          flush=True)
     if args.json:
         print(json.dumps({"training": rows}, indent=2))
 

@@ -2,7 +2,7 @@
 
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,6 +108,10 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON report to this file, rewritten after every row: a run stopped early
+    /// (a time limit) leaves the rows it finished.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -131,6 +135,10 @@ enum BenchWhat {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also write the JSON report to this file, rewritten after every row: a run stopped
+        /// early (a time limit) leaves the rows it finished.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -444,6 +452,14 @@ impl GpuArgs {
 fn main() -> ExitCode {
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { wgqat::gpu::ensure_runtime_dir() };
+    // Output piped into a reader that stops early (`wgqat selftest | head`) ends wgqat quietly,
+    // as it ends other Unix tools, instead of panicking in println!. (Rust ignores SIGPIPE by
+    // default; files are written atomically, so nothing saved is left half-written.)
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     env_logger::Builder::from_env(
         env_logger::Env::default()
             .default_filter_or("warn,wgpu_hal=error,wgpu_core=error,naga=error"),
@@ -530,7 +546,15 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
                 bits,
                 repeat,
                 json,
-            }) => bench_kernels(&gpu.options(), model, batch, *bits, *repeat, *json),
+                out,
+            }) => bench_kernels(
+                &gpu.options(),
+                model,
+                batch,
+                (*bits, *repeat),
+                *json,
+                out.as_deref(),
+            ),
             None => bench_training(&b),
         },
     }
@@ -607,9 +631,9 @@ fn bench_kernels(
     opts: &GpuOptions,
     models: &[String],
     batches: &[usize],
-    bits: u32,
-    repeat: usize,
+    (bits, repeat): (u32, usize),
     json: bool,
+    out: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let bits = wgqat::quant::Bits::new(bits)?;
     if batches.contains(&0) {
@@ -620,58 +644,85 @@ fn bench_kernels(
         .map(|m| wgqat::models::load(m))
         .collect::<wgqat::Result<Vec<_>>>()?;
     let gpu = Gpu::new(opts)?;
-    let rows = wgqat::bench::kernels(&gpu, &specs, batches, bits, repeat)?;
-    if json {
-        let out = serde_json::json!({
+    let report = |rows: &[wgqat::bench::KernelTiming]| {
+        serde_json::json!({
             "adapter": AdapterSummary::of(&gpu.info),
             "cooperative_matrices": coop_name(&gpu),
             "kernels": rows,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "kernel benchmark on {} ({})",
-        gpu.describe(),
-        rows.first().map_or("", |r| r.timer)
-    );
-    println!(
-        "{:<7} {:>5} {:<13} {:<13} {:<14} {:<44} {:>10} {:>9} {:>9} {:>10}",
-        "model",
-        "batch",
-        "layer",
-        "kernel",
-        "direction",
-        "shape",
-        "ms",
-        "GFLOP/s",
-        "GFLOP",
-        "MiB bound"
-    );
-    for r in &rows {
-        let time = r
-            .seconds
-            .map_or("-".to_string(), |s| format!("{:.3}", s * 1e3));
-        let rate = r.gflops.map_or("-".to_string(), |g| format!("{g:.1}"));
+        })
+    };
+    if !json {
         println!(
-            "{:<7} {:>5} {:<13} {:<13} {:<14} {:<44} {:>10} {:>9} {:>9.3} {:>10}{}",
-            r.model,
-            r.batch,
-            r.layer,
-            r.kernel,
-            r.direction,
-            r.shape,
-            time,
-            rate,
-            r.flops * 1e-9,
-            r.bound_bytes
-                .map_or("-".to_string(), |b| format!("{:.2}", b as f64 / 1048576.0)),
-            r.error
-                .as_ref()
-                .map_or(String::new(), |e| format!("  skipped: {e}"))
+            "kernel benchmark on {} ({})",
+            gpu.describe(),
+            if gpu.caps.timestamp_query {
+                "gpu timestamps"
+            } else {
+                "wall clock"
+            }
+        );
+        println!(
+            "{:<7} {:>5} {:<13} {:<13} {:<14} {:<44} {:>10} {:>9} {:>9} {:>10}",
+            "model",
+            "batch",
+            "layer",
+            "kernel",
+            "direction",
+            "shape",
+            "ms",
+            "GFLOP/s",
+            "GFLOP",
+            "MiB bound"
         );
     }
+    // Each row printed (table) and the file rewritten (--out) as it is measured.
+    let mut so_far = Vec::new();
+    let rows = wgqat::bench::kernels(&gpu, &specs, batches, bits, repeat, &mut |r| {
+        if !json {
+            print_kernel_row(r);
+        }
+        if let Some(path) = out {
+            so_far.push(r.clone());
+            write_report(path, &report(&so_far))?;
+        }
+        Ok(())
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report(&rows))?);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One row of `bench kernels`' table.
+fn print_kernel_row(r: &wgqat::bench::KernelTiming) {
+    let time = r
+        .seconds
+        .map_or("-".to_string(), |s| format!("{:.3}", s * 1e3));
+    let rate = r.gflops.map_or("-".to_string(), |g| format!("{g:.1}"));
+    println!(
+        "{:<7} {:>5} {:<13} {:<13} {:<14} {:<44} {:>10} {:>9} {:>9.3} {:>10}{}",
+        r.model,
+        r.batch,
+        r.layer,
+        r.kernel,
+        r.direction,
+        r.shape,
+        time,
+        rate,
+        r.flops * 1e-9,
+        r.bound_bytes
+            .map_or("-".to_string(), |b| format!("{:.2}", b as f64 / 1048576.0)),
+        r.error
+            .as_ref()
+            .map_or(String::new(), |e| format!("  skipped: {e}"))
+    );
+}
+
+/// A benchmark's JSON report as it stands, written whole over `path` (`--out`).
+fn write_report(path: &Path, report: &serde_json::Value) -> wgqat::Result<()> {
+    let text = serde_json::to_string_pretty(report)
+        .map_err(|e| wgqat::Error::Invalid(format!("benchmark report: {e}")))?;
+    wgqat::util::atomic_write(path, format!("{text}\n").as_bytes())
 }
 
 fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
@@ -1143,6 +1194,13 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let quants = bench_quants(a, &bits);
+    let report = |rows: &[wgqat::bench::TrainingBench]| {
+        serde_json::json!({
+            "adapter": AdapterSummary::of(&gpu.info),
+            "cooperative_matrices": coop_name(&gpu),
+            "training": rows,
+        })
+    };
     for spec in &specs {
         for &q in &quants {
             for &batch in &batches {
@@ -1180,18 +1238,14 @@ fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 rows.push(r);
+                if let Some(path) = &a.out {
+                    write_report(path, &report(&rows))?;
+                }
             }
         }
     }
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "adapter": AdapterSummary::of(&gpu.info),
-                "cooperative_matrices": coop_name(&gpu),
-                "training": rows,
-            }))?
-        );
+        println!("{}", serde_json::to_string_pretty(&report(&rows))?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1224,6 +1278,7 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         breakdown: false,
     };
     let mw = model_column(&specs);
+    let report = |rows: &[wgqat::bench::InferenceBench]| serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "inference": rows });
     if !a.json {
         println!(
             "inference benchmark on {} (wall clock over {} batches after {} warm-up batches, inputs on the GPU)",
@@ -1272,16 +1327,14 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                     );
                 }
                 rows.push(r);
+                if let Some(path) = &a.out {
+                    write_report(path, &report(&rows))?;
+                }
             }
         }
     }
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "inference": rows })
-            )?
-        );
+        println!("{}", serde_json::to_string_pretty(&report(&rows))?);
     }
     Ok(ExitCode::SUCCESS)
 }
