@@ -10,12 +10,16 @@
 // subgroup a 64 x 64 quarter as 4 x 4 16x16 matrices; K advances BK (32) at a time through
 // workgroup memory (codes as f16, rows padded by 8 halves), staged in quads of four adjacent
 // elements (vec4 loads where the shape allows); each invocation's four columns are decoded once
-// before the K loop. Group packing: a grouped conv whose groups have at most 64 rows stacks GP
-// groups in the tile, in slots of RG = 32 or 64 rows (a group's rows, then zero rows), each
-// slot with its own B tile and BK 16 (workgroup memory stays as it is); each 16-row matrix lies
-// in one slot and multiplies that slot's B. Loads check bounds (padding, tile edges, the end of K load 0). Each 16x16
-// result goes through a staging tile in workgroup memory to the NCHW output, where the whole
-// workgroup scales, adds the bias and writes it.
+// before the K loop. Loads check bounds (padding, tile edges, the end of K load 0).
+//
+// Group packing: a grouped conv whose groups have at most 64 rows stacks GP groups in the tile,
+// in slots of RG = 32 or 64 rows (a group's rows, then zero rows), each slot with its own B tile
+// and BK 16 (workgroup memory stays about as it is); each 16-row matrix lies in one slot and
+// multiplies that slot's B. A 16-row block that holds no output row (past its group's rows, or
+// in a slot past the last group) skips its multiply-adds.
+//
+// Each 16x16 result goes through a staging tile in workgroup memory to the NCHW output, where
+// the whole workgroup scales, adds the bias and writes it (rounds that hold no output skipped).
 //
 // Lavapipe has no cooperative matrices: src/kernels/conv_coop/mod.rs derives a plain-WGSL
 // emulation of this file (the same staging, tiles and epilogue; each matrix operation done by

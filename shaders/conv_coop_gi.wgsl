@@ -24,8 +24,9 @@
 // quarter as 4 x 4 16x16 matrices, K advancing 16 at a time through workgroup memory (rows
 // padded to 16-byte multiples): weight codes staged in quads of four rows (one vec4 where the
 // weight runs along them, VEC_W), dy in quads of four columns (one vec4 for a pointwise conv,
-// VEC_DY), each invocation's columns decoded once. With OUT_BN, dy is formed from the conv
-// output and the BatchNorm's output gradient as conv2d.wgsl's OUT_BN forms it.
+// VEC_DY), each invocation's columns decoded once; a subgroup's 16-row blocks past M (a group
+// of 16 input channels fills one) skip their multiply-adds. With OUT_BN, dy is formed from the
+// conv output and the BatchNorm's output gradient as conv2d.wgsl's OUT_BN forms it.
 //
 // Lavapipe has no cooperative matrices: src/kernels/conv_coop/mod.rs derives a plain-WGSL emulation
 // of this file, as of conv_coop.wgsl, which the tests run against the f64 reference.

@@ -17,9 +17,11 @@
 // Then a workgroup of four 32-wide subgroups computes a 128 x 128 tile, each subgroup a 64 x 64
 // quarter as 4 x 4 16x16 matrices, K advancing 16 at a time through workgroup memory (rows
 // padded to 16-byte multiples, staged in quads: four adjacent pixels of a dy row, four adjacent
-// columns of an x row, with the columns decoded once). With OUT_BN, dy is formed from the conv
-// output and the BatchNorm's output gradient as conv2d.wgsl's OUT_BN forms it; with IN_BN, x
-// from the BatchNorm's input as conv2d.wgsl's IN_BN forms it (lib/bn.wgsl, lib/act.wgsl).
+// columns of an x row, with the columns decoded once); a subgroup's 16-row blocks past M, or
+// all of them where its 64 columns lie past N, skip their multiply-adds. With OUT_BN, dy is
+// formed from the conv output and the BatchNorm's output gradient as conv2d.wgsl's OUT_BN forms
+// it; with IN_BN, x from the BatchNorm's input as conv2d.wgsl's IN_BN forms it (lib/bn.wgsl,
+// lib/act.wgsl).
 //
 // Lavapipe has no cooperative matrices: src/kernels/conv_coop/mod.rs derives a plain-WGSL emulation
 // of this file, as of conv_coop.wgsl, which the tests run against the f64 reference.
