@@ -782,3 +782,89 @@ pub fn inference(
     gpu.pool().trim();
     row
 }
+
+/// A GEMM on the tensor cores beside the fp32 kernel's: the `bench kernels` rows of the same
+/// model, batch, layer and direction (`forward coop` and `forward`, …), both timed.
+pub struct CoopVsFp32<'a> {
+    pub fp32: &'a KernelTiming,
+    pub coop: &'a KernelTiming,
+}
+
+impl CoopVsFp32<'_> {
+    /// The fp32 kernel's time over the tensor cores': above 1 the tensor cores are faster.
+    pub fn speedup(&self) -> f64 {
+        self.fp32.seconds.unwrap_or(0.0) / self.coop.seconds.unwrap_or(f64::INFINITY)
+    }
+}
+
+/// Every timed tensor-core row of `rows` with its timed fp32 counterpart, in the rows' order.
+pub fn coop_vs_fp32(rows: &[KernelTiming]) -> Vec<CoopVsFp32<'_>> {
+    rows.iter()
+        .filter_map(|coop| {
+            let direction = coop.direction.strip_suffix(" coop")?;
+            coop.seconds?;
+            let fp32 = rows.iter().find(|f| {
+                (&f.model, f.batch, &f.layer, f.direction.as_str())
+                    == (&coop.model, coop.batch, &coop.layer, direction)
+                    && f.seconds.is_some()
+            })?;
+            Some(CoopVsFp32 { fp32, coop })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(layer: &str, direction: &str, seconds: Option<f64>) -> KernelTiming {
+        KernelTiming {
+            model: "nin_gc".into(),
+            batch: 256,
+            layer: layer.into(),
+            kernel: "conv2d".into(),
+            direction: direction.into(),
+            shape: String::new(),
+            seconds,
+            gflops: None,
+            flops: 1e9,
+            bound_bytes: None,
+            timer: "gpu timestamps",
+            error: None,
+        }
+    }
+
+    #[test]
+    fn each_tensor_core_row_meets_the_fp32_row_of_its_layer_and_direction() {
+        let rows = [
+            row("model.1.conv", "forward", Some(2e-3)),
+            row("model.1.conv", "forward coop", Some(5e-4)),
+            row("model.1.conv", "grad_input", Some(1e-3)),
+            row("model.1.conv", "forward+bn", Some(3e-3)),
+            row("model.4.conv", "grad_input", Some(1e-3)),
+            row("model.4.conv", "grad_input coop", Some(2e-3)),
+            // Not timed: left out.
+            row("model.5.conv", "forward", None),
+            row("model.5.conv", "forward coop", Some(1e-3)),
+            row("model.6.conv", "grad_weight coop", None),
+        ];
+        let pairs = coop_vs_fp32(&rows);
+        let got: Vec<(&str, &str, f64)> = pairs
+            .iter()
+            .map(|p| {
+                (
+                    p.fp32.layer.as_str(),
+                    p.fp32.direction.as_str(),
+                    p.speedup(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("model.1.conv", "forward", 4.0),
+                ("model.4.conv", "grad_input", 0.5)
+            ]
+        );
+    }
+}

@@ -689,8 +689,60 @@ fn bench_kernels(
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report(&rows))?);
+    } else {
+        print_coop_vs_fp32(&rows);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the adapter has tensor cores, each of their GEMMs beside the fp32 kernel's, and per
+/// model and batch the time of those GEMMs all on fp32, all on tensor cores, and each on the
+/// faster (what a per-layer choice would give).
+fn print_coop_vs_fp32(rows: &[wgqat::bench::KernelTiming]) {
+    let pairs = wgqat::bench::coop_vs_fp32(rows);
+    if pairs.is_empty() {
+        return;
+    }
+    println!(
+        "\ntensor cores against the fp32 kernels (speed-up above 1: the tensor cores are faster)"
+    );
+    println!(
+        "{:<7} {:>5} {:<13} {:<14} {:>10} {:>10} {:>9}",
+        "model", "batch", "layer", "direction", "fp32 ms", "coop ms", "speed-up"
+    );
+    let ms = |r: &wgqat::bench::KernelTiming| r.seconds.unwrap_or(0.0) * 1e3;
+    for p in &pairs {
+        println!(
+            "{:<7} {:>5} {:<13} {:<14} {:>10.3} {:>10.3} {:>8.2}x",
+            p.fp32.model,
+            p.fp32.batch,
+            p.fp32.layer,
+            p.fp32.direction,
+            ms(p.fp32),
+            ms(p.coop),
+            p.speedup()
+        );
+    }
+    let mut groups: Vec<(&str, usize)> = Vec::new();
+    for p in &pairs {
+        let key = (p.fp32.model.as_str(), p.fp32.batch);
+        if !groups.contains(&key) {
+            groups.push(key);
+        }
+    }
+    for (model, batch) in groups {
+        let of = || {
+            pairs
+                .iter()
+                .filter(move |p| (p.fp32.model.as_str(), p.fp32.batch) == (model, batch))
+        };
+        let fp32: f64 = of().map(|p| ms(p.fp32)).sum();
+        let coop: f64 = of().map(|p| ms(p.coop)).sum();
+        let best: f64 = of().map(|p| ms(p.fp32).min(ms(p.coop))).sum();
+        println!(
+            "{model} batch {batch}: these GEMMs all on fp32 {fp32:.3} ms, all on tensor cores {coop:.3} ms, each on the faster {best:.3} ms"
+        );
+    }
 }
 
 /// One row of `bench kernels`' table.
