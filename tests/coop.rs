@@ -201,21 +201,24 @@ fn coop_launches(plan: &wgqat::nn::Plan) -> Vec<String> {
         .collect()
 }
 
-/// A device whose backward kernels failed their start-up check keeps what passed on
-/// cooperative matrices and runs the rest on the fp32 kernels: grad-input alone failing leaves
-/// the forward and grad-weight there, grad-weight failing too leaves the forward alone.
+/// A device whose backward kernels failed their start-up check (or that `WGQAT_COOP` left
+/// out) keeps the rest on cooperative matrices and runs those on the fp32 kernels: without
+/// grad-input, the forward and grad-weight stay there; without grad-weight, the forward and
+/// grad-input; without both, the forward alone.
 #[test]
 fn without_the_backward_kernels_only_what_passed_runs_on_cooperative_matrices() {
     let b = Bits::new(8).unwrap();
-    for (grad_weight, want) in [
-        (true, &["forward", "grad_weight"][..]),
-        (false, &["forward"][..]),
+    for (grad_weight, grad_input, want) in [
+        (true, false, &["forward", "grad_weight"][..]),
+        (false, true, &["forward", "grad_input"][..]),
+        (false, false, &["forward"][..]),
     ] {
         let Some(coop) = emulated() else { return };
         let gpu = coop
-            .with_coop_grad_input(false)
+            .with_coop_grad_input(grad_input)
             .with_coop_grad_weight(grad_weight);
-        assert!(gpu.coop().is_some() && gpu.coop_grad_input().is_none());
+        assert!(gpu.coop().is_some());
+        assert_eq!(gpu.coop_grad_input().is_some(), grad_input);
         assert_eq!(gpu.coop_grad_weight().is_some(), grad_weight);
         let net = Network::new(&gpu, &two_bn_net(), QuantConfig::dorefa(b, b), 6, true, 1).unwrap();
         let plan = net.plan(&gpu, 6, Mode::Train).unwrap();
