@@ -30,6 +30,16 @@ pub struct KernelTiming {
     pub error: Option<String>,
 }
 
+/// How `gpu`'s benchmarks time their work: "gpu timestamps" where the adapter has timestamp
+/// queries, else "wall clock".
+pub fn timer(gpu: &Gpu) -> &'static str {
+    if gpu.caps.timestamp_query {
+        "gpu timestamps"
+    } else {
+        "wall clock"
+    }
+}
+
 /// Makes the launches of one bench item (allocating and filling its tensors).
 type Build = Box<dyn Fn(&Gpu) -> Result<Vec<Op>>>;
 
@@ -426,11 +436,7 @@ pub fn kernels(
     repeat: usize,
     on_row: &mut dyn FnMut(&KernelTiming) -> Result<()>,
 ) -> Result<Vec<KernelTiming>> {
-    let timer = if gpu.caps.timestamp_query {
-        "gpu timestamps"
-    } else {
-        "wall clock"
-    };
+    let timer = timer(gpu);
     let mut rows = Vec::new();
     for model in models {
         for &batch in batches {
@@ -563,11 +569,7 @@ pub fn training(
     opts: &TrainingOptions,
 ) -> TrainingBench {
     let bits = quant.w_bits;
-    let timer = if gpu.caps.timestamp_query {
-        "gpu timestamps"
-    } else {
-        "wall clock"
-    };
+    let timer = timer(gpu);
     let mut row = TrainingBench {
         model: model.name.clone(),
         scheme: quant.scheme.name(),

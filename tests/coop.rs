@@ -51,17 +51,7 @@ fn logits_through_the_emulated_tensor_core_conv_match_the_fp32_path() {
             .collect();
         // The tensor-core GEMM counts as arithmetic-bound, as conv2d.wgsl's GEMMs do, so that
         // `wgqat bench`'s memory-bound bytes are the same on both paths.
-        let coop_launches: Vec<bool> = plan
-            .ops
-            .ops()
-            .iter()
-            .filter_map(|op| match op {
-                wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
-                    Some(l.memory_bound())
-                }
-                _ => None,
-            })
-            .collect();
+        let coop_launches = coop_memory_bound(&plan.ops);
         let on_coop = std::ptr::eq(gpu, &coop);
         assert_eq!(coop_launches, if on_coop { vec![false] } else { vec![] });
         gpu.write(&plan.input, &images).unwrap();
@@ -117,18 +107,7 @@ fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_pat
             assert!(on_coop[1].contains("+bn sums"), "{}", on_coop[1]);
             assert!(on_coop[2].contains("grad_weight") && on_coop[2].contains("+bn backward"));
             // The GEMMs count as arithmetic, not memory traffic.
-            let bound: Vec<bool> = plan
-                .ops
-                .ops()
-                .iter()
-                .filter_map(|op| match op {
-                    wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
-                        Some(l.memory_bound())
-                    }
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(bound, [false; 3]);
+            assert_eq!(coop_memory_bound(&plan.ops), [false; 3]);
         } else {
             assert!(on_coop.is_empty());
         }
@@ -185,6 +164,20 @@ fn two_bn_net() -> wgqat::models::ModelSpec {
         "coop test",
     )
     .unwrap()
+}
+
+/// Whether each launch of `ops` on the (emulated) cooperative-matrix kernels counts as
+/// memory-bound, in plan order.
+fn coop_memory_bound(ops: &wgqat::gpu::Recorder) -> Vec<bool> {
+    ops.ops()
+        .iter()
+        .filter_map(|op| match op {
+            wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
+                Some(l.memory_bound())
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// The launches of a training plan that run on the (emulated) cooperative-matrix kernels.

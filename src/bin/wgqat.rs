@@ -655,11 +655,7 @@ fn bench_kernels(
         println!(
             "kernel benchmark on {} ({})",
             gpu.describe(),
-            if gpu.caps.timestamp_query {
-                "gpu timestamps"
-            } else {
-                "wall clock"
-            }
+            wgqat::bench::timer(&gpu)
         );
         println!(
             "{:<7} {:>5} {:<13} {:<13} {:<14} {:<44} {:>10} {:>9} {:>9} {:>10}",

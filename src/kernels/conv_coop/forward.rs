@@ -1,6 +1,6 @@
 //! The forward on cooperative matrices (`shaders/conv_coop.wgsl`).
 
-use super::{CoopMode, TILE, emulated_shader, grid, label_suffix, packing_label, slot_rows};
+use super::{CoopMode, TILE, grid, label_suffix, packing_label, shader_for, slot_rows};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
 use crate::kernels::CONV_COOP;
@@ -99,10 +99,7 @@ pub fn forward(
     constants.push(("RG", c(rg)));
     constants.extend(input_bn_constants(input_bn));
     constants.extend(gemm.geometry_constants());
-    let shader = match mode {
-        CoopMode::Hardware => &CONV_COOP,
-        CoopMode::Emulated => emulated_shader(&CONV_COOP),
-    };
+    let shader = shader_for(&CONV_COOP, mode);
     let kernel = gpu.kernel(&KernelSpec {
         shader,
         entry: "main",

@@ -1,7 +1,7 @@
 //! Grad-input on cooperative matrices (`shaders/conv_coop_gi.wgsl`): the GEMM with
 //! conv2d.wgsl's grad-input epilogue, each column of dy scaled for its f16 halves.
 
-use super::{CoopMode, TILE, emulated_shader, label_suffix};
+use super::{CoopMode, TILE, label_suffix, shader_for};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
 use crate::kernels::conv2d::{
@@ -93,10 +93,7 @@ pub fn grad_input(
         ("KW", c(geom.kernel.1)),
     ]);
     constants.extend(gemm.geometry_constants());
-    let shader = match mode {
-        CoopMode::Hardware => &CONV_COOP_GI,
-        CoopMode::Emulated => emulated_shader(&CONV_COOP_GI),
-    };
+    let shader = shader_for(&CONV_COOP_GI, mode);
     let bindings = [
         Bind::Uniform,
         Bind::Read,

@@ -1,6 +1,6 @@
 //! Grad-weight on cooperative matrices (`shaders/conv_coop_gw.wgsl`).
 
-use super::{CoopMode, TILE, emulated_shader, label_suffix};
+use super::{CoopMode, TILE, label_suffix, shader_for};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
 use crate::kernels::CONV_COOP_GW;
@@ -103,10 +103,7 @@ pub fn grad_weight(
     constants.extend(input_bn_constants(bn.input));
     constants.extend(output_bn_constants(bn.output));
     constants.extend(gemm.geometry_constants());
-    let shader = match mode {
-        CoopMode::Hardware => &CONV_COOP_GW,
-        CoopMode::Emulated => emulated_shader(&CONV_COOP_GW),
-    };
+    let shader = shader_for(&CONV_COOP_GW, mode);
     let kernel = gpu.kernel(&KernelSpec {
         shader,
         entry: "main",

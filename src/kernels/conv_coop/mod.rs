@@ -82,6 +82,14 @@ pub fn emulated_shader(shader: &'static Shader) -> &'static Shader {
     })
 }
 
+/// `shader` (one of [`SHADERS_COOP`]) as `mode` runs it: itself, or its emulation.
+pub(crate) fn shader_for(shader: &'static Shader, mode: CoopMode) -> &'static Shader {
+    match mode {
+        CoopMode::Hardware => shader,
+        CoopMode::Emulated => emulated_shader(shader),
+    }
+}
+
 /// What a launch's label adds for `mode`: " (emulated)" for the emulation, nothing else.
 pub(crate) fn label_suffix(mode: CoopMode) -> &'static str {
     match mode {
