@@ -2,7 +2,8 @@
 //! else their plain-WGSL emulation (the same staging, tiles and epilogue), against the f64
 //! reference. (Their BatchNorm-fused forms are in `through_bn`.)
 
-use super::{Case, GemmOp, f64s, gemm_tolerance, random};
+use super::gemm::{GemmOp, gemm_tolerance};
+use super::{Case, f64s, random};
 use crate::DType;
 use crate::gpu::{CoopMode, Gpu};
 use crate::kernels;

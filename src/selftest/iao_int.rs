@@ -191,7 +191,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             ),
             move |gpu, rng| {
                 let model = random_iao_int_model(rng, residual);
-                super::engine_against_reference(gpu, rng, model, batch)
+                super::int::engine_against_reference(gpu, rng, model, batch)
             },
         ));
     }

@@ -7,7 +7,8 @@
 //! it in; the quantizer is the reference's, bit for bit.
 
 use super::coop::{act_levels, path_or_emulation, weight_levels};
-use super::{Case, GemmOp, f64s, gemm_tolerance, random};
+use super::gemm::{GemmOp, gemm_tolerance};
+use super::{Case, f64s, random};
 use crate::DType;
 use crate::gpu::Tensor;
 use crate::kernels::conv_coop;

@@ -159,7 +159,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             ),
             move |gpu, rng| {
                 let model = random_xnor_int_model(rng, bits_out);
-                super::engine_against_reference(gpu, rng, model, batch)
+                super::int::engine_against_reference(gpu, rng, model, batch)
             },
         ));
     }

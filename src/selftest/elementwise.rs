@@ -1,0 +1,142 @@
+//! ReLU, the residual add and gradient accumulation, and the per-channel sum.
+
+use super::{Case, run_read};
+use crate::DType;
+use crate::kernels;
+use crate::reference::{self, Tolerance};
+
+pub(super) fn relu_cases(v: &mut Vec<Case>) {
+    // Sizes around the 256-thread workgroup, and one past 65535 workgroups (a 2-D grid).
+    for n in [1usize, 255, 257, 1000, 65535 * 256 + 300] {
+        v.push(Case::new(
+            "relu",
+            "forward",
+            format!("[{n}]"),
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n, -1.0, 1.0);
+                let xt = gpu.upload_f32("x", &[n], &x)?;
+                let yt = gpu.empty("y", &[n], DType::F32)?;
+                let got = run_read(
+                    gpu,
+                    vec![kernels::elementwise::relu_forward(gpu, &xt, &yt)?],
+                    &[&yt],
+                )?;
+                let want = reference::elementwise::relu_forward(&x);
+                Ok(vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, Tolerance::EXACT),
+                )])
+            },
+        ));
+    }
+    for n in [1usize, 257, 4099] {
+        v.push(Case::new(
+            "relu",
+            "backward",
+            format!("[{n}]"),
+            move |gpu, rng| {
+                let y: Vec<f32> = rng
+                    .vec_uniform(n, -1.0, 1.0)
+                    .iter()
+                    .map(|v| v.max(0.0))
+                    .collect();
+                let dy = rng.vec_uniform(n, -1.0, 1.0);
+                let yt = gpu.upload_f32("y", &[n], &y)?;
+                let dyt = gpu.upload_f32("dy", &[n], &dy)?;
+                let dxt = gpu.empty("dx", &[n], DType::F32)?;
+                let l = kernels::elementwise::relu_backward(gpu, &yt, &dyt, &dxt)?;
+                let got = run_read(gpu, vec![l], &[&dxt])?;
+                let want = reference::elementwise::relu_backward(&y, &dy);
+                Ok(vec![(
+                    "dx".into(),
+                    reference::compare(&got[0], &want, Tolerance::EXACT),
+                )])
+            },
+        ));
+    }
+}
+
+/// The residual sum and gradient accumulation: one f32 add per element, exact.
+pub(super) fn add_cases(v: &mut Vec<Case>) {
+    for n in [1usize, 257, 65535 * 256 + 300] {
+        v.push(Case::new(
+            "add",
+            "forward",
+            format!("[{n}]"),
+            move |gpu, rng| {
+                let (a, b) = (rng.vec_uniform(n, -1.0, 1.0), rng.vec_uniform(n, -1.0, 1.0));
+                let at = gpu.upload_f32("a", &[n], &a)?;
+                let bt = gpu.upload_f32("b", &[n], &b)?;
+                let yt = gpu.empty("y", &[n], DType::F32)?;
+                let l = kernels::elementwise::add_forward(gpu, &at, &bt, &yt)?;
+                let got = run_read(gpu, vec![l], &[&yt])?;
+                let want = reference::elementwise::add(&a, &b);
+                Ok(vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, Tolerance::EXACT),
+                )])
+            },
+        ));
+    }
+    for n in [1usize, 4099] {
+        v.push(Case::new(
+            "add",
+            "accumulate",
+            format!("[{n}]"),
+            move |gpu, rng| {
+                let (x, s) = (rng.vec_uniform(n, -1.0, 1.0), rng.vec_uniform(n, -1.0, 1.0));
+                let xt = gpu.upload_f32("x", &[n], &x)?;
+                let st = gpu.upload_f32("sum", &[n], &s)?;
+                // Twice: the second adds x to what the first left.
+                let ls = vec![
+                    kernels::elementwise::accumulate(gpu, &xt, &st)?,
+                    kernels::elementwise::accumulate(gpu, &xt, &st)?,
+                ];
+                let got = run_read(gpu, ls, &[&st])?;
+                let once: Vec<f32> = reference::elementwise::add(&s, &x)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                let want = reference::elementwise::add(&once, &x);
+                Ok(vec![(
+                    "sum".into(),
+                    reference::compare(&got[0], &want, Tolerance::EXACT),
+                )])
+            },
+        ));
+    }
+}
+
+pub(super) fn reduce_cases(v: &mut Vec<Case>) {
+    // (N, C, S): one element per channel, S around the workgroup size, many channels.
+    for (n, c, s) in [
+        (1usize, 1usize, 1usize),
+        (3, 5, 7),
+        (2, 3, 300),
+        (50, 10, 64),
+        (4, 70_000, 1),
+    ] {
+        v.push(Case::new(
+            "channel_sum",
+            "forward",
+            format!("[{n},{c},{s}]"),
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n * c * s, -1.0, 1.0);
+                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
+                let out = gpu.empty("sum", &[c], DType::F32)?;
+                let got = run_read(
+                    gpu,
+                    vec![kernels::reduce::channel_sum(gpu, &xt, &out)?],
+                    &[&out],
+                )?;
+                let want = reference::reduce::channel_sum(&x, n, c, s);
+                // f32 sums of up to n*s terms of magnitude <= 1.
+                let tol = Tolerance::new(1e-6 * (n * s) as f64, 1e-5);
+                Ok(vec![(
+                    "sum".into(),
+                    reference::compare(&got[0], &want, tol),
+                )])
+            },
+        ));
+    }
+}

@@ -1,0 +1,271 @@
+//! BatchNorm as separate passes: train and eval forward (with its fused ReLU, shuffle and
+//! activation quantizer) and backward.
+
+use super::{Case, bits, f64s};
+use crate::DType;
+use crate::kernels;
+use crate::kernels::norm::Epilogue;
+use crate::reference::{self, Tolerance};
+
+pub(super) fn cases(v: &mut Vec<Case>) {
+    // BatchNorm: train forward (with running stats), eval forward, backward; with and without
+    // the fused ReLU and channel shuffle; a single-element channel batch too. The reference
+    // shuffles its output (and unshuffles the output gradient) separately.
+    // With `quantize` bits (0: none), forward eval also checks the fused activation quantizer
+    // bit for bit against act_forward of the unquantized output.
+    for (n, c, s, relu, shuffle, quantize) in [
+        (4usize, 3usize, 25usize, true, 1usize, 0u32),
+        (2, 70, 64, false, 1, 0),
+        (50, 4, 1, true, 1, 0),
+        (3, 5, 300, true, 1, 4),
+        (4, 6, 25, true, 2, 8),
+        (2, 12, 9, false, 3, 2),
+    ] {
+        let ep = Epilogue {
+            relu,
+            shuffle,
+            quantize: None,
+        };
+        let shape = format!(
+            "[{n},{c},{s}]{}{}{}",
+            if relu { " +relu" } else { "" },
+            if shuffle > 1 {
+                format!(" +shuffle {shuffle}")
+            } else {
+                String::new()
+            },
+            if quantize > 0 {
+                format!(" +a{quantize}")
+            } else {
+                String::new()
+            }
+        );
+        let shuffled = move |v: Vec<f64>, inverse: bool| {
+            if shuffle > 1 {
+                reference::pool::channel_shuffle(&v, (n, c, s), shuffle, inverse)
+            } else {
+                v
+            }
+        };
+        v.push(Case::new(
+            "batchnorm",
+            "forward train",
+            shape.clone(),
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
+                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+                let (rm0, rv0) = (rng.vec_uniform(c, -0.1, 0.1), rng.vec_uniform(c, 0.5, 1.5));
+                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
+                let (gt, bt) = (
+                    gpu.upload_f32("gamma", &[c], &gamma)?,
+                    gpu.upload_f32("beta", &[c], &beta)?,
+                );
+                let (rm, rv) = (
+                    gpu.upload_f32("rm", &[c], &rm0)?,
+                    gpu.upload_f32("rv", &[c], &rv0)?,
+                );
+                let stats = gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?;
+                let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let ops = vec![
+                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, (&gt, &bt), &stats, &rm, &rv)?,
+                    kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
+                ];
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &rm, &rv])?;
+                let (want, mean, var) = reference::norm::forward_train(
+                    &f64s(&x),
+                    (n, c, s),
+                    &f64s(&gamma),
+                    &f64s(&beta),
+                    1e-5,
+                    relu,
+                );
+                let want = shuffled(want, false);
+                let (wrm, wrv) = reference::norm::running_update(
+                    &f64s(&rm0),
+                    &f64s(&rv0),
+                    &mean,
+                    &var,
+                    n * s,
+                    0.1,
+                );
+                let tol = Tolerance::new(2e-5, 1e-4);
+                Ok(vec![
+                    ("y".into(), reference::compare(&got[0], &want, tol)),
+                    (
+                        "running_mean".into(),
+                        reference::compare(&got[1], &wrm, tol),
+                    ),
+                    ("running_var".into(), reference::compare(&got[2], &wrv, tol)),
+                ])
+            },
+        ));
+        v.push(Case::new(
+            "batchnorm",
+            "forward eval",
+            shape.clone(),
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
+                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+                let (rm0, rv0) = (rng.vec_uniform(c, -0.5, 0.5), rng.vec_uniform(c, 0.5, 1.5));
+                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
+                let (gt, bt) = (
+                    gpu.upload_f32("gamma", &[c], &gamma)?,
+                    gpu.upload_f32("beta", &[c], &beta)?,
+                );
+                let (rm, rv) = (
+                    gpu.upload_f32("rm", &[c], &rm0)?,
+                    gpu.upload_f32("rv", &[c], &rv0)?,
+                );
+                let stats = gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?;
+                let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let ops = vec![
+                    kernels::norm::stats_eval(gpu, c, 1e-5, (&gt, &bt), &rm, &rv, &stats)?,
+                    kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
+                ];
+                let yq = gpu.empty("y quantized", &[n, c, s], DType::F32)?;
+                let mut ops = ops;
+                if quantize > 0 {
+                    let q = Epilogue {
+                        quantize: Some(bits(quantize)),
+                        ..ep
+                    };
+                    ops.push(kernels::norm::apply(gpu, q, &xt, &stats, &gt, &bt, &yq)?);
+                }
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &yq])?;
+                let want = shuffled(
+                    reference::norm::apply(
+                        &f64s(&x),
+                        (n, c, s),
+                        &f64s(&rm0),
+                        &f64s(&rv0),
+                        &f64s(&gamma),
+                        &f64s(&beta),
+                        1e-5,
+                        relu,
+                    ),
+                    false,
+                );
+                let mut checks = vec![(
+                    "y".into(),
+                    reference::compare(&got[0], &want, Tolerance::new(1e-5, 1e-5)),
+                )];
+                if quantize > 0 {
+                    let want_q = reference::quant::act_forward(&got[0], bits(quantize));
+                    checks.push((
+                        format!("y quantized a{quantize}"),
+                        reference::compare(&got[1], &f64s(&want_q), Tolerance::EXACT),
+                    ));
+                }
+                Ok(checks)
+            },
+        ));
+        v.push(Case::new(
+            "batchnorm",
+            "backward",
+            shape,
+            move |gpu, rng| {
+                let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
+                let dy = rng.vec_uniform(n * c * s, -1.0, 1.0);
+                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
+                let dyt = gpu.upload_f32("dy", &[n, c, s], &dy)?;
+                let (gt, bt) = (
+                    gpu.upload_f32("gamma", &[c], &gamma)?,
+                    gpu.upload_f32("beta", &[c], &beta)?,
+                );
+                let (rm, rv) = (
+                    gpu.zeros("rm", &[c], DType::F32)?,
+                    gpu.zeros("rv", &[c], DType::F32)?,
+                );
+                let stats = gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?;
+                let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let (dg, db) = (
+                    gpu.empty("dgamma", &[c], DType::F32)?,
+                    gpu.empty("dbeta", &[c], DType::F32)?,
+                );
+                let dx = gpu.empty("dx", &[n, c, s], DType::F32)?;
+                let mut ops = vec![
+                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, (&gt, &bt), &stats, &rm, &rv)?,
+                    kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
+                ];
+                ops.extend(kernels::norm::backward(
+                    gpu,
+                    ep,
+                    &xt,
+                    &dyt,
+                    &stats,
+                    &gt,
+                    &bt,
+                    &dg,
+                    &db,
+                    Some(&dx),
+                )?);
+                // In place: dx over a copy of x, as a network writes it over the conv output.
+                let x_then_dx = gpu.upload_f32("x, then dx", &[n, c, s], &x)?;
+                let (dg2, db2) = (
+                    gpu.empty("dgamma 2", &[c], DType::F32)?,
+                    gpu.empty("dbeta 2", &[c], DType::F32)?,
+                );
+                ops.extend(kernels::norm::backward(
+                    gpu,
+                    ep,
+                    &x_then_dx,
+                    &dyt,
+                    &stats,
+                    &gt,
+                    &bt,
+                    &dg2,
+                    &db2,
+                    Some(&x_then_dx),
+                )?);
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &ops, &[&dx, &dg, &db, &x_then_dx])?;
+                let (yr, mean, var) = reference::norm::forward_train(
+                    &f64s(&x),
+                    (n, c, s),
+                    &f64s(&gamma),
+                    &f64s(&beta),
+                    1e-5,
+                    relu,
+                );
+                // The ReLU mask comes from the GPU's own y (a value at exactly 0 may round either
+                // way); the backward forms the same pre-activation again, so their signs agree.
+                let y_gpu: Vec<f64> = if relu {
+                    shuffled(f64s(&gpu.read_f32(&y)?), true)
+                } else {
+                    yr
+                };
+                let (wdx, wdg, wdb) = reference::norm::backward(
+                    &f64s(&x),
+                    &y_gpu,
+                    &shuffled(f64s(&dy), true),
+                    (n, c, s),
+                    &mean,
+                    &var,
+                    &f64s(&gamma),
+                    1e-5,
+                    relu,
+                );
+                let k = ((n * s) as f64).sqrt();
+                Ok(vec![
+                    (
+                        "dx".into(),
+                        reference::compare(&got[0], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
+                    ),
+                    (
+                        "dgamma".into(),
+                        reference::compare(&got[1], &wdg, Tolerance::new(2e-6 * k, 1e-5)),
+                    ),
+                    (
+                        "dbeta".into(),
+                        reference::compare(&got[2], &wdb, Tolerance::new(2e-6 * k, 1e-5)),
+                    ),
+                    (
+                        "dx in place".into(),
+                        reference::compare(&got[3], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
+                    ),
+                ])
+            },
+        ));
+    }
+}
