@@ -130,11 +130,11 @@ pub fn cases() -> Vec<Case> {
     wbwtab::cases(&mut v);
     gemm::cases(&mut v);
     through_bn::cases(&mut v);
-    through_bn::maxpool_cases(&mut v);
-    through_bn::stats_cases(&mut v);
-    through_bn::output_cases(&mut v);
-    through_bn::coop_grad_weight_case(&mut v);
-    through_bn::coop_grad_input_case(&mut v);
+    through_bn::pool::cases(&mut v);
+    through_bn::stats::cases(&mut v);
+    through_bn::output::cases(&mut v);
+    through_bn::output::coop_grad_weight_case(&mut v);
+    through_bn::output::coop_grad_input_case(&mut v);
     norm::cases(&mut v);
     pool::cases(&mut v);
     loss::cases(&mut v);
