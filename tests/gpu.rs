@@ -151,3 +151,21 @@ fn a_kernel_binding_more_storage_buffers_than_the_adapter_allows_is_an_error_nam
         "{msg}"
     );
 }
+
+#[test]
+fn the_kernel_cache_names_each_specialisation_it_compiled() {
+    let gpu = common::gpu();
+    let x = gpu
+        .upload_f32("x", &[5], &[1.0, -2.0, 3.0, -4.0, 5.0])
+        .unwrap();
+    let y = gpu.empty("y", &[5], DType::F32).unwrap();
+    relu_forward(gpu, &x, &y).unwrap();
+    let names = gpu.kernels().names();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("elementwise.wgsl:relu_forward")),
+        "{names:?}"
+    );
+    assert!(names.is_sorted());
+}

@@ -149,6 +149,18 @@ impl KernelCache {
     pub fn compiled(&self) -> usize {
         self.kernels.lock().map(|k| k.len()).unwrap_or(0)
     }
+
+    /// The name of every pipeline compiled so far (`shader:entry[:CONST=v...]`), sorted: what
+    /// a plan specialises, for checking those specialisations outside wgpu.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .kernels
+            .lock()
+            .map(|k| k.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
 }
 
 impl Gpu {
