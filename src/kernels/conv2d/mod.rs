@@ -122,25 +122,7 @@ pub fn grad_input(
     w: &Tensor,
     dx: &Tensor,
 ) -> Result<Op> {
-    let label = check(
-        geom,
-        "conv2d.grad_input",
-        &[
-            ("dy", dy, &geom.output_shape()),
-            ("w", w, &geom.weight_shape()),
-            ("dx", dx, &geom.input_shape()),
-        ],
-    )?;
-    Ok(Op::Dispatch(geom.gemm().launch(
-        gpu,
-        Mode::GradInput,
-        w,
-        dy,
-        None,
-        dx,
-        1,
-        label,
-    )?))
+    grad_input_fused(gpu, geom, dy, w, dx, None, AroundBn::default())
 }
 
 /// [`grad_input`] with the layer input's DoReFa quantizer in its epilogue (`act`: `dx` masked by
