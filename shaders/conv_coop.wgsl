@@ -227,10 +227,10 @@ fn stage(lid: u32, g0: u32, m0: u32, k0: u32) {
 }
 
 // Writes the staged 16x16 results of every subgroup (subgroup s owns the quarter (s / 2, s % 2)):
-// matrix (mi, nj) of each quarter, 8 values per invocation.
+// matrix (mi, nj) of each quarter, 8 values per invocation (see staged_index).
 fn write_out(lid: u32, m0: u32, n0: u32, g0: u32, mi: u32, nj: u32) {
     for (var e = 0u; e < 8u; e++) {
-        let i = lid * 8u + e;
+        let i = staged_index(lid, e);
         let s = i / 256u;
         let r = (i % 256u) / 16u;
         let c = i % 16u;
@@ -255,8 +255,8 @@ fn out_value(i: u32, co: u32) -> f32 {
     return v;
 }
 
-// BN_STATS: the statistics of the run of 8 values write_out just wrote (two passes), merged
-// into this invocation's row of block mi.
+// BN_STATS: the statistics of a run of 8 staged values (one row, 8 adjacent columns: c_sh[lid *
+// 8..]; two passes), merged into this invocation's row of block mi.
 fn run_stats(lid: u32, m0: u32, n0: u32, g0: u32, mi: u32, nj: u32) {
     let s = lid / 32u;
     let co = row_channel(g0, m0, (s / 2u) * 64u + mi + (lid % 32u) / 2u);

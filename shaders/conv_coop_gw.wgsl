@@ -248,10 +248,10 @@ var<private> m0: u32;
 var<private> n0: u32;
 
 // Writes the staged 16x16 results of every subgroup (subgroup s owns the quarter (s / 2, s % 2)):
-// matrix (mi, nj) of each quarter, 8 values per invocation, unscaled.
+// matrix (mi, nj) of each quarter, 8 values per invocation (see staged_index), unscaled.
 fn write_out(lid: u32, g: u32, split: u32, mi: u32, nj: u32) {
     for (var e = 0u; e < 8u; e++) {
-        let i = lid * 8u + e;
+        let i = staged_index(lid, e);
         let s = i / 256u;
         let r = (s / 2u) * 64u + mi + (i % 256u) / 16u;
         let row = m0 + r;

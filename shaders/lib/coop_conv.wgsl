@@ -47,3 +47,12 @@ fn bn_relu(v: f32, ch: u32) -> f32 {
 fn bn_formed(v: f32, ch: u32) -> f32 {
     return dorefa_act(bn_relu(v, ch), A_LEVELS, A_INV_LEVELS);
 }
+
+// The staged value (index into c_sh) that invocation `lid` writes on step e (0..8) of an
+// epilogue round: subgroup s's 32 invocations write their own 16x16 block (c_sh[s * 256..]) two
+// rows per step, each half of the subgroup 16 adjacent columns of one row, so that one store
+// instruction writes two runs of 64 contiguous bytes (one index per invocation and row would
+// scatter it over 32 sectors). Row (i % 256) / 16, column i % 16, as the block is staged.
+fn staged_index(lid: u32, e: u32) -> u32 {
+    return (lid / 32u) * 256u + e * 32u + lid % 32u;
+}
