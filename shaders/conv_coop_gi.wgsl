@@ -361,11 +361,12 @@ fn write_dx(g: u32, row: u32, col: u32, v: f32, k: u32) {
 }
 
 // Writes the staged 16x16 results of every subgroup (subgroup s owns the quarter (s / 2, s % 2)):
-// matrix (mi, nj) of each quarter, 8 values per invocation (one row, 8 adjacent columns),
-// unscaled.
+// matrix (mi, nj) of each quarter, 8 values per invocation, unscaled. An invocation keeps one
+// row (its BatchNorm sums are per row), the two invocations of a row taking alternate columns,
+// so that each step writes 8 contiguous bytes per row (adjacent columns 2e and 2e + 1).
 fn write_out(lid: u32, g: u32, mi: u32, nj: u32) {
     for (var e = 0u; e < 8u; e++) {
-        let i = lid * 8u + e;
+        let i = (lid / 2u) * 16u + 2u * e + lid % 2u;
         let s = i / 256u;
         let row = m0 + (s / 2u) * 64u + mi + (i % 256u) / 16u;
         let c = (s % 2u) * 64u + nj + i % 16u;
