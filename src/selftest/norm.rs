@@ -3,9 +3,58 @@
 
 use super::{Case, bits, f64s};
 use crate::DType;
+use crate::error::Result;
+use crate::gpu::{Gpu, Tensor};
 use crate::kernels;
 use crate::kernels::norm::Epilogue;
 use crate::reference::{self, Tolerance};
+use crate::rng::Rng;
+
+/// A BatchNorm's input, parameters and running statistics drawn from the case's generator (in
+/// that order), uploaded, with its table and output allocated.
+struct Inputs {
+    x: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    rm0: Vec<f32>,
+    rv0: Vec<f32>,
+    xt: Tensor,
+    gt: Tensor,
+    bt: Tensor,
+    rm: Tensor,
+    rv: Tensor,
+    stats: Tensor,
+    y: Tensor,
+}
+
+impl Inputs {
+    /// Running means in ±`rm_range`.
+    fn draw(
+        gpu: &Gpu,
+        rng: &mut Rng,
+        (n, c, s): (usize, usize, usize),
+        rm_range: f32,
+    ) -> Result<Inputs> {
+        let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
+        let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
+        let rm0 = rng.vec_uniform(c, -rm_range, rm_range);
+        let rv0 = rng.vec_uniform(c, 0.5, 1.5);
+        Ok(Inputs {
+            xt: gpu.upload_f32("x", &[n, c, s], &x)?,
+            gt: gpu.upload_f32("gamma", &[c], &gamma)?,
+            bt: gpu.upload_f32("beta", &[c], &beta)?,
+            rm: gpu.upload_f32("rm", &[c], &rm0)?,
+            rv: gpu.upload_f32("rv", &[c], &rv0)?,
+            stats: gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?,
+            y: gpu.empty("y", &[n, c, s], DType::F32)?,
+            x,
+            gamma,
+            beta,
+            rm0,
+            rv0,
+        })
+    }
+}
 
 pub(super) fn cases(v: &mut Vec<Case>) {
     // BatchNorm: train forward (with running stats), eval forward, backward; with and without
@@ -52,20 +101,20 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             "forward train",
             shape.clone(),
             move |gpu, rng| {
-                let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
-                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
-                let (rm0, rv0) = (rng.vec_uniform(c, -0.1, 0.1), rng.vec_uniform(c, 0.5, 1.5));
-                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
-                let (gt, bt) = (
-                    gpu.upload_f32("gamma", &[c], &gamma)?,
-                    gpu.upload_f32("beta", &[c], &beta)?,
-                );
-                let (rm, rv) = (
-                    gpu.upload_f32("rm", &[c], &rm0)?,
-                    gpu.upload_f32("rv", &[c], &rv0)?,
-                );
-                let stats = gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?;
-                let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let Inputs {
+                    x,
+                    gamma,
+                    beta,
+                    rm0,
+                    rv0,
+                    xt,
+                    gt,
+                    bt,
+                    rm,
+                    rv,
+                    stats,
+                    y,
+                } = Inputs::draw(gpu, rng, (n, c, s), 0.1)?;
                 let ops = vec![
                     kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, (&gt, &bt), &stats, &rm, &rv)?,
                     kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
@@ -104,20 +153,20 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             "forward eval",
             shape.clone(),
             move |gpu, rng| {
-                let x = rng.vec_uniform(n * c * s, -2.0, 3.0);
-                let (gamma, beta) = (rng.vec_uniform(c, 0.5, 1.5), rng.vec_uniform(c, -0.5, 0.5));
-                let (rm0, rv0) = (rng.vec_uniform(c, -0.5, 0.5), rng.vec_uniform(c, 0.5, 1.5));
-                let xt = gpu.upload_f32("x", &[n, c, s], &x)?;
-                let (gt, bt) = (
-                    gpu.upload_f32("gamma", &[c], &gamma)?,
-                    gpu.upload_f32("beta", &[c], &beta)?,
-                );
-                let (rm, rv) = (
-                    gpu.upload_f32("rm", &[c], &rm0)?,
-                    gpu.upload_f32("rv", &[c], &rv0)?,
-                );
-                let stats = gpu.empty("stats", &[kernels::norm::TABLE * c], DType::F32)?;
-                let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let Inputs {
+                    x,
+                    gamma,
+                    beta,
+                    rm0,
+                    rv0,
+                    xt,
+                    gt,
+                    bt,
+                    rm,
+                    rv,
+                    stats,
+                    y,
+                } = Inputs::draw(gpu, rng, (n, c, s), 0.5)?;
                 let ops = vec![
                     kernels::norm::stats_eval(gpu, c, 1e-5, (&gt, &bt), &rm, &rv, &stats)?,
                     kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,

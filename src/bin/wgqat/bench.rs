@@ -185,24 +185,31 @@ fn bench_quants(a: &BenchArgs, bits: &[Bits]) -> Vec<wgqat::quant::QuantConfig> 
     quants
 }
 
+/// `--batch`, or `default` without it; a batch size of 0 is refused.
+fn batch_sizes(a: &BenchArgs, default: &[usize]) -> anyhow::Result<Vec<usize>> {
+    let batches = a.batch.clone().unwrap_or_else(|| default.to_vec());
+    if batches.contains(&0) {
+        anyhow::bail!("batch size 0: use a batch size of at least 1");
+    }
+    Ok(batches)
+}
+
+/// The models `--model` names, loaded.
+fn model_specs(a: &BenchArgs) -> wgqat::Result<Vec<wgqat::models::ModelSpec>> {
+    a.model.iter().map(|m| wgqat::models::load(m)).collect()
+}
+
 pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     if a.infer {
         return bench_inference(a);
     }
-    let batches = a.batch.clone().unwrap_or_else(|| vec![50, 128, 256]);
     let bits = a
         .bits
         .iter()
         .map(|&b| Bits::new(b))
         .collect::<wgqat::Result<Vec<_>>>()?;
-    if batches.contains(&0) {
-        anyhow::bail!("batch size 0: use a batch size of at least 1");
-    }
-    let specs = a
-        .model
-        .iter()
-        .map(|m| wgqat::models::load(m))
-        .collect::<wgqat::Result<Vec<_>>>()?;
+    let batches = batch_sizes(a, &[50, 128, 256])?;
+    let specs = model_specs(a)?;
     let gpu = Gpu::new(&a.gpu.options())?;
     let opts = wgqat::bench::TrainingOptions {
         warmup: a.warmup,
@@ -291,7 +298,6 @@ pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let batches = a.batch.clone().unwrap_or_else(|| vec![1, 256]);
     // Float has no integer form: the default bits list's 32 is dropped.
     let bits = a
         .bits
@@ -300,17 +306,11 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         .map(|&b| Bits::new(b))
         .collect::<wgqat::Result<Vec<_>>>()?;
     let quants = bench_quants(a, &bits);
-    if batches.contains(&0) {
-        anyhow::bail!("batch size 0: use a batch size of at least 1");
-    }
+    let batches = batch_sizes(a, &[1, 256])?;
     if bits.is_empty() {
         anyhow::bail!("no quantized bits to benchmark: give --bits 2..=8");
     }
-    let specs = a
-        .model
-        .iter()
-        .map(|m| wgqat::models::load(m))
-        .collect::<wgqat::Result<Vec<_>>>()?;
+    let specs = model_specs(a)?;
     let gpu = Gpu::new(&a.gpu.options())?;
     let opts = wgqat::bench::TrainingOptions {
         warmup: a.warmup,
