@@ -536,6 +536,9 @@ pub struct TrainingBench {
     /// before training runs. Measured with at least one warm-up step; the first configuration
     /// of a run is the cold one (later ones reuse the pipelines they share).
     pub first_step_s: Option<f64>,
+    /// Pipelines compiled for this row (planning the step and the optimizer): the work behind
+    /// `first_step_s`. Pipelines an earlier row of the run compiled are shared, not counted.
+    pub pipelines_compiled: Option<usize>,
     /// Per-kernel GPU time of one step (timestamps where the adapter has them), largest first.
     pub kernels: Vec<KernelShare>,
     pub timer: &'static str,
@@ -586,6 +589,7 @@ pub fn training(
         dispatches_per_step: None,
         memory_bound_bytes_per_step: None,
         first_step_s: None,
+        pipelines_compiled: None,
         kernels: Vec::new(),
         timer,
         error: None,
@@ -596,12 +600,14 @@ pub fn training(
         gpu.pool().reset_peak();
         let pool_before = gpu.pool().stats();
         let start = std::time::Instant::now();
+        let compiled_before = gpu.kernels().compiled();
         let net = Network::new(gpu, model, quant, batch, true, 1)?;
         init::initialise(gpu, &net, 1)?;
         let kind = crate::train::TrainConfig::default().optimizer_kind();
         let mut opt = crate::train::Optimizer::new(gpu, &net, kind)?;
         let mut plan = net.plan(gpu, batch, Mode::Train)?;
         plan.ops.push_op(opt.op(gpu, &net)?);
+        row.pipelines_compiled = Some(gpu.kernels().compiled() - compiled_before);
         let launches = || {
             plan.ops.ops().iter().filter_map(|o| match o {
                 crate::gpu::Op::Dispatch(l) => Some(l),

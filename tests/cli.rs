@@ -253,6 +253,11 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
     assert_report_file_matches(&file, &v);
     let rows = v["training"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
+    assert!(
+        rows[0]["pipelines_compiled"].as_u64().unwrap() > 10,
+        "{}",
+        rows[0]
+    );
     for r in rows {
         assert_eq!(r["submits_per_step"], 1.0, "{r}");
         assert_eq!(r["allocations_per_step"], 0.0, "{r}");
@@ -262,8 +267,10 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
         // more bytes than the input batch (8 images of 3x32x32 f32).
         assert!(r["dispatches_per_step"].as_u64().unwrap() > 10, "{r}");
         assert!(r["memory_bound_bytes_per_step"].as_u64().unwrap() > 8 * 3 * 32 * 32 * 4);
-        // The wait for the first step (network, pipelines, the step itself) is reported.
+        // The wait for the first step (network, pipelines, the step itself) is reported, and
+        // the pipelines compiled for it (the first row compiles; the second shares some).
         assert!(r["first_step_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["pipelines_compiled"].as_u64().is_some(), "{r}");
         assert!(
             r["kernels"]
                 .as_array()

@@ -226,7 +226,7 @@ pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.warmup
         );
         println!(
-            "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12}",
+            "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12} {:>9}",
             "model",
             "bits",
             "batch",
@@ -237,7 +237,8 @@ pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             "peak MiB",
             "dispatches",
             "mem GiB",
-            "1st step s"
+            "1st step s",
+            "pipelines"
         );
     }
     let quants = bench_quants(a, &bits);
@@ -257,7 +258,7 @@ pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         v.map_or("-".to_string(), |x| format!("{x:.p$}"))
                     };
                     println!(
-                        "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12}{}",
+                        "{:<mw$} {:>11} {:>6} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12} {:>9}{}",
                         r.model,
                         q.label(),
                         batch,
@@ -273,6 +274,7 @@ pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                             2
                         ),
                         f(r.first_step_s, 2),
+                        r.pipelines_compiled.map_or("-".into(), |p| p.to_string()),
                         r.error
                             .as_ref()
                             .map_or(String::new(), |e| format!("  skipped: {e}"))
