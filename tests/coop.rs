@@ -166,31 +166,24 @@ fn two_bn_net() -> wgqat::models::ModelSpec {
     .unwrap()
 }
 
+/// The dispatches of `ops` on the (emulated) cooperative-matrix kernels, in plan order.
+fn coop_dispatches(ops: &wgqat::gpu::Recorder) -> impl Iterator<Item = &wgqat::gpu::Launch> {
+    ops.ops().iter().filter_map(|op| match op {
+        wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => Some(l),
+        _ => None,
+    })
+}
+
 /// Whether each launch of `ops` on the (emulated) cooperative-matrix kernels counts as
 /// memory-bound, in plan order.
 fn coop_memory_bound(ops: &wgqat::gpu::Recorder) -> Vec<bool> {
-    ops.ops()
-        .iter()
-        .filter_map(|op| match op {
-            wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
-                Some(l.memory_bound())
-            }
-            _ => None,
-        })
-        .collect()
+    coop_dispatches(ops).map(|l| l.memory_bound()).collect()
 }
 
-/// The launches of a training plan that run on the (emulated) cooperative-matrix kernels.
+/// The labels of a training plan's launches on the (emulated) cooperative-matrix kernels.
 fn coop_launches(plan: &wgqat::nn::Plan) -> Vec<String> {
-    plan.ops
-        .ops()
-        .iter()
-        .filter_map(|op| match op {
-            wgqat::gpu::Op::Dispatch(l) if l.kernel_name().starts_with("conv_coop") => {
-                Some(l.label.clone())
-            }
-            _ => None,
-        })
+    coop_dispatches(&plan.ops)
+        .map(|l| l.label.clone())
         .collect()
 }
 

@@ -101,37 +101,34 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             "forward train",
             shape.clone(),
             move |gpu, rng| {
-                let Inputs {
-                    x,
-                    gamma,
-                    beta,
-                    rm0,
-                    rv0,
-                    xt,
-                    gt,
-                    bt,
-                    rm,
-                    rv,
-                    stats,
-                    y,
-                } = Inputs::draw(gpu, rng, (n, c, s), 0.1)?;
+                let t = Inputs::draw(gpu, rng, (n, c, s), 0.1)?;
                 let ops = vec![
-                    kernels::norm::stats_train(gpu, &xt, 1e-5, 0.1, (&gt, &bt), &stats, &rm, &rv)?,
-                    kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
+                    kernels::norm::stats_train(
+                        gpu,
+                        &t.xt,
+                        1e-5,
+                        0.1,
+                        (&t.gt, &t.bt),
+                        &t.stats,
+                        &t.rm,
+                        &t.rv,
+                    )?,
+                    kernels::norm::apply(gpu, ep, &t.xt, &t.stats, &t.gt, &t.bt, &t.y)?,
                 ];
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &rm, &rv])?;
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &ops, &[&t.y, &t.rm, &t.rv])?;
                 let (want, mean, var) = reference::norm::forward_train(
-                    &f64s(&x),
+                    &f64s(&t.x),
                     (n, c, s),
-                    &f64s(&gamma),
-                    &f64s(&beta),
+                    &f64s(&t.gamma),
+                    &f64s(&t.beta),
                     1e-5,
                     relu,
                 );
                 let want = shuffled(want, false);
                 let (wrm, wrv) = reference::norm::running_update(
-                    &f64s(&rm0),
-                    &f64s(&rv0),
+                    &f64s(&t.rm0),
+                    &f64s(&t.rv0),
                     &mean,
                     &var,
                     n * s,
@@ -153,42 +150,38 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             "forward eval",
             shape.clone(),
             move |gpu, rng| {
-                let Inputs {
-                    x,
-                    gamma,
-                    beta,
-                    rm0,
-                    rv0,
-                    xt,
-                    gt,
-                    bt,
-                    rm,
-                    rv,
-                    stats,
-                    y,
-                } = Inputs::draw(gpu, rng, (n, c, s), 0.5)?;
-                let ops = vec![
-                    kernels::norm::stats_eval(gpu, c, 1e-5, (&gt, &bt), &rm, &rv, &stats)?,
-                    kernels::norm::apply(gpu, ep, &xt, &stats, &gt, &bt, &y)?,
+                let t = Inputs::draw(gpu, rng, (n, c, s), 0.5)?;
+                let mut ops = vec![
+                    kernels::norm::stats_eval(
+                        gpu,
+                        c,
+                        1e-5,
+                        (&t.gt, &t.bt),
+                        &t.rm,
+                        &t.rv,
+                        &t.stats,
+                    )?,
+                    kernels::norm::apply(gpu, ep, &t.xt, &t.stats, &t.gt, &t.bt, &t.y)?,
                 ];
                 let yq = gpu.empty("y quantized", &[n, c, s], DType::F32)?;
-                let mut ops = ops;
                 if quantize > 0 {
                     let q = Epilogue {
                         quantize: Some(bits(quantize)),
                         ..ep
                     };
-                    ops.push(kernels::norm::apply(gpu, q, &xt, &stats, &gt, &bt, &yq)?);
+                    ops.push(kernels::norm::apply(
+                        gpu, q, &t.xt, &t.stats, &t.gt, &t.bt, &yq,
+                    )?);
                 }
-                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&y, &yq])?;
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &[&t.y, &yq])?;
                 let want = shuffled(
                     reference::norm::apply(
-                        &f64s(&x),
+                        &f64s(&t.x),
                         (n, c, s),
-                        &f64s(&rm0),
-                        &f64s(&rv0),
-                        &f64s(&gamma),
-                        &f64s(&beta),
+                        &f64s(&t.rm0),
+                        &f64s(&t.rv0),
+                        &f64s(&t.gamma),
+                        &f64s(&t.beta),
                         1e-5,
                         relu,
                     ),

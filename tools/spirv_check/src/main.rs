@@ -1,9 +1,10 @@
 //! Validates, with SPIRV-Tools under Vulkan 1.3's rules, the SPIR-V of every pipeline that
 //! training plans of nin_gc, nin and resnet18 (W8A8, W4A4, W2A2), the start-up check of the
-//! cooperative-matrix kernels and the selftest's cooperative-matrix cases specialise (`--all`: every selftest case), translated as wgpu 30's
-//! Vulkan backend translates it for a Vulkan 1.3 device. The cooperative-matrix kernels
-//! run emulated here (no machine here has tensor cores), which records the same override
-//! constants; their hardware source is what is translated and validated.
+//! cooperative-matrix kernels and the selftest's cooperative-matrix cases specialise (`--all`:
+//! every selftest case), translated as wgpu 30's Vulkan backend translates it for a Vulkan 1.3
+//! device. The cooperative-matrix kernels run emulated here (no machine here has tensor cores),
+//! which records the same override constants; their hardware source is what is translated and
+//! validated.
 //!
 //! `cargo run --release --manifest-path tools/spirv_check/Cargo.toml [-- --all]`
 
@@ -59,8 +60,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .chain(fp32.kernels().names())
         .collect();
     println!(
-        "{} pipelines specialised (training plans of nin_gc, nin, resnet18 on both paths; the start-up check; {} \
-         selftest cases)",
+        "{} pipelines specialised (training plans of nin_gc, nin, resnet18 on both paths; the \
+         start-up check; {} selftest cases)",
         names.len(),
         cases.len()
     );
