@@ -27,8 +27,10 @@
 // compile before the first step). Both sum in the same order and give the same bits. A thread
 // stores whole vec4s of the tiles (quads: 4 rows of A or 4 columns of B, with what depends on k
 // alone, such as a channel's BatchNorm table, found once per quad), read as aligned vec4s of
-// the sources where the layer's shape allows (VEC_A, VEC_B). Loads check bounds (padding, tile
-// edges, the end of K: out-of-range elements load as 0); the multiply-add loop does not branch.
+// the sources where the layer's shape allows (VEC_A, VEC_B); its outputs go out a row of a 4x4
+// block at a time, one aligned vec4 where the shape allows (VEC_OUT). Loads check bounds
+// (padding, tile edges, the end of K: out-of-range elements load as 0); the multiply-add loop
+// does not branch.
 // Each output sums its K terms in increasing k: results do not depend on the tile. The staging
 // (operand loads, BatchNorm work on load, store_tile) is in lib/conv2d_loads.wgsl, appended to
 // this file.
@@ -88,6 +90,10 @@ override OUT_SHUFFLE: u32 = 1u;
 //            conv: the input's pixels)
 override VEC_A: u32 = 0u;
 override VEC_B: u32 = 0u;
+// VEC_OUT: each row's four outputs of a 4x4 block stored as one vec4 (out4), where the shape
+// puts every such quad in one aligned vec4 of out: images of a multiple of 4 pixels (MODE 0:
+// output, MODE 1: input), grad-weight rows of a multiple of 4 (MODE 2).
+override VEC_OUT: bool = false;
 // Tile rows (a multiple of 16, up to 192; with packing GP * RG) and columns (32, 64 or 128).
 override BM: u32 = 128u;
 override BN: u32 = 128u;
@@ -195,6 +201,8 @@ fn geometry() -> Geometry {
 @group(0) @binding(12) var<storage, read> b_src4: array<vec4<f32>>;
 // OUT_BN: out_dy as vec4s (with VEC_B 1 in grad-input, VEC_A 2 in grad-weight).
 @group(0) @binding(13) var<storage, read> out_dy4: array<vec4<f32>>;
+// out as vec4s (VEC_OUT).
+@group(0) @binding(14) var<storage, read_write> out4: array<vec4<f32>>;
 
 var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
 var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
@@ -265,12 +273,55 @@ fn add_bn_sums(h: u32, r: u32, v: f32, t: vec4<f32>, d: f32) {
     sum_dyx[h][r] += g * ((v - t.x) * t.y);
 }
 
+// Where output (row, col) of group g lies in out: NCHW (MODE 0: y, MODE 1: dx), or grad-weight's
+// (splits, groups, gm, gn) partial results (MODE 2).
+fn out_index(g: u32, row: u32, col: u32) -> u32 {
+    if (MODE == 0u) {
+        let b = col / q.ohw;
+        return (b * q.cout + g * q.cog + row) * q.ohw + (col - b * q.ohw);
+    } else if (MODE == 1u) {
+        let b = col / q.hw;
+        return (b * q.cin + g * q.cig + row) * q.hw + (col - b * q.hw);
+    }
+    return ((split * q.groups + g) * q.gm + row) * p.gn + col;
+}
+
+// MODE 1: the dx written for GEMM value v at (row, col) of group g (out index i): through the
+// input quantizer's backward (ACT_GRAD, replacing x by its quantized value with 2), and added
+// to the BatchNorm sums of row r of quad h (BN_SUMS).
+fn grad_input_value(g: u32, row: u32, col: u32, i: u32, v: f32, h: u32, r: u32) -> f32 {
+    if (ACT_GRAD == 0u) {
+        return v;
+    }
+    var xv: f32;
+    var d: f32;
+    if (IN_BN) {
+        let b = col / q.hw;
+        let sc = unshuffled(g * q.cig + row);
+        let t = in_bn_of(sc);
+        let bx = act_x[(b * q.cin + sc) * q.hw + (col - b * q.hw)];
+        xv = bn_formed(bx, t, false);
+        d = dorefa_act_grad(xv, v);
+        if (BN_SUMS) {
+            add_bn_sums(h, r, bx, t, d);
+        }
+    } else {
+        xv = act_x[i];
+        d = dorefa_act_grad(xv, v);
+    }
+    if (ACT_GRAD == 2u) {
+        act_x[i] = dorefa_act(xv, ACT_LEVELS, ACT_INV_LEVELS);
+    }
+    return d;
+}
+
 // Writes the 4x4 block whose first row is m (tile-relative) and first column n; h: which of
-// the thread's row quads it is (0: qa, 1: qb).
+// the thread's row quads it is (0: qa, 1: qb). With VEC_OUT each row's four values go out as
+// one vec4: the quad is then wholly in or past the columns, in one image, 16-byte aligned.
 fn store_block(m: u32, n: u32, c: mat4x4<f32>, h: u32) {
     let slot = m / RG;
     let g = g0 + slot;
-    if (g >= q.groups) {
+    if (g >= q.groups || n0 + n >= p.gn) {
         return;
     }
     for (var r = 0u; r < 4u; r++) {
@@ -282,42 +333,25 @@ fn store_block(m: u32, n: u32, c: mat4x4<f32>, h: u32) {
         if (HAS_BIAS) {
             add = bias[g * q.gm + row];
         }
+        var quad = vec4(0.0);
         for (var j = 0u; j < 4u; j++) {
             let col = n0 + n + j;
             if (col >= p.gn) {
                 break;
             }
-            let v = c[r][j] + add;
-            if (MODE == 0u) {
-                let b = col / q.ohw;
-                out[(b * q.cout + g * q.cog + row) * q.ohw + (col - b * q.ohw)] = v;
-            } else if (MODE == 1u) {
-                let b = col / q.hw;
-                let i = (b * q.cin + g * q.cig + row) * q.hw + (col - b * q.hw);
-                var d = v;
-                if (ACT_GRAD > 0u) {
-                    var xv: f32;
-                    if (IN_BN) {
-                        let sc = unshuffled(g * q.cig + row);
-                        let t = in_bn_of(sc);
-                        let bx = act_x[(b * q.cin + sc) * q.hw + (col - b * q.hw)];
-                        xv = bn_formed(bx, t, false);
-                        d = dorefa_act_grad(xv, v);
-                        if (BN_SUMS) {
-                            add_bn_sums(h, r, bx, t, d);
-                        }
-                    } else {
-                        xv = act_x[i];
-                        d = dorefa_act_grad(xv, v);
-                    }
-                    if (ACT_GRAD == 2u) {
-                        act_x[i] = dorefa_act(xv, ACT_LEVELS, ACT_INV_LEVELS);
-                    }
-                }
-                out[i] = d;
-            } else {
-                out[((split * q.groups + g) * q.gm + row) * p.gn + col] = v;
+            let i = out_index(g, row, col);
+            var v = c[r][j] + add;
+            if (MODE == 1u) {
+                v = grad_input_value(g, row, col, i, v, h, r);
             }
+            if (VEC_OUT) {
+                quad[j] = v;
+            } else {
+                out[i] = v;
+            }
+        }
+        if (VEC_OUT) {
+            out4[out_index(g, row, n0 + n) / 4u] = quad;
         }
     }
 }

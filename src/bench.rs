@@ -27,6 +27,9 @@ pub struct KernelTiming {
     pub bound_bytes: Option<u64>,
     /// "gpu timestamps" or "wall clock".
     pub timer: &'static str,
+    /// What ran: each dispatch's label (for a GEMM its tile, group packing and vector forms)
+    /// and workgroup grid (grad-weight's z is groups times the split-K count).
+    pub launches: Vec<String>,
     pub error: Option<String>,
 }
 
@@ -463,10 +466,18 @@ pub fn kernels(
                     flops: item.flops,
                     bound_bytes: None,
                     timer,
+                    launches: Vec::new(),
                     error: None,
                 };
                 let mut run = || -> Result<f64> {
                     let ops = (item.build)(gpu)?;
+                    row.launches = ops
+                        .iter()
+                        .map(|o| match o {
+                            Op::Dispatch(l) => format!("{} grid {:?}", l.label, l.workgroups()),
+                            Op::Copy { .. } => "copy".to_string(),
+                        })
+                        .collect();
                     row.bound_bytes = Some(
                         ops.iter()
                             .map(|o| match o {
@@ -838,6 +849,7 @@ mod tests {
             flops: 1e9,
             bound_bytes: None,
             timer: "gpu timestamps",
+            launches: Vec::new(),
             error: None,
         }
     }

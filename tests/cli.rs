@@ -222,6 +222,29 @@ fn bench_kernels_prints_rows_with_times() {
         rows.iter()
             .any(|r| r["gflops"].as_f64().unwrap_or(0.0) > 0.0)
     );
+    // Each row says what ran: the GEMMs their tiles and grids, and model.1's 32x32 images
+    // take vec4 stores.
+    let launches = |r: &serde_json::Value| -> Vec<String> {
+        r["launches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(rows.iter().all(|r| !launches(r).is_empty()), "{rows:?}");
+    for r in rows.iter().filter(|r| r["kernel"] == "conv2d") {
+        let first = &launches(r)[0];
+        assert!(
+            first.contains(" tile ") && first.contains(" grid ["),
+            "{first}"
+        );
+    }
+    let forward = rows
+        .iter()
+        .find(|r| r["layer"] == "model.1.conv" && r["direction"] == "forward")
+        .unwrap();
+    assert!(launches(forward)[0].contains("vec4 out"), "{forward}");
 }
 
 #[test]

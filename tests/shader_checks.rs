@@ -7,7 +7,8 @@
 //!
 //! Likewise the GEMM kernels give the same bits whether their pipelines are specialised to each
 //! layer's geometry or read it from uniforms (only the index arithmetic differs), and whether
-//! they read their operands as vec4s or element by element (the tiles hold the same values).
+//! they read their operands and write their outputs as vec4s or element by element (the tiles
+//! and outputs hold the same values).
 
 use wgqat::gpu::{Gpu, GpuOptions};
 use wgqat::selftest;
@@ -90,8 +91,10 @@ fn gemms_give_identical_bits_with_and_without_vector_loads() {
     let vector = device(false).with_vector_loads(true);
     let scalar = device(false).with_vector_loads(false);
     // Shapes that use every vector form (pointwise convs with pixel counts a multiple of 4,
-    // weight rows a multiple of 4, tails in rows, columns and K), with the BatchNorm work done
-    // on load (input formed, backward applied) and a transposed convolution.
+    // weight rows a multiple of 4, tails in rows, columns and K; vec4 stores where images or
+    // weight rows hold a multiple of 4), with the BatchNorm work done on load (input formed,
+    // backward applied, its sums in grad-input), the input quantizer's mask and requantization
+    // in grad-input, and a transposed convolution.
     let vector_shapes = [
         "w[70, 12, 1, 1]",
         "x[2, 64, 4, 4] w[64, 16, 1, 1]",
@@ -99,6 +102,9 @@ fn gemms_give_identical_bits_with_and_without_vector_loads() {
         "x[2, 70, 4, 4]",
         "w[260, 10, 1, 1]",
         "w[16, 120, 1, 1]",
+        "x[1, 3, 32, 32]",
+        "x[2, 64, 6, 6] w[128, 16, 3, 3]",
+        "x[2, 8, 6, 6] w[12, 4, 3, 3]",
     ];
     let cases: Vec<selftest::Case> = ["conv2d", "conv_transpose2d"]
         .into_iter()

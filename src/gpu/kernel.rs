@@ -43,6 +43,17 @@ pub enum Bind {
     ReadVec4,
     /// A read-write storage buffer.
     ReadWrite,
+    /// A read-write storage buffer that the shader writes as `vec4`s, bound rounded up to 16
+    /// bytes as `ReadVec4` is (the shader must not write past the tensor's length; the next
+    /// tensor starts 256-byte aligned, so the rounding never reaches it).
+    ReadWriteVec4,
+}
+
+impl Bind {
+    /// Whether a tensor is bound here (every kind but `None` and `Uniform`).
+    pub fn is_storage(&self) -> bool {
+        !matches!(self, Bind::None | Bind::Uniform)
+    }
 }
 
 /// What to compile: an entry point of a shader, specialised by override constants.
@@ -172,11 +183,7 @@ impl Gpu {
             return Ok(k);
         }
         // A layout past the adapter's limit fails deep in wgpu; say what is missing instead.
-        let storage = spec
-            .bindings
-            .iter()
-            .filter(|b| matches!(b, Bind::Read | Bind::ReadVec4 | Bind::ReadWrite))
-            .count() as u32;
+        let storage = spec.bindings.iter().filter(|b| b.is_storage()).count() as u32;
         if storage > self.limits.max_storage_buffers_per_shader_stage {
             return Err(Error::Shader {
                 name: format!("{}:{}", spec.shader.name, spec.entry),
@@ -202,15 +209,17 @@ impl Gpu {
                         has_dynamic_offset: false,
                         min_binding_size: None,
                     },
-                    Bind::Read | Bind::ReadVec4 | Bind::ReadWrite | Bind::None => {
-                        wgpu::BindingType::Buffer {
-                            ty: wgpu::BufferBindingType::Storage {
-                                read_only: *b != Bind::ReadWrite,
-                            },
-                            has_dynamic_offset: false,
-                            min_binding_size: None,
-                        }
-                    }
+                    Bind::Read
+                    | Bind::ReadVec4
+                    | Bind::ReadWrite
+                    | Bind::ReadWriteVec4
+                    | Bind::None => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: !matches!(b, Bind::ReadWrite | Bind::ReadWriteVec4),
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
                 },
                 count: None,
             })

@@ -93,7 +93,7 @@ fn specialize_by_default() -> bool {
     std::env::var("WGQAT_SPECIALIZE_GEMMS").map_or(true, |v| v.trim() != "0")
 }
 
-/// Whether a new device's GEMMs load vec4s where a layer's shape allows: yes unless
+/// Whether a new device's GEMMs load and store vec4s where a layer's shape allows: yes unless
 /// `WGQAT_VECTOR_LOADS=0` (for ruling them out on a driver; the results are the same bits).
 fn vector_loads_by_default() -> bool {
     std::env::var("WGQAT_VECTOR_LOADS").map_or(true, |v| v.trim() != "0")
@@ -332,15 +332,16 @@ impl Gpu {
         self.specialized_gemms
     }
 
-    /// With `on`, the conv / matmul GEMMs read four tile elements as one vec4 where the layer's
-    /// shape aligns them (conv2d.wgsl's `VEC_A` and `VEC_B`); otherwise element by element.
-    /// Both give the same bits. Set before any kernel is compiled.
+    /// With `on`, the conv / matmul GEMMs read four tile elements, and write four outputs, as
+    /// one vec4 where the layer's shape aligns them (conv2d.wgsl's `VEC_A`, `VEC_B` and
+    /// `VEC_OUT`); otherwise element by element. Both give the same bits. Set before any kernel
+    /// is compiled.
     pub fn with_vector_loads(mut self, on: bool) -> Gpu {
         self.vector_loads = on;
         self
     }
 
-    /// Whether the GEMMs load vec4s where they can (see [`Gpu::with_vector_loads`]).
+    /// Whether the GEMMs load and store vec4s where they can (see [`Gpu::with_vector_loads`]).
     pub fn vector_loads(&self) -> bool {
         self.vector_loads
     }

@@ -50,6 +50,11 @@ impl Launch {
     pub fn kernel_name(&self) -> &str {
         &self.kernel.name
     }
+
+    /// The workgroup grid it dispatches.
+    pub fn workgroups(&self) -> [u32; 3] {
+        self.workgroups
+    }
 }
 
 /// One recorded operation.
@@ -95,7 +100,7 @@ impl Gpu {
             .bindings
             .iter()
             .enumerate()
-            .filter(|(_, b)| matches!(b, Bind::Read | Bind::ReadVec4 | Bind::ReadWrite))
+            .filter(|(_, b)| b.is_storage())
             .map(|(i, _)| i as u32)
             .collect();
         if tensors.len() != slots.len() || params.is_some() != has_uniform {
@@ -172,7 +177,10 @@ impl Gpu {
                     hint: "use a smaller batch size".into(),
                 });
             }
-            let resource = if kernel.bindings[slot as usize] == Bind::ReadVec4 {
+            let resource = if matches!(
+                kernel.bindings[slot as usize],
+                Bind::ReadVec4 | Bind::ReadWriteVec4
+            ) {
                 t.binding_rounded(16)
             } else {
                 t.binding()

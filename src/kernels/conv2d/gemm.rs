@@ -73,7 +73,7 @@ const MIN_CHUNK: usize = 512;
 const MAX_PARTIALS: usize = 1 << 22;
 
 /// The shader's bindings, in order (see conv2d.wgsl).
-const BINDINGS: [Bind; 14] = [
+const BINDINGS: [Bind; 15] = [
     Bind::Uniform,
     Bind::Read,
     Bind::Read,
@@ -88,11 +88,12 @@ const BINDINGS: [Bind; 14] = [
     Bind::ReadVec4,
     Bind::ReadVec4,
     Bind::ReadVec4,
+    Bind::ReadWriteVec4,
 ];
 
 /// The tile and vector forms as a launch's label shows them (`bench kernels` and error
 /// messages say what ran).
-fn describe_tile(tile: Tile, (vec_a, vec_b): (u32, u32)) -> String {
+fn describe_tile(tile: Tile, (vec_a, vec_b, vec_out): (u32, u32, bool)) -> String {
     let packed = match tile.gp {
         1 => String::new(),
         gp => format!(", {gp} groups of {}", tile.rg),
@@ -108,7 +109,8 @@ fn describe_tile(tile: Tile, (vec_a, vec_b): (u32, u32)) -> String {
             format!(", vec4 A {} B {}", form(a, "rows"), form(b, "columns"))
         }
     };
-    format!(" tile {}x{}{packed}{vec4}", tile.bm, tile.bn)
+    let stores = if vec_out { ", vec4 out" } else { "" };
+    format!(" tile {}x{}{packed}{vec4}{stores}", tile.bm, tile.bn)
 }
 
 impl GemmConv {
@@ -189,9 +191,10 @@ impl GemmConv {
         let tile = self.tile(gpu, mode);
         fused.check(self, mode, out, gn.div_ceil(tile.bn), &label)?;
         let vector = if gpu.vector_loads() {
-            self.vector_loads(mode)
+            let (a, b) = self.vector_loads(mode);
+            (a, b, self.vector_stores(mode))
         } else {
-            (0, 0)
+            (0, 0, false)
         };
         let constants =
             self.constants(gpu, mode, tile, (bias.is_some(), bias_grad), vector, &fused);
@@ -234,7 +237,7 @@ impl GemmConv {
             )),
             &[
                 a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part, out_dy, out_bn, a_src,
-                b_src, out_dy,
+                b_src, out_dy, out,
             ],
             grid,
         )
@@ -279,7 +282,7 @@ impl GemmConv {
         mode: Mode,
         tile: Tile,
         (has_bias, bias_grad): (bool, bool),
-        (vec_a, vec_b): (u32, u32),
+        (vec_a, vec_b, vec_out): (u32, u32, bool),
         fused: &Fused<'_>,
     ) -> Vec<(&'static str, f64)> {
         let c = |v: usize| v as f64;
@@ -297,6 +300,7 @@ impl GemmConv {
             ("SPECIALIZED", flag(gpu.specialized_gemms())),
             ("VEC_A", f64::from(vec_a)),
             ("VEC_B", f64::from(vec_b)),
+            ("VEC_OUT", flag(vec_out)),
         ];
         constants.extend(fused.constants());
         if gpu.specialized_gemms() {
@@ -351,6 +355,21 @@ impl GemmConv {
             Mode::GradInput => (u32::from(khw == 1 && cig.is_multiple_of(4)), b),
             Mode::GradWeight => (2 * u32::from(pixels4), 2 * b),
         }
+    }
+
+    /// Whether the shader stores `mode`'s outputs as vec4s (`VEC_OUT`; see conv2d.wgsl): where
+    /// every quad of four columns lies in one 16-byte-aligned vec4 of the output, as it does when
+    /// the output's rows (one image's pixels: an output image in forward, an input image in
+    /// grad-input; a weight row in grad-weight) hold a multiple of 4 elements, since columns
+    /// are tiled in quads from 0 and tensors start 256-byte aligned.
+    pub(crate) fn vector_stores(&self, mode: Mode) -> bool {
+        let (_, n, _) = self.dims(mode);
+        match mode {
+            Mode::Forward => self.oh * self.ow,
+            Mode::GradInput => self.h * self.w,
+            Mode::GradWeight => n,
+        }
+        .is_multiple_of(4)
     }
 
     /// The geometry as pipeline constants (specialised pipelines; the kernel size is separate).
@@ -491,5 +510,30 @@ mod tests {
         assert_eq!(g.default_splits(), 100);
         let k = g.dims(Mode::GradWeight).2;
         assert!(k / g.default_splits() >= MIN_CHUNK);
+    }
+
+    #[test]
+    fn outputs_are_stored_as_vec4s_where_their_rows_hold_a_multiple_of_four() {
+        // 32x32 images in forward and grad-input; grad-weight's rows hold 3 * 5 * 5 = 75.
+        let g = Conv2dGeom::square(1, 3, 32, 8, 5).padding(2).gemm();
+        assert!(g.vector_stores(Mode::Forward) && g.vector_stores(Mode::GradInput));
+        assert!(!g.vector_stores(Mode::GradWeight));
+        // 9x9 input images, 5x5 output ones; grad-weight's rows 4 * 3 * 3 = 36.
+        let g = Conv2dGeom::square(2, 8, 9, 6, 3)
+            .stride(2)
+            .padding(1)
+            .groups(2)
+            .gemm();
+        assert!(!g.vector_stores(Mode::Forward) && !g.vector_stores(Mode::GradInput));
+        assert!(g.vector_stores(Mode::GradWeight));
+        // Every NIN-GC layer's images are 32x32, 16x16 or 8x8.
+        let g = Conv2dGeom::square(50, 512, 8, 1024, 3)
+            .padding(1)
+            .groups(32)
+            .gemm();
+        assert!(
+            [Mode::Forward, Mode::GradInput, Mode::GradWeight].map(|m| g.vector_stores(m))
+                == [true; 3]
+        );
     }
 }
