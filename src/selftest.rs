@@ -92,11 +92,22 @@ impl Case {
                 (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
             });
         let t0 = Instant::now();
-        let res = (self.run)(gpu, &mut Rng::new(seed));
+        // A case that panics is that case's error, not the end of the suite.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (self.run)(gpu, &mut Rng::new(seed))
+        }));
         let seconds = t0.elapsed().as_secs_f64();
         let (outputs, error) = match res {
-            Ok(o) => (o, None),
-            Err(e) => (Vec::new(), Some(e.to_string())),
+            Ok(Ok(o)) => (o, None),
+            Ok(Err(e)) => (Vec::new(), Some(e.to_string())),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                (Vec::new(), Some(format!("panicked: {what}")))
+            }
         };
         Outcome {
             kernel: self.kernel,
@@ -107,6 +118,48 @@ impl Case {
             error,
         }
     }
+}
+
+/// Runs `cases` on `gpu`, up to `jobs` at a time on threads of their own (their pipelines compile,
+/// and their CPU references run, side by side: a cold run on a GPU driver that compiles on
+/// every thread takes a fraction of the time), handing each outcome to `on_outcome` in case
+/// order as soon as it and every case before it have finished. Each case draws its inputs from
+/// its own seed, so outcomes do not depend on `jobs`.
+pub fn run_cases(
+    gpu: &Gpu,
+    cases: &[Case],
+    jobs: usize,
+    on_outcome: &mut dyn FnMut(&Outcome),
+) -> Vec<Outcome> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, cases.len().max(1)) {
+            let (tx, next) = (tx.clone(), &next);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(case) = cases.get(i) else { break };
+                    if tx.send((i, case.run(gpu))).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        // Outcomes arrive in completion order; each is held until those before it are in.
+        let mut held = std::collections::HashMap::new();
+        let mut done: Vec<Outcome> = Vec::with_capacity(cases.len());
+        for (i, outcome) in rx {
+            held.insert(i, outcome);
+            while let Some(o) = held.remove(&done.len()) {
+                on_outcome(&o);
+                done.push(o);
+            }
+        }
+        done
+    })
 }
 
 /// Runs `launches` in one submit and reads `outputs` back as f32.

@@ -163,6 +163,22 @@ fn selftest_runs_the_cases_and_reports_json() {
     assert_eq!(v["failed"], 0);
     assert!(v["passed"].as_u64().unwrap() >= 5);
     assert!(v["cases"][0]["outputs"][0][1]["max_abs"].is_number());
+    // Side by side, the same cases in the same order; 0 jobs is refused.
+    let out = wgqat(&["selftest", "--filter", "relu", "--json", "--jobs", "3"]);
+    let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| format!("{} {} {}", c["kernel"], c["direction"], c["shape"]))
+            .collect()
+    };
+    assert!(out.status.success() && w["failed"] == 0);
+    assert_eq!(names(&v), names(&w));
+    let out = wgqat(&["selftest", "--jobs", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--jobs"));
 }
 
 /// A file for a test's output, in a fresh folder of the system's temporary one.

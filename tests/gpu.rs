@@ -169,3 +169,45 @@ fn the_kernel_cache_names_each_specialisation_it_compiled() {
     );
     assert!(names.is_sorted());
 }
+
+#[test]
+fn selftest_cases_run_side_by_side_report_in_order_with_the_same_results() {
+    use wgqat::selftest;
+    let gpu = common::gpu();
+    let cases: Vec<_> = ["relu", "act_quant", "exact_div"]
+        .into_iter()
+        .flat_map(selftest::cases_for)
+        .collect();
+    let name = |kernel: &str, direction: &str, shape: &str| format!("{kernel} {direction} {shape}");
+    let mut seen = Vec::new();
+    let side_by_side = selftest::run_cases(gpu, &cases, 3, &mut |o| {
+        seen.push(name(o.kernel, o.direction, &o.shape))
+    });
+    let one_at_a_time = selftest::run_cases(gpu, &cases, 1, &mut |_| {});
+    let order: Vec<String> = cases
+        .iter()
+        .map(|c| name(c.kernel, c.direction, &c.shape))
+        .collect();
+    assert!(cases.len() >= 10);
+    assert_eq!(seen, order, "handed over in case order");
+    for (a, b) in side_by_side.iter().zip(&one_at_a_time) {
+        assert!(a.passed(), "{}", a.describe());
+        let digests = |o: &selftest::Outcome| -> Vec<u64> {
+            o.outputs.iter().map(|(_, r)| r.got_digest).collect()
+        };
+        assert_eq!(digests(a), digests(b), "{}", a.describe());
+    }
+    // A case that panics is reported as that case's error; the cases after it still run.
+    let mut cases = cases;
+    cases.insert(
+        1,
+        selftest::Case::new("broken", "forward", "[1]".into(), |_, _| {
+            panic!("a planted bug")
+        }),
+    );
+    let outcomes = selftest::run_cases(gpu, &cases, 2, &mut |_| {});
+    assert_eq!(outcomes.len(), cases.len());
+    let e = outcomes[1].error.as_deref().unwrap_or_default();
+    assert!(e.contains("panicked: a planted bug"), "{e}");
+    assert!(outcomes.iter().filter(|o| o.passed()).count() == cases.len() - 1);
+}

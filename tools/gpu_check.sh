@@ -41,7 +41,8 @@ part() {
 # pipelines compiled and the step run), the issue's 2-second target.
 part info 15 "$W" info
 # The table, not --json: it prints case by case, so a selftest stopped by its limit (each case
-# compiles its own pipelines) still shows every case it ran.
+# compiles its own pipelines) still shows every case it ran. Cases run 8 at a time (`--jobs`'s
+# default on 16 cores), their pipelines compiling side by side.
 part selftest 45 "$W" selftest
 # Each benchmark prints its table as it goes (NAME.txt) and rewrites NAME.json after every row,
 # so a part stopped by its time limit keeps the rows it finished.

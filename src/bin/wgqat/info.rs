@@ -3,11 +3,13 @@
 
 use std::process::ExitCode;
 use wgqat::gpu::{AdapterSummary, Gpu, GpuOptions};
+use wgqat::selftest::Outcome;
 
 pub(crate) fn selftest(
     opts: &GpuOptions,
     json: bool,
     filter: Option<&str>,
+    jobs: usize,
 ) -> anyhow::Result<ExitCode> {
     let gpu = Gpu::new(opts)?;
     let cases: Vec<_> = wgqat::selftest::cases()
@@ -21,41 +23,41 @@ pub(crate) fn selftest(
             "kernel", "direction", "shape", "max abs", "max rel", "ms"
         );
     }
-    let mut outcomes = Vec::new();
-    for case in &cases {
-        let o = case.run(&gpu);
+    let print = |o: &Outcome| {
+        let worst = o
+            .outputs
+            .iter()
+            .max_by(|a, b| a.1.max_abs.total_cmp(&b.1.max_abs))
+            .map(|(_, r)| r);
+        let result = match (&o.error, o.passed()) {
+            (Some(e), _) => format!("ERROR {e}"),
+            (None, true) => "ok".to_string(),
+            (None, false) => {
+                let bad: Vec<String> = o
+                    .outputs
+                    .iter()
+                    .filter(|(_, r)| !r.passed())
+                    .map(|(n, r)| format!("{n}: {}", r.summary()))
+                    .collect();
+                format!("FAIL {}", bad.join("; "))
+            }
+        };
+        println!(
+            "{:<17} {:<22} {:<48} {:>11.3e} {:>11.3e} {:>8.1}  {}",
+            o.kernel,
+            o.direction,
+            o.shape,
+            worst.map_or(0.0, |r| r.max_abs),
+            worst.map_or(0.0, |r| r.max_rel),
+            o.seconds * 1e3,
+            result
+        );
+    };
+    let outcomes = wgqat::selftest::run_cases(&gpu, &cases, jobs, &mut |o| {
         if !json {
-            let worst = o
-                .outputs
-                .iter()
-                .max_by(|a, b| a.1.max_abs.total_cmp(&b.1.max_abs))
-                .map(|(_, r)| r);
-            let result = match (&o.error, o.passed()) {
-                (Some(e), _) => format!("ERROR {e}"),
-                (None, true) => "ok".to_string(),
-                (None, false) => {
-                    let bad: Vec<String> = o
-                        .outputs
-                        .iter()
-                        .filter(|(_, r)| !r.passed())
-                        .map(|(n, r)| format!("{n}: {}", r.summary()))
-                        .collect();
-                    format!("FAIL {}", bad.join("; "))
-                }
-            };
-            println!(
-                "{:<17} {:<22} {:<48} {:>11.3e} {:>11.3e} {:>8.1}  {}",
-                o.kernel,
-                o.direction,
-                o.shape,
-                worst.map_or(0.0, |r| r.max_abs),
-                worst.map_or(0.0, |r| r.max_rel),
-                o.seconds * 1e3,
-                result
-            );
+            print(o);
         }
-        outcomes.push(o);
-    }
+    });
     let failed = outcomes.iter().filter(|o| !o.passed()).count();
     if json {
         let out = serde_json::json!({

@@ -70,6 +70,10 @@ enum Command {
         /// Only kernels whose name contains this.
         #[arg(long)]
         filter: Option<String>,
+        /// Cases run at once, each on a thread of its own (their pipelines compile side by
+        /// side); the table keeps the cases' order (default: one per core, at most 8).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: Option<u16>,
     },
     /// QAT training throughput (img/s), per-kernel time, submits and allocations per step, peak
     /// memory; `bench kernels` times single kernels.
@@ -541,8 +545,17 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Selftest { gpu, json, filter } => {
-            selftest(&gpu.options(), json, filter.as_deref())
+        Command::Selftest {
+            gpu,
+            json,
+            filter,
+            jobs,
+        } => {
+            let jobs = jobs.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+                usize::from,
+            );
+            selftest(&gpu.options(), json, filter.as_deref(), jobs)
         }
         Command::Bench(b) => match &b.what {
             Some(BenchWhat::Kernels {
