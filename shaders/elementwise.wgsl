@@ -3,9 +3,10 @@
 
 struct Params {
     n: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // fill_uniform only: the seed and the range [lo, hi).
+    seed: u32,
+    lo: f32,
+    hi: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -23,6 +24,8 @@ struct Params {
 // accumulate
 @group(0) @binding(9) var<storage, read> acc_x: array<f32>;
 @group(0) @binding(10) var<storage, read_write> acc_sum: array<f32>;
+// fill_uniform
+@group(0) @binding(11) var<storage, read_write> fill_y: array<f32>;
 
 fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
@@ -79,4 +82,30 @@ fn accumulate(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     acc_sum[i] = acc_sum[i] + acc_x[i];
+}
+
+// A 32-bit integer hash with good avalanche (xor-shift and odd-multiply rounds); src/kernels/
+// elementwise.rs computes the same on the CPU.
+fn hash32(v: u32) -> u32 {
+    var x = v;
+    x ^= x >> 16u;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15u;
+    x *= 0x735a2d97u;
+    x ^= x >> 15u;
+    return x;
+}
+
+// y[i] = lo + (hi - lo) * u_i, u_i in [0, 1) from 24 bits of a hash of the seed and i: inputs made
+// on the device that uses them (benchmarks), with no host-side generation or upload.
+@compute @workgroup_size(256)
+fn fill_uniform(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let u = f32(hash32(i ^ hash32(p.seed)) >> 8u) * (1.0 / 16777216.0);
+    fill_y[i] = p.lo + (p.hi - p.lo) * u;
 }

@@ -63,8 +63,13 @@ fn random_tensor(
     lo: f32,
     hi: f32,
 ) -> Result<Tensor> {
-    let n = shape.iter().product();
-    gpu.upload_f32(what, shape, &rng.vec_uniform(n, lo, hi))
+    // Filled on the device, with no host-side generation or upload, whose time grows with the
+    // batch and on a fast GPU outweighs the kernels timed (BENCHMARKS.md).
+    let t = gpu.empty(what, shape, DType::F32)?;
+    let seed = rng.next_u64() as u32;
+    let fill = crate::kernels::elementwise::fill_uniform(gpu, &t, seed, (lo, hi))?;
+    gpu.submit(what, &[Op::Dispatch(fill)])?;
+    Ok(t)
 }
 
 /// The kernels one training step of `model` at `batch` runs: for each conv, forward, grad-input

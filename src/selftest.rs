@@ -176,6 +176,7 @@ pub fn run_read(gpu: &Gpu, launches: Vec<Launch>, outputs: &[&Tensor]) -> Result
 pub fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     elementwise::relu_cases(&mut v);
+    elementwise::fill_cases(&mut v);
     elementwise::add_cases(&mut v);
     elementwise::reduce_cases(&mut v);
     quant::cases(&mut v);

@@ -1,5 +1,5 @@
-//! `shaders/elementwise.wgsl`: ReLU forward and backward, the residual sum and gradient
-//! accumulation.
+//! `shaders/elementwise.wgsl`: ReLU forward and backward, the residual sum, gradient
+//! accumulation, and uniform random fills (benchmark inputs made on the device).
 
 use super::{ELEMENTWISE, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::Result;
@@ -112,6 +112,38 @@ pub fn accumulate(gpu: &Gpu, x: &Tensor, sum: &Tensor) -> Result<Launch> {
         format!("{K} {:?}", x.shape()),
         Some(bytemuck::bytes_of(&params(n))),
         &[x, sum],
+        elementwise_grid(gpu, n),
+    )
+}
+
+/// Fills `y` with values uniform in [`lo`, `hi`) from a hash of `seed` and each element's index
+/// (`reference::elementwise::fill_uniform`): inputs made on the device, without generating them on the host and
+/// uploading them (what a benchmark of large tensors would otherwise wait for).
+pub fn fill_uniform(gpu: &Gpu, y: &Tensor, seed: u32, (lo, hi): (f32, f32)) -> Result<Launch> {
+    const K: &str = "fill_uniform";
+    expect_dtype(K, "y", y, DType::F32)?;
+    if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+        return Err(crate::error::Error::shape(
+            K,
+            format!("range [{lo}, {hi}) is not a finite interval"),
+        ));
+    }
+    let n = count_u32(K, y.numel())?;
+    let mut bindings = vec![Bind::None; 12];
+    bindings[0] = Bind::Uniform;
+    bindings[11] = Bind::ReadWrite;
+    let kernel = gpu.kernel(&KernelSpec {
+        shader: &ELEMENTWISE,
+        entry: K,
+        constants: &[],
+        bindings: &bindings,
+    })?;
+    let p = [n, seed, lo.to_bits(), hi.to_bits()];
+    gpu.launch(
+        &kernel,
+        format!("{K} {:?}", y.shape()),
+        Some(bytemuck::bytes_of(&p)),
+        &[y],
         elementwise_grid(gpu, n),
     )
 }

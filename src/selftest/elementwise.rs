@@ -1,6 +1,6 @@
 //! ReLU, the residual add and gradient accumulation, and the per-channel sum.
 
-use super::{Case, run_read};
+use super::{Case, f64s, run_read};
 use crate::DType;
 use crate::kernels;
 use crate::reference::{self, Tolerance};
@@ -57,6 +57,52 @@ pub(super) fn relu_cases(v: &mut Vec<Case>) {
 }
 
 /// The residual sum and gradient accumulation: one f32 add per element, exact.
+pub(super) fn fill_cases(v: &mut Vec<Case>) {
+    // Around the workgroup, and past 65535 workgroups (a 2-D grid); a range not around 0.
+    let shapes = [
+        (1usize, (-1.0f32, 1.0f32)),
+        (1000, (2.0, 5.0)),
+        (65535 * 256 + 300, (-1.0, 1.0)),
+    ];
+    for (n, (lo, hi)) in shapes {
+        v.push(Case::new(
+            "fill",
+            "uniform",
+            format!("[{n}] [{lo}, {hi})"),
+            move |gpu, rng| {
+                let seed = rng.next_u64() as u32;
+                let y = gpu.empty("y", &[n], DType::F32)?;
+                let again = gpu.empty("y again", &[n], DType::F32)?;
+                let fill = |t| kernels::elementwise::fill_uniform(gpu, t, seed, (lo, hi));
+                let got = run_read(gpu, vec![fill(&y)?, fill(&again)?], &[&y, &again])?;
+                let want = reference::elementwise::fill_uniform(n, seed, (lo, hi));
+                // Two roundings at the range's scale (one where the device fuses them).
+                let ulp = f64::from(lo.abs().max(hi.abs())) * f64::from(f32::EPSILON);
+                let first = f64s(&got[0]);
+                // In [lo, hi] (hi itself only where rounding reaches it).
+                let clamped: Vec<f64> = first
+                    .iter()
+                    .map(|x| x.clamp(lo.into(), hi.into()))
+                    .collect();
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[0], &want, Tolerance::new(ulp, 0.0)),
+                    ),
+                    (
+                        "y in range".into(),
+                        reference::compare(&got[0], &clamped, Tolerance::EXACT),
+                    ),
+                    (
+                        "y again".into(),
+                        reference::compare(&got[1], &first, Tolerance::EXACT),
+                    ),
+                ])
+            },
+        ));
+    }
+}
+
 pub(super) fn add_cases(v: &mut Vec<Case>) {
     for n in [1usize, 257, 65535 * 256 + 300] {
         v.push(Case::new(
