@@ -120,11 +120,11 @@ impl Case {
     }
 }
 
-/// Runs `cases` on `gpu`, up to `jobs` at a time on threads of their own (their pipelines compile,
-/// and their CPU references run, side by side: a cold run on a GPU driver that compiles on
-/// every thread takes a fraction of the time), handing each outcome to `on_outcome` in case
-/// order as soon as it and every case before it have finished. Each case draws its inputs from
-/// its own seed, so outcomes do not depend on `jobs`.
+/// Runs `cases` on `gpu`, up to `jobs` at a time on threads of their own (their pipelines
+/// compile, and their CPU references run, side by side where the driver compiles on several
+/// threads), handing each outcome to `on_outcome` in case order as soon as it and every case
+/// before it have finished. Each case draws its inputs from its own seed, so outcomes do not
+/// depend on `jobs`.
 pub fn run_cases(
     gpu: &Gpu,
     cases: &[Case],

@@ -23,39 +23,9 @@ pub(crate) fn selftest(
             "kernel", "direction", "shape", "max abs", "max rel", "ms"
         );
     }
-    let print = |o: &Outcome| {
-        let worst = o
-            .outputs
-            .iter()
-            .max_by(|a, b| a.1.max_abs.total_cmp(&b.1.max_abs))
-            .map(|(_, r)| r);
-        let result = match (&o.error, o.passed()) {
-            (Some(e), _) => format!("ERROR {e}"),
-            (None, true) => "ok".to_string(),
-            (None, false) => {
-                let bad: Vec<String> = o
-                    .outputs
-                    .iter()
-                    .filter(|(_, r)| !r.passed())
-                    .map(|(n, r)| format!("{n}: {}", r.summary()))
-                    .collect();
-                format!("FAIL {}", bad.join("; "))
-            }
-        };
-        println!(
-            "{:<17} {:<22} {:<48} {:>11.3e} {:>11.3e} {:>8.1}  {}",
-            o.kernel,
-            o.direction,
-            o.shape,
-            worst.map_or(0.0, |r| r.max_abs),
-            worst.map_or(0.0, |r| r.max_rel),
-            o.seconds * 1e3,
-            result
-        );
-    };
     let outcomes = wgqat::selftest::run_cases(&gpu, &cases, jobs, &mut |o| {
         if !json {
-            print(o);
+            print_row(o);
         }
     });
     let failed = outcomes.iter().filter(|o| !o.passed()).count();
@@ -75,6 +45,38 @@ pub(crate) fn selftest(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One line of the selftest table.
+fn print_row(o: &Outcome) {
+    let worst = o
+        .outputs
+        .iter()
+        .max_by(|a, b| a.1.max_abs.total_cmp(&b.1.max_abs))
+        .map(|(_, r)| r);
+    let result = match (&o.error, o.passed()) {
+        (Some(e), _) => format!("ERROR {e}"),
+        (None, true) => "ok".to_string(),
+        (None, false) => {
+            let bad: Vec<String> = o
+                .outputs
+                .iter()
+                .filter(|(_, r)| !r.passed())
+                .map(|(n, r)| format!("{n}: {}", r.summary()))
+                .collect();
+            format!("FAIL {}", bad.join("; "))
+        }
+    };
+    println!(
+        "{:<17} {:<22} {:<48} {:>11.3e} {:>11.3e} {:>8.1}  {}",
+        o.kernel,
+        o.direction,
+        o.shape,
+        worst.map_or(0.0, |r| r.max_abs),
+        worst.map_or(0.0, |r| r.max_rel),
+        o.seconds * 1e3,
+        result
+    );
 }
 
 pub(crate) fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
