@@ -19,11 +19,16 @@ fn device(checks: bool) -> Gpu {
         .with_shader_checks(checks)
 }
 
-/// Runs every case on both devices; returns the outputs compared and those that differ.
+/// Runs every case on both devices, the two devices side by side (lavapipe compiles one
+/// pipeline at a time per device); returns the outputs compared and those that differ.
 fn compare(a_dev: &Gpu, b_dev: &Gpu, cases: &[selftest::Case]) -> (usize, Vec<String>) {
+    let (on_a, on_b) = std::thread::scope(|s| {
+        let on_a = s.spawn(|| selftest::run_cases(a_dev, cases, 1, &mut |_| {}));
+        let on_b = selftest::run_cases(b_dev, cases, 1, &mut |_| {});
+        (on_a.join().expect("the cases on the first device"), on_b)
+    });
     let (mut outputs, mut differ) = (0, Vec::new());
-    for case in cases {
-        let (a, b) = (case.run(a_dev), case.run(b_dev));
+    for (a, b) in on_a.iter().zip(&on_b) {
         let what = format!("{} {} {}", a.kernel, a.direction, a.shape);
         assert!(
             a.error.is_none() && b.error.is_none(),

@@ -20,14 +20,50 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// A second device, so that a test can run cases on two at once: lavapipe compiles one pipeline
+/// at a time per device, and a cold run of a kernel's cases is mostly compiling.
+fn second_gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        Gpu::new(&GpuOptions::default())
+            .unwrap_or_else(|e| panic!("tests need a GPU adapter (lavapipe is enough): {e}"))
+    })
+}
+
+/// Runs `cases` on two devices side by side (each takes the next case not yet taken); the
+/// outcomes in case order.
+pub fn run_on_two_devices(cases: &[selftest::Case]) -> Vec<selftest::Outcome> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let outcomes = Mutex::new((0..cases.len()).map(|_| None).collect::<Vec<_>>());
+    std::thread::scope(|s| {
+        for device in [gpu(), second_gpu()] {
+            let (next, outcomes) = (&next, &outcomes);
+            s.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(case) = cases.get(i) else { break };
+                    let out = case.run(device);
+                    outcomes.lock().unwrap()[i] = Some(out);
+                }
+            });
+        }
+    });
+    outcomes
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|o| o.expect("every case ran"))
+        .collect()
+}
+
 /// Runs every selftest case of `kernel` and fails with all failures described.
 pub fn run_kernel_cases(kernel: &str) {
-    let gpu = gpu();
     let cases = selftest::cases_for(kernel);
     assert!(!cases.is_empty(), "no selftest cases for {kernel}");
     let mut failures = Vec::new();
-    for case in &cases {
-        let out = case.run(gpu);
+    for out in run_on_two_devices(&cases) {
         println!("{} ({:.2}s)", out.describe(), out.seconds);
         if !out.passed() {
             failures.push(out.describe());
