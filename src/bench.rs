@@ -68,7 +68,7 @@ fn random_tensor(
     let t = gpu.empty(what, shape, DType::F32)?;
     let seed = rng.next_u64() as u32;
     let fill = crate::kernels::elementwise::fill_uniform(gpu, &t, seed, (lo, hi))?;
-    gpu.submit(what, &[Op::Dispatch(fill)])?;
+    gpu.submit(what, &[fill])?;
     Ok(t)
 }
 

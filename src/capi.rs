@@ -89,11 +89,7 @@ fn call(name: &str, f: impl FnOnce() -> Result<(), Failure>) -> WgqatStatus {
             status
         }
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let what = crate::util::panic_message(panic.as_ref());
             set_error(&format!(
                 "{name}: internal error (please report it): {what}"
             ));

@@ -101,11 +101,7 @@ impl Case {
             Ok(Ok(o)) => (o, None),
             Ok(Err(e)) => (Vec::new(), Some(e.to_string())),
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+                let what = crate::util::panic_message(panic.as_ref());
                 (Vec::new(), Some(format!("panicked: {what}")))
             }
         };

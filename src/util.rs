@@ -1,4 +1,4 @@
-//! Small helpers shared by the trainer and the command line.
+//! Small helpers shared across the crate: atomic file writes, timestamps, panic messages.
 
 use crate::error::{Error, Result};
 use crate::fault::{self, Point};
@@ -63,6 +63,15 @@ pub fn timestamp() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// What a caught panic said (its `&str` or `String` payload), or nothing.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! `shaders/elementwise.wgsl`: ReLU forward and backward, the residual sum, gradient
 //! accumulation, and uniform random fills (benchmark inputs made on the device).
 
-use super::{ELEMENTWISE, count_u32, elementwise_grid, expect_dtype, expect_shape};
+use super::{ELEMENTWISE, Entry, count_u32, elementwise_grid, expect_dtype, expect_shape};
 use crate::error::Result;
-use crate::gpu::{Bind, DType, Gpu, KernelSpec, Launch, Tensor};
+use crate::gpu::{Bind, DType, Gpu, KernelSpec, Launch, Op, Tensor};
 
 fn params(n: u32) -> [u32; 4] {
     [n, 0, 0, 0]
@@ -116,10 +116,17 @@ pub fn accumulate(gpu: &Gpu, x: &Tensor, sum: &Tensor) -> Result<Launch> {
     )
 }
 
+/// `shaders/elementwise.wgsl`'s `fill_uniform` (its only tensor, y, at binding 11).
+const FILL_UNIFORM: Entry = Entry {
+    shader: &ELEMENTWISE,
+    name: "fill_uniform",
+    used: &[(11, Bind::ReadWrite)],
+};
+
 /// Fills `y` with values uniform in [`lo`, `hi`) from a hash of `seed` and each element's index
-/// (`reference::elementwise::fill_uniform`): inputs made on the device, without generating them on the host and
-/// uploading them (what a benchmark of large tensors would otherwise wait for).
-pub fn fill_uniform(gpu: &Gpu, y: &Tensor, seed: u32, (lo, hi): (f32, f32)) -> Result<Launch> {
+/// (`reference::elementwise::fill_uniform`): inputs made on the device, without generating them
+/// on the host and uploading them (what a benchmark of large tensors would otherwise wait for).
+pub fn fill_uniform(gpu: &Gpu, y: &Tensor, seed: u32, (lo, hi): (f32, f32)) -> Result<Op> {
     const K: &str = "fill_uniform";
     expect_dtype(K, "y", y, DType::F32)?;
     if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
@@ -129,20 +136,11 @@ pub fn fill_uniform(gpu: &Gpu, y: &Tensor, seed: u32, (lo, hi): (f32, f32)) -> R
         ));
     }
     let n = count_u32(K, y.numel())?;
-    let mut bindings = vec![Bind::None; 12];
-    bindings[0] = Bind::Uniform;
-    bindings[11] = Bind::ReadWrite;
-    let kernel = gpu.kernel(&KernelSpec {
-        shader: &ELEMENTWISE,
-        entry: K,
-        constants: &[],
-        bindings: &bindings,
-    })?;
-    let p = [n, seed, lo.to_bits(), hi.to_bits()];
-    gpu.launch(
-        &kernel,
+    FILL_UNIFORM.launch(
+        gpu,
+        &[],
         format!("{K} {:?}", y.shape()),
-        Some(bytemuck::bytes_of(&p)),
+        &[n, seed, lo.to_bits(), hi.to_bits()],
         &[y],
         elementwise_grid(gpu, n),
     )

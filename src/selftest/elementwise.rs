@@ -74,7 +74,8 @@ pub(super) fn fill_cases(v: &mut Vec<Case>) {
                 let y = gpu.empty("y", &[n], DType::F32)?;
                 let again = gpu.empty("y again", &[n], DType::F32)?;
                 let fill = |t| kernels::elementwise::fill_uniform(gpu, t, seed, (lo, hi));
-                let got = run_read(gpu, vec![fill(&y)?, fill(&again)?], &[&y, &again])?;
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &[fill(&y)?, fill(&again)?], &[&y, &again])?;
                 let want = reference::elementwise::fill_uniform(n, seed, (lo, hi));
                 // Two roundings at the range's scale (one where the device fuses them).
                 let ulp = f64::from(lo.abs().max(hi.abs())) * f64::from(f32::EPSILON);
