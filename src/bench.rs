@@ -557,6 +557,11 @@ pub struct TrainingBench {
     pub pipelines_compiled: Option<usize>,
     /// Per-kernel GPU time of one step (timestamps where the adapter has them), largest first.
     pub kernels: Vec<KernelShare>,
+    /// With `TrainingOptions::tune`, where the device has cooperative matrices: what the
+    /// tuning timed and chose (the step then runs each GEMM as chosen). The tuning comes before
+    /// the network is built and compiles the pipelines the step shares with it, so its
+    /// `seconds` are not in `first_step_s` and its pipelines not in `pipelines_compiled`.
+    pub tuning: Option<crate::tune::Tuning>,
     pub timer: &'static str,
     pub error: Option<String>,
 }
@@ -576,6 +581,10 @@ pub struct TrainingOptions {
     pub steps: usize,
     /// Also time each kernel of one step.
     pub breakdown: bool,
+    /// Choose each quantized conv GEMM's kernel (cooperative matrices or fp32) from this many
+    /// timed steps of each first ([`crate::tune`]); `None`: every GEMM that can runs on
+    /// cooperative matrices.
+    pub tune: Option<usize>,
 }
 
 /// QAT training throughput of `model` at `bits` and `batch`: synthetic data already on the GPU,
@@ -607,17 +616,24 @@ pub fn training(
         first_step_s: None,
         pipelines_compiled: None,
         kernels: Vec::new(),
+        tuning: None,
         timer,
         error: None,
     };
     let run = |row: &mut TrainingBench| -> Result<()> {
         use crate::nn::{Mode, Network, init};
+        if let Some(repeats) = opts.tune {
+            row.tuning = crate::tune::tune(gpu, model, quant, batch, repeats)?;
+        }
         gpu.pool().trim();
         gpu.pool().reset_peak();
         let pool_before = gpu.pool().stats();
         let start = std::time::Instant::now();
         let compiled_before = gpu.kernels().compiled();
-        let net = Network::new(gpu, model, quant, batch, true, 1)?;
+        let mut net = Network::new(gpu, model, quant, batch, true, 1)?;
+        if let Some(t) = &row.tuning {
+            t.apply(&mut net)?;
+        }
         init::initialise(gpu, &net, 1)?;
         let kind = crate::train::TrainConfig::default().optimizer_kind();
         let mut opt = crate::train::Optimizer::new(gpu, &net, kind)?;

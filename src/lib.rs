@@ -18,6 +18,7 @@ pub mod reference;
 pub mod rng;
 pub mod selftest;
 pub mod train;
+pub mod tune;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -279,6 +279,7 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
         "2",
         "--steps",
         "3",
+        "--tune-kernels",
         "--json",
         "--out",
         file.to_str().unwrap(),
@@ -317,6 +318,14 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
                 .iter()
                 .any(|k| k["kernel"] == "conv2d.forward")
         );
+        // `--tune-kernels` tunes where the adapter has cooperative matrices (the quantized
+        // row: 2 quantized convs, 3 GEMMs each), and has nothing to tune elsewhere.
+        let quantized = r["w_bits"] == 8;
+        if v["cooperative_matrices"] == "none" || !quantized {
+            assert!(r["tuning"].is_null(), "{r}");
+        } else {
+            assert_eq!(r["tuning"]["gemms"].as_array().unwrap().len(), 6, "{r}");
+        }
     }
 }
 
@@ -334,5 +343,51 @@ fn the_model_files_for_the_pytorch_tools_match_the_built_in_models() {
             committed, built,
             "tools/models/{name}.json is stale: regenerate it with `wgqat model {name}`"
         );
+    }
+}
+
+/// `tools/gpu_check.sh` is the one prepared run for a lent GPU machine, which comes in short
+/// windows: its parts' time limits add up to at most 6 minutes, and every wgqat command in it
+/// uses options that command has (a typo there would cost a whole window).
+#[test]
+fn the_gpu_script_fits_six_minutes_and_uses_real_options() {
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/gpu_check.sh"),
+    )
+    .unwrap();
+    let parts: Vec<Vec<&str>> = script
+        .lines()
+        .filter(|l| l.starts_with("part "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(parts.len() >= 8, "{parts:?}");
+    let total: u32 = parts.iter().map(|p| p[2].parse::<u32>().unwrap()).sum();
+    assert!(total <= 360, "the parts' limits add up to {total} s");
+    for p in &parts {
+        let Some(at) = p.iter().position(|w| *w == "\"$W\"") else {
+            continue;
+        };
+        // The subcommand (and `kernels` after `bench`), then the options.
+        let words: Vec<&str> = p[at + 1..].to_vec();
+        let sub: Vec<&str> = words
+            .iter()
+            .take_while(|w| !w.starts_with("--"))
+            .take(2)
+            .copied()
+            .filter(|w| w.chars().all(|c| c.is_ascii_lowercase()))
+            .collect();
+        let mut help_args = sub.clone();
+        help_args.push("--help");
+        let help = wgqat(&help_args);
+        assert!(help.status.success(), "{help_args:?}");
+        let help = String::from_utf8_lossy(&help.stdout);
+        for opt in words.iter().filter(|w| w.starts_with("--")) {
+            assert!(
+                help.contains(&format!("{opt} ")) || help.contains(&format!("{opt}\n")),
+                "`wgqat {}` has no {opt} (tools/gpu_check.sh part {})",
+                sub.join(" "),
+                p[1]
+            );
+        }
     }
 }

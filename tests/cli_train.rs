@@ -675,3 +675,115 @@ fn an_output_folder_that_cannot_be_written_is_an_error() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--tune-kernels` on the emulated tensor-core path: the run times each quantized conv's GEMMs
+/// on both kernels, prints the table and saves the choice with its resume state; a resumed run
+/// keeps that choice without timing again. Where the adapter has no cooperative matrices it
+/// says so and trains on the fp32 kernels.
+#[test]
+fn tune_kernels_chooses_once_and_a_resumed_run_keeps_the_choice() {
+    let out = tmp("tune");
+    // One quantized conv (a pointwise one, reading a BatchNorm's output): few pipelines to
+    // compile on the emulated path.
+    let model = out.with_extension("json");
+    std::fs::write(
+        &model,
+        r#"{"name": "tune_net", "input": [3, 32, 32], "layers": [
+        {"type": "conv", "out": 8, "kernel": 3, "stride": 4, "padding": 1, "name": "model.0.conv"},
+        {"type": "batchnorm", "name": "model.0.bn"}, {"type": "relu"},
+        {"type": "conv", "out": 10, "kernel": 1, "name": "model.1.conv"},
+        {"type": "batchnorm", "name": "model.1.bn"}, {"type": "relu"},
+        {"type": "avgpool", "kernel": 8},
+        {"type": "flatten"}
+    ]}"#,
+    )
+    .unwrap();
+    let model = model.to_str().unwrap();
+    let run = |extra: &[&str], coop: &str| {
+        let mut args = vec![
+            "train",
+            "--model",
+            model,
+            "--batch-size",
+            "8",
+            "--train-limit",
+            "32",
+            "--test-limit",
+            "16",
+            "--optimizer",
+            "sgd",
+            "--no-augment",
+            "--out",
+            out.to_str().unwrap(),
+            "--plain",
+        ];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_wgqat"))
+            .args(&args)
+            .env("WGQAT_COOP", coop)
+            .output()
+            .expect("run wgqat");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let saved_choice = || {
+        let (_, meta) = wgqat::nn::checkpoint::read(&out.join("resume.safetensors")).unwrap();
+        let progress: serde_json::Value = serde_json::from_str(&meta["progress"]).unwrap();
+        progress["coop_uses"].clone()
+    };
+    let err = run(&["--tune-kernels", "--steps", "2"], "emulate");
+    assert!(err.contains("kernel tuning (3 steps of each"), "{err}");
+    // The quantized conv's three directions, each on one kernel or the other.
+    for layer in ["model.1.conv"] {
+        for direction in ["forward", "grad_input", "grad_weight"] {
+            let line = err
+                .lines()
+                .find(|l| l.contains(layer) && l.contains(direction))
+                .unwrap_or_else(|| panic!("no {layer} {direction} line in {err}"));
+            assert!(
+                line.ends_with("tensor cores") || line.ends_with("fp32"),
+                "{line}"
+            );
+        }
+    }
+    let choice = saved_choice();
+    let layers: Vec<&str> = choice
+        .as_array()
+        .expect("the choice is saved")
+        .iter()
+        .map(|e| e[0].as_str().unwrap())
+        .collect();
+    assert_eq!(layers, ["model.1.conv"]);
+    let err = run(
+        &["--resume", out.to_str().unwrap(), "--steps", "4"],
+        "emulate",
+    );
+    assert!(!err.contains("kernel tuning"), "{err}");
+    assert_eq!(saved_choice(), choice, "the resumed run kept the choice");
+    // Without cooperative matrices there is nothing to choose.
+    let out2 = tmp("tune-fp32");
+    let o = wgqat(&[
+        "train",
+        "--model",
+        model,
+        "--batch-size",
+        "8",
+        "--train-limit",
+        "16",
+        "--test-limit",
+        "8",
+        "--steps",
+        "1",
+        "--tune-kernels",
+        "--out",
+        out2.to_str().unwrap(),
+        "--plain",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("nothing to tune, no GEMM of this model runs on cooperative matrices"),
+        "{err}"
+    );
+}

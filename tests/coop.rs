@@ -68,69 +68,202 @@ fn logits_through_the_emulated_tensor_core_conv_match_the_fp32_path() {
     assert!(scale > 0.0 && worst <= 1e-5 * scale, "{worst} of {scale}");
 }
 
-/// One SGD step of a net whose quantized conv reads a BatchNorm's output and feeds another
-/// (so its forward, grad-input and grad-weight run on the emulated tensor-core kernels with the
-/// BatchNorm work on load): the loss, and every tensor after the step, as on the fp32 path
-/// within rounding (the forward sums and the backward's two f16 halves of dy round
-/// differently).
+/// One SGD step of `two_bn_net` on the emulated tensor-core kernels: the loss, and every
+/// tensor after the step, as on the fp32 path within rounding.
 #[test]
 fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_path() {
-    use wgqat::nn::checkpoint::Data;
-    use wgqat::train::{Optimizer, OptimizerName, TrainConfig};
     let Some(coop) = emulated() else { return };
     let fp32 = Gpu::new(&GpuOptions::default()).unwrap();
-    let spec = two_bn_net();
+    let on_fp32 = one_step(&fp32, None);
+    let on_coop = one_step(&coop, None);
+    let worst = assert_close(&on_fp32, &on_coop);
+    println!(
+        "one step: losses {} / {}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)",
+        on_fp32.0, on_coop.0
+    );
+}
+
+/// A layer's GEMMs follow its `CoopUse`: each direction on the tensor-core kernels or the fp32
+/// ones as set, the plan naming each GEMM launch's layer, direction and kernel; with every one
+/// kept on fp32 the step gives the fp32 path's bits, and with some on each, its values within
+/// rounding.
+#[test]
+fn each_gemm_runs_on_the_kernel_its_layers_coop_use_names() {
+    use wgqat::nn::{CoopUse, GemmDirection};
+    let Some(coop) = emulated() else { return };
+    let b = Bits::new(8).unwrap();
+    let mut net =
+        Network::new(&coop, &two_bn_net(), QuantConfig::dorefa(b, b), 6, true, 1).unwrap();
+    // Only the quantized conv can (the first conv is float).
+    assert_eq!(
+        net.coop_layers(&coop),
+        [("model.1.conv".to_string(), GemmDirection::ALL.to_vec())]
+    );
+    for bits in 0..8u8 {
+        let uses = CoopUse {
+            forward: bits & 1 != 0,
+            grad_input: bits & 2 != 0,
+            grad_weight: bits & 4 != 0,
+        };
+        net.set_coop_use("model.1.conv", uses).unwrap();
+        let plan = net.plan(&coop, 6, Mode::Train).unwrap();
+        let mut seen = Vec::new();
+        for g in &plan.gemms {
+            let on_coop = g.layer == "model.1.conv" && uses.get(g.direction);
+            assert_eq!(g.coop, on_coop, "{uses:?}: {g:?}");
+            let wgqat::gpu::Op::Dispatch(l) = &plan.ops.ops()[g.op] else {
+                panic!("{g:?} is not a dispatch")
+            };
+            assert_eq!(
+                l.kernel_name().starts_with("conv_coop"),
+                g.coop,
+                "{}",
+                l.label
+            );
+            assert!(l.label.contains(g.direction.name()), "{g:?}: {}", l.label);
+            seen.push((g.layer.as_str(), g.direction));
+        }
+        // Both convs' three GEMMs (the first conv has no grad-input), in plan order.
+        use GemmDirection::*;
+        assert_eq!(
+            seen,
+            [
+                ("model.0.conv", Forward),
+                ("model.1.conv", Forward),
+                ("model.1.conv", GradInput),
+                ("model.1.conv", GradWeight),
+                ("model.0.conv", GradWeight),
+            ],
+            "{uses:?}"
+        );
+        assert_eq!(coop_launches(&plan).len(), bits.count_ones() as usize);
+    }
+    let e = net
+        .set_coop_use("model.1.bn", CoopUse::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("model.1.bn"), "{e}");
+    let fp32 = Gpu::new(&GpuOptions::default()).unwrap();
+    let on_fp32 = one_step(&fp32, None);
+    let none = CoopUse {
+        forward: false,
+        grad_input: false,
+        grad_weight: false,
+    };
+    assert_eq!(
+        one_step(&coop, Some(none)),
+        on_fp32,
+        "every GEMM kept on fp32"
+    );
+    let mixed = CoopUse {
+        grad_input: false,
+        ..CoopUse::default()
+    };
+    assert_close(&on_fp32, &one_step(&coop, Some(mixed)));
+}
+
+/// The tuning times the quantized conv's three GEMMs on both kernels and keeps each on the
+/// faster; a network it is applied to runs them so. (Which is faster is the device's business:
+/// the test checks that the choice follows the timings, whichever they are.) A device without
+/// cooperative matrices has nothing to tune.
+#[test]
+fn the_tuning_keeps_each_gemm_on_the_kernel_it_timed_faster() {
+    let Some(coop) = emulated() else { return };
+    let b = Bits::new(8).unwrap();
+    let quant = QuantConfig::dorefa(b, b);
+    let t = wgqat::tune::tune(&coop, &two_bn_net(), quant, 6, 1)
+        .unwrap()
+        .expect("the emulated path has GEMMs to tune");
+    assert_eq!(t.gemms.len(), 3, "{:?}", t.gemms);
+    for g in &t.gemms {
+        assert_eq!(g.layer, "model.1.conv");
+        assert!(g.fp32_s > 0.0 && g.coop_s > 0.0, "{g:?}");
+        assert_eq!(g.coop, g.coop_s <= g.fp32_s, "{g:?}");
+    }
+    let [(layer, uses)] = &t.uses[..] else {
+        panic!("{:?}", t.uses)
+    };
+    assert_eq!(layer, "model.1.conv");
+    let mut net = Network::new(&coop, &two_bn_net(), quant, 6, true, 1).unwrap();
+    t.apply(&mut net).unwrap();
+    let plan = net.plan(&coop, 6, Mode::Train).unwrap();
+    for g in plan.gemms.iter().filter(|g| g.layer == "model.1.conv") {
+        assert_eq!(g.coop, uses.get(g.direction), "{g:?}");
+        let tuned = t.gemms.iter().find(|t| t.direction == g.direction).unwrap();
+        assert_eq!(g.coop, tuned.coop, "{g:?}");
+    }
+    println!("{}", t.lines().join("\n"));
+    let fp32 = Gpu::new(&GpuOptions::default()).unwrap();
+    assert!(
+        wgqat::tune::tune(&fp32, &two_bn_net(), quant, 6, 1)
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// The loss and every f32 tensor after one SGD step of `two_bn_net` (its quantized conv reads a
+/// BatchNorm's output and feeds another, so its forward, grad-input and grad-weight do the
+/// BatchNorm work on load) on `gpu`, with model.1.conv's `CoopUse` if given.
+fn one_step(gpu: &Gpu, uses: Option<wgqat::nn::CoopUse>) -> (f32, Vec<(String, Vec<f32>)>) {
+    use wgqat::nn::checkpoint::Data;
+    use wgqat::train::{Optimizer, OptimizerName, TrainConfig};
     let b = Bits::new(8).unwrap();
     let batch = 6;
     let images: Vec<f32> = (0..batch * 3 * 144)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect();
     let labels: Vec<u32> = (0..batch as u32).collect();
-    let mut runs = Vec::new();
-    for gpu in [&fp32, &coop] {
-        let net = Network::new(gpu, &spec, QuantConfig::dorefa(b, b), batch, true, 1).unwrap();
-        init::initialise(gpu, &net, 3).unwrap();
-        let config = TrainConfig {
-            optimizer: OptimizerName::Sgd,
-            ..TrainConfig::default()
-        };
-        let opt = Optimizer::new(gpu, &net, config.optimizer_kind()).unwrap();
-        let mut plan = net.plan(gpu, batch, Mode::Train).unwrap();
-        let on_coop = coop_launches(&plan);
-        if std::ptr::eq(gpu, &coop) {
-            // model.1.conv's forward, grad-input (with the BatchNorm before's mask and sums)
-            // and grad-weight, with both BatchNorms' work on load.
-            assert_eq!(on_coop.len(), 3, "{on_coop:?}");
-            assert!(on_coop[0].contains("forward") && on_coop[0].contains("through bn"));
-            assert!(on_coop[0].contains("packed 4x32"), "{}", on_coop[0]);
-            assert!(on_coop[1].contains("grad_input") && on_coop[1].contains("+bn backward"));
-            assert!(on_coop[1].contains("+bn sums"), "{}", on_coop[1]);
-            assert!(on_coop[2].contains("grad_weight") && on_coop[2].contains("+bn backward"));
-            // The GEMMs count as arithmetic, not memory traffic.
-            assert_eq!(coop_memory_bound(&plan.ops), [false; 3]);
-        } else {
-            assert!(on_coop.is_empty());
-        }
-        plan.ops.push_op(opt.op(gpu, &net).unwrap());
-        net.write_batch(gpu, &plan, &images, &labels).unwrap();
-        net.write_step(gpu, &opt.next_values(0.1, 0)).unwrap();
-        plan.ops.submit(gpu, "coop check step").unwrap();
-        let loss = net.read_metrics(gpu, 1).unwrap()[0].0;
-        let state: Vec<(String, Vec<f32>)> = net
-            .state_dict(gpu)
-            .unwrap()
-            .into_iter()
-            .filter_map(|t| match t.data {
-                Data::F32(v) => Some((t.name, v)),
-                _ => None,
-            })
-            .collect();
-        runs.push((loss, state));
+    let spec = two_bn_net();
+    let mut net = Network::new(gpu, &spec, QuantConfig::dorefa(b, b), batch, true, 1).unwrap();
+    if let Some(u) = uses {
+        net.set_coop_use("model.1.conv", u).unwrap();
     }
-    let (l0, l1) = (runs[0].0, runs[1].0);
+    init::initialise(gpu, &net, 3).unwrap();
+    let config = TrainConfig {
+        optimizer: OptimizerName::Sgd,
+        ..TrainConfig::default()
+    };
+    let opt = Optimizer::new(gpu, &net, config.optimizer_kind()).unwrap();
+    let mut plan = net.plan(gpu, batch, Mode::Train).unwrap();
+    let on_coop = coop_launches(&plan);
+    if gpu.coop().is_some() && uses.is_none() {
+        // model.1.conv's forward, grad-input (with the BatchNorm before's mask and sums)
+        // and grad-weight, with both BatchNorms' work on load.
+        assert_eq!(on_coop.len(), 3, "{on_coop:?}");
+        assert!(on_coop[0].contains("forward") && on_coop[0].contains("through bn"));
+        assert!(on_coop[0].contains("packed 4x32"), "{}", on_coop[0]);
+        assert!(on_coop[1].contains("grad_input") && on_coop[1].contains("+bn backward"));
+        assert!(on_coop[1].contains("+bn sums"), "{}", on_coop[1]);
+        assert!(on_coop[2].contains("grad_weight") && on_coop[2].contains("+bn backward"));
+        // The GEMMs count as arithmetic, not memory traffic.
+        assert_eq!(coop_memory_bound(&plan.ops), [false; 3]);
+    } else if gpu.coop().is_none() {
+        assert!(on_coop.is_empty());
+    }
+    plan.ops.push_op(opt.op(gpu, &net).unwrap());
+    net.write_batch(gpu, &plan, &images, &labels).unwrap();
+    net.write_step(gpu, &opt.next_values(0.1, 0)).unwrap();
+    plan.ops.submit(gpu, "coop check step").unwrap();
+    let loss = net.read_metrics(gpu, 1).unwrap()[0].0;
+    let state = net
+        .state_dict(gpu)
+        .unwrap()
+        .into_iter()
+        .filter_map(|t| match t.data {
+            Data::F32(v) => Some((t.name, v)),
+            _ => None,
+        })
+        .collect();
+    (loss, state)
+}
+
+/// Asserts two steps' losses and tensors agree within the tensor-core path's rounding (the
+/// forward sums and the backward's two f16 halves of dy round differently from fp32); returns
+/// the worst difference relative to its tensor's largest value.
+fn assert_close(a: &(f32, Vec<(String, Vec<f32>)>), c: &(f32, Vec<(String, Vec<f32>)>)) -> f32 {
+    let (l0, l1) = (a.0, c.0);
     assert!((l0 - l1).abs() <= 1e-5 * l0.abs(), "losses {l0} and {l1}");
     let mut worst = 0.0f32;
-    for ((name, a), (_, c)) in runs[0].1.iter().zip(&runs[1].1) {
+    for ((name, a), (_, c)) in a.1.iter().zip(&c.1) {
         let scale = a.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
         let diff = a
             .iter()
@@ -142,9 +275,7 @@ fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_pat
             "{name} differs by {diff:e} (largest {scale:e})"
         );
     }
-    println!(
-        "one step: losses {l0} / {l1}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)"
-    );
+    worst
 }
 
 /// A net whose quantized conv (model.1.conv) reads a BatchNorm's output and feeds another: two

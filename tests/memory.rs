@@ -21,6 +21,7 @@ fn peak(model: &str, bits: u32, batch: usize) -> f64 {
         warmup: 0,
         steps: 0,
         breakdown: false,
+        tune: None,
     };
     let b = Bits::new(bits).unwrap();
     let row = training(

@@ -34,7 +34,8 @@ part() {
 # Time limits add up to 6 minutes (the lent machine comes in short windows): the batch-256
 # targets first (DoReFa, and IAO W8A8 beside it in wgqat and eager PyTorch; wgqat uses the
 # adapter's cooperative matrices for quantized convs' forward, grad-weight and grad-input where it has them,
-# and runs once more without them), then ResNet-18 at batch 128 (torch.compile left out for
+# runs once more without them, and once with each of those GEMMs on the kernel its tuning timed
+# faster), then ResNet-18 at batch 128 (torch.compile left out for
 # time), then the per-kernel table (with the cooperative-matrix rows and the `+bn` rows, the GEMMs doing
 # BatchNorm's work as a training step runs them; 3 timed runs each, to fit its limit). The
 # first row of wgqat_256 (nin_gc, DoReFa) carries the cold first step (`first_step_s`: network,
@@ -48,15 +49,20 @@ part selftest 45 "$W" selftest
 # so a part stopped by its time limit keeps the rows it finished.
 part wgqat_256 55 "$W" bench --out "$out/wgqat_256.json" --model nin_gc,nin --scheme dorefa,iao --bn-fuse --bits 8 --batch 256 --no-breakdown
 part wgqat_256_fp32 25 env WGQAT_COOP=0 "$W" bench --out "$out/wgqat_256_fp32.json" --model nin_gc,nin --bits 8 --batch 256 --no-breakdown
+# Each quantized conv GEMM on the kernel that timed faster in this very step (`--tune-kernels`:
+# 3 steps of each family first; wgqat_256_tuned.txt prints the per-layer timings and choice).
+part wgqat_256_tuned 20 "$W" bench --out "$out/wgqat_256_tuned.json" --model nin_gc,nin --bits 8 --batch 256 --warmup 3 --steps 20 --no-breakdown --tune-kernels
 part torch_compile_256 90 python3 tools/torch_bench.py --compile --out "$out/torch_compile_256.json" --model nin_gc,nin --bits 8 --batch 256
 part torch_eager_256 40 python3 tools/torch_bench.py --out "$out/torch_eager_256.json" --model nin_gc,nin --scheme dorefa,iao,iao-bn --bits 8 --batch 256
 python3 tools/bench_table.py "$out/wgqat_256.json" "$out/torch_eager_256.json" \
     "$out/torch_compile_256.json" >"$out/table_256.md" 2>>"$out/table.err"
 python3 tools/bench_table.py "$out/wgqat_256_fp32.json" "$out/torch_eager_256.json" \
     "$out/torch_compile_256.json" >"$out/table_256_fp32_path.md" 2>>"$out/table.err"
-part wgqat_resnet18 30 "$W" bench --out "$out/wgqat_resnet18.json" --model resnet18 --bits 8 --batch 128 --no-breakdown
-part torch_eager_resnet18 25 python3 tools/torch_bench.py --out "$out/torch_eager_resnet18.json" --model resnet18 --bits 8 --batch 128
+python3 tools/bench_table.py "$out/wgqat_256_tuned.json" "$out/torch_eager_256.json" \
+    "$out/torch_compile_256.json" >"$out/table_256_tuned.md" 2>>"$out/table.err"
+part wgqat_resnet18 25 "$W" bench --out "$out/wgqat_resnet18.json" --model resnet18 --bits 8 --batch 128 --no-breakdown
+part torch_eager_resnet18 20 python3 tools/torch_bench.py --out "$out/torch_eager_resnet18.json" --model resnet18 --bits 8 --batch 128
 python3 tools/bench_table.py "$out/wgqat_resnet18.json" "$out/torch_eager_resnet18.json" \
     >"$out/table_resnet18.md" 2>>"$out/table.err"
-part kernels_256 35 "$W" bench kernels --out "$out/kernels_256.json" --model nin_gc,nin --batch 256 --repeat 3
-cat "$out/table_256.md" "$out/table_256_fp32_path.md" "$out/table_resnet18.md" 2>/dev/null
+part kernels_256 25 "$W" bench kernels --out "$out/kernels_256.json" --model nin_gc,nin --batch 256 --repeat 3
+cat "$out/table_256.md" "$out/table_256_fp32_path.md" "$out/table_256_tuned.md" "$out/table_resnet18.md" 2>/dev/null

@@ -6,4 +6,4 @@ pub mod init;
 pub mod network;
 pub mod params;
 
-pub use network::{Diagnosis, Mode, Network, Plan};
+pub use network::{CoopUse, Diagnosis, GemmDirection, Mode, Network, Plan, PlanGemm};

@@ -11,6 +11,7 @@ mod elementwise;
 mod gemm;
 mod lower;
 mod memory;
+mod paths;
 mod pool;
 mod quantizers;
 mod shuffle;
@@ -26,6 +27,7 @@ use crate::quant::QuantConfig;
 use gemm::Gemm;
 use lower::{Kind, Layer, WeightedOp};
 use memory::LayerBuffers;
+pub use paths::{CoopUse, GemmDirection, PlanGemm};
 
 /// An IAO quantizer's place in the running arena and its checkpoint names.
 pub(crate) struct IaoInfo {
@@ -102,6 +104,8 @@ pub struct Plan {
     /// The batch's input images `(b, C, H, W)` and labels `(b)`: write them before submitting.
     pub input: Tensor,
     pub labels: Tensor,
+    /// The weighted layers' GEMM launches among `ops`, in order.
+    pub gemms: Vec<PlanGemm>,
 }
 
 /// A step that checks what it writes for NaN and infinity (see [`Network::diagnostic_plan`]).
@@ -475,6 +479,10 @@ impl Network {
         let labels = at_batch(&self.labels, batch)?;
         let mut fwd = Vec::new();
         let mut bwd: Vec<Vec<Op>> = Vec::new();
+        // Which layer each op's GEMM belongs to (`None`: not a weighted layer's GEMM), beside
+        // `fwd` and each of `bwd`.
+        let mut fwd_layer: Vec<Option<usize>> = Vec::new();
+        let mut bwd_layer: Vec<Vec<Option<usize>>> = Vec::new();
         if let Some(c) = checker.as_deref_mut() {
             for (k, e) in self.params.entries().iter().enumerate() {
                 fwd.push(c.check(
@@ -568,9 +576,15 @@ impl Network {
                     b.push(c.check(gpu, format!("gradient into the input of {what}"), d)?);
                 }
             }
+            let weighted = matches!(l.kind, Kind::Weighted { .. });
+            let tag = |op: &Op| (weighted && paths::gemm_of(op).is_some()).then_some(i);
+            fwd_layer.resize(fwd.len(), None);
+            fwd_layer.extend(f.iter().map(tag));
+            bwd_layer.push(b.iter().map(tag).collect());
             fwd.extend(f);
             bwd.push(b);
         }
+        fwd_layer.resize(fwd.len(), None);
         // Loss and metrics: the output's gradient comes from the loss in training.
         let rows =
             at_batch(&self.per_row.reshape(&[self.capacity, 2])?, batch)?.reshape(&[2 * batch])?;
@@ -618,13 +632,25 @@ impl Network {
             &self.step,
         )?);
         let mut ops = Recorder::new();
-        for op in fwd {
+        let mut gemms = Vec::new();
+        let mut push = |ops: &mut Recorder, op: Op, layer: Option<usize>| {
+            if let (Some(i), Some((direction, coop))) = (layer, paths::gemm_of(&op)) {
+                gemms.push(PlanGemm {
+                    op: ops.len(),
+                    layer: self.layers[i].name.clone(),
+                    direction,
+                    coop,
+                });
+            }
             ops.push_op(op);
+        };
+        for (op, layer) in fwd.into_iter().zip(fwd_layer) {
+            push(&mut ops, op, layer);
         }
         if mode == Mode::Train {
-            for b in bwd.into_iter().rev() {
-                for op in b {
-                    ops.push_op(op);
+            for (b, layers) in bwd.into_iter().zip(bwd_layer).rev() {
+                for (op, layer) in b.into_iter().zip(layers) {
+                    push(&mut ops, op, layer);
                 }
             }
             if let Some(d) = &self.dorefa {
@@ -650,6 +676,7 @@ impl Network {
             ops,
             input,
             labels,
+            gemms,
         })
     }
 

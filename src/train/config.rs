@@ -112,6 +112,11 @@ pub struct TrainConfig {
     /// Also save resume state at a log boundary when this many minutes passed since the last save
     /// (0: at every log boundary).
     pub save_minutes: f64,
+    /// Before training, time each quantized conv's GEMMs on cooperative matrices and on the
+    /// fp32 kernels and run each on the faster ([`crate::tune`]); the choice is saved with the
+    /// resume state and kept on resume. Only where the adapter has cooperative matrices.
+    #[serde(default)]
+    pub tune_kernels: bool,
 }
 
 impl Default for TrainConfig {
@@ -157,6 +162,7 @@ impl Default for TrainConfig {
             log_every: 100,
             nan_policy: NanPolicy::Stop,
             save_minutes: 10.0,
+            tune_kernels: false,
         }
     }
 }

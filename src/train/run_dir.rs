@@ -21,6 +21,10 @@ pub(super) struct Progress {
     pub(super) global_step: u64,
     pub(super) best_acc: f64,
     pub(super) optimizer_t: u32,
+    /// With `tune_kernels`: which GEMMs the tuning put on cooperative matrices, kept on resume
+    /// (so that a resumed run is bit-identical to one that went on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) coop_uses: Option<Vec<(String, crate::nn::CoopUse)>>,
 }
 
 /// One line of `metrics.jsonl`.

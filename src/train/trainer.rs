@@ -255,9 +255,35 @@ fn setup<'g>(
     }
     let eval_batch = fitting_eval_batch(gpu, &spec, cfg.eval_batch_size, &say)?;
     let quant = cfg.quant();
+    // Which GEMMs run on cooperative matrices: a resumed run keeps its choice; with
+    // `tune_kernels` a new one times them first (on a network of its own, dropped before
+    // this one is built).
+    let coop_uses = match saved.as_ref().and_then(|(_, p)| p.coop_uses.clone()) {
+        Some(uses) => Some(uses),
+        None if cfg.tune_kernels && !cfg.ptq => {
+            match crate::tune::tune(gpu, &spec, quant, cfg.batch_size, crate::tune::STEPS)? {
+                Some(t) => {
+                    for line in t.lines() {
+                        say(&line);
+                    }
+                    Some(t.uses)
+                }
+                None => {
+                    say(
+                        "kernel tuning: nothing to tune, no GEMM of this model runs on cooperative matrices here (they need DoReFa-quantized convs of at most 8 bits and an adapter with them); every GEMM stays on the fp32 kernels",
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let mut net = Network::new(gpu, &spec, quant, cfg.batch_size.max(eval_batch), true, 1)?;
+    if let Some(uses) = &coop_uses {
+        crate::tune::apply(&mut net, uses)?;
+    }
     let mut opt = Optimizer::new(gpu, &net, cfg.optimizer_kind())?;
-    let progress = match saved {
+    let mut progress = match saved {
         Some((tensors, progress)) => {
             restore(gpu, &mut net, &mut opt, &dir, tensors)?;
             opt.t = progress.optimizer_t;
@@ -279,6 +305,7 @@ fn setup<'g>(
             }
         }
     };
+    progress.coop_uses = coop_uses;
     let (train, test) = load_data(&cfg, &say)?;
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
     let log_every = cfg.log_every.min(steps_per_epoch);

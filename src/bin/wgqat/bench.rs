@@ -215,6 +215,7 @@ pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         warmup: a.warmup,
         steps: a.steps,
         breakdown: !a.no_breakdown,
+        tune: a.tune_kernels.then_some(wgqat::tune::STEPS),
     };
     let mut rows = Vec::new();
     let mw = model_column(&specs);
@@ -279,6 +280,9 @@ pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                             .as_ref()
                             .map_or(String::new(), |e| format!("  skipped: {e}"))
                     );
+                    for line in r.tuning.iter().flat_map(|t| t.lines()) {
+                        println!("  {line}");
+                    }
                     for k in r.kernels.iter().take(6) {
                         println!(
                             "{:>30} {:>4} launches {:>9.3} ms {:>5.1}%",
@@ -318,6 +322,7 @@ fn bench_inference(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         warmup: a.warmup,
         steps: a.steps,
         breakdown: false,
+        tune: None,
     };
     let mw = model_column(&specs);
     let report = |rows: &[wgqat::bench::InferenceBench]| serde_json::json!({ "adapter": AdapterSummary::of(&gpu.info), "inference": rows });

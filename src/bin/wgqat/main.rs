@@ -115,6 +115,11 @@ struct BenchArgs {
     /// Skip the per-kernel breakdown.
     #[arg(long)]
     no_breakdown: bool,
+    /// Before each training row, time its quantized convs' GEMMs on cooperative matrices and on
+    /// the fp32 kernels (3 steps of each) and run each on the faster; prints the timings. Only
+    /// where the adapter has cooperative matrices.
+    #[arg(long)]
+    tune_kernels: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -274,6 +279,11 @@ struct TrainArgs {
     /// Save resume state at least this often, in minutes; 0: at every metrics line.
     #[arg(long, default_value_t = TrainConfig::default().save_minutes)]
     save_minutes: f64,
+    /// Time each quantized conv's GEMMs on tensor cores and on the fp32 kernels first (3 steps
+    /// of each) and run each on the faster; kept on --resume. Only where the adapter has
+    /// cooperative matrices.
+    #[arg(long)]
+    tune_kernels: bool,
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     plain: bool,

@@ -88,6 +88,7 @@ fn train_config(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<T
     }
     c.quantize_first_layer |= a.quantize_first_layer;
     c.nesterov |= a.nesterov;
+    c.tune_kernels |= a.tune_kernels;
     c.augment &= !a.no_augment;
     c.shuffle &= !a.no_shuffle;
     for (field, v) in [(&mut c.data, &a.data), (&mut c.init, &a.init)] {

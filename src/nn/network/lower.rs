@@ -109,6 +109,8 @@ pub(super) struct Layer {
     pub(super) w_hat: Option<Tensor>,
     pub(super) dw_hat: Option<Tensor>,
     pub(super) bn_stats: Option<Tensor>,
+    /// Which of its GEMMs may run on cooperative matrices (see `paths`).
+    pub(super) coop: super::CoopUse,
 }
 
 /// The running-arena entry (`{conv}.bn_fold_observed`) saying whether a folded conv's running
@@ -261,6 +263,7 @@ pub(super) fn lower(
             w_hat: None,
             dw_hat: None,
             bn_stats: None,
+            coop: Default::default(),
         };
         let weighted = |op: WeightedOp,
                         w_shape: Vec<usize>,

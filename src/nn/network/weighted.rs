@@ -144,11 +144,11 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let dw = net.grad(l.weight)?.expect("weights");
     let db = net.grad(l.bias)?;
     let scratch = buf.split_k.as_ref();
-    // Grad-weight on cooperative matrices where the forward runs there (the input's codes are
-    // exact in f16) and the device runs grad-weight there too, else the fp32 kernel.
-    let on_coop = forward_on_coop(gpu, l).zip(gpu.coop_grad_weight());
+    // Grad-weight on cooperative matrices where `grad_weight_on_coop` says so, else the fp32
+    // kernel.
+    let on_coop = grad_weight_on_coop(gpu, l);
     let grad_weight = |dw: &Tensor| match (on_coop, &gemm) {
-        (Some(((_, (_, a_bits)), mode)), Gemm::Conv(g)) => conv_coop::grad_weight(
+        (Some((mode, a_bits)), Gemm::Conv(g)) => conv_coop::grad_weight(
             gpu,
             g,
             &xq,
@@ -171,11 +171,10 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     Ok((fwd, bwd))
 }
 
-/// Whether layer `l`'s forward runs on cooperative matrices on `gpu` (and its grad-weight, where
-/// `gpu.coop_grad_weight()` says so), and with which weight and activation bits: a conv whose
-/// weights and input are both DoReFa-quantized (both operands hold levels whose codes are exact
-/// in f16), where the device has them.
-pub(super) fn forward_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, Bits))> {
+/// Whether layer `l`'s GEMMs can run on cooperative matrices on `gpu`, and with which weight
+/// and activation bits: a conv whose weights and input are both DoReFa-quantized (both operands
+/// hold levels whose codes are exact in f16), where the device has them.
+pub(super) fn coop_operands(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, Bits))> {
     let Kind::Weighted {
         op: WeightedOp::Conv { .. },
         input: ActQuant::Dorefa(ab),
@@ -193,12 +192,29 @@ pub(super) fn forward_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, 
     }
 }
 
+/// Whether layer `l`'s forward runs on cooperative matrices on `gpu`: where its operands allow
+/// it ([`coop_operands`]) and the layer's [`super::CoopUse`] does.
+pub(super) fn forward_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, (Bits, Bits))> {
+    coop_operands(gpu, l).filter(|_| l.coop.forward)
+}
+
+/// Whether layer `l`'s grad-weight runs on cooperative matrices on `gpu`, with which input
+/// bits: where its operands allow it (the input's codes are exact in f16), the device runs
+/// grad-weight there and the layer's [`super::CoopUse`] does.
+fn grad_weight_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, Bits)> {
+    coop_operands(gpu, l)
+        .zip(gpu.coop_grad_weight())
+        .filter(|_| l.coop.grad_weight)
+        .map(|((_, (_, a_bits)), mode)| (mode, a_bits))
+}
+
 /// Whether layer `l`'s grad-input runs on cooperative matrices on `gpu`, with which weight
-/// bits: where its forward does (the weight codes are exact in f16) and the device runs
-/// grad-input there too.
+/// bits: where its operands allow it (the weight codes are exact in f16), the device runs
+/// grad-input there and the layer's [`super::CoopUse`] does.
 pub(super) fn grad_input_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, Bits)> {
-    forward_on_coop(gpu, l)
+    coop_operands(gpu, l)
         .zip(gpu.coop_grad_input())
+        .filter(|_| l.coop.grad_input)
         .map(|((_, (w_bits, _)), mode)| (mode, w_bits))
 }
 
