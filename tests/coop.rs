@@ -244,6 +244,7 @@ fn one_step(gpu: &Gpu, uses: Option<wgqat::nn::CoopUse>) -> (f32, Vec<(String, V
     net.write_step(gpu, &opt.next_values(0.1, 0)).unwrap();
     plan.ops.submit(gpu, "coop check step").unwrap();
     let loss = net.read_metrics(gpu, 1).unwrap()[0].0;
+    assert!(loss.is_finite() && loss > 1.0, "loss {loss}");
     let state = net
         .state_dict(gpu)
         .unwrap()

@@ -584,7 +584,6 @@ impl Network {
             fwd.extend(f);
             bwd.push(b);
         }
-        fwd_layer.resize(fwd.len(), None);
         // Loss and metrics: the output's gradient comes from the loss in training.
         let rows =
             at_batch(&self.per_row.reshape(&[self.capacity, 2])?, batch)?.reshape(&[2 * batch])?;
@@ -644,6 +643,8 @@ impl Network {
             }
             ops.push_op(op);
         };
+        // (The loss and metrics came after the layers.)
+        fwd_layer.resize(fwd.len(), None);
         for (op, layer) in fwd.into_iter().zip(fwd_layer) {
             push(&mut ops, op, layer);
         }
