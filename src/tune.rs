@@ -107,8 +107,21 @@ pub fn apply(net: &mut Network, uses: &[(String, CoopUse)]) -> Result<()> {
 /// Times a training step of `spec` at `batch` rows with every eligible GEMM on cooperative
 /// matrices and with every GEMM on fp32 (`repeats` timed steps each, after one untimed), and
 /// chooses per layer and direction. `None` where the device runs no GEMM on cooperative
-/// matrices (nothing to choose). Runs on a network of its own, dropped before it returns.
+/// matrices (nothing to choose). Runs on a network of its own, whose buffers go back to the
+/// driver before it returns (the network trained next has other sizes).
 pub fn tune(
+    gpu: &Gpu,
+    spec: &ModelSpec,
+    quant: QuantConfig,
+    batch: usize,
+    repeats: usize,
+) -> Result<Option<Tuning>> {
+    let tuning = tune_on_own_network(gpu, spec, quant, batch, repeats);
+    gpu.pool().trim();
+    tuning
+}
+
+fn tune_on_own_network(
     gpu: &Gpu,
     spec: &ModelSpec,
     quant: QuantConfig,
