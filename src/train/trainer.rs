@@ -260,7 +260,7 @@ fn setup<'g>(
     // this one is built).
     let coop_uses = match saved.as_ref().and_then(|(_, p)| p.coop_uses.clone()) {
         Some(uses) => Some(uses),
-        None if cfg.tune_kernels && !cfg.ptq => {
+        None if cfg.tune_kernels => {
             match crate::tune::tune(gpu, &spec, quant, cfg.batch_size, crate::tune::STEPS)? {
                 Some(t) => {
                     for line in t.lines() {
