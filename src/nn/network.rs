@@ -577,7 +577,7 @@ impl Network {
                 }
             }
             let weighted = matches!(l.kind, Kind::Weighted { .. });
-            let tag = |op: &Op| (weighted && paths::gemm_of(op).is_some()).then_some(i);
+            let tag = |op: &Op| (weighted && paths::gemm_of(op, false).is_some()).then_some(i);
             fwd_layer.resize(fwd.len(), None);
             fwd_layer.extend(f.iter().map(tag));
             bwd_layer.push(b.iter().map(tag).collect());
@@ -632,8 +632,8 @@ impl Network {
         )?);
         let mut ops = Recorder::new();
         let mut gemms = Vec::new();
-        let mut push = |ops: &mut Recorder, op: Op, layer: Option<usize>| {
-            if let (Some(i), Some((direction, coop))) = (layer, paths::gemm_of(&op)) {
+        let mut push = |ops: &mut Recorder, op: Op, layer: Option<usize>, in_backward: bool| {
+            if let (Some(i), Some((direction, coop))) = (layer, paths::gemm_of(&op, in_backward)) {
                 gemms.push(PlanGemm {
                     op: ops.len(),
                     layer: self.layers[i].name.clone(),
@@ -646,12 +646,12 @@ impl Network {
         // (The loss and metrics came after the layers.)
         fwd_layer.resize(fwd.len(), None);
         for (op, layer) in fwd.into_iter().zip(fwd_layer) {
-            push(&mut ops, op, layer);
+            push(&mut ops, op, layer, false);
         }
         if mode == Mode::Train {
             for (b, layers) in bwd.into_iter().zip(bwd_layer).rev() {
                 for (op, layer) in b.into_iter().zip(layers) {
-                    push(&mut ops, op, layer);
+                    push(&mut ops, op, layer, true);
                 }
             }
             if let Some(d) = &self.dorefa {

@@ -80,10 +80,13 @@ pub struct PlanGemm {
     pub coop: bool,
 }
 
-/// The direction of a conv / matmul GEMM launch, and whether it is a cooperative-matrix one,
-/// from its kernel (`conv_coop*.wgsl`, or `conv2d.wgsl` with its `MODE` constant); `None` for
-/// every other kernel (a split-K sum, a BatchNorm pass, …).
-pub(super) fn gemm_of(op: &Op) -> Option<(GemmDirection, bool)> {
+/// The direction of a conv / matmul GEMM launch of a layer's forward (`in_backward` false) or
+/// backward ops, and whether it is a cooperative-matrix one, from its kernel: the
+/// `conv_coop*.wgsl` file, or `conv2d.wgsl` (any of its launches in the forward is the forward,
+/// even a transposed conv's, which is a grad-input GEMM; in the backward, `MODE` 2 is
+/// grad-weight and the others grad-input). `None` for every other kernel (a split-K sum, a
+/// BatchNorm pass, …).
+pub(super) fn gemm_of(op: &Op, in_backward: bool) -> Option<(GemmDirection, bool)> {
     let Op::Dispatch(launch) = op else {
         return None;
     };
@@ -97,12 +100,12 @@ pub(super) fn gemm_of(op: &Op) -> Option<(GemmDirection, bool)> {
     } else if shader.starts_with("conv_coop") {
         Some((GemmDirection::Forward, true))
     } else if shader == "conv2d.wgsl" {
-        let mode = parts.find_map(|p| p.strip_prefix("MODE="))?;
-        let d = match mode.parse::<f64>().ok()? as u32 {
-            0 => GemmDirection::Forward,
-            1 => GemmDirection::GradInput,
-            2 => GemmDirection::GradWeight,
-            _ => return None,
+        let d = if !in_backward {
+            GemmDirection::Forward
+        } else if parts.any(|p| p == "MODE=2") {
+            GemmDirection::GradWeight
+        } else {
+            GemmDirection::GradInput
         };
         Some((d, false))
     } else {
