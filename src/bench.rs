@@ -557,6 +557,8 @@ pub struct TrainingBench {
     pub pipelines_compiled: Option<usize>,
     /// Per-kernel GPU time of one step (timestamps where the adapter has them), largest first.
     pub kernels: Vec<KernelShare>,
+    /// The same step's GEMM launches (the weighted layers'), in plan order.
+    pub gemms: Vec<GemmTime>,
     /// With `TrainingOptions::tune`, where the device has cooperative matrices: what the
     /// tuning timed and chose (the step then runs each GEMM as chosen). The tuning comes before
     /// the network is built and compiles the pipelines the step shares with it, so its
@@ -564,6 +566,16 @@ pub struct TrainingBench {
     pub tuning: Option<crate::tune::Tuning>,
     pub timer: &'static str,
     pub error: Option<String>,
+}
+
+/// One GEMM of a training step (see [`crate::nn::PlanGemm`]) and its GPU time.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GemmTime {
+    pub layer: String,
+    pub direction: crate::nn::GemmDirection,
+    /// On cooperative matrices (or their emulation).
+    pub coop: bool,
+    pub ms: f64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -616,6 +628,7 @@ pub fn training(
         first_step_s: None,
         pipelines_compiled: None,
         kernels: Vec::new(),
+        gemms: Vec::new(),
         tuning: None,
         timer,
         error: None,
@@ -714,6 +727,16 @@ pub fn training(
                 })
                 .collect();
             row.kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+            row.gemms = plan
+                .gemms
+                .iter()
+                .map(|g| GemmTime {
+                    layer: g.layer.clone(),
+                    direction: g.direction,
+                    coop: g.coop,
+                    ms: times[g.op].seconds * 1e3,
+                })
+                .collect();
         }
         Ok(())
     };

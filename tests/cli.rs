@@ -318,6 +318,26 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
                 .iter()
                 .any(|k| k["kernel"] == "conv2d.forward")
         );
+        // The step's GEMMs by layer and direction: ci_nin's three convs (the first has no
+        // grad-input).
+        let gemms: Vec<String> = r["gemms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                assert!(g["ms"].as_f64().unwrap() >= 0.0, "{g}");
+                format!(
+                    "{} {}",
+                    g["layer"].as_str().unwrap(),
+                    g["direction"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(gemms.len(), 8, "{gemms:?}");
+        for layer in ["model.0.conv", "model.2.conv", "model.3.conv"] {
+            assert!(gemms.contains(&format!("{layer} forward")), "{gemms:?}");
+            assert!(gemms.contains(&format!("{layer} grad_weight")), "{gemms:?}");
+        }
         // `--tune-kernels` tunes where the adapter has cooperative matrices (the quantized
         // row: 2 quantized convs, 3 GEMMs each), and has nothing to tune elsewhere.
         let quantized = r["w_bits"] == 8;
