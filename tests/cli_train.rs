@@ -755,6 +755,12 @@ fn tune_kernels_chooses_once_and_a_resumed_run_keeps_the_choice() {
         .map(|e| e[0].as_str().unwrap())
         .collect();
     assert_eq!(layers, ["model.1.conv"]);
+    // The table is also in the run folder, its choice the saved one.
+    let tuning: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("kernel_tuning.json")).unwrap())
+            .unwrap();
+    assert_eq!(tuning["gemms"].as_array().unwrap().len(), 3, "{tuning}");
+    assert_eq!(tuning["uses"], choice, "{tuning}");
     let err = run(
         &["--resume", out.to_str().unwrap(), "--steps", "4"],
         "emulate",

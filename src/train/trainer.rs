@@ -5,7 +5,8 @@
 //!
 //! The run folder holds `config.json`, `metrics.jsonl`, `last.safetensors` (every epoch end and
 //! whenever training stops), `best.safetensors` (best test accuracy), `resume.safetensors` (model,
-//! optimizer and progress in one file, written atomically) and `curves.png`.
+//! optimizer and progress in one file, written atomically) and `curves.png`; with
+//! `tune_kernels`, `kernel_tuning.json` (what the tuning timed and chose).
 
 use super::config::{NanPolicy, TrainConfig};
 use super::curves::{self, EpochPoint};
@@ -266,6 +267,9 @@ fn setup<'g>(
                     for line in t.lines() {
                         say(&line);
                     }
+                    let json = serde_json::to_string_pretty(&t)
+                        .map_err(|e| Error::Invalid(e.to_string()))?;
+                    crate::util::atomic_write(&dir.join("kernel_tuning.json"), json.as_bytes())?;
                     Some(t.uses)
                 }
                 None => {
