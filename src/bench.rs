@@ -645,7 +645,7 @@ pub fn training(
         let compiled_before = gpu.kernels().compiled();
         let mut net = Network::new(gpu, model, quant, batch, true, 1)?;
         if let Some(t) = &row.tuning {
-            t.apply(&mut net)?;
+            crate::tune::apply(&mut net, &t.uses)?;
         }
         init::initialise(gpu, &net, 1)?;
         let kind = crate::train::TrainConfig::default().optimizer_kind();

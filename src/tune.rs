@@ -51,11 +51,6 @@ pub struct Tuning {
 }
 
 impl Tuning {
-    /// Applies the choice to `net` (before its plans are recorded).
-    pub fn apply(&self, net: &mut Network) -> Result<()> {
-        apply(net, &self.uses)
-    }
-
     /// The timings and the choice as a table, one line per GEMM, then the totals.
     pub fn lines(&self) -> Vec<String> {
         let mut out = vec![
@@ -96,7 +91,8 @@ impl Tuning {
     }
 }
 
-/// Sets each named layer's [`CoopUse`] on `net`.
+/// Sets each named layer's [`CoopUse`] on `net` (a [`Tuning`]'s `uses`, or those a resumed
+/// run saved), for the plans recorded after.
 pub fn apply(net: &mut Network, uses: &[(String, CoopUse)]) -> Result<()> {
     for (layer, coop) in uses {
         net.set_coop_use(layer, *coop)?;
@@ -108,20 +104,8 @@ pub fn apply(net: &mut Network, uses: &[(String, CoopUse)]) -> Result<()> {
 /// matrices and with every GEMM on fp32 (`repeats` timed steps each, after one untimed), and
 /// chooses per layer and direction. `None` where the device runs no GEMM on cooperative
 /// matrices (nothing to choose). Runs on a network of its own, whose buffers go back to the
-/// driver before it returns (the network trained next has other sizes).
+/// driver once it is done with them (the network trained next has other sizes).
 pub fn tune(
-    gpu: &Gpu,
-    spec: &ModelSpec,
-    quant: QuantConfig,
-    batch: usize,
-    repeats: usize,
-) -> Result<Option<Tuning>> {
-    let tuning = tune_on_own_network(gpu, spec, quant, batch, repeats);
-    gpu.pool().trim();
-    tuning
-}
-
-fn tune_on_own_network(
     gpu: &Gpu,
     spec: &ModelSpec,
     quant: QuantConfig,
@@ -132,6 +116,8 @@ fn tune_on_own_network(
     let mut net = Network::new(gpu, spec, quant, batch, true, 1)?;
     let eligible = net.coop_layers(gpu);
     if eligible.iter().all(|(_, dirs)| dirs.is_empty()) {
+        drop(net);
+        gpu.pool().trim();
         return Ok(None);
     }
     init::initialise(gpu, &net, 1)?;
@@ -151,6 +137,8 @@ fn tune_on_own_network(
         plans.push(net.plan(gpu, batch, Mode::Train)?);
     }
     let times = time_gemms(gpu, &plans, repeats)?;
+    drop((plans, net));
+    gpu.pool().trim();
     let (coop, fp32) = (&times[0], &times[1]);
     let mut gemms = Vec::new();
     let mut uses = Vec::new();

@@ -3,6 +3,8 @@
 //! the hardware path runs): the start-up check a device with cooperative matrices passes before
 //! they are used, and a network's logits through it against the fp32 path.
 
+mod common;
+
 use wgqat::gpu::{CoopMode, Gpu, GpuOptions};
 use wgqat::nn::{Mode, Network, init};
 use wgqat::quant::{Bits, QuantConfig};
@@ -184,7 +186,7 @@ fn the_tuning_keeps_each_gemm_on_the_kernel_it_timed_faster() {
     };
     assert_eq!(layer, "model.1.conv");
     let mut net = Network::new(&coop, &two_bn_net(), quant, 6, true, 1).unwrap();
-    t.apply(&mut net).unwrap();
+    wgqat::tune::apply(&mut net, &t.uses).unwrap();
     let plan = net.plan(&coop, 6, Mode::Train).unwrap();
     for g in plan.gemms.iter().filter(|g| g.layer == "model.1.conv") {
         assert_eq!(g.coop, uses.get(g.direction), "{g:?}");
@@ -204,7 +206,6 @@ fn the_tuning_keeps_each_gemm_on_the_kernel_it_timed_faster() {
 /// BatchNorm's output and feeds another, so its forward, grad-input and grad-weight do the
 /// BatchNorm work on load) on `gpu`, with model.1.conv's `CoopUse` if given.
 fn one_step(gpu: &Gpu, uses: Option<wgqat::nn::CoopUse>) -> (f32, Vec<(String, Vec<f32>)>) {
-    use wgqat::nn::checkpoint::Data;
     use wgqat::train::{Optimizer, OptimizerName, TrainConfig};
     let b = Bits::new(8).unwrap();
     let batch = 6;
@@ -245,16 +246,7 @@ fn one_step(gpu: &Gpu, uses: Option<wgqat::nn::CoopUse>) -> (f32, Vec<(String, V
     plan.ops.submit(gpu, "coop check step").unwrap();
     let loss = net.read_metrics(gpu, 1).unwrap()[0].0;
     assert!(loss.is_finite() && loss > 1.0, "loss {loss}");
-    let state = net
-        .state_dict(gpu)
-        .unwrap()
-        .into_iter()
-        .filter_map(|t| match t.data {
-            Data::F32(v) => Some((t.name, v)),
-            _ => None,
-        })
-        .collect();
-    (loss, state)
+    (loss, common::f32_state(gpu, &net))
 }
 
 /// Asserts two steps' losses and tensors agree within the tensor-core path's rounding (the

@@ -134,15 +134,7 @@ fn step_with(r: &Reference, kind: OptimizerKind, outputs: Outputs) -> Step {
             )
         })
         .collect();
-    let after = net
-        .state_dict(gpu)
-        .unwrap()
-        .into_iter()
-        .filter_map(|t| match t.data {
-            Data::F32(v) => Some((t.name, v)),
-            _ => None,
-        })
-        .collect();
+    let after = common::f32_state(gpu, &net).into_iter().collect();
     Step { loss, grads, after }
 }
 

@@ -230,6 +230,31 @@ pub fn train(gpu: &Gpu, opts: TrainOptions) -> Result<Summary> {
     })
 }
 
+/// `tune_kernels`: which GEMMs of `spec` run on cooperative matrices, from timings on `gpu`
+/// (`crate::tune`), the table said and written to the run folder (`kernel_tuning.json`); `None`
+/// where nothing can run there.
+fn tune_kernels(
+    gpu: &Gpu,
+    spec: &ModelSpec,
+    cfg: &TrainConfig,
+    dir: &std::path::Path,
+    say: &dyn Fn(&str),
+) -> Result<Option<Vec<(String, crate::nn::CoopUse)>>> {
+    let tuning = crate::tune::tune(gpu, spec, cfg.quant(), cfg.batch_size, crate::tune::STEPS)?;
+    let Some(t) = tuning else {
+        say(
+            "kernel tuning: nothing to tune, no GEMM of this model runs on cooperative matrices here (they need DoReFa-quantized convs of at most 8 bits and an adapter with them); every GEMM stays on the fp32 kernels",
+        );
+        return Ok(None);
+    };
+    for line in t.lines() {
+        say(&line);
+    }
+    let json = serde_json::to_string_pretty(&t).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::util::atomic_write(&dir.join("kernel_tuning.json"), json.as_bytes())?;
+    Ok(Some(t.uses))
+}
+
 /// Everything before the first step: network, weights (init, checkpoint or resumed state), data
 /// and plans. The model and weights are checked before the data are read, so bad input fails fast.
 fn setup<'g>(
@@ -260,27 +285,8 @@ fn setup<'g>(
     // `tune_kernels` a new one times them first (on a network of its own, dropped before
     // this one is built).
     let coop_uses = match saved.as_ref().and_then(|(_, p)| p.coop_uses.clone()) {
-        Some(uses) => Some(uses),
-        None if cfg.tune_kernels => {
-            match crate::tune::tune(gpu, &spec, quant, cfg.batch_size, crate::tune::STEPS)? {
-                Some(t) => {
-                    for line in t.lines() {
-                        say(&line);
-                    }
-                    let json = serde_json::to_string_pretty(&t)
-                        .map_err(|e| Error::Invalid(e.to_string()))?;
-                    crate::util::atomic_write(&dir.join("kernel_tuning.json"), json.as_bytes())?;
-                    Some(t.uses)
-                }
-                None => {
-                    say(
-                        "kernel tuning: nothing to tune, no GEMM of this model runs on cooperative matrices here (they need DoReFa-quantized convs of at most 8 bits and an adapter with them); every GEMM stays on the fp32 kernels",
-                    );
-                    None
-                }
-            }
-        }
-        None => None,
+        None if cfg.tune_kernels => tune_kernels(gpu, &spec, &cfg, &dir, &say)?,
+        kept => kept,
     };
     let mut net = Network::new(gpu, &spec, quant, cfg.batch_size.max(eval_batch), true, 1)?;
     if let Some(uses) = &coop_uses {

@@ -11,6 +11,18 @@ use wgqat::quant::QuantConfig;
 use wgqat::rng::Rng;
 use wgqat::selftest;
 
+/// Every f32 tensor of `net`'s state dict (parameters and running statistics), by name.
+pub fn f32_state(gpu: &Gpu, net: &Network) -> Vec<(String, Vec<f32>)> {
+    net.state_dict(gpu)
+        .unwrap()
+        .into_iter()
+        .filter_map(|t| match t.data {
+            wgqat::nn::checkpoint::Data::F32(v) => Some((t.name, v)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The device all tests of a binary share (tests run on threads; wgpu devices are thread-safe).
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
