@@ -76,13 +76,24 @@ fn logits_through_the_emulated_tensor_core_conv_match_the_fp32_path() {
 fn a_training_step_through_the_emulated_tensor_core_kernels_matches_the_fp32_path() {
     let Some(coop) = emulated() else { return };
     let fp32 = Gpu::new(&GpuOptions::default()).unwrap();
-    let on_fp32 = one_step(&fp32, None);
-    let on_coop = one_step(&coop, None);
-    let worst = assert_close(&on_fp32, &on_coop);
-    println!(
-        "one step: losses {} / {}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)",
-        on_fp32.0, on_coop.0
-    );
+    for in_loads in [false, true] {
+        let on_fp32 = one_step(&fp32, None, in_loads);
+        let on_coop = one_step(&coop, None, in_loads);
+        let worst = assert_close(&on_fp32, &on_coop);
+        println!(
+            "one step (the second BatchNorm's backward {}): losses {} / {}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)",
+            if in_loads {
+                "in the conv's loads"
+            } else {
+                "in a pass"
+            },
+            on_fp32.0,
+            on_coop.0
+        );
+    }
+    // Where it is applied changes no bit on either path.
+    assert_eq!(one_step(&coop, None, false), one_step(&coop, None, true));
+    assert_eq!(one_step(&fp32, None, false), one_step(&fp32, None, true));
 }
 
 /// A layer's GEMMs follow its `CoopUse`: each direction on the tensor-core kernels or the fp32
@@ -145,14 +156,14 @@ fn each_gemm_runs_on_the_kernel_its_layers_coop_use_names() {
         .unwrap_err();
     assert!(e.to_string().contains("model.1.bn"), "{e}");
     let fp32 = Gpu::new(&GpuOptions::default()).unwrap();
-    let on_fp32 = one_step(&fp32, None);
+    let on_fp32 = one_step(&fp32, None, true);
     let none = CoopUse {
         forward: false,
         grad_input: false,
         grad_weight: false,
     };
     assert_eq!(
-        one_step(&coop, Some(none)),
+        one_step(&coop, Some(none), true),
         on_fp32,
         "every GEMM kept on fp32"
     );
@@ -160,7 +171,7 @@ fn each_gemm_runs_on_the_kernel_its_layers_coop_use_names() {
         grad_input: false,
         ..CoopUse::default()
     };
-    assert_close(&on_fp32, &one_step(&coop, Some(mixed)));
+    assert_close(&on_fp32, &one_step(&coop, Some(mixed), true));
 }
 
 /// The tuning times the quantized conv's three GEMMs on both kernels and keeps each on the
@@ -204,8 +215,14 @@ fn the_tuning_keeps_each_gemm_on_the_kernel_it_timed_faster() {
 
 /// The loss and every f32 tensor after one SGD step of `two_bn_net` (its quantized conv reads a
 /// BatchNorm's output and feeds another, so its forward, grad-input and grad-weight do the
-/// BatchNorm work on load) on `gpu`, with model.1.conv's `CoopUse` if given.
-fn one_step(gpu: &Gpu, uses: Option<wgqat::nn::CoopUse>) -> (f32, Vec<(String, Vec<f32>)>) {
+/// first BatchNorm's work on load) on `gpu`, with model.1.conv's `CoopUse` if given. The second
+/// BatchNorm's backward is applied in a pass (the default after a 3×3 conv) or, with
+/// `bn_in_loads`, where model.1.conv's backward GEMMs load its output gradient.
+fn one_step(
+    gpu: &Gpu,
+    uses: Option<wgqat::nn::CoopUse>,
+    bn_in_loads: bool,
+) -> (f32, Vec<(String, Vec<f32>)>) {
     use wgqat::train::{Optimizer, OptimizerName, TrainConfig};
     let b = Bits::new(8).unwrap();
     let batch = 6;
@@ -218,6 +235,9 @@ fn one_step(gpu: &Gpu, uses: Option<wgqat::nn::CoopUse>) -> (f32, Vec<(String, V
     if let Some(u) = uses {
         net.set_coop_use("model.1.conv", u).unwrap();
     }
+    if bn_in_loads {
+        net.apply_bn_backward_in_every_conv().unwrap();
+    }
     init::initialise(gpu, &net, 3).unwrap();
     let config = TrainConfig {
         optimizer: OptimizerName::Sgd,
@@ -228,13 +248,17 @@ fn one_step(gpu: &Gpu, uses: Option<wgqat::nn::CoopUse>) -> (f32, Vec<(String, V
     let on_coop = coop_launches(&plan);
     if gpu.coop().is_some() && uses.is_none() {
         // model.1.conv's forward, grad-input (with the BatchNorm before's mask and sums)
-        // and grad-weight, with both BatchNorms' work on load.
+        // and grad-weight, with the first BatchNorm's work on load, and the second's backward
+        // where asked.
         assert_eq!(on_coop.len(), 3, "{on_coop:?}");
         assert!(on_coop[0].contains("forward") && on_coop[0].contains("through bn"));
         assert!(on_coop[0].contains("packed 4x32"), "{}", on_coop[0]);
-        assert!(on_coop[1].contains("grad_input") && on_coop[1].contains("+bn backward"));
+        assert!(on_coop[1].contains("grad_input"), "{}", on_coop[1]);
         assert!(on_coop[1].contains("+bn sums"), "{}", on_coop[1]);
-        assert!(on_coop[2].contains("grad_weight") && on_coop[2].contains("+bn backward"));
+        assert!(on_coop[2].contains("grad_weight"), "{}", on_coop[2]);
+        for gemm in &on_coop[1..] {
+            assert_eq!(gemm.contains("+bn backward"), bn_in_loads, "{gemm}");
+        }
         // The GEMMs count as arithmetic, not memory traffic.
         assert_eq!(coop_memory_bound(&plan.ops), [false; 3]);
     } else if gpu.coop().is_none() {

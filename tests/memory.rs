@@ -107,9 +107,8 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
             "act_backward_requantize",
             "act_forward_in_place",
             "channel_sum",
-            // BatchNorm's statistics and backward apply are done by the conv before it.
+            // BatchNorm's statistics are formed by the conv before it.
             "bn_stats",
-            "bn_backward_apply",
         ] {
             assert!(
                 !labels.iter().any(|l| kernel(l) == gone),
@@ -135,6 +134,17 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
         assert_eq!(
             sums, 2,
             "{model}: max-pool backwards forming BatchNorm sums"
+        );
+        // The BatchNorm after a 1×1 conv, or after the first conv (no grad-input), has its
+        // backward applied where that conv's GEMMs load their output gradient; the two after a
+        // larger kernel (5×5 or 3×3), whose grad-input would form each value once per tap,
+        // apply it in a pass.
+        let applies = count(&|l| kernel(l) == "bn_backward_apply");
+        assert_eq!(applies, 2, "{model}: BatchNorm backward apply passes");
+        let by_conv = count(&|l| kernel(l) == "conv2d.grad_weight" && l.contains(" +bn backward"));
+        assert_eq!(
+            by_conv, 7,
+            "{model}: grad-weights applying a BatchNorm's backward"
         );
         let merges = count(&|l| kernel(l) == "bn_backward_merge");
         assert_eq!(merges, 8, "{model}: BatchNorm backward merges");
@@ -272,6 +282,55 @@ fn memory_savings_change_no_bit_of_a_training_step() {
             "{}: 2 steps at W{bits}A{bits}, losses and {} tensors identical",
             spec.name,
             saved.1.len()
+        );
+    }
+}
+
+/// After a conv larger than 1×1 (that has a grad-input) a BatchNorm applies its backward in a
+/// pass, in place; after a 1×1 conv (or the first) the conv applies it where its GEMMs load its
+/// output gradient. Both form each value with the same functions, so two steps give the same
+/// bits either way, and the default plan has the passes that the other has not.
+#[test]
+fn the_bn_backward_gives_the_same_bits_in_a_pass_or_in_the_conv_loads() {
+    use wgqat::gpu::Op;
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = common::gpu();
+    let applies = |spec: &wgqat::models::ModelSpec, bits: u32, in_every_conv: bool| {
+        let b = Bits::new(bits).unwrap();
+        let mut net =
+            wgqat::nn::Network::new(gpu, spec, QuantConfig::dorefa(b, b), 4, true, 1).unwrap();
+        if in_every_conv {
+            net.apply_bn_backward_in_every_conv().unwrap();
+        }
+        let plan = net.plan(gpu, 4, wgqat::nn::Mode::Train).unwrap();
+        plan.ops
+            .ops()
+            .iter()
+            .filter(|op| matches!(op, Op::Dispatch(l) if l.label.starts_with("bn_backward_apply")))
+            .count()
+    };
+    // (model, bits, BatchNorms after a conv larger than 1×1 that has a grad-input)
+    for (model, bits, larger) in [
+        ("tests/fixtures/tiny_nin_gc.json", 8, 1),
+        ("examples/models/tiny_nin.json", 4, 1),
+        ("examples/models/tiny_resnet.json", 8, 4),
+        ("examples/models/tiny_resnet.json", 32, 4),
+    ] {
+        let spec = load(model);
+        assert_eq!(applies(&spec, bits, false), larger, "{model}: apply passes");
+        assert_eq!(applies(&spec, bits, true), 0, "{model}: apply passes");
+        let pass = two_steps(&spec, bits, false, |_| {});
+        let loads = two_steps(&spec, bits, false, |net| {
+            net.apply_bn_backward_in_every_conv().unwrap()
+        });
+        assert_eq!(pass.0, loads.0, "{model}: losses differ");
+        for ((name, a), (_, b)) in pass.1.iter().zip(&loads.1) {
+            assert!(a == b, "{model} W{bits}A{bits}: {name} differs");
+        }
+        println!(
+            "{}: W{bits}A{bits}, {larger} BatchNorm backward passes; 2 steps' losses and {} tensors identical",
+            spec.name,
+            pass.1.len()
         );
     }
 }

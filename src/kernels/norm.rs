@@ -470,34 +470,75 @@ pub fn backward(
         per_channel(gpu, sh.c),
     )?];
     if let Some(dx) = dx {
-        check("bn_backward", &[("dx", dx, x.shape())])?;
-        let n = count_u32("bn_backward", sh.numel())?;
-        let in_place = dx.same_buffer(x);
-        if in_place && dx.offset() != x.offset() {
-            return Err(Error::shape(
-                "bn_backward",
-                "dx overlaps x without being x: pass x itself (in place) or a separate buffer",
-            ));
-        }
-        ops.push(if in_place {
-            BACKWARD_APPLY_IN_PLACE.launch(
-                gpu,
-                &[],
-                format!("bn_backward_apply in place {:?}", x.shape()),
-                &p,
-                &[stats, gamma, beta, dy, dgamma, dbeta, dx],
-                elementwise_grid(gpu, n),
-            )?
-        } else {
-            BACKWARD_APPLY.launch(
-                gpu,
-                &[],
-                format!("bn_backward_apply {:?}", x.shape()),
-                &p,
-                &[x, stats, gamma, beta, dy, dgamma, dbeta, dx],
-                elementwise_grid(gpu, n),
-            )?
-        });
+        ops.push(backward_apply(
+            gpu,
+            ep,
+            x,
+            dy,
+            stats,
+            (gamma, beta),
+            (dgamma, dbeta),
+            dx,
+        )?);
     }
     Ok(ops)
+}
+
+/// The second half of [`backward`]: `dx` from `dy` and the reduction's `dgamma` and `dbeta`
+/// (written by [`backward`]'s reduction or by [`backward_merge`]). `dx` may be `x` itself: then
+/// it is overwritten in place.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_apply(
+    gpu: &Gpu,
+    ep: Epilogue,
+    x: &Tensor,
+    dy: &Tensor,
+    stats: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    (dgamma, dbeta): (&Tensor, &Tensor),
+    dx: &Tensor,
+) -> Result<Op> {
+    let sh = BnShape::of(x.shape())?;
+    let c = [sh.c];
+    check(
+        "bn_backward_apply",
+        &[
+            ("x", x, x.shape()),
+            ("dy", dy, x.shape()),
+            ("stats", stats, &[TABLE * sh.c]),
+            ("gamma", gamma, &c),
+            ("beta", beta, &c),
+            ("dgamma", dgamma, &c),
+            ("dbeta", dbeta, &c),
+            ("dx", dx, x.shape()),
+        ],
+    )?;
+    let p = params(sh, ep, 0.0, 0.0)?;
+    let n = count_u32("bn_backward", sh.numel())?;
+    let in_place = dx.same_buffer(x);
+    if in_place && dx.offset() != x.offset() {
+        return Err(Error::shape(
+            "bn_backward",
+            "dx overlaps x without being x: pass x itself (in place) or a separate buffer",
+        ));
+    }
+    if in_place {
+        BACKWARD_APPLY_IN_PLACE.launch(
+            gpu,
+            &[],
+            format!("bn_backward_apply in place {:?}", x.shape()),
+            &p,
+            &[stats, gamma, beta, dy, dgamma, dbeta, dx],
+            elementwise_grid(gpu, n),
+        )
+    } else {
+        BACKWARD_APPLY.launch(
+            gpu,
+            &[],
+            format!("bn_backward_apply {:?}", x.shape()),
+            &p,
+            &[x, stats, gamma, beta, dy, dgamma, dbeta, dx],
+            elementwise_grid(gpu, n),
+        )
+    }
 }

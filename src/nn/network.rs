@@ -87,6 +87,9 @@ pub struct Network {
     recompute: bool,
     /// BatchNorm backward reductions from grad-input's sums (see `LayerBuffers::bn_sums`).
     bn_sums: bool,
+    /// Every BatchNorm after a conv has its backward applied in that conv's loads, whatever
+    /// its kernel (see `Network::bn_backward_by_conv`).
+    bn_backward_in_every_conv: bool,
     input: Tensor,
     labels: Tensor,
     per_row: Tensor,
@@ -256,6 +259,7 @@ impl Network {
             buffers: std::sync::OnceLock::new(),
             recompute: true,
             bn_sums: true,
+            bn_backward_in_every_conv: false,
             input,
             labels,
             per_row,
@@ -290,6 +294,20 @@ impl Network {
             ));
         }
         self.bn_sums = false;
+        Ok(())
+    }
+
+    /// Applies the backward of every BatchNorm after a conv where that conv's backward GEMMs
+    /// load its output gradient, also after a conv larger than 1×1 (which by default leaves it
+    /// to a pass of the BatchNorm's own): the same bits, for comparing the two; only before the
+    /// first plan.
+    pub fn apply_bn_backward_in_every_conv(&mut self) -> Result<()> {
+        if self.buffers.get().is_some() {
+            return Err(Error::Invalid(
+                "apply_bn_backward_in_every_conv must come before the first plan".into(),
+            ));
+        }
+        self.bn_backward_in_every_conv = true;
         Ok(())
     }
 

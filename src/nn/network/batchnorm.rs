@@ -84,17 +84,33 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             net.grad(l.weight)?.expect("gamma"),
             net.grad(l.bias)?.expect("beta"),
         );
+        // Where the conv before applies the rest of the backward as it loads its output
+        // gradient (`LayerBuffers::backward_by_conv`), only the reduction here.
+        let dx = io.dx().filter(|_| !io.buf.backward_by_conv);
         match sums_of_reader(net, io)? {
-            // The layer after formed the reduction's sums; the conv before applies the rest
-            // (see `LayerBuffers::bn_sums`).
-            Some((sums, tile)) => bwd.push(norm::backward_merge(
-                gpu,
-                norm::BnShape::of(x4.shape())?,
-                (sums, tile),
-                stats,
-                &gamma,
-                (&dg, &db),
-            )?),
+            // The layer after formed the reduction's sums (see `LayerBuffers::bn_sums`).
+            Some((sums, tile)) => {
+                bwd.push(norm::backward_merge(
+                    gpu,
+                    norm::BnShape::of(x4.shape())?,
+                    (sums, tile),
+                    stats,
+                    &gamma,
+                    (&dg, &db),
+                )?);
+                if let Some(dx) = dx {
+                    bwd.push(norm::backward_apply(
+                        gpu,
+                        ep,
+                        &x4,
+                        io.dy(l)?,
+                        stats,
+                        (&gamma, &beta),
+                        (&dg, &db),
+                        dx,
+                    )?);
+                }
+            }
             None => bwd.extend(norm::backward(
                 gpu,
                 ep,
@@ -105,9 +121,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                 &beta,
                 &dg,
                 &db,
-                // The conv before applies the backward where it loads its output gradient (see
-                // `LayerBuffers::stats_from`): only the reduction here.
-                io.dx().filter(|_| io.buf.stats_from.is_none()),
+                dx,
             )?),
         }
     }

@@ -56,13 +56,16 @@ pub(super) struct LayerBuffers {
     pub(super) reads_bn: Option<usize>,
     /// A BatchNorm that takes its training statistics from the conv before it (`stats_from`,
     /// the conv's index): the per-tile partials the conv's forward GEMM forms, in a scratch
-    /// shared by all (each is merged right after its conv); set on both layers. That conv also
+    /// shared by all (each is merged right after its conv); set on both layers. A 1×1 conv also
     /// applies the BatchNorm's backward where its GEMMs load its output gradient: the
     /// BatchNorm's backward only reduces, and the conv has `bn_after`, the BatchNorm and its
     /// output gradient.
     pub(super) bn_partials: Option<Tensor>,
     pub(super) stats_from: Option<usize>,
     pub(super) bn_after: Option<(usize, Tensor)>,
+    /// On such a BatchNorm: the conv applies its backward (it has `bn_after`; a 1×1 conv, see
+    /// `Network::bn_backward_by_conv`). Otherwise the BatchNorm applies it itself, in place.
+    pub(super) backward_by_conv: bool,
     /// The sums of a BatchNorm's backward reduction, formed by the layer that reads its output
     /// (`reads_bn`) as it writes the BatchNorm's output gradient (a conv's grad-input epilogue,
     /// a max-pool's backward), where that BatchNorm's backward only reduces (`stats_from`): set
@@ -179,6 +182,34 @@ impl Network {
                 (matches!(bn.kind, Kind::BatchNorm { .. }) && conv && readers[i] == [k])
                     .then_some(i)
             })
+            .collect()
+    }
+
+    /// Per layer, the conv that applies a BatchNorm's backward where its backward GEMMs load
+    /// that BatchNorm's output gradient (the conv's `bn_after`), if any: those of
+    /// [`Self::stats_from_conv`] whose GEMMs load each element of it once, a 1×1 conv or one
+    /// with no grad-input (the network's first). A larger kernel's grad-input loads each
+    /// element once per tap (9 times for 3×3) and would form the BatchNorm's backward as many
+    /// times over (on lavapipe that made NIN-GC's 3×3 grad-inputs 1.4x to 1.5x slower than
+    /// with the values in memory): there the BatchNorm applies its backward in a pass, in
+    /// place, and the conv loads the result.
+    pub(super) fn bn_backward_by_conv(&self) -> Vec<Option<usize>> {
+        let needed = self.grad_needed();
+        let loads_once = |i: usize| {
+            let l = &self.layers[i];
+            let one_by_one = matches!(
+                l.kind,
+                Kind::Weighted {
+                    op: WeightedOp::Conv { kernel: (1, 1), .. },
+                    ..
+                }
+            );
+            let grad_input = self.root(l.inputs[0]).is_some_and(|k| needed[k]);
+            one_by_one || !grad_input || self.bn_backward_in_every_conv
+        };
+        self.stats_from_conv()
+            .into_iter()
+            .map(|conv| conv.filter(|&i| loads_once(i)))
             .collect()
     }
 
@@ -471,6 +502,7 @@ impl Network {
                 bn_partials: None,
                 stats_from: None,
                 bn_after: None,
+                backward_by_conv: false,
                 bn_sums: None,
                 sums_from: None,
                 split_k: split_k.clone(),
@@ -481,12 +513,16 @@ impl Network {
             });
         }
         if let Some(partials) = &bn_partials {
+            let backward_by = self.bn_backward_by_conv();
             for (k, conv) in stats_from.iter().enumerate() {
                 if let (Some(i), Some(dy)) = (*conv, out[k].dout.clone()) {
                     out[k].stats_from = Some(i);
                     out[k].bn_partials = Some(partials.clone());
                     out[i].bn_partials = Some(partials.clone());
-                    out[i].bn_after = Some((k, dy));
+                    if backward_by[k] == Some(i) {
+                        out[k].backward_by_conv = true;
+                        out[i].bn_after = Some((k, dy));
+                    }
                 }
             }
             for (k, conv) in sums_by.iter().enumerate() {
@@ -546,10 +582,10 @@ impl Network {
             matches!(self.layers[i].kind, Kind::Weighted { .. })
                 && matches!(readers[i][..], [k] if matches!(self.layers[k].kind, Kind::BatchNorm { .. }))
         };
-        // A BatchNorm whose backward the conv before applies (`stats_from_conv`): its output
+        // A BatchNorm whose backward the conv before applies (`bn_backward_by_conv`): its output
         // gradient is read by that conv's backward, which writes the conv's input gradient, so
         // the two must not share a buffer.
-        let applied_by = self.stats_from_conv();
+        let applied_by = self.bn_backward_by_conv();
         if self.graph.is_chain() {
             let mut last_slot: Option<usize> = None;
             for (i, l) in self.layers.iter().enumerate() {
