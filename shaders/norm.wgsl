@@ -325,12 +325,50 @@ fn bn_dx(i: u32, xv: f32) -> f32 {
                    dgamma_in[c], count, bn_scale(gamma[c], invstd, count), p.relu == 1u);
 }
 
+// Where S is a multiple of 4 the backward applies take four consecutive elements per
+// invocation (one plane, so one channel: its place and table found once, the same formula per
+// element); the launch sizes its grid to match (src/kernels/norm.rs: `backward_apply`).
+fn quads() -> bool {
+    return (p.s & 3u) == 0u;
+}
+
+// bn_dx of the four elements from i0 (a multiple of 4, S a multiple of 4), with inputs xv.
+fn bn_dx4(i0: u32, xv: vec4<f32>) -> vec4<f32> {
+    let at = place(i0);
+    let c = at.c;
+    let mean = stats_in[c * BN_TABLE + BN_MEAN];
+    let invstd = stats_in[c * BN_TABLE + BN_INVSTD];
+    let count = f32(p.n * p.s);
+    let scale = bn_scale(gamma[c], invstd, count);
+    let g = gamma[c];
+    let b = beta[c];
+    let db = dbeta_in[c];
+    let dg = dgamma_in[c];
+    var r: vec4<f32>;
+    for (var k = 0u; k < 4u; k++) {
+        r[k] = bn_grad(xv[k], dy[at.out + k], mean, invstd, g, b, db, dg, count, scale, p.relu == 1u);
+    }
+    return r;
+}
+
 @compute @workgroup_size(256)
 fn bn_backward_apply(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
     let i = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (i >= p.n * p.c * p.s) {
+    let total = p.n * p.c * p.s;
+    if (quads()) {
+        let i0 = 4u * i;
+        if (i0 >= total) {
+            return;
+        }
+        let r = bn_dx4(i0, vec4<f32>(x[i0], x[i0 + 1u], x[i0 + 2u], x[i0 + 3u]));
+        for (var k = 0u; k < 4u; k++) {
+            dx[i0 + k] = r[k];
+        }
+        return;
+    }
+    if (i >= total) {
         return;
     }
     dx[i] = bn_dx(i, x[i]);
@@ -344,7 +382,19 @@ fn bn_backward_apply_in_place(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_index) lid: u32) {
     let i = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (i >= p.n * p.c * p.s) {
+    let total = p.n * p.c * p.s;
+    if (quads()) {
+        let i0 = 4u * i;
+        if (i0 >= total) {
+            return;
+        }
+        let r = bn_dx4(i0, vec4<f32>(dx[i0], dx[i0 + 1u], dx[i0 + 2u], dx[i0 + 3u]));
+        for (var k = 0u; k < 4u; k++) {
+            dx[i0 + k] = r[k];
+        }
+        return;
+    }
+    if (i >= total) {
         return;
     }
     dx[i] = bn_dx(i, dx[i]);

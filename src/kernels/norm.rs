@@ -514,7 +514,9 @@ pub fn backward_apply(
         ],
     )?;
     let p = params(sh, ep, 0.0, 0.0)?;
-    let n = count_u32("bn_backward", sh.numel())?;
+    // Four elements per invocation where a plane holds a multiple of 4 (`quads` in the shader).
+    let per = if sh.s % 4 == 0 { 4 } else { 1 };
+    let n = count_u32("bn_backward", sh.numel() / per)?;
     let in_place = dx.same_buffer(x);
     if in_place && dx.offset() != x.offset() {
         return Err(Error::shape(

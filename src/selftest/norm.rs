@@ -69,6 +69,8 @@ pub(super) fn cases(v: &mut Vec<Case>) {
         (3, 5, 300, true, 1, 4),
         (4, 6, 25, true, 2, 8),
         (2, 12, 9, false, 3, 2),
+        // Planes of a multiple of 4: the backward applies take four elements per invocation.
+        (3, 8, 16, true, 2, 0),
     ] {
         let ep = Epilogue {
             relu,
