@@ -37,7 +37,8 @@ part() {
 # runs once more without them, and once with each of those GEMMs on the kernel its tuning timed
 # faster), then ResNet-18 at batch 128 (torch.compile left out for
 # time), then the per-kernel table (with the cooperative-matrix rows and the `+bn` rows, the GEMMs doing
-# BatchNorm's work as a training step runs them; 3 timed runs each, to fit its limit). The
+# BatchNorm's work in their loads, as a training step runs a 1x1 conv's; beside the plain rows they
+# show what the BatchNorm backward in a 3x3 conv's loads would cost; 3 timed runs each). The
 # first row of wgqat_256 (nin_gc, DoReFa) carries the cold first step (`first_step_s`: network,
 # pipelines compiled and the step run), the 2-second target.
 part info 15 "$W" info
