@@ -242,6 +242,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
         // backward GEMMs applying that BatchNorm's backward to dy.
         if !first && !bits.is_float() {
             out.extend(bn_fused_items(&g, bits, &mk));
+            out.push(bn_backward_pass_item(&name, &g));
         }
         if !first && !bits.is_float() {
             let xs = g.input_shape();
@@ -431,6 +432,48 @@ fn bn_fused_items(
             }),
         ),
     ]
+}
+
+/// The backward of the BatchNorm after conv `g` as a pass of its own, in place over the conv
+/// output (what a training step runs after a conv larger than 1×1, whose backward GEMMs then
+/// load plain dy): beside the plain and `+bn` GEMM rows, the other way of doing that work.
+fn bn_backward_pass_item(layer: &str, g: &Conv2dGeom) -> Item {
+    use crate::kernels::norm::{self, Epilogue, TABLE, entry};
+    let ys = g.output_shape();
+    let (c, count) = (g.cout, ys[0] * ys[2] * ys[3]);
+    Item {
+        layer: layer.to_string(),
+        kernel: "batchnorm",
+        direction: "backward_apply",
+        shape: format!("{ys:?} in place"),
+        flops: 0.0,
+        build: Box::new(move |gpu| {
+            let mut rng = Rng::new(8);
+            let y = random_tensor(gpu, "conv output", &ys, &mut rng, -2.0, 2.0)?;
+            let dy = random_tensor(gpu, "bn dy", &ys, &mut rng, -1.0, 1.0)?;
+            let mut t = vec![0.0f32; TABLE * c];
+            for ch in 0..c {
+                t[entry::at(ch, entry::INVSTD)] = 1.0;
+                t[entry::at(ch, entry::GAMMA)] = 1.0;
+                t[entry::at(ch, entry::SCALE)] = 1.0 / count as f32;
+            }
+            let stats = gpu.upload_f32("BatchNorm table", &[TABLE * c], &t)?;
+            let gamma = gpu.upload_f32("gamma", &[c], &vec![1.0; c])?;
+            let beta = gpu.zeros("beta", &[c], DType::F32)?;
+            let dgamma = gpu.upload_f32("dgamma", &[c], &vec![-0.01; c])?;
+            let dbeta = gpu.upload_f32("dbeta", &[c], &vec![0.01; c])?;
+            Ok(vec![norm::backward_apply(
+                gpu,
+                Epilogue::relu(true),
+                &y,
+                &dy,
+                &stats,
+                (&gamma, &beta),
+                (&dgamma, &dbeta),
+                &y,
+            )?])
+        }),
+    }
 }
 
 /// Times every kernel of a training step of each model at each batch size, handing each row to

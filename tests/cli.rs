@@ -222,8 +222,14 @@ fn bench_kernels_prints_rows_with_times() {
     assert_report_file_matches(&file, &v);
     let rows = v["kernels"].as_array().unwrap();
     // 9 convs: forward and grad-weight each, grad-input for 8; for the 8 quantized ones the
-    // three `+bn` GEMMs and 4 quantizer rows.
-    assert_eq!(rows.len(), 9 * 2 + 8 + 8 * 3 + 8 * 4);
+    // three `+bn` GEMMs, the BatchNorm backward as a pass and 4 quantizer rows.
+    assert_eq!(rows.len(), 9 * 2 + 8 + 8 * 3 + 8 + 8 * 4);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["kernel"] == "batchnorm" && r["direction"] == "backward_apply")
+            .count(),
+        8
+    );
     assert_eq!(
         rows.iter()
             .filter(|r| r["direction"].as_str().unwrap().ends_with("+bn"))
