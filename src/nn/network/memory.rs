@@ -56,15 +56,16 @@ pub(super) struct LayerBuffers {
     pub(super) reads_bn: Option<usize>,
     /// A BatchNorm that takes its training statistics from the conv before it (`stats_from`,
     /// the conv's index): the per-tile partials the conv's forward GEMM forms, in a scratch
-    /// shared by all (each is merged right after its conv); set on both layers. A 1×1 conv also
-    /// applies the BatchNorm's backward where its GEMMs load its output gradient: the
-    /// BatchNorm's backward only reduces, and the conv has `bn_after`, the BatchNorm and its
-    /// output gradient.
+    /// shared by all (each is merged right after its conv); set on both layers. A 1×1 conv (or
+    /// one without grad-input) also applies the BatchNorm's backward where its GEMMs load its
+    /// output gradient (`backward_by_conv`): the BatchNorm's backward only reduces, and the
+    /// conv has `bn_after`, the BatchNorm and its output gradient.
     pub(super) bn_partials: Option<Tensor>,
     pub(super) stats_from: Option<usize>,
     pub(super) bn_after: Option<(usize, Tensor)>,
-    /// On such a BatchNorm: the conv applies its backward (it has `bn_after`; a 1×1 conv, see
-    /// `Network::bn_backward_by_conv`). Otherwise the BatchNorm applies it itself, in place.
+    /// On such a BatchNorm: the conv applies its backward (it has `bn_after`; see
+    /// `Network::bn_backward_by_conv`). Otherwise the BatchNorm applies it itself, in place
+    /// over the conv output (the conv output's gradient takes its place).
     pub(super) backward_by_conv: bool,
     /// The sums of a BatchNorm's backward reduction, formed by the layer that reads its output
     /// (`reads_bn`) as it writes the BatchNorm's output gradient (a conv's grad-input epilogue,
