@@ -19,7 +19,8 @@
 // in a slot past the last group) skips its multiply-adds.
 //
 // Each 16x16 result goes through a staging tile in workgroup memory to the NCHW output, where
-// the whole workgroup scales, adds the bias and writes it (rounds that hold no output skipped).
+// the whole workgroup scales, adds the bias and writes it: two of each subgroup's at a time, so
+// one barrier pair per two results (row blocks that hold no output skipped).
 //
 // Lavapipe has no cooperative matrices: src/kernels/conv_coop/mod.rs derives a plain-WGSL
 // emulation of this file (the same staging, tiles and epilogue; each matrix operation done by
@@ -98,7 +99,7 @@ var<private> st_m2: array<f32, 4>;
 
 var<workgroup> a_sh: array<f16, A_SH>;
 var<workgroup> b_sh: array<f16, B_SH>;
-var<workgroup> c_sh: array<f32, 1024>;   // a 16x16 staging tile per subgroup
+var<workgroup> c_sh: array<f32, 2048>;   // two 16x16 staging tiles per subgroup
 
 alias MA = coop_mat16x16<f16, A>;
 alias MB = coop_mat16x16<f16, B>;
@@ -238,7 +239,7 @@ fn write_out(lid: u32, m0: u32, n0: u32, g0: u32, mi: u32, nj: u32) {
         let col = n0 + (s % 2u) * 64u + nj + c;
         if (co < COUT && col < p.gn) {
             let b = col / OHW;
-            out[(b * COUT + co) * OHW + (col - b * OHW)] = out_value(i, co);
+            out[(b * COUT + co) * OHW + (col - b * OHW)] = out_value(staged_at(i, nj), co);
         }
     }
     if (BN_STATS) {
@@ -267,12 +268,12 @@ fn run_stats(lid: u32, m0: u32, n0: u32, g0: u32, mi: u32, nj: u32) {
     let n = min(8u, p.gn - col0);
     var sum = 0.0;
     for (var e = 0u; e < n; e++) {
-        sum += out_value(lid * 8u + e, co);
+        sum += out_value(staged_at(lid * 8u + e, nj), co);
     }
     let mean = sum / f32(n);
     var m2 = 0.0;
     for (var e = 0u; e < n; e++) {
-        let d = out_value(lid * 8u + e, co) - mean;
+        let d = out_value(staged_at(lid * 8u + e, nj), co) - mean;
         m2 += d * d;
     }
     let k = mi / 16u;
@@ -410,138 +411,123 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         workgroupBarrier();
     }
     if (any_live(g0, m0, 0u)) {
+        // Two 16x16 results of each subgroup's row block at a time (see staged_at).
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc00;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, m0, n0, g0, 0u, 0u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc01;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, m0, n0, g0, 0u, 0u);
         write_out(lid, m0, n0, g0, 0u, 16u);
         workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc02;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, m0, n0, g0, 0u, 32u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc03;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, m0, n0, g0, 0u, 32u);
         write_out(lid, m0, n0, g0, 0u, 48u);
         workgroupBarrier();
     }
     if (any_live(g0, m0, 16u)) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc10;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, m0, n0, g0, 16u, 0u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc11;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, m0, n0, g0, 16u, 0u);
         write_out(lid, m0, n0, g0, 16u, 16u);
         workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc12;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, m0, n0, g0, 16u, 32u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc13;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, m0, n0, g0, 16u, 32u);
         write_out(lid, m0, n0, g0, 16u, 48u);
         workgroupBarrier();
     }
     if (any_live(g0, m0, 32u)) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc20;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, m0, n0, g0, 32u, 0u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc21;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, m0, n0, g0, 32u, 0u);
         write_out(lid, m0, n0, g0, 32u, 16u);
         workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc22;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, m0, n0, g0, 32u, 32u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc23;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, m0, n0, g0, 32u, 32u);
         write_out(lid, m0, n0, g0, 32u, 48u);
         workgroupBarrier();
     }
     if (any_live(g0, m0, 48u)) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc30;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, m0, n0, g0, 48u, 0u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc31;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, m0, n0, g0, 48u, 0u);
         write_out(lid, m0, n0, g0, 48u, 16u);
         workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc32;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, m0, n0, g0, 48u, 32u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc33;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, m0, n0, g0, 48u, 32u);
         write_out(lid, m0, n0, g0, 48u, 48u);
         workgroupBarrier();
     }

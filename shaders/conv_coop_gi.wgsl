@@ -102,7 +102,7 @@ struct Params {
 var<workgroup> a_sh: array<f16, 3072>;   // BM * AS
 var<workgroup> b_sh: array<f16, 2176>;   // BK * BS: the hi halves
 var<workgroup> b_lo: array<f16, 2176>;   // the lo halves
-var<workgroup> c_sh: array<f32, 1024>;   // a 16x16 staging tile per subgroup
+var<workgroup> c_sh: array<f32, 2048>;   // two 16x16 staging tiles per subgroup
 // Per column of the tile, S and 1 / S.
 var<workgroup> col_s: array<f32, 128>;
 var<workgroup> col_unscale: array<f32, 128>;
@@ -372,7 +372,8 @@ fn write_out(lid: u32, g: u32, mi: u32, nj: u32) {
         let c = (s % 2u) * 64u + nj + i % 16u;
         let col = n0 + c;
         if (row < CIG && col < p.gn) {
-            write_dx(g, row, col, (c_sh[i] * col_unscale[c]) * W_INV_LEVELS, mi / 16u);
+            write_dx(g, row, col, (c_sh[staged_at(i, nj)] * col_unscale[c]) * W_INV_LEVELS,
+                     mi / 16u);
         }
     }
 }
@@ -503,138 +504,123 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         workgroupBarrier();
     }
     if (m0 + 0u < CIG) {
+        // Two 16x16 results of each subgroup's row block at a time (see staged_at).
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc00;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, 0u, 0u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc01;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, g, 0u, 0u);
         write_out(lid, g, 0u, 16u);
         workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc02;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, 0u, 32u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc03;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, g, 0u, 32u);
         write_out(lid, g, 0u, 48u);
         workgroupBarrier();
     }
     if (m0 + 16u < CIG) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc10;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, 16u, 0u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc11;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, g, 16u, 0u);
         write_out(lid, g, 16u, 16u);
         workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc12;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, 16u, 32u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc13;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, g, 16u, 32u);
         write_out(lid, g, 16u, 48u);
         workgroupBarrier();
     }
     if (m0 + 32u < CIG) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc20;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, 32u, 0u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc21;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, g, 32u, 0u);
         write_out(lid, g, 32u, 16u);
         workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc22;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, 32u, 32u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc23;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, g, 32u, 32u);
         write_out(lid, g, 32u, 48u);
         workgroupBarrier();
     }
     if (m0 + 48u < CIG) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc30;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, 48u, 0u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc31;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, g, 48u, 0u);
         write_out(lid, g, 48u, 16u);
         workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc32;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, 48u, 32u);
-        workgroupBarrier();
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc33;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
+        write_out(lid, g, 48u, 32u);
         write_out(lid, g, 48u, 48u);
         workgroupBarrier();
     }

@@ -79,7 +79,7 @@ struct Params {
 var<workgroup> a_sh: array<f16, 3072>;   // BM * AS: the hi halves
 var<workgroup> a_lo: array<f16, 3072>;   // the lo halves
 var<workgroup> b_sh: array<f16, 2176>;   // BK * BS
-var<workgroup> c_sh: array<f32, 1024>;   // a 16x16 staging tile per subgroup
+var<workgroup> c_sh: array<f32, 2048>;   // two 16x16 staging tiles per subgroup
 // Per row of the tile: S, and 1 / S.
 var<workgroup> row_scale: array<f32, 128>;
 var<workgroup> row_unscale: array<f32, 128>;
@@ -258,7 +258,7 @@ fn write_out(lid: u32, g: u32, split: u32, mi: u32, nj: u32) {
         let col = n0 + (s % 2u) * 64u + nj + i % 16u;
         if (row < COG && col < GN) {
             out[((split * GROUPS + g) * COG + row) * GN + col] =
-                (c_sh[i] * row_unscale[r]) * A_INV_LEVELS;
+                (c_sh[staged_at(i, nj)] * row_unscale[r]) * A_INV_LEVELS;
         }
     }
 }
@@ -360,164 +360,157 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
         workgroupBarrier();
     }
-    if (m0 + 0u < COG && n0 + 0u < GN) {
+    if (m0 + 0u < COG) {
+        // Two 16x16 results of each subgroup's row block at a time (see staged_at).
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc00;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, split, 0u, 0u);
-        workgroupBarrier();
-    }
-    if (m0 + 0u < COG && n0 + 16u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc01;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
-        write_out(lid, g, split, 0u, 16u);
+        if (n0 + 0u < GN) {
+            write_out(lid, g, split, 0u, 0u);
+        }
+        if (n0 + 16u < GN) {
+            write_out(lid, g, split, 0u, 16u);
+        }
         workgroupBarrier();
-    }
-    if (m0 + 0u < COG && n0 + 32u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc02;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, split, 0u, 32u);
-        workgroupBarrier();
-    }
-    if (m0 + 0u < COG && n0 + 48u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc03;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
-        write_out(lid, g, split, 0u, 48u);
+        if (n0 + 32u < GN) {
+            write_out(lid, g, split, 0u, 32u);
+        }
+        if (n0 + 48u < GN) {
+            write_out(lid, g, split, 0u, 48u);
+        }
         workgroupBarrier();
     }
-    if (m0 + 16u < COG && n0 + 0u < GN) {
+    if (m0 + 16u < COG) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc10;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, split, 16u, 0u);
-        workgroupBarrier();
-    }
-    if (m0 + 16u < COG && n0 + 16u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc11;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
-        write_out(lid, g, split, 16u, 16u);
+        if (n0 + 0u < GN) {
+            write_out(lid, g, split, 16u, 0u);
+        }
+        if (n0 + 16u < GN) {
+            write_out(lid, g, split, 16u, 16u);
+        }
         workgroupBarrier();
-    }
-    if (m0 + 16u < COG && n0 + 32u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc12;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, split, 16u, 32u);
-        workgroupBarrier();
-    }
-    if (m0 + 16u < COG && n0 + 48u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc13;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
-        write_out(lid, g, split, 16u, 48u);
+        if (n0 + 32u < GN) {
+            write_out(lid, g, split, 16u, 32u);
+        }
+        if (n0 + 48u < GN) {
+            write_out(lid, g, split, 16u, 48u);
+        }
         workgroupBarrier();
     }
-    if (m0 + 32u < COG && n0 + 0u < GN) {
+    if (m0 + 32u < COG) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc20;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, split, 32u, 0u);
-        workgroupBarrier();
-    }
-    if (m0 + 32u < COG && n0 + 16u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc21;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
-        write_out(lid, g, split, 32u, 16u);
+        if (n0 + 0u < GN) {
+            write_out(lid, g, split, 32u, 0u);
+        }
+        if (n0 + 16u < GN) {
+            write_out(lid, g, split, 32u, 16u);
+        }
         workgroupBarrier();
-    }
-    if (m0 + 32u < COG && n0 + 32u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc22;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, split, 32u, 32u);
-        workgroupBarrier();
-    }
-    if (m0 + 32u < COG && n0 + 48u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc23;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
-        write_out(lid, g, split, 32u, 48u);
+        if (n0 + 32u < GN) {
+            write_out(lid, g, split, 32u, 32u);
+        }
+        if (n0 + 48u < GN) {
+            write_out(lid, g, split, 32u, 48u);
+        }
         workgroupBarrier();
     }
-    if (m0 + 48u < COG && n0 + 0u < GN) {
+    if (m0 + 48u < COG) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc30;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, split, 48u, 0u);
-        workgroupBarrier();
-    }
-    if (m0 + 48u < COG && n0 + 16u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc31;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
-        write_out(lid, g, split, 48u, 16u);
+        if (n0 + 0u < GN) {
+            write_out(lid, g, split, 48u, 0u);
+        }
+        if (n0 + 16u < GN) {
+            write_out(lid, g, split, 48u, 16u);
+        }
         workgroupBarrier();
-    }
-    if (m0 + 48u < COG && n0 + 32u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 0u;
             let cv = acc32;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
-        workgroupBarrier();
-        write_out(lid, g, split, 48u, 32u);
-        workgroupBarrier();
-    }
-    if (m0 + 48u < COG && n0 + 48u < GN) {
         {
-            let ci = sg * 256u;
+            let ci = sg * 512u + 256u;
             let cv = acc33;
             coopStoreT(cv, &c_sh[ci], 16u);
         }
         workgroupBarrier();
-        write_out(lid, g, split, 48u, 48u);
+        if (n0 + 32u < GN) {
+            write_out(lid, g, split, 48u, 32u);
+        }
+        if (n0 + 48u < GN) {
+            write_out(lid, g, split, 48u, 48u);
+        }
         workgroupBarrier();
     }
 }

@@ -56,3 +56,13 @@ fn bn_formed(v: f32, ch: u32) -> f32 {
 fn staged_index(lid: u32, e: u32) -> u32 {
     return (lid / 32u) * 256u + e * 32u + lid % 32u;
 }
+
+// Where value i of a subgroup's 16x16 block (i as staged_index numbers it: subgroup s's block at
+// s * 256..) lies in c_sh when the epilogue stages two of each subgroup's blocks at a time,
+// columns nj and nj + 16 of a row block (nj a multiple of 32): subgroup s's two at
+// c_sh[s * 512..], block nj / 16 at offset ((nj / 16) % 2) * 256. One barrier pair per two
+// blocks (16 barriers in all instead of 32); four per round would need 39 KiB of workgroup
+// memory in the packed forward, over the 32 KiB many devices (lavapipe among them) give.
+fn staged_at(i: u32, nj: u32) -> u32 {
+    return (i / 256u) * 512u + ((nj / 16u) % 2u) * 256u + i % 256u;
+}
