@@ -4,7 +4,9 @@
 //! every selftest case), translated as wgpu 30's Vulkan backend translates it for a Vulkan 1.3
 //! device. The cooperative-matrix kernels run emulated here (no machine here has tensor cores),
 //! which records the same override constants; their hardware source is what is translated and
-//! validated.
+//! validated. It also checks that each pipeline's workgroup memory fits the device the plans
+//! were made for (on lavapipe, wgpu 30 created and ran a pipeline over that limit without an
+//! error).
 //!
 //! `cargo run --release --manifest-path tools/spirv_check/Cargo.toml [-- --all]`
 
@@ -72,6 +74,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| (s.name, *s))
         .collect();
     let (mut checked, mut on_coop, mut failures) = (0, 0, Vec::new());
+    let wg_limit = u64::from(coop.limits.max_compute_workgroup_storage_size);
+    let mut wg_largest = (0u64, String::new());
     for key in &names {
         let mut parts = key.split(':');
         let file = parts.next().unwrap_or_default();
@@ -92,7 +96,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         };
         for &trusted in forms {
             let words = match translate(shader, entry, &constants, trusted) {
-                Ok(w) => w,
+                Ok((w, wg_bytes)) => {
+                    // (Once per pipeline: both forms declare the same memory.)
+                    if wg_bytes > wg_limit && trusted == forms[0] {
+                        failures.push(format!(
+                            "{key}: {wg_bytes} bytes of workgroup memory, over the device's {wg_limit}"
+                        ));
+                    }
+                    if wg_bytes > wg_largest.0 {
+                        wg_largest = (wg_bytes, key.clone());
+                    }
+                    w
+                }
                 Err(e) => {
                     failures.push(format!("{key} (trusted {trusted}): naga: {e}"));
                     continue;
@@ -110,6 +125,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!("FAIL {f}");
     }
     println!(
+        "workgroup memory: at most {} bytes ({}), the device gives {wg_limit}",
+        wg_largest.0, wg_largest.1
+    );
+    println!(
         "{checked} SPIR-V modules ({on_coop} of cooperative-matrix kernels) validated for Vulkan 1.3: \
          {} failed",
         failures.len()
@@ -123,13 +142,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
 /// `entry` of `shader`, specialised by `constants`, as SPIR-V 1.6 with the capabilities and
 /// bounds-check policies wgpu-hal 30 gives a Vulkan 1.3 device with robustBufferAccess2,
-/// shader f16, subgroups, integer dot products, int8 and cooperative matrices.
+/// shader f16, subgroups, integer dot products, int8 and cooperative matrices; and the bytes of
+/// workgroup memory the entry point uses.
 fn translate(
     shader: &Shader,
     entry: &str,
     constants: &naga::back::PipelineConstants,
     trusted: bool,
-) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+) -> Result<(Vec<u32>, u64), Box<dyn std::error::Error>> {
     use spv::Capability as C;
     let module = naga::front::wgsl::parse_str(shader.source)?;
     let info = Validator::new(ValidationFlags::all(), Capabilities::all()).validate(&module)?;
@@ -183,14 +203,30 @@ fn translate(
         shader_stage: naga::ShaderStage::Compute,
         entry_point: entry.to_string(),
     };
-    Ok(spv::write_vec(&m, &i, &opts, Some(&pipe))?)
+    Ok((
+        spv::write_vec(&m, &i, &opts, Some(&pipe))?,
+        workgroup_bytes(&m, &i, entry),
+    ))
+}
+
+/// The bytes of the workgroup variables entry point `entry` of `m` uses.
+fn workgroup_bytes(m: &naga::Module, info: &naga::valid::ModuleInfo, entry: &str) -> u64 {
+    let Some(index) = m.entry_points.iter().position(|e| e.name == entry) else {
+        return 0;
+    };
+    let used = info.get_entry_point(index);
+    m.global_variables
+        .iter()
+        .filter(|(h, v)| v.space == naga::AddressSpace::WorkGroup && !used[*h].is_empty())
+        .map(|(_, v)| u64::from(m.types[v.ty].inner.size(m.to_ctx())))
+        .sum()
 }
 
 /// The check must see the cooperative-matrix instructions: a matrix type whose row count is
 /// not a constant has to be refused.
 fn refuses_a_broken_matrix_type() -> Result<(), Box<dyn std::error::Error>> {
     let shader = wgqat::kernels::SHADERS_COOP[0];
-    let mut words = translate(shader, "main", &Default::default(), false)?;
+    let (mut words, _) = translate(shader, "main", &Default::default(), false)?;
     let at = instructions(&words)
         .find(|&(_, _, op)| op == OP_TYPE_COOPERATIVE_MATRIX)
         .ok_or("no cooperative-matrix type in the forward kernel")?
