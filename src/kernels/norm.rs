@@ -428,6 +428,32 @@ pub fn apply(
     )
 }
 
+/// The shapes [`backward`] and [`backward_apply`] take: `dy` (and `dx`) as `x`, the table and
+/// the per-channel tensors of its channels.
+fn check_backward(
+    kernel: &str,
+    (x, dy, stats): (&Tensor, &Tensor, &Tensor),
+    (gamma, beta): (&Tensor, &Tensor),
+    (dgamma, dbeta): (&Tensor, &Tensor),
+    dx: Option<&Tensor>,
+) -> Result<()> {
+    let c = [BnShape::of(x.shape())?.c];
+    let table = [TABLE * c[0]];
+    let mut named: Vec<(&str, &Tensor, &[usize])> = vec![
+        ("x", x, x.shape()),
+        ("dy", dy, x.shape()),
+        ("stats", stats, &table),
+        ("gamma", gamma, &c),
+        ("beta", beta, &c),
+        ("dgamma", dgamma, &c),
+        ("dbeta", dbeta, &c),
+    ];
+    if let Some(dx) = dx {
+        named.push(("dx", dx, x.shape()));
+    }
+    check(kernel, &named)
+}
+
 /// Backward of [`apply`] in train mode: `dgamma`, `dbeta` (written whole) and, when wanted, `dx`
 /// (which may be `x` itself: then it is overwritten in place).
 /// `dy` is the gradient of the epilogue's output (read permuted back when shuffled). With the
@@ -447,18 +473,12 @@ pub fn backward(
     dx: Option<&Tensor>,
 ) -> Result<Vec<Op>> {
     let sh = BnShape::of(x.shape())?;
-    let c = [sh.c];
-    check(
+    check_backward(
         "bn_backward",
-        &[
-            ("x", x, x.shape()),
-            ("dy", dy, x.shape()),
-            ("stats", stats, &[TABLE * sh.c]),
-            ("gamma", gamma, &c),
-            ("beta", beta, &c),
-            ("dgamma", dgamma, &c),
-            ("dbeta", dbeta, &c),
-        ],
+        (x, dy, stats),
+        (gamma, beta),
+        (dgamma, dbeta),
+        None,
     )?;
     let p = params(sh, ep, 0.0, 0.0)?;
     let mut ops = vec![BACKWARD_REDUCE.launch(
@@ -499,19 +519,12 @@ pub fn backward_apply(
     dx: &Tensor,
 ) -> Result<Op> {
     let sh = BnShape::of(x.shape())?;
-    let c = [sh.c];
-    check(
+    check_backward(
         "bn_backward_apply",
-        &[
-            ("x", x, x.shape()),
-            ("dy", dy, x.shape()),
-            ("stats", stats, &[TABLE * sh.c]),
-            ("gamma", gamma, &c),
-            ("beta", beta, &c),
-            ("dgamma", dgamma, &c),
-            ("dbeta", dbeta, &c),
-            ("dx", dx, x.shape()),
-        ],
+        (x, dy, stats),
+        (gamma, beta),
+        (dgamma, dbeta),
+        Some(dx),
     )?;
     let p = params(sh, ep, 0.0, 0.0)?;
     // Four elements per invocation where a plane holds a multiple of 4 (`quads` in the shader).

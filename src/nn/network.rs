@@ -274,11 +274,7 @@ impl Network {
     /// Keeps every layer's output for the backward pass instead of recomputing BatchNorm and
     /// shuffle outputs (more memory, the same results); only before the first plan.
     pub fn keep_all_outputs(&mut self) -> Result<()> {
-        if self.buffers.get().is_some() {
-            return Err(Error::Invalid(
-                "keep_all_outputs must come before the first plan".into(),
-            ));
-        }
+        self.before_first_plan("keep_all_outputs")?;
         self.recompute = false;
         Ok(())
     }
@@ -288,11 +284,7 @@ impl Network {
     /// its grad-input epilogue: the same values summed in another order (for comparing the two);
     /// only before the first plan.
     pub fn reduce_bn_backward_in_passes(&mut self) -> Result<()> {
-        if self.buffers.get().is_some() {
-            return Err(Error::Invalid(
-                "reduce_bn_backward_in_passes must come before the first plan".into(),
-            ));
-        }
+        self.before_first_plan("reduce_bn_backward_in_passes")?;
         self.bn_sums = false;
         Ok(())
     }
@@ -302,12 +294,19 @@ impl Network {
     /// to a pass of the BatchNorm's own): the same bits, for comparing the two; only before the
     /// first plan.
     pub fn apply_bn_backward_in_every_conv(&mut self) -> Result<()> {
-        if self.buffers.get().is_some() {
-            return Err(Error::Invalid(
-                "apply_bn_backward_in_every_conv must come before the first plan".into(),
-            ));
-        }
+        self.before_first_plan("apply_bn_backward_in_every_conv")?;
         self.bn_backward_in_every_conv = true;
+        Ok(())
+    }
+
+    /// The buffers are laid out by the first plan: `what` (a choice they depend on) must come
+    /// before it.
+    fn before_first_plan(&self, what: &str) -> Result<()> {
+        if self.buffers.get().is_some() {
+            return Err(Error::Invalid(format!(
+                "{what} must come before the first plan"
+            )));
+        }
         Ok(())
     }
 
