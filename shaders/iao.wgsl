@@ -262,6 +262,39 @@ fn iao_backward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
     dx[i] = grad(x[i], dx[i], row_of(i));
 }
 
+// iao_backward_in_place, then the float x quantized where it lies (y holds x and becomes its
+// fake-quantized value): one pass where a network forms its quantized input again for
+// grad-weight after the mask, the same bits as the two kernels one after the other.
+@compute @workgroup_size(256)
+fn iao_backward_requantize(@builtin(workgroup_id) wid: vec3<u32>,
+                           @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let r = row_of(i);
+    let xi = y[i];
+    dx[i] = grad(xi, dx[i], r);
+    y[i] = fake_quant(xi, r);
+}
+
+// iao_backward_in_place and iao_forward (x into y) in one pass: the mask, and the quantized
+// input formed again in a temporary for grad-weight.
+@compute @workgroup_size(256)
+fn iao_backward_quantize(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let r = row_of(i);
+    let xi = x[i];
+    dx[i] = grad(xi, dx[i], r);
+    y[i] = fake_quant(xi, r);
+}
+
 // QuantAdd (spec iao §2.1): the union of its two observers' ranges becomes the range of the
 // quantizer both summands share (a one-row state). Scale and zero point follow separately, in
 // training only (iao_qparams).

@@ -382,3 +382,61 @@ fn bn_sums_match_the_reduction_passes() {
         );
     }
 }
+
+/// Under IAO, a quantized conv's input quantizer masks its input gradient and forms the
+/// quantized input again for grad-weight in one pass (`iao_backward_requantize` where the input
+/// lies, `iao_backward_quantize` into the shared temporary), never a mask pass followed by a
+/// quantize pass over the same input. (That the one-pass kernels give the two passes' bits is
+/// `wgqat selftest`'s `iao_quant` case; 3-step trainings are bit-identical to the two passes'.)
+#[test]
+fn an_iao_step_masks_and_quantizes_again_in_one_pass() {
+    use wgqat::gpu::Op;
+    use wgqat::quant::IaoOptions;
+    let gpu = common::gpu();
+    let b8 = Bits::new(8).unwrap();
+    let spec = wgqat::models::load("nin_gc").unwrap();
+    for bn_fuse in [false, true] {
+        let quant = QuantConfig::iao(
+            b8,
+            b8,
+            IaoOptions {
+                bn_fuse,
+                ..IaoOptions::default()
+            },
+        );
+        let net = wgqat::nn::Network::new(gpu, &spec, quant, 8, true, 1).unwrap();
+        let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
+        let labels: Vec<&str> = plan
+            .ops
+            .ops()
+            .iter()
+            .filter_map(|op| match op {
+                Op::Dispatch(l) => Some(l.label.as_str()),
+                _ => None,
+            })
+            .collect();
+        let kernel = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
+        let count = |k: &str| labels.iter().filter(|l| kernel(l) == k).count();
+        // nin_gc's 8 quantized convs with a grad-input: the six 1x1 (their input formed again
+        // where it lies) and the two 3x3 after a max-pool (into the temporary); folded, all
+        // eight quantize into the temporary.
+        let (requantize, quantize) = if bn_fuse { (0, 8) } else { (6, 2) };
+        assert_eq!(
+            count("iao_backward_requantize"),
+            requantize,
+            "bn_fuse {bn_fuse}"
+        );
+        assert_eq!(
+            count("iao_backward_quantize"),
+            quantize,
+            "bn_fuse {bn_fuse}"
+        );
+        for pair in labels.windows(2) {
+            let quantizes_next = kernel(pair[1]).starts_with("iao_forward");
+            assert!(
+                !(kernel(pair[0]) == "iao_backward_in_place" && quantizes_next),
+                "bn_fuse {bn_fuse}: a mask pass, then a quantize pass: {pair:?}"
+            );
+        }
+    }
+}

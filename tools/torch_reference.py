@@ -31,7 +31,6 @@ import json
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 
 class Round(torch.autograd.Function):
@@ -582,6 +581,9 @@ def state(net, prefix):
 
 
 def main():
+    # Here, not at the top: tools/torch_bench.py imports the models without it.
+    from safetensors.torch import save_file
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="model JSON (wgqat's layer vocabulary)")
     ap.add_argument("--bits", type=int, default=8, help="w and a bits (32 = float)")

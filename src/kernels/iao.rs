@@ -54,6 +54,8 @@ const SELECT_LO: Entry = entry("iao_select_lo", &[(4, W), (12, W), (13, W)]);
 const BINS: usize = 65536;
 const BACKWARD: Entry = entry("iao_backward", &[(1, R), (5, R), (7, R), (8, W)]);
 const BACKWARD_IN_PLACE: Entry = entry("iao_backward_in_place", &[(1, R), (5, R), (8, W)]);
+const BACKWARD_REQUANTIZE: Entry = entry("iao_backward_requantize", &[(5, R), (6, W), (8, W)]);
+const BACKWARD_QUANTIZE: Entry = entry("iao_backward_quantize", &[(1, R), (5, R), (6, W), (8, W)]);
 
 /// Where the second of QuantAdd's copied observer states starts: 256 bytes, the alignment of
 /// a view's offset.
@@ -329,6 +331,55 @@ impl IaoQuantizer {
             self.label(K, x),
             &self.params(n, row_len),
             &[x, state, d],
+            elementwise_grid(gpu, n),
+        )
+    }
+
+    /// [`Self::backward_in_place`], then `x` quantized where it lies ([`Self::forward_in_place`]),
+    /// in one pass: the same bits as the two.
+    pub fn backward_requantize(
+        &self,
+        gpu: &Gpu,
+        state: &Tensor,
+        x: &Tensor,
+        d: &Tensor,
+    ) -> Result<Op> {
+        const K: &str = "iao_backward_requantize";
+        let (n, row_len) = self.extent(K, state, x)?;
+        expect_dtype(K, "d", d, DType::F32)?;
+        expect_shape(K, "d", d, x.shape())?;
+        BACKWARD_REQUANTIZE.launch(
+            gpu,
+            &[],
+            self.label(K, x),
+            &self.params(n, row_len),
+            &[state, x, d],
+            elementwise_grid(gpu, n),
+        )
+    }
+
+    /// [`Self::backward_in_place`], then `x` quantized into `y` ([`Self::forward`]), in one
+    /// pass: the same bits as the two.
+    pub fn backward_quantize(
+        &self,
+        gpu: &Gpu,
+        state: &Tensor,
+        x: &Tensor,
+        d: &Tensor,
+        y: &Tensor,
+    ) -> Result<Op> {
+        const K: &str = "iao_backward_quantize";
+        let (n, row_len) = self.extent(K, state, x)?;
+        for (name, t) in [("d", d), ("y", y)] {
+            expect_dtype(K, name, t, DType::F32)?;
+            expect_shape(K, name, t, x.shape())?;
+        }
+        BACKWARD_QUANTIZE.launch(
+            gpu,
+            &[],
+            self.label(K, x),
+            &self.params(n, row_len),
+            &[x, state, y, d],
             elementwise_grid(gpu, n),
         )
     }

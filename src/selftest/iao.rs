@@ -165,6 +165,11 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     let dx = gpu.empty("dx", s.shape, DType::F32)?;
                     let d_in_place = gpu.upload_f32("dy, then dx", s.shape, &dy)?;
                     let y_in_place = gpu.upload_f32("x, then y", s.shape, x)?;
+                    // The one-pass forms: mask and requantize in place, mask and quantize.
+                    let d_requant = gpu.upload_f32("dy, then dx", s.shape, &dy)?;
+                    let y_requant = gpu.upload_f32("x, then y", s.shape, x)?;
+                    let d_quant = gpu.upload_f32("dy, then dx", s.shape, &dy)?;
+                    let y_quant = gpu.empty("y", s.shape, DType::F32)?;
                     let mut ops = Vec::new();
                     if train {
                         ops.extend(q.observe(gpu, &state, &xt)?);
@@ -174,10 +179,22 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     ops.push(q.backward(gpu, &state, &xt, &dyt, &dx)?);
                     ops.push(q.backward_in_place(gpu, &state, &xt, &d_in_place)?);
                     ops.push(q.forward_in_place(gpu, &state, &y_in_place)?);
+                    ops.push(q.backward_requantize(gpu, &state, &y_requant, &d_requant)?);
+                    ops.push(q.backward_quantize(gpu, &state, &xt, &d_quant, &y_quant)?);
                     let got: Vec<Vec<f32>> = gpu.run_and_read(
                         "selftest",
                         &ops,
-                        &[&y, &dx, &d_in_place, &state, &y_in_place],
+                        &[
+                            &y,
+                            &dx,
+                            &d_in_place,
+                            &state,
+                            &y_in_place,
+                            &d_requant,
+                            &y_requant,
+                            &d_quant,
+                            &y_quant,
+                        ],
                     )?;
                     let want_dx = f64s(&cpu.backward(x, &dy));
                     let tag = ["call 1", "call 2", "eval"][call];
@@ -201,6 +218,18 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                         format!("{tag} dx in place"),
                         reference::compare(&got[2], &want_dx, Tolerance::EXACT),
                     ));
+                    let want_y = f64s(&cpu.forward(x));
+                    for (what, i, want) in [
+                        ("dx, requantized", 5, &want_dx),
+                        ("y, requantized", 6, &want_y),
+                        ("dx, quantized", 7, &want_dx),
+                        ("y, quantized", 8, &want_y),
+                    ] {
+                        out.push((
+                            format!("{tag} {what}"),
+                            reference::compare(&got[i], want, Tolerance::EXACT),
+                        ));
+                    }
                 }
                 Ok(out)
             },

@@ -93,17 +93,27 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     let db = net.grad(l.bias)?;
     let scratch = buf.split_k.as_ref();
     let mut bwd = vec![gemm.grad_bias(gpu, dy, &f.fold.db_f)?];
-    bwd.push(iq.forward(gpu, x, &xq)?);
+    // The quantized input is formed again: first thing with calib, else in the mask's pass.
+    let mut xq_formed = calib;
     if calib {
         // d rho from the quantized conv formed again (this output is dead by now), then dy·rho
         // in place: the quantized conv's own output gradient.
+        bwd.push(iq.forward(gpu, x, &xq)?);
         bwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y, None)?);
         bwd.push(f.fold.calib_grad(gpu, &p, io.y, dy)?);
     }
     // Through the quantized conv: dx (the input quantizer's mask), dŴ and on to dW_f in place.
     if let Some(dx) = io.dx() {
         bwd.push(gemm.grad_input(gpu, dy, w_hat, dx, AroundBn::default())?);
-        bwd.extend(iq.backward_in_place(gpu, x, dx)?);
+        if xq_formed {
+            bwd.extend(iq.backward_in_place(gpu, x, dx)?);
+        } else {
+            bwd.extend(iq.backward_quantize(gpu, x, dx, &xq)?);
+            xq_formed = true;
+        }
+    }
+    if !xq_formed {
+        bwd.push(iq.forward(gpu, x, &xq)?);
     }
     bwd.extend(gemm.grad_weight(gpu, &xq, dy, (dw_hat, None), scratch, AroundBn::default())?);
     bwd.push(wq.backward_in_place(net, gpu, &f.fold.w_f, dw_hat)?);

@@ -82,14 +82,32 @@ impl<'a> InputQuant<'a> {
         }
     }
 
-    /// [`Self::backward_in_place`], then `x` quantized where it lies (DoReFa: in one pass).
+    /// [`Self::backward_in_place`], then `x` quantized where it lies (in one pass).
     pub(super) fn backward_requantize(&self, gpu: &Gpu, x: &Tensor, d: &Tensor) -> Result<Vec<Op>> {
         match self {
             InputQuant::Dorefa(b) => quant::act_backward_requantize(gpu, *b, x, d),
-            InputQuant::Iao { .. } => {
+            InputQuant::Iao { slot, state, .. } => {
+                Ok(vec![slot.q.backward_requantize(gpu, state, x, d)?])
+            }
+        }
+    }
+
+    /// [`Self::backward_in_place`], then `x` quantized into `y` (IAO: in one pass).
+    pub(super) fn backward_quantize(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        d: &Tensor,
+        y: &Tensor,
+    ) -> Result<Vec<Op>> {
+        match self {
+            InputQuant::Dorefa(_) => {
                 let mut ops = self.backward_in_place(gpu, x, d)?;
-                ops.extend(self.forward_in_place(gpu, x)?);
+                ops.push(self.forward(gpu, x, y)?);
                 Ok(ops)
+            }
+            InputQuant::Iao { slot, state, .. } => {
+                Ok(vec![slot.q.backward_quantize(gpu, state, x, d, y)?])
             }
         }
     }

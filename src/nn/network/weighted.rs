@@ -122,12 +122,17 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             }
             _ => None,
         };
+        // The quantized input formed again in its temporary, where the mask's pass does not.
+        let mut to_temporary = matches!(buf.xq, QuantInput::Temporary(_));
         match io.dx() {
             Some(_) if fused.is_some() => bwd.extend(fused),
             Some(dx) => {
                 bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, around)?);
                 if in_place {
                     bwd.extend(q.backward_requantize(gpu, x, dx)?);
+                } else if to_temporary {
+                    bwd.extend(q.backward_quantize(gpu, x, dx, &xq)?);
+                    to_temporary = false;
                 } else {
                     bwd.extend(q.backward_in_place(gpu, x, dx)?);
                 }
@@ -135,7 +140,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             None if in_place => bwd.extend(q.forward_in_place(gpu, x)?),
             None => {}
         }
-        if let QuantInput::Temporary(_) = buf.xq {
+        if to_temporary {
             bwd.push(q.forward(gpu, x, &xq)?);
         }
     } else if let Some(dx) = io.dx() {
