@@ -48,6 +48,9 @@ struct Params {
 // bn_stats_merge: per-tile (mean, M2) partials from the conv before, (tiles, 2, C)
 // (conv2d.wgsl's BN_STATS); bn_backward_merge: per-tile sums from the reader after (BN_SUMS).
 @group(0) @binding(16) var<storage, read> partials: array<f32>;
+// bn_apply_extremes: per block of EXTREMES_CHUNK outputs, their [min, max] (an IAO quantizer's
+// partials, shaders/iao.wgsl's layout for one row).
+@group(0) @binding(17) var<storage, read_write> extremes: array<f32>;
 
 const WG: u32 = 256u;
 var<workgroup> red_a: array<f32, 256>;
@@ -245,6 +248,62 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
     let v = bn_value_of(x[i], at.c);
     let r = select(v, relu_bits(v), p.relu == 1u);
     y[at.out] = select(r, act_value(r), p.quantize == 1u);
+}
+
+// Outputs per workgroup of bn_apply_extremes: shaders/iao.wgsl's CHUNK (src/kernels/norm.rs
+// checks that the two agree).
+const EXTREMES_CHUNK: u32 = 4096u;
+
+// The element whose output lies at o (place's inverse): its channel, and its index in `out`.
+fn input_of(o: u32) -> Place {
+    let plane = o / p.s;
+    let co = plane % p.c;
+    if (p.shuffle <= 1u) {
+        return Place(co, o);
+    }
+    let per = p.c / p.shuffle;
+    let c = (co % p.shuffle) * per + co / p.shuffle;
+    return Place(c, (plane - co + c) * p.s + (o - plane * p.s));
+}
+
+// bn_apply (without the DoReFa quantizer) that also writes the extremes of what it writes, as
+// the IAO quantizer reading this output would find them in its own pass (iao_extremes_partial
+// over y): workgroup g takes outputs g * EXTREMES_CHUNK .. in the same order and reduces them in
+// the same tree, so its observer gets the same bits and the output is not read again for them.
+@compute @workgroup_size(256)
+fn bn_apply_extremes(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x + wid.y * nwg.x;
+    let n = p.n * p.c * p.s;
+    let in_grid = g < (n + EXTREMES_CHUNK - 1u) / EXTREMES_CHUNK;
+    var lo = 3.40282347e38;
+    var hi = -3.40282347e38;
+    if (in_grid) {
+        let end = min((g + 1u) * EXTREMES_CHUNK, n);
+        for (var o = g * EXTREMES_CHUNK + lid; o < end; o += WG) {
+            let at = input_of(o);
+            let v = bn_value_of(x[at.out], at.c);
+            let r = select(v, relu_bits(v), p.relu == 1u);
+            y[o] = r;
+            lo = min(lo, r);
+            hi = max(hi, r);
+        }
+    }
+    red_a[lid] = lo;
+    red_b[lid] = hi;
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        workgroupBarrier();
+        if (lid < stride) {
+            red_a[lid] = min(red_a[lid], red_a[lid + stride]);
+            red_b[lid] = max(red_b[lid], red_b[lid + stride]);
+        }
+    }
+    workgroupBarrier();
+    if (in_grid && lid == 0u) {
+        extremes[g * 2u] = red_a[0];
+        extremes[g * 2u + 1u] = red_b[0];
+    }
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),

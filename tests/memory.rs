@@ -383,13 +383,15 @@ fn bn_sums_match_the_reduction_passes() {
     }
 }
 
-/// Under IAO, a quantized conv's input quantizer masks its input gradient and forms the
+/// Under IAO, a BatchNorm writes the extremes of its output for the quantizer that reads it,
+/// and a quantized conv's input quantizer masks its input gradient and forms the
 /// quantized input again for grad-weight in one pass (`iao_backward_requantize` where the input
 /// lies, `iao_backward_quantize` into the shared temporary), never a mask pass followed by a
 /// quantize pass over the same input. (That the one-pass kernels give the two passes' bits is
-/// `wgqat selftest`'s `iao_quant` case; 3-step trainings are bit-identical to the two passes'.)
+/// `wgqat selftest`'s `iao_quant` case, and that the extremes are the observer's own, its
+/// `batchnorm` forward train cases; 3-step trainings are bit-identical to the passes'.)
 #[test]
-fn an_iao_step_masks_and_quantizes_again_in_one_pass() {
+fn an_iao_step_observes_and_masks_without_extra_passes() {
     use wgqat::gpu::Op;
     use wgqat::quant::IaoOptions;
     let gpu = common::gpu();
@@ -431,6 +433,20 @@ fn an_iao_step_masks_and_quantizes_again_in_one_pass() {
             quantize,
             "bn_fuse {bn_fuse}"
         );
+        // Every BatchNorm whose output feeds an IAO quantizer alone (9 in nin_gc: 6 convs, 2
+        // max-pools, the average pool) writes that output's extremes for the observer, which
+        // does not read the output again; folded, the quantizers read ReLU outputs.
+        let by_bn = if bn_fuse { 0 } else { 9 };
+        let with_extremes = labels
+            .iter()
+            .filter(|l| kernel(l).starts_with("bn_apply_extremes"))
+            .count();
+        assert_eq!(with_extremes, by_bn, "bn_fuse {bn_fuse}");
+        let merged_only = labels
+            .iter()
+            .filter(|l| kernel(l) == "iao_observe" && l.contains("(extremes by its producer)"))
+            .count();
+        assert_eq!(merged_only, by_bn, "bn_fuse {bn_fuse}");
         for pair in labels.windows(2) {
             let quantizes_next = kernel(pair[1]).starts_with("iao_forward");
             assert!(

@@ -10,7 +10,7 @@ use crate::gpu::{Bind, DType, Gpu, Op, Tensor, grid_1d};
 use crate::quant::iao::{Observer, Operand, Percentile, QType, Spec};
 
 /// Elements of one row each workgroup of the extremes pass covers (`CHUNK` in the shader).
-const CHUNK: usize = 4096;
+pub const CHUNK: usize = 4096;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -242,6 +242,35 @@ impl IaoQuantizer {
                 [1, 1, 1],
             )?,
         ])
+    }
+
+    /// Where the layer that produces this quantizer's input may write the input's extremes in
+    /// place of [`Self::observe`]'s own pass (`norm::apply_extremes`; then
+    /// [`Self::observe_produced`]): a per-tensor quantizer whose observer takes extremes (not
+    /// the histogram).
+    pub fn produced_extremes(&self) -> Option<&Tensor> {
+        (self.rows == 1 && self.histogram.is_none()).then_some(&self.partials)
+    }
+
+    /// [`Self::observe`] from the extremes of `x` its producer wrote into
+    /// [`Self::produced_extremes`]: the update rule and the scale only.
+    pub fn observe_produced(&self, gpu: &Gpu, state: &Tensor, x: &Tensor) -> Result<Op> {
+        const K: &str = "iao_observe";
+        let (n, row_len) = self.extent(K, state, x)?;
+        let Some(partials) = self.produced_extremes() else {
+            return Err(Error::shape(
+                K,
+                "only a per-tensor extremes observer takes its producer's extremes",
+            ));
+        };
+        OBSERVE.launch(
+            gpu,
+            &[],
+            format!("{} (extremes by its producer)", self.label(K, x)),
+            &self.params(n, row_len),
+            &[partials, state],
+            [1, 1, 1],
+        )
     }
 
     /// Scale and zero point from the range in the state (after the range was loaded or merged).

@@ -1,7 +1,7 @@
 //! `shaders/norm.wgsl`: BatchNorm2d forward (train: batch statistics, running stats updated; eval:
 //! running stats) and backward, with an optional fused ReLU and channel shuffle after it.
 
-use super::{Entry, NORM, count_u32, elementwise_grid, expect_dtype, expect_shape};
+use super::{Entry, NORM, count_u32, elementwise_grid, expect_dtype, expect_shape, iao};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Op, Tensor, grid_1d};
 use crate::quant::Bits;
@@ -25,6 +25,10 @@ const STATS_MERGE: Entry = entry(
 );
 const EVAL_STATS: Entry = entry("bn_eval_stats", &[(2, W), (3, W), (4, W), (6, R), (7, R)]);
 const APPLY: Entry = entry("bn_apply", &[(1, R), (5, R), (6, R), (7, R), (8, W)]);
+const APPLY_EXTREMES: Entry = entry(
+    "bn_apply_extremes",
+    &[(1, R), (5, R), (6, R), (7, R), (8, W), (17, W)],
+);
 const BACKWARD_REDUCE: Entry = entry(
     "bn_backward_reduce",
     &[(1, R), (2, W), (6, R), (7, R), (10, R), (11, W), (12, W)],
@@ -428,6 +432,62 @@ pub fn apply(
     )
 }
 
+/// [`apply`] (without the DoReFa quantizer) that also writes the extremes of `y` into
+/// `extremes` as the IAO quantizer reading `y` would find them (`IaoQuantizer::observe` over
+/// `y`: per block of [`iao::CHUNK`] elements, [min, max], the same bits), so that the quantizer
+/// only merges them (`IaoQuantizer::observe_produced`).
+#[allow(clippy::too_many_arguments)]
+pub fn apply_extremes(
+    gpu: &Gpu,
+    ep: Epilogue,
+    x: &Tensor,
+    stats: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    y: &Tensor,
+    extremes: &Tensor,
+) -> Result<Op> {
+    const K: &str = "bn_apply_extremes";
+    if ep.quantize.is_some() {
+        return Err(Error::shape(K, "the extremes are of the float output"));
+    }
+    let sh = BnShape::of(x.shape())?;
+    let blocks = sh.numel().div_ceil(iao::CHUNK);
+    check(
+        K,
+        &[
+            ("x", x, x.shape()),
+            ("stats", stats, &[TABLE * sh.c]),
+            ("gamma", gamma, &[sh.c]),
+            ("beta", beta, &[sh.c]),
+            ("y", y, x.shape()),
+        ],
+    )?;
+    expect_dtype(K, "extremes", extremes, DType::F32)?;
+    if extremes.numel() < 2 * blocks {
+        return Err(Error::shape(
+            K,
+            format!(
+                "extremes holds {} values, {} blocks of {:?} need {}",
+                extremes.numel(),
+                blocks,
+                x.shape(),
+                2 * blocks
+            ),
+        ));
+    }
+    APPLY_EXTREMES.launch(
+        gpu,
+        &[],
+        format!("bn_apply_extremes{} {:?}", ep.label(), x.shape()),
+        &params(sh, ep, 0.0, 0.0)?,
+        &[x, stats, gamma, beta, y, extremes],
+        grid_1d(
+            count_u32(K, blocks)?,
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+    )
+}
+
 /// The shapes [`backward`] and [`backward_apply`] take: `dy` (and `dx`) as `x`, the table and
 /// the per-channel tensors of its channels.
 fn check_backward(
@@ -555,5 +615,23 @@ pub fn backward_apply(
             &[x, stats, gamma, beta, dy, dgamma, dbeta, dx],
             elementwise_grid(gpu, n),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{IAO, NORM};
+
+    #[test]
+    fn bn_apply_extremes_takes_the_iao_quantizers_blocks() {
+        let chunk = super::iao::CHUNK;
+        assert!(
+            NORM.source
+                .contains(&format!("const EXTREMES_CHUNK: u32 = {chunk}u;"))
+        );
+        assert!(
+            IAO.source
+                .contains(&format!("const CHUNK: u32 = {chunk}u;"))
+        );
     }
 }

@@ -71,6 +71,8 @@ pub(super) fn cases(v: &mut Vec<Case>) {
         (2, 12, 9, false, 3, 2),
         // Planes of a multiple of 4: the backward applies take four elements per invocation.
         (3, 8, 16, true, 2, 0),
+        // Three blocks of IAO extremes (bn_apply_extremes), the last a tail, with a shuffle.
+        (2, 8, 600, true, 4, 0),
     ] {
         let ep = Epilogue {
             relu,
@@ -104,7 +106,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
             shape.clone(),
             move |gpu, rng| {
                 let t = Inputs::draw(gpu, rng, (n, c, s), 0.1)?;
-                let ops = vec![
+                let mut ops = vec![
                     kernels::norm::stats_train(
                         gpu,
                         &t.xt,
@@ -117,8 +119,30 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     )?,
                     kernels::norm::apply(gpu, ep, &t.xt, &t.stats, &t.gt, &t.bt, &t.y)?,
                 ];
+                // The same output, with the extremes of each block an IAO quantizer observes.
+                let chunk = kernels::iao::CHUNK;
+                let blocks = (n * c * s).div_ceil(chunk);
+                let y_ext = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let extremes = gpu.empty("extremes", &[2 * blocks], DType::F32)?;
+                ops.push(kernels::norm::apply_extremes(
+                    gpu,
+                    ep,
+                    &t.xt,
+                    &t.stats,
+                    (&t.gt, &t.bt),
+                    &y_ext,
+                    &extremes,
+                )?);
                 let got: Vec<Vec<f32>> =
-                    gpu.run_and_read("selftest", &ops, &[&t.y, &t.rm, &t.rv])?;
+                    gpu.run_and_read("selftest", &ops, &[&t.y, &t.rm, &t.rv, &y_ext, &extremes])?;
+                let block_extremes: Vec<f64> = got[0]
+                    .chunks(chunk)
+                    .flat_map(|b| {
+                        let lo = b.iter().copied().fold(f32::INFINITY, f32::min);
+                        let hi = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        [f64::from(lo), f64::from(hi)]
+                    })
+                    .collect();
                 let (want, mean, var) = reference::norm::forward_train(
                     &f64s(&t.x),
                     (n, c, s),
@@ -144,6 +168,14 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                         reference::compare(&got[1], &wrm, tol),
                     ),
                     ("running_var".into(), reference::compare(&got[2], &wrv, tol)),
+                    (
+                        "y with extremes".into(),
+                        reference::compare(&got[3], &f64s(&got[0]), Tolerance::EXACT),
+                    ),
+                    (
+                        "extremes".into(),
+                        reference::compare(&got[4], &block_extremes, Tolerance::EXACT),
+                    ),
                 ])
             },
         ));

@@ -77,7 +77,17 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             quantize: io.buf.quantize_output,
             ..ep
         };
-        fwd.push(norm::apply(gpu, fwd_ep, &x4, stats, &gamma, &beta, io.y)?);
+        // The extremes of the output for the IAO quantizer that reads it, where it observes.
+        let extremes = io
+            .buf
+            .extremes_for
+            .filter(|_| io.train && !super::quantizers::frozen(net))
+            .and_then(|j| net.layers[j].input_q.as_ref())
+            .and_then(|slot| slot.q.produced_extremes());
+        fwd.push(match extremes {
+            Some(e) => norm::apply_extremes(gpu, fwd_ep, &x4, stats, (&gamma, &beta), io.y, e)?,
+            None => norm::apply(gpu, fwd_ep, &x4, stats, &gamma, &beta, io.y)?,
+        });
     }
     if io.train {
         let (dg, db) = (

@@ -67,7 +67,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     }
     fwd.push(f.fold.weight(gpu, &p, &w, batch_stats)?);
     if io.train {
-        fwd.extend(iq.observe(gpu, x)?);
+        fwd.extend(iq.observe(gpu, x, io.buf.observed_by_producer)?);
     }
     fwd.push(iq.forward(gpu, x, &xq)?);
     fwd.extend(wq.forward(net, gpu, io.train, &f.fold.w_f, w_hat)?);

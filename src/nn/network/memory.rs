@@ -84,6 +84,12 @@ pub(super) struct LayerBuffers {
     /// applies that layer's activation quantizer at once (the backward forms the float output
     /// again, as before).
     pub(super) quantize_output: Option<Bits>,
+    /// A BatchNorm whose output only feeds an IAO input quantizer (of layer `extremes_for`)
+    /// writes the extremes of that output as it writes it, in training, so that the quantizer's
+    /// observer only merges them (`observed_by_producer` on the reader) instead of reading the
+    /// output again.
+    pub(super) extremes_for: Option<usize>,
+    pub(super) observed_by_producer: bool,
     /// Where the backward pass writes the gradient of each input (`None`: not needed). The first
     /// reader of a tensor writes its gradient buffer; later readers write their own.
     pub(super) din: Vec<Option<Tensor>>,
@@ -509,6 +515,8 @@ impl Network {
                 split_k: split_k.clone(),
                 fold_dx,
                 quantize_output: None,
+                extremes_for: None,
+                observed_by_producer: false,
                 din: vec![None; l.inputs.len()],
                 accumulate: Vec::new(),
             });
@@ -563,7 +571,31 @@ impl Network {
                 out[i].xq = QuantInput::ByProducer;
             }
         }
+        self.extremes_by_producers(&mut out);
         Ok(out)
+    }
+
+    /// An IAO input quantizer (of a conv or a pool) whose input is a BatchNorm's output that
+    /// nothing else reads, stored whole (not formed by its reader, not quantized by it): the
+    /// BatchNorm writes the extremes of that output for the quantizer's observer
+    /// (`LayerBuffers::extremes_for`).
+    fn extremes_by_producers(&self, out: &mut [LayerBuffers]) {
+        let readers = self.readers();
+        for (i, l) in self.layers.iter().enumerate() {
+            let Some(slot) = &l.input_q else { continue };
+            if matches!(l.kind, Kind::Add) || slot.q.produced_extremes().is_none() {
+                continue;
+            }
+            let Some(k) = self.root(l.inputs[0]) else {
+                continue;
+            };
+            let stored = !out[k].formed_by_reader && out[k].quantize_output.is_none();
+            if matches!(self.layers[k].kind, Kind::BatchNorm { .. }) && readers[k] == [i] && stored
+            {
+                out[k].extremes_for = Some(i);
+                out[i].observed_by_producer = true;
+            }
+        }
     }
 
     /// Where each layer's output gradient lives. A conv/linear output that only a BatchNorm

@@ -63,7 +63,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         (QuantInput::Temporary(t), Some(q)) => {
             let t = super::at_batch(t, io.batch)?;
             if io.train {
-                fwd.extend(q.observe(gpu, x)?);
+                fwd.extend(q.observe(gpu, x, io.buf.observed_by_producer)?);
             }
             fwd.push(q.forward(gpu, x, &t)?);
             Some((q, t))

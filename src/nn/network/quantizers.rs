@@ -44,9 +44,16 @@ impl<'a> InputQuant<'a> {
         })
     }
 
-    /// What a training forward does before quantizing: IAO's observer and scale update.
-    pub(super) fn observe(&self, gpu: &Gpu, x: &Tensor) -> Result<Vec<Op>> {
+    /// What a training forward does before quantizing: IAO's observer and scale update. With
+    /// `by_producer`, the layer that wrote `x` also wrote its extremes
+    /// (`LayerBuffers::extremes_for`): the observer only merges them.
+    pub(super) fn observe(&self, gpu: &Gpu, x: &Tensor, by_producer: bool) -> Result<Vec<Op>> {
         match self {
+            InputQuant::Iao {
+                slot,
+                state,
+                frozen: false,
+            } if by_producer => Ok(vec![slot.q.observe_produced(gpu, state, x)?]),
             InputQuant::Iao {
                 slot,
                 state,

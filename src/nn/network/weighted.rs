@@ -33,14 +33,14 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         (QuantInput::Temporary(t), Some(q)) => {
             let t = super::at_batch(t, io.batch)?;
             if io.train {
-                fwd.extend(q.observe(gpu, x)?);
+                fwd.extend(q.observe(gpu, x, io.buf.observed_by_producer)?);
             }
             fwd.push(q.forward(gpu, x, &t)?);
             t
         }
         (QuantInput::InPlace, Some(q)) => {
             if io.train {
-                fwd.extend(q.observe(gpu, x)?);
+                fwd.extend(q.observe(gpu, x, io.buf.observed_by_producer)?);
             }
             fwd.extend(q.forward_in_place(gpu, x)?);
             x.clone()
