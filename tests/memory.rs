@@ -71,6 +71,8 @@ fn a_training_step_at_batch_256_fits_the_memory_targets() {
 #[test]
 fn a_nin_training_step_is_at_most_100_dispatches() {
     use wgqat::gpu::Op;
+    // Building a network allocates from the pool whose peak another test reads.
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = common::gpu();
     let b8 = Bits::new(8).unwrap();
     for model in ["nin_gc", "nin"] {
@@ -154,9 +156,10 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
             .iter()
             .filter(|l| kernel(l).starts_with("bn_apply"))
             .count();
-        // Only the last BatchNorm's, before the average pool (forward, and formed again for
-        // the pool's backward): the max-pools form their BatchNorm's output as they read it.
-        assert_eq!(bn_apply, 2, "{model}: BatchNorm apply passes");
+        // Only the last BatchNorm's, before the average pool, forward (the pool's backward
+        // does not read its input, so it is not formed again): the max-pools form their
+        // BatchNorm's output as they read it.
+        assert_eq!(bn_apply, 1, "{model}: BatchNorm apply passes");
         let pools_through = labels
             .iter()
             .filter(|l| kernel(l).starts_with("maxpool") && l.contains(" through bn "))
@@ -394,6 +397,7 @@ fn bn_sums_match_the_reduction_passes() {
 fn an_iao_step_observes_and_masks_without_extra_passes() {
     use wgqat::gpu::Op;
     use wgqat::quant::IaoOptions;
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = common::gpu();
     let b8 = Bits::new(8).unwrap();
     let spec = wgqat::models::load("nin_gc").unwrap();

@@ -518,8 +518,9 @@ impl Network {
             Source::Node(k) => at_batch(&buffers[k].out, batch),
         };
         // Ops that form a transient input again (the chain of recomputable layers that made it
-        // from kept tensors).
-        let mut x_again: Vec<Op> = Vec::new();
+        // from kept tensors), by layer.
+        let mut x_again: Vec<(usize, Vec<Op>)> = Vec::new();
+        let readers = self.readers();
         for (i, buf) in buffers.iter().enumerate() {
             let l = &self.layers[i];
             let y = at_batch(&buf.out, batch)?;
@@ -561,11 +562,15 @@ impl Network {
             if !alias {
                 if buf.transient {
                     // Its consumer's backward forms the whole chain again.
-                    x_again.extend(self.recompute_ops(gpu, i, (x, &y), batch, buf)?);
+                    x_again.push((i, self.recompute_ops(gpu, i, (x, &y), batch, buf)?));
                 } else {
                     // The backward of this layer, and of the chain that fed it, runs next:
-                    // form the chain's outputs first.
-                    b.splice(0..0, std::mem::take(&mut x_again));
+                    // form the chain's outputs first, those that a backward reads.
+                    let again = std::mem::take(&mut x_again)
+                        .into_iter()
+                        .filter(|(k, _)| readers[*k].iter().any(|&r| self.backward_reads_input(r)))
+                        .flat_map(|(_, ops)| ops);
+                    b.splice(0..0, again.collect::<Vec<_>>());
                 }
             }
             if let Some(c) = checker.as_deref_mut() {
@@ -700,6 +705,14 @@ impl Network {
 
     /// The forward op of transient layer `i` again, into the same temporary: the same kernel on
     /// the same inputs, so the same bits.
+    /// Whether layer `i`'s backward reads its input: all but a float average pool (whose input
+    /// gradient is the output gradient spread over each window), so a transient input read
+    /// only by one is not formed again for the backward pass.
+    fn backward_reads_input(&self, i: usize) -> bool {
+        let l = &self.layers[i];
+        !(matches!(l.kind, Kind::AvgPool(_)) && l.input_q.is_none())
+    }
+
     fn recompute_ops(
         &self,
         gpu: &Gpu,
