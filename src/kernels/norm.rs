@@ -436,7 +436,6 @@ pub fn apply(
 /// `extremes` as the IAO quantizer reading `y` would find them (`IaoQuantizer::observe` over
 /// `y`: per block of [`iao::CHUNK`] elements, [min, max], the same bits), so that the quantizer
 /// only merges them (`IaoQuantizer::observe_produced`).
-#[allow(clippy::too_many_arguments)]
 pub fn apply_extremes(
     gpu: &Gpu,
     ep: Epilogue,

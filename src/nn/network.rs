@@ -703,8 +703,6 @@ impl Network {
         })
     }
 
-    /// The forward op of transient layer `i` again, into the same temporary: the same kernel on
-    /// the same inputs, so the same bits.
     /// Whether layer `i`'s backward reads its input: all but a float average pool (whose input
     /// gradient is the output gradient spread over each window), so a transient input read
     /// only by one is not formed again for the backward pass.
@@ -713,6 +711,8 @@ impl Network {
         !(matches!(l.kind, Kind::AvgPool(_)) && l.input_q.is_none())
     }
 
+    /// The forward op of transient layer `i` again, into the same temporary: the same kernel on
+    /// the same inputs, so the same bits.
     fn recompute_ops(
         &self,
         gpu: &Gpu,
