@@ -627,6 +627,11 @@ pub struct KernelShare {
     pub launches: usize,
     pub ms: f64,
     pub percent: f64,
+    /// A memory-bound kernel's bytes per step (the tensors its dispatches bind, each once, as
+    /// `memory_bound_bytes_per_step` counts them) and the bandwidth that makes (10^9 bytes/s);
+    /// `None` for the GEMMs.
+    pub memory_bound_bytes: Option<u64>,
+    pub gb_per_s: Option<f64>,
 }
 
 /// Options of [`training`].
@@ -753,20 +758,29 @@ pub fn training(
             net.write_step(gpu, &opt.next_values(1e-3, 0))?;
             let times = gpu.submit_timed("bench breakdown", plan.ops.ops())?;
             let total: f64 = times.iter().map(|t| t.seconds).sum();
-            let mut by: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
-            for t in &times {
+            // Per kernel: launches, seconds, and the bytes of its memory-bound dispatches.
+            let mut by: std::collections::BTreeMap<String, (usize, f64, Option<u64>)> =
+                Default::default();
+            for (op, t) in plan.ops.ops().iter().zip(&times) {
                 let k = t.label.split_whitespace().next().unwrap_or("?").to_string();
                 let e = by.entry(k).or_default();
                 e.0 += 1;
                 e.1 += t.seconds;
+                if let crate::gpu::Op::Dispatch(l) = op {
+                    if l.memory_bound() {
+                        e.2 = Some(e.2.unwrap_or(0) + l.bound_bytes);
+                    }
+                }
             }
             row.kernels = by
                 .into_iter()
-                .map(|(kernel, (launches, s))| KernelShare {
+                .map(|(kernel, (launches, s, bytes))| KernelShare {
                     kernel,
                     launches,
                     ms: s * 1e3,
                     percent: 100.0 * s / total.max(1e-12),
+                    memory_bound_bytes: bytes,
+                    gb_per_s: bytes.filter(|_| s > 0.0).map(|b| b as f64 / s / 1e9),
                 })
                 .collect();
             row.kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));

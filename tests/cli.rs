@@ -317,13 +317,25 @@ fn training_bench_shows_one_submit_and_no_allocations_per_step() {
         // the pipelines compiled for it (the first row compiles; the second shares some).
         assert!(r["first_step_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["pipelines_compiled"].as_u64().is_some(), "{r}");
-        assert!(
-            r["kernels"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|k| k["kernel"] == "conv2d.forward")
+        let kernels = r["kernels"].as_array().unwrap();
+        assert!(kernels.iter().any(|k| k["kernel"] == "conv2d.forward"));
+        // Memory-bound kernels carry their bytes per step and the bandwidth made, the GEMMs
+        // neither, and their bytes add up to the step's.
+        let bytes: u64 = kernels
+            .iter()
+            .filter_map(|k| k["memory_bound_bytes"].as_u64())
+            .sum();
+        assert_eq!(
+            bytes,
+            r["memory_bound_bytes_per_step"].as_u64().unwrap(),
+            "{r}"
         );
+        for k in kernels {
+            let name = k["kernel"].as_str().unwrap();
+            let gemm = name.starts_with("conv2d") || name.starts_with("conv_coop");
+            assert_eq!(k["memory_bound_bytes"].is_null(), gemm, "{k}");
+            assert_eq!(k["gb_per_s"].is_null(), gemm, "{k}");
+        }
         // The step's GEMMs by layer and direction: ci_nin's three convs (the first has no
         // grad-input).
         let gemms: Vec<String> = r["gemms"]

@@ -47,8 +47,10 @@ part info 15 "$W" info
 # default on 16 cores), their pipelines compiling side by side.
 part selftest 45 "$W" selftest
 # Each benchmark prints its table as it goes (NAME.txt) and rewrites NAME.json after every row,
-# so a part stopped by its time limit keeps the rows it finished.
-part wgqat_256 55 "$W" bench --out "$out/wgqat_256.json" --model nin_gc,nin --scheme dorefa,iao --bn-fuse --bits 8 --batch 256 --no-breakdown
+# so a part stopped by its time limit keeps the rows it finished. wgqat_256 also times one step
+# kernel by kernel (JSON `kernels`: ms, and for the memory-bound ones bytes and GB/s; `gemms`:
+# each GEMM launch), one more step per row.
+part wgqat_256 55 "$W" bench --out "$out/wgqat_256.json" --model nin_gc,nin --scheme dorefa,iao --bn-fuse --bits 8 --batch 256
 part wgqat_256_fp32 25 env WGQAT_COOP=0 "$W" bench --out "$out/wgqat_256_fp32.json" --model nin_gc,nin --bits 8 --batch 256 --no-breakdown
 # Each quantized conv GEMM on the kernel that timed faster in this very step (`--tune-kernels`:
 # 3 steps of each family first; wgqat_256_tuned.txt prints the per-layer timings and choice).

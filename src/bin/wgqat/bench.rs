@@ -284,8 +284,16 @@ pub(crate) fn bench_training(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                         println!("  {line}");
                     }
                     for k in r.kernels.iter().take(6) {
+                        // Memory-bound kernels: the bytes they bind and the bandwidth made.
+                        let bound = match (k.memory_bound_bytes, k.gb_per_s) {
+                            (Some(b), Some(g)) => {
+                                let gib = b as f64 / (1u64 << 30) as f64;
+                                format!(" {gib:>8.3} GiB {g:>8.1} GB/s")
+                            }
+                            _ => String::new(),
+                        };
                         println!(
-                            "{:>30} {:>4} launches {:>9.3} ms {:>5.1}%",
+                            "{:>30} {:>4} launches {:>9.3} ms {:>5.1}%{bound}",
                             k.kernel, k.launches, k.ms, k.percent
                         );
                     }
