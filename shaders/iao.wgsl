@@ -1,5 +1,6 @@
 // IAO fake quantizers with micronet's semantics (wqaq/iao, spec §1): observers, scale and zero
-// point, forward and the clip-STE backward. `div_rn` (shaders/lib/division.wgsl) is prepended.
+// point, forward and the clip-STE backward. `div_rn` (shaders/lib/division.wgsl) and the
+// per-element functions (shaders/lib/iao_q.wgsl) are prepended.
 //
 // A quantizer has `rows` independent ranges (1 for a tensor or a per-layer weight, else one per
 // output channel: row r covers elements r*row_len .. (r+1)*row_len of a contiguous tensor). Its
@@ -68,11 +69,6 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 // The value of f, which the compiler cannot see through: an f32 that must be rounded as it is.
 fn opaque(f: f32) -> f32 {
     return bitcast<f32>(bitcast<u32>(f) ^ p.opaque_zero);
-}
-
-fn round_away(v: f32) -> f32 {
-    let r = floor(abs(v) + 0.5);
-    return select(r, -r, v < 0.0);
 }
 
 fn row_of(i: u32) -> u32 {
@@ -186,15 +182,18 @@ fn iao_qparams(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
-fn v_of(xi: f32, r: u32) -> f32 {
-    return div_rn(xi, state_in[r * 4u + 2u]) - state_in[r * 4u + 3u];
+// The fake quantizer and the clip-STE of row r (lib/iao_q.wgsl).
+fn fake_quant(xi: f32, r: u32) -> f32 {
+    let s = state_in[r * 4u + 2u];
+    let zp = state_in[r * 4u + 3u];
+    return iao_fake_quant(xi, iao_v(xi, s, zp), s, zp, vec2(p.qmin, p.qmax));
 }
 
-fn fake_quant(xi: f32, r: u32) -> f32 {
-    let code = clamp(round_away(v_of(xi, r)), p.qmin, p.qmax);
-    let out = (code + state_in[r * 4u + 3u]) * state_in[r * 4u + 2u];
-    // NaN stays NaN (clamp would hide it), so that numerical faults surface.
-    return select(out, xi, (bitcast<u32>(xi) & 0x7fffffffu) > 0x7f800000u);
+fn grad(xi: f32, g: f32, r: u32) -> f32 {
+    let s = state_in[r * 4u + 2u];
+    let zp = state_in[r * 4u + 3u];
+    return iao_grad(iao_v(xi, s, zp), g, s, zp, vec2(state_in[r * 4u], state_in[r * 4u + 1u]),
+                    vec2(p.qmin, p.qmax), p.asymmetric != 0u);
 }
 
 @compute @workgroup_size(256)
@@ -218,25 +217,6 @@ fn iao_forward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     y[i] = fake_quant(y[i], row_of(i));
-}
-
-fn passes(xi: f32, r: u32) -> bool {
-    let s = state_in[r * 4u + 2u];
-    let zp = state_in[r * 4u + 3u];
-    let v = div_rn(xi, s) - zp;
-    let code = round_away(v);
-    var lo = div_rn(state_in[r * 4u], s) - zp;
-    var hi = div_rn(state_in[r * 4u + 1u], s) - zp;
-    if (p.asymmetric == 0u) {
-        hi = max(abs(lo), abs(hi));
-        lo = -hi;
-    }
-    return code >= p.qmin && code <= p.qmax && v >= lo && v <= hi;
-}
-
-fn grad(xi: f32, g: f32, r: u32) -> f32 {
-    let s = state_in[r * 4u + 2u];
-    return select(0.0, div_rn(g * s, s), passes(xi, r));
 }
 
 @compute @workgroup_size(256)

@@ -51,6 +51,12 @@ struct Params {
 // bn_apply_extremes: per block of EXTREMES_CHUNK outputs, their [min, max] (an IAO quantizer's
 // partials, shaders/iao.wgsl's layout for one row).
 @group(0) @binding(17) var<storage, read_write> extremes: array<f32>;
+// bn_apply_iao_backward: the state of the IAO quantizer after the BatchNorm (per tensor: min,
+// max, scale, zero point; shaders/iao.wgsl's layout), and its code range and type.
+@group(0) @binding(18) var<storage, read> iao_state: array<f32>;
+override IAO_QMIN: f32 = 0.0;
+override IAO_QMAX: f32 = 0.0;
+override IAO_ASYMMETRIC: bool = false;
 
 const WG: u32 = 256u;
 var<workgroup> red_a: array<f32, 256>;
@@ -304,6 +310,31 @@ fn bn_apply_extremes(@builtin(workgroup_id) wid: vec3<u32>,
         extremes[g * 2u] = red_a[0];
         extremes[g * 2u + 1u] = red_b[0];
     }
+}
+
+// In the backward pass of a conv whose input is this BatchNorm's output under an IAO quantizer
+// (per tensor), after the conv's grad-input: the output formed again (bn_apply's value), the
+// conv's input gradient dx masked by the quantizer's clip-STE where it lies, and the output
+// quantized for grad-weight, in one pass. The same bits as bn_apply, then iao.wgsl's
+// iao_backward_requantize over its output.
+@compute @workgroup_size(256)
+fn bn_apply_iao_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= p.n * p.c * p.s) {
+        return;
+    }
+    let at = place(i);
+    let v0 = bn_value_of(x[i], at.c);
+    let r = select(v0, relu_bits(v0), p.relu == 1u);
+    let s = iao_state[2];
+    let zp = iao_state[3];
+    let q = vec2(IAO_QMIN, IAO_QMAX);
+    let v = iao_v(r, s, zp);
+    dx[at.out] = iao_grad(v, dx[at.out], s, zp, vec2(iao_state[0], iao_state[1]), q,
+                          IAO_ASYMMETRIC);
+    y[at.out] = iao_fake_quant(r, v, s, zp, q);
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),

@@ -386,13 +386,16 @@ fn bn_sums_match_the_reduction_passes() {
     }
 }
 
-/// Under IAO, a BatchNorm writes the extremes of its output for the quantizer that reads it,
-/// and a quantized conv's input quantizer masks its input gradient and forms the
+/// Under IAO, a BatchNorm writes the extremes of its output for the quantizer that reads it, a
+/// conv reading a BatchNorm's output forms that output again in the pass that masks the conv's
+/// input gradient and quantizes the output (`bn_apply_iao_backward`), and a quantized conv's
+/// input quantizer otherwise masks its input gradient and forms the
 /// quantized input again for grad-weight in one pass (`iao_backward_requantize` where the input
 /// lies, `iao_backward_quantize` into the shared temporary), never a mask pass followed by a
 /// quantize pass over the same input. (That the one-pass kernels give the two passes' bits is
-/// `wgqat selftest`'s `iao_quant` case, and that the extremes are the observer's own, its
-/// `batchnorm` forward train cases; 3-step trainings are bit-identical to the passes'.)
+/// `wgqat selftest`'s `iao_quant` cases, and that the extremes are the observer's own and the
+/// mask pass gives the passes' bits, its `batchnorm` cases; 3-step trainings are bit-identical
+/// to the passes'.)
 #[test]
 fn an_iao_step_observes_and_masks_without_extra_passes() {
     use wgqat::gpu::Op;
@@ -423,10 +426,29 @@ fn an_iao_step_observes_and_masks_without_extra_passes() {
             .collect();
         let kernel = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
         let count = |k: &str| labels.iter().filter(|l| kernel(l) == k).count();
-        // nin_gc's 8 quantized convs with a grad-input: the six 1x1 (their input formed again
-        // where it lies) and the two 3x3 after a max-pool (into the temporary); folded, all
-        // eight quantize into the temporary.
-        let (requantize, quantize) = if bn_fuse { (0, 8) } else { (6, 2) };
+        // nin_gc's 8 quantized convs with a grad-input: the six 1x1, whose input is a
+        // BatchNorm's output, form it again in the same pass (`bn_apply_iao_backward`, in
+        // place of that BatchNorm's recompute), and the two 3x3 after a max-pool quantize into
+        // the temporary; folded, all eight quantize into the temporary.
+        let (requantize, quantize) = if bn_fuse { (0, 8) } else { (0, 2) };
+        let mask_passes = labels
+            .iter()
+            .filter(|l| kernel(l).starts_with("bn_apply_iao_backward"))
+            .count();
+        assert_eq!(
+            mask_passes,
+            if bn_fuse { 0 } else { 6 },
+            "bn_fuse {bn_fuse}"
+        );
+        // The BatchNorm outputs formed again as passes: the two max-pools' inputs and the
+        // average pool's (their quantizers' masks read them), not the six convs'.
+        if !bn_fuse {
+            let plain_applies = labels
+                .iter()
+                .filter(|l| kernel(l) == "bn_apply" || kernel(l).starts_with("bn_apply+"))
+                .count();
+            assert_eq!(plain_applies, 3, "BatchNorm outputs formed again as passes");
+        }
         assert_eq!(
             count("iao_backward_requantize"),
             requantize,

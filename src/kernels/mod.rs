@@ -44,7 +44,7 @@ macro_rules! shader {
 pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl", true);
 pub static REDUCE: Shader = shader!("reduce.wgsl", true);
 pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl", "act.wgsl");
-pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl");
+pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl", "iao_q.wgsl");
 pub static BNFOLD: Shader = shader!("bnfold.wgsl", true);
 pub static WBWTAB: Shader = shader!("wbwtab.wgsl", true);
 // The kernel, then its tile staging (after it: naga 30 fails on a function that uses an
@@ -59,7 +59,14 @@ pub static CONV2D: Shader = Shader {
     ),
     trusted: true,
 };
-pub static NORM: Shader = shader!("norm.wgsl", true, "act.wgsl", "bn.wgsl");
+pub static NORM: Shader = shader!(
+    "norm.wgsl",
+    true,
+    "act.wgsl",
+    "bn.wgsl",
+    "division.wgsl",
+    "iao_q.wgsl"
+);
 pub static POOL: Shader = shader!("pool.wgsl", true, "window.wgsl");
 pub static MAXPOOL: Shader = shader!("maxpool.wgsl", true, "act.wgsl", "bn.wgsl", "window.wgsl");
 // Checked: it indexes logits by labels, which come from the data.

@@ -25,6 +25,10 @@ const STATS_MERGE: Entry = entry(
 );
 const EVAL_STATS: Entry = entry("bn_eval_stats", &[(2, W), (3, W), (4, W), (6, R), (7, R)]);
 const APPLY: Entry = entry("bn_apply", &[(1, R), (5, R), (6, R), (7, R), (8, W)]);
+const APPLY_IAO_BACKWARD: Entry = entry(
+    "bn_apply_iao_backward",
+    &[(1, R), (5, R), (6, R), (7, R), (8, W), (15, W), (18, R)],
+);
 const APPLY_EXTREMES: Entry = entry(
     "bn_apply_extremes",
     &[(1, R), (5, R), (6, R), (7, R), (8, W), (17, W)],
@@ -484,6 +488,57 @@ pub fn apply_extremes(
             count_u32(K, blocks)?,
             gpu.limits.max_compute_workgroups_per_dimension,
         ),
+    )
+}
+
+/// In a conv's backward pass, after its grad-input, where the conv's input is this BatchNorm's
+/// output `y` under the per-tensor IAO quantizer `q` (state `state`): `y` formed again as
+/// [`apply`] forms it, `dx` (the conv's input gradient, in `y`'s layout) masked by the
+/// quantizer's clip-STE, and `y` quantized for grad-weight, in one pass. The same bits as
+/// [`apply`] followed by `IaoQuantizer::backward_requantize` over `y`.
+pub fn apply_iao_backward(
+    gpu: &Gpu,
+    ep: Epilogue,
+    (x, stats): (&Tensor, &Tensor),
+    (gamma, beta): (&Tensor, &Tensor),
+    (q, state): (&iao::IaoQuantizer, &Tensor),
+    dx: &Tensor,
+    y: &Tensor,
+) -> Result<Op> {
+    const K: &str = "bn_apply_iao_backward";
+    if ep.quantize.is_some() || q.rows() != 1 {
+        return Err(Error::shape(
+            K,
+            "a per-tensor IAO quantizer of the float output",
+        ));
+    }
+    let sh = BnShape::of(x.shape())?;
+    check(
+        K,
+        &[
+            ("x", x, x.shape()),
+            ("stats", stats, &[TABLE * sh.c]),
+            ("gamma", gamma, &[sh.c]),
+            ("beta", beta, &[sh.c]),
+            ("state", state, &[iao::ROW_WORDS + 1]),
+            ("dx", dx, x.shape()),
+            ("y", y, x.shape()),
+        ],
+    )?;
+    let (qmin, qmax) = q.code_range();
+    let asymmetric = q.spec.q_type == crate::quant::iao::QType::Asymmetric;
+    let n = count_u32(K, sh.numel())?;
+    APPLY_IAO_BACKWARD.launch(
+        gpu,
+        &[
+            ("IAO_QMIN", f64::from(qmin)),
+            ("IAO_QMAX", f64::from(qmax)),
+            ("IAO_ASYMMETRIC", f64::from(u8::from(asymmetric))),
+        ],
+        format!("bn_apply_iao_backward{} {:?}", ep.label(), x.shape()),
+        &params(sh, ep, 0.0, 0.0)?,
+        &[x, stats, gamma, beta, y, dx, state],
+        elementwise_grid(gpu, n),
     )
 }
 

@@ -565,10 +565,14 @@ impl Network {
                     x_again.push((i, self.recompute_ops(gpu, i, (x, &y), batch, buf)?));
                 } else {
                     // The backward of this layer, and of the chain that fed it, runs next:
-                    // form the chain's outputs first, those that a backward reads.
+                    // form the chain's outputs first, those that a backward reads (and that
+                    // the reader's mask pass does not form).
                     let again = std::mem::take(&mut x_again)
                         .into_iter()
-                        .filter(|(k, _)| readers[*k].iter().any(|&r| self.backward_reads_input(r)))
+                        .filter(|(k, _)| {
+                            !buffers[*k].formed_in_mask_pass
+                                && readers[*k].iter().any(|&r| self.backward_reads_input(r))
+                        })
                         .flat_map(|(_, ops)| ops);
                     b.splice(0..0, again.collect::<Vec<_>>());
                 }

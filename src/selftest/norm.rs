@@ -179,6 +179,78 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 ])
             },
         ));
+        // The backward pass of a conv reading this output under an IAO quantizer: the output
+        // formed again, the conv's input gradient masked and the output quantized in one pass,
+        // against bn_apply and iao_backward_requantize, bit for bit. The quantizer observed a
+        // narrower tensor, so some outputs lie past its range (the mask shows).
+        v.push(Case::new(
+            "batchnorm",
+            "iao backward",
+            shape.clone(),
+            move |gpu, rng| {
+                use crate::kernels::iao::IaoQuantizer;
+                use crate::quant::iao::{QType, Spec};
+                let t = Inputs::draw(gpu, rng, (n, c, s), 0.1)?;
+                let dy = rng.vec_uniform(n * c * s, -1.0, 1.0);
+                let q_type = if c % 2 == 0 {
+                    QType::Symmetric
+                } else {
+                    QType::Asymmetric
+                };
+                let spec = Spec::activation(bits(if c % 2 == 0 { 8 } else { 4 }), q_type);
+                let q = IaoQuantizer::new(gpu, "selftest", spec, &[n, c, s])?;
+                let state = gpu.upload_f32("state", &[q.state_len()], &q.initial_state())?;
+                let (d_two, d_one) = (
+                    gpu.upload_f32("dy", &[n, c, s], &dy)?,
+                    gpu.upload_f32("dy", &[n, c, s], &dy)?,
+                );
+                let y_one = gpu.empty("y", &[n, c, s], DType::F32)?;
+                let mut ops = vec![kernels::norm::stats_train(
+                    gpu,
+                    &t.xt,
+                    1e-5,
+                    0.1,
+                    (&t.gt, &t.bt),
+                    &t.stats,
+                    &t.rm,
+                    &t.rv,
+                )?];
+                let narrow: Vec<f32> = t.x.iter().map(|v| v * 0.3).collect();
+                let observed = gpu.upload_f32("observed", &[n, c, s], &narrow)?;
+                ops.extend(q.observe(gpu, &state, &observed)?);
+                ops.push(kernels::norm::apply(
+                    gpu, ep, &t.xt, &t.stats, &t.gt, &t.bt, &t.y,
+                )?);
+                ops.push(q.backward_requantize(gpu, &state, &t.y, &d_two)?);
+                ops.push(kernels::norm::apply_iao_backward(
+                    gpu,
+                    ep,
+                    (&t.xt, &t.stats),
+                    (&t.gt, &t.bt),
+                    (&q, &state),
+                    &d_one,
+                    &y_one,
+                )?);
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &ops, &[&t.y, &d_two, &y_one, &d_one])?;
+                // (1 where the case masks some gradients, as it must to test the mask.)
+                let masks = f32::from(u8::from(got[1].contains(&0.0)));
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[2], &f64s(&got[0]), Tolerance::EXACT),
+                    ),
+                    (
+                        "dx".into(),
+                        reference::compare(&got[3], &f64s(&got[1]), Tolerance::EXACT),
+                    ),
+                    (
+                        "some dx masked".into(),
+                        reference::compare(&[masks], &[1.0], Tolerance::EXACT),
+                    ),
+                ])
+            },
+        ));
         v.push(Case::new(
             "batchnorm",
             "forward eval",

@@ -5,6 +5,7 @@
 //! input (`QuantInput::ThroughBn`), the output is never written.
 
 use super::Gemm;
+use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops, with_batch};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Op, Tensor};
@@ -208,6 +209,41 @@ pub(super) fn recompute(
 }
 
 impl Network {
+    /// In the backward pass of the conv that reads BatchNorm layer `k`'s output `y` under the
+    /// IAO quantizer `q` (`LayerBuffers::masks_through_bn`), after its grad-input: `y` formed
+    /// again from the BatchNorm's input `x`, `dx` masked and `y` quantized, in one pass.
+    pub(super) fn bn_mask_pass(
+        &self,
+        gpu: &Gpu,
+        k: usize,
+        q: &InputQuant<'_>,
+        (x, y, dx): (&Tensor, &Tensor, &Tensor),
+        batch: usize,
+    ) -> Result<Op> {
+        let l = &self.layers[k];
+        let (Kind::BatchNorm { ep, .. }, InputQuant::Iao { slot, state, .. }) = (l.kind, q) else {
+            return Err(Error::Invalid(format!(
+                "layer {}: only a BatchNorm before an IAO quantizer forms its output in the mask pass",
+                l.name
+            )));
+        };
+        let p = |k: Option<usize>| {
+            self.param(k)
+                .map(|t| t.expect("BatchNorm has gamma and beta"))
+        };
+        let shape = with_batch(batch, &l.in_shape);
+        let stats = l.bn_stats.as_ref().expect("bn stats");
+        norm::apply_iao_backward(
+            gpu,
+            ep,
+            (&x.reshape(&shape)?, stats),
+            (&p(l.weight)?, &p(l.bias)?),
+            (&slot.q, state),
+            &dx.reshape(&shape)?,
+            &y.reshape(&shape)?,
+        )
+    }
+
     /// How a conv forms BatchNorm layer `k`'s output where it loads it, quantized to `bits`.
     pub(super) fn input_bn(&self, k: usize, bits: Bits) -> Result<InputBn<'_>> {
         Ok(InputBn {

@@ -90,6 +90,13 @@ pub(super) struct LayerBuffers {
     /// output again.
     pub(super) extremes_for: Option<usize>,
     pub(super) observed_by_producer: bool,
+    /// A conv whose IAO-quantized input is a recomputed BatchNorm's output (layer `.0`, whose
+    /// input is `.1`): its backward forms that output again, masks its input gradient and
+    /// quantizes the output for grad-weight in one pass after grad-input
+    /// (`norm::apply_iao_backward`), so the BatchNorm's output is not formed again before
+    /// (`formed_in_mask_pass` on the BatchNorm).
+    pub(super) masks_through_bn: Option<(usize, Tensor)>,
+    pub(super) formed_in_mask_pass: bool,
     /// Where the backward pass writes the gradient of each input (`None`: not needed). The first
     /// reader of a tensor writes its gradient buffer; later readers write their own.
     pub(super) din: Vec<Option<Tensor>>,
@@ -517,6 +524,8 @@ impl Network {
                 quantize_output: None,
                 extremes_for: None,
                 observed_by_producer: false,
+                masks_through_bn: None,
+                formed_in_mask_pass: false,
                 din: vec![None; l.inputs.len()],
                 accumulate: Vec::new(),
             });
@@ -572,6 +581,7 @@ impl Network {
             }
         }
         self.extremes_by_producers(&mut out);
+        self.masks_through_bns(&mut out);
         Ok(out)
     }
 
@@ -594,6 +604,35 @@ impl Network {
             {
                 out[k].extremes_for = Some(i);
                 out[i].observed_by_producer = true;
+            }
+        }
+    }
+
+    /// A conv (not folded) whose IAO input quantizer works on its input where it lies
+    /// (`QuantInput::InPlace`), with an input gradient, where that input is the output of a
+    /// recomputed BatchNorm that nothing else reads and whose input is a layer's output: its
+    /// backward does the BatchNorm's recompute with the mask and requantization
+    /// (`LayerBuffers::masks_through_bn`).
+    fn masks_through_bns(&self, out: &mut [LayerBuffers]) {
+        let readers = self.readers();
+        for (i, l) in self.layers.iter().enumerate() {
+            let conv = matches!(l.kind, Kind::Weighted { .. }) && l.fold.is_none();
+            let in_place = matches!(out[i].xq, QuantInput::InPlace);
+            if !conv || l.input_q.is_none() || !in_place || out[i].din[0].is_none() {
+                continue;
+            }
+            let Some(k) = self.root(l.inputs[0]) else {
+                continue;
+            };
+            let bn = &self.layers[k];
+            let recomputed =
+                out[k].transient && !out[k].formed_by_reader && out[k].quantize_output.is_none();
+            if !matches!(bn.kind, Kind::BatchNorm { .. }) || readers[k] != [i] || !recomputed {
+                continue;
+            }
+            if let Some(input) = self.root(bn.inputs[0]) {
+                out[i].masks_through_bn = Some((k, out[input].out.clone()));
+                out[k].formed_in_mask_pass = true;
             }
         }
     }

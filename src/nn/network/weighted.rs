@@ -128,7 +128,11 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             Some(_) if fused.is_some() => bwd.extend(fused),
             Some(dx) => {
                 bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, around)?);
-                if in_place {
+                if let Some((k, bn_input)) = &buf.masks_through_bn {
+                    // x is formed again here, from the BatchNorm's input, masked and quantized.
+                    let bn_input = super::at_batch(bn_input, io.batch)?;
+                    bwd.push(net.bn_mask_pass(gpu, *k, q, (&bn_input, x, dx), io.batch)?);
+                } else if in_place {
                     bwd.extend(q.backward_requantize(gpu, x, dx)?);
                 } else if to_temporary {
                     bwd.extend(q.backward_quantize(gpu, x, dx, &xq)?);
