@@ -51,7 +51,7 @@ struct Params {
 // bn_apply_extremes: per block of EXTREMES_CHUNK outputs, their [min, max] (an IAO quantizer's
 // partials, shaders/iao.wgsl's layout for one row).
 @group(0) @binding(17) var<storage, read_write> extremes: array<f32>;
-// bn_apply_iao_backward: the state of the IAO quantizer after the BatchNorm (per tensor: min,
+// bn_apply_iao_*: the state of the IAO quantizer after the BatchNorm (per tensor: min,
 // max, scale, zero point; shaders/iao.wgsl's layout), and its code range and type.
 @group(0) @binding(18) var<storage, read> iao_state: array<f32>;
 override IAO_QMIN: f32 = 0.0;
@@ -312,11 +312,38 @@ fn bn_apply_extremes(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// In the backward pass of a conv whose input is this BatchNorm's output under an IAO quantizer
-// (per tensor), after the conv's grad-input: the output formed again (bn_apply's value), the
-// conv's input gradient dx masked by the quantizer's clip-STE where it lies, and the output
-// quantized for grad-weight, in one pass. The same bits as bn_apply, then iao.wgsl's
-// iao_backward_requantize over its output.
+// The passes of a layer whose input is this BatchNorm's output under an IAO quantizer (per
+// tensor), in its backward pass: the output formed again (bn_apply's value), then quantized
+// into y, or the layer's input gradient dx masked by the quantizer's clip-STE, or both, where
+// they lie. The same bits as bn_apply followed by iao.wgsl's kernels over its output.
+
+// Element i's output place and bn_apply's value of it.
+struct Formed {
+    out: u32,
+    r: f32,
+}
+
+fn formed(i: u32) -> Formed {
+    let at = place(i);
+    let v = bn_value_of(x[i], at.c);
+    return Formed(at.out, select(v, relu_bits(v), p.relu == 1u));
+}
+
+fn iao_quantized(r: f32) -> f32 {
+    let s = iao_state[2];
+    let zp = iao_state[3];
+    return iao_fake_quant(r, iao_v(r, s, zp), s, zp, vec2(IAO_QMIN, IAO_QMAX));
+}
+
+fn iao_masked(r: f32, g: f32) -> f32 {
+    let s = iao_state[2];
+    let zp = iao_state[3];
+    return iao_grad(iao_v(r, s, zp), g, s, zp, vec2(iao_state[0], iao_state[1]),
+                    vec2(IAO_QMIN, IAO_QMAX), IAO_ASYMMETRIC);
+}
+
+// Both: a conv's input gradient masked and its input quantized for grad-weight, after its
+// grad-input (iao_backward_requantize's bits).
 @compute @workgroup_size(256)
 fn bn_apply_iao_backward(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
@@ -325,16 +352,36 @@ fn bn_apply_iao_backward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n * p.c * p.s) {
         return;
     }
-    let at = place(i);
-    let v0 = bn_value_of(x[i], at.c);
-    let r = select(v0, relu_bits(v0), p.relu == 1u);
-    let s = iao_state[2];
-    let zp = iao_state[3];
-    let q = vec2(IAO_QMIN, IAO_QMAX);
-    let v = iao_v(r, s, zp);
-    dx[at.out] = iao_grad(v, dx[at.out], s, zp, vec2(iao_state[0], iao_state[1]), q,
-                          IAO_ASYMMETRIC);
-    y[at.out] = iao_fake_quant(r, v, s, zp, q);
+    let f = formed(i);
+    dx[f.out] = iao_masked(f.r, dx[f.out]);
+    y[f.out] = iao_quantized(f.r);
+}
+
+// The quantized input alone: a max-pool's, before its backward finds the maxima in it
+// (iao_forward's bits).
+@compute @workgroup_size(256)
+fn bn_apply_iao_quantize(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= p.n * p.c * p.s) {
+        return;
+    }
+    let f = formed(i);
+    y[f.out] = iao_quantized(f.r);
+}
+
+// The mask alone: a pool's input gradient, after its backward (iao_backward_in_place's bits).
+@compute @workgroup_size(256)
+fn bn_apply_iao_mask(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= p.n * p.c * p.s) {
+        return;
+    }
+    let f = formed(i);
+    dx[f.out] = iao_masked(f.r, dx[f.out]);
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),

@@ -29,6 +29,14 @@ const APPLY_IAO_BACKWARD: Entry = entry(
     "bn_apply_iao_backward",
     &[(1, R), (5, R), (6, R), (7, R), (8, W), (15, W), (18, R)],
 );
+const APPLY_IAO_QUANTIZE: Entry = entry(
+    "bn_apply_iao_quantize",
+    &[(1, R), (5, R), (6, R), (7, R), (8, W), (18, R)],
+);
+const APPLY_IAO_MASK: Entry = entry(
+    "bn_apply_iao_mask",
+    &[(1, R), (5, R), (6, R), (7, R), (15, W), (18, R)],
+);
 const APPLY_EXTREMES: Entry = entry(
     "bn_apply_extremes",
     &[(1, R), (5, R), (6, R), (7, R), (8, W), (17, W)],
@@ -491,53 +499,74 @@ pub fn apply_extremes(
     )
 }
 
-/// In a conv's backward pass, after its grad-input, where the conv's input is this BatchNorm's
-/// output `y` under the per-tensor IAO quantizer `q` (state `state`): `y` formed again as
-/// [`apply`] forms it, `dx` (the conv's input gradient, in `y`'s layout) masked by the
-/// quantizer's clip-STE, and `y` quantized for grad-weight, in one pass. The same bits as
-/// [`apply`] followed by `IaoQuantizer::backward_requantize` over `y`.
-pub fn apply_iao_backward(
+/// In the backward pass of a layer whose input is this BatchNorm's output `y` under the
+/// per-tensor IAO quantizer `q` (state `state`): `y` formed again as [`apply`] forms it, then
+/// with `dx` (the layer's input gradient, in `y`'s layout) masked by the quantizer's clip-STE,
+/// and with `into` written with the quantized `y` (where it lies, or a temporary), in one pass.
+/// The same bits as [`apply`] followed by `IaoQuantizer::backward_in_place`, `forward` or
+/// `backward_requantize` over `y`.
+pub fn apply_iao(
     gpu: &Gpu,
     ep: Epilogue,
     (x, stats): (&Tensor, &Tensor),
     (gamma, beta): (&Tensor, &Tensor),
     (q, state): (&iao::IaoQuantizer, &Tensor),
-    dx: &Tensor,
-    y: &Tensor,
+    dx: Option<&Tensor>,
+    into: Option<&Tensor>,
 ) -> Result<Op> {
-    const K: &str = "bn_apply_iao_backward";
+    let (entry, tensors) = match (dx, into) {
+        (Some(dx), Some(y)) => (&APPLY_IAO_BACKWARD, vec![y, dx]),
+        (None, Some(y)) => (&APPLY_IAO_QUANTIZE, vec![y]),
+        (Some(dx), None) => (&APPLY_IAO_MASK, vec![dx]),
+        (None, None) => {
+            return Err(Error::shape(
+                "bn_apply_iao",
+                "neither a gradient to mask nor an output to quantize",
+            ));
+        }
+    };
+    let k = entry.name;
     if ep.quantize.is_some() || q.rows() != 1 {
         return Err(Error::shape(
-            K,
+            k,
             "a per-tensor IAO quantizer of the float output",
         ));
     }
     let sh = BnShape::of(x.shape())?;
-    check(
-        K,
-        &[
-            ("x", x, x.shape()),
-            ("stats", stats, &[TABLE * sh.c]),
-            ("gamma", gamma, &[sh.c]),
-            ("beta", beta, &[sh.c]),
-            ("state", state, &[iao::ROW_WORDS + 1]),
-            ("dx", dx, x.shape()),
-            ("y", y, x.shape()),
-        ],
-    )?;
+    let (table, c, words) = ([TABLE * sh.c], [sh.c], [iao::ROW_WORDS + 1]);
+    let mut named: Vec<(&str, &Tensor, &[usize])> = vec![
+        ("x", x, x.shape()),
+        ("stats", stats, &table),
+        ("gamma", gamma, &c),
+        ("beta", beta, &c),
+        ("state", state, &words),
+    ];
+    let outs = ["y", "dx"];
+    let outs = if into.is_some() {
+        &outs[..]
+    } else {
+        &outs[1..]
+    };
+    for (name, t) in outs.iter().zip(&tensors) {
+        named.push((name, t, x.shape()));
+    }
+    check(k, &named)?;
     let (qmin, qmax) = q.code_range();
     let asymmetric = q.spec.q_type == crate::quant::iao::QType::Asymmetric;
-    let n = count_u32(K, sh.numel())?;
-    APPLY_IAO_BACKWARD.launch(
+    let n = count_u32(k, sh.numel())?;
+    let mut bound = vec![x, stats, gamma, beta];
+    bound.extend(tensors);
+    bound.push(state);
+    entry.launch(
         gpu,
         &[
             ("IAO_QMIN", f64::from(qmin)),
             ("IAO_QMAX", f64::from(qmax)),
             ("IAO_ASYMMETRIC", f64::from(u8::from(asymmetric))),
         ],
-        format!("bn_apply_iao_backward{} {:?}", ep.label(), x.shape()),
+        format!("{k}{} {:?}", ep.label(), x.shape()),
         &params(sh, ep, 0.0, 0.0)?,
-        &[x, stats, gamma, beta, y, dx, state],
+        &bound,
         elementwise_grid(gpu, n),
     )
 }

@@ -222,17 +222,36 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     gpu, ep, &t.xt, &t.stats, &t.gt, &t.bt, &t.y,
                 )?);
                 ops.push(q.backward_requantize(gpu, &state, &t.y, &d_two)?);
-                ops.push(kernels::norm::apply_iao_backward(
+                ops.push(kernels::norm::apply_iao(
                     gpu,
                     ep,
                     (&t.xt, &t.stats),
                     (&t.gt, &t.bt),
                     (&q, &state),
-                    &d_one,
-                    &y_one,
+                    Some(&d_one),
+                    Some(&y_one),
                 )?);
-                let got: Vec<Vec<f32>> =
-                    gpu.run_and_read("selftest", &ops, &[&t.y, &d_two, &y_one, &d_one])?;
+                // The two halves alone: the quantized output, and the mask.
+                let (d_mask, y_quant) = (
+                    gpu.upload_f32("dy", &[n, c, s], &dy)?,
+                    gpu.empty("y", &[n, c, s], DType::F32)?,
+                );
+                for (d, y) in [(Some(&d_mask), None), (None, Some(&y_quant))] {
+                    ops.push(kernels::norm::apply_iao(
+                        gpu,
+                        ep,
+                        (&t.xt, &t.stats),
+                        (&t.gt, &t.bt),
+                        (&q, &state),
+                        d,
+                        y,
+                    )?);
+                }
+                let got: Vec<Vec<f32>> = gpu.run_and_read(
+                    "selftest",
+                    &ops,
+                    &[&t.y, &d_two, &y_one, &d_one, &y_quant, &d_mask],
+                )?;
                 // (1 where the case masks some gradients, as it must to test the mask.)
                 let masks = f32::from(u8::from(got[1].contains(&0.0)));
                 Ok(vec![
@@ -243,6 +262,14 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     (
                         "dx".into(),
                         reference::compare(&got[3], &f64s(&got[1]), Tolerance::EXACT),
+                    ),
+                    (
+                        "y alone".into(),
+                        reference::compare(&got[4], &f64s(&got[0]), Tolerance::EXACT),
+                    ),
+                    (
+                        "dx alone".into(),
+                        reference::compare(&got[5], &f64s(&got[1]), Tolerance::EXACT),
                     ),
                     (
                         "some dx masked".into(),

@@ -209,15 +209,16 @@ pub(super) fn recompute(
 }
 
 impl Network {
-    /// In the backward pass of the conv that reads BatchNorm layer `k`'s output `y` under the
-    /// IAO quantizer `q` (`LayerBuffers::masks_through_bn`), after its grad-input: `y` formed
-    /// again from the BatchNorm's input `x`, `dx` masked and `y` quantized, in one pass.
+    /// In the backward pass of the layer that reads BatchNorm layer `k`'s output under the IAO
+    /// quantizer `q` (`LayerBuffers::masks_through_bn`): that output formed again from the
+    /// BatchNorm's input `x`, then `dx` masked and/or the quantized output written `into`, in
+    /// one pass (`norm::apply_iao`).
     pub(super) fn bn_mask_pass(
         &self,
         gpu: &Gpu,
         k: usize,
         q: &InputQuant<'_>,
-        (x, y, dx): (&Tensor, &Tensor, &Tensor),
+        (x, dx, into): (&Tensor, Option<&Tensor>, Option<&Tensor>),
         batch: usize,
     ) -> Result<Op> {
         let l = &self.layers[k];
@@ -233,14 +234,15 @@ impl Network {
         };
         let shape = with_batch(batch, &l.in_shape);
         let stats = l.bn_stats.as_ref().expect("bn stats");
-        norm::apply_iao_backward(
+        let as_bn = |t: Option<&Tensor>| t.map(|t| t.reshape(&shape)).transpose();
+        norm::apply_iao(
             gpu,
             ep,
             (&x.reshape(&shape)?, stats),
             (&p(l.weight)?, &p(l.bias)?),
             (&slot.q, state),
-            &dx.reshape(&shape)?,
-            &y.reshape(&shape)?,
+            as_bn(dx)?.as_ref(),
+            as_bn(into)?.as_ref(),
         )
     }
 

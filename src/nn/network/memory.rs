@@ -608,17 +608,25 @@ impl Network {
         }
     }
 
-    /// A conv (not folded) whose IAO input quantizer works on its input where it lies
-    /// (`QuantInput::InPlace`), with an input gradient, where that input is the output of a
-    /// recomputed BatchNorm that nothing else reads and whose input is a layer's output: its
-    /// backward does the BatchNorm's recompute with the mask and requantization
-    /// (`LayerBuffers::masks_through_bn`).
+    /// A layer with an IAO input quantizer and an input gradient, where that input is the
+    /// output of a recomputed BatchNorm that nothing else reads and whose input is a layer's
+    /// output: its backward does the BatchNorm's recompute in the passes of its quantizer
+    /// (`LayerBuffers::masks_through_bn`). A conv (not folded) whose quantizer works where the
+    /// input lies: the mask and requantization after grad-input; a pool, whose quantized input
+    /// is a temporary: a max-pool's quantized input before its backward, and the mask after.
     fn masks_through_bns(&self, out: &mut [LayerBuffers]) {
         let readers = self.readers();
         for (i, l) in self.layers.iter().enumerate() {
-            let conv = matches!(l.kind, Kind::Weighted { .. }) && l.fold.is_none();
-            let in_place = matches!(out[i].xq, QuantInput::InPlace);
-            if !conv || l.input_q.is_none() || !in_place || out[i].din[0].is_none() {
+            let fits = match l.kind {
+                Kind::Weighted { .. } => {
+                    l.fold.is_none() && matches!(out[i].xq, QuantInput::InPlace)
+                }
+                Kind::MaxPool(_) | Kind::AvgPool(_) => {
+                    out[i].reads_bn.is_none() && matches!(out[i].xq, QuantInput::Temporary(_))
+                }
+                _ => false,
+            };
+            if !fits || l.input_q.is_none() || out[i].din[0].is_none() {
                 continue;
             }
             let Some(k) = self.root(l.inputs[0]) else {

@@ -71,6 +71,14 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         _ => None,
     };
     let pooled = xq.as_ref().map_or(x, |(_, t)| t);
+    // The BatchNorm whose output is the input, and its input, where the quantizer's backward
+    // passes form that output (`LayerBuffers::masks_through_bn`).
+    let bn_input = io
+        .buf
+        .masks_through_bn
+        .as_ref()
+        .map(|(k, t)| super::at_batch(t, io.batch).map(|t| (*k, t)))
+        .transpose()?;
     if let Kind::MaxPool(win) = l.kind {
         let ep = MaxPoolEpilogue {
             shuffle: win.shuffle,
@@ -83,9 +91,14 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             gpu, &geom, pooled, io.y, ep, input_bn,
         )?);
         if let Some(dx) = dx {
-            // The input as the forward pooled it (kept, or formed again).
-            if let Some((q, t)) = &xq {
-                bwd.push(q.forward(gpu, x, t)?);
+            // The input as the forward pooled it (kept, or formed again: from the BatchNorm
+            // before's input, where that BatchNorm's output is not formed again by itself).
+            match (&xq, &bn_input) {
+                (Some((q, t)), Some((k, bn_in))) => {
+                    bwd.push(net.bn_mask_pass(gpu, *k, q, (bn_in, None, Some(t)), io.batch)?)
+                }
+                (Some((q, t)), None) => bwd.push(q.forward(gpu, x, t)?),
+                _ => {}
             }
             // With the sums of the BatchNorm before's backward (see `LayerBuffers::bn_sums`).
             let sums = io.buf.bn_sums.as_ref().filter(|_| input_bn.is_some());
@@ -104,9 +117,14 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             bwd.push(pool::avgpool_backward(gpu, &geom, io.dy(l)?, dx)?);
         }
     }
-    // The quantizer's straight-through mask, from the float input.
+    // The quantizer's straight-through mask, from the float input (or the BatchNorm's input).
     if let (Some(dx), Some((q, _))) = (dx, &xq) {
-        bwd.extend(q.backward_in_place(gpu, x, dx)?);
+        match &bn_input {
+            Some((k, bn_in)) => {
+                bwd.push(net.bn_mask_pass(gpu, *k, q, (bn_in, Some(dx), None), io.batch)?)
+            }
+            None => bwd.extend(q.backward_in_place(gpu, x, dx)?),
+        }
     }
     Ok((fwd, bwd))
 }
