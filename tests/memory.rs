@@ -39,6 +39,18 @@ fn peak(model: &str, bits: u32, batch: usize) -> f64 {
     row.peak_memory_bytes.expect("peak measured") as f64
 }
 
+/// The labels of a plan's dispatches, in order.
+fn dispatch_labels(plan: &wgqat::nn::Plan) -> Vec<&str> {
+    plan.ops
+        .ops()
+        .iter()
+        .filter_map(|op| match op {
+            wgqat::gpu::Op::Dispatch(l) => Some(l.label.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_training_step_at_batch_256_fits_the_memory_targets() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
@@ -70,7 +82,6 @@ fn a_training_step_at_batch_256_fits_the_memory_targets() {
 /// counted as split, plus the optimizer's one update, bounds every batch.
 #[test]
 fn a_nin_training_step_is_at_most_100_dispatches() {
-    use wgqat::gpu::Op;
     // Building a network allocates from the pool whose peak another test reads.
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = common::gpu();
@@ -80,15 +91,7 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
         let net =
             wgqat::nn::Network::new(gpu, &spec, QuantConfig::dorefa(b8, b8), 8, true, 1).unwrap();
         let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
-        let labels: Vec<&str> = plan
-            .ops
-            .ops()
-            .iter()
-            .filter_map(|op| match op {
-                Op::Dispatch(l) => Some(l.label.as_str()),
-                _ => None,
-            })
-            .collect();
+        let labels = dispatch_labels(&plan);
         let kernel = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
         let split_k = labels
             .iter()
@@ -398,7 +401,6 @@ fn bn_sums_match_the_reduction_passes() {
 /// to the passes'.)
 #[test]
 fn an_iao_step_observes_and_masks_without_extra_passes() {
-    use wgqat::gpu::Op;
     use wgqat::quant::IaoOptions;
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = common::gpu();
@@ -415,15 +417,7 @@ fn an_iao_step_observes_and_masks_without_extra_passes() {
         );
         let net = wgqat::nn::Network::new(gpu, &spec, quant, 8, true, 1).unwrap();
         let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
-        let labels: Vec<&str> = plan
-            .ops
-            .ops()
-            .iter()
-            .filter_map(|op| match op {
-                Op::Dispatch(l) => Some(l.label.as_str()),
-                _ => None,
-            })
-            .collect();
+        let labels = dispatch_labels(&plan);
         let kernel = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
         let count = |k: &str| labels.iter().filter(|l| kernel(l) == k).count();
         // nin_gc's 8 quantized convs with a grad-input: the six 1x1, whose input is a

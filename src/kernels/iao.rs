@@ -289,32 +289,12 @@ impl IaoQuantizer {
 
     /// `y = (clamp(R(x/s − zp), qmin, qmax) + zp)·s` with the current scale and zero point.
     pub fn forward(&self, gpu: &Gpu, state: &Tensor, x: &Tensor, y: &Tensor) -> Result<Op> {
-        const K: &str = "iao_forward";
-        let (n, row_len) = self.extent(K, state, x)?;
-        expect_dtype(K, "y", y, DType::F32)?;
-        expect_shape(K, "y", y, x.shape())?;
-        FORWARD.launch(
-            gpu,
-            &[],
-            self.label(K, x),
-            &self.params(n, row_len),
-            &[x, state, y],
-            elementwise_grid(gpu, n),
-        )
+        self.elementwise(gpu, &FORWARD, (state, x), &[("y", y)], &[x, state, y])
     }
 
     /// [`Self::forward`] over `x` itself.
     pub fn forward_in_place(&self, gpu: &Gpu, state: &Tensor, x: &Tensor) -> Result<Op> {
-        const K: &str = "iao_forward_in_place";
-        let (n, row_len) = self.extent(K, state, x)?;
-        FORWARD_IN_PLACE.launch(
-            gpu,
-            &[],
-            self.label(K, x),
-            &self.params(n, row_len),
-            &[state, x],
-            elementwise_grid(gpu, n),
-        )
+        self.elementwise(gpu, &FORWARD_IN_PLACE, (state, x), &[], &[state, x])
     }
 
     /// `dx = fl32(fl32(dy·s)/s)` where the clamp and the clip-STE let it pass, else 0.
@@ -326,20 +306,8 @@ impl IaoQuantizer {
         dy: &Tensor,
         dx: &Tensor,
     ) -> Result<Op> {
-        const K: &str = "iao_backward";
-        let (n, row_len) = self.extent(K, state, x)?;
-        for (name, t) in [("dy", dy), ("dx", dx)] {
-            expect_dtype(K, name, t, DType::F32)?;
-            expect_shape(K, name, t, x.shape())?;
-        }
-        BACKWARD.launch(
-            gpu,
-            &[],
-            self.label(K, x),
-            &self.params(n, row_len),
-            &[x, state, dy, dx],
-            elementwise_grid(gpu, n),
-        )
+        let like_x = [("dy", dy), ("dx", dx)];
+        self.elementwise(gpu, &BACKWARD, (state, x), &like_x, &[x, state, dy, dx])
     }
 
     /// [`Self::backward`] in place: `d` holds dL/dy and becomes dL/dx.
@@ -350,18 +318,8 @@ impl IaoQuantizer {
         x: &Tensor,
         d: &Tensor,
     ) -> Result<Op> {
-        const K: &str = "iao_backward_in_place";
-        let (n, row_len) = self.extent(K, state, x)?;
-        expect_dtype(K, "d", d, DType::F32)?;
-        expect_shape(K, "d", d, x.shape())?;
-        BACKWARD_IN_PLACE.launch(
-            gpu,
-            &[],
-            self.label(K, x),
-            &self.params(n, row_len),
-            &[x, state, d],
-            elementwise_grid(gpu, n),
-        )
+        let entry = &BACKWARD_IN_PLACE;
+        self.elementwise(gpu, entry, (state, x), &[("d", d)], &[x, state, d])
     }
 
     /// [`Self::backward_in_place`], then `x` quantized where it lies ([`Self::forward_in_place`]),
@@ -373,18 +331,8 @@ impl IaoQuantizer {
         x: &Tensor,
         d: &Tensor,
     ) -> Result<Op> {
-        const K: &str = "iao_backward_requantize";
-        let (n, row_len) = self.extent(K, state, x)?;
-        expect_dtype(K, "d", d, DType::F32)?;
-        expect_shape(K, "d", d, x.shape())?;
-        BACKWARD_REQUANTIZE.launch(
-            gpu,
-            &[],
-            self.label(K, x),
-            &self.params(n, row_len),
-            &[state, x, d],
-            elementwise_grid(gpu, n),
-        )
+        let entry = &BACKWARD_REQUANTIZE;
+        self.elementwise(gpu, entry, (state, x), &[("d", d)], &[state, x, d])
     }
 
     /// [`Self::backward_in_place`], then `x` quantized into `y` ([`Self::forward`]), in one
@@ -397,18 +345,39 @@ impl IaoQuantizer {
         d: &Tensor,
         y: &Tensor,
     ) -> Result<Op> {
-        const K: &str = "iao_backward_quantize";
-        let (n, row_len) = self.extent(K, state, x)?;
-        for (name, t) in [("d", d), ("y", y)] {
-            expect_dtype(K, name, t, DType::F32)?;
-            expect_shape(K, name, t, x.shape())?;
+        let like_x = [("d", d), ("y", y)];
+        self.elementwise(
+            gpu,
+            &BACKWARD_QUANTIZE,
+            (state, x),
+            &like_x,
+            &[x, state, y, d],
+        )
+    }
+
+    /// One of the elementwise kernels over `x` (one invocation per element): the state and
+    /// `x` checked against this quantizer, the `like_x` tensors against `x`, then `bound`
+    /// bound in the entry's binding order.
+    fn elementwise(
+        &self,
+        gpu: &Gpu,
+        entry: &Entry,
+        (state, x): (&Tensor, &Tensor),
+        like_x: &[(&str, &Tensor)],
+        bound: &[&Tensor],
+    ) -> Result<Op> {
+        let k = entry.name;
+        let (n, row_len) = self.extent(k, state, x)?;
+        for (name, t) in like_x {
+            expect_dtype(k, name, t, DType::F32)?;
+            expect_shape(k, name, t, x.shape())?;
         }
-        BACKWARD_QUANTIZE.launch(
+        entry.launch(
             gpu,
             &[],
-            self.label(K, x),
+            self.label(k, x),
             &self.params(n, row_len),
-            &[x, state, y, d],
+            bound,
             elementwise_grid(gpu, n),
         )
     }

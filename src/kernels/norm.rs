@@ -514,17 +514,23 @@ pub fn apply_iao(
     dx: Option<&Tensor>,
     into: Option<&Tensor>,
 ) -> Result<Op> {
-    let (entry, tensors) = match (dx, into) {
-        (Some(dx), Some(y)) => (&APPLY_IAO_BACKWARD, vec![y, dx]),
-        (None, Some(y)) => (&APPLY_IAO_QUANTIZE, vec![y]),
-        (Some(dx), None) => (&APPLY_IAO_MASK, vec![dx]),
-        (None, None) => {
+    let entry = match (dx.is_some(), into.is_some()) {
+        (true, true) => &APPLY_IAO_BACKWARD,
+        (false, true) => &APPLY_IAO_QUANTIZE,
+        (true, false) => &APPLY_IAO_MASK,
+        (false, false) => {
             return Err(Error::shape(
                 "bn_apply_iao",
                 "neither a gradient to mask nor an output to quantize",
             ));
         }
     };
+    // The written tensors, in binding order (y at 8, dx at 15).
+    let outs: Vec<(&str, &Tensor)> = into
+        .map(|y| ("y", y))
+        .into_iter()
+        .chain(dx.map(|d| ("dx", d)))
+        .collect();
     let k = entry.name;
     if ep.quantize.is_some() || q.rows() != 1 {
         return Err(Error::shape(
@@ -541,21 +547,13 @@ pub fn apply_iao(
         ("beta", beta, &c),
         ("state", state, &words),
     ];
-    let outs = ["y", "dx"];
-    let outs = if into.is_some() {
-        &outs[..]
-    } else {
-        &outs[1..]
-    };
-    for (name, t) in outs.iter().zip(&tensors) {
-        named.push((name, t, x.shape()));
-    }
+    named.extend(outs.iter().map(|&(name, t)| (name, t, x.shape())));
     check(k, &named)?;
     let (qmin, qmax) = q.code_range();
     let asymmetric = q.spec.q_type == crate::quant::iao::QType::Asymmetric;
     let n = count_u32(k, sh.numel())?;
     let mut bound = vec![x, stats, gamma, beta];
-    bound.extend(tensors);
+    bound.extend(outs.iter().map(|&(_, t)| t));
     bound.push(state);
     entry.launch(
         gpu,

@@ -585,6 +585,12 @@ impl Network {
         Ok(out)
     }
 
+    /// The BatchNorm whose output is layer `i`'s (first) input and is read by `i` alone.
+    fn sole_bn_input(&self, i: usize, readers: &[Vec<usize>]) -> Option<usize> {
+        let k = self.root(self.layers[i].inputs[0])?;
+        (matches!(self.layers[k].kind, Kind::BatchNorm { .. }) && readers[k] == [i]).then_some(k)
+    }
+
     /// An IAO input quantizer (of a conv or a pool) whose input is a BatchNorm's output that
     /// nothing else reads, stored whole (not formed by its reader, not quantized by it): the
     /// BatchNorm writes the extremes of that output for the quantizer's observer
@@ -596,12 +602,10 @@ impl Network {
             if matches!(l.kind, Kind::Add) || slot.q.produced_extremes().is_none() {
                 continue;
             }
-            let Some(k) = self.root(l.inputs[0]) else {
+            let Some(k) = self.sole_bn_input(i, &readers) else {
                 continue;
             };
-            let stored = !out[k].formed_by_reader && out[k].quantize_output.is_none();
-            if matches!(self.layers[k].kind, Kind::BatchNorm { .. }) && readers[k] == [i] && stored
-            {
+            if !out[k].formed_by_reader && out[k].quantize_output.is_none() {
                 out[k].extremes_for = Some(i);
                 out[i].observed_by_producer = true;
             }
@@ -629,16 +633,15 @@ impl Network {
             if !fits || l.input_q.is_none() || out[i].din[0].is_none() {
                 continue;
             }
-            let Some(k) = self.root(l.inputs[0]) else {
+            let Some(k) = self.sole_bn_input(i, &readers) else {
                 continue;
             };
-            let bn = &self.layers[k];
             let recomputed =
                 out[k].transient && !out[k].formed_by_reader && out[k].quantize_output.is_none();
-            if !matches!(bn.kind, Kind::BatchNorm { .. }) || readers[k] != [i] || !recomputed {
+            if !recomputed {
                 continue;
             }
-            if let Some(input) = self.root(bn.inputs[0]) {
+            if let Some(input) = self.root(self.layers[k].inputs[0]) {
                 out[i].masks_through_bn = Some((k, out[input].out.clone()));
                 out[k].formed_in_mask_pass = true;
             }
