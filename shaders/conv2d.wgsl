@@ -60,7 +60,7 @@ override IN_QUANT: bool = false;
 // deviations (M2) of the tile's values of c, at bn_part[(2 t) * COUT + c] and
 // bn_part[(2 t + 1) * COUT + c]. Each thread forms them over its 16 columns (two passes over its
 // registers), then the TX threads of each row are merged in order (Chan's formula); norm.wgsl's
-// bn_stats_merge merges the tiles in order. That saves the BatchNorm's own pass over the output.
+// bn_stats_merge merges the tiles in a fixed order. That saves the BatchNorm's own pass over the output.
 override BN_STATS: bool = false;
 // MODE 1 with BN_SUMS (and IN_BN, ACT_GRAD 1): the sums of the backward of the BatchNorm
 // before (the one IN_BN forms), whose output gradient is the dx written here: per column tile t

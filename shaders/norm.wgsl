@@ -184,32 +184,72 @@ fn write_stats(c: u32, mean: f32, var_b: f32, count: u32) {
     running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * unbiased;
 }
 
-// bn_stats from the conv's per-tile partials: one invocation per channel merges its tiles in
-// order (Chan's formula), the same every run.
+// The merges of per-tile partials (bn_stats_merge, bn_backward_merge) run MERGE_SPLITS
+// invocations per channel, MERGE_CH channels per workgroup (adjacent invocations take adjacent
+// channels, so a subgroup's loads are a few contiguous runs): split j takes the j-th run of
+// ceil(tiles / MERGE_SPLITS) consecutive tiles in order, then the splits are merged in a fixed
+// tree, so every run gives the same bits. (One invocation walking every tile made a chain of
+// thousands of dependent loads, 2,048 tiles per 32x32 layer at batch 256, on one workgroup.)
+const MERGE_CH: u32 = 8u;
+const MERGE_SPLITS: u32 = WG / MERGE_CH;
+var<workgroup> red_n: array<f32, 256>;
+
+struct MergeLane {
+    c: u32,       // the channel (p.c or more: none; such a lane still takes the barriers)
+    first: u32,   // its tiles: first .. end
+    end: u32,
+}
+
+fn merge_lane(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, tiles: u32) -> MergeLane {
+    let c = (wid.x + wid.y * nwg.x) * MERGE_CH + lid % MERGE_CH;
+    let per = (tiles + MERGE_SPLITS - 1u) / MERGE_SPLITS;
+    let first = min(tiles, (lid / MERGE_CH) * per);
+    let end = select(first, min(tiles, first + per), c < p.c);
+    return MergeLane(c, first, end);
+}
+
+// Chan's merge of the statistics (count, mean, M2) of two disjoint sets of values.
+fn chan_merge(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+    if (b.x == 0.0) {
+        return a;
+    }
+    let n = a.x + b.x;
+    let delta = b.y - a.y;
+    return vec3<f32>(n, a.y + delta * (b.x / n), a.z + b.z + delta * delta * (a.x * b.x / n));
+}
+
+// bn_stats from the conv's per-tile partials: each split merges its tiles in order (Chan's
+// formula), then the splits in a fixed tree, the same every run.
 @compute @workgroup_size(256)
 fn bn_stats_merge(@builtin(workgroup_id) wid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
-    let c = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (c >= p.c) {
-        return;
-    }
     let count = p.n * p.s;
-    let tiles = (count + p.tile - 1u) / p.tile;
-    var n = 0.0;
-    var mean = 0.0;
-    var m2 = 0.0;
-    for (var t = 0u; t < tiles; t++) {
+    let l = merge_lane(wid, nwg, lid, (count + p.tile - 1u) / p.tile);
+    var acc = vec3<f32>(0.0);
+    for (var t = l.first; t < l.end; t++) {
         let nb = f32(min(p.tile, count - t * p.tile));
-        let mb = partials[(2u * t) * p.c + c];
-        let m2b = partials[(2u * t + 1u) * p.c + c];
-        let nab = n + nb;
-        let delta = mb - mean;
-        mean = mean + delta * (nb / nab);
-        m2 = m2 + m2b + delta * delta * (n * nb / nab);
-        n = nab;
+        acc = chan_merge(acc, vec3<f32>(nb, partials[(2u * t) * p.c + l.c],
+                                        partials[(2u * t + 1u) * p.c + l.c]));
     }
-    write_stats(c, mean, m2 / f32(count), count);
+    red_n[lid] = acc.x;
+    red_a[lid] = acc.y;
+    red_b[lid] = acc.z;
+    workgroupBarrier();
+    for (var st = WG / 2u; st >= MERGE_CH; st >>= 1u) {
+        if (lid < st) {
+            let o = lid + st;
+            let m = chan_merge(vec3<f32>(red_n[lid], red_a[lid], red_b[lid]),
+                               vec3<f32>(red_n[o], red_a[o], red_b[o]));
+            red_n[lid] = m.x;
+            red_a[lid] = m.y;
+            red_b[lid] = m.z;
+        }
+        workgroupBarrier();
+    }
+    if (lid < MERGE_CH && l.c < p.c) {
+        write_stats(l.c, red_a[lid], red_b[lid] / f32(count), count);
+    }
 }
 
 // Eval: stats from the running statistics.
@@ -427,29 +467,40 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // bn_backward_reduce from the per-tile sums its reader formed as it wrote dy (conv2d.wgsl's
-// and maxpool.wgsl's BN_SUMS: (tiles, 2, C), sum dy' then sum dy' * xhat): one invocation per
-// channel adds its tiles in order, the same every run.
+// and maxpool.wgsl's BN_SUMS: (tiles, 2, C), sum dy' then sum dy' * xhat): each split adds its
+// tiles in order, then the splits are added in a fixed tree (as bn_stats_merge), the same
+// every run.
 @compute @workgroup_size(256)
 fn bn_backward_merge(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
-    let c = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (c >= p.c) {
-        return;
-    }
-    let count = p.n * p.s;
+    let l = merge_lane(wid, nwg, lid, p.tiles);
     var sdy = 0.0;
     var sdyx = 0.0;
-    for (var t = 0u; t < p.tiles; t++) {
-        sdy += partials[(2u * t) * p.c + c];
-        sdyx += partials[(2u * t + 1u) * p.c + c];
+    for (var t = l.first; t < l.end; t++) {
+        sdy += partials[(2u * t) * p.c + l.c];
+        sdyx += partials[(2u * t + 1u) * p.c + l.c];
     }
-    dbeta[c] = sdy;
-    dgamma[c] = sdyx;
-    let invstd = stats[c * BN_TABLE + BN_INVSTD];
-    stats[c * BN_TABLE + BN_DBETA] = sdy;
-    stats[c * BN_TABLE + BN_DGAMMA] = sdyx;
-    stats[c * BN_TABLE + BN_SCALE] = bn_scale(gamma[c], invstd, f32(count));
+    red_a[lid] = sdy;
+    red_b[lid] = sdyx;
+    workgroupBarrier();
+    for (var st = WG / 2u; st >= MERGE_CH; st >>= 1u) {
+        if (lid < st) {
+            red_a[lid] += red_a[lid + st];
+            red_b[lid] += red_b[lid + st];
+        }
+        workgroupBarrier();
+    }
+    let c = l.c;
+    if (lid < MERGE_CH && c < p.c) {
+        let count = p.n * p.s;
+        dbeta[c] = red_a[lid];
+        dgamma[c] = red_b[lid];
+        let invstd = stats[c * BN_TABLE + BN_INVSTD];
+        stats[c * BN_TABLE + BN_DBETA] = red_a[lid];
+        stats[c * BN_TABLE + BN_DGAMMA] = red_b[lid];
+        stats[c * BN_TABLE + BN_SCALE] = bn_scale(gamma[c], invstd, f32(count));
+    }
 }
 
 // dx = gamma * invstd / n * (n dy' - dbeta - xhat * dgamma), for element i with input xv.

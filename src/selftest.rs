@@ -9,6 +9,7 @@ use crate::reference::Report;
 use crate::rng::Rng;
 use std::time::Instant;
 
+mod bn_merge;
 mod coop;
 mod elementwise;
 mod gemm;
@@ -186,6 +187,7 @@ pub fn cases() -> Vec<Case> {
     through_bn::output::coop_grad_weight_case(&mut v);
     through_bn::output::coop_grad_input_case(&mut v);
     norm::cases(&mut v);
+    bn_merge::cases(&mut v);
     pool::cases(&mut v);
     loss::cases(&mut v);
     optim::cases(&mut v);

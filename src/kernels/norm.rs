@@ -243,6 +243,17 @@ fn per_channel(gpu: &Gpu, c: usize) -> [u32; 3] {
     grid_1d(c as u32, gpu.limits.max_compute_workgroups_per_dimension)
 }
 
+/// The channels of one workgroup of the partials' merges (`bn_stats_merge`,
+/// `bn_backward_merge`: norm.wgsl's MERGE_CH; each channel's tiles split 32 ways).
+const MERGE_CHANNELS: usize = 8;
+
+fn merge_grid(gpu: &Gpu, c: usize) -> [u32; 3] {
+    grid_1d(
+        c.div_ceil(MERGE_CHANNELS) as u32,
+        gpu.limits.max_compute_workgroups_per_dimension,
+    )
+}
+
 /// Train mode: `stats = [mean, invstd, gamma, beta]` per channel, of `x` (biased variance);
 /// running stats move by `momentum` toward the batch mean and unbiased variance.
 #[allow(clippy::too_many_arguments)]
@@ -281,7 +292,7 @@ pub fn stats_train(
 /// [`stats_train`] of a `(N, C, S)` input from the per-tile partial statistics the conv that
 /// wrote it formed (`conv2d::forward_with`'s `bn_stats`): `partials` holds `(tiles, 2, C)`
 /// means and sums of squared deviations over `tile` consecutive values of the N·S of each
-/// channel, merged here in order.
+/// channel, merged here in a fixed order (32 runs of consecutive tiles, then a tree).
 #[allow(clippy::too_many_arguments)]
 pub fn stats_merge(
     gpu: &Gpu,
@@ -328,14 +339,14 @@ pub fn stats_merge(
         ),
         &p,
         &[stats, running_mean, running_var, gamma, beta, partials],
-        elementwise_grid(gpu, sh.c as u32),
+        merge_grid(gpu, sh.c),
     )
 }
 
 /// The backward's reduction (`dgamma`, `dbeta`, and the table's backward entries, as
 /// [`backward`] writes them) from the partial sums that the layer reading this BatchNorm's
 /// output formed as it wrote its output gradient (`sums`, `(tiles, 2, C)`: a conv's grad-input,
-/// `conv2d::Fused::bn_sums`, or a max-pool's backward), added tile by tile in order.
+/// `conv2d::Fused::bn_sums`, or a max-pool's backward), added in a fixed order (32 runs of consecutive tiles, then a tree).
 pub fn backward_merge(
     gpu: &Gpu,
     sh: BnShape,
@@ -375,7 +386,7 @@ pub fn backward_merge(
         format!("{K} [{}, {}, {}] {tiles} tiles", sh.n, sh.c, sh.s),
         &p,
         &[stats, gamma, dgamma, dbeta, sums],
-        elementwise_grid(gpu, sh.c as u32),
+        merge_grid(gpu, sh.c),
     )
 }
 
@@ -713,6 +724,15 @@ mod tests {
         assert!(
             IAO.source
                 .contains(&format!("const CHUNK: u32 = {chunk}u;"))
+        );
+    }
+
+    #[test]
+    fn the_merges_grid_matches_their_workgroups_channels() {
+        let ch = super::MERGE_CHANNELS;
+        assert!(
+            NORM.source
+                .contains(&format!("const MERGE_CH: u32 = {ch}u;"))
         );
     }
 }
