@@ -55,42 +55,80 @@ fn channel_sum(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// slice_out[i] = sum over j < c of slices[j * n + i], in order of j (split-K partial results).
+// The split-K sums (slice_sum, slice_sum_pair) take SLICE_RUNS = 4 invocations per element:
+// run r adds slices r * per .. (r + 1) * per in order (per = ceil(p.c / 4)), then the runs are
+// added as (r0 + r1) + (r2 + r3), the same every run. (One invocation per element left a
+// grad-weight's few thousand elements, each over up to 218 slices, on a few dozen workgroups.)
+const SLICE_RUNS: u32 = 4u;
+const SLICE_COLS: u32 = 256u / SLICE_RUNS;
+
+struct SliceLane {
+    i: u32,       // the element (of both sets, in slice_sum_pair)
+    first: u32,   // its run's slices: first .. end
+    end: u32,
+}
+
+fn slice_lane(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> SliceLane {
+    let per = (p.c + SLICE_RUNS - 1u) / SLICE_RUNS;
+    let first = min(p.c, (lid / SLICE_COLS) * per);
+    return SliceLane((wid.x + wid.y * nwg.x) * SLICE_COLS + lid % SLICE_COLS, first,
+                     min(p.c, first + per));
+}
+
+// The four runs' sums of this invocation's element, once every invocation stored its own in
+// partial[lid] (called by every invocation: it holds a barrier).
+fn add_runs(lid: u32) -> f32 {
+    workgroupBarrier();
+    let col = lid % SLICE_COLS;
+    return (partial[col] + partial[SLICE_COLS + col])
+        + (partial[2u * SLICE_COLS + col] + partial[3u * SLICE_COLS + col]);
+}
+
+// slice_out[i] = sum over j < c of slices[j * n + i] (split-K partial results).
 @compute @workgroup_size(256)
 fn slice_sum(@builtin(workgroup_id) wid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
-    if (i >= p.n) {
-        return;
-    }
+    let l = slice_lane(wid, nwg, lid);
     var acc = 0.0;
-    for (var j = 0u; j < p.c; j++) {
-        acc += slices[j * p.n + i];
+    if (l.i < p.n) {
+        for (var j = l.first; j < l.end; j++) {
+            acc += slices[j * p.n + l.i];
+        }
     }
-    slice_out[i] = acc;
+    partial[lid] = acc;
+    let total = add_runs(lid);
+    if (lid < SLICE_COLS && l.i < p.n) {
+        slice_out[l.i] = total;
+    }
 }
 
 // slice_sum over two sets at once (a weight's and its bias's split-K partial sums): elements
-// i < n of the first (n = p.n), then p.s of the second, each summed in order of j.
+// i < n of the first (n = p.n), then p.s of the second.
 @compute @workgroup_size(256)
 fn slice_sum_pair(@builtin(workgroup_id) wid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
-    if (i < p.n) {
-        var acc = 0.0;
-        for (var j = 0u; j < p.c; j++) {
-            acc += slices[j * p.n + i];
+    let l = slice_lane(wid, nwg, lid);
+    let k = l.i - p.n;
+    var acc = 0.0;
+    if (l.i < p.n) {
+        for (var j = l.first; j < l.end; j++) {
+            acc += slices[j * p.n + l.i];
         }
-        slice_out[i] = acc;
-    } else if (i < p.n + p.s) {
-        let k = i - p.n;
-        var acc = 0.0;
-        for (var j = 0u; j < p.c; j++) {
+    } else if (l.i < p.n + p.s) {
+        for (var j = l.first; j < l.end; j++) {
             acc += slices2[j * p.s + k];
         }
-        slice_out2[k] = acc;
+    }
+    partial[lid] = acc;
+    let total = add_runs(lid);
+    if (lid < SLICE_COLS) {
+        if (l.i < p.n) {
+            slice_out[l.i] = total;
+        } else if (l.i < p.n + p.s) {
+            slice_out2[k] = total;
+        }
     }
 }
 

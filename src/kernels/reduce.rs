@@ -1,6 +1,6 @@
 //! `shaders/reduce.wgsl`: deterministic per-channel sums (bias gradients, BN statistics).
 
-use super::{REDUCE, count_u32, elementwise_grid, expect_dtype, expect_shape};
+use super::{REDUCE, count_u32, expect_dtype, expect_shape};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Launch, Tensor, grid_1d};
 
@@ -36,7 +36,19 @@ pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<Launch> {
     )
 }
 
-/// `out[i] = Σ_j slices[j, i]` for `slices` of shape `(S, out.len)`, summed in order of `j`.
+/// The elements of one workgroup of the split-K sums (reduce.wgsl's SLICE_COLS: four
+/// invocations per element, each adding a run of consecutive slices in order).
+const SLICE_COLS: u32 = 64;
+
+fn slice_grid(gpu: &Gpu, elements: u32) -> [u32; 3] {
+    grid_1d(
+        elements.div_ceil(SLICE_COLS),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    )
+}
+
+/// `out[i] = Σ_j slices[j, i]` for `slices` of shape `(S, out.len)`: four runs of consecutive
+/// `j`, each summed in order, then added in a fixed order.
 pub fn slice_sum(gpu: &Gpu, slices: &Tensor, out: &Tensor) -> Result<Launch> {
     const K: &str = "slice_sum";
     expect_dtype(K, "slices", slices, DType::F32)?;
@@ -71,7 +83,7 @@ pub fn slice_sum(gpu: &Gpu, slices: &Tensor, out: &Tensor) -> Result<Launch> {
         format!("{K} {:?}", slices.shape()),
         Some(bytemuck::bytes_of(&params)),
         &[slices, out],
-        elementwise_grid(gpu, len as u32),
+        slice_grid(gpu, len as u32),
     )
 }
 
@@ -130,7 +142,7 @@ pub fn slice_sum_pair(
         format!("{K} {:?}", slices.shape()),
         Some(bytemuck::bytes_of(&params)),
         &[slices, out, slices2, out2],
-        elementwise_grid(gpu, total),
+        slice_grid(gpu, total),
     )
 }
 
@@ -168,4 +180,19 @@ pub fn nonfinite_check(gpu: &Gpu, x: &Tensor, flags: &Tensor, slot: usize) -> Re
         &[x, flags],
         super::elementwise_grid(gpu, n.div_ceil(16)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_slice_sums_grid_matches_their_workgroups_elements() {
+        let cols = super::SLICE_COLS;
+        assert!(
+            super::REDUCE
+                .source
+                .contains("const SLICE_COLS: u32 = 256u / SLICE_RUNS;")
+        );
+        assert!(super::REDUCE.source.contains("const SLICE_RUNS: u32 = 4u;"));
+        assert_eq!(cols, 256 / 4);
+    }
 }

@@ -155,6 +155,62 @@ pub(super) fn add_cases(v: &mut Vec<Case>) {
 }
 
 pub(super) fn reduce_cases(v: &mut Vec<Case>) {
+    // Split-K sums: slice counts below, at and far above the four runs each element is split
+    // into (218: a 5x5 conv's grad-weight at batch 256), lengths that leave a workgroup's
+    // elements partly empty; the pair form with a second set of another length.
+    for (count, len, len2) in [
+        (1usize, 5usize, 3usize),
+        (3, 64, 1),
+        (5, 100, 70),
+        (16, 1000, 8),
+        (218, 300, 256),
+    ] {
+        v.push(Case::new(
+            "slice_sum",
+            "forward",
+            format!("{count} slices of {len} (pair: and of {len2})"),
+            move |gpu, rng| {
+                let a = rng.vec_uniform(count * len, -1.0, 1.0);
+                let b = rng.vec_uniform(count * len2, -1.0, 1.0);
+                let at = gpu.upload_f32("slices", &[count, len], &a)?;
+                let bt = gpu.upload_f32("slices2", &[count, len2], &b)?;
+                let out = gpu.empty("sum", &[len], DType::F32)?;
+                let (out_p, out2_p) = (
+                    gpu.empty("pair sum", &[len], DType::F32)?,
+                    gpu.empty("pair sum 2", &[len2], DType::F32)?,
+                );
+                let got = run_read(
+                    gpu,
+                    vec![
+                        kernels::reduce::slice_sum(gpu, &at, &out)?,
+                        kernels::reduce::slice_sum_pair(gpu, (&at, &out_p), (&bt, &out2_p))?,
+                    ],
+                    &[&out, &out_p, &out2_p],
+                )?;
+                let sums = |v: &[f32], n: usize| -> Vec<f64> {
+                    (0..n)
+                        .map(|i| (0..count).map(|j| f64::from(v[j * n + i])).sum())
+                        .collect()
+                };
+                // f32 sums of `count` terms of magnitude <= 1.
+                let tol = Tolerance::new(1e-6 * count as f64, 1e-5);
+                Ok(vec![
+                    (
+                        "sum".into(),
+                        reference::compare(&got[0], &sums(&a, len), tol),
+                    ),
+                    (
+                        "pair, first".into(),
+                        reference::compare(&got[1], &f64s(&got[0]), Tolerance::EXACT),
+                    ),
+                    (
+                        "pair, second".into(),
+                        reference::compare(&got[2], &sums(&b, len2), tol),
+                    ),
+                ])
+            },
+        ));
+    }
     // (N, C, S): one element per channel, S around the workgroup size, many channels.
     for (n, c, s) in [
         (1usize, 1usize, 1usize),
