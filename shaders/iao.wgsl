@@ -131,43 +131,68 @@ fn qparams(r: u32) {
     state[r * 4u + 3u] = zp;
 }
 
+// Row r's observer takes the batch's extremes (the first call copies them), then scale and
+// zero point.
+fn observe_row(r: u32, cur: vec2<f32>, first: bool) {
+    var new_lo = cur.x;
+    var new_hi = cur.y;
+    if (!first) {
+        let old_lo = state[r * 4u];
+        let old_hi = state[r * 4u + 1u];
+        if (p.moving_average == 1u) {
+            new_lo = opaque(KEEP * old_lo) + opaque(MOMENTUM * cur.x);
+            new_hi = opaque(KEEP * old_hi) + opaque(MOMENTUM * cur.y);
+        } else {
+            new_lo = min(old_lo, cur.x);
+            new_hi = max(old_hi, cur.y);
+        }
+    }
+    state[r * 4u] = new_lo;
+    state[r * 4u + 1u] = new_hi;
+    qparams(r);
+}
+
+// Rows of at most this many blocks are merged one per invocation (per-channel weights: up to
+// 1,024 rows of one block each), the others one at a time by the whole workgroup (an
+// activation's one row of many blocks). min and max are exact in any order: the same bits
+// either way, without a barrier pair per row where there are many.
+const ROW_PER_INVOCATION_BLOCKS: u32 = 16u;
+
 // Merges the blocks' extremes of each row, updates the observer (the first call copies), and
 // forms scale and zero point. One workgroup.
 @compute @workgroup_size(256)
 fn iao_observe(@builtin(local_invocation_index) lid: u32) {
     let first = state[p.rows * 4u] == 0.0;
-    for (var r = 0u; r < p.rows; r++) {
-        var lo = 3.40282347e38;
-        var hi = -3.40282347e38;
-        for (var b = lid; b < p.blocks; b += WG) {
-            lo = min(lo, partials_in[(r * p.blocks + b) * 2u]);
-            hi = max(hi, partials_in[(r * p.blocks + b) * 2u + 1u]);
-        }
-        red_min[lid] = lo;
-        red_max[lid] = hi;
-        reduce_extremes(lid);
-        if (lid == 0u) {
-            let cur_lo = red_min[0];
-            let cur_hi = red_max[0];
-            var new_lo = cur_lo;
-            var new_hi = cur_hi;
-            if (!first) {
-                let old_lo = state[r * 4u];
-                let old_hi = state[r * 4u + 1u];
-                if (p.moving_average == 1u) {
-                    new_lo = opaque(KEEP * old_lo) + opaque(MOMENTUM * cur_lo);
-                    new_hi = opaque(KEEP * old_hi) + opaque(MOMENTUM * cur_hi);
-                } else {
-                    new_lo = min(old_lo, cur_lo);
-                    new_hi = max(old_hi, cur_hi);
-                }
+    if (p.blocks <= ROW_PER_INVOCATION_BLOCKS) {
+        for (var r = lid; r < p.rows; r += WG) {
+            var lo = 3.40282347e38;
+            var hi = -3.40282347e38;
+            for (var b = 0u; b < p.blocks; b++) {
+                lo = min(lo, partials_in[(r * p.blocks + b) * 2u]);
+                hi = max(hi, partials_in[(r * p.blocks + b) * 2u + 1u]);
             }
-            state[r * 4u] = new_lo;
-            state[r * 4u + 1u] = new_hi;
-            qparams(r);
+            observe_row(r, vec2(lo, hi), first);
         }
-        workgroupBarrier();
+    } else {
+        for (var r = 0u; r < p.rows; r++) {
+            var lo = 3.40282347e38;
+            var hi = -3.40282347e38;
+            for (var b = lid; b < p.blocks; b += WG) {
+                lo = min(lo, partials_in[(r * p.blocks + b) * 2u]);
+                hi = max(hi, partials_in[(r * p.blocks + b) * 2u + 1u]);
+            }
+            red_min[lid] = lo;
+            red_max[lid] = hi;
+            reduce_extremes(lid);
+            if (lid == 0u) {
+                observe_row(r, vec2(red_min[0], red_max[0]), first);
+            }
+            workgroupBarrier();
+        }
     }
+    // Every invocation has read the flag before it is set.
+    storageBarrier();
+    workgroupBarrier();
     if (lid == 0u) {
         state[p.rows * 4u] = 1.0;
     }

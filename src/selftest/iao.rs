@@ -103,6 +103,28 @@ const SETUPS: &[Setup] = &[
         shape: &[3, 9000],
         per_channel: true,
     },
+    // The observer's two ways of merging rows: a row of more than 16 blocks by the whole
+    // workgroup, and more rows than invocations, one per invocation.
+    Setup {
+        histogram: None,
+        name: "act sym, 18 blocks",
+        bits: 8,
+        q_type: QType::Symmetric,
+        operand: Operand::Activation,
+        observer: Observer::MovingAverage,
+        shape: &[17 * 4096 + 5],
+        per_channel: false,
+    },
+    Setup {
+        histogram: None,
+        name: "linear weight sym C minmax, 300 rows",
+        bits: 8,
+        q_type: QType::Symmetric,
+        operand: Operand::Weight,
+        observer: Observer::MinMax,
+        shape: &[300, 7],
+        per_channel: true,
+    },
 ];
 
 /// Inputs with exact ties for the rounding: some elements on the codes of the first call's
