@@ -54,6 +54,8 @@ struct Params {
 // bn_apply_iao_*: the state of the IAO quantizer after the BatchNorm (per tensor: min,
 // max, scale, zero point; shaders/iao.wgsl's layout), and its code range and type.
 @group(0) @binding(18) var<storage, read> iao_state: array<f32>;
+// bn_apply_iao_backward_sums and _mask_sums: the BatchNorm's backward sums per tile.
+@group(0) @binding(19) var<storage, read_write> sums_out: array<f32>;
 override IAO_QMIN: f32 = 0.0;
 override IAO_QMAX: f32 = 0.0;
 override IAO_ASYMMETRIC: bool = false;
@@ -382,6 +384,58 @@ fn iao_masked(r: f32, g: f32) -> f32 {
                     vec2(IAO_QMIN, IAO_QMAX), IAO_ASYMMETRIC);
 }
 
+// The _sums forms of the passes that mask the gradient also form this BatchNorm's backward sums
+// from it, for bn_backward_merge (sum dy' and sum dy' * xhat per tile and channel, (tiles, 2, C)
+// in sums_out, dy' the masked gradient after the ReLU's mask), so that no reduction pass reads
+// the BatchNorm's input and gradient again: workgroup g takes channel c = g / p.tiles and its
+// SUM_TILE elements from t * SUM_TILE (t = g % p.tiles) in (n, s) order, SUM_TILE / WG per
+// invocation (one barrier tree per tile: barriers are dear on a CPU driver).
+const SUM_TILE: u32 = 4096u;
+
+// The terms of the sums of an element of channel c: dy' and dy' * xhat, for its BatchNorm input
+// xv, bn_apply's value r (after the ReLU, whose mask it gives) and masked gradient g.
+fn sum_terms(c: u32, xv: f32, r: f32, g: f32) -> vec2<f32> {
+    let gm = select(g, 0.0, p.relu == 1u && !(r > 0.0));
+    let xhat = (xv - stats_in[c * BN_TABLE + BN_MEAN]) * stats_in[c * BN_TABLE + BN_INVSTD];
+    return vec2(gm, gm * xhat);
+}
+
+// Invocation lid's elements of tile t of channel c (SUM_TILE / WG of them, WG apart): where the
+// BatchNorm input and its output lie, walked without a division per element.
+struct TileWalk {
+    c: u32,
+    co: u32,
+    j: u32,
+    w: Walk,
+}
+
+fn tile_walk(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> TileWalk {
+    let g = wid.x + wid.y * nwg.x;
+    let c = g / p.tiles;
+    let j = (g % p.tiles) * SUM_TILE + lid;
+    return TileWalk(c, shuffled(min(c, p.c - 1u)), j, walk_start(j));
+}
+
+fn tile_valid(tw: TileWalk) -> bool {
+    return tw.c < p.c && tw.j < p.n * p.s;
+}
+
+fn tile_next(tw: TileWalk) -> TileWalk {
+    return TileWalk(tw.c, tw.co, tw.j + WG, walk_next(tw.w));
+}
+
+// This invocation's sums added over the workgroup in a fixed tree and written for tile t of
+// channel c (every invocation calls it: it holds the barriers).
+fn write_tile_sums(c: u32, t: u32, lid: u32, acc: vec2<f32>) {
+    red_a[lid] = acc.x;
+    red_b[lid] = acc.y;
+    let sums = tree_sum_ab(lid);
+    if (lid == 0u && c < p.c) {
+        sums_out[(2u * t) * p.c + c] = sums.x;
+        sums_out[(2u * t + 1u) * p.c + c] = sums.y;
+    }
+}
+
 // Both: a conv's input gradient masked and its input quantized for grad-weight, after its
 // grad-input (iao_backward_requantize's bits).
 @compute @workgroup_size(256)
@@ -395,6 +449,29 @@ fn bn_apply_iao_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let f = formed(i);
     dx[f.out] = iao_masked(f.r, dx[f.out]);
     y[f.out] = iao_quantized(f.r);
+}
+
+@compute @workgroup_size(256)
+fn bn_apply_iao_backward_sums(@builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_index) lid: u32) {
+    var tw = tile_walk(wid, nwg, lid);
+    let t = (tw.j - lid) / SUM_TILE;
+    var acc = vec2(0.0);
+    for (var k = 0u; k < SUM_TILE / WG; k++) {
+        if (tile_valid(tw)) {
+            let xv = x[walk_index(tw.c, tw.w)];
+            let o = walk_index(tw.co, tw.w);
+            let v = bn_value_of(xv, tw.c);
+            let r = select(v, relu_bits(v), p.relu == 1u);
+            let g = iao_masked(r, dx[o]);
+            dx[o] = g;
+            y[o] = iao_quantized(r);
+            acc += sum_terms(tw.c, xv, r, g);
+        }
+        tw = tile_next(tw);
+    }
+    write_tile_sums(tw.c, t, lid, acc);
 }
 
 // The quantized input alone: a max-pool's, before its backward finds the maxima in it
@@ -422,6 +499,28 @@ fn bn_apply_iao_mask(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let f = formed(i);
     dx[f.out] = iao_masked(f.r, dx[f.out]);
+}
+
+@compute @workgroup_size(256)
+fn bn_apply_iao_mask_sums(@builtin(workgroup_id) wid: vec3<u32>,
+                          @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_index) lid: u32) {
+    var tw = tile_walk(wid, nwg, lid);
+    let t = (tw.j - lid) / SUM_TILE;
+    var acc = vec2(0.0);
+    for (var k = 0u; k < SUM_TILE / WG; k++) {
+        if (tile_valid(tw)) {
+            let xv = x[walk_index(tw.c, tw.w)];
+            let o = walk_index(tw.co, tw.w);
+            let v = bn_value_of(xv, tw.c);
+            let r = select(v, relu_bits(v), p.relu == 1u);
+            let g = iao_masked(r, dx[o]);
+            dx[o] = g;
+            acc += sum_terms(tw.c, xv, r, g);
+        }
+        tw = tile_next(tw);
+    }
+    write_tile_sums(tw.c, t, lid, acc);
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),

@@ -180,13 +180,23 @@ fn a_nin_training_step_is_at_most_100_dispatches() {
     }
 }
 
+/// DoReFa at `bits` (the first layer float, micronet's rule).
+fn dorefa(bits: u32) -> QuantConfig {
+    QuantConfig {
+        w_bits: Bits::new(bits).unwrap(),
+        a_bits: Bits::new(bits).unwrap(),
+        quantize_first_layer: false,
+        ..QuantConfig::default()
+    }
+}
+
 /// Two training steps of `model` at `bits` from a fixed init and batch (the default optimizer,
 /// Adam, or with `sgd` SGD), the network set up by `setup` first: the losses and every state
 /// tensor, as bits.
 #[allow(clippy::type_complexity)]
 fn two_steps(
     spec: &wgqat::models::ModelSpec,
-    bits: u32,
+    quant: QuantConfig,
     sgd: bool,
     setup: impl Fn(&mut wgqat::nn::Network),
 ) -> (Vec<u32>, Vec<(String, Vec<u32>)>) {
@@ -201,12 +211,6 @@ fn two_steps(
     let mut rng = Rng::new(11);
     let x = rng.vec_uniform(batch * per, -2.0, 2.0);
     let labels: Vec<u32> = (0..batch).map(|i| (i % 10) as u32).collect();
-    let quant = QuantConfig {
-        w_bits: Bits::new(bits).unwrap(),
-        a_bits: Bits::new(bits).unwrap(),
-        quantize_first_layer: false,
-        ..QuantConfig::default()
-    };
     let mut net = Network::new(gpu, spec, quant, batch, true, 2).unwrap();
     setup(&mut net);
     init::initialise(gpu, &net, 5).unwrap();
@@ -272,7 +276,7 @@ fn memory_savings_change_no_bit_of_a_training_step() {
         // (The BatchNorm sums formed in grad-input need the savings' forming of its output, and
         // add up in another order: `bn_sums_match_the_reduction_passes` compares those.)
         let run = |keep_all: bool| {
-            two_steps(&spec, bits, false, |net| {
+            two_steps(&spec, dorefa(bits), false, |net| {
                 if keep_all {
                     net.keep_all_outputs().unwrap();
                 }
@@ -325,8 +329,8 @@ fn the_bn_backward_gives_the_same_bits_in_a_pass_or_in_the_conv_loads() {
         let spec = load(model);
         assert_eq!(applies(&spec, bits, false), larger, "{model}: apply passes");
         assert_eq!(applies(&spec, bits, true), 0, "{model}: apply passes");
-        let pass = two_steps(&spec, bits, false, |_| {});
-        let loads = two_steps(&spec, bits, false, |net| {
+        let pass = two_steps(&spec, dorefa(bits), false, |_| {});
+        let loads = two_steps(&spec, dorefa(bits), false, |net| {
             net.apply_bn_backward_in_every_conv().unwrap()
         });
         assert_eq!(pass.0, loads.0, "{model}: losses differ");
@@ -350,13 +354,21 @@ fn the_bn_backward_gives_the_same_bits_in_a_pass_or_in_the_conv_loads() {
 #[test]
 fn bn_sums_match_the_reduction_passes() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    for (model, bits) in [
-        ("tests/fixtures/tiny_nin_gc.json", 8),
-        ("tests/fixtures/ci_nin.json", 4),
+    // IAO: the sums formed in the pass that masks the gradient under the quantizer
+    // (`norm::apply_iao`), where a conv or pool reads the BatchNorm's output.
+    let iao8 = QuantConfig::iao(
+        Bits::new(8).unwrap(),
+        Bits::new(8).unwrap(),
+        Default::default(),
+    );
+    for (model, quant, what) in [
+        ("tests/fixtures/tiny_nin_gc.json", dorefa(8), "W8A8"),
+        ("tests/fixtures/ci_nin.json", dorefa(4), "W4A4"),
+        ("tests/fixtures/tiny_nin_gc.json", iao8, "IAO W8A8"),
     ] {
         let spec = load(model);
-        let sums = two_steps(&spec, bits, true, |_| {});
-        let passes = two_steps(&spec, bits, true, |net| {
+        let sums = two_steps(&spec, quant, true, |_| {});
+        let passes = two_steps(&spec, quant, true, |net| {
             net.reduce_bn_backward_in_passes().unwrap()
         });
         let f = |b: &u32| f64::from(f32::from_bits(*b));
@@ -383,7 +395,7 @@ fn bn_sums_match_the_reduction_passes() {
             );
         }
         println!(
-            "{}: 2 steps at W{bits}A{bits}, losses {l1} / {l2}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)",
+            "{}: 2 steps at {what}, losses {l1} / {l2}, worst tensor difference {worst:.2e} of its largest value (at least 1e-3)",
             spec.name
         );
     }
@@ -446,6 +458,15 @@ fn an_iao_step_observes_and_masks_without_extra_passes() {
                 .filter(|l| kernel(l) == "bn_apply" || kernel(l).starts_with("bn_apply+"))
                 .count();
             assert_eq!(plain_applies, 0, "BatchNorm outputs formed again as passes");
+            // Each of those 9 masking passes also forms its BatchNorm's backward sums, which
+            // the BatchNorm merges: no reduction pass reads its input and gradient again.
+            let with_sums = labels
+                .iter()
+                .filter(|l| kernel(l).starts_with("bn_apply_iao_") && kernel(l).contains("_sums"))
+                .count();
+            assert_eq!(with_sums, 9);
+            assert_eq!(count("bn_backward_reduce"), 0);
+            assert_eq!(count("bn_backward_merge"), 9);
         }
         assert_eq!(
             count("iao_backward_requantize"),

@@ -37,6 +37,24 @@ const APPLY_IAO_MASK: Entry = entry(
     "bn_apply_iao_mask",
     &[(1, R), (5, R), (6, R), (7, R), (15, W), (18, R)],
 );
+// The masking forms with the BatchNorm's backward sums.
+const APPLY_IAO_BACKWARD_SUMS: Entry = entry(
+    "bn_apply_iao_backward_sums",
+    &[
+        (1, R),
+        (5, R),
+        (6, R),
+        (7, R),
+        (8, W),
+        (15, W),
+        (18, R),
+        (19, W),
+    ],
+);
+const APPLY_IAO_MASK_SUMS: Entry = entry(
+    "bn_apply_iao_mask_sums",
+    &[(1, R), (5, R), (6, R), (7, R), (15, W), (18, R), (19, W)],
+);
 const APPLY_EXTREMES: Entry = entry(
     "bn_apply_extremes",
     &[(1, R), (5, R), (6, R), (7, R), (8, W), (17, W)],
@@ -510,26 +528,41 @@ pub fn apply_extremes(
     )
 }
 
+/// The consecutive (n, s) elements of a channel per tile of the backward sums [`apply_iao`]
+/// forms (norm.wgsl's SUM_TILE).
+const IAO_SUM_TILE: usize = 4096;
+
+/// The tiles of the backward sums [`apply_iao`] forms (with `dx`'s sums).
+pub fn iao_sum_tiles(sh: BnShape) -> usize {
+    (sh.n * sh.s).div_ceil(IAO_SUM_TILE).max(1)
+}
+
 /// In the backward pass of a layer whose input is this BatchNorm's output `y` under the
 /// per-tensor IAO quantizer `q` (state `state`): `y` formed again as [`apply`] forms it, then
 /// with `dx` (the layer's input gradient, in `y`'s layout) masked by the quantizer's clip-STE,
 /// and with `into` written with the quantized `y` (where it lies, or a temporary), in one pass.
 /// The same bits as [`apply`] followed by `IaoQuantizer::backward_in_place`, `forward` or
-/// `backward_requantize` over `y`.
+/// `backward_requantize` over `y`. With `dx`'s `sums`, the pass also writes this BatchNorm's
+/// backward sums from the masked gradient, `(tiles, 2, C)` for [`iao_sum_tiles`] tiles, which
+/// [`backward_merge`] adds up in place of [`backward`]'s reduction.
 pub fn apply_iao(
     gpu: &Gpu,
     ep: Epilogue,
     (x, stats): (&Tensor, &Tensor),
     (gamma, beta): (&Tensor, &Tensor),
     (q, state): (&iao::IaoQuantizer, &Tensor),
-    dx: Option<&Tensor>,
+    dx: Option<(&Tensor, Option<&Tensor>)>,
     into: Option<&Tensor>,
 ) -> Result<Op> {
-    let entry = match (dx.is_some(), into.is_some()) {
-        (true, true) => &APPLY_IAO_BACKWARD,
-        (false, true) => &APPLY_IAO_QUANTIZE,
-        (true, false) => &APPLY_IAO_MASK,
-        (false, false) => {
+    let sums = dx.and_then(|(_, s)| s);
+    let dx = dx.map(|(d, _)| d);
+    let entry = match (dx.is_some(), into.is_some(), sums.is_some()) {
+        (true, true, false) => &APPLY_IAO_BACKWARD,
+        (true, true, true) => &APPLY_IAO_BACKWARD_SUMS,
+        (false, true, _) => &APPLY_IAO_QUANTIZE,
+        (true, false, false) => &APPLY_IAO_MASK,
+        (true, false, true) => &APPLY_IAO_MASK_SUMS,
+        (false, false, _) => {
             return Err(Error::shape(
                 "bn_apply_iao",
                 "neither a gradient to mask nor an output to quantize",
@@ -560,12 +593,35 @@ pub fn apply_iao(
     ];
     named.extend(outs.iter().map(|&(name, t)| (name, t, x.shape())));
     check(k, &named)?;
+    let tiles = iao_sum_tiles(sh);
+    if let Some(s) = sums {
+        expect_dtype(k, "sums", s, DType::F32)?;
+        if s.numel() < 2 * tiles * sh.c {
+            return Err(Error::shape(
+                k,
+                format!(
+                    "{} floats for the backward sums of {tiles} tiles of {} channels",
+                    s.numel(),
+                    sh.c
+                ),
+            ));
+        }
+    }
     let (qmin, qmax) = q.code_range();
     let asymmetric = q.spec.q_type == crate::quant::iao::QType::Asymmetric;
     let n = count_u32(k, sh.numel())?;
     let mut bound = vec![x, stats, gamma, beta];
     bound.extend(outs.iter().map(|&(_, t)| t));
     bound.push(state);
+    bound.extend(sums);
+    // With the sums, a workgroup per tile and channel (norm.wgsl's mask_lane).
+    let grid = match sums {
+        Some(_) => grid_1d(
+            count_u32(k, tiles * sh.c)?,
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+        None => elementwise_grid(gpu, n),
+    };
     entry.launch(
         gpu,
         &[
@@ -574,9 +630,12 @@ pub fn apply_iao(
             ("IAO_ASYMMETRIC", f64::from(u8::from(asymmetric))),
         ],
         format!("{k}{} {:?}", ep.label(), x.shape()),
-        &params(sh, ep, 0.0, 0.0)?,
+        &Params {
+            tiles: tiles as u32,
+            ..params(sh, ep, 0.0, 0.0)?
+        },
         &bound,
-        elementwise_grid(gpu, n),
+        grid,
     )
 }
 
@@ -724,6 +783,15 @@ mod tests {
         assert!(
             IAO.source
                 .contains(&format!("const CHUNK: u32 = {chunk}u;"))
+        );
+    }
+
+    #[test]
+    fn the_iao_sums_tile_is_the_shaders() {
+        let tile = super::IAO_SUM_TILE;
+        assert!(
+            NORM.source
+                .contains(&format!("const SUM_TILE: u32 = {tile}u;"))
         );
     }
 

@@ -73,6 +73,9 @@ pub(super) fn cases(v: &mut Vec<Case>) {
         (3, 8, 16, true, 2, 0),
         // Three blocks of IAO extremes (bn_apply_extremes), the last a tail, with a shuffle.
         (2, 8, 600, true, 4, 0),
+        // Three tiles of an IAO mask pass's backward sums per channel (4,096 elements each,
+        // the last a tail, planes across tiles).
+        (3, 2, 3000, true, 2, 0),
     ] {
         let ep = Epilogue {
             relu,
@@ -228,7 +231,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     (&t.xt, &t.stats),
                     (&t.gt, &t.bt),
                     (&q, &state),
-                    Some(&d_one),
+                    Some((&d_one, None)),
                     Some(&y_one),
                 )?);
                 // The two halves alone: the quantized output, and the mask.
@@ -236,7 +239,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     gpu.upload_f32("dy", &[n, c, s], &dy)?,
                     gpu.empty("y", &[n, c, s], DType::F32)?,
                 );
-                for (d, y) in [(Some(&d_mask), None), (None, Some(&y_quant))] {
+                for (d, y) in [(Some((&d_mask, None)), None), (None, Some(&y_quant))] {
                     ops.push(kernels::norm::apply_iao(
                         gpu,
                         ep,
@@ -247,11 +250,47 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                         y,
                     )?);
                 }
-                let got: Vec<Vec<f32>> = gpu.run_and_read(
-                    "selftest",
-                    &ops,
-                    &[&t.y, &d_two, &y_one, &d_one, &y_quant, &d_mask],
-                )?;
+                // Both masking forms again, each also forming the BatchNorm's backward sums,
+                // added up by its merge: against the reduction pass over the masked gradient.
+                let sh = kernels::norm::BnShape { n, c, s };
+                let tiles = kernels::norm::iao_sum_tiles(sh);
+                let per_channel = || gpu.empty("per channel", &[c], DType::F32);
+                let (dg_ref, db_ref) = (per_channel()?, per_channel()?);
+                ops.extend(kernels::norm::backward(
+                    gpu, ep, &t.xt, &d_two, &t.stats, &t.gt, &t.bt, &dg_ref, &db_ref, None,
+                )?);
+                let mut summed = Vec::new();
+                for with_y in [true, false] {
+                    let d = gpu.upload_f32("dy", &[n, c, s], &dy)?;
+                    let y = gpu.empty("y", &[n, c, s], DType::F32)?;
+                    let sums = gpu.empty("sums", &[2 * tiles * c], DType::F32)?;
+                    let (dg, db) = (per_channel()?, per_channel()?);
+                    ops.push(kernels::norm::apply_iao(
+                        gpu,
+                        ep,
+                        (&t.xt, &t.stats),
+                        (&t.gt, &t.bt),
+                        (&q, &state),
+                        Some((&d, Some(&sums))),
+                        Some(&y).filter(|_| with_y),
+                    )?);
+                    ops.push(kernels::norm::backward_merge(
+                        gpu,
+                        sh,
+                        (&sums, tiles),
+                        &t.stats,
+                        &t.gt,
+                        (&dg, &db),
+                    )?);
+                    summed.push((d, y, dg, db));
+                }
+                let mut read = vec![
+                    &t.y, &d_two, &y_one, &d_one, &y_quant, &d_mask, &dg_ref, &db_ref,
+                ];
+                for (d, y, dg, db) in &summed {
+                    read.extend([d, y, dg, db]);
+                }
+                let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &ops, &read)?;
                 // (1 where the case masks some gradients, as it must to test the mask.)
                 let masks = f32::from(u8::from(got[1].contains(&0.0)));
                 Ok(vec![
@@ -274,6 +313,23 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     (
                         "some dx masked".into(),
                         reference::compare(&[masks], &[1.0], Tolerance::EXACT),
+                    ),
+                    // Sums of up to n * s terms of magnitude at most about 3.
+                    (
+                        "with sums: dx, y".into(),
+                        reference::compare(
+                            &[&got[8][..], &got[9][..], &got[12][..]].concat(),
+                            &f64s(&[&got[1][..], &got[0][..], &got[1][..]].concat()),
+                            Tolerance::EXACT,
+                        ),
+                    ),
+                    (
+                        "with sums: dgamma, dbeta".into(),
+                        reference::compare(
+                            &[&got[10][..], &got[11][..], &got[14][..], &got[15][..]].concat(),
+                            &f64s(&[&got[6][..], &got[7][..], &got[6][..], &got[7][..]].concat()),
+                            Tolerance::new(1e-6 * (n * s) as f64, 1e-4),
+                        ),
                     ),
                 ])
             },

@@ -98,7 +98,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         // Where the conv before applies the rest of the backward as it loads its output
         // gradient (`LayerBuffers::backward_by_conv`), only the reduction here.
         let dx = io.dx().filter(|_| !io.buf.backward_by_conv);
-        match sums_of_reader(net, io)? {
+        match sums_of_reader(net, io, &x4)? {
             // The layer after formed the reduction's sums (see `LayerBuffers::bn_sums`).
             Some((sums, tile)) => {
                 bwd.push(norm::backward_merge(
@@ -141,11 +141,23 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
 
 /// The backward sums the layer after formed for this BatchNorm as it wrote its output gradient
 /// (a conv's grad-input, a max-pool's backward), and how many tiles, where it forms them.
-fn sums_of_reader<'a>(net: &Network, io: &'a Io) -> Result<Option<(&'a Tensor, usize)>> {
+/// (`x` is the BatchNorm's input.)
+fn sums_of_reader<'a>(
+    net: &Network,
+    io: &'a Io,
+    x: &Tensor,
+) -> Result<Option<(&'a Tensor, usize)>> {
     let (Some(i), Some(sums)) = (io.buf.sums_from, io.buf.bn_sums.as_ref()) else {
         return Ok(None);
     };
     let reader = &net.layers[i];
+    if io.buf.formed_in_mask_pass {
+        // The reader's IAO mask pass formed them (`norm::apply_iao`).
+        return Ok(Some((
+            sums,
+            norm::iao_sum_tiles(norm::BnShape::of(x.shape())?),
+        )));
+    }
     if super::weighted::grad_input_on_coop(io.gpu, reader).is_some() {
         // Per-image [C, H, W]: one column per input pixel.
         let columns = io.batch * reader.in_shape[1] * reader.in_shape[2];
@@ -208,17 +220,27 @@ pub(super) fn recompute(
     norm::apply(gpu, ep, &x4, stats, &p(l.weight)?, &p(l.bias)?, y)
 }
 
+/// What a mask pass reads and writes ([`Network::bn_mask_pass`]): the BatchNorm's input, the
+/// gradient to mask (with the scratch for the BatchNorm's backward sums, where they are formed
+/// there), and where to write the quantized output.
+pub(super) type MaskPass<'a> = (
+    &'a Tensor,
+    Option<(&'a Tensor, Option<&'a Tensor>)>,
+    Option<&'a Tensor>,
+);
+
 impl Network {
     /// In the backward pass of the layer that reads BatchNorm layer `k`'s output under the IAO
     /// quantizer `q` (`LayerBuffers::masks_through_bn`): that output formed again from the
     /// BatchNorm's input `x`, then `dx` masked and/or the quantized output written `into`, in
-    /// one pass (`norm::apply_iao`).
+    /// one pass (`norm::apply_iao`); with `dx`'s scratch, the BatchNorm's backward sums too
+    /// (`LayerBuffers::bn_sums`), which its backward merges.
     pub(super) fn bn_mask_pass(
         &self,
         gpu: &Gpu,
         k: usize,
         q: &InputQuant<'_>,
-        (x, dx, into): (&Tensor, Option<&Tensor>, Option<&Tensor>),
+        (x, dx, into): MaskPass<'_>,
         batch: usize,
     ) -> Result<Op> {
         let l = &self.layers[k];
@@ -241,7 +263,10 @@ impl Network {
             (&x.reshape(&shape)?, stats),
             (&p(l.weight)?, &p(l.bias)?),
             (&slot.q, state),
-            as_bn(dx)?.as_ref(),
+            dx.map(|(d, sums)| Ok::<_, Error>((d.reshape(&shape)?, sums)))
+                .transpose()?
+                .as_ref()
+                .map(|(d, sums)| (d, *sums)),
             as_bn(into)?.as_ref(),
         )
     }

@@ -4,7 +4,7 @@
 use super::{Gemm, Kind, Layer, Network, WeightedOp, with_batch};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::kernels::{conv2d, maxpool};
+use crate::kernels::{conv2d, maxpool, norm};
 use crate::models::Source;
 use crate::quant::{ActQuant, Bits};
 
@@ -352,7 +352,7 @@ impl Network {
             .iter()
             .flatten()
             .filter_map(|&i| self.bn_sums_len(i, cap));
-        let max_partials = partials.chain(sums).max();
+        let max_partials = partials.chain(sums).chain(self.mask_sums_lens(cap)).max();
         let bn_partials = max_partials
             .filter(|_| self.trainable)
             .map(|n| gpu.empty("BatchNorm partial statistics", &[n], DType::F32))
@@ -581,8 +581,26 @@ impl Network {
             }
         }
         self.extremes_by_producers(&mut out);
-        self.masks_through_bns(&mut out);
+        self.masks_through_bns(&mut out, bn_partials.as_ref());
         Ok(out)
+    }
+
+    /// The floats of the backward sums an IAO mask pass may form for each BatchNorm at `batch`
+    /// (`masks_through_bns`): those whose only reader quantizes its input, so that the shared
+    /// scratch holds them.
+    fn mask_sums_lens(&self, batch: usize) -> Vec<usize> {
+        let readers = self.readers();
+        (0..self.layers.len())
+            .filter(|&i| self.layers[i].input_q.is_some())
+            .filter_map(|i| self.mask_sums_len(self.sole_bn_input(i, &readers)?, batch))
+            .collect()
+    }
+
+    /// The floats of BatchNorm layer `k`'s backward sums as an IAO mask pass forms them at
+    /// `batch` (`norm::iao_sum_tiles`).
+    fn mask_sums_len(&self, k: usize, batch: usize) -> Option<usize> {
+        let sh = norm::BnShape::of(&with_batch(batch, &self.layers[k].in_shape)).ok()?;
+        self.bn_sums.then(|| 2 * norm::iao_sum_tiles(sh) * sh.c)
     }
 
     /// The BatchNorm whose output is layer `i`'s (first) input and is read by `i` alone.
@@ -618,7 +636,10 @@ impl Network {
     /// (`LayerBuffers::masks_through_bn`). A conv (not folded) whose quantizer works where the
     /// input lies: the mask and requantization after grad-input; a pool, whose quantized input
     /// is a temporary: a max-pool's quantized input before its backward, and the mask after.
-    fn masks_through_bns(&self, out: &mut [LayerBuffers]) {
+    /// With the shared scratch `sums` (and unless `Network::reduce_bn_backward_in_passes`),
+    /// the pass that masks the gradient also forms the BatchNorm's backward sums, which its
+    /// backward merges (`bn_sums`, `sums_from`) instead of reducing its input and gradient.
+    fn masks_through_bns(&self, out: &mut [LayerBuffers], sums: Option<&Tensor>) {
         let readers = self.readers();
         for (i, l) in self.layers.iter().enumerate() {
             let fits = match l.kind {
@@ -644,6 +665,15 @@ impl Network {
             if let Some(input) = self.root(self.layers[k].inputs[0]) {
                 out[i].masks_through_bn = Some((k, out[input].out.clone()));
                 out[k].formed_in_mask_pass = true;
+                let fits = |t: &&Tensor| {
+                    self.mask_sums_len(k, self.capacity)
+                        .is_some_and(|n| n <= t.numel())
+                };
+                if let Some(sums) = sums.filter(fits).filter(|_| out[k].sums_from.is_none()) {
+                    out[k].sums_from = Some(i);
+                    out[k].bn_sums = Some(sums.clone());
+                    out[i].bn_sums = Some(sums.clone());
+                }
             }
         }
     }

@@ -120,9 +120,13 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     // The quantizer's straight-through mask, from the float input (or the BatchNorm's input).
     if let (Some(dx), Some((q, _))) = (dx, &xq) {
         match &bn_input {
-            Some((k, bn_in)) => {
-                bwd.push(net.bn_mask_pass(gpu, *k, q, (bn_in, Some(dx), None), io.batch)?)
-            }
+            Some((k, bn_in)) => bwd.push(net.bn_mask_pass(
+                gpu,
+                *k,
+                q,
+                (bn_in, Some((dx, io.buf.bn_sums.as_ref())), None),
+                io.batch,
+            )?),
             None => bwd.extend(q.backward_in_place(gpu, x, dx)?),
         }
     }

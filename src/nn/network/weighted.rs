@@ -131,7 +131,8 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                 if let Some((k, bn_input)) = &buf.masks_through_bn {
                     // x is formed again here, from the BatchNorm's input, masked and quantized.
                     let bn_input = super::at_batch(bn_input, io.batch)?;
-                    let pass = (&bn_input, Some(dx), Some(x));
+                    // With the BatchNorm's backward sums where it merges them.
+                    let pass = (&bn_input, Some((dx, buf.bn_sums.as_ref())), Some(x));
                     bwd.push(net.bn_mask_pass(gpu, *k, q, pass, io.batch)?);
                 } else if in_place {
                     bwd.extend(q.backward_requantize(gpu, x, dx)?);
