@@ -364,7 +364,8 @@ pub fn stats_merge(
 /// The backward's reduction (`dgamma`, `dbeta`, and the table's backward entries, as
 /// [`backward`] writes them) from the partial sums that the layer reading this BatchNorm's
 /// output formed as it wrote its output gradient (`sums`, `(tiles, 2, C)`: a conv's grad-input,
-/// `conv2d::Fused::bn_sums`, or a max-pool's backward), added in a fixed order (32 runs of consecutive tiles, then a tree).
+/// `conv2d::Fused::bn_sums`, a max-pool's backward, or [`apply_iao`]'s masking pass), added in a
+/// fixed order (32 runs of consecutive tiles, then a tree).
 pub fn backward_merge(
     gpu: &Gpu,
     sh: BnShape,
@@ -614,7 +615,7 @@ pub fn apply_iao(
     bound.extend(outs.iter().map(|&(_, t)| t));
     bound.push(state);
     bound.extend(sums);
-    // With the sums, a workgroup per tile and channel (norm.wgsl's mask_lane).
+    // With the sums, a workgroup per tile and channel (norm.wgsl's tile_walk).
     let grid = match sums {
         Some(_) => grid_1d(
             count_u32(k, tiles * sh.c)?,

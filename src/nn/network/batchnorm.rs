@@ -140,8 +140,8 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
 }
 
 /// The backward sums the layer after formed for this BatchNorm as it wrote its output gradient
-/// (a conv's grad-input, a max-pool's backward), and how many tiles, where it forms them.
-/// (`x` is the BatchNorm's input.)
+/// (a conv's grad-input, a max-pool's backward, or the IAO pass that masks it), and how many
+/// tiles, where it forms them (`x`: the BatchNorm's input).
 fn sums_of_reader<'a>(
     net: &Network,
     io: &'a Io,

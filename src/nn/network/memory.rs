@@ -69,10 +69,11 @@ pub(super) struct LayerBuffers {
     pub(super) backward_by_conv: bool,
     /// The sums of a BatchNorm's backward reduction, formed by the layer that reads its output
     /// (`reads_bn`) as it writes the BatchNorm's output gradient (a conv's grad-input epilogue,
-    /// a max-pool's backward), where that BatchNorm's backward only reduces (`stats_from`): set
-    /// on both, with `sums_from` (the reader's index) on the BatchNorm, which then adds them up
-    /// instead of reducing its input and output gradient. The same scratch as `bn_partials`
-    /// (each user is done with it before the next one writes).
+    /// a max-pool's backward), where that BatchNorm's backward only reduces (`stats_from`), or
+    /// by the IAO pass that masks that gradient (`masks_through_bn`): set on both, with
+    /// `sums_from` (the reader's index) on the BatchNorm, which then adds them up instead of
+    /// reducing its input and output gradient. The same scratch as `bn_partials` (each user is
+    /// done with it before the next one writes).
     pub(super) bn_sums: Option<Tensor>,
     pub(super) sums_from: Option<usize>,
     /// Grad-weight's split-K partial sums: one scratch shared by all layers.
@@ -92,9 +93,9 @@ pub(super) struct LayerBuffers {
     pub(super) observed_by_producer: bool,
     /// A conv whose IAO-quantized input is a recomputed BatchNorm's output (layer `.0`, whose
     /// input is `.1`): its backward forms that output again, masks its input gradient and
-    /// quantizes the output for grad-weight in one pass after grad-input
-    /// (`norm::apply_iao_backward`), so the BatchNorm's output is not formed again before
-    /// (`formed_in_mask_pass` on the BatchNorm).
+    /// quantizes the output for grad-weight in one pass after grad-input (`norm::apply_iao`),
+    /// so the BatchNorm's output is not formed again before (`formed_in_mask_pass` on the
+    /// BatchNorm); a pool likewise, around its backward.
     pub(super) masks_through_bn: Option<(usize, Tensor)>,
     pub(super) formed_in_mask_pass: bool,
     /// Where the backward pass writes the gradient of each input (`None`: not needed). The first
