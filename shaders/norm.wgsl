@@ -501,6 +501,8 @@ fn bn_apply_iao_mask(@builtin(workgroup_id) wid: vec3<u32>,
     dx[f.out] = iao_masked(f.r, dx[f.out]);
 }
 
+// bn_apply_iao_backward_sums without the quantized output (a body of its own: an entry point may
+// only reach the bindings its pipeline binds, and this one binds no y).
 @compute @workgroup_size(256)
 fn bn_apply_iao_mask_sums(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
