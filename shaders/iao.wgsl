@@ -267,6 +267,13 @@ fn iao_backward_in_place(@builtin(workgroup_id) wid: vec3<u32>,
     dx[i] = grad(x[i], dx[i], row_of(i));
 }
 
+// Element i (of input value xi): its gradient in dx masked, its quantized value into y.
+fn mask_and_quantize(i: u32, xi: f32) {
+    let r = row_of(i);
+    dx[i] = grad(xi, dx[i], r);
+    y[i] = fake_quant(xi, r);
+}
+
 // iao_backward_in_place, then the float x quantized where it lies (y holds x and becomes its
 // fake-quantized value): one pass where a network forms its quantized input again for
 // grad-weight after the mask, the same bits as the two kernels one after the other.
@@ -278,10 +285,7 @@ fn iao_backward_requantize(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let r = row_of(i);
-    let xi = y[i];
-    dx[i] = grad(xi, dx[i], r);
-    y[i] = fake_quant(xi, r);
+    mask_and_quantize(i, y[i]);
 }
 
 // iao_backward_in_place and iao_forward (x into y) in one pass: the mask, and the quantized
@@ -294,10 +298,7 @@ fn iao_backward_quantize(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let r = row_of(i);
-    let xi = x[i];
-    dx[i] = grad(xi, dx[i], r);
-    y[i] = fake_quant(xi, r);
+    mask_and_quantize(i, x[i]);
 }
 
 // QuantAdd (spec iao §2.1): the union of its two observers' ranges becomes the range of the

@@ -277,6 +277,13 @@ fn bn_value_of(v: f32, c: u32) -> f32 {
                      gamma[c], beta[c]);
 }
 
+// bn_apply's value (before any fused quantizer) of input v of channel c: bn_value_of, then the
+// fused ReLU.
+fn bn_output_of(v: f32, c: u32) -> f32 {
+    let u = bn_value_of(v, c);
+    return select(u, relu_bits(u), p.relu == 1u);
+}
+
 // DoReFa's activation quantizer (shaders/lib/act.wgsl, prepended): a BatchNorm whose output
 // only feeds a quantized layer writes that layer's input at once.
 fn act_value(x: f32) -> f32 {
@@ -293,8 +300,7 @@ fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let at = place(i);
-    let v = bn_value_of(x[i], at.c);
-    let r = select(v, relu_bits(v), p.relu == 1u);
+    let r = bn_output_of(x[i], at.c);
     y[at.out] = select(r, act_value(r), p.quantize == 1u);
 }
 
@@ -331,8 +337,7 @@ fn bn_apply_extremes(@builtin(workgroup_id) wid: vec3<u32>,
         let end = min((g + 1u) * EXTREMES_CHUNK, n);
         for (var o = g * EXTREMES_CHUNK + lid; o < end; o += WG) {
             let at = input_of(o);
-            let v = bn_value_of(x[at.out], at.c);
-            let r = select(v, relu_bits(v), p.relu == 1u);
+            let r = bn_output_of(x[at.out], at.c);
             y[o] = r;
             lo = min(lo, r);
             hi = max(hi, r);
@@ -367,8 +372,7 @@ struct Formed {
 
 fn formed(i: u32) -> Formed {
     let at = place(i);
-    let v = bn_value_of(x[i], at.c);
-    return Formed(at.out, select(v, relu_bits(v), p.relu == 1u));
+    return Formed(at.out, bn_output_of(x[i], at.c));
 }
 
 fn iao_quantized(r: f32) -> f32 {
@@ -405,6 +409,7 @@ fn sum_terms(c: u32, xv: f32, r: f32, g: f32) -> vec2<f32> {
 struct TileWalk {
     c: u32,
     co: u32,
+    t: u32,
     j: u32,
     w: Walk,
 }
@@ -412,8 +417,9 @@ struct TileWalk {
 fn tile_walk(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> TileWalk {
     let g = wid.x + wid.y * nwg.x;
     let c = g / p.tiles;
-    let j = (g % p.tiles) * SUM_TILE + lid;
-    return TileWalk(c, shuffled(min(c, p.c - 1u)), j, walk_start(j));
+    let t = g % p.tiles;
+    let j = t * SUM_TILE + lid;
+    return TileWalk(c, shuffled(min(c, p.c - 1u)), t, j, walk_start(j));
 }
 
 fn tile_valid(tw: TileWalk) -> bool {
@@ -421,18 +427,35 @@ fn tile_valid(tw: TileWalk) -> bool {
 }
 
 fn tile_next(tw: TileWalk) -> TileWalk {
-    return TileWalk(tw.c, tw.co, tw.j + WG, walk_next(tw.w));
+    return TileWalk(tw.c, tw.co, tw.t, tw.j + WG, walk_next(tw.w));
 }
 
-// This invocation's sums added over the workgroup in a fixed tree and written for tile t of
-// channel c (every invocation calls it: it holds the barriers).
-fn write_tile_sums(c: u32, t: u32, lid: u32, acc: vec2<f32>) {
+// The walk's element (valid) formed again and its gradient masked in place: where its output
+// lies, bn_apply's value of it, and its terms of the sums.
+struct TileMasked {
+    o: u32,
+    r: f32,
+    terms: vec2<f32>,
+}
+
+fn tile_mask(tw: TileWalk) -> TileMasked {
+    let xv = x[walk_index(tw.c, tw.w)];
+    let o = walk_index(tw.co, tw.w);
+    let r = bn_output_of(xv, tw.c);
+    let g = iao_masked(r, dx[o]);
+    dx[o] = g;
+    return TileMasked(o, r, sum_terms(tw.c, xv, r, g));
+}
+
+// This invocation's sums added over the workgroup in a fixed tree and written for the walk's
+// tile and channel (every invocation calls it: it holds the barriers).
+fn write_tile_sums(tw: TileWalk, lid: u32, acc: vec2<f32>) {
     red_a[lid] = acc.x;
     red_b[lid] = acc.y;
     let sums = tree_sum_ab(lid);
-    if (lid == 0u && c < p.c) {
-        sums_out[(2u * t) * p.c + c] = sums.x;
-        sums_out[(2u * t + 1u) * p.c + c] = sums.y;
+    if (lid == 0u && tw.c < p.c) {
+        sums_out[(2u * tw.t) * p.c + tw.c] = sums.x;
+        sums_out[(2u * tw.t + 1u) * p.c + tw.c] = sums.y;
     }
 }
 
@@ -456,22 +479,16 @@ fn bn_apply_iao_backward_sums(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_index) lid: u32) {
     var tw = tile_walk(wid, nwg, lid);
-    let t = (tw.j - lid) / SUM_TILE;
     var acc = vec2(0.0);
     for (var k = 0u; k < SUM_TILE / WG; k++) {
         if (tile_valid(tw)) {
-            let xv = x[walk_index(tw.c, tw.w)];
-            let o = walk_index(tw.co, tw.w);
-            let v = bn_value_of(xv, tw.c);
-            let r = select(v, relu_bits(v), p.relu == 1u);
-            let g = iao_masked(r, dx[o]);
-            dx[o] = g;
-            y[o] = iao_quantized(r);
-            acc += sum_terms(tw.c, xv, r, g);
+            let m = tile_mask(tw);
+            y[m.o] = iao_quantized(m.r);
+            acc += m.terms;
         }
         tw = tile_next(tw);
     }
-    write_tile_sums(tw.c, t, lid, acc);
+    write_tile_sums(tw, lid, acc);
 }
 
 // The quantized input alone: a max-pool's, before its backward finds the maxima in it
@@ -501,28 +518,21 @@ fn bn_apply_iao_mask(@builtin(workgroup_id) wid: vec3<u32>,
     dx[f.out] = iao_masked(f.r, dx[f.out]);
 }
 
-// bn_apply_iao_backward_sums without the quantized output (a body of its own: an entry point may
-// only reach the bindings its pipeline binds, and this one binds no y).
+// bn_apply_iao_backward_sums without the quantized output (an entry of its own: an entry point
+// may only reach the bindings its pipeline binds, and this one binds no y).
 @compute @workgroup_size(256)
 fn bn_apply_iao_mask_sums(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_index) lid: u32) {
     var tw = tile_walk(wid, nwg, lid);
-    let t = (tw.j - lid) / SUM_TILE;
     var acc = vec2(0.0);
     for (var k = 0u; k < SUM_TILE / WG; k++) {
         if (tile_valid(tw)) {
-            let xv = x[walk_index(tw.c, tw.w)];
-            let o = walk_index(tw.co, tw.w);
-            let v = bn_value_of(xv, tw.c);
-            let r = select(v, relu_bits(v), p.relu == 1u);
-            let g = iao_masked(r, dx[o]);
-            dx[o] = g;
-            acc += sum_terms(tw.c, xv, r, g);
+            acc += tile_mask(tw).terms;
         }
         tw = tile_next(tw);
     }
-    write_tile_sums(tw.c, t, lid, acc);
+    write_tile_sums(tw, lid, acc);
 }
 
 // One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),

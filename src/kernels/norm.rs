@@ -787,21 +787,15 @@ mod tests {
         );
     }
 
+    /// The grids and sum tiles the launchers size agree with the shader's constants.
     #[test]
-    fn the_iao_sums_tile_is_the_shaders() {
-        let tile = super::IAO_SUM_TILE;
-        assert!(
-            NORM.source
-                .contains(&format!("const SUM_TILE: u32 = {tile}u;"))
-        );
-    }
-
-    #[test]
-    fn the_merges_grid_matches_their_workgroups_channels() {
-        let ch = super::MERGE_CHANNELS;
-        assert!(
-            NORM.source
-                .contains(&format!("const MERGE_CH: u32 = {ch}u;"))
-        );
+    fn launch_shapes_match_the_shaders_constants() {
+        for (name, value) in [
+            ("SUM_TILE", super::IAO_SUM_TILE),
+            ("MERGE_CH", super::MERGE_CHANNELS),
+        ] {
+            let line = format!("const {name}: u32 = {value}u;");
+            assert!(NORM.source.contains(&line), "norm.wgsl lacks {line:?}");
+        }
     }
 }
