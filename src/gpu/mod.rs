@@ -11,7 +11,7 @@ mod tensor;
 pub use adapter::{AdapterSummary, GpuOptions, ensure_runtime_dir, list_adapters, parse_backends};
 pub use kernel::{Bind, Kernel, KernelCache, KernelSpec, Shader};
 pub use pool::{BufferPool, PoolStats};
-pub use recorder::{Launch, Op, Recorder, Timing, submit_count};
+pub use recorder::{Launch, Op, Recorder, Timing, submit_count, thread_submit_count};
 pub use tensor::{DType, Tensor};
 
 use crate::error::{Error, Result};

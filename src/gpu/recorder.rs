@@ -12,9 +12,24 @@ use std::time::Instant;
 /// Submissions made by all devices of this process: the benchmark reports submits per step.
 static SUBMITS: AtomicU64 = AtomicU64::new(0);
 
+thread_local! {
+    /// Submissions made from this thread (what a test counts while others submit beside it).
+    static THREAD_SUBMITS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Number of queue submissions made so far by this process.
 pub fn submit_count() -> u64 {
     SUBMITS.load(Ordering::Relaxed)
+}
+
+/// Number of queue submissions made so far from the calling thread.
+pub fn thread_submit_count() -> u64 {
+    THREAD_SUBMITS.with(|n| n.get())
+}
+
+fn count_submit() {
+    SUBMITS.fetch_add(1, Ordering::Relaxed);
+    THREAD_SUBMITS.with(|n| n.set(n.get() + 1));
 }
 
 /// A kernel bound to its parameters and tensors, with its grid. Holds its buffers so they cannot
@@ -240,7 +255,7 @@ impl Gpu {
             Ok(i) => i,
             Err(e) => return Err(self.name_failing_op(e, context, parts)),
         };
-        SUBMITS.fetch_add(1, Ordering::Relaxed);
+        count_submit();
         self.check_faults(context)?;
         Ok(index)
     }
@@ -298,7 +313,7 @@ impl Gpu {
             Ok(i) => i,
             Err(e) => return Err(self.name_failing_op(e, context, &[ops])),
         };
-        SUBMITS.fetch_add(1, Ordering::Relaxed);
+        count_submit();
         self.check_faults(context)?;
         Ok(index)
     }
@@ -376,7 +391,7 @@ impl Gpu {
                     self.queue.submit([enc.finish()]);
                 },
             )?;
-            SUBMITS.fetch_add(1, Ordering::Relaxed);
+            count_submit();
             let ticks: Vec<u64> = self.map_read(staging.buffer(), 8 * n as u64)?;
             let period = self.queue.get_timestamp_period() as f64 * 1e-9;
             for (i, op) in chunk.iter().enumerate() {
