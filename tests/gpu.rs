@@ -1,13 +1,15 @@
 //! The GPU layer: buffer reuse, limit errors, shape checks, error scopes, one submit per recording.
 mod common;
 
-use wgqat::gpu::{Recorder, thread_submit_count};
+use wgqat::gpu::{Gpu, GpuOptions, Recorder, thread_submit_count};
 use wgqat::kernels::elementwise::{relu_backward, relu_forward};
 use wgqat::{DType, Error};
 
 #[test]
 fn pool_reuses_buffers_so_steady_state_allocates_nothing() {
-    let gpu = common::gpu();
+    // A device of its own: the shared one's pool also serves the tests running beside this one,
+    // whose allocations would count here.
+    let gpu = &Gpu::new(&GpuOptions::default()).unwrap();
     // Warm-up: the sizes a "step" needs.
     let step = || {
         let a = gpu.empty("a", &[1000, 3], DType::F32).unwrap();
@@ -131,7 +133,6 @@ fn tensor_views_and_reshapes_are_checked() {
 
 #[test]
 fn a_kernel_binding_more_storage_buffers_than_the_adapter_allows_is_an_error_naming_the_limit() {
-    use wgqat::gpu::{Gpu, GpuOptions};
     use wgqat::kernels::conv2d::{self, Conv2dGeom};
     let mut gpu = Gpu::new(&GpuOptions::default()).unwrap();
     // An adapter with the Vulkan minimum's worth of storage buffers: the conv GEMM binds 14.

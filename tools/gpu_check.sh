@@ -41,7 +41,9 @@ part() {
 # show what the BatchNorm backward in a 3x3 conv's loads would cost; 3 timed runs each). The
 # first row of wgqat_256 (nin_gc, DoReFa) carries the cold first step (`first_step_s`: network,
 # pipelines compiled and the step run), the issue's 2-second target.
-part info 15 "$W" info
+# The GPU as its driver reports it (model, driver, clocks, power limit: what a peak FLOP/s
+# figure depends on), then the adapter as wgpu sees it.
+part info 15 sh -c 'nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,power.limit --format=csv 2>&1; exec "$0" info' "$W"
 # The table, not --json: it prints case by case, so a selftest stopped by its limit (each case
 # compiles its own pipelines) still shows every case it ran. Cases run 8 at a time (`--jobs`'s
 # default on 16 cores), their pipelines compiling side by side.
