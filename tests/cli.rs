@@ -20,6 +20,8 @@ fn info_lists_the_chosen_adapter_as_json() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(!v["adapters"].as_array().unwrap().is_empty());
     assert!(v["chosen"]["adapter"]["name"].is_string());
+    // The seconds it took to open the device (a report, not a bound).
+    assert!(v["chosen"]["open_s"].as_f64().is_some_and(|s| s >= 0.0));
     assert!(
         v["chosen"]["limits"]["max_storage_buffer_binding_size"]
             .as_u64()

@@ -42,7 +42,9 @@ part() {
 # first row of wgqat_256 (nin_gc, DoReFa) carries the cold first step (`first_step_s`: network,
 # pipelines compiled and the step run), the issue's 2-second target.
 # The GPU as its driver reports it (model, driver, clocks, power limit: what a peak FLOP/s
-# figure depends on), then the adapter as wgpu sees it.
+# figure depends on), then the adapter as wgpu sees it and the seconds opening it took (with
+# tensor cores, their kernels checked on a throwaway device first): the wait before a first step
+# that `first_step_s` does not count.
 part info 15 sh -c 'nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,power.limit --format=csv 2>&1; exec "$0" info' "$W"
 # The table, not --json: it prints case by case, so a selftest stopped by its limit (each case
 # compiles its own pipelines) still shows every case it ran. Cases run 8 at a time (`--jobs`'s

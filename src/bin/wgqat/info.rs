@@ -80,12 +80,17 @@ fn print_row(o: &Outcome) {
 }
 
 pub(crate) fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
+    // What a user waits for before a network is built: adapters listed, the device opened and,
+    // with cooperative matrices, their kernels checked on a throwaway device first.
+    let start = std::time::Instant::now();
     let (adapters, chosen) = Gpu::probe(opts);
+    let open_s = start.elapsed().as_secs_f64();
     let chosen_json = match &chosen {
         Ok(gpu) => {
             let l = &gpu.limits;
             serde_json::json!({
                 "adapter": AdapterSummary::of(&gpu.info),
+                "open_s": open_s,
                 "features": gpu.caps.names(),
                 "cooperative_matrices": coop_name(gpu),
                 "subgroup_size": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
@@ -121,6 +126,13 @@ pub(crate) fn info(opts: &GpuOptions, json: bool) -> anyhow::Result<ExitCode> {
         if let Ok(gpu) = &chosen {
             let l = &gpu.limits;
             println!("chosen: {}", gpu.describe());
+            let checked = match gpu.coop() {
+                Some(wgqat::gpu::CoopMode::Hardware) => {
+                    ", its tensor-core kernels checked on a throwaway device first"
+                }
+                _ => "",
+            };
+            println!("  opened in {open_s:.2} s{checked}");
             println!("  features used: {}", gpu.caps.names().join(", "));
             println!(
                 "  cooperative matrices: {}",
