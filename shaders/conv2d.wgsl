@@ -51,6 +51,8 @@ override ACT_INV_LEVELS: f32 = 1.0;
 // channel shuffle after it (IN_SHUFFLE groups; 1: none) and, in MODE 0 and 2, the layer's input
 // quantizer (IN_QUANT, with ACT_LEVELS). That saves the BatchNorm's output pass forward and its
 // recompute backward.
+// IN_QUANT without IN_BN (MODE 0 and 2): b_src is the layer's float input, quantized where it
+// is loaded, which saves the quantizer's pass forward and its repeat for grad-weight.
 override IN_BN: bool = false;
 override IN_RELU: bool = false;
 override IN_SHUFFLE: u32 = 1u;

@@ -37,7 +37,8 @@ diagnostic(off, derivative_uniformity);
 
 override HAS_BIAS: bool = false;
 // IN_BN: x is a BatchNorm's input and each element is formed as conv2d.wgsl's IN_BN forms it
-// (the BatchNorm with table in_bn, IN_RELU, IN_SHUFFLE, then the activation quantizer).
+// (the BatchNorm with table in_bn, IN_RELU, IN_SHUFFLE, then the activation quantizer). With
+// IN_QUANT alone (lib/coop_conv.wgsl), x is the layer's float input, quantized as it is loaded.
 override IN_BN: bool = false;
 override IN_RELU: bool = false;
 override IN_SHUFFLE: u32 = 1u;
@@ -198,9 +199,9 @@ fn stage(lid: u32, g0: u32, m0: u32, k0: u32) {
                 // image, wholly in or past the columns, at an aligned offset.
                 if (col_iy[0] >= 0) {
                     v = x_src4[(col_base[0] + plane + u32(col_iy[0]) * W + u32(col_ix[0])) / 4u];
-                    if (IN_BN) {
-                        v = vec4(bn_formed(v.x, ch), bn_formed(v.y, ch), bn_formed(v.z, ch),
-                                 bn_formed(v.w, ch));
+                    if (IN_BN || IN_QUANT) {
+                        v = vec4(input_formed(v.x, ch), input_formed(v.y, ch),
+                                 input_formed(v.z, ch), input_formed(v.w, ch));
                     }
                 }
             } else {
@@ -208,12 +209,7 @@ fn stage(lid: u32, g0: u32, m0: u32, k0: u32) {
                     let iy = col_iy[j] + ty;
                     let ix = col_ix[j] + tx;
                     if (iy >= 0 && ix >= 0 && u32(iy) < H && u32(ix) < W) {
-                        let x = x_src[col_base[j] + plane + u32(iy) * W + u32(ix)];
-                        if (IN_BN) {
-                            v[j] = bn_formed(x, ch);
-                        } else {
-                            v[j] = x;
-                        }
+                        v[j] = input_formed(x_src[col_base[j] + plane + u32(iy) * W + u32(ix)], ch);
                     }
                 }
             }

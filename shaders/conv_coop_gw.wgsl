@@ -21,7 +21,7 @@
 // all of them where its 64 columns lie past N, skip their multiply-adds. With OUT_BN, dy is
 // formed from the conv output and the BatchNorm's output gradient as conv2d.wgsl's OUT_BN forms
 // it; with IN_BN, x from the BatchNorm's input as conv2d.wgsl's IN_BN forms it (lib/bn.wgsl,
-// lib/act.wgsl).
+// lib/act.wgsl); with IN_QUANT alone, x is the layer's float input, quantized as it is loaded.
 //
 // Lavapipe has no cooperative matrices: src/kernels/conv_coop/mod.rs derives a plain-WGSL emulation
 // of this file, as of conv_coop.wgsl, which the tests run against the f64 reference.
@@ -226,12 +226,8 @@ fn stage(lid: u32, g: u32, m0: u32, k0: u32, k_stop: u32) {
                 let iy = y0 + col_ty[j];
                 let ix = x0 + col_tx[j];
                 if (iy >= 0 && ix >= 0 && u32(iy) < H && u32(ix) < W) {
-                    let x = b_src[base + col_plane[j] + u32(iy) * W + u32(ix)];
-                    if (IN_BN) {
-                        v[j] = bn_formed(x, col_ch[j]);
-                    } else {
-                        v[j] = x;
-                    }
+                    v[j] = input_formed(b_src[base + col_plane[j] + u32(iy) * W + u32(ix)],
+                                        col_ch[j]);
                 }
             }
         }

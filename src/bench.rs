@@ -157,7 +157,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
                         Some(&b),
                         &y,
                         (bits, bits),
-                        (None, None),
+                        (Default::default(), None),
                         mode,
                     )?])
                 }),
@@ -335,7 +335,7 @@ fn between_bns<'a>(
             form: relu_bn(t_out),
             dy,
         }),
-        input_sums: None,
+        ..AroundBn::default()
     }
 }
 
@@ -385,7 +385,10 @@ fn bn_fused_items(
                     &wt,
                     Some(&b),
                     &y,
-                    Some(input),
+                    conv2d::AroundBn {
+                        input: Some(input),
+                        ..Default::default()
+                    },
                     Some(&partials),
                 )?])
             }),

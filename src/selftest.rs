@@ -21,6 +21,7 @@ mod norm;
 mod optim;
 mod pool;
 mod quant;
+mod quant_on_load;
 mod through_bn;
 mod wbwtab;
 mod xnor_int;
@@ -186,6 +187,7 @@ pub fn cases() -> Vec<Case> {
     through_bn::output::cases(&mut v);
     through_bn::output::coop_grad_weight_case(&mut v);
     through_bn::output::coop_grad_input_case(&mut v);
+    quant_on_load::cases(&mut v);
     norm::cases(&mut v);
     bn_merge::cases(&mut v);
     pool::cases(&mut v);

@@ -29,13 +29,25 @@ fn bn_formed(v: f32, t: vec4<f32>, quantize: bool) -> f32 {
     return r;
 }
 
-// Element (b, y, x) of b_src's channel sc (an input channel unshuffled), formed with IN_BN.
+// The input element the GEMM uses whose stored value is v (with IN_BN the BatchNorm's input,
+// in the channel whose table is t): formed through the BatchNorm (IN_BN), quantized (IN_QUANT).
+fn input_formed(v: f32, t: vec4<f32>) -> f32 {
+    if (IN_BN) {
+        return bn_formed(v, t, IN_QUANT);
+    }
+    if (IN_QUANT) {
+        return dorefa_act(v, ACT_LEVELS, ACT_INV_LEVELS);
+    }
+    return v;
+}
+
+// Element (b, y, x) of b_src's channel sc (an input channel unshuffled), formed.
 fn load_input(b: u32, sc: u32, iy: u32, ix: u32) -> f32 {
     let v = b_src[((b * q.cin + sc) * q.h + iy) * q.w + ix];
     if (IN_BN) {
         return bn_formed(v, in_bn_of(sc), IN_QUANT);
     }
-    return v;
+    return input_formed(v, vec4(0.0));
 }
 
 // OUT_BN: what the backward of the BatchNorm after output channel co needs: where its output
@@ -160,10 +172,7 @@ fn load_b(g: u32, row: BRow, n: u32) -> f32 {
             return 0.0;
         }
         let x = b_src[((b * q.cin + row.ch) * q.h + u32(iy)) * q.w + u32(ix)];
-        if (IN_BN) {
-            return bn_formed(x, row.in_bn, IN_QUANT);
-        }
-        return x;
+        return input_formed(x, row.in_bn);
     } else if (MODE == 1u) {
         // Input pixel (iy, ix) receives output (oy, ox) through tap (kh, kw) when
         // oy * sh = iy + ph - kh * dh (and likewise for x).
@@ -239,10 +248,10 @@ fn load_a_block4(g: u32, m: u32, k: u32) -> mat4x4<f32> {
                             load_a_row4(g, m + 2u, k), load_a_row4(g, m + 3u, k)));
 }
 
-// IN_BN: four input elements of the channel whose table is t, formed.
-fn bn_formed4(v: vec4<f32>, t: vec4<f32>) -> vec4<f32> {
-    return vec4(bn_formed(v.x, t, IN_QUANT), bn_formed(v.y, t, IN_QUANT),
-                bn_formed(v.z, t, IN_QUANT), bn_formed(v.w, t, IN_QUANT));
+// Four input elements of the channel whose table is t (with IN_BN), formed.
+fn input_formed4(v: vec4<f32>, t: vec4<f32>) -> vec4<f32> {
+    return vec4(input_formed(v.x, t), input_formed(v.y, t), input_formed(v.z, t),
+                input_formed(v.w, t));
 }
 
 // VEC_B 1: B[k][n..n+3] from one vec4 (a pointwise conv: n is a pixel, the image's pixel count
@@ -256,8 +265,8 @@ fn load_b_quad4(g: u32, k: u32, n: u32) -> vec4<f32> {
     let pix = n - b * q.ohw;
     if (MODE == 0u) {
         let x = b_src4[((b * q.cin + row.ch) * q.hw + pix) / 4u];
-        if (IN_BN) {
-            return bn_formed4(x, row.in_bn);
+        if (IN_BN || IN_QUANT) {
+            return input_formed4(x, row.in_bn);
         }
         return x;
     }
@@ -279,7 +288,10 @@ fn load_b_column4(g: u32, k: u32, n: u32) -> vec4<f32> {
     let sc = unshuffled(g * q.cig + n);
     let x = b_src4[((b * q.cin + sc) * q.hw + pix) / 4u];
     if (IN_BN) {
-        return bn_formed4(x, in_bn_of(sc));
+        return input_formed4(x, in_bn_of(sc));
+    }
+    if (IN_QUANT) {
+        return input_formed4(x, vec4(0.0));
     }
     return x;
 }

@@ -48,6 +48,22 @@ fn bn_formed(v: f32, ch: u32) -> f32 {
     return dorefa_act(bn_relu(v, ch), A_LEVELS, A_INV_LEVELS);
 }
 
+// The forward's and grad-weight's x without IN_BN: with IN_QUANT the layer's float input,
+// quantized where it is loaded; else its levels, stored quantized.
+override IN_QUANT: bool = false;
+
+// The input level the GEMM uses whose stored value is v (with IN_BN the BatchNorm's input, in
+// BatchNorm channel ch).
+fn input_formed(v: f32, ch: u32) -> f32 {
+    if (IN_BN) {
+        return bn_formed(v, ch);
+    }
+    if (IN_QUANT) {
+        return dorefa_act(v, A_LEVELS, A_INV_LEVELS);
+    }
+    return v;
+}
+
 // The staged value (index into c_sh) that invocation `lid` writes on step e (0..8) of an
 // epilogue round: subgroup s's 32 invocations write their own 16x16 block (c_sh[s * 256..]) two
 // rows per step, each half of the subgroup 16 adjacent columns of one row, so that one store

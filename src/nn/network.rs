@@ -90,6 +90,9 @@ pub struct Network {
     /// Every BatchNorm after a conv has its backward applied in that conv's loads, whatever
     /// its kernel (see `Network::bn_backward_by_conv`).
     bn_backward_in_every_conv: bool,
+    /// A conv's stored DoReFa input is quantized where its GEMMs load it
+    /// (`QuantInput::OnLoad`).
+    quantize_on_load: bool,
     input: Tensor,
     labels: Tensor,
     per_row: Tensor,
@@ -260,6 +263,7 @@ impl Network {
             recompute: true,
             bn_sums: true,
             bn_backward_in_every_conv: false,
+            quantize_on_load: true,
             input,
             labels,
             per_row,
@@ -286,6 +290,15 @@ impl Network {
     pub fn reduce_bn_backward_in_passes(&mut self) -> Result<()> {
         self.before_first_plan("reduce_bn_backward_in_passes")?;
         self.bn_sums = false;
+        Ok(())
+    }
+
+    /// Quantizes a conv's stored DoReFa input in passes of its own (into a temporary, forward
+    /// and again for grad-weight) instead of where the conv's GEMMs load it: the same bits, for
+    /// comparing the two; only before the first plan.
+    pub fn quantize_inputs_in_passes(&mut self) -> Result<()> {
+        self.before_first_plan("quantize_inputs_in_passes")?;
+        self.quantize_on_load = false;
         Ok(())
     }
 

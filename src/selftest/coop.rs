@@ -100,7 +100,7 @@ fn forward_cases(v: &mut Vec<Case>) {
                     Some(&bt),
                     &yt,
                     (bits, bits),
-                    (None, None),
+                    (Default::default(), None),
                     mode,
                 )?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&yt])?;

@@ -145,8 +145,11 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
                 let out = gpu.empty("y", &geom.y_shape(), DType::F32)?;
                 let ibn = input_bn(&tt, relu, shuffle, bits);
-                let op =
-                    conv2d::forward_with(gpu, &geom, &yt, &wt, Some(&bt), &out, Some(ibn), None)?;
+                let input = AroundBn {
+                    input: Some(ibn),
+                    ..AroundBn::default()
+                };
+                let op = conv2d::forward_with(gpu, &geom, &yt, &wt, Some(&bt), &out, input, None)?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&out])?;
                 let want = geom.ref_forward(&f64s(&f.x_quant), &f64s(&w), &f64s(&bias));
                 Ok(vec![(
@@ -181,7 +184,13 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     Some(&bt),
                     &out,
                     (bits, bits),
-                    (Some(ibn), None),
+                    (
+                        AroundBn {
+                            input: Some(ibn),
+                            ..AroundBn::default()
+                        },
+                        None,
+                    ),
                     mode,
                 )?;
                 let got: Vec<Vec<f32>> = gpu.run_and_read("selftest", &[op], &[&out])?;
@@ -317,8 +326,8 @@ fn grad_input_bn_sums(
     };
     let around = AroundBn {
         input: Some(input_bn(&tt, relu, shuffle, bits)),
-        output: None,
         input_sums: Some(&sums),
+        ..AroundBn::default()
     };
     let tiles = conv2d::grad_input_bn_sum_tiles(gpu, geom);
     let ops = vec![

@@ -44,12 +44,14 @@ pub struct OutputBn<'a> {
 /// The BatchNorms whose work a conv's GEMMs do where they load: the one whose output is the
 /// conv's input, and the one after it whose backward forms the conv's output gradient.
 /// `input_sums`: grad-input also forms the sums of the input BatchNorm's backward reduction (see
-/// [`Fused::bn_sums`]).
+/// [`Fused::bn_sums`]). `input_quant`: no BatchNorm before, but the layer's float input
+/// quantized where forward and grad-weight load it (see [`Fused::input_quant`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AroundBn<'a> {
     pub input: Option<InputBn<'a>>,
     pub output: Option<OutputBn<'a>>,
     pub input_sums: Option<&'a Tensor>,
+    pub input_quant: Option<Bits>,
 }
 
 /// What a GEMM does besides multiplying: grad-input's activation-quantizer epilogue, the
@@ -65,9 +67,23 @@ pub struct Fused<'a> {
     pub output_bn: Option<OutputBn<'a>>,
     pub bn_stats: Option<&'a Tensor>,
     pub bn_sums: Option<&'a Tensor>,
+    /// The layer's DoReFa input quantizer, applied where forward and grad-weight load the
+    /// stored float input (the shader's `IN_QUANT` without `IN_BN`), instead of a pass of its
+    /// own into a temporary, forward and again for grad-weight.
+    pub input_quant: Option<Bits>,
 }
 
-impl Fused<'_> {
+impl<'a> Fused<'a> {
+    /// What the GEMMs do where they load, as `bn` describes it: the input formed (through a
+    /// BatchNorm, or quantized) and the next BatchNorm's backward (grad-input's sums apart).
+    pub(crate) fn on_load(bn: AroundBn<'a>) -> Fused<'a> {
+        Fused {
+            input_bn: bn.input,
+            output_bn: bn.output,
+            input_quant: bn.input_quant,
+            ..Fused::default()
+        }
+    }
     /// Checks that `mode`'s GEMM of `g`, writing `out` in `tiles` column tiles, can do these.
     pub(crate) fn check(
         &self,
@@ -94,6 +110,19 @@ impl Fused<'_> {
                 );
             }
             bn.form.check(label, g.cin)?;
+        }
+        if let Some(bits) = self.input_quant {
+            if mode == Mode::GradInput {
+                return refuse(
+                    "grad-input does not load the layer input: its quantizer's mask is an ActGrad",
+                );
+            }
+            if self.input_bn.is_some() {
+                return refuse("an input formed through a BatchNorm is quantized with it");
+            }
+            if bits.is_float() {
+                return refuse("a float input has no quantizer to apply on load");
+            }
         }
         if let Some(bn) = self.output_bn {
             if mode == Mode::Forward {
@@ -149,7 +178,9 @@ impl Fused<'_> {
         c.extend([
             (
                 "IN_QUANT",
-                flag(self.input_bn.is_some_and(|b| !b.bits.is_float())),
+                flag(
+                    self.input_bn.is_some_and(|b| !b.bits.is_float()) || self.input_quant.is_some(),
+                ),
             ),
             ("BN_STATS", flag(self.bn_stats.is_some())),
             ("BN_SUMS", flag(self.bn_sums.is_some())),
@@ -161,7 +192,11 @@ impl Fused<'_> {
     /// Grad-input's input-quantizer backward (ACT_GRAD: 0 none, 1 the mask, 2 also the
     /// requantization) and the levels of that quantizer, else of the input formed on load.
     pub(crate) fn act_constants(&self) -> Vec<(&'static str, f64)> {
-        let levels = self.act.map(|a| a.bits).or(self.input_bn.map(|b| b.bits));
+        let levels = self
+            .act
+            .map(|a| a.bits)
+            .or(self.input_bn.map(|b| b.bits))
+            .or(self.input_quant);
         vec![
             (
                 "ACT_GRAD",
@@ -181,6 +216,7 @@ impl Fused<'_> {
         let mut s = String::new();
         for (on, what) in [
             (self.input_bn.is_some(), " through bn"),
+            (self.input_quant.is_some(), " quantized on load"),
             (self.bn_stats.is_some(), " +bn stats"),
             (self.bn_sums.is_some(), " +bn sums"),
             (self.output_bn.is_some(), " +bn backward"),

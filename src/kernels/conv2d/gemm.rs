@@ -430,12 +430,7 @@ impl GemmConv {
         label: String,
     ) -> Result<Vec<Op>> {
         let splits = self.effective_splits(splits);
-        let fused = Fused {
-            act: None,
-            input_bn: bn.input,
-            output_bn: bn.output,
-            ..Fused::default()
-        };
+        let fused = Fused::on_load(bn);
         self.split_k_ops(gpu, (dw, db), splits, scratch, |out, bias| {
             self.launch_with(
                 gpu,

@@ -41,13 +41,14 @@ pub fn forward(
     bias: Option<&Tensor>,
     y: &Tensor,
 ) -> Result<Op> {
-    forward_with(gpu, geom, x, w, bias, y, None, None)
+    forward_with(gpu, geom, x, w, bias, y, AroundBn::default(), None)
 }
 
-/// [`forward`] whose input is formed from a BatchNorm's where it is loaded (`input_bn`: `x`
-/// is then the BatchNorm's input), and which forms the partial statistics of the BatchNorm
-/// after it (`bn_stats`, at least [`forward_bn_partials`] floats; merged by
-/// `norm::stats_merge` with [`forward_tile_columns`]).
+/// [`forward`] whose input is formed where it is loaded (`input.input`: from a BatchNorm's,
+/// `x` then being the BatchNorm's input; `input.input_quant`: the float `x` quantized), and
+/// which forms the partial statistics of the BatchNorm after it (`bn_stats`, at least
+/// [`forward_bn_partials`] floats; merged by `norm::stats_merge` with
+/// [`forward_tile_columns`]).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_with(
     gpu: &Gpu,
@@ -56,7 +57,7 @@ pub fn forward_with(
     w: &Tensor,
     bias: Option<&Tensor>,
     y: &Tensor,
-    input_bn: Option<InputBn<'_>>,
+    input: AroundBn<'_>,
     bn_stats: Option<&Tensor>,
 ) -> Result<Op> {
     const K: &str = "conv2d.forward";
@@ -73,9 +74,9 @@ pub fn forward_with(
         check(geom, K, &[("bias", b, &[geom.cout])])?;
     }
     let fused = Fused {
-        input_bn,
         bn_stats,
-        ..Fused::default()
+        bn_sums: input.input_sums,
+        ..Fused::on_load(input)
     };
     Ok(Op::Dispatch(geom.gemm().launch_with(
         gpu,
@@ -164,10 +165,8 @@ pub fn grad_input_fused(
         1,
         Fused {
             act,
-            input_bn: bn.input,
-            output_bn: bn.output,
-            bn_stats: None,
             bn_sums: bn.input_sums,
+            ..Fused::on_load(bn)
         },
         label,
     )?))
@@ -228,7 +227,8 @@ pub fn grad_weight_and_bias(
 }
 
 /// Grad-weight (and, given `db`, the bias gradient) with the default split-K, its input formed
-/// from a BatchNorm's where it is loaded (`input_bn`: `x` is the BatchNorm's input).
+/// where it is loaded (`bn.input`: from a BatchNorm's, `x` being the BatchNorm's input;
+/// `bn.input_quant`: the float `x` quantized).
 pub fn grad_weight_fused(
     gpu: &Gpu,
     geom: &Conv2dGeom,

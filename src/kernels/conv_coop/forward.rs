@@ -4,7 +4,7 @@ use super::{CoopMode, TILE, grid, label_suffix, packing_label, shader_for, slot_
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Op, Tensor};
 use crate::kernels::CONV_COOP;
-use crate::kernels::conv2d::{Conv2dGeom, Fused, InputBn, Mode, input_bn_constants};
+use crate::kernels::conv2d::{AroundBn, Conv2dGeom, Fused, Mode, input_bn_constants};
 use crate::kernels::{expect_dtype, expect_shape};
 use crate::quant::Bits;
 
@@ -16,9 +16,10 @@ struct Params {
 }
 
 /// `y = conv2d(x, w) + bias` for `x` holding `a_bits` DoReFa activation levels and `w` holding
-/// `w_bits` weight levels, on cooperative matrices (`mode`). With `input_bn` (whose `bits` must
-/// be `a_bits`), `x` is a BatchNorm's input and the levels are formed from it as they are loaded.
-/// With `bn_stats`, it also forms the partial statistics of the BatchNorm after it, per [`TILE`]
+/// `w_bits` weight levels, on cooperative matrices (`mode`). With `input.input` (whose `bits`
+/// must be `a_bits`), `x` is a BatchNorm's input and the levels are formed from it as they are
+/// loaded; with `input.input_quant` (`a_bits`), `x` is the layer's float input, quantized as it
+/// is loaded. With `bn_stats`, it also forms the partial statistics of the BatchNorm after it, per [`TILE`]
 /// columns, as `conv2d::forward_with` does.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
@@ -29,7 +30,7 @@ pub fn forward(
     bias: Option<&Tensor>,
     y: &Tensor,
     (w_bits, a_bits): (Bits, Bits),
-    (input_bn, bn_stats): (Option<InputBn<'_>>, Option<&Tensor>),
+    (input, bn_stats): (AroundBn<'_>, Option<&Tensor>),
     mode: CoopMode,
 ) -> Result<Op> {
     const K: &str = "conv2d.forward (cooperative matrices)";
@@ -51,10 +52,12 @@ pub fn forward(
             "needs weights and activations of 2 to 8 bits (their codes must be exact in f16)",
         ));
     }
-    if input_bn.is_some_and(|bn| bn.bits != a_bits) {
+    if input.input.is_some_and(|bn| bn.bits != a_bits)
+        || input.input_quant.is_some_and(|b| b != a_bits)
+    {
         return Err(Error::shape(
             K,
-            "the input formed from a BatchNorm must be quantized to the activation bits",
+            "the input formed on load must be quantized to the activation bits",
         ));
     }
     let (oh, ow) = geom.out_hw();
@@ -67,9 +70,9 @@ pub fn forward(
     }
     // The BatchNorm work is conv2d.wgsl's forward's, checked and labelled the same way.
     let fused = Fused {
-        input_bn,
         bn_stats,
-        ..Fused::default()
+        bn_sums: input.input_sums,
+        ..Fused::on_load(input)
     };
     let gemm = geom.gemm();
     // The fp32 forward's vector forms: VEC_A 2 (weight rows), VEC_B 1 (a pointwise input).
@@ -88,6 +91,7 @@ pub fn forward(
         ("A_LEVELS", na),
         ("A_INV_LEVELS", f64::from(a_bits.inv_levels())),
         ("BN_STATS", flag(bn_stats.is_some())),
+        ("IN_QUANT", flag(fused.input_quant.is_some())),
         ("SCALE", f64::from((1.0 / (nw * na)) as f32)),
         ("KH", c(geom.kernel.0)),
         ("KW", c(geom.kernel.1)),
@@ -97,7 +101,7 @@ pub fn forward(
     let cog = geom.cout / geom.groups;
     let rg = slot_rows(cog, geom.groups);
     constants.push(("RG", c(rg)));
-    constants.extend(input_bn_constants(input_bn));
+    constants.extend(input_bn_constants(input.input));
     constants.extend(gemm.geometry_constants());
     let shader = shader_for(&CONV_COOP, mode);
     let kernel = gpu.kernel(&KernelSpec {
@@ -124,7 +128,7 @@ pub fn forward(
         placeholder("no BatchNorm statistics")?,
     );
     let bias = bias.unwrap_or(&none);
-    let bn_table = input_bn.map_or(&no_bn, |b| b.form.table);
+    let bn_table = input.input.map_or(&no_bn, |b| b.form.table);
     let bn_part = bn_stats.unwrap_or(&no_stats);
     let p = Params {
         gn: gn as u32,

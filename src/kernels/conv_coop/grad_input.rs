@@ -65,10 +65,8 @@ pub fn grad_input(
     }
     let fused = Fused {
         act,
-        input_bn: bn.input,
-        output_bn: bn.output,
         bn_sums: bn.input_sums,
-        ..Fused::default()
+        ..Fused::on_load(bn)
     };
     fused.check(&gemm, Mode::GradInput, dx, gn.div_ceil(TILE), K)?;
     let (vec_w, vec_dy) = if gpu.vector_loads() {

@@ -25,7 +25,8 @@ const GW_BK: usize = 16;
 /// `dw = dL/dw` (and, given `db`, the bias gradient) of a conv whose input `x` holds `a_bits`
 /// DoReFa levels, on cooperative matrices (`mode`): the float `dy` as two f16 halves per row
 /// scale, the codes of `x` exact. With `bn.input`, `x` is a BatchNorm's input and the levels
-/// are formed from it as they are loaded (its `bits` must be `a_bits`); with `bn.output`, `dy`
+/// are formed from it as they are loaded (its `bits` must be `a_bits`); with `bn.input_quant`
+/// (`a_bits`), `x` is the layer's float input, quantized as it is loaded; with `bn.output`, `dy`
 /// is the conv's output and its gradient is formed through the BatchNorm after it, as
 /// `conv2d::grad_weight_fused` does. Split-K as there (chunks of a multiple of 16), its partial
 /// sums in `scratch` when given and large enough.
@@ -59,10 +60,10 @@ pub fn grad_weight(
             "needs activations of 2 to 8 bits (their codes must be exact in f16)",
         ));
     }
-    if bn.input.is_some_and(|b| b.bits != a_bits) {
+    if bn.input.is_some_and(|b| b.bits != a_bits) || bn.input_quant.is_some_and(|b| b != a_bits) {
         return Err(Error::shape(
             K,
-            "the input formed from a BatchNorm must be quantized to the activation bits",
+            "the input formed on load must be quantized to the activation bits",
         ));
     }
     let gemm = geom.gemm();
@@ -75,11 +76,7 @@ pub fn grad_weight(
             "tensor too large to index with 32 bits: use a smaller batch size",
         ));
     }
-    let fused = Fused {
-        input_bn: bn.input,
-        output_bn: bn.output,
-        ..Fused::default()
-    };
+    let fused = Fused::on_load(bn);
     fused.check(&gemm, Mode::GradWeight, dw, 1, K)?;
     // The fp32 kernel's split count, in chunks of whole K steps.
     let chunk = gk
@@ -97,6 +94,7 @@ pub fn grad_weight(
         ),
         ("A_LEVELS", f64::from(a_bits.levels())),
         ("A_INV_LEVELS", f64::from(a_bits.inv_levels())),
+        ("IN_QUANT", flag(fused.input_quant.is_some())),
         ("KH", c(geom.kernel.0)),
         ("KW", c(geom.kernel.1)),
     ];

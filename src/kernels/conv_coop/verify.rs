@@ -54,7 +54,7 @@ pub fn verify(gpu: &Gpu) -> Result<()> {
             Some(&t.b),
             &y[0],
             (bits, bits),
-            (None, None),
+            (Default::default(), None),
             mode,
         )?);
         ops.push(conv2d::forward(gpu, geom, &t.x, &t.w, Some(&t.b), &y[1])?);

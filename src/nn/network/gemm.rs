@@ -81,7 +81,13 @@ impl Gemm {
         input_bn: Option<InputBn<'_>>,
     ) -> Result<Op> {
         match (self, input_bn) {
-            (Gemm::Conv(g), _) => conv2d::forward_with(gpu, g, x, w, b, y, input_bn, None),
+            (Gemm::Conv(g), _) => {
+                let input = AroundBn {
+                    input: input_bn,
+                    ..AroundBn::default()
+                };
+                conv2d::forward_with(gpu, g, x, w, b, y, input, None)
+            }
             (Gemm::ConvT(g), None) => conv_transpose2d::forward(gpu, g, x, w, b, y),
             (Gemm::Linear(g), None) => matmul::forward(gpu, g, x, w, b, y),
             (_, Some(_)) => Err(only_conv()),

@@ -38,6 +38,10 @@ pub(super) enum QuantInput {
     /// never stored; the conv's GEMMs form it, quantized, where they load it, from the
     /// BatchNorm's input (kept for the BatchNorm's backward anyway) and its statistics.
     ThroughBn(usize),
+    /// Nowhere: the conv's forward and grad-weight GEMMs quantize the stored float input where
+    /// they load it (kept anyway: grad-input's mask reads it), as a residual block's first conv
+    /// reads the block's output.
+    OnLoad,
 }
 
 /// Buffers of one layer at the capacity batch; plans take views of their first rows.
@@ -380,11 +384,28 @@ impl Network {
                 && matches!(l.kind, Kind::Weighted { .. })
                 && l.fold.is_none()
         };
+        // A DoReFa conv whose input is neither formed again nor a BatchNorm's output quantizes
+        // it where its GEMMs load it, instead of in the temporary (which the others keep: a
+        // Linear, a transposed conv, a folded conv, an IAO quantizer).
+        let on_load = |i: usize| {
+            let l = &self.layers[i];
+            self.quantize_on_load
+                && quantized_in(l)
+                && !in_place(i)
+                && l.fold.is_none()
+                && matches!(
+                    l.kind,
+                    Kind::Weighted {
+                        op: WeightedOp::Conv { .. },
+                        input: ActQuant::Dorefa(_),
+                    }
+                )
+        };
         let max_qin = self
             .layers
             .iter()
             .enumerate()
-            .filter(|&(i, l)| quantized_in(l) && !in_place(i))
+            .filter(|&(i, l)| quantized_in(l) && !in_place(i) && !on_load(i))
             .map(|(_, l)| elems(&l.in_shape))
             .max();
         // Where each layer's output gradient lives. A conv/linear output that a BatchNorm
@@ -503,6 +524,7 @@ impl Network {
                 (false, _, _) => QuantInput::Float,
                 (true, true, Some(k)) => QuantInput::ThroughBn(k),
                 (true, true, None) => QuantInput::InPlace,
+                (true, false, _) if on_load(i) => QuantInput::OnLoad,
                 (true, false, _) => {
                     QuantInput::Temporary(qtemp.as_ref().expect("sized above").view(0, &in_shape)?)
                 }

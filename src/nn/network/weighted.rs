@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::gpu::{CoopMode, Gpu};
 use crate::gpu::{Op, Tensor};
 use crate::kernels::conv_coop;
-use crate::kernels::conv2d::{self, ActGrad, AroundBn, InputBn, OutputBn};
+use crate::kernels::conv2d::{self, ActGrad, AroundBn, OutputBn};
 use crate::quant::ActQuant;
 use crate::quant::Bits;
 
@@ -60,6 +60,11 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         (QuantInput::ThroughBn(k), ActQuant::Dorefa(bits)) => Some(net.input_bn(*k, bits)?),
         _ => None,
     };
+    // The float input quantized where forward and grad-weight load it.
+    let input_quant = match (&buf.xq, input) {
+        (QuantInput::OnLoad, ActQuant::Dorefa(bits)) => Some(bits),
+        _ => None,
+    };
     // The backward of the BatchNorm after, applied where the backward GEMMs load dy (dy is this
     // conv's output then).
     let bn_after = match &buf.bn_after {
@@ -78,6 +83,12 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         output: output_bn,
         // The BatchNorm before's backward sums, in grad-input's epilogue (see `bn_sums`).
         input_sums: buf.bn_sums.as_ref().filter(|_| input_bn.is_some()),
+        input_quant: None,
+    };
+    // What forward and grad-weight do where they load the input (grad-input loads dy and w).
+    let loading_input = AroundBn {
+        input_quant,
+        ..around
     };
     let gemm = Gemm::new(op, io.batch, &l.in_shape, &l.out_shape);
     fwd.push(forward_gemm(
@@ -85,7 +96,11 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         l,
         &gemm,
         (&xq, &w_hat, b.as_ref()),
-        input_bn,
+        AroundBn {
+            input: input_bn,
+            input_quant,
+            ..AroundBn::default()
+        },
     )?);
     if !io.train {
         return Ok((fwd, bwd));
@@ -166,10 +181,10 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             dy,
             (dw, db.as_ref()),
             a_bits,
-            (around, scratch),
+            (loading_input, scratch),
             mode,
         ),
-        _ => gemm.grad_weight(gpu, &xq, dy, (dw, db.as_ref()), scratch, around),
+        _ => gemm.grad_weight(gpu, &xq, dy, (dw, db.as_ref()), scratch, loading_input),
     };
     match (&l.quantizer, &l.dw_hat) {
         (Some(q), Some(dw_hat)) => {
@@ -229,22 +244,23 @@ pub(super) fn grad_input_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, Bits
         .map(|((_, (w_bits, _)), mode)| (mode, w_bits))
 }
 
-/// The forward GEMM: on cooperative matrices where [`forward_on_coop`] says so, else the fp32
-/// kernel; in training either also forms the statistics of the BatchNorm after it where that
-/// BatchNorm takes them from it.
+/// The forward GEMM (its input formed where it is loaded as `input` says): on cooperative
+/// matrices where [`forward_on_coop`] says so, else the fp32 kernel; in training either also
+/// forms the statistics of the BatchNorm after it where that BatchNorm takes them from it.
 fn forward_gemm(
     io: &Io,
     l: &Layer,
     gemm: &Gemm,
     (xq, w_hat, b): (&Tensor, &Tensor, Option<&Tensor>),
-    input_bn: Option<InputBn<'_>>,
+    input: AroundBn<'_>,
 ) -> Result<Op> {
     let stats = io.buf.bn_partials.as_ref().filter(|_| io.train);
     match (forward_on_coop(io.gpu, l), gemm) {
         (Some((mode, bits)), Gemm::Conv(g)) => {
-            conv_coop::forward(io.gpu, g, xq, w_hat, b, io.y, bits, (input_bn, stats), mode)
+            conv_coop::forward(io.gpu, g, xq, w_hat, b, io.y, bits, (input, stats), mode)
         }
-        (_, Gemm::Conv(g)) => conv2d::forward_with(io.gpu, g, xq, w_hat, b, io.y, input_bn, stats),
-        _ => gemm.forward(io.gpu, xq, w_hat, b, io.y, input_bn),
+        (_, Gemm::Conv(g)) => conv2d::forward_with(io.gpu, g, xq, w_hat, b, io.y, input, stats),
+        _ if input.input_quant.is_some() => unreachable!("only convs quantize on load"),
+        _ => gemm.forward(io.gpu, xq, w_hat, b, io.y, input.input),
     }
 }

@@ -164,7 +164,7 @@ impl BetweenBns {
                 },
                 dy: &self.bn_dy,
             }),
-            input_sums: None,
+            ..AroundBn::default()
         }
     }
 }
