@@ -10,6 +10,16 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// add_forward: the ReLU after the sum in the same pass (a residual block's output).
+override ADD_RELU: bool = false;
+
+// max(v, 0), zero for v <= 0 by sign and magnitude bits, so NaN is kept even where compilers
+// assume floats are never NaN.
+fn relu_of(v: f32) -> f32 {
+    let b = bitcast<u32>(v);
+    return select(v, 0.0, (b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u || b == 0u);
+}
 // relu_forward
 @group(0) @binding(1) var<storage, read> fwd_x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> fwd_y: array<f32>;
@@ -40,11 +50,7 @@ fn relu_forward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let v = fwd_x[i];
-    // Zero for v <= 0 by sign and magnitude bits, so NaN is kept even where compilers assume
-    // floats are never NaN.
-    let b = bitcast<u32>(v);
-    fwd_y[i] = select(v, 0.0, (b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u || b == 0u);
+    fwd_y[i] = relu_of(fwd_x[i]);
 }
 
 // dx = dy where the forward output y > 0, else 0 (PyTorch's rule for ReLU).
@@ -59,7 +65,7 @@ fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>,
     bwd_dx[i] = select(0.0, bwd_dy[i], bwd_y[i] > 0.0);
 }
 
-// y = a + b: a residual sum (one f32 add, so exactly PyTorch's).
+// y = a + b: a residual sum (one f32 add, so exactly PyTorch's); with ADD_RELU, relu(a + b).
 @compute @workgroup_size(256)
 fn add_forward(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>,
@@ -68,7 +74,8 @@ fn add_forward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    add_y[i] = add_a[i] + add_b[i];
+    let s = add_a[i] + add_b[i];
+    add_y[i] = select(s, relu_of(s), ADD_RELU);
 }
 
 // sum += x: gradients of a tensor read by several layers, summed one consumer at a time in a

@@ -349,6 +349,37 @@ fn quantizing_on_load_changes_no_bit_of_a_training_step() {
     assert_eq!((passes_before, loads_before), (8, 0));
 }
 
+/// The ReLU after a residual block's float add runs in the add's pass, and the add masks the
+/// gradient it passes on (`tests/parity.rs` checks the steps' numbers against PyTorch's): no
+/// ReLU pass, one masking pass per block. IAO's QuantAdd keeps its ReLU.
+#[test]
+fn a_residual_blocks_relu_runs_in_its_add() {
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = load("examples/models/tiny_resnet.json");
+    let gpu = common::gpu();
+    let b8 = Bits::new(8).unwrap();
+    let iao = QuantConfig::iao(b8, b8, wgqat::quant::IaoOptions::default());
+    for (name, quant, fused) in [("DoReFa", dorefa(8), true), ("IAO", iao, false)] {
+        let net = wgqat::nn::Network::new(gpu, &spec, quant, 8, true, 1).unwrap();
+        let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
+        let labels = dispatch_labels(&plan);
+        let count = |prefix: &str| labels.iter().filter(|l| l.starts_with(prefix)).count();
+        let (adds, relus, masks) = (
+            count("add_forward+relu"),
+            count("relu_forward"),
+            count("relu_backward"),
+        );
+        println!(
+            "tiny_resnet {name}: {adds} adds with their ReLU, {relus} ReLU passes, {masks} masks"
+        );
+        if fused {
+            assert_eq!((adds, relus, masks), (2, 0, 2), "{name}");
+        } else {
+            assert_eq!((adds, relus, masks), (0, 2, 2), "{name}");
+        }
+    }
+}
+
 /// After a conv larger than 1×1 (that has a grad-input) a BatchNorm applies its backward in a
 /// pass, in place; after a 1×1 conv (or the first) the conv applies it where its GEMMs load its
 /// output gradient. Both form each value with the same functions, so two steps give the same

@@ -63,6 +63,18 @@ pub fn relu_backward(gpu: &Gpu, y: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<
 
 /// `y = a + b` (a residual block's sum).
 pub fn add_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Launch> {
+    add_forward_relu(gpu, a, b, y, false)
+}
+
+/// `y = a + b`, or with `relu` `y = relu(a + b)` (the ReLU after a residual block's sum, in the
+/// same pass, bit for bit as `relu_forward` would write it).
+pub fn add_forward_relu(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    y: &Tensor,
+    relu: bool,
+) -> Result<Launch> {
     const K: &str = "add_forward";
     for (name, t) in [("a", a), ("b", b), ("y", y)] {
         expect_dtype(K, name, t, DType::F32)?;
@@ -77,12 +89,12 @@ pub fn add_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Laun
     let kernel = gpu.kernel(&KernelSpec {
         shader: &ELEMENTWISE,
         entry: K,
-        constants: &[],
+        constants: &[("ADD_RELU", f64::from(u8::from(relu)))],
         bindings: &bindings,
     })?;
     gpu.launch(
         &kernel,
-        format!("{K} {:?}", a.shape()),
+        format!("{K}{} {:?}", if relu { "+relu" } else { "" }, a.shape()),
         Some(bytemuck::bytes_of(&params(n))),
         &[a, b, y],
         elementwise_grid(gpu, n),

@@ -763,7 +763,7 @@ impl Network {
             Kind::Shuffle(_) => shuffle::ops(l, io),
             Kind::Relu => elementwise::relu(l, io),
             Kind::Sign => elementwise::sign(l, io),
-            Kind::Add => elementwise::add(self, l, io),
+            Kind::Add { .. } => elementwise::add(self, l, io),
             // Aliases: the layer before did the work.
             Kind::FusedRelu | Kind::FoldedBn | Kind::FusedShuffle | Kind::Flatten => {
                 Ok((Vec::new(), Vec::new()))

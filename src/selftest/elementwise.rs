@@ -125,6 +125,47 @@ pub(super) fn add_cases(v: &mut Vec<Case>) {
             },
         ));
     }
+    // With the ReLU after the sum (a residual block's output): exact sums of 0 (a = -b) and of
+    // two negative zeros among the values.
+    for n in [1usize, 257, 4099] {
+        v.push(Case::new(
+            "add",
+            "forward+relu",
+            format!("[{n}]"),
+            move |gpu, rng| {
+                let a = rng.vec_uniform(n, -1.0, 1.0);
+                let b: Vec<f32> = (0..n)
+                    .map(|i| match i % 7 {
+                        3 => -a[i],
+                        5 => -0.0,
+                        _ => rng.uniform(-1.0, 1.0),
+                    })
+                    .collect();
+                let a: Vec<f32> = (0..n)
+                    .map(|i| if i % 7 == 5 { -0.0 } else { a[i] })
+                    .collect();
+                let at = gpu.upload_f32("a", &[n], &a)?;
+                let bt = gpu.upload_f32("b", &[n], &b)?;
+                let yt = gpu.empty("y", &[n], DType::F32)?;
+                let l = kernels::elementwise::add_forward_relu(gpu, &at, &bt, &yt, true)?;
+                let got = run_read(gpu, vec![l], &[&yt])?;
+                let sums: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
+                let want = reference::elementwise::relu_forward(&sums);
+                // Bit for bit: a zero is +0, as relu_forward writes it.
+                let signs = got[0].iter().filter(|v| v.is_sign_negative()).count();
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[0], &want, Tolerance::EXACT),
+                    ),
+                    (
+                        "negative zeros".into(),
+                        reference::compare(&[signs as f32], &[0.0], Tolerance::EXACT),
+                    ),
+                ])
+            },
+        ));
+    }
     for n in [1usize, 4099] {
         v.push(Case::new(
             "add",

@@ -1,6 +1,7 @@
-//! The elementwise nodes: a ReLU not fused into a BatchNorm (after a residual add, say), and the
-//! sum of a residual block, `y = x0 + x1 (+ x2 ...)`: float as micronet's DoReFa leaves `Add`
-//! (each input's gradient is `dy`), or IAO's `QuantAdd` (both summands quantized with one scale).
+//! The elementwise nodes: a ReLU not fused into the layer before, and the sum of a residual
+//! block, `y = x0 + x1 (+ x2 ...)`: float as micronet's DoReFa leaves `Add` (each input's
+//! gradient is `dy`; with the ReLU after it fused, `dy` where `y > 0`), or IAO's `QuantAdd` (both
+//! summands quantized with one scale).
 
 use super::lower::IaoSlot;
 use super::{Io, Kind, Layer, Network, Ops};
@@ -39,22 +40,45 @@ pub(super) fn sign(l: &Layer, io: &Io) -> Result<Ops> {
 }
 
 pub(super) fn add(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
-    debug_assert!(matches!(l.kind, Kind::Add));
+    let Kind::Add { relu } = l.kind else {
+        unreachable!("add is for adds")
+    };
     if let Some(slot) = &l.input_q {
         return quant_add(net, l, slot, io);
     }
     let (gpu, xs) = (io.gpu, io.xs);
-    let mut fwd = vec![Op::Dispatch(elementwise::add_forward(
-        gpu, &xs[0], &xs[1], io.y,
+    // (The fusion takes only adds of two: a ReLU after more summands stays a layer.)
+    let mut fwd = vec![Op::Dispatch(elementwise::add_forward_relu(
+        gpu, &xs[0], &xs[1], io.y, relu,
     )?)];
     for x in &xs[2..] {
         fwd.push(Op::Dispatch(elementwise::accumulate(gpu, x, io.y)?));
     }
     let mut bwd = Vec::new();
     if io.train {
-        for dx in io.dxs.iter().flatten() {
+        let dy = io.dy(l)?;
+        let mut dxs = io.dxs.iter().flatten();
+        // The gradient the summands share: dy, or with the ReLU dy where y > 0, formed in the
+        // first input gradient and copied from there.
+        let shared = match (relu, dxs.next()) {
+            (true, Some(first)) => {
+                bwd.push(Op::Dispatch(elementwise::relu_backward(
+                    gpu, io.y, dy, first,
+                )?));
+                first
+            }
+            (false, Some(first)) => {
+                bwd.push(Op::Copy {
+                    src: dy.clone(),
+                    dst: first.clone(),
+                });
+                dy
+            }
+            (_, None) => dy,
+        };
+        for dx in dxs {
             bwd.push(Op::Copy {
-                src: io.dy(l)?.clone(),
+                src: shared.clone(),
                 dst: dx.clone(),
             });
         }

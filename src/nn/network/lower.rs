@@ -51,7 +51,7 @@ pub(super) enum Kind {
     Relu,
     /// wbwtab's binary activation in a ReLU's place: `B(x)`, gradient where −1 < x < 1.
     Sign,
-    /// A ReLU folded into the BatchNorm before it: its output is the BN's.
+    /// A ReLU folded into the BatchNorm (or float add) before it: its output is that layer's.
     FusedRelu,
     /// A BatchNorm folded into the conv before it (IAO `bn_fuse`): its output is the conv's.
     FoldedBn,
@@ -62,7 +62,10 @@ pub(super) enum Kind {
     FusedShuffle,
     Flatten,
     /// The sum of its inputs (a residual block's); float, as micronet's DoReFa leaves `Add`.
-    Add,
+    /// `relu`: the ReLU after it, done in its pass (that ReLU is then a `FusedRelu`).
+    Add {
+        relu: bool,
+    },
 }
 
 impl Kind {
@@ -465,7 +468,7 @@ pub(super) fn lower(
             LayerSpec::Shuffle { groups } => layer.kind = Kind::Shuffle(*groups),
             LayerSpec::Flatten => layer.kind = Kind::Flatten,
             LayerSpec::Add { .. } => {
-                layer.kind = Kind::Add;
+                layer.kind = Kind::Add { relu: false };
                 if let ActQuant::Iao {
                     bits,
                     q_type,
@@ -560,8 +563,8 @@ pub(super) fn dorefa_weights(
 }
 
 /// The fusions of the lowered graph, all in one place. Each folds a layer into the BatchNorm
-/// whose output it reads, and applies only where nothing else reads that output (so no reader
-/// sees the fused result in place of the tensor it asked for):
+/// (or add, or max-pool) whose output it reads, and applies only where nothing else reads that
+/// output (so no reader sees the fused result in place of the tensor it asked for):
 ///
 /// 1. BatchNorm → ReLU: the ReLU reads only the BatchNorm's output, which nothing else reads.
 ///    The BatchNorm applies the ReLU (`Epilogue::relu`); the ReLU is an alias of its output.
@@ -570,6 +573,9 @@ pub(super) fn dorefa_weights(
 ///    unshuffled tensor never exists.
 /// 3. Max-pool → channel shuffle: likewise; the max-pool writes its output shuffled
 ///    (`PoolWindow::shuffle`) and reads its gradient where the shuffle put it.
+/// 4. Float add of two → ReLU (a residual block's output): the add applies the ReLU
+///    (`Kind::Add::relu`) and masks the gradient it passes on; the ReLU is an alias of its
+///    output. (IAO's QuantAdd keeps its ReLU.)
 ///
 /// The memory planner (`memory.rs`) adds the last one: a BatchNorm or max-pool whose output
 /// only a quantized layer reads, and which is formed again for the backward pass anyway, writes
@@ -582,10 +588,14 @@ pub(super) fn fuse(layers: &mut [Layer], consumers: &[Vec<usize>]) {
         };
         match layers[i].kind {
             Kind::Relu if only_reader(k, i) => {
-                if let Kind::BatchNorm { ep, .. } = &mut layers[k].kind {
-                    ep.relu = true;
-                    layers[i].kind = Kind::FusedRelu;
+                // A float add of two (IAO's QuantAdd quantizes its sum's inputs, not its output).
+                let float_add = layers[k].input_q.is_none() && layers[k].inputs.len() == 2;
+                match &mut layers[k].kind {
+                    Kind::BatchNorm { ep, .. } => ep.relu = true,
+                    Kind::Add { relu } if float_add => *relu = true,
+                    _ => continue,
                 }
+                layers[i].kind = Kind::FusedRelu;
             }
             Kind::Shuffle(groups) if only_reader(k, i) => {
                 let bn = match (layers[k].kind, &layers[k].inputs[..]) {

@@ -319,7 +319,7 @@ impl Network {
         // A DoReFa weighted layer's input, or an IAO quantizer's (weighted layers and pools).
         // (An IAO add quantizes its summands as it adds them: no copy.)
         let quantized_in = |l: &Layer| {
-            (l.input_q.is_some() && !matches!(l.kind, Kind::Add))
+            (l.input_q.is_some() && !matches!(l.kind, Kind::Add { .. }))
                 || matches!(
                     l.kind,
                     Kind::Weighted {
@@ -640,7 +640,7 @@ impl Network {
         let readers = self.readers();
         for (i, l) in self.layers.iter().enumerate() {
             let Some(slot) = &l.input_q else { continue };
-            if matches!(l.kind, Kind::Add) || slot.q.produced_extremes().is_none() {
+            if matches!(l.kind, Kind::Add { .. }) || slot.q.produced_extremes().is_none() {
                 continue;
             }
             let Some(k) = self.sole_bn_input(i, &readers) else {
