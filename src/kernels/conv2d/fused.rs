@@ -84,6 +84,7 @@ impl<'a> Fused<'a> {
             ..Fused::default()
         }
     }
+
     /// Checks that `mode`'s GEMM of `g`, writing `out` in `tiles` column tiles, can do these.
     pub(crate) fn check(
         &self,
