@@ -13,13 +13,6 @@ struct Params {
 
 // add_forward: the ReLU after the sum in the same pass (a residual block's output).
 override ADD_RELU: bool = false;
-
-// max(v, 0), zero for v <= 0 by sign and magnitude bits, so NaN is kept even where compilers
-// assume floats are never NaN.
-fn relu_of(v: f32) -> f32 {
-    let b = bitcast<u32>(v);
-    return select(v, 0.0, (b & 0x80000000u) != 0u && (b & 0x7fffffffu) <= 0x7f800000u || b == 0u);
-}
 // relu_forward
 @group(0) @binding(1) var<storage, read> fwd_x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> fwd_y: array<f32>;
@@ -50,7 +43,8 @@ fn relu_forward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    fwd_y[i] = relu_of(fwd_x[i]);
+    // (lib/bn.wgsl: by sign and magnitude bits, NaN kept.)
+    fwd_y[i] = relu_bits(fwd_x[i]);
 }
 
 // dx = dy where the forward output y > 0, else 0 (PyTorch's rule for ReLU).
@@ -75,7 +69,7 @@ fn add_forward(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let s = add_a[i] + add_b[i];
-    add_y[i] = select(s, relu_of(s), ADD_RELU);
+    add_y[i] = select(s, relu_bits(s), ADD_RELU);
 }
 
 // sum += x: gradients of a tensor read by several layers, summed one consumer at a time in a

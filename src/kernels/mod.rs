@@ -41,7 +41,7 @@ macro_rules! shader {
     };
 }
 
-pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl", true);
+pub static ELEMENTWISE: Shader = shader!("elementwise.wgsl", true, "bn.wgsl");
 pub static REDUCE: Shader = shader!("reduce.wgsl", true);
 pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl", "act.wgsl");
 pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl", "iao_q.wgsl");

@@ -8,6 +8,7 @@ use super::coop::{path_or_emulation, weight_levels};
 use super::gemm::{GemmOp, gemm_tolerance};
 use super::{Case, f64s, random};
 use crate::DType;
+use crate::gpu::CoopMode;
 use crate::kernels::conv_coop;
 use crate::kernels::conv2d::{self, AroundBn, Conv2dGeom};
 use crate::quant::Bits;
@@ -46,6 +47,13 @@ fn input(rng: &mut Rng, geom: &Conv2dGeom, bits: Bits) -> (Vec<f32>, Vec<f32>) {
     (x, xq)
 }
 
+/// The kernels a case runs: `Some(None)` the fp32 ones, `Some(Some(mode))` the
+/// cooperative-matrix ones on `path` (a coop case), `None` a coop case without a path here
+/// (skipped).
+fn path_for(coop: bool, path: Option<CoopMode>) -> Option<Option<CoopMode>> {
+    if coop { path.map(Some) } else { Some(None) }
+}
+
 fn quantized(bits: Bits) -> AroundBn<'static> {
     AroundBn {
         input_quant: Some(bits),
@@ -55,14 +63,7 @@ fn quantized(bits: Bits) -> AroundBn<'static> {
 
 pub(super) fn cases(v: &mut Vec<Case>) {
     for (geom, b, on_coop) in shapes() {
-        let shape = format!(
-            "x{:?} w{:?} s{:?} p{:?} g{} A{b}",
-            geom.input_shape(),
-            geom.weight_shape(),
-            geom.stride,
-            geom.padding,
-            geom.groups
-        );
+        let shape = format!("{} A{b}", geom.describe());
         let bits = Bits::new(b).expect("valid bits");
         let k = geom.reduction();
         for coop in [false, true].into_iter().filter(|&c| on_coop || !c) {
@@ -76,10 +77,9 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 direction,
                 shape.clone(),
                 move |gpu, rng| {
-                    let mode = path_or_emulation(gpu, gpu.coop());
-                    if coop && mode.is_none() {
+                    let Some(mode) = path_for(coop, path_or_emulation(gpu, gpu.coop())) else {
                         return Ok(Vec::new());
-                    }
+                    };
                     let (x, xq) = input(rng, &geom, bits);
                     // Weight levels, as the coop kernel takes them (the fp32 one takes any).
                     let w = weight_levels(rng, geom.w_shape().iter().product(), bits);
@@ -88,7 +88,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     let wt = gpu.upload_f32("w", &geom.w_shape(), &w)?;
                     let bt = gpu.upload_f32("b", &[geom.cout], &bias)?;
                     let out = gpu.empty("y", &geom.y_shape(), DType::F32)?;
-                    let op = match mode.filter(|_| coop) {
+                    let op = match mode {
                         Some(mode) => conv_coop::forward(
                             gpu,
                             &geom,
@@ -136,17 +136,17 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                 direction,
                 shape.clone(),
                 move |gpu, rng| {
-                    let mode = path_or_emulation(gpu, gpu.coop_grad_weight());
-                    if coop && mode.is_none() {
+                    let path = path_or_emulation(gpu, gpu.coop_grad_weight());
+                    let Some(mode) = path_for(coop, path) else {
                         return Ok(Vec::new());
-                    }
+                    };
                     let (x, xq) = input(rng, &geom, bits);
                     let dy = random(rng, &geom.y_shape());
                     let xt = gpu.upload_f32("x", &geom.x_shape(), &x)?;
                     let dyt = gpu.upload_f32("dy", &geom.y_shape(), &dy)?;
                     let dwt = gpu.empty("dw", &geom.w_shape(), DType::F32)?;
                     let dbt = gpu.empty("db", &[geom.cout], DType::F32)?;
-                    let ops = match mode.filter(|_| coop) {
+                    let ops = match mode {
                         Some(mode) => conv_coop::grad_weight(
                             gpu,
                             &geom,

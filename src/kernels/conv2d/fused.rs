@@ -54,6 +54,17 @@ pub struct AroundBn<'a> {
     pub input_quant: Option<Bits>,
 }
 
+impl AroundBn<'_> {
+    /// Whether the GEMMs have work to do where they load their operands (which only conv2d's
+    /// kernels do).
+    pub fn any(&self) -> bool {
+        self.input.is_some()
+            || self.output.is_some()
+            || self.input_sums.is_some()
+            || self.input_quant.is_some()
+    }
+}
+
 /// What a GEMM does besides multiplying: grad-input's activation-quantizer epilogue, the
 /// BatchNorms around it, forward's partial statistics for the BatchNorm after it (`(tiles, 2,
 /// Cout)`: see [`forward_bn_partials`]) and grad-input's sums for the backward of the

@@ -60,7 +60,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     }
     let mut fwd = Vec::new();
     if batch_stats {
-        fwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y, None)?);
+        fwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y, AroundBn::default())?);
         fwd.extend(f.fold.stats(gpu, &p, io.y)?);
     } else {
         fwd.push(f.fold.running(gpu, &p)?);
@@ -74,10 +74,17 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
     // calib: the quantized conv without bias, rescaled to the batch's statistics, plus b_f.
     let calib = f.fold.calib && batch_stats;
     if calib {
-        fwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y, None)?);
+        fwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y, AroundBn::default())?);
         fwd.push(f.fold.calib_out(gpu, &p, io.y)?);
     } else {
-        fwd.push(gemm.forward(gpu, &xq, w_hat, Some(&f.fold.bias_f), io.y, None)?);
+        fwd.push(gemm.forward(
+            gpu,
+            &xq,
+            w_hat,
+            Some(&f.fold.bias_f),
+            io.y,
+            AroundBn::default(),
+        )?);
     }
     if !io.train {
         return Ok((fwd, Vec::new()));
@@ -99,7 +106,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
         // d rho from the quantized conv formed again (this output is dead by now), then dy·rho
         // in place: the quantized conv's own output gradient.
         bwd.push(iq.forward(gpu, x, &xq)?);
-        bwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y, None)?);
+        bwd.push(gemm.forward(gpu, &xq, w_hat, None, io.y, AroundBn::default())?);
         bwd.push(f.fold.calib_grad(gpu, &p, io.y, dy)?);
     }
     // Through the quantized conv: dx (the input quantizer's mask), dŴ and on to dW_f in place.
@@ -124,7 +131,7 @@ pub(super) fn ops(net: &Network, l: &Layer, f: &FoldSlot, io: &Io) -> Result<Ops
             .backward_channel(gpu, &p, &w, dw_hat, &y0_shape, (&dgamma, &dbeta))?,
     );
     if batch_stats {
-        bwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y, None)?);
+        bwd.push(gemm.forward(gpu, x, &w, b.as_ref(), io.y, AroundBn::default())?);
         bwd.push(f.fold.dy0(gpu, &p, io.y)?);
         bwd.extend(gemm.grad_weight(
             gpu,

@@ -5,7 +5,7 @@ use super::WeightedOp;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Op, Tensor};
 use crate::kernels::conv_transpose2d::{self, ConvTranspose2dGeom};
-use crate::kernels::conv2d::{self, ActGrad, AroundBn, Conv2dGeom, InputBn};
+use crate::kernels::conv2d::{self, ActGrad, AroundBn, Conv2dGeom};
 use crate::kernels::matmul::{self, LinearGeom};
 
 /// The batch-size-specific geometry of a weighted layer.
@@ -69,8 +69,8 @@ impl Gemm {
         }
     }
 
-    /// `y = op(x, w) + b`; with `input_bn` (conv2d only) `x` is a BatchNorm's input and the
-    /// layer's input is formed from it where it is loaded.
+    /// `y = op(x, w) + b`; with `input` (conv2d only) the layer's input formed where it is
+    /// loaded (see [`conv2d::forward_with`]).
     pub(super) fn forward(
         &self,
         gpu: &Gpu,
@@ -78,19 +78,13 @@ impl Gemm {
         w: &Tensor,
         b: Option<&Tensor>,
         y: &Tensor,
-        input_bn: Option<InputBn<'_>>,
+        input: AroundBn<'_>,
     ) -> Result<Op> {
-        match (self, input_bn) {
-            (Gemm::Conv(g), _) => {
-                let input = AroundBn {
-                    input: input_bn,
-                    ..AroundBn::default()
-                };
-                conv2d::forward_with(gpu, g, x, w, b, y, input, None)
-            }
-            (Gemm::ConvT(g), None) => conv_transpose2d::forward(gpu, g, x, w, b, y),
-            (Gemm::Linear(g), None) => matmul::forward(gpu, g, x, w, b, y),
-            (_, Some(_)) => Err(only_conv()),
+        match (self, input.any()) {
+            (Gemm::Conv(g), _) => conv2d::forward_with(gpu, g, x, w, b, y, input, None),
+            (Gemm::ConvT(g), false) => conv_transpose2d::forward(gpu, g, x, w, b, y),
+            (Gemm::Linear(g), false) => matmul::forward(gpu, g, x, w, b, y),
+            (_, true) => Err(only_conv()),
         }
     }
 
@@ -104,7 +98,7 @@ impl Gemm {
         dx: &Tensor,
         bn: AroundBn<'_>,
     ) -> Result<Op> {
-        match (self, bn.input.is_some() || bn.output.is_some()) {
+        match (self, bn.any()) {
             (Gemm::Conv(g), _) => conv2d::grad_input_fused(gpu, g, dy, w, dx, None, bn),
             (Gemm::ConvT(g), false) => conv_transpose2d::grad_input(gpu, g, dy, w, dx),
             (Gemm::Linear(g), false) => matmul::grad_input(gpu, g, dy, w, dx),
@@ -125,7 +119,7 @@ impl Gemm {
         act: ActGrad<'_>,
         bn: AroundBn<'_>,
     ) -> Option<Result<Op>> {
-        match (self, bn.input.is_some() || bn.output.is_some()) {
+        match (self, bn.any()) {
             (Gemm::Conv(g), _) => Some(conv2d::grad_input_fused(gpu, g, dy, w, dx, Some(act), bn)),
             (Gemm::Linear(g), false) => Some(matmul::grad_input_act(gpu, g, dy, w, dx, act)),
             (Gemm::ConvT(_), false) => None,
@@ -142,7 +136,7 @@ impl Gemm {
         scratch: Option<&Tensor>,
         bn: AroundBn<'_>,
     ) -> Result<Vec<Op>> {
-        if (bn.input.is_some() || bn.output.is_some()) && !matches!(self, Gemm::Conv(_)) {
+        if bn.any() && !matches!(self, Gemm::Conv(_)) {
             return Err(only_conv());
         }
         match (self, db) {
@@ -180,7 +174,10 @@ impl Gemm {
     }
 }
 
-/// Only conv2d's GEMMs do a BatchNorm's work as they load.
+/// Only conv2d's GEMMs do a BatchNorm's or a quantizer's work as they load.
 fn only_conv() -> Error {
-    Error::Invalid("only a conv2d does a BatchNorm's work as it loads its operands".into())
+    Error::Invalid(
+        "only a conv2d does a BatchNorm's or an input quantizer's work as it loads its operands"
+            .into(),
+    )
 }

@@ -260,7 +260,6 @@ fn forward_gemm(
             conv_coop::forward(io.gpu, g, xq, w_hat, b, io.y, bits, (input, stats), mode)
         }
         (_, Gemm::Conv(g)) => conv2d::forward_with(io.gpu, g, xq, w_hat, b, io.y, input, stats),
-        _ if input.input_quant.is_some() => unreachable!("only convs quantize on load"),
-        _ => gemm.forward(io.gpu, xq, w_hat, b, io.y, input.input),
+        _ => gemm.forward(io.gpu, xq, w_hat, b, io.y, input),
     }
 }
