@@ -13,6 +13,17 @@ struct Params {
 
 // add_forward: the ReLU after the sum in the same pass (a residual block's output).
 override ADD_RELU: bool = false;
+// add_forward: a summand that is a BatchNorm's output never stored (A_BN, B_BN; a residual
+// block's last BatchNorm, its shortcut's): its tensor holds the BatchNorm's input, and each
+// element is formed as norm.wgsl's bn_apply writes it (lib/bn.wgsl's affine map with the
+// channel's table entries, then its fused ReLU with A_RELU / B_RELU), so the same bits.
+// Element i is in channel (i / ADD_HW) % ADD_C.
+override A_BN: bool = false;
+override A_RELU: bool = false;
+override B_BN: bool = false;
+override B_RELU: bool = false;
+override ADD_C: u32 = 1u;
+override ADD_HW: u32 = 1u;
 // relu_forward
 @group(0) @binding(1) var<storage, read> fwd_x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> fwd_y: array<f32>;
@@ -24,6 +35,9 @@ override ADD_RELU: bool = false;
 @group(0) @binding(6) var<storage, read> add_a: array<f32>;
 @group(0) @binding(7) var<storage, read> add_b: array<f32>;
 @group(0) @binding(8) var<storage, read_write> add_y: array<f32>;
+// add_forward with A_BN, B_BN: the BatchNorms' tables (lib/bn.wgsl's BN_TABLE floats per channel).
+@group(0) @binding(12) var<storage, read> add_a_bn: array<f32>;
+@group(0) @binding(13) var<storage, read> add_b_bn: array<f32>;
 // accumulate
 @group(0) @binding(9) var<storage, read> acc_x: array<f32>;
 @group(0) @binding(10) var<storage, read_write> acc_sum: array<f32>;
@@ -59,6 +73,24 @@ fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>,
     bwd_dx[i] = select(0.0, bwd_dy[i], bwd_y[i] > 0.0);
 }
 
+// A BatchNorm's output formed from its input v with its channel's [mean, invstd, gamma, beta].
+fn bn_formed(v: f32, bn: vec4<f32>, relu: bool) -> f32 {
+    let r = bn_affine(v, bn.x, bn.y, bn.z, bn.w);
+    return select(r, relu_bits(r), relu);
+}
+
+// Table entry t's [mean, invstd, gamma, beta] (two functions: a pointer to a storage array is
+// not a function parameter in WGSL).
+fn add_a_entry(t: u32) -> vec4<f32> {
+    return vec4(add_a_bn[t + BN_MEAN], add_a_bn[t + BN_INVSTD], add_a_bn[t + BN_GAMMA],
+                add_a_bn[t + BN_BETA]);
+}
+
+fn add_b_entry(t: u32) -> vec4<f32> {
+    return vec4(add_b_bn[t + BN_MEAN], add_b_bn[t + BN_INVSTD], add_b_bn[t + BN_GAMMA],
+                add_b_bn[t + BN_BETA]);
+}
+
 // y = a + b: a residual sum (one f32 add, so exactly PyTorch's); with ADD_RELU, relu(a + b).
 @compute @workgroup_size(256)
 fn add_forward(@builtin(workgroup_id) wid: vec3<u32>,
@@ -68,7 +100,33 @@ fn add_forward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let s = add_a[i] + add_b[i];
+    add_write(i, add_a[i], add_b[i]);
+}
+
+// add_forward with either summand formed from a BatchNorm's input (A_BN / B_BN; both tables
+// are bound, the unused one to any table).
+@compute @workgroup_size(256)
+fn add_forward_bn(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let t = ((i / ADD_HW) % ADD_C) * BN_TABLE;
+    var a = add_a[i];
+    if (A_BN) {
+        a = bn_formed(a, add_a_entry(t), A_RELU);
+    }
+    var b = add_b[i];
+    if (B_BN) {
+        b = bn_formed(b, add_b_entry(t), B_RELU);
+    }
+    add_write(i, a, b);
+}
+
+fn add_write(i: u32, a: f32, b: f32) {
+    let s = a + b;
     add_y[i] = select(s, relu_bits(s), ADD_RELU);
 }
 

@@ -183,6 +183,7 @@ pub fn cases() -> Vec<Case> {
     gemm::cases(&mut v);
     through_bn::cases(&mut v);
     through_bn::pool::cases(&mut v);
+    through_bn::add::cases(&mut v);
     through_bn::stats::cases(&mut v);
     through_bn::output::cases(&mut v);
     through_bn::output::coop_grad_weight_case(&mut v);

@@ -17,3 +17,34 @@ fn residual_add_and_gradient_accumulation_match_reference() {
 fn uniform_fill_matches_reference_stays_in_range_and_repeats_with_its_seed() {
     common::run_kernel_cases("fill");
 }
+
+/// A summand formed from a BatchNorm's input is checked against the sum's channels, and one
+/// through a channel shuffle is refused (the add forms no shuffle), each with its reason.
+#[test]
+fn an_add_refuses_a_batchnorm_form_it_cannot_apply() {
+    use wgqat::DType;
+    use wgqat::kernels::elementwise::add_forward_formed;
+    use wgqat::kernels::norm::{BnForm, TABLE};
+    let gpu = common::gpu();
+    let shape = [2, 4, 3, 3];
+    let x = gpu.zeros("x", &shape, DType::F32).unwrap();
+    let y = gpu.empty("y", &shape, DType::F32).unwrap();
+    let table = gpu.zeros("table", &[TABLE * 4], DType::F32).unwrap();
+    let short = gpu.zeros("short table", &[TABLE * 3], DType::F32).unwrap();
+    let form = |table, shuffle| BnForm {
+        table,
+        relu: false,
+        shuffle,
+    };
+    let err = |a, b| {
+        add_forward_formed(gpu, (&x, a), (&x, b), &y, true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let shuffled = err(Some(form(&table, 2)), None);
+    assert!(shuffled.contains("channel shuffle"), "{shuffled}");
+    let wrong = err(None, Some(form(&short, 1)));
+    assert!(wrong.contains("a BatchNorm table of 24 floats"), "{wrong}");
+    assert!(add_forward_formed(gpu, (&x, Some(form(&table, 1))), (&x, None), &y, true).is_ok());
+}

@@ -380,6 +380,43 @@ fn a_residual_blocks_relu_runs_in_its_add() {
     }
 }
 
+/// A residual block's last BatchNorm, and its shortcut's, are formed by the add that reads them
+/// from their inputs (kept for their backward anyway), so they write no output; and nothing
+/// forms a BatchNorm output again for an add's backward, which reads only the add's output.
+/// `memory_savings_change_no_bit_of_a_training_step` checks the steps' bits against the plan
+/// that keeps every output.
+#[test]
+fn a_residual_blocks_batchnorms_are_formed_in_its_add() {
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = load("examples/models/tiny_resnet.json");
+    let gpu = common::gpu();
+    let count = |keep_all: bool| {
+        let mut net = wgqat::nn::Network::new(gpu, &spec, dorefa(8), 8, true, 1).unwrap();
+        if keep_all {
+            net.keep_all_outputs().unwrap();
+        }
+        let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
+        let labels = dispatch_labels(&plan);
+        let count = |what: &str| labels.iter().filter(|l| l.contains(what)).count();
+        (
+            count("bn_apply"),
+            count("add_forward+relu first through bn"),
+            count("add_forward+relu both through bn"),
+        )
+    };
+    let ((applies, first, both), (kept_applies, kept_first, kept_both)) =
+        (count(false), count(true));
+    println!(
+        "tiny_resnet W8A8: {applies} BatchNorm applies, adds forming the first summand {first}, \
+         both {both}; keeping every output: {kept_applies}, {kept_first}, {kept_both}"
+    );
+    // The stem's BatchNorm (two readers: the first block's conv and its identity shortcut)
+    // is the only one applied in a pass; the blocks' first BatchNorms are formed by their
+    // second convs. Kept, all six are applied.
+    assert_eq!((applies, first, both), (1, 1, 1));
+    assert_eq!((kept_applies, kept_first, kept_both), (6, 0, 0));
+}
+
 /// After a conv larger than 1×1 (that has a grad-input) a BatchNorm applies its backward in a
 /// pass, in place; after a 1×1 conv (or the first) the conv applies it where its GEMMs load its
 /// output gradient. Both form each value with the same functions, so two steps give the same

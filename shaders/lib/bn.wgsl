@@ -1,7 +1,7 @@
 // BatchNorm's affine map, the ReLU fused after it and its input gradient, shared by norm.wgsl's
 // passes and by the kernels that do a BatchNorm's work where they load their operands
-// (conv2d.wgsl's IN_BN and OUT_BN, conv_coop.wgsl's IN_BN, maxpool.wgsl's IN_BN), so that both give
-// the same bits.
+// (conv2d.wgsl's IN_BN and OUT_BN, conv_coop.wgsl's IN_BN, maxpool.wgsl's IN_BN, elementwise.wgsl's
+// add_forward_bn), so that both give the same bits.
 
 // A BatchNorm's table: BN_TABLE floats per channel, channel c's at c * BN_TABLE: [mean, invstd,
 // gamma, beta] (formed by the statistics kernels), then [dbeta, dgamma, scale, unused] (by the

@@ -1,8 +1,9 @@
 //! `shaders/elementwise.wgsl`: ReLU forward and backward, the residual sum, gradient
 //! accumulation, and uniform random fills (benchmark inputs made on the device).
 
+use super::norm::{BnForm, BnShape};
 use super::{ELEMENTWISE, Entry, count_u32, elementwise_grid, expect_dtype, expect_shape};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, KernelSpec, Launch, Op, Tensor};
 
 fn params(n: u32) -> [u32; 4] {
@@ -75,28 +76,92 @@ pub fn add_forward_relu(
     y: &Tensor,
     relu: bool,
 ) -> Result<Launch> {
+    add_forward_formed(gpu, (a, None), (b, None), y, relu)
+}
+
+/// [`add_forward_relu`], where either summand may be a BatchNorm's output that is never stored:
+/// `(x, Some(form))` is that BatchNorm's input and how to form its output (bit for bit as
+/// `norm::apply` writes it, `shaders/lib/bn.wgsl`), an `(N, C, ...)` tensor; a shuffled output
+/// is refused.
+pub fn add_forward_formed(
+    gpu: &Gpu,
+    (a, a_bn): (&Tensor, Option<BnForm>),
+    (b, b_bn): (&Tensor, Option<BnForm>),
+    y: &Tensor,
+    relu: bool,
+) -> Result<Launch> {
     const K: &str = "add_forward";
     for (name, t) in [("a", a), ("b", b), ("y", y)] {
         expect_dtype(K, name, t, DType::F32)?;
         expect_shape(K, name, t, a.shape())?;
     }
     let n = count_u32(K, a.numel())?;
+    // (Channel geometry only where a summand is formed: a flat sum takes any shape.)
+    let (c, hw) = match (a_bn, b_bn) {
+        (None, None) => (1, 1),
+        _ => {
+            let s = BnShape::of(a.shape())?;
+            (s.c, s.s)
+        }
+    };
     let mut bindings = vec![Bind::None; 9];
     bindings[0] = Bind::Uniform;
     bindings[6] = Bind::Read;
     bindings[7] = Bind::Read;
     bindings[8] = Bind::ReadWrite;
+    let mut tensors = vec![a, b, y];
+    for form in [&a_bn, &b_bn].into_iter().flatten() {
+        form.check(K, c)?;
+        if form.shuffle != 1 {
+            return Err(Error::shape(
+                K,
+                "a summand formed from a BatchNorm cannot take its channel shuffle here: store the shuffled output instead",
+            ));
+        }
+    }
+    // The entry with the tables binds both (a summand not formed binds the other's).
+    let entry = match (a_bn, b_bn) {
+        (None, None) => K,
+        (Some(f), _) | (_, Some(f)) => {
+            bindings.extend([Bind::None, Bind::None, Bind::None, Bind::Read, Bind::Read]);
+            tensors.push(a_bn.unwrap_or(f).table);
+            tensors.push(b_bn.unwrap_or(f).table);
+            "add_forward_bn"
+        }
+    };
+    let flag = |v: bool| f64::from(u8::from(v));
+    let mut constants = vec![("ADD_RELU", flag(relu))];
+    if entry != K {
+        constants.extend([
+            ("A_BN", flag(a_bn.is_some())),
+            ("A_RELU", flag(a_bn.is_some_and(|f| f.relu))),
+            ("B_BN", flag(b_bn.is_some())),
+            ("B_RELU", flag(b_bn.is_some_and(|f| f.relu))),
+            ("ADD_C", c as f64),
+            ("ADD_HW", hw as f64),
+        ]);
+    }
     let kernel = gpu.kernel(&KernelSpec {
         shader: &ELEMENTWISE,
-        entry: K,
-        constants: &[("ADD_RELU", f64::from(u8::from(relu)))],
+        entry,
+        constants: &constants,
         bindings: &bindings,
     })?;
+    let formed = match (a_bn.is_some(), b_bn.is_some()) {
+        (false, false) => "",
+        (true, false) => " first through bn",
+        (false, true) => " second through bn",
+        (true, true) => " both through bn",
+    };
     gpu.launch(
         &kernel,
-        format!("{K}{} {:?}", if relu { "+relu" } else { "" }, a.shape()),
+        format!(
+            "{K}{}{formed} {:?}",
+            if relu { "+relu" } else { "" },
+            a.shape()
+        ),
         Some(bytemuck::bytes_of(&params(n))),
-        &[a, b, y],
+        &tensors,
         elementwise_grid(gpu, n),
     )
 }
@@ -142,7 +207,7 @@ pub fn fill_uniform(gpu: &Gpu, y: &Tensor, seed: u32, (lo, hi): (f32, f32)) -> R
     const K: &str = "fill_uniform";
     expect_dtype(K, "y", y, DType::F32)?;
     if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
-        return Err(crate::error::Error::shape(
+        return Err(Error::shape(
             K,
             format!("range [{lo}, {hi}) is not a finite interval"),
         ));

@@ -720,12 +720,18 @@ impl Network {
         })
     }
 
-    /// Whether layer `i`'s backward reads its input: all but a float average pool (whose input
-    /// gradient is the output gradient spread over each window), so a transient input read
-    /// only by one is not formed again for the backward pass.
+    /// Whether layer `i`'s backward reads its input, so that a transient input read only by
+    /// layers that do not is not formed again for the backward pass. All but: a float average
+    /// pool (its input gradient is the output gradient spread over each window), a float add
+    /// (each summand's gradient is the output's, masked by its own output where a ReLU is
+    /// fused), a ReLU (masked by its output) and a channel shuffle (the inverse shuffle).
     fn backward_reads_input(&self, i: usize) -> bool {
         let l = &self.layers[i];
-        !(matches!(l.kind, Kind::AvgPool(_)) && l.input_q.is_none())
+        match l.kind {
+            Kind::AvgPool(_) | Kind::Add { .. } => l.input_q.is_some(),
+            Kind::Relu | Kind::Shuffle(_) => false,
+            _ => true,
+        }
     }
 
     /// The forward op of transient layer `i` again, into the same temporary: the same kernel on
@@ -743,7 +749,7 @@ impl Network {
             Kind::BatchNorm { .. } => Ok(vec![batchnorm::recompute(gpu, self, l, x, y, batch)?]),
             Kind::Shuffle(_) => Ok(vec![shuffle::recompute(gpu, l, x, y)?]),
             Kind::MaxPool(_) => {
-                let input_bn = buf.reads_bn.map(|k| self.bn_form(k)).transpose()?;
+                let input_bn = buf.reads_bn[0].map(|k| self.bn_form(k)).transpose()?;
                 Ok(vec![pool::recompute(l, gpu, (x, y), batch, input_bn)?])
             }
             _ => Err(Error::Invalid(format!(

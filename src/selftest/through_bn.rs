@@ -20,6 +20,7 @@ use crate::quant::Bits;
 use crate::reference::{self, quant};
 use crate::rng::Rng;
 
+pub(super) mod add;
 pub(super) mod output;
 pub(super) mod pool;
 pub(super) mod stats;

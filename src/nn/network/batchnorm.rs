@@ -1,8 +1,9 @@
 //! BatchNorm (with the ReLU and channel shuffle fused into it, and the next layer's activation
 //! quantizer where the memory planner asks): batch statistics and running-statistics update in
 //! training, running statistics in evaluation; the backward pass; and the recompute of its
-//! output for a consumer's backward. Where its reader, a conv, forms its output as it loads its
-//! input (`QuantInput::ThroughBn`), the output is never written.
+//! output for a consumer's backward. Where its reader forms its output as it loads its input
+//! (a conv, `QuantInput::ThroughBn`; a max-pool; a residual block's float add), the output is
+//! never written.
 
 use super::Gemm;
 use super::quantizers::InputQuant;

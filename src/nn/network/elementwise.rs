@@ -1,7 +1,8 @@
 //! The elementwise nodes: a ReLU not fused into the layer before, and the sum of a residual
 //! block, `y = x0 + x1 (+ x2 ...)`: float as micronet's DoReFa leaves `Add` (each input's
-//! gradient is `dy`; with the ReLU after it fused, `dy` where `y > 0`), or IAO's `QuantAdd` (both
-//! summands quantized with one scale).
+//! gradient is `dy`; with the ReLU after it fused, `dy` where `y > 0`; a summand that is a
+//! BatchNorm's output read by the add alone is formed from that BatchNorm's input as the add loads
+//! it), or IAO's `QuantAdd` (both summands quantized with one scale).
 
 use super::lower::IaoSlot;
 use super::{Io, Kind, Layer, Network, Ops};
@@ -48,8 +49,14 @@ pub(super) fn add(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     }
     let (gpu, xs) = (io.gpu, io.xs);
     // (The fusion takes only adds of two: a ReLU after more summands stays a layer.)
-    let mut fwd = vec![Op::Dispatch(elementwise::add_forward_relu(
-        gpu, &xs[0], &xs[1], io.y, relu,
+    // A summand that is a BatchNorm's output never stored is formed from its input here.
+    let form = |j: usize| io.buf.reads_bn[j].map(|k| net.bn_form(k)).transpose();
+    let mut fwd = vec![Op::Dispatch(elementwise::add_forward_formed(
+        gpu,
+        (&xs[0], form(0)?),
+        (&xs[1], form(1)?),
+        io.y,
+        relu,
     )?)];
     for x in &xs[2..] {
         fwd.push(Op::Dispatch(elementwise::accumulate(gpu, x, io.y)?));

@@ -55,9 +55,9 @@ pub(super) struct LayerBuffers {
     /// A BatchNorm whose output is never stored: its reader forms it (`QuantInput::ThroughBn`).
     /// `out` is then the BatchNorm's input, which the reader reads in its place.
     pub(super) formed_by_reader: bool,
-    /// The BatchNorm whose output this layer forms where it reads its input (a conv's
-    /// `QuantInput::ThroughBn` too): its input is then that BatchNorm's input.
-    pub(super) reads_bn: Option<usize>,
+    /// Per input, the BatchNorm whose output this layer forms where it reads that input (a
+    /// conv's `QuantInput::ThroughBn` too): the input is then that BatchNorm's input.
+    pub(super) reads_bn: Vec<Option<usize>>,
     /// A BatchNorm that takes its training statistics from the conv before it (`stats_from`,
     /// the conv's index): the per-tile partials the conv's forward GEMM forms, in a scratch
     /// shared by all (each is merged right after its conv); set on both layers. A 1×1 conv (or
@@ -276,34 +276,38 @@ impl Network {
         }
     }
 
-    /// Per layer, the BatchNorm whose output it forms where it reads its input, if any: a conv
-    /// whose input is DoReFa-quantized (in its GEMMs' loads) or a max-pool that quantizes no
-    /// input of its own, reading a BatchNorm's output (through its fused ReLU and shuffle) that
-    /// nothing else reads, where the BatchNorm's input is kept (so it is intact until the
-    /// reader's backward, which runs before the BatchNorm's). Only where outputs are recomputed
-    /// at all (`keep_all_outputs` keeps every output, as before).
-    pub(super) fn reads_through_bn(&self, transient: &[usize]) -> Vec<Option<usize>> {
+    /// Per layer and input, the BatchNorm whose output it forms where it reads that input, if
+    /// any: a conv whose input is DoReFa-quantized (in its GEMMs' loads), a max-pool that
+    /// quantizes no input of its own, or a float add (a residual block's last BatchNorm and its
+    /// shortcut's; not through a shuffle), reading a BatchNorm's output (through its fused ReLU
+    /// and shuffle) that nothing else reads, where the BatchNorm's input is kept (so it is
+    /// intact until the reader's backward, which runs before the BatchNorm's). Only where
+    /// outputs are recomputed at all (`keep_all_outputs` keeps every output, as before).
+    pub(super) fn reads_through_bn(&self, transient: &[usize]) -> Vec<Vec<Option<usize>>> {
         let readers = self.readers();
         (0..self.layers.len())
             .map(|i| {
                 let l = &self.layers[i];
-                let able = match l.kind {
+                let able = |ep: norm::Epilogue, j: usize| match l.kind {
                     Kind::Weighted {
                         op: WeightedOp::Conv { .. },
                         input: ActQuant::Dorefa(_),
                     } => l.fold.is_none(),
                     Kind::MaxPool(_) => l.input_q.is_none(),
+                    // (The first two summands: the others are added in passes of their own.)
+                    Kind::Add { .. } => l.input_q.is_none() && ep.shuffle == 1 && j < 2,
                     _ => false,
                 };
-                let k = self.root(l.inputs[0])?;
-                let bn = &self.layers[k];
-                let kept_input = self.root(bn.inputs[0]).is_none_or(|r| transient[r] == 0);
-                (self.recompute
-                    && able
-                    && matches!(bn.kind, Kind::BatchNorm { .. })
-                    && readers[k] == [i]
-                    && kept_input)
-                    .then_some(k)
+                let through = |(j, &s): (usize, &Source)| {
+                    let k = self.root(s)?;
+                    let bn = &self.layers[k];
+                    let Kind::BatchNorm { ep, .. } = bn.kind else {
+                        return None;
+                    };
+                    let kept_input = self.root(bn.inputs[0]).is_none_or(|r| transient[r] == 0);
+                    (self.recompute && able(ep, j) && readers[k] == [i] && kept_input).then_some(k)
+                };
+                l.inputs.iter().enumerate().map(through).collect()
             })
             .collect()
     }
@@ -330,10 +334,12 @@ impl Network {
         };
         // A BatchNorm formed by its reader needs no place of its own (nor a recompute).
         let mut formed_by_reader = vec![false; self.layers.len()];
-        let through = self.reads_through_bn(&self.transient_layers(&formed_by_reader));
-        for &k in through.iter().flatten() {
+        let through_each = self.reads_through_bn(&self.transient_layers(&formed_by_reader));
+        for &k in through_each.iter().flatten().flatten() {
             formed_by_reader[k] = true;
         }
+        // (A reader of one input: a conv or a pool.)
+        let through: Vec<Option<usize>> = through_each.iter().map(|t| t[0]).collect();
         let transient = self.transient_layers(&formed_by_reader);
         // One scratch for the partial BatchNorm statistics of every conv that forms them, and
         // for the backward sums of every conv that forms those (`bn_sums`).
@@ -535,7 +541,7 @@ impl Network {
                 xq,
                 transient: recomputed[i],
                 formed_by_reader: formed_by_reader[i],
-                reads_bn: through[i],
+                reads_bn: through_each[i].clone(),
                 bn_partials: None,
                 stats_from: None,
                 bn_after: None,
@@ -670,7 +676,7 @@ impl Network {
                     l.fold.is_none() && matches!(out[i].xq, QuantInput::InPlace)
                 }
                 Kind::MaxPool(_) | Kind::AvgPool(_) => {
-                    out[i].reads_bn.is_none() && matches!(out[i].xq, QuantInput::Temporary(_))
+                    out[i].reads_bn[0].is_none() && matches!(out[i].xq, QuantInput::Temporary(_))
                 }
                 _ => false,
             };

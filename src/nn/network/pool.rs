@@ -86,7 +86,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         };
         // The input formed from the BatchNorm before, where it is read (x is that BatchNorm's
         // input).
-        let input_bn = io.buf.reads_bn.map(|k| net.bn_form(k)).transpose()?;
+        let input_bn = io.buf.reads_bn[0].map(|k| net.bn_form(k)).transpose()?;
         fwd.push(maxpool::maxpool_forward_fused(
             gpu, &geom, pooled, io.y, ep, input_bn,
         )?);
