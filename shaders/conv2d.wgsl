@@ -72,6 +72,11 @@ override BN_STATS: bool = false;
 // norm.wgsl's bn_backward_merge adds the tiles in order. That saves the BatchNorm's reduction
 // pass over its input and output gradient.
 override BN_SUMS: bool = false;
+// MODE 1 with DX_PLUS: dx_plus, the gradient another reader of the layer input wrote (a
+// residual block's input is read by its first conv and by its shortcut), added to each dx as it
+// is written (after the quantizer's mask), so that dx is the input's whole gradient: the same
+// f32 add as an accumulate pass after the GEMM would do, without that pass.
+override DX_PLUS: bool = false;
 // MODE 1 and 2 with OUT_BN: this conv's output feeds a BatchNorm (with its ReLU, and a shuffle
 // of OUT_SHUFFLE groups after it) whose backward is applied where the GEMM loads the output
 // gradient, instead of in a pass of its own: dy (b_src in MODE 1, a_src in MODE 2) holds the
@@ -205,6 +210,8 @@ fn geometry() -> Geometry {
 @group(0) @binding(13) var<storage, read> out_dy4: array<vec4<f32>>;
 // out as vec4s (VEC_OUT).
 @group(0) @binding(14) var<storage, read_write> out4: array<vec4<f32>>;
+// DX_PLUS: the other reader's gradient of the layer input.
+@group(0) @binding(15) var<storage, read> dx_plus: array<f32>;
 
 var<workgroup> a_tile: array<vec4<f32>, 2u * A_BUF>;
 var<workgroup> b_tile: array<vec4<f32>, 2u * B_BUF>;
@@ -345,6 +352,9 @@ fn store_block(m: u32, n: u32, c: mat4x4<f32>, h: u32) {
             var v = c[r][j] + add;
             if (MODE == 1u) {
                 v = grad_input_value(g, row, col, i, v, h, r);
+                if (DX_PLUS) {
+                    v = v + dx_plus[i];
+                }
             }
             if (VEC_OUT) {
                 quad[j] = v;

@@ -47,6 +47,9 @@ override IN_SHUFFLE: u32 = 1u;
 // bn_part[(2 t + 1) * CIN + c], as conv2d.wgsl's BN_SUMS: each invocation adds its 8-value runs
 // in order, then one invocation per row adds the row's four writers in order.
 override BN_SUMS: bool = false;
+// DX_PLUS: another reader's gradient of the layer input added to each dx as it is written
+// (conv2d.wgsl's DX_PLUS).
+override DX_PLUS: bool = false;
 override OUT_BN: bool = false;
 override OUT_RELU: bool = false;
 override OUT_SHUFFLE: u32 = 1u;
@@ -98,6 +101,8 @@ struct Params {
 // w_src and dy_src as vec4s (VEC_W, VEC_DY).
 @group(0) @binding(9) var<storage, read> w_src4: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read> dy_src4: array<vec4<f32>>;
+// DX_PLUS: the other reader's gradient of the layer input.
+@group(0) @binding(11) var<storage, read> dx_plus: array<f32>;
 
 var<workgroup> a_sh: array<f16, 3072>;   // BM * AS
 var<workgroup> b_sh: array<f16, 2176>;   // BK * BS: the hi halves
@@ -356,6 +361,9 @@ fn write_dx(g: u32, row: u32, col: u32, v: f32, k: u32) {
         if (ACT_GRAD == 2u) {
             act_x[i] = dorefa_act(xv, ACT_LEVELS, ACT_INV_LEVELS);
         }
+    }
+    if (DX_PLUS) {
+        d = d + dx_plus[i];
     }
     out[i] = d;
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 mod bn_merge;
 mod coop;
+mod dx_plus;
 mod elementwise;
 mod gemm;
 mod iao;
@@ -189,6 +190,7 @@ pub fn cases() -> Vec<Case> {
     through_bn::output::coop_grad_weight_case(&mut v);
     through_bn::output::coop_grad_input_case(&mut v);
     quant_on_load::cases(&mut v);
+    dx_plus::cases(&mut v);
     norm::cases(&mut v);
     bn_merge::cases(&mut v);
     pool::cases(&mut v);

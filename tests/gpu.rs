@@ -135,19 +135,19 @@ fn tensor_views_and_reshapes_are_checked() {
 fn a_kernel_binding_more_storage_buffers_than_the_adapter_allows_is_an_error_naming_the_limit() {
     use wgqat::kernels::conv2d::{self, Conv2dGeom};
     let mut gpu = Gpu::new(&GpuOptions::default()).unwrap();
-    // An adapter with the Vulkan minimum's worth of storage buffers: the conv GEMM binds 14.
+    // An adapter with the Vulkan minimum's worth of storage buffers: the conv GEMM binds 15.
     gpu.limits.max_storage_buffers_per_shader_stage = 8;
     let g = Conv2dGeom::square(1, 4, 6, 8, 1);
     let t = |shape: [usize; 4]| gpu.zeros("t", &shape, DType::F32).unwrap();
     let (x, w, y) = (t(g.input_shape()), t(g.weight_shape()), t(g.output_shape()));
     let e = match conv2d::forward(&gpu, &g, &x, &w, None, &y) {
-        Ok(_) => panic!("a conv binding 14 storage buffers was accepted with a limit of 8"),
+        Ok(_) => panic!("a conv binding 15 storage buffers was accepted with a limit of 8"),
         Err(e) => e,
     };
     let msg = e.to_string();
     assert!(matches!(e, Error::Shader { .. }), "{msg}");
     assert!(
-        msg.contains("14 storage buffers")
+        msg.contains("15 storage buffers")
             && msg.contains("allows 8")
             && msg.contains("max_storage_buffers_per_shader_stage"),
         "{msg}"

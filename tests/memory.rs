@@ -417,6 +417,51 @@ fn a_residual_blocks_batchnorms_are_formed_in_its_add() {
     assert_eq!((kept_applies, kept_first, kept_both), (6, 0, 0));
 }
 
+/// A residual block's input is read by its first conv and by its shortcut: the first conv's
+/// grad-input adds the shortcut's gradient as it writes dx (after its quantizer's mask), where
+/// an accumulate pass after it did. The same f32 add either way: two steps give the same bits,
+/// and the plan has none of the passes the other has.
+#[test]
+fn summing_a_gradient_in_grad_input_changes_no_bit_of_a_training_step() {
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = load("examples/models/tiny_resnet.json");
+    let gpu = common::gpu();
+    for bits in [8, 32] {
+        let run = |in_passes: bool| {
+            two_steps(&spec, dorefa(bits), false, |net| {
+                if in_passes {
+                    net.sum_gradients_in_passes().unwrap();
+                }
+            })
+        };
+        let (fused, in_passes) = (run(false), run(true));
+        assert_eq!(fused.0, in_passes.0, "W{bits}A{bits}: losses differ");
+        for ((name, a), (_, b)) in fused.1.iter().zip(&in_passes.1) {
+            assert!(a == b, "W{bits}A{bits}: {name} differs");
+        }
+        let count = |in_passes: bool| {
+            let mut net = wgqat::nn::Network::new(gpu, &spec, dorefa(bits), 8, true, 1).unwrap();
+            if in_passes {
+                net.sum_gradients_in_passes().unwrap();
+            }
+            let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
+            let labels = dispatch_labels(&plan);
+            let count = |what: &str| labels.iter().filter(|l| l.contains(what)).count();
+            (count("accumulate"), count("+dx"))
+        };
+        let ((passes, adds), (passes_before, adds_before)) = (count(false), count(true));
+        println!(
+            "tiny_resnet W{bits}A{bits}: losses and {} tensors identical; {passes} accumulate \
+             passes and {adds} grad-inputs adding a gradient, against {passes_before} and \
+             {adds_before}",
+            fused.1.len()
+        );
+        // Two blocks, each input read by the block's first conv and its shortcut.
+        assert_eq!((passes, adds), (0, 2), "W{bits}A{bits}");
+        assert_eq!((passes_before, adds_before), (2, 0), "W{bits}A{bits}");
+    }
+}
+
 /// After a conv larger than 1×1 (that has a grad-input) a BatchNorm applies its backward in a
 /// pass, in place; after a 1×1 conv (or the first) the conv applies it where its GEMMs load its
 /// output gradient. Both form each value with the same functions, so two steps give the same

@@ -93,6 +93,9 @@ pub struct Network {
     /// A conv's stored DoReFa input is quantized where its GEMMs load it
     /// (`QuantInput::OnLoad`).
     quantize_on_load: bool,
+    /// A conv's grad-input adds the gradient of its input's other reader as it writes dx
+    /// (`Network::grad_input_adds_part`).
+    sum_in_grad_input: bool,
     input: Tensor,
     labels: Tensor,
     per_row: Tensor,
@@ -264,6 +267,7 @@ impl Network {
             bn_sums: true,
             bn_backward_in_every_conv: false,
             quantize_on_load: true,
+            sum_in_grad_input: true,
             input,
             labels,
             per_row,
@@ -299,6 +303,15 @@ impl Network {
     pub fn quantize_inputs_in_passes(&mut self) -> Result<()> {
         self.before_first_plan("quantize_inputs_in_passes")?;
         self.quantize_on_load = false;
+        Ok(())
+    }
+
+    /// Adds the gradients of a tensor read by several layers in passes of their own
+    /// (`accumulate`) only, instead of the first in the grad-input of the conv that writes the
+    /// sum: the same bits, for comparing the two; only before the first plan.
+    pub fn sum_gradients_in_passes(&mut self) -> Result<()> {
+        self.before_first_plan("sum_gradients_in_passes")?;
+        self.sum_in_grad_input = false;
         Ok(())
     }
 
@@ -564,7 +577,9 @@ impl Network {
             };
             let (mut f, mut b) = self.layer_ops(i, &io)?;
             if mode == Mode::Train {
-                for (part, sum) in &buf.accumulate {
+                // (The first part added by the conv's grad-input, where it adds it.)
+                let in_grad_input = usize::from(self.grad_input_adds_part(l, buf));
+                for (part, sum) in buf.accumulate.iter().skip(in_grad_input) {
                     let (part, sum) = (at_batch(part, batch)?, at_batch(sum, batch)?);
                     b.push(Op::Dispatch(crate::kernels::elementwise::accumulate(
                         gpu, &part, &sum,

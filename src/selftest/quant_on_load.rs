@@ -50,7 +50,7 @@ fn input(rng: &mut Rng, geom: &Conv2dGeom, bits: Bits) -> (Vec<f32>, Vec<f32>) {
 /// The kernels a case runs: `Some(None)` the fp32 ones, `Some(Some(mode))` the
 /// cooperative-matrix ones on `path` (a coop case), `None` a coop case without a path here
 /// (skipped).
-fn path_for(coop: bool, path: Option<CoopMode>) -> Option<Option<CoopMode>> {
+pub(super) fn path_for(coop: bool, path: Option<CoopMode>) -> Option<Option<CoopMode>> {
     if coop { path.map(Some) } else { Some(None) }
 }
 

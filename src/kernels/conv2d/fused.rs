@@ -45,13 +45,16 @@ pub struct OutputBn<'a> {
 /// conv's input, and the one after it whose backward forms the conv's output gradient.
 /// `input_sums`: grad-input also forms the sums of the input BatchNorm's backward reduction (see
 /// [`Fused::bn_sums`]). `input_quant`: no BatchNorm before, but the layer's float input
-/// quantized where forward and grad-weight load it (see [`Fused::input_quant`]).
+/// quantized where forward and grad-weight load it (see [`Fused::input_quant`]). `dx_plus`:
+/// grad-input adds another reader's gradient of the input to dx as it writes it (see
+/// [`Fused::dx_plus`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AroundBn<'a> {
     pub input: Option<InputBn<'a>>,
     pub output: Option<OutputBn<'a>>,
     pub input_sums: Option<&'a Tensor>,
     pub input_quant: Option<Bits>,
+    pub dx_plus: Option<&'a Tensor>,
 }
 
 impl AroundBn<'_> {
@@ -62,6 +65,7 @@ impl AroundBn<'_> {
             || self.output.is_some()
             || self.input_sums.is_some()
             || self.input_quant.is_some()
+            || self.dx_plus.is_some()
     }
 }
 
@@ -82,6 +86,10 @@ pub struct Fused<'a> {
     /// stored float input (the shader's `IN_QUANT` without `IN_BN`), instead of a pass of its
     /// own into a temporary, forward and again for grad-weight.
     pub input_quant: Option<Bits>,
+    /// Grad-input: the gradient another reader of the layer input wrote, added to dx as it is
+    /// written (after the mask), so that dx is the input's whole gradient (the shader's
+    /// `DX_PLUS`), instead of an accumulate pass after the GEMM.
+    pub dx_plus: Option<&'a Tensor>,
 }
 
 impl<'a> Fused<'a> {
@@ -92,6 +100,7 @@ impl<'a> Fused<'a> {
             input_bn: bn.input,
             output_bn: bn.output,
             input_quant: bn.input_quant,
+            dx_plus: bn.dx_plus,
             ..Fused::default()
         }
     }
@@ -134,6 +143,15 @@ impl<'a> Fused<'a> {
             }
             if bits.is_float() {
                 return refuse("a float input has no quantizer to apply on load");
+            }
+        }
+        if let Some(t) = self.dx_plus {
+            if mode != Mode::GradInput {
+                return refuse("only grad-input adds another gradient to what it writes");
+            }
+            expect_dtype(label, "dx_plus", t, DType::F32)?;
+            if t.numel() != out.numel() {
+                return refuse("the gradient to add is not the size of dx");
             }
         }
         if let Some(bn) = self.output_bn {
@@ -196,6 +214,7 @@ impl<'a> Fused<'a> {
             ),
             ("BN_STATS", flag(self.bn_stats.is_some())),
             ("BN_SUMS", flag(self.bn_sums.is_some())),
+            ("DX_PLUS", flag(self.dx_plus.is_some())),
         ]);
         c.extend(output_bn_constants(self.output_bn));
         c
@@ -232,6 +251,7 @@ impl<'a> Fused<'a> {
             (self.bn_stats.is_some(), " +bn stats"),
             (self.bn_sums.is_some(), " +bn sums"),
             (self.output_bn.is_some(), " +bn backward"),
+            (self.dx_plus.is_some(), " +dx"),
         ] {
             if on {
                 s.push_str(what);

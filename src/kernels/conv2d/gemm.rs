@@ -73,7 +73,7 @@ const MIN_CHUNK: usize = 512;
 const MAX_PARTIALS: usize = 1 << 22;
 
 /// The shader's bindings, in order (see conv2d.wgsl).
-const BINDINGS: [Bind; 15] = [
+const BINDINGS: [Bind; 16] = [
     Bind::Uniform,
     Bind::Read,
     Bind::Read,
@@ -89,6 +89,7 @@ const BINDINGS: [Bind; 15] = [
     Bind::ReadVec4,
     Bind::ReadVec4,
     Bind::ReadWriteVec4,
+    Bind::Read,
 ];
 
 /// The tile and vector forms as a launch's label shows them (`bench kernels` and error
@@ -213,10 +214,11 @@ impl GemmConv {
             (Some(b), true) => (&none, b),
             (None, _) => (&none, &none_out),
         };
-        let (no_x, no_bn, no_stats) = (
+        let (no_x, no_bn, no_stats, no_plus) = (
             placeholder("no quantized input")?,
             placeholder("no BatchNorm table")?,
             placeholder("no BatchNorm statistics")?,
+            placeholder("no gradient to add")?,
         );
         let act_x = fused.act.map_or(&no_x, |a| a.x);
         let bn_table = fused.input_bn.map_or(&no_bn, |b| b.form.table);
@@ -236,8 +238,21 @@ impl GemmConv {
                 &self.params((gn, gk), (k_chunk, splits)),
             )),
             &[
-                a_src, b_src, bias, out, bias_out, act_x, bn_table, bn_part, out_dy, out_bn, a_src,
-                b_src, out_dy, out,
+                a_src,
+                b_src,
+                bias,
+                out,
+                bias_out,
+                act_x,
+                bn_table,
+                bn_part,
+                out_dy,
+                out_bn,
+                a_src,
+                b_src,
+                out_dy,
+                out,
+                fused.dx_plus.unwrap_or(&no_plus),
             ],
             grid,
         )

@@ -83,6 +83,7 @@ pub fn grad_input(
     constants.extend(output_bn_constants(output));
     constants.extend([
         ("BN_SUMS", flag(bn.input_sums.is_some())),
+        ("DX_PLUS", flag(bn.dx_plus.is_some())),
         ("W_LEVELS", f64::from(w_bits.levels())),
         ("W_INV_LEVELS", f64::from(w_bits.inv_levels())),
         ("VEC_W", flag(vec_w == 1)),
@@ -104,6 +105,7 @@ pub fn grad_input(
         Bind::Read,
         Bind::ReadVec4,
         Bind::ReadVec4,
+        Bind::Read,
     ];
     let kernel = gpu.kernel(&KernelSpec {
         shader,
@@ -113,11 +115,12 @@ pub fn grad_input(
     })?;
     // Buffers of their own for the optional bindings, so that none aliases a written one.
     let placeholder = |what: &str| gpu.zeros(what, &[1], DType::F32);
-    let (no_x, no_table, no_sums, no_dy) = (
+    let (no_x, no_table, no_sums, no_dy, no_plus) = (
         placeholder("no input")?,
         placeholder("no BatchNorm table")?,
         placeholder("no BatchNorm sums")?,
         placeholder("no BatchNorm output gradient")?,
+        placeholder("no gradient to add")?,
     );
     let act_x = act.map_or(&no_x, |a| a.x);
     let in_table = input.map_or(&no_table, |b| b.form.table);
@@ -139,7 +142,19 @@ pub fn grad_input(
             label_suffix(mode)
         ),
         Some(bytemuck::bytes_of(&p)),
-        &[w, dy, dx, act_x, in_table, sums, out_dy, out_table, w, dy],
+        &[
+            w,
+            dy,
+            dx,
+            act_x,
+            in_table,
+            sums,
+            out_dy,
+            out_table,
+            w,
+            dy,
+            bn.dx_plus.unwrap_or(&no_plus),
+        ],
         [
             gn.div_ceil(TILE) as u32,
             (geom.cin / geom.groups).div_ceil(TILE) as u32,

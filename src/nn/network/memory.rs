@@ -106,7 +106,9 @@ pub(super) struct LayerBuffers {
     /// reader of a tensor writes its gradient buffer; later readers write their own.
     pub(super) din: Vec<Option<Tensor>>,
     /// `(part, sum)`: after this layer's backward pass (the last of its input's readers to run
-    /// backward), `sum += part` for each later reader's part, in reader order.
+    /// backward), `sum += part` for each later reader's part, in reader order: the first in
+    /// a conv's grad-input as it writes `sum` (`Network::grad_input_adds_part`), the rest in
+    /// passes.
     pub(super) accumulate: Vec<(Tensor, Tensor)>,
 }
 

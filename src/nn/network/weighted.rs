@@ -5,7 +5,7 @@
 
 use super::gemm::Gemm;
 use super::lower::WeightQ;
-use super::memory::QuantInput;
+use super::memory::{LayerBuffers, QuantInput};
 use super::quantizers::InputQuant;
 use super::{Io, Kind, Layer, Network, Ops, WeightedOp};
 use crate::error::Result;
@@ -84,10 +84,23 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         // The BatchNorm before's backward sums, in grad-input's epilogue (see `bn_sums`).
         input_sums: buf.bn_sums.as_ref().filter(|_| input_bn.is_some()),
         input_quant: None,
+        dx_plus: None,
     };
     // What forward and grad-weight do where they load the input (grad-input loads dy and w).
     let loading_input = AroundBn {
         input_quant,
+        ..around
+    };
+    // Grad-input adds the input's other reader's gradient as it writes dx (the first part of
+    // `accumulate`; `Network::grad_input_adds_part` says where).
+    let part = match buf.accumulate.first() {
+        Some((part, _)) if net.grad_input_adds_part(l, buf) => {
+            Some(super::at_batch(part, io.batch)?)
+        }
+        _ => None,
+    };
+    let writing_dx = AroundBn {
+        dx_plus: part.as_ref(),
         ..around
     };
     let gemm = Gemm::new(op, io.batch, &l.in_shape, &l.out_shape);
@@ -127,11 +140,11 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
                         &w_hat,
                         dx,
                         w_bits,
-                        (Some(act), around),
+                        (Some(act), writing_dx),
                         mode,
                     )?),
                     _ => gemm
-                        .grad_input_act(gpu, dy, &w_hat, dx, act, around)
+                        .grad_input_act(gpu, dy, &w_hat, dx, act, writing_dx)
                         .transpose()?,
                 }
             }
@@ -165,7 +178,7 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             bwd.push(q.forward(gpu, x, &xq)?);
         }
     } else if let Some(dx) = io.dx() {
-        bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, around)?);
+        bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, writing_dx)?);
     }
     let dw = net.grad(l.weight)?.expect("weights");
     let db = net.grad(l.bias)?;
@@ -242,6 +255,28 @@ pub(super) fn grad_input_on_coop(gpu: &Gpu, l: &Layer) -> Option<(CoopMode, Bits
         .zip(gpu.coop_grad_input())
         .filter(|_| l.coop.grad_input)
         .map(|((_, (w_bits, _)), mode)| (mode, w_bits))
+}
+
+impl Network {
+    /// Whether layer `l`'s grad-input adds the gradient its input's other reader wrote (the
+    /// first part of `buf.accumulate`) as it writes dx, instead of an accumulate pass after it:
+    /// a conv2d (not folded) that writes the gradient the other readers' parts are added to,
+    /// whose input is float or DoReFa-quantized (whose mask its epilogue applies before the
+    /// add, as the pass would find dx), in training.
+    pub(super) fn grad_input_adds_part(&self, l: &Layer, buf: &LayerBuffers) -> bool {
+        self.sum_in_grad_input
+            && matches!(
+                l.kind,
+                Kind::Weighted {
+                    op: WeightedOp::Conv { .. },
+                    input: ActQuant::Float | ActQuant::Dorefa(_),
+                }
+            )
+            && l.fold.is_none()
+            && l.input_q.is_none()
+            && buf.din.first().is_some_and(|d| d.is_some())
+            && !buf.accumulate.is_empty()
+    }
 }
 
 /// The forward GEMM (its input formed where it is loaded as `input` says): on cooperative
