@@ -270,6 +270,9 @@ fn memory_savings_change_no_bit_of_a_training_step() {
         // outputs read only by the next layer are recomputed there too.
         ("examples/models/tiny_resnet.json", 8),
         ("examples/models/tiny_resnet.json", 32),
+        // Adds whose BatchNorm summands the add cannot form: a third summand, and one through
+        // a channel shuffle.
+        ("tests/fixtures/adds_of_batchnorms.json", 8),
     ];
     for (model, bits) in models {
         let spec = load(model);
@@ -415,6 +418,15 @@ fn a_residual_blocks_batchnorms_are_formed_in_its_add() {
     // second convs. Kept, all six are applied.
     assert_eq!((applies, first, both), (1, 1, 1));
     assert_eq!((kept_applies, kept_first, kept_both), (6, 0, 0));
+    // An add forms only its first two summands, and none through a channel shuffle: here a
+    // three-way add's third summand and a two-way add's shuffled first are BatchNorm passes.
+    let spec = load("tests/fixtures/adds_of_batchnorms.json");
+    let net = wgqat::nn::Network::new(gpu, &spec, dorefa(8), 8, true, 1).unwrap();
+    let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
+    let labels = dispatch_labels(&plan);
+    let count = |what: &str| labels.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(count("through bn"), 0, "{labels:?}");
+    assert_eq!(count("add_forward"), 2, "{labels:?}");
 }
 
 /// A residual block's input is read by its first conv and by its shortcut: the first conv's
