@@ -51,6 +51,36 @@ fn dispatch_labels(plan: &wgqat::nn::Plan) -> Vec<&str> {
         .collect()
 }
 
+/// The labels of a training plan of `spec` at batch 8 under `quant`, the network set up by
+/// `setup` first.
+fn train_labels(
+    spec: &wgqat::models::ModelSpec,
+    quant: QuantConfig,
+    setup: impl Fn(&mut wgqat::nn::Network),
+) -> Vec<String> {
+    let gpu = common::gpu();
+    let mut net = wgqat::nn::Network::new(gpu, spec, quant, 8, true, 1).unwrap();
+    setup(&mut net);
+    let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
+    dispatch_labels(&plan)
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+/// How many of `labels` contain `what`.
+fn count(labels: &[String], what: &str) -> usize {
+    labels.iter().filter(|l| l.contains(what)).count()
+}
+
+/// Asserts that two runs of [`two_steps`] gave the same losses and state, bit for bit.
+fn assert_same_steps(a: &Steps, b: &Steps, what: &str) {
+    assert_eq!(a.0, b.0, "{what}: losses differ");
+    for ((name, x), (_, y)) in a.1.iter().zip(&b.1) {
+        assert!(x == y, "{what}: {name} differs");
+    }
+}
+
 #[test]
 fn a_training_step_at_batch_256_fits_the_memory_targets() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
@@ -193,13 +223,15 @@ fn dorefa(bits: u32) -> QuantConfig {
 /// Two training steps of `model` at `bits` from a fixed init and batch (the default optimizer,
 /// Adam, or with `sgd` SGD), the network set up by `setup` first: the losses and every state
 /// tensor, as bits.
-#[allow(clippy::type_complexity)]
+/// The losses and every state tensor of [`two_steps`], as bits.
+type Steps = (Vec<u32>, Vec<(String, Vec<u32>)>);
+
 fn two_steps(
     spec: &wgqat::models::ModelSpec,
     quant: QuantConfig,
     sgd: bool,
     setup: impl Fn(&mut wgqat::nn::Network),
-) -> (Vec<u32>, Vec<(String, Vec<u32>)>) {
+) -> Steps {
     use wgqat::nn::checkpoint::Data;
     use wgqat::nn::{Mode, Network, init};
     use wgqat::rng::Rng;
@@ -308,7 +340,6 @@ fn memory_savings_change_no_bit_of_a_training_step() {
 fn quantizing_on_load_changes_no_bit_of_a_training_step() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = load("examples/models/tiny_resnet.json");
-    let gpu = common::gpu();
     let bits = 8;
     let run = |in_passes: bool| {
         two_steps(&spec, dorefa(bits), false, |net| {
@@ -318,26 +349,18 @@ fn quantizing_on_load_changes_no_bit_of_a_training_step() {
         })
     };
     let (on_load, in_passes) = (run(false), run(true));
-    assert_eq!(on_load.0, in_passes.0, "W{bits}A{bits}: losses differ");
-    for ((name, a), (_, b)) in on_load.1.iter().zip(&in_passes.1) {
-        assert!(a == b, "W{bits}A{bits}: {name} differs");
-    }
+    assert_same_steps(&on_load, &in_passes, &format!("W{bits}A{bits}"));
     let count = |in_passes: bool| {
-        let mut net = wgqat::nn::Network::new(gpu, &spec, dorefa(bits), 8, true, 1).unwrap();
-        if in_passes {
-            net.quantize_inputs_in_passes().unwrap();
-        }
-        let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
-        let labels = dispatch_labels(&plan);
+        let labels = train_labels(&spec, dorefa(bits), |net| {
+            if in_passes {
+                net.quantize_inputs_in_passes().unwrap();
+            }
+        });
         let passes = labels
             .iter()
             .filter(|l| l.starts_with("act_forward"))
             .count();
-        let on_load = labels
-            .iter()
-            .filter(|l| l.contains("quantized on load"))
-            .count();
-        (passes, on_load)
+        (passes, count(&labels, "quantized on load"))
     };
     let ((passes, loads), (passes_before, loads_before)) = (count(false), count(true));
     println!(
@@ -359,13 +382,10 @@ fn quantizing_on_load_changes_no_bit_of_a_training_step() {
 fn a_residual_blocks_relu_runs_in_its_add() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = load("examples/models/tiny_resnet.json");
-    let gpu = common::gpu();
     let b8 = Bits::new(8).unwrap();
     let iao = QuantConfig::iao(b8, b8, wgqat::quant::IaoOptions::default());
     for (name, quant, fused) in [("DoReFa", dorefa(8), true), ("IAO", iao, false)] {
-        let net = wgqat::nn::Network::new(gpu, &spec, quant, 8, true, 1).unwrap();
-        let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
-        let labels = dispatch_labels(&plan);
+        let labels = train_labels(&spec, quant, |_| {});
         let count = |prefix: &str| labels.iter().filter(|l| l.starts_with(prefix)).count();
         let (adds, relus, masks) = (
             count("add_forward+relu"),
@@ -392,23 +412,20 @@ fn a_residual_blocks_relu_runs_in_its_add() {
 fn a_residual_blocks_batchnorms_are_formed_in_its_add() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = load("examples/models/tiny_resnet.json");
-    let gpu = common::gpu();
-    let count = |keep_all: bool| {
-        let mut net = wgqat::nn::Network::new(gpu, &spec, dorefa(8), 8, true, 1).unwrap();
-        if keep_all {
-            net.keep_all_outputs().unwrap();
-        }
-        let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
-        let labels = dispatch_labels(&plan);
-        let count = |what: &str| labels.iter().filter(|l| l.contains(what)).count();
+    let counts = |keep_all: bool| {
+        let labels = train_labels(&spec, dorefa(8), |net| {
+            if keep_all {
+                net.keep_all_outputs().unwrap();
+            }
+        });
         (
-            count("bn_apply"),
-            count("add_forward+relu first through bn"),
-            count("add_forward+relu both through bn"),
+            count(&labels, "bn_apply"),
+            count(&labels, "add_forward+relu first through bn"),
+            count(&labels, "add_forward+relu both through bn"),
         )
     };
     let ((applies, first, both), (kept_applies, kept_first, kept_both)) =
-        (count(false), count(true));
+        (counts(false), counts(true));
     println!(
         "tiny_resnet W8A8: {applies} BatchNorm applies, adds forming the first summand {first}, \
          both {both}; keeping every output: {kept_applies}, {kept_first}, {kept_both}"
@@ -421,12 +438,9 @@ fn a_residual_blocks_batchnorms_are_formed_in_its_add() {
     // An add forms only its first two summands, and none through a channel shuffle: here a
     // three-way add's third summand and a two-way add's shuffled first are BatchNorm passes.
     let spec = load("tests/fixtures/adds_of_batchnorms.json");
-    let net = wgqat::nn::Network::new(gpu, &spec, dorefa(8), 8, true, 1).unwrap();
-    let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
-    let labels = dispatch_labels(&plan);
-    let count = |what: &str| labels.iter().filter(|l| l.contains(what)).count();
-    assert_eq!(count("through bn"), 0, "{labels:?}");
-    assert_eq!(count("add_forward"), 2, "{labels:?}");
+    let labels = train_labels(&spec, dorefa(8), |_| {});
+    assert_eq!(count(&labels, "through bn"), 0, "{labels:?}");
+    assert_eq!(count(&labels, "add_forward"), 2, "{labels:?}");
 }
 
 /// A residual block's input is read by its first conv and by its shortcut: the first conv's
@@ -437,7 +451,6 @@ fn a_residual_blocks_batchnorms_are_formed_in_its_add() {
 fn summing_a_gradient_in_grad_input_changes_no_bit_of_a_training_step() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = load("examples/models/tiny_resnet.json");
-    let gpu = common::gpu();
     for bits in [8, 32] {
         let run = |in_passes: bool| {
             two_steps(&spec, dorefa(bits), false, |net| {
@@ -447,21 +460,16 @@ fn summing_a_gradient_in_grad_input_changes_no_bit_of_a_training_step() {
             })
         };
         let (fused, in_passes) = (run(false), run(true));
-        assert_eq!(fused.0, in_passes.0, "W{bits}A{bits}: losses differ");
-        for ((name, a), (_, b)) in fused.1.iter().zip(&in_passes.1) {
-            assert!(a == b, "W{bits}A{bits}: {name} differs");
-        }
-        let count = |in_passes: bool| {
-            let mut net = wgqat::nn::Network::new(gpu, &spec, dorefa(bits), 8, true, 1).unwrap();
-            if in_passes {
-                net.sum_gradients_in_passes().unwrap();
-            }
-            let plan = net.plan(gpu, 8, wgqat::nn::Mode::Train).unwrap();
-            let labels = dispatch_labels(&plan);
-            let count = |what: &str| labels.iter().filter(|l| l.contains(what)).count();
-            (count("accumulate"), count("+dx"))
+        assert_same_steps(&fused, &in_passes, &format!("W{bits}A{bits}"));
+        let counts = |in_passes: bool| {
+            let labels = train_labels(&spec, dorefa(bits), |net| {
+                if in_passes {
+                    net.sum_gradients_in_passes().unwrap();
+                }
+            });
+            (count(&labels, "accumulate"), count(&labels, "+dx"))
         };
-        let ((passes, adds), (passes_before, adds_before)) = (count(false), count(true));
+        let ((passes, adds), (passes_before, adds_before)) = (counts(false), counts(true));
         println!(
             "tiny_resnet W{bits}A{bits}: losses and {} tensors identical; {passes} accumulate \
              passes and {adds} grad-inputs adding a gradient, against {passes_before} and \
