@@ -46,15 +46,15 @@ override ACT_LEVELS: f32 = 1.0;
 override ACT_INV_LEVELS: f32 = 1.0;
 // IN_BN: the layer's input is a BatchNorm's output that is never stored; the GEMM forms each
 // element where it loads it, bit for bit as norm.wgsl's bn_apply would write it, from the
-// BatchNorm's input (the conv output it normalises: b_src in MODE 0 and 2, act_x in MODE 1)
-// and its per-channel table in_bn = [mean, invstd, gamma, beta]: then the ReLU (IN_RELU), the
-// channel shuffle after it (IN_SHUFFLE groups; 1: none) and, in MODE 0 and 2, the layer's input
-// quantizer (IN_QUANT, with ACT_LEVELS). That saves the BatchNorm's output pass forward and its
-// recompute backward.
+// BatchNorm's input (the conv output it normalises: b_src in MODE 0 and 2, act_x in MODE 1) and its
+// per-channel table in_bn = [mean, invstd, gamma, beta]: then the activation (IN_ACT, lib/bn.wgsl's
+// ACT_*), the channel shuffle after it (IN_SHUFFLE groups; 1: none) and, in MODE 0 and 2, the
+// layer's input quantizer (IN_QUANT, with ACT_LEVELS). That saves the BatchNorm's output pass
+// forward and its recompute backward.
 // IN_QUANT without IN_BN (MODE 0 and 2): b_src is the layer's float input, quantized where it
 // is loaded, which saves the quantizer's pass forward and its repeat for grad-weight.
 override IN_BN: bool = false;
-override IN_RELU: bool = false;
+override IN_ACT: u32 = 0u;
 override IN_SHUFFLE: u32 = 1u;
 override IN_QUANT: bool = false;
 // MODE 0 with BN_STATS: the statistics of the BatchNorm that normalises this output, as
@@ -64,27 +64,26 @@ override IN_QUANT: bool = false;
 // registers), then the TX threads of each row are merged in order (Chan's formula); norm.wgsl's
 // bn_stats_merge merges the tiles in a fixed order. That saves the BatchNorm's own pass over the output.
 override BN_STATS: bool = false;
-// MODE 1 with BN_SUMS (and IN_BN, ACT_GRAD 1): the sums of the backward of the BatchNorm
-// before (the one IN_BN forms), whose output gradient is the dx written here: per column tile t
-// and BatchNorm channel c, sum dy' and sum dy' * xhat (dy' = dx after that BatchNorm's ReLU
-// mask) at bn_part[(2 t) * CIN + c] and bn_part[(2 t + 1) * CIN + c]. Each thread adds its 16
-// columns in order as it writes them, then the TX threads of each row are added in order;
-// norm.wgsl's bn_backward_merge adds the tiles in order. That saves the BatchNorm's reduction
-// pass over its input and output gradient.
+// MODE 1 with BN_SUMS (and IN_BN, ACT_GRAD 1, or 0 for a float input): the sums of the backward of
+// the BatchNorm before (the one IN_BN forms), whose output gradient is the dx written here: per
+// column tile t and BatchNorm channel c, sum dy' and sum dy' * xhat (dy' = dx after that
+// BatchNorm's activation mask) at bn_part[(2 t) * CIN + c] and bn_part[(2 t + 1) * CIN + c]. Each
+// thread adds its 16 columns in order as it writes them, then the TX threads of each row are added
+// in order; norm.wgsl's bn_backward_merge adds the tiles in order. That saves the BatchNorm's
+// reduction pass over its input and output gradient.
 override BN_SUMS: bool = false;
 // MODE 1 with DX_PLUS: dx_plus, the gradient another reader of the layer input wrote (a
 // residual block's input is read by its first conv and by its shortcut), added to each dx as it
 // is written (after the quantizer's mask), so that dx is the input's whole gradient: the same
 // f32 add as an accumulate pass after the GEMM would do, without that pass.
 override DX_PLUS: bool = false;
-// MODE 1 and 2 with OUT_BN: this conv's output feeds a BatchNorm (with its ReLU, and a shuffle
-// of OUT_SHUFFLE groups after it) whose backward is applied where the GEMM loads the output
-// gradient, instead of in a pass of its own: dy (b_src in MODE 1, a_src in MODE 2) holds the
+// MODE 1 and 2 with OUT_BN: this conv's output feeds a BatchNorm (with its activation OUT_ACT, and
+// a shuffle of OUT_SHUFFLE groups after it) whose backward is applied where the GEMM loads the
+// output gradient, instead of in a pass of its own: dy (b_src in MODE 1, a_src in MODE 2) holds the
 // conv output, out_dy the BatchNorm's output gradient and out_bn its table [mean, invstd, gamma,
-// beta, dbeta, dgamma, scale] (lib/bn.wgsl's bn_grad, bit for bit norm.wgsl's
-// bn_backward_apply).
+// beta, dbeta, dgamma, scale] (lib/bn.wgsl's bn_grad, bit for bit norm.wgsl's bn_backward_apply).
 override OUT_BN: bool = false;
-override OUT_RELU: bool = false;
+override OUT_ACT: u32 = 0u;
 override OUT_SHUFFLE: u32 = 1u;
 // Vector loads, where the layer's shape puts four tile elements in one aligned vec4 of their
 // source (a_src4 and b_src4 read a_src's and b_src's buffers as vec4s): the tiles hold the same
@@ -275,8 +274,8 @@ fn multiply(ab: u32, bb: u32, tx: u32, qa: u32, qb: u32) {
 // the channel whose table is t, to the sums, as norm.wgsl's bn_backward_reduce adds it.
 fn add_bn_sums(h: u32, r: u32, v: f32, t: vec4<f32>, d: f32) {
     var g = d;
-    if (IN_RELU) {
-        g = select(0.0, d, bn_affine(v, t.x, t.y, t.z, t.w) > 0.0);
+    if (IN_ACT != ACT_NONE) {
+        g = select(0.0, d, act_passes(bn_affine(v, t.x, t.y, t.z, t.w), IN_ACT));
     }
     sum_dy[h][r] += g;
     sum_dyx[h][r] += g * ((v - t.x) * t.y);
@@ -297,24 +296,26 @@ fn out_index(g: u32, row: u32, col: u32) -> u32 {
 
 // MODE 1: the dx written for GEMM value v at (row, col) of group g (out index i): through the
 // input quantizer's backward (ACT_GRAD, replacing x by its quantized value with 2), and added
-// to the BatchNorm sums of row r of quad h (BN_SUMS).
+// to the BatchNorm sums of row r of quad h (BN_SUMS; a float input, ACT_GRAD 0, adds v itself).
 fn grad_input_value(g: u32, row: u32, col: u32, i: u32, v: f32, h: u32, r: u32) -> f32 {
-    if (ACT_GRAD == 0u) {
+    if (ACT_GRAD == 0u && !BN_SUMS) {
         return v;
     }
     var xv: f32;
-    var d: f32;
+    var d = v;
     if (IN_BN) {
         let b = col / q.hw;
         let sc = unshuffled(g * q.cig + row);
         let t = in_bn_of(sc);
         let bx = act_x[(b * q.cin + sc) * q.hw + (col - b * q.hw)];
-        xv = bn_formed(bx, t, false);
-        d = dorefa_act_grad(xv, v);
+        if (ACT_GRAD > 0u) {
+            xv = bn_formed(bx, t, false);
+            d = dorefa_act_grad(xv, v);
+        }
         if (BN_SUMS) {
             add_bn_sums(h, r, bx, t, d);
         }
-    } else {
+    } else if (ACT_GRAD > 0u) {
         xv = act_x[i];
         d = dorefa_act_grad(xv, v);
     }

@@ -37,10 +37,10 @@ diagnostic(off, derivative_uniformity);
 
 override HAS_BIAS: bool = false;
 // IN_BN: x is a BatchNorm's input and each element is formed as conv2d.wgsl's IN_BN forms it
-// (the BatchNorm with table in_bn, IN_RELU, IN_SHUFFLE, then the activation quantizer). With
+// (the BatchNorm with table in_bn, IN_ACT, IN_SHUFFLE, then the activation quantizer). With
 // IN_QUANT alone (lib/coop_conv.wgsl), x is the layer's float input, quantized as it is loaded.
 override IN_BN: bool = false;
-override IN_RELU: bool = false;
+override IN_ACT: u32 = 0u;
 override IN_SHUFFLE: u32 = 1u;
 // BN_STATS: the partial statistics of the BatchNorm after this conv, as conv2d.wgsl's BN_STATS
 // forms them (per 128-column tile and channel: mean and M2 at bn_part[(2 t) * COUT + c] and

@@ -40,10 +40,10 @@ diagnostic(off, derivative_uniformity);
 // from act_x, 2 also act_x replaced by its quantized value.
 override ACT_GRAD: u32 = 0u;
 override IN_BN: bool = false;
-override IN_RELU: bool = false;
+override IN_ACT: u32 = 0u;
 override IN_SHUFFLE: u32 = 1u;
 // BN_SUMS (with IN_BN, ACT_GRAD 1): per 128-column tile t and BatchNorm channel c, sum dy' and
-// sum dy' * xhat (dy' = dx after that BatchNorm's ReLU mask) at bn_part[(2 t) * CIN + c] and
+// sum dy' * xhat (dy' = dx after that BatchNorm's activation mask) at bn_part[(2 t) * CIN + c] and
 // bn_part[(2 t + 1) * CIN + c], as conv2d.wgsl's BN_SUMS: each invocation adds its 8-value runs
 // in order, then one invocation per row adds the row's four writers in order.
 override BN_SUMS: bool = false;
@@ -51,7 +51,7 @@ override BN_SUMS: bool = false;
 // (conv2d.wgsl's DX_PLUS).
 override DX_PLUS: bool = false;
 override OUT_BN: bool = false;
-override OUT_RELU: bool = false;
+override OUT_ACT: u32 = 0u;
 override OUT_SHUFFLE: u32 = 1u;
 // n_w and fl32(1 / n_w); n_a and fl32(1 / n_a) of the input quantizer (conv2d.wgsl's names;
 // lib/coop_conv.wgsl's A_LEVELS and A_INV_LEVELS follow them).
@@ -340,16 +340,16 @@ fn write_dx(g: u32, row: u32, col: u32, v: f32, k: u32) {
         if (IN_BN) {
             let sc = unshuffled(g * CIG + row);
             let bx = act_x[(b * CIN + sc) * HW + pix];
-            xv = bn_relu(bx, sc);
+            xv = bn_activated(bx, sc);
             d = dorefa_act_grad(xv, v);
             if (BN_SUMS) {
                 let t = sc * BN_TABLE;
                 let mean = in_bn[t + BN_MEAN];
                 let invstd = in_bn[t + BN_INVSTD];
                 var gm = d;
-                if (IN_RELU) {
-                    gm = select(0.0, d, bn_affine(bx, mean, invstd, in_bn[t + BN_GAMMA],
-                                                  in_bn[t + BN_BETA]) > 0.0);
+                if (IN_ACT != ACT_NONE) {
+                    let u = bn_affine(bx, mean, invstd, in_bn[t + BN_GAMMA], in_bn[t + BN_BETA]);
+                    gm = select(0.0, d, act_passes(u, IN_ACT));
                 }
                 sum_dy[k] += gm;
                 sum_dyx[k] += gm * ((bx - mean) * invstd);

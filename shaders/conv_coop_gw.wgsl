@@ -33,10 +33,10 @@ diagnostic(off, derivative_uniformity);
 
 override BIAS_GRAD: bool = false;
 override IN_BN: bool = false;
-override IN_RELU: bool = false;
+override IN_ACT: u32 = 0u;
 override IN_SHUFFLE: u32 = 1u;
 override OUT_BN: bool = false;
-override OUT_RELU: bool = false;
+override OUT_ACT: u32 = 0u;
 override OUT_SHUFFLE: u32 = 1u;
 // VEC_A: images of a multiple of 4 pixels, so four adjacent k of a dy row are one aligned vec4.
 override VEC_A: bool = false;

@@ -16,12 +16,13 @@ override ADD_RELU: bool = false;
 // add_forward: a summand that is a BatchNorm's output never stored (A_BN, B_BN; a residual
 // block's last BatchNorm, its shortcut's): its tensor holds the BatchNorm's input, and each
 // element is formed as norm.wgsl's bn_apply writes it (lib/bn.wgsl's affine map with the
-// channel's table entries, then its fused ReLU with A_RELU / B_RELU), so the same bits.
+// channel's table entries, then its fused activation A_ACT / B_ACT, lib/bn.wgsl's ACT_*), so the
+// same bits.
 // Element i is in channel (i / ADD_HW) % ADD_C.
 override A_BN: bool = false;
-override A_RELU: bool = false;
+override A_ACT: u32 = 0u;
 override B_BN: bool = false;
-override B_RELU: bool = false;
+override B_ACT: u32 = 0u;
 override ADD_C: u32 = 1u;
 override ADD_HW: u32 = 1u;
 // relu_forward
@@ -74,9 +75,8 @@ fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // A BatchNorm's output formed from its input v with its channel's [mean, invstd, gamma, beta].
-fn bn_formed(v: f32, bn: vec4<f32>, relu: bool) -> f32 {
-    let r = bn_affine(v, bn.x, bn.y, bn.z, bn.w);
-    return select(r, relu_bits(r), relu);
+fn bn_formed(v: f32, bn: vec4<f32>, act: u32) -> f32 {
+    return bn_act(bn_affine(v, bn.x, bn.y, bn.z, bn.w), act);
 }
 
 // Table entry t's [mean, invstd, gamma, beta] (two functions: a pointer to a storage array is
@@ -116,11 +116,11 @@ fn add_forward_bn(@builtin(workgroup_id) wid: vec3<u32>,
     let t = ((i / ADD_HW) % ADD_C) * BN_TABLE;
     var a = add_a[i];
     if (A_BN) {
-        a = bn_formed(a, add_a_entry(t), A_RELU);
+        a = bn_formed(a, add_a_entry(t), A_ACT);
     }
     var b = add_b[i];
     if (B_BN) {
-        b = bn_formed(b, add_b_entry(t), B_RELU);
+        b = bn_formed(b, add_b_entry(t), B_ACT);
     }
     add_write(i, a, b);
 }

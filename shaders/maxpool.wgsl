@@ -28,14 +28,15 @@ override QUANTIZE: bool = false;
 override ACT_LEVELS: f32 = 1.0;
 override ACT_INV_LEVELS: f32 = 1.0;
 // IN_BN: the input is a BatchNorm's output that is never stored: x holds the BatchNorm's input
-// and each element is formed as norm.wgsl's bn_apply would write it (affine map, the ReLU with
-// IN_RELU, the shuffle in IN_SHUFFLE groups), so the same bits, in both directions.
+// and each element is formed as norm.wgsl's bn_apply would write it (affine map, the activation
+// IN_ACT (lib/bn.wgsl's ACT_*), the shuffle in IN_SHUFFLE groups), so the same bits, in both
+// directions.
 override IN_BN: bool = false;
-override IN_RELU: bool = false;
+override IN_ACT: u32 = 0u;
 override IN_SHUFFLE: u32 = 1u;
 // maxpool_backward_banded with BN_SUMS (and IN_BN): the sums of the backward of the BatchNorm
 // that IN_BN forms, whose output gradient is the dx written here: per plane (n, c) and band,
-// sum dx' and sum dx' * xhat (dx' = dx after that BatchNorm's ReLU mask) at
+// sum dx' and sum dx' * xhat (dx' = dx after that BatchNorm's activation mask) at
 // bn_part[(2 t) * C + sc] and bn_part[(2 t + 1) * C + sc], for tile t = n * BANDS + band and
 // BatchNorm channel sc. Each invocation adds its elements in order, then a tree over the
 // plane's invocations (fixed order); norm.wgsl's bn_backward_merge adds the tiles in order. That saves
@@ -115,7 +116,7 @@ fn input_value(src: Source, at: u32) -> f32 {
         return v;
     }
     let r = bn_affine(v, src.bn.x, src.bn.y, src.bn.z, src.bn.w);
-    return select(r, relu_bits(r), IN_RELU);
+    return bn_act(r, IN_ACT);
 }
 
 // The maximum of window (oy, ox) of the plane at `src` and where it is: the first element, a
@@ -268,8 +269,9 @@ fn maxpool_backward_banded(@builtin(workgroup_id) wid: vec3<u32>,
             if (BN_SUMS) {
                 let v = x[src.base + at];
                 var g = acc;
-                if (IN_RELU) {
-                    g = select(0.0, acc, bn_affine(v, src.bn.x, src.bn.y, src.bn.z, src.bn.w) > 0.0);
+                if (IN_ACT != ACT_NONE) {
+                    let u = bn_affine(v, src.bn.x, src.bn.y, src.bn.z, src.bn.w);
+                    g = select(0.0, acc, act_passes(u, IN_ACT));
                 }
                 sums += vec2(g, g * ((v - src.bn.x) * src.bn.y));
             }

@@ -1,5 +1,6 @@
-// BatchNorm2d over (N, C, S) activations (S = H*W), PyTorch semantics, with an optional fused ReLU
-// (NIN always follows BN with ReLU; fusing saves two passes each way), an optional fused channel
+// BatchNorm2d over (N, C, S) activations (S = H*W), PyTorch semantics, with an optional fused
+// activation (NIN follows BN with a ReLU, or with wbwtab's sign in its place; fusing saves two
+// passes each way), an optional fused channel
 // shuffle after it (NIN-GC's; the output is written permuted and the gradient read permuted, so
 // the unshuffled output never exists) and, forward only, the next layer's activation quantizer.
 //   train: normalise with the batch mean and biased variance; running stats move by momentum
@@ -15,10 +16,10 @@ struct Params {
     n: u32,          // N
     c: u32,          // C
     s: u32,          // S
-    relu: u32,       // 1: y = max(bn(x), 0), and backward masks by y > 0
+    act: u32,        // the activation after BN (lib/bn.wgsl's ACT_*), and its mask backward
     eps: f32,
     momentum: f32,
-    shuffle: u32,    // channel shuffle groups after BN (and ReLU); 1: none
+    shuffle: u32,    // channel shuffle groups after BN (and its activation); 1: none
     quantize: u32,   // 1: apply writes the activation quantizer's output (the next layer's input)
     levels_f: f32,   // the quantizer's f32(n) and fl32(1 / n), as in quant.wgsl
     inv_levels: f32,
@@ -38,7 +39,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read> gamma: array<f32>;
 @group(0) @binding(7) var<storage, read> beta: array<f32>;
 @group(0) @binding(8) var<storage, read_write> y: array<f32>;
-// backward: x, gamma, beta (for the ReLU mask), dy -> dgamma, dbeta (reduce), then dx (apply)
+// backward: x, gamma, beta (for the activation's mask), dy -> dgamma, dbeta (reduce), then dx
+// (apply)
 @group(0) @binding(10) var<storage, read> dy: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(12) var<storage, read_write> dbeta: array<f32>;
@@ -269,19 +271,17 @@ fn bn_eval_stats(@builtin(workgroup_id) wid: vec3<u32>,
     stats[c * BN_TABLE + BN_BETA] = beta[c];
 }
 
-// gamma * (x - mean) * invstd + beta, before any fused ReLU. The backward forms it again for
-// the ReLU's mask (v > 0 exactly where y > 0), so it never reads y, which a network may have
-// overwritten by then.
+// gamma * (x - mean) * invstd + beta, before any fused activation. The backward forms it again
+// for the activation's mask, so it never reads y, which a network may have overwritten by then.
 fn bn_value_of(v: f32, c: u32) -> f32 {
     return bn_affine(v, stats_in[c * BN_TABLE + BN_MEAN], stats_in[c * BN_TABLE + BN_INVSTD],
                      gamma[c], beta[c]);
 }
 
 // bn_apply's value (before any fused quantizer) of input v of channel c: bn_value_of, then the
-// fused ReLU.
+// fused activation.
 fn bn_output_of(v: f32, c: u32) -> f32 {
-    let u = bn_value_of(v, c);
-    return select(u, relu_bits(u), p.relu == 1u);
+    return bn_act(bn_value_of(v, c), p.act);
 }
 
 // DoReFa's activation quantizer (shaders/lib/act.wgsl, prepended): a BatchNorm whose output
@@ -290,7 +290,8 @@ fn act_value(x: f32) -> f32 {
     return dorefa_act(x, p.levels_f, p.inv_levels);
 }
 
-// y = gamma * (x - mean) * invstd + beta, then ReLU if fused, then the quantizer if fused.
+// y = gamma * (x - mean) * invstd + beta, then the activation if fused, then the quantizer if
+// fused.
 @compute @workgroup_size(256)
 fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>,
             @builtin(num_workgroups) nwg: vec3<u32>,
@@ -389,17 +390,17 @@ fn iao_masked(r: f32, g: f32) -> f32 {
 }
 
 // The _sums forms of the passes that mask the gradient also form this BatchNorm's backward sums
-// from it, for bn_backward_merge (sum dy' and sum dy' * xhat per tile and channel, (tiles, 2, C)
-// in sums_out, dy' the masked gradient after the ReLU's mask), so that no reduction pass reads
+// from it, for bn_backward_merge (sum dy' and sum dy' * xhat per tile and channel, (tiles, 2, C) in
+// sums_out, dy' the masked gradient after the activation's mask), so that no reduction pass reads
 // the BatchNorm's input and gradient again: workgroup g takes channel c = g / p.tiles and its
 // SUM_TILE elements from t * SUM_TILE (t = g % p.tiles) in (n, s) order, SUM_TILE / WG per
 // invocation (one barrier tree per tile: barriers are dear on a CPU driver).
 const SUM_TILE: u32 = 4096u;
 
 // The terms of the sums of an element of channel c: dy' and dy' * xhat, for its BatchNorm input
-// xv, bn_apply's value r (after the ReLU, whose mask it gives) and masked gradient g.
-fn sum_terms(c: u32, xv: f32, r: f32, g: f32) -> vec2<f32> {
-    let gm = select(g, 0.0, p.relu == 1u && !(r > 0.0));
+// xv, the BatchNorm's value u (before the activation, whose mask it gives) and masked gradient g.
+fn sum_terms(c: u32, xv: f32, u: f32, g: f32) -> vec2<f32> {
+    let gm = select(0.0, g, act_passes(u, p.act));
     let xhat = (xv - stats_in[c * BN_TABLE + BN_MEAN]) * stats_in[c * BN_TABLE + BN_INVSTD];
     return vec2(gm, gm * xhat);
 }
@@ -441,10 +442,11 @@ struct TileMasked {
 fn tile_mask(tw: TileWalk) -> TileMasked {
     let xv = x[walk_index(tw.c, tw.w)];
     let o = walk_index(tw.co, tw.w);
-    let r = bn_output_of(xv, tw.c);
+    let u = bn_value_of(xv, tw.c);
+    let r = bn_act(u, p.act);
     let g = iao_masked(r, dx[o]);
     dx[o] = g;
-    return TileMasked(o, r, sum_terms(tw.c, xv, r, g));
+    return TileMasked(o, r, sum_terms(tw.c, xv, u, g));
 }
 
 // This invocation's sums added over the workgroup in a fixed tree and written for the walk's
@@ -535,9 +537,9 @@ fn bn_apply_iao_mask_sums(@builtin(workgroup_id) wid: vec3<u32>,
     write_tile_sums(tw, lid, acc);
 }
 
-// One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the ReLU),
-// also copied into the table (BN_DBETA, BN_DGAMMA, with bn_scale at BN_SCALE) for
-// a conv that applies the backward where it loads its output gradient (conv2d.wgsl's OUT_BN).
+// One workgroup per channel: dbeta = sum dy', dgamma = sum dy' * xhat (dy' = dy after the
+// activation's mask), also copied into the table (BN_DBETA, BN_DGAMMA, with bn_scale at BN_SCALE)
+// for a conv that applies the backward where it loads its output gradient (conv2d.wgsl's OUT_BN).
 @compute @workgroup_size(256)
 fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
@@ -551,16 +553,16 @@ fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     let invstd = stats[c * BN_TABLE + BN_INVSTD];
     var sdy = 0.0;
     var sdyx = 0.0;
-    // Channel c's gradient lies in channel `co` of dy (the fused shuffle); the ReLU's mask as in
-    // bn_grad.
+    // Channel c's gradient lies in channel `co` of dy (the fused shuffle); the activation's mask
+    // as in bn_grad.
     let co = shuffled(c);
     var w = walk_start(lid);
     for (var j = lid; j < count; j += WG) {
         let xv = x[walk_index(c, w)];
         var g = dy[walk_index(co, w)];
         w = walk_next(w);
-        if (p.relu == 1u) {
-            g = select(0.0, g, bn_affine(xv, mean, invstd, gamma[c], beta[c]) > 0.0);
+        if (p.act != ACT_NONE) {
+            g = select(0.0, g, act_passes(bn_affine(xv, mean, invstd, gamma[c], beta[c]), p.act));
         }
         sdy += g;
         sdyx += g * ((xv - mean) * invstd);
@@ -621,7 +623,7 @@ fn bn_dx(i: u32, xv: f32) -> f32 {
     let invstd = stats_in[c * BN_TABLE + BN_INVSTD];
     let count = f32(p.n * p.s);
     return bn_grad(xv, dy[at.out], stats_in[c * BN_TABLE + BN_MEAN], invstd, gamma[c], beta[c], dbeta_in[c],
-                   dgamma_in[c], count, bn_scale(gamma[c], invstd, count), p.relu == 1u);
+                   dgamma_in[c], count, bn_scale(gamma[c], invstd, count), p.act);
 }
 
 // Where S is a multiple of 4 the backward applies take four consecutive elements per
@@ -645,7 +647,7 @@ fn bn_dx4(i0: u32, xv: vec4<f32>) -> vec4<f32> {
     let dg = dgamma_in[c];
     var r: vec4<f32>;
     for (var k = 0u; k < 4u; k++) {
-        r[k] = bn_grad(xv[k], dy[at.out + k], mean, invstd, g, b, db, dg, count, scale, p.relu == 1u);
+        r[k] = bn_grad(xv[k], dy[at.out + k], mean, invstd, g, b, db, dg, count, scale, p.act);
     }
     return r;
 }

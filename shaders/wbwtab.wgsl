@@ -204,9 +204,7 @@ fn sign_forward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let v = x[i];
-    // NaN stays NaN, so that numerical faults surface.
-    y[i] = select(sign_pos(v), v, (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u);
+    y[i] = sign_bits(x[i]);
 }
 
 @compute @workgroup_size(256)
@@ -217,6 +215,5 @@ fn sign_backward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.n) {
         return;
     }
-    let v = x[i];
-    dw[i] = select(0.0, dy[i], v > -1.0 && v < 1.0);
+    dw[i] = select(0.0, dy[i], act_passes(x[i], ACT_SIGN));
 }

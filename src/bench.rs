@@ -312,7 +312,7 @@ fn items(model: &ModelSpec, batch: usize, bits: Bits) -> Result<Vec<Item>> {
 fn relu_bn(table: &Tensor) -> crate::kernels::norm::BnForm<'_> {
     crate::kernels::norm::BnForm {
         table,
-        relu: true,
+        act: crate::kernels::norm::Act::Relu,
         shuffle: 1,
     }
 }
@@ -467,7 +467,7 @@ fn bn_backward_pass_item(layer: &str, g: &Conv2dGeom) -> Item {
             let dbeta = gpu.upload_f32("dbeta", &[c], &vec![0.01; c])?;
             Ok(vec![norm::backward_apply(
                 gpu,
-                Epilogue::relu(true),
+                Epilogue::act(crate::kernels::norm::Act::Relu),
                 &y,
                 &dy,
                 &stats,

@@ -192,6 +192,7 @@ pub fn cases() -> Vec<Case> {
     quant_on_load::cases(&mut v);
     dx_plus::cases(&mut v);
     norm::cases(&mut v);
+    norm::sign_cases(&mut v);
     bn_merge::cases(&mut v);
     pool::cases(&mut v);
     loss::cases(&mut v);

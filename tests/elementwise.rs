@@ -24,7 +24,7 @@ fn uniform_fill_matches_reference_stays_in_range_and_repeats_with_its_seed() {
 fn an_add_refuses_a_batchnorm_form_it_cannot_apply() {
     use wgqat::DType;
     use wgqat::kernels::elementwise::add_forward_formed;
-    use wgqat::kernels::norm::{BnForm, TABLE};
+    use wgqat::kernels::norm::{Act, BnForm, TABLE};
     let gpu = common::gpu();
     let shape = [2, 4, 3, 3];
     let x = gpu.zeros("x", &shape, DType::F32).unwrap();
@@ -33,7 +33,7 @@ fn an_add_refuses_a_batchnorm_form_it_cannot_apply() {
     let short = gpu.zeros("short table", &[TABLE * 3], DType::F32).unwrap();
     let form = |table, shuffle| BnForm {
         table,
-        relu: false,
+        act: Act::Identity,
         shuffle,
     };
     let err = |a, b| {

@@ -220,6 +220,26 @@ fn dorefa(bits: u32) -> QuantConfig {
     }
 }
 
+/// wbwtab with binary weights and activations (its sign fused into the BatchNorm before it).
+fn wbwtab() -> QuantConfig {
+    use wgqat::quant::wbwtab::{Activations, WbwtabOptions, Weights};
+    QuantConfig {
+        scheme: wgqat::quant::Scheme::Wbwtab(WbwtabOptions {
+            weights: Weights::Binary,
+            activations: Activations::Binary,
+        }),
+        ..QuantConfig::default()
+    }
+}
+
+/// A config's name in messages: W{bits}A{bits} or wbwtab.
+fn describe(quant: &QuantConfig) -> String {
+    match quant.scheme {
+        wgqat::quant::Scheme::Wbwtab(_) => "wbwtab W1A1".into(),
+        _ => format!("W{}A{}", quant.w_bits, quant.a_bits),
+    }
+}
+
 /// Two training steps of `model` at `bits` from a fixed init and batch (the default optimizer,
 /// Adam, or with `sgd` SGD), the network set up by `setup` first: the losses and every state
 /// tensor, as bits.
@@ -287,31 +307,37 @@ fn load(model: &str) -> wgqat::models::ModelSpec {
 /// output: the same loss and the same bits in every weight and BatchNorm statistic. The models
 /// cover the planner's cases: max-pool fed by a recomputed BatchNorm output, a shuffle after a
 /// max-pool and one fused into BatchNorm, spatial outputs, a Linear after a flattened map, at
-/// W8A8, W4A4 and float.
+/// W8A8, W4A4 and float, and wbwtab's sign fused into BatchNorm (float convs forming their
+/// input through it).
 #[test]
 fn memory_savings_change_no_bit_of_a_training_step() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let models = [
-        ("tests/fixtures/tiny_nin_gc.json", 8),
-        ("tests/fixtures/ci_nin.json", 4),
-        ("tests/fixtures/spatial_heads.json", 8),
-        ("tests/fixtures/flatten_linear.json", 32),
-        ("examples/models/tiny_nin.json", 8),
+        ("tests/fixtures/tiny_nin_gc.json", dorefa(8)),
+        ("tests/fixtures/tiny_nin_gc.json", dorefa(32)),
+        ("tests/fixtures/tiny_nin_gc.json", wbwtab()),
+        ("tests/fixtures/ci_nin.json", dorefa(4)),
+        ("tests/fixtures/spatial_heads.json", dorefa(8)),
+        ("tests/fixtures/flatten_linear.json", dorefa(32)),
+        ("examples/models/tiny_nin.json", dorefa(8)),
+        ("examples/models/tiny_nin.json", wbwtab()),
         // Residual blocks: a block's input stays alive across the block (its gradient is the
         // sum of two paths, and outlives the block's backward in its shared buffer); BatchNorm
         // outputs read only by the next layer are recomputed there too.
-        ("examples/models/tiny_resnet.json", 8),
-        ("examples/models/tiny_resnet.json", 32),
+        ("examples/models/tiny_resnet.json", dorefa(8)),
+        ("examples/models/tiny_resnet.json", dorefa(32)),
+        ("examples/models/tiny_resnet.json", wbwtab()),
         // Adds whose BatchNorm summands the add cannot form: a third summand, and one through
         // a channel shuffle.
-        ("tests/fixtures/adds_of_batchnorms.json", 8),
+        ("tests/fixtures/adds_of_batchnorms.json", dorefa(8)),
     ];
-    for (model, bits) in models {
+    for (model, quant) in models {
         let spec = load(model);
+        let what = describe(&quant);
         // (The BatchNorm sums formed in grad-input need the savings' forming of its output, and
         // add up in another order: `bn_sums_match_the_reduction_passes` compares those.)
         let run = |keep_all: bool| {
-            two_steps(&spec, dorefa(bits), false, |net| {
+            two_steps(&spec, quant, false, |net| {
                 if keep_all {
                     net.keep_all_outputs().unwrap();
                 }
@@ -319,16 +345,60 @@ fn memory_savings_change_no_bit_of_a_training_step() {
             })
         };
         let (saved, kept) = (run(false), run(true));
-        assert_eq!(saved.0, kept.0, "{model}: losses differ");
+        assert_eq!(saved.0, kept.0, "{model} {what}: losses differ");
         for ((name, a), (_, b)) in saved.1.iter().zip(&kept.1) {
-            assert!(a == b, "{model} W{bits}A{bits}: {name} differs");
+            assert!(a == b, "{model} {what}: {name} differs");
         }
         println!(
-            "{}: 2 steps at W{bits}A{bits}, losses and {} tensors identical",
+            "{}: 2 steps at {what}, losses and {} tensors identical",
             spec.name,
             saved.1.len()
         );
     }
+}
+
+/// wbwtab's binary activation (a sign in a ReLU's place) is fused into the BatchNorm before it
+/// as a ReLU is, and its readers form it where they load it: tiny_nin_gc's five signs make no
+/// pass of their own (no sign or shuffle pass either way, no BatchNorm apply), and every conv
+/// and max-pool that reads one forms it through the BatchNorm, the float last conv included.
+/// Keeping every output, the BatchNorms apply the signs in their passes instead.
+/// `memory_savings_change_no_bit_of_a_training_step` checks the steps' bits.
+#[test]
+fn wbwtab_signs_are_formed_where_they_are_read() {
+    let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = load("tests/fixtures/tiny_nin_gc.json");
+    let counts = |keep_all: bool| {
+        let labels = train_labels(&spec, wbwtab(), |net| {
+            if keep_all {
+                net.keep_all_outputs().unwrap();
+            }
+        });
+        let passes = labels
+            .iter()
+            .filter(|l| l.starts_with("sign_") || l.starts_with("channel_shuffle"))
+            .count();
+        let forward = |kernel: &str| {
+            labels
+                .iter()
+                .filter(|l| l.starts_with(kernel) && l.contains(" through bn"))
+                .count()
+        };
+        (
+            passes,
+            count(&labels, "bn_apply+sign"),
+            forward("conv2d.forward"),
+            forward("maxpool_forward"),
+        )
+    };
+    let (saved, kept) = (counts(false), counts(true));
+    println!(
+        "tiny_nin_gc wbwtab: (sign and shuffle passes, BatchNorm applies with the sign, convs \
+         and max-pools forming it): {saved:?}, keeping every output {kept:?}"
+    );
+    // Five signs (the ReLUs after the first five convs): three read by a conv (model.1, 2 and
+    // the float model.7), two by a max-pool (formed again for its backward).
+    assert_eq!(saved, (0, 0, 3, 4));
+    assert_eq!(kept, (0, 5, 0, 0));
 }
 
 /// A residual block's first conv (and its downsample conv) reads the block's output, a ReLU
@@ -551,6 +621,9 @@ fn bn_sums_match_the_reduction_passes() {
         ("tests/fixtures/tiny_nin_gc.json", dorefa(8), "W8A8"),
         ("tests/fixtures/ci_nin.json", dorefa(4), "W4A4"),
         ("tests/fixtures/tiny_nin_gc.json", iao8, "IAO W8A8"),
+        // Float convs form their input through the BatchNorm (and its ReLU or sign) too.
+        ("tests/fixtures/tiny_nin_gc.json", dorefa(32), "float"),
+        ("tests/fixtures/tiny_nin_gc.json", wbwtab(), "wbwtab W1A1"),
     ] {
         let spec = load(model);
         let sums = two_steps(&spec, quant, true, |_| {});

@@ -19,10 +19,7 @@ fn in_bn_of(sc: u32) -> vec4<f32> {
 
 // IN_BN: the input element whose BatchNorm input is v, in the channel whose table is t.
 fn bn_formed(v: f32, t: vec4<f32>, quantize: bool) -> f32 {
-    var r = bn_affine(v, t.x, t.y, t.z, t.w);
-    if (IN_RELU) {
-        r = relu_bits(r);
-    }
+    let r = bn_act(bn_affine(v, t.x, t.y, t.z, t.w), IN_ACT);
     if (quantize) {
         return dorefa_act(r, ACT_LEVELS, ACT_INV_LEVELS);
     }
@@ -73,7 +70,7 @@ fn out_bn_of(co: u32) -> OutBn {
 // OUT_BN: dL/d(conv output) at (b, output pixel pix) of the channel t describes, whose value is y.
 fn out_grad(t: OutBn, b: u32, pix: u32, y: f32) -> f32 {
     return bn_grad(y, out_dy[(b * q.cout + t.at) * q.ohw + pix], t.mean, t.invstd, t.gamma,
-                   t.beta, t.dbeta, t.dgamma, f32(p.batch * q.ohw), t.scale, OUT_RELU);
+                   t.beta, t.dbeta, t.dgamma, f32(p.batch * q.ohw), t.scale, OUT_ACT);
 }
 
 // OUT_BN: out_grad at the four output pixels pix..pix+3 (pix a multiple of 4, in an image of a
@@ -81,7 +78,7 @@ fn out_grad(t: OutBn, b: u32, pix: u32, y: f32) -> f32 {
 fn out_grad4(t: OutBn, b: u32, pix: u32, y: vec4<f32>) -> vec4<f32> {
     let g = out_dy4[((b * q.cout + t.at) * q.ohw + pix) / 4u];
     let count = f32(p.batch * q.ohw);
-    let r = OUT_RELU;
+    let r = OUT_ACT;
     return vec4(
         bn_grad(y.x, g.x, t.mean, t.invstd, t.gamma, t.beta, t.dbeta, t.dgamma, count, t.scale, r),
         bn_grad(y.y, g.y, t.mean, t.invstd, t.gamma, t.beta, t.dbeta, t.dgamma, count, t.scale, r),

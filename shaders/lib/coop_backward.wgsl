@@ -1,6 +1,6 @@
 // What the backward kernels on cooperative matrices (conv_coop_gw.wgsl, conv_coop_gi.wgsl)
 // share, appended to each after lib/coop_conv.wgsl: the float gradient dy, formed through the
-// backward of the BatchNorm after the conv where it is loaded (the kernels' OUT_BN, OUT_RELU and
+// backward of the BatchNorm after the conv where it is loaded (the kernels' OUT_BN, OUT_ACT and
 // OUT_SHUFFLE constants and their out_dy and out_bn bindings), as conv2d.wgsl's OUT_BN forms
 // it, and the power-of-two scale that carries such a gradient through f16 in two halves.
 
@@ -30,7 +30,7 @@ fn out_bn_of(co: u32) -> OutBn {
 fn dy_value(t: OutBn, b: u32, pix: u32, y: f32, count: f32) -> f32 {
     if (OUT_BN) {
         return bn_grad(y, out_dy[(b * COUT + t.at) * OHW + pix], t.mean, t.invstd, t.gamma,
-                       t.beta, t.dbeta, t.dgamma, count, t.scale, OUT_RELU);
+                       t.beta, t.dbeta, t.dgamma, count, t.scale, OUT_ACT);
     }
     return y;
 }

@@ -1,6 +1,6 @@
 // What conv_coop.wgsl, conv_coop_gw.wgsl and conv_coop_gi.wgsl share, appended to each (after
 // their `enable` directives): the conv's geometry as pipeline constants, and the layer input
-// formed from a BatchNorm's where it is loaded (the kernels' IN_BN, IN_RELU, IN_SHUFFLE,
+// formed from a BatchNorm's where it is loaded (the kernels' IN_BN, IN_ACT, IN_SHUFFLE,
 // A_LEVELS and A_INV_LEVELS constants and their in_bn binding), as conv2d.wgsl's IN_BN forms it.
 
 override CIN: u32 = 1u;
@@ -33,19 +33,16 @@ fn unshuffled(ch: u32) -> u32 {
 }
 
 // IN_BN: the input (before its quantizer) whose BatchNorm input is v, in BatchNorm channel ch.
-fn bn_relu(v: f32, ch: u32) -> f32 {
+fn bn_activated(v: f32, ch: u32) -> f32 {
     let t = ch * BN_TABLE;
     let r = bn_affine(v, in_bn[t + BN_MEAN], in_bn[t + BN_INVSTD], in_bn[t + BN_GAMMA],
                       in_bn[t + BN_BETA]);
-    if (IN_RELU) {
-        return relu_bits(r);
-    }
-    return r;
+    return bn_act(r, IN_ACT);
 }
 
 // IN_BN: the input level whose BatchNorm input is v, in BatchNorm channel ch.
 fn bn_formed(v: f32, ch: u32) -> f32 {
-    return dorefa_act(bn_relu(v, ch), A_LEVELS, A_INV_LEVELS);
+    return dorefa_act(bn_activated(v, ch), A_LEVELS, A_INV_LEVELS);
 }
 
 // The forward's and grad-weight's x without IN_BN: with IN_QUANT the layer's float input,

@@ -134,9 +134,9 @@ pub fn add_forward_formed(
     if entry != K {
         constants.extend([
             ("A_BN", flag(a_bn.is_some())),
-            ("A_RELU", flag(a_bn.is_some_and(|f| f.relu))),
+            ("A_ACT", a_bn.map_or(0, |f| f.act.code()) as f64),
             ("B_BN", flag(b_bn.is_some())),
-            ("B_RELU", flag(b_bn.is_some_and(|f| f.relu))),
+            ("B_ACT", b_bn.map_or(0, |f| f.act.code()) as f64),
             ("ADD_C", c as f64),
             ("ADD_HW", hw as f64),
         ]);

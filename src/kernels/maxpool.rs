@@ -108,7 +108,7 @@ fn layer(
     };
     bn.check(kernel, g.c)?;
     c.push(("IN_BN", 1.0));
-    c.push(("IN_RELU", f64::from(u8::from(bn.relu))));
+    c.push(("IN_ACT", f64::from(bn.act.code())));
     c.push(("IN_SHUFFLE", bn.shuffle as f64));
     Ok((c, bn.table.clone()))
 }

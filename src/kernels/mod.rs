@@ -46,7 +46,7 @@ pub static REDUCE: Shader = shader!("reduce.wgsl", true);
 pub static QUANT: Shader = shader!("quant.wgsl", true, "division.wgsl", "act.wgsl");
 pub static IAO: Shader = shader!("iao.wgsl", true, "division.wgsl", "iao_q.wgsl");
 pub static BNFOLD: Shader = shader!("bnfold.wgsl", true);
-pub static WBWTAB: Shader = shader!("wbwtab.wgsl", true);
+pub static WBWTAB: Shader = shader!("wbwtab.wgsl", true, "bn.wgsl");
 // The kernel, then its tile staging (after it: naga 30 fails on a function that uses an
 // override declared further down).
 pub static CONV2D: Shader = Shader {

@@ -1,5 +1,6 @@
 //! `shaders/norm.wgsl`: BatchNorm2d forward (train: batch statistics, running stats updated; eval:
-//! running stats) and backward, with an optional fused ReLU and channel shuffle after it.
+//! running stats) and backward, with an optional fused activation ([`Act`]) and channel shuffle
+//! after it.
 
 use super::{Entry, NORM, count_u32, elementwise_grid, expect_dtype, expect_shape, iao};
 use crate::error::{Error, Result};
@@ -107,15 +108,55 @@ pub mod entry {
     }
 }
 
+/// The activation fused after a BatchNorm, applied in its kernels and in those that form its
+/// output where they load it (`shaders/lib/bn.wgsl`'s `ACT_*`, bit for bit the layer it stands
+/// for), and whose mask its backward applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Act {
+    #[default]
+    Identity,
+    /// `max(v, 0)`; the gradient passes where v > 0.
+    Relu,
+    /// wbwtab's binary activation: `sign(v)` with 0 → +1; the gradient passes where
+    /// −1 < v < 1.
+    Sign,
+}
+
+impl Act {
+    /// The ReLU if `relu`, else none.
+    pub fn relu_if(relu: bool) -> Act {
+        if relu { Act::Relu } else { Act::Identity }
+    }
+
+    /// The shaders' code (`ACT_NONE`, `ACT_RELU`, `ACT_SIGN`).
+    pub fn code(self) -> u32 {
+        match self {
+            Act::Identity => 0,
+            Act::Relu => 1,
+            Act::Sign => 2,
+        }
+    }
+
+    /// What launch labels say of it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Act::Identity => "",
+            Act::Relu => "+relu",
+            Act::Sign => "+sign",
+        }
+    }
+}
+
 /// How a kernel that reads a BatchNorm's output forms it from the BatchNorm's input, where it
-/// loads it, instead of reading it stored: the BatchNorm's table, its fused ReLU and shuffle.
+/// loads it, instead of reading it stored: the BatchNorm's table, its fused activation and
+/// shuffle.
 /// Bit for bit what [`apply`] writes (`shaders/lib/bn.wgsl`).
 #[derive(Clone, Copy, Debug)]
 pub struct BnForm<'a> {
     /// Per channel `[mean, invstd, gamma, beta, dbeta, dgamma, scale, -]` ([`TABLE`] · C floats): what
     /// [`stats_train`] (or [`stats_eval`]) and [`backward`] write.
     pub table: &'a Tensor,
-    pub relu: bool,
+    pub act: Act,
     /// Channel-shuffle groups after the BatchNorm (1: none).
     pub shuffle: usize,
 }
@@ -171,7 +212,7 @@ struct Params {
     n: u32,
     c: u32,
     s: u32,
-    relu: u32,
+    act: u32,
     eps: f32,
     momentum: f32,
     shuffle: u32,
@@ -182,38 +223,36 @@ struct Params {
     tiles: u32,
 }
 
-/// What [`apply`] does after normalising, in the same pass (and [`backward`] undoes): a ReLU,
-/// then micronet's channel shuffle in `shuffle` groups (1: none). Fusing the shuffle means the
-/// unshuffled tensor is never stored, in either direction. `quantize` (forward only) also
-/// applies the next layer's activation quantizer, bit for bit [`quant::act_forward`]'s.
+/// What [`apply`] does after normalising, in the same pass (and [`backward`] undoes): an activation
+/// (a ReLU, or wbwtab's sign in its place), then micronet's channel shuffle in `shuffle` groups (1:
+/// none). Fusing the shuffle means the unshuffled tensor is never stored, in either direction.
+/// `quantize` (forward only) also applies the next layer's activation quantizer, bit for bit
+/// [`quant::act_forward`]'s.
 ///
 /// [`quant::act_forward`]: super::quant::act_forward
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Epilogue {
-    pub relu: bool,
+    pub act: Act,
     pub shuffle: usize,
     pub quantize: Option<Bits>,
 }
 
 impl Epilogue {
     pub const NONE: Epilogue = Epilogue {
-        relu: false,
+        act: Act::Identity,
         shuffle: 1,
         quantize: None,
     };
 
-    pub fn relu(relu: bool) -> Epilogue {
+    pub fn act(act: Act) -> Epilogue {
         Epilogue {
-            relu,
+            act,
             ..Epilogue::NONE
         }
     }
 
     fn label(self) -> String {
-        let mut s = String::new();
-        if self.relu {
-            s.push_str("+relu");
-        }
+        let mut s = self.act.label().to_string();
         if self.shuffle > 1 {
             s.push_str(&format!("+shuffle{}", self.shuffle));
         }
@@ -236,7 +275,7 @@ fn params(sh: BnShape, ep: Epilogue, eps: f32, momentum: f32) -> Result<Params> 
         n: sh.n as u32,
         c: sh.c as u32,
         s: sh.s as u32,
-        relu: ep.relu as u32,
+        act: ep.act.code(),
         eps,
         momentum,
         shuffle: ep.shuffle as u32,

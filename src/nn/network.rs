@@ -21,7 +21,7 @@ use super::params::Layout;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Op, Recorder, Tensor};
 use crate::kernels::loss::{STEP_WORDS, StepValues};
-use crate::kernels::{loss, reduce};
+use crate::kernels::{loss, norm, reduce};
 use crate::models::{Graph, LossKind, ModelSpec, Source};
 use crate::quant::QuantConfig;
 use gemm::Gemm;
@@ -356,7 +356,12 @@ impl Network {
     /// The layers (graph nodes) that are wbwtab's binary activation in a ReLU's place.
     pub fn binary_activations(&self) -> Vec<usize> {
         (0..self.layers.len())
-            .filter(|&i| matches!(self.layers[i].kind, Kind::Sign))
+            .filter(|&i| {
+                matches!(
+                    self.layers[i].kind,
+                    Kind::Sign | Kind::FusedAct(norm::Act::Sign)
+                )
+            })
             .collect()
     }
 
@@ -786,7 +791,7 @@ impl Network {
             Kind::Sign => elementwise::sign(l, io),
             Kind::Add { .. } => elementwise::add(self, l, io),
             // Aliases: the layer before did the work.
-            Kind::FusedRelu | Kind::FoldedBn | Kind::FusedShuffle | Kind::Flatten => {
+            Kind::FusedAct(_) | Kind::FoldedBn | Kind::FusedShuffle | Kind::Flatten => {
                 Ok((Vec::new(), Vec::new()))
             }
         }

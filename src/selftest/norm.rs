@@ -6,7 +6,7 @@ use crate::DType;
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
 use crate::kernels;
-use crate::kernels::norm::Epilogue;
+use crate::kernels::norm::{Act, Epilogue};
 use crate::reference::{self, Tolerance};
 use crate::rng::Rng;
 
@@ -78,7 +78,7 @@ pub(super) fn cases(v: &mut Vec<Case>) {
         (3, 2, 3000, true, 2, 0),
     ] {
         let ep = Epilogue {
-            relu,
+            act: Act::relu_if(relu),
             shuffle,
             quantize: None,
         };
@@ -494,6 +494,127 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     (
                         "dx in place".into(),
                         reference::compare(&got[3], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
+                    ),
+                ])
+            },
+        ));
+    }
+}
+
+/// BatchNorm with wbwtab's sign fused after it, train forward and backward (the passes a
+/// network runs where it keeps every output): the sign of each value bit for bit the sign of
+/// the same pass's value without it (`sign_pos`, 0 → +1), and the backward against the f64
+/// reference of the gradient masked where the GPU's own value lies outside (−1, 1) (a value
+/// next to ±1 may round either way; the backward forms the same value again).
+pub(super) fn sign_cases(v: &mut Vec<Case>) {
+    // (N, C, S, shuffle groups); planes of 16: the backward applies take four at a time.
+    for (n, c, s, shuffle) in [(4usize, 6usize, 25usize, 2usize), (3, 8, 16, 1)] {
+        let shuffled = move |v: Vec<f64>, inverse: bool| {
+            if shuffle > 1 {
+                reference::pool::channel_shuffle(&v, (n, c, s), shuffle, inverse)
+            } else {
+                v
+            }
+        };
+        v.push(Case::new(
+            "batchnorm",
+            "forward+backward +sign",
+            format!("[{n},{c},{s}] +shuffle {shuffle}"),
+            move |gpu, rng| {
+                let t = Inputs::draw(gpu, rng, (n, c, s), 0.1)?;
+                let dy = rng.vec_uniform(n * c * s, -1.0, 1.0);
+                let dyt = gpu.upload_f32("dy", &[n, c, s], &dy)?;
+                let ep = |act| Epilogue {
+                    act,
+                    shuffle,
+                    quantize: None,
+                };
+                let u = gpu.empty("bn value", &[n, c, s], DType::F32)?;
+                let per_channel = |what| gpu.empty(what, &[c], DType::F32);
+                let (dg, db) = (per_channel("dgamma")?, per_channel("dbeta")?);
+                let dx = gpu.empty("dx", &[n, c, s], DType::F32)?;
+                let (rm, rv, stats) = (&t.rm, &t.rv, &t.stats);
+                let (x, g, b) = (&t.xt, &t.gt, &t.bt);
+                let mut ops = vec![
+                    kernels::norm::stats_train(gpu, x, 1e-5, 0.1, (g, b), stats, rm, rv)?,
+                    kernels::norm::apply(gpu, ep(Act::Identity), x, stats, g, b, &u)?,
+                    kernels::norm::apply(gpu, ep(Act::Sign), x, stats, g, b, &t.y)?,
+                ];
+                let sign = ep(Act::Sign);
+                ops.extend(kernels::norm::backward(
+                    gpu,
+                    sign,
+                    x,
+                    &dyt,
+                    stats,
+                    g,
+                    b,
+                    &dg,
+                    &db,
+                    Some(&dx),
+                )?);
+                let got: Vec<Vec<f32>> =
+                    gpu.run_and_read("selftest", &ops, &[&u, &t.y, &dx, &dg, &db])?;
+                let want_y: Vec<f64> = got[0]
+                    .iter()
+                    .map(|&v| f64::from(crate::quant::wbwtab::sign_pos(v)))
+                    .collect();
+                // The gradient through the sign's mask, in the output's (shuffled) channels.
+                let masked: Vec<f64> = got[0]
+                    .iter()
+                    .zip(&dy)
+                    .map(|(&v, &d)| {
+                        if v > -1.0 && v < 1.0 {
+                            f64::from(d)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let (_, mean, var) = reference::norm::forward_train(
+                    &f64s(&t.x),
+                    (n, c, s),
+                    &f64s(&t.gamma),
+                    &f64s(&t.beta),
+                    1e-5,
+                    false,
+                );
+                // (No ReLU: the reference's output argument is unused.)
+                let (wdx, wdg, wdb) = reference::norm::backward(
+                    &f64s(&t.x),
+                    &vec![0.0; n * c * s],
+                    &shuffled(masked, true),
+                    (n, c, s),
+                    &mean,
+                    &var,
+                    &f64s(&t.gamma),
+                    1e-5,
+                    false,
+                );
+                let k = ((n * s) as f64).sqrt();
+                // (1 where the values fall on both sides of the mask, as they must to test it.)
+                let inside = got[0].iter().filter(|v| v.abs() < 1.0).count();
+                let both = f32::from(u8::from(inside > 0 && inside < got[0].len()));
+                Ok(vec![
+                    (
+                        "y".into(),
+                        reference::compare(&got[1], &want_y, Tolerance::EXACT),
+                    ),
+                    (
+                        "dx".into(),
+                        reference::compare(&got[2], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
+                    ),
+                    (
+                        "dgamma".into(),
+                        reference::compare(&got[3], &wdg, Tolerance::new(2e-6 * k, 1e-5)),
+                    ),
+                    (
+                        "dbeta".into(),
+                        reference::compare(&got[4], &wdb, Tolerance::new(2e-6 * k, 1e-5)),
+                    ),
+                    (
+                        "values on both sides of the mask".into(),
+                        reference::compare(&[both], &[1.0], Tolerance::EXACT),
                     ),
                 ])
             },

@@ -9,7 +9,9 @@ use crate::kernels::norm::BnForm;
 use crate::quant::Bits;
 
 /// Grad-input's epilogue: the layer input's DoReFa activation quantizer, applied as each dx is
-/// written (the shader's `ACT_GRAD`), instead of a pass of its own over dx and x.
+/// written (the shader's `ACT_GRAD`), instead of a pass of its own over dx and x. At float bits
+/// the quantizer is the identity and dx passes unmasked: what a float input formed through a
+/// BatchNorm has (grad-input reads the BatchNorm's input x for that BatchNorm's backward sums).
 #[derive(Clone, Copy, Debug)]
 pub struct ActGrad<'a> {
     /// The layer's float input x: dx is masked by its straight-through rule.
@@ -119,6 +121,9 @@ impl<'a> Fused<'a> {
             return refuse("only grad-input applies an input quantizer");
         }
         if let Some(a) = self.act {
+            if a.bits.is_float() && a.requantize {
+                return refuse("a float input has no quantized value to write back");
+            }
             expect_dtype(label, "x", a.x, DType::F32)?;
             if a.x.numel() != out.numel() {
                 return refuse("the input x is not the size of dx");
@@ -232,6 +237,7 @@ impl<'a> Fused<'a> {
             (
                 "ACT_GRAD",
                 self.act
+                    .filter(|a| !a.bits.is_float())
                     .map_or(0.0, |a| if a.requantize { 2.0 } else { 1.0 }),
             ),
             ("ACT_LEVELS", levels.map_or(1.0, |b| f64::from(b.levels()))),
@@ -261,28 +267,22 @@ impl<'a> Fused<'a> {
     }
 }
 
-/// The constants of the input formed from a BatchNorm's on load: IN_BN, IN_RELU, IN_SHUFFLE
+/// The constants of the input formed from a BatchNorm's on load: IN_BN, IN_ACT, IN_SHUFFLE
 /// (conv2d.wgsl and the cooperative-matrix kernels alike).
 pub(crate) fn input_bn_constants(input: Option<InputBn<'_>>) -> [(&'static str, f64); 3] {
     [
         ("IN_BN", f64::from(u8::from(input.is_some()))),
-        (
-            "IN_RELU",
-            f64::from(u8::from(input.is_some_and(|b| b.form.relu))),
-        ),
+        ("IN_ACT", input.map_or(0, |b| b.form.act.code()) as f64),
         ("IN_SHUFFLE", input.map_or(1, |b| b.form.shuffle) as f64),
     ]
 }
 
-/// The constants of the next BatchNorm's backward applied to dy on load: OUT_BN, OUT_RELU,
+/// The constants of the next BatchNorm's backward applied to dy on load: OUT_BN, OUT_ACT,
 /// OUT_SHUFFLE.
 pub(crate) fn output_bn_constants(output: Option<OutputBn<'_>>) -> [(&'static str, f64); 3] {
     [
         ("OUT_BN", f64::from(u8::from(output.is_some()))),
-        (
-            "OUT_RELU",
-            f64::from(u8::from(output.is_some_and(|b| b.form.relu))),
-        ),
+        ("OUT_ACT", output.map_or(0, |b| b.form.act.code()) as f64),
         ("OUT_SHUFFLE", output.map_or(1, |b| b.form.shuffle) as f64),
     ]
 }

@@ -52,6 +52,12 @@ pub fn grad_input(
             "needs weights of 2 to 8 bits (their codes must be exact in f16)",
         ));
     }
+    if act.is_some_and(|a| a.bits.is_float()) {
+        return Err(Error::shape(
+            K,
+            "a float input's gradient runs on the fp32 kernel (conv2d::grad_input_fused)",
+        ));
+    }
     let gemm = geom.gemm();
     let (_, gn, gk) = gemm.dims(Mode::GradInput);
     if u32::try_from(gn + TILE).is_err()

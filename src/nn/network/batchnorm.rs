@@ -291,7 +291,7 @@ impl Network {
         };
         Ok(BnForm {
             table,
-            relu: ep.relu,
+            act: ep.act,
             shuffle: ep.shuffle,
         })
     }

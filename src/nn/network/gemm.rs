@@ -106,8 +106,6 @@ impl Gemm {
         }
     }
 
-    /// dL/dW into `dw` and, given `db`, the bias gradient: in the same pass over dy for conv2d
-    /// and Linear (dy is their grad-weight GEMM's A), by its own reduction for conv-transpose.
     /// Grad-input with the layer input's DoReFa quantizer in the epilogue (conv2d, Linear); None
     /// where the GEMM has no such epilogue (conv-transpose: the caller runs the quantizer's pass).
     pub(super) fn grad_input_act(
@@ -127,6 +125,8 @@ impl Gemm {
         }
     }
 
+    /// dL/dW into `dw` and, given `db`, the bias gradient: in the same pass over dy for conv2d
+    /// and Linear (dy is their grad-weight GEMM's A), by its own reduction for conv-transpose.
     pub(super) fn grad_weight(
         &self,
         gpu: &Gpu,

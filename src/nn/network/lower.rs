@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::kernels::bnfold::BnFold;
 use crate::kernels::iao::IaoQuantizer;
-use crate::kernels::norm::Epilogue;
+use crate::kernels::norm::{Act, Epilogue};
 use crate::kernels::quant::WeightQuantizers;
 use crate::kernels::wbwtab::WbwtabWeights;
 use crate::models::{Graph, LayerSpec, Source};
@@ -49,10 +49,12 @@ pub(super) enum Kind {
         ep: Epilogue,
     },
     Relu,
-    /// wbwtab's binary activation in a ReLU's place: `B(x)`, gradient where −1 < x < 1.
+    /// wbwtab's binary activation in a ReLU's place: `B(x)`, gradient where −1 < x < 1 (a
+    /// `FusedAct` where the BatchNorm before it applies it).
     Sign,
-    /// A ReLU folded into the BatchNorm (or float add) before it: its output is that layer's.
-    FusedRelu,
+    /// A ReLU (or wbwtab's sign) folded into the BatchNorm (or float add) before it: its output
+    /// is that layer's.
+    FusedAct(Act),
     /// A BatchNorm folded into the conv before it (IAO `bn_fuse`): its output is the conv's.
     FoldedBn,
     MaxPool(PoolWindow),
@@ -62,7 +64,7 @@ pub(super) enum Kind {
     FusedShuffle,
     Flatten,
     /// The sum of its inputs (a residual block's); float, as micronet's DoReFa leaves `Add`.
-    /// `relu`: the ReLU after it, done in its pass (that ReLU is then a `FusedRelu`).
+    /// `relu`: the ReLU after it, done in its pass (that ReLU is then a `FusedAct`).
     Add {
         relu: bool,
     },
@@ -73,7 +75,7 @@ impl Kind {
     pub(super) fn is_alias(&self) -> bool {
         matches!(
             self,
-            Kind::FusedRelu | Kind::FoldedBn | Kind::FusedShuffle | Kind::Flatten
+            Kind::FusedAct(_) | Kind::FoldedBn | Kind::FusedShuffle | Kind::Flatten
         )
     }
 }
@@ -425,7 +427,7 @@ pub(super) fn lower(
                 layer.kind = Kind::BatchNorm {
                     eps: *eps,
                     momentum: *momentum,
-                    ep: Epilogue::relu(false),
+                    ep: Epilogue::NONE,
                 };
                 layer.weight = Some(params.add(format!("{name}.weight"), &[c]));
                 layer.bias = Some(params.add(format!("{name}.bias"), &[c]));
@@ -566,10 +568,11 @@ pub(super) fn dorefa_weights(
 /// (or add, or max-pool) whose output it reads, and applies only where nothing else reads that
 /// output (so no reader sees the fused result in place of the tensor it asked for):
 ///
-/// 1. BatchNorm → ReLU: the ReLU reads only the BatchNorm's output, which nothing else reads.
-///    The BatchNorm applies the ReLU (`Epilogue::relu`); the ReLU is an alias of its output.
-/// 2. BatchNorm [→ fused ReLU] → channel shuffle: likewise for the shuffle (and the fused ReLU's
-///    output); the BatchNorm writes its output shuffled (`Epilogue::shuffle`), so the
+/// 1. BatchNorm → ReLU (or wbwtab's sign in its place): the activation reads only the
+///    BatchNorm's output, which nothing else reads. The BatchNorm applies it (`Epilogue::act`);
+///    the activation layer is an alias of its output.
+/// 2. BatchNorm [→ fused activation] → channel shuffle: likewise for the shuffle (and the fused
+///    activation's output); the BatchNorm writes its output shuffled (`Epilogue::shuffle`), so the
 ///    unshuffled tensor never exists.
 /// 3. Max-pool → channel shuffle: likewise; the max-pool writes its output shuffled
 ///    (`PoolWindow::shuffle`) and reads its gradient where the shuffle put it.
@@ -587,19 +590,23 @@ pub(super) fn fuse(layers: &mut [Layer], consumers: &[Vec<usize>]) {
             continue;
         };
         match layers[i].kind {
-            Kind::Relu if only_reader(k, i) => {
+            Kind::Relu | Kind::Sign if only_reader(k, i) => {
+                let act = match layers[i].kind {
+                    Kind::Sign => Act::Sign,
+                    _ => Act::Relu,
+                };
                 // A float add of two (IAO's QuantAdd quantizes its sum's inputs, not its output).
                 let float_add = layers[k].input_q.is_none() && layers[k].inputs.len() == 2;
                 match &mut layers[k].kind {
-                    Kind::BatchNorm { ep, .. } => ep.relu = true,
-                    Kind::Add { relu } if float_add => *relu = true,
+                    Kind::BatchNorm { ep, .. } => ep.act = act,
+                    Kind::Add { relu } if float_add && act == Act::Relu => *relu = true,
                     _ => continue,
                 }
-                layers[i].kind = Kind::FusedRelu;
+                layers[i].kind = Kind::FusedAct(act);
             }
             Kind::Shuffle(groups) if only_reader(k, i) => {
                 let bn = match (layers[k].kind, &layers[k].inputs[..]) {
-                    (Kind::FusedRelu, &[Source::Node(b)]) => b,
+                    (Kind::FusedAct(_), &[Source::Node(b)]) => b,
                     _ => k,
                 };
                 match &mut layers[bn].kind {

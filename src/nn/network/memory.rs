@@ -34,8 +34,9 @@ pub(super) enum QuantInput {
     /// As `InPlace`, but the input arrives quantized: the BatchNorm that makes it applies this
     /// layer's quantizer in its own kernel (`LayerBuffers::quantize_output`).
     ByProducer,
-    /// Nowhere: the input is BatchNorm layer `k`'s output (with its ReLU and shuffle), which is
-    /// never stored; the conv's GEMMs form it, quantized, where they load it, from the
+    /// Nowhere: the input is BatchNorm layer `k`'s output (with its activation and shuffle),
+    /// which is never stored; the conv's GEMMs form it (quantized, where the conv quantizes
+    /// its input) where they load it, from the
     /// BatchNorm's input (kept for the BatchNorm's backward anyway) and its statistics.
     ThroughBn(usize),
     /// Nowhere: the conv's forward and grad-weight GEMMs quantize the stored float input where
@@ -48,7 +49,8 @@ pub(super) enum QuantInput {
 pub(super) struct LayerBuffers {
     pub(super) out: Tensor,
     pub(super) dout: Option<Tensor>,
-    /// A weighted layer's quantized input (`Float` for every other layer).
+    /// A weighted layer's quantized input, or its float input formed through the BatchNorm
+    /// before (`ThroughBn`); `Float` for every other layer.
     pub(super) xq: QuantInput,
     /// The output lives in a shared temporary and is recomputed for the backward pass.
     pub(super) transient: bool,
@@ -279,7 +281,7 @@ impl Network {
     }
 
     /// Per layer and input, the BatchNorm whose output it forms where it reads that input, if
-    /// any: a conv whose input is DoReFa-quantized (in its GEMMs' loads), a max-pool that
+    /// any: a conv whose input is DoReFa-quantized or float (in its GEMMs' loads), a max-pool that
     /// quantizes no input of its own, or a float add (a residual block's last BatchNorm and its
     /// shortcut's; not through a shuffle), reading a BatchNorm's output (through its fused ReLU
     /// and shuffle) that nothing else reads, where the BatchNorm's input is kept (so it is
@@ -293,7 +295,7 @@ impl Network {
                 let able = |ep: norm::Epilogue, j: usize| match l.kind {
                     Kind::Weighted {
                         op: WeightedOp::Conv { .. },
-                        input: ActQuant::Dorefa(_),
+                        input: ActQuant::Dorefa(_) | ActQuant::Float,
                     } => l.fold.is_none(),
                     Kind::MaxPool(_) => l.input_q.is_none(),
                     // (The first two summands: the others are added in passes of their own.)
@@ -529,6 +531,10 @@ impl Network {
                 _ => None,
             };
             let xq = match (quantized_in(l), in_place(i), through[i]) {
+                // (A float conv forms its input from the BatchNorm before as it loads it too.)
+                (false, _, Some(k)) if matches!(l.kind, Kind::Weighted { .. }) => {
+                    QuantInput::ThroughBn(k)
+                }
                 (false, _, _) => QuantInput::Float,
                 (true, true, Some(k)) => QuantInput::ThroughBn(k),
                 (true, true, None) => QuantInput::InPlace,

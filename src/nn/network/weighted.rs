@@ -55,9 +55,10 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
         _ => w.clone(),
     };
     // The input formed from the BatchNorm before, where it is loaded (x is that BatchNorm's
-    // input).
+    // input), and quantized if the layer quantizes it.
     let input_bn = match (&buf.xq, input) {
         (QuantInput::ThroughBn(k), ActQuant::Dorefa(bits)) => Some(net.input_bn(*k, bits)?),
+        (QuantInput::ThroughBn(k), ActQuant::Float) => Some(net.input_bn(*k, Bits::FLOAT)?),
         _ => None,
     };
     // The float input quantized where forward and grad-weight load it.
@@ -178,7 +179,19 @@ pub(super) fn ops(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
             bwd.push(q.forward(gpu, x, &xq)?);
         }
     } else if let Some(dx) = io.dx() {
-        bwd.push(gemm.grad_input(gpu, dy, &w_hat, dx, writing_dx)?);
+        // A float input formed through a BatchNorm: grad-input's epilogue reads the
+        // BatchNorm's input (x) for that BatchNorm's backward sums, and masks nothing.
+        let unquantized = ActGrad {
+            x,
+            bits: Bits::FLOAT,
+            requantize: false,
+        };
+        bwd.push(match input_bn {
+            Some(_) => gemm
+                .grad_input_act(gpu, dy, &w_hat, dx, unquantized, writing_dx)
+                .expect("a conv2d's grad-input has an epilogue")?,
+            None => gemm.grad_input(gpu, dy, &w_hat, dx, writing_dx)?,
+        });
     }
     let dw = net.grad(l.weight)?.expect("weights");
     let db = net.grad(l.bias)?;

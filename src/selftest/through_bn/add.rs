@@ -5,7 +5,7 @@ use super::formed_nchw;
 use crate::DType;
 use crate::gpu::Tensor;
 use crate::kernels::elementwise;
-use crate::kernels::norm::{BnForm, TABLE};
+use crate::kernels::norm::{Act, BnForm, TABLE};
 use crate::quant::Bits;
 use crate::reference::{self, Tolerance};
 use crate::selftest::{Case, run_read};
@@ -35,7 +35,7 @@ pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
                 // its table, and the value the sum takes.
                 let mut summand = |bn: Option<bool>| match bn {
                     Some(bn_relu) => {
-                        let f = formed_nchw(rng, shape, bn_relu, 1, bits);
+                        let f = formed_nchw(rng, shape, Act::relu_if(bn_relu), 1, bits);
                         (f.y, Some((f.table, bn_relu)), f.x_float)
                     }
                     None => {
@@ -58,7 +58,7 @@ pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
                 fn as_form(t: &Option<(Tensor, bool)>) -> Option<BnForm<'_>> {
                     t.as_ref().map(|(table, relu)| BnForm {
                         table,
-                        relu: *relu,
+                        act: Act::relu_if(*relu),
                         shuffle: 1,
                     })
                 }

@@ -1,7 +1,7 @@
 //! grad-input and grad-weight applying the backward of the BatchNorm after the conv where they
 //! load dy, on the fp32 kernels and on cooperative matrices.
 
-use super::{Formed, bn_backward_sums, formed, input_bn};
+use super::{Formed, bn_backward_sums, formed, input_bn, stopped};
 use crate::selftest::coop::{path_or_emulation, weight_levels};
 use crate::selftest::gemm::{GemmOp, gemm_tolerance};
 use crate::selftest::{Case, f64s, random};
@@ -10,7 +10,7 @@ use crate::DType;
 use crate::gpu::Tensor;
 use crate::kernels::conv_coop;
 use crate::kernels::conv2d::{self, ActGrad, AroundBn, Conv2dGeom, OutputBn};
-use crate::kernels::norm::{BnForm, TABLE, entry};
+use crate::kernels::norm::{Act, BnForm, TABLE, entry};
 use crate::quant::Bits;
 use crate::reference::{self, quant};
 use crate::rng::Rng;
@@ -18,27 +18,33 @@ use crate::rng::Rng;
 /// grad-input and grad-weight (with the bias gradient) applying the backward of the BatchNorm
 /// after the conv where they load dy (`OUT_BN`): against the f64 GEMMs of the BatchNorm's input
 /// gradient formed on the CPU from the conv output, the BatchNorm's output gradient (read
-/// through its shuffle) and its table. Random values: the ReLU's mask and every term of the
+/// through its shuffle) and its table. Random values: the activation's mask and every term of the
 /// formula matter.
 pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
-    // (geometry, the BatchNorm's ReLU and shuffle groups)
+    // (geometry, the BatchNorm's activation and shuffle groups)
     let shapes = [
         (
             Conv2dGeom::square(2, 8, 6, 12, 3).padding(1).groups(2),
-            true,
+            Act::Relu,
             2,
         ),
-        (Conv2dGeom::square(1, 6, 7, 5, 1), false, 1),
+        (Conv2dGeom::square(1, 6, 7, 5, 1), Act::Identity, 1),
         (
             Conv2dGeom::square(1, 4, 9, 6, 5).stride(2).padding(2),
-            true,
+            Act::Relu,
             3,
         ),
-        (Conv2dGeom::square(2, 64, 4, 64, 1).groups(4), true, 16),
+        (Conv2dGeom::square(2, 64, 4, 64, 1).groups(4), Act::Relu, 16),
+        // wbwtab's sign after the BatchNorm.
+        (
+            Conv2dGeom::square(2, 8, 6, 12, 3).padding(1).groups(2),
+            Act::Sign,
+            2,
+        ),
     ];
-    for (geom, relu, shuffle) in shapes {
+    for (geom, act, shuffle) in shapes {
         let shape = format!(
-            "x{:?} w{:?} s{:?} p{:?} g{} relu {relu} shuffle {shuffle}",
+            "x{:?} w{:?} s{:?} p{:?} g{} {act:?} shuffle {shuffle}",
             geom.input_shape(),
             geom.weight_shape(),
             geom.stride,
@@ -55,7 +61,7 @@ pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
                     let c = geom.cout;
                     let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
                     let table = random_table_after(rng, &geom);
-                    let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, relu, shuffle);
+                    let dy_conv = bn_input_gradient(&geom, &y, &bn_dy, &table, act, shuffle);
                     let yt = gpu.upload_f32("conv output", &geom.y_shape(), &y)?;
                     let bdt = gpu.upload_f32("bn output gradient", &geom.y_shape(), &bn_dy)?;
                     let tt = gpu.upload_f32("bn table", &[TABLE * c], &table)?;
@@ -64,7 +70,7 @@ pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
                         output: Some(OutputBn {
                             form: BnForm {
                                 table: &tt,
-                                relu,
+                                act,
                                 shuffle,
                             },
                             dy: &bdt,
@@ -135,12 +141,12 @@ impl BetweenBns {
         gpu: &crate::Gpu,
         rng: &mut Rng,
         geom: &Conv2dGeom,
-        (relu, shuffle, bits): (bool, usize, Bits),
+        (act, shuffle, bits): (Act, usize, Bits),
     ) -> crate::Result<BetweenBns> {
-        let f = formed(rng, geom, relu, shuffle, bits);
+        let f = formed(rng, geom, act, shuffle, bits);
         let (y, bn_dy) = (random(rng, &geom.y_shape()), random(rng, &geom.y_shape()));
         let table = random_table_after(rng, geom);
-        let dy_conv = bn_input_gradient(geom, &y, &bn_dy, &table, relu, shuffle);
+        let dy_conv = bn_input_gradient(geom, &y, &bn_dy, &table, act, shuffle);
         Ok(BetweenBns {
             x: gpu.upload_f32("bn input", &geom.x_shape(), &f.y)?,
             in_table: gpu.upload_f32("bn table", &[TABLE * geom.cin], &f.table)?,
@@ -153,13 +159,13 @@ impl BetweenBns {
     }
 
     /// Both BatchNorms' work on load (no backward sums).
-    fn around(&self, (relu, shuffle, bits): (bool, usize, Bits)) -> AroundBn<'_> {
+    fn around(&self, (act, shuffle, bits): (Act, usize, Bits)) -> AroundBn<'_> {
         AroundBn {
-            input: Some(input_bn(&self.in_table, relu, shuffle, bits)),
+            input: Some(input_bn(&self.in_table, act, shuffle, bits)),
             output: Some(OutputBn {
                 form: BnForm {
                     table: &self.out_table,
-                    relu,
+                    act,
                     shuffle,
                 },
                 dy: &self.bn_dy,
@@ -176,7 +182,7 @@ impl BetweenBns {
 /// ReLUs.
 pub(in crate::selftest) fn coop_grad_weight_case(v: &mut Vec<Case>) {
     let geom = Conv2dGeom::square(2, 8, 6, 12, 3).padding(1).groups(2);
-    let form = (true, 2, Bits::new(8).expect("8 bits"));
+    let form = (Act::Relu, 2, Bits::new(8).expect("8 bits"));
     let shape = format!("{} relu true shuffle 2 A8", geom.describe());
     let k = geom.reduction();
     v.push(Case::new(
@@ -227,8 +233,8 @@ pub(in crate::selftest) fn coop_grad_weight_case(v: &mut Vec<Case>) {
 pub(in crate::selftest) fn coop_grad_input_case(v: &mut Vec<Case>) {
     use crate::kernels::norm::{self, BnShape};
     let geom = Conv2dGeom::square(2, 8, 12, 12, 3).padding(1).groups(2);
-    let form = (true, 2, Bits::new(8).expect("8 bits"));
-    let (relu, shuffle, bits) = form;
+    let form = (Act::Relu, 2, Bits::new(8).expect("8 bits"));
+    let (act, shuffle, bits) = form;
     let shape = format!("{} relu true shuffle 2 W8", geom.describe());
     let k = geom.reduction();
     v.push(Case::new(
@@ -253,7 +259,7 @@ pub(in crate::selftest) fn coop_grad_input_case(v: &mut Vec<Case>) {
                 gpu.empty("dgamma", &[ci], DType::F32)?,
                 gpu.empty("dbeta", &[ci], DType::F32)?,
             );
-            let act = ActGrad {
+            let act_grad = ActGrad {
                 x: &t.x,
                 bits,
                 requantize: false,
@@ -272,7 +278,7 @@ pub(in crate::selftest) fn coop_grad_input_case(v: &mut Vec<Case>) {
                     &wt,
                     &dxt,
                     bits,
-                    (Some(act), around),
+                    (Some(act_grad), around),
                     mode,
                 )?,
                 norm::backward_merge(
@@ -288,7 +294,7 @@ pub(in crate::selftest) fn coop_grad_input_case(v: &mut Vec<Case>) {
             let dx = geom.ref_grad_input(&t.dy_conv, &f64s(&w));
             let masked = quant::act_backward_f64(&t.f.x_float, &dx);
             let (want_db, want_dg) =
-                bn_backward_sums(&t.f, geom.input_shape(), &masked, relu, shuffle);
+                bn_backward_sums(&t.f, geom.input_shape(), &masked, act, shuffle);
             let tol = gemm_tolerance(k[1] * n * h * wd);
             Ok(vec![
                 (
@@ -322,14 +328,14 @@ fn random_table_after(rng: &mut Rng, geom: &Conv2dGeom) -> Vec<f32> {
 }
 
 /// dL/d(BatchNorm input) in f64: the output gradient read where the shuffle put each channel,
-/// masked where the BatchNorm's output is not positive (with `relu`), through the train-mode
-/// formula with the table's statistics and sums.
+/// masked by the activation after the BatchNorm (`act`), through the train-mode formula with the
+/// table's statistics and sums.
 fn bn_input_gradient(
     geom: &Conv2dGeom,
     y: &[f32],
     dy: &[f32],
     table: &[f32],
-    relu: bool,
+    act: Act,
     shuffle: usize,
 ) -> Vec<f64> {
     let c = geom.cout;
@@ -347,7 +353,7 @@ fn bn_input_gradient(
                 let (gamma, invstd) = (t(entry::GAMMA, ch), t(entry::INVSTD, ch));
                 let xhat = (v - t(entry::MEAN, ch)) * invstd;
                 let mut g = dy[(b * c + at) * s + p] as f64;
-                if relu && gamma * xhat + t(entry::BETA, ch) <= 0.0 {
+                if stopped(act, gamma * xhat + t(entry::BETA, ch)) {
                     g = 0.0;
                 }
                 out[(b * c + ch) * s + p] = gamma * invstd / count

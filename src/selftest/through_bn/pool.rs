@@ -3,7 +3,7 @@
 
 use super::{bn_backward_sums, formed_nchw};
 use crate::DType;
-use crate::kernels::norm::{BnForm, TABLE, entry};
+use crate::kernels::norm::{Act, BnForm, TABLE, entry};
 use crate::quant::Bits;
 use crate::reference::{self, quant};
 use crate::selftest::{Case, f64s, random};
@@ -22,15 +22,17 @@ pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
         stride: (s, s),
         padding: (p, p),
     };
-    // (geometry, BatchNorm ReLU and shuffle, the pool's output shuffle, its quantizer's bits)
-    // The last: planes of 2,500 windows, so the backward runs in two bands per plane.
-    for (g, relu, bn_shuffle, out_shuffle, b) in [
-        (geom(8, 6, 2, 2, 0), true, 2, 1, 8),
-        (geom(12, 7, 3, 2, 1), false, 1, 4, 4),
-        (geom(2, 100, 3, 2, 1), true, 2, 1, 8),
+    // (geometry, BatchNorm activation and shuffle, the pool's output shuffle, its quantizer's
+    // bits). The third: planes of 2,500 windows, so the backward runs in two bands per plane.
+    // The last: wbwtab's sign (all ties) before a float conv.
+    for (g, act, bn_shuffle, out_shuffle, b) in [
+        (geom(8, 6, 2, 2, 0), Act::Relu, 2, 1, 8),
+        (geom(12, 7, 3, 2, 1), Act::Identity, 1, 4, 4),
+        (geom(2, 100, 3, 2, 1), Act::Relu, 2, 1, 8),
+        (geom(8, 7, 3, 2, 1), Act::Sign, 2, 2, 32),
     ] {
         let shape = format!(
-            "{:?} k{:?} relu {relu} shuffle {bn_shuffle} out shuffle {out_shuffle} a{b}",
+            "{:?} k{:?} {act:?} shuffle {bn_shuffle} out shuffle {out_shuffle} a{b}",
             g.input_shape(),
             g.kernel
         );
@@ -40,7 +42,7 @@ pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
             "forward+backward through bn",
             shape,
             move |gpu, rng| {
-                let f = formed_nchw(rng, g.input_shape(), relu, bn_shuffle, bits);
+                let f = formed_nchw(rng, g.input_shape(), act, bn_shuffle, bits);
                 let dy = random(rng, &g.output_shape());
                 let yt = gpu.upload_f32("bn input", &g.input_shape(), &f.y)?;
                 let tt = gpu.upload_f32("bn table", &[TABLE * g.c], &f.table)?;
@@ -60,7 +62,7 @@ pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
                 );
                 let form = BnForm {
                     table: &tt,
-                    relu,
+                    act,
                     shuffle: bn_shuffle,
                 };
                 let ep = MaxPoolEpilogue {
@@ -109,7 +111,7 @@ pub(in crate::selftest) fn cases(v: &mut Vec<Case>) {
                     reference::pool::channel_shuffle(&f64s(&dy), planes, out_shuffle, true);
                 let want_dx = reference::pool::maxpool_backward(&g, &dy_pool, &arg);
                 let (want_db, want_dg) =
-                    bn_backward_sums(&f, g.input_shape(), &want_dx, relu, bn_shuffle);
+                    bn_backward_sums(&f, g.input_shape(), &want_dx, act, bn_shuffle);
                 let sums_tol = reference::Tolerance::new(1e-6 * (g.n * g.h * g.w) as f64, 1e-5);
                 Ok(vec![
                     (
