@@ -28,10 +28,11 @@ override ADD_HW: u32 = 1u;
 // relu_forward
 @group(0) @binding(1) var<storage, read> fwd_x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> fwd_y: array<f32>;
-// relu_backward
+// relu_backward (relu_backward_pair: also bwd_dx2)
 @group(0) @binding(3) var<storage, read> bwd_y: array<f32>;
 @group(0) @binding(4) var<storage, read> bwd_dy: array<f32>;
 @group(0) @binding(5) var<storage, read_write> bwd_dx: array<f32>;
+@group(0) @binding(14) var<storage, read_write> bwd_dx2: array<f32>;
 // add_forward
 @group(0) @binding(6) var<storage, read> add_a: array<f32>;
 @group(0) @binding(7) var<storage, read> add_b: array<f32>;
@@ -72,6 +73,21 @@ fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     bwd_dx[i] = select(0.0, bwd_dy[i], bwd_y[i] > 0.0);
+}
+
+// relu_backward's dx written to two gradients at once (the two summands of a residual block's
+// add share it), instead of a copy of the first afterwards.
+@compute @workgroup_size(256)
+fn relu_backward_pair(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    let d = select(0.0, bwd_dy[i], bwd_y[i] > 0.0);
+    bwd_dx[i] = d;
+    bwd_dx2[i] = d;
 }
 
 // A BatchNorm's output formed from its input v with its channel's [mean, invstd, gamma, beta].

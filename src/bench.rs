@@ -533,7 +533,7 @@ pub fn kernels(
                         ops.iter()
                             .map(|o| match o {
                                 Op::Dispatch(l) => l.bound_bytes,
-                                Op::Copy { .. } => 0,
+                                Op::Copy { .. } => o.memory_bound_bytes().unwrap_or(0),
                             })
                             .sum(),
                     );
@@ -591,7 +591,8 @@ pub struct TrainingBench {
     /// Compute dispatches in one training step (forward, loss, backward, optimizer).
     pub dispatches_per_step: Option<usize>,
     /// Bytes bound by the step's memory-bound dispatches (every kernel but the GEMMs), each
-    /// binding counted once: a lower bound of their traffic.
+    /// binding counted once, and moved by its buffer copies (read and written): a lower bound
+    /// of their traffic.
     pub memory_bound_bytes_per_step: Option<u64>,
     /// Seconds from building the network to the end of the first step (pipelines compiled,
     /// buffers created, weights initialised, the step run and waited for): what a user waits
@@ -712,9 +713,10 @@ pub fn training(
         };
         row.dispatches_per_step = Some(launches().count());
         row.memory_bound_bytes_per_step = Some(
-            launches()
-                .filter(|l| l.memory_bound())
-                .map(|l| l.bound_bytes)
+            plan.ops
+                .ops()
+                .iter()
+                .filter_map(crate::gpu::Op::memory_bound_bytes)
                 .sum(),
         );
         let mut rng = Rng::new(5);
@@ -769,10 +771,8 @@ pub fn training(
                 let e = by.entry(k).or_default();
                 e.0 += 1;
                 e.1 += t.seconds;
-                if let crate::gpu::Op::Dispatch(l) = op {
-                    if l.memory_bound() {
-                        e.2 = Some(e.2.unwrap_or(0) + l.bound_bytes);
-                    }
+                if let Some(b) = op.memory_bound_bytes() {
+                    e.2 = Some(e.2.unwrap_or(0) + b);
                 }
             }
             row.kernels = by

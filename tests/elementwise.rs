@@ -48,3 +48,24 @@ fn an_add_refuses_a_batchnorm_form_it_cannot_apply() {
     assert!(wrong.contains("a BatchNorm table of 24 floats"), "{wrong}");
     assert!(add_forward_formed(gpu, (&x, Some(form(&table, 1))), (&x, None), &y, true).is_ok());
 }
+
+/// The ReLU's backward into two gradients refuses two views of one buffer (two writable
+/// bindings of one buffer in a dispatch) and takes two buffers.
+#[test]
+fn a_relu_backward_pair_takes_two_buffers() {
+    use wgqat::DType;
+    use wgqat::kernels::elementwise::relu_backward_pair;
+    let gpu = common::gpu();
+    let y = gpu.zeros("y", &[8], DType::F32).unwrap();
+    let dy = gpu.zeros("dy", &[8], DType::F32).unwrap();
+    // (Views start 256 bytes apart: 64 floats.)
+    let both = gpu.zeros("both", &[128], DType::F32).unwrap();
+    let (a, b) = (both.view(0, &[8]).unwrap(), both.view(64, &[8]).unwrap());
+    let err = relu_backward_pair(gpu, &y, &dy, (&a, &b))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("two buffers"), "{err}");
+    let other = gpu.zeros("other", &[8], DType::F32).unwrap();
+    assert!(relu_backward_pair(gpu, &y, &dy, (&a, &other)).is_ok());
+}

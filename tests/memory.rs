@@ -447,7 +447,8 @@ fn quantizing_on_load_changes_no_bit_of_a_training_step() {
 
 /// The ReLU after a residual block's float add runs in the add's pass, and the add masks the
 /// gradient it passes on (`tests/parity.rs` checks the steps' numbers against PyTorch's): no
-/// ReLU pass, one masking pass per block. IAO's QuantAdd keeps its ReLU.
+/// ReLU pass, one masking pass per block, which writes both summands' gradients (no copy).
+/// IAO's QuantAdd keeps its ReLU.
 #[test]
 fn a_residual_blocks_relu_runs_in_its_add() {
     let _turn = POOL.lock().unwrap_or_else(|e| e.into_inner());
@@ -457,18 +458,20 @@ fn a_residual_blocks_relu_runs_in_its_add() {
     for (name, quant, fused) in [("DoReFa", dorefa(8), true), ("IAO", iao, false)] {
         let labels = train_labels(&spec, quant, |_| {});
         let count = |prefix: &str| labels.iter().filter(|l| l.starts_with(prefix)).count();
-        let (adds, relus, masks) = (
+        let (adds, relus, masks, pairs) = (
             count("add_forward+relu"),
             count("relu_forward"),
             count("relu_backward"),
+            count("relu_backward_pair"),
         );
         println!(
-            "tiny_resnet {name}: {adds} adds with their ReLU, {relus} ReLU passes, {masks} masks"
+            "tiny_resnet {name}: {adds} adds with their ReLU, {relus} ReLU passes, {masks} \
+             masks ({pairs} into both summands)"
         );
         if fused {
-            assert_eq!((adds, relus, masks), (2, 0, 2), "{name}");
+            assert_eq!((adds, relus, masks, pairs), (2, 0, 2, 2), "{name}");
         } else {
-            assert_eq!((adds, relus, masks), (0, 2, 2), "{name}");
+            assert_eq!((adds, relus, masks, pairs), (0, 2, 2, 0), "{name}");
         }
     }
 }

@@ -89,6 +89,15 @@ impl Op {
             Op::Copy { .. } => "copy",
         }
     }
+
+    /// The bytes it moves that memory bounds, `None` for the GEMMs: a memory-bound dispatch's
+    /// bound tensors (each once), a copy's source read and written.
+    pub fn memory_bound_bytes(&self) -> Option<u64> {
+        match self {
+            Op::Dispatch(l) => l.memory_bound().then_some(l.bound_bytes),
+            Op::Copy { src, .. } => Some(2 * src.byte_len()),
+        }
+    }
 }
 
 /// Time of one operation from a timed run.

@@ -34,30 +34,65 @@ pub fn relu_forward(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Launch> {
 
 /// `dx = dy · 1[y > 0]`, from the forward output `y`.
 pub fn relu_backward(gpu: &Gpu, y: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<Launch> {
-    const K: &str = "relu_backward";
-    for (name, t) in [("y", y), ("dy", dy), ("dx", dx)] {
-        expect_dtype(K, name, t, DType::F32)?;
-        expect_shape(K, name, t, y.shape())?;
+    relu_backward_into(gpu, y, dy, (dx, None))
+}
+
+/// [`relu_backward`] writing its dx to `dx` and to `dx2` (two tensors whose gradient it is, as
+/// a residual add's summands), in one pass instead of a copy after it.
+pub fn relu_backward_pair(
+    gpu: &Gpu,
+    y: &Tensor,
+    dy: &Tensor,
+    (dx, dx2): (&Tensor, &Tensor),
+) -> Result<Launch> {
+    relu_backward_into(gpu, y, dy, (dx, Some(dx2)))
+}
+
+fn relu_backward_into(
+    gpu: &Gpu,
+    y: &Tensor,
+    dy: &Tensor,
+    (dx, dx2): (&Tensor, Option<&Tensor>),
+) -> Result<Launch> {
+    let k = if dx2.is_some() {
+        "relu_backward_pair"
+    } else {
+        "relu_backward"
+    };
+    let mut tensors = vec![y, dy, dx];
+    tensors.extend(dx2);
+    for (name, t) in ["y", "dy", "dx", "dx2"].into_iter().zip(&tensors) {
+        expect_dtype(k, name, t, DType::F32)?;
+        expect_shape(k, name, t, y.shape())?;
     }
-    let n = count_u32(K, y.numel())?;
+    // (Two writable bindings of one range would race; whole buffers apart is the simple rule.)
+    if dx2.is_some_and(|d| d.same_buffer(dx)) {
+        return Err(Error::shape(k, "the two gradients must lie in two buffers"));
+    }
+    let n = count_u32(k, y.numel())?;
+    let mut bindings = vec![
+        Bind::Uniform,
+        Bind::None,
+        Bind::None,
+        Bind::Read,
+        Bind::Read,
+        Bind::ReadWrite,
+    ];
+    if dx2.is_some() {
+        bindings.extend([Bind::None; 8]);
+        bindings.push(Bind::ReadWrite);
+    }
     let kernel = gpu.kernel(&KernelSpec {
         shader: &ELEMENTWISE,
-        entry: K,
+        entry: k,
         constants: &[],
-        bindings: &[
-            Bind::Uniform,
-            Bind::None,
-            Bind::None,
-            Bind::Read,
-            Bind::Read,
-            Bind::ReadWrite,
-        ],
+        bindings: &bindings,
     })?;
     gpu.launch(
         &kernel,
-        format!("{K} {:?}", y.shape()),
+        format!("{k} {:?}", y.shape()),
         Some(bytemuck::bytes_of(&params(n))),
-        &[y, dy, dx],
+        &tensors,
         elementwise_grid(gpu, n),
     )
 }

@@ -53,6 +53,40 @@ pub(super) fn relu_cases(v: &mut Vec<Case>) {
                 )])
             },
         ));
+        // The same dx written to two gradients (a residual add's summands).
+        v.push(Case::new(
+            "relu",
+            "backward pair",
+            format!("[{n}]"),
+            move |gpu, rng| {
+                let y: Vec<f32> = rng
+                    .vec_uniform(n, -1.0, 1.0)
+                    .iter()
+                    .map(|v| v.max(0.0))
+                    .collect();
+                let dy = rng.vec_uniform(n, -1.0, 1.0);
+                let yt = gpu.upload_f32("y", &[n], &y)?;
+                let dyt = gpu.upload_f32("dy", &[n], &dy)?;
+                let dxs = [
+                    gpu.empty("dx", &[n], DType::F32)?,
+                    gpu.empty("dx2", &[n], DType::F32)?,
+                ];
+                let l =
+                    kernels::elementwise::relu_backward_pair(gpu, &yt, &dyt, (&dxs[0], &dxs[1]))?;
+                let got = run_read(gpu, vec![l], &[&dxs[0], &dxs[1]])?;
+                let want = reference::elementwise::relu_backward(&y, &dy);
+                Ok(vec![
+                    (
+                        "dx".into(),
+                        reference::compare(&got[0], &want, Tolerance::EXACT),
+                    ),
+                    (
+                        "dx2".into(),
+                        reference::compare(&got[1], &want, Tolerance::EXACT),
+                    ),
+                ])
+            },
+        ));
     }
 }
 

@@ -64,14 +64,18 @@ pub(super) fn add(net: &Network, l: &Layer, io: &Io) -> Result<Ops> {
     let mut bwd = Vec::new();
     if io.train {
         let dy = io.dy(l)?;
-        let mut dxs = io.dxs.iter().flatten();
+        let mut dxs = io.dxs.iter().flatten().peekable();
         // The gradient the summands share: dy, or with the ReLU dy where y > 0, formed in the
-        // first input gradient and copied from there.
+        // first input gradient (and the second, in the same pass) and copied from there.
         let shared = match (relu, dxs.next()) {
             (true, Some(first)) => {
-                bwd.push(Op::Dispatch(elementwise::relu_backward(
-                    gpu, io.y, dy, first,
-                )?));
+                let second = dxs.next_if(|d| !d.same_buffer(first));
+                bwd.push(Op::Dispatch(match second {
+                    Some(second) => {
+                        elementwise::relu_backward_pair(gpu, io.y, dy, (first, second))?
+                    }
+                    None => elementwise::relu_backward(gpu, io.y, dy, first)?,
+                }));
                 first
             }
             (false, Some(first)) => {
