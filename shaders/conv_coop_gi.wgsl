@@ -42,10 +42,10 @@ override ACT_GRAD: u32 = 0u;
 override IN_BN: bool = false;
 override IN_ACT: u32 = 0u;
 override IN_SHUFFLE: u32 = 1u;
-// BN_SUMS (with IN_BN, ACT_GRAD 1): per 128-column tile t and BatchNorm channel c, sum dy' and
-// sum dy' * xhat (dy' = dx after that BatchNorm's activation mask) at bn_part[(2 t) * CIN + c] and
-// bn_part[(2 t + 1) * CIN + c], as conv2d.wgsl's BN_SUMS: each invocation adds its 8-value runs
-// in order, then one invocation per row adds the row's four writers in order.
+// BN_SUMS (with IN_BN, ACT_GRAD 1): per 128-column tile t and BatchNorm channel c, sum dy' and sum
+// dy' * xhat (dy' = dx after that BatchNorm's activation mask) at bn_part[(2 t) * CIN + c] and
+// bn_part[(2 t + 1) * CIN + c], as conv2d.wgsl's BN_SUMS: each invocation adds its 8-value runs in
+// order, then one invocation per row adds the row's four writers in order.
 override BN_SUMS: bool = false;
 // DX_PLUS: another reader's gradient of the layer input added to each dx as it is written
 // (conv2d.wgsl's DX_PLUS).
