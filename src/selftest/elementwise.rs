@@ -35,14 +35,7 @@ pub(super) fn relu_cases(v: &mut Vec<Case>) {
             "backward",
             format!("[{n}]"),
             move |gpu, rng| {
-                let y: Vec<f32> = rng
-                    .vec_uniform(n, -1.0, 1.0)
-                    .iter()
-                    .map(|v| v.max(0.0))
-                    .collect();
-                let dy = rng.vec_uniform(n, -1.0, 1.0);
-                let yt = gpu.upload_f32("y", &[n], &y)?;
-                let dyt = gpu.upload_f32("dy", &[n], &dy)?;
+                let (y, dy, yt, dyt) = relu_output_and_gradient(gpu, rng, n)?;
                 let dxt = gpu.empty("dx", &[n], DType::F32)?;
                 let l = kernels::elementwise::relu_backward(gpu, &yt, &dyt, &dxt)?;
                 let got = run_read(gpu, vec![l], &[&dxt])?;
@@ -59,14 +52,7 @@ pub(super) fn relu_cases(v: &mut Vec<Case>) {
             "backward pair",
             format!("[{n}]"),
             move |gpu, rng| {
-                let y: Vec<f32> = rng
-                    .vec_uniform(n, -1.0, 1.0)
-                    .iter()
-                    .map(|v| v.max(0.0))
-                    .collect();
-                let dy = rng.vec_uniform(n, -1.0, 1.0);
-                let yt = gpu.upload_f32("y", &[n], &y)?;
-                let dyt = gpu.upload_f32("dy", &[n], &dy)?;
+                let (y, dy, yt, dyt) = relu_output_and_gradient(gpu, rng, n)?;
                 let dxs = [
                     gpu.empty("dx", &[n], DType::F32)?,
                     gpu.empty("dx2", &[n], DType::F32)?,
@@ -88,6 +74,24 @@ pub(super) fn relu_cases(v: &mut Vec<Case>) {
             },
         ));
     }
+}
+
+/// A ReLU's output (uniform in [-1, 1) through the ReLU) and an output gradient of `n`
+/// elements, drawn and uploaded.
+fn relu_output_and_gradient(
+    gpu: &crate::Gpu,
+    rng: &mut crate::rng::Rng,
+    n: usize,
+) -> crate::Result<(Vec<f32>, Vec<f32>, crate::gpu::Tensor, crate::gpu::Tensor)> {
+    let y: Vec<f32> = rng
+        .vec_uniform(n, -1.0, 1.0)
+        .iter()
+        .map(|v| v.max(0.0))
+        .collect();
+    let dy = rng.vec_uniform(n, -1.0, 1.0);
+    let yt = gpu.upload_f32("y", &[n], &y)?;
+    let dyt = gpu.upload_f32("dy", &[n], &dy)?;
+    Ok((y, dy, yt, dyt))
 }
 
 /// The residual sum and gradient accumulation: one f32 add per element, exact.

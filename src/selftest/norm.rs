@@ -477,25 +477,13 @@ pub(super) fn cases(v: &mut Vec<Case>) {
                     1e-5,
                     relu,
                 );
-                let k = ((n * s) as f64).sqrt();
-                Ok(vec![
-                    (
-                        "dx".into(),
-                        reference::compare(&got[0], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
-                    ),
-                    (
-                        "dgamma".into(),
-                        reference::compare(&got[1], &wdg, Tolerance::new(2e-6 * k, 1e-5)),
-                    ),
-                    (
-                        "dbeta".into(),
-                        reference::compare(&got[2], &wdb, Tolerance::new(2e-6 * k, 1e-5)),
-                    ),
-                    (
-                        "dx in place".into(),
-                        reference::compare(&got[3], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
-                    ),
-                ])
+                let mut checks =
+                    backward_checks((&got[0], &got[1], &got[2]), (&wdx, &wdg, &wdb), n * s);
+                checks.push((
+                    "dx in place".into(),
+                    reference::compare(&got[3], &wdx, backward_tolerances(n * s).0),
+                ));
+                Ok(checks)
             },
         ));
     }
@@ -591,33 +579,49 @@ pub(super) fn sign_cases(v: &mut Vec<Case>) {
                     1e-5,
                     false,
                 );
-                let k = ((n * s) as f64).sqrt();
                 // (1 where the values fall on both sides of the mask, as they must to test it.)
                 let inside = got[0].iter().filter(|v| v.abs() < 1.0).count();
                 let both = f32::from(u8::from(inside > 0 && inside < got[0].len()));
-                Ok(vec![
-                    (
-                        "y".into(),
-                        reference::compare(&got[1], &want_y, Tolerance::EXACT),
-                    ),
-                    (
-                        "dx".into(),
-                        reference::compare(&got[2], &wdx, Tolerance::new(1e-5 * k, 1e-4)),
-                    ),
-                    (
-                        "dgamma".into(),
-                        reference::compare(&got[3], &wdg, Tolerance::new(2e-6 * k, 1e-5)),
-                    ),
-                    (
-                        "dbeta".into(),
-                        reference::compare(&got[4], &wdb, Tolerance::new(2e-6 * k, 1e-5)),
-                    ),
-                    (
-                        "values on both sides of the mask".into(),
-                        reference::compare(&[both], &[1.0], Tolerance::EXACT),
-                    ),
-                ])
+                let mut checks = vec![(
+                    "y".into(),
+                    reference::compare(&got[1], &want_y, Tolerance::EXACT),
+                )];
+                checks.extend(backward_checks(
+                    (&got[2], &got[3], &got[4]),
+                    (&wdx, &wdg, &wdb),
+                    n * s,
+                ));
+                checks.push((
+                    "values on both sides of the mask".into(),
+                    reference::compare(&[both], &[1.0], Tolerance::EXACT),
+                ));
+                Ok(checks)
             },
         ));
     }
+}
+
+/// The tolerances of a BatchNorm backward over `count` values per channel: dx, and the sums
+/// dgamma and dbeta.
+fn backward_tolerances(count: usize) -> (Tolerance, Tolerance) {
+    let k = (count as f64).sqrt();
+    (
+        Tolerance::new(1e-5 * k, 1e-4),
+        Tolerance::new(2e-6 * k, 1e-5),
+    )
+}
+
+/// dx, dgamma and dbeta of a BatchNorm backward over `count` values per channel against the
+/// reference's.
+fn backward_checks(
+    (dx, dg, db): (&[f32], &[f32], &[f32]),
+    (wdx, wdg, wdb): (&[f64], &[f64], &[f64]),
+    count: usize,
+) -> Vec<(String, reference::Report)> {
+    let (tol_dx, tol_sums) = backward_tolerances(count);
+    vec![
+        ("dx".into(), reference::compare(dx, wdx, tol_dx)),
+        ("dgamma".into(), reference::compare(dg, wdg, tol_sums)),
+        ("dbeta".into(), reference::compare(db, wdb, tol_sums)),
+    ]
 }
